@@ -1,0 +1,138 @@
+"""Envoy bootstrap generation for `meshline bootstrap`. Pure: settings in, YAML text out."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+
+from controlplane.model.ir import CaptureMode, Labels, ProxyMode
+
+
+@dataclass(frozen=True, slots=True)
+class BootstrapOptions:
+    node_id: str
+    namespace: str
+    mode: ProxyMode = "sidecar"
+    workload: str | None = None
+    service_account: str = "default"
+    labels: Labels = ()
+    capture: CaptureMode = "bind"
+    xds_protocol: str = "delta"
+    xds_address: str = "127.0.0.1:15010"
+    admin_address: str = "127.0.0.1:15000"
+    cluster: str = "meshline"
+
+
+def split_address(addr: str) -> tuple[str, int]:
+    host, _, port = addr.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"address must be HOST:PORT, got {addr!r}")
+    return host.strip("[]"), int(port)
+
+
+def bootstrap(opts: BootstrapOptions) -> dict[str, Any]:
+    xds_host, xds_port = split_address(opts.xds_address)
+    admin_host, admin_port = split_address(opts.admin_address)
+    metadata: dict[str, Any] = {
+        "mode": opts.mode,
+        "namespace": opts.namespace,
+        "service_account": opts.service_account,
+        "capture": opts.capture,
+        "labels": dict(opts.labels),
+    }
+    if opts.workload:
+        metadata["workload"] = opts.workload
+    api_type = "DELTA_GRPC" if opts.xds_protocol == "delta" else "GRPC"
+    doc: dict[str, Any] = {
+        "node": {"id": opts.node_id, "cluster": opts.cluster, "metadata": metadata},
+        "admin": {"address": {"socket_address": {"address": admin_host, "port_value": admin_port}}},
+        "dynamic_resources": {
+            "ads_config": {
+                "api_type": api_type,
+                "transport_api_version": "V3",
+                "grpc_services": [{"envoy_grpc": {"cluster_name": "xds-grpc"}}],
+                "set_node_on_first_message_only": True,
+            },
+            "cds_config": {"ads": {}, "resource_api_version": "V3"},
+            "lds_config": {"ads": {}, "resource_api_version": "V3"},
+        },
+        "static_resources": {
+            "clusters": [
+                {
+                    "name": "xds-grpc",
+                    "type": "STATIC" if _is_ip(xds_host) else "STRICT_DNS",
+                    "connect_timeout": "1s",
+                    "typed_extension_protocol_options": {
+                        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                            "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                            "explicit_http_config": {"http2_protocol_options": {}},
+                        }
+                    },
+                    "load_assignment": {
+                        "cluster_name": "xds-grpc",
+                        "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {"socket_address": {
+                            "address": xds_host, "port_value": xds_port}}}}]}],
+                    },
+                }
+            ],
+        },
+    }
+    if opts.capture == "intercept":
+        doc["static_resources"]["listeners"] = [_health_listener(), _stats_listener()]
+    return doc
+
+
+def _is_ip(host: str) -> bool:
+    import ipaddress
+
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def _hcm(stat_prefix: str, routes: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "name": "envoy.filters.network.http_connection_manager",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+            "stat_prefix": stat_prefix,
+            "route_config": {"virtual_hosts": [{"name": stat_prefix, "domains": ["*"], "routes": routes}]},
+            "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}],
+        },
+    }
+
+
+def _health_listener() -> dict[str, Any]:
+    # 15021 answers 200 on /healthz/ready once Envoy serves (used by the startup probe).
+    return {
+        "name": "health",
+        "address": {"socket_address": {"address": "0.0.0.0", "port_value": 15021}},
+        "filter_chains": [{"filters": [_hcm("health", [{
+            "match": {"prefix": "/healthz/ready"}, "direct_response": {"status": 200, "body": {"inline_string": "ok\n"}}}])]}],
+    }
+
+
+def _stats_listener() -> dict[str, Any]:
+    return {
+        "name": "stats",
+        "address": {"socket_address": {"address": "0.0.0.0", "port_value": 15090}},
+        "filter_chains": [{"filters": [_hcm("stats", [{
+            "match": {"prefix": "/stats/prometheus"}, "route": {"cluster": "admin"}}])]}],
+    }
+
+
+def render(opts: BootstrapOptions) -> str:
+    doc = bootstrap(opts)
+    if opts.capture == "intercept":
+        host, port = split_address(opts.admin_address)
+        doc["static_resources"]["clusters"].append({
+            "name": "admin", "type": "STATIC", "connect_timeout": "1s",
+            "load_assignment": {"cluster_name": "admin", "endpoints": [{"lb_endpoints": [{"endpoint": {
+                "address": {"socket_address": {"address": host, "port_value": port}}}}]}]},
+        })
+    return yaml.safe_dump(doc, sort_keys=False)

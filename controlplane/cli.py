@@ -1,0 +1,104 @@
+"""The `meshline` command line: the composition root. Parses flags into Settings and
+wires sources, runtime, xDS and status servers. Does I/O."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from controlplane import __version__
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="meshline")
+def main() -> None:
+    """Meshline: a service-mesh control plane for Envoy (sidecar and sidecarless)."""
+
+
+@main.command()
+@click.option("--config-dir", "config_dirs", multiple=True, type=click.Path(path_type=Path),
+              help="Directory of mesh YAML (repeatable). Default: ./samples/bookinfo when no source is given.")
+@click.option("--kubernetes", is_flag=True, help="Watch a Kubernetes cluster.")
+@click.option("--xds-address", default="127.0.0.1:15010", show_default=True)
+@click.option("--status-address", default="127.0.0.1:15014", show_default=True)
+@click.option("--webhook-address", default=None)
+@click.option("--debounce-ms", default=100, show_default=True, type=int)
+@click.option("--log-level", default="info", show_default=True)
+def serve(config_dirs: tuple[Path, ...], kubernetes: bool, xds_address: str, status_address: str,
+          webhook_address: str | None, debounce_ms: int, log_level: str) -> None:
+    """Run the control plane."""
+    from controlplane.runtime import Settings
+    from controlplane.serve import run
+
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if kubernetes:
+        raise click.UsageError("--kubernetes is not available yet in this build")
+    if not config_dirs:
+        config_dirs = (Path("samples/bookinfo"),)
+    settings = Settings(config_dirs=config_dirs, kubernetes=kubernetes, xds_address=xds_address,
+                        status_address=status_address, webhook_address=webhook_address, debounce_ms=debounce_ms)
+    try:
+        asyncio.run(run(settings))
+    except KeyboardInterrupt:
+        pass
+
+
+@main.command()
+@click.option("--mode", type=click.Choice(["sidecar", "node", "waypoint"]), default="sidecar", show_default=True)
+@click.option("--node-id", required=True)
+@click.option("--namespace", required=True)
+@click.option("--workload", default=None)
+@click.option("--service-account", default="default", show_default=True)
+@click.option("--labels", default="", help="k=v,k2=v2")
+@click.option("--capture", type=click.Choice(["bind", "intercept"]), default="bind", show_default=True)
+@click.option("--xds-protocol", type=click.Choice(["delta", "sotw"]), default="delta", show_default=True)
+@click.option("--xds-address", default="127.0.0.1:15010", show_default=True)
+@click.option("--admin-address", default="127.0.0.1:15000", show_default=True)
+def bootstrap(mode: str, node_id: str, namespace: str, workload: str | None, service_account: str, labels: str,
+              capture: str, xds_protocol: str, xds_address: str, admin_address: str) -> None:
+    """Print an Envoy bootstrap (YAML) for a proxy."""
+    from controlplane.bootstrap import BootstrapOptions, render
+    from controlplane.model.ir import labels_of
+
+    pairs: dict[str, str] = {}
+    for item in filter(None, (p.strip() for p in labels.split(","))):
+        k, sep, v = item.partition("=")
+        if not sep or not k:
+            raise click.BadParameter(f"label {item!r} is not k=v", param_hint="--labels")
+        pairs[k] = v
+    opts = BootstrapOptions(
+        node_id=node_id, namespace=namespace, mode=mode, workload=workload,  # type: ignore[arg-type]
+        service_account=service_account, labels=labels_of(pairs), capture=capture,  # type: ignore[arg-type]
+        xds_protocol=xds_protocol, xds_address=xds_address, admin_address=admin_address,
+    )
+    try:
+        click.echo(render(opts), nl=False)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from exc
+
+
+@main.command()
+@click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True))
+@click.option("--warnings/--no-warnings", default=True, show_default=True)
+def analyze(paths: tuple[str, ...], warnings: bool) -> None:
+    """Validate mesh YAML offline: prints `file:line: Kind/ns/name: message`, exit 1 on errors."""
+    from controlplane.analyze import analyze_paths
+
+    issues = analyze_paths(paths)
+    errors = 0
+    for i in issues:
+        if i.severity == "error":
+            errors += 1
+        elif not warnings:
+            continue
+        click.echo(i.format())
+    if errors:
+        click.echo(f"{errors} error(s)", err=True)
+        sys.exit(1)
+
+
+

@@ -1,0 +1,25 @@
+"""Prometheus metrics of one control-plane process (prometheus-client, own registry).
+No I/O; the status app exposes them at /metrics."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.proxies = Gauge("meshline_proxies_connected", "Connected proxies", ["mode", "protocol"], registry=r)
+        self.pushes = Counter("meshline_xds_pushes_total", "xDS responses sent", ["type"], registry=r)
+        self.nacks = Counter("meshline_xds_nacks_total", "xDS responses rejected by proxies", ["type"], registry=r)
+        self.validation_errors = Gauge(
+            "meshline_config_validation_errors", "Objects with validation errors", registry=r
+        )
+        self.serializations = Gauge(
+            "meshline_resource_serializations", "Envoy resources serialized since start", registry=r
+        )
+        self.rebuild_seconds = Histogram(
+            "meshline_snapshot_rebuild_seconds", "Time to rebuild proxy snapshots after a change", registry=r,
+            buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+        )

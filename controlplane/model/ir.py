@@ -1,0 +1,465 @@
+"""Intermediate representation of the mesh: frozen, hashable values. Pure data, no I/O.
+
+Everything past `sources/` sees only these types. Durations are integer milliseconds,
+hostnames are fully qualified (`name.ns.svc.cluster.local`), label sets are sorted tuples
+of pairs so that equal inputs compare and hash equal.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Literal, NewType
+
+ClusterName = NewType("ClusterName", str)
+NodeId = NewType("NodeId", str)
+TypeUrl = NewType("TypeUrl", str)
+Hostname = NewType("Hostname", str)
+
+Labels = tuple[tuple[str, str], ...]
+"""Sorted (key, value) pairs."""
+
+DOMAIN_SUFFIX = "svc.cluster.local"
+
+
+def labels_of(mapping: Mapping[str, str] | None) -> Labels:
+    """Normalise a label mapping into the sorted tuple form used everywhere in the IR."""
+    if not mapping:
+        return ()
+    return tuple(sorted((str(k), str(v)) for k, v in mapping.items()))
+
+
+def labels_match(selector: Labels, labels: Labels) -> bool:
+    """True when every selector pair is present in `labels` (an empty selector matches all)."""
+    if not selector:
+        return True
+    have = dict(labels)
+    return all(have.get(k) == v for k, v in selector)
+
+
+def service_fqdn(name: str, namespace: str) -> Hostname:
+    return Hostname(f"{name}.{namespace}.{DOMAIN_SUFFIX}")
+
+
+# --------------------------------------------------------------------------- sources and errors
+
+
+@dataclass(frozen=True, slots=True)
+class SourceRef:
+    """Where an object came from: its identity and, for files, its location."""
+
+    kind: str
+    namespace: str
+    name: str
+    file: str | None = None
+    line: int | None = None
+
+    @property
+    def display(self) -> str:
+        return f"{self.kind}/{self.namespace}/{self.name}" if self.namespace else f"{self.kind}/{self.name}"
+
+    @property
+    def location(self) -> str:
+        if self.file is None:
+            return ""
+        return f"{self.file}:{self.line or 0}"
+
+
+Severity = Literal["error", "warning"]
+
+
+@dataclass(frozen=True, slots=True)
+class Issue:
+    """A validation problem, carried as a value. `field` is a dotted path such as
+    `spec.http[0].match[1].uri.regex`; `line` is the line of that field when known."""
+
+    ref: SourceRef
+    field: str
+    message: str
+    severity: Severity = "error"
+    line: int | None = None
+
+    def format(self) -> str:
+        line = self.line if self.line is not None else self.ref.line
+        where = f"{self.ref.file}:{line or 0}: " if self.ref.file else ""
+        fld = f"{self.field}: " if self.field else ""
+        sev = "" if self.severity == "error" else f"{self.severity}: "
+        return f"{where}{self.ref.display}: {sev}{fld}{self.message}"
+
+
+# --------------------------------------------------------------------------- core kinds
+
+
+@dataclass(frozen=True, slots=True)
+class Namespace:
+    name: str
+    labels: Labels = ()
+
+
+class PortProtocol(enum.Enum):
+    HTTP = "http"
+    HTTP2 = "http2"
+    GRPC = "grpc"
+    TCP = "tcp"
+    UNKNOWN = "unknown"  # sniffed: HTTP if the client speaks HTTP, TCP otherwise
+
+    @property
+    def is_http(self) -> bool:
+        return self in (PortProtocol.HTTP, PortProtocol.HTTP2, PortProtocol.GRPC)
+
+
+@dataclass(frozen=True, slots=True)
+class ServicePort:
+    name: str
+    port: int
+    target_port: int | str  # number, or a named container port
+    protocol: PortProtocol
+
+
+@dataclass(frozen=True, slots=True)
+class Service:
+    ref: SourceRef
+    namespace: str
+    name: str
+    hostname: Hostname
+    cluster_ip: str | None
+    ports: tuple[ServicePort, ...]
+    selector: Labels = ()
+    labels: Labels = ()
+    annotations: Labels = ()
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointPort:
+    name: str
+    port: int
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    address: str
+    ready: bool = True
+    pod: str | None = None  # targetRef Pod name, same namespace as the service
+    node: str | None = None
+    zone: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointSet:
+    """One EndpointSlice (or a legacy Endpoints subset) of a service."""
+
+    ref: SourceRef
+    namespace: str
+    service: str
+    ports: tuple[EndpointPort, ...]
+    endpoints: tuple[Endpoint, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ContainerPort:
+    name: str
+    port: int
+
+
+@dataclass(frozen=True, slots=True)
+class Workload:
+    """A Pod."""
+
+    ref: SourceRef
+    namespace: str
+    name: str
+    ip: str | None
+    labels: Labels = ()
+    annotations: Labels = ()
+    service_account: str = "default"
+    node: str | None = None
+    ports: tuple[ContainerPort, ...] = ()
+
+
+# --------------------------------------------------------------------------- VirtualService
+
+
+StringMatchKind = Literal["exact", "prefix", "regex"]
+
+
+@dataclass(frozen=True, slots=True)
+class StringMatch:
+    kind: StringMatchKind
+    value: str
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderMatch:
+    name: str
+    match: StringMatch | None  # None: header present with any value
+
+
+@dataclass(frozen=True, slots=True)
+class HTTPMatch:
+    name: str = ""
+    uri: StringMatch | None = None
+    ignore_uri_case: bool = False
+    method: StringMatch | None = None
+    authority: StringMatch | None = None
+    scheme: StringMatch | None = None
+    headers: tuple[HeaderMatch, ...] = ()
+    without_headers: tuple[HeaderMatch, ...] = ()
+    query_params: tuple[HeaderMatch, ...] = ()
+    port: int | None = None
+    source_labels: Labels = ()
+    source_namespace: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Destination:
+    host: Hostname
+    subset: str | None = None
+    port: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderOps:
+    set: tuple[tuple[str, str], ...] = ()
+    add: tuple[tuple[str, str], ...] = ()
+    remove: tuple[str, ...] = ()
+
+    @property
+    def empty(self) -> bool:
+        return not (self.set or self.add or self.remove)
+
+
+@dataclass(frozen=True, slots=True)
+class Headers:
+    request: HeaderOps = HeaderOps()
+    response: HeaderOps = HeaderOps()
+
+
+@dataclass(frozen=True, slots=True)
+class RouteDestination:
+    destination: Destination
+    weight: int = 100
+    headers: Headers | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Retry:
+    attempts: int
+    per_try_timeout_ms: int | None = None
+    retry_on: tuple[str, ...] = ()  # Envoy retry_on conditions
+    retriable_status_codes: tuple[int, ...] = ()
+    retry_remote_localities: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class FaultDelay:
+    fixed_delay_ms: int
+    percentage: float = 100.0
+
+
+@dataclass(frozen=True, slots=True)
+class FaultAbort:
+    http_status: int | None = None
+    grpc_status: int | None = None
+    percentage: float = 100.0
+
+
+@dataclass(frozen=True, slots=True)
+class Fault:
+    delay: FaultDelay | None = None
+    abort: FaultAbort | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Mirror:
+    destination: Destination
+    percentage: float | None = None  # None: 100%
+
+
+@dataclass(frozen=True, slots=True)
+class Rewrite:
+    uri: str | None = None
+    authority: str | None = None
+    uri_regex: tuple[str, str] | None = None  # (match, substitution)
+
+
+@dataclass(frozen=True, slots=True)
+class Redirect:
+    uri: str | None = None
+    authority: str | None = None
+    port: int | None = None
+    scheme: str | None = None
+    redirect_code: int = 301
+
+
+@dataclass(frozen=True, slots=True)
+class DirectResponse:
+    status: int
+    body: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CorsPolicy:
+    allow_origins: tuple[StringMatch, ...] = ()
+    allow_methods: tuple[str, ...] = ()
+    allow_headers: tuple[str, ...] = ()
+    expose_headers: tuple[str, ...] = ()
+    max_age_s: int | None = None
+    allow_credentials: bool | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class HTTPRoute:
+    name: str = ""
+    matches: tuple[HTTPMatch, ...] = ()  # empty: match everything; several: ORed
+    route: tuple[RouteDestination, ...] = ()
+    redirect: Redirect | None = None
+    direct_response: DirectResponse | None = None
+    rewrite: Rewrite | None = None
+    timeout_ms: int | None = None
+    retries: Retry | None = None
+    fault: Fault | None = None
+    mirrors: tuple[Mirror, ...] = ()
+    headers: Headers | None = None
+    cors: CorsPolicy | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class L4Match:
+    port: int | None = None
+    destination_subnets: tuple[str, ...] = ()
+    source_labels: Labels = ()
+    source_namespace: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TCPRoute:
+    matches: tuple[L4Match, ...] = ()
+    route: tuple[RouteDestination, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class VirtualService:
+    ref: SourceRef
+    namespace: str
+    name: str
+    hosts: tuple[Hostname, ...]
+    http: tuple[HTTPRoute, ...] = ()
+    tcp: tuple[TCPRoute, ...] = ()
+    export_to: tuple[str, ...] = ()
+
+
+# --------------------------------------------------------------------------- DestinationRule
+
+
+@dataclass(frozen=True, slots=True)
+class ConsistentHash:
+    http_header_name: str | None = None
+    http_cookie_name: str | None = None
+    http_cookie_path: str | None = None
+    http_cookie_ttl_ms: int | None = None
+    use_source_ip: bool = False
+    http_query_parameter_name: str | None = None
+    minimum_ring_size: int | None = None
+    maglev: bool = False
+    maglev_table_size: int | None = None  # a prime; None: Envoy's default (65537)
+
+
+LbSimple = Literal["ROUND_ROBIN", "LEAST_REQUEST", "RANDOM", "PASSTHROUGH", "UNSPECIFIED"]
+
+
+@dataclass(frozen=True, slots=True)
+class LoadBalancer:
+    simple: LbSimple | None = None
+    consistent_hash: ConsistentHash | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionPool:
+    max_connections: int | None = None
+    connect_timeout_ms: int | None = None
+    http1_max_pending_requests: int | None = None
+    http2_max_requests: int | None = None
+    max_requests_per_connection: int | None = None
+    max_retries: int | None = None
+    idle_timeout_ms: int | None = None
+    max_concurrent_streams: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class OutlierDetection:
+    consecutive_5xx_errors: int | None = None
+    consecutive_gateway_errors: int | None = None
+    consecutive_local_origin_failures: int | None = None
+    split_external_local_origin_errors: bool = False
+    interval_ms: int | None = None
+    base_ejection_time_ms: int | None = None
+    max_ejection_percent: int | None = None
+    min_health_percent: int | None = None
+
+
+TLSMode = Literal["DISABLE", "SIMPLE", "MUTUAL", "ISTIO_MUTUAL"]
+
+
+@dataclass(frozen=True, slots=True)
+class ClientTLS:
+    mode: TLSMode
+    sni: str | None = None
+    subject_alt_names: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class PortTrafficPolicy:
+    port: int
+    load_balancer: LoadBalancer | None = None
+    connection_pool: ConnectionPool | None = None
+    outlier_detection: OutlierDetection | None = None
+    tls: ClientTLS | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TrafficPolicy:
+    load_balancer: LoadBalancer | None = None
+    connection_pool: ConnectionPool | None = None
+    outlier_detection: OutlierDetection | None = None
+    tls: ClientTLS | None = None
+    port_level: tuple[PortTrafficPolicy, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Subset:
+    name: str
+    labels: Labels
+    traffic_policy: TrafficPolicy | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class DestinationRule:
+    ref: SourceRef
+    namespace: str
+    name: str
+    host: Hostname
+    traffic_policy: TrafficPolicy | None = None
+    subsets: tuple[Subset, ...] = ()
+    export_to: tuple[str, ...] = ()
+
+
+# --------------------------------------------------------------------------- proxies
+
+
+ProxyMode = Literal["sidecar", "node", "waypoint"]
+CaptureMode = Literal["bind", "intercept"]
+
+
+@dataclass(frozen=True, slots=True)
+class ProxyMeta:
+    """What a connecting Envoy says about itself (node id and metadata)."""
+
+    node_id: str
+    mode: ProxyMode = "sidecar"
+    namespace: str = "default"
+    workload: str | None = None
+    labels: Labels = ()
+    service_account: str = "default"
+    capture: CaptureMode = "bind"
+    extra: Labels = field(default=())

@@ -1,0 +1,94 @@
+"""The whole mesh as one immutable value plus the lookups translation needs. Pure, no I/O."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+from controlplane.model.ir import (
+    DestinationRule,
+    EndpointSet,
+    Hostname,
+    Issue,
+    Namespace,
+    Service,
+    VirtualService,
+    Workload,
+    labels_match,
+)
+
+_EMPTY: Mapping[str, object] = MappingProxyType({})
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Mesh:
+    """A consistent view of every valid object. Mappings are never mutated after creation."""
+
+    namespaces: Mapping[str, Namespace] = field(default_factory=dict)
+    services: Mapping[Hostname, Service] = field(default_factory=dict)
+    endpoints: Mapping[Hostname, tuple[EndpointSet, ...]] = field(default_factory=dict)
+    workloads: Mapping[tuple[str, str], Workload] = field(default_factory=dict)
+    virtual_services: tuple[VirtualService, ...] = ()
+    destination_rules: tuple[DestinationRule, ...] = ()
+    issues: tuple[Issue, ...] = ()
+
+    # Derived indexes, computed once in build_mesh().
+    vs_by_host: Mapping[Hostname, VirtualService] = field(default_factory=dict)
+    dr_by_host: Mapping[Hostname, DestinationRule] = field(default_factory=dict)
+    services_by_port: Mapping[int, tuple[Service, ...]] = field(default_factory=dict)
+
+    def workload(self, namespace: str, name: str | None) -> Workload | None:
+        if not name:
+            return None
+        return self.workloads.get((namespace, name))
+
+    def services_selecting(self, namespace: str, labels: tuple[tuple[str, str], ...]) -> tuple[Service, ...]:
+        """Services in `namespace` whose (non-empty) selector matches `labels`."""
+        return tuple(
+            s
+            for s in self.services.values()
+            if s.namespace == namespace and s.selector and labels_match(s.selector, labels)
+        )
+
+
+def build_mesh(
+    namespaces: Mapping[str, Namespace],
+    services: Mapping[Hostname, Service],
+    endpoints: Mapping[Hostname, tuple[EndpointSet, ...]],
+    workloads: Mapping[tuple[str, str], Workload],
+    virtual_services: tuple[VirtualService, ...],
+    destination_rules: tuple[DestinationRule, ...],
+    issues: tuple[Issue, ...] = (),
+) -> Mesh:
+    """Assemble a Mesh and its indexes. VirtualServices/DestinationRules must be sorted by
+    (namespace, name); when several claim one host, the first wins (conflicts are reported
+    by validation, not here)."""
+    vs_by_host: dict[Hostname, VirtualService] = {}
+    for vs in virtual_services:
+        for h in vs.hosts:
+            vs_by_host.setdefault(h, vs)
+    dr_by_host: dict[Hostname, DestinationRule] = {}
+    # Prefer a DestinationRule in the service's own namespace, then the first by name.
+    for dr in destination_rules:
+        svc = services.get(dr.host)
+        cur = dr_by_host.get(dr.host)
+        if cur is None or (svc is not None and dr.namespace == svc.namespace and cur.namespace != svc.namespace):
+            dr_by_host[dr.host] = dr
+    by_port: dict[int, list[Service]] = {}
+    for host in sorted(services):
+        svc = services[host]
+        for p in svc.ports:
+            by_port.setdefault(p.port, []).append(svc)
+    return Mesh(
+        namespaces=namespaces,
+        services=services,
+        endpoints=endpoints,
+        workloads=workloads,
+        virtual_services=virtual_services,
+        destination_rules=destination_rules,
+        issues=issues,
+        vs_by_host=vs_by_host,
+        dr_by_host=dr_by_host,
+        services_by_port={p: tuple(v) for p, v in sorted(by_port.items())},
+    )

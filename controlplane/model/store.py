@@ -1,0 +1,180 @@
+"""The model store: raw objects in, a consistent `Mesh` out. Pure state, no I/O.
+
+It keeps, per object key, the last raw object, the last *valid* IR value and the
+object's current issues. An invalid update records issues and keeps the last valid value
+serving; a delete removes both. `mesh()` assembles the IR lazily and caches it until the
+next change.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from controlplane.model.convert import convert
+from controlplane.model.ir import (
+    DestinationRule,
+    EndpointSet,
+    Hostname,
+    Issue,
+    Namespace,
+    Service,
+    SourceRef,
+    VirtualService,
+    Workload,
+    service_fqdn,
+)
+from controlplane.model.mesh import Mesh, build_mesh
+from controlplane.model.raw import ObjectKey, RawObject
+from controlplane.model.validate import check_mesh
+from controlplane.sources.base import Delete, Replace, SourceEvent, Upsert
+from controlplane.sources.yamlload import ParseError
+
+IRValue = object
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    origin: str
+    raw: RawObject
+    good: IRValue | None
+    issues: tuple[Issue, ...]
+
+
+class MeshStore:
+    def __init__(self) -> None:
+        self._entries: dict[ObjectKey, Entry] = {}
+        self._by_origin: dict[str, set[ObjectKey]] = {}
+        self._origin_errors: dict[str, tuple[ParseError, ...]] = {}
+        self._mesh: Mesh | None = None
+        self.generation = 0
+
+    # ------------------------------------------------------------------ updates
+    def apply(self, events: Iterable[SourceEvent]) -> bool:
+        """Apply source events; True when the valid mesh may have changed."""
+        changed = False
+        for ev in events:
+            if isinstance(ev, Replace):
+                changed |= self._replace(ev)
+            elif isinstance(ev, Upsert):
+                changed |= self._upsert(ev.origin, ev.obj)
+            elif isinstance(ev, Delete):
+                changed |= self._delete(ev.origin, ev.key)
+        if changed:
+            self._mesh = None
+            self.generation += 1
+        return changed
+
+    def _replace(self, ev: Replace) -> bool:
+        prev_errors = self._origin_errors.get(ev.origin, ())
+        if ev.errors:
+            self._origin_errors[ev.origin] = ev.errors
+        else:
+            self._origin_errors.pop(ev.origin, None)
+        changed = prev_errors != ev.errors
+        if ev.objects is None:
+            return changed
+        new_keys = {o.key for o in ev.objects}
+        for key in sorted(self._by_origin.get(ev.origin, set()) - new_keys):
+            changed |= self._delete(ev.origin, key)
+        for obj in ev.objects:
+            changed |= self._upsert(ev.origin, obj)
+        if not self._by_origin.get(ev.origin):
+            self._by_origin.pop(ev.origin, None)
+        return changed
+
+    def _upsert(self, origin: str, raw: RawObject) -> bool:
+        key = raw.key
+        prev = self._entries.get(key)
+        if prev is not None and prev.raw.body == raw.body and prev.origin == origin:
+            if prev.raw.file == raw.file and prev.raw.line == raw.line:
+                return False
+        value, issues = convert(raw)
+        if prev is not None and prev.origin != origin:
+            issues = (
+                *issues,
+                Issue(raw.ref, "metadata.name", f"also defined in {prev.origin}; this definition replaces it",
+                      "warning", raw.line),
+            )
+            self._by_origin.get(prev.origin, set()).discard(key)
+        good = value if value is not None else (prev.good if prev is not None else None)
+        if value is None and prev is not None and prev.good is not None:
+            issues = (*issues, Issue(raw.ref, "", "invalid update ignored: the last valid version keeps serving",
+                                     "warning", raw.line))
+        self._entries[key] = Entry(origin, raw, good, issues)
+        self._by_origin.setdefault(origin, set()).add(key)
+        return True
+
+    def _delete(self, origin: str, key: ObjectKey) -> bool:
+        entry = self._entries.get(key)
+        if entry is None or entry.origin != origin:
+            self._by_origin.get(origin, set()).discard(key)
+            return False
+        del self._entries[key]
+        self._by_origin.get(origin, set()).discard(key)
+        return True
+
+    # ------------------------------------------------------------------ views
+    def object_issues(self) -> tuple[Issue, ...]:
+        out: list[Issue] = []
+        for key in sorted(self._entries):
+            out.extend(self._entries[key].issues)
+        for origin in sorted(self._origin_errors):
+            for e in self._origin_errors[origin]:
+                out.append(Issue(SourceRef("File", "", origin, e.file, e.line), "", e.message, "error", e.line))
+        return tuple(out)
+
+    def mesh(self) -> Mesh:
+        if self._mesh is None:
+            self._mesh = assemble(
+                (e.good for _, e in sorted(self._entries.items()) if e.good is not None),
+                self.object_issues(),
+            )
+        return self._mesh
+
+    def sources_of(self, key: ObjectKey) -> RawObject | None:
+        e = self._entries.get(key)
+        return e.raw if e else None
+
+
+def assemble(values: Iterable[IRValue], issues: tuple[Issue, ...] = ()) -> Mesh:
+    """Build a Mesh from valid IR values (in key order) and add cross-object issues."""
+    namespaces: dict[str, Namespace] = {}
+    services: dict[Hostname, Service] = {}
+    endpoints: dict[Hostname, list[EndpointSet]] = {}
+    workloads: dict[tuple[str, str], Workload] = {}
+    vss: list[VirtualService] = []
+    drs: list[DestinationRule] = []
+    for v in values:
+        items = v if isinstance(v, tuple) else (v,)
+        for item in items:
+            if isinstance(item, Namespace):
+                namespaces[item.name] = item
+            elif isinstance(item, Service):
+                services[item.hostname] = item
+            elif isinstance(item, EndpointSet):
+                endpoints.setdefault(service_fqdn(item.service, item.namespace), []).append(item)
+            elif isinstance(item, Workload):
+                workloads[(item.namespace, item.name)] = item
+            elif isinstance(item, VirtualService):
+                vss.append(item)
+            elif isinstance(item, DestinationRule):
+                drs.append(item)
+    vss.sort(key=lambda v: (v.namespace, v.name))
+    drs.sort(key=lambda d: (d.namespace, d.name))
+    mesh = build_mesh(
+        namespaces,
+        services,
+        {h: tuple(sorted(sets, key=lambda s: (s.ref.kind, s.ref.name))) for h, sets in endpoints.items()},
+        workloads,
+        tuple(vss),
+        tuple(drs),
+        issues,
+    )
+    cross = check_mesh(mesh)
+    if not cross:
+        return mesh
+    return build_mesh(
+        mesh.namespaces, mesh.services, mesh.endpoints, mesh.workloads,
+        mesh.virtual_services, mesh.destination_rules, (*issues, *cross),
+    )

@@ -1,0 +1,182 @@
+"""The running control plane: sources -> store -> snapshots -> xDS streams, with
+debounce. Owns the asyncio tasks; does I/O only through the sources and servers it wires.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from controlplane.cache.snapshot import ProxyKey, SnapshotBuilder, proxy_key
+from controlplane.metrics import Metrics
+from controlplane.model.ir import ProxyMeta
+from controlplane.model.mesh import Mesh
+from controlplane.model.store import MeshStore
+from controlplane.sources.base import Source, SourceEvent, Synced
+from controlplane.translate.plan import ResourceSpec
+from controlplane.translate.sidecar import plan_inbound, plan_outbound
+from controlplane.xds.server import Connection, XdsServer
+from controlplane.xds.stream import NackRecord, Outgoing
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    config_dirs: tuple[Path, ...] = ()
+    kubernetes: bool = False
+    xds_address: str = "127.0.0.1:15010"
+    status_address: str = "127.0.0.1:15014"
+    webhook_address: str | None = None
+    debounce_ms: int = 100
+    debounce_max_ms: int = 1000
+
+
+def _plan_shared(mesh: Mesh, meta: ProxyMeta) -> list[ResourceSpec]:
+    if meta.mode != "sidecar":
+        return []
+    return plan_outbound(mesh, meta.namespace, meta.capture)
+
+
+def _plan_own(mesh: Mesh, meta: ProxyMeta) -> list[ResourceSpec]:
+    if meta.mode != "sidecar":
+        return []
+    return plan_inbound(mesh, meta)
+
+
+def _shared_key(meta: ProxyMeta) -> object:
+    return (meta.mode, meta.namespace, meta.capture)
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    sources: Sequence[Source]
+    metrics: Metrics = field(default_factory=Metrics)
+
+    def __post_init__(self) -> None:
+        self.store = MeshStore()
+        self.builder = SnapshotBuilder(_plan_shared, _plan_own, _shared_key)
+        self.xds = XdsServer(self, self)
+        self._synced: set[str] = set()
+        self._dirty = asyncio.Event()
+        self._first_dirty: float | None = None
+        self._last_change: float = 0.0
+        self._snapshots: dict[ProxyKey, object] = {}
+        self._mesh: Mesh | None = None
+        self._mesh_generation = -1
+        self.pushes_since_start = 0
+        self.change_started: float | None = None
+
+    # ------------------------------------------------------------------ readiness
+    @property
+    def ready(self) -> bool:
+        return all(s.name in self._synced for s in self.sources)
+
+    # ------------------------------------------------------------------ sources
+    async def sink(self, events: list[SourceEvent]) -> None:
+        newly_synced = False
+        for ev in events:
+            if isinstance(ev, Synced) and ev.source not in self._synced:
+                self._synced.add(ev.source)
+                newly_synced = True
+        if self.store.apply(events) or newly_synced:
+            self.metrics.validation_errors.set(sum(1 for i in self.store.object_issues() if i.severity == "error"))
+            self.mark_dirty()
+
+    def mark_dirty(self, urgent: bool = False) -> None:
+        now = time.monotonic()
+        if self._first_dirty is None:
+            self._first_dirty = now
+            self.change_started = time.time()
+        self._last_change = now if not urgent else now - 10.0
+        self._dirty.set()
+
+    # ------------------------------------------------------------------ xDS hooks
+    def attach(self, conn: Connection) -> None:
+        self.metrics.proxies.labels(conn.meta.mode, conn.stream.protocol).inc()
+        snap = self._snapshots.get(proxy_key(conn.meta))
+        if snap is not None and self._mesh_generation == self.store.generation:
+            conn.update(snap)  # type: ignore[arg-type]
+        else:
+            self.mark_dirty(urgent=True)
+
+    def detach(self, conn: Connection) -> None:
+        self.metrics.proxies.labels(conn.meta.mode, conn.stream.protocol).dec()
+
+    def on_push(self, conn: Connection, out: Outgoing) -> None:
+        self.metrics.pushes.labels(_short(out.type_url)).inc()
+
+    def on_nack(self, conn: Connection, nack: NackRecord) -> None:
+        self.metrics.nacks.labels(_short(nack_type(conn, nack))).inc()
+
+    def on_ack(self, conn: Connection) -> None:
+        return None
+
+    # ------------------------------------------------------------------ rebuild loop
+    def mesh(self) -> Mesh:
+        return self.store.mesh()
+
+    def rebuild_now(self) -> None:
+        if not self.ready:
+            return
+        t0 = time.perf_counter()
+        mesh = self.store.mesh()
+        conns = list(self.xds.connections.values())
+        snaps = self.builder.rebuild(mesh, [c.meta for c in conns])
+        self._snapshots = dict(snaps)
+        self._mesh = mesh
+        self._mesh_generation = self.store.generation
+        for c in conns:
+            c.update(snaps[proxy_key(c.meta)])
+        self.metrics.rebuild_seconds.observe(time.perf_counter() - t0)
+        self.metrics.serializations.set(self.builder.memo.stats.serializations)
+
+    async def rebuild_loop(self) -> None:
+        debounce = self.settings.debounce_ms / 1000
+        max_wait = self.settings.debounce_max_ms / 1000
+        while True:
+            await self._dirty.wait()
+            # Debounce: wait for a quiet period, but never longer than max_wait in total.
+            while True:
+                now = time.monotonic()
+                first = self._first_dirty or now
+                quiet_until = self._last_change + debounce
+                if now >= quiet_until or now - first >= max_wait:
+                    break
+                await asyncio.sleep(min(quiet_until, first + max_wait) - now)
+            self._dirty.clear()
+            self._first_dirty = None
+            try:
+                self.rebuild_now()
+            except Exception:  # a translation bug must not kill the control plane
+                log.exception("rebuilding snapshots failed; proxies keep their last config")
+
+    async def run_sources(self) -> None:
+        async with asyncio.TaskGroup() as tg:
+            for s in self.sources:
+                tg.create_task(s.run(self.sink))
+
+
+def _short(type_url: str) -> str:
+    return type_url.rsplit(".", 1)[-1]
+
+
+def nack_type(conn: Connection, nack: NackRecord) -> str:
+    for t, st in conn.stream.types.items():
+        if st.last_nack is nack:
+            return t
+    return "unknown"
+
+
+async def cancel_all(tasks: list[asyncio.Task[None]]) -> None:
+    for t in tasks:
+        t.cancel()
+    for t in tasks:
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await t

@@ -1,0 +1,73 @@
+"""Directory source: YAML files under one or more directories. Does file I/O.
+
+Each file is an origin. A file that fails to parse as YAML keeps its previous objects
+(reported as an error); a removed file removes its objects. Changes are watched with
+`watchfiles` (inotify), not a polling loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterable
+from pathlib import Path
+
+import watchfiles
+
+from controlplane.sources.base import Replace, Sink, SourceEvent, Synced
+from controlplane.sources.yamlload import ParseError, parse_documents
+
+log = logging.getLogger(__name__)
+SUFFIXES = (".yaml", ".yml")
+
+
+def yaml_files(paths: Iterable[Path]) -> list[Path]:
+    out: list[Path] = []
+    for p in paths:
+        if p.is_dir():
+            out.extend(sorted(f for f in p.rglob("*") if f.suffix in SUFFIXES and f.is_file()))
+        elif p.suffix in SUFFIXES and p.is_file():
+            out.append(p)
+    return out
+
+
+def read_file(path: Path) -> Replace:
+    origin = str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return Replace(origin, ())
+    except (OSError, UnicodeDecodeError) as exc:
+        return Replace(origin, None, (ParseError(origin, 0, f"cannot read file: {exc}"),))
+    objects, errors = parse_documents(text, origin)
+    syntax_broken = any(e.message.startswith("invalid YAML") for e in errors)
+    return Replace(origin, None if syntax_broken else tuple(objects), tuple(errors))
+
+
+class DirectorySource:
+    def __init__(self, dirs: list[Path], debounce_ms: int = 50) -> None:
+        self.name = "directory"
+        self.dirs = dirs
+        self.debounce_ms = debounce_ms
+
+    def initial(self) -> list[SourceEvent]:
+        return [read_file(f) for f in yaml_files(self.dirs)]
+
+    async def run(self, sink: Sink) -> None:
+        existing = [d for d in self.dirs if d.exists()]
+        await sink([*self.initial(), Synced(self.name)])
+        if not existing:
+            log.warning("no config directory exists among %s; nothing to watch", self.dirs)
+            await asyncio.Event().wait()
+        async for changes in watchfiles.awatch(
+            *existing, debounce=self.debounce_ms, step=10, recursive=True, rust_timeout=0
+        ):
+            events: list[SourceEvent] = []
+            for _change, raw_path in sorted(changes, key=lambda c: c[1]):
+                path = Path(raw_path)
+                if path.suffix not in SUFFIXES:
+                    continue
+                events.append(read_file(path))
+            if events:
+                log.info("config files changed: %s", ", ".join(e.origin for e in events if isinstance(e, Replace)))
+                await sink(events)

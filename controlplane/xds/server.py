@@ -1,0 +1,236 @@
+"""gRPC xDS servers (grpc.aio): ADS state-of-the-world and delta, plus the per-type
+CDS/EDS/LDS/RDS/SDS services on the same stream machinery. Does network I/O.
+
+Responses are assembled from pre-serialized resource chunks (see cache/resources.py), so
+the gRPC response serializer is the identity: a resource's bytes are produced once and
+shared by every stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import grpc
+from envoy.service.discovery.v3 import discovery_pb2
+from google.protobuf import json_format
+
+from controlplane.cache.snapshot import Snapshot
+from controlplane.model.ir import CaptureMode, ProxyMeta, ProxyMode, labels_of
+from controlplane.translate.plan import SHORT_NAMES
+from controlplane.xds.stream import AdsStream, NackRecord, Outgoing
+from controlplane.xds.stream import Protocol as StreamProtocol
+
+log = logging.getLogger(__name__)
+
+ADS_SERVICE = "envoy.service.discovery.v3.AggregatedDiscoveryService"
+PER_TYPE_SERVICES = {
+    "envoy.service.cluster.v3.ClusterDiscoveryService": ("StreamClusters", "DeltaClusters"),
+    "envoy.service.endpoint.v3.EndpointDiscoveryService": ("StreamEndpoints", "DeltaEndpoints"),
+    "envoy.service.listener.v3.ListenerDiscoveryService": ("StreamListeners", "DeltaListeners"),
+    "envoy.service.route.v3.RouteDiscoveryService": ("StreamRoutes", "DeltaRoutes"),
+    "envoy.service.secret.v3.SecretDiscoveryService": ("StreamSecrets", "DeltaSecrets"),
+}
+_WAKE = object()
+
+
+def proxy_meta_from_node(node: Any) -> ProxyMeta:
+    """Read the node's identity and Meshline metadata (set by `meshline bootstrap`)."""
+    md: dict[str, Any] = json_format.MessageToDict(node.metadata) if node.HasField("metadata") else {}
+    mode: ProxyMode = md.get("mode") if md.get("mode") in ("sidecar", "node", "waypoint") else "sidecar"
+    capture: CaptureMode = "intercept" if md.get("capture") == "intercept" else "bind"
+    labels = md.get("labels") if isinstance(md.get("labels"), dict) else {}
+    return ProxyMeta(
+        node_id=node.id,
+        mode=mode,
+        namespace=str(md.get("namespace") or "default"),
+        workload=str(md["workload"]) if md.get("workload") else None,
+        labels=labels_of({str(k): str(v) for k, v in labels.items()}),
+        service_account=str(md.get("service_account") or "default"),
+        capture=capture,
+    )
+
+
+class SnapshotSource(Protocol):
+    """What the server needs from the composition root."""
+
+    def attach(self, conn: Connection) -> None: ...
+
+    def detach(self, conn: Connection) -> None: ...
+
+
+@dataclass(eq=False)
+class Connection:
+    meta: ProxyMeta
+    stream: AdsStream
+    queue: asyncio.Queue[Any]
+    node: Any = None
+    peer: str = ""
+    woken: bool = False
+    sent_responses: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def update(self, snapshot: Snapshot) -> None:
+        """Called by the composition root with this proxy's newest snapshot."""
+        self.stream.set_target(snapshot)
+        if not self.woken:
+            self.woken = True
+            self.queue.put_nowait(_WAKE)
+
+
+class Observer(Protocol):
+    def on_push(self, conn: Connection, out: Outgoing) -> None: ...
+
+    def on_nack(self, conn: Connection, nack: NackRecord) -> None: ...
+
+    def on_ack(self, conn: Connection) -> None: ...
+
+
+class XdsServer:
+    def __init__(self, source: SnapshotSource, observer: Observer | None = None) -> None:
+        self.source = source
+        self.observer = observer
+        self.connections: dict[int, Connection] = {}
+        self._ids = itertools.count(1)
+
+    # ------------------------------------------------------------------ registration
+    def handlers(self) -> list[grpc.GenericRpcHandler]:
+        def identity(b: bytes) -> bytes:
+            return b
+
+        def methods(sotw: str, delta: str) -> dict[str, grpc.RpcMethodHandler]:
+            return {
+                sotw: grpc.stream_stream_rpc_method_handler(
+                    self._sotw, request_deserializer=discovery_pb2.DiscoveryRequest.FromString,
+                    response_serializer=identity,
+                ),
+                delta: grpc.stream_stream_rpc_method_handler(
+                    self._delta, request_deserializer=discovery_pb2.DeltaDiscoveryRequest.FromString,
+                    response_serializer=identity,
+                ),
+            }
+
+        out = [grpc.method_handlers_generic_handler(
+            ADS_SERVICE, methods("StreamAggregatedResources", "DeltaAggregatedResources"))]
+        for svc, (sotw, delta) in PER_TYPE_SERVICES.items():
+            out.append(grpc.method_handlers_generic_handler(svc, methods(sotw, delta)))
+        return out
+
+    async def _sotw(self, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> None:
+        await self._serve("sotw", requests, context)
+
+    async def _delta(self, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> None:
+        await self._serve("delta", requests, context)
+
+    # ------------------------------------------------------------------ one stream
+    async def _serve(
+        self, protocol: StreamProtocol, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext
+    ) -> None:
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+
+        async def read() -> None:
+            try:
+                async for req in requests:
+                    queue.put_nowait(req)
+            except (grpc.aio.AioRpcError, asyncio.CancelledError):
+                pass
+            finally:
+                queue.put_nowait(None)
+
+        reader = asyncio.create_task(read())
+        stream_id = next(self._ids)
+        stream = AdsStream(protocol, stream_id)
+        conn: Connection | None = None
+        try:
+            while True:
+                item = await self._next_item(queue, stream)
+                if item is None:
+                    return
+                if item is _WAKE:
+                    if conn is not None:
+                        conn.woken = False
+                elif item is not _TIMEOUT:
+                    if conn is None:
+                        if not item.HasField("node") or not item.node.id:
+                            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                                "the first request must carry node.id")
+                        meta = proxy_meta_from_node(item.node)
+                        conn = Connection(meta, stream, queue, node=item.node, peer=context.peer())
+                        self.connections[stream_id] = conn
+                        log.info("proxy %s connected (%s, %s/%s)", meta.node_id, protocol, meta.namespace,
+                                 meta.workload or "-")
+                        self.source.attach(conn)
+                    self._handle(conn, item)
+                # Drain everything already queued before pushing, so pushes use the newest state.
+                while not queue.empty():
+                    nxt = queue.get_nowait()
+                    if nxt is None:
+                        return
+                    if nxt is _WAKE:
+                        conn.woken = False  # type: ignore[union-attr]
+                    elif conn is not None:
+                        self._handle(conn, nxt)
+                if conn is None:
+                    continue
+                while (out := stream.next_push(time.monotonic())) is not None:
+                    await context.write(out.payload)
+                    conn.sent_responses += 1
+                    if self.observer is not None:
+                        self.observer.on_push(conn, out)
+        finally:
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reader
+            if conn is not None:
+                self.connections.pop(stream_id, None)
+                self.source.detach(conn)
+                log.info("proxy %s disconnected", conn.meta.node_id)
+
+    async def _next_item(self, queue: asyncio.Queue[Any], stream: AdsStream) -> Any:
+        if stream.waiting is None:
+            return await queue.get()
+        delay = max(0.0, stream.waiting[2] - time.monotonic())
+        try:
+            return await asyncio.wait_for(queue.get(), timeout=delay)
+        except TimeoutError:
+            return _TIMEOUT
+
+    def _handle(self, conn: Connection, req: Any) -> None:
+        if conn.stream.protocol == "sotw":
+            nack = conn.stream.handle_sotw_request(req)
+        else:
+            nack = conn.stream.handle_delta_request(req)
+        if nack is not None:
+            log.warning("proxy %s rejected %s (nonce %s): %s", conn.meta.node_id,
+                        SHORT_NAMES.get(req.type_url, req.type_url), nack.nonce, nack.message)
+            if self.observer is not None:
+                self.observer.on_nack(conn, nack)
+        elif self.observer is not None and req.response_nonce:
+            self.observer.on_ack(conn)
+
+
+_TIMEOUT = object()
+
+
+async def start_grpc(address: str, handlers: list[grpc.GenericRpcHandler],
+                     options: list[tuple[str, Any]] | None = None) -> tuple[grpc.aio.Server, int]:
+    server = grpc.aio.server(options=[
+        ("grpc.max_send_message_length", 256 * 1024 * 1024),
+        ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+        ("grpc.keepalive_time_ms", 30_000),
+        ("grpc.http2.max_pings_without_data", 0),
+        *(options or []),
+    ])
+    server.add_generic_rpc_handlers(handlers)
+    port = server.add_insecure_port(address)
+    if port == 0:
+        raise OSError(f"cannot bind the xDS server to {address}")
+    await server.start()
+    return server, port
+

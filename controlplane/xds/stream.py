@@ -1,0 +1,393 @@
+"""One ADS stream (state-of-the-world or delta): subscriptions, versions, nonces, ACK/NACK
+bookkeeping and the ordered push of a target snapshot. Pure state machine: it consumes
+requests and snapshots and returns response bytes; the gRPC server does the I/O.
+
+Push order is make-before-break: secrets, clusters, endpoints, listeners, routes with
+additions and updates first (after clusters with new names the stream waits for their
+ACK, i.e. until Envoy has warmed them), then removals in the same order. A NACKed
+resource version is quarantined for this proxy: the last version it accepted (or nothing)
+is sent in its place until the resource changes again, so one bad resource never blocks
+later good updates of the others.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+from envoy.service.discovery.v3 import discovery_pb2
+
+from controlplane.cache.resources import Resource
+from controlplane.cache.snapshot import Snapshot, TypeResources
+from controlplane.model.ir import SourceRef, TypeUrl
+from controlplane.translate.plan import CLUSTER, ENDPOINT, LISTENER, PUSH_ORDER, ROUTE, SECRET
+
+Protocol = Literal["sotw", "delta"]
+WILDCARD_TYPES = frozenset({CLUSTER, LISTENER})
+NAMED_TYPES = frozenset({ENDPOINT, ROUTE, SECRET})
+
+
+def _same(a: Resource | None, b: Resource) -> bool:
+    return a is b or (a is not None and a.version == b.version)
+
+
+def content_version(items: Mapping[str, Resource]) -> str:
+    h = hashlib.blake2b(digest_size=8)
+    for name in sorted(items):
+        h.update(name.encode())
+        h.update(b"\0")
+        h.update(items[name].version.encode())
+    return h.hexdigest()
+
+
+@dataclass(slots=True)
+class NackRecord:
+    version: str
+    nonce: str
+    message: str
+    code: int
+    at: float
+    resources: tuple[str, ...]
+    sources: tuple[SourceRef, ...]
+
+
+@dataclass(slots=True)
+class Pending:
+    """A response Envoy has not answered yet."""
+
+    nonce: str
+    version: str
+    changes: dict[str, Resource | None]  # None: removal
+    full: bool  # SotW: `changes` is the whole state of the type
+    sent_at: float
+
+
+@dataclass(slots=True)
+class TypeState:
+    type_url: TypeUrl
+    wildcard: bool = False
+    names: set[str] = field(default_factory=set)
+    known: dict[str, Resource] = field(default_factory=dict)  # what Envoy holds (sent, not NACKed)
+    acked: dict[str, Resource] = field(default_factory=dict)  # what Envoy ACKed
+    pending: dict[str, Pending] = field(default_factory=dict)
+    quarantine: dict[str, str] = field(default_factory=dict)  # name -> rejected version
+    nonce: str = ""
+    version_sent: str = ""
+    version_acked: str = ""
+    last_push: float = 0.0
+    last_ack: float = 0.0
+    needs_response: bool = False
+    absent_notified: set[str] = field(default_factory=set)
+    synced_target: TypeResources | None = None
+    last_nack: NackRecord | None = None
+    nacks: int = 0
+
+    def subscribed(self, name: str) -> bool:
+        return self.wildcard or name in self.names
+
+
+@dataclass(slots=True)
+class Outgoing:
+    type_url: TypeUrl
+    nonce: str
+    payload: bytes
+    count: int
+    removed: int = 0
+
+
+class AdsStream:
+    """State of one stream. `handle_request()` and `next_push()` return what to send."""
+
+    def __init__(self, protocol: Protocol, stream_id: int) -> None:
+        self.protocol = protocol
+        self.stream_id = stream_id
+        self.types: dict[TypeUrl, TypeState] = {}
+        self.target: Snapshot | None = None
+        self.waiting: tuple[TypeUrl, str, float] | None = None  # (type, nonce, deadline)
+        self._nonce = 0
+        self.connected_at = time.time()
+
+    # ------------------------------------------------------------------ helpers
+    def _next_nonce(self) -> str:
+        self._nonce += 1
+        return str(self._nonce)
+
+    def _state(self, type_url: TypeUrl) -> TypeState:
+        st = self.types.get(type_url)
+        if st is None:
+            st = self.types[type_url] = TypeState(type_url)
+        return st
+
+    def _desired(self, st: TypeState) -> dict[str, Resource]:
+        """Target resources of this type that Envoy subscribes to, after quarantine."""
+        tr = self.target.get(st.type_url) if self.target is not None else None
+        items: Mapping[str, Resource] = tr.items if tr is not None else {}
+        if st.wildcard:
+            out = dict(items)
+        else:
+            out = {n: items[n] for n in st.names if n in items}
+        for name, bad in st.quarantine.items():
+            r = out.get(name)
+            if r is not None and r.version == bad:
+                fallback = st.acked.get(name)
+                if fallback is not None:
+                    out[name] = fallback
+                else:
+                    del out[name]
+        return out
+
+    # ------------------------------------------------------------------ requests
+    def handle_sotw_request(self, req: discovery_pb2.DiscoveryRequest) -> NackRecord | None:
+        t = TypeUrl(req.type_url)
+        st = self._state(t)
+        nack = None
+        if req.response_nonce:
+            pending = st.pending.get(req.response_nonce)
+            if pending is None or req.response_nonce != st.nonce:
+                # Stale nonce (superseded response): only subscription changes matter.
+                pass
+            elif req.HasField("error_detail"):
+                nack = self._on_nack(st, pending, req.error_detail.message, req.error_detail.code)
+            else:
+                self._on_ack(st, pending)
+        else:
+            # First request for this type on this stream (possibly a reconnect).
+            st.needs_response = True
+        names = set(req.resource_names)
+        wildcard = (t in WILDCARD_TYPES and not names) or "*" in names
+        names.discard("*")
+        if wildcard != st.wildcard or names != st.names:
+            st.wildcard, st.names = wildcard, names
+            st.needs_response = True
+            st.synced_target = None
+        return nack
+
+    def handle_delta_request(self, req: discovery_pb2.DeltaDiscoveryRequest) -> NackRecord | None:
+        t = TypeUrl(req.type_url)
+        first = t not in self.types
+        st = self._state(t)
+        nack = None
+        if req.response_nonce:
+            pending = st.pending.get(req.response_nonce)
+            if pending is not None:
+                if req.HasField("error_detail"):
+                    nack = self._on_nack(st, pending, req.error_detail.message, req.error_detail.code)
+                else:
+                    self._on_ack(st, pending)
+        if first:
+            # A fresh subscription needs an answer (even an empty one) to finish Envoy's
+            # initialisation; a reconnect that already holds everything does not.
+            st.needs_response = not req.initial_resource_versions
+            if not req.resource_names_subscribe and t in WILDCARD_TYPES:
+                st.wildcard = True  # legacy wildcard
+            # What Envoy already holds after a reconnect: unchanged resources are not resent.
+            tr = self.target.get(t) if self.target is not None else None
+            for name, version in req.initial_resource_versions.items():
+                have = tr.items.get(name) if tr is not None else None
+                if have is not None and have.version == version:
+                    st.known[name] = have
+                    st.acked[name] = have
+                else:
+                    st.known[name] = _Placeholder.make(t, name, version)
+        for name in req.resource_names_subscribe:
+            if name == "*":
+                st.wildcard = True
+            else:
+                st.names.add(name)
+            st.synced_target = None
+        for name in req.resource_names_unsubscribe:
+            if name == "*":
+                st.wildcard = False
+            else:
+                st.names.discard(name)
+                if not st.wildcard:
+                    st.known.pop(name, None)
+                    st.absent_notified.discard(name)
+            st.synced_target = None
+        return nack
+
+    def _on_ack(self, st: TypeState, pending: Pending) -> None:
+        for nonce in [n for n in st.pending if int(n) <= int(pending.nonce)]:
+            p = st.pending.pop(nonce)
+            if p.full:
+                st.acked = {n: r for n, r in p.changes.items() if r is not None}
+            else:
+                for n, r in p.changes.items():
+                    if r is None:
+                        st.acked.pop(n, None)
+                    else:
+                        st.acked[n] = r
+        st.version_acked = pending.version
+        st.last_ack = time.time()
+        if self.waiting is not None and self.waiting[0] == st.type_url and int(self.waiting[1]) <= int(pending.nonce):
+            self.waiting = None
+
+    def _on_nack(self, st: TypeState, pending: Pending, message: str, code: int) -> NackRecord:
+        st.pending.pop(pending.nonce, None)
+        # Suspects: what this response changed relative to what Envoy had accepted.
+        suspects = {
+            n: r for n, r in pending.changes.items() if r is not None and not _same(st.acked.get(n), r)
+        }
+        for n, r in suspects.items():
+            st.quarantine[n] = r.version
+        # Envoy keeps its previous config: forget what the rejected response claimed.
+        st.known = dict(st.acked)
+        if pending.full:
+            st.version_sent = st.version_acked
+        for p in st.pending.values():  # later responses still in flight
+            for n, r in p.changes.items():
+                if r is None:
+                    st.known.pop(n, None)
+                else:
+                    st.known[n] = r
+        st.synced_target = None
+        sources: list[SourceRef] = []
+        for r in suspects.values():
+            for s in r.sources:
+                if s not in sources:
+                    sources.append(s)
+        rec = NackRecord(pending.version, pending.nonce, message, code, time.time(), tuple(sorted(suspects)),
+                         tuple(sources))
+        st.last_nack = rec
+        st.nacks += 1
+        if self.waiting is not None and self.waiting[0] == st.type_url:
+            self.waiting = None
+        return rec
+
+    # ------------------------------------------------------------------ pushes
+    def set_target(self, snapshot: Snapshot) -> None:
+        if snapshot is self.target:
+            return
+        self.target = snapshot
+        for st in self.types.values():
+            # Lift quarantines whose resource has moved on to a new version.
+            if st.quarantine:
+                tr = snapshot.get(st.type_url)
+                for n, bad in list(st.quarantine.items()):
+                    r = tr.items.get(n) if tr is not None else None
+                    if r is None or r.version != bad:
+                        del st.quarantine[n]
+
+    def synced(self) -> bool:
+        return self.target is not None and all(
+            not st.needs_response and st.synced_target is self.target.get(st.type_url) for st in self.types.values()
+        )
+
+    def next_push(self, now: float) -> Outgoing | None:
+        """The next response to send for the target snapshot, or None when in sync (or
+        waiting for Envoy to ACK new clusters)."""
+        if self.target is None:
+            return None
+        if self.waiting is not None:
+            if now < self.waiting[2]:
+                return None
+            self.waiting = None  # Envoy did not answer in time: carry on
+        # Phase 1: additions and updates, in order.
+        for t in PUSH_ORDER:
+            st = self.types.get(t)
+            if st is None or self._in_sync(st):
+                continue
+            out = self._upsert(st)
+            if out is not None:
+                return out
+        # Phase 2: removals, in order.
+        for t in PUSH_ORDER:
+            st = self.types.get(t)
+            if st is None or self._in_sync(st):
+                continue
+            out = self._remove(st)
+            if out is not None:
+                return out
+            st.synced_target = self.target.get(t)
+        return None
+
+    def _in_sync(self, st: TypeState) -> bool:
+        assert self.target is not None
+        return not st.needs_response and st.synced_target is not None and st.synced_target is self.target.get(
+            st.type_url
+        )
+
+    def _upsert(self, st: TypeState) -> Outgoing | None:
+        desired = self._desired(st)
+        if self.protocol == "sotw":
+            content = dict(desired)
+            if st.type_url in WILDCARD_TYPES:
+                for n, r in st.known.items():  # keep to-be-removed ones until phase 2
+                    content.setdefault(n, r)
+            version = content_version(content)
+            added_new = any(n not in st.known for n in content)
+            if not st.needs_response and version == st.version_sent and all(
+                _same(st.known.get(n), r) for n, r in content.items()
+            ):
+                return None
+            out = self._send_sotw(st, content, version)
+        else:
+            changes = {n: r for n, r in desired.items() if not _same(st.known.get(n), r)}
+            absent: list[str] = []
+            if not st.wildcard:
+                absent = sorted(n for n in st.names if n not in desired and n not in st.absent_notified
+                                and n not in st.known)
+            if not changes and not absent and not st.needs_response:
+                return None
+            added_new = any(n not in st.known for n in changes)
+            out = self._send_delta(st, changes, absent)
+            st.absent_notified.update(absent)
+        if st.type_url == CLUSTER and added_new:
+            self.waiting = (st.type_url, out.nonce, time.monotonic() + 10.0)
+        return out
+
+    def _remove(self, st: TypeState) -> Outgoing | None:
+        desired = self._desired(st)
+        gone = [n for n in st.known if n not in desired]
+        if not gone:
+            return None
+        if self.protocol == "sotw":
+            if st.type_url not in WILDCARD_TYPES:
+                for n in gone:  # named types: Envoy drops them with their parents
+                    st.known.pop(n, None)
+                return None
+            return self._send_sotw(st, desired, content_version(desired))
+        return self._send_delta(st, {}, sorted(gone))
+
+    def _send_sotw(self, st: TypeState, content: dict[str, Resource], version: str) -> Outgoing:
+        nonce = self._next_nonce()
+        header = discovery_pb2.DiscoveryResponse(version_info=version, type_url=st.type_url, nonce=nonce)
+        payload = header.SerializeToString() + b"".join(content[n].sotw_chunk for n in sorted(content))
+        now = time.time()
+        st.pending[nonce] = Pending(nonce, version, dict(content), True, now)
+        st.known = dict(content)
+        st.nonce, st.version_sent, st.last_push, st.needs_response = nonce, version, now, False
+        return Outgoing(st.type_url, nonce, payload, len(content))
+
+    def _send_delta(self, st: TypeState, changes: dict[str, Resource], removed: list[str]) -> Outgoing:
+        nonce = self._next_nonce()
+        tr = self.target.get(st.type_url) if self.target is not None else None
+        version = tr.version if tr is not None else ""
+        header = discovery_pb2.DeltaDiscoveryResponse(
+            system_version_info=version, type_url=st.type_url, nonce=nonce, removed_resources=removed
+        )
+        payload = header.SerializeToString() + b"".join(changes[n].delta_chunk for n in sorted(changes))
+        now = time.time()
+        recorded: dict[str, Resource | None] = dict(changes)
+        for n in removed:
+            recorded[n] = None
+            st.known.pop(n, None)
+        st.known.update(changes)
+        st.pending[nonce] = Pending(nonce, version, recorded, False, now)
+        st.nonce, st.version_sent, st.last_push, st.needs_response = nonce, version, now, False
+        return Outgoing(st.type_url, nonce, payload, len(changes), len(removed))
+
+
+class _Placeholder:
+    """A resource Envoy says it holds (initial_resource_versions) that we did not send in
+    this process: its version only, so a differing target version is resent."""
+
+    @staticmethod
+    def make(type_url: TypeUrl, name: str, version: str) -> Resource:
+        r = Resource.__new__(Resource)
+        r.type_url, r.name, r.body, r.version, r.sources = type_url, name, b"", version, ()
+        r._sotw = r._delta = None
+        return r
