@@ -102,3 +102,7 @@ def analyze(paths: tuple[str, ...], warnings: bool) -> None:
 
 
 
+
+
+if __name__ == "__main__":
+    main()

@@ -33,7 +33,7 @@ async def run(settings: Settings, started: asyncio.Event | None = None) -> None:
     host, sport = split_address(settings.status_address)
     config = uvicorn.Config(create_app(runtime), host=host, port=sport, log_level="warning", lifespan="off")
     status = uvicorn.Server(config)
-    status.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+    status.install_signal_handlers = lambda: None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

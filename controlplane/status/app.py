@@ -13,7 +13,7 @@ from controlplane import __version__
 from controlplane.runtime import Runtime
 from controlplane.translate.plan import PUSH_ORDER, SHORT_NAMES
 from controlplane.xds.server import Connection
-from controlplane.xds.stream import NackRecord, TypeState
+from controlplane.xds.stream import NackRecord
 
 
 def _nack(n: NackRecord | None) -> dict[str, Any] | None:
@@ -32,16 +32,6 @@ def _nack(n: NackRecord | None) -> dict[str, Any] | None:
     }
 
 
-def sync_state(st: TypeState, target_version: str | None) -> str:
-    if not st.version_sent and not st.pending:
-        return "NOT_SENT"
-    if st.last_nack is not None and st.version_acked != st.version_sent and not st.pending:
-        return "NACKED"
-    if st.pending:
-        return "STALE"
-    return "SYNCED"
-
-
 def proxy_view(conn: Connection) -> dict[str, Any]:
     stream = conn.stream
     types: dict[str, Any] = {}
@@ -51,8 +41,7 @@ def proxy_view(conn: Connection) -> dict[str, Any]:
         st = stream.types.get(t)
         if st is None:
             continue
-        tr = stream.target.get(t) if stream.target is not None else None
-        state = sync_state(st, tr.version if tr else None)
+        state = stream.sync_state(t)
         if rank[state] > rank[overall]:
             overall = state
         types[SHORT_NAMES[t]] = {

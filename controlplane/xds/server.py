@@ -43,9 +43,11 @@ _WAKE = object()
 def proxy_meta_from_node(node: Any) -> ProxyMeta:
     """Read the node's identity and Meshline metadata (set by `meshline bootstrap`)."""
     md: dict[str, Any] = json_format.MessageToDict(node.metadata) if node.HasField("metadata") else {}
-    mode: ProxyMode = md.get("mode") if md.get("mode") in ("sidecar", "node", "waypoint") else "sidecar"
+    raw_mode = md.get("mode")
+    mode: ProxyMode = "node" if raw_mode == "node" else "waypoint" if raw_mode == "waypoint" else "sidecar"
     capture: CaptureMode = "intercept" if md.get("capture") == "intercept" else "bind"
-    labels = md.get("labels") if isinstance(md.get("labels"), dict) else {}
+    raw_labels = md.get("labels")
+    labels: dict[str, Any] = raw_labels if isinstance(raw_labels, dict) else {}
     return ProxyMeta(
         node_id=node.id,
         mode=mode,

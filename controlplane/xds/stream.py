@@ -238,11 +238,11 @@ class AdsStream:
         if pending.full:
             st.version_sent = st.version_acked
         for p in st.pending.values():  # later responses still in flight
-            for n, r in p.changes.items():
-                if r is None:
+            for n, change in p.changes.items():
+                if change is None:
                     st.known.pop(n, None)
                 else:
-                    st.known[n] = r
+                    st.known[n] = change
         st.synced_target = None
         sources: list[SourceRef] = []
         for r in suspects.values():
@@ -281,18 +281,26 @@ class AdsStream:
         waiting for Envoy to ACK new clusters)."""
         if self.target is None:
             return None
+        warming_only = False
         if self.waiting is not None:
             if now < self.waiting[2]:
-                return None
-            self.waiting = None  # Envoy did not answer in time: carry on
+                # New clusters are warming: answer only what warming needs (their endpoints
+                # and secrets); listeners and routes that may use them wait for the ACK.
+                warming_only = True
+            else:
+                self.waiting = None  # Envoy did not answer in time: carry on
         # Phase 1: additions and updates, in order.
         for t in PUSH_ORDER:
+            if warming_only and t not in (SECRET, ENDPOINT):
+                continue
             st = self.types.get(t)
             if st is None or self._in_sync(st):
                 continue
             out = self._upsert(st)
             if out is not None:
                 return out
+        if warming_only:
+            return None
         # Phase 2: removals, in order.
         for t in PUSH_ORDER:
             st = self.types.get(t)
@@ -301,8 +309,24 @@ class AdsStream:
             out = self._remove(st)
             if out is not None:
                 return out
-            st.synced_target = self.target.get(t)
+            tr = self.target.get(t)
+            st.synced_target = tr
+            if self.protocol == "delta" and tr is not None and not st.pending and not st.quarantine:
+                # Envoy holds exactly the target (e.g. after the only changed resource was removed).
+                st.version_sent = st.version_acked = tr.version
         return None
+
+    def sync_state(self, type_url: TypeUrl) -> str:
+        """SYNCED, STALE (sent, not yet ACKed, or still pushing), NACKED (a rejected resource
+        is held back), or NOT_SENT."""
+        st = self.types.get(type_url)
+        if st is None or (not st.version_sent and not st.pending):
+            return "NOT_SENT"
+        if st.quarantine:
+            return "NACKED"
+        if st.pending or self.target is None or st.synced_target is not self.target.get(type_url):
+            return "STALE"
+        return "SYNCED"
 
     def _in_sync(self, st: TypeState) -> bool:
         assert self.target is not None

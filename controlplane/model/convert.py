@@ -1,0 +1,145 @@
+"""Raw Kubernetes-shaped objects -> IR values plus validation issues. Pure, no I/O.
+
+`convert(raw)` is the one entry point. It never raises on bad input: every problem becomes
+an `Issue` (ref = the object, field = a dotted path such as
+`spec.http[0].match[1].uri.regex`, line = the line of that field when known). An object
+with any error converts to None and must be left out of the mesh; warnings alone keep
+the value.
+
+The value returned for each supported kind:
+
+| kind (apiVersion)                    | value                                              |
+|--------------------------------------|----------------------------------------------------|
+| Namespace (v1)                       | `Namespace`                                        |
+| Service (v1)                         | `Service` (None, with a warning, for ExternalName) |
+| EndpointSlice (discovery.k8s.io/v1)  | `EndpointSet` (None, with a warning, for FQDN)     |
+| Endpoints (v1)                       | `tuple[EndpointSet, ...]`, one per subset          |
+| Pod (v1)                             | `Workload`                                         |
+| VirtualService (networking)          | `VirtualService` (None, with a warning, when it   |
+|                                      | applies to gateways only)                          |
+| DestinationRule (networking)         | `DestinationRule` (None, with a warning, for a     |
+|                                      | wildcard host)                                     |
+
+"networking" is `networking.meshline.io/v1` or Istio's `networking.istio.io/v1`, `v1beta1`
+or `v1alpha3`. Other kinds convert to None: with a warning when they belong to a mesh API
+group (e.g. an Istio ServiceEntry), silently otherwise (Deployments, ConfigMaps, ...).
+Cross-object checks live in `controlplane.model.validate.check_mesh`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from controlplane.model.convert_base import Ctx, as_map, check_fields, get_labels, get_str, is_dns_label
+from controlplane.model.convert_core import (
+    convert_endpoint_slice,
+    convert_endpoints,
+    convert_namespace,
+    convert_pod,
+    convert_service,
+)
+from controlplane.model.convert_dr import convert_destination_rule
+from controlplane.model.convert_vs import convert_virtual_service
+from controlplane.model.ir import Issue, Labels
+from controlplane.model.raw import RawObject
+
+ConvertResult = tuple[object | None, tuple[Issue, ...]]
+
+NETWORKING_API_VERSIONS = (
+    "networking.meshline.io/v1",
+    "networking.istio.io/v1",
+    "networking.istio.io/v1beta1",
+    "networking.istio.io/v1alpha3",
+)
+API_VERSIONS: Mapping[str, tuple[str, ...]] = {
+    "Namespace": ("v1",),
+    "Service": ("v1",),
+    "Endpoints": ("v1",),
+    "Pod": ("v1",),
+    "EndpointSlice": ("discovery.k8s.io/v1",),
+    "VirtualService": NETWORKING_API_VERSIONS,
+    "DestinationRule": NETWORKING_API_VERSIONS,
+}
+"""Supported kinds and the apiVersions accepted for each."""
+
+MESH_API_GROUPS = frozenset(
+    {"networking.meshline.io", "networking.istio.io", "security.meshline.io", "security.istio.io"}
+)
+_TOP_LEVEL_FIELDS = ("apiVersion", "kind", "metadata", "spec", "status")
+_MESH_KINDS = ("VirtualService", "DestinationRule")
+
+
+def convert(raw: RawObject) -> ConvertResult:
+    """Convert one raw object to its IR value (see the module docstring for the value type
+    of each kind) plus its issues. The value is None when the object has any error, or is
+    of a kind Meshline does not use."""
+    ctx = Ctx(raw)
+    try:
+        value = _convert(ctx)
+    except Exception as exc:  # a converter bug must never stop the pipeline
+        ctx.error("", f"internal error while reading this object: {type(exc).__name__}: {exc}")
+        value = None
+    return (None if ctx.failed else value), tuple(ctx.issues)
+
+
+def _convert(ctx: Ctx) -> object | None:
+    raw = ctx.raw
+    if not isinstance(raw.body, Mapping):
+        ctx.error("", "expected a Kubernetes object (a map)")
+        return None
+    accepted = API_VERSIONS.get(raw.kind)
+    if accepted is None:
+        group = raw.api_version.split("/", 1)[0] if "/" in raw.api_version else ""
+        if group in MESH_API_GROUPS:
+            ctx.warn("kind", f"{raw.kind} ({raw.api_version}) is not supported yet; ignored")
+        return None
+    if raw.api_version not in accepted:
+        ctx.error(
+            "apiVersion",
+            f"unsupported apiVersion {raw.api_version!r} for {raw.kind} (expected {' or '.join(accepted)})",
+        )
+        return None
+    if raw.kind in _MESH_KINDS:
+        check_fields(ctx, raw.body, "", _TOP_LEVEL_FIELDS)
+    meta = _metadata(ctx)
+    if meta is None:
+        return None
+    namespace, name, labels, annotations = meta
+    if raw.kind == "Namespace":
+        return convert_namespace(ctx, name, labels)
+    if raw.kind == "Service":
+        return convert_service(ctx, namespace, name, labels, annotations)
+    if raw.kind == "EndpointSlice":
+        return convert_endpoint_slice(ctx, namespace, labels)
+    if raw.kind == "Endpoints":
+        return convert_endpoints(ctx, namespace, name)
+    if raw.kind == "Pod":
+        return convert_pod(ctx, namespace, name, labels, annotations)
+    if raw.kind == "VirtualService":
+        return convert_virtual_service(ctx, namespace, name)
+    return convert_destination_rule(ctx, namespace, name)
+
+
+def _metadata(ctx: Ctx) -> tuple[str, str, Labels, Labels] | None:
+    """(namespace, name, labels, annotations); None when the name is missing or invalid."""
+    raw = ctx.raw
+    body: Mapping[str, Any] = raw.body
+    meta = as_map(ctx, body.get("metadata"), "metadata") or {}
+    name = raw.name or get_str(ctx, meta, "name", "metadata") or ""
+    labels = get_labels(ctx, meta, "labels", "metadata")
+    annotations = get_labels(ctx, meta, "annotations", "metadata")
+    if not name:
+        ctx.error("metadata.name", "is required")
+        return None
+    if raw.kind == "Namespace":
+        namespace = ""
+        if not is_dns_label(name):
+            ctx.error("metadata.name", f"{name!r} is not a valid namespace name")
+    else:
+        namespace = raw.namespace or get_str(ctx, meta, "namespace", "metadata") or "default"
+        if not is_dns_label(namespace):
+            ctx.error("metadata.namespace", f"{namespace!r} is not a valid namespace name")
+        if raw.kind == "Service" and not is_dns_label(name):
+            ctx.error("metadata.name", f"{name!r} is not a valid Service name (it must be a DNS label)")
+    return namespace, name, labels, annotations

@@ -1,0 +1,406 @@
+"""DestinationRule spec -> IR `DestinationRule`. Pure, no I/O.
+
+The spec follows Istio's public v1 schema: host, trafficPolicy (loadBalancer,
+connectionPool, outlierDetection, tls, portLevelSettings), subsets and exportTo. Unknown
+fields are errors naming their path; Istio fields Meshline accepts but does not implement
+(certificates, locality settings, warmup, keepalives, ...) are warnings.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from controlplane.model.convert_base import (
+    INT32_MAX,
+    Ctx,
+    check_fields,
+    child,
+    get_bool,
+    get_duration,
+    get_export_to,
+    get_int,
+    get_labels,
+    get_list,
+    get_str,
+    get_str_list,
+    host_problem,
+    index,
+    is_dns_label,
+    item_map,
+    join,
+    resolve_host,
+)
+from controlplane.model.convert_http import port_selector
+from controlplane.model.ir import (
+    ClientTLS,
+    ConnectionPool,
+    ConsistentHash,
+    DestinationRule,
+    LbSimple,
+    LoadBalancer,
+    OutlierDetection,
+    PortTrafficPolicy,
+    Subset,
+    TLSMode,
+    TrafficPolicy,
+)
+
+_SPEC_FIELDS = ("host", "trafficPolicy", "subsets", "exportTo")
+_SPEC_IGNORED = {
+    "workloadSelector": "workloadSelector is not supported yet; this rule applies to every client workload",
+}
+_POLICY_FIELDS = ("loadBalancer", "connectionPool", "outlierDetection", "tls", "portLevelSettings")
+_POLICY_IGNORED = {
+    "tunnel": "tunnel settings are not supported; ignored",
+    "proxyProtocol": "proxyProtocol is not supported; ignored",
+    "retryBudget": "retryBudget is not supported yet; ignored",
+}
+_PORT_FIELDS = ("port", "loadBalancer", "connectionPool", "outlierDetection", "tls")
+_LB_SIMPLE: Mapping[str, LbSimple] = {
+    "ROUND_ROBIN": "ROUND_ROBIN",
+    "LEAST_REQUEST": "LEAST_REQUEST",
+    "LEAST_CONN": "LEAST_REQUEST",  # deprecated Istio alias
+    "RANDOM": "RANDOM",
+    "PASSTHROUGH": "PASSTHROUGH",
+    "UNSPECIFIED": "UNSPECIFIED",
+}
+_TLS_MODES: tuple[TLSMode, ...] = ("DISABLE", "SIMPLE", "MUTUAL", "ISTIO_MUTUAL")
+_TLS_MODE_BY_NAME: Mapping[str, TLSMode] = {m: m for m in _TLS_MODES}
+_TLS_IGNORED = {
+    k: f"{k} is accepted but not used yet (Meshline does not load TLS files or secrets)"
+    for k in (
+        "clientCertificate",
+        "privateKey",
+        "caCertificates",
+        "credentialName",
+        "caCrl",
+        "insecureSkipVerify",
+    )
+}
+MAX_RING_SIZE = 8_388_608  # Envoy's limit for ring_hash minimum_ring_size
+MAX_MAGLEV_TABLE_SIZE = 5_000_011  # Envoy's limit for maglev table_size
+
+
+def convert_destination_rule(ctx: Ctx, namespace: str, name: str) -> DestinationRule | None:
+    spec = child(ctx, ctx.raw.body, "spec", "")
+    if spec is None:
+        if ctx.raw.body.get("spec") is None:
+            ctx.error("spec", "is required")
+        return None
+    check_fields(ctx, spec, "spec", _SPEC_FIELDS, _SPEC_IGNORED)
+    host_text = get_str(ctx, spec, "host", "spec", required=True)
+    wildcard = host_text is not None and "*" in host_text
+    if wildcard:
+        ctx.warn(
+            "spec.host", f"wildcard host {host_text!r} is not supported yet; this DestinationRule is ignored"
+        )
+    elif host_text is not None and (problem := host_problem(host_text)) is not None:
+        ctx.error("spec.host", problem)
+    policy = traffic_policy(ctx, spec, "spec")
+    subsets = _subsets(ctx, spec)
+    export_to = get_export_to(ctx, spec, "spec")
+    if host_text is None or wildcard:
+        return None
+    return DestinationRule(
+        ref=ctx.raw.ref,
+        namespace=namespace,
+        name=name,
+        host=resolve_host(host_text, namespace),
+        traffic_policy=policy,
+        subsets=subsets,
+        export_to=export_to,
+    )
+
+
+def _subsets(ctx: Ctx, spec: Mapping[str, Any]) -> tuple[Subset, ...]:
+    out: list[Subset] = []
+    seen: dict[str, int] = {}
+    for i, item in enumerate(get_list(ctx, spec, "subsets", "spec")):
+        p = index("spec.subsets", i)
+        m = item_map(ctx, item, p)
+        if m is None:
+            continue
+        check_fields(ctx, m, p, ("name", "labels", "trafficPolicy"))
+        name = get_str(ctx, m, "name", p, required=True)
+        labels = get_labels(ctx, m, "labels", p)
+        policy = traffic_policy(ctx, m, p)
+        if name is None:
+            continue
+        if not is_dns_label(name):
+            ctx.error(
+                join(p, "name"), f"{name!r} is not a valid subset name (lower-case letters, digits and '-')"
+            )
+            continue
+        if name in seen:
+            ctx.error(join(p, "name"), f"duplicate subset name {name!r} (also spec.subsets[{seen[name]}])")
+            continue
+        seen[name] = i
+        out.append(Subset(name, labels, policy))
+    return tuple(out)
+
+
+# --------------------------------------------------------------------------- traffic policy
+
+
+def traffic_policy(ctx: Ctx, m: Mapping[str, Any], path: str) -> TrafficPolicy | None:
+    p = join(path, "trafficPolicy")
+    tm = child(ctx, m, "trafficPolicy", path)
+    if tm is None:
+        return None
+    check_fields(ctx, tm, p, _POLICY_FIELDS, _POLICY_IGNORED)
+    port_level: list[PortTrafficPolicy] = []
+    seen: dict[int, int] = {}
+    for i, item in enumerate(get_list(ctx, tm, "portLevelSettings", p)):
+        pp = index(join(p, "portLevelSettings"), i)
+        pm = item_map(ctx, item, pp)
+        if pm is None:
+            continue
+        check_fields(ctx, pm, pp, _PORT_FIELDS)
+        number = port_selector(ctx, pm, pp)
+        if pm.get("port") is None:
+            ctx.error(join(pp, "port"), "is required")
+        settings = PortTrafficPolicy(
+            port=number or 0,
+            load_balancer=load_balancer(ctx, pm, pp),
+            connection_pool=connection_pool(ctx, pm, pp),
+            outlier_detection=outlier_detection(ctx, pm, pp),
+            tls=client_tls(ctx, pm, pp),
+        )
+        if number is None:
+            continue
+        if number in seen:
+            ctx.error(join(pp, "port"), f"duplicate port {number} (also portLevelSettings[{seen[number]}])")
+            continue
+        seen[number] = i
+        port_level.append(settings)
+    return TrafficPolicy(
+        load_balancer=load_balancer(ctx, tm, p),
+        connection_pool=connection_pool(ctx, tm, p),
+        outlier_detection=outlier_detection(ctx, tm, p),
+        tls=client_tls(ctx, tm, p),
+        port_level=tuple(sorted(port_level, key=lambda s: s.port)),
+    )
+
+
+def load_balancer(ctx: Ctx, m: Mapping[str, Any], path: str) -> LoadBalancer | None:
+    p = join(path, "loadBalancer")
+    lm = child(ctx, m, "loadBalancer", path)
+    if lm is None:
+        return None
+    check_fields(
+        ctx,
+        lm,
+        p,
+        ("simple", "consistentHash"),
+        {
+            "localityLbSetting": "localityLbSetting is not supported yet; ignored",
+            "warmupDurationSecs": "warmupDurationSecs is not supported yet; ignored",
+            "warmup": "warmup is not supported yet; ignored",
+        },
+    )
+    simple_text = get_str(ctx, lm, "simple", p)
+    simple: LbSimple | None = None
+    if simple_text is not None:
+        simple = _LB_SIMPLE.get(simple_text)
+        if simple is None:
+            ctx.error(
+                join(p, "simple"), f"unknown value {simple_text!r} (expected one of {', '.join(_LB_SIMPLE)})"
+            )
+    ch = consistent_hash(ctx, lm, p)
+    if simple_text is not None and lm.get("consistentHash") is not None:
+        ctx.error(p, "set simple or consistentHash, not both")
+    return LoadBalancer(simple, ch)
+
+
+def _is_prime(n: int) -> bool:
+    if n < 2:
+        return False
+    f = 2
+    while f * f <= n:
+        if n % f == 0:
+            return False
+        f += 1
+    return True
+
+
+def consistent_hash(ctx: Ctx, m: Mapping[str, Any], path: str) -> ConsistentHash | None:
+    p = join(path, "consistentHash")
+    cm = child(ctx, m, "consistentHash", path)
+    if cm is None:
+        return None
+    check_fields(
+        ctx,
+        cm,
+        p,
+        (
+            "httpHeaderName",
+            "httpCookie",
+            "useSourceIp",
+            "httpQueryParameterName",
+            "ringHash",
+            "maglev",
+            "minimumRingSize",
+        ),
+    )
+    header = get_str(ctx, cm, "httpHeaderName", p)
+    query = get_str(ctx, cm, "httpQueryParameterName", p)
+    source_ip = bool(get_bool(ctx, cm, "useSourceIp", p))
+    cookie_name = cookie_path = None
+    cookie_ttl: int | None = None
+    cp = join(p, "httpCookie")
+    cookie = child(ctx, cm, "httpCookie", p)
+    if cookie is not None:
+        check_fields(
+            ctx,
+            cookie,
+            cp,
+            ("name", "path", "ttl"),
+            {"attributes": "cookie attributes are not supported; ignored"},
+        )
+        cookie_name = get_str(ctx, cookie, "name", cp, required=True)
+        cookie_path = get_str(ctx, cookie, "path", cp)
+        cookie_ttl = get_duration(ctx, cookie, "ttl", cp)
+    keys = [k for k in ("httpHeaderName", "httpCookie", "httpQueryParameterName") if cm.get(k) is not None]
+    if source_ip:
+        keys.append("useSourceIp")
+    if not keys:
+        ctx.error(p, "one of httpHeaderName, httpCookie, useSourceIp or httpQueryParameterName is required")
+    elif len(keys) > 1:
+        ctx.error(p, f"set only one hash key, got {', '.join(keys)}")
+    ring_size = get_int(ctx, cm, "minimumRingSize", p, lo=1, hi=MAX_RING_SIZE)
+    rp = join(p, "ringHash")
+    ring = child(ctx, cm, "ringHash", p)
+    if ring is not None:
+        check_fields(ctx, ring, rp, ("minimumRingSize",))
+        if cm.get("minimumRingSize") is not None:
+            ctx.error(join(p, "minimumRingSize"), "set ringHash.minimumRingSize or minimumRingSize, not both")
+        ring_size = get_int(ctx, ring, "minimumRingSize", rp, lo=1, hi=MAX_RING_SIZE)
+    mp = join(p, "maglev")
+    maglev = child(ctx, cm, "maglev", p)
+    table_size: int | None = None
+    if maglev is not None:
+        check_fields(ctx, maglev, mp, ("tableSize",))
+        if ring is not None or cm.get("minimumRingSize") is not None:
+            ctx.error(mp, "set ringHash (or minimumRingSize) or maglev, not both")
+        table_size = get_int(ctx, maglev, "tableSize", mp, lo=1, hi=MAX_MAGLEV_TABLE_SIZE)
+        if table_size is not None and not _is_prime(table_size):
+            ctx.error(join(mp, "tableSize"), f"must be a prime number (Envoy requires it), got {table_size}")
+            table_size = None
+    return ConsistentHash(
+        http_header_name=header,
+        http_cookie_name=cookie_name,
+        http_cookie_path=cookie_path,
+        http_cookie_ttl_ms=cookie_ttl,
+        use_source_ip=source_ip,
+        http_query_parameter_name=query,
+        minimum_ring_size=ring_size,
+        maglev="maglev" in cm and cm["maglev"] is not None,
+        maglev_table_size=table_size,
+    )
+
+
+def connection_pool(ctx: Ctx, m: Mapping[str, Any], path: str) -> ConnectionPool | None:
+    p = join(path, "connectionPool")
+    cm = child(ctx, m, "connectionPool", path)
+    if cm is None:
+        return None
+    check_fields(ctx, cm, p, ("tcp", "http"))
+    tp = join(p, "tcp")
+    tcp = child(ctx, cm, "tcp", p) or {}
+    check_fields(
+        ctx,
+        tcp,
+        tp,
+        ("maxConnections", "connectTimeout"),
+        {
+            "tcpKeepalive": "tcpKeepalive is not supported yet; ignored",
+            "maxConnectionDuration": "maxConnectionDuration is not supported yet; ignored",
+            "idleTimeout": "tcp idleTimeout is not supported yet; ignored (http.idleTimeout is)",
+        },
+    )
+    hp = join(p, "http")
+    http = child(ctx, cm, "http", p) or {}
+    check_fields(
+        ctx,
+        http,
+        hp,
+        (
+            "http1MaxPendingRequests",
+            "http2MaxRequests",
+            "maxRequestsPerConnection",
+            "maxRetries",
+            "idleTimeout",
+            "maxConcurrentStreams",
+        ),
+        {
+            "h2UpgradePolicy": "h2UpgradePolicy is not supported yet; ignored",
+            "useClientProtocol": "useClientProtocol is not supported yet; ignored",
+        },
+    )
+
+    def count(mm: Mapping[str, Any], key: str, pp: str) -> int | None:
+        return get_int(ctx, mm, key, pp, lo=0, hi=INT32_MAX)
+
+    return ConnectionPool(
+        max_connections=count(tcp, "maxConnections", tp),
+        connect_timeout_ms=get_duration(ctx, tcp, "connectTimeout", tp, min_ms=1),
+        http1_max_pending_requests=count(http, "http1MaxPendingRequests", hp),
+        http2_max_requests=count(http, "http2MaxRequests", hp),
+        max_requests_per_connection=count(http, "maxRequestsPerConnection", hp),
+        max_retries=count(http, "maxRetries", hp),
+        idle_timeout_ms=get_duration(ctx, http, "idleTimeout", hp),
+        max_concurrent_streams=count(http, "maxConcurrentStreams", hp),
+    )
+
+
+def outlier_detection(ctx: Ctx, m: Mapping[str, Any], path: str) -> OutlierDetection | None:
+    p = join(path, "outlierDetection")
+    om = child(ctx, m, "outlierDetection", path)
+    if om is None:
+        return None
+    check_fields(
+        ctx,
+        om,
+        p,
+        (
+            "consecutive5xxErrors",
+            "consecutiveGatewayErrors",
+            "consecutiveLocalOriginFailures",
+            "splitExternalLocalOriginErrors",
+            "interval",
+            "baseEjectionTime",
+            "maxEjectionPercent",
+            "minHealthPercent",
+        ),
+        {"consecutiveErrors": "consecutiveErrors is deprecated and ignored; use consecutive5xxErrors"},
+    )
+    return OutlierDetection(
+        consecutive_5xx_errors=get_int(ctx, om, "consecutive5xxErrors", p, lo=0, hi=INT32_MAX),
+        consecutive_gateway_errors=get_int(ctx, om, "consecutiveGatewayErrors", p, lo=0, hi=INT32_MAX),
+        consecutive_local_origin_failures=get_int(
+            ctx, om, "consecutiveLocalOriginFailures", p, lo=0, hi=INT32_MAX
+        ),
+        split_external_local_origin_errors=bool(get_bool(ctx, om, "splitExternalLocalOriginErrors", p)),
+        interval_ms=get_duration(ctx, om, "interval", p, min_ms=1),
+        base_ejection_time_ms=get_duration(ctx, om, "baseEjectionTime", p, min_ms=1),
+        max_ejection_percent=get_int(ctx, om, "maxEjectionPercent", p, lo=0, hi=100),
+        min_health_percent=get_int(ctx, om, "minHealthPercent", p, lo=0, hi=100),
+    )
+
+
+def client_tls(ctx: Ctx, m: Mapping[str, Any], path: str) -> ClientTLS | None:
+    p = join(path, "tls")
+    tm = child(ctx, m, "tls", path)
+    if tm is None:
+        return None
+    check_fields(ctx, tm, p, ("mode", "sni", "subjectAltNames"), _TLS_IGNORED)
+    mode_text = get_str(ctx, tm, "mode", p) or "DISABLE"
+    mode = _TLS_MODE_BY_NAME.get(mode_text, "DISABLE")
+    if mode_text not in _TLS_MODE_BY_NAME:
+        ctx.error(
+            join(p, "mode"), f"unknown TLS mode {mode_text!r} (expected one of {', '.join(_TLS_MODES)})"
+        )
+    if mode == "MUTUAL":
+        ctx.warn(join(p, "mode"), "MUTUAL needs client certificates, which Meshline does not load yet")
+    return ClientTLS(mode, get_str(ctx, tm, "sni", p), get_str_list(ctx, tm, "subjectAltNames", p))

@@ -1,0 +1,175 @@
+"""Cross-object checks over a whole `Mesh`. Pure, no I/O.
+
+`convert` validates each object on its own; `check_mesh` finds the problems only visible
+across objects: conflicting VirtualServices, hosts and destinations with no Service,
+subsets no DestinationRule defines, ports a Service lacks, subsets that select no Pod,
+and duplicate DestinationRules. It only reports: the Mesh already resolves conflicts
+(first VirtualService by (namespace, name) wins a host; see `build_mesh`). Issues come
+out in a deterministic order (by object, then by field).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from controlplane.model.ir import (
+    Destination,
+    DestinationRule,
+    Hostname,
+    Issue,
+    Service,
+    Subset,
+    VirtualService,
+    Workload,
+    labels_match,
+)
+from controlplane.model.mesh import Mesh
+
+
+def check_mesh(mesh: Mesh) -> tuple[Issue, ...]:
+    """Every cross-object issue of `mesh` (errors and warnings)."""
+    vss = sorted(mesh.virtual_services, key=lambda v: (v.namespace, v.name))
+    drs = sorted(mesh.destination_rules, key=lambda d: (d.namespace, d.name))
+    issues: list[Issue] = []
+    for vs in vss:
+        issues.extend(_host_conflicts(mesh, vs))
+        issues.extend(_unknown_vs_hosts(mesh, vs))
+        issues.extend(_destinations(mesh, vs))
+    issues.extend(_duplicate_rules(mesh, drs))
+    for dr in drs:
+        issues.extend(_rule_checks(mesh, dr))
+    return tuple(issues)
+
+
+def _vs_key(vs: VirtualService) -> str:
+    return f"{vs.namespace}/{vs.name}"
+
+
+def _host_conflicts(mesh: Mesh, vs: VirtualService) -> Iterator[Issue]:
+    for host in vs.hosts:
+        winner = mesh.vs_by_host.get(host)
+        if winner is not None and (winner.namespace, winner.name) != (vs.namespace, vs.name):
+            yield Issue(
+                vs.ref,
+                "spec.hosts",
+                f"host {host} is already claimed by VirtualService {_vs_key(winner)}, which wins; "
+                "this VirtualService is ignored for that host",
+            )
+
+
+def _unknown_vs_hosts(mesh: Mesh, vs: VirtualService) -> Iterator[Issue]:
+    for host in vs.hosts:
+        if host not in mesh.services:
+            yield Issue(vs.ref, "spec.hosts", f"no Service is known for host {host}", "warning")
+
+
+# --------------------------------------------------------------------------- destinations
+
+
+def _all_destinations(vs: VirtualService) -> Iterator[tuple[str, Destination]]:
+    """(field path, destination) of every route and mirror destination of `vs`."""
+    for i, route in enumerate(vs.http):
+        for j, rd in enumerate(route.route):
+            yield f"spec.http[{i}].route[{j}].destination", rd.destination
+        for k, mirror in enumerate(route.mirrors):
+            yield f"spec.http[{i}].mirrors[{k}].destination", mirror.destination
+    for i, tcp in enumerate(vs.tcp):
+        for j, rd in enumerate(tcp.route):
+            yield f"spec.tcp[{i}].route[{j}].destination", rd.destination
+
+
+def _destinations(mesh: Mesh, vs: VirtualService) -> Iterator[Issue]:
+    for path, dest in _all_destinations(vs):
+        svc = mesh.services.get(dest.host)
+        if svc is None:
+            yield Issue(
+                vs.ref,
+                f"{path}.host",
+                f"no Service is known for destination host {dest.host}; requests routed there will fail",
+                "warning",
+            )
+        elif dest.port is not None and all(p.port != dest.port for p in svc.ports):
+            have = ", ".join(str(p.port) for p in svc.ports) or "none"
+            yield Issue(
+                vs.ref,
+                f"{path}.port",
+                f"Service {svc.namespace}/{svc.name} has no port {dest.port} (its ports: {have})",
+            )
+        if dest.subset is not None:
+            problem = _subset_problem(mesh, dest.host, dest.subset)
+            if problem is not None:
+                yield Issue(vs.ref, f"{path}.subset", problem)
+
+
+def _subset_problem(mesh: Mesh, host: Hostname, subset: str) -> str | None:
+    dr = mesh.dr_by_host.get(host)
+    if dr is None:
+        return (
+            f"subset {subset!r} of {host} is not defined: no DestinationRule exists for that host, "
+            "so Envoy would answer 503"
+        )
+    names = [s.name for s in dr.subsets]
+    if subset in names:
+        return None
+    defined = ", ".join(names) if names else "none"
+    return (
+        f"subset {subset!r} is not defined by DestinationRule {dr.namespace}/{dr.name} for {host} "
+        f"(its subsets: {defined}), so Envoy would answer 503"
+    )
+
+
+# --------------------------------------------------------------------------- destination rules
+
+
+def _duplicate_rules(mesh: Mesh, drs: list[DestinationRule]) -> Iterator[Issue]:
+    first: dict[tuple[str, Hostname], DestinationRule] = {}
+    for dr in drs:
+        key = (dr.namespace, dr.host)
+        if key in first:
+            winner = first[key]
+            yield Issue(
+                dr.ref,
+                "spec.host",
+                f"DestinationRule {winner.namespace}/{winner.name} already configures {dr.host} in "
+                f"namespace {dr.namespace}; this one is ignored",
+            )
+        else:
+            first[key] = dr
+
+
+def _rule_checks(mesh: Mesh, dr: DestinationRule) -> Iterator[Issue]:
+    svc = mesh.services.get(dr.host)
+    if svc is None:
+        yield Issue(dr.ref, "spec.host", f"no Service is known for host {dr.host}", "warning")
+        return
+    pods = _service_pods(mesh, svc)
+    for k, subset in enumerate(dr.subsets):
+        if not any(labels_match(subset.labels, w.labels) for w in pods):
+            yield Issue(
+                dr.ref,
+                f"spec.subsets[{k}]",
+                f"subset {subset.name!r} ({_labels_text(subset)}) selects no Pod of Service "
+                f"{svc.namespace}/{svc.name}; requests routed to it will fail with 503",
+                "warning",
+            )
+
+
+def _labels_text(subset: Subset) -> str:
+    return ",".join(f"{k}={v}" for k, v in subset.labels) or "no labels"
+
+
+def _service_pods(mesh: Mesh, svc: Service) -> list[Workload]:
+    """Pods behind `svc`: those its selector matches, else those its endpoints name."""
+    if svc.selector:
+        return [
+            w
+            for (ns, _), w in sorted(mesh.workloads.items())
+            if ns == svc.namespace and labels_match(svc.selector, w.labels)
+        ]
+    pods: list[Workload] = []
+    for eps in mesh.endpoints.get(svc.hostname, ()):
+        for ep in eps.endpoints:
+            w = mesh.workload(eps.namespace, ep.pod)
+            if w is not None:
+                pods.append(w)
+    return pods

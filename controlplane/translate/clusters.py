@@ -1,0 +1,202 @@
+"""Envoy Cluster resources for sidecars, with DestinationRule traffic policy applied.
+
+Pure functions, no I/O. `effective_policy` merges a DestinationRule for one port and subset
+the way Istio does; the `build_*` functions are the cache's builders (module-level, their
+arguments are exactly what they read).
+
+Merge order (Istio): the top-level trafficPolicy; a portLevelSettings entry for the port
+replaces it as a whole (port-level settings do not inherit destination-level ones); the
+subset's trafficPolicy then overrides per sub-message (loadBalancer, connectionPool,
+outlierDetection), and a portLevelSettings entry of the subset again replaces all three.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.endpoint.v3 import endpoint_pb2
+from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
+
+from controlplane.model.ir import (
+    ConnectionPool,
+    DestinationRule,
+    LoadBalancer,
+    OutlierDetection,
+    PortProtocol,
+    TrafficPolicy,
+)
+from controlplane.translate.names import duration_ms, pack
+
+DEFAULT_CONNECT_TIMEOUT_MS = 10_000
+MAX_U32 = 2**32 - 1
+HTTP_OPTIONS_KEY = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterPolicy:
+    """The traffic policy in force for one cluster after merging."""
+
+    load_balancer: LoadBalancer | None = None
+    connection_pool: ConnectionPool | None = None
+    outlier_detection: OutlierDetection | None = None
+
+
+def _layer(base: ClusterPolicy, tp: TrafficPolicy | None, port: int) -> ClusterPolicy:
+    if tp is None:
+        return base
+    for pl in tp.port_level:
+        if pl.port == port:
+            return ClusterPolicy(pl.load_balancer, pl.connection_pool, pl.outlier_detection)
+    return ClusterPolicy(
+        tp.load_balancer or base.load_balancer,
+        tp.connection_pool or base.connection_pool,
+        tp.outlier_detection or base.outlier_detection,
+    )
+
+
+def effective_policy(dr: DestinationRule | None, port: int, subset: str | None = None) -> ClusterPolicy:
+    """The merged policy of `dr` for `port` and (optionally) one of its subsets."""
+    if dr is None:
+        return ClusterPolicy()
+    policy = _layer(ClusterPolicy(), dr.traffic_policy, port)
+    if subset is not None:
+        for s in dr.subsets:
+            if s.name == subset:
+                policy = _layer(policy, s.traffic_policy, port)
+                break
+    return policy
+
+
+def _circuit_breakers(c: cluster_pb2.Cluster, cp: ConnectionPool | None) -> None:
+    # Like Istio: Envoy's defaults (1024) are far too low for a mesh, so unset limits are
+    # effectively unlimited.
+    t = c.circuit_breakers.thresholds.add()
+    t.max_connections.value = MAX_U32 if cp is None or cp.max_connections is None else cp.max_connections
+    t.max_pending_requests.value = (
+        MAX_U32 if cp is None or cp.http1_max_pending_requests is None else cp.http1_max_pending_requests
+    )
+    t.max_requests.value = MAX_U32 if cp is None or cp.http2_max_requests is None else cp.http2_max_requests
+    t.max_retries.value = MAX_U32 if cp is None or cp.max_retries is None else cp.max_retries
+    t.track_remaining = True
+
+
+def _load_balancer(c: cluster_pb2.Cluster, lb: LoadBalancer | None) -> None:
+    if lb is None:
+        return
+    ch = lb.consistent_hash
+    if ch is not None:
+        if ch.maglev:
+            c.lb_policy = cluster_pb2.Cluster.MAGLEV
+            if ch.maglev_table_size:
+                c.maglev_lb_config.table_size.value = ch.maglev_table_size
+        else:
+            c.lb_policy = cluster_pb2.Cluster.RING_HASH
+            if ch.minimum_ring_size:
+                c.ring_hash_lb_config.minimum_ring_size.value = ch.minimum_ring_size
+    elif lb.simple == "LEAST_REQUEST":
+        c.lb_policy = cluster_pb2.Cluster.LEAST_REQUEST
+    elif lb.simple == "RANDOM":
+        c.lb_policy = cluster_pb2.Cluster.RANDOM
+    # ROUND_ROBIN, UNSPECIFIED and PASSTHROUGH: Envoy's default, round robin.
+
+
+def _protocol_options(c: cluster_pb2.Cluster, protocol: PortProtocol, cp: ConnectionPool | None) -> None:
+    h2 = protocol in (PortProtocol.HTTP2, PortProtocol.GRPC)
+    sniffed = protocol is PortProtocol.UNKNOWN
+    idle = cp.idle_timeout_ms if cp else None
+    per_conn = cp.max_requests_per_connection if cp else None
+    streams = cp.max_concurrent_streams if cp else None
+    common = idle is not None or bool(per_conn)
+    if not (h2 or sniffed or (common and protocol.is_http)):
+        return
+    opts = http_protocol_options_pb2.HttpProtocolOptions()
+    if idle is not None:
+        opts.common_http_protocol_options.idle_timeout.CopyFrom(duration_ms(idle))
+    if per_conn:
+        opts.common_http_protocol_options.max_requests_per_connection.value = per_conn
+    if h2:
+        h2o = opts.explicit_http_config.http2_protocol_options
+        h2o.SetInParent()
+        if streams:
+            h2o.max_concurrent_streams.value = streams
+    elif sniffed:
+        # Speak upstream whatever the client spoke (HTTP/1.1 or h2c).
+        down = opts.use_downstream_protocol_config
+        down.http_protocol_options.SetInParent()
+        down.http2_protocol_options.SetInParent()
+        if streams:
+            down.http2_protocol_options.max_concurrent_streams.value = streams
+    else:
+        opts.explicit_http_config.http_protocol_options.SetInParent()
+    c.typed_extension_protocol_options[HTTP_OPTIONS_KEY].CopyFrom(pack(opts))
+
+
+def _outlier_detection(c: cluster_pb2.Cluster, od: OutlierDetection | None) -> None:
+    if od is None:
+        return
+    o = c.outlier_detection
+    o.SetInParent()
+    if od.consecutive_5xx_errors is not None:
+        o.consecutive_5xx.value = od.consecutive_5xx_errors
+        o.enforcing_consecutive_5xx.value = 100 if od.consecutive_5xx_errors > 0 else 0
+    if od.consecutive_gateway_errors is not None:
+        o.consecutive_gateway_failure.value = od.consecutive_gateway_errors
+        o.enforcing_consecutive_gateway_failure.value = 100 if od.consecutive_gateway_errors > 0 else 0
+    if od.split_external_local_origin_errors:
+        o.split_external_local_origin_errors = True
+        if od.consecutive_local_origin_failures:
+            o.consecutive_local_origin_failure.value = od.consecutive_local_origin_failures
+            o.enforcing_consecutive_local_origin_failure.value = 100
+    if od.interval_ms is not None:
+        o.interval.CopyFrom(duration_ms(od.interval_ms))
+    if od.base_ejection_time_ms is not None:
+        o.base_ejection_time.CopyFrom(duration_ms(od.base_ejection_time_ms))
+    if od.max_ejection_percent is not None:
+        o.max_ejection_percent.value = od.max_ejection_percent
+    # Like Istio: success-rate ejection stays off.
+    o.enforcing_success_rate.value = 0
+    if od.min_health_percent is not None:
+        c.common_lb_config.healthy_panic_threshold.value = float(od.min_health_percent)
+
+
+def build_outbound_cluster(name: str, protocol: PortProtocol, policy: ClusterPolicy) -> cluster_pb2.Cluster:
+    """An EDS cluster (`service_name` = its own name, endpoints over ADS) for one service
+    port or subset, with the merged DestinationRule policy applied."""
+    c = cluster_pb2.Cluster(name=name, type=cluster_pb2.Cluster.EDS)
+    c.eds_cluster_config.eds_config.ads.SetInParent()
+    c.eds_cluster_config.service_name = name
+    cp = policy.connection_pool
+    timeout = (
+        cp.connect_timeout_ms if cp is not None and cp.connect_timeout_ms else DEFAULT_CONNECT_TIMEOUT_MS
+    )
+    c.connect_timeout.CopyFrom(duration_ms(timeout))
+    _load_balancer(c, policy.load_balancer)
+    _circuit_breakers(c, cp)
+    _protocol_options(c, protocol, cp)
+    _outlier_detection(c, policy.outlier_detection)
+    return c
+
+
+def build_passthrough_cluster(name: str) -> cluster_pb2.Cluster:
+    """An ORIGINAL_DST cluster: connects to wherever the captured connection was going."""
+    c = cluster_pb2.Cluster(
+        name=name, type=cluster_pb2.Cluster.ORIGINAL_DST, lb_policy=cluster_pb2.Cluster.CLUSTER_PROVIDED
+    )
+    c.connect_timeout.CopyFrom(duration_ms(DEFAULT_CONNECT_TIMEOUT_MS))
+    _circuit_breakers(c, None)
+    return c
+
+
+def build_inbound_cluster(name: str, address: str, port: int, protocol: PortProtocol) -> cluster_pb2.Cluster:
+    """A STATIC cluster delivering inbound traffic to the application at address:port."""
+    c = cluster_pb2.Cluster(name=name, type=cluster_pb2.Cluster.STATIC)
+    c.connect_timeout.CopyFrom(duration_ms(DEFAULT_CONNECT_TIMEOUT_MS))
+    cla = endpoint_pb2.ClusterLoadAssignment(cluster_name=name)
+    sa = cla.endpoints.add().lb_endpoints.add().endpoint.address.socket_address
+    sa.address = address
+    sa.port_value = port
+    c.load_assignment.CopyFrom(cla)
+    _circuit_breakers(c, None)
+    _protocol_options(c, protocol, None)
+    return c

@@ -1,0 +1,273 @@
+"""Sidecar translation: plans (ResourceSpecs) of the clusters, endpoints, routes and
+listeners a sidecar Envoy receives. Pure functions, no I/O.
+
+- `plan_outbound(mesh, namespace, capture)`: everything that depends only on the client's
+  namespace and capture mode, shared by every sidecar of that class.
+- `plan_inbound(mesh, proxy)`: the proxy's own workload's inbound listeners and clusters.
+
+Listener layout per capture mode:
+- bind: one listener `127.0.0.1_<P>` per service port P. When several services share P,
+  HTTP ones are routed by Host header through route configuration `<P>`; if non-HTTP
+  services share the port too, the protocol is sniffed and the first non-HTTP service by
+  hostname takes the TCP traffic (others on that port are unreachable in bind mode).
+  Inbound: `inbound_<podIP>_<targetPort>` on the pod's address, forwarding to the app.
+- intercept: `virtualOutbound` (15001) hands captured connections to bind_to_port=false
+  listeners: `0.0.0.0_<P>` for HTTP ports, `<clusterIP>_<P>` for TCP and sniffed services
+  (`0.0.0.0_<P>` without a cluster IP, if no HTTP service claimed it). Unknown destinations
+  go to `PassthroughCluster`. Inbound: `virtualInbound` (15006), one chain per target port.
+
+Inbound ports are keyed by target port (`inbound|<targetPort>||`, as in Istio); named
+target ports resolve through the Pod's container ports and are skipped without a Pod.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from controlplane.model.ir import (
+    CaptureMode,
+    DestinationRule,
+    PortProtocol,
+    ProxyMeta,
+    Service,
+    ServicePort,
+    SourceRef,
+    Workload,
+)
+from controlplane.model.mesh import Mesh
+from controlplane.translate.clusters import (
+    build_inbound_cluster,
+    build_outbound_cluster,
+    build_passthrough_cluster,
+    effective_policy,
+)
+from controlplane.translate.endpoints import build_cla, select_endpoints
+from controlplane.translate.listeners import (
+    InboundPort,
+    OutboundListener,
+    WeightedCluster,
+    build_inbound_listener,
+    build_outbound_listener,
+    build_virtual_inbound,
+    build_virtual_outbound,
+)
+from controlplane.translate.names import (
+    APP_ADDRESS_ANNOTATION,
+    DEFAULT_APP_ADDRESS,
+    INBOUND_PASSTHROUGH_CLUSTER,
+    PASSTHROUGH_CLUSTER,
+    VIRTUAL_INBOUND,
+    VIRTUAL_OUTBOUND,
+    dedupe_domains,
+    destination_cluster,
+    inbound_cluster_name,
+    outbound_cluster_name,
+    route_config_name,
+    service_domains,
+    visible_to,
+    weighted_split,
+)
+from controlplane.translate.plan import CLUSTER, ENDPOINT, LISTENER, ROUTE, ResourceSpec
+from controlplane.translate.routes import build_route_config, plan_virtual_host
+
+
+def _dr(mesh: Mesh, svc: Service, namespace: str) -> DestinationRule | None:
+    dr = mesh.dr_by_host.get(svc.hostname)
+    if dr is None or not visible_to(dr.export_to, dr.namespace, namespace):
+        return None
+    return dr
+
+
+def _sniffed_or_http(sp: ServicePort) -> bool:
+    return sp.protocol.is_http or sp.protocol is PortProtocol.UNKNOWN
+
+
+def _port_of(svc: Service, port: int) -> ServicePort:
+    return next(p for p in svc.ports if p.port == port)
+
+
+def _refs(*groups: tuple[SourceRef, ...]) -> tuple[SourceRef, ...]:
+    return tuple(dict.fromkeys(r for g in groups for r in g))
+
+
+def _cluster_specs(mesh: Mesh, svc: Service, namespace: str) -> list[ResourceSpec]:
+    dr = _dr(mesh, svc, namespace)
+    sets = mesh.endpoints.get(svc.hostname, ())
+    single = len(svc.ports) == 1
+    subsets: list[tuple[str | None, tuple[tuple[str, str], ...] | None]] = [(None, None)]
+    if dr is not None:
+        subsets += [(s.name, s.labels) for s in dr.subsets]
+    sources = (svc.ref,) if dr is None else (svc.ref, dr.ref)
+    out: list[ResourceSpec] = []
+    for sp in svc.ports:
+        for subset, labels in subsets:
+            name = outbound_cluster_name(sp.port, svc.hostname, subset)
+            policy = effective_policy(dr, sp.port, subset)
+            out.append(
+                ResourceSpec(CLUSTER, name, build_outbound_cluster, (name, sp.protocol, policy), sources)
+            )
+            eps = select_endpoints(sets, sp, single, mesh.workloads, labels)
+            out.append(ResourceSpec(ENDPOINT, name, build_cla, (name, eps), sources))
+    return out
+
+
+def _route_spec(
+    mesh: Mesh, port: int, services: list[Service], namespace: str, capture: CaptureMode
+) -> ResourceSpec:
+    domains = dedupe_domains(service_domains(s, port, namespace) for s in services)
+    vhosts = []
+    sources: list[SourceRef] = []
+    for svc, doms in zip(services, domains, strict=True):
+        vh, refs = plan_virtual_host(mesh, svc, port, namespace, doms)
+        vhosts.append(vh)
+        sources += refs
+    name = route_config_name(port)
+    args = (name, port, namespace, tuple(vhosts), capture == "intercept")
+    return ResourceSpec(ROUTE, name, build_route_config, args, _refs(tuple(sources)))
+
+
+def tcp_target(mesh: Mesh, svc: Service, port: int, namespace: str) -> tuple[WeightedCluster, ...]:
+    """Where TCP traffic for `svc` on `port` goes: the first applicable VirtualService tcp
+    route (weighted), else the service's own cluster."""
+    vs = mesh.vs_by_host.get(svc.hostname)
+    if vs is not None and visible_to(vs.export_to, vs.namespace, namespace):
+        for tr in vs.tcp:
+            applies = not tr.matches or any(
+                (m.port is None or m.port == port)
+                and (m.source_namespace is None or m.source_namespace == namespace)
+                and not m.source_labels
+                for m in tr.matches
+            )
+            dests = weighted_split(tr.route)
+            if applies and dests:
+                return tuple(
+                    WeightedCluster(destination_cluster(d.destination, port, mesh.services), d.weight)
+                    for d in dests
+                )
+    return (WeightedCluster(outbound_cluster_name(port, svc.hostname)),)
+
+
+def _tcp_sources(mesh: Mesh, svc: Service) -> tuple[SourceRef, ...]:
+    vs = mesh.vs_by_host.get(svc.hostname)
+    return (svc.ref,) if vs is None or not vs.tcp else (svc.ref, vs.ref)
+
+
+def _listener_spec(spec: OutboundListener, sources: tuple[SourceRef, ...]) -> ResourceSpec:
+    return ResourceSpec(LISTENER, spec.name, build_outbound_listener, (spec,), sources)
+
+
+def _bind_listener(mesh: Mesh, port: int, services: list[Service], namespace: str) -> ResourceSpec:
+    http = [s for s in services if _port_of(s, port).protocol.is_http]
+    other = [s for s in services if not _port_of(s, port).protocol.is_http]
+    sniffed = any(_port_of(s, port).protocol is PortProtocol.UNKNOWN for s in services)
+    route = route_config_name(port) if http or sniffed else None
+    tcp = tcp_target(mesh, other[0], port, namespace) if other else ()
+    spec = OutboundListener(f"127.0.0.1_{port}", "127.0.0.1", port, True, route, tcp)
+    sources = tuple(s.ref for s in services) + (_tcp_sources(mesh, other[0]) if other else ())
+    return _listener_spec(spec, _refs(sources))
+
+
+def _intercept_listeners(
+    mesh: Mesh, port: int, services: list[Service], namespace: str
+) -> list[ResourceSpec]:
+    out: dict[str, ResourceSpec] = {}
+    http = [s for s in services if _port_of(s, port).protocol.is_http]
+    if http:
+        spec = OutboundListener(f"0.0.0.0_{port}", "0.0.0.0", port, False, route_config_name(port))
+        out[spec.name] = _listener_spec(spec, tuple(s.ref for s in http))
+    for svc in services:
+        protocol = _port_of(svc, port).protocol
+        if protocol.is_http:
+            continue
+        ip = svc.cluster_ip if svc.cluster_ip and svc.cluster_ip.lower() != "none" else "0.0.0.0"
+        route = route_config_name(port) if protocol is PortProtocol.UNKNOWN else None
+        spec = OutboundListener(
+            f"{ip}_{port}", ip, port, False, route, tcp_target(mesh, svc, port, namespace)
+        )
+        out.setdefault(spec.name, _listener_spec(spec, _tcp_sources(mesh, svc)))
+    return list(out.values())
+
+
+def plan_outbound(mesh: Mesh, namespace: str, capture: CaptureMode) -> list[ResourceSpec]:
+    """Clusters, endpoints, route configurations and listeners shared by every sidecar in
+    `namespace` with capture mode `capture`, sorted by (type, name)."""
+    specs: list[ResourceSpec] = []
+    for host in sorted(mesh.services):
+        specs += _cluster_specs(mesh, mesh.services[host], namespace)
+    for port, on_port in sorted(mesh.services_by_port.items()):
+        services = sorted(on_port, key=lambda s: s.hostname)
+        routed = [s for s in services if _sniffed_or_http(_port_of(s, port))]
+        if routed:
+            specs.append(_route_spec(mesh, port, routed, namespace, capture))
+        if capture == "bind":
+            specs.append(_bind_listener(mesh, port, services, namespace))
+        else:
+            specs += _intercept_listeners(mesh, port, services, namespace)
+    if capture == "intercept":
+        specs.append(
+            ResourceSpec(CLUSTER, PASSTHROUGH_CLUSTER, build_passthrough_cluster, (PASSTHROUGH_CLUSTER,))
+        )
+        specs.append(ResourceSpec(LISTENER, VIRTUAL_OUTBOUND, build_virtual_outbound, (PASSTHROUGH_CLUSTER,)))
+    return sorted(specs, key=lambda s: (s.type_url, s.name))
+
+
+# --------------------------------------------------------------------------- inbound
+
+
+@dataclass(frozen=True, slots=True)
+class _Inbound:
+    port: InboundPort
+    sources: tuple[SourceRef, ...]
+
+
+def _target_port(sp: ServicePort, wl: Workload | None) -> int | None:
+    if isinstance(sp.target_port, int):
+        return sp.target_port
+    if sp.target_port.isdigit():
+        return int(sp.target_port)
+    if wl is None:
+        return None
+    return next((cp.port for cp in wl.ports if cp.name == sp.target_port), None)
+
+
+def inbound_ports(mesh: Mesh, proxy: ProxyMeta, wl: Workload | None) -> list[_Inbound]:
+    """The ports the proxy's workload serves, by target port; the first service (by
+    hostname) to claim a target port decides its protocol."""
+    labels = wl.labels if wl is not None else proxy.labels
+    found: dict[int, _Inbound] = {}
+    for svc in sorted(mesh.services_selecting(proxy.namespace, labels), key=lambda s: s.hostname):
+        for sp in svc.ports:
+            tp = _target_port(sp, wl)
+            if tp is None:
+                continue
+            cur = found.get(tp)
+            if cur is None:
+                found[tp] = _Inbound(InboundPort(tp, inbound_cluster_name(tp), sp.protocol), (svc.ref,))
+            elif svc.ref not in cur.sources:
+                found[tp] = _Inbound(cur.port, (*cur.sources, svc.ref))
+    return [found[p] for p in sorted(found)]
+
+
+def plan_inbound(mesh: Mesh, proxy: ProxyMeta) -> list[ResourceSpec]:
+    """The inbound clusters and listeners of the proxy's own workload, sorted by (type, name).
+    In bind mode nothing is bound without a Pod IP to bind to."""
+    wl = mesh.workload(proxy.namespace, proxy.workload)
+    ports = inbound_ports(mesh, proxy, wl)
+    app = dict(wl.annotations).get(APP_ADDRESS_ANNOTATION, DEFAULT_APP_ADDRESS) if wl else DEFAULT_APP_ADDRESS
+    specs: list[ResourceSpec] = []
+    for ib in ports:
+        p = ib.port
+        args = (p.cluster, app, p.port, p.protocol)
+        specs.append(ResourceSpec(CLUSTER, p.cluster, build_inbound_cluster, args, ib.sources))
+    if proxy.capture == "intercept":
+        name = INBOUND_PASSTHROUGH_CLUSTER
+        specs.append(ResourceSpec(CLUSTER, name, build_passthrough_cluster, (name,)))
+        all_sources = _refs(*(ib.sources for ib in ports))
+        args2 = (tuple(ib.port for ib in ports), name)
+        specs.append(ResourceSpec(LISTENER, VIRTUAL_INBOUND, build_virtual_inbound, args2, all_sources))
+    elif wl is not None and wl.ip:
+        for ib in ports:
+            lname = f"inbound_{wl.ip}_{ib.port.port}"
+            args3 = (lname, wl.ip, ib.port)
+            specs.append(ResourceSpec(LISTENER, lname, build_inbound_listener, args3, ib.sources))
+    return sorted(specs, key=lambda s: (s.type_url, s.name))

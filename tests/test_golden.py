@@ -1,0 +1,175 @@
+"""Golden tests of the sidecar translation: tests/golden/<case>/in/*.yaml + proxies.yaml ->
+out/<node_id>.yaml (clusters, endpoints, listeners, routes as MessageToDict, by name).
+
+Regenerate with `pytest tests/test_golden.py --update-golden` and review the diff.
+Reads files only (the translation itself is pure).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from google.protobuf import json_format
+from google.protobuf.message import Message
+
+from controlplane.model.convert import convert
+from controlplane.model.ir import (
+    DestinationRule,
+    EndpointSet,
+    Hostname,
+    Namespace,
+    ProxyMeta,
+    Service,
+    VirtualService,
+    Workload,
+    labels_of,
+    service_fqdn,
+)
+from controlplane.model.mesh import Mesh, build_mesh
+from controlplane.sources.yamlload import parse_documents
+from controlplane.translate.plan import ENDPOINT, PUSH_ORDER, SHORT_NAMES, ResourceSpec, TypeUrl
+from controlplane.translate.sidecar import plan_inbound, plan_outbound
+
+GOLDEN = Path(__file__).parent / "golden"
+CASES = sorted(p.name for p in GOLDEN.iterdir() if (p / "in").is_dir())
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    mesh: Mesh
+    proxies: tuple[ProxyMeta, ...]
+
+
+def load_mesh(case_dir: Path) -> Mesh:
+    """Parse and convert every object of `in/*.yaml`; any parse or conversion error fails."""
+    namespaces: dict[str, Namespace] = {}
+    services: dict[Hostname, Service] = {}
+    endpoints: dict[Hostname, list[EndpointSet]] = {}
+    workloads: dict[tuple[str, str], Workload] = {}
+    vss: list[VirtualService] = []
+    drs: list[DestinationRule] = []
+    for path in sorted((case_dir / "in").glob("*.yaml")):
+        objects, errors = parse_documents(path.read_text(), f"{case_dir.name}/in/{path.name}")
+        assert not errors, [e.format() for e in errors]
+        for raw in objects:
+            value, issues = convert(raw)
+            problems = [i.format() for i in issues if i.severity == "error"]
+            assert not problems, problems
+            for item in value if isinstance(value, tuple) else (value,):
+                if isinstance(item, Namespace):
+                    namespaces[item.name] = item
+                elif isinstance(item, Service):
+                    services[item.hostname] = item
+                elif isinstance(item, EndpointSet):
+                    endpoints.setdefault(service_fqdn(item.service, item.namespace), []).append(item)
+                elif isinstance(item, Workload):
+                    workloads[(item.namespace, item.name)] = item
+                elif isinstance(item, VirtualService):
+                    vss.append(item)
+                elif isinstance(item, DestinationRule):
+                    drs.append(item)
+    return build_mesh(
+        namespaces,
+        services,
+        {h: tuple(sorted(s, key=lambda e: (e.ref.kind, e.ref.name))) for h, s in endpoints.items()},
+        workloads,
+        tuple(sorted(vss, key=lambda v: (v.namespace, v.name))),
+        tuple(sorted(drs, key=lambda d: (d.namespace, d.name))),
+    )
+
+
+def load_case(name: str) -> Case:
+    case_dir = GOLDEN / name
+    entries = yaml.safe_load((case_dir / "proxies.yaml").read_text())
+    proxies = tuple(
+        ProxyMeta(
+            node_id=e["node_id"],
+            namespace=e.get("namespace", "default"),
+            workload=e.get("workload"),
+            labels=labels_of(e.get("labels")),
+            capture=e.get("capture", "bind"),
+        )
+        for e in entries
+    )
+    return Case(name, load_mesh(case_dir), proxies)
+
+
+def proxy_specs(mesh: Mesh, proxy: ProxyMeta) -> list[ResourceSpec]:
+    specs = plan_outbound(mesh, proxy.namespace, proxy.capture) + plan_inbound(mesh, proxy)
+    seen: set[tuple[TypeUrl, str]] = set()
+    for spec in specs:
+        key = (spec.type_url, spec.name)
+        assert key not in seen, f"{proxy.node_id}: duplicate {key}"
+        seen.add(key)
+    return specs
+
+
+def built(specs: list[ResourceSpec]) -> dict[TypeUrl, list[Message]]:
+    out: dict[TypeUrl, list[Message]] = {}
+    for spec in sorted(specs, key=lambda s: s.name):
+        msg = spec.make()
+        own_name = msg.cluster_name if spec.type_url == ENDPOINT else msg.name  # type: ignore[attr-defined]
+        assert own_name == spec.name, f"{spec.name}: builder named it {own_name}"
+        out.setdefault(spec.type_url, []).append(msg)
+    return out
+
+
+def _plain(d: dict[str, Any]) -> Any:
+    """MessageToDict nests OrderedDicts for Any fields; YAML wants plain dicts."""
+    return json.loads(json.dumps(d))
+
+
+def render(specs: list[ResourceSpec]) -> str:
+    resources = built(specs)
+    doc: dict[str, Any] = {}
+    for type_url in PUSH_ORDER:
+        if type_url in resources:
+            doc[SHORT_NAMES[type_url]] = [_plain(json_format.MessageToDict(m)) for m in resources[type_url]]
+    return yaml.safe_dump(doc, sort_keys=False, default_flow_style=False, width=120)
+
+
+@pytest.mark.parametrize("case_name", CASES)
+def test_golden(case_name: str, request: pytest.FixtureRequest) -> None:
+    case = load_case(case_name)
+    out_dir = GOLDEN / case_name / "out"
+    update = bool(request.config.getoption("--update-golden"))
+    expected_files = {f"{p.node_id}.yaml" for p in case.proxies}
+    mismatched = []
+    for proxy in case.proxies:
+        text = render(proxy_specs(case.mesh, proxy))
+        path = out_dir / f"{proxy.node_id}.yaml"
+        if update:
+            out_dir.mkdir(exist_ok=True)
+            if not path.exists() or path.read_text() != text:
+                path.write_text(text)
+        elif not path.exists() or path.read_text() != text:
+            mismatched.append(path.name)
+    if update:
+        for stale in out_dir.glob("*.yaml"):
+            if stale.name not in expected_files:
+                stale.unlink()
+    else:
+        assert {p.name for p in out_dir.glob("*.yaml")} == expected_files, "stale or missing golden files"
+    assert not mismatched, f"golden output differs for {mismatched}; rerun with --update-golden and review"
+
+
+@pytest.mark.parametrize("case_name", CASES)
+def test_translation_is_deterministic(case_name: str) -> None:
+    """Same input, same bytes; and a rebuilt Mesh plans equal args (what the cache relies on)."""
+    first, second = load_case(case_name), load_case(case_name)
+    for p1, p2 in zip(first.proxies, second.proxies, strict=True):
+        s1, s2 = proxy_specs(first.mesh, p1), proxy_specs(second.mesh, p2)
+        assert [(s.type_url, s.name, s.build, s.args) for s in s1] == [
+            (s.type_url, s.name, s.build, s.args) for s in s2
+        ]
+        for a, b in zip(s1, s2, strict=True):
+            hash(a.args)  # the cache keys on args: they must be hashable
+            assert a.make().SerializeToString(deterministic=True) == b.make().SerializeToString(
+                deterministic=True
+            )
