@@ -47,7 +47,7 @@ def main() -> int:
         procs.append(envoy)
         wait_http("http://127.0.0.1:15000/ready", proc=envoy)
         wait_port("127.0.0.1", 9080)
-        wait_http("http://127.0.0.1:9080/", ok=(200, 503), timeout=10)
+        wait_http("http://127.0.0.1:9080/", ok=(200, 404, 503), timeout=10)  # routes are loaded
         print(f"""
 Meshline is serving the sample mesh in samples/bookinfo to a real Envoy sidecar.
   control plane: xDS 127.0.0.1:15010, status http://127.0.0.1:15014/v1/proxies
