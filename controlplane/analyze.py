@@ -4,6 +4,7 @@ file I/O (reading only)."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 from controlplane.model.ir import Issue
@@ -16,6 +17,17 @@ def analyze_paths(paths: Sequence[str]) -> list[Issue]:
     store = MeshStore()
     files = yaml_files([Path(p) for p in paths])
     store.apply([read_file(f) for f in files])
-    issues = list(store.mesh().issues)
+    issues = [_at_field(store, i) for i in store.mesh().issues]
     issues.sort(key=lambda i: (i.ref.file or "", i.line or i.ref.line or 0, i.ref.display))
     return issues
+
+
+def _at_field(store: MeshStore, issue: Issue) -> Issue:
+    """Point a cross-object issue (which knows its field but not its line) at the field's
+    line in the object's file."""
+    if issue.line is not None or not issue.field:
+        return issue
+    raw = store.sources_of((issue.ref.kind, issue.ref.namespace, issue.ref.name))
+    if raw is None or raw.file != issue.ref.file:
+        return issue
+    return replace(issue, line=raw.line_of(issue.field))

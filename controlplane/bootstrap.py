@@ -27,8 +27,10 @@ class BootstrapOptions:
 
 def split_address(addr: str) -> tuple[str, int]:
     host, _, port = addr.rpartition(":")
-    if not host or not port.isdigit():
+    if not host or not port.isdigit() or any(c.isspace() for c in host):
         raise ValueError(f"address must be HOST:PORT, got {addr!r}")
+    if not 0 < int(port) < 65536:
+        raise ValueError(f"port must be 1-65535, got {addr!r}")
     return host.strip("[]"), int(port)
 
 
@@ -126,6 +128,20 @@ def _stats_listener() -> dict[str, Any]:
     }
 
 
+# Envoy reads YAML with yaml-cpp, which also takes y/Y/n/N as booleans; PyYAML leaves those
+# plain, so a node id `n` or a label value `y` would reach Envoy as a bool.
+_YAML_CPP_BOOLEANS = frozenset({"y", "n", "yes", "no", "true", "false", "on", "off"})
+
+
+def _represent_str(dumper: yaml.representer.BaseRepresenter, data: Any) -> yaml.Node:
+    style = '"' if str(data).lower() in _YAML_CPP_BOOLEANS else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", data, style=style)
+
+
+class _EnvoyDumper(yaml.SafeDumper):
+    yaml_representers = {**yaml.SafeDumper.yaml_representers, str: _represent_str}
+
+
 def render(opts: BootstrapOptions) -> str:
     doc = bootstrap(opts)
     if opts.capture == "intercept":
@@ -135,4 +151,4 @@ def render(opts: BootstrapOptions) -> str:
             "load_assignment": {"cluster_name": "admin", "endpoints": [{"lb_endpoints": [{"endpoint": {
                 "address": {"socket_address": {"address": host, "port_value": port}}}}]}]},
         })
-    return yaml.safe_dump(doc, sort_keys=False)
+    return yaml.dump(doc, Dumper=_EnvoyDumper, sort_keys=False)

@@ -4,7 +4,6 @@ wires sources, runtime, xDS and status servers. Does I/O."""
 from __future__ import annotations
 
 import asyncio
-import logging
 import sys
 from pathlib import Path
 
@@ -27,20 +26,27 @@ def main() -> None:
 @click.option("--status-address", default="127.0.0.1:15014", show_default=True)
 @click.option("--webhook-address", default=None)
 @click.option("--debounce-ms", default=100, show_default=True, type=int)
-@click.option("--log-level", default="info", show_default=True)
+@click.option("--status-token-file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Require `Authorization: Bearer <token>` on the status API (token read from this file).")
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
+              show_default=True)
+@click.option("--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True)
 def serve(config_dirs: tuple[Path, ...], kubernetes: bool, xds_address: str, status_address: str,
-          webhook_address: str | None, debounce_ms: int, log_level: str) -> None:
+          webhook_address: str | None, debounce_ms: int, status_token_file: Path | None, log_level: str,
+          log_format: str) -> None:
     """Run the control plane."""
+    from controlplane.logs import setup_logging
     from controlplane.runtime import Settings
     from controlplane.serve import run
 
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging(log_level, log_format)
     if kubernetes:
         raise click.UsageError("--kubernetes is not available yet in this build")
     if not config_dirs:
         config_dirs = (Path("samples/bookinfo"),)
     settings = Settings(config_dirs=config_dirs, kubernetes=kubernetes, xds_address=xds_address,
-                        status_address=status_address, webhook_address=webhook_address, debounce_ms=debounce_ms)
+                        status_address=status_address, webhook_address=webhook_address, debounce_ms=debounce_ms,
+                        status_token_file=status_token_file)
     try:
         asyncio.run(run(settings))
     except KeyboardInterrupt:
@@ -61,9 +67,14 @@ def serve(config_dirs: tuple[Path, ...], kubernetes: bool, xds_address: str, sta
 def bootstrap(mode: str, node_id: str, namespace: str, workload: str | None, service_account: str, labels: str,
               capture: str, xds_protocol: str, xds_address: str, admin_address: str) -> None:
     """Print an Envoy bootstrap (YAML) for a proxy."""
-    from controlplane.bootstrap import BootstrapOptions, render
+    from controlplane.bootstrap import BootstrapOptions, render, split_address
     from controlplane.model.ir import labels_of
 
+    for flag, address in (("--xds-address", xds_address), ("--admin-address", admin_address)):
+        try:
+            split_address(address)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint=flag) from exc
     pairs: dict[str, str] = {}
     for item in filter(None, (p.strip() for p in labels.split(","))):
         k, sep, v = item.partition("=")
@@ -103,6 +114,16 @@ def analyze(paths: tuple[str, ...], warnings: bool) -> None:
 
 
 
+
+def _register() -> None:
+    from controlplane.cli_status import proxy_config, proxy_status, version
+
+    main.add_command(proxy_status)
+    main.add_command(proxy_config)
+    main.add_command(version)
+
+
+_register()
 
 if __name__ == "__main__":
     main()

@@ -19,6 +19,17 @@ class Metrics:
         self.serializations = Gauge(
             "meshline_resource_serializations", "Envoy resources serialized since start", registry=r
         )
+        self.quarantined = Gauge(
+            "meshline_objects_quarantined", "Objects withheld because a proxy rejected what they produced",
+            registry=r,
+        )
+        self.convergence_seconds = Histogram(
+            "meshline_convergence_seconds", "From a source change to a proxy ACKing all of it", registry=r,
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.15, 0.25, 0.5, 1, 2.5, 5, 10),
+        )
+        self.watch_restarts = Counter(
+            "meshline_source_watch_restarts_total", "Source watches restarted after an error", ["source"], registry=r
+        )
         self.rebuild_seconds = Histogram(
             "meshline_snapshot_rebuild_seconds", "Time to rebuild proxy snapshots after a change", registry=r,
             buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),

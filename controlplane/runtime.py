@@ -35,6 +35,7 @@ class Settings:
     webhook_address: str | None = None
     debounce_ms: int = 100
     debounce_max_ms: int = 1000
+    status_token_file: Path | None = None
 
 
 def _plan_shared(mesh: Mesh, meta: ProxyMeta) -> list[ResourceSpec]:
@@ -72,11 +73,15 @@ class Runtime:
         self._mesh_generation = -1
         self.pushes_since_start = 0
         self.change_started: float | None = None
+        self._gen_started: dict[int, float] = {}
 
     # ------------------------------------------------------------------ readiness
     @property
     def ready(self) -> bool:
         return all(s.name in self._synced for s in self.sources)
+
+    def unsynced_sources(self) -> list[str]:
+        return sorted(s.name for s in self.sources if s.name not in self._synced)
 
     # ------------------------------------------------------------------ sources
     async def sink(self, events: list[SourceEvent]) -> None:
@@ -93,6 +98,7 @@ class Runtime:
         now = time.monotonic()
         if self._first_dirty is None:
             self._first_dirty = now
+        if self.change_started is None and not urgent:
             self.change_started = time.time()
         self._last_change = now if not urgent else now - 10.0
         self._dirty.set()
@@ -110,13 +116,51 @@ class Runtime:
         self.metrics.proxies.labels(conn.meta.mode, conn.stream.protocol).dec()
 
     def on_push(self, conn: Connection, out: Outgoing) -> None:
-        self.metrics.pushes.labels(_short(out.type_url)).inc()
+        t = _short(out.type_url)
+        self.metrics.pushes.labels(t).inc()
+        log.debug("push %s to %s: %d resources, %d removed, nonce %s", t, conn.meta.node_id, out.count,
+                  out.removed, out.nonce)
 
     def on_nack(self, conn: Connection, nack: NackRecord) -> None:
         self.metrics.nacks.labels(_short(nack_type(conn, nack))).inc()
+        culprits = self.nack_culprits(nack)
+        if not culprits:
+            return
+        reason = f"rejected by proxy {conn.meta.node_id}: {nack.message.strip()}"
+        done = self.store.quarantine(culprits, reason)
+        if done:
+            log.warning("withholding %s: %s", ", ".join("/".join(k) for k in done), reason)
+            self.metrics.quarantined.set(len(self.store.quarantined()))
+            self.mark_dirty(urgent=True)
+
+    def nack_culprits(self, nack: NackRecord) -> list[tuple[str, str, str]]:
+        """The source objects most likely behind a rejected response: of the objects that
+        shaped the rejected resources, the most recently changed ones, preferring routing
+        policy (VirtualService, DestinationRule) over Services when they changed together."""
+        cands = []
+        for s in nack.sources:
+            key = (s.kind, s.namespace, s.name)
+            e = self.store.entry(key)
+            if e is not None and e.quarantine is None and e.good is not None:
+                cands.append((key, e.changed_gen))
+        if not cands:
+            return []
+        latest = max(g for _, g in cands)
+        newest = [k for k, g in cands if g == latest]
+        policy = [k for k in newest if k[0] in ("VirtualService", "DestinationRule")]
+        return sorted(policy or newest)
 
     def on_ack(self, conn: Connection) -> None:
-        return None
+        stream = conn.stream
+        target = stream.target
+        if target is None or conn.extra.get("converged") == target.generation:
+            return
+        if any(st.pending for st in stream.types.values()) or not stream.synced():
+            return
+        conn.extra["converged"] = target.generation
+        started = self._gen_started.get(target.generation)
+        if started is not None:
+            self.metrics.convergence_seconds.observe(max(0.0, time.time() - started))
 
     # ------------------------------------------------------------------ rebuild loop
     def mesh(self) -> Mesh:
@@ -130,6 +174,11 @@ class Runtime:
         conns = list(self.xds.connections.values())
         snaps = self.builder.rebuild(mesh, [c.meta for c in conns])
         self._snapshots = dict(snaps)
+        if self.change_started is not None:
+            self._gen_started[self.builder.generation] = self.change_started
+            self.change_started = None
+            while len(self._gen_started) > 64:
+                del self._gen_started[next(iter(self._gen_started))]
         self._mesh = mesh
         self._mesh_generation = self.store.generation
         for c in conns:

@@ -31,7 +31,7 @@ async def run(settings: Settings, started: asyncio.Event | None = None) -> None:
     runtime = build_runtime(settings)
     grpc_server, port = await start_grpc(settings.xds_address, runtime.xds.handlers())
     host, sport = split_address(settings.status_address)
-    config = uvicorn.Config(create_app(runtime), host=host, port=sport, log_level="warning", lifespan="off")
+    config = uvicorn.Config(create_app(runtime, settings.status_token_file), host=host, port=sport, log_level="warning", lifespan="off")
     status = uvicorn.Server(config)
     status.install_signal_handlers = lambda: None
     stop = asyncio.Event()

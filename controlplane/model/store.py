@@ -39,6 +39,13 @@ class Entry:
     raw: RawObject
     good: IRValue | None
     issues: tuple[Issue, ...]
+    prev_good: IRValue | None = None  # the valid value before `good`, served while quarantined
+    changed_gen: int = 0  # store generation at which `good` last changed
+    quarantine: str | None = None  # why `good` is withheld (a proxy rejected what it produced)
+
+    @property
+    def serving(self) -> IRValue | None:
+        return self.prev_good if self.quarantine is not None else self.good
 
 
 class MeshStore:
@@ -97,11 +104,21 @@ class MeshStore:
                       "warning", raw.line),
             )
             self._by_origin.get(prev.origin, set()).discard(key)
-        good = value if value is not None else (prev.good if prev is not None else None)
-        if value is None and prev is not None and prev.good is not None:
-            issues = (*issues, Issue(raw.ref, "", "invalid update ignored: the last valid version keeps serving",
-                                     "warning", raw.line))
-        self._entries[key] = Entry(origin, raw, good, issues)
+        if value is None:
+            # Invalid: keep serving what we served before (and keep any quarantine).
+            if prev is not None and prev.good is not None:
+                issues = (*issues, Issue(raw.ref, "", "invalid update ignored: the last valid version keeps serving",
+                                         "warning", raw.line))
+                entry = Entry(origin, raw, prev.good, issues, prev.prev_good, prev.changed_gen, prev.quarantine)
+            else:
+                entry = Entry(origin, raw, None, issues)
+        elif prev is not None and prev.good is not None and prev.good == value:
+            entry = Entry(origin, raw, prev.good, issues, prev.prev_good, prev.changed_gen, prev.quarantine)
+        else:
+            # A new valid version; a quarantine of the old one is lifted (it gets its chance).
+            served = prev.serving if prev is not None else None
+            entry = Entry(origin, raw, value, issues, served, self.generation + 1, None)
+        self._entries[key] = entry
         self._by_origin.setdefault(origin, set()).add(key)
         return True
 
@@ -114,20 +131,59 @@ class MeshStore:
         self._by_origin.get(origin, set()).discard(key)
         return True
 
+    # ------------------------------------------------------------------ NACK quarantine
+    def quarantine(self, keys: Iterable[ObjectKey], reason: str) -> list[ObjectKey]:
+        """Withhold the current version of each object (its previous valid version, or
+        nothing, serves instead) until the object changes again. Returns the keys newly
+        quarantined."""
+        done: list[ObjectKey] = []
+        for key in keys:
+            e = self._entries.get(key)
+            if e is None or e.good is None or e.quarantine is not None:
+                continue
+            self._entries[key] = Entry(e.origin, e.raw, e.good, e.issues, e.prev_good, e.changed_gen, reason)
+            done.append(key)
+        if done:
+            self._mesh = None
+            self.generation += 1
+        return done
+
+    def release(self, keys: Iterable[ObjectKey]) -> None:
+        released = False
+        for key in keys:
+            e = self._entries.get(key)
+            if e is not None and e.quarantine is not None:
+                self._entries[key] = Entry(e.origin, e.raw, e.good, e.issues, e.prev_good, e.changed_gen, None)
+                released = True
+        if released:
+            self._mesh = None
+            self.generation += 1
+
+    def entry(self, key: ObjectKey) -> Entry | None:
+        return self._entries.get(key)
+
+    def quarantined(self) -> dict[ObjectKey, str]:
+        return {k: e.quarantine for k, e in self._entries.items() if e.quarantine is not None}
+
     # ------------------------------------------------------------------ views
     def object_issues(self) -> tuple[Issue, ...]:
         out: list[Issue] = []
         for key in sorted(self._entries):
-            out.extend(self._entries[key].issues)
+            e = self._entries[key]
+            out.extend(e.issues)
+            if e.quarantine is not None:
+                kept = "the previous version keeps serving" if e.prev_good is not None else "it is not served"
+                out.append(Issue(e.raw.ref, "", f"NACKED: {e.quarantine}; this version is withheld and {kept} "
+                                 "until the object changes", "error", e.raw.line))
         for origin in sorted(self._origin_errors):
-            for e in self._origin_errors[origin]:
-                out.append(Issue(SourceRef("File", "", origin, e.file, e.line), "", e.message, "error", e.line))
+            for pe in self._origin_errors[origin]:
+                out.append(Issue(SourceRef("File", "", origin, pe.file, pe.line), "", pe.message, "error", pe.line))
         return tuple(out)
 
     def mesh(self) -> Mesh:
         if self._mesh is None:
             self._mesh = assemble(
-                (e.good for _, e in sorted(self._entries.items()) if e.good is not None),
+                (e.serving for _, e in sorted(self._entries.items()) if e.serving is not None),
                 self.object_issues(),
             )
         return self._mesh

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -49,9 +50,30 @@ class DirectorySource:
         self.name = "directory"
         self.dirs = dirs
         self.debounce_ms = debounce_ms
+        self._known: set[str] = set()  # origins (files) whose objects were delivered
 
     def initial(self) -> list[SourceEvent]:
-        return [read_file(f) for f in yaml_files(self.dirs)]
+        return self._track([read_file(f) for f in yaml_files(self.dirs)])
+
+    def _track(self, events: list[Replace]) -> list[SourceEvent]:
+        for ev in events:
+            if Path(ev.origin).is_file():
+                self._known.add(ev.origin)
+            else:
+                self._known.discard(ev.origin)
+        return list(events)
+
+    def _changed(self, path: Path) -> list[Replace]:
+        """Events for one changed path. A directory moved in is read whole; a path that is
+        gone drops every file loaded from under it (a directory moved out or deleted)."""
+        if path.is_dir():
+            return [read_file(f) for f in yaml_files([path])]
+        if path.suffix in SUFFIXES:
+            return [read_file(path)]
+        if path.exists():
+            return []
+        under = f"{path}{os.sep}"
+        return [Replace(o, ()) for o in sorted(self._known) if o.startswith(under)]
 
     async def run(self, sink: Sink) -> None:
         existing = [d for d in self.dirs if d.exists()]
@@ -62,12 +84,11 @@ class DirectorySource:
         async for changes in watchfiles.awatch(
             *existing, debounce=self.debounce_ms, step=10, recursive=True, rust_timeout=0
         ):
-            events: list[SourceEvent] = []
+            by_origin: dict[str, Replace] = {}
             for _change, raw_path in sorted(changes, key=lambda c: c[1]):
-                path = Path(raw_path)
-                if path.suffix not in SUFFIXES:
-                    continue
-                events.append(read_file(path))
+                for ev in self._changed(Path(raw_path)):
+                    by_origin[ev.origin] = ev
+            events = self._track([by_origin[o] for o in sorted(by_origin)])
             if events:
                 log.info("config files changed: %s", ", ".join(e.origin for e in events if isinstance(e, Replace)))
                 await sink(events)

@@ -3,14 +3,19 @@ Serves HTTP; reads the runtime's bookkeeping and never changes it."""
 
 from __future__ import annotations
 
-from typing import Any
+import hmac
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal
 
-from fastapi import FastAPI, Response
+from fastapi import Depends, FastAPI, HTTPException, Request, Response
 from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from controlplane import __version__
 from controlplane.runtime import Runtime
+from controlplane.status.dump import dump_resources
 from controlplane.translate.plan import PUSH_ORDER, SHORT_NAMES
 from controlplane.xds.server import Connection
 from controlplane.xds.stream import NackRecord
@@ -71,8 +76,36 @@ def proxy_view(conn: Connection) -> dict[str, Any]:
     }
 
 
-def create_app(runtime: Runtime) -> FastAPI:
-    app = FastAPI(title="Meshline status", version=__version__)
+ConfigType = Literal["clusters", "listeners", "routes", "endpoints", "secrets"]
+BY_SHORT = {v: k for k, v in SHORT_NAMES.items()}
+
+
+def token_guard(token_file: Path | None) -> Callable[[Request], None]:
+    """Optional bearer-token auth; the token file is re-read so it can be rotated."""
+
+    def guard(request: Request) -> None:
+        if token_file is None:
+            return
+        expected = token_file.read_text().strip()
+        got = request.headers.get("authorization", "")
+        scheme, _, value = got.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), expected.encode()):
+            raise HTTPException(status_code=401, detail="missing or wrong bearer token",
+                                headers={"WWW-Authenticate": "Bearer"})
+
+    return guard
+
+
+def create_app(runtime: Runtime, token_file: Path | None = None) -> FastAPI:
+    app = FastAPI(title="Meshline status", version=__version__,
+                  description="Read-only view of the Meshline control plane: proxies, sync state, config, errors.")
+    auth = [Depends(token_guard(token_file))]
+
+    def find(proxy_id: str) -> Connection:
+        for c in runtime.xds.connections.values():
+            if c.meta.node_id == proxy_id:
+                return c
+        raise HTTPException(status_code=404, detail=f"no connected proxy with id {proxy_id!r}")
 
     @app.get("/healthz")
     def healthz() -> dict[str, str]:
@@ -82,23 +115,82 @@ def create_app(runtime: Runtime) -> FastAPI:
     def readyz() -> Response:
         if runtime.ready:
             return JSONResponse({"ready": True})
-        return JSONResponse({"ready": False}, status_code=503)
+        return JSONResponse({"ready": False, "waiting_for": runtime.unsynced_sources()}, status_code=503)
 
-    @app.get("/v1/proxies")
+    @app.get("/v1/proxies", dependencies=auth)
     def proxies(namespace: str | None = None, mode: str | None = None, state: str | None = None) -> list[dict[str, Any]]:
         out = [proxy_view(c) for c in runtime.xds.connections.values()]
         out = [p for p in out if (namespace is None or p["namespace"] == namespace)
                and (mode is None or p["mode"] == mode) and (state is None or p["state"] == state.upper())]
-        return sorted(out, key=lambda p: p["id"])
+        return sorted(out, key=lambda p: (p["id"], p["connected_at"]))
 
-    @app.get("/v1/config/errors")
-    def errors() -> list[dict[str, Any]]:
+    @app.get("/v1/proxies/{proxy_id}", dependencies=auth)
+    def proxy(proxy_id: str) -> dict[str, Any]:
+        return proxy_view(find(proxy_id))
+
+    @app.get("/v1/proxies/{proxy_id}/config", dependencies=auth)
+    def proxy_config(proxy_id: str, type: ConfigType = "clusters") -> dict[str, Any]:
+        conn = find(proxy_id)
+        st = conn.stream.types.get(BY_SHORT[type])
+        resources = list(st.known.values()) if st is not None else []
+        return {"id": proxy_id, "type": type, "version": st.version_sent if st else "",
+                "resources": dump_resources(BY_SHORT[type], resources)}
+
+    @app.get("/v1/services", dependencies=auth)
+    def services(namespace: str | None = None) -> list[dict[str, Any]]:
+        mesh = runtime.mesh()
+        out = []
+        for host in sorted(mesh.services):
+            svc = mesh.services[host]
+            if namespace is not None and svc.namespace != namespace:
+                continue
+            eps = [ep for es in mesh.endpoints.get(host, ()) for ep in es.endpoints]
+            vs = mesh.vs_by_host.get(host)
+            dr = mesh.dr_by_host.get(host)
+            out.append({
+                "hostname": host, "namespace": svc.namespace, "name": svc.name, "cluster_ip": svc.cluster_ip,
+                "ports": [{"name": p.name, "port": p.port, "target_port": p.target_port,
+                           "protocol": p.protocol.value} for p in svc.ports],
+                "endpoints": {"ready": sum(1 for e in eps if e.ready), "not_ready": sum(1 for e in eps if not e.ready)},
+                "virtual_service": vs.ref.display if vs else None,
+                "destination_rule": dr.ref.display if dr else None,
+                "subsets": [s.name for s in dr.subsets] if dr else [],
+            })
+        return out
+
+    @app.get("/v1/config/errors", dependencies=auth)
+    def errors(severity: str | None = None) -> list[dict[str, Any]]:
         return [
             {"object": i.ref.display, "kind": i.ref.kind, "namespace": i.ref.namespace, "name": i.ref.name,
              "file": i.ref.file, "line": i.line or i.ref.line, "field": i.field, "severity": i.severity,
-             "message": i.message, "text": i.format()}
+             "message": i.message, "nacked": i.message.startswith("NACKED"), "text": i.format()}
             for i in runtime.mesh().issues
+            if severity is None or i.severity == severity
         ]
+
+    @app.get("/v1/mesh", dependencies=auth)
+    def mesh_summary() -> dict[str, Any]:
+        mesh = runtime.mesh()
+        views = [proxy_view(c) for c in runtime.xds.connections.values()]
+        return {
+            "version": __version__,
+            "ready": runtime.ready,
+            "generation": runtime.store.generation,
+            "proxies": {
+                "total": len(views),
+                "by_mode": dict(Counter(v["mode"] for v in views)),
+                "by_protocol": dict(Counter(v["protocol"] for v in views)),
+                "by_state": dict(Counter(v["state"] for v in views)),
+            },
+            "objects": {
+                "namespaces": len(mesh.namespaces), "services": len(mesh.services),
+                "workloads": len(mesh.workloads), "virtual_services": len(mesh.virtual_services),
+                "destination_rules": len(mesh.destination_rules),
+            },
+            "errors": sum(1 for i in mesh.issues if i.severity == "error"),
+            "warnings": sum(1 for i in mesh.issues if i.severity == "warning"),
+            "quarantined": ["/".join(k) for k in sorted(runtime.store.quarantined())],
+        }
 
     @app.get("/metrics")
     def metrics() -> PlainTextResponse:

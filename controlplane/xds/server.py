@@ -209,8 +209,11 @@ class XdsServer:
         else:
             nack = conn.stream.handle_delta_request(req)
         if nack is not None:
-            log.warning("proxy %s rejected %s (nonce %s): %s", conn.meta.node_id,
-                        SHORT_NAMES.get(req.type_url, req.type_url), nack.nonce, nack.message)
+            tname = SHORT_NAMES.get(req.type_url, req.type_url)
+            log.warning("proxy %s rejected %s (nonce %s): %s", conn.meta.node_id, tname, nack.nonce,
+                        nack.message.strip(), extra={"proxy": conn.meta.node_id, "type": tname,
+                                                     "nonce": nack.nonce, "error": nack.message.strip(),
+                                                     "objects": [s.display for s in nack.sources]})
             if self.observer is not None:
                 self.observer.on_nack(conn, nack)
         elif self.observer is not None and req.response_nonce:

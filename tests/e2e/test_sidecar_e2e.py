@@ -198,13 +198,20 @@ spec:
         def nacked() -> dict[str, object] | None:
             me = next(p for p in mesh.proxies() if p["id"] == f"client-{mesh.protocol}")
             ls = me["types"]["listeners"]
-            return ls if ls["state"] == "NACKED" else None
+            return ls if ls["last_nack"] else None
 
         ls = eventually(nacked)
         nack = ls["last_nack"]
         assert isinstance(nack, dict)
         assert "already in use" in nack["message"] or "cannot bind" in nack["message"]
         assert any(s["object"] == f"Service/{NS}/taken" for s in nack["sources"])
+        # The offending object is withheld (quarantined) and reported as NACKED with Envoy's text...
+        errs = eventually(lambda: [e for e in mesh.errors() if e["object"] == f"Service/{NS}/taken"
+                                   and e["nacked"]])
+        assert "already in use" in errs[0]["message"] and errs[0]["file"].endswith("95-taken.yaml")
+        # ...so the proxy is back in sync with everything else.
+        eventually(lambda: next(p for p in mesh.proxies() if p["id"] == f"client-{mesh.protocol}")["state"]
+                   == "SYNCED")
         # Envoy kept serving, and a later good change still reaches it.
         assert mesh.get("hdr").status_code == 200
         mesh.write("96-new.yaml", service_yaml("hdr2", NS, HTTP_PORT, [Backend("127.0.0.110")]))
@@ -215,6 +222,7 @@ spec:
             if (mesh.config / f).exists():
                 mesh.remove(f)
     eventually(lambda: mesh.get("hdr2").status_code == 404)
+    eventually(lambda: not [e for e in mesh.errors() if e["object"] == f"Service/{NS}/taken"])
 
 
 def test_status_reports_synced_proxy(mesh: MeshEnv) -> None:
