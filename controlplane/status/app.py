@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import hmac
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any, Literal
 
@@ -21,10 +21,11 @@ from controlplane.xds.server import Connection
 from controlplane.xds.stream import NackRecord
 
 
-def _nack(n: NackRecord | None) -> dict[str, Any] | None:
+def _nack(n: NackRecord | None, quarantined: Collection[tuple[str, str, str]] = ()) -> dict[str, Any] | None:
     if n is None:
         return None
     return {
+        "withheld": [s.display for s in n.sources if (s.kind, s.namespace, s.name) in quarantined],
         "version": n.version,
         "nonce": n.nonce,
         "message": n.message,
@@ -37,7 +38,9 @@ def _nack(n: NackRecord | None) -> dict[str, Any] | None:
     }
 
 
-def proxy_view(conn: Connection) -> dict[str, Any]:
+def proxy_view(conn: Connection, quarantined: Collection[tuple[str, str, str]] = ()) -> dict[str, Any]:
+    """A proxy's sync state. A type is NACKED while Envoy is rejecting a resource or while
+    an object behind its last rejection is still withheld (the user's change is not live)."""
     stream = conn.stream
     types: dict[str, Any] = {}
     overall = "SYNCED"
@@ -47,6 +50,10 @@ def proxy_view(conn: Connection) -> dict[str, Any]:
         if st is None:
             continue
         state = stream.sync_state(t)
+        if st.last_nack is not None and state in ("SYNCED", "STALE") and any(
+            (src.kind, src.namespace, src.name) in quarantined for src in st.last_nack.sources
+        ):
+            state = "NACKED"
         if rank[state] > rank[overall]:
             overall = state
         types[SHORT_NAMES[t]] = {
@@ -58,7 +65,7 @@ def proxy_view(conn: Connection) -> dict[str, Any]:
             "last_push": st.last_push or None,
             "resources": len(st.known),
             "nacks": st.nacks,
-            "last_nack": _nack(st.last_nack),
+            "last_nack": _nack(st.last_nack, quarantined),
         }
     m = conn.meta
     return {
@@ -119,14 +126,14 @@ def create_app(runtime: Runtime, token_file: Path | None = None) -> FastAPI:
 
     @app.get("/v1/proxies", dependencies=auth)
     def proxies(namespace: str | None = None, mode: str | None = None, state: str | None = None) -> list[dict[str, Any]]:
-        out = [proxy_view(c) for c in runtime.xds.connections.values()]
+        out = [proxy_view(c, runtime.store.quarantined()) for c in runtime.xds.connections.values()]
         out = [p for p in out if (namespace is None or p["namespace"] == namespace)
                and (mode is None or p["mode"] == mode) and (state is None or p["state"] == state.upper())]
         return sorted(out, key=lambda p: (p["id"], p["connected_at"]))
 
     @app.get("/v1/proxies/{proxy_id}", dependencies=auth)
     def proxy(proxy_id: str) -> dict[str, Any]:
-        return proxy_view(find(proxy_id))
+        return proxy_view(find(proxy_id), runtime.store.quarantined())
 
     @app.get("/v1/proxies/{proxy_id}/config", dependencies=auth)
     def proxy_config(proxy_id: str, type: ConfigType = "clusters") -> dict[str, Any]:
@@ -171,7 +178,7 @@ def create_app(runtime: Runtime, token_file: Path | None = None) -> FastAPI:
     @app.get("/v1/mesh", dependencies=auth)
     def mesh_summary() -> dict[str, Any]:
         mesh = runtime.mesh()
-        views = [proxy_view(c) for c in runtime.xds.connections.values()]
+        views = [proxy_view(c, runtime.store.quarantined()) for c in runtime.xds.connections.values()]
         return {
             "version": __version__,
             "ready": runtime.ready,
