@@ -95,24 +95,37 @@ def bootstrap(mode: str, node_id: str, namespace: str, workload: str | None, ser
 @main.command()
 @click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True))
 @click.option("--warnings/--no-warnings", default=True, show_default=True)
-def analyze(paths: tuple[str, ...], warnings: bool) -> None:
+@click.option("-o", "--output", type=click.Choice(["text", "json"]), default="text", show_default=True)
+@click.option("--status-address", envvar="MESHLINE_STATUS_ADDRESS", default=None,
+              help="Also report objects a running control plane withholds because a proxy NACKed them.")
+@click.option("--token", envvar="MESHLINE_STATUS_TOKEN", default=None)
+def analyze(paths: tuple[str, ...], warnings: bool, output: str, status_address: str | None,
+            token: str | None) -> None:
     """Validate mesh YAML offline: prints `file:line: Kind/ns/name: message`, exit 1 on errors."""
+    import json
+
     from controlplane.analyze import analyze_paths
 
     issues = analyze_paths(paths)
-    errors = 0
-    for i in issues:
-        if i.severity == "error":
-            errors += 1
-        elif not warnings:
-            continue
-        click.echo(i.format())
+    rows = [{"file": i.ref.file, "line": i.line or i.ref.line, "object": i.ref.display, "field": i.field,
+             "severity": i.severity, "message": i.message, "text": i.format()} for i in issues]
+    if status_address:
+        from controlplane.cli_status import get_json
+
+        for e in get_json(status_address, "/v1/config/errors", token):
+            if e.get("nacked"):
+                rows.append({k: e.get(k) for k in ("file", "line", "object", "field", "severity", "message",
+                                                   "text")})
+    errors = sum(1 for r in rows if r["severity"] == "error")
+    shown = [r for r in rows if warnings or r["severity"] == "error"]
+    if output == "json":
+        click.echo(json.dumps(shown, indent=2))
+    else:
+        for r in shown:
+            click.echo(r["text"])
     if errors:
         click.echo(f"{errors} error(s)", err=True)
         sys.exit(1)
-
-
-
 
 
 def _register() -> None:

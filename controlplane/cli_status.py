@@ -30,7 +30,7 @@ output_option = click.option("-o", "--output", type=click.Choice(["table", "json
                              show_default=True)
 
 
-def _get(address: str, path: str, token: str | None, params: dict[str, str] | None = None) -> Any:
+def get_json(address: str, path: str, token: str | None, params: dict[str, str] | None = None) -> Any:
     base = address if address.startswith(("http://", "https://")) else f"http://{address}"
     headers = {"authorization": f"Bearer {token}"} if token else {}
     try:
@@ -86,7 +86,7 @@ def proxy_status_table(proxies: list[dict[str, Any]], console: Console) -> None:
 def proxy_status(status_address: str, token: str | None, output: str, namespace: str | None) -> None:
     """Sync state of every connected proxy, per resource type."""
     params = {"namespace": namespace} if namespace else None
-    proxies = _get(status_address, "/v1/proxies", token, params)
+    proxies = get_json(status_address, "/v1/proxies", token, params)
     if output != "table":
         _emit(proxies, output)
         return
@@ -103,7 +103,7 @@ def proxy_status(status_address: str, token: str | None, output: str, namespace:
 @click.option("-o", "--output", type=click.Choice(["json", "yaml"]), default="yaml", show_default=True)
 def proxy_config(proxy_id: str, type_: str, status_address: str, token: str | None, output: str) -> None:
     """What Meshline sent to a proxy (secrets show certificate metadata only)."""
-    data = _get(status_address, f"/v1/proxies/{proxy_id}/config", token, {"type": type_})
+    data = get_json(status_address, f"/v1/proxies/{proxy_id}/config", token, {"type": type_})
     _emit(data, output)
 
 
@@ -117,7 +117,7 @@ def version(status_address: str, token: str | None, output: str, client_only: bo
     info: dict[str, Any] = {"client": __version__}
     if not client_only:
         try:
-            info["server"] = _get(status_address, "/v1/mesh", token)["version"]
+            info["server"] = get_json(status_address, "/v1/mesh", token)["version"]
         except click.ClickException as exc:
             info["server"] = None
             info["server_error"] = exc.message

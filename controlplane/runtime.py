@@ -17,6 +17,7 @@ from controlplane.metrics import Metrics
 from controlplane.model.ir import ProxyMeta
 from controlplane.model.mesh import Mesh
 from controlplane.model.store import MeshStore
+from controlplane.quarantine import Bisector, Step
 from controlplane.sources.base import Source, SourceEvent, Synced
 from controlplane.translate.plan import ResourceSpec
 from controlplane.translate.sidecar import plan_inbound, plan_outbound
@@ -74,6 +75,8 @@ class Runtime:
         self.pushes_since_start = 0
         self.change_started: float | None = None
         self._gen_started: dict[int, float] = {}
+        self.bisector = Bisector()
+        self._arm_pending = False
 
     # ------------------------------------------------------------------ readiness
     @property
@@ -123,15 +126,37 @@ class Runtime:
 
     def on_nack(self, conn: Connection, nack: NackRecord) -> None:
         self.metrics.nacks.labels(_short(nack_type(conn, nack))).inc()
+        if self.bisector.expired():
+            self.bisector.abort()
+        step = self.bisector.on_nack(conn.meta.node_id)
+        if step is not None:
+            log.info("bisect: the released objects hold a culprit; narrowing down")
+            self._apply(step, f"rejected by proxy {conn.meta.node_id}: {nack.message.strip()}")
+            return
         culprits = self.nack_culprits(nack)
         if not culprits:
             return
         reason = f"rejected by proxy {conn.meta.node_id}: {nack.message.strip()}"
         done = self.store.quarantine(culprits, reason)
         if done:
-            log.warning("withholding %s: %s", ", ".join("/".join(k) for k in done), reason)
+            log.warning("withholding %s: %s", ", ".join("/".join(k) for k in done), reason,
+                        extra={"proxy": conn.meta.node_id, "objects": ["/".join(k) for k in done]})
+            if len(done) > 1:
+                self._apply(self.bisector.start(conn.meta.node_id, done, reason), reason)
             self.metrics.quarantined.set(len(self.store.quarantined()))
             self.mark_dirty(urgent=True)
+
+    def _apply(self, step: Step, reason: str) -> None:
+        if step.quarantine:
+            self.store.quarantine(step.quarantine, reason)
+        if step.release:
+            self.store.release(step.release)
+            self._arm_pending = True
+        if step.done:
+            log.warning("bisect finished: withholding only %s",
+                        ", ".join("/".join(k) for k in sorted(self.store.quarantined())))
+        self.metrics.quarantined.set(len(self.store.quarantined()))
+        self.mark_dirty(urgent=True)
 
     def nack_culprits(self, nack: NackRecord) -> list[tuple[str, str, str]]:
         """The source objects most likely behind a rejected response: of the objects that
@@ -158,6 +183,11 @@ class Runtime:
         if any(st.pending for st in stream.types.values()) or not stream.synced():
             return
         conn.extra["converged"] = target.generation
+        if self.bisector.active is not None:
+            if self.bisector.expired():
+                self.bisector.abort()
+            else:
+                self._apply(self.bisector.on_ack(conn.meta.node_id, target.generation), "")
         started = self._gen_started.get(target.generation)
         if started is not None:
             self.metrics.convergence_seconds.observe(max(0.0, time.time() - started))
@@ -181,6 +211,14 @@ class Runtime:
                 del self._gen_started[next(iter(self._gen_started))]
         self._mesh = mesh
         self._mesh_generation = self.store.generation
+        if self._arm_pending and self.bisector.active is not None:
+            # The proxy under test must try the released config even if it equals what it
+            # rejected before: clear its per-stream hold-back.
+            self._arm_pending = False
+            self.bisector.armed(self.builder.generation)
+            for c in conns:
+                if c.meta.node_id == self.bisector.active.proxy:
+                    c.stream.clear_quarantine()
         for c in conns:
             c.update(snaps[proxy_key(c.meta)])
         self.metrics.rebuild_seconds.observe(time.perf_counter() - t0)

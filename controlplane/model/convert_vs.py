@@ -230,6 +230,10 @@ def route_destinations(
     out = tuple(RouteDestination(d, w or 0, hd) for d, w, hd in parsed)
     if out and all(r.weight == 0 for r in out):
         ctx.error(path, "all weights are 0: at least one destination needs a positive weight")
+    elif len(out) > 1 and sum(r.weight for r in out) != 100:
+        total = sum(r.weight for r in out)
+        ctx.warn(path, f"weights sum to {total}, not 100: traffic is split in proportion "
+                 f"({', '.join(str(r.weight) for r in out)} of {total})")
     return out
 
 

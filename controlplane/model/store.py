@@ -8,8 +8,9 @@ next change.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from controlplane.model.convert import convert
 from controlplane.model.ir import (
@@ -93,8 +94,13 @@ class MeshStore:
     def _upsert(self, origin: str, raw: RawObject) -> bool:
         key = raw.key
         prev = self._entries.get(key)
-        if prev is not None and prev.raw.body == raw.body and prev.origin == origin:
-            if prev.raw.file == raw.file and prev.raw.line == raw.line:
+        if prev is not None and prev.origin == origin and prev.raw.file == raw.file and prev.raw.line == raw.line:
+            if prev.raw.body == raw.body:
+                return False
+            if _meaningful(prev.raw.body) == _meaningful(raw.body):
+                # Only status or bookkeeping metadata moved (e.g. our own status write-back).
+                self._entries[key] = Entry(origin, raw, prev.good, prev.issues, prev.prev_good, prev.changed_gen,
+                                           prev.quarantine)
                 return False
         value, issues = convert(raw)
         if prev is not None and prev.origin != origin:
@@ -162,6 +168,16 @@ class MeshStore:
     def entry(self, key: ObjectKey) -> Entry | None:
         return self._entries.get(key)
 
+    def objects(self, origin_prefix: str = "") -> dict[ObjectKey, RawObject]:
+        return {k: e.raw for k, e in self._entries.items() if e.origin.startswith(origin_prefix)}
+
+    def issues_by_key(self) -> dict[ObjectKey, list[Issue]]:
+        """Every current issue (per-object and cross-object) grouped by object."""
+        out: dict[ObjectKey, list[Issue]] = {}
+        for i in self.mesh().issues:
+            out.setdefault((i.ref.kind, i.ref.namespace, i.ref.name), []).append(i)
+        return out
+
     def quarantined(self) -> dict[ObjectKey, str]:
         return {k: e.quarantine for k, e in self._entries.items() if e.quarantine is not None}
 
@@ -191,6 +207,18 @@ class MeshStore:
     def sources_of(self, key: ObjectKey) -> RawObject | None:
         e = self._entries.get(key)
         return e.raw if e else None
+
+
+_VOLATILE_METADATA = frozenset({"resourceVersion", "managedFields", "generation", "uid", "creationTimestamp"})
+
+
+def _meaningful(body: Mapping[str, Any]) -> dict[str, Any]:
+    """An object without status and bookkeeping metadata: what translation can depend on."""
+    out = {k: v for k, v in body.items() if k != "status"}
+    meta = out.get("metadata")
+    if isinstance(meta, Mapping):
+        out["metadata"] = {k: v for k, v in meta.items() if k not in _VOLATILE_METADATA}
+    return out
 
 
 def assemble(values: Iterable[IRValue], issues: tuple[Issue, ...] = ()) -> Mesh:

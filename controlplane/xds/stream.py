@@ -271,6 +271,12 @@ class AdsStream:
                     if r is None or r.version != bad:
                         del st.quarantine[n]
 
+    def clear_quarantine(self) -> None:
+        for st in self.types.values():
+            if st.quarantine:
+                st.quarantine.clear()
+                st.synced_target = None
+
     def synced(self) -> bool:
         return self.target is not None and all(
             not st.needs_response and st.synced_target is self.target.get(st.type_url) for st in self.types.values()

@@ -150,3 +150,23 @@ def test_rest_views_and_cli_json(mesh: MeshEnv) -> None:
     assert f"outbound|{HTTP_PORT}|v1|web.{NS}.svc.cluster.local" in names
     out = cli(mesh, "version", "-o", "json")
     assert json.loads(out.stdout)["server"] == json.loads(out.stdout)["client"]
+
+
+def test_bisect_withholds_only_the_bad_one_of_two_simultaneous_changes(mesh: MeshEnv) -> None:
+    routes = (mesh.config / "20-routes.yaml").read_text()
+    good_hdr = routes[routes.index("metadata: {name: hdr"):].split("\n---\n")[0]
+    changed = routes.replace(good_hdr, BAD_VS.split("\n", 2)[2].rstrip("\n"))
+    # In the same write, a harmless change to another VirtualService sharing the route config.
+    changed = changed.replace("      uri: /new/\n      authority: legacy.internal",
+                              "      uri: /newer/\n      authority: legacy.internal")
+    assert changed.count("/newer/") == 1
+    mesh.write("20-routes.yaml", changed)
+    # The good change gets through; the bad one ends up the only object withheld.
+    eventually(lambda: mesh.get("legacy", "/old/x").json()["path"] == "/newer/x", timeout=15)
+    eventually(lambda: [e["object"] for e in mesh.errors() if e["nacked"]] == [f"VirtualService/{NS}/hdr"],
+               timeout=15)
+    assert mesh.get("hdr").json()["headers"]["x-added"] == "yes"
+    mesh.write("20-routes.yaml", routes)
+    eventually(lambda: not [e for e in mesh.errors() if e["nacked"]])
+    eventually(lambda: mesh.get("legacy", "/old/x").json()["path"] == "/new/x")
+    eventually(lambda: me(mesh)["state"] == "SYNCED")
