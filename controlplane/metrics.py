@@ -23,6 +23,10 @@ class Metrics:
             "meshline_objects_quarantined", "Objects withheld because a proxy rejected what they produced",
             registry=r,
         )
+        self.push_seconds = Histogram(
+            "meshline_xds_push_seconds", "From a source change to the first response sent to a proxy", registry=r,
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.15, 0.25, 0.5, 1, 2.5),
+        )
         self.convergence_seconds = Histogram(
             "meshline_convergence_seconds", "From a source change to a proxy ACKing all of it", registry=r,
             buckets=(0.01, 0.025, 0.05, 0.1, 0.15, 0.25, 0.5, 1, 2.5, 5, 10),

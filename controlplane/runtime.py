@@ -121,6 +121,12 @@ class Runtime:
     def on_push(self, conn: Connection, out: Outgoing) -> None:
         t = _short(out.type_url)
         self.metrics.pushes.labels(t).inc()
+        target = conn.stream.target
+        if target is not None and conn.extra.get("pushed") != target.generation:
+            conn.extra["pushed"] = target.generation
+            started = self._gen_started.get(target.generation)
+            if started is not None:
+                self.metrics.push_seconds.observe(max(0.0, time.time() - started))
         log.debug("push %s to %s: %d resources, %d removed, nonce %s", t, conn.meta.node_id, out.count,
                   out.removed, out.nonce)
 

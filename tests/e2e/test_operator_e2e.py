@@ -116,11 +116,13 @@ def test_metrics_move_with_pushes_connects_and_convergence(mesh: MeshEnv) -> Non
     assert metric(mesh, "meshline_proxies_connected", f'protocol="{mesh.protocol}"') == 1
     pushes = metric(mesh, "meshline_xds_pushes_total", 'type="ClusterLoadAssignment"')
     converged = metric(mesh, "meshline_convergence_seconds_count")
+    pushed = metric(mesh, "meshline_xds_push_seconds_count")
     # Move web's v1 endpoint to another address: one EDS push to this proxy.
     text = (mesh.config / "10-web.yaml").read_text()
     mesh.write("10-web.yaml", text.replace("- 127.0.0.101\n", "- 127.0.0.99\n", 1))
     eventually(lambda: metric(mesh, "meshline_xds_pushes_total", 'type="ClusterLoadAssignment"') >= pushes + 1)
     eventually(lambda: metric(mesh, "meshline_convergence_seconds_count") >= converged + 1)
+    assert metric(mesh, "meshline_xds_push_seconds_count") >= pushed + 1
     mesh.write("10-web.yaml", text)
     eventually(lambda: metric(mesh, "meshline_xds_pushes_total", 'type="ClusterLoadAssignment"') >= pushes + 2)
 
