@@ -53,6 +53,8 @@ class MeshStore:
     def __init__(self) -> None:
         self._entries: dict[ObjectKey, Entry] = {}
         self._by_origin: dict[str, set[ObjectKey]] = {}
+        # Definitions of a key from other origins that a later one replaced (fallbacks).
+        self._shadowed: dict[ObjectKey, dict[str, RawObject]] = {}
         self._origin_errors: dict[str, tuple[ParseError, ...]] = {}
         self._mesh: Mesh | None = None
         self.generation = 0
@@ -110,6 +112,10 @@ class MeshStore:
                       "warning", raw.line),
             )
             self._by_origin.get(prev.origin, set()).discard(key)
+            self._shadowed.setdefault(key, {})[prev.origin] = prev.raw
+        shadows = self._shadowed.get(key)
+        if shadows is not None:
+            shadows.pop(origin, None)
         if value is None:
             # Invalid: keep serving what we served before (and keep any quarantine).
             if prev is not None and prev.good is not None:
@@ -130,11 +136,22 @@ class MeshStore:
 
     def _delete(self, origin: str, key: ObjectKey) -> bool:
         entry = self._entries.get(key)
+        shadows = self._shadowed.get(key, {})
         if entry is None or entry.origin != origin:
             self._by_origin.get(origin, set()).discard(key)
+            if shadows.pop(origin, None) is not None and entry is not None:
+                # The duplicate is gone: refresh the survivor's issues ("also defined in ...").
+                self._entries.pop(key)
+                self._upsert(entry.origin, entry.raw)
             return False
         del self._entries[key]
         self._by_origin.get(origin, set()).discard(key)
+        if shadows:
+            # Another origin still defines the object: its definition serves again.
+            fallback_origin = sorted(shadows)[-1]
+            self._upsert(fallback_origin, shadows.pop(fallback_origin))
+        if not shadows:
+            self._shadowed.pop(key, None)
         return True
 
     # ------------------------------------------------------------------ NACK quarantine
