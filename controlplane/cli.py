@@ -21,7 +21,14 @@ def main() -> None:
 @main.command()
 @click.option("--config-dir", "config_dirs", multiple=True, type=click.Path(path_type=Path),
               help="Directory of mesh YAML (repeatable). Default: ./samples/bookinfo when no source is given.")
-@click.option("--kubernetes", is_flag=True, help="Watch a Kubernetes cluster.")
+@click.option("--kubernetes", is_flag=True, help="Watch a Kubernetes cluster (may be combined with --config-dir).")
+@click.option("--kubeconfig", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Kubeconfig for --kubernetes. Default: $KUBECONFIG, else the in-cluster service account.")
+@click.option("--watch-namespaces", default=None, metavar="A,B",
+              help="With --kubernetes: watch only these namespaces (comma-separated). Default: all.")
+@click.option("--namespace", "single_namespace", default=None, help="With --kubernetes: watch only this namespace.")
+@click.option("--istio-api", is_flag=True,
+              help="With --kubernetes: also watch Istio's networking.istio.io/v1 VirtualServices and DestinationRules.")
 @click.option("--xds-address", default="127.0.0.1:15010", show_default=True)
 @click.option("--status-address", default="127.0.0.1:15014", show_default=True)
 @click.option("--webhook-address", default=None)
@@ -31,7 +38,8 @@ def main() -> None:
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
               show_default=True)
 @click.option("--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True)
-def serve(config_dirs: tuple[Path, ...], kubernetes: bool, xds_address: str, status_address: str,
+def serve(config_dirs: tuple[Path, ...], kubernetes: bool, kubeconfig: Path | None, watch_namespaces: str | None,
+          single_namespace: str | None, istio_api: bool, xds_address: str, status_address: str,
           webhook_address: str | None, debounce_ms: int, status_token_file: Path | None, log_level: str,
           log_format: str) -> None:
     """Run the control plane."""
@@ -40,17 +48,37 @@ def serve(config_dirs: tuple[Path, ...], kubernetes: bool, xds_address: str, sta
     from controlplane.serve import run
 
     setup_logging(log_level, log_format)
-    if kubernetes:
-        raise click.UsageError("--kubernetes is not available yet in this build")
-    if not config_dirs:
+    namespaces = _watch_namespaces(kubernetes, kubeconfig, watch_namespaces, single_namespace, istio_api)
+    if not config_dirs and not kubernetes:
         config_dirs = (Path("samples/bookinfo"),)
     settings = Settings(config_dirs=config_dirs, kubernetes=kubernetes, xds_address=xds_address,
                         status_address=status_address, webhook_address=webhook_address, debounce_ms=debounce_ms,
-                        status_token_file=status_token_file)
+                        status_token_file=status_token_file, kubeconfig=kubeconfig, watch_namespaces=namespaces,
+                        istio_api=istio_api)
     try:
         asyncio.run(run(settings))
     except KeyboardInterrupt:
         pass
+
+
+def _watch_namespaces(kubernetes: bool, kubeconfig: Path | None, watch_namespaces: str | None,
+                      single_namespace: str | None, istio_api: bool) -> tuple[str, ...] | None:
+    """The namespaces `serve --kubernetes` watches (None: all), checking the flag combination."""
+    if not kubernetes:
+        for flag, given in (("--kubeconfig", kubeconfig is not None), ("--watch-namespaces", watch_namespaces is not None),
+                            ("--namespace", single_namespace is not None), ("--istio-api", istio_api)):
+            if given:
+                raise click.UsageError(f"{flag} requires --kubernetes")
+        return None
+    if watch_namespaces is not None and single_namespace is not None:
+        raise click.UsageError("give either --watch-namespaces or --namespace, not both")
+    raw = watch_namespaces if watch_namespaces is not None else single_namespace
+    if raw is None:
+        return None
+    names = tuple(sorted({n.strip() for n in raw.split(",") if n.strip()}))
+    if not names:
+        raise click.BadParameter("no namespace given", param_hint="--watch-namespaces")
+    return names
 
 
 @main.command()

@@ -37,6 +37,9 @@ class Settings:
     debounce_ms: int = 100
     debounce_max_ms: int = 1000
     status_token_file: Path | None = None
+    kubeconfig: Path | None = None  # else $KUBECONFIG, else the in-cluster service account
+    watch_namespaces: tuple[str, ...] | None = None  # None: every namespace
+    istio_api: bool = False  # also watch networking.istio.io/v1 VirtualServices/DestinationRules
 
 
 def _plan_shared(mesh: Mesh, meta: ProxyMeta) -> list[ResourceSpec]:

@@ -11,6 +11,7 @@ import signal
 import uvicorn
 
 from controlplane.bootstrap import split_address
+from controlplane.metrics import Metrics
 from controlplane.runtime import Runtime, Settings
 from controlplane.sources.base import Source
 from controlplane.sources.directory import DirectorySource
@@ -22,9 +23,17 @@ log = logging.getLogger(__name__)
 
 def build_runtime(settings: Settings) -> Runtime:
     sources: list[Source] = []
+    metrics = Metrics()
     if settings.config_dirs:
         sources.append(DirectorySource(list(settings.config_dirs)))
-    return Runtime(settings, sources)
+    if settings.kubernetes:
+        from controlplane.sources.kubernetes import KubernetesSource  # imports the kubernetes client
+
+        sources.append(KubernetesSource(
+            namespaces=settings.watch_namespaces, kubeconfig=settings.kubeconfig, istio_api=settings.istio_api,
+            on_restart=lambda label: metrics.watch_restarts.labels(label).inc(),
+        ))
+    return Runtime(settings, sources, metrics)
 
 
 async def run(settings: Settings, started: asyncio.Event | None = None) -> None:

@@ -275,3 +275,21 @@ async def test_one_serialization_per_resource_shared_by_streams(fx: XdsFixture) 
     assert fx.control.memo.stats.serializations == before + 1  # one changed resource, six proxies
     for cl in clients:
         await cl.close()
+
+
+async def test_sotw_endpoint_update_sends_only_the_changed_assignment(fx: XdsFixture) -> None:
+    fx.control.publish({ENDPOINT: {n: make_cla(n) for n in ("a", "b", "c")}})
+    c = fx.client("sotw")
+    c.send(ENDPOINT, names=["a", "b", "c"])
+    r1 = await c.recv()
+    assert sorted(cla_names(r1)) == ["a", "b", "c"]
+    c.send(ENDPOINT, names=["a", "b", "c"], version=r1.version_info, nonce=r1.nonce)
+    fx.control.publish({ENDPOINT: {"a": make_cla("a"), "b": make_cla("b", 3), "c": make_cla("c")}})
+    r2 = await c.recv()
+    # EDS is not a full-state type in SotW: unchanged assignments are not resent.
+    assert cla_names(r2) == ["b"] and r2.version_info != r1.version_info
+    c.send(ENDPOINT, names=["a", "b", "c"], version=r2.version_info, nonce=r2.nonce)
+    await c.expect_nothing()
+    st = next(iter(fx.xds.connections.values())).stream.types[ENDPOINT]
+    assert st.version_acked == r2.version_info and sorted(st.known) == ["a", "b", "c"]
+    await c.close()

@@ -14,6 +14,8 @@ import yaml
 from controlplane.model.raw import RawObject
 
 CLUSTER_SCOPED = frozenset({"Namespace"})
+# libyaml's C parser when available (several times faster on large meshes); same marks.
+_Loader: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,7 +51,7 @@ def parse_documents(text: str, file: str) -> tuple[list[RawObject], list[ParseEr
     the caller should keep the file's previous objects."""
     objects: list[RawObject] = []
     errors: list[ParseError] = []
-    loader = yaml.SafeLoader(text)
+    loader = _Loader(text)
     try:
         while loader.check_node():
             node = loader.get_node()

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -340,38 +340,69 @@ class AdsStream:
             st.type_url
         )
 
-    def _upsert(self, st: TypeState) -> Outgoing | None:
-        desired = self._desired(st)
-        if self.protocol == "sotw":
-            content = dict(desired)
-            if st.type_url in WILDCARD_TYPES:
-                for n, r in st.known.items():  # keep to-be-removed ones until phase 2
-                    content.setdefault(n, r)
-            version = content_version(content)
-            added_new = any(n not in st.known for n in content)
-            if not st.needs_response and version == st.version_sent and all(
-                _same(st.known.get(n), r) for n, r in content.items()
-            ):
-                return None
-            out = self._send_sotw(st, content, version)
+    def _diff(self, st: TypeState) -> tuple[dict[str, Resource], list[str], list[str]]:
+        """(upserts, removals, absent) between what Envoy holds and the target. When the
+        stream was in sync with the target's predecessor, only the names that changed
+        between the two are examined (O(changed), not O(resources))."""
+        assert self.target is not None
+        tr = self.target.get(st.type_url)
+        items: Mapping[str, Resource] = tr.items if tr is not None else {}
+        fast = (
+            tr is not None and not st.needs_response and st.synced_target is not None
+            and tr.prev is st.synced_target and tr.changed is not None
+        )
+        names: Iterable[str]
+        if fast:
+            assert tr is not None and tr.changed is not None
+            names = tr.changed
+        elif st.wildcard:
+            names = set(items) | set(st.known)
         else:
-            changes = {n: r for n, r in desired.items() if not _same(st.known.get(n), r)}
-            absent: list[str] = []
-            if not st.wildcard:
-                absent = sorted(n for n in st.names if n not in desired and n not in st.absent_notified
-                                and n not in st.known)
-            if not changes and not absent and not st.needs_response:
+            names = set(st.names) | set(st.known)
+        upserts: dict[str, Resource] = {}
+        removals: list[str] = []
+        absent: list[str] = []
+        for n in names:
+            r = items.get(n) if st.subscribed(n) else None
+            if r is not None and st.quarantine:
+                bad = st.quarantine.get(n)
+                if bad is not None and r.version == bad:
+                    r = st.acked.get(n)  # hold the rejected version back
+            if r is None:
+                if n in st.known:
+                    removals.append(n)
+                elif not st.wildcard and n in st.names and n not in st.absent_notified:
+                    absent.append(n)
+            elif not _same(st.known.get(n), r):
+                upserts[n] = r
+        return upserts, sorted(removals), sorted(absent)
+
+    def _upsert(self, st: TypeState) -> Outgoing | None:
+        upserts, _removals, absent = self._diff(st)
+        added_new = any(n not in st.known for n in upserts)
+        if self.protocol == "sotw":
+            if not upserts and not st.needs_response:
                 return None
-            added_new = any(n not in st.known for n in changes)
-            out = self._send_delta(st, changes, absent)
+            if st.type_url in WILDCARD_TYPES:
+                # Full state; resources about to be removed stay until phase 2.
+                content = dict(st.known)
+                content.update(upserts)
+                out = self._send_sotw(st, content, full=True)
+            elif st.needs_response:
+                out = self._send_sotw(st, self._desired(st), full=True)
+            else:
+                out = self._send_sotw(st, upserts, full=False)  # EDS/RDS/SDS: only what changed
+        else:
+            if not upserts and not absent and not st.needs_response:
+                return None
+            out = self._send_delta(st, upserts, absent)
             st.absent_notified.update(absent)
         if st.type_url == CLUSTER and added_new:
             self.waiting = (st.type_url, out.nonce, time.monotonic() + 10.0)
         return out
 
     def _remove(self, st: TypeState) -> Outgoing | None:
-        desired = self._desired(st)
-        gone = [n for n in st.known if n not in desired]
+        _upserts, gone, _absent = self._diff(st)
         if not gone:
             return None
         if self.protocol == "sotw":
@@ -379,16 +410,33 @@ class AdsStream:
                 for n in gone:  # named types: Envoy drops them with their parents
                     st.known.pop(n, None)
                 return None
-            return self._send_sotw(st, desired, content_version(desired))
-        return self._send_delta(st, {}, sorted(gone))
+            return self._send_sotw(st, self._desired(st), full=True)
+        return self._send_delta(st, {}, gone)
 
-    def _send_sotw(self, st: TypeState, content: dict[str, Resource], version: str) -> Outgoing:
+    def _send_sotw(self, st: TypeState, content: dict[str, Resource], full: bool) -> Outgoing:
+        """A SotW response. `full`: `content` is the type's whole state for this proxy;
+        otherwise (EDS/RDS/SDS only) it holds just the changed resources."""
         nonce = self._next_nonce()
+        if full:
+            known = content
+        else:
+            known = dict(st.known)
+            known.update(content)
+        tr = self.target.get(st.type_url) if self.target is not None else None
+        # version_info names the state Envoy will hold: the target's version when it is exactly that.
+        if tr is None or st.quarantine:
+            version = content_version(known)
+        elif not st.wildcard:
+            version = tr.version
+        elif len(known) == len(tr.items) and all(_same(tr.items.get(n), r) for n, r in known.items()):
+            version = tr.version
+        else:
+            version = content_version(known)
         header = discovery_pb2.DiscoveryResponse(version_info=version, type_url=st.type_url, nonce=nonce)
         payload = header.SerializeToString() + b"".join(content[n].sotw_chunk for n in sorted(content))
         now = time.time()
-        st.pending[nonce] = Pending(nonce, version, dict(content), True, now)
-        st.known = dict(content)
+        st.pending[nonce] = Pending(nonce, version, dict(content), full, now)
+        st.known = known
         st.nonce, st.version_sent, st.last_push, st.needs_response = nonce, version, now, False
         return Outgoing(st.type_url, nonce, payload, len(content))
 

@@ -209,9 +209,8 @@ spec:
         errs = eventually(lambda: [e for e in mesh.errors() if e["object"] == f"Service/{NS}/taken"
                                    and e["nacked"]])
         assert "already in use" in errs[0]["message"] and errs[0]["file"].endswith("95-taken.yaml")
-        # ...so the proxy is back in sync with everything else.
-        eventually(lambda: next(p for p in mesh.proxies() if p["id"] == f"client-{mesh.protocol}")["state"]
-                   == "SYNCED")
+        # ...and the proxy stays NACKED (the user's change is not live) while everything else flows.
+        assert next(p for p in mesh.proxies() if p["id"] == f"client-{mesh.protocol}")["state"] == "NACKED"
         # Envoy kept serving, and a later good change still reaches it.
         assert mesh.get("hdr").status_code == 200
         mesh.write("96-new.yaml", service_yaml("hdr2", NS, HTTP_PORT, [Backend("127.0.0.110")]))
@@ -223,6 +222,8 @@ spec:
                 mesh.remove(f)
     eventually(lambda: mesh.get("hdr2").status_code == 404)
     eventually(lambda: not [e for e in mesh.errors() if e["object"] == f"Service/{NS}/taken"])
+    eventually(lambda: next(p for p in mesh.proxies() if p["id"] == f"client-{mesh.protocol}")["state"]
+               == "SYNCED")
 
 
 def test_status_reports_synced_proxy(mesh: MeshEnv) -> None:
