@@ -293,3 +293,19 @@ async def test_sotw_endpoint_update_sends_only_the_changed_assignment(fx: XdsFix
     st = next(iter(fx.xds.connections.values())).stream.types[ENDPOINT]
     assert st.version_acked == r2.version_info and sorted(st.known) == ["a", "b", "c"]
     await c.close()
+
+
+async def test_per_type_cluster_service_works_without_ads(fx: XdsFixture) -> None:
+    import grpc
+    from envoy.config.core.v3 import base_pb2
+    from envoy.service.cluster.v3 import cds_pb2_grpc
+    from envoy.service.discovery.v3 import discovery_pb2
+
+    fx.control.publish({CLUSTER: clusters("a", "b")})
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{fx.port}") as ch:
+        stub = cds_pb2_grpc.ClusterDiscoveryServiceStub(ch)
+        req = discovery_pb2.DeltaDiscoveryRequest(type_url=CLUSTER, node=base_pb2.Node(id="cds-only"))
+        call = stub.DeltaClusters(iter([req]))
+        resp = await call.read()
+        assert sorted(r.name for r in resp.resources) == ["a", "b"]
+        call.cancel()
