@@ -4,6 +4,7 @@ wires sources, runtime, xDS and status servers. Does I/O."""
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 from pathlib import Path
 
@@ -70,6 +71,8 @@ def _watch_namespaces(kubernetes: bool, kubeconfig: Path | None, watch_namespace
             if given:
                 raise click.UsageError(f"{flag} requires --kubernetes")
         return None
+    if kubeconfig is None and not os.environ.get("KUBECONFIG") and not os.environ.get("KUBERNETES_SERVICE_HOST"):
+        raise click.UsageError("--kubernetes needs --kubeconfig, $KUBECONFIG or an in-cluster service account")
     if watch_namespaces is not None and single_namespace is not None:
         raise click.UsageError("give either --watch-namespaces or --namespace, not both")
     raw = watch_namespaces if watch_namespaces is not None else single_namespace
@@ -162,6 +165,9 @@ def _register() -> None:
     main.add_command(proxy_status)
     main.add_command(proxy_config)
     main.add_command(version)
+    from controlplane.cli_tools import COMMANDS
+    for command in COMMANDS:
+        main.add_command(command)
 
 
 _register()

@@ -12,7 +12,9 @@ there, keeping a cache of the objects it has reported. It hands changes to its o
 - BOOKMARK events only move the resourceVersion;
 - an ADDED/MODIFIED event equal to the cached object reports nothing (watch replays);
 - errors back off exponentially with jitter (capped), and the backoff resets once a watch
-  has stayed up for a while or delivered a change.
+  has stayed up for a while or delivered a change;
+- a resource the server does not serve (404 on its list, e.g. a CRD not installed) counts
+  as listed and empty, and is retried with backoff until it appears.
 
 Nothing here touches asyncio: the owner (`controlplane.sources.kubernetes`) bridges.
 """
@@ -32,7 +34,7 @@ from typing import Any
 from kubernetes import client as k8s
 from kubernetes.client.exceptions import ApiException
 from kubernetes.watch.watch import iter_resp_lines
-from urllib3.exceptions import ReadTimeoutError
+from urllib3.exceptions import MaxRetryError, ReadTimeoutError
 
 from controlplane.model.raw import ObjectKey, RawObject
 
@@ -144,6 +146,11 @@ class WatchError(Exception):
     """An ERROR event other than 410 in a watch stream."""
 
 
+class ResourceAbsent(Exception):
+    """The API server does not serve the resource (404 on its list: e.g. a CRD that is not
+    installed). The informer reports it as synced and empty, and keeps retrying."""
+
+
 def to_raw(res: Resource, item: Mapping[str, Any], namespace: str | None = None) -> RawObject:
     """An API object (decoded JSON) as a RawObject. List items carry no apiVersion/kind, so
     both are set from the resource; `metadata.managedFields` is dropped (noise)."""
@@ -187,6 +194,8 @@ def list_function(api: Any, res: Resource, namespace: str | None) -> Callable[..
 def describe(exc: BaseException) -> str:
     if isinstance(exc, ApiException):
         return f"HTTP {exc.status} {exc.reason or ''}".strip()
+    if isinstance(exc, MaxRetryError) and exc.reason is not None:
+        return describe(exc.reason)
     text = str(exc).strip()
     return f"{type(exc).__name__}: {text[:300]}" if text else type(exc).__name__
 
@@ -260,9 +269,13 @@ class Informer:
             except WatchExpired:
                 gone = True
                 reason = "410 Gone in the watch stream"
+            except ResourceAbsent:
+                reason = "the API server does not serve it (CRD not installed?); counted as empty"
             except ReadTimeoutError:
-                expected = True
+                expected = started is not None  # a quiet watch reached its read timeout
                 reason = "no data before the read timeout"
+            except Stopped:
+                raise
             except Exception as exc:
                 if self._stopped.is_set():
                     return
@@ -289,8 +302,10 @@ class Informer:
             self.restarts += 1
             if self._on_restart is not None:
                 self._on_restart(self.res.label)
-            log.warning("watch of %s restarting (%s%s); retry in %.2fs", self.where, reason,
-                        ", relisting" if need_list else f", resuming at resourceVersion {self.rv}", delay)
+            # The first failure of a streak is a warning; the retries that follow are info.
+            log.log(logging.WARNING if self.failures <= 1 else logging.INFO,
+                    "watch of %s restarting (%s%s); retry in %.2fs", self.where, reason,
+                    ", relisting" if need_list else f", resuming at resourceVersion {self.rv}", delay)
             if delay and self._stopped.wait(delay):
                 return
 
@@ -305,7 +320,12 @@ class Informer:
                                   "limit": self.options.page_size}
             if cont:
                 kw["_continue"] = cont
-            resp = self._list(**kw)
+            try:
+                resp = self._list(**kw)
+            except ApiException as exc:
+                if exc.status != 404 or cont:
+                    raise
+                self._absent()
             try:
                 page = json.loads(resp.data)
             finally:
@@ -314,8 +334,10 @@ class Informer:
             items.extend(page.get("items") or [])
             list_rv = str(meta.get("resourceVersion") or "") or None
             cont = meta.get("continue") or None
-            if not cont or self._stopped.is_set():
+            if not cont:
                 break
+            if self._stopped.is_set():
+                return  # a partial list must not be diffed
         fresh: dict[tuple[str, str], RawObject] = {}
         for item in items:
             raw = to_raw(self.res, item, self.namespace)
@@ -335,11 +357,18 @@ class Informer:
                   self.rv)
         self._emit(Batch(self.ident, self.res.priority, tuple(deltas), listed=True))
 
+    def _absent(self) -> None:
+        deltas = tuple(Removed(self.cache[k].key) for k in sorted(self.cache))
+        self.cache = {}
+        self.rv = None
+        self._emit(Batch(self.ident, self.res.priority, deltas, listed=True))
+        raise ResourceAbsent()
+
     # ------------------------------------------------------------------ watch
     def _watch(self) -> None:
         o = self.options
-        kw: dict[str, Any] = {"watch": True, "allow_watch_bookmarks": True, "timeout_seconds": int(o.watch_timeout),
-                              "_preload_content": False,
+        kw: dict[str, Any] = {"watch": True, "allow_watch_bookmarks": True,
+                              "timeout_seconds": max(1, round(o.watch_timeout)), "_preload_content": False,
                               "_request_timeout": (o.connect_timeout, o.watch_timeout + o.read_grace)}
         if self.rv:
             kw["resource_version"] = self.rv
@@ -357,6 +386,7 @@ class Informer:
         finally:
             with self._lock:
                 self._resp = None
+            resp.close()  # never hand a half-read stream back to the pool
             resp.release_conn()
 
     def _event(self, ev: Any) -> None:

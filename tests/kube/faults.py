@@ -84,6 +84,7 @@ class FaultProxy:
         self.requests: list[SeenRequest] = []
         self.versioned = False
         self._online = False
+        self._epoch = 0  # bumped by every outage: a watch that raced one is cut too
         self._watches: set[_Stream] = set()
         self._muted = False
         self._watch_status: int | None = None
@@ -153,6 +154,7 @@ class FaultProxy:
         if online == self._online:
             return
         self._online = online
+        self._epoch += 1
         if online:
             assert self._runner is not None
             self._site = web.TCPSite(self._runner, self.host, self.port, reuse_address=True)
@@ -212,7 +214,8 @@ class FaultProxy:
         if not self._online:  # a kept-alive connection from before the outage
             if request.transport is not None:
                 request.transport.abort()
-            raise ConnectionResetError("offline")
+            return web.Response(status=503)  # never sent: the connection is gone
+        epoch = self._epoch
         seen = SeenRequest(request.method, request.path, dict(request.query))
         self.requests.append(seen)
         forced = self._forced_status(seen)
@@ -231,7 +234,7 @@ class FaultProxy:
                     data = self._version_list(data)
                 return web.Response(status=up.status, body=data,
                                     headers={"Content-Type": up.headers.get("Content-Type", "application/json")})
-            return await self._stream(request, up)
+            return await self._stream(request, up, epoch)
 
     def _version_list(self, data: bytes) -> bytes:
         try:
@@ -247,11 +250,14 @@ class FaultProxy:
             _stamp(doc)
         return json.dumps(doc).encode()
 
-    async def _stream(self, request: web.BaseRequest, up: aiohttp.ClientResponse) -> web.StreamResponse:
+    async def _stream(self, request: web.BaseRequest, up: aiohttp.ClientResponse, epoch: int) -> web.StreamResponse:
         resp = web.StreamResponse(status=200, headers={"Content-Type": "application/json"})
-        await resp.prepare(request)  # type: ignore[arg-type]
+        await resp.prepare(request)
         stream = _Stream(request, resp)  # type: ignore[arg-type]
         self._watches.add(stream)
+        if epoch != self._epoch:  # an outage began while this watch was being opened
+            stream.abort = True
+            stream.stop.set()
 
         async def pump() -> None:
             async for line in up.content:
