@@ -30,6 +30,8 @@ def main() -> None:
 @click.option("--namespace", "single_namespace", default=None, help="With --kubernetes: watch only this namespace.")
 @click.option("--istio-api", is_flag=True,
               help="With --kubernetes: also watch Istio's networking.istio.io/v1 VirtualServices and DestinationRules.")
+@click.option("--leader-lease-seconds", default=15.0, show_default=True, type=click.FloatRange(1, 3600),
+              help="With --kubernetes: Lease duration for leader election (handover time after a crash).")
 @click.option("--xds-address", default="127.0.0.1:15010", show_default=True)
 @click.option("--status-address", default="127.0.0.1:15014", show_default=True)
 @click.option("--webhook-address", default=None)
@@ -40,7 +42,8 @@ def main() -> None:
               show_default=True)
 @click.option("--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True)
 def serve(config_dirs: tuple[Path, ...], kubernetes: bool, kubeconfig: Path | None, watch_namespaces: str | None,
-          single_namespace: str | None, istio_api: bool, xds_address: str, status_address: str,
+          single_namespace: str | None, istio_api: bool, leader_lease_seconds: float, xds_address: str,
+          status_address: str,
           webhook_address: str | None, debounce_ms: int, status_token_file: Path | None, log_level: str,
           log_format: str) -> None:
     """Run the control plane."""
@@ -55,7 +58,7 @@ def serve(config_dirs: tuple[Path, ...], kubernetes: bool, kubeconfig: Path | No
     settings = Settings(config_dirs=config_dirs, kubernetes=kubernetes, xds_address=xds_address,
                         status_address=status_address, webhook_address=webhook_address, debounce_ms=debounce_ms,
                         status_token_file=status_token_file, kubeconfig=kubeconfig, watch_namespaces=namespaces,
-                        istio_api=istio_api)
+                        istio_api=istio_api, leader_lease_seconds=leader_lease_seconds)
     try:
         asyncio.run(run(settings))
     except KeyboardInterrupt:

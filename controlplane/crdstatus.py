@@ -84,7 +84,8 @@ class StatusWriter:
     def __init__(self, api_client: Any, snapshot: Callable[[], tuple[Mapping[ObjectKey, RawObject],
                                                                      Mapping[ObjectKey, list[Issue]],
                                                                      Mapping[ObjectKey, str]]],
-                 is_leader: Callable[[], bool], min_interval_s: float = 1.0) -> None:
+                 is_leader: Callable[[], bool], min_interval_s: float = 1.0,
+                 on_write: Callable[[int], None] | None = None) -> None:
         from kubernetes import client
 
         self.api = client.CustomObjectsApi(api_client)
@@ -93,10 +94,15 @@ class StatusWriter:
         self.min_interval_s = min_interval_s
         self.trigger = asyncio.Event()
         self.writes = 0
+        self.on_write = on_write
         self._written: dict[ObjectKey, Condition] = {}
 
     def poke(self) -> None:
         self.trigger.set()
+
+    def forget(self) -> None:
+        """Leadership (re)acquired: trust only what the objects carry, not our memory."""
+        self._written.clear()
 
     def write_once(self) -> int:
         """Blocking: write every changed condition; returns how many were written."""
@@ -122,6 +128,8 @@ class StatusWriter:
             self._written[key] = cond
             n += 1
         self.writes += n
+        if n and self.on_write is not None:
+            self.on_write(n)
         self._written = {k: v for k, v in self._written.items() if k in objects}
         return n
 

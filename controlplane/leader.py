@@ -32,14 +32,14 @@ def _fmt(t: datetime) -> str:
 
 
 def _parse(s: str | None) -> datetime | None:
+    """RFC 3339 MicroTime as servers write it ("...Z" or "+00:00")."""
     if not s:
         return None
-    for fmt in ("%Y-%m-%dT%H:%M:%S.%fZ", "%Y-%m-%dT%H:%M:%SZ"):
-        try:
-            return datetime.strptime(s, fmt).replace(tzinfo=UTC)
-        except ValueError:
-            continue
-    return None
+    try:
+        t = datetime.fromisoformat(s)
+    except ValueError:
+        return None
+    return t if t.tzinfo is not None else t.replace(tzinfo=UTC)
 
 
 @dataclass(frozen=True, slots=True)

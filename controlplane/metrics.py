@@ -34,6 +34,9 @@ class Metrics:
         self.watch_restarts = Counter(
             "meshline_source_watch_restarts_total", "Source watches restarted after an error", ["source"], registry=r
         )
+        self.status_writes = Counter(
+            "meshline_crd_status_writes_total", "CRD status conditions written (leader only)", registry=r
+        )
         self.rebuild_seconds = Histogram(
             "meshline_snapshot_rebuild_seconds", "Time to rebuild proxy snapshots after a change", registry=r,
             buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),

@@ -8,7 +8,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,6 +39,8 @@ class Settings:
     status_token_file: Path | None = None
     kubeconfig: Path | None = None  # else $KUBECONFIG, else the in-cluster service account
     watch_namespaces: tuple[str, ...] | None = None  # None: every namespace
+    leader_namespace: str = "meshline-system"
+    leader_lease_seconds: float = 15.0
     istio_api: bool = False  # also watch networking.istio.io/v1 VirtualServices/DestinationRules
 
 
@@ -79,6 +81,8 @@ class Runtime:
         self.change_started: float | None = None
         self._gen_started: dict[int, float] = {}
         self.bisector = Bisector()
+        self.after_rebuild: list[Callable[[], None]] = []
+        self.leader: bool | None = None  # None: no leader election (directory mode)
         self._arm_pending = False
 
     # ------------------------------------------------------------------ readiness
@@ -231,6 +235,8 @@ class Runtime:
         for c in conns:
             c.update(snaps[proxy_key(c.meta)])
         self.metrics.rebuild_seconds.observe(time.perf_counter() - t0)
+        for hook in self.after_rebuild:
+            hook()
         self.metrics.serializations.set(self.builder.memo.stats.serializations)
 
     async def rebuild_loop(self) -> None:

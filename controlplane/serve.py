@@ -6,7 +6,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
+import socket
 
 import uvicorn
 
@@ -36,6 +38,35 @@ def build_runtime(settings: Settings) -> Runtime:
     return Runtime(settings, sources, metrics)
 
 
+def start_leader_work(runtime: Runtime, settings: Settings) -> list[asyncio.Task[None]]:
+    """Leader election and the singleton work only the leader does (CRD status write-back)."""
+    from controlplane.crdstatus import StatusWriter
+    from controlplane.leader import ElectionConfig, LeaderElector
+    from controlplane.sources.kubernetes import ORIGIN, make_api_client
+
+    api = make_api_client(settings.kubeconfig)
+    identity = os.environ.get("POD_NAME") or f"{socket.gethostname()}-{os.getpid()}"
+    namespace = os.environ.get("POD_NAMESPACE") or settings.leader_namespace
+    store = runtime.store
+    writer = StatusWriter(api, lambda: (store.objects(ORIGIN), store.issues_by_key(), store.quarantined()),
+                          is_leader=lambda: elector.is_leader,
+                          on_write=lambda n: runtime.metrics.status_writes.inc(n))
+
+    def on_change(leader: bool) -> None:
+        runtime.leader = leader
+        if leader:
+            writer.forget()
+            writer.poke()
+
+    lease = settings.leader_lease_seconds
+    elector = LeaderElector(api, ElectionConfig(namespace=namespace, name="meshline-leader", identity=identity,
+                                                lease_duration_s=lease, renew_deadline_s=lease * 2 / 3,
+                                                retry_period_s=max(0.2, lease / 7.5)), on_change=on_change)
+    runtime.after_rebuild.append(writer.poke)
+    return [asyncio.create_task(elector.run(), name="leader-election"),
+            asyncio.create_task(writer.run(), name="crd-status")]
+
+
 async def run(settings: Settings, started: asyncio.Event | None = None) -> None:
     runtime = build_runtime(settings)
     grpc_server, port = await start_grpc(settings.xds_address, runtime.xds.handlers())
@@ -53,6 +84,8 @@ async def run(settings: Settings, started: asyncio.Event | None = None) -> None:
         asyncio.create_task(runtime.rebuild_loop(), name="rebuild"),
         asyncio.create_task(status.serve(), name="status"),
     ]
+    if settings.kubernetes:
+        tasks.extend(start_leader_work(runtime, settings))
     log.info("meshline serving xDS on %s (port %d), status on %s", settings.xds_address, port,
              settings.status_address)
     if started is not None:

@@ -182,6 +182,7 @@ def create_app(runtime: Runtime, token_file: Path | None = None) -> FastAPI:
         return {
             "version": __version__,
             "ready": runtime.ready,
+            "leader": runtime.leader,
             "generation": runtime.store.generation,
             "proxies": {
                 "total": len(views),
