@@ -83,7 +83,7 @@ def cluster() -> Iterator[Cluster]:
             assert c.backend.stdout is not None and c.backend.stdout.readline().strip() == b"ready"
             c.start_replica("replica-1")
             c.start_replica("replica-2")
-            for name, (p, _, status) in c.replicas.items():
+            for p, _, status in c.replicas.values():
                 wait_http(f"http://127.0.0.1:{status}/readyz", proc=p, timeout=30)
             xds = c.replicas["replica-1"][1]
             admin = free_port()
