@@ -21,6 +21,7 @@ from controlplane.model.raw import ObjectKey, RawObject
 
 log = logging.getLogger(__name__)
 
+OWN_GROUPS = frozenset({"networking.meshline.io", "security.meshline.io"})
 STATUS_KINDS = {"VirtualService": "virtualservices", "DestinationRule": "destinationrules",
                 "PeerAuthentication": "peerauthentications", "AuthorizationPolicy": "authorizationpolicies"}
 
@@ -72,8 +73,8 @@ def plan_updates(objects: Mapping[ObjectKey, RawObject], issues: Mapping[ObjectK
     """Conditions to write: only where the desired one differs from what the object carries."""
     out: dict[ObjectKey, Condition] = {}
     for key, raw in objects.items():
-        if raw.kind not in STATUS_KINDS:
-            continue
+        if raw.kind not in STATUS_KINDS or raw.api_version.split("/")[0] not in OWN_GROUPS:
+            continue  # Istio's objects (watched with --istio-api) belong to Istio: never written
         want = desired_condition(raw, issues.get(key, ()), quarantined.get(key))
         if current_condition(raw) != want:
             out[key] = want
