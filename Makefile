@@ -25,7 +25,7 @@ bench: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check controlplane webhook tests bench samples
-	$(BIN)/mypy --strict controlplane
+	$(BIN)/mypy --strict controlplane webhook
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache *.egg-info
