@@ -1,4 +1,14 @@
-"""Envoy bootstrap generation for `meshline bootstrap`. Pure: settings in, YAML text out."""
+"""Envoy bootstrap generation for `meshline bootstrap`. Pure: settings in, YAML text out.
+
+Identity: with a `token`, the xDS gRPC service carries it as `initial_metadata`
+(`authorization: Bearer <token>`) on every stream, and the control plane binds the proxy to
+the identity the token proves. Envoy reads that metadata only inline, so a Kubernetes
+service-account token is read when the bootstrap is generated (at proxy start); a proxy
+whose token has since expired keeps its stream, and on a reconnect gets configuration but
+no new certificate until its bootstrap is regenerated (restart). With `xds_tls`, the xDS
+cluster speaks TLS (the control plane's 15012), verifying the server certificate against
+the given trust bundle and DNS name.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +18,12 @@ from typing import Any
 import yaml
 
 from controlplane.model.ir import CaptureMode, Labels, ProxyMode
+
+
+@dataclass(frozen=True, slots=True)
+class XdsTls:
+    trusted_ca: str  # PEM bundle the control plane's serving certificate must chain to
+    server_name: str = ""  # SNI and required DNS SAN; "" = the xDS host (or localhost for an IP)
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,6 +39,8 @@ class BootstrapOptions:
     xds_address: str = "127.0.0.1:15010"
     admin_address: str = "127.0.0.1:15000"
     cluster: str = "meshline"
+    token: str | None = None  # bearer token sent on the xDS stream (proves the proxy's identity)
+    xds_tls: XdsTls | None = None
 
 
 def split_address(addr: str) -> tuple[str, int]:
@@ -47,6 +65,9 @@ def bootstrap(opts: BootstrapOptions) -> dict[str, Any]:
     if opts.workload:
         metadata["workload"] = opts.workload
     api_type = "DELTA_GRPC" if opts.xds_protocol == "delta" else "GRPC"
+    grpc_service: dict[str, Any] = {"envoy_grpc": {"cluster_name": "xds-grpc"}}
+    if opts.token:
+        grpc_service["initial_metadata"] = [{"key": "authorization", "value": f"Bearer {opts.token}"}]
     doc: dict[str, Any] = {
         "node": {"id": opts.node_id, "cluster": opts.cluster, "metadata": metadata},
         "admin": {"address": {"socket_address": {"address": admin_host, "port_value": admin_port}}},
@@ -54,7 +75,7 @@ def bootstrap(opts: BootstrapOptions) -> dict[str, Any]:
             "ads_config": {
                 "api_type": api_type,
                 "transport_api_version": "V3",
-                "grpc_services": [{"envoy_grpc": {"cluster_name": "xds-grpc"}}],
+                "grpc_services": [grpc_service],
                 "set_node_on_first_message_only": True,
             },
             "cds_config": {"ads": {}, "resource_api_version": "V3"},
@@ -81,9 +102,29 @@ def bootstrap(opts: BootstrapOptions) -> dict[str, Any]:
             ],
         },
     }
+    if opts.xds_tls is not None:
+        server_name = opts.xds_tls.server_name or ("localhost" if _is_ip(xds_host) else xds_host)
+        doc["static_resources"]["clusters"][0]["transport_socket"] = _xds_tls(opts.xds_tls.trusted_ca, server_name)
     if opts.capture == "intercept":
         doc["static_resources"]["listeners"] = [_health_listener(), _stats_listener()]
     return doc
+
+
+def _xds_tls(trusted_ca: str, server_name: str) -> dict[str, Any]:
+    return {
+        "name": "envoy.transport_sockets.tls",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+            "sni": server_name,
+            "common_tls_context": {
+                "alpn_protocols": ["h2"],
+                "validation_context": {
+                    "trusted_ca": {"inline_string": trusted_ca},
+                    "match_typed_subject_alt_names": [{"san_type": "DNS", "matcher": {"exact": server_name}}],
+                },
+            },
+        },
+    }
 
 
 def _is_ip(host: str) -> bool:

@@ -7,10 +7,23 @@ import asyncio
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
+from click.core import ParameterSource
 
 from controlplane import __version__
+
+
+def _duration_option(_ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+    from controlplane.ca.identity import parse_duration
+
+    if value is None:
+        return None
+    try:
+        return parse_duration(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param=param) from None
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -41,12 +54,29 @@ def main() -> None:
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
               show_default=True)
 @click.option("--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True)
-def serve(config_dirs: tuple[Path, ...], kubernetes: bool, kubeconfig: Path | None, watch_namespaces: str | None,
-          single_namespace: str | None, istio_api: bool, leader_lease_seconds: float, xds_address: str,
-          status_address: str,
+@click.option("--ca/--no-ca", "ca_enabled", default=True, show_default=True,
+              help="Run the built-in CA: workload certificates over SDS for authenticated proxies, the CSR API.")
+@click.option("--ca-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="CA directory (root, key, token key; created if empty). Default: $MESHLINE_CA_DIR, else "
+                   ".meshline/ca; with --kubernetes a private temporary directory (the root lives in the "
+                   "Secret meshline-system/meshline-ca-root).")
+@click.option("--trust-domain", default="cluster.local", show_default=True)
+@click.option("--workload-cert-ttl", default="24h", show_default=True, callback=_duration_option,
+              help="Workload certificate lifetime (rotated at half life): seconds, or 30m, 24h, ...")
+@click.option("--ca-address", default="127.0.0.1:15012", show_default=True,
+              help="TLS port for xDS and the certificate-signing API ('off' to disable).")
+@click.option("--ca-dns-names", default="meshline.meshline-system.svc,localhost", show_default=True,
+              help="DNS names (comma-separated) of the control plane's own certificate on --ca-address.")
+@click.pass_context
+def serve(ctx: click.Context, config_dirs: tuple[Path, ...], kubernetes: bool, kubeconfig: Path | None,
+          watch_namespaces: str | None, single_namespace: str | None, istio_api: bool, leader_lease_seconds: float,
+          xds_address: str, status_address: str,
           webhook_address: str | None, debounce_ms: int, status_token_file: Path | None, log_level: str,
-          log_format: str) -> None:
+          log_format: str, ca_enabled: bool, ca_dir: Path | None, trust_domain: str, workload_cert_ttl: Any,
+          ca_address: str, ca_dns_names: str) -> None:
     """Run the control plane."""
+    from controlplane.bootstrap import split_address
+    from controlplane.ca.commands import default_ca_dir
     from controlplane.logs import setup_logging
     from controlplane.runtime import Settings
     from controlplane.serve import run
@@ -55,14 +85,33 @@ def serve(config_dirs: tuple[Path, ...], kubernetes: bool, kubeconfig: Path | No
     namespaces = _watch_namespaces(kubernetes, kubeconfig, watch_namespaces, single_namespace, istio_api)
     if not config_dirs and not kubernetes:
         config_dirs = (Path("samples/bookinfo"),)
+    if ca_dir is None and (os.environ.get("MESHLINE_CA_DIR") or not kubernetes):
+        ca_dir = default_ca_dir()
+    ca_addr: str | None = None if ca_address.strip().lower() in ("", "off", "none") else ca_address.strip()
+    if ca_addr is not None:
+        try:
+            split_address(ca_addr)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--ca-address") from exc
+    dns_names = tuple(n.strip() for n in ca_dns_names.split(",") if n.strip())
+    if ca_enabled and ca_addr and not dns_names:
+        raise click.BadParameter("at least one DNS name", param_hint="--ca-dns-names")
     settings = Settings(config_dirs=config_dirs, kubernetes=kubernetes, xds_address=xds_address,
                         status_address=status_address, webhook_address=webhook_address, debounce_ms=debounce_ms,
                         status_token_file=status_token_file, kubeconfig=kubeconfig, watch_namespaces=namespaces,
-                        istio_api=istio_api, leader_lease_seconds=leader_lease_seconds)
+                        istio_api=istio_api, leader_lease_seconds=leader_lease_seconds,
+                        ca_enabled=ca_enabled, ca_dir=ca_dir, trust_domain=trust_domain,
+                        workload_cert_ttl_s=workload_cert_ttl.total_seconds(), ca_address=ca_addr,
+                        ca_address_required=ctx.get_parameter_source("ca_address") is not ParameterSource.DEFAULT,
+                        ca_dns_names=dns_names)
+    from controlplane.ca import CAError
+
     try:
         asyncio.run(run(settings))
     except KeyboardInterrupt:
         pass
+    except CAError as exc:
+        raise click.ClickException(f"CA: {exc}") from None
 
 
 def _watch_namespaces(kubernetes: bool, kubeconfig: Path | None, watch_namespaces: str | None,
@@ -98,10 +147,29 @@ def _watch_namespaces(kubernetes: bool, kubeconfig: Path | None, watch_namespace
 @click.option("--xds-protocol", type=click.Choice(["delta", "sotw"]), default="delta", show_default=True)
 @click.option("--xds-address", default="127.0.0.1:15010", show_default=True)
 @click.option("--admin-address", default="127.0.0.1:15000", show_default=True)
+@click.option("--ca-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Mint a bootstrap token for NAMESPACE/SERVICE_ACCOUNT with this CA directory's key (the one "
+                   "`meshline serve --ca-dir` uses): the proxy then gets its workload certificate. Without it "
+                   "(or --token-file) the proxy gets configuration but no certificates.")
+@click.option("--token-ttl", default="365d", show_default=True, callback=_duration_option,
+              help="Lifetime of the minted token (seconds, or 12h, 365d, ...).")
+@click.option("--token-file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Kubernetes: a projected service-account token (audience `meshline`), read NOW and put "
+                   "inline in the bootstrap (Envoy cannot read gRPC metadata from a file).")
+@click.option("--xds-tls", is_flag=True,
+              help="Connect to --xds-address (the TLS port, 15012) over TLS, trusting the CA bundle of "
+                   "--ca-dir or --ca-bundle.")
+@click.option("--ca-bundle", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="With --xds-tls: the PEM trust bundle (default: root-cert.pem of --ca-dir).")
+@click.option("--xds-server-name", default=None,
+              help="With --xds-tls: SNI and the DNS name the server certificate must carry (default: the host "
+                   "of --xds-address, or localhost for an IP).")
 def bootstrap(mode: str, node_id: str, namespace: str, workload: str | None, service_account: str, labels: str,
-              capture: str, xds_protocol: str, xds_address: str, admin_address: str) -> None:
+              capture: str, xds_protocol: str, xds_address: str, admin_address: str, ca_dir: Path | None,
+              token_ttl: Any, token_file: Path | None, xds_tls: bool, ca_bundle: Path | None,
+              xds_server_name: str | None) -> None:
     """Print an Envoy bootstrap (YAML) for a proxy."""
-    from controlplane.bootstrap import BootstrapOptions, render, split_address
+    from controlplane.bootstrap import BootstrapOptions, XdsTls, render, split_address
     from controlplane.model.ir import labels_of
 
     for flag, address in (("--xds-address", xds_address), ("--admin-address", admin_address)):
@@ -115,15 +183,60 @@ def bootstrap(mode: str, node_id: str, namespace: str, workload: str | None, ser
         if not sep or not k:
             raise click.BadParameter(f"label {item!r} is not k=v", param_hint="--labels")
         pairs[k] = v
+    token = _bootstrap_token(ca_dir, token_file, namespace, service_account, token_ttl)
+    tls = None
+    if xds_tls:
+        tls = XdsTls(trusted_ca=_bootstrap_bundle(ca_dir, ca_bundle), server_name=xds_server_name or "")
+    elif ca_bundle is not None or xds_server_name is not None:
+        raise click.UsageError("--ca-bundle and --xds-server-name need --xds-tls")
     opts = BootstrapOptions(
         node_id=node_id, namespace=namespace, mode=mode, workload=workload,  # type: ignore[arg-type]
         service_account=service_account, labels=labels_of(pairs), capture=capture,  # type: ignore[arg-type]
-        xds_protocol=xds_protocol, xds_address=xds_address, admin_address=admin_address,
+        xds_protocol=xds_protocol, xds_address=xds_address, admin_address=admin_address, token=token,
+        xds_tls=tls,
     )
     try:
         click.echo(render(opts), nl=False)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from exc
+
+
+def _bootstrap_token(ca_dir: Path | None, token_file: Path | None, namespace: str, service_account: str,
+                     ttl: Any) -> str | None:
+    """The bearer token a bootstrap carries: minted with the CA directory's key, or read
+    from a (Kubernetes service-account) token file; None without either."""
+    from controlplane.ca import CAError, tokens
+    from controlplane.ca.identity import Identity
+
+    if ca_dir is not None and token_file is not None:
+        raise click.UsageError("give either --ca-dir (mint a token) or --token-file (use that token), not both")
+    if token_file is not None:
+        value = token_file.read_text().strip()
+        if not value or any(c.isspace() for c in value):
+            raise click.BadParameter("the file must hold one token", param_hint="--token-file")
+        return value
+    if ca_dir is None:
+        return None
+    try:
+        key = tokens.load_or_create_token_key(ca_dir)
+        return tokens.mint(key, Identity(namespace, service_account), ttl)
+    except CAError as exc:
+        raise click.UsageError(str(exc)) from None
+
+
+def _bootstrap_bundle(ca_dir: Path | None, ca_bundle: Path | None) -> str:
+    from controlplane.ca import ROOT_CERT_FILE
+
+    path = ca_bundle or (ca_dir / ROOT_CERT_FILE if ca_dir is not None else None)
+    if path is None:
+        raise click.UsageError("--xds-tls needs --ca-bundle or --ca-dir (for its root-cert.pem)")
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise click.UsageError(f"cannot read the trust bundle {path}: {exc.strerror or exc}") from None
+    if "BEGIN CERTIFICATE" not in text:
+        raise click.UsageError(f"{path} holds no PEM certificate")
+    return text
 
 
 @main.command()
@@ -170,6 +283,9 @@ def _register() -> None:
     main.add_command(version)
     from controlplane.cli_tools import COMMANDS
     for command in COMMANDS:
+        main.add_command(command)
+    from controlplane.ca.commands import COMMANDS as CA_COMMANDS
+    for command in CA_COMMANDS:
         main.add_command(command)
 
 

@@ -11,7 +11,10 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from controlplane.ca.identity import identity_of
+from controlplane.cache.resources import Resource
 from controlplane.cache.snapshot import ProxyKey, SnapshotBuilder, proxy_key
 from controlplane.metrics import Metrics
 from controlplane.model.ir import ProxyMeta
@@ -19,10 +22,14 @@ from controlplane.model.mesh import Mesh
 from controlplane.model.store import MeshStore
 from controlplane.quarantine import Bisector, Step
 from controlplane.sources.base import Source, SourceEvent, Synced
-from controlplane.translate.plan import ResourceSpec
+from controlplane.translate.plan import SECRET, ResourceSpec
+from controlplane.translate.secrets import ROOT_SECRET, plan_secrets, root_secret
 from controlplane.translate.sidecar import plan_inbound, plan_outbound
 from controlplane.xds.server import Connection, XdsServer
 from controlplane.xds.stream import NackRecord, Outgoing
+
+if TYPE_CHECKING:
+    from controlplane.ca.service import IdentityService
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +49,17 @@ class Settings:
     leader_namespace: str = "meshline-system"
     leader_lease_seconds: float = 15.0
     istio_api: bool = False  # also watch networking.istio.io/v1 VirtualServices/DestinationRules
+    # Identity (controlplane.ca): off unless ca_enabled. ca_dir None with ca_enabled: a private
+    # temporary directory (Kubernetes mode, where the root lives in a Secret).
+    ca_enabled: bool = False
+    ca_dir: Path | None = None
+    trust_domain: str = "cluster.local"
+    root_namespace: str = "meshline-system"  # mesh-wide PeerAuthentication/AuthorizationPolicy live here
+    workload_cert_ttl_s: float = 86400.0
+    ca_address: str | None = None  # TLS port for xDS + the CSR API (15012); None: off
+    ca_address_required: bool = True  # False: a port already taken is logged and skipped
+    ca_dns_names: tuple[str, ...] = ("meshline.meshline-system.svc", "localhost")
+    bundle_propagation_s: float = 30.0  # root rotation: wait this long at most for proxies to ACK the bundle
 
 
 def _plan_shared(mesh: Mesh, meta: ProxyMeta) -> list[ResourceSpec]:
@@ -65,11 +83,16 @@ class Runtime:
     settings: Settings
     sources: Sequence[Source]
     metrics: Metrics = field(default_factory=Metrics)
+    identity: IdentityService | None = None
 
     def __post_init__(self) -> None:
-        self.store = MeshStore()
-        self.builder = SnapshotBuilder(_plan_shared, _plan_own, _shared_key)
-        self.xds = XdsServer(self, self)
+        self.store = MeshStore(trust_domain=self.settings.trust_domain, root_namespace=self.settings.root_namespace)
+        self.builder = SnapshotBuilder(_plan_shared, self._plan_own_layer, _shared_key)
+        self.xds = XdsServer(self, self, self.identity.authenticator if self.identity is not None else None)
+        self._rotation_timer: asyncio.TimerHandle | None = None
+        if self.identity is not None:
+            self.identity.on_change = lambda: self.mark_dirty(urgent=True)
+            self.identity.bundle_synced = self.bundle_synced
         self._synced: set[str] = set()
         self._dirty = asyncio.Event()
         self._first_dirty: float | None = None
@@ -205,6 +228,48 @@ class Runtime:
         if started is not None:
             self.metrics.convergence_seconds.observe(max(0.0, time.time() - started))
 
+    # ------------------------------------------------------------------ identities (SDS)
+    def _plan_own_layer(self, mesh: Mesh, meta: ProxyMeta) -> list[ResourceSpec]:
+        """The proxy's own layer: its inbound side plus, for an authenticated identity, its
+        certificate and the trust bundle."""
+        specs = _plan_own(mesh, meta)
+        ident = identity_of(meta)
+        if ident is None or self.identity is None:
+            return specs
+        material = self.identity.material(ident)
+        if material is None:
+            return specs
+        return [*specs, *plan_secrets(material, self.identity.bundle)]
+
+    def _identity_upkeep(self, conns: Sequence[Connection]) -> None:
+        """Forget certificates nobody holds; wake up at the next half-life to rotate."""
+        if self.identity is None:
+            return
+        live = {c.identity for c in conns if c.identity is not None}
+        delay = self.identity.sweep(live)
+        if self._rotation_timer is not None:
+            self._rotation_timer.cancel()
+            self._rotation_timer = None
+        if delay is None:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        self._rotation_timer = loop.call_later(delay + 0.01, self.mark_dirty, True)
+
+    def bundle_synced(self, bundle: str) -> bool:
+        """Whether every authenticated proxy that subscribes to ROOTCA has ACKed `bundle`."""
+        want = Resource(SECRET, ROOT_SECRET, root_secret(bundle).SerializeToString(deterministic=True)).version
+        for c in list(self.xds.connections.values()):
+            st = c.stream.types.get(SECRET)
+            if c.identity is None or st is None or not st.subscribed(ROOT_SECRET):
+                continue
+            acked = st.acked.get(ROOT_SECRET)
+            if acked is None or acked.version != want:
+                return False
+        return True
+
     # ------------------------------------------------------------------ rebuild loop
     def mesh(self) -> Mesh:
         return self.store.mesh()
@@ -234,6 +299,7 @@ class Runtime:
                     c.stream.clear_quarantine()
         for c in conns:
             c.update(snaps[proxy_key(c.meta)])
+        self._identity_upkeep(conns)
         self.metrics.rebuild_seconds.observe(time.perf_counter() - t0)
         for hook in self.after_rebuild:
             hook()

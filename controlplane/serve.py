@@ -5,11 +5,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import logging
 import os
+import shutil
 import signal
 import socket
+import tempfile
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
+import grpc
 import uvicorn
 
 from controlplane.bootstrap import split_address
@@ -20,10 +27,78 @@ from controlplane.sources.directory import DirectorySource
 from controlplane.status.app import create_app
 from controlplane.xds.server import start_grpc
 
+if TYPE_CHECKING:
+    from controlplane.ca.service import IdentityService
+
 log = logging.getLogger(__name__)
 
 
-def build_runtime(settings: Settings) -> Runtime:
+def build_identity(settings: Settings, ca_dir: Path, api_client: Any = None) -> IdentityService:
+    """The CA and workload identities (loaded, or created in directory mode). Kubernetes
+    mode verifies service-account tokens with TokenReview through `api_client`, and the root
+    comes from the Secret (see `start_identity_tasks`)."""
+    from controlplane.ca.authn import TokenReviewer
+    from controlplane.ca.service import IdentityService, IdentitySettings
+
+    reviewer = TokenReviewer(api_client) if settings.kubernetes and api_client is not None else None
+    identity = IdentityService(IdentitySettings(
+        ca_dir=ca_dir, trust_domain=settings.trust_domain,
+        workload_ttl=dt.timedelta(seconds=settings.workload_cert_ttl_s),
+        create=not settings.kubernetes,
+        bootstrap_tokens=not settings.kubernetes or settings.ca_dir is not None,
+        propagation_timeout=dt.timedelta(seconds=settings.bundle_propagation_s),
+    ), reviewer)
+    identity.start()
+    return identity
+
+
+def start_identity_tasks(runtime: Runtime, settings: Settings, api_client: Any) -> list[asyncio.Task[None]]:
+    identity = runtime.identity
+    assert identity is not None
+    tasks = [asyncio.create_task(identity.watch(), name="ca-watch")]
+    if settings.kubernetes and api_client is not None:
+        from controlplane.ca.kuberoot import SECRET_NAME, RootSecretSync
+
+        namespace = os.environ.get("POD_NAMESPACE") or settings.leader_namespace
+        sync = RootSecretSync(api_client, identity.ca_dir, lambda: runtime.leader is True, namespace=namespace,
+                              name=SECRET_NAME, trust_domain=settings.trust_domain)
+        tasks.append(asyncio.create_task(sync.run(identity.reload), name="ca-root-secret"))
+    return tasks
+
+
+async def start_ca_server(runtime: Runtime, settings: Settings) -> tuple[Callable[[], Awaitable[None]], int] | None:
+    """Port 15012: the xDS services and the CSR API over TLS. Returns (stop, port), or None
+    when the port is taken and `ca_address_required` is off."""
+    from controlplane.ca.csr import CertificateService
+    from controlplane.ca.tlsfront import TlsFront
+
+    identity = runtime.identity
+    assert identity is not None and settings.ca_address is not None
+    front = TlsFront(settings.ca_address, identity, settings.ca_dns_names)
+    internal: grpc.aio.Server | None = None
+    try:
+        internal, _ = await start_grpc(front.backend_address,
+                                       [*runtime.xds.handlers(), *CertificateService(identity).handlers()])
+        port = await front.start()
+    except OSError as exc:
+        if internal is not None:
+            await internal.stop(0)
+        await front.close()
+        if settings.ca_address_required:
+            raise
+        log.warning("cannot serve TLS xDS and the CSR API on %s (%s); continuing without them",
+                    settings.ca_address, exc)
+        return None
+
+    async def stop() -> None:
+        await front.close()
+        if internal is not None:
+            await internal.stop(1.0)
+
+    return stop, port
+
+
+def build_runtime(settings: Settings, identity: IdentityService | None = None) -> Runtime:
     sources: list[Source] = []
     metrics = Metrics()
     if settings.config_dirs:
@@ -35,7 +110,7 @@ def build_runtime(settings: Settings) -> Runtime:
             namespaces=settings.watch_namespaces, kubeconfig=settings.kubeconfig, istio_api=settings.istio_api,
             on_restart=lambda label: metrics.watch_restarts.labels(label).inc(),
         ))
-    return Runtime(settings, sources, metrics)
+    return Runtime(settings, sources, metrics, identity)
 
 
 def start_leader_work(runtime: Runtime, settings: Settings) -> list[asyncio.Task[None]]:
@@ -68,8 +143,37 @@ def start_leader_work(runtime: Runtime, settings: Settings) -> list[asyncio.Task
 
 
 async def run(settings: Settings, started: asyncio.Event | None = None) -> None:
-    runtime = build_runtime(settings)
+    identity = None
+    api_client = None
+    ca_tmp: str | None = None
+    if settings.ca_enabled:
+        ca_dir = settings.ca_dir
+        if ca_dir is None:  # Kubernetes mode: the root lives in a Secret; keep no copy after exit
+            ca_tmp = tempfile.mkdtemp(prefix="meshline-ca-")
+            ca_dir = Path(ca_tmp)
+        if settings.kubernetes:
+            from controlplane.sources.kubernetes import make_api_client
+
+            api_client = make_api_client(settings.kubeconfig)
+        identity = build_identity(settings, ca_dir, api_client)
+    try:
+        await _run(settings, identity, api_client, started)
+    finally:
+        if ca_tmp is not None:
+            shutil.rmtree(ca_tmp, ignore_errors=True)
+
+
+async def _run(settings: Settings, identity: IdentityService | None, api_client: Any,
+               started: asyncio.Event | None) -> None:
+    runtime = build_runtime(settings, identity)
     grpc_server, port = await start_grpc(settings.xds_address, runtime.xds.handlers())
+    ca_server = None
+    if identity is not None and settings.ca_address:
+        try:
+            ca_server = await start_ca_server(runtime, settings)
+        except BaseException:
+            await grpc_server.stop(0)
+            raise
     host, sport = split_address(settings.status_address)
     config = uvicorn.Config(create_app(runtime, settings.status_token_file), host=host, port=sport, log_level="warning", lifespan="off")
     status = uvicorn.Server(config)
@@ -86,8 +190,13 @@ async def run(settings: Settings, started: asyncio.Event | None = None) -> None:
     ]
     if settings.kubernetes:
         tasks.extend(start_leader_work(runtime, settings))
+    if identity is not None:
+        tasks.extend(start_identity_tasks(runtime, settings, api_client))
     log.info("meshline serving xDS on %s (port %d), status on %s", settings.xds_address, port,
              settings.status_address)
+    if ca_server is not None:
+        log.info("TLS xDS and the CSR API on %s (port %d); CA directory %s", settings.ca_address, ca_server[1],
+                 identity.ca_dir if identity is not None else "-")
     if started is not None:
         started.set()
     try:
@@ -99,6 +208,8 @@ async def run(settings: Settings, started: asyncio.Event | None = None) -> None:
     finally:
         status.should_exit = True
         await grpc_server.stop(1.0)
+        if ca_server is not None:
+            await ca_server[0]()
         for t in tasks:
             t.cancel()
         for t in tasks:

@@ -33,7 +33,7 @@ def main() -> int:
     try:
         cp_log = open(work / "meshline.log", "wb")
         procs.append(subprocess.Popen(
-            [meshline, "serve", "--config-dir", str(ROOT / "samples" / "bookinfo"),
+            [meshline, "serve", "--config-dir", str(ROOT / "samples" / "bookinfo"), "--ca-dir", str(work / "ca"),
              "--xds-address", "127.0.0.1:15010", "--status-address", "127.0.0.1:15014"],
             stdout=cp_log, stderr=subprocess.STDOUT, start_new_session=True))
         procs.append(subprocess.Popen([sys.executable, str(ROOT / "samples" / "backend.py"), *BACKENDS],
@@ -41,7 +41,8 @@ def main() -> int:
         wait_http("http://127.0.0.1:15014/readyz", proc=procs[0])
         boot = subprocess.run(
             [meshline, "bootstrap", "--node-id", "sidecar~bookinfo/demo-client", "--namespace", "bookinfo",
-             "--workload", "demo-client", "--labels", "app=demo-client", "--capture", "bind"],
+             "--workload", "demo-client", "--labels", "app=demo-client", "--capture", "bind",
+             "--ca-dir", str(work / "ca")],  # a bootstrap token: the sidecar gets its certificate
             check=True, capture_output=True, text=True).stdout
         envoy = start_envoy(boot, work, "sidecar", log_level="warning")
         procs.append(envoy)

@@ -18,19 +18,9 @@ from google.protobuf import json_format
 from google.protobuf.message import Message
 
 from controlplane.model.convert import convert
-from controlplane.model.ir import (
-    DestinationRule,
-    EndpointSet,
-    Hostname,
-    Namespace,
-    ProxyMeta,
-    Service,
-    VirtualService,
-    Workload,
-    labels_of,
-    service_fqdn,
-)
-from controlplane.model.mesh import Mesh, build_mesh
+from controlplane.model.ir import ProxyMeta, labels_of
+from controlplane.model.mesh import Mesh
+from controlplane.model.store import assemble
 from controlplane.sources.yamlload import parse_documents
 from controlplane.translate.plan import ENDPOINT, PUSH_ORDER, SHORT_NAMES, ResourceSpec, TypeUrl
 from controlplane.translate.sidecar import plan_inbound, plan_outbound
@@ -47,13 +37,9 @@ class Case:
 
 
 def load_mesh(case_dir: Path) -> Mesh:
-    """Parse and convert every object of `in/*.yaml`; any parse or conversion error fails."""
-    namespaces: dict[str, Namespace] = {}
-    services: dict[Hostname, Service] = {}
-    endpoints: dict[Hostname, list[EndpointSet]] = {}
-    workloads: dict[tuple[str, str], Workload] = {}
-    vss: list[VirtualService] = []
-    drs: list[DestinationRule] = []
+    """Parse and convert every object of `in/*.yaml`; any parse or conversion error fails.
+    An optional `settings.yaml` sets the mesh's `trust_domain` and `root_namespace`."""
+    values: list[object] = []
     for path in sorted((case_dir / "in").glob("*.yaml")):
         objects, errors = parse_documents(path.read_text(), f"{case_dir.name}/in/{path.name}")
         assert not errors, [e.format() for e in errors]
@@ -61,27 +47,11 @@ def load_mesh(case_dir: Path) -> Mesh:
             value, issues = convert(raw)
             problems = [i.format() for i in issues if i.severity == "error"]
             assert not problems, problems
-            for item in value if isinstance(value, tuple) else (value,):
-                if isinstance(item, Namespace):
-                    namespaces[item.name] = item
-                elif isinstance(item, Service):
-                    services[item.hostname] = item
-                elif isinstance(item, EndpointSet):
-                    endpoints.setdefault(service_fqdn(item.service, item.namespace), []).append(item)
-                elif isinstance(item, Workload):
-                    workloads[(item.namespace, item.name)] = item
-                elif isinstance(item, VirtualService):
-                    vss.append(item)
-                elif isinstance(item, DestinationRule):
-                    drs.append(item)
-    return build_mesh(
-        namespaces,
-        services,
-        {h: tuple(sorted(s, key=lambda e: (e.ref.kind, e.ref.name))) for h, s in endpoints.items()},
-        workloads,
-        tuple(sorted(vss, key=lambda v: (v.namespace, v.name))),
-        tuple(sorted(drs, key=lambda d: (d.namespace, d.name))),
-    )
+            if value is not None:
+                values.append(value)
+    settings_file = case_dir / "settings.yaml"
+    settings = yaml.safe_load(settings_file.read_text()) if settings_file.exists() else {}
+    return assemble(values, **settings)
 
 
 def load_case(name: str) -> Case:
@@ -120,9 +90,26 @@ def built(specs: list[ResourceSpec]) -> dict[TypeUrl, list[Message]]:
     return out
 
 
+MAP_FIELDS = frozenset({"policies", "filterMetadata", "typedExtensionProtocolOptions"})
+"""Protobuf map fields in the output: their entries come out in an order that varies between
+processes, so they are sorted by key."""
+
+
+def _sorted_maps(node: Any) -> Any:
+    if isinstance(node, dict):
+        items = {k: _sorted_maps(v) for k, v in node.items()}
+        for key in MAP_FIELDS & set(items):
+            if isinstance(items[key], dict):
+                items[key] = dict(sorted(items[key].items()))
+        return items
+    if isinstance(node, list):
+        return [_sorted_maps(v) for v in node]
+    return node
+
+
 def _plain(d: dict[str, Any]) -> Any:
     """MessageToDict nests OrderedDicts for Any fields; YAML wants plain dicts."""
-    return json.loads(json.dumps(d))
+    return _sorted_maps(json.loads(json.dumps(d)))
 
 
 def render(specs: list[ResourceSpec]) -> str:
@@ -173,3 +160,33 @@ def test_translation_is_deterministic(case_name: str) -> None:
             assert a.make().SerializeToString(deterministic=True) == b.make().SerializeToString(
                 deterministic=True
             )
+
+
+def _digest_all_cases() -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for name in CASES:
+        case = load_case(name)
+        for proxy in case.proxies:
+            for spec in proxy_specs(case.mesh, proxy):
+                h.update(spec.make().SerializeToString(deterministic=True))
+    return h.hexdigest()
+
+
+def test_bytes_are_the_same_in_every_process() -> None:
+    """Resources nest messages in `Any`s; with map fields (RBAC policies) their bytes must not
+    depend on the process (hash seeds, allocation), or a restarted control plane would send
+    every proxy "changed" resources."""
+    import os
+    import subprocess
+    import sys
+
+    code = "from tests.test_golden import _digest_all_cases; print(_digest_all_cases())"
+    root = Path(__file__).resolve().parent.parent
+    outs = {
+        subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True,
+                       env={**os.environ, "PYTHONHASHSEED": str(seed)}).stdout.strip()
+        for seed in (1, 2, 3)
+    }
+    assert outs == {_digest_all_cases()}

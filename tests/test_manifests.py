@@ -31,8 +31,9 @@ import re2
 import yaml
 
 from controlplane.model import convert as convert_mod
-from controlplane.model import convert_base, convert_dr, convert_http, convert_vs
+from controlplane.model import convert_base, convert_dr, convert_http, convert_security, convert_vs
 from controlplane.model.convert import convert
+from controlplane.model.ir import MTLS_MODES
 from controlplane.model.raw import RawObject
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -283,10 +284,12 @@ def test_crds_cover_the_four_mesh_kinds() -> None:
     }
 
 
-def test_repository_ships_mesh_resources_of_every_networking_kind() -> None:
+def test_repository_ships_mesh_resources_of_every_kind() -> None:
     docs = mesh_cr_docs()
-    assert only_kind(docs, "VirtualService") and only_kind(docs, "DestinationRule")
+    for kind in ("VirtualService", "DestinationRule", "PeerAuthentication", "AuthorizationPolicy"):
+        assert only_kind(docs, kind), kind
     assert any(d["apiVersion"].startswith("networking.istio.io/") for _, d in docs), "no Istio alias covered"
+    assert any(d["apiVersion"].startswith("security.istio.io/") for _, d in docs), "no Istio alias covered"
 
 
 @pytest.mark.parametrize("doc", [pytest.param(d, id=i) for i, d in mesh_cr_docs()])
@@ -358,6 +361,7 @@ def test_security_resources_validate(doc: dict[str, Any]) -> None:
     assert not errors, describe(errors)
     istio = {**doc, "apiVersion": "security.istio.io/v1"}
     assert not schema_errors(istio)
+    assert converter_errors(doc) == [] and converter_errors(istio) == []
 
 
 def sample_doc(kind: str, name: str) -> dict[str, Any]:
@@ -464,7 +468,9 @@ def test_crd_schema_rejects_what_the_converter_rejects(kind: str, path: str, val
     ("kind", "path", "value"), BAD_SECURITY, ids=[f"{p}={v!r}"[:60] for _, p, v in BAD_SECURITY]
 )
 def test_security_crd_schema_rejects_typos_and_bad_values(kind: str, path: str, value: object) -> None:
-    assert_rejected_at(mutate(SECURITY_EXAMPLES[kind], path, value), path)
+    doc = mutate(SECURITY_EXAMPLES[kind], path, value)
+    assert_rejected_at(doc, path)
+    assert converter_errors(doc), f"the converter accepts {path}={value!r}"
 
 
 def schema_at(kind: str, path: str) -> dict[str, Any]:
@@ -501,6 +507,10 @@ def test_enums_and_patterns_match_the_converter() -> None:
     grpc = re.compile(schema_at("VirtualService", f"{route}.fault.abort.grpcStatus")["pattern"])
     assert all(grpc.search(name) for name in convert_http.GRPC_STATUS_CODES)
     assert all(grpc.search(str(code)) for code in convert_http.GRPC_STATUS_CODES.values())
+    assert tuple(schema_at("PeerAuthentication", "spec.mtls.mode")["enum"]) == MTLS_MODES
+    port_level = schema_at("PeerAuthentication", "spec.portLevelMtls")["additionalProperties"]
+    assert port_level["properties"]["mode"] == schema_at("PeerAuthentication", "spec.mtls.mode")
+    assert tuple(schema_at("AuthorizationPolicy", "spec.action")["enum"]) == convert_security.ACTIONS
 
 
 # --------------------------------------------------------------------------- fields: schema == converter
@@ -545,10 +555,15 @@ def object_paths(schema: dict[str, Any], path: str = "") -> Iterator[tuple[str, 
 
 # Objects the converter does not read field by field: Istio's TLS routes (ignored with a
 # warning) and delegates (an error when present).
-NOT_READ = {"VirtualService": ("spec.tls", "spec.http[0].delegate"), "DestinationRule": ()}
+NOT_READ = {
+    "VirtualService": ("spec.tls", "spec.http[0].delegate"),
+    "DestinationRule": (),
+    "PeerAuthentication": (),
+    "AuthorizationPolicy": (),
+}
 
 
-@pytest.mark.parametrize("kind", ["VirtualService", "DestinationRule"])
+@pytest.mark.parametrize("kind", ["VirtualService", "DestinationRule", "PeerAuthentication", "AuthorizationPolicy"])
 def test_crd_fields_are_exactly_the_fields_the_converter_reads(
     kind: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -565,7 +580,7 @@ def test_crd_fields_are_exactly_the_fields_the_converter_reads(
         ignored_at.setdefault(p, set()).update(ignored or ())
         original(ctx, m, path, known, ignored)
 
-    for module in (convert_base, convert_http, convert_vs, convert_dr, convert_mod):
+    for module in (convert_base, convert_http, convert_vs, convert_dr, convert_security, convert_mod):
         monkeypatch.setattr(module, "check_fields", spy)
 
     schema = crd_schema(kind)

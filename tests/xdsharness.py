@@ -4,7 +4,7 @@ gRPC ADS client (the official generated stubs from xds-protos)."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import grpc
@@ -103,8 +103,11 @@ class XdsFixture:
 class AdsClient:
     """A scripted Envoy: sends requests, receives decoded responses."""
 
-    def __init__(self, target: str, protocol: str, node_id: str, meta: Mapping[str, str]) -> None:
-        self.channel = grpc.aio.insecure_channel(target)
+    def __init__(self, target: str, protocol: str, node_id: str, meta: Mapping[str, str],
+                 metadata: Sequence[tuple[str, str]] = (), channel: grpc.aio.Channel | None = None) -> None:
+        """`metadata`: gRPC metadata on the stream (e.g. authorization); `channel`: use this
+        channel (e.g. a TLS one) instead of an insecure channel to `target`."""
+        self.channel = channel if channel is not None else grpc.aio.insecure_channel(target)
         self.protocol = protocol
         self.node = base_pb2.Node(id=node_id, cluster="test")
         md = struct_pb2.Struct()
@@ -120,10 +123,11 @@ class AdsClient:
                     return
                 yield r
 
+        md = tuple(metadata) or None
         if protocol == "sotw":
-            self.call = stub.StreamAggregatedResources(gen())
+            self.call = stub.StreamAggregatedResources(gen(), metadata=md)
         else:
-            self.call = stub.DeltaAggregatedResources(gen())
+            self.call = stub.DeltaAggregatedResources(gen(), metadata=md)
         self._first = True
         self.responses: asyncio.Queue[Any] = asyncio.Queue()
         self._reader = asyncio.get_running_loop().create_task(self._read())

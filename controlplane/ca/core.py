@@ -336,6 +336,11 @@ class CertificateAuthority:
             return ""
         return "".join(_pem(c) for c in (self._signing, *self._intermediates))
 
+    @property
+    def signing_certificate(self) -> x509.Certificate:
+        """The certificate that signs leaves (public; tells one signing key from another)."""
+        return self._signing
+
     def __repr__(self) -> str:
         kind = "plug-in" if self._plugged_in else "self-signed"
         return (f"CertificateAuthority({kind}, trust_domain={self._trust_domain!r}, "

@@ -77,11 +77,13 @@ class Snapshot:
 
 
 OutboundKey = tuple[str, CaptureMode]
-ProxyKey = tuple[str, str | None, Labels, CaptureMode, str]
+ProxyKey = tuple[str, str | None, Labels, CaptureMode, str, Labels]
 
 
 def proxy_key(meta: ProxyMeta) -> ProxyKey:
-    return (meta.namespace, meta.workload, meta.labels, meta.capture, meta.mode)
+    # `extra` carries the proxy's authenticated identity (controlplane.ca.identity): two
+    # proxies of one workload with different identities get different own layers (secrets).
+    return (meta.namespace, meta.workload, meta.labels, meta.capture, meta.mode, meta.extra)
 
 
 Planner = Callable[[Mesh, ProxyMeta], list[ResourceSpec]]

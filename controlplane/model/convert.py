@@ -19,9 +19,13 @@ The value returned for each supported kind:
 |                                      | applies to gateways only)                          |
 | DestinationRule (networking)         | `DestinationRule` (None, with a warning, for a     |
 |                                      | wildcard host)                                     |
+| PeerAuthentication (security)        | `PeerAuthentication`                               |
+| AuthorizationPolicy (security)       | `AuthorizationPolicy` (None, with a warning, for   |
+|                                      | CUSTOM or targetRef policies)                      |
 
 "networking" is `networking.meshline.io/v1` or Istio's `networking.istio.io/v1`, `v1beta1`
-or `v1alpha3`. Other kinds convert to None: with a warning when they belong to a mesh API
+or `v1alpha3`; "security" is `security.meshline.io/v1` or Istio's `security.istio.io/v1` or
+`v1beta1`. Other kinds convert to None: with a warning when they belong to a mesh API
 group (e.g. an Istio ServiceEntry), silently otherwise (Deployments, ConfigMaps, ...).
 Cross-object checks live in `controlplane.model.validate.check_mesh`.
 """
@@ -40,6 +44,7 @@ from controlplane.model.convert_core import (
     convert_service,
 )
 from controlplane.model.convert_dr import convert_destination_rule
+from controlplane.model.convert_security import convert_authorization_policy, convert_peer_authentication
 from controlplane.model.convert_vs import convert_virtual_service
 from controlplane.model.ir import Issue, Labels
 from controlplane.model.raw import RawObject
@@ -52,6 +57,11 @@ NETWORKING_API_VERSIONS = (
     "networking.istio.io/v1beta1",
     "networking.istio.io/v1alpha3",
 )
+SECURITY_API_VERSIONS = (
+    "security.meshline.io/v1",
+    "security.istio.io/v1",
+    "security.istio.io/v1beta1",
+)
 API_VERSIONS: Mapping[str, tuple[str, ...]] = {
     "Namespace": ("v1",),
     "Service": ("v1",),
@@ -60,6 +70,8 @@ API_VERSIONS: Mapping[str, tuple[str, ...]] = {
     "EndpointSlice": ("discovery.k8s.io/v1",),
     "VirtualService": NETWORKING_API_VERSIONS,
     "DestinationRule": NETWORKING_API_VERSIONS,
+    "PeerAuthentication": SECURITY_API_VERSIONS,
+    "AuthorizationPolicy": SECURITY_API_VERSIONS,
 }
 """Supported kinds and the apiVersions accepted for each."""
 
@@ -67,7 +79,7 @@ MESH_API_GROUPS = frozenset(
     {"networking.meshline.io", "networking.istio.io", "security.meshline.io", "security.istio.io"}
 )
 _TOP_LEVEL_FIELDS = ("apiVersion", "kind", "metadata", "spec", "status")
-_MESH_KINDS = ("VirtualService", "DestinationRule")
+_MESH_KINDS = ("VirtualService", "DestinationRule", "PeerAuthentication", "AuthorizationPolicy")
 
 
 def convert(raw: RawObject) -> ConvertResult:
@@ -118,6 +130,10 @@ def _convert(ctx: Ctx) -> object | None:
         return convert_pod(ctx, namespace, name, labels, annotations)
     if raw.kind == "VirtualService":
         return convert_virtual_service(ctx, namespace, name)
+    if raw.kind == "PeerAuthentication":
+        return convert_peer_authentication(ctx, namespace, name)
+    if raw.kind == "AuthorizationPolicy":
+        return convert_authorization_policy(ctx, namespace, name)
     return convert_destination_rule(ctx, namespace, name)
 
 

@@ -319,4 +319,5 @@ def convert_pod(ctx: Ctx, namespace: str, name: str, labels: Labels, annotations
         service_account=service_account,
         node=get_str(ctx, spec, "nodeName", "spec"),
         ports=tuple(ports),
+        host_network=get_bool(ctx, spec, "hostNetwork", "spec") is True,
     )

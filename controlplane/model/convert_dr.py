@@ -402,5 +402,6 @@ def client_tls(ctx: Ctx, m: Mapping[str, Any], path: str) -> ClientTLS | None:
             join(p, "mode"), f"unknown TLS mode {mode_text!r} (expected one of {', '.join(_TLS_MODES)})"
         )
     if mode == "MUTUAL":
-        ctx.warn(join(p, "mode"), "MUTUAL needs client certificates, which Meshline does not load yet")
+        ctx.warn(join(p, "mode"), "MUTUAL needs client certificates, which Meshline does not load yet; "
+                 "treated as SIMPLE (TLS to the server without a client certificate)")
     return ClientTLS(mode, get_str(ctx, tm, "sni", p), get_str_list(ctx, tm, "subjectAltNames", p))

@@ -175,6 +175,7 @@ class Workload:
     service_account: str = "default"
     node: str | None = None
     ports: tuple[ContainerPort, ...] = ()
+    host_network: bool = False
 
 
 # --------------------------------------------------------------------------- VirtualService
@@ -463,3 +464,96 @@ class ProxyMeta:
     service_account: str = "default"
     capture: CaptureMode = "bind"
     extra: Labels = field(default=())
+
+
+# --------------------------------------------------------------------------- security
+
+MtlsMode = Literal["UNSET", "DISABLE", "PERMISSIVE", "STRICT"]
+MTLS_MODES: tuple[MtlsMode, ...] = ("UNSET", "DISABLE", "PERMISSIVE", "STRICT")
+DEFAULT_TRUST_DOMAIN = "cluster.local"
+DEFAULT_ROOT_NAMESPACE = "meshline-system"
+
+
+@dataclass(frozen=True, slots=True)
+class PeerAuthentication:
+    """Inbound mTLS requirements. `selector` empty: the whole namespace (the whole mesh in
+    the root namespace). `port_level`: (workload port, mode) pairs, sorted by port."""
+
+    ref: SourceRef
+    namespace: str
+    name: str
+    selector: Labels = ()
+    mode: MtlsMode = "UNSET"
+    port_level: tuple[tuple[int, MtlsMode], ...] = ()
+
+
+AuthzAction = Literal["ALLOW", "DENY", "AUDIT"]
+
+
+@dataclass(frozen=True, slots=True)
+class AuthzSource:
+    """`rules[].from[].source`: every set field must match (values within a field are ORed).
+    Strings keep Istio's wildcard forms (`abc*`, `*abc`, `*`); IP blocks are normalised
+    CIDRs; service accounts are `ns/sa`."""
+
+    principals: tuple[str, ...] = ()
+    not_principals: tuple[str, ...] = ()
+    request_principals: tuple[str, ...] = ()
+    not_request_principals: tuple[str, ...] = ()
+    namespaces: tuple[str, ...] = ()
+    not_namespaces: tuple[str, ...] = ()
+    service_accounts: tuple[str, ...] = ()
+    not_service_accounts: tuple[str, ...] = ()
+    ip_blocks: tuple[str, ...] = ()
+    not_ip_blocks: tuple[str, ...] = ()
+    remote_ip_blocks: tuple[str, ...] = ()
+    not_remote_ip_blocks: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class AuthzOperation:
+    """`rules[].to[].operation`: every set field must match."""
+
+    hosts: tuple[str, ...] = ()
+    not_hosts: tuple[str, ...] = ()
+    ports: tuple[int, ...] = ()
+    not_ports: tuple[int, ...] = ()
+    methods: tuple[str, ...] = ()
+    not_methods: tuple[str, ...] = ()
+    paths: tuple[str, ...] = ()
+    not_paths: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class AuthzCondition:
+    """`rules[].when[]`. `key` is one of `request.headers[NAME]`, `source.ip`,
+    `source.namespace`, `source.principal`, `destination.port`, `destination.ip`,
+    `connection.sni`; IP values are normalised CIDRs."""
+
+    key: str
+    values: tuple[str, ...] = ()
+    not_values: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class AuthzRule:
+    """Matches when one source, one operation and every condition match; empty parts match
+    everything (so an empty rule matches every request)."""
+
+    sources: tuple[AuthzSource, ...] = ()
+    operations: tuple[AuthzOperation, ...] = ()
+    conditions: tuple[AuthzCondition, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class AuthorizationPolicy:
+    """An ALLOW, DENY or AUDIT policy for the workloads `selector` picks in `namespace` (all
+    of them when empty; in the root namespace: in every namespace). No rules: matches nothing
+    (an ALLOW policy without rules therefore denies everything)."""
+
+    ref: SourceRef
+    namespace: str
+    name: str
+    selector: Labels = ()
+    action: AuthzAction = "ALLOW"
+    rules: tuple[AuthzRule, ...] = ()

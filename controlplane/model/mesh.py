@@ -7,11 +7,15 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 
 from controlplane.model.ir import (
+    DEFAULT_ROOT_NAMESPACE,
+    DEFAULT_TRUST_DOMAIN,
+    AuthorizationPolicy,
     DestinationRule,
     EndpointSet,
     Hostname,
     Issue,
     Namespace,
+    PeerAuthentication,
     Service,
     VirtualService,
     Workload,
@@ -23,7 +27,11 @@ _EMPTY: Mapping[str, object] = MappingProxyType({})
 
 @dataclass(frozen=True, slots=True, eq=False)
 class Mesh:
-    """A consistent view of every valid object. Mappings are never mutated after creation."""
+    """A consistent view of every valid object. Mappings are never mutated after creation.
+
+    `root_namespace` holds mesh-wide security policy; `trust_domain` is the SPIFFE trust
+    domain of workload identities (both are settings, carried here so that translation
+    reads them from its input like everything else)."""
 
     namespaces: Mapping[str, Namespace] = field(default_factory=dict)
     services: Mapping[Hostname, Service] = field(default_factory=dict)
@@ -32,6 +40,10 @@ class Mesh:
     virtual_services: tuple[VirtualService, ...] = ()
     destination_rules: tuple[DestinationRule, ...] = ()
     issues: tuple[Issue, ...] = ()
+    peer_authentications: tuple[PeerAuthentication, ...] = ()
+    authorization_policies: tuple[AuthorizationPolicy, ...] = ()
+    root_namespace: str = DEFAULT_ROOT_NAMESPACE
+    trust_domain: str = DEFAULT_TRUST_DOMAIN
 
     # Derived indexes, computed once in build_mesh().
     vs_by_host: Mapping[Hostname, VirtualService] = field(default_factory=dict)
@@ -60,10 +72,15 @@ def build_mesh(
     virtual_services: tuple[VirtualService, ...],
     destination_rules: tuple[DestinationRule, ...],
     issues: tuple[Issue, ...] = (),
+    *,
+    peer_authentications: tuple[PeerAuthentication, ...] = (),
+    authorization_policies: tuple[AuthorizationPolicy, ...] = (),
+    root_namespace: str = DEFAULT_ROOT_NAMESPACE,
+    trust_domain: str = DEFAULT_TRUST_DOMAIN,
 ) -> Mesh:
-    """Assemble a Mesh and its indexes. VirtualServices/DestinationRules must be sorted by
-    (namespace, name); when several claim one host, the first wins (conflicts are reported
-    by validation, not here)."""
+    """Assemble a Mesh and its indexes. VirtualServices/DestinationRules (and the security
+    policies) must be sorted by (namespace, name); when several claim one host, the first
+    wins (conflicts are reported by validation, not here)."""
     vs_by_host: dict[Hostname, VirtualService] = {}
     for vs in virtual_services:
         for h in vs.hosts:
@@ -88,6 +105,10 @@ def build_mesh(
         virtual_services=virtual_services,
         destination_rules=destination_rules,
         issues=issues,
+        peer_authentications=peer_authentications,
+        authorization_policies=authorization_policies,
+        root_namespace=root_namespace,
+        trust_domain=trust_domain,
         vs_by_host=vs_by_host,
         dr_by_host=dr_by_host,
         services_by_port={p: tuple(v) for p, v in sorted(by_port.items())},

@@ -9,16 +9,20 @@ next change.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from controlplane.model.convert import convert
 from controlplane.model.ir import (
+    DEFAULT_ROOT_NAMESPACE,
+    DEFAULT_TRUST_DOMAIN,
+    AuthorizationPolicy,
     DestinationRule,
     EndpointSet,
     Hostname,
     Issue,
     Namespace,
+    PeerAuthentication,
     Service,
     SourceRef,
     VirtualService,
@@ -50,7 +54,10 @@ class Entry:
 
 
 class MeshStore:
-    def __init__(self) -> None:
+    def __init__(self, *, root_namespace: str = DEFAULT_ROOT_NAMESPACE,
+                 trust_domain: str = DEFAULT_TRUST_DOMAIN) -> None:
+        self.root_namespace = root_namespace
+        self.trust_domain = trust_domain
         self._entries: dict[ObjectKey, Entry] = {}
         self._by_origin: dict[str, set[ObjectKey]] = {}
         # Definitions of a key from other origins that a later one replaced (fallbacks).
@@ -218,6 +225,8 @@ class MeshStore:
             self._mesh = assemble(
                 (e.serving for _, e in sorted(self._entries.items()) if e.serving is not None),
                 self.object_issues(),
+                root_namespace=self.root_namespace,
+                trust_domain=self.trust_domain,
             )
         return self._mesh
 
@@ -238,7 +247,13 @@ def _meaningful(body: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def assemble(values: Iterable[IRValue], issues: tuple[Issue, ...] = ()) -> Mesh:
+def assemble(
+    values: Iterable[IRValue],
+    issues: tuple[Issue, ...] = (),
+    *,
+    root_namespace: str = DEFAULT_ROOT_NAMESPACE,
+    trust_domain: str = DEFAULT_TRUST_DOMAIN,
+) -> Mesh:
     """Build a Mesh from valid IR values (in key order) and add cross-object issues."""
     namespaces: dict[str, Namespace] = {}
     services: dict[Hostname, Service] = {}
@@ -246,6 +261,8 @@ def assemble(values: Iterable[IRValue], issues: tuple[Issue, ...] = ()) -> Mesh:
     workloads: dict[tuple[str, str], Workload] = {}
     vss: list[VirtualService] = []
     drs: list[DestinationRule] = []
+    pas: list[PeerAuthentication] = []
+    aps: list[AuthorizationPolicy] = []
     for v in values:
         items = v if isinstance(v, tuple) else (v,)
         for item in items:
@@ -261,8 +278,14 @@ def assemble(values: Iterable[IRValue], issues: tuple[Issue, ...] = ()) -> Mesh:
                 vss.append(item)
             elif isinstance(item, DestinationRule):
                 drs.append(item)
+            elif isinstance(item, PeerAuthentication):
+                pas.append(item)
+            elif isinstance(item, AuthorizationPolicy):
+                aps.append(item)
     vss.sort(key=lambda v: (v.namespace, v.name))
     drs.sort(key=lambda d: (d.namespace, d.name))
+    pas.sort(key=lambda p: (p.namespace, p.name))
+    aps.sort(key=lambda a: (a.namespace, a.name))
     mesh = build_mesh(
         namespaces,
         services,
@@ -271,11 +294,12 @@ def assemble(values: Iterable[IRValue], issues: tuple[Issue, ...] = ()) -> Mesh:
         tuple(vss),
         tuple(drs),
         issues,
+        peer_authentications=tuple(pas),
+        authorization_policies=tuple(aps),
+        root_namespace=root_namespace,
+        trust_domain=trust_domain,
     )
     cross = check_mesh(mesh)
     if not cross:
         return mesh
-    return build_mesh(
-        mesh.namespaces, mesh.services, mesh.endpoints, mesh.workloads,
-        mesh.virtual_services, mesh.destination_rules, (*issues, *cross),
-    )
+    return replace(mesh, issues=(*issues, *cross))

@@ -3,7 +3,8 @@
 `convert` validates each object on its own; `check_mesh` finds the problems only visible
 across objects: conflicting VirtualServices, hosts and destinations with no Service,
 subsets no DestinationRule defines, ports a Service lacks, subsets that select no Pod,
-and duplicate DestinationRules. It only reports: the Mesh already resolves conflicts
+duplicate DestinationRules, competing PeerAuthentications, and AuthorizationPolicy rules
+with HTTP-only attributes that land on a workload's TCP ports. It only reports: the Mesh already resolves conflicts
 (first VirtualService by (namespace, name) wins a host; see `build_mesh`). Issues come
 out in a deterministic order (by object, then by field).
 """
@@ -13,10 +14,13 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from controlplane.model.ir import (
+    AuthorizationPolicy,
     Destination,
     DestinationRule,
     Hostname,
     Issue,
+    PeerAuthentication,
+    PortProtocol,
     Service,
     Subset,
     VirtualService,
@@ -24,6 +28,13 @@ from controlplane.model.ir import (
     labels_match,
 )
 from controlplane.model.mesh import Mesh
+from controlplane.model.policy import (
+    authorization_policy_applies,
+    http_only_attributes,
+    peer_authentication_levels,
+    rule_ports,
+    served_ports,
+)
 
 
 def check_mesh(mesh: Mesh) -> tuple[Issue, ...]:
@@ -38,6 +49,9 @@ def check_mesh(mesh: Mesh) -> tuple[Issue, ...]:
     issues.extend(_duplicate_rules(mesh, drs))
     for dr in drs:
         issues.extend(_rule_checks(mesh, dr))
+    issues.extend(_peer_authn_conflicts(mesh))
+    for ap in mesh.authorization_policies:
+        issues.extend(_l7_on_tcp(mesh, ap))
     return tuple(issues)
 
 
@@ -173,3 +187,63 @@ def _service_pods(mesh: Mesh, svc: Service) -> list[Workload]:
             if w is not None:
                 pods.append(w)
     return pods
+
+
+# --------------------------------------------------------------------------- security policy
+
+
+def _peer_authn_conflicts(mesh: Mesh) -> Iterator[Issue]:
+    """A PeerAuthentication that loses to another one at the same level for some workload."""
+    found: dict[tuple[str, str], tuple[PeerAuthentication, str]] = {}
+    namespace_wide: dict[str, PeerAuthentication] = {}
+    for pa in mesh.peer_authentications:
+        if not pa.selector:
+            winner = namespace_wide.setdefault(pa.namespace, pa)
+            if winner is not pa:
+                yield Issue(pa.ref, "spec", f"PeerAuthentication {winner.namespace}/{winner.name} already applies to "
+                            f"the whole namespace {pa.namespace}; this one is ignored", "warning")
+    for (ns, name), wl in sorted(mesh.workloads.items()):
+        selected, _, _ = peer_authentication_levels(mesh, ns, wl.labels)
+        for pa in mesh.peer_authentications:
+            if (pa.namespace == ns and pa.selector and pa is not selected and selected is not None
+                    and labels_match(pa.selector, wl.labels)):
+                found.setdefault((pa.namespace, pa.name), (pa, f"{name} (PeerAuthentication {selected.name} wins)"))
+    for pa, where in found.values():
+        yield Issue(pa.ref, "spec.selector", f"another PeerAuthentication already selects Pod {pa.namespace}/{where}; "
+                    "this one is ignored for it", "warning")
+
+
+_TCP_ENFORCEMENT = {
+    "ALLOW": "never matching there (fails closed: that traffic is denied unless another rule allows it)",
+    "DENY": "matching there whatever those attributes are (fails closed: it denies every connection the rest "
+            "of the rule matches)",
+    "AUDIT": "matching there whatever those attributes are (audits every connection the rest of the rule matches)",
+}
+
+
+def _l7_on_tcp(mesh: Mesh, ap: AuthorizationPolicy) -> Iterator[Issue]:
+    """Rules using HTTP-only attributes that apply to TCP ports of the selected Pods."""
+    tcp: dict[int, list[str]] = {}
+    for (ns, name), wl in sorted(mesh.workloads.items()):
+        if authorization_policy_applies(ap, mesh.root_namespace, ns, wl.labels):
+            for port, protocol in served_ports(mesh, wl).items():
+                if protocol is PortProtocol.TCP:
+                    tcp.setdefault(port, []).append(f"{ns}/{name}")
+    if not tcp:
+        return
+    for i, rule in enumerate(ap.rules):
+        attrs = http_only_attributes(rule)
+        limited = rule_ports(rule)
+        ports = sorted(p for p in tcp if limited is None or p in limited)
+        if not attrs or not ports:
+            continue
+        pods = sorted({pod for p in ports for pod in tcp[p]})
+        shown = ", ".join(pods[:3]) + (f" and {len(pods) - 3} more" if len(pods) > 3 else "")
+        yield Issue(
+            ap.ref,
+            f"spec.rules[{i}]",
+            f"L7 rules on a TCP port: this rule uses HTTP-only attributes ({', '.join(attrs)}) but applies to TCP "
+            f"port{'s' if len(ports) > 1 else ''} {', '.join(map(str, ports))} of Pod{'s' if len(pods) > 1 else ''} "
+            f"{shown}; it is enforced as {_TCP_ENFORCEMENT[ap.action]}",
+            "warning",
+        )

@@ -74,6 +74,9 @@ def proxy_view(conn: Connection, quarantined: Collection[tuple[str, str, str]] =
         "namespace": m.namespace,
         "workload": m.workload,
         "service_account": m.service_account,
+        # What the stream's token proved (None: unauthenticated, no certificates).
+        "identity": {"namespace": conn.identity.namespace, "service_account": conn.identity.service_account}
+        if conn.identity is not None else None,
         "capture": m.capture,
         "protocol": stream.protocol,
         "peer": conn.peer,

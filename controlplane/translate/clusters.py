@@ -7,7 +7,9 @@ arguments are exactly what they read).
 Merge order (Istio): the top-level trafficPolicy; a portLevelSettings entry for the port
 replaces it as a whole (port-level settings do not inherit destination-level ones); the
 subset's trafficPolicy then overrides per sub-message (loadBalancer, connectionPool,
-outlierDetection), and a portLevelSettings entry of the subset again replaces all three.
+outlierDetection, tls), and a portLevelSettings entry of the subset again replaces all four.
+How a cluster secures its connections (`UpstreamTls`) is decided by the planner from the
+merged `tls` and the endpoints (see `controlplane.translate.security`).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from envoy.config.endpoint.v3 import endpoint_pb2
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 
 from controlplane.model.ir import (
+    ClientTLS,
     ConnectionPool,
     DestinationRule,
     LoadBalancer,
@@ -27,6 +30,7 @@ from controlplane.model.ir import (
     TrafficPolicy,
 )
 from controlplane.translate.names import duration_ms, pack
+from controlplane.translate.security import UpstreamTls, apply_upstream_tls
 
 DEFAULT_CONNECT_TIMEOUT_MS = 10_000
 MAX_U32 = 2**32 - 1
@@ -40,6 +44,7 @@ class ClusterPolicy:
     load_balancer: LoadBalancer | None = None
     connection_pool: ConnectionPool | None = None
     outlier_detection: OutlierDetection | None = None
+    tls: ClientTLS | None = None
 
 
 def _layer(base: ClusterPolicy, tp: TrafficPolicy | None, port: int) -> ClusterPolicy:
@@ -47,11 +52,12 @@ def _layer(base: ClusterPolicy, tp: TrafficPolicy | None, port: int) -> ClusterP
         return base
     for pl in tp.port_level:
         if pl.port == port:
-            return ClusterPolicy(pl.load_balancer, pl.connection_pool, pl.outlier_detection)
+            return ClusterPolicy(pl.load_balancer, pl.connection_pool, pl.outlier_detection, pl.tls)
     return ClusterPolicy(
         tp.load_balancer or base.load_balancer,
         tp.connection_pool or base.connection_pool,
         tp.outlier_detection or base.outlier_detection,
+        tp.tls or base.tls,
     )
 
 
@@ -160,9 +166,12 @@ def _outlier_detection(c: cluster_pb2.Cluster, od: OutlierDetection | None) -> N
         c.common_lb_config.healthy_panic_threshold.value = float(od.min_health_percent)
 
 
-def build_outbound_cluster(name: str, protocol: PortProtocol, policy: ClusterPolicy) -> cluster_pb2.Cluster:
+def build_outbound_cluster(
+    name: str, protocol: PortProtocol, policy: ClusterPolicy, tls: UpstreamTls | None = None
+) -> cluster_pb2.Cluster:
     """An EDS cluster (`service_name` = its own name, endpoints over ADS) for one service
-    port or subset, with the merged DestinationRule policy applied."""
+    port or subset, with the merged DestinationRule policy applied and its connections
+    secured as `tls` says (None: plaintext)."""
     c = cluster_pb2.Cluster(name=name, type=cluster_pb2.Cluster.EDS)
     c.eds_cluster_config.eds_config.ads.SetInParent()
     c.eds_cluster_config.service_name = name
@@ -175,6 +184,7 @@ def build_outbound_cluster(name: str, protocol: PortProtocol, policy: ClusterPol
     _circuit_breakers(c, cp)
     _protocol_options(c, protocol, cp)
     _outlier_detection(c, policy.outlier_detection)
+    apply_upstream_tls(c, tls)
     return c
 
 
@@ -185,6 +195,14 @@ def build_passthrough_cluster(name: str) -> cluster_pb2.Cluster:
     )
     c.connect_timeout.CopyFrom(duration_ms(DEFAULT_CONNECT_TIMEOUT_MS))
     _circuit_breakers(c, None)
+    return c
+
+
+def build_blackhole_cluster(name: str) -> cluster_pb2.Cluster:
+    """A cluster without endpoints: connections sent there are closed."""
+    c = cluster_pb2.Cluster(name=name, type=cluster_pb2.Cluster.STATIC)
+    c.connect_timeout.CopyFrom(duration_ms(DEFAULT_CONNECT_TIMEOUT_MS))
+    c.load_assignment.cluster_name = name
     return c
 
 

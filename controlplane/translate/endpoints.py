@@ -4,6 +4,10 @@
 port (and, for a subset, only those whose Pod carries the subset's labels);
 `build_cla` is the cache's builder.
 
+Endpoints whose Pod runs a Meshline sidecar carry the transport-socket-match metadata
+(`envoy.transport_socket_match: {tlsMode: meshline}`) that makes a cluster in automatic mTLS
+mode use mesh mTLS for them (see `controlplane.translate.security`).
+
 Not-ready endpoints are left out rather than sent as UNHEALTHY, as Istio does by default:
 with Envoy's panic threshold, a cluster whose hosts are mostly unhealthy would otherwise
 spread traffic over the unready ones too.
@@ -19,6 +23,7 @@ from itertools import groupby
 from envoy.config.endpoint.v3 import endpoint_pb2
 
 from controlplane.model.ir import EndpointSet, Labels, ServicePort, Workload, labels_match
+from controlplane.translate.security import mesh_endpoint_metadata, runs_sidecar
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,6 +31,7 @@ class LbEndpoint:
     address: str
     port: int
     zone: str = ""
+    mtls: bool = False  # its Pod runs a Meshline sidecar
 
 
 def _address_key(address: str) -> tuple[int, int, str]:
@@ -68,11 +74,10 @@ def select_endpoints(
         for ep in eps.endpoints:
             if not ep.ready:
                 continue
-            if subset_labels is not None:
-                wl = workloads.get((eps.namespace, ep.pod)) if ep.pod else None
-                if wl is None or not labels_match(subset_labels, wl.labels):
-                    continue
-            out.add(LbEndpoint(ep.address, port, ep.zone or ""))
+            wl = workloads.get((eps.namespace, ep.pod)) if ep.pod else None
+            if subset_labels is not None and (wl is None or not labels_match(subset_labels, wl.labels)):
+                continue
+            out.add(LbEndpoint(ep.address, port, ep.zone or "", wl is not None and runs_sidecar(wl)))
     return tuple(sorted(out, key=_sort_key))
 
 
@@ -85,7 +90,10 @@ def build_cla(name: str, endpoints: tuple[LbEndpoint, ...]) -> endpoint_pb2.Clus
         if zone:
             loc.locality.zone = zone
         for ep in group:
-            sa = loc.lb_endpoints.add().endpoint.address.socket_address
+            lb = loc.lb_endpoints.add()
+            sa = lb.endpoint.address.socket_address
             sa.address = ep.address
             sa.port_value = ep.port
+            if ep.mtls:
+                mesh_endpoint_metadata(lb.metadata)
     return cla

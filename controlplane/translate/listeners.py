@@ -8,6 +8,15 @@ Ports whose protocol is unknown are sniffed with the http_inspector listener fil
 and h2c go to the HTTP connection manager, anything else to tcp_proxy. Like Istio's historic
 default, sniffing waits at most 100 ms for the client's first bytes and then falls back to
 TCP (so server-first protocols still work on such ports).
+
+Inbound chains follow the port's mTLS mode (`InboundSecurity`): PERMISSIVE keeps the
+plaintext chains and adds mTLS chains (transport protocol `tls`, found by the tls_inspector
+listener filter, which waits as long as the HTTP sniffer); STRICT has only the mTLS chains
+(in virtualInbound plus a chain that sends other connections to a cluster without
+endpoints, so they cannot fall through to the passthrough chain); DISABLE only plaintext.
+On a sniffed port, mTLS connections offering ALPN h2 or http/1.1 (what an Envoy client's
+HTTP pool offers) reach the HTTP chain, others the TCP chain. Every chain carries the RBAC
+filters of the workload's AuthorizationPolicies.
 """
 
 from __future__ import annotations
@@ -24,10 +33,11 @@ from envoy.extensions.filters.http.fault.v3 import fault_pb2
 from envoy.extensions.filters.http.router.v3 import router_pb2
 from envoy.extensions.filters.listener.http_inspector.v3 import http_inspector_pb2
 from envoy.extensions.filters.listener.original_dst.v3 import original_dst_pb2
+from envoy.extensions.filters.listener.tls_inspector.v3 import tls_inspector_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm_pb2
 from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
 
-from controlplane.model.ir import PortProtocol
+from controlplane.model.ir import DEFAULT_TRUST_DOMAIN, AuthorizationPolicy, MtlsMode, PortProtocol
 from controlplane.translate.names import (
     INBOUND_CAPTURE_PORT,
     OUTBOUND_CAPTURE_PORT,
@@ -36,6 +46,8 @@ from controlplane.translate.names import (
     duration_ms,
     pack,
 )
+from controlplane.translate.rbac import http_rbac_filters, network_rbac_filters
+from controlplane.translate.security import MESH_ALPN, downstream_mtls, tls_socket
 
 HCM_FILTER = "envoy.filters.network.http_connection_manager"
 TCP_PROXY_FILTER = "envoy.filters.network.tcp_proxy"
@@ -74,8 +86,24 @@ class InboundPort:
 # --------------------------------------------------------------------------- network filters
 
 
-def _hcm(stat_prefix: str, rds_name: str | None, route_config: route_pb2.RouteConfiguration | None) -> Any:
+def _hcm(
+    stat_prefix: str,
+    rds_name: str | None,
+    route_config: route_pb2.RouteConfiguration | None,
+    authz: Sequence[tuple[str, Any]] = (),
+    *,
+    client_cert: bool = False,
+) -> Any:
+    """An HTTP connection manager. `authz`: RBAC filters to run before the router (paths are
+    then normalised first, so that `/a/../b` cannot slip past a path rule); `client_cert`:
+    the connection is mTLS, and the app gets the peer's SPIFFE URI in x-forwarded-client-cert."""
     h = hcm_pb2.HttpConnectionManager(stat_prefix=stat_prefix, codec_type=hcm_pb2.HttpConnectionManager.AUTO)
+    if client_cert:
+        h.forward_client_cert_details = hcm_pb2.HttpConnectionManager.SANITIZE_SET
+        h.set_current_client_cert_details.uri = True
+    if authz:
+        h.normalize_path.value = True
+        h.merge_slashes = True
     if rds_name is not None:
         h.rds.config_source.ads.SetInParent()
         h.rds.route_config_name = rds_name
@@ -87,7 +115,7 @@ def _hcm(stat_prefix: str, rds_name: str | None, route_config: route_pb2.RouteCo
         h.route_config.CopyFrom(route_config)
         filters = ()
     h.use_remote_address.value = False
-    for name, cfg in (*filters, ("envoy.filters.http.router", router_pb2.Router())):
+    for name, cfg in (*authz, *filters, ("envoy.filters.http.router", router_pb2.Router())):
         h.http_filters.add(name=name).typed_config.CopyFrom(pack(cfg))
     f = listener_components_pb2.Filter(name=HCM_FILTER)
     f.typed_config.CopyFrom(pack(h))
@@ -120,7 +148,7 @@ def _add_listener_filter(lst: listener_pb2.Listener, name: str, cfg: Any) -> Any
     return lf
 
 
-def _sniffing(lst: listener_pb2.Listener) -> Any:
+def _sniffing(lst: listener_pb2.Listener) -> Any:  # outbound listeners
     lf = _add_listener_filter(
         lst, "envoy.filters.listener.http_inspector", http_inspector_pb2.HttpInspector()
     )
@@ -167,6 +195,21 @@ def build_virtual_outbound(passthrough_cluster: str) -> listener_pb2.Listener:
 # --------------------------------------------------------------------------- inbound
 
 
+@dataclass(frozen=True, slots=True)
+class InboundSecurity:
+    """mTLS and authorization for a workload's inbound listeners: `mode` for every port
+    without an entry in `ports` ((port, mode) pairs); `authz`, the AuthorizationPolicies
+    that apply. The default (DISABLE, no policies) is plaintext only, without RBAC."""
+
+    mode: MtlsMode = "DISABLE"
+    ports: tuple[tuple[int, MtlsMode], ...] = ()
+    trust_domain: str = DEFAULT_TRUST_DOMAIN
+    authz: tuple[AuthorizationPolicy, ...] = ()
+
+    def for_port(self, port: int) -> MtlsMode:
+        return next((m for p, m in self.ports if p == port), self.mode)
+
+
 def _inbound_route(ip: InboundPort) -> route_pb2.RouteConfiguration:
     rcfg = route_pb2.RouteConfiguration(name=ip.cluster)
     rcfg.validate_clusters.value = False
@@ -178,50 +221,141 @@ def _inbound_route(ip: InboundPort) -> route_pb2.RouteConfiguration:
     return rcfg
 
 
-def _inbound_chains(lst: listener_pb2.Listener, ip: InboundPort, match_port: bool) -> None:
+def _tcp_filters(stat: str, cluster: str, sec: InboundSecurity) -> list[Any]:
+    out = []
+    for name, cfg in network_rbac_filters(sec.authz, sec.trust_domain, stat):
+        f = listener_components_pb2.Filter(name=name)
+        f.typed_config.CopyFrom(pack(cfg))
+        out.append(f)
+    return [*out, _tcp_proxy(stat, [WeightedCluster(cluster)])]
+
+
+def _secure(fc: Any, sec: InboundSecurity, alpn: tuple[str, ...]) -> None:
+    """Make `fc` an mTLS chain: it matches TLS connections and terminates mesh mTLS."""
+    fc.filter_chain_match.transport_protocol = "tls"
+    fc.transport_socket.CopyFrom(tls_socket(downstream_mtls(sec.trust_domain, alpn)))
+
+
+def _inbound_chains(lst: listener_pb2.Listener, ip: InboundPort, match_port: bool, sec: InboundSecurity,
+                    deny_plaintext_to: str | None = None) -> None:
+    """The chains of one served port: plaintext unless STRICT, mTLS unless DISABLE. With
+    `deny_plaintext_to` (a cluster without endpoints), a STRICT port also gets a chain that
+    takes every non-TLS connection there, so it cannot fall through to the listener's
+    default chain."""
     stat = f"inbound_0.0.0.0_{ip.port}"
-    tcp = [WeightedCluster(ip.cluster)]
-    chains: list[tuple[str, tuple[str, ...], Any]] = []
-    if ip.protocol.is_http or ip.protocol is PortProtocol.UNKNOWN:
-        sniffed: tuple[str, ...] = SNIFFED_PROTOCOLS if ip.protocol is PortProtocol.UNKNOWN else ()
-        chains.append(("http", sniffed, _hcm(stat, None, _inbound_route(ip))))
-    if not ip.protocol.is_http:
-        chains.append(("tcp", (), _tcp_proxy(stat, tcp)))
-    for kind, app_protocols, flt in chains:
+    mode = sec.for_port(ip.port)
+    http_filters = http_rbac_filters(sec.authz, sec.trust_domain)
+    sniffed = ip.protocol is PortProtocol.UNKNOWN
+    chains: list[tuple[str, bool, tuple[str, ...], list[Any]]] = []
+    for secure in (False, True):
+        if (secure and mode == "DISABLE") or (not secure and mode == "STRICT"):
+            continue
+        prefix = "mtls_" if secure else ""
+        if ip.protocol.is_http or sniffed:
+            app: tuple[str, ...] = (MESH_ALPN if secure else SNIFFED_PROTOCOLS) if sniffed else ()
+            hcm = _hcm(stat, None, _inbound_route(ip), http_filters, client_cert=secure)
+            chains.append((f"{prefix}http", secure, app, [hcm]))
+        if not ip.protocol.is_http:
+            chains.append((f"{prefix}tcp", secure, (), _tcp_filters(stat, ip.cluster, sec)))
+    if mode == "STRICT" and deny_plaintext_to is not None:
+        chains.append(("plaintext_denied", False, (), [_tcp_proxy(stat, [WeightedCluster(deny_plaintext_to)])]))
+    for kind, secure, app_protocols, filters in chains:
         fc = lst.filter_chains.add(name=f"inbound_{ip.port}_{kind}")
         if match_port:
             fc.filter_chain_match.destination_port.value = ip.port
+        if secure:
+            _secure(fc, sec, MESH_ALPN if ip.protocol.is_http or kind.endswith("http") else ())
         if app_protocols:
             fc.filter_chain_match.application_protocols.extend(app_protocols)
-        fc.filters.append(flt)
+        fc.filters.extend(filters)
 
 
-def build_virtual_inbound(ports: tuple[InboundPort, ...], passthrough_cluster: str) -> listener_pb2.Listener:
-    """0.0.0.0:15006: every captured inbound connection, one filter chain per served port
-    (by original destination port); other ports pass through to their original destination."""
+def _match_ports(pred: Any, ports: Sequence[int]) -> None:
+    """Make listener-filter predicate `pred` match a destination port in `ports`."""
+    targets = [pred] if len(ports) == 1 else [pred.or_match.rules.add() for _ in ports]
+    for target, port in zip(targets, ports, strict=True):
+        target.destination_port_range.start = port
+        target.destination_port_range.end = port + 1
+
+
+def _inspectors(lst: listener_pb2.Listener, tls: tuple[bool, Sequence[int]] | None, sniffed: Sequence[int] | bool
+                ) -> None:
+    """TLS inspection (`tls`: (enabled by default, ports that are the exception)), then HTTP
+    sniffing on the `sniffed` ports only (elsewhere it would delay server-first protocols;
+    True: on every port). Inspection waits at most SNIFF_TIMEOUT_MS for the client's first
+    bytes."""
+    if tls is not None:
+        lf = _add_listener_filter(lst, "envoy.filters.listener.tls_inspector", tls_inspector_pb2.TlsInspector())
+        by_default, exceptions = tls
+        if exceptions:
+            _match_ports(lf.filter_disabled if by_default else lf.filter_disabled.not_match, sorted(exceptions))
+    if sniffed:
+        lf = _add_listener_filter(lst, "envoy.filters.listener.http_inspector", http_inspector_pb2.HttpInspector())
+        if sniffed is not True:
+            _match_ports(lf.filter_disabled.not_match, sorted(sniffed))
+    if tls is not None or sniffed:
+        lst.listener_filters_timeout.CopyFrom(duration_ms(SNIFF_TIMEOUT_MS))
+        lst.continue_on_listener_filters_timeout = True
+
+
+def _passthrough(fc: Any, cluster: str, sec: InboundSecurity, secure: bool, port: int | None = None) -> None:
+    if port is not None:
+        fc.filter_chain_match.destination_port.value = port
+    if secure:
+        _secure(fc, sec, ())
+    fc.filters.extend(_tcp_filters(cluster, cluster, sec))
+
+
+def build_virtual_inbound(ports: tuple[InboundPort, ...], passthrough_cluster: str,
+                          security: InboundSecurity = InboundSecurity(), blackhole_cluster: str | None = None
+                          ) -> listener_pb2.Listener:
+    """0.0.0.0:15006: every captured inbound connection, chains per served port (by original
+    destination port); other ports pass through to their original destination, with the
+    workload's mTLS mode (plaintext unless STRICT; mTLS only when STRICT) and authorization.
+    Port-level modes for ports no service declares get their own passthrough chains.
+    `blackhole_cluster` is needed when some served port is STRICT but the default is not."""
+    sec = security
     lst = _listener(VIRTUAL_INBOUND, "0.0.0.0", INBOUND_CAPTURE_PORT, base_pb2.INBOUND)
     _add_listener_filter(lst, "envoy.filters.listener.original_dst", original_dst_pb2.OriginalDst())
-    sniffed = [p.port for p in ports if p.protocol is PortProtocol.UNKNOWN]
-    if sniffed:
-        lf = _sniffing(lst)
-        # Inspect only the sniffed ports: elsewhere it would delay server-first protocols.
-        pred = lf.filter_disabled.not_match
-        targets = [pred] if len(sniffed) == 1 else [pred.or_match.rules.add() for _ in sniffed]
-        for target, port in zip(targets, sniffed, strict=True):
-            target.destination_port_range.start = port
-            target.destination_port_range.end = port + 1
+    served = {p.port for p in ports}
+    undeclared = {p: m for p, m in sec.ports if p not in served and m != sec.mode}
+    strict = sec.mode == "STRICT"
+    if strict:
+        tls_exceptions = [p for p in served if sec.for_port(p) == "DISABLE"] + [
+            p for p, m in undeclared.items() if m != "STRICT"]
+    else:
+        tls_exceptions = [p for p in served if sec.for_port(p) != "DISABLE"] + [
+            p for p, m in undeclared.items() if m == "STRICT"]
+    tls = (strict, tls_exceptions) if strict or tls_exceptions else None
+    sniffed = [p.port for p in ports if p.protocol is PortProtocol.UNKNOWN and sec.for_port(p.port) != "STRICT"]
+    _inspectors(lst, tls, sniffed)
     for ip in sorted(ports, key=lambda p: p.port):
-        _inbound_chains(lst, ip, match_port=True)
-    chain = lst.default_filter_chain
-    chain.name = f"{VIRTUAL_INBOUND}-passthrough"
-    chain.filters.append(_tcp_proxy(passthrough_cluster, [WeightedCluster(passthrough_cluster)]))
+        _inbound_chains(lst, ip, True, sec, None if strict else blackhole_cluster)
+    name = f"{VIRTUAL_INBOUND}-passthrough"
+    for port, mode in sorted(undeclared.items()):
+        if mode == "STRICT":
+            _passthrough(lst.filter_chains.add(name=f"{name}-mtls-{port}"), passthrough_cluster, sec, True, port)
+            if blackhole_cluster is not None:
+                denied = lst.filter_chains.add(name=f"{name}-plaintext-denied-{port}")
+                denied.filter_chain_match.destination_port.value = port
+                denied.filters.append(_tcp_proxy(passthrough_cluster, [WeightedCluster(blackhole_cluster)]))
+        elif strict:
+            _passthrough(lst.filter_chains.add(name=f"{name}-{port}"), passthrough_cluster, sec, False, port)
+    if strict:
+        _passthrough(lst.filter_chains.add(name=f"{name}-mtls"), passthrough_cluster, sec, True)
+    else:
+        lst.default_filter_chain.name = name
+        _passthrough(lst.default_filter_chain, passthrough_cluster, sec, False)
     return lst
 
 
-def build_inbound_listener(name: str, address: str, ip: InboundPort) -> listener_pb2.Listener:
-    """Bind capture: a listener on the pod's address and target port, forwarding to the app."""
+def build_inbound_listener(name: str, address: str, ip: InboundPort,
+                           security: InboundSecurity = InboundSecurity()) -> listener_pb2.Listener:
+    """Bind capture: a listener on the pod's address and target port, forwarding to the app.
+    Connections no chain takes (plaintext to a STRICT port) are closed."""
     lst = _listener(name, address, ip.port, base_pb2.INBOUND)
-    if ip.protocol is PortProtocol.UNKNOWN:
-        _sniffing(lst)
-    _inbound_chains(lst, ip, match_port=False)
+    mode = security.for_port(ip.port)
+    sniffed = ip.protocol is PortProtocol.UNKNOWN and mode != "STRICT"
+    _inspectors(lst, (True, []) if mode != "DISABLE" else None, sniffed)
+    _inbound_chains(lst, ip, False, security)
     return lst

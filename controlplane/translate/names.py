@@ -22,6 +22,7 @@ from controlplane.model.ir import (
 
 PASSTHROUGH_CLUSTER = "PassthroughCluster"
 INBOUND_PASSTHROUGH_CLUSTER = "InboundPassthroughCluster"
+BLACKHOLE_CLUSTER = "BlackHoleCluster"
 VIRTUAL_OUTBOUND = "virtualOutbound"
 VIRTUAL_INBOUND = "virtualInbound"
 OUTBOUND_CAPTURE_PORT = 15001
@@ -131,6 +132,8 @@ def duration_ms(ms: int) -> duration_pb2.Duration:
 
 
 def pack(msg: Message) -> any_pb2.Any:
+    """`msg` in an Any, serialized deterministically (map entries sorted by key), so that the
+    same input gives the same bytes in every process."""
     out = any_pb2.Any()
-    out.Pack(msg)
+    out.Pack(msg, deterministic=True)
     return out

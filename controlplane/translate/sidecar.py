@@ -18,6 +18,12 @@ Listener layout per capture mode:
 
 Inbound ports are keyed by target port (`inbound|<targetPort>||`, as in Istio); named
 target ports resolve through the Pod's container ports and are skipped without a Pod.
+
+Security: inbound listeners get the workload's effective PeerAuthentication modes and its
+AuthorizationPolicies (`controlplane.model.policy`; mTLS chains and RBAC filters are built
+in `listeners`/`rbac`); outbound clusters originate mesh mTLS to endpoints whose Pod runs a
+sidecar, or what the DestinationRule's `tls` says (`controlplane.translate.security`). The
+mesh's trust domain and root namespace come with the `Mesh`.
 """
 
 from __future__ import annotations
@@ -35,7 +41,9 @@ from controlplane.model.ir import (
     Workload,
 )
 from controlplane.model.mesh import Mesh
+from controlplane.model.policy import authorization_policies_for, effective_mtls
 from controlplane.translate.clusters import (
+    build_blackhole_cluster,
     build_inbound_cluster,
     build_outbound_cluster,
     build_passthrough_cluster,
@@ -44,6 +52,7 @@ from controlplane.translate.clusters import (
 from controlplane.translate.endpoints import build_cla, select_endpoints
 from controlplane.translate.listeners import (
     InboundPort,
+    InboundSecurity,
     OutboundListener,
     WeightedCluster,
     build_inbound_listener,
@@ -53,6 +62,7 @@ from controlplane.translate.listeners import (
 )
 from controlplane.translate.names import (
     APP_ADDRESS_ANNOTATION,
+    BLACKHOLE_CLUSTER,
     DEFAULT_APP_ADDRESS,
     INBOUND_PASSTHROUGH_CLUSTER,
     PASSTHROUGH_CLUSTER,
@@ -69,6 +79,7 @@ from controlplane.translate.names import (
 )
 from controlplane.translate.plan import CLUSTER, ENDPOINT, LISTENER, ROUTE, ResourceSpec
 from controlplane.translate.routes import build_route_config, plan_virtual_host
+from controlplane.translate.security import outbound_sni, runs_sidecar, spiffe_uri, upstream_tls
 
 
 def _dr(mesh: Mesh, svc: Service, namespace: str) -> DestinationRule | None:
@@ -90,9 +101,22 @@ def _refs(*groups: tuple[SourceRef, ...]) -> tuple[SourceRef, ...]:
     return tuple(dict.fromkeys(r for g in groups for r in g))
 
 
+def service_identities(mesh: Mesh, svc: Service, sidecars_only: bool) -> tuple[str, ...]:
+    """The SPIFFE URIs of the service accounts of the Pods behind `svc`'s endpoints (only of
+    those running a sidecar, with `sidecars_only`)."""
+    uris = set()
+    for eps in mesh.endpoints.get(svc.hostname, ()):
+        for ep in eps.endpoints:
+            wl = mesh.workload(eps.namespace, ep.pod)
+            if wl is not None and (runs_sidecar(wl) or not sidecars_only):
+                uris.add(spiffe_uri(mesh.trust_domain, wl.namespace, wl.service_account))
+    return tuple(sorted(uris))
+
+
 def _cluster_specs(mesh: Mesh, svc: Service, namespace: str) -> list[ResourceSpec]:
     dr = _dr(mesh, svc, namespace)
     sets = mesh.endpoints.get(svc.hostname, ())
+    peers = (service_identities(mesh, svc, True), service_identities(mesh, svc, False))
     single = len(svc.ports) == 1
     subsets: list[tuple[str | None, tuple[tuple[str, str], ...] | None]] = [(None, None)]
     if dr is not None:
@@ -103,10 +127,11 @@ def _cluster_specs(mesh: Mesh, svc: Service, namespace: str) -> list[ResourceSpe
         for subset, labels in subsets:
             name = outbound_cluster_name(sp.port, svc.hostname, subset)
             policy = effective_policy(dr, sp.port, subset)
-            out.append(
-                ResourceSpec(CLUSTER, name, build_outbound_cluster, (name, sp.protocol, policy), sources)
-            )
             eps = select_endpoints(sets, sp, single, mesh.workloads, labels)
+            sni = outbound_sni(sp.port, subset, svc.hostname)
+            tls = upstream_tls(policy.tls, any(e.mtls for e in eps), sni, peers, mesh.trust_domain, sp.protocol)
+            args = (name, sp.protocol, policy, tls)
+            out.append(ResourceSpec(CLUSTER, name, build_outbound_cluster, args, sources))
             out.append(ResourceSpec(ENDPOINT, name, build_cla, (name, eps), sources))
     return out
 
@@ -248,11 +273,22 @@ def inbound_ports(mesh: Mesh, proxy: ProxyMeta, wl: Workload | None) -> list[_In
     return [found[p] for p in sorted(found)]
 
 
+def inbound_security(mesh: Mesh, proxy: ProxyMeta, wl: Workload | None
+                     ) -> tuple[InboundSecurity, tuple[SourceRef, ...]]:
+    """The workload's PeerAuthentication modes and AuthorizationPolicies, and their sources."""
+    labels = wl.labels if wl is not None else proxy.labels
+    mtls = effective_mtls(mesh, proxy.namespace, labels)
+    authz = authorization_policies_for(mesh, proxy.namespace, labels)
+    sec = InboundSecurity(mtls.mode, mtls.ports, mesh.trust_domain, authz)
+    return sec, _refs(mtls.sources, tuple(a.ref for a in authz))
+
+
 def plan_inbound(mesh: Mesh, proxy: ProxyMeta) -> list[ResourceSpec]:
     """The inbound clusters and listeners of the proxy's own workload, sorted by (type, name).
     In bind mode nothing is bound without a Pod IP to bind to."""
     wl = mesh.workload(proxy.namespace, proxy.workload)
     ports = inbound_ports(mesh, proxy, wl)
+    sec, sec_sources = inbound_security(mesh, proxy, wl)
     app = dict(wl.annotations).get(APP_ADDRESS_ANNOTATION, DEFAULT_APP_ADDRESS) if wl else DEFAULT_APP_ADDRESS
     specs: list[ResourceSpec] = []
     for ib in ports:
@@ -262,12 +298,17 @@ def plan_inbound(mesh: Mesh, proxy: ProxyMeta) -> list[ResourceSpec]:
     if proxy.capture == "intercept":
         name = INBOUND_PASSTHROUGH_CLUSTER
         specs.append(ResourceSpec(CLUSTER, name, build_passthrough_cluster, (name,)))
-        all_sources = _refs(*(ib.sources for ib in ports))
-        args2 = (tuple(ib.port for ib in ports), name)
+        blackhole = None
+        if sec.mode != "STRICT" and any(m == "STRICT" for _, m in sec.ports):
+            blackhole = BLACKHOLE_CLUSTER  # STRICT ports must not fall through to the plaintext default
+            specs.append(ResourceSpec(CLUSTER, blackhole, build_blackhole_cluster, (blackhole,)))
+        all_sources = _refs(*(ib.sources for ib in ports), sec_sources)
+        args2 = (tuple(ib.port for ib in ports), name, sec, blackhole)
         specs.append(ResourceSpec(LISTENER, VIRTUAL_INBOUND, build_virtual_inbound, args2, all_sources))
     elif wl is not None and wl.ip:
         for ib in ports:
             lname = f"inbound_{wl.ip}_{ib.port.port}"
-            args3 = (lname, wl.ip, ib.port)
-            specs.append(ResourceSpec(LISTENER, lname, build_inbound_listener, args3, ib.sources))
+            port_sec = InboundSecurity(sec.for_port(ib.port.port), (), sec.trust_domain, sec.authz)
+            args3 = (lname, wl.ip, ib.port, port_sec)
+            specs.append(ResourceSpec(LISTENER, lname, build_inbound_listener, args3, _refs(ib.sources, sec_sources)))
     return sorted(specs, key=lambda s: (s.type_url, s.name))

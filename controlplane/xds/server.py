@@ -1,6 +1,11 @@
 """gRPC xDS servers (grpc.aio): ADS state-of-the-world and delta, plus the per-type
 CDS/EDS/LDS/RDS/SDS services on the same stream machinery. Does network I/O.
 
+With an authenticator, each stream's `authorization: Bearer <token>` metadata is verified
+when the stream starts, and the connection is bound to the proven identity (never to what
+the node metadata claims): a token for another namespace than the node's is refused
+(PERMISSION_DENIED); a missing or invalid token gets configuration but no secrets.
+
 Responses are assembled from pre-serialized resource chunks (see cache/resources.py), so
 the gRPC response serializer is the identity: a resource's bytes are produced once and
 shared by every stream.
@@ -21,9 +26,11 @@ import grpc
 from envoy.service.discovery.v3 import discovery_pb2
 from google.protobuf import json_format
 
+from controlplane.ca.identity import AuthResult, Identity, bind_identity
 from controlplane.cache.snapshot import Snapshot
 from controlplane.model.ir import CaptureMode, ProxyMeta, ProxyMode, labels_of
-from controlplane.translate.plan import SHORT_NAMES
+from controlplane.translate.plan import SECRET, SHORT_NAMES
+from controlplane.translate.secrets import SECRET_NAMES
 from controlplane.xds.stream import AdsStream, NackRecord, Outgoing
 from controlplane.xds.stream import Protocol as StreamProtocol
 
@@ -59,6 +66,10 @@ def proxy_meta_from_node(node: Any) -> ProxyMeta:
     )
 
 
+class StreamAuthenticator(Protocol):
+    async def authenticate(self, metadata: Any) -> AuthResult: ...
+
+
 class SnapshotSource(Protocol):
     """What the server needs from the composition root."""
 
@@ -77,6 +88,7 @@ class Connection:
     woken: bool = False
     sent_responses: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+    identity: Identity | None = None  # proven by the stream's token; None: no secrets
 
     def update(self, snapshot: Snapshot) -> None:
         """Called by the composition root with this proxy's newest snapshot."""
@@ -95,9 +107,11 @@ class Observer(Protocol):
 
 
 class XdsServer:
-    def __init__(self, source: SnapshotSource, observer: Observer | None = None) -> None:
+    def __init__(self, source: SnapshotSource, observer: Observer | None = None,
+                 authenticator: StreamAuthenticator | None = None) -> None:
         self.source = source
         self.observer = observer
+        self.authenticator = authenticator
         self.connections: dict[int, Connection] = {}
         self._ids = itertools.count(1)
 
@@ -149,7 +163,13 @@ class XdsServer:
         stream_id = next(self._ids)
         stream = AdsStream(protocol, stream_id)
         conn: Connection | None = None
+        auth: AuthResult | None = None
         try:
+            if self.authenticator is not None:
+                auth = await self.authenticator.authenticate(context.invocation_metadata())
+                if auth.unavailable:
+                    log.warning("xDS stream from %s refused for now: %s", context.peer(), auth.reason)
+                    await context.abort(grpc.StatusCode.UNAVAILABLE, "cannot verify the token now; retry later")
             while True:
                 item = await self._next_item(queue, stream)
                 if item is None:
@@ -163,7 +183,11 @@ class XdsServer:
                             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                                 "the first request must carry node.id")
                         meta = proxy_meta_from_node(item.node)
-                        conn = Connection(meta, stream, queue, node=item.node, peer=context.peer())
+                        identity = await self._identity(auth, meta, context)
+                        if identity is not None:
+                            meta = bind_identity(meta, identity)
+                        conn = Connection(meta, stream, queue, node=item.node, peer=context.peer(),
+                                          identity=identity)
                         self.connections[stream_id] = conn
                         log.info("proxy %s connected (%s, %s/%s)", meta.node_id, protocol, meta.namespace,
                                  meta.workload or "-")
@@ -194,6 +218,27 @@ class XdsServer:
                 self.source.detach(conn)
                 log.info("proxy %s disconnected", conn.meta.node_id)
 
+    async def _identity(self, auth: AuthResult | None, meta: ProxyMeta,
+                        context: grpc.aio.ServicerContext) -> Identity | None:
+        """The identity the stream proved, checked against the node's claims (may abort)."""
+        if auth is None:
+            return None
+        ident = auth.identity
+        if ident is None:
+            log.warning("proxy %s: %s; serving configuration without certificates", meta.node_id, auth.reason,
+                        extra={"proxy": meta.node_id})
+            return None
+        if ident.namespace != meta.namespace:
+            log.warning("proxy %s refused: its token is for %s but its node metadata says namespace %s",
+                        meta.node_id, ident, meta.namespace, extra={"proxy": meta.node_id})
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                                f"the token's namespace {ident.namespace!r} is not the node's namespace "
+                                f"{meta.namespace!r}")
+        if ident.service_account != meta.service_account:
+            log.info("proxy %s claims service account %s; its token proves %s, which it gets", meta.node_id,
+                     meta.service_account, ident)
+        return ident
+
     async def _next_item(self, queue: asyncio.Queue[Any], stream: AdsStream) -> Any:
         if stream.waiting is None:
             return await queue.get()
@@ -208,6 +253,8 @@ class XdsServer:
             nack = conn.stream.handle_sotw_request(req)
         else:
             nack = conn.stream.handle_delta_request(req)
+        if req.type_url == SECRET:
+            self._check_secret_names(conn, req)
         if nack is not None:
             tname = SHORT_NAMES.get(req.type_url, req.type_url)
             log.warning("proxy %s rejected %s (nonce %s): %s", conn.meta.node_id, tname, nack.nonce,
@@ -218,6 +265,20 @@ class XdsServer:
                 self.observer.on_nack(conn, nack)
         elif self.observer is not None and req.response_nonce:
             self.observer.on_ack(conn)
+
+    @staticmethod
+    def _check_secret_names(conn: Connection, req: Any) -> None:
+        """Log (once per name) a secret the proxy subscribes to but is never sent."""
+        names = req.resource_names if conn.stream.protocol == "sotw" else req.resource_names_subscribe
+        allowed = SECRET_NAMES if conn.identity is not None else frozenset()
+        refused: set[str] = conn.extra.setdefault("refused_secrets", set())
+        for name in names:
+            if name in allowed or name in refused or name == "*" or len(refused) >= 32:
+                continue
+            refused.add(name)
+            held = f"identity {conn.identity}" if conn.identity is not None else "no authenticated identity"
+            log.warning("proxy %s subscribed to secret %r (%s): it gets nothing for it", conn.meta.node_id, name,
+                        held, extra={"proxy": conn.meta.node_id})
 
 
 _TIMEOUT = object()

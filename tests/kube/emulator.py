@@ -34,11 +34,7 @@ from tests.kube.faults import FaultProxy
 
 T = TypeVar("T")
 VERBS = {"get", "list", "watch", "create", "update", "patch", "delete"}
-EXTRA_RESOURCES = (
-    Resource("PeerAuthentication", "security.meshline.io", "v1", "peerauthentications"),
-    Resource("AuthorizationPolicy", "security.meshline.io", "v1", "authorizationpolicies"),
-)
-ALL_RESOURCES = resources(istio_api=True) + EXTRA_RESOURCES
+ALL_RESOURCES = resources(istio_api=True)
 
 
 def patch_namespace_paths() -> None:

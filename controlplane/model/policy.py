@@ -1,0 +1,141 @@
+"""Which security policies apply to a workload, resolved the way Istio does. Pure, no I/O.
+
+- PeerAuthentication: a policy with a workload selector in the workload's namespace, else
+  the namespace-wide policy (no selector), else the mesh-wide policy (no selector, in the
+  root namespace); a mode of UNSET inherits from the next level, and with none set the mode
+  is PERMISSIVE. Port-level modes come only from the workload-selector policy; UNSET there
+  inherits the workload's mode. When several policies compete at one level the first by
+  name wins (validation reports the conflict).
+- AuthorizationPolicy: every policy in the workload's namespace whose selector matches its
+  labels (no selector: all of them), plus every such policy in the root namespace, which
+  applies to workloads in all namespaces.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from controlplane.model.ir import (
+    AuthorizationPolicy,
+    AuthzRule,
+    Labels,
+    MtlsMode,
+    PeerAuthentication,
+    PortProtocol,
+    SourceRef,
+    Workload,
+    labels_match,
+)
+from controlplane.model.mesh import Mesh
+
+DEFAULT_MTLS_MODE: MtlsMode = "PERMISSIVE"
+
+
+@dataclass(frozen=True, slots=True)
+class MtlsPolicy:
+    """The mTLS modes in force for one workload: `mode` for every port without an override
+    in `ports` ((port, mode) pairs, sorted). Modes are never UNSET here."""
+
+    mode: MtlsMode = DEFAULT_MTLS_MODE
+    ports: tuple[tuple[int, MtlsMode], ...] = ()
+    sources: tuple[SourceRef, ...] = ()
+
+    def for_port(self, port: int) -> MtlsMode:
+        return next((m for p, m in self.ports if p == port), self.mode)
+
+
+def peer_authentication_levels(
+    mesh: Mesh, namespace: str, labels: Labels
+) -> tuple[PeerAuthentication | None, PeerAuthentication | None, PeerAuthentication | None]:
+    """(workload-selector, namespace-wide, mesh-wide) PeerAuthentication for a workload."""
+    workload = namespace_wide = mesh_wide = None
+    for pa in mesh.peer_authentications:  # sorted by (namespace, name): the first wins
+        if pa.namespace == namespace:
+            if pa.selector and workload is None and labels_match(pa.selector, labels):
+                workload = pa
+            elif not pa.selector and namespace_wide is None:
+                namespace_wide = pa
+        if pa.namespace == mesh.root_namespace and not pa.selector and mesh_wide is None:
+            mesh_wide = pa
+    if namespace == mesh.root_namespace:
+        mesh_wide = None  # the namespace-wide policy of the root namespace is the mesh-wide one
+    return workload, namespace_wide, mesh_wide
+
+
+def effective_mtls(mesh: Mesh, namespace: str, labels: Labels) -> MtlsPolicy:
+    levels = [pa for pa in peer_authentication_levels(mesh, namespace, labels) if pa is not None]
+    mode = next((pa.mode for pa in levels if pa.mode != "UNSET"), DEFAULT_MTLS_MODE)
+    workload = levels[0] if levels and levels[0].selector else None
+    ports: tuple[tuple[int, MtlsMode], ...] = ()
+    if workload is not None:
+        ports = tuple((p, mode if m == "UNSET" else m) for p, m in workload.port_level)
+    return MtlsPolicy(mode, ports, tuple(pa.ref for pa in levels))
+
+
+def authorization_policy_applies(policy: AuthorizationPolicy, root_namespace: str, namespace: str,
+                                 labels: Labels) -> bool:
+    if policy.namespace != namespace and policy.namespace != root_namespace:
+        return False
+    return labels_match(policy.selector, labels)
+
+
+def authorization_policies_for(mesh: Mesh, namespace: str, labels: Labels) -> tuple[AuthorizationPolicy, ...]:
+    """The AuthorizationPolicies that apply to a workload, sorted by (namespace, name)."""
+    return tuple(
+        ap
+        for ap in mesh.authorization_policies
+        if authorization_policy_applies(ap, mesh.root_namespace, namespace, labels)
+    )
+
+
+HTTP_ONLY_OPERATION_FIELDS = ("hosts", "notHosts", "methods", "notMethods", "paths", "notPaths")
+HTTP_ONLY_SOURCE_FIELDS = ("requestPrincipals", "notRequestPrincipals")
+
+
+def is_http_only_key(key: str) -> bool:
+    """`when` keys only an HTTP request has (headers, JWT claims)."""
+    return key.startswith(("request.headers[", "request.auth."))
+
+
+def http_only_attributes(rule: AuthzRule) -> tuple[str, ...]:
+    """The HTTP-only attributes `rule` uses (e.g. `methods`, `request.headers[x-user]`), in
+    the order first used: on a TCP connection they cannot be evaluated."""
+    found: list[str] = []
+    for op in rule.operations:
+        for name, attr in zip(HTTP_ONLY_OPERATION_FIELDS,
+                              ("hosts", "not_hosts", "methods", "not_methods", "paths", "not_paths"), strict=True):
+            if getattr(op, attr):
+                found.append(name)
+    for src in rule.sources:
+        if src.request_principals:
+            found.append("requestPrincipals")
+        if src.not_request_principals:
+            found.append("notRequestPrincipals")
+    found += [c.key for c in rule.conditions if is_http_only_key(c.key)]
+    return tuple(dict.fromkeys(found))
+
+
+def rule_ports(rule: AuthzRule) -> frozenset[int] | None:
+    """The destination ports `rule` can match, or None when it is not limited to some."""
+    ports: frozenset[int] | None = None
+    if rule.operations and all(op.ports for op in rule.operations):
+        ports = frozenset(p for op in rule.operations for p in op.ports)
+    for cond in rule.conditions:
+        if cond.key == "destination.port" and cond.values:
+            allowed = frozenset(int(v) for v in cond.values)
+            ports = allowed if ports is None else ports & allowed
+    return ports
+
+
+def served_ports(mesh: Mesh, wl: Workload) -> dict[int, PortProtocol]:
+    """The ports a Pod serves (service target ports, named ones resolved through its container
+    ports) and their protocol; the first service by hostname decides, as in translation."""
+    out: dict[int, PortProtocol] = {}
+    for svc in sorted(mesh.services_selecting(wl.namespace, wl.labels), key=lambda s: s.hostname):
+        for sp in svc.ports:
+            tp = sp.target_port
+            if isinstance(tp, str):
+                tp = int(tp) if tp.isdigit() else next((c.port for c in wl.ports if c.name == tp), 0)
+            if tp:
+                out.setdefault(tp, sp.protocol)
+    return out

@@ -1,0 +1,412 @@
+"""AuthorizationPolicy -> Envoy RBAC filters for a sidecar's inbound traffic. Pure, no I/O.
+
+Istio's evaluation, one RBAC filter per action in this order: AUDIT (action LOG: marks
+matching requests for the access log, allows everything), DENY (deny what any DENY policy
+matches), ALLOW (present as soon as one ALLOW policy applies: deny what no ALLOW policy
+matches; with no rule at all it denies everything). Each rule of each policy becomes one
+Envoy policy named `ns[<ns>]-policy[<name>]-rule[<i>]`:
+
+- sources (`from`) are ORed, the fields of a source ANDed, the values of a field ORed;
+  `not*` fields negate; likewise operations (`to`); `when` conditions are all ANDed;
+- principals `td/ns/x/sa/y` match the peer certificate's URI SAN `spiffe://td/ns/x/sa/y`
+  (`cluster.local` means the mesh's own trust domain); `*` is any authenticated peer, and
+  `abc*` / `*abc` are prefix / suffix matches; namespaces and service accounts match the
+  SPIFFE URI's `/ns/<ns>/sa/<sa>` part. Plaintext peers have no principal;
+- paths match the URL path without the query (`/a/*` prefix, `*/b` suffix, exact
+  otherwise), methods the `:method` header, hosts the `:authority` header
+  (case-insensitively, with or without a port), ports the destination port.
+
+On a TCP chain (the network RBAC filter) HTTP-only attributes cannot be evaluated; as in
+Istio it fails closed: an ALLOW rule using them never matches, while in DENY and AUDIT rules
+they count as matching (so the rest of the rule decides).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from envoy.config.core.v3 import address_pb2
+from envoy.config.rbac.v3 import rbac_pb2
+from envoy.config.route.v3 import route_components_pb2 as rc
+from envoy.extensions.filters.http.rbac.v3 import rbac_pb2 as http_rbac_pb2
+from envoy.extensions.filters.network.rbac.v3 import rbac_pb2 as network_rbac_pb2
+from envoy.type.matcher.v3 import string_pb2
+
+from controlplane.model.convert_base import regex_problem
+from controlplane.model.ir import (
+    DEFAULT_TRUST_DOMAIN,
+    AuthorizationPolicy,
+    AuthzAction,
+    AuthzRule,
+    AuthzSource,
+)
+from controlplane.model.policy import http_only_attributes, is_http_only_key
+
+HTTP_RBAC_FILTER = "envoy.filters.http.rbac"
+NETWORK_RBAC_FILTER = "envoy.filters.network.rbac"
+ACTION_ORDER: tuple[tuple[AuthzAction, int], ...] = (
+    ("AUDIT", rbac_pb2.RBAC.LOG),
+    ("DENY", rbac_pb2.RBAC.DENY),
+    ("ALLOW", rbac_pb2.RBAC.ALLOW),
+)
+_NS_PART = "[^/]+"
+_REGEX_SPECIAL = frozenset("\\.^$|?*+()[]{}")
+
+
+def quote(text: str) -> str:
+    """`text` as an RE2 literal (only regex metacharacters are escaped)."""
+    return "".join(f"\\{c}" if c in _REGEX_SPECIAL else c for c in text)
+
+
+# --------------------------------------------------------------------------- matchers
+
+
+def string_matcher(value: str, *, prefix: str = "", ignore_case: bool = False) -> string_pb2.StringMatcher:
+    """Istio's match forms: `*` presence, `*abc` suffix, `abc*` prefix, else exact; `prefix`
+    is what every matched value starts with (e.g. `spiffe://`), prepended to the pattern."""
+    m = string_pb2.StringMatcher(ignore_case=ignore_case)
+    if value == "*":
+        m.ClearField("ignore_case")
+        m.safe_regex.regex = f"{quote(prefix)}.+"
+    elif value.startswith("*"):
+        m.suffix = value[1:]  # what is matched always starts with `prefix`
+    elif value.endswith("*"):
+        m.prefix = prefix + value[:-1]
+    else:
+        m.exact = prefix + value
+    return m
+
+
+def _is_any(m: rbac_pb2.Principal | rbac_pb2.Permission) -> bool:
+    return bool(m.WhichOneof("rule" if isinstance(m, rbac_pb2.Permission) else "identifier") == "any")
+
+
+def _one_of_principals(ids: Sequence[rbac_pb2.Principal]) -> rbac_pb2.Principal:
+    if any(_is_any(i) for i in ids):
+        return rbac_pb2.Principal(any=True)
+    if len(ids) == 1:
+        return ids[0]
+    p = rbac_pb2.Principal()
+    p.or_ids.ids.extend(ids)
+    return p
+
+
+def _all_of_principals(ids: Sequence[rbac_pb2.Principal]) -> rbac_pb2.Principal:
+    ids = [i for i in ids if not _is_any(i)]
+    if not ids:
+        return rbac_pb2.Principal(any=True)
+    if len(ids) == 1:
+        return ids[0]
+    p = rbac_pb2.Principal()
+    p.and_ids.ids.extend(ids)
+    return p
+
+
+def _not_principal(inner: rbac_pb2.Principal) -> rbac_pb2.Principal:
+    p = rbac_pb2.Principal()
+    p.not_id.CopyFrom(inner)
+    return p
+
+
+def _never_principal() -> rbac_pb2.Principal:
+    return _not_principal(rbac_pb2.Principal(any=True))
+
+
+def _one_of_permissions(rules: Sequence[rbac_pb2.Permission]) -> rbac_pb2.Permission:
+    if any(_is_any(r) for r in rules):
+        return rbac_pb2.Permission(any=True)
+    if len(rules) == 1:
+        return rules[0]
+    p = rbac_pb2.Permission()
+    p.or_rules.rules.extend(rules)
+    return p
+
+
+def _all_of_permissions(rules: Sequence[rbac_pb2.Permission]) -> rbac_pb2.Permission:
+    rules = [r for r in rules if not _is_any(r)]
+    if not rules:
+        return rbac_pb2.Permission(any=True)
+    if len(rules) == 1:
+        return rules[0]
+    p = rbac_pb2.Permission()
+    p.and_rules.rules.extend(rules)
+    return p
+
+
+def _not_permission(inner: rbac_pb2.Permission) -> rbac_pb2.Permission:
+    p = rbac_pb2.Permission()
+    p.not_rule.CopyFrom(inner)
+    return p
+
+
+def _authenticated(m: string_pb2.StringMatcher) -> rbac_pb2.Principal:
+    p = rbac_pb2.Principal()
+    p.authenticated.principal_name.CopyFrom(m)
+    return p
+
+
+def principal_id(value: str, trust_domain: str) -> rbac_pb2.Principal:
+    """A `principals` value (`td/ns/x/sa/y`, with Istio wildcards) as a peer identity match."""
+    if value.startswith(f"{DEFAULT_TRUST_DOMAIN}/"):
+        value = trust_domain + value[len(DEFAULT_TRUST_DOMAIN):]
+    return _authenticated(string_matcher(value, prefix="spiffe://"))
+
+
+def _name_regex(value: str) -> str:
+    """A namespace or service-account pattern as a regex for one URI path segment."""
+    if value == "*":
+        return _NS_PART
+    if value.startswith("*"):
+        return f"[^/]*{quote(value[1:])}"
+    if value.endswith("*"):
+        return f"{quote(value[:-1])}[^/]*"
+    return quote(value)
+
+
+def _identity_regex(ns: str, sa: str) -> string_pb2.StringMatcher:
+    strict = f"spiffe://{_NS_PART}/ns/{ns}/sa/{sa}"
+    m = string_pb2.StringMatcher()
+    # Envoy rejects regexes over RE2's program-size limit: long names get the shorter form.
+    m.safe_regex.regex = strict if regex_problem(strict) is None else f".*/ns/{ns}/sa/{sa}"
+    return m
+
+
+def namespace_id(value: str) -> rbac_pb2.Principal:
+    return _authenticated(_identity_regex(_name_regex(value), _NS_PART))
+
+
+def service_account_id(value: str, trust_domain: str) -> rbac_pb2.Principal:
+    ns, _, sa = value.partition("/")
+    return _authenticated(string_matcher(f"{trust_domain}/ns/{ns}/sa/{sa}", prefix="spiffe://"))
+
+
+def _cidr(value: str) -> address_pb2.CidrRange:
+    address, _, length = value.partition("/")
+    r = address_pb2.CidrRange(address_prefix=address)
+    r.prefix_len.value = int(length)
+    return r
+
+
+def _direct_ip(value: str) -> rbac_pb2.Principal:
+    p = rbac_pb2.Principal()
+    p.direct_remote_ip.CopyFrom(_cidr(value))
+    return p
+
+
+def _remote_ip(value: str) -> rbac_pb2.Principal:
+    p = rbac_pb2.Principal()
+    p.remote_ip.CopyFrom(_cidr(value))
+    return p
+
+
+def _header(name: str, value: str, *, ignore_case: bool = False) -> rc.HeaderMatcher:
+    h = rc.HeaderMatcher(name=name)
+    if value == "*":
+        h.present_match = True
+    else:
+        h.string_match.CopyFrom(string_matcher(value, ignore_case=ignore_case))
+    return h
+
+
+def _header_permission(h: rc.HeaderMatcher) -> rbac_pb2.Permission:
+    p = rbac_pb2.Permission()
+    p.header.CopyFrom(h)
+    return p
+
+
+def _host_permissions(value: str) -> list[rbac_pb2.Permission]:
+    """`:authority` matches for one host, with or without a `:port`."""
+    out = [_header_permission(_header(":authority", value, ignore_case=True))]
+    if value == "*" or value.endswith("*") or ":" in value:
+        return out
+    with_port = rc.HeaderMatcher(name=":authority")
+    if value.startswith("*"):
+        with_port.string_match.contains = f"{value[1:]}:"
+    else:
+        with_port.string_match.prefix = f"{value}:"
+    with_port.string_match.ignore_case = True
+    out.append(_header_permission(with_port))
+    return out
+
+
+def _path_permission(value: str) -> rbac_pb2.Permission:
+    if value == "*":
+        return rbac_pb2.Permission(any=True)
+    p = rbac_pb2.Permission()
+    p.url_path.path.CopyFrom(string_matcher(value))
+    return p
+
+
+def _port_permission(port: int) -> rbac_pb2.Permission:
+    return rbac_pb2.Permission(destination_port=port)
+
+
+def _destination_ip(value: str) -> rbac_pb2.Permission:
+    p = rbac_pb2.Permission()
+    p.destination_ip.CopyFrom(_cidr(value))
+    return p
+
+
+def _sni(value: str) -> rbac_pb2.Permission:
+    p = rbac_pb2.Permission()
+    p.requested_server_name.CopyFrom(string_matcher(value))
+    return p
+
+
+# --------------------------------------------------------------------------- rules
+
+
+def _principal_field(out: list[rbac_pb2.Principal], values: Sequence[str], negate: bool, make: Any) -> None:
+    if not values:
+        return
+    ids: list[rbac_pb2.Principal] = []
+    for v in values:
+        made = make(v)
+        ids += made if isinstance(made, list) else [made]
+    either = _one_of_principals(ids)
+    out.append(_not_principal(either) if negate else either)
+
+
+def _permission_field(out: list[rbac_pb2.Permission], values: Sequence[Any], negate: bool, make: Any) -> None:
+    if not values:
+        return
+    rules: list[rbac_pb2.Permission] = []
+    for v in values:
+        made = make(v)
+        rules += made if isinstance(made, list) else [made]
+    either = _one_of_permissions(rules)
+    out.append(_not_permission(either) if negate else either)
+
+
+def _source(src: AuthzSource, td: str, tcp: bool) -> rbac_pb2.Principal:
+    parts: list[rbac_pb2.Principal] = []
+    _principal_field(parts, src.principals, False, lambda v: principal_id(v, td))
+    _principal_field(parts, src.not_principals, True, lambda v: principal_id(v, td))
+    _principal_field(parts, src.namespaces, False, namespace_id)
+    _principal_field(parts, src.not_namespaces, True, namespace_id)
+    _principal_field(parts, src.service_accounts, False, lambda v: service_account_id(v, td))
+    _principal_field(parts, src.not_service_accounts, True, lambda v: service_account_id(v, td))
+    _principal_field(parts, src.ip_blocks, False, _direct_ip)
+    _principal_field(parts, src.not_ip_blocks, True, _direct_ip)
+    _principal_field(parts, src.remote_ip_blocks, False, _remote_ip)
+    _principal_field(parts, src.not_remote_ip_blocks, True, _remote_ip)
+    if src.request_principals and not tcp:
+        parts.append(_never_principal())  # no request is JWT-authenticated
+    return _all_of_principals(parts)
+
+
+def _rule_policy(rule: AuthzRule, td: str, tcp: bool) -> rbac_pb2.Policy:
+    """One Envoy policy for `rule`. With `tcp`, HTTP-only attributes are left out (they
+    count as matching); the caller drops ALLOW rules that have any."""
+    principals: list[rbac_pb2.Principal] = []
+    permissions: list[rbac_pb2.Permission] = []
+    if rule.sources:
+        principals.append(_one_of_principals([_source(s, td, tcp) for s in rule.sources]))
+    if rule.operations:
+        ops: list[rbac_pb2.Permission] = []
+        for op in rule.operations:
+            parts: list[rbac_pb2.Permission] = []
+            if not tcp:
+                _permission_field(parts, op.hosts, False, _host_permissions)
+                _permission_field(parts, op.not_hosts, True, _host_permissions)
+                _permission_field(parts, op.methods, False,
+                                  lambda v: _header_permission(_header(":method", v)))
+                _permission_field(parts, op.not_methods, True,
+                                  lambda v: _header_permission(_header(":method", v)))
+                _permission_field(parts, op.paths, False, _path_permission)
+                _permission_field(parts, op.not_paths, True, _path_permission)
+            _permission_field(parts, op.ports, False, _port_permission)
+            _permission_field(parts, op.not_ports, True, _port_permission)
+            ops.append(_all_of_permissions(parts))
+        permissions.append(_one_of_permissions(ops))
+    for cond in rule.conditions:
+        key = cond.key
+        if tcp and is_http_only_key(key):
+            continue
+        if key.startswith("request.headers["):
+            name = key[len("request.headers["):-1]
+
+            def header_id(v: str, name: str = name) -> rbac_pb2.Principal:
+                p = rbac_pb2.Principal()
+                p.header.CopyFrom(_header(name, v))
+                return p
+
+            _principal_field(principals, cond.values, False, header_id)
+            _principal_field(principals, cond.not_values, True, header_id)
+        elif key.startswith("request.auth."):
+            if cond.values:
+                principals.append(_never_principal())
+        elif key == "source.ip":
+            _principal_field(principals, cond.values, False, _direct_ip)
+            _principal_field(principals, cond.not_values, True, _direct_ip)
+        elif key == "remote.ip":
+            _principal_field(principals, cond.values, False, _remote_ip)
+            _principal_field(principals, cond.not_values, True, _remote_ip)
+        elif key == "source.namespace":
+            _principal_field(principals, cond.values, False, namespace_id)
+            _principal_field(principals, cond.not_values, True, namespace_id)
+        elif key == "source.principal":
+            _principal_field(principals, cond.values, False, lambda v: principal_id(v, td))
+            _principal_field(principals, cond.not_values, True, lambda v: principal_id(v, td))
+        elif key == "destination.port":
+            _permission_field(permissions, [int(v) for v in cond.values], False, _port_permission)
+            _permission_field(permissions, [int(v) for v in cond.not_values], True, _port_permission)
+        elif key == "destination.ip":
+            _permission_field(permissions, cond.values, False, _destination_ip)
+            _permission_field(permissions, cond.not_values, True, _destination_ip)
+        elif key == "connection.sni":
+            _permission_field(permissions, cond.values, False, _sni)
+            _permission_field(permissions, cond.not_values, True, _sni)
+    policy = rbac_pb2.Policy()
+    policy.permissions.append(_all_of_permissions(permissions))
+    policy.principals.append(_all_of_principals(principals))
+    return policy
+
+
+def policy_name(ap: AuthorizationPolicy, index: int) -> str:
+    return f"ns[{ap.namespace}]-policy[{ap.name}]-rule[{index}]"
+
+
+def rbac_rules(policies: Sequence[AuthorizationPolicy], trust_domain: str, *, tcp: bool
+               ) -> list[tuple[AuthzAction, rbac_pb2.RBAC]]:
+    """The RBAC configurations to enforce, in evaluation order. DENY and AUDIT appear only
+    when they have a rule; ALLOW as soon as one ALLOW policy applies (an ALLOW RBAC without
+    policies denies everything)."""
+    out: list[tuple[AuthzAction, rbac_pb2.RBAC]] = []
+    for action, envoy_action in ACTION_ORDER:
+        applying = [ap for ap in policies if ap.action == action]
+        if not applying:
+            continue
+        rules = rbac_pb2.RBAC(action=envoy_action)
+        for ap in applying:
+            for i, rule in enumerate(ap.rules):
+                if tcp and action == "ALLOW" and http_only_attributes(rule):
+                    continue  # fails closed: this rule allows nothing on TCP
+                rules.policies[policy_name(ap, i)].CopyFrom(_rule_policy(rule, trust_domain, tcp))
+        if action != "ALLOW" and not rules.policies:
+            continue
+        out.append((action, rules))
+    return out
+
+
+def http_rbac_filters(policies: Sequence[AuthorizationPolicy], trust_domain: str
+                      ) -> list[tuple[str, http_rbac_pb2.RBAC]]:
+    """(filter name, config) of the HTTP RBAC filters, in order."""
+    out = []
+    for _, rules in rbac_rules(policies, trust_domain, tcp=False):
+        cfg = http_rbac_pb2.RBAC()
+        cfg.rules.CopyFrom(rules)
+        out.append((HTTP_RBAC_FILTER, cfg))
+    return out
+
+
+def network_rbac_filters(policies: Sequence[AuthorizationPolicy], trust_domain: str, stat_prefix: str
+                         ) -> list[tuple[str, network_rbac_pb2.RBAC]]:
+    """(filter name, config) of the network RBAC filters for a TCP chain, in order."""
+    out = []
+    for action, rules in rbac_rules(policies, trust_domain, tcp=True):
+        cfg = network_rbac_pb2.RBAC(stat_prefix=f"{stat_prefix}.{action.lower()}.")
+        cfg.rules.CopyFrom(rules)
+        out.append((NETWORK_RBAC_FILTER, cfg))
+    return out
