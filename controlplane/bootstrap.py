@@ -41,6 +41,7 @@ class BootstrapOptions:
     cluster: str = "meshline"
     token: str | None = None  # bearer token sent on the xDS stream (proves the proxy's identity)
     xds_tls: XdsTls | None = None
+    outbound_address: str = "127.0.0.1"  # bind capture: loopback address of the outbound listeners
 
 
 def split_address(addr: str) -> tuple[str, int]:
@@ -60,6 +61,7 @@ def bootstrap(opts: BootstrapOptions) -> dict[str, Any]:
         "namespace": opts.namespace,
         "service_account": opts.service_account,
         "capture": opts.capture,
+        **({"outbound_address": opts.outbound_address} if opts.outbound_address != "127.0.0.1" else {}),
         "labels": dict(opts.labels),
     }
     if opts.workload:

@@ -144,6 +144,9 @@ def _watch_namespaces(kubernetes: bool, kubeconfig: Path | None, watch_namespace
 @click.option("--service-account", default="default", show_default=True)
 @click.option("--labels", default="", help="k=v,k2=v2")
 @click.option("--capture", type=click.Choice(["bind", "intercept"]), default="bind", show_default=True)
+@click.option("--outbound-address", default="127.0.0.1", show_default=True,
+              help="Bind capture: the loopback address the outbound listeners bind (give each sidecar "
+                   "sharing one host its own, e.g. 127.0.0.2).")
 @click.option("--xds-protocol", type=click.Choice(["delta", "sotw"]), default="delta", show_default=True)
 @click.option("--xds-address", default="127.0.0.1:15010", show_default=True)
 @click.option("--admin-address", default="127.0.0.1:15000", show_default=True)
@@ -165,13 +168,21 @@ def _watch_namespaces(kubernetes: bool, kubeconfig: Path | None, watch_namespace
               help="With --xds-tls: SNI and the DNS name the server certificate must carry (default: the host "
                    "of --xds-address, or localhost for an IP).")
 def bootstrap(mode: str, node_id: str, namespace: str, workload: str | None, service_account: str, labels: str,
-              capture: str, xds_protocol: str, xds_address: str, admin_address: str, ca_dir: Path | None,
+              capture: str, outbound_address: str, xds_protocol: str, xds_address: str, admin_address: str,
+              ca_dir: Path | None,
               token_ttl: Any, token_file: Path | None, xds_tls: bool, ca_bundle: Path | None,
               xds_server_name: str | None) -> None:
     """Print an Envoy bootstrap (YAML) for a proxy."""
+    import ipaddress
+
     from controlplane.bootstrap import BootstrapOptions, XdsTls, render, split_address
     from controlplane.model.ir import labels_of
 
+    try:
+        if not ipaddress.IPv4Address(outbound_address).is_loopback:
+            raise ValueError("not a loopback address")
+    except ValueError as exc:
+        raise click.BadParameter(f"{outbound_address!r}: {exc}", param_hint="--outbound-address") from exc
     for flag, address in (("--xds-address", xds_address), ("--admin-address", admin_address)):
         try:
             split_address(address)
@@ -193,7 +204,7 @@ def bootstrap(mode: str, node_id: str, namespace: str, workload: str | None, ser
         node_id=node_id, namespace=namespace, mode=mode, workload=workload,  # type: ignore[arg-type]
         service_account=service_account, labels=labels_of(pairs), capture=capture,  # type: ignore[arg-type]
         xds_protocol=xds_protocol, xds_address=xds_address, admin_address=admin_address, token=token,
-        xds_tls=tls,
+        xds_tls=tls, outbound_address=outbound_address,
     )
     try:
         click.echo(render(opts), nl=False)

@@ -65,7 +65,7 @@ class Settings:
 def _plan_shared(mesh: Mesh, meta: ProxyMeta) -> list[ResourceSpec]:
     if meta.mode != "sidecar":
         return []
-    return plan_outbound(mesh, meta.namespace, meta.capture)
+    return plan_outbound(mesh, meta.namespace, meta.capture, meta.outbound_address)
 
 
 def _plan_own(mesh: Mesh, meta: ProxyMeta) -> list[ResourceSpec]:
@@ -75,7 +75,7 @@ def _plan_own(mesh: Mesh, meta: ProxyMeta) -> list[ResourceSpec]:
 
 
 def _shared_key(meta: ProxyMeta) -> object:
-    return (meta.mode, meta.namespace, meta.capture)
+    return (meta.mode, meta.namespace, meta.capture, meta.outbound_address if meta.capture == "bind" else "")
 
 
 @dataclass

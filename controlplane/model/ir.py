@@ -464,6 +464,7 @@ class ProxyMeta:
     service_account: str = "default"
     capture: CaptureMode = "bind"
     extra: Labels = field(default=())
+    outbound_address: str = "127.0.0.1"  # bind capture: the loopback address outbound listeners use
 
 
 # --------------------------------------------------------------------------- security

@@ -181,13 +181,15 @@ def _listener_spec(spec: OutboundListener, sources: tuple[SourceRef, ...]) -> Re
     return ResourceSpec(LISTENER, spec.name, build_outbound_listener, (spec,), sources)
 
 
-def _bind_listener(mesh: Mesh, port: int, services: list[Service], namespace: str) -> ResourceSpec:
+def _bind_listener(
+    mesh: Mesh, port: int, services: list[Service], namespace: str, address: str = "127.0.0.1"
+) -> ResourceSpec:
     http = [s for s in services if _port_of(s, port).protocol.is_http]
     other = [s for s in services if not _port_of(s, port).protocol.is_http]
     sniffed = any(_port_of(s, port).protocol is PortProtocol.UNKNOWN for s in services)
     route = route_config_name(port) if http or sniffed else None
     tcp = tcp_target(mesh, other[0], port, namespace) if other else ()
-    spec = OutboundListener(f"127.0.0.1_{port}", "127.0.0.1", port, True, route, tcp)
+    spec = OutboundListener(f"{address}_{port}", address, port, True, route, tcp)
     sources = tuple(s.ref for s in services) + (_tcp_sources(mesh, other[0]) if other else ())
     return _listener_spec(spec, _refs(sources))
 
@@ -213,9 +215,13 @@ def _intercept_listeners(
     return list(out.values())
 
 
-def plan_outbound(mesh: Mesh, namespace: str, capture: CaptureMode) -> list[ResourceSpec]:
+def plan_outbound(
+    mesh: Mesh, namespace: str, capture: CaptureMode, bind_address: str = "127.0.0.1"
+) -> list[ResourceSpec]:
     """Clusters, endpoints, route configurations and listeners shared by every sidecar in
-    `namespace` with capture mode `capture`, sorted by (type, name)."""
+    `namespace` with capture mode `capture`, sorted by (type, name). In bind capture the
+    outbound listeners bind `bind_address` (127.0.0.1 unless the proxy asks for another
+    loopback address, so several sidecars can share one host)."""
     specs: list[ResourceSpec] = []
     for host in sorted(mesh.services):
         specs += _cluster_specs(mesh, mesh.services[host], namespace)
@@ -225,7 +231,7 @@ def plan_outbound(mesh: Mesh, namespace: str, capture: CaptureMode) -> list[Reso
         if routed:
             specs.append(_route_spec(mesh, port, routed, namespace, capture))
         if capture == "bind":
-            specs.append(_bind_listener(mesh, port, services, namespace))
+            specs.append(_bind_listener(mesh, port, services, namespace, bind_address))
         else:
             specs += _intercept_listeners(mesh, port, services, namespace)
     if capture == "intercept":

@@ -63,7 +63,19 @@ def proxy_meta_from_node(node: Any) -> ProxyMeta:
         labels=labels_of({str(k): str(v) for k, v in labels.items()}),
         service_account=str(md.get("service_account") or "default"),
         capture=capture,
+        outbound_address=_loopback(md.get("outbound_address")),
     )
+
+
+def _loopback(value: Any) -> str:
+    """The bind-capture outbound address a proxy asks for: a loopback IPv4 address only."""
+    import ipaddress
+
+    try:
+        ip = ipaddress.IPv4Address(str(value))
+    except ValueError:
+        return "127.0.0.1"
+    return str(ip) if ip.is_loopback else "127.0.0.1"
 
 
 class StreamAuthenticator(Protocol):
