@@ -98,6 +98,59 @@ async def start_ca_server(runtime: Runtime, settings: Settings) -> tuple[Callabl
     return stop, port
 
 
+def webhook_address(settings: Settings) -> str | None:
+    """Webhooks run when an address is given, or by default (0.0.0.0:15017) with --kubernetes;
+    `off` disables them."""
+    addr = settings.webhook_address
+    if addr == "off":
+        return None
+    if addr is None and settings.kubernetes:
+        return "0.0.0.0:15017"
+    return addr
+
+
+async def run_webhooks(runtime: Runtime, settings: Settings, address: str) -> None:
+    """Serve /inject and /validate over HTTPS with a certificate from Meshline's CA (once the
+    CA is available: in Kubernetes mode the root comes from the leader's Secret)."""
+    from webhook.config import WebhookConfig
+    from webhook.inject import namespace_in_mesh
+    from webhook.server import default_dns_names, serve_webhooks
+
+    identity = runtime.identity
+    assert identity is not None
+    while identity.ca is None:
+        await asyncio.sleep(0.5)
+    namespace = os.environ.get("POD_NAMESPACE") or settings.leader_namespace
+
+    def in_mesh(ns: str) -> bool | None:
+        n = runtime.mesh().namespaces.get(ns)
+        return namespace_in_mesh(dict(n.labels) if n is not None else None)
+
+    xds = os.environ.get("MESHLINE_XDS_SERVICE_ADDRESS") or f"meshline.{namespace}.svc:15010"
+    log.info("webhooks (/inject, /validate) on https://%s", address)
+    await serve_webhooks(address, identity.ca, (*default_dns_names("meshline", namespace), "localhost"),
+                         WebhookConfig(xds_address=xds), namespace_in_mesh=in_mesh)
+
+
+async def patch_ca_bundles(runtime: Runtime, api: Any, period_s: float = 30.0) -> None:
+    """Leader only: keep the webhook configurations' caBundle equal to the trust bundle."""
+    from webhook.server import patch_webhook_ca_bundles
+
+    identity = runtime.identity
+    assert identity is not None
+    last: tuple[str, int] | None = None
+    while True:
+        if runtime.leader and identity.bundle:
+            try:
+                result = await asyncio.to_thread(patch_webhook_ca_bundles, api, None, identity.bundle)
+                if last != (identity.bundle, identity.generation):
+                    log.info("webhook caBundle: %s", ", ".join(f"{k} {v}" for k, v in sorted(result.items())))
+                last = (identity.bundle, identity.generation)
+            except Exception as exc:
+                log.warning("cannot patch the webhook caBundle: %s", exc)
+        await asyncio.sleep(period_s if last is not None else 2.0)
+
+
 def build_runtime(settings: Settings, identity: IdentityService | None = None) -> Runtime:
     sources: list[Source] = []
     metrics = Metrics()
@@ -177,7 +230,7 @@ async def _run(settings: Settings, identity: IdentityService | None, api_client:
     host, sport = split_address(settings.status_address)
     config = uvicorn.Config(create_app(runtime, settings.status_token_file), host=host, port=sport, log_level="warning", lifespan="off")
     status = uvicorn.Server(config)
-    status.install_signal_handlers = lambda: None
+    status.capture_signals = contextlib.nullcontext  # the composition root owns signals
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -192,6 +245,11 @@ async def _run(settings: Settings, identity: IdentityService | None, api_client:
         tasks.extend(start_leader_work(runtime, settings))
     if identity is not None:
         tasks.extend(start_identity_tasks(runtime, settings, api_client))
+        hook_addr = webhook_address(settings)
+        if hook_addr is not None:
+            tasks.append(asyncio.create_task(run_webhooks(runtime, settings, hook_addr), name="webhooks"))
+            if settings.kubernetes and api_client is not None:
+                tasks.append(asyncio.create_task(patch_ca_bundles(runtime, api_client), name="ca-bundle"))
     log.info("meshline serving xDS on %s (port %d), status on %s", settings.xds_address, port,
              settings.status_address)
     if ca_server is not None:

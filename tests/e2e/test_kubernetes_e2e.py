@@ -15,7 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import kmock
 import pytest
+import yaml
 from kubernetes import client as k8s
 
 from controlplane.localrun import free_port, start_envoy, stop, wait_http
@@ -34,17 +36,20 @@ class Cluster:
         self.kube = kube
         self.work = work
         self.replicas: dict[str, tuple[subprocess.Popen[bytes], int, int]] = {}
+        self.webhooks: dict[str, int] = {}
         self.envoy: subprocess.Popen[bytes] | None = None
         self.backend: subprocess.Popen[bytes] | None = None
         self.http = httpx.Client(timeout=5)
 
     def start_replica(self, name: str) -> None:
-        xds, status = free_port(), free_port()
+        xds, status, hooks = free_port(), free_port(), free_port()
+        self.webhooks[name] = hooks
         log = open(self.work / f"{name}.log", "wb")
         p = subprocess.Popen(
             [sys.executable, "-m", "controlplane.cli", "serve", "--kubernetes", "--kubeconfig",
              str(self.kube.kubeconfig), "--xds-address", f"127.0.0.1:{xds}", "--status-address",
-             f"127.0.0.1:{status}", "--leader-lease-seconds", str(LEASE)],
+             f"127.0.0.1:{status}", "--leader-lease-seconds", str(LEASE),
+             "--webhook-address", f"127.0.0.1:{hooks}", "--ca-address", "off"],
             stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True,
             env={**os.environ, "POD_NAME": name, "POD_NAMESPACE": "meshline-system"})
         self.replicas[name] = (p, xds, status)
@@ -76,6 +81,17 @@ def cluster() -> Iterator[Cluster]:
         c = Cluster(kube, Path(d))
         try:
             kube.create(namespace("meshline-system"))
+            adm = k8s.AdmissionregistrationV1Api(kube.api)
+            for plural, kind in (("mutatingwebhookconfigurations", "MutatingWebhookConfiguration"),
+                                 ("validatingwebhookconfigurations", "ValidatingWebhookConfiguration")):
+                kube.emulator.resources[f"admissionregistration.k8s.io/v1/{plural}"] = kmock.ResourceInfo(
+                    kind=kind, namespaced=False, verbs={"get", "list", "watch", "create", "update", "patch"})
+            for path in sorted((ROOT / "manifests" / "webhooks").glob("*configuration.yaml")):
+                for doc in yaml.safe_load_all(path.read_text()):
+                    if doc and doc["kind"] == "MutatingWebhookConfiguration":
+                        adm.create_mutating_webhook_configuration(doc)
+                    elif doc and doc["kind"] == "ValidatingWebhookConfiguration":
+                        adm.create_validating_webhook_configuration(doc)
             kube.create(namespace(NS, {"meshline.io/dataplane-mode": "sidecar"}))
             c.backend = subprocess.Popen(
                 [sys.executable, str(ROOT / "samples" / "backend.py"), f"shop-v1=127.0.0.121:{PORT}",
@@ -188,3 +204,39 @@ def test_only_the_leader_writes_status_and_a_follower_takes_over(cluster: Cluste
     late = eventually(lambda: _accepted(kube, "late"), timeout=10)
     assert late["status"] in ("True", "False")
     assert cluster.metric(follower, "meshline_crd_status_writes_total") >= 1
+
+
+def test_webhooks_serve_with_the_mesh_ca_and_the_leader_patches_ca_bundles(cluster: Cluster) -> None:
+    import base64
+    import ssl
+
+    api = k8s.AdmissionregistrationV1Api(cluster.kube.api)
+
+    def bundles() -> list[str] | None:
+        m = api.read_mutating_webhook_configuration("meshline-sidecar-injector")
+        v = api.read_validating_webhook_configuration("meshline-validator")
+        got = [h.client_config.ca_bundle for h in [*m.webhooks, *v.webhooks]]
+        return got if all(got) else None
+
+    got = eventually(bundles, timeout=15)
+    pem = base64.b64decode(got[0]).decode()
+    assert "BEGIN CERTIFICATE" in pem and len(set(got)) == 1
+    # Every replica's webhook answers over HTTPS with a certificate that chains to that bundle.
+    for name, port in cluster.webhooks.items():
+        if cluster.replicas[name][0].poll() is not None:
+            continue  # killed in the HA test
+        ctx = ssl.create_default_context(cadata=pem)
+        ctx.check_hostname = False
+        with httpx.Client(verify=ctx, timeout=5) as c:
+            r = eventually(lambda p=port: c.post(f"https://127.0.0.1:{p}/validate", json={
+                "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+                "request": {"uid": "u1", "kind": {"group": "networking.meshline.io", "version": "v1",
+                                                  "kind": "VirtualService"},
+                            "operation": "CREATE", "namespace": NS, "name": "bad",
+                            "object": {"apiVersion": "networking.meshline.io/v1", "kind": "VirtualService",
+                                       "metadata": {"name": "bad", "namespace": NS},
+                                       "spec": {"hosts": ["x"], "http": [{"route": [{"destination": {
+                                           "host": "x"}}], "retries": {"attemps": 1}}]}}}}), timeout=15)
+        review = r.json()["response"]
+        assert review["uid"] == "u1" and review["allowed"] is False
+        assert "attemps" in review["status"]["message"]
