@@ -850,6 +850,7 @@ def test_deployment_shape() -> None:
     assert c["args"] == [
         "serve", "--kubernetes", "--xds-address", "0.0.0.0:15010",
         "--status-address", "0.0.0.0:15014", "--webhook-address", "0.0.0.0:15017",
+        "--ca-address", "0.0.0.0:15012",
     ]  # fmt: skip
     assert {p["name"]: p["containerPort"] for p in c["ports"]} == CONTROL_PLANE_PORTS
     env = {e["name"]: e["valueFrom"]["fieldRef"]["fieldPath"] for e in c["env"] if "valueFrom" in e}
