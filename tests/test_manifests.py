@@ -1057,7 +1057,8 @@ def test_dockerfile_matches_the_deployment() -> None:
     assert re.search(r"^RUN .*pip install \.", text, re.M) or "pip install ." in text
     user = [ln for ln in lines if ln.startswith("USER ")][-1]
     assert user.split()[1].split(":")[0] == "10001"
-    exposed = {int(p) for ln in lines if ln.startswith("EXPOSE ") for p in ln.split()[1:]}
+    final_stage = text[text.rindex("\nFROM "):]  # the default target is the control-plane image
+    exposed = {int(p) for ln in final_stage.splitlines() if ln.startswith("EXPOSE ") for p in ln.split()[1:]}
     assert exposed == set(CONTROL_PLANE_PORTS.values())
     assert 'ENTRYPOINT ["meshline"]' in lines
     ignored = (ROOT / ".dockerignore").read_text().split()
