@@ -49,6 +49,10 @@ class Mesh:
     vs_by_host: Mapping[Hostname, VirtualService] = field(default_factory=dict)
     dr_by_host: Mapping[Hostname, DestinationRule] = field(default_factory=dict)
     services_by_port: Mapping[int, tuple[Service, ...]] = field(default_factory=dict)
+    services_by_namespace: Mapping[str, tuple[Service, ...]] = field(default_factory=dict)
+    # (namespace, key, value) of a selector's first pair -> services: a pod can only match a
+    # selector whose first pair it carries, so selection looks at a few candidates, not all.
+    services_by_selector_head: Mapping[tuple[str, str, str], tuple[Service, ...]] = field(default_factory=dict)
 
     def workload(self, namespace: str, name: str | None) -> Workload | None:
         if not name:
@@ -57,11 +61,12 @@ class Mesh:
 
     def services_selecting(self, namespace: str, labels: tuple[tuple[str, str], ...]) -> tuple[Service, ...]:
         """Services in `namespace` whose (non-empty) selector matches `labels`."""
-        return tuple(
-            s
-            for s in self.services.values()
-            if s.namespace == namespace and s.selector and labels_match(s.selector, labels)
-        )
+        found: dict[Hostname, Service] = {}
+        for k, v in labels:
+            for s in self.services_by_selector_head.get((namespace, k, v), ()):
+                if labels_match(s.selector, labels):
+                    found[s.hostname] = s
+        return tuple(found[h] for h in sorted(found))
 
 
 def build_mesh(
@@ -93,8 +98,13 @@ def build_mesh(
         if cur is None or (svc is not None and dr.namespace == svc.namespace and cur.namespace != svc.namespace):
             dr_by_host[dr.host] = dr
     by_port: dict[int, list[Service]] = {}
+    by_ns: dict[str, list[Service]] = {}
+    by_head: dict[tuple[str, str, str], list[Service]] = {}
     for host in sorted(services):
         svc = services[host]
+        by_ns.setdefault(svc.namespace, []).append(svc)
+        if svc.selector:
+            by_head.setdefault((svc.namespace, *svc.selector[0]), []).append(svc)
         for p in svc.ports:
             by_port.setdefault(p.port, []).append(svc)
     return Mesh(
@@ -112,4 +122,6 @@ def build_mesh(
         vs_by_host=vs_by_host,
         dr_by_host=dr_by_host,
         services_by_port={p: tuple(v) for p, v in sorted(by_port.items())},
+        services_by_namespace={ns: tuple(v) for ns, v in by_ns.items()},
+        services_by_selector_head={k: tuple(v) for k, v in by_head.items()},
     )
