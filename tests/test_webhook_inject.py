@@ -260,9 +260,14 @@ def test_proxy_start_script_writes_a_bootstrap_envoy_accepts(tmp_path: Path) -> 
     for e in proxy["env"]:
         if "value" in e:
             env[e["name"]] = e["value"]
+    token = tmp_path / "meshline-token"  # what the kubelet projects (audience meshline)
+    token.write_text("projected.sa.token\n")
+    env["MESHLINE_TOKEN_FILE"] = str(token)
     proc = subprocess.run(["/bin/sh", "-c", script], env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     boot = yaml.safe_load((tmp_path / "envoy.yaml").read_text())
+    md = boot["dynamic_resources"]["ads_config"]["grpc_services"][0]["initial_metadata"]
+    assert md == [{"key": "authorization", "value": "Bearer projected.sa.token"}]  # identity proof on the stream
     assert boot["node"]["id"] == "reviews-v1-7d4f8b9c6d-x2x9z.shop"
     assert boot["node"]["metadata"] == {
         "mode": "sidecar", "namespace": "shop", "service_account": "reviews", "capture": "intercept",

@@ -213,6 +213,9 @@ def _start_script(pod_labels: Mapping[str, str], config: WebhookConfig) -> str:
         '--workload "$POD_NAME" --service-account "$SERVICE_ACCOUNT"',
         *([f"--labels {shlex.quote(labels)}"] if labels else []),
         f'--xds-protocol {shlex.quote(config.xds_protocol)} --xds-address "$MESHLINE_XDS_ADDRESS"',
+        # The projected service-account token (audience `meshline`) proves the pod's identity:
+        # the control plane checks it with a TokenReview and then sends this pod's certificate.
+        '--token-file "$MESHLINE_TOKEN_FILE"',
         f"--admin-address 127.0.0.1:{ADMIN_PORT} > {config_file}",
     ]
     envoy = [
