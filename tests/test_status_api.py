@@ -138,3 +138,21 @@ def test_proxy_status_table_golden(request: pytest.FixtureRequest) -> None:
     if request.config.getoption("--update-golden"):
         golden.write_text(buf.getvalue())
     assert buf.getvalue() == golden.read_text()
+
+
+def test_analyze_output_golden(request: pytest.FixtureRequest) -> None:
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "controlplane.cli", "analyze", "tests/golden_cli/analyze-input.yaml"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert proc.returncode == 1
+    golden = GOLDEN / "analyze.txt"
+    if request.config.getoption("--update-golden"):
+        golden.write_text(proc.stdout)
+    assert proc.stdout == golden.read_text()
+    as_json = subprocess.run([sys.executable, "-m", "controlplane.cli", "analyze", "-o", "json",
+                              "tests/golden_cli/analyze-input.yaml"], capture_output=True, text=True, cwd=ROOT,
+                             timeout=60)
+    rows = json.loads(as_json.stdout)
+    assert [r["text"] for r in rows] == proc.stdout.splitlines()
