@@ -22,7 +22,7 @@ from controlplane.model.raw import ObjectKey, RawObject
 log = logging.getLogger(__name__)
 
 OWN_GROUPS = frozenset({"networking.meshline.io", "security.meshline.io"})
-STATUS_KINDS = {"VirtualService": "virtualservices", "DestinationRule": "destinationrules",
+STATUS_KINDS = {"VirtualService": "virtualservices", "DestinationRule": "destinationrules", "Sidecar": "sidecars",
                 "PeerAuthentication": "peerauthentications", "AuthorizationPolicy": "authorizationpolicies"}
 
 

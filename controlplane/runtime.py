@@ -23,6 +23,7 @@ from controlplane.model.store import MeshStore
 from controlplane.quarantine import Bisector, Step
 from controlplane.sources.base import Source, SourceEvent, Synced
 from controlplane.translate.plan import SECRET, ResourceSpec
+from controlplane.translate.scope import proxy_scope, scope_key
 from controlplane.translate.secrets import ROOT_SECRET, plan_secrets, root_secret
 from controlplane.translate.sidecar import plan_inbound, plan_outbound
 from controlplane.xds.server import Connection, XdsServer
@@ -65,7 +66,7 @@ class Settings:
 def _plan_shared(mesh: Mesh, meta: ProxyMeta) -> list[ResourceSpec]:
     if meta.mode != "sidecar":
         return []
-    return plan_outbound(mesh, meta.namespace, meta.capture, meta.outbound_address)
+    return plan_outbound(mesh, meta.namespace, meta.capture, meta.outbound_address, proxy_scope(mesh, meta))
 
 
 def _plan_own(mesh: Mesh, meta: ProxyMeta) -> list[ResourceSpec]:
@@ -74,8 +75,11 @@ def _plan_own(mesh: Mesh, meta: ProxyMeta) -> list[ResourceSpec]:
     return plan_inbound(mesh, meta)
 
 
-def _shared_key(meta: ProxyMeta) -> object:
-    return (meta.mode, meta.namespace, meta.capture, meta.outbound_address if meta.capture == "bind" else "")
+def _shared_key(mesh: Mesh, meta: ProxyMeta) -> object:
+    """Proxies with equal keys share one outbound layer: same mode, namespace, capture
+    (and bind address), and the same effective Sidecar (or none)."""
+    return (meta.mode, meta.namespace, meta.capture, meta.outbound_address if meta.capture == "bind" else "",
+            scope_key(mesh, meta))
 
 
 @dataclass
@@ -87,7 +91,9 @@ class Runtime:
 
     def __post_init__(self) -> None:
         self.store = MeshStore(trust_domain=self.settings.trust_domain, root_namespace=self.settings.root_namespace)
-        self.builder = SnapshotBuilder(_plan_shared, self._plan_own_layer, _shared_key)
+        # The builder asks for keys while it rebuilds from `store.mesh()` (rebuild_now).
+        self.builder = SnapshotBuilder(_plan_shared, self._plan_own_layer,
+                                       lambda meta: _shared_key(self.store.mesh(), meta))
         self.xds = XdsServer(self, self, self.identity.authenticator if self.identity is not None else None)
         self._rotation_timer: asyncio.TimerHandle | None = None
         if self.identity is not None:

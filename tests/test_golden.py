@@ -23,6 +23,7 @@ from controlplane.model.mesh import Mesh
 from controlplane.model.store import assemble
 from controlplane.sources.yamlload import parse_documents
 from controlplane.translate.plan import ENDPOINT, PUSH_ORDER, SHORT_NAMES, ResourceSpec, TypeUrl
+from controlplane.translate.scope import proxy_scope
 from controlplane.translate.sidecar import plan_inbound, plan_outbound
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -71,7 +72,8 @@ def load_case(name: str) -> Case:
 
 
 def proxy_specs(mesh: Mesh, proxy: ProxyMeta) -> list[ResourceSpec]:
-    specs = plan_outbound(mesh, proxy.namespace, proxy.capture) + plan_inbound(mesh, proxy)
+    scope = proxy_scope(mesh, proxy)  # None (everything) unless a Sidecar scopes the proxy
+    specs = plan_outbound(mesh, proxy.namespace, proxy.capture, scope=scope) + plan_inbound(mesh, proxy)
     seen: set[tuple[TypeUrl, str]] = set()
     for spec in specs:
         key = (spec.type_url, spec.name)

@@ -31,7 +31,14 @@ import re2
 import yaml
 
 from controlplane.model import convert as convert_mod
-from controlplane.model import convert_base, convert_dr, convert_http, convert_security, convert_vs
+from controlplane.model import (
+    convert_base,
+    convert_dr,
+    convert_http,
+    convert_security,
+    convert_sidecar,
+    convert_vs,
+)
 from controlplane.model.convert import convert
 from controlplane.model.ir import MTLS_MODES
 from controlplane.model.raw import RawObject
@@ -275,10 +282,11 @@ def test_manifest_validates_against_kubernetes_schema(doc: dict[str, Any]) -> No
 # --------------------------------------------------------------------------- (b) mesh CRs against our CRDs
 
 
-def test_crds_cover_the_four_mesh_kinds() -> None:
+def test_crds_cover_the_five_mesh_kinds() -> None:
     assert {k: (c["spec"]["group"], c["metadata"]["name"]) for k, c in CRDS_BY_KIND.items()} == {
         "VirtualService": ("networking.meshline.io", "virtualservices.networking.meshline.io"),
         "DestinationRule": ("networking.meshline.io", "destinationrules.networking.meshline.io"),
+        "Sidecar": ("networking.meshline.io", "sidecars.networking.meshline.io"),
         "PeerAuthentication": ("security.meshline.io", "peerauthentications.security.meshline.io"),
         "AuthorizationPolicy": ("security.meshline.io", "authorizationpolicies.security.meshline.io"),
     }
@@ -286,7 +294,7 @@ def test_crds_cover_the_four_mesh_kinds() -> None:
 
 def test_repository_ships_mesh_resources_of_every_kind() -> None:
     docs = mesh_cr_docs()
-    for kind in ("VirtualService", "DestinationRule", "PeerAuthentication", "AuthorizationPolicy"):
+    for kind in ("VirtualService", "DestinationRule", "Sidecar", "PeerAuthentication", "AuthorizationPolicy"):
         assert only_kind(docs, kind), kind
     assert any(d["apiVersion"].startswith("networking.istio.io/") for _, d in docs), "no Istio alias covered"
     assert any(d["apiVersion"].startswith("security.istio.io/") for _, d in docs), "no Istio alias covered"
@@ -473,6 +481,62 @@ def test_security_crd_schema_rejects_typos_and_bad_values(kind: str, path: str, 
     assert converter_errors(doc), f"the converter accepts {path}={value!r}"
 
 
+SIDECAR = yaml.safe_load("""
+apiVersion: networking.meshline.io/v1
+kind: Sidecar
+metadata: {name: reviews, namespace: bookinfo}
+spec:
+  workloadSelector: {labels: {app: reviews}}
+  egress:
+  - port: {number: 9080, protocol: HTTP, name: http}
+    hosts: [./ratings.bookinfo.svc.cluster.local, "*/*.example.com"]
+  - hosts: ["./*", meshline-system/*, "~/*"]
+""")
+BAD_SIDECAR = [
+    ("spec.egres", []),
+    ("spec.egress[1].hosts[0]", "reviews"),
+    ("spec.egress[1].hosts[0]", "Bookinfo/*"),
+    ("spec.egress[1].hosts[0]", "~/reviews.bookinfo.svc.cluster.local"),
+    ("spec.egress[1].hosts[0]", "*/foo.*.com"),
+    ("spec.egress[1].hosts", []),
+    ("spec.egress[1].host", ["./*"]),
+    ("spec.egress[0].port.number", 0),
+    ("spec.egress[0].port.protocol", "HTTPX"),
+    ("spec.egress[0].port.name", "Not_A_Name"),
+    ("spec.egress[0].port.nummer", 9080),
+    ("spec.workloadSelector.labels", {}),
+    ("spec.workloadSelector.matchLabels", {"app": "x"}),
+]
+
+
+def test_sidecar_validates() -> None:
+    assert not schema_errors(SIDECAR), describe(schema_errors(SIDECAR))
+    for api in ("networking.istio.io/v1", "networking.istio.io/v1beta1", "networking.istio.io/v1alpha3"):
+        istio = {**SIDECAR, "apiVersion": api}
+        assert not schema_errors(istio) and converter_errors(istio) == []
+    assert converter_errors(SIDECAR) == []
+
+
+@pytest.mark.parametrize(("path", "value"), BAD_SIDECAR, ids=[f"{p}={v!r}"[:60] for p, v in BAD_SIDECAR])
+def test_sidecar_crd_schema_rejects_what_the_converter_rejects(path: str, value: object) -> None:
+    doc = mutate(SIDECAR, path, value)
+    assert_rejected_at(doc, path)
+    assert converter_errors(doc), f"the converter accepts {path}={value!r}"
+
+
+def test_sidecar_host_pattern_and_protocols_match_the_converter() -> None:
+    host = re.compile(schema_at("Sidecar", "spec.egress[0].hosts")["items"]["pattern"])
+    for text in ("./*", "*/*", "~/*", "bookinfo/*", "./reviews.bookinfo.svc.cluster.local", "*/*.example.com",
+                 "ns-1/api.example.com.", "./reviews"):
+        assert host.search(text) and convert_sidecar.egress_host_problem(text) is None, text
+    for text in ("reviews", "./", "/x", "~/x", "Ns/*", "./a/b", "*/a.*.com", "*/**", ".//*", "./*.", "./-a"):
+        assert not host.search(text) and convert_sidecar.egress_host_problem(text) is not None, text
+    protocol = re.compile(schema_at("Sidecar", "spec.egress[0].port.protocol")["pattern"])
+    for name in convert_sidecar.PROTOCOLS:
+        assert protocol.search(name) and protocol.search(name.lower()), name
+    assert not protocol.search("HTTP3")
+
+
 def schema_at(kind: str, path: str) -> dict[str, Any]:
     node = crd_schema(kind)
     for t in tokens(path):
@@ -558,12 +622,15 @@ def object_paths(schema: dict[str, Any], path: str = "") -> Iterator[tuple[str, 
 NOT_READ = {
     "VirtualService": ("spec.tls", "spec.http[0].delegate"),
     "DestinationRule": (),
+    "Sidecar": (),
     "PeerAuthentication": (),
     "AuthorizationPolicy": (),
 }
 
 
-@pytest.mark.parametrize("kind", ["VirtualService", "DestinationRule", "PeerAuthentication", "AuthorizationPolicy"])
+@pytest.mark.parametrize(
+    "kind", ["VirtualService", "DestinationRule", "Sidecar", "PeerAuthentication", "AuthorizationPolicy"]
+)
 def test_crd_fields_are_exactly_the_fields_the_converter_reads(
     kind: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -580,7 +647,7 @@ def test_crd_fields_are_exactly_the_fields_the_converter_reads(
         ignored_at.setdefault(p, set()).update(ignored or ())
         original(ctx, m, path, known, ignored)
 
-    for module in (convert_base, convert_http, convert_vs, convert_dr, convert_security, convert_mod):
+    for module in (convert_base, convert_http, convert_vs, convert_dr, convert_security, convert_sidecar, convert_mod):
         monkeypatch.setattr(module, "check_fields", spy)
 
     schema = crd_schema(kind)

@@ -19,6 +19,8 @@ The value returned for each supported kind:
 |                                      | applies to gateways only)                          |
 | DestinationRule (networking)         | `DestinationRule` (None, with a warning, for a     |
 |                                      | wildcard host)                                     |
+| Sidecar (networking)                 | `Sidecar` (egress scoping; ingress and             |
+|                                      | outboundTrafficPolicy are ignored with a warning)  |
 | PeerAuthentication (security)        | `PeerAuthentication`                               |
 | AuthorizationPolicy (security)       | `AuthorizationPolicy` (None, with a warning, for   |
 |                                      | CUSTOM or targetRef policies)                      |
@@ -45,6 +47,7 @@ from controlplane.model.convert_core import (
 )
 from controlplane.model.convert_dr import convert_destination_rule
 from controlplane.model.convert_security import convert_authorization_policy, convert_peer_authentication
+from controlplane.model.convert_sidecar import convert_sidecar
 from controlplane.model.convert_vs import convert_virtual_service
 from controlplane.model.ir import Issue, Labels
 from controlplane.model.raw import RawObject
@@ -70,6 +73,7 @@ API_VERSIONS: Mapping[str, tuple[str, ...]] = {
     "EndpointSlice": ("discovery.k8s.io/v1",),
     "VirtualService": NETWORKING_API_VERSIONS,
     "DestinationRule": NETWORKING_API_VERSIONS,
+    "Sidecar": NETWORKING_API_VERSIONS,
     "PeerAuthentication": SECURITY_API_VERSIONS,
     "AuthorizationPolicy": SECURITY_API_VERSIONS,
 }
@@ -79,7 +83,7 @@ MESH_API_GROUPS = frozenset(
     {"networking.meshline.io", "networking.istio.io", "security.meshline.io", "security.istio.io"}
 )
 _TOP_LEVEL_FIELDS = ("apiVersion", "kind", "metadata", "spec", "status")
-_MESH_KINDS = ("VirtualService", "DestinationRule", "PeerAuthentication", "AuthorizationPolicy")
+_MESH_KINDS = ("VirtualService", "DestinationRule", "Sidecar", "PeerAuthentication", "AuthorizationPolicy")
 
 
 def convert(raw: RawObject) -> ConvertResult:
@@ -134,6 +138,8 @@ def _convert(ctx: Ctx) -> object | None:
         return convert_peer_authentication(ctx, namespace, name)
     if raw.kind == "AuthorizationPolicy":
         return convert_authorization_policy(ctx, namespace, name)
+    if raw.kind == "Sidecar":
+        return convert_sidecar(ctx, namespace, name)
     return convert_destination_rule(ctx, namespace, name)
 
 

@@ -558,3 +558,44 @@ class AuthorizationPolicy:
     selector: Labels = ()
     action: AuthzAction = "ALLOW"
     rules: tuple[AuthzRule, ...] = ()
+
+
+# --------------------------------------------------------------------------- Sidecar (egress scoping)
+
+
+@dataclass(frozen=True, slots=True)
+class EgressHost:
+    """One `egress[].hosts` entry, `namespace/dnsName`. `namespace` is `.` (the namespace
+    of the proxy), `*` (every namespace), `~` (none) or a namespace name; `host` is `*`, a
+    wildcard suffix such as `*.example.com`, or an exact host name (lower-cased)."""
+
+    namespace: str
+    host: str
+
+    @property
+    def text(self) -> str:
+        return f"{self.namespace}/{self.host}"
+
+
+@dataclass(frozen=True, slots=True)
+class SidecarEgress:
+    """One `egress[]` listener: the hosts it imports, on `port` only when set."""
+
+    hosts: tuple[EgressHost, ...] = ()
+    port: int | None = None
+    protocol: str | None = None
+    port_name: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Sidecar:
+    """Which services the sidecars of `namespace` that `selector` picks receive (every
+    sidecar of the namespace when `selector` is empty; every sidecar of the mesh for a
+    selector-less Sidecar in the root namespace). No `egress`: inherits the egress of the
+    namespace or mesh default (everything when there is none)."""
+
+    ref: SourceRef
+    namespace: str
+    name: str
+    selector: Labels = ()
+    egress: tuple[SidecarEgress, ...] = ()

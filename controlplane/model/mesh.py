@@ -17,6 +17,7 @@ from controlplane.model.ir import (
     Namespace,
     PeerAuthentication,
     Service,
+    Sidecar,
     VirtualService,
     Workload,
     labels_match,
@@ -44,11 +45,13 @@ class Mesh:
     authorization_policies: tuple[AuthorizationPolicy, ...] = ()
     root_namespace: str = DEFAULT_ROOT_NAMESPACE
     trust_domain: str = DEFAULT_TRUST_DOMAIN
+    sidecars: tuple[Sidecar, ...] = ()  # sorted by (namespace, name)
 
     # Derived indexes, computed once in build_mesh().
     vs_by_host: Mapping[Hostname, VirtualService] = field(default_factory=dict)
     dr_by_host: Mapping[Hostname, DestinationRule] = field(default_factory=dict)
     services_by_port: Mapping[int, tuple[Service, ...]] = field(default_factory=dict)
+    sidecars_by_namespace: Mapping[str, tuple[Sidecar, ...]] = field(default_factory=dict)
     services_by_namespace: Mapping[str, tuple[Service, ...]] = field(default_factory=dict)
     # (namespace, key, value) of a selector's first pair -> services: a pod can only match a
     # selector whose first pair it carries, so selection looks at a few candidates, not all.
@@ -82,10 +85,12 @@ def build_mesh(
     authorization_policies: tuple[AuthorizationPolicy, ...] = (),
     root_namespace: str = DEFAULT_ROOT_NAMESPACE,
     trust_domain: str = DEFAULT_TRUST_DOMAIN,
+    sidecars: tuple[Sidecar, ...] = (),
 ) -> Mesh:
     """Assemble a Mesh and its indexes. VirtualServices/DestinationRules (and the security
     policies) must be sorted by (namespace, name); when several claim one host, the first
-    wins (conflicts are reported by validation, not here)."""
+    wins (conflicts are reported by validation, not here). Sidecars too must be sorted by
+    (namespace, name)."""
     vs_by_host: dict[Hostname, VirtualService] = {}
     for vs in virtual_services:
         for h in vs.hosts:
@@ -107,6 +112,9 @@ def build_mesh(
             by_head.setdefault((svc.namespace, *svc.selector[0]), []).append(svc)
         for p in svc.ports:
             by_port.setdefault(p.port, []).append(svc)
+    sidecars_by_ns: dict[str, list[Sidecar]] = {}
+    for sc in sidecars:
+        sidecars_by_ns.setdefault(sc.namespace, []).append(sc)
     return Mesh(
         namespaces=namespaces,
         services=services,
@@ -119,9 +127,11 @@ def build_mesh(
         authorization_policies=authorization_policies,
         root_namespace=root_namespace,
         trust_domain=trust_domain,
+        sidecars=sidecars,
         vs_by_host=vs_by_host,
         dr_by_host=dr_by_host,
         services_by_port={p: tuple(v) for p, v in sorted(by_port.items())},
         services_by_namespace={ns: tuple(v) for ns, v in by_ns.items()},
         services_by_selector_head={k: tuple(v) for k, v in by_head.items()},
+        sidecars_by_namespace={ns: tuple(v) for ns, v in sorted(sidecars_by_ns.items())},
     )

@@ -24,6 +24,7 @@ from controlplane.model.ir import (
     Namespace,
     PeerAuthentication,
     Service,
+    Sidecar,
     SourceRef,
     VirtualService,
     Workload,
@@ -263,6 +264,7 @@ def assemble(
     drs: list[DestinationRule] = []
     pas: list[PeerAuthentication] = []
     aps: list[AuthorizationPolicy] = []
+    scs: list[Sidecar] = []
     for v in values:
         items = v if isinstance(v, tuple) else (v,)
         for item in items:
@@ -282,10 +284,13 @@ def assemble(
                 pas.append(item)
             elif isinstance(item, AuthorizationPolicy):
                 aps.append(item)
+            elif isinstance(item, Sidecar):
+                scs.append(item)
     vss.sort(key=lambda v: (v.namespace, v.name))
     drs.sort(key=lambda d: (d.namespace, d.name))
     pas.sort(key=lambda p: (p.namespace, p.name))
     aps.sort(key=lambda a: (a.namespace, a.name))
+    scs.sort(key=lambda s: (s.namespace, s.name))
     mesh = build_mesh(
         namespaces,
         services,
@@ -298,6 +303,7 @@ def assemble(
         authorization_policies=tuple(aps),
         root_namespace=root_namespace,
         trust_domain=trust_domain,
+        sidecars=tuple(scs),
     )
     cross = check_mesh(mesh)
     if not cross:

@@ -3,8 +3,10 @@
 `convert` validates each object on its own; `check_mesh` finds the problems only visible
 across objects: conflicting VirtualServices, hosts and destinations with no Service,
 subsets no DestinationRule defines, ports a Service lacks, subsets that select no Pod,
-duplicate DestinationRules, competing PeerAuthentications, and AuthorizationPolicy rules
-with HTTP-only attributes that land on a workload's TCP ports. It only reports: the Mesh already resolves conflicts
+duplicate DestinationRules, competing PeerAuthentications, AuthorizationPolicy rules
+with HTTP-only attributes that land on a workload's TCP ports, and Sidecars that compete
+(two namespace defaults: an error; two selecting one Pod: a warning) or name a host no
+Service has. It only reports: the Mesh already resolves conflicts
 (first VirtualService by (namespace, name) wins a host; see `build_mesh`). Issues come
 out in a deterministic order (by object, then by field).
 """
@@ -22,6 +24,7 @@ from controlplane.model.ir import (
     PeerAuthentication,
     PortProtocol,
     Service,
+    Sidecar,
     Subset,
     VirtualService,
     Workload,
@@ -35,6 +38,7 @@ from controlplane.model.policy import (
     rule_ports,
     served_ports,
 )
+from controlplane.model.scope import egress_host_matches, namespace_default, selecting_sidecar
 
 
 def check_mesh(mesh: Mesh) -> tuple[Issue, ...]:
@@ -52,6 +56,9 @@ def check_mesh(mesh: Mesh) -> tuple[Issue, ...]:
     issues.extend(_peer_authn_conflicts(mesh))
     for ap in mesh.authorization_policies:
         issues.extend(_l7_on_tcp(mesh, ap))
+    issues.extend(_sidecar_conflicts(mesh))
+    for sc in mesh.sidecars:
+        issues.extend(_sidecar_hosts(mesh, sc))
     return tuple(issues)
 
 
@@ -247,3 +254,50 @@ def _l7_on_tcp(mesh: Mesh, ap: AuthorizationPolicy) -> Iterator[Issue]:
             f"{shown}; it is enforced as {_TCP_ENFORCEMENT[ap.action]}",
             "warning",
         )
+
+
+# --------------------------------------------------------------------------- Sidecar
+
+
+def _sidecar_conflicts(mesh: Mesh) -> Iterator[Issue]:
+    """Extra namespace defaults (errors: ignored), and selector Sidecars that lose a Pod to
+    another one (warnings)."""
+    for sc in mesh.sidecars:
+        if sc.selector:
+            continue
+        winner = namespace_default(mesh, sc.namespace)
+        if winner is not None and winner is not sc:
+            scope = "the mesh" if sc.namespace == mesh.root_namespace else f"namespace {sc.namespace}"
+            yield Issue(sc.ref, "spec.workloadSelector", f"Sidecar {winner.namespace}/{winner.name} is already the "
+                        f"default of {scope} (no workloadSelector); a namespace may have only one, this one "
+                        "is ignored")
+    lost: dict[tuple[str, str], tuple[Sidecar, str]] = {}
+    for (ns, name), wl in sorted(mesh.workloads.items()):
+        selected = selecting_sidecar(mesh, ns, wl.labels)
+        if selected is None:
+            continue
+        for sc in mesh.sidecars_by_namespace.get(ns, ()):
+            if sc.selector and sc is not selected and labels_match(sc.selector, wl.labels):
+                lost.setdefault((sc.namespace, sc.name), (sc, f"{name} (Sidecar {selected.name} wins)"))
+    for sc, where in lost.values():
+        yield Issue(sc.ref, "spec.workloadSelector", f"another Sidecar already selects Pod {sc.namespace}/{where}; "
+                    "this one is ignored for it", "warning")
+
+
+def _sidecar_hosts(mesh: Mesh, sc: Sidecar) -> Iterator[Issue]:
+    """Exact egress hosts that match no Service where they point (wildcards may match later
+    services and are not checked). `.` is the Sidecar's namespace, except for the mesh
+    default, where it is every namespace."""
+    mesh_default = not sc.selector and sc.namespace == mesh.root_namespace
+    services = sorted(mesh.services.values(), key=lambda s: s.hostname)
+    for i, eg in enumerate(sc.egress):
+        for j, entry in enumerate(eg.hosts):
+            if entry.namespace == "~" or entry.host == "*" or entry.host.startswith("*."):
+                continue
+            found = [s for s in services
+                     if egress_host_matches(entry, s, s.namespace if mesh_default else sc.namespace)]
+            if not found:
+                yield Issue(sc.ref, f"spec.egress[{i}].hosts[{j}]", f"no Service matches {entry.text}", "warning")
+            elif eg.port is not None and all(p.port != eg.port for s in found for p in s.ports):
+                yield Issue(sc.ref, f"spec.egress[{i}].port.number",
+                            f"{entry.text} has no port {eg.port}; nothing is imported for it", "warning")

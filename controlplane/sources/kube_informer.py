@@ -72,12 +72,14 @@ CORE_RESOURCES = (
     Resource("EndpointSlice", "discovery.k8s.io", "v1", "endpointslices"),
     Resource("VirtualService", "networking.meshline.io", "v1", "virtualservices"),
     Resource("DestinationRule", "networking.meshline.io", "v1", "destinationrules"),
+    Resource("Sidecar", "networking.meshline.io", "v1", "sidecars"),
     Resource("PeerAuthentication", "security.meshline.io", "v1", "peerauthentications"),
     Resource("AuthorizationPolicy", "security.meshline.io", "v1", "authorizationpolicies"),
 )
 ISTIO_RESOURCES = (
     Resource("VirtualService", "networking.istio.io", "v1", "virtualservices", priority=1),
     Resource("DestinationRule", "networking.istio.io", "v1", "destinationrules", priority=1),
+    Resource("Sidecar", "networking.istio.io", "v1", "sidecars", priority=1),
     Resource("PeerAuthentication", "security.istio.io", "v1", "peerauthentications", priority=1),
     Resource("AuthorizationPolicy", "security.istio.io", "v1", "authorizationpolicies", priority=1),
 )

@@ -1,7 +1,7 @@
 """Kubernetes source: live list/watch of a cluster's mesh objects. Does network I/O.
 
 Watches v1 Namespaces, Services and Pods, discovery.k8s.io/v1 EndpointSlices and the
-networking.meshline.io/v1 VirtualServices and DestinationRules (plus Istio's
+networking.meshline.io/v1 VirtualServices, DestinationRules and Sidecars (plus Istio's
 networking.istio.io/v1 ones with `istio_api=True`). Each resource (per namespace when
 `namespaces` is given) runs one `Informer` in a daemon thread with the official blocking
 client; batches cross into asyncio with `loop.call_soon_threadsafe`.

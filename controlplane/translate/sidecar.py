@@ -1,8 +1,10 @@
 """Sidecar translation: plans (ResourceSpecs) of the clusters, endpoints, routes and
 listeners a sidecar Envoy receives. Pure functions, no I/O.
 
-- `plan_outbound(mesh, namespace, capture)`: everything that depends only on the client's
-  namespace and capture mode, shared by every sidecar of that class.
+- `plan_outbound(mesh, namespace, capture, bind_address, scope)`: everything that depends
+  only on the client's namespace, capture mode and Sidecar scope (`translate.scope`),
+  shared by every sidecar of that class. A scoped proxy gets only the service ports in its
+  scope: their clusters, endpoints, virtual hosts and listeners (plus the passthrough).
 - `plan_inbound(mesh, proxy)`: the proxy's own workload's inbound listeners and clusters.
 
 Listener layout per capture mode:
@@ -28,11 +30,13 @@ mesh's trust domain and root namespace come with the `Mesh`.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from controlplane.model.ir import (
     CaptureMode,
     DestinationRule,
+    Hostname,
     PortProtocol,
     ProxyMeta,
     Service,
@@ -79,6 +83,7 @@ from controlplane.translate.names import (
 )
 from controlplane.translate.plan import CLUSTER, ENDPOINT, LISTENER, ROUTE, ResourceSpec
 from controlplane.translate.routes import build_route_config, plan_virtual_host
+from controlplane.translate.scope import Scope
 from controlplane.translate.security import outbound_sni, runs_sidecar, spiffe_uri, upstream_tls
 
 
@@ -113,7 +118,9 @@ def service_identities(mesh: Mesh, svc: Service, sidecars_only: bool) -> tuple[s
     return tuple(sorted(uris))
 
 
-def _cluster_specs(mesh: Mesh, svc: Service, namespace: str) -> list[ResourceSpec]:
+def _cluster_specs(mesh: Mesh, svc: Service, namespace: str, scope: Scope | None = None) -> list[ResourceSpec]:
+    if scope is not None and not any((svc.hostname, sp.port) in scope for sp in svc.ports):
+        return []
     dr = _dr(mesh, svc, namespace)
     sets = mesh.endpoints.get(svc.hostname, ())
     peers = (service_identities(mesh, svc, True), service_identities(mesh, svc, False))
@@ -124,6 +131,8 @@ def _cluster_specs(mesh: Mesh, svc: Service, namespace: str) -> list[ResourceSpe
     sources = (svc.ref,) if dr is None else (svc.ref, dr.ref)
     out: list[ResourceSpec] = []
     for sp in svc.ports:
+        if scope is not None and (svc.hostname, sp.port) not in scope:
+            continue
         for subset, labels in subsets:
             name = outbound_cluster_name(sp.port, svc.hostname, subset)
             policy = effective_policy(dr, sp.port, subset)
@@ -216,16 +225,31 @@ def _intercept_listeners(
 
 
 def plan_outbound(
-    mesh: Mesh, namespace: str, capture: CaptureMode, bind_address: str = "127.0.0.1"
+    mesh: Mesh,
+    namespace: str,
+    capture: CaptureMode,
+    bind_address: str = "127.0.0.1",
+    scope: Scope | None = None,
 ) -> list[ResourceSpec]:
     """Clusters, endpoints, route configurations and listeners shared by every sidecar in
-    `namespace` with capture mode `capture`, sorted by (type, name). In bind capture the
-    outbound listeners bind `bind_address` (127.0.0.1 unless the proxy asks for another
-    loopback address, so several sidecars can share one host)."""
+    `namespace` with capture mode `capture` (and scope), sorted by (type, name). In bind
+    capture the outbound listeners bind `bind_address` (127.0.0.1 unless the proxy asks for
+    another loopback address, so several sidecars can share one host). `scope`: the
+    (hostname, port) pairs the proxies' Sidecar lets them receive; None: every service."""
     specs: list[ResourceSpec] = []
-    for host in sorted(mesh.services):
-        specs += _cluster_specs(mesh, mesh.services[host], namespace)
-    for port, on_port in sorted(mesh.services_by_port.items()):
+    by_port: Mapping[int, Sequence[Service]] = mesh.services_by_port
+    hosts: Iterable[Hostname] = mesh.services
+    if scope is not None:
+        scoped: dict[int, list[Service]] = {}
+        for host, port in scope:
+            svc = mesh.services.get(host)
+            if svc is not None:
+                scoped.setdefault(port, []).append(svc)
+        by_port = scoped
+        hosts = {s.hostname for on_port in scoped.values() for s in on_port}
+    for host in sorted(hosts):
+        specs += _cluster_specs(mesh, mesh.services[host], namespace, scope)
+    for port, on_port in sorted(by_port.items()):
         services = sorted(on_port, key=lambda s: s.hostname)
         routed = [s for s in services if _sniffed_or_http(_port_of(s, port))]
         if routed:
