@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test bench lint venv clean e2e
+.PHONY: run test bench bench-quick lint venv clean e2e
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -20,8 +20,22 @@ run: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
-bench: $(STAMP)
-	$(BIN)/python bench/run.py
+# Benchmarks: matplotlib from the `bench` extra; sovereign (the P8 peer) in its own venv,
+# because it pins fastapi/uvicorn versions older than Meshline's.
+BENCH_STAMP := $(VENV)/.installed-bench
+SOVEREIGN_VENV := $(VENV)/sovereign
+
+$(BENCH_STAMP): $(STAMP) pyproject.toml bench/requirements-sovereign.txt
+	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
+	test -x $(SOVEREIGN_VENV)/bin/python || $(PY) -m venv $(SOVEREIGN_VENV)
+	$(SOVEREIGN_VENV)/bin/python -m pip install --quiet -r bench/requirements-sovereign.txt
+	touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP)
+	$(BIN)/python bench/run.py --suite full --plot docs/convergence.png --results docs/benchmark-results.json
+
+bench-quick: $(BENCH_STAMP)
+	$(BIN)/python bench/run.py --suite quick
 
 lint: $(STAMP)
 	$(BIN)/ruff check controlplane webhook tests bench samples

@@ -14,6 +14,9 @@ absolute times are printed to explain them, not as goals.
     .venv/bin/python bench/run.py --quick          # (100,100), 5 changes
     .venv/bin/python bench/run.py --profile        # also cProfile the control plane per
                                                    # phase (or MESHLINE_BENCH_PROFILE=1)
+    .venv/bin/python bench/run.py --suite full     # the goal scenarios P1-P9 of issue 8 and a
+    .venv/bin/python bench/run.py --suite quick    # PASS/MISS table (bench/suite.py); quick
+                                                   # runs reduced sizes in under a minute
 """
 
 from __future__ import annotations
@@ -83,9 +86,10 @@ class Children:
         self.items: list[Child] = []
 
     async def start(self, name: str, argv: list[str], log: Path, **kw: Any) -> Child:
+        kw.setdefault("cwd", ROOT)
         with open(log, "ab") as logf:
             proc = await asyncio.create_subprocess_exec(
-                *argv, cwd=ROOT, stderr=logf, start_new_session=True,
+                *argv, stderr=logf, start_new_session=True,
                 preexec_fn=_die_with_parent if sys.platform == "linux" else None, **kw)
         child = Child(name, proc, psutil.Process(proc.pid), log)
         self.items.append(child)
@@ -214,9 +218,12 @@ class ClientFeed:
 class Result:
     services: int
     clients: int
+    mix: str = "mixed"
+    workers: int = 1
     startup_cpu: float = 0.0
     sync_s: float = 0.0
     sync_cpu: float = 0.0
+    sync_client_cpu: float = 0.0
     idle_cpu_rate: float = 0.0
     lat_last: list[float] = field(default_factory=list)
     lat_first: list[float] = field(default_factory=list)
@@ -252,15 +259,21 @@ def median(values: list[float]) -> float:
 _METRIC = re.compile(r'^(?P<name>[a-zA-Z_:][\w:]*)(?:\{(?P<labels>[^}]*)\})?\s+(?P<value>\S+)$')
 
 
+_WORKER_LABEL = re.compile(r'(^|,)worker="\d+"')
+
+
 def parse_metrics(text: str) -> dict[str, float]:
+    """Samples by name{labels}; with `serve --workers N` the per-worker samples (label
+    `worker`) are summed."""
     out: dict[str, float] = {}
     for line in text.splitlines():
         m = _METRIC.match(line)
         if m is None:
             continue
-        key = m["name"] + (f"{{{m['labels']}}}" if m["labels"] else "")
+        labels = _WORKER_LABEL.sub("", m["labels"] or "").lstrip(",")
+        key = m["name"] + (f"{{{labels}}}" if labels else "")
         with contextlib.suppress(ValueError):
-            out[key] = float(m["value"])
+            out[key] = out.get(key, 0.0) + float(m["value"])
     return out
 
 
@@ -276,10 +289,13 @@ def pushes_by_type(metrics: dict[str, float]) -> dict[str, float]:
 
 # --------------------------------------------------------------------------- one case
 class Case:
-    def __init__(self, args: argparse.Namespace, children: Children, services: int, clients: int) -> None:
+    def __init__(self, args: argparse.Namespace, children: Children, services: int, clients: int,
+                 mix: str = "mixed", workers: int = 1, changes: int | None = None) -> None:
         self.args, self.children = args, children
         self.S, self.N = services, clients
-        self.res = Result(services, clients)
+        self.mix, self.workers = mix, workers
+        self.K = args.changes if changes is None else changes
+        self.res = Result(services, clients, mix, workers)
         self.tmp = Path(tempfile.mkdtemp(prefix=f"meshline-bench-{services}x{clients}-"))
         self.mesh_dir = self.tmp / "mesh"
         self.http = httpx.AsyncClient(timeout=10.0)
@@ -288,8 +304,44 @@ class Case:
         self._sampler: asyncio.Task[None] | None = None
         self.client: Child | None = None
 
+    @property
+    def tag(self) -> str:
+        extra = ("" if self.mix == "mixed" else f" {self.mix}") + (f" w{self.workers}" if self.workers > 1 else "")
+        return f"{self.S}x{self.N}{extra}"
+
     def say(self, msg: str) -> None:
-        print(f"  [{self.S}x{self.N}] {msg}", file=sys.stderr, flush=True)
+        print(f"  [{self.tag}] {msg}", file=sys.stderr, flush=True)
+
+    def server_procs(self) -> list[psutil.Process]:
+        """The control plane's processes: `meshline serve` and, with --workers, its workers."""
+        assert self.server is not None
+        procs = [self.server.ps]
+        if self.workers > 1:
+            with contextlib.suppress(psutil.Error):
+                procs += self.server.ps.children(recursive=True)
+        return procs
+
+    def server_cpu(self) -> float:
+        total = 0.0
+        for ps in self.server_procs():
+            with contextlib.suppress(psutil.Error):
+                total += cpu_seconds(ps)
+        return total
+
+    def server_rss(self) -> int:
+        total = 0
+        for ps in self.server_procs():
+            with contextlib.suppress(psutil.Error):
+                total += int(ps.memory_info().rss)
+        return total
+
+    def server_hwm(self) -> int | None:
+        """VmHWM of the serving process (with --workers: the sum over the workers)."""
+        procs = self.server_procs()
+        if self.workers > 1:
+            procs = procs[1:]
+        values = [v for v in (vm_hwm(p.pid) for p in procs) if v is not None]
+        return sum(values) if values else None
 
     # control plane ----------------------------------------------------------------
     def check_server(self) -> None:
@@ -309,7 +361,9 @@ class Case:
         self.xds_address = f"127.0.0.1:{xds}"
         self.status_url = f"http://127.0.0.1:{status}"
         serve = ["serve", "--config-dir", str(self.mesh_dir), "--xds-address", self.xds_address,
-                 "--status-address", f"127.0.0.1:{status}"]
+                 "--status-address", f"127.0.0.1:{status}", "--no-ca"]
+        if self.workers > 1:
+            serve += ["--workers", str(self.workers)]
         env = None
         if self.args.profile:
             argv = [sys.executable, str(BENCH / "profserve.py"), *serve]
@@ -333,15 +387,11 @@ class Case:
 
     async def _sample_rss(self) -> None:
         while True:
-            for child in (self.server, self.client):
-                if child is None:
-                    continue
+            if self.server is not None:
+                self.res.rss_peak = max(self.res.rss_peak, self.server_rss())
+            if self.client is not None:
                 with contextlib.suppress(psutil.Error):
-                    rss = int(child.ps.memory_info().rss)
-                    if child is self.server:
-                        self.res.rss_peak = max(self.res.rss_peak, rss)
-                    else:
-                        self.res.client_rss_peak = max(self.res.client_rss_peak, rss)
+                    self.res.client_rss_peak = max(self.res.client_rss_peak, int(self.client.ps.memory_info().rss))
             await asyncio.sleep(0.1)
 
     def profile_start(self) -> None:
@@ -367,11 +417,11 @@ class Case:
         assert self.server is not None
         window, quiet = 0.1, max(0.012, 2.0 * self.res.idle_cpu_rate * 0.1)
         deadline = time.monotonic() + max_wait
-        prev, calm = cpu_seconds(self.server.ps), 0
+        prev, calm = self.server_cpu(), 0
         while time.monotonic() < deadline:
             await asyncio.sleep(window)
             self.check_server()
-            cur = cpu_seconds(self.server.ps)
+            cur = self.server_cpu()
             calm = calm + 1 if cur - prev <= quiet else 0
             prev = cur
             if calm >= 2:
@@ -382,13 +432,14 @@ class Case:
     async def initial_sync(self) -> None:
         assert self.server is not None
         args = [sys.executable, str(BENCH / "simclients.py"), "--target", self.xds_address,
-                "--clients", str(self.N)]
+                "--clients", str(self.N), "--mix", self.mix]
         self.client = await self.children.start("simclients", args, self.tmp / "clients.log",
                                                 stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
         self.feed = feed = ClientFeed(self.client)
         await feed.wait(lambda: feed.ready, 60, lambda: "the client process to start", self.check_server)
         cpu0 = await self.settle()
         self.profile_start()
+        ccpu0 = cpu_seconds(self.client.ps)
         t0 = time.time()
         feed.send("go")
         sync_timeout = self.args.sync_timeout or 60.0 + self.S * self.N / 20000
@@ -396,6 +447,7 @@ class Case:
                         lambda: f"the initial sync ({len(feed.full)} of {self.N} clients hold the full config)",
                         self.check_server)
         done_at = max(ev["t"] for ev in feed.full.values())
+        self.res.sync_client_cpu = cpu_seconds(self.client.ps) - ccpu0
         cpu1 = await self.settle()
         await self.profile_stop("initial sync")
         self.res.sync_s = done_at - t0
@@ -410,9 +462,9 @@ class Case:
 
     async def measure_idle(self, seconds: float = 1.0) -> None:
         assert self.server is not None
-        c0, t0 = cpu_seconds(self.server.ps), time.monotonic()
+        c0, t0 = self.server_cpu(), time.monotonic()
         await asyncio.sleep(seconds)
-        self.res.idle_cpu_rate = (cpu_seconds(self.server.ps) - c0) / (time.monotonic() - t0)
+        self.res.idle_cpu_rate = (self.server_cpu() - c0) / (time.monotonic() - t0)
 
     async def client_stats(self) -> dict[str, Any]:
         self.feed.stats = None
@@ -423,14 +475,15 @@ class Case:
 
     async def changes(self) -> None:
         assert self.server is not None
-        feed, K = self.feed, self.args.changes
+        feed, K = self.feed, self.K
+        delta_ids = {c for c, ev in feed.full.items() if ev.get("p") == "delta"}
         m0 = await self.metrics()
         stats0 = await self.client_stats()
         await self.settle()
         m_prev = await self.metrics()
         assert self.client is not None
         self.profile_start()
-        cpu_prev, ccpu_prev = cpu_seconds(self.server.ps), cpu_seconds(self.client.ps)
+        cpu_prev, ccpu_prev = self.server_cpu(), cpu_seconds(self.client.ps)
         for k in range(K):
             s = (k * 7919 + 13) % self.S  # spread over services, deterministic
             cluster = f"outbound|8080||{hostname(s)}"
@@ -451,8 +504,8 @@ class Case:
             evs = [ev for ev in feed.eds[cluster][seen_before:] if marker in ev["a"]]
             self.res.lat_last.append(max(ev["t"] for ev in evs) - t_write)
             self.res.lat_first.append(min(ev["t"] for ev in evs) - t_write)
-            for proto, dst in ((0, self.res.lat_delta), (1, self.res.lat_sotw)):  # even ids are delta
-                ts = [ev["t"] for ev in evs if ev["c"] % 2 == proto]
+            for delta, dst in ((True, self.res.lat_delta), (False, self.res.lat_sotw)):
+                ts = [ev["t"] for ev in evs if (ev["c"] in delta_ids) is delta]
                 if ts:
                     dst.append(max(ts) - t_write)
             t_done = time.monotonic()
@@ -468,7 +521,7 @@ class Case:
                 - m_prev.get("meshline_resource_serializations", math.nan))
             self.res.rebuild_s.append(m_now.get("meshline_snapshot_rebuild_seconds_sum", math.nan)
                                       - m_prev.get("meshline_snapshot_rebuild_seconds_sum", math.nan))
-            m_prev, cpu_prev, ccpu_prev = m_now, cpu_seconds(self.server.ps), ccpu_now
+            m_prev, cpu_prev, ccpu_prev = m_now, self.server_cpu(), ccpu_now
             self.say(f"change {k + 1}/{K}: last client {self.res.lat_last[-1] * 1000:.0f} ms, "
                      f"cpu {self.res.change_cpu[-1]:.3f} s")
         await self.profile_stop(f"{K} endpoint changes")
@@ -487,14 +540,15 @@ class Case:
             self.say(f"mesh written ({self.S} services x {ENDPOINTS} endpoints); starting meshline serve")
             await self.start_server()
             assert self.server is not None
-            self.res.startup_cpu = cpu_seconds(self.server.ps)
+            self.res.startup_cpu = self.server_cpu()
             await self.measure_idle(0.5)
             self.say(f"ready; starting {self.N} clients")
             await self.initial_sync()
             self.say(f"initial sync {self.res.sync_s:.2f} s, control-plane cpu {self.res.sync_cpu:.2f} s")
-            await self.measure_idle(1.0)
-            await self.changes()
-            self.res.vm_hwm = vm_hwm(self.server.proc.pid)
+            if self.K > 0:
+                await self.measure_idle(1.0)
+                await self.changes()
+            self.res.vm_hwm = self.server_hwm()
             return self.res
         finally:
             await self.close()
@@ -510,7 +564,7 @@ class Case:
             await self.children.stop(self.server, grace=10.0)
         await self.http.aclose()
         if self.args.keep:
-            print(f"  [{self.S}x{self.N}] kept {self.tmp}", file=sys.stderr)
+            print(f"  [{self.tag}] kept {self.tmp}", file=sys.stderr)
         else:
             shutil.rmtree(self.tmp, ignore_errors=True)
 
@@ -549,12 +603,18 @@ def fmt_mb(v: float | None) -> str:
     return "-" if v is None else f"{v / 2**20:.0f} MB"
 
 
+def col_name(r: Result) -> str:
+    return (f"S={r.services} N={r.clients}" + ("" if r.mix == "mixed" else f" {r.mix}")
+            + (f" w{r.workers}" if r.workers > 1 else ""))
+
+
 def report(results: list[Result], changes: int) -> str:
-    cols = [f"S={r.services} N={r.clients}" for r in results]
+    cols = [col_name(r) for r in results]
     rows: list[tuple[str, list[str]]] = [
         ("initial sync, all N hold everything", [f"{r.sync_s:.2f} s" for r in results]),
         ("  control-plane CPU (sync)", [f"{r.sync_cpu:.2f} s" for r in results]),
         ("  control-plane CPU (startup, no clients)", [f"{r.startup_cpu:.2f} s" for r in results]),
+        ("  client process CPU (sync)", [f"{r.sync_client_cpu:.2f} s" for r in results]),
         (f"change -> last client ACK  p50 ({changes} changes)", [fmt_ms(median(r.lat_last)) for r in results]),
         ("change -> last client ACK  p99", [fmt_ms(pct(r.lat_last, 99)) for r in results]),
         ("change -> first client ACK p50", [fmt_ms(median(r.lat_first)) for r in results]),
@@ -585,7 +645,7 @@ def report(results: list[Result], changes: int) -> str:
         lines.append("  ".join([label.ljust(w0), *(v.rjust(w) for v, w in zip(vals, widths, strict=True))]))
     lines += ["", "Ratios (measured in this run):"]
     for r in results:
-        tag = f"  S={r.services} N={r.clients}:"
+        tag = f"  {col_name(r)}:"
         ratio = median(r.change_cpu) / r.sync_cpu if r.sync_cpu else math.nan
         ratio_net = median(r.change_cpu_net) / r.sync_cpu if r.sync_cpu else math.nan
         share = median(r.rebuild_s) / median(r.change_cpu_net) if median(r.change_cpu_net) else math.nan
@@ -597,8 +657,9 @@ def report(results: list[Result], changes: int) -> str:
             f"CLAs received per client per change = {eds_per_client:.1f} (1 is the minimum)",
             f"{' ' * len(tag)} serializations per change = {median(r.serializations):.0f} (1 changed CLA)",
         ]
-    if len(results) >= 2:
-        a, b = results[0], results[-1]
+    changed = [r for r in results if r.lat_last]
+    if len(changed) >= 2:
+        a, b = changed[0], changed[-1]
         grow = (b.services * b.clients) / (a.services * a.clients)
 
         def g(f: Callable[[Result], float]) -> str:
@@ -625,6 +686,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ready-timeout", type=float, default=120.0)
     p.add_argument("--sync-timeout", type=float, default=None, help="default scales with S*N")
     p.add_argument("--change-timeout", type=float, default=60.0)
+    p.add_argument("--suite", choices=["full", "quick"], default=None,
+                   help="run the goal scenarios P1-P9 (bench/suite.py) instead of the size grid")
+    p.add_argument("--peer", choices=["sovereign", "none"], default="sovereign",
+                   help="with --suite: the peer control plane for P8 (none: skip P8)")
+    p.add_argument("--plot", type=Path, default=None, help="with --suite full: write the convergence plot here")
+    p.add_argument("--results", type=Path, default=None, help="with --suite: write the results as JSON here")
     args = p.parse_args(argv)
     if args.only:
         try:
@@ -640,6 +707,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 async def amain(args: argparse.Namespace, children: Children) -> int:
+    if args.suite is not None:
+        from suite import run_suite
+
+        return await run_suite(args, children)
     results: list[Result] = []
     try:
         for s, n in args.sizes:
@@ -680,4 +751,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    import run  # one copy of this module: bench/suite.py and bench/peers.py import it by name
+
+    sys.exit(run.main())

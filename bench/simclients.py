@@ -6,8 +6,9 @@ Each client behaves like Envoy's ADS startup: wildcard CDS; on clusters, subscri
 for every EDS cluster received, then ACK CDS; once every cluster has its
 ClusterLoadAssignment, wildcard LDS; on listeners, subscribe RDS for the
 `rds.route_config_name`s of their HttpConnectionManagers, then ACK LDS; ACK everything
-with the response's nonce (and, SotW, its version and the current subscription). Even
-client ids use delta xDS, odd ones state-of-the-world.
+with the response's nonce (and, SotW, its version and the current subscription). With
+`--mix mixed` (the default) even client ids use delta xDS and odd ones
+state-of-the-world; `--mix delta` / `--mix sotw` use one protocol for all.
 
 Protocol with the parent, one JSON object per line:
   stdout  {"e": "ready"}                                       imports done, waiting for "go"
@@ -336,8 +337,8 @@ async def main(args: argparse.Namespace) -> None:
     for cid in range(args.clients):
         if cid % per == 0:
             channels.append(grpc.aio.insecure_channel(args.target, options=options))
-        client = Client(cid, "delta" if cid % 2 == 0 else "sotw", channels[-1], make_node(cid, args.namespace),
-                        dec, out, stats)
+        protocol = args.mix if args.mix != "mixed" else ("delta" if cid % 2 == 0 else "sotw")
+        client = Client(cid, protocol, channels[-1], make_node(cid, args.namespace), dec, out, stats)
         tasks.append(asyncio.create_task(client.run()))
     try:
         while True:
@@ -364,6 +365,7 @@ if __name__ == "__main__":
     p.add_argument("--clients", type=int, required=True)
     p.add_argument("--namespace", default="bench")
     p.add_argument("--clients-per-channel", type=int, default=1)
+    p.add_argument("--mix", choices=["mixed", "delta", "sotw"], default="mixed")
     try:
         asyncio.run(main(p.parse_args()))
     except KeyboardInterrupt:

@@ -67,13 +67,17 @@ def main() -> None:
               help="TLS port for xDS and the certificate-signing API ('off' to disable).")
 @click.option("--ca-dns-names", default="meshline.meshline-system.svc,localhost", show_default=True,
               help="DNS names (comma-separated) of the control plane's own certificate on --ca-address.")
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 64),
+              help="Worker processes sharing the xDS port (SO_REUSEPORT), each with its own copy of the model "
+                   "and its own streams; worker 0 serves the status API for all of them, the TLS port and the "
+                   "webhooks. Needs a fixed --xds-address port.")
 @click.pass_context
 def serve(ctx: click.Context, config_dirs: tuple[Path, ...], kubernetes: bool, kubeconfig: Path | None,
           watch_namespaces: str | None, single_namespace: str | None, istio_api: bool, leader_lease_seconds: float,
           xds_address: str, status_address: str,
           webhook_address: str | None, debounce_ms: int, status_token_file: Path | None, log_level: str,
           log_format: str, ca_enabled: bool, ca_dir: Path | None, trust_domain: str, workload_cert_ttl: Any,
-          ca_address: str, ca_dns_names: str) -> None:
+          ca_address: str, ca_dns_names: str, workers: int) -> None:
     """Run the control plane."""
     from controlplane.bootstrap import split_address
     from controlplane.ca.commands import default_ca_dir
@@ -106,6 +110,14 @@ def serve(ctx: click.Context, config_dirs: tuple[Path, ...], kubernetes: bool, k
                         ca_dns_names=dns_names)
     from controlplane.ca import CAError
 
+    if workers > 1:
+        from controlplane.workers import supervise
+
+        try:
+            split_address(xds_address)  # also refuses port 0: every worker must bind the same port
+        except ValueError as exc:
+            raise click.BadParameter(f"{exc} (--workers needs a fixed port)", param_hint="--xds-address") from exc
+        sys.exit(supervise(settings, workers, log_level, log_format))
     try:
         asyncio.run(run(settings))
     except KeyboardInterrupt:

@@ -29,6 +29,7 @@ from controlplane.xds.server import start_grpc
 
 if TYPE_CHECKING:
     from controlplane.ca.service import IdentityService
+    from controlplane.workers import WorkerInfo
 
 log = logging.getLogger(__name__)
 
@@ -195,7 +196,8 @@ def start_leader_work(runtime: Runtime, settings: Settings) -> list[asyncio.Task
             asyncio.create_task(writer.run(), name="crd-status")]
 
 
-async def run(settings: Settings, started: asyncio.Event | None = None) -> None:
+async def run(settings: Settings, started: asyncio.Event | None = None, worker: WorkerInfo | None = None) -> None:
+    """`worker`: this process is one of `serve --workers N` (see controlplane/workers.py)."""
     identity = None
     api_client = None
     ca_tmp: str | None = None
@@ -210,16 +212,17 @@ async def run(settings: Settings, started: asyncio.Event | None = None) -> None:
             api_client = make_api_client(settings.kubeconfig)
         identity = build_identity(settings, ca_dir, api_client)
     try:
-        await _run(settings, identity, api_client, started)
+        await _run(settings, identity, api_client, started, worker)
     finally:
         if ca_tmp is not None:
             shutil.rmtree(ca_tmp, ignore_errors=True)
 
 
 async def _run(settings: Settings, identity: IdentityService | None, api_client: Any,
-               started: asyncio.Event | None) -> None:
+               started: asyncio.Event | None, worker: WorkerInfo | None = None) -> None:
     runtime = build_runtime(settings, identity)
-    grpc_server, port = await start_grpc(settings.xds_address, runtime.xds.handlers())
+    grpc_server, port = await start_grpc(settings.xds_address, runtime.xds.handlers(),
+                                         worker.grpc_options() if worker is not None else None)
     ca_server = None
     if identity is not None and settings.ca_address:
         try:
@@ -228,7 +231,11 @@ async def _run(settings: Settings, identity: IdentityService | None, api_client:
             await grpc_server.stop(0)
             raise
     host, sport = split_address(settings.status_address)
-    config = uvicorn.Config(create_app(runtime, settings.status_token_file), host=host, port=sport, log_level="warning", lifespan="off")
+    app: Any = create_app(runtime, settings.status_token_file)
+    bind: dict[str, Any] = {"host": host, "port": sport}
+    if worker is not None:
+        app, bind = worker.wrap_status(app), worker.status_bind(host, sport)
+    config = uvicorn.Config(app, **bind, log_level="warning", lifespan="off")
     status = uvicorn.Server(config)
     status.capture_signals = contextlib.nullcontext  # the composition root owns signals
     stop = asyncio.Event()
