@@ -87,19 +87,46 @@ async def test_sotw_nack_recorded_not_resent_and_later_updates_flow(fx: XdsFixtu
     await c.close()
 
 
-async def test_sotw_stale_nonce_is_ignored(fx: XdsFixture) -> None:
-    fx.control.publish({ENDPOINT: {"a": make_cla("a")}})
+async def test_sotw_nack_of_an_earlier_response_still_counts(fx: XdsFixture) -> None:
+    fx.control.publish({ENDPOINT: {"a": make_cla("a"), "b": make_cla("b")}})
     c = fx.client("sotw")
-    c.send(ENDPOINT, names=["a"])
+    c.send(ENDPOINT, names=["a", "b"])
     r1 = await c.recv()
-    fx.control.publish({ENDPOINT: {"a": make_cla("a", 2)}})
-    r2 = await c.recv()
-    # A late NACK for the superseded response must not count against the newest one.
-    c.send(ENDPOINT, names=["a"], version="", nonce=r1.nonce, error="late")
-    c.send(ENDPOINT, names=["a"], version=r2.version_info, nonce=r2.nonce)
-    await c.expect_nothing()
+    c.send(ENDPOINT, names=["a", "b"], version=r1.version_info, nonce=r1.nonce)
+    fx.control.publish({ENDPOINT: {"a": make_cla("a", 2), "b": make_cla("b")}})
+    r2 = await c.recv()  # a changed
+    fx.control.publish({ENDPOINT: {"a": make_cla("a", 2), "b": make_cla("b", 3)}})
+    r3 = await c.recv()  # b changed; sent before Envoy answered r2
+    assert cla_names(r2) == ["a"] and cla_names(r3) == ["b"]
+    # Envoy answers every response in order: r2 rejected (a), r3 accepted (b).
+    c.send(ENDPOINT, names=["a", "b"], version=r1.version_info, nonce=r2.nonce, error="a is bad")
+    c.send(ENDPOINT, names=["a", "b"], version=r3.version_info, nonce=r3.nonce)
+    await c.expect_nothing()  # the rejected a is not resent
     st = next(iter(fx.xds.connections.values())).stream.types[ENDPOINT]
-    assert st.last_nack is None and st.version_acked == r2.version_info
+    assert st.last_nack is not None and st.last_nack.resources == ("a",)
+    assert st.acked["a"].version != st.known["b"].version
+    assert not st.pending and st.quarantine  # a is held back; b went through
+    await c.close()
+
+
+async def test_sotw_partial_cds_rejection_keeps_the_valid_clusters(fx: XdsFixture) -> None:
+    # Envoy applies the valid clusters of a rejected CDS response: the next full state must
+    # not drop them (that would delete them from Envoy).
+    fx.control.publish({CLUSTER: clusters("a")})
+    c = fx.client("sotw")
+    c.send(CLUSTER)
+    r1 = await c.recv()
+    c.send(CLUSTER, version=r1.version_info, nonce=r1.nonce)
+    fx.control.publish({CLUSTER: {"a": make_cluster("a"), "bad": make_cluster("bad"), "good": make_cluster("good")}})
+    r2 = await c.recv()
+    c.send(CLUSTER, version=r1.version_info, nonce=r2.nonce,
+           error="Error adding/updating cluster(s) bad: invalid thing")
+    fx.control.publish({CLUSTER: {"a": make_cluster("a", 3), "bad": make_cluster("bad"),
+                                  "good": make_cluster("good")}})
+    r3 = await c.recv()
+    assert sorted(names_of(r3)) == ["a", "bad", "good"]  # full state still names every cluster
+    st = next(iter(fx.xds.connections.values())).stream.types[CLUSTER]
+    assert st.last_nack is not None and st.last_nack.resources == ("bad",)  # only the named one is blamed
     await c.close()
 
 
@@ -248,12 +275,13 @@ async def test_make_before_break_order(fx: XdsFixture) -> None:
     await c.expect_nothing(0.3)
     c.send_delta(CLUSTER, nonce=first.nonce)
     seen = []
-    for _ in range(2):
+    for _ in range(3):
         r = await c.recv()
         seen.append((r.type_url, [x.name for x in r.resources], list(r.removed_resources)))
         c.send_delta(r.type_url, nonce=r.nonce)
     assert seen[0] == (ROUTE, ["80"], [])
-    assert seen[1] == (CLUSTER, [], ["old"])
+    assert seen[1] == (CLUSTER, [], ["old"])  # removals last: the cluster, then its endpoints
+    assert seen[2] == (ENDPOINT, [], ["old"])
     await c.close()
 
 

@@ -27,6 +27,7 @@ from controlplane.translate.plan import CLUSTER, ENDPOINT, LISTENER, PUSH_ORDER,
 
 Protocol = Literal["sotw", "delta"]
 WILDCARD_TYPES = frozenset({CLUSTER, LISTENER})
+REMOVE_ORDER: tuple[TypeUrl, ...] = (ROUTE, LISTENER, CLUSTER, ENDPOINT, SECRET)
 NAMED_TYPES = frozenset({ENDPOINT, ROUTE, SECRET})
 
 
@@ -132,12 +133,20 @@ class AdsStream:
         for name, bad in st.quarantine.items():
             r = out.get(name)
             if r is not None and r.version == bad:
-                fallback = st.acked.get(name)
+                fallback = self._held_back(st, name)
                 if fallback is not None:
                     out[name] = fallback
-                else:
+                elif not self._keep_rejected(st):
                     del out[name]
         return out
+
+    def _keep_rejected(self, st: TypeState) -> bool:
+        """SotW CDS/LDS: a rejected resource with no accepted version stays in the full state
+        (at the rejected version): leaving its name out would delete Envoy's older copy."""
+        return self.protocol == "sotw" and st.type_url in WILDCARD_TYPES
+
+    def _held_back(self, st: TypeState, name: str) -> Resource | None:
+        return st.acked.get(name)
 
     # ------------------------------------------------------------------ requests
     def handle_sotw_request(self, req: discovery_pb2.DiscoveryRequest) -> NackRecord | None:
@@ -146,9 +155,8 @@ class AdsStream:
         nack = None
         if req.response_nonce:
             pending = st.pending.get(req.response_nonce)
-            if pending is None or req.response_nonce != st.nonce:
-                # Stale nonce (superseded response): only subscription changes matter.
-                pass
+            if pending is None:
+                pass  # unknown or already answered nonce: only subscription changes matter
             elif req.HasField("error_detail"):
                 nack = self._on_nack(st, pending, req.error_detail.message, req.error_detail.code)
             else:
@@ -191,7 +199,9 @@ class AdsStream:
                     st.known[name] = have
                     st.acked[name] = have
                 else:
-                    st.known[name] = _Placeholder.make(t, name, version)
+                    placeholder = _Placeholder.make(t, name, version)
+                    st.known[name] = placeholder
+                    st.acked[name] = placeholder  # Envoy holds it: a later NACK must not forget it
         for name in req.resource_names_subscribe:
             if name == "*":
                 st.wildcard = True
@@ -210,7 +220,8 @@ class AdsStream:
         return nack
 
     def _on_ack(self, st: TypeState, pending: Pending) -> None:
-        for nonce in [n for n in st.pending if int(n) <= int(pending.nonce)]:
+        # Envoy answers responses in order: anything older still pending was applied too.
+        for nonce in sorted((n for n in st.pending if int(n) <= int(pending.nonce)), key=int):
             p = st.pending.pop(nonce)
             if p.full:
                 st.acked = {n: r for n, r in p.changes.items() if r is not None}
@@ -227,22 +238,54 @@ class AdsStream:
 
     def _on_nack(self, st: TypeState, pending: Pending, message: str, code: int) -> NackRecord:
         st.pending.pop(pending.nonce, None)
-        # Suspects: what this response changed relative to what Envoy had accepted.
-        suspects = {
+        # What this response changed relative to what Envoy had accepted...
+        changed = {
             n: r for n, r in pending.changes.items() if r is not None and not _same(st.acked.get(n), r)
         }
-        for n, r in suspects.items():
+        # ...and of that, what Envoy's message names ("Error adding/updating cluster(s) NAME: ...").
+        # Envoy applies the valid resources of a rejected response and keeps its previous
+        # copy of each rejected one; when the message names none, everything changed is blamed.
+        named = {n: r for n, r in changed.items() if n and n in message}
+        blamed = named or changed
+        for n, r in blamed.items():
             st.quarantine[n] = r.version
-        # Envoy keeps its previous config: forget what the rejected response claimed.
-        st.known = dict(st.acked)
+        if pending.full:
+            held = {n: r for n, r in pending.changes.items() if r is not None}
+        else:
+            held = dict(st.acked)
+            for n, change in pending.changes.items():
+                if n in blamed:
+                    continue
+                if change is None:
+                    held.pop(n, None)
+                else:
+                    held[n] = change
+        accepted = dict(held)
+        for n in blamed:
+            old = st.acked.get(n)
+            if old is not None:
+                held[n] = accepted[n] = old
+            else:
+                accepted.pop(n, None)
+                if not (pending.full and st.type_url in WILDCARD_TYPES):
+                    held.pop(n, None)
+                # else: keep it in the state-of-the-world: leaving a name out of a full CDS/LDS
+                # response deletes whatever copy Envoy still has.
+        st.acked = accepted
+        st.known = held
         if pending.full:
             st.version_sent = st.version_acked
-        for p in st.pending.values():  # later responses still in flight
+        for nonce in sorted((x for x in st.pending if int(x) > int(pending.nonce)), key=int):
+            p = st.pending[nonce]  # later responses still in flight
+            if p.full:
+                st.known = {n: r for n, r in p.changes.items() if r is not None}
+                continue
             for n, change in p.changes.items():
                 if change is None:
                     st.known.pop(n, None)
                 else:
                     st.known[n] = change
+        suspects = blamed
         st.synced_target = None
         sources: list[SourceRef] = []
         for r in suspects.values():
@@ -279,7 +322,9 @@ class AdsStream:
 
     def synced(self) -> bool:
         return self.target is not None and all(
-            not st.needs_response and st.synced_target is self.target.get(st.type_url) for st in self.types.values()
+            not st.needs_response and st.synced_target is self.target.get(st.type_url)
+            for t, st in self.types.items()
+            if t in PUSH_ORDER  # requests for types we do not serve never block convergence
         )
 
     def next_push(self, now: float) -> Outgoing | None:
@@ -307,8 +352,9 @@ class AdsStream:
                 return out
         if warming_only:
             return None
-        # Phase 2: removals, in order.
-        for t in PUSH_ORDER:
+        # Phase 2: removals. Routes and listeners stop using a cluster before the cluster
+        # goes, and a cluster goes before its endpoints and secrets.
+        for t in REMOVE_ORDER:
             st = self.types.get(t)
             if st is None or self._in_sync(st):
                 continue
@@ -367,7 +413,10 @@ class AdsStream:
             if r is not None and st.quarantine:
                 bad = st.quarantine.get(n)
                 if bad is not None and r.version == bad:
-                    r = st.acked.get(n)  # hold the rejected version back
+                    # Hold the rejected version back: the accepted one, or (SotW CDS/LDS with
+                    # none) keep what Envoy was last sent rather than dropping the name.
+                    fallback = self._held_back(st, n)
+                    r = fallback if fallback is not None or not self._keep_rejected(st) else st.known.get(n, r)
             if r is None:
                 if n in st.known:
                     removals.append(n)
@@ -379,7 +428,8 @@ class AdsStream:
 
     def _upsert(self, st: TypeState) -> Outgoing | None:
         upserts, _removals, absent = self._diff(st)
-        added_new = any(n not in st.known for n in upserts)
+        new_names = sum(1 for n in upserts if n not in st.known)
+        added_new = new_names > 0
         if self.protocol == "sotw":
             if not upserts and not st.needs_response:
                 return None
@@ -388,7 +438,9 @@ class AdsStream:
                 content = dict(st.known)
                 content.update(upserts)
                 out = self._send_sotw(st, content, full=True)
-            elif st.needs_response:
+            elif st.needs_response or st.type_url == SECRET:
+                # SDS in SotW: Envoy treats a subscribed secret missing from a response as an
+                # error, so secrets always go as the full set (it is two resources).
                 out = self._send_sotw(st, self._desired(st), full=True)
             else:
                 out = self._send_sotw(st, upserts, full=False)  # EDS/RDS/SDS: only what changed
@@ -398,7 +450,8 @@ class AdsStream:
             out = self._send_delta(st, upserts, absent)
             st.absent_notified.update(absent)
         if st.type_url == CLUSTER and added_new:
-            self.waiting = (st.type_url, out.nonce, time.monotonic() + 10.0)
+            # Envoy ACKs once new clusters have warmed: ~1 s per 1,000 here, so scale the wait.
+            self.waiting = (st.type_url, out.nonce, time.monotonic() + 10.0 + new_names / 500)
         return out
 
     def _remove(self, st: TypeState) -> Outgoing | None:
