@@ -69,6 +69,7 @@ class Bisector:
             test = g.keys[: len(g.keys) // 2] if g.known_bad else g.keys
             rest = g.keys[len(test):]
             b.testing = Group(test, False)
+            b.released_at_generation = 0  # not pushed yet: verdicts wait for armed()
             if rest:
                 # If `test` turns out innocent and g was known bad, the rest holds the culprit.
                 b.groups.appendleft(Group(rest, g.known_bad))
@@ -81,6 +82,7 @@ class Bisector:
         """The runtime rebuilt with the release in place at `generation`."""
         if self.active is not None:
             self.active.released_at_generation = generation
+            self.active.deadline = time.monotonic() + self.timeout_s
 
     def on_ack(self, proxy: str, generation: int) -> Step:
         b = self.active
@@ -92,11 +94,14 @@ class Bisector:
         b.testing = None
         return self._next()
 
-    def on_nack(self, proxy: str) -> Step | None:
-        """None when this NACK is not part of the bisection (handle it normally)."""
+    def on_nack(self, proxy: str, generation: int | None = None) -> Step | None:
+        """None when this NACK is not part of the bisection (handle it normally). A NACK of
+        a response built before the release (`generation` older than armed) is not a verdict."""
         b = self.active
         if b is None or b.testing is None or proxy != b.proxy or not b.released_at_generation:
             return None
+        if generation is not None and generation < b.released_at_generation:
+            return Step()
         bad = b.testing
         b.testing = None
         # The released group holds a culprit; the group after it (if any) is no longer known bad.
@@ -105,6 +110,16 @@ class Bisector:
         b.groups.appendleft(Group(bad.keys, True))
         step = self._next()
         return Step(release=step.release, quarantine=bad.keys, done=step.done)
+
+    def involved(self) -> set[Key]:
+        """Objects the bisection is still deciding about (kept out of normal NACK handling)."""
+        b = self.active
+        if b is None:
+            return set()
+        keys = {k for g in b.groups for k in g.keys}
+        if b.testing is not None:
+            keys.update(b.testing.keys)
+        return keys
 
     def expired(self) -> bool:
         return self.active is not None and time.monotonic() > self.active.deadline

@@ -110,6 +110,7 @@ class Runtime:
         self.change_started: float | None = None
         self._gen_started: dict[int, float] = {}
         self.bisector = Bisector()
+        self._store_gen_of: dict[int, int] = {}  # snapshot generation -> store generation it was built from
         self.after_rebuild: list[Callable[[], None]] = []
         self.leader: bool | None = None  # None: no leader election (directory mode)
         self._arm_pending = False
@@ -170,7 +171,7 @@ class Runtime:
         self.metrics.nacks.labels(_short(nack_type(conn, nack))).inc()
         if self.bisector.expired():
             self.bisector.abort()
-        step = self.bisector.on_nack(conn.meta.node_id)
+        step = self.bisector.on_nack(conn.meta.node_id, nack.generation)
         if step is not None:
             log.info("bisect: the released objects hold a culprit; narrowing down")
             self._apply(step, f"rejected by proxy {conn.meta.node_id}: {nack.message.strip()}")
@@ -205,11 +206,18 @@ class Runtime:
         shaped the rejected resources, the most recently changed ones, preferring routing
         policy (VirtualService, DestinationRule) over Services when they changed together."""
         cands = []
+        # Objects changed after the rejected snapshot was built are not what Envoy saw (a late
+        # NACK must not quarantine the fix), and objects under bisection are decided there.
+        seen_gen = self._store_gen_of.get(nack.generation)
+        deciding = self.bisector.involved()
         for s in nack.sources:
             key = (s.kind, s.namespace, s.name)
             e = self.store.entry(key)
-            if e is not None and e.quarantine is None and e.good is not None:
-                cands.append((key, e.changed_gen))
+            if e is None or e.quarantine is not None or e.good is None or key in deciding:
+                continue
+            if seen_gen is not None and e.changed_gen > seen_gen:
+                continue
+            cands.append((key, e.changed_gen))
         if not cands:
             return []
         latest = max(g for _, g in cands)
@@ -286,8 +294,12 @@ class Runtime:
         t0 = time.perf_counter()
         mesh = self.store.mesh()
         conns = list(self.xds.connections.values())
+        store_gen = self.store.generation
         snaps = self.builder.rebuild(mesh, [c.meta for c in conns])
         self._snapshots = dict(snaps)
+        self._store_gen_of[self.builder.generation] = store_gen
+        while len(self._store_gen_of) > 256:
+            del self._store_gen_of[next(iter(self._store_gen_of))]
         if self.change_started is not None:
             self._gen_started[self.builder.generation] = self.change_started
             self.change_started = None
@@ -304,7 +316,9 @@ class Runtime:
                 if c.meta.node_id == self.bisector.active.proxy:
                     c.stream.clear_quarantine()
         for c in conns:
-            c.update(snaps[proxy_key(c.meta)])
+            snap = snaps.get(proxy_key(c.meta))
+            if snap is not None:  # None: its first build failed (logged); it waits for the next
+                c.update(snap)
         self._identity_upkeep(conns)
         self.metrics.rebuild_seconds.observe(time.perf_counter() - t0)
         for hook in self.after_rebuild:
@@ -314,6 +328,7 @@ class Runtime:
     async def rebuild_loop(self) -> None:
         debounce = self.settings.debounce_ms / 1000
         max_wait = self.settings.debounce_max_ms / 1000
+        failures = 0
         while True:
             await self._dirty.wait()
             # Debounce: wait for a quiet period, but never longer than max_wait in total.
@@ -328,8 +343,12 @@ class Runtime:
             self._first_dirty = None
             try:
                 self.rebuild_now()
+                failures = 0
             except Exception:  # a translation bug must not kill the control plane
-                log.exception("rebuilding snapshots failed; proxies keep their last config")
+                failures = min(failures + 1, 6)
+                log.exception("rebuilding snapshots failed; proxies keep their last config (retry in %ss)",
+                              2 ** failures)
+                asyncio.get_running_loop().call_later(2 ** failures, self.mark_dirty)
 
     async def run_sources(self) -> None:
         async with asyncio.TaskGroup() as tg:

@@ -9,6 +9,7 @@ with the predecessor diffs only those names.
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
@@ -17,6 +18,7 @@ from controlplane.model.ir import CaptureMode, Labels, ProxyMeta, TypeUrl
 from controlplane.model.mesh import Mesh
 from controlplane.translate.plan import PUSH_ORDER, ResourceSpec
 
+log = logging.getLogger(__name__)
 EMPTY: Mapping[str, Resource] = {}
 
 
@@ -104,6 +106,7 @@ class SnapshotBuilder:
         self._own: dict[ProxyKey, dict[TypeUrl, TypeResources]] = {}
         self._snap: dict[ProxyKey, Snapshot] = {}
         self.generation = 0
+        self.failures = 0
 
     def rebuild(self, mesh: Mesh, proxies: Iterable[ProxyMeta]) -> dict[ProxyKey, Snapshot]:
         """Snapshots for every distinct proxy key among `proxies` for this mesh."""
@@ -111,17 +114,36 @@ class SnapshotBuilder:
         self.memo.begin_round()
         shared_done: dict[object, dict[TypeUrl, TypeResources]] = {}
         out: dict[ProxyKey, Snapshot] = {}
-        for meta in proxies:
-            pk = proxy_key(meta)
-            if pk in out:
-                continue
-            sk = self._shared_key(meta)
-            if sk not in shared_done:
-                shared_done[sk] = self._layer(self._plan_shared(mesh, meta), self._shared.get(sk))
-            own = self._layer(self._plan_own(mesh, meta), self._own.get(pk))
-            self._own[pk] = own
-            out[pk] = self._combine(pk, shared_done[sk], own)
-        self.memo.end_round()
+        failed: set[object] = set()
+        try:
+            for meta in proxies:
+                pk = proxy_key(meta)
+                if pk in out:
+                    continue
+                try:
+                    sk = self._shared_key(meta)
+                    if sk in failed:
+                        raise RuntimeError("shared layer failed")
+                    if sk not in shared_done:
+                        try:
+                            shared_done[sk] = self._layer(self._plan_shared(mesh, meta), self._shared.get(sk))
+                        except Exception:
+                            failed.add(sk)
+                            raise
+                    own = self._layer(self._plan_own(mesh, meta), self._own.get(pk))
+                    self._own[pk] = own
+                    out[pk] = self._combine(pk, shared_done[sk], own)
+                except Exception:
+                    # One proxy's (or class's) translation failing must not freeze the others:
+                    # it keeps its last snapshot, everyone else moves on.
+                    log.exception("building the config of proxy %s failed; it keeps its last config",
+                                  meta.node_id)
+                    self.failures += 1
+                    prev = self._snap.get(pk)
+                    if prev is not None:
+                        out[pk] = prev
+        finally:
+            self.memo.end_round()
         self._shared = shared_done
         self._own = {k: v for k, v in self._own.items() if k in out}
         self._snap = {k: v for k, v in self._snap.items() if k in out}

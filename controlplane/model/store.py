@@ -93,7 +93,9 @@ class MeshStore:
         if ev.objects is None:
             return changed
         new_keys = {o.key for o in ev.objects}
-        for key in sorted(self._by_origin.get(ev.origin, set()) - new_keys):
+        # The origin's previous keys, including definitions another origin currently overrides.
+        before = self._by_origin.get(ev.origin, set()) | {k for k, s in self._shadowed.items() if ev.origin in s}
+        for key in sorted(before - new_keys):
             changed |= self._delete(ev.origin, key)
         for obj in ev.objects:
             changed |= self._upsert(ev.origin, obj)
@@ -107,8 +109,9 @@ class MeshStore:
         if prev is not None and prev.origin == origin and prev.raw.file == raw.file and prev.raw.line == raw.line:
             if prev.raw.body == raw.body:
                 return False
-            if _meaningful(prev.raw.body) == _meaningful(raw.body):
+            if raw.kind in STATUS_OWNED_KINDS and _meaningful(prev.raw.body) == _meaningful(raw.body):
                 # Only status or bookkeeping metadata moved (e.g. our own status write-back).
+                # Pods are not in this set: their status (podIP, phase) is what we read.
                 self._entries[key] = Entry(origin, raw, prev.good, prev.issues, prev.prev_good, prev.changed_gen,
                                            prev.quarantine)
                 return False
@@ -148,9 +151,13 @@ class MeshStore:
         if entry is None or entry.origin != origin:
             self._by_origin.get(origin, set()).discard(key)
             if shadows.pop(origin, None) is not None and entry is not None:
-                # The duplicate is gone: refresh the survivor's issues ("also defined in ...").
-                self._entries.pop(key)
-                self._upsert(entry.origin, entry.raw)
+                # The duplicate is gone: drop the survivor's "also defined in ..." warning.
+                issues = tuple(i for i in entry.issues if not i.message.startswith("also defined in"))
+                self._entries[key] = Entry(entry.origin, entry.raw, entry.good, issues, entry.prev_good,
+                                           entry.changed_gen, entry.quarantine)
+                if not shadows:
+                    self._shadowed.pop(key, None)
+                return True
             return False
         del self._entries[key]
         self._by_origin.get(origin, set()).discard(key)
@@ -236,6 +243,9 @@ class MeshStore:
         return e.raw if e else None
 
 
+STATUS_OWNED_KINDS = frozenset(
+    {"VirtualService", "DestinationRule", "PeerAuthentication", "AuthorizationPolicy", "Sidecar"}
+)
 _VOLATILE_METADATA = frozenset({"resourceVersion", "managedFields", "generation", "uid", "creationTimestamp"})
 
 

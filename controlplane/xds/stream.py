@@ -53,6 +53,7 @@ class NackRecord:
     at: float
     resources: tuple[str, ...]
     sources: tuple[SourceRef, ...]
+    generation: int = 0  # snapshot generation of the rejected response
 
 
 @dataclass(slots=True)
@@ -64,6 +65,7 @@ class Pending:
     changes: dict[str, Resource | None]  # None: removal
     full: bool  # SotW: `changes` is the whole state of the type
     sent_at: float
+    generation: int = 0  # snapshot generation the response came from
 
 
 @dataclass(slots=True)
@@ -293,7 +295,7 @@ class AdsStream:
                 if s not in sources:
                     sources.append(s)
         rec = NackRecord(pending.version, pending.nonce, message, code, time.time(), tuple(sorted(suspects)),
-                         tuple(sources))
+                         tuple(sources), pending.generation)
         st.last_nack = rec
         st.nacks += 1
         if self.waiting is not None and self.waiting[0] == st.type_url:
@@ -488,7 +490,8 @@ class AdsStream:
         header = discovery_pb2.DiscoveryResponse(version_info=version, type_url=st.type_url, nonce=nonce)
         payload = header.SerializeToString() + b"".join(content[n].sotw_chunk for n in sorted(content))
         now = time.time()
-        st.pending[nonce] = Pending(nonce, version, dict(content), full, now)
+        st.pending[nonce] = Pending(nonce, version, dict(content), full, now,
+                                    self.target.generation if self.target is not None else 0)
         st.known = known
         st.nonce, st.version_sent, st.last_push, st.needs_response = nonce, version, now, False
         return Outgoing(st.type_url, nonce, payload, len(content))
@@ -507,7 +510,8 @@ class AdsStream:
             recorded[n] = None
             st.known.pop(n, None)
         st.known.update(changes)
-        st.pending[nonce] = Pending(nonce, version, recorded, False, now)
+        st.pending[nonce] = Pending(nonce, version, recorded, False, now,
+                                    self.target.generation if self.target is not None else 0)
         st.nonce, st.version_sent, st.last_push, st.needs_response = nonce, version, now, False
         return Outgoing(st.type_url, nonce, payload, len(changes), len(removed))
 
