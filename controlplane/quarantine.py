@@ -124,5 +124,9 @@ class Bisector:
     def expired(self) -> bool:
         return self.active is not None and time.monotonic() > self.active.deadline
 
-    def abort(self) -> None:
+    def abort(self) -> tuple[Key, ...]:
+        """Give up (the proxy under test went away or never answered). Returns the objects
+        still undecided: the caller releases them, and a repeat rejection starts over."""
+        undecided = tuple(sorted(self.involved()))
         self.active = None
+        return undecided

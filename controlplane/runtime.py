@@ -170,7 +170,7 @@ class Runtime:
     def on_nack(self, conn: Connection, nack: NackRecord) -> None:
         self.metrics.nacks.labels(_short(nack_type(conn, nack))).inc()
         if self.bisector.expired():
-            self.bisector.abort()
+            self._abort_bisection()
         step = self.bisector.on_nack(conn.meta.node_id, nack.generation)
         if step is not None:
             log.info("bisect: the released objects hold a culprit; narrowing down")
@@ -189,12 +189,27 @@ class Runtime:
             self.metrics.quarantined.set(len(self.store.quarantined()))
             self.mark_dirty(urgent=True)
 
+    def _abort_bisection(self) -> None:
+        undecided = self.bisector.abort()
+        if undecided:
+            log.warning("bisect abandoned (no verdict from the proxy under test); releasing %s",
+                        ", ".join("/".join(k) for k in undecided))
+            self.store.release(undecided)
+            self.metrics.quarantined.set(len(self.store.quarantined()))
+            self.mark_dirty(urgent=True)
+
+    def _check_bisection(self) -> None:
+        if self.bisector.expired():
+            self._abort_bisection()
+
     def _apply(self, step: Step, reason: str) -> None:
         if step.quarantine:
             self.store.quarantine(step.quarantine, reason)
         if step.release:
             self.store.release(step.release)
             self._arm_pending = True
+            with contextlib.suppress(RuntimeError):  # no running loop (unit tests drive it by hand)
+                asyncio.get_running_loop().call_later(self.bisector.timeout_s + 1.0, self._check_bisection)
         if step.done:
             log.warning("bisect finished: withholding only %s",
                         ", ".join("/".join(k) for k in sorted(self.store.quarantined())))
@@ -235,7 +250,7 @@ class Runtime:
         conn.extra["converged"] = target.generation
         if self.bisector.active is not None:
             if self.bisector.expired():
-                self.bisector.abort()
+                self._abort_bisection()
             else:
                 self._apply(self.bisector.on_ack(conn.meta.node_id, target.generation), "")
         started = self._gen_started.get(target.generation)

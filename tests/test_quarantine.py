@@ -63,3 +63,21 @@ def test_verdicts_from_other_proxies_or_old_generations_are_ignored() -> None:
     assert b.on_nack("other") is None
     assert b.on_ack("p", 4).release == ()
     assert b.on_ack("p", 5).release  # now it moves on
+
+
+def test_abort_hands_back_every_undecided_object() -> None:
+    ks = keys(4)
+    b = Bisector()
+    b.start("p", ks, "bad")
+    assert set(b.involved()) == set(ks)
+    assert set(b.abort()) == set(ks) and b.active is None
+
+
+def test_a_nack_of_a_config_built_before_the_release_is_not_a_verdict() -> None:
+    ks = keys(4)
+    b = Bisector()
+    b.start("p", ks, "bad")
+    b.armed(7)
+    step = b.on_nack("p", generation=6)  # answers an older push
+    assert step is not None and not step.release and not step.quarantine and b.active is not None
+    assert b.on_nack("p", generation=7) is not None  # the real verdict

@@ -96,9 +96,10 @@ class ResourceMemo:
         res = Resource(spec.type_url, spec.name, body, spec.sources)
         if variants is None:
             variants = self._variants[key] = []
-        # Identical bytes from different inputs still share one Resource.
+        # Identical bytes from different inputs still share one Resource (when they name the
+        # same source objects, so NACK attribution stays right).
         for v in variants:
-            if v.resource.version == res.version and v.resource.body == body:
+            if v.resource.version == res.version and v.resource.body == body and v.resource.sources == res.sources:
                 res = v.resource
                 break
         variants.append(_Variant(spec.build, spec.args, res, self._round))
