@@ -266,6 +266,21 @@ def assemble(
     trust_domain: str = DEFAULT_TRUST_DOMAIN,
 ) -> Mesh:
     """Build a Mesh from valid IR values (in key order) and add cross-object issues."""
+    mesh = mesh_of(values, issues, root_namespace=root_namespace, trust_domain=trust_domain)
+    cross = check_mesh(mesh)
+    if not cross:
+        return mesh
+    return replace(mesh, issues=(*issues, *cross))
+
+
+def mesh_of(
+    values: Iterable[IRValue],
+    issues: tuple[Issue, ...] = (),
+    *,
+    root_namespace: str = DEFAULT_ROOT_NAMESPACE,
+    trust_domain: str = DEFAULT_TRUST_DOMAIN,
+) -> Mesh:
+    """A Mesh of valid IR values (in key order), without cross-object checks."""
     namespaces: dict[str, Namespace] = {}
     services: dict[Hostname, Service] = {}
     endpoints: dict[Hostname, list[EndpointSet]] = {}
@@ -301,7 +316,7 @@ def assemble(
     pas.sort(key=lambda p: (p.namespace, p.name))
     aps.sort(key=lambda a: (a.namespace, a.name))
     scs.sort(key=lambda s: (s.namespace, s.name))
-    mesh = build_mesh(
+    return build_mesh(
         namespaces,
         services,
         {h: tuple(sorted(sets, key=lambda s: (s.ref.kind, s.ref.name))) for h, sets in endpoints.items()},
@@ -315,7 +330,3 @@ def assemble(
         trust_domain=trust_domain,
         sidecars=tuple(scs),
     )
-    cross = check_mesh(mesh)
-    if not cross:
-        return mesh
-    return replace(mesh, issues=(*issues, *cross))
