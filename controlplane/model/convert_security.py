@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
 
 from controlplane.model.convert_base import (
     Ctx,
@@ -143,16 +143,26 @@ def cidr(value: str) -> str | None:
         return None
 
 
-def _cidrs(ctx: Ctx, m: Mapping[str, Any], key: str, path: str) -> tuple[str, ...]:
-    out: list[str] = []
+_T = TypeVar("_T")
+
+
+def _parsed_list(ctx: Ctx, m: Mapping[str, Any], key: str, path: str, parse: Callable[[str], _T | None],
+                 problem: str) -> tuple[_T, ...]:
+    """The string list `key`, each item parsed; an item that does not parse is an error
+    (`problem` completes "'<item>' ...") and is left out."""
+    out: list[_T] = []
     p = join(path, key)
     for i, v in enumerate(get_str_list(ctx, m, key, path)):
-        block = cidr(v)
-        if block is None:
-            ctx.error(index(p, i), f"{v!r} is not an IP address or CIDR block (e.g. 10.0.0.0/8)")
+        parsed = parse(v)
+        if parsed is None:
+            ctx.error(index(p, i), f"{v!r} {problem}")
             continue
-        out.append(block)
+        out.append(parsed)
     return tuple(out)
+
+
+def _cidrs(ctx: Ctx, m: Mapping[str, Any], key: str, path: str) -> tuple[str, ...]:
+    return _parsed_list(ctx, m, key, path, cidr, "is not an IP address or CIDR block (e.g. 10.0.0.0/8)")
 
 
 def port_number(value: str) -> int | None:
@@ -163,15 +173,7 @@ def port_number(value: str) -> int | None:
 
 
 def _ports(ctx: Ctx, m: Mapping[str, Any], key: str, path: str) -> tuple[int, ...]:
-    out: list[int] = []
-    p = join(path, key)
-    for i, v in enumerate(get_str_list(ctx, m, key, path)):
-        n = port_number(v)
-        if n is None:
-            ctx.error(index(p, i), f"{v!r} is not a port number between 1 and 65535")
-            continue
-        out.append(n)
-    return tuple(out)
+    return _parsed_list(ctx, m, key, path, port_number, "is not a port number between 1 and 65535")
 
 
 # --------------------------------------------------------------------------- PeerAuthentication

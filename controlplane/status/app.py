@@ -129,7 +129,8 @@ def create_app(runtime: Runtime, token_file: Path | None = None) -> FastAPI:
 
     @app.get("/v1/proxies", dependencies=auth)
     def proxies(namespace: str | None = None, mode: str | None = None, state: str | None = None) -> list[dict[str, Any]]:
-        out = [proxy_view(c, runtime.store.quarantined()) for c in runtime.xds.connections.values()]
+        held = runtime.store.quarantined()
+        out = [proxy_view(c, held) for c in runtime.xds.connections.values()]
         out = [p for p in out if (namespace is None or p["namespace"] == namespace)
                and (mode is None or p["mode"] == mode) and (state is None or p["state"] == state.upper())]
         return sorted(out, key=lambda p: (p["id"], p["connected_at"]))
@@ -181,7 +182,8 @@ def create_app(runtime: Runtime, token_file: Path | None = None) -> FastAPI:
     @app.get("/v1/mesh", dependencies=auth)
     def mesh_summary() -> dict[str, Any]:
         mesh = runtime.mesh()
-        views = [proxy_view(c, runtime.store.quarantined()) for c in runtime.xds.connections.values()]
+        held = runtime.store.quarantined()
+        views = [proxy_view(c, held) for c in runtime.xds.connections.values()]
         return {
             "version": __version__,
             "ready": runtime.ready,
@@ -200,7 +202,7 @@ def create_app(runtime: Runtime, token_file: Path | None = None) -> FastAPI:
             },
             "errors": sum(1 for i in mesh.issues if i.severity == "error"),
             "warnings": sum(1 for i in mesh.issues if i.severity == "warning"),
-            "quarantined": ["/".join(k) for k in sorted(runtime.store.quarantined())],
+            "quarantined": ["/".join(k) for k in sorted(held)],
         }
 
     @app.get("/metrics")

@@ -24,7 +24,7 @@ they count as matching (so the rest of the rule decides).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 from envoy.config.core.v3 import address_pb2
 from envoy.config.rbac.v3 import rbac_pb2
@@ -78,29 +78,35 @@ def string_matcher(value: str, *, prefix: str = "", ignore_case: bool = False) -
     return m
 
 
+_R = TypeVar("_R", rbac_pb2.Principal, rbac_pb2.Permission)
+
+
 def _is_any(m: rbac_pb2.Principal | rbac_pb2.Permission) -> bool:
     return bool(m.WhichOneof("rule" if isinstance(m, rbac_pb2.Permission) else "identifier") == "any")
 
 
+def _combine(items: Sequence[_R], cls: type[_R], group: str, members: str, all_of: bool) -> _R:
+    """OR (`all_of` False) or AND of RBAC principals or permissions, folding `any`: an OR
+    with an `any` member is `any`; `any` members of an AND drop out (an empty AND is `any`)."""
+    if all_of:
+        items = [i for i in items if not _is_any(i)]
+        if not items:
+            return cls(any=True)
+    elif any(_is_any(i) for i in items):
+        return cls(any=True)
+    if len(items) == 1:
+        return items[0]
+    out = cls()
+    getattr(getattr(out, group), members).extend(items)
+    return out
+
+
 def _one_of_principals(ids: Sequence[rbac_pb2.Principal]) -> rbac_pb2.Principal:
-    if any(_is_any(i) for i in ids):
-        return rbac_pb2.Principal(any=True)
-    if len(ids) == 1:
-        return ids[0]
-    p = rbac_pb2.Principal()
-    p.or_ids.ids.extend(ids)
-    return p
+    return _combine(ids, rbac_pb2.Principal, "or_ids", "ids", all_of=False)
 
 
 def _all_of_principals(ids: Sequence[rbac_pb2.Principal]) -> rbac_pb2.Principal:
-    ids = [i for i in ids if not _is_any(i)]
-    if not ids:
-        return rbac_pb2.Principal(any=True)
-    if len(ids) == 1:
-        return ids[0]
-    p = rbac_pb2.Principal()
-    p.and_ids.ids.extend(ids)
-    return p
+    return _combine(ids, rbac_pb2.Principal, "and_ids", "ids", all_of=True)
 
 
 def _not_principal(inner: rbac_pb2.Principal) -> rbac_pb2.Principal:
@@ -114,24 +120,11 @@ def _never_principal() -> rbac_pb2.Principal:
 
 
 def _one_of_permissions(rules: Sequence[rbac_pb2.Permission]) -> rbac_pb2.Permission:
-    if any(_is_any(r) for r in rules):
-        return rbac_pb2.Permission(any=True)
-    if len(rules) == 1:
-        return rules[0]
-    p = rbac_pb2.Permission()
-    p.or_rules.rules.extend(rules)
-    return p
+    return _combine(rules, rbac_pb2.Permission, "or_rules", "rules", all_of=False)
 
 
 def _all_of_permissions(rules: Sequence[rbac_pb2.Permission]) -> rbac_pb2.Permission:
-    rules = [r for r in rules if not _is_any(r)]
-    if not rules:
-        return rbac_pb2.Permission(any=True)
-    if len(rules) == 1:
-        return rules[0]
-    p = rbac_pb2.Permission()
-    p.and_rules.rules.extend(rules)
-    return p
+    return _combine(rules, rbac_pb2.Permission, "and_rules", "rules", all_of=True)
 
 
 def _not_permission(inner: rbac_pb2.Permission) -> rbac_pb2.Permission:

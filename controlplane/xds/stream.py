@@ -135,7 +135,7 @@ class AdsStream:
         for name, bad in st.quarantine.items():
             r = out.get(name)
             if r is not None and r.version == bad:
-                fallback = self._held_back(st, name)
+                fallback = st.acked.get(name)
                 if fallback is not None:
                     out[name] = fallback
                 elif not self._keep_rejected(st):
@@ -146,9 +146,6 @@ class AdsStream:
         """SotW CDS/LDS: a rejected resource with no accepted version stays in the full state
         (at the rejected version): leaving its name out would delete Envoy's older copy."""
         return self.protocol == "sotw" and st.type_url in WILDCARD_TYPES
-
-    def _held_back(self, st: TypeState, name: str) -> Resource | None:
-        return st.acked.get(name)
 
     # ------------------------------------------------------------------ requests
     def handle_sotw_request(self, req: discovery_pb2.DiscoveryRequest) -> NackRecord | None:
@@ -417,7 +414,7 @@ class AdsStream:
                 if bad is not None and r.version == bad:
                     # Hold the rejected version back: the accepted one, or (SotW CDS/LDS with
                     # none) keep what Envoy was last sent rather than dropping the name.
-                    fallback = self._held_back(st, n)
+                    fallback = st.acked.get(n)
                     r = fallback if fallback is not None or not self._keep_rejected(st) else st.known.get(n, r)
             if r is None:
                 if n in st.known:
