@@ -42,6 +42,8 @@ class BootstrapOptions:
     token: str | None = None  # bearer token sent on the xDS stream (proves the proxy's identity)
     xds_tls: XdsTls | None = None
     outbound_address: str = "127.0.0.1"  # bind capture: loopback address of the outbound listeners
+    node_name: str | None = None  # node proxies: the node served
+    waypoint: str | None = None  # waypoints: the waypoint's name
 
 
 def split_address(addr: str) -> tuple[str, int]:
@@ -66,6 +68,10 @@ def bootstrap(opts: BootstrapOptions) -> dict[str, Any]:
     }
     if opts.workload:
         metadata["workload"] = opts.workload
+    if opts.node_name:
+        metadata["node"] = opts.node_name
+    if opts.waypoint:
+        metadata["waypoint"] = opts.waypoint
     api_type = "DELTA_GRPC" if opts.xds_protocol == "delta" else "GRPC"
     grpc_service: dict[str, Any] = {"envoy_grpc": {"cluster_name": "xds-grpc"}}
     if opts.token:
@@ -107,8 +113,15 @@ def bootstrap(opts: BootstrapOptions) -> dict[str, Any]:
     if opts.xds_tls is not None:
         server_name = opts.xds_tls.server_name or ("localhost" if _is_ip(xds_host) else xds_host)
         doc["static_resources"]["clusters"][0]["transport_socket"] = _xds_tls(opts.xds_tls.trusted_ca, server_name)
-    if opts.capture == "intercept":
+    if opts.capture == "intercept" or opts.mode != "sidecar":
         doc["static_resources"]["listeners"] = [_health_listener(), _stats_listener()]
+    if opts.capture == "intercept" or opts.mode == "waypoint":
+        # Tunnels behind HTTP routes (HBONE to ambient pods) go through internal listeners.
+        doc["bootstrap_extensions"] = [{
+            "name": "envoy.bootstrap.internal_listener",
+            "typed_config": {"@type": "type.googleapis.com/envoy.extensions.bootstrap.internal_listener.v3"
+                                      ".InternalListener"},
+        }]
     return doc
 
 
@@ -187,7 +200,7 @@ class _EnvoyDumper(yaml.SafeDumper):
 
 def render(opts: BootstrapOptions) -> str:
     doc = bootstrap(opts)
-    if opts.capture == "intercept":
+    if opts.capture == "intercept" or opts.mode != "sidecar":
         host, port = split_address(opts.admin_address)
         doc["static_resources"]["clusters"].append({
             "name": "admin", "type": "STATIC", "connect_timeout": "1s",

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from controlplane.ca.identity import identity_of
+from controlplane.ca.identity import Identity, identity_of, proven_node
 from controlplane.cache.resources import Resource
 from controlplane.cache.snapshot import ProxyKey, SnapshotBuilder, proxy_key
 from controlplane.metrics import Metrics
@@ -24,7 +24,8 @@ from controlplane.quarantine import Bisector, Step
 from controlplane.sources.base import Source, SourceEvent, Synced
 from controlplane.translate.plan import SECRET, ResourceSpec
 from controlplane.translate.scope import proxy_scope, scope_key
-from controlplane.translate.secrets import ROOT_SECRET, plan_secrets, root_secret
+from controlplane.translate.secrets import ROOT_SECRET, plan_named_secrets, plan_secrets, root_secret
+from controlplane.translate.ambient import identity_secret, node_identities, plan_node, plan_waypoint
 from controlplane.translate.sidecar import plan_inbound, plan_outbound
 from controlplane.xds.server import Connection, XdsServer
 from controlplane.xds.stream import NackRecord, Outgoing
@@ -61,6 +62,7 @@ class Settings:
     ca_address_required: bool = True  # False: a port already taken is logged and skipped
     ca_dns_names: tuple[str, ...] = ("meshline.meshline-system.svc", "localhost")
     bundle_propagation_s: float = 30.0  # root rotation: wait this long at most for proxies to ACK the bundle
+    node_agents: bool = False  # serve the NodeAgent.Report API on the xDS port; PodNetns objects as a source
 
 
 def _plan_shared(mesh: Mesh, meta: ProxyMeta) -> list[ResourceSpec]:
@@ -70,8 +72,10 @@ def _plan_shared(mesh: Mesh, meta: ProxyMeta) -> list[ResourceSpec]:
 
 
 def _plan_own(mesh: Mesh, meta: ProxyMeta) -> list[ResourceSpec]:
-    if meta.mode != "sidecar":
-        return []
+    if meta.mode == "node":
+        return plan_node(mesh, meta.node) if meta.node else []
+    if meta.mode == "waypoint":
+        return plan_waypoint(mesh, meta)
     return plan_inbound(mesh, meta)
 
 
@@ -265,16 +269,37 @@ class Runtime:
         ident = identity_of(meta)
         if ident is None or self.identity is None:
             return specs
+        if meta.mode == "node":
+            return [*specs, *self._node_secrets(mesh, meta)]
         material = self.identity.material(ident)
         if material is None:
             return specs
         return [*specs, *plan_secrets(material, self.identity.bundle)]
+
+    def _node_secrets(self, mesh: Mesh, meta: ProxyMeta) -> list[ResourceSpec]:
+        """A node proxy's certificates: one per identity of the ambient pods on the node its
+        credential proves, and no other (the CA issues nothing else to it)."""
+        assert self.identity is not None
+        node = proven_node(meta)
+        if node is None or node != meta.node:
+            return []
+        named = []
+        for ns, sa in node_identities(mesh, node):
+            material = self.identity.material(Identity(ns, sa))
+            if material is not None:
+                named.append((identity_secret(mesh.trust_domain, ns, sa), material))
+        return plan_named_secrets(named, self.identity.bundle)
 
     def _identity_upkeep(self, conns: Sequence[Connection]) -> None:
         """Forget certificates nobody holds; wake up at the next half-life to rotate."""
         if self.identity is None:
             return
         live = {c.identity for c in conns if c.identity is not None}
+        mesh = self.store.mesh()
+        for c in conns:
+            node = proven_node(c.meta) if c.meta.mode == "node" else None
+            if node is not None and node == c.meta.node:
+                live.update(Identity(ns, sa) for ns, sa in node_identities(mesh, node))
         delay = self.identity.sweep(live)
         if self._rotation_timer is not None:
             self._rotation_timer.cancel()

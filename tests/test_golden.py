@@ -24,6 +24,7 @@ from controlplane.model.store import assemble
 from controlplane.sources.yamlload import parse_documents
 from controlplane.translate.plan import ENDPOINT, PUSH_ORDER, SHORT_NAMES, ResourceSpec, TypeUrl
 from controlplane.translate.scope import proxy_scope
+from controlplane.translate.ambient import plan_node, plan_waypoint
 from controlplane.translate.sidecar import plan_inbound, plan_outbound
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -65,6 +66,9 @@ def load_case(name: str) -> Case:
             workload=e.get("workload"),
             labels=labels_of(e.get("labels")),
             capture=e.get("capture", "bind"),
+            mode=e.get("mode", "sidecar"),
+            node=e.get("node"),
+            waypoint=e.get("waypoint"),
         )
         for e in entries
     )
@@ -72,8 +76,13 @@ def load_case(name: str) -> Case:
 
 
 def proxy_specs(mesh: Mesh, proxy: ProxyMeta) -> list[ResourceSpec]:
-    scope = proxy_scope(mesh, proxy)  # None (everything) unless a Sidecar scopes the proxy
-    specs = plan_outbound(mesh, proxy.namespace, proxy.capture, scope=scope) + plan_inbound(mesh, proxy)
+    if proxy.mode == "node":
+        specs = plan_node(mesh, proxy.node or "")
+    elif proxy.mode == "waypoint":
+        specs = plan_waypoint(mesh, proxy)
+    else:
+        scope = proxy_scope(mesh, proxy)  # None (everything) unless a Sidecar scopes the proxy
+        specs = plan_outbound(mesh, proxy.namespace, proxy.capture, scope=scope) + plan_inbound(mesh, proxy)
     seen: set[tuple[TypeUrl, str]] = set()
     for spec in specs:
         key = (spec.type_url, spec.name)

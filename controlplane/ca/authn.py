@@ -53,6 +53,10 @@ def _jwt_expiry(token: str) -> float | None:
         return None
 
 
+NODE_NAME_EXTRA = "authentication.kubernetes.io/node-name"
+"""TokenReview `user.extra` key naming the node of the pod a bound token belongs to."""
+
+
 class TokenReviewer:
     """Kubernetes TokenReview (audiences `["meshline"]`), cached per token (by hash) until
     the token's expiry; refusals are cached briefly. `authenticate` runs the blocking
@@ -99,8 +103,11 @@ class TokenReviewer:
             return AuthResult(None, f"TokenReview: token not valid for audience {self.audiences[0]!r}", presented=True)
         user = status.get("user") if isinstance(status.get("user"), dict) else {}
         username = str((user or {}).get("username") or "")
+        extra = (user or {}).get("extra") if isinstance((user or {}).get("extra"), dict) else {}
+        nodes = (extra or {}).get(NODE_NAME_EXTRA) or []
+        node = str(nodes[0]) if isinstance(nodes, list) and nodes else None
         try:
-            return AuthResult(Identity.from_username(username), presented=True)
+            return AuthResult(Identity.from_username(username), presented=True, node=node)
         except CAError as exc:
             return AuthResult(None, f"TokenReview: {exc}", presented=True)
 
@@ -159,10 +166,10 @@ class Authenticator:
             if key is None:
                 return AuthResult(None, "Meshline bootstrap tokens are not accepted here", presented=True)
             try:
-                identity, _expires = tokens.verify(key, token, self._clock())
+                identity, _expires, node = tokens.verify_claims(key, token, self._clock())
             except CAError as exc:
                 return AuthResult(None, f"invalid token: {exc}", presented=True)
-            return AuthResult(identity, presented=True)
+            return AuthResult(identity, presented=True, node=node)
         if self.reviewer is None:
             return AuthResult(None, "invalid token: not a Meshline bootstrap token (and no Kubernetes "
                                     "TokenReview in this mode)", presented=True)

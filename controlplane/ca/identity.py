@@ -57,12 +57,24 @@ class AuthResult:
     reason: str = ""
     presented: bool = False  # a token was sent (valid or not)
     unavailable: bool = False  # could not be checked now (e.g. the API server is down): retry later
+    node: str | None = None  # the node the credential is bound to (node proxies), when it proves one
 
 
-def bind_identity(meta: ProxyMeta, identity: Identity) -> ProxyMeta:
+NODE_KEY = "meshline.io/node"
+
+
+def bind_identity(meta: ProxyMeta, identity: Identity, node: str | None = None) -> ProxyMeta:
+    """`meta` with the verified identity (and, for a node proxy, the verified node) stamped on."""
     extra = dict(meta.extra)
     extra[IDENTITY_KEY] = str(identity)
+    if node is not None:
+        extra[NODE_KEY] = node
     return replace(meta, service_account=identity.service_account, extra=tuple(sorted(extra.items())))
+
+
+def proven_node(meta: ProxyMeta) -> str | None:
+    """The node a node proxy's credential proved (None: not proven)."""
+    return next((v for k, v in meta.extra if k == NODE_KEY), None)
 
 
 def identity_of(meta: ProxyMeta) -> Identity | None:

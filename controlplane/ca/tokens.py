@@ -67,13 +67,17 @@ def _mac(key: bytes, signed: str) -> str:
 
 
 def mint(key: bytes, identity: Identity, ttl: dt.timedelta = DEFAULT_TOKEN_TTL,
-         now: dt.datetime | None = None) -> str:
-    """A token for `identity`, valid for `ttl` from `now`."""
+         now: dt.datetime | None = None, node: str | None = None) -> str:
+    """A token for `identity`, valid for `ttl` from `now`; with `node`, it also proves that
+    its holder is the node proxy of that node (which then gets the certificates of the
+    ambient pods running there)."""
     if ttl <= dt.timedelta(0):
         raise CAError("the token lifetime must be positive")
     now = now or dt.datetime.now(dt.UTC)
     payload = {"exp": int((now + ttl).timestamp()), "iat": int(now.timestamp()),
                "ns": identity.namespace, "sa": identity.service_account}
+    if node:
+        payload["node"] = node
     signed = f"{PREFIX}.{_b64(json.dumps(payload, sort_keys=True, separators=(',', ':')).encode())}"
     return f"{signed}.{_mac(key, signed)}"
 
@@ -84,6 +88,13 @@ def is_meshline_token(token: str) -> bool:
 
 def verify(key: bytes, token: str, now: dt.datetime | None = None) -> tuple[Identity, dt.datetime]:
     """(identity, expiry) of a valid token; CAError naming what is wrong (never the token)."""
+    identity, expires, _node = verify_claims(key, token, now)
+    return identity, expires
+
+
+def verify_claims(key: bytes, token: str, now: dt.datetime | None = None
+                  ) -> tuple[Identity, dt.datetime, str | None]:
+    """(identity, expiry, node or None) of a valid token; CAError naming what is wrong."""
     parts = token.split(".")
     if len(parts) != 3 or parts[0] != PREFIX:
         raise CAError("malformed token")
@@ -94,12 +105,13 @@ def verify(key: bytes, token: str, now: dt.datetime | None = None) -> tuple[Iden
         payload = json.loads(_unb64(parts[1]))
         identity = Identity(str(payload["ns"]), str(payload["sa"]))
         expires = dt.datetime.fromtimestamp(int(payload["exp"]), dt.UTC)
+        node = str(payload["node"]) if payload.get("node") else None
     except (ValueError, KeyError, TypeError, binascii.Error, CAError):
         raise CAError("malformed token payload") from None
     now = now or dt.datetime.now(dt.UTC)
     if now >= expires:
         raise CAError(f"token expired at {expires.isoformat()}")
-    return identity, expires
+    return identity, expires, node
 
 
 def token_key_path(directory: Path) -> Path:

@@ -49,7 +49,7 @@ from controlplane.model.convert_dr import convert_destination_rule
 from controlplane.model.convert_security import convert_authorization_policy, convert_peer_authentication
 from controlplane.model.convert_sidecar import convert_sidecar
 from controlplane.model.convert_vs import convert_virtual_service
-from controlplane.model.ir import Issue, Labels
+from controlplane.model.ir import Issue, Labels, PodNetns
 from controlplane.model.raw import RawObject
 
 ConvertResult = tuple[object | None, tuple[Issue, ...]]
@@ -76,6 +76,7 @@ API_VERSIONS: Mapping[str, tuple[str, ...]] = {
     "Sidecar": NETWORKING_API_VERSIONS,
     "PeerAuthentication": SECURITY_API_VERSIONS,
     "AuthorizationPolicy": SECURITY_API_VERSIONS,
+    "PodNetns": ("meshline.io/v1",),  # node agents' reports (controlplane.nodeagent)
 }
 """Supported kinds and the apiVersions accepted for each."""
 
@@ -140,7 +141,21 @@ def _convert(ctx: Ctx) -> object | None:
         return convert_authorization_policy(ctx, namespace, name)
     if raw.kind == "Sidecar":
         return convert_sidecar(ctx, namespace, name)
+    if raw.kind == "PodNetns":
+        return convert_pod_netns(ctx, namespace, name)
     return convert_destination_rule(ctx, namespace, name)
+
+
+def convert_pod_netns(ctx: Ctx, namespace: str, name: str) -> PodNetns | None:
+    body = ctx.raw.body
+    node = get_str(ctx, body, "node", "")
+    path = get_str(ctx, body, "netnsPath", "")
+    if not node:
+        ctx.error("node", "is required")
+    if not path or not path.startswith("/"):
+        ctx.error("netnsPath", f"must be an absolute path, got {path!r}")
+        return None
+    return PodNetns(ctx.raw.ref, namespace, name, node or "", path)
 
 
 def _metadata(ctx: Ctx) -> tuple[str, str, Labels, Labels] | None:

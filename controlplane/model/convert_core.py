@@ -320,4 +320,20 @@ def convert_pod(ctx: Ctx, namespace: str, name: str, labels: Labels, annotations
         node=get_str(ctx, spec, "nodeName", "spec"),
         ports=tuple(ports),
         host_network=get_bool(ctx, spec, "hostNetwork", "spec") is True,
+        netns=_netns_annotation(ctx, annotations),
     )
+
+
+NETNS_ANNOTATION = "meshline.io/netns"
+
+
+def _netns_annotation(ctx: Ctx, annotations: Labels) -> str | None:
+    """`meshline.io/netns`: where a node proxy finds the pod's network namespace (directory
+    mode and tests; in a cluster the node agent reports it)."""
+    path = dict(annotations).get(NETNS_ANNOTATION)
+    if path is None:
+        return None
+    if not path.startswith("/"):
+        ctx.error(f"metadata.annotations[{NETNS_ANNOTATION}]", f"must be an absolute path, got {path!r}")
+        return None
+    return path

@@ -176,6 +176,7 @@ class Workload:
     node: str | None = None
     ports: tuple[ContainerPort, ...] = ()
     host_network: bool = False
+    netns: str | None = None  # path of the pod's network namespace (annotation or node agent)
 
 
 # --------------------------------------------------------------------------- VirtualService
@@ -465,6 +466,19 @@ class ProxyMeta:
     capture: CaptureMode = "bind"
     extra: Labels = field(default=())
     outbound_address: str = "127.0.0.1"  # bind capture: the loopback address outbound listeners use
+    node: str | None = None  # node proxies: the node they claim to serve (proven via `extra`)
+    waypoint: str | None = None  # waypoints: the waypoint's name (its Service's name)
+
+
+@dataclass(frozen=True, slots=True)
+class PodNetns:
+    """A node agent's report: where a pod's network namespace can be reached on its node."""
+
+    ref: SourceRef
+    namespace: str
+    name: str
+    node: str
+    path: str
 
 
 # --------------------------------------------------------------------------- security

@@ -13,10 +13,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from controlplane.model.ir import (
     AuthorizationPolicy,
+    AuthzOperation,
     AuthzRule,
     Labels,
     MtlsMode,
@@ -139,3 +140,40 @@ def served_ports(mesh: Mesh, wl: Workload) -> dict[int, PortProtocol]:
             if tp:
                 out.setdefault(tp, sp.protocol)
     return out
+
+
+def _op_for_port(op: AuthzOperation, port: int) -> AuthzOperation | None:
+    if (op.ports and port not in op.ports) or port in op.not_ports:
+        return None
+    return replace(op, ports=(), not_ports=())
+
+
+def _rule_for_port(rule: AuthzRule, port: int) -> AuthzRule | None:
+    """`rule` with its port attributes decided for destination port `port`: None when it
+    cannot match there."""
+    ops = rule.operations
+    if ops:
+        kept = tuple(o for o in (_op_for_port(op, port) for op in ops) if o is not None)
+        if not kept:
+            return None
+        ops = kept
+    conds = []
+    for c in rule.conditions:
+        if c.key == "destination.port":
+            if (c.values and str(port) not in c.values) or str(port) in c.not_values:
+                return None
+            continue
+        conds.append(c)
+    return replace(rule, operations=ops, conditions=tuple(conds))
+
+
+def policies_for_port(policies: tuple[AuthorizationPolicy, ...], port: int) -> tuple[AuthorizationPolicy, ...]:
+    """The policies as they apply to connections for destination port `port`, with port
+    attributes already decided. Used where the port Envoy sees is not the app's port (the
+    tunnel's 15008): a rule that cannot match on `port` is dropped (an ALLOW policy left
+    without rules still applies, and so denies)."""
+    out = []
+    for ap in policies:
+        rules = tuple(r for r in (_rule_for_port(rule, port) for rule in ap.rules) if r is not None)
+        out.append(replace(ap, rules=rules))
+    return tuple(out)

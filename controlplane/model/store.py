@@ -23,6 +23,7 @@ from controlplane.model.ir import (
     Issue,
     Namespace,
     PeerAuthentication,
+    PodNetns,
     Service,
     Sidecar,
     SourceRef,
@@ -290,6 +291,7 @@ def mesh_of(
     pas: list[PeerAuthentication] = []
     aps: list[AuthorizationPolicy] = []
     scs: list[Sidecar] = []
+    netns: list[PodNetns] = []
     for v in values:
         items = v if isinstance(v, tuple) else (v,)
         for item in items:
@@ -311,6 +313,13 @@ def mesh_of(
                 aps.append(item)
             elif isinstance(item, Sidecar):
                 scs.append(item)
+            elif isinstance(item, PodNetns):
+                netns.append(item)
+    for report in netns:  # a node agent's report beats the annotation; only for a pod on that node
+        wl = workloads.get((report.namespace, report.name))
+        if wl is not None and (wl.node is None or wl.node == report.node):
+            workloads[(report.namespace, report.name)] = replace(wl, netns=report.path,
+                                                                 node=wl.node or report.node)
     vss.sort(key=lambda v: (v.namespace, v.name))
     drs.sort(key=lambda d: (d.namespace, d.name))
     pas.sort(key=lambda p: (p.namespace, p.name))

@@ -27,6 +27,10 @@ VIRTUAL_OUTBOUND = "virtualOutbound"
 VIRTUAL_INBOUND = "virtualInbound"
 OUTBOUND_CAPTURE_PORT = 15001
 INBOUND_CAPTURE_PORT = 15006
+HBONE_PORT = 15008
+AMBIENT_MARK = 0x539
+"""SO_MARK on the sockets a node proxy opens inside an ambient pod's network namespace (delivery
+to the app): the pod's capture rules (`meshline iptables --ambient`) let marked traffic pass."""
 APP_ADDRESS_ANNOTATION = "meshline.io/app-address"
 DEFAULT_APP_ADDRESS = "127.0.0.1"
 

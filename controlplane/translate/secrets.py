@@ -6,6 +6,8 @@ no I/O.
   only) and its private key. Sent only to proxies authenticated as that identity.
 - `ROOTCA`: `validation_context.trusted_ca` — the mesh's trust bundle (every root that is
   trusted, two of them while a root rotation overlaps).
+- node proxies instead hold one certificate per identity of the ambient pods on their
+  node, each named by its SPIFFE URI (`plan_named_secrets`).
 
 Other translators reference them with `workload_sds()` / `root_sds()` (SDS over ADS), or
 take the whole `common_tls_context(...)`. Nothing else may name other secrets: a proxy
@@ -37,8 +39,8 @@ class TlsMaterial:
     key_pem: str = field(repr=False)
 
 
-def workload_secret(material: TlsMaterial) -> secret_pb2.Secret:
-    s = secret_pb2.Secret(name=WORKLOAD_SECRET)
+def workload_secret(material: TlsMaterial, name: str = WORKLOAD_SECRET) -> secret_pb2.Secret:
+    s = secret_pb2.Secret(name=name)
     s.tls_certificate.certificate_chain.inline_bytes = material.chain_pem.encode()
     s.tls_certificate.private_key.inline_bytes = material.key_pem.encode()
     return s
@@ -55,6 +57,15 @@ def plan_secrets(material: TlsMaterial, bundle_pem: str) -> list[ResourceSpec]:
     return [
         ResourceSpec(SECRET, ROOT_SECRET, root_secret, (bundle_pem,)),
         ResourceSpec(SECRET, WORKLOAD_SECRET, workload_secret, (material,)),
+    ]
+
+
+def plan_named_secrets(named: Sequence[tuple[str, TlsMaterial]], bundle_pem: str) -> list[ResourceSpec]:
+    """A node proxy's secrets: the trust bundle and one certificate per identity it serves,
+    each named after that identity's SPIFFE URI."""
+    return [
+        ResourceSpec(SECRET, ROOT_SECRET, root_secret, (bundle_pem,)),
+        *(ResourceSpec(SECRET, name, workload_secret, (material, name)) for name, material in named),
     ]
 
 

@@ -64,6 +64,8 @@ def proxy_meta_from_node(node: Any) -> ProxyMeta:
         service_account=str(md.get("service_account") or "default"),
         capture=capture,
         outbound_address=_loopback(md.get("outbound_address")),
+        node=str(md["node"]) if mode == "node" and md.get("node") else None,
+        waypoint=str(md.get("waypoint") or "waypoint") if mode == "waypoint" else None,
     )
 
 
@@ -197,7 +199,7 @@ class XdsServer:
                         meta = proxy_meta_from_node(item.node)
                         identity = await self._identity(auth, meta, context)
                         if identity is not None:
-                            meta = bind_identity(meta, identity)
+                            meta = bind_identity(meta, identity, self._node_proof(auth, meta))
                         conn = Connection(meta, stream, queue, node=item.node, peer=context.peer(),
                                           identity=identity)
                         self.connections[stream_id] = conn
@@ -251,6 +253,17 @@ class XdsServer:
                      meta.service_account, ident)
         return ident
 
+    def _node_proof(self, auth: AuthResult | None, meta: ProxyMeta) -> str | None:
+        """The node a node proxy's credential proves, when it is the node it claims (else it
+        gets configuration for that node but no certificate: the CA refuses)."""
+        if meta.mode != "node" or auth is None or auth.identity is None:
+            return None
+        if auth.node is None or auth.node != meta.node:
+            log.warning("node proxy %s claims node %s but its credential proves %s: no certificates",
+                        meta.node_id, meta.node, auth.node or "no node", extra={"proxy": meta.node_id})
+            return None
+        return auth.node
+
     async def _next_item(self, queue: asyncio.Queue[Any], stream: AdsStream) -> Any:
         if stream.waiting is None:
             return await queue.get()
@@ -282,7 +295,11 @@ class XdsServer:
     def _check_secret_names(conn: Connection, req: Any) -> None:
         """Log (once per name) a secret the proxy subscribes to but is never sent."""
         names = req.resource_names if conn.stream.protocol == "sotw" else req.resource_names_subscribe
-        allowed = SECRET_NAMES if conn.identity is not None else frozenset()
+        allowed: frozenset[str] | set[str] = SECRET_NAMES if conn.identity is not None else frozenset()
+        if conn.meta.mode == "node":  # a node proxy holds the certificates of its node's pods only
+            target = conn.stream.target
+            held_now = target.get(SECRET) if target is not None else None
+            allowed = set(held_now.items) if held_now is not None else set()
         refused: set[str] = conn.extra.setdefault("refused_secrets", set())
         for name in names:
             if name in allowed or name in refused or name == "*" or len(refused) >= 32:

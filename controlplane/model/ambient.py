@@ -1,0 +1,113 @@
+"""Sidecarless (ambient) facts read off the mesh: which pods are ambient, which accept the
+HBONE tunnel, which waypoint a service uses, which pods run on a node. Pure, no I/O.
+
+- A pod is *ambient* when its label `meshline.io/dataplane-mode` says `ambient`, or it has
+  no such label and its namespace's label says so; `none` (or `sidecar`) on the pod opts
+  out. Host-network pods and pods running an injected sidecar are never ambient.
+- A pod *accepts HBONE* (an HTTP/2 CONNECT tunnel over mTLS on 15008) when it is ambient
+  (its node proxy listens in its network namespace) or runs an intercepting sidecar
+  (`meshline.io/status: injected`), which listens on 15008 itself.
+- A service uses a waypoint when it (label or annotation), or else its namespace, carries
+  `meshline.io/use-waypoint: NAME`; `none` on the service opts out. The waypoint is the
+  Service `NAME` of the same namespace (its pods run `meshline bootstrap --mode waypoint`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Literal
+
+from controlplane.model.ir import Labels, Service, Workload
+from controlplane.model.mesh import Mesh
+
+DATAPLANE_MODE_LABEL = "meshline.io/dataplane-mode"
+USE_WAYPOINT_LABEL = "meshline.io/use-waypoint"
+SIDECAR_STATUS_ANNOTATION = "meshline.io/status"
+
+DataplaneMode = Literal["ambient", "sidecar", "none"]
+
+
+def _get(labels: Labels, key: str) -> str | None:
+    for k, v in labels:
+        if k == key:
+            return v
+    return None
+
+
+def runs_sidecar(wl: Workload) -> bool:
+    return _get(wl.annotations, SIDECAR_STATUS_ANNOTATION) == "injected"
+
+
+def dataplane_mode(mesh: Mesh, wl: Workload) -> DataplaneMode:
+    if runs_sidecar(wl):
+        return "sidecar"
+    if wl.host_network:
+        return "none"
+    own = _get(wl.labels, DATAPLANE_MODE_LABEL)
+    if own is not None:
+        return "ambient" if own == "ambient" else "none"
+    ns = mesh.namespaces.get(wl.namespace)
+    if ns is not None and _get(ns.labels, DATAPLANE_MODE_LABEL) == "ambient":
+        return "ambient"
+    return "none"
+
+
+def is_ambient(mesh: Mesh, wl: Workload) -> bool:
+    return dataplane_mode(mesh, wl) == "ambient"
+
+
+def accepts_hbone(mesh: Mesh, wl: Workload) -> bool:
+    return dataplane_mode(mesh, wl) in ("ambient", "sidecar")
+
+
+def ambient_pods_on(mesh: Mesh, node: str) -> list[Workload]:
+    """The ambient pods of `node` that a node proxy can serve (an IP and a known netns),
+    sorted by (namespace, name)."""
+    return [
+        wl for key, wl in sorted(mesh.workloads.items())
+        if wl.node == node and wl.ip and wl.netns and is_ambient(mesh, wl)
+    ]
+
+
+def unreachable_ambient_pods(mesh: Mesh, node: str) -> list[Workload]:
+    """Ambient pods of `node` that a node proxy cannot serve yet (no IP or no netns)."""
+    return [
+        wl for key, wl in sorted(mesh.workloads.items())
+        if wl.node == node and not (wl.ip and wl.netns) and is_ambient(mesh, wl)
+    ]
+
+
+def waypoint_name(mesh: Mesh, svc: Service) -> str | None:
+    """The name of the waypoint `svc` uses, or None."""
+    own = _get(svc.labels, USE_WAYPOINT_LABEL) or _get(svc.annotations, USE_WAYPOINT_LABEL)
+    if own is not None:
+        return None if own == "none" else own
+    ns = mesh.namespaces.get(svc.namespace)
+    name = _get(ns.labels, USE_WAYPOINT_LABEL) if ns is not None else None
+    if name is None or name == "none":
+        return None
+    return name
+
+
+def waypoint_service(mesh: Mesh, svc: Service) -> Service | None:
+    """The waypoint Service `svc` is bound to, when it exists (a service is never bound to
+    itself: the waypoint's own Service is reached directly)."""
+    name = waypoint_name(mesh, svc)
+    if name is None or name == svc.name:
+        return None
+    from controlplane.model.ir import service_fqdn
+
+    return mesh.services.get(service_fqdn(name, svc.namespace))
+
+
+def services_of_waypoint(mesh: Mesh, namespace: str, name: str) -> list[Service]:
+    """The services bound to waypoint `name` of `namespace`, sorted by hostname."""
+    return [
+        svc for svc in mesh.services_by_namespace.get(namespace, ())
+        if svc.name != name and waypoint_name(mesh, svc) == name
+    ]
+
+
+def identities(pods: Iterable[Workload]) -> list[tuple[str, str]]:
+    """The distinct (namespace, service account) pairs of `pods`, sorted."""
+    return sorted({(wl.namespace, wl.service_account) for wl in pods})

@@ -1,0 +1,352 @@
+"""Sidecarless translation: plans for node proxies and waypoints, and the HBONE pieces
+sidecars use in a mixed mesh. Pure functions, no I/O.
+
+Node proxy of node N (`plan_node`), for every ambient pod P on N with an IP and a known
+network namespace (`controlplane.model.ambient`):
+- `ambient_outbound_<ns>_<pod>`: 15001 inside P's netns. A captured connection to a Service
+  VIP:port is tunnelled (HBONE, presenting P's certificate) to the service's pods' 15008, or
+  to its waypoint's pods when the service uses one; to a pod IP of a pod that accepts HBONE,
+  straight to that pod's 15008; to a service whose pods are outside the mesh, in plaintext
+  to its endpoints; anything else passes through unchanged.
+- `ambient_hbone_<ns>_<pod>`: 15008 inside P's netns, terminating tunnels with P's
+  certificate for exactly P's IP:port and its services' VIP:port authorities, enforcing P's
+  AuthorizationPolicies at L4, delivering inside P's netns.
+- `ambient_plain_<ns>_<pod>`: 15006 inside P's netns for plaintext callers, per target port
+  only where P's PeerAuthentication is not STRICT.
+Certificates: one SDS secret per identity running on N, named by its SPIFFE URI (the
+runtime sends only those; see `node_secret_names`).
+
+Waypoint W of namespace NS (`plan_waypoint`): terminates HBONE on 15008 for the VIP:port
+of every service bound to it, hands each port's stream to an internal listener running the
+services' VirtualService routes (`waypoint_<port>`) and their L7 AuthorizationPolicies, and
+originates HBONE to the chosen endpoint (`tunnel_cluster_specs`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from controlplane.model.ambient import (
+    accepts_hbone,
+    ambient_pods_on,
+    identities,
+    services_of_waypoint,
+    waypoint_service,
+)
+from controlplane.model.ir import ProxyMeta, Service, ServicePort, SourceRef, Workload
+from controlplane.model.mesh import Mesh
+from controlplane.model.policy import authorization_policies_for, effective_mtls
+from controlplane.translate.clusters import (
+    build_blackhole_cluster,
+    build_outbound_cluster,
+    build_passthrough_cluster,
+    effective_policy,
+)
+from controlplane.translate.endpoints import build_cla, endpoint_set_port, select_endpoints
+from controlplane.translate.hbone import (
+    OutboundChain,
+    PlainPort,
+    TunnelTarget,
+    build_ambient_outbound,
+    build_delivery_cluster,
+    build_hbone_cla,
+    build_hbone_cluster,
+    build_hbone_inbound,
+    build_internal_cluster,
+    build_plain_inbound,
+    build_tunnel_listener,
+)
+from controlplane.translate.names import (
+    BLACKHOLE_CLUSTER,
+    PASSTHROUGH_CLUSTER,
+    dedupe_domains,
+    outbound_cluster_name,
+    service_domains,
+)
+from controlplane.translate.plan import CLUSTER, ENDPOINT, LISTENER, ROUTE, ResourceSpec
+from controlplane.translate.routes import build_route_config, plan_virtual_host
+from controlplane.translate.security import spiffe_uri
+from controlplane.translate.sidecar import _target_port, inbound_ports
+
+WORKLOAD_SECRET = "default"
+
+
+def _vip(svc: Service) -> str | None:
+    ip = svc.cluster_ip
+    return ip if ip and ip.lower() != "none" else None
+
+
+def _pods_behind(mesh: Mesh, svc: Service, sp: ServicePort, labels: tuple[tuple[str, str], ...] | None = None
+                 ) -> list[tuple[str, Workload | None]]:
+    """(IP, Pod or None) of the ready endpoints of `svc` on `sp` (of a subset: `labels`)."""
+    out: dict[str, Workload | None] = {}
+    single = len(svc.ports) == 1
+    for eps in mesh.endpoints.get(svc.hostname, ()):
+        if endpoint_set_port(eps, sp, single) is None:
+            continue
+        for ep in eps.endpoints:
+            if not ep.ready:
+                continue
+            wl = mesh.workload(eps.namespace, ep.pod)
+            if labels is not None and (wl is None or not all(kv in wl.labels for kv in labels)):
+                continue
+            out[ep.address] = wl
+    return sorted(out.items())
+
+
+def _peers(mesh: Mesh, pods: Iterable[Workload | None]) -> tuple[str, ...]:
+    return tuple(sorted({spiffe_uri(mesh.trust_domain, w.namespace, w.service_account)
+                         for w in pods if w is not None}))
+
+
+def _all_hbone(mesh: Mesh, pods: list[tuple[str, Workload | None]]) -> bool:
+    return bool(pods) and all(w is not None and accepts_hbone(mesh, w) for _, w in pods)
+
+
+def identity_secret(trust_domain: str, namespace: str, service_account: str) -> str:
+    """The SDS name of an identity's certificate on a node proxy: its SPIFFE URI."""
+    return spiffe_uri(trust_domain, namespace, service_account)
+
+
+def node_identities(mesh: Mesh, node: str) -> list[tuple[str, str]]:
+    """The (namespace, service account) pairs a node proxy of `node` holds certificates for."""
+    return identities(ambient_pods_on(mesh, node))
+
+
+# --------------------------------------------------------------------------- node proxy
+
+
+def _eds_name(kind: str, port: int, host: str, subset: str | None = None) -> str:
+    return f"{kind}|{port}|{subset or ''}|{host}"
+
+
+def _service_chains(mesh: Mesh, ident: str, cert: str) -> tuple[list[OutboundChain], list[ResourceSpec]]:
+    """Outbound chains for every Service VIP:port, and the clusters/endpoints they use."""
+    chains: list[OutboundChain] = []
+    specs: list[ResourceSpec] = []
+    td = mesh.trust_domain
+    for host in sorted(mesh.services):
+        svc = mesh.services[host]
+        vip = _vip(svc)
+        if vip is None:
+            continue
+        wp = waypoint_service(mesh, svc)
+        for sp in svc.ports:
+            chain_name = f"{host}:{sp.port}"
+            refs: tuple[SourceRef, ...] = (svc.ref,)
+            if wp is not None:
+                wsp = next((p for p in wp.ports if p.port == 15008), wp.ports[0] if wp.ports else None)
+                pods = _pods_behind(mesh, wp, wsp) if wsp is not None else []
+                eds = _eds_name("hbone", 15008, wp.hostname)
+                cluster = f"{eds}|{ident}"
+                specs.append(ResourceSpec(ENDPOINT, eds, build_hbone_cla, (eds, tuple(ip for ip, _ in pods)),
+                                          (wp.ref,)))
+                specs.append(ResourceSpec(CLUSTER, cluster, build_hbone_cluster,
+                                          (cluster, eds, cert, td, _peers(mesh, (w for _, w in pods))),
+                                          (svc.ref, wp.ref)))
+                chains.append(OutboundChain(chain_name, (f"{vip}/32",), sp.port, cluster, True))
+                continue
+            pods = _pods_behind(mesh, svc, sp)
+            if _all_hbone(mesh, pods):
+                eds = _eds_name("hbone", sp.port, host)
+                cluster = f"{eds}|{ident}"
+                specs.append(ResourceSpec(ENDPOINT, eds, build_hbone_cla, (eds, tuple(ip for ip, _ in pods)), refs))
+                specs.append(ResourceSpec(CLUSTER, cluster, build_hbone_cluster,
+                                          (cluster, eds, cert, td, _peers(mesh, (w for _, w in pods))), refs))
+                chains.append(OutboundChain(chain_name, (f"{vip}/32",), sp.port, cluster, True))
+            else:
+                name = outbound_cluster_name(sp.port, host)
+                eps = select_endpoints(mesh.endpoints.get(host, ()), sp, len(svc.ports) == 1, mesh.workloads)
+                specs.append(ResourceSpec(CLUSTER, name, build_outbound_cluster,
+                                          (name, sp.protocol, effective_policy(None, sp.port), None), refs))
+                specs.append(ResourceSpec(ENDPOINT, name, build_cla, (name, eps), refs))
+                chains.append(OutboundChain(chain_name, (f"{vip}/32",), sp.port, name, False))
+    return chains, specs
+
+
+def _hbone_pod_ips(mesh: Mesh) -> tuple[str, ...]:
+    return tuple(sorted({f"{wl.ip}/32" for wl in mesh.workloads.values() if wl.ip and accepts_hbone(mesh, wl)}))
+
+
+def _pod_meta(wl: Workload) -> ProxyMeta:
+    return ProxyMeta(node_id="", mode="node", namespace=wl.namespace, workload=wl.name, labels=wl.labels,
+                     service_account=wl.service_account)
+
+
+def tunnel_targets(mesh: Mesh, wl: Workload, cluster_of: dict[int, str]) -> tuple[TunnelTarget, ...]:
+    """The CONNECT authorities that reach `wl` per target port: its IP:port and the VIP:port
+    of every service selecting it."""
+    domains: dict[int, list[str]] = {tp: [f"{wl.ip}:{tp}"] for tp in cluster_of}
+    for svc in mesh.services_selecting(wl.namespace, wl.labels):
+        vip = _vip(svc)
+        for sp in svc.ports:
+            tp = _target_port(sp, wl)
+            if vip is not None and tp in domains:
+                domains[tp].append(f"{vip}:{sp.port}")
+    return tuple(TunnelTarget(tp, tuple(dict.fromkeys(domains[tp])), cluster_of[tp]) for tp in sorted(cluster_of))
+
+
+def _pod_inbound(mesh: Mesh, wl: Workload) -> list[ResourceSpec]:
+    assert wl.ip is not None
+    td = mesh.trust_domain
+    key = f"{wl.namespace}_{wl.name}"
+    ports = inbound_ports(mesh, _pod_meta(wl), wl)
+    mtls = effective_mtls(mesh, wl.namespace, wl.labels)
+    port_modes = dict(mtls.ports)
+    authz = authorization_policies_for(mesh, wl.namespace, wl.labels)
+    sources = (wl.ref, *mtls.sources, *(a.ref for a in authz), *(r for ib in ports for r in ib.sources))
+    sources = tuple(dict.fromkeys(sources))
+    specs: list[ResourceSpec] = []
+    clusters: dict[int, str] = {}
+    for ib in ports:
+        tp = ib.port.port
+        name = f"inbound_ambient|{tp}|{wl.namespace}/{wl.name}"
+        clusters[tp] = name
+        specs.append(ResourceSpec(CLUSTER, name, build_delivery_cluster, (name, wl.ip, tp, wl.netns), ib.sources))
+    cert = identity_secret(td, wl.namespace, wl.service_account)
+    hb = f"ambient_hbone_{key}"
+    specs.append(ResourceSpec(LISTENER, hb, build_hbone_inbound,
+                              (hb, wl.netns, cert, td, tunnel_targets(mesh, wl, clusters), authz), sources))
+    plain = tuple(PlainPort(tp, clusters[tp], port_modes.get(tp, mtls.mode) not in ("STRICT",))
+                  for tp in sorted(clusters))
+    pl = f"ambient_plain_{key}"
+    specs.append(ResourceSpec(LISTENER, pl, build_plain_inbound,
+                              (pl, wl.netns, plain, BLACKHOLE_CLUSTER, td, authz), sources))
+    return specs
+
+
+def plan_node(mesh: Mesh, node: str) -> list[ResourceSpec]:
+    """Everything the node proxy of `node` needs, sorted by (type, name)."""
+    pods = ambient_pods_on(mesh, node)
+    td = mesh.trust_domain
+    out: dict[tuple[str, str], ResourceSpec] = {}
+
+    def add(specs: Iterable[ResourceSpec]) -> None:
+        for s in specs:
+            out.setdefault((s.type_url, s.name), s)
+
+    add([ResourceSpec(CLUSTER, PASSTHROUGH_CLUSTER, build_passthrough_cluster, (PASSTHROUGH_CLUSTER,)),
+         ResourceSpec(CLUSTER, BLACKHOLE_CLUSTER, build_blackhole_cluster, (BLACKHOLE_CLUSTER,))])
+    hbone_ips = _hbone_pod_ips(mesh)
+    chains_of: dict[tuple[str, str], tuple[OutboundChain, ...]] = {}
+    for ns, sa in identities(pods):
+        ident = f"{ns}/{sa}"
+        cert = identity_secret(td, ns, sa)
+        chains, specs = _service_chains(mesh, ident, cert)
+        add(specs)
+        if hbone_ips:
+            direct = f"hbone_direct|{ident}"
+            add([ResourceSpec(CLUSTER, direct, build_hbone_cluster, (direct, None, cert, td, ()))])
+            chains.append(OutboundChain("pods", hbone_ips, None, direct, True))
+        chains_of[(ns, sa)] = tuple(chains)
+    for wl in pods:
+        name = f"ambient_outbound_{wl.namespace}_{wl.name}"
+        args = (name, wl.netns, chains_of[(wl.namespace, wl.service_account)], PASSTHROUGH_CLUSTER)
+        add([ResourceSpec(LISTENER, name, build_ambient_outbound, args, (wl.ref,))])
+        add(_pod_inbound(mesh, wl))
+    return sorted(out.values(), key=lambda s: (s.type_url, s.name))
+
+
+# --------------------------------------------------------------------------- HBONE from behind a route
+
+
+def tunnel_cluster_specs(mesh: Mesh, svc: Service, sp: ServicePort, subset: str | None,
+                         labels: tuple[tuple[str, str], ...] | None, cert: str) -> list[ResourceSpec]:
+    """`outbound|<port>|<subset>|<host>` as an internal hop into a tunnel to the (subset's)
+    pods: route -> that cluster -> internal listener -> HBONE cluster -> pods' 15008, with
+    the authority `<VIP>:<port>` (or the pod IP:port is unknowable: headless services are
+    not tunnelled this way)."""
+    name = outbound_cluster_name(sp.port, svc.hostname, subset)
+    vip = _vip(svc)
+    if vip is None:
+        return []
+    pods = _pods_behind(mesh, svc, sp, labels)
+    eds = _eds_name("hbone", sp.port, svc.hostname, subset)
+    hb = f"{eds}|{cert}"
+    lst = f"tunnel|{sp.port}|{subset or ''}|{svc.hostname}"
+    refs = (svc.ref,)
+    return [
+        ResourceSpec(CLUSTER, name, build_internal_cluster, (name, lst), refs),
+        ResourceSpec(LISTENER, lst, build_tunnel_listener, (lst, f"{vip}:{sp.port}", hb), refs),
+        ResourceSpec(CLUSTER, hb, build_hbone_cluster,
+                     (hb, eds, cert, mesh.trust_domain, _peers(mesh, (w for _, w in pods))), refs),
+        ResourceSpec(ENDPOINT, eds, build_hbone_cla, (eds, tuple(ip for ip, _ in pods)), refs),
+    ]
+
+
+def needs_tunnel(mesh: Mesh, svc: Service, sp: ServicePort) -> bool:
+    """Whether a sidecar must tunnel to `svc` on `sp`: its pods accept only HBONE for mesh
+    traffic (some are ambient, and all accept HBONE)."""
+    pods = _pods_behind(mesh, svc, sp)
+    return (_all_hbone(mesh, pods) and any(w is not None and not _is_sidecar(w) for _, w in pods)
+            and _vip(svc) is not None)
+
+
+def _is_sidecar(wl: Workload) -> bool:
+    from controlplane.model.ambient import runs_sidecar
+
+    return runs_sidecar(wl)
+
+
+# --------------------------------------------------------------------------- waypoint
+
+
+def plan_waypoint(mesh: Mesh, meta: ProxyMeta) -> list[ResourceSpec]:
+    """A waypoint's resources: HBONE termination, per-port L7 routing, HBONE origination."""
+    name = meta.waypoint or meta.workload or "waypoint"
+    ns = meta.namespace
+    td = mesh.trust_domain
+    bound = services_of_waypoint(mesh, ns, name)
+    out: dict[tuple[str, str], ResourceSpec] = {}
+
+    def add(specs: Iterable[ResourceSpec]) -> None:
+        for s in specs:
+            out.setdefault((s.type_url, s.name), s)
+
+    by_port: dict[int, list[Service]] = {}
+    for svc in bound:
+        if _vip(svc) is None:
+            continue
+        for sp in svc.ports:
+            by_port.setdefault(sp.port, []).append(svc)
+            dr = mesh.dr_by_host.get(svc.hostname)
+            add(tunnel_cluster_specs(mesh, svc, sp, None, None, WORKLOAD_SECRET))
+            for subset in dr.subsets if dr is not None else ():
+                add(tunnel_cluster_specs(mesh, svc, sp, subset.name, subset.labels, WORKLOAD_SECRET))
+    targets: list[TunnelTarget] = []
+    for port, services in sorted(by_port.items()):
+        inner = f"waypoint_{port}"
+        cluster = f"waypoint_inner|{port}"
+        targets.append(TunnelTarget(port, tuple(f"{_vip(s)}:{port}" for s in services), cluster))
+        add([ResourceSpec(CLUSTER, cluster, build_internal_cluster, (cluster, inner))])
+        domains = dedupe_domains(service_domains(s, port, ns) for s in services)
+        vhosts = []
+        sources: list[SourceRef] = []
+        for svc, doms in zip(services, domains, strict=True):
+            vh, refs = plan_virtual_host(mesh, svc, port, ns, doms)
+            vhosts.append(vh)
+            sources += refs
+        add([ResourceSpec(ROUTE, inner, build_route_config, (inner, port, ns, tuple(vhosts), True),
+                          tuple(dict.fromkeys(sources)))])
+        authz = tuple(dict.fromkeys(
+            ap for s in services for ap in authorization_policies_for(mesh, s.namespace, s.selector)))
+        add([ResourceSpec(LISTENER, inner, build_waypoint_http, (inner, td, authz),
+                          tuple(dict.fromkeys((*(s.ref for s in services), *(a.ref for a in authz)))))])
+    add([ResourceSpec(LISTENER, "waypoint_hbone", build_hbone_inbound,
+                      ("waypoint_hbone", None, WORKLOAD_SECRET, td, tuple(targets), ()),
+                      tuple(s.ref for s in bound))])
+    return sorted(out.values(), key=lambda s: (s.type_url, s.name))
+
+
+def build_waypoint_http(name: str, trust_domain: str, authz: tuple[object, ...]) -> object:
+    """The internal listener of one port: HTTP routing (RDS `name`) and L7 authorization."""
+    from envoy.config.listener.v3 import listener_pb2
+
+    from controlplane.translate.listeners import _hcm
+    from controlplane.translate.rbac import http_rbac_filters
+
+    lst = listener_pb2.Listener(name=name)
+    lst.internal_listener.SetInParent()
+    filters = http_rbac_filters(authz, trust_domain) if authz else []  # type: ignore[arg-type]
+    lst.filter_chains.add(name=name).filters.append(_hcm(name, name, None, filters))
+    return lst
