@@ -118,7 +118,8 @@ def service_identities(mesh: Mesh, svc: Service, sidecars_only: bool) -> tuple[s
     return tuple(sorted(uris))
 
 
-def _cluster_specs(mesh: Mesh, svc: Service, namespace: str, scope: Scope | None = None) -> list[ResourceSpec]:
+def _cluster_specs(mesh: Mesh, svc: Service, namespace: str, scope: Scope | None = None,
+                   capture: CaptureMode = "bind") -> list[ResourceSpec]:
     if scope is not None and not any((svc.hostname, sp.port) in scope for sp in svc.ports):
         return []
     dr = _dr(mesh, svc, namespace)
@@ -133,6 +134,13 @@ def _cluster_specs(mesh: Mesh, svc: Service, namespace: str, scope: Scope | None
     for sp in svc.ports:
         if scope is not None and (svc.hostname, sp.port) not in scope:
             continue
+        if capture == "intercept" and _tunnelled(mesh, svc, sp):
+            # Ambient destinations accept mesh traffic only through the HBONE tunnel.
+            from controlplane.translate.ambient import WORKLOAD_SECRET, tunnel_cluster_specs
+
+            for subset, labels in subsets:
+                out += tunnel_cluster_specs(mesh, svc, sp, subset, labels, WORKLOAD_SECRET)
+            continue
         for subset, labels in subsets:
             name = outbound_cluster_name(sp.port, svc.hostname, subset)
             policy = effective_policy(dr, sp.port, subset)
@@ -143,6 +151,12 @@ def _cluster_specs(mesh: Mesh, svc: Service, namespace: str, scope: Scope | None
             out.append(ResourceSpec(CLUSTER, name, build_outbound_cluster, args, sources))
             out.append(ResourceSpec(ENDPOINT, name, build_cla, (name, eps), sources))
     return out
+
+
+def _tunnelled(mesh: Mesh, svc: Service, sp: ServicePort) -> bool:
+    from controlplane.translate.ambient import needs_tunnel
+
+    return needs_tunnel(mesh, svc, sp)
 
 
 def _route_spec(
@@ -248,7 +262,7 @@ def plan_outbound(
         by_port = scoped
         hosts = {s.hostname for on_port in scoped.values() for s in on_port}
     for host in sorted(hosts):
-        specs += _cluster_specs(mesh, mesh.services[host], namespace, scope)
+        specs += _cluster_specs(mesh, mesh.services[host], namespace, scope, capture)
     for port, on_port in sorted(by_port.items()):
         services = sorted(on_port, key=lambda s: s.hostname)
         routed = [s for s in services if _sniffed_or_http(_port_of(s, port))]
@@ -313,6 +327,20 @@ def inbound_security(mesh: Mesh, proxy: ProxyMeta, wl: Workload | None
     return sec, _refs(mtls.sources, tuple(a.ref for a in authz))
 
 
+def _hbone_inbound(mesh: Mesh, wl: Workload, ports: list[_Inbound], sec: InboundSecurity,
+                   sources: tuple[SourceRef, ...]) -> ResourceSpec:
+    """15008: callers from ambient pods (and waypoints) tunnel to this sidecar's app."""
+    from controlplane.translate.ambient import WORKLOAD_SECRET, tunnel_targets
+    from controlplane.translate.hbone import build_hbone_inbound
+
+    targets = tunnel_targets(mesh, wl, {ib.port.port: ib.port.cluster for ib in ports})
+    args = (HBONE_INBOUND, None, WORKLOAD_SECRET, mesh.trust_domain, targets, sec.authz)
+    return ResourceSpec(LISTENER, HBONE_INBOUND, build_hbone_inbound, args, sources)
+
+
+HBONE_INBOUND = "inbound_hbone"
+
+
 def plan_inbound(mesh: Mesh, proxy: ProxyMeta) -> list[ResourceSpec]:
     """The inbound clusters and listeners of the proxy's own workload, sorted by (type, name).
     In bind mode nothing is bound without a Pod IP to bind to."""
@@ -335,6 +363,8 @@ def plan_inbound(mesh: Mesh, proxy: ProxyMeta) -> list[ResourceSpec]:
         all_sources = _refs(*(ib.sources for ib in ports), sec_sources)
         args2 = (tuple(ib.port for ib in ports), name, sec, blackhole)
         specs.append(ResourceSpec(LISTENER, VIRTUAL_INBOUND, build_virtual_inbound, args2, all_sources))
+        if wl is not None and wl.ip:
+            specs.append(_hbone_inbound(mesh, wl, ports, sec, all_sources))
     elif wl is not None and wl.ip:
         for ib in ports:
             lname = f"inbound_{wl.ip}_{ib.port.port}"
