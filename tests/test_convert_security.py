@@ -189,9 +189,13 @@ def test_authorization_policy_warnings() -> None:
     value, issues = ap("action: CUSTOM\nprovider: {name: opa}\nrules: [{}]")
     assert value is None and not errors(issues)
     only(issues, "spec.action", "CUSTOM (external authorization) is not supported", "warning")
-    value, issues = ap("targetRefs: [{kind: Service, group: '', name: web}]\nrules: [{}]")
-    assert value is None and not errors(issues)
-    only(issues, "spec.targetRefs", "does not support yet; this policy is ignored", "warning")
+    value, issues = ap("targetRefs: [{kind: Service, group: '', name: web}, {kind: Gateway, "
+                       "group: gateway.networking.k8s.io, name: wp}]\nrules: [{}]")
+    assert value is not None and not issues
+    assert value.target_refs == (("Gateway", "wp"), ("Service", "web"))
+    value, issues = ap("targetRefs: [{kind: Deployment, name: web}]\nrules: [{}]")
+    assert value is None
+    only(issues, "spec.targetRefs[0].kind", "unsupported target kind 'Deployment'")
     value, issues = ap("""
         rules:
         - from: [{source: {requestPrincipals: ["*"], notRequestPrincipals: [x/y]}}]

@@ -51,12 +51,10 @@ from controlplane.model.ir import (
 )
 
 PA_SPEC_FIELDS = ("selector", "mtls", "portLevelMtls")
-AP_SPEC_FIELDS = ("selector", "action", "rules")
+AP_SPEC_FIELDS = ("selector", "action", "rules", "targetRef", "targetRefs")
+TARGET_REF_FIELDS = ("group", "kind", "name", "namespace")
+TARGET_KINDS = {"Gateway": ("gateway.networking.k8s.io",), "Service": ("", "core")}
 AP_SPEC_IGNORED = {
-    "targetRef": "targetRef attaches the policy to a gateway or waypoint, which Meshline does not support yet; "
-    "this policy is ignored",
-    "targetRefs": "targetRefs attach the policy to gateways or waypoints, which Meshline does not support yet; "
-    "this policy is ignored",
     "provider": "provider names an external authorizer (action CUSTOM), which Meshline does not support; ignored",
 }
 ACTIONS = ("ALLOW", "DENY", "AUDIT", "CUSTOM")
@@ -391,8 +389,7 @@ def convert_authorization_policy(ctx: Ctx, namespace: str, name: str) -> Authori
     if action_text == "CUSTOM":
         ctx.warn("spec.action", "CUSTOM (external authorization) is not supported; this policy is ignored")
         return None
-    if spec.get("targetRef") is not None or spec.get("targetRefs") is not None:
-        return None
+    target_refs = _target_refs(ctx, spec, namespace)
     action: AuthzAction = "DENY" if action_text == "DENY" else "AUDIT" if action_text == "AUDIT" else "ALLOW"
     return AuthorizationPolicy(
         ref=ctx.raw.ref,
@@ -401,4 +398,34 @@ def convert_authorization_policy(ctx: Ctx, namespace: str, name: str) -> Authori
         selector=selector,
         action=action,
         rules=tuple(rules),
+        target_refs=target_refs,
     )
+
+
+def _target_refs(ctx: Ctx, spec: Mapping[str, Any], namespace: str) -> tuple[tuple[str, str], ...]:
+    """`targetRef`/`targetRefs`: waypoints (Gateway) or Services of the policy's namespace."""
+    items: list[tuple[str, Any]] = []
+    if spec.get("targetRef") is not None:
+        items.append(("spec.targetRef", spec.get("targetRef")))
+    for i, item in enumerate(get_list(ctx, spec, "targetRefs", "spec")):
+        items.append((index("spec.targetRefs", i), item))
+    out: list[tuple[str, str]] = []
+    for path, item in items:
+        m = item_map(ctx, item, path)
+        if m is None:
+            continue
+        check_fields(ctx, m, path, TARGET_REF_FIELDS)
+        kind = get_str(ctx, m, "kind", path, required=True) or ""
+        name = get_str(ctx, m, "name", path, required=True) or ""
+        group = get_str(ctx, m, "group", path) or ""
+        ns = get_str(ctx, m, "namespace", path)
+        if kind not in TARGET_KINDS:
+            ctx.error(join(path, "kind"), f"unsupported target kind {kind!r} (expected Gateway for a waypoint, "
+                                          "or Service)")
+        elif group not in TARGET_KINDS[kind]:
+            ctx.error(join(path, "group"), f"unexpected group {group!r} for kind {kind}")
+        if ns is not None and ns != namespace:
+            ctx.error(join(path, "namespace"), "must be the policy's own namespace")
+        if kind and name:
+            out.append((kind, name))
+    return tuple(sorted(set(out)))

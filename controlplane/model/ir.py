@@ -572,6 +572,9 @@ class AuthorizationPolicy:
     selector: Labels = ()
     action: AuthzAction = "ALLOW"
     rules: tuple[AuthzRule, ...] = ()
+    # targetRefs: (kind, name) of the waypoints (kind Gateway) or Services of the policy's
+    # namespace it attaches to. Such a policy is enforced by the waypoint, not the workloads.
+    target_refs: tuple[tuple[str, str], ...] = ()
 
 
 # --------------------------------------------------------------------------- Sidecar (egress scoping)

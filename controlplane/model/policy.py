@@ -75,9 +75,21 @@ def effective_mtls(mesh: Mesh, namespace: str, labels: Labels) -> MtlsPolicy:
 
 def authorization_policy_applies(policy: AuthorizationPolicy, root_namespace: str, namespace: str,
                                  labels: Labels) -> bool:
+    if policy.target_refs:  # attached to a waypoint or Service: enforced by the waypoint
+        return False
     if policy.namespace != namespace and policy.namespace != root_namespace:
         return False
     return labels_match(policy.selector, labels)
+
+
+def waypoint_policies(mesh: Mesh, namespace: str, waypoint: str, services: tuple[str, ...]
+                      ) -> tuple[AuthorizationPolicy, ...]:
+    """The policies a waypoint enforces for `services` (names in `namespace`): those attached
+    to the waypoint itself (`kind: Gateway`) or to one of the services, in (namespace, name)
+    order."""
+    wanted = {("Gateway", waypoint), *(("Service", s) for s in services)}
+    return tuple(ap for ap in mesh.authorization_policies
+                 if ap.namespace == namespace and wanted & set(ap.target_refs))
 
 
 def authorization_policies_for(mesh: Mesh, namespace: str, labels: Labels) -> tuple[AuthorizationPolicy, ...]:

@@ -19,7 +19,9 @@ runtime sends only those; see `node_secret_names`).
 Waypoint W of namespace NS (`plan_waypoint`): terminates HBONE on 15008 for the VIP:port
 of every service bound to it, hands each port's stream to an internal listener running the
 services' VirtualService routes (`waypoint_<port>`) and their L7 AuthorizationPolicies, and
-originates HBONE to the chosen endpoint (`tunnel_cluster_specs`).
+originates HBONE to the chosen endpoint (`tunnel_cluster_specs`). The L7 policies it
+enforces are those attached to it with `targetRefs` (kind Gateway: the waypoint; kind
+Service: a service bound to it), as in Istio; selector policies are the node proxies' (L4).
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from controlplane.model.ambient import (
 )
 from controlplane.model.ir import ProxyMeta, Service, ServicePort, SourceRef, Workload
 from controlplane.model.mesh import Mesh
-from controlplane.model.policy import authorization_policies_for, effective_mtls
+from controlplane.model.policy import authorization_policies_for, effective_mtls, waypoint_policies
 from controlplane.translate.clusters import (
     build_blackhole_cluster,
     build_outbound_cluster,
@@ -328,8 +330,7 @@ def plan_waypoint(mesh: Mesh, meta: ProxyMeta) -> list[ResourceSpec]:
             sources += refs
         add([ResourceSpec(ROUTE, inner, build_route_config, (inner, port, ns, tuple(vhosts), True),
                           tuple(dict.fromkeys(sources)))])
-        authz = tuple(dict.fromkeys(
-            ap for s in services for ap in authorization_policies_for(mesh, s.namespace, s.selector)))
+        authz = waypoint_policies(mesh, ns, name, tuple(s.name for s in services))
         add([ResourceSpec(LISTENER, inner, build_waypoint_http, (inner, td, authz),
                           tuple(dict.fromkeys((*(s.ref for s in services), *(a.ref for a in authz)))))])
     add([ResourceSpec(LISTENER, "waypoint_hbone", build_hbone_inbound,
