@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from controlplane.model.ir import (
@@ -23,6 +24,7 @@ from controlplane.model.ir import (
     MtlsMode,
     PeerAuthentication,
     PortProtocol,
+    Service,
     SourceRef,
     Workload,
     labels_match,
@@ -154,38 +156,57 @@ def served_ports(mesh: Mesh, wl: Workload) -> dict[int, PortProtocol]:
     return out
 
 
-def _op_for_port(op: AuthzOperation, port: int) -> AuthzOperation | None:
-    if (op.ports and port not in op.ports) or port in op.not_ports:
+def _op_for_port(op: AuthzOperation, ports: tuple[int, ...]) -> AuthzOperation | None:
+    if (op.ports and not set(ports) & set(op.ports)) or set(ports) & set(op.not_ports):
         return None
     return replace(op, ports=(), not_ports=())
 
 
-def _rule_for_port(rule: AuthzRule, port: int) -> AuthzRule | None:
-    """`rule` with its port attributes decided for destination port `port`: None when it
-    cannot match there."""
+def _rule_for_port(rule: AuthzRule, ports: tuple[int, ...]) -> AuthzRule | None:
+    """`rule` with its port attributes decided for a destination known by `ports` (e.g. a
+    service port and its target port): None when it cannot match there."""
     ops = rule.operations
     if ops:
-        kept = tuple(o for o in (_op_for_port(op, port) for op in ops) if o is not None)
+        kept = tuple(o for o in (_op_for_port(op, ports) for op in ops) if o is not None)
         if not kept:
             return None
         ops = kept
+    names = {str(p) for p in ports}
     conds = []
     for c in rule.conditions:
         if c.key == "destination.port":
-            if (c.values and str(port) not in c.values) or str(port) in c.not_values:
+            if (c.values and not names & set(c.values)) or names & set(c.not_values):
                 return None
             continue
         conds.append(c)
     return replace(rule, operations=ops, conditions=tuple(conds))
 
 
-def policies_for_port(policies: tuple[AuthorizationPolicy, ...], port: int) -> tuple[AuthorizationPolicy, ...]:
-    """The policies as they apply to connections for destination port `port`, with port
-    attributes already decided. Used where the port Envoy sees is not the app's port (the
-    tunnel's 15008): a rule that cannot match on `port` is dropped (an ALLOW policy left
-    without rules still applies, and so denies)."""
+def policies_for_port(policies: tuple[AuthorizationPolicy, ...], *ports: int) -> tuple[AuthorizationPolicy, ...]:
+    """The policies as they apply to connections for a destination port known as any of
+    `ports`, with port attributes already decided. Used where the port Envoy sees is not the
+    app's port (the tunnel's 15008, a waypoint's internal listener): a rule that cannot match
+    there is dropped (an ALLOW policy left without rules still applies, and so denies)."""
     out = []
     for ap in policies:
-        rules = tuple(r for r in (_rule_for_port(rule, port) for rule in ap.rules) if r is not None)
+        rules = tuple(r for r in (_rule_for_port(rule, ports) for rule in ap.rules) if r is not None)
         out.append(replace(ap, rules=rules))
     return tuple(out)
+
+
+def orphaned_policies(mesh: Mesh, wl: Workload, waypoint_of: Callable[[Service], bool]
+                      ) -> tuple[AuthorizationPolicy, ...]:
+    """Policies attached (targetRefs) to a service selecting `wl`, or to the waypoint such a
+    service names, while that service has no waypoint to enforce them (`waypoint_of(svc)`
+    False): the workload's own proxy must enforce them, failing closed on what it cannot
+    evaluate."""
+    wanted: set[tuple[str, str]] = set()
+    for svc in mesh.services_selecting(wl.namespace, wl.labels):
+        if waypoint_of(svc):
+            continue
+        wanted.add(("Service", svc.name))
+        named = next((v for k, v in (*svc.labels, *svc.annotations) if k == "meshline.io/use-waypoint"), None)
+        if named:
+            wanted.add(("Gateway", named))
+    return tuple(ap for ap in mesh.authorization_policies
+                 if ap.namespace == wl.namespace and wanted & set(ap.target_refs))

@@ -37,7 +37,13 @@ from controlplane.model.ambient import (
 )
 from controlplane.model.ir import ProxyMeta, Service, ServicePort, SourceRef, Workload
 from controlplane.model.mesh import Mesh
-from controlplane.model.policy import authorization_policies_for, effective_mtls, waypoint_policies
+from controlplane.model.policy import (
+    authorization_policies_for,
+    effective_mtls,
+    orphaned_policies,
+    policies_for_port,
+    waypoint_policies,
+)
 from controlplane.translate.clusters import (
     build_blackhole_cluster,
     build_outbound_cluster,
@@ -195,7 +201,8 @@ def _pod_inbound(mesh: Mesh, wl: Workload) -> list[ResourceSpec]:
     ports = inbound_ports(mesh, _pod_meta(wl), wl)
     mtls = effective_mtls(mesh, wl.namespace, wl.labels)
     port_modes = dict(mtls.ports)
-    authz = authorization_policies_for(mesh, wl.namespace, wl.labels)
+    authz = (*authorization_policies_for(mesh, wl.namespace, wl.labels),
+             *orphaned_policies(mesh, wl, lambda svc: waypoint_service(mesh, svc) is not None))
     sources = (wl.ref, *mtls.sources, *(a.ref for a in authz), *(r for ib in ports for r in ib.sources))
     sources = tuple(dict.fromkeys(sources))
     specs: list[ResourceSpec] = []
@@ -330,7 +337,10 @@ def plan_waypoint(mesh: Mesh, meta: ProxyMeta) -> list[ResourceSpec]:
             sources += refs
         add([ResourceSpec(ROUTE, inner, build_route_config, (inner, port, ns, tuple(vhosts), True),
                           tuple(dict.fromkeys(sources)))])
-        authz = waypoint_policies(mesh, ns, name, tuple(s.name for s in services))
+        targets_of_port = tuple({port, *(tp for s in services for sp in s.ports if sp.port == port
+                                          for tp in [sp.target_port] if isinstance(tp, int))})
+        authz = policies_for_port(waypoint_policies(mesh, ns, name, tuple(s.name for s in services)),
+                                  *sorted(targets_of_port))
         add([ResourceSpec(LISTENER, inner, build_waypoint_http, (inner, td, authz),
                           tuple(dict.fromkeys((*(s.ref for s in services), *(a.ref for a in authz)))))])
     add([ResourceSpec(LISTENER, "waypoint_hbone", build_hbone_inbound,
