@@ -13,6 +13,7 @@ ROOT = Path(__file__).resolve().parent
 # proto directory -> the Python package directory its modules are generated into
 PROTO_PACKAGES = {
     Path("protos/meshline/ca/v1"): Path("controlplane/ca/gen"),
+    Path("protos/meshline/nodeagent/v1"): Path("controlplane/nodeagent/gen"),
 }
 
 

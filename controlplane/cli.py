@@ -67,6 +67,9 @@ def main() -> None:
               help="TLS port for xDS and the certificate-signing API ('off' to disable).")
 @click.option("--ca-dns-names", default="meshline.meshline-system.svc,localhost", show_default=True,
               help="DNS names (comma-separated) of the control plane's own certificate on --ca-address.")
+@click.option("--node-agents", is_flag=True,
+              help="Accept reports from `meshline node-agent` (the network namespace of each ambient pod) on "
+                   "--xds-address. Not with --workers > 1: each worker would see only its own agents.")
 @click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 64),
               help="Worker processes sharing the xDS port (SO_REUSEPORT), each with its own copy of the model "
                    "and its own streams; worker 0 serves the status API for all of them, the TLS port and the "
@@ -77,7 +80,7 @@ def serve(ctx: click.Context, config_dirs: tuple[Path, ...], kubernetes: bool, k
           xds_address: str, status_address: str,
           webhook_address: str | None, debounce_ms: int, status_token_file: Path | None, log_level: str,
           log_format: str, ca_enabled: bool, ca_dir: Path | None, trust_domain: str, workload_cert_ttl: Any,
-          ca_address: str, ca_dns_names: str, workers: int) -> None:
+          ca_address: str, ca_dns_names: str, node_agents: bool, workers: int) -> None:
     """Run the control plane."""
     from controlplane.bootstrap import split_address
     from controlplane.ca.commands import default_ca_dir
@@ -107,12 +110,14 @@ def serve(ctx: click.Context, config_dirs: tuple[Path, ...], kubernetes: bool, k
                         ca_enabled=ca_enabled, ca_dir=ca_dir, trust_domain=trust_domain,
                         workload_cert_ttl_s=workload_cert_ttl.total_seconds(), ca_address=ca_addr,
                         ca_address_required=ctx.get_parameter_source("ca_address") is not ParameterSource.DEFAULT,
-                        ca_dns_names=dns_names)
+                        ca_dns_names=dns_names, node_agents=node_agents)
     from controlplane.ca import CAError
 
     if workers > 1:
         from controlplane.workers import supervise
 
+        if node_agents:
+            raise click.UsageError("--node-agents needs --workers 1 (an agent reports to one worker only)")
         try:
             split_address(xds_address)  # also refuses port 0: every worker must bind the same port
         except ValueError as exc:
@@ -179,11 +184,17 @@ def _watch_namespaces(kubernetes: bool, kubeconfig: Path | None, watch_namespace
 @click.option("--xds-server-name", default=None,
               help="With --xds-tls: SNI and the DNS name the server certificate must carry (default: the host "
                    "of --xds-address, or localhost for an IP).")
+@click.option("--node-name", default=None,
+              help="--mode node: the node this proxy serves (its ambient pods). With --ca-dir the minted token "
+                   "is bound to it; in Kubernetes the service-account token proves it.")
+@click.option("--waypoint", "waypoint_name", default=None,
+              help="--mode waypoint: the waypoint's name (the Service `meshline.io/use-waypoint` names); "
+                   "default: waypoint.")
 def bootstrap(mode: str, node_id: str, namespace: str, workload: str | None, service_account: str, labels: str,
               capture: str, outbound_address: str, xds_protocol: str, xds_address: str, admin_address: str,
               ca_dir: Path | None,
               token_ttl: Any, token_file: Path | None, xds_tls: bool, ca_bundle: Path | None,
-              xds_server_name: str | None) -> None:
+              xds_server_name: str | None, node_name: str | None, waypoint_name: str | None) -> None:
     """Print an Envoy bootstrap (YAML) for a proxy."""
     import ipaddress
 
@@ -206,7 +217,13 @@ def bootstrap(mode: str, node_id: str, namespace: str, workload: str | None, ser
         if not sep or not k:
             raise click.BadParameter(f"label {item!r} is not k=v", param_hint="--labels")
         pairs[k] = v
-    token = _bootstrap_token(ca_dir, token_file, namespace, service_account, token_ttl)
+    if mode == "node" and not node_name:
+        raise click.UsageError("--mode node needs --node-name")
+    if node_name and mode != "node":
+        raise click.UsageError("--node-name is for --mode node")
+    if waypoint_name and mode != "waypoint":
+        raise click.UsageError("--waypoint is for --mode waypoint")
+    token = _bootstrap_token(ca_dir, token_file, namespace, service_account, token_ttl, node_name)
     tls = None
     if xds_tls:
         tls = XdsTls(trusted_ca=_bootstrap_bundle(ca_dir, ca_bundle), server_name=xds_server_name or "")
@@ -216,7 +233,8 @@ def bootstrap(mode: str, node_id: str, namespace: str, workload: str | None, ser
         node_id=node_id, namespace=namespace, mode=mode, workload=workload,  # type: ignore[arg-type]
         service_account=service_account, labels=labels_of(pairs), capture=capture,  # type: ignore[arg-type]
         xds_protocol=xds_protocol, xds_address=xds_address, admin_address=admin_address, token=token,
-        xds_tls=tls, outbound_address=outbound_address,
+        xds_tls=tls, outbound_address=outbound_address, node_name=node_name,
+        waypoint=(waypoint_name or "waypoint") if mode == "waypoint" else None,
     )
     try:
         click.echo(render(opts), nl=False)
@@ -225,7 +243,7 @@ def bootstrap(mode: str, node_id: str, namespace: str, workload: str | None, ser
 
 
 def _bootstrap_token(ca_dir: Path | None, token_file: Path | None, namespace: str, service_account: str,
-                     ttl: Any) -> str | None:
+                     ttl: Any, node: str | None = None) -> str | None:
     """The bearer token a bootstrap carries: minted with the CA directory's key, or read
     from a (Kubernetes service-account) token file; None without either."""
     from controlplane.ca import CAError, tokens
@@ -242,7 +260,7 @@ def _bootstrap_token(ca_dir: Path | None, token_file: Path | None, namespace: st
         return None
     try:
         key = tokens.load_or_create_token_key(ca_dir)
-        return tokens.mint(key, Identity(namespace, service_account), ttl)
+        return tokens.mint(key, Identity(namespace, service_account), ttl, node=node)
     except CAError as exc:
         raise click.UsageError(str(exc)) from None
 
@@ -309,6 +327,9 @@ def _register() -> None:
         main.add_command(command)
     from controlplane.ca.commands import COMMANDS as CA_COMMANDS
     for command in CA_COMMANDS:
+        main.add_command(command)
+    from controlplane.nodeagent.commands import COMMANDS as NODE_AGENT_COMMANDS
+    for command in NODE_AGENT_COMMANDS:
         main.add_command(command)
 
 

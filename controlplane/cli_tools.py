@@ -11,23 +11,32 @@ import urllib.error
 import urllib.request
 
 import click
+from click.core import ParameterSource
 
 from controlplane.iptables import (
     ALWAYS_EXCLUDED_INBOUND_PORTS,
     DEFAULT_INBOUND_PORT,
     DEFAULT_OUTBOUND_PORT,
     DEFAULT_PROXY_UID,
+    AmbientSpec,
     CaptureSpec,
     Iptables,
     IptablesError,
     apply,
+    apply_ambient,
     cleanup,
+    cleanup_ambient,
+    cleanup_ambient_rules,
     cleanup_rules,
     format_ports,
     parse_cidrs,
     parse_ports,
+    render_ambient_rules,
     render_rules,
 )
+
+SIDECAR_ONLY_OPTIONS = ("proxy_uid", "proxy_gid", "exclude_outbound_ports", "exclude_inbound_ports",
+                        "exclude_outbound_cidrs", "include_outbound_cidrs", "capture_inbound")
 
 
 @click.command("iptables")
@@ -49,13 +58,21 @@ from controlplane.iptables import (
               help="Tool family to run: iptables, iptables-nft or iptables-legacy (+ -save/-restore).")
 @click.option("--dry-run", is_flag=True, help="Print the iptables-restore input instead of applying it.")
 @click.option("--cleanup", "do_cleanup", is_flag=True, help="Remove Meshline's chains and rules (idempotent).")
-def iptables(proxy_uid: int, proxy_gid: int | None, outbound_port: int, inbound_port: int,
+@click.option("--ambient", is_flag=True,
+              help="Ambient pod: capture for the node proxy's in-pod listeners instead of a sidecar (sockets "
+                   "marked 0x539 pass; the HBONE port 15008 is never captured). With --cleanup: remove the "
+                   "ambient rules only.")
+@click.pass_context
+def iptables(ctx: click.Context, proxy_uid: int, proxy_gid: int | None, outbound_port: int, inbound_port: int,
              exclude_outbound_ports: str, exclude_inbound_ports: str, exclude_outbound_cidrs: str,
              include_outbound_cidrs: str, capture_inbound: bool, iptables_command: str, dry_run: bool,
-             do_cleanup: bool) -> None:
+             do_cleanup: bool, ambient: bool) -> None:
     """Capture the pod's TCP traffic for its sidecar: outbound -> 15001, inbound -> 15006
     (run in the pod's network namespace, as root with NET_ADMIN)."""
     tools = Iptables(iptables_command)
+    if ambient:
+        _ambient_iptables(ctx, tools, outbound_port, inbound_port, dry_run, do_cleanup)
+        return
     if do_cleanup:
         if dry_run:
             try:
@@ -91,6 +108,46 @@ def iptables(proxy_uid: int, proxy_gid: int | None, outbound_port: int, inbound_
         raise click.ClickException(str(exc)) from exc
     click.echo(f"meshline: capture rules applied (outbound -> {outbound_port}"
                f"{f', inbound -> {inbound_port}' if capture_inbound else ''}, proxy uid {proxy_uid})", err=True)
+
+
+def _ambient_iptables(ctx: click.Context, tools: Iptables, outbound_port: int, inbound_port: int, dry_run: bool,
+                      do_cleanup: bool) -> None:
+    """`meshline iptables --ambient [--cleanup] [--dry-run]`."""
+    given = [f"--{n.replace('_', '-')}" for n in SIDECAR_ONLY_OPTIONS
+             if ctx.get_parameter_source(n) is not ParameterSource.DEFAULT]
+    if given:
+        raise click.UsageError(f"{', '.join(given)}: sidecar options, not valid with --ambient")
+    if do_cleanup:
+        try:
+            if dry_run:
+                click.echo(cleanup_ambient_rules(_saved_or_none(tools)) or "# nothing to clean up\n", nl=False)
+                return
+            removed = cleanup_ambient(tools)
+        except IptablesError as exc:
+            raise click.ClickException(str(exc)) from exc
+        click.echo("meshline: ambient capture rules removed" if removed
+                   else "meshline: no ambient capture rules to remove", err=True)
+        return
+    try:
+        spec = AmbientSpec(outbound_port=outbound_port, inbound_port=inbound_port)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from exc
+    if dry_run:
+        click.echo(render_ambient_rules(spec), nl=False)
+        return
+    try:
+        apply_ambient(spec, tools)
+    except IptablesError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"meshline: ambient capture rules applied (outbound -> {outbound_port}, inbound -> "
+               f"{inbound_port}, mark {spec.mark:#x} exempt)", err=True)
+
+
+def _saved_or_none(tools: Iptables) -> str | None:
+    try:
+        return tools.save_nat()
+    except IptablesError:
+        return None  # state unknown: show the script for a full install
 
 
 def _get(url: str, timeout: float = 2.0, method: str = "GET") -> tuple[int, str]:

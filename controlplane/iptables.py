@@ -22,6 +22,23 @@ The rules (iptables-restore format, table nat):
 The jumps from the built-in chains come last, and one `iptables-restore` applies them
 atomically; `apply` first removes any earlier rules of ours, so it is idempotent, and
 `cleanup` removes exactly the four chains and the jumps to them.
+
+Ambient pods (`meshline iptables --ambient`, applied by `meshline node-agent` inside each
+ambient pod's network namespace) have no proxy of their own: the node proxy owns
+listeners on 15001/15006/15008 *inside* the pod's netns and marks the sockets it opens
+there with SO_MARK `AMBIENT_MARK` (0x539). Their rules (`render_ambient_rules`), in their
+own chains, which the sidecar `cleanup` never touches and vice versa:
+
+    OUTPUT     -p tcp -j MESHLINE_AMB_OUTPUT
+    MESHLINE_AMB_OUTPUT:  -m mark --mark 0x539/0xfff RETURN  (the node proxy's own sockets)
+                          -d 127.0.0.0/8 RETURN              (loopback stays local)
+                          -o lo RETURN                       (the pod calling its own IP)
+                          REDIRECT --to-ports 15001
+    PREROUTING -p tcp -j MESHLINE_AMB_INBOUND
+    MESHLINE_AMB_INBOUND: -i lo RETURN
+                          --dport 15008 RETURN               (HBONE tunnel: the node proxy)
+                          -m mark --mark 0x539/0xfff RETURN
+                          REDIRECT --to-ports 15006
 """
 
 from __future__ import annotations
@@ -32,11 +49,16 @@ import subprocess
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from controlplane.translate.names import AMBIENT_MARK, HBONE_PORT
+
 OUTPUT_CHAIN = "MESHLINE_OUTPUT"
 REDIRECT_CHAIN = "MESHLINE_REDIRECT"
 INBOUND_CHAIN = "MESHLINE_INBOUND"
 IN_REDIRECT_CHAIN = "MESHLINE_IN_REDIRECT"
 CHAINS = (INBOUND_CHAIN, IN_REDIRECT_CHAIN, OUTPUT_CHAIN, REDIRECT_CHAIN)
+AMBIENT_OUTPUT_CHAIN = "MESHLINE_AMB_OUTPUT"
+AMBIENT_INBOUND_CHAIN = "MESHLINE_AMB_INBOUND"
+AMBIENT_CHAINS = (AMBIENT_INBOUND_CHAIN, AMBIENT_OUTPUT_CHAIN)
 
 PortRange = tuple[int, int]
 Runner = Callable[[Sequence[str], str | None], str]
@@ -170,20 +192,78 @@ def render_rules(spec: CaptureSpec) -> str:
     return "\n".join(lines)
 
 
+@dataclass(frozen=True, slots=True)
+class AmbientSpec:
+    """Capture inside an ambient pod's netns, towards the node proxy's in-pod listeners."""
+
+    outbound_port: int = DEFAULT_OUTBOUND_PORT
+    inbound_port: int = DEFAULT_INBOUND_PORT
+    tunnel_port: int = HBONE_PORT
+    mark: int = AMBIENT_MARK
+    mark_mask: int = 0xFFF
+
+    def __post_init__(self) -> None:
+        for name in ("outbound_port", "inbound_port", "tunnel_port"):
+            if not 0 < getattr(self, name) < 65536:
+                raise ValueError(f"{name.replace('_', '-')} must be 1-65535")
+        if len({self.outbound_port, self.inbound_port, self.tunnel_port}) != 3:
+            raise ValueError("the outbound, inbound and tunnel ports must differ")
+        if not 0 < self.mark <= self.mark_mask < 2**32 or self.mark & ~self.mark_mask:
+            raise ValueError(f"mark {self.mark:#x} does not fit its mask {self.mark_mask:#x}")
+
+
+def render_ambient_rules(spec: AmbientSpec | None = None) -> str:
+    """The iptables-restore input (with --noflush) for an ambient pod's netns: the app's TCP
+    to anything but loopback goes to the node proxy's in-pod 15001, TCP arriving from
+    outside to 15006 (except the HBONE port); sockets carrying the node proxy's mark pass
+    untouched both ways. Deterministic."""
+    spec = spec or AmbientSpec()
+    mark = f"-m mark --mark {spec.mark:#x}/{spec.mark_mask:#x}"
+    out, inb = AMBIENT_OUTPUT_CHAIN, AMBIENT_INBOUND_CHAIN
+    return "\n".join([
+        "# meshline ambient capture rules (nat table)",
+        "*nat",
+        *(f":{c} - [0:0]" for c in AMBIENT_CHAINS),
+        f"-A {inb} -i lo -j RETURN",
+        f"-A {inb} -p tcp -m tcp --dport {spec.tunnel_port} -j RETURN",
+        f"-A {inb} {mark} -j RETURN",
+        f"-A {inb} -p tcp -j REDIRECT --to-ports {spec.inbound_port}",
+        f"-A {out} {mark} -j RETURN",
+        f"-A {out} -d 127.0.0.0/8 -j RETURN",
+        f"-A {out} -o lo -j RETURN",
+        f"-A {out} -p tcp -j REDIRECT --to-ports {spec.outbound_port}",
+        f"-A PREROUTING -p tcp -j {inb}",
+        f"-A OUTPUT -p tcp -j {out}",
+        "COMMIT",
+        "",
+    ])
+
+
+def cleanup_ambient_rules(saved_nat: str | None) -> str | None:
+    """Like `cleanup_rules`, for the ambient chains only (the sidecar chains stay)."""
+    return _cleanup_script(saved_nat, AMBIENT_CHAINS, AMBIENT_INBOUND_CHAIN, AMBIENT_OUTPUT_CHAIN)
+
+
 def cleanup_rules(saved_nat: str | None) -> str | None:
     """iptables-restore input removing every rule and chain of ours, given `iptables-save -t
     nat` output; None when there is nothing to remove. With `saved_nat=None` (state
     unknown, e.g. a dry run without iptables) the generic script for a full install."""
+    return _cleanup_script(saved_nat, CHAINS, INBOUND_CHAIN, OUTPUT_CHAIN)
+
+
+def _cleanup_script(saved_nat: str | None, chains: tuple[str, ...], prerouting_chain: str,
+                    output_chain: str) -> str | None:
+    """Removal of `chains` and of every jump to them from another chain (see cleanup_rules)."""
     if saved_nat is None:
-        jumps = [f"-A PREROUTING -p tcp -j {INBOUND_CHAIN}", f"-A OUTPUT -p tcp -j {OUTPUT_CHAIN}"]
-        present = list(CHAINS)
+        jumps = [f"-A PREROUTING -p tcp -j {prerouting_chain}", f"-A OUTPUT -p tcp -j {output_chain}"]
+        present = list(chains)
     else:
-        present = [c for c in CHAINS if any(line.startswith(f":{c} ") for line in saved_nat.splitlines())]
-        ours = tuple(f"-j {c}" for c in CHAINS)
+        present = [c for c in chains if any(line.startswith(f":{c} ") for line in saved_nat.splitlines())]
+        ours = tuple(f"-j {c}" for c in chains)
         jumps = []
         for line in saved_nat.splitlines():
             words = line.split()
-            if len(words) > 1 and words[0] == "-A" and words[1] not in CHAINS and line.rstrip().endswith(ours):
+            if len(words) > 1 and words[0] == "-A" and words[1] not in chains and line.rstrip().endswith(ours):
                 jumps.append(line.strip())
     if not present and not jumps:
         return None
@@ -225,6 +305,16 @@ class Iptables:
         self.runner([f"{self.command}-restore", "--noflush"], text)
 
 
+def in_netns(netns_path: str, tools: Iptables | None = None) -> Iptables:
+    """`tools` run inside the network namespace at `netns_path` (through `nsenter --net`)."""
+    base = tools or Iptables()
+
+    def run(argv: Sequence[str], stdin: str | None) -> str:
+        return base.runner(["nsenter", f"--net={netns_path}", *argv], stdin)
+
+    return Iptables(base.command, run)
+
+
 def cleanup(tools: Iptables | None = None) -> bool:
     """Remove our chains and the jumps to them. Idempotent; True if anything was removed."""
     tools = tools or Iptables()
@@ -240,5 +330,24 @@ def apply(spec: CaptureSpec, tools: Iptables | None = None) -> str:
     tools = tools or Iptables()
     rules = render_rules(spec)
     cleanup(tools)
+    tools.restore(rules)
+    return rules
+
+
+def cleanup_ambient(tools: Iptables | None = None) -> bool:
+    """Remove the ambient chains and the jumps to them. Idempotent; True if anything went."""
+    tools = tools or Iptables()
+    script = cleanup_ambient_rules(tools.save_nat())
+    if script is None:
+        return False
+    tools.restore(script)
+    return True
+
+
+def apply_ambient(spec: AmbientSpec | None = None, tools: Iptables | None = None) -> str:
+    """Replace any earlier ambient rules of ours by `spec`'s; returns the rules applied."""
+    tools = tools or Iptables()
+    rules = render_ambient_rules(spec)
+    cleanup_ambient(tools)
     tools.restore(rules)
     return rules

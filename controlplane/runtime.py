@@ -22,10 +22,10 @@ from controlplane.model.mesh import Mesh
 from controlplane.model.store import MeshStore
 from controlplane.quarantine import Bisector, Step
 from controlplane.sources.base import Source, SourceEvent, Synced
+from controlplane.translate.ambient import identity_secret, node_identities, plan_node, plan_waypoint
 from controlplane.translate.plan import SECRET, ResourceSpec
 from controlplane.translate.scope import proxy_scope, scope_key
 from controlplane.translate.secrets import ROOT_SECRET, plan_named_secrets, plan_secrets, root_secret
-from controlplane.translate.ambient import identity_secret, node_identities, plan_node, plan_waypoint
 from controlplane.translate.sidecar import plan_inbound, plan_outbound
 from controlplane.xds.server import Connection, XdsServer
 from controlplane.xds.stream import NackRecord, Outgoing

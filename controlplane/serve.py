@@ -157,6 +157,10 @@ def build_runtime(settings: Settings, identity: IdentityService | None = None) -
     metrics = Metrics()
     if settings.config_dirs:
         sources.append(DirectorySource(list(settings.config_dirs)))
+    if settings.node_agents:
+        from controlplane.nodeagent.registry import NodeAgentRegistry
+
+        sources.append(NodeAgentRegistry(authorize=_node_agent_authorizer(identity, settings.root_namespace)))
     if settings.kubernetes:
         from controlplane.sources.kubernetes import KubernetesSource  # imports the kubernetes client
 
@@ -218,10 +222,40 @@ async def run(settings: Settings, started: asyncio.Event | None = None, worker: 
             shutil.rmtree(ca_tmp, ignore_errors=True)
 
 
+NODE_PROXY_SERVICE_ACCOUNT = "meshline-node-proxy"
+
+
+def _node_agent_authorizer(identity: IdentityService | None, root_namespace: str) -> Any:
+    """Node agents must prove the node proxy's identity (`<root ns>/meshline-node-proxy`)
+    with a credential bound to a node; without a CA there is nothing to check against."""
+    if identity is None:
+        return None
+
+    async def authorize(metadata: Any) -> str | None:
+        auth = await identity.authenticator.authenticate(metadata)
+        if auth.identity is None:
+            return f"node agent not authenticated: {auth.reason}"
+        if (auth.identity.namespace, auth.identity.service_account) != (root_namespace, NODE_PROXY_SERVICE_ACCOUNT):
+            return f"{auth.identity} is not the node proxy's identity {root_namespace}/{NODE_PROXY_SERVICE_ACCOUNT}"
+        if auth.node is None:
+            return "the credential is not bound to a node"
+        return None
+
+    return authorize
+
+
+def node_agent_handlers(runtime: Runtime) -> list[grpc.GenericRpcHandler]:
+    """The NodeAgent.Report API of the runtime's node-agent registry (`--node-agents`), if any."""
+    from controlplane.nodeagent.registry import NodeAgentRegistry
+
+    return [h for s in runtime.sources if isinstance(s, NodeAgentRegistry) for h in s.handlers()]
+
+
 async def _run(settings: Settings, identity: IdentityService | None, api_client: Any,
                started: asyncio.Event | None, worker: WorkerInfo | None = None) -> None:
     runtime = build_runtime(settings, identity)
-    grpc_server, port = await start_grpc(settings.xds_address, runtime.xds.handlers(),
+    grpc_server, port = await start_grpc(settings.xds_address,
+                                         [*runtime.xds.handlers(), *node_agent_handlers(runtime)],
                                          worker.grpc_options() if worker is not None else None)
     ca_server = None
     if identity is not None and settings.ca_address:

@@ -22,9 +22,9 @@ from controlplane.model.ir import ProxyMeta, labels_of
 from controlplane.model.mesh import Mesh
 from controlplane.model.store import assemble
 from controlplane.sources.yamlload import parse_documents
+from controlplane.translate.ambient import plan_node, plan_waypoint
 from controlplane.translate.plan import ENDPOINT, PUSH_ORDER, SHORT_NAMES, ResourceSpec, TypeUrl
 from controlplane.translate.scope import proxy_scope
-from controlplane.translate.ambient import plan_node, plan_waypoint
 from controlplane.translate.sidecar import plan_inbound, plan_outbound
 
 GOLDEN = Path(__file__).parent / "golden"

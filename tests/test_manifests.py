@@ -917,7 +917,7 @@ def test_deployment_shape() -> None:
     assert c["args"] == [
         "serve", "--kubernetes", "--xds-address", "0.0.0.0:15010",
         "--status-address", "0.0.0.0:15014", "--webhook-address", "0.0.0.0:15017",
-        "--ca-address", "0.0.0.0:15012",
+        "--ca-address", "0.0.0.0:15012", "--node-agents",
     ]  # fmt: skip
     assert {p["name"]: p["containerPort"] for p in c["ports"]} == CONTROL_PLANE_PORTS
     env = {e["name"]: e["valueFrom"]["fieldRef"]["fieldPath"] for e in c["env"] if "valueFrom" in e}
@@ -1101,6 +1101,9 @@ def test_rbac_grants_what_the_control_plane_needs() -> None:
         assert all(r.get("resourceNames") for _, r in found if set(r["verbs"]) != {"create"})
 
 
+NODE_PROXY = "meshline-node-proxy"
+
+
 def test_rbac_bindings_point_at_the_service_account() -> None:
     roles = {(r["kind"], r["metadata"]["name"]) for r in rbac_roles()}
     bindings = [d for _, d in _MANIFESTS_ONLY if d["kind"] in ("ClusterRoleBinding", "RoleBinding")]
@@ -1108,13 +1111,110 @@ def test_rbac_bindings_point_at_the_service_account() -> None:
     for b in bindings:
         ref = (b["roleRef"]["kind"], b["roleRef"]["name"])
         assert ref in roles
-        assert b["subjects"] == [{"kind": "ServiceAccount", "name": "meshline", "namespace": NAMESPACE}]
+        account = NODE_PROXY if ref == ("ClusterRole", NODE_PROXY) else "meshline"  # the node agent's own
+        assert b["subjects"] == [{"kind": "ServiceAccount", "name": account, "namespace": NAMESPACE}]
         if b["kind"] == "RoleBinding":
             assert b["metadata"]["namespace"] == NAMESPACE
         bound.add(ref)
     assert bound == roles
     one_manifest("ServiceAccount", "meshline")
     one_manifest("Namespace", NAMESPACE)
+
+
+def test_node_proxy_only_reads_pods_and_namespaces() -> None:
+    (role,) = [r for r in rbac_roles() if r["metadata"]["name"] == NODE_PROXY]
+    assert role["rules"] == [{"apiGroups": [""], "resources": ["pods", "namespaces"], "verbs": ["get", "list", "watch"]}]
+    one_manifest("ServiceAccount", NODE_PROXY)
+
+
+def test_node_proxy_daemonset(tmp_path: Path) -> None:
+    """hostNetwork + hostPID; the agent's arguments are accepted by `meshline node-agent`;
+    the netns directory reaches envoy from the agent's bind mounts."""
+    from controlplane.cli import main
+
+    ds = one_manifest("DaemonSet", NODE_PROXY)
+    pod = ds["spec"]["template"]["spec"]
+    assert ds["metadata"]["namespace"] == NAMESPACE and pod["serviceAccountName"] == NODE_PROXY
+    assert pod["hostNetwork"] is True and pod["hostPID"] is True
+    assert pod["dnsPolicy"] == "ClusterFirstWithHostNet"
+    containers = {c["name"]: c for c in pod["containers"]}
+    assert set(containers) == {"envoy", "node-agent"}
+    envoy, agent = containers["envoy"], containers["node-agent"]
+    assert "meshline bootstrap --mode node" in envoy["args"][0] and "exec envoy" in envoy["args"][0]
+    token_dir = {m["name"]: m["mountPath"] for m in agent["volumeMounts"]}["meshline-token"]
+    token_at = agent["args"].index("--token-file") + 1
+    assert agent["args"][token_at].startswith(token_dir + "/")  # the projected token
+    args = list(agent["args"])
+    args[token_at] = str(tmp_path / "token")  # the option wants an existing file
+    (tmp_path / "token").write_text("t")
+    command = main.get_command(None, args[0])  # type: ignore[arg-type]
+    assert command is not None
+    ctx = command.make_context("node-agent", args[1:])
+    assert ctx.params["xds_address"] == "meshline.meshline-system.svc:15010"
+    assert ctx.params["node"] == "$(NODE_NAME)"  # expanded by the kubelet from the env below
+    for c in (envoy, agent):
+        node = [e for e in c["env"] if e["name"] == "NODE_NAME"]
+        assert node and node[0]["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    netns_dir = str(ctx.params["netns_dir"])
+    assert volumes["netns"]["hostPath"]["path"] == netns_dir
+    mounts = {c["name"]: {m["name"]: m for m in c["volumeMounts"]}["netns"] for c in (envoy, agent)}
+    assert mounts["node-agent"]["mountPath"] == mounts["envoy"]["mountPath"] == netns_dir
+    assert mounts["node-agent"]["mountPropagation"] == "Bidirectional" and agent["securityContext"]["privileged"]
+    assert mounts["envoy"]["mountPropagation"] == "HostToContainer"
+    assert set(envoy["securityContext"]["capabilities"]["add"]) == {"NET_ADMIN", "SYS_ADMIN"}
+    (source,) = volumes["meshline-token"]["projected"]["sources"]
+    assert source["serviceAccountToken"]["audience"] == "meshline"
+
+
+def bootstrap_of(script: str, env: dict[str, str], tmp_path: Path) -> dict[str, Any]:
+    """Runs the `meshline bootstrap ... > FILE` command of a container's start script (with
+    `env`, and the token file replaced by a temporary one); the Envoy bootstrap it prints."""
+    import shlex
+    import string
+
+    from click.testing import CliRunner
+
+    from controlplane.cli import main
+
+    text = script.replace("\\\n", " ")
+    (line,) = [ln for ln in text.splitlines() if ln.strip().startswith("meshline bootstrap")]
+    argv = shlex.split(string.Template(line.partition(" > ")[0]).substitute(env))
+    token = tmp_path / "token"
+    token.write_text("t0k3n")
+    argv[argv.index("--token-file") + 1] = str(token)
+    r = CliRunner().invoke(main, argv[1:])
+    assert r.exit_code == 0, r.output
+    doc: dict[str, Any] = yaml.safe_load(r.output)
+    return doc
+
+
+def test_node_proxy_and_waypoint_bootstraps_render(tmp_path: Path) -> None:
+    env = {"NODE_NAME": "node-1", "POD_NAME": "p-0", "POD_NAMESPACE": NAMESPACE, "SERVICE_ACCOUNT": "waypoint",
+           "MESHLINE_XDS_ADDRESS": "meshline.meshline-system.svc:15010",
+           "MESHLINE_TOKEN_FILE": "/var/run/secrets/meshline/tokens/meshline-token"}
+    ds = one_manifest("DaemonSet", NODE_PROXY)
+    (envoy,) = [c for c in ds["spec"]["template"]["spec"]["containers"] if c["name"] == "envoy"]
+    node = bootstrap_of(envoy["args"][0], env, tmp_path)
+    assert node["node"]["id"] == "node-1" and node["node"]["metadata"]["mode"] == "node"
+    (c,) = one_manifest("Deployment", "waypoint")["spec"]["template"]["spec"]["containers"]
+    waypoint = bootstrap_of(c["args"][0], {**env, "POD_NAMESPACE": "default"}, tmp_path)
+    assert waypoint["node"]["metadata"]["mode"] == "waypoint"
+    for boot, container in ((node, envoy), (waypoint, c)):  # the probes' port is served
+        listeners = boot["static_resources"].get("listeners", [])
+        ports = {ln["address"]["socket_address"]["port_value"] for ln in listeners}
+        assert container["readinessProbe"]["httpGet"]["port"] in ports
+
+
+def test_waypoint_template() -> None:
+    dep, svc = one_manifest("Deployment", "waypoint"), one_manifest("Service", "waypoint")
+    labels = dep["spec"]["template"]["metadata"]["labels"]
+    assert labels["meshline.io/waypoint"] == "waypoint"
+    assert svc["spec"]["selector"].items() <= labels.items()
+    assert [(p["name"], p["port"]) for p in svc["spec"]["ports"]] == [("tunnel", 15008)]
+    (c,) = dep["spec"]["template"]["spec"]["containers"]
+    assert "meshline bootstrap --mode waypoint" in c["args"][0]
+    assert {p["name"]: p["containerPort"] for p in c["ports"]}["tunnel"] == 15008
 
 
 def test_dockerfile_matches_the_deployment() -> None:

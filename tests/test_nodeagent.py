@@ -1,0 +1,474 @@
+"""The sidecarless node agent and the control plane's NodeAgent.Report API.
+
+- the registry over a real grpc.aio server on 127.0.0.1: a report becomes one
+  `Replace(origin="node-agent:<node>")` of PodNetns raw objects, sorted, the last
+  duplicate winning; the next report without a pod drops it; an unchanged report emits
+  nothing; bad fields are INVALID_ARGUMENT naming the field; the authorization hook's
+  refusal is PERMISSION_DENIED with its reason; `Synced` comes first, with no report;
+- the agent's pure parts: fib_trie/if_inet6 parsing, which Kubernetes pods are ambient,
+  the pods file, and discovery over a fake /proc (hard links play shared namespaces);
+- `meshline node-agent --once` against the registry, and its exit 1 when the report fails;
+- in real network namespaces (root, `ip`, `iptables`, `nsenter`, `mount`; skipped otherwise):
+  two fresh netns on 198.19.x.0/30 each running `sleep`, found by IP, bind-mounted under a
+  temporary --netns-dir (the reported paths are those namespaces), the ambient capture
+  rules applied in each, and after one pod's process and netns are gone the next pass drops
+  it and unmounts its path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import secrets
+import shutil
+import subprocess
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from click.testing import CliRunner
+
+from controlplane.cli import main as cli
+from controlplane.model.raw import RawObject
+from controlplane.nodeagent.agent import (
+    AgentConfig,
+    AgentError,
+    NodeAgent,
+    PodRef,
+    ambient_pods,
+    discover,
+    load_pods_file,
+    mounted_inode,
+    parse_fib_trie,
+    parse_if_inet6,
+)
+from controlplane.nodeagent.gen import nodeagent_pb2
+from controlplane.nodeagent.registry import SERVICE, NodeAgentRegistry
+from controlplane.runtime import Settings
+from controlplane.serve import build_runtime, node_agent_handlers
+from controlplane.sources.base import Replace, SourceEvent, Synced
+
+# --------------------------------------------------------------------------- registry harness
+
+
+@dataclass
+class Registry:
+    registry: NodeAgentRegistry
+    port: int
+    events: list[SourceEvent] = field(default_factory=list)
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    async def sink(self, events: list[SourceEvent]) -> None:
+        self.events.extend(events)
+        self.changed.set()
+
+    def replaces(self) -> list[Replace]:
+        return [e for e in self.events if isinstance(e, Replace)]
+
+    async def next_replace(self, count: int, timeout: float = 5.0) -> Replace:
+        async def wait() -> None:
+            while len(self.replaces()) < count:
+                self.changed.clear()
+                await self.changed.wait()
+
+        await asyncio.wait_for(wait(), timeout)
+        return self.replaces()[count - 1]
+
+    async def report(self, request: Any, metadata: Sequence[tuple[str, str]] = ()) -> Any:
+        async with grpc.aio.insecure_channel(self.address) as ch:
+            call = ch.unary_unary(f"/{SERVICE}/Report",
+                                  request_serializer=nodeagent_pb2.ReportRequest.SerializeToString,
+                                  response_deserializer=nodeagent_pb2.ReportResponse.FromString)
+            return await call(request, metadata=tuple(metadata), timeout=5)
+
+
+@contextlib.asynccontextmanager
+async def serving(authorize: Callable[[Sequence[tuple[str, str | bytes]]], Awaitable[str | None]] | None = None
+                  ) -> AsyncIterator[Registry]:
+    registry = NodeAgentRegistry(authorize=authorize)
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers(registry.handlers())
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    harness = Registry(registry, port)
+    task = asyncio.create_task(registry.run(harness.sink))
+    try:
+        yield harness
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await server.stop(0)
+
+
+def pod(namespace: str, name: str, path: str, *ips: str) -> Any:
+    return nodeagent_pb2.PodNetns(namespace=namespace, name=name, netns_path=path, ips=list(ips))
+
+
+def summary(objects: Sequence[RawObject] | None) -> list[tuple[str, str, str, list[str]]]:
+    return [(o.namespace, o.name, o.body["netnsPath"], o.body["ips"]) for o in objects or ()]
+
+
+# --------------------------------------------------------------------------- registry
+
+
+async def test_synced_comes_first_without_any_report() -> None:
+    async with serving() as reg:
+        await asyncio.wait_for(reg.changed.wait(), 5)
+        assert reg.events == [Synced("node-agents")]
+
+
+async def test_a_report_becomes_a_replace_of_podnetns_objects() -> None:
+    async with serving() as reg:
+        resp = await reg.report(nodeagent_pb2.ReportRequest(node="node-1", pods=[
+            pod("shop", "web-1", "/var/run/meshline/netns/shop_web-1", "10.1.0.7"),
+            pod("bank", "api-0", "/var/run/meshline/netns/bank_api-0-old", "10.1.0.8"),
+            pod("bank", "api-0", "/var/run/meshline/netns/bank_api-0", "10.1.0.9", "fd00::9"),
+        ]))
+        assert resp.accepted == 2 and list(resp.errors) == []
+        ev = await reg.next_replace(1)
+        assert ev.origin == "node-agent:node-1"
+        assert summary(ev.objects) == [  # sorted; the last duplicate wins
+            ("bank", "api-0", "/var/run/meshline/netns/bank_api-0", ["10.1.0.9", "fd00::9"]),
+            ("shop", "web-1", "/var/run/meshline/netns/shop_web-1", ["10.1.0.7"]),
+        ]
+        assert ev.objects is not None
+        obj = ev.objects[1]
+        assert (obj.kind, obj.api_version, obj.key, obj.file) == (
+            "PodNetns", "meshline.io/v1", ("PodNetns", "shop", "web-1"), "node-agent:node-1")
+        assert obj.body == {
+            "apiVersion": "meshline.io/v1", "kind": "PodNetns",
+            "metadata": {"namespace": "shop", "name": "web-1"},
+            "node": "node-1", "netnsPath": "/var/run/meshline/netns/shop_web-1", "ips": ["10.1.0.7"],
+        }
+
+
+async def test_the_next_report_drops_a_missing_pod_and_unchanged_reports_are_quiet() -> None:
+    async with serving() as reg:
+        both = [pod("shop", "a", "/n/shop_a", "10.0.0.1"), pod("shop", "b", "/n/shop_b", "10.0.0.2")]
+        await reg.report(nodeagent_pb2.ReportRequest(node="n1", pods=both))
+        await reg.report(nodeagent_pb2.ReportRequest(node="n2", pods=both[1:]))
+        await reg.report(nodeagent_pb2.ReportRequest(node="n1", pods=both))  # unchanged: nothing new
+        resp = await reg.report(nodeagent_pb2.ReportRequest(node="n1", pods=both[:1]))
+        assert resp.accepted == 1
+        await reg.next_replace(3)
+        origins = [(e.origin, [o.name for o in e.objects or ()]) for e in reg.replaces()]
+        assert origins == [("node-agent:n1", ["a", "b"]), ("node-agent:n2", ["b"]), ("node-agent:n1", ["a"])]
+        await reg.report(nodeagent_pb2.ReportRequest(node="n1"))  # an empty node
+        assert (await reg.next_replace(4)).objects == ()
+
+
+@pytest.mark.parametrize(("request_", "field_"), [
+    (nodeagent_pb2.ReportRequest(node=" "), "node: must not be empty"),
+    (nodeagent_pb2.ReportRequest(node="n", pods=[pod("", "a", "/x")]), "pods[0].namespace: must not be empty"),
+    (nodeagent_pb2.ReportRequest(node="n", pods=[pod("ns", "a", "/x"), pod("ns", "", "/y")]),
+     "pods[1].name: must not be empty"),
+    (nodeagent_pb2.ReportRequest(node="n", pods=[pod("ns", "a", "var/run/netns/a")]),
+     "pods[0].netns_path: 'var/run/netns/a' is not an absolute path"),
+    (nodeagent_pb2.ReportRequest(node="n", pods=[pod("ns", "a", "/x", "10.0.0.300")]),
+     "pods[0].ips[0]: '10.0.0.300' is not an IP address"),
+], ids=["node", "namespace", "name", "netns_path", "ips"])
+async def test_bad_reports_are_invalid_argument_naming_the_field(request_: Any, field_: str) -> None:
+    async with serving() as reg:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await reg.report(request_)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert err.value.details() == field_
+        assert reg.replaces() == []
+
+
+async def test_the_authorization_hook_decides() -> None:
+    seen: list[dict[str, str | bytes]] = []
+
+    async def authorize(metadata: Sequence[tuple[str, str | bytes]]) -> str | None:
+        md = dict(metadata)
+        seen.append(md)
+        return None if md.get("authorization") == "Bearer good" else "not a node agent of this mesh"
+
+    async with serving(authorize) as reg:
+        request = nodeagent_pb2.ReportRequest(node="n1", pods=[pod("ns", "a", "/x")])
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await reg.report(request, [("authorization", "Bearer bad")])
+        assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert err.value.details() == "not a node agent of this mesh"
+        with pytest.raises(grpc.aio.AioRpcError):
+            await reg.report(nodeagent_pb2.ReportRequest(node=""))  # refused before validation
+        assert reg.replaces() == []
+        assert (await reg.report(request, [("authorization", "Bearer good")])).accepted == 1
+        assert summary((await reg.next_replace(1)).objects) == [("ns", "a", "/x", [])]
+        assert [md.get("authorization") for md in seen] == ["Bearer bad", None, "Bearer good"]
+
+
+def test_serve_wires_the_registry_only_with_node_agents() -> None:
+    off = build_runtime(Settings())
+    assert node_agent_handlers(off) == []
+    on = build_runtime(Settings(node_agents=True))
+    assert [s.name for s in on.sources if isinstance(s, NodeAgentRegistry)] == ["node-agents"]
+    assert len(node_agent_handlers(on)) == 1
+    r = CliRunner().invoke(cli, ["serve", "--node-agents", "--workers", "2", "--xds-address", "127.0.0.1:1"])
+    assert r.exit_code == 2 and "--node-agents needs --workers 1" in r.output
+
+
+# --------------------------------------------------------------------------- agent: pure parts
+
+FIB_TRIE = """\
+Main:
+  +-- 0.0.0.0/0 3 0 5
+     +-- 127.0.0.0/8 2 0 2
+        +-- 127.0.0.0/31 1 0 0
+           |-- 127.0.0.0
+              /8 host LOCAL
+           |-- 127.0.0.1
+              /32 host LOCAL
+     +-- 198.19.4.0/30 2 0 2
+        |-- 198.19.4.0
+           /30 link UNICAST
+        |-- 198.19.4.1
+           /32 host LOCAL
+        |-- 198.19.4.3
+           /32 link BROADCAST
+Local:
+  +-- 0.0.0.0/0 3 0 5
+     +-- 198.19.4.0/30 2 0 2
+        |-- 198.19.4.1
+           /32 host LOCAL
+        |-- 10.8.0.5
+           /32 host LOCAL
+"""
+IF_INET6 = """\
+00000000000000000000000000000001 01 80 10 80       lo
+fd000000000000000000000000000009 02 40 00 80     eth0
+fe80000000000000b0c2fffffe0a0b0c 02 40 20 80     eth0
+"""
+
+
+def test_addresses_of_a_netns() -> None:
+    assert parse_fib_trie(FIB_TRIE) == {"198.19.4.1", "10.8.0.5"}
+    assert parse_if_inet6(IF_INET6) == {"fd00::9"}
+
+
+def test_which_kubernetes_pods_are_ambient() -> None:
+    def k8s_pod(name: str, ns: str = "shop", labels: dict[str, str] | None = None, ip: str | None = "10.0.0.1",
+                **spec: Any) -> dict[str, Any]:
+        status: dict[str, Any] = {"phase": spec.pop("phase", "Running")}
+        if ip:
+            status |= {"podIP": ip, "podIPs": [{"ip": ip}, {"ip": "fd00::1"}]}
+        return {"metadata": {"namespace": ns, "name": name, "labels": labels or {}}, "spec": spec, "status": status}
+
+    namespaces = {"shop": {"meshline.io/dataplane-mode": "ambient"}, "bank": {"meshline.io/dataplane-mode": "sidecar"}}
+    pods = [
+        k8s_pod("in-ambient-ns"),
+        k8s_pod("opted-out", labels={"meshline.io/dataplane-mode": "none"}),
+        k8s_pod("host-network", hostNetwork=True),
+        k8s_pod("done", phase="Succeeded"),
+        k8s_pod("no-ip-yet", ip=None),
+        k8s_pod("sidecar-ns", ns="bank"),
+        k8s_pod("opted-in", ns="bank", labels={"meshline.io/dataplane-mode": "ambient"}),
+        k8s_pod("unlabelled-ns", ns="other"),
+    ]
+    assert ambient_pods(pods, namespaces) == [
+        PodRef("shop", "in-ambient-ns", ("10.0.0.1", "fd00::1")), PodRef("bank", "opted-in", ("10.0.0.1", "fd00::1")),
+    ]
+
+
+def test_pods_file(tmp_path: Path) -> None:
+    f = tmp_path / "pods.yaml"
+    f.write_text(json.dumps([{"namespace": "shop", "name": "web-1", "ips": ["198.19.0.1"]}]))
+    assert load_pods_file(f) == [PodRef("shop", "web-1", ("198.19.0.1",))]
+    assert load_pods_file(f)[0].file_name == "shop_web-1"
+    for text, message in (("{}", "expected a list"), ("- {namespace: Shop, name: a}", "not a Kubernetes name"),
+                          ("- {namespace: s, name: a, ips: [x]}", "item 0"), (": :", "cannot read")):
+        f.write_text(text)
+        with pytest.raises(AgentError, match=message):
+            load_pods_file(f)
+
+
+def fake_proc(root: Path, layout: dict[int, tuple[str, str]]) -> Path:
+    """A /proc with `pid -> (netns name, fib_trie text)`; processes of one netns share the
+    ns/net inode through hard links, as they share the namespace."""
+    proc = root / "proc"
+    inodes = root / "inodes"
+    inodes.mkdir()
+    for ns in {"host", *(v[0] for v in layout.values())}:
+        (inodes / ns).write_text(ns)
+    for pid, (ns, trie) in {0: ("host", ""), **layout}.items():
+        d = proc / ("self" if pid == 0 else str(pid))
+        (d / "ns").mkdir(parents=True)
+        (d / "net").mkdir()
+        os.link(inodes / ns, d / "ns" / "net")
+        (d / "net" / "fib_trie").write_text(trie)
+    return proc
+
+
+def trie(*ips: str) -> str:
+    return "Local:\n" + "".join(f"  |-- {ip}\n     /32 host LOCAL\n" for ip in ips)
+
+
+def test_discover_matches_pods_to_namespaces_by_ip(tmp_path: Path) -> None:
+    proc = fake_proc(tmp_path, {
+        1: ("host", trie("192.0.2.10")),      # the agent's own netns: never a pod's
+        40: ("a", trie("10.0.0.1")), 41: ("a", trie("10.0.0.1")),
+        50: ("b", trie("10.0.0.2", "10.0.0.22")),
+        60: ("c", trie("10.0.0.3")), 61: ("d", trie("10.0.0.3")),  # one IP in two namespaces
+    })
+    pods = [PodRef("x", "b", ("10.0.0.22",)), PodRef("x", "a", ("10.0.0.1",)), PodRef("x", "host", ("192.0.2.10",)),
+            PodRef("x", "twice", ("10.0.0.3",)), PodRef("x", "nowhere", ("10.0.0.9",))]
+    found = discover(pods, proc)
+    assert [(f.pod.name, f.pid, f.ips) for f in found] == [("a", 40, ("10.0.0.1",)),
+                                                            ("b", 50, ("10.0.0.2", "10.0.0.22"))]
+    assert found[0].inode == os.stat(tmp_path / "inodes" / "a").st_ino
+
+
+# --------------------------------------------------------------------------- the CLI
+
+
+async def test_node_agent_once_reports_and_fails_clearly(tmp_path: Path) -> None:
+    pods = tmp_path / "pods.yaml"
+    pods.write_text("- {namespace: shop, name: ghost, ips: [198.19.255.254]}\n")  # no such netns: not reported
+    token = tmp_path / "token"
+    token.write_text("t0k3n\n")
+    seen: list[str | bytes | None] = []
+
+    async def authorize(metadata: Sequence[tuple[str, str | bytes]]) -> str | None:
+        seen.append(dict(metadata).get("authorization"))
+        return None
+
+    args = ["node-agent", "--node", "node-7", "--pods-file", str(pods), "--netns-dir", str(tmp_path / "netns"),
+            "--no-iptables", "--token-file", str(token), "--once"]
+    async with serving(authorize) as reg:
+        r = await asyncio.to_thread(CliRunner().invoke, cli, [*args, "--xds-address", reg.address])
+        assert r.exit_code == 0, r.output
+        assert "reported 0 ambient pod(s) of node node-7" in r.output
+        assert (await reg.next_replace(1)) == reg.replaces()[0] and reg.replaces()[0].objects == ()
+        assert seen == ["Bearer t0k3n"]
+        dead = reg.address
+    r = await asyncio.to_thread(CliRunner().invoke, cli, [*args, "--xds-address", dead])
+    assert r.exit_code == 1 and f"Error: report to {dead} failed: UNAVAILABLE" in r.output
+
+
+# --------------------------------------------------------------------------- real network namespaces
+
+
+def _missing() -> str | None:
+    if os.geteuid() != 0:
+        return "needs root (network namespaces, bind mounts, iptables)"
+    for tool in ("ip", "iptables", "iptables-save", "iptables-restore", "nsenter", "mount", "umount"):
+        if shutil.which(tool) is None:
+            return f"needs {tool} on PATH (apt-get install -y iproute2 iptables util-linux mount)"
+    return None
+
+
+def _run(*argv: str, check: bool = True) -> str:
+    proc = subprocess.run(list(argv), capture_output=True, text=True, timeout=30)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(argv)} failed ({proc.returncode}): {proc.stderr.strip()}")
+    return proc.stdout
+
+
+class Node:
+    """Two pods: fresh network namespaces joined by a veth pair, a `sleep` in each."""
+
+    def __init__(self, tmp: Path) -> None:
+        tag = secrets.token_hex(3)
+        third, base = secrets.randbelow(256), 4 * secrets.randbelow(64)
+        self.netns = {"pod-a": f"ml-na-a-{tag}", "pod-b": f"ml-na-b-{tag}"}
+        self.ips = {"pod-a": f"198.19.{third}.{base + 1}", "pod-b": f"198.19.{third}.{base + 2}"}
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.created: list[str] = []
+        self.netns_dir = tmp / "netns"
+        self.pods_file = tmp / "pods.json"
+
+    def start(self) -> None:
+        a, b = self.netns["pod-a"], self.netns["pod-b"]
+        for ns in (a, b):
+            _run("ip", "netns", "add", ns)
+            self.created.append(ns)
+            _run("ip", "-n", ns, "link", "set", "lo", "up")
+        _run("ip", "-n", a, "link", "add", "eth0", "type", "veth", "peer", "name", "eth0", "netns", b)
+        for name, ns in self.netns.items():
+            _run("ip", "-n", ns, "addr", "add", f"{self.ips[name]}/30", "dev", "eth0")
+            _run("ip", "-n", ns, "link", "set", "eth0", "up")
+            self.procs[name] = subprocess.Popen(["ip", "netns", "exec", ns, "sleep", "300"], start_new_session=True)
+        self.pods_file.write_text(json.dumps([{"namespace": "lab", "name": n, "ips": [ip]}
+                                              for n, ip in self.ips.items()]))
+
+    def netns_inode(self, name: str) -> int:
+        pid = self.procs[name].pid  # `ip netns exec` execs the command: this is the sleep
+        return os.stat(f"/proc/{pid}/ns/net").st_ino
+
+    def nat(self, name: str) -> str:
+        return _run("ip", "netns", "exec", self.netns[name], "iptables-save", "-t", "nat")
+
+    def stop(self, name: str) -> None:
+        proc = self.procs.pop(name)
+        proc.kill()
+        proc.wait(timeout=10)
+        ns = self.netns[name]
+        _run("ip", "netns", "del", ns)
+        self.created.remove(ns)
+
+    def close(self) -> None:
+        for proc in self.procs.values():
+            proc.kill()
+            proc.wait(timeout=10)
+        if self.netns_dir.is_dir():
+            for path in self.netns_dir.iterdir():
+                while mounted_inode(path) is not None:
+                    _run("umount", str(path))
+        for ns in self.created:
+            _run("ip", "netns", "del", ns, check=False)
+
+
+@pytest.fixture
+def node(tmp_path: Path) -> Iterator[Node]:
+    if _missing() is not None:
+        pytest.skip(_missing() or "")
+    n = Node(tmp_path)
+    try:
+        n.start()
+        yield n
+    finally:
+        n.close()
+
+
+async def test_agent_finds_mounts_captures_and_reports_real_namespaces(node: Node) -> None:
+    async with serving() as reg:
+        agent = NodeAgent(AgentConfig(node="node-1", xds_address=reg.address, netns_dir=node.netns_dir),
+                          lambda: load_pods_file(node.pods_file))
+        assert await agent.run_once() == 2
+        ev = await reg.next_replace(1)
+        assert ev.origin == "node-agent:node-1"
+        assert [(o.name, o.body["ips"]) for o in ev.objects or ()] == [
+            ("pod-a", [node.ips["pod-a"]]), ("pod-b", [node.ips["pod-b"]])]
+        for obj in ev.objects or ():
+            path = Path(obj.body["netnsPath"])
+            assert path == node.netns_dir / f"lab_{obj.name}" and path.is_file()
+            assert os.stat(path).st_ino == node.netns_inode(obj.name)
+            # The path is usable as that namespace, and the capture rules are in place there.
+            assert node.ips[obj.name] in _run("nsenter", f"--net={path}", "ip", "-o", "-4", "addr", "show")
+            rules = node.nat(obj.name)
+            assert "-A OUTPUT -p tcp -j MESHLINE_AMB_OUTPUT" in rules
+            assert "-A MESHLINE_AMB_OUTPUT -p tcp -j REDIRECT --to-ports 15001" in rules
+
+        assert await agent.run_once() == 2  # nothing changed: same mounts, no new event
+        await asyncio.sleep(0.2)
+        assert len(reg.replaces()) == 1
+        assert sum(ln == "-A OUTPUT -p tcp -j MESHLINE_AMB_OUTPUT" for ln in node.nat("pod-a").splitlines()) == 1
+
+        gone = node.netns_dir / "lab_pod-b"
+        node.stop("pod-b")
+        assert mounted_inode(gone) is not None  # our mount alone holds that netns now
+        assert await agent.run_once() == 1
+        ev = await reg.next_replace(2)
+        assert [o.name for o in ev.objects or ()] == ["pod-a"]
+        assert not gone.exists() and mounted_inode(gone) is None
+        assert os.stat(node.netns_dir / "lab_pod-a").st_ino == node.netns_inode("pod-a")
