@@ -34,7 +34,7 @@ from envoy.config.core.v3 import base_pb2, socket_option_pb2
 from envoy.config.endpoint.v3 import endpoint_pb2
 from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
 from envoy.config.route.v3 import route_pb2
-from envoy.extensions.access_loggers.file.v3 import file_pb2
+from envoy.extensions.access_loggers.stream.v3 import stream_pb2
 from envoy.extensions.filters.http.rbac.v3 import rbac_pb2 as http_rbac_pb2
 from envoy.extensions.filters.http.router.v3 import router_pb2
 from envoy.extensions.filters.listener.original_dst.v3 import original_dst_pb2
@@ -217,9 +217,12 @@ class TunnelTarget:
 
 
 def _access_log(hcm: Any) -> None:
-    fl = file_pb2.FileAccessLog(path="/dev/stdout")
-    fl.log_format.text_format_source.inline_string = ACCESS_LOG_FORMAT
-    hcm.access_log.append(accesslog_pb2.AccessLog(name="envoy.access_loggers.file", typed_config=pack(fl)))
+    # Envoy's own stdout (not a file path: a proxy under its own uid may not open /dev/stdout).
+    out = stream_pb2.StdoutAccessLog()
+    out.log_format.text_format_source.inline_string = ACCESS_LOG_FORMAT
+    hcm.access_log.append(accesslog_pb2.AccessLog(name="envoy.access_loggers.stdout", typed_config=pack(out)))
+    # Tunnels live as long as their pooled connection: log when one opens, not only when it ends.
+    hcm.access_log_options.flush_log_on_tunnel_successfully_established = True
 
 
 def _per_port_rbac(vh: Any, policies: tuple[AuthorizationPolicy, ...], port: int, trust_domain: str) -> None:

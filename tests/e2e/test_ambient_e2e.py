@@ -75,9 +75,16 @@ class Lab:
     def node_log(self, node: str) -> str:
         return "".join(p.read_text(errors="replace") for p in self.topo.workdir.glob(f"*{node}*envoy*.log"))
 
+    def wait_log(self, node: str, text: str, timeout: float = 5.0) -> None:
+        """Envoy writes access logs in batches: wait for `text` in the node proxy's log."""
+        deadline = time.monotonic() + timeout
+        while text not in self.node_log(node):
+            assert time.monotonic() < deadline, f"{text!r} not in {node}'s log:\n{self.node_log(node)[-2000:]}"
+            time.sleep(0.1)
+
     def start_node_proxy(self, node: Node) -> subprocess.Popen[bytes]:
         proc = node.run([envoy_binary(), "-c", str(self.boot[node.name]), "--disable-hot-restart",
-                         "--concurrency", "1", "-l", "warning"])
+                         "--concurrency", "1", "-l", "warning", "--file-flush-interval-msec", "100"])
         self.node_proxies[node.name] = proc
         return proc
 
@@ -275,8 +282,7 @@ def test_pod_to_service_on_other_node_through_both_node_proxies(lab: Lab) -> Non
     with lab.topo.capture() as cap:
         status, body = lab.curl("a", f"http://{lab.vips['d']}/hello")
     assert status == 200 and '"d"' in body
-    log = lab.node_log("n2")
-    assert f"src.identity={spiffe('alpha', 'a')}" in log, log[-2000:]
+    lab.wait_log("n2", f"src.identity={spiffe('alpha', 'a')}")
     nodes = {lab.n1.ip, lab.n2.ip}
     pods_n2 = {p.ip for p in lab.n2.pods}
     inter = [s for s in cap.segments if (s.src in nodes | {lab.pods["a"].ip} and s.dst in pods_n2 | nodes)
@@ -302,7 +308,7 @@ def test_ambient_to_sidecar_and_back(lab: Lab) -> None:
     stats = lab.pods["s"].exec(["curl", "-s", "http://127.0.0.1:15000/stats?filter=inbound_hbone.*downstream_rq_total"])
     assert any(int(line.rsplit(" ", 1)[1]) > 0 for line in stats.stdout.splitlines() if line.strip()), stats.stdout
     _wait_http(lab.pods["s"], f"http://{lab.vips['a']}/", '"a"')
-    assert f"src.identity={spiffe('legacy', 's')}" in lab.node_log("n1")
+    lab.wait_log("n1", f"src.identity={spiffe('legacy', 's')}")
 
 
 def test_waypoint_routes_and_enforces_l7_then_fails_closed_without_it(lab: Lab) -> None:
@@ -315,7 +321,7 @@ def test_waypoint_routes_and_enforces_l7_then_fails_closed_without_it(lab: Lab) 
     assert canary == {"b2"}
     assert lab.curl("a", f"http://{b}/private/x", headers={"host": "b.beta"})[0] == 403
     assert lab.curl("a", f"http://{b}/public", headers={"host": "b.beta"})[0] == 200
-    assert "src.identity=" + spiffe("beta", "wp") in lab.node_log("n2")
+    lab.wait_log("n2", "src.identity=" + spiffe("beta", "wp"))
     # Remove the waypoint: L4 (TCP 9000) still flows, the L7 policy fails closed on 8080.
     lab.write("mesh", mesh_docs(lab.pods, lab.vips, waypoint=False))
     deadline = time.monotonic() + 15
