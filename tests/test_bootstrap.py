@@ -74,13 +74,18 @@ def test_sidecar_bootstrap_carries_node_identity_and_metadata() -> None:
 
 def test_metadata_defaults_and_other_modes() -> None:
     node = bootstrap_doc("--node-id", "ztunnel-node-a", "--namespace", "meshline-system",
-                         "--mode", "node", "--capture", "intercept")["node"]
+                         "--mode", "node", "--node-name", "node-a", "--capture", "intercept")["node"]
     assert node["id"] == "ztunnel-node-a"
     meta = node["metadata"]
     assert (meta["mode"], meta["namespace"], meta["capture"]) == ("node", "meshline-system", "intercept")
     assert meta["service_account"] == "default"
     assert meta["labels"] == {}
     assert "workload" not in meta
+    assert meta["node"] == "node-a"
+    waypoint = bootstrap_doc("--node-id", "wp-1", "--namespace", "shop", "--mode", "waypoint",
+                             "--waypoint", "shop-wp")
+    assert waypoint["node"]["metadata"]["waypoint"] == "shop-wp"
+    assert waypoint["bootstrap_extensions"][0]["name"] == "envoy.bootstrap.internal_listener"
 
 
 def test_ads_is_delta_by_default_over_an_http2_xds_cluster() -> None:
@@ -133,7 +138,8 @@ VALIDATE_CASES = {
     "sidecar-bind": SIDECAR,
     "sidecar-intercept": (*SIDECAR, "--capture", "intercept"),
     "sidecar-sotw": (*SIDECAR, "--xds-protocol", "sotw"),
-    "node": ("--mode", "node", "--node-id", "node-a", "--namespace", "meshline-system", "--capture", "intercept"),
+    "node": ("--mode", "node", "--node-id", "node-a", "--node-name", "node-a", "--namespace", "meshline-system",
+             "--capture", "intercept"),
     "waypoint": ("--mode", "waypoint", "--node-id", "waypoint-1", "--namespace", "bookinfo",
                  "--service-account", "waypoint"),
     "dns-xds-address": (*SIDECAR, "--xds-address", "meshline.meshline-system.svc:15010"),
