@@ -29,6 +29,7 @@ from controlplane.model.ir import (
     VirtualService,
     Workload,
     labels_match,
+    service_fqdn,
 )
 from controlplane.model.mesh import Mesh
 from controlplane.model.policy import (
@@ -56,6 +57,7 @@ def check_mesh(mesh: Mesh) -> tuple[Issue, ...]:
     issues.extend(_peer_authn_conflicts(mesh))
     for ap in mesh.authorization_policies:
         issues.extend(_l7_on_tcp(mesh, ap))
+        issues.extend(_l7_without_waypoint(mesh, ap))
     issues.extend(_sidecar_conflicts(mesh))
     for sc in mesh.sidecars:
         issues.extend(_sidecar_hosts(mesh, sc))
@@ -254,6 +256,43 @@ def _l7_on_tcp(mesh: Mesh, ap: AuthorizationPolicy) -> Iterator[Issue]:
             f"{shown}; it is enforced as {_TCP_ENFORCEMENT[ap.action]}",
             "warning",
         )
+
+
+def _l7_without_waypoint(mesh: Mesh, ap: AuthorizationPolicy) -> Iterator[Issue]:
+    """L7 rules that no waypoint enforces: on ambient Pods (their node proxy works at L4), or
+    attached to a Service without a waypoint, or to a waypoint that does not exist."""
+    from controlplane.model.ambient import is_ambient, waypoint_service
+
+    l7 = [(i, http_only_attributes(r)) for i, r in enumerate(ap.rules)]
+    l7 = [(i, attrs) for i, attrs in l7 if attrs]
+    how = _TCP_ENFORCEMENT[ap.action]
+    if not ap.target_refs:
+        if not l7:
+            return
+        pods = sorted(f"{ns}/{name}" for (ns, name), wl in mesh.workloads.items()
+                      if is_ambient(mesh, wl) and authorization_policy_applies(ap, mesh.root_namespace, ns, wl.labels))
+        if not pods:
+            return
+        shown = ", ".join(pods[:3]) + (f" and {len(pods) - 3} more" if len(pods) > 3 else "")
+        for i, attrs in l7:
+            yield Issue(ap.ref, f"spec.rules[{i}]",
+                        f"L7 rules on ambient Pods ({shown}) without a waypoint: their node proxy enforces L4 only, "
+                        f"so this rule ({', '.join(attrs)}) is enforced as {how}; attach the policy to a waypoint "
+                        "with targetRefs", "warning")
+        return
+    for kind, name in ap.target_refs:
+        if kind == "Gateway":
+            if mesh.services.get(service_fqdn(name, ap.namespace)) is None:
+                yield Issue(ap.ref, "spec.targetRefs", f"waypoint {ap.namespace}/{name} does not exist (no Service "
+                            f"of that name): nothing enforces this policy for the services bound to it, whose "
+                            f"node proxies enforce it at L4 ({how})", "warning")
+            continue
+        svc = mesh.services.get(service_fqdn(name, ap.namespace))
+        if svc is None:
+            yield Issue(ap.ref, "spec.targetRefs", f"Service {ap.namespace}/{name} does not exist", "warning")
+        elif waypoint_service(mesh, svc) is None and l7:
+            yield Issue(ap.ref, "spec.targetRefs", f"Service {ap.namespace}/{name} uses no waypoint: its Pods' "
+                        f"proxies enforce this policy, and its L7 rules fail closed there ({how})", "warning")
 
 
 # --------------------------------------------------------------------------- Sidecar

@@ -1,0 +1,177 @@
+"""Sidecarless model rules: which pods are ambient, where their netns is, which waypoint a
+service uses, how policies apply per port and without a waypoint, and what `analyze`
+reports. Pure (converts YAML, builds meshes)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import textwrap
+
+import pytest
+
+from controlplane.ca import tokens
+from controlplane.ca.identity import Identity
+from controlplane.model.ambient import ambient_pods_on, dataplane_mode, waypoint_service
+from controlplane.model.convert import convert
+from controlplane.model.ir import AuthorizationPolicy, AuthzOperation, AuthzRule, SourceRef
+from controlplane.model.mesh import Mesh
+from controlplane.model.policy import policies_for_port
+from controlplane.model.store import assemble
+from controlplane.sources.yamlload import parse_documents
+from controlplane.translate.ambient import plan_node
+from controlplane.translate.plan import LISTENER, SECRET
+
+BASE = """
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop, labels: {meshline.io/dataplane-mode: ambient}}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: api, namespace: shop}
+spec: {clusterIP: 10.96.0.1, selector: {app: api}, ports: [{name: http, port: 80, targetPort: 8080}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: api-1, namespace: shop, labels: {app: api}, annotations: {meshline.io/netns: /run/netns/api-1}}
+spec: {nodeName: n1, serviceAccountName: api, containers: [{name: c}]}
+status: {podIP: 10.0.0.1}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: out-1, namespace: shop, labels: {app: out, meshline.io/dataplane-mode: none},
+           annotations: {meshline.io/netns: /run/netns/out-1}}
+spec: {nodeName: n1, containers: [{name: c}]}
+status: {podIP: 10.0.0.2}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: api-2, namespace: shop, labels: {app: api}}
+spec: {nodeName: n2, serviceAccountName: api, containers: [{name: c}]}
+status: {podIP: 10.0.0.3}
+"""
+
+
+def mesh_of(*texts: str) -> Mesh:
+    values = []
+    issues = []
+    for text in texts:
+        objects, errors = parse_documents(textwrap.dedent(text), "in.yaml")
+        assert not errors
+        for raw in objects:
+            value, found = convert(raw)
+            assert not [i for i in found if i.severity == "error"], [i.format() for i in found]
+            values.append(value)
+            issues += found
+    return assemble([v for v in values if v is not None], tuple(issues))
+
+
+def test_ambient_membership_and_netns() -> None:
+    mesh = mesh_of(BASE)
+    assert dataplane_mode(mesh, mesh.workloads[("shop", "api-1")]) == "ambient"
+    assert dataplane_mode(mesh, mesh.workloads[("shop", "out-1")]) == "none"  # the pod label opts out
+    assert [w.name for w in ambient_pods_on(mesh, "n1")] == ["api-1"]
+    assert ambient_pods_on(mesh, "n2") == []  # api-2: no netns known yet
+
+
+def test_node_agent_report_gives_the_netns_and_beats_the_annotation() -> None:
+    report = """
+    apiVersion: meshline.io/v1
+    kind: PodNetns
+    metadata: {name: api-2, namespace: shop}
+    node: n2
+    netnsPath: /var/run/meshline/netns/shop_api-2
+    ---
+    apiVersion: meshline.io/v1
+    kind: PodNetns
+    metadata: {name: api-1, namespace: shop}
+    node: n9
+    netnsPath: /elsewhere
+    """
+    mesh = mesh_of(BASE, report)
+    assert mesh.workloads[("shop", "api-2")].netns == "/var/run/meshline/netns/shop_api-2"
+    assert mesh.workloads[("shop", "api-1")].netns == "/run/netns/api-1"  # a report from another node is ignored
+    assert [w.name for w in ambient_pods_on(mesh, "n2")] == ["api-2"]
+
+
+def test_bad_netns_annotation_names_the_field() -> None:
+    objects, _ = parse_documents(textwrap.dedent("""
+    apiVersion: v1
+    kind: Pod
+    metadata: {name: p, namespace: shop, annotations: {meshline.io/netns: relative/path}}
+    spec: {containers: [{name: c}]}
+    """), "in.yaml")
+    value, issues = convert(objects[0])
+    assert value is None
+    assert any(i.field == "metadata.annotations[meshline.io/netns]" and "absolute" in i.message for i in issues)
+
+
+def test_waypoint_binding_service_overrides_namespace() -> None:
+    mesh = mesh_of(BASE.replace("meshline.io/dataplane-mode: ambient}", "meshline.io/dataplane-mode: ambient, "
+                                "meshline.io/use-waypoint: wp}"), """
+    apiVersion: v1
+    kind: Service
+    metadata: {name: wp, namespace: shop}
+    spec: {clusterIP: 10.96.0.9, selector: {app: wp}, ports: [{name: tunnel, port: 15008}]}
+    ---
+    apiVersion: v1
+    kind: Service
+    metadata: {name: direct, namespace: shop, labels: {meshline.io/use-waypoint: none}}
+    spec: {clusterIP: 10.96.0.8, selector: {app: d}, ports: [{name: http, port: 80}]}
+    """)
+    wp = waypoint_service(mesh, mesh.services["api.shop.svc.cluster.local"])
+    assert wp is not None and wp.name == "wp"
+    assert waypoint_service(mesh, mesh.services["direct.shop.svc.cluster.local"]) is None
+    assert waypoint_service(mesh, mesh.services["wp.shop.svc.cluster.local"]) is None
+
+
+def test_policies_for_port_decides_port_attributes() -> None:
+    ref = SourceRef("AuthorizationPolicy", "shop", "p")
+    rule = AuthzRule(operations=(AuthzOperation(ports=(8080,), paths=("/x",)), AuthzOperation(not_ports=(9090,))))
+    ap = AuthorizationPolicy(ref, "shop", "p", rules=(rule,))
+    (on_8080,) = policies_for_port((ap,), 8080)
+    assert on_8080.rules[0].operations == (AuthzOperation(paths=("/x",)), AuthzOperation())
+    (on_9090,) = policies_for_port((ap,), 9090)
+    assert on_9090.rules == ()  # cannot match: an ALLOW policy without rules denies there
+    (either,) = policies_for_port((ap,), 80, 8080)  # a service port and its target port
+    assert len(either.rules[0].operations) == 2
+
+
+def test_node_proxy_plan_is_only_for_its_node() -> None:
+    mesh = mesh_of(BASE)
+    listeners = {s.name for s in plan_node(mesh, "n1") if s.type_url == LISTENER}
+    assert listeners == {"ambient_outbound_shop_api-1", "ambient_hbone_shop_api-1", "ambient_plain_shop_api-1"}
+    assert not [s for s in plan_node(mesh, "n2") if s.type_url == LISTENER]
+    assert not [s for s in plan_node(mesh, "n1") if s.type_url == SECRET]  # secrets come from the CA, per identity
+
+
+def test_tokens_bind_a_node() -> None:
+    key = b"k" * 32
+    tok = tokens.mint(key, Identity("meshline-system", "meshline-node-proxy"), dt.timedelta(hours=1), node="n1")
+    ident, _, node = tokens.verify_claims(key, tok)
+    assert (ident.service_account, node) == ("meshline-node-proxy", "n1")
+    plain = tokens.mint(key, Identity("shop", "api"), dt.timedelta(hours=1))
+    assert tokens.verify_claims(key, plain)[2] is None
+
+
+L7_POLICY = """
+apiVersion: security.meshline.io/v1
+kind: AuthorizationPolicy
+metadata: {name: no-admin, namespace: shop}
+spec:
+  %s
+  action: DENY
+  rules: [{to: [{operation: {paths: ["/admin*"]}}]}]
+"""
+
+
+@pytest.mark.parametrize("attach, fragment", [
+    ("selector: {matchLabels: {app: api}}", "L7 rules on ambient Pods (shop/api-1, shop/api-2) without a waypoint"),
+    ("targetRefs: [{kind: Service, name: api}]", "Service shop/api uses no waypoint"),
+    ("targetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, name: gone}]",
+     "waypoint shop/gone does not exist"),
+])
+def test_l7_policy_without_a_waypoint_is_reported(attach: str, fragment: str) -> None:
+    mesh = mesh_of(BASE, L7_POLICY % attach)
+    found = [i for i in mesh.issues if i.ref.name == "no-admin"]
+    assert any(fragment in i.message and i.severity == "warning" for i in found), [i.format() for i in found]
