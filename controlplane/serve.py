@@ -231,7 +231,7 @@ def _node_agent_authorizer(identity: IdentityService | None, root_namespace: str
     if identity is None:
         return None
 
-    async def authorize(metadata: Any) -> str | None:
+    async def authorize(metadata: Any, node: str) -> str | None:
         auth = await identity.authenticator.authenticate(metadata)
         if auth.identity is None:
             return f"node agent not authenticated: {auth.reason}"
@@ -239,6 +239,8 @@ def _node_agent_authorizer(identity: IdentityService | None, root_namespace: str
             return f"{auth.identity} is not the node proxy's identity {root_namespace}/{NODE_PROXY_SERVICE_ACCOUNT}"
         if auth.node is None:
             return "the credential is not bound to a node"
+        if auth.node != node:
+            return f"the credential is for node {auth.node}, not {node}"
         return None
 
     return authorize

@@ -92,7 +92,7 @@ class Registry:
 
 
 @contextlib.asynccontextmanager
-async def serving(authorize: Callable[[Sequence[tuple[str, str | bytes]]], Awaitable[str | None]] | None = None
+async def serving(authorize: Callable[[Sequence[tuple[str, str | bytes]], str], Awaitable[str | None]] | None = None
                   ) -> AsyncIterator[Registry]:
     registry = NodeAgentRegistry(authorize=authorize)
     server = grpc.aio.server()
@@ -189,7 +189,7 @@ async def test_bad_reports_are_invalid_argument_naming_the_field(request_: Any, 
 async def test_the_authorization_hook_decides() -> None:
     seen: list[dict[str, str | bytes]] = []
 
-    async def authorize(metadata: Sequence[tuple[str, str | bytes]]) -> str | None:
+    async def authorize(metadata: Sequence[tuple[str, str | bytes]], node: str) -> str | None:
         md = dict(metadata)
         seen.append(md)
         return None if md.get("authorization") == "Bearer good" else "not a node agent of this mesh"
@@ -338,7 +338,7 @@ async def test_node_agent_once_reports_and_fails_clearly(tmp_path: Path) -> None
     token.write_text("t0k3n\n")
     seen: list[str | bytes | None] = []
 
-    async def authorize(metadata: Sequence[tuple[str, str | bytes]]) -> str | None:
+    async def authorize(metadata: Sequence[tuple[str, str | bytes]], node: str) -> str | None:
         seen.append(dict(metadata).get("authorization"))
         return None
 
@@ -472,3 +472,40 @@ async def test_agent_finds_mounts_captures_and_reports_real_namespaces(node: Nod
         assert [o.name for o in ev.objects or ()] == ["pod-a"]
         assert not gone.exists() and mounted_inode(gone) is None
         assert os.stat(node.netns_dir / "lab_pod-a").st_ino == node.netns_inode("pod-a")
+
+
+def test_control_plane_accepts_reports_only_from_the_node_proxy_of_that_node() -> None:
+    """`serve --node-agents` with a CA: the reporting credential must be the node proxy's
+    identity, bound to the node the report is for."""
+    import datetime as dt
+    import types
+
+    from controlplane.ca import tokens
+    from controlplane.ca.authn import Authenticator
+    from controlplane.ca.identity import Identity
+    from controlplane.serve import _node_agent_authorizer
+
+    key = b"x" * 32
+    fake = types.SimpleNamespace(authenticator=Authenticator(lambda: key))
+    authorize = _node_agent_authorizer(fake, "meshline-system")  # type: ignore[arg-type]
+    proxy = Identity("meshline-system", "meshline-node-proxy")
+
+    def md(token: str) -> list[tuple[str, str]]:
+        return [("authorization", f"Bearer {token}")]
+
+    async def check() -> list[str | None]:
+        hour = dt.timedelta(hours=1)
+        return [
+            await authorize(md(tokens.mint(key, proxy, hour, node="n1")), "n1"),
+            await authorize(md(tokens.mint(key, proxy, hour, node="n1")), "n2"),
+            await authorize(md(tokens.mint(key, proxy, hour)), "n1"),
+            await authorize(md(tokens.mint(key, Identity("shop", "web"), hour, node="n1")), "n1"),
+            await authorize([], "n1"),
+        ]
+
+    ok, other_node, unbound, not_proxy, anonymous = asyncio.run(check())
+    assert ok is None
+    assert other_node is not None and "not n2" in other_node
+    assert unbound is not None and "not bound to a node" in unbound
+    assert not_proxy is not None and "not the node proxy" in not_proxy
+    assert anonymous is not None and "not authenticated" in anonymous

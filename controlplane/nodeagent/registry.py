@@ -41,7 +41,8 @@ KIND = "PodNetns"
 API_VERSION = "meshline.io/v1"
 ORIGIN_PREFIX = "node-agent:"
 
-Authorize = Callable[[Sequence[tuple[str, str | bytes]]], Awaitable[str | None]]
+Authorize = Callable[[Sequence[tuple[str, str | bytes]], str], Awaitable[str | None]]
+"""(invocation metadata, the node the report is for) -> None when allowed, else why not."""
 """Given the call's invocation metadata: None to allow it, else the reason to refuse it."""
 
 
@@ -141,7 +142,7 @@ class NodeAgentRegistry:
 
     async def report(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         if self._authorize is not None:
-            reason = await self._authorize(tuple(context.invocation_metadata() or ()))
+            reason = await self._authorize(tuple(context.invocation_metadata() or ()), str(request.node))
             if reason is not None:
                 log.warning("node-agent report from %s refused: %s", context.peer(), reason)
                 await context.abort(grpc.StatusCode.PERMISSION_DENIED, reason)
