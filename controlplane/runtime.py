@@ -17,7 +17,7 @@ from controlplane.ca.identity import Identity, identity_of, proven_node
 from controlplane.cache.resources import Resource
 from controlplane.cache.snapshot import ProxyKey, SnapshotBuilder, proxy_key
 from controlplane.metrics import Metrics
-from controlplane.model.ir import ProxyMeta
+from controlplane.model.ir import Hostname, ProxyMeta
 from controlplane.model.mesh import Mesh
 from controlplane.model.store import MeshStore
 from controlplane.quarantine import Bisector, Step
@@ -26,7 +26,7 @@ from controlplane.translate.ambient import identity_secret, node_identities, pla
 from controlplane.translate.plan import SECRET, ResourceSpec
 from controlplane.translate.scope import proxy_scope, scope_key
 from controlplane.translate.secrets import ROOT_SECRET, plan_named_secrets, plan_secrets, root_secret
-from controlplane.translate.sidecar import plan_inbound, plan_outbound
+from controlplane.translate.sidecar import plan_inbound, plan_outbound, plan_outbound_hosts
 from controlplane.xds.server import Connection, XdsServer
 from controlplane.xds.stream import NackRecord, Outgoing
 
@@ -71,6 +71,13 @@ def _plan_shared(mesh: Mesh, meta: ProxyMeta) -> list[ResourceSpec]:
     return plan_outbound(mesh, meta.namespace, meta.capture, meta.outbound_address, proxy_scope(mesh, meta))
 
 
+def _plan_shared_hosts(mesh: Mesh, meta: ProxyMeta, hosts: frozenset[str]) -> list[ResourceSpec] | None:
+    if meta.mode != "sidecar":
+        return None
+    return plan_outbound_hosts(mesh, meta.namespace, meta.capture, [Hostname(h) for h in hosts],
+                               proxy_scope(mesh, meta))
+
+
 def _plan_own(mesh: Mesh, meta: ProxyMeta) -> list[ResourceSpec]:
     if meta.mode == "node":
         return plan_node(mesh, meta.node) if meta.node else []
@@ -97,7 +104,7 @@ class Runtime:
         self.store = MeshStore(trust_domain=self.settings.trust_domain, root_namespace=self.settings.root_namespace)
         # The builder asks for keys while it rebuilds from `store.mesh()` (rebuild_now).
         self.builder = SnapshotBuilder(_plan_shared, self._plan_own_layer,
-                                       lambda meta: _shared_key(self.store.mesh(), meta))
+                                       lambda meta: _shared_key(self.store.mesh(), meta), _plan_shared_hosts)
         self.xds = XdsServer(self, self, self.identity.authenticator if self.identity is not None else None)
         self._rotation_timer: asyncio.TimerHandle | None = None
         if self.identity is not None:
@@ -107,6 +114,8 @@ class Runtime:
         self._dirty = asyncio.Event()
         self._first_dirty: float | None = None
         self._last_change: float = 0.0
+        self._last_rebuild: float = float("-inf")
+        self.rebuilds = 0
         self._snapshots: dict[ProxyKey, object] = {}
         self._mesh: Mesh | None = None
         self._mesh_generation = -1
@@ -332,10 +341,10 @@ class Runtime:
         if not self.ready:
             return
         t0 = time.perf_counter()
-        mesh = self.store.mesh()
+        mesh, delta = self.store.mesh_delta()
         conns = list(self.xds.connections.values())
         store_gen = self.store.generation
-        snaps = self.builder.rebuild(mesh, [c.meta for c in conns])
+        snaps = self.builder.rebuild(mesh, [c.meta for c in conns], delta)
         self._snapshots = dict(snaps)
         self._store_gen_of[self.builder.generation] = store_gen
         while len(self._store_gen_of) > 256:
@@ -371,18 +380,24 @@ class Runtime:
         failures = 0
         while True:
             await self._dirty.wait()
-            # Debounce: wait for a quiet period, but never longer than max_wait in total.
-            while True:
-                now = time.monotonic()
-                first = self._first_dirty or now
-                quiet_until = self._last_change + debounce
-                if now >= quiet_until or now - first >= max_wait:
-                    break
-                await asyncio.sleep(min(quiet_until, first + max_wait) - now)
+            # Debounce. A change after a quiet window (no rebuild for `debounce`) is pushed at
+            # once: the first change of a burst costs no waiting. Changes that follow within the
+            # window are coalesced: pushed once they pause for `debounce`, or after `max_wait`.
+            first = self._first_dirty or time.monotonic()
+            if first - self._last_rebuild < debounce:
+                while True:
+                    now = time.monotonic()
+                    first = self._first_dirty or now
+                    quiet_until = self._last_change + debounce
+                    if now >= quiet_until or now - first >= max_wait:
+                        break
+                    await asyncio.sleep(min(quiet_until, first + max_wait) - now)
             self._dirty.clear()
             self._first_dirty = None
             try:
                 self.rebuild_now()
+                self._last_rebuild = time.monotonic()
+                self.rebuilds += 1
                 failures = 0
             except Exception:  # a translation bug must not kill the control plane
                 failures = min(failures + 1, 6)

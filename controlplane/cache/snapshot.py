@@ -15,41 +15,79 @@ from dataclasses import dataclass
 
 from controlplane.cache.resources import Resource, ResourceMemo
 from controlplane.model.ir import CaptureMode, Labels, ProxyMeta, TypeUrl
-from controlplane.model.mesh import Mesh
+from controlplane.model.mesh import EndpointDelta, Mesh
 from controlplane.translate.plan import PUSH_ORDER, ResourceSpec
 
 log = logging.getLogger(__name__)
 EMPTY: Mapping[str, Resource] = {}
 
 
+_MASK = (1 << 64) - 1
+
+
+def _item_hash(name: str, res: Resource) -> int:
+    digest = hashlib.blake2b(f"{name}\0{res.version}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big")
+
+
 class TypeResources:
     """The resources of one type for one proxy (class). Never mutated after creation,
-    except that `prev` is cleared when a successor is made (so chains stay one long)."""
+    except that `prev` is cleared when a successor is made (so chains stay one long).
 
-    __slots__ = ("changed", "items", "prev", "type_url", "version")
+    `version` is an order-independent hash of every (name, resource version): a sum of
+    per-item hashes, so a successor that changes k items (`patched`) costs O(k) to version
+    (plus one C-level dict copy), not O(n)."""
+
+    __slots__ = ("_acc", "changed", "items", "prev", "type_url", "version")
 
     def __init__(
         self,
         type_url: TypeUrl,
         items: Mapping[str, Resource],
         prev: TypeResources | None = None,
+        *,
+        acc: int | None = None,
+        changed: frozenset[str] | None = None,
     ) -> None:
         self.type_url = type_url
         self.items = items
-        h = hashlib.blake2b(digest_size=8)
-        for name in sorted(items):
-            h.update(name.encode())
-            h.update(items[name].version.encode())
-        self.version = h.hexdigest()
+        if acc is None:
+            acc = sum(_item_hash(n, r) for n, r in items.items()) & _MASK
+        self._acc = acc
+        self.version = f"{acc:016x}"
         self.prev: TypeResources | None = None
         self.changed: frozenset[str] | None = None
         if prev is not None:
             self.prev = prev
             prev.prev = None
-            old = prev.items
-            changed = {n for n, r in items.items() if old.get(n) is not r}
-            changed.update(n for n in old if n not in items)
-            self.changed = frozenset(changed)
+            if changed is None:
+                old = prev.items
+                found = {n for n, r in items.items() if old.get(n) is not r}
+                found.update(n for n in old if n not in items)
+                changed = frozenset(found)
+            self.changed = changed
+
+    def patched(self, updates: Mapping[str, Resource | None]) -> TypeResources:
+        """A successor with `updates` applied (None removes the name); self if nothing changes."""
+        acc = self._acc
+        items: dict[str, Resource] | None = None
+        changed: set[str] = set()
+        for name, res in updates.items():
+            old = self.items.get(name)
+            if old is res:
+                continue
+            if items is None:
+                items = dict(self.items)
+            if old is not None:
+                acc -= _item_hash(name, old)
+                del items[name]
+            if res is not None:
+                acc += _item_hash(name, res)
+                items[name] = res
+            changed.add(name)
+        if items is None:
+            return self
+        return TypeResources(self.type_url, items, self, acc=acc & _MASK, changed=frozenset(changed))
 
 
 def _evolve(type_url: TypeUrl, items: dict[str, Resource], prev: TypeResources | None) -> TypeResources:
@@ -90,6 +128,9 @@ def proxy_key(meta: ProxyMeta) -> ProxyKey:
 
 
 Planner = Callable[[Mesh, ProxyMeta], list[ResourceSpec]]
+HostPlanner = Callable[[Mesh, ProxyMeta, frozenset[str]], "list[ResourceSpec] | None"]
+"""Plans just the shared resources that depend on the endpoints of some hosts (None: this
+proxy class cannot be patched that way, plan it in full)."""
 
 
 class SnapshotBuilder:
@@ -98,8 +139,12 @@ class SnapshotBuilder:
     `shared(mesh, meta)` plans what proxies with equal `shared_key(meta)` have in common;
     `own(mesh, meta)` plans the proxy's own part (its inbound side)."""
 
-    def __init__(self, shared: Planner, own: Planner, shared_key: Callable[[ProxyMeta], object]) -> None:
+    def __init__(self, shared: Planner, own: Planner, shared_key: Callable[[ProxyMeta], object],
+                 shared_hosts: HostPlanner | None = None) -> None:
         self.memo = ResourceMemo()
+        self._plan_shared_hosts = shared_hosts
+        self._last_mesh: Mesh | None = None
+        self.incremental_rebuilds = 0
         self._plan_shared = shared
         self._plan_own = own
         self._shared_key = shared_key
@@ -109,10 +154,19 @@ class SnapshotBuilder:
         self.generation = 0
         self.failures = 0
 
-    def rebuild(self, mesh: Mesh, proxies: Iterable[ProxyMeta]) -> dict[ProxyKey, Snapshot]:
-        """Snapshots for every distinct proxy key among `proxies` for this mesh."""
+    def rebuild(self, mesh: Mesh, proxies: Iterable[ProxyMeta],
+                delta: EndpointDelta | None = None) -> dict[ProxyKey, Snapshot]:
+        """Snapshots for every distinct proxy key among `proxies` for this mesh. With
+        `delta` (this mesh is the last one built plus new endpoints for a few hosts), proxy
+        classes that support it are patched: only those hosts' resources are re-planned, and
+        the proxies' own layers (which do not depend on endpoints) are kept."""
         self.generation += 1
-        self.memo.begin_round()
+        patch = delta if delta is not None and delta.base is self._last_mesh and self._plan_shared_hosts else None
+        self._last_mesh = mesh
+        if patch is not None:
+            self.incremental_rebuilds += 1
+        else:
+            self.memo.begin_round()  # a full round: resources nobody uses any more are dropped
         shared_done: dict[object, dict[TypeUrl, TypeResources]] = {}
         out: dict[ProxyKey, Snapshot] = {}
         failed: set[object] = set()
@@ -125,13 +179,22 @@ class SnapshotBuilder:
                     sk = self._shared_key(meta)
                     if sk in failed:
                         raise RuntimeError("shared layer failed")
+                    patched: dict[TypeUrl, TypeResources] | None = None
                     if sk not in shared_done:
                         try:
-                            shared_done[sk] = self._layer(self._plan_shared(mesh, meta), self._shared.get(sk))
+                            prev_shared = self._shared.get(sk)
+                            if patch is not None and prev_shared is not None:
+                                patched = self._patch(patch, mesh, meta, prev_shared)
+                            shared_done[sk] = (patched if patched is not None else
+                                               self._layer(self._plan_shared(mesh, meta), prev_shared))
                         except Exception:
                             failed.add(sk)
                             raise
-                    own = self._layer(self._plan_own(mesh, meta), self._own.get(pk))
+                    prev_own = self._own.get(pk)
+                    if patch is not None and prev_own is not None and self._patchable(pk):
+                        own = prev_own
+                    else:
+                        own = self._layer(self._plan_own(mesh, meta), prev_own)
                     self._own[pk] = own
                     out[pk] = self._combine(pk, shared_done[sk], own)
                 except Exception:
@@ -144,10 +207,37 @@ class SnapshotBuilder:
                     if prev is not None:
                         out[pk] = prev
         finally:
-            self.memo.end_round()
+            if patch is None:
+                self.memo.end_round()
         self._shared = shared_done
         self._own = {k: v for k, v in self._own.items() if k in out}
         self._snap = {k: v for k, v in self._snap.items() if k in out}
+        return out
+
+    @staticmethod
+    def _patchable(pk: ProxyKey) -> bool:
+        return pk[4] == "sidecar"  # sidecars' own layers (inbound, secrets) never read endpoints
+
+    def _patch(self, delta: EndpointDelta, mesh: Mesh, meta: ProxyMeta,
+               prev: dict[TypeUrl, TypeResources]) -> dict[TypeUrl, TypeResources] | None:
+        """`prev` with the resources of `delta.hosts` re-planned; None when not patchable."""
+        assert self._plan_shared_hosts is not None
+        if not self._patchable(proxy_key(meta)):
+            return None
+        old = self._plan_shared_hosts(delta.base, meta, delta.hosts)
+        new = self._plan_shared_hosts(mesh, meta, delta.hosts)
+        if old is None or new is None:
+            return None
+        updates: dict[TypeUrl, dict[str, Resource | None]] = {}
+        for spec in old:
+            updates.setdefault(spec.type_url, {})[spec.name] = None
+        for spec in new:
+            updates.setdefault(spec.type_url, {})[spec.name] = self.memo.realize(spec)
+        out = dict(prev)
+        for t, upd in updates.items():
+            cur = out.get(t)
+            out[t] = cur.patched(upd) if cur is not None else _evolve(
+                t, {n: r for n, r in upd.items() if r is not None}, None)
         return out
 
     def _layer(

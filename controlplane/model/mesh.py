@@ -72,6 +72,15 @@ class Mesh:
         return tuple(found[h] for h in sorted(found))
 
 
+@dataclass(frozen=True, slots=True, eq=False)
+class EndpointDelta:
+    """A mesh equals `base` except for the endpoints of `hosts` (the store's fast path for
+    EndpointSlice-only changes; snapshot building then re-plans just those hosts)."""
+
+    base: Mesh
+    hosts: frozenset[str]
+
+
 def build_mesh(
     namespaces: Mapping[str, Namespace],
     services: Mapping[Hostname, Service],

@@ -31,7 +31,7 @@ from controlplane.model.ir import (
     Workload,
     service_fqdn,
 )
-from controlplane.model.mesh import Mesh, build_mesh
+from controlplane.model.mesh import EndpointDelta, Mesh, build_mesh
 from controlplane.model.raw import ObjectKey, RawObject
 from controlplane.model.validate import check_mesh
 from controlplane.sources.base import Delete, Replace, SourceEvent, Upsert
@@ -67,6 +67,12 @@ class MeshStore:
         self._origin_errors: dict[str, tuple[ParseError, ...]] = {}
         self._mesh: Mesh | None = None
         self.generation = 0
+        # Fast path bookkeeping: what changed since `_base` (the last assembled mesh).
+        self._base: Mesh | None = None
+        self._delta: EndpointDelta | None = None
+        # key -> (the value it served in `_base`, whether it had issues then)
+        self._dirty: dict[ObjectKey, tuple[IRValue | None, bool]] = {}
+        self._dirty_all = False
 
     # ------------------------------------------------------------------ updates
     def apply(self, events: Iterable[SourceEvent]) -> bool:
@@ -80,9 +86,19 @@ class MeshStore:
             elif isinstance(ev, Delete):
                 changed |= self._delete(ev.origin, ev.key)
         if changed:
-            self._mesh = None
-            self.generation += 1
+            self._invalidate()
         return changed
+
+    def _invalidate(self, everything: bool = False) -> None:
+        self._mesh = None
+        self.generation += 1
+        self._dirty_all |= everything
+
+    def _touch(self, key: ObjectKey) -> None:
+        """Remember what `key` served in the last assembled mesh, before it changes."""
+        if key not in self._dirty:
+            e = self._entries.get(key)
+            self._dirty[key] = (e.serving, bool(e.issues)) if e is not None else (None, False)
 
     def _replace(self, ev: Replace) -> bool:
         prev_errors = self._origin_errors.get(ev.origin, ())
@@ -91,6 +107,8 @@ class MeshStore:
         else:
             self._origin_errors.pop(ev.origin, None)
         changed = prev_errors != ev.errors
+        if changed:
+            self._dirty_all = True
         if ev.objects is None:
             return changed
         new_keys = {o.key for o in ev.objects}
@@ -117,6 +135,7 @@ class MeshStore:
                                            prev.quarantine)
                 return False
         value, issues = convert(raw)
+        self._touch(key)
         if prev is not None and prev.origin != origin:
             issues = (
                 *issues,
@@ -152,6 +171,7 @@ class MeshStore:
         if entry is None or entry.origin != origin:
             self._by_origin.get(origin, set()).discard(key)
             if shadows.pop(origin, None) is not None and entry is not None:
+                self._touch(key)
                 # The duplicate is gone: drop the survivor's "also defined in ..." warning.
                 issues = tuple(i for i in entry.issues if not i.message.startswith("also defined in"))
                 self._entries[key] = Entry(entry.origin, entry.raw, entry.good, issues, entry.prev_good,
@@ -160,6 +180,7 @@ class MeshStore:
                     self._shadowed.pop(key, None)
                 return True
             return False
+        self._touch(key)
         del self._entries[key]
         self._by_origin.get(origin, set()).discard(key)
         if shadows:
@@ -183,8 +204,7 @@ class MeshStore:
             self._entries[key] = Entry(e.origin, e.raw, e.good, e.issues, e.prev_good, e.changed_gen, reason)
             done.append(key)
         if done:
-            self._mesh = None
-            self.generation += 1
+            self._invalidate(everything=True)
         return done
 
     def release(self, keys: Iterable[ObjectKey]) -> None:
@@ -195,8 +215,7 @@ class MeshStore:
                 self._entries[key] = Entry(e.origin, e.raw, e.good, e.issues, e.prev_good, e.changed_gen, None)
                 released = True
         if released:
-            self._mesh = None
-            self.generation += 1
+            self._invalidate(everything=True)
 
     def entry(self, key: ObjectKey) -> Entry | None:
         return self._entries.get(key)
@@ -230,14 +249,59 @@ class MeshStore:
         return tuple(out)
 
     def mesh(self) -> Mesh:
+        return self.mesh_delta()[0]
+
+    def mesh_delta(self) -> tuple[Mesh, EndpointDelta | None]:
+        """The current mesh and, when it differs from the previously assembled one only in
+        some services' endpoints, that difference (built in O(changed), see `_fast_path`)."""
         if self._mesh is None:
-            self._mesh = assemble(
-                (e.serving for _, e in sorted(self._entries.items()) if e.serving is not None),
-                self.object_issues(),
-                root_namespace=self.root_namespace,
-                trust_domain=self.trust_domain,
-            )
-        return self._mesh
+            fast = self._fast_path()
+            if fast is not None:
+                self._mesh, self._delta = fast
+            else:
+                self._delta = None
+                self._mesh = assemble(
+                    (e.serving for _, e in sorted(self._entries.items()) if e.serving is not None),
+                    self.object_issues(),
+                    root_namespace=self.root_namespace,
+                    trust_domain=self.trust_domain,
+                )
+            self._base = self._mesh
+            self._dirty = {}
+            self._dirty_all = False
+        return self._mesh, self._delta
+
+    def _fast_path(self) -> tuple[Mesh, EndpointDelta] | None:
+        """When only EndpointSlices changed since the last mesh, each valid before and after,
+        without issues, for services that have a selector (so no cross-object check reads
+        their endpoints): that mesh with those services' endpoint sets replaced."""
+        base = self._base
+        if base is None or self._dirty_all or not self._dirty:
+            return None
+        hosts: set[Hostname] = set()
+        news: dict[ObjectKey, EndpointSet] = {}
+        for key, (old, had_issues) in self._dirty.items():
+            e = self._entries.get(key)
+            if key[0] != "EndpointSlice" or e is None or not isinstance(e.serving, EndpointSet):
+                return None
+            if not isinstance(old, EndpointSet) or had_issues or e.issues or e.quarantine is not None:
+                return None
+            news[key] = e.serving
+            for v in (old, e.serving):
+                host = service_fqdn(v.service, v.namespace)
+                svc = base.services.get(host)
+                if svc is None or not svc.selector:
+                    return None
+                hosts.add(host)
+        endpoints = dict(base.endpoints)
+        for host in hosts:
+            kept = [s for s in base.endpoints.get(host, ()) if (s.ref.kind, s.ref.namespace, s.ref.name) not in news]
+            kept += [s for s in news.values() if service_fqdn(s.service, s.namespace) == host]
+            endpoints[host] = tuple(sorted(kept, key=lambda s: (s.ref.kind, s.ref.name)))
+            if not endpoints[host]:
+                del endpoints[host]
+        mesh = replace(base, endpoints=endpoints)
+        return mesh, EndpointDelta(base, frozenset(hosts))
 
     def sources_of(self, key: ObjectKey) -> RawObject | None:
         e = self._entries.get(key)

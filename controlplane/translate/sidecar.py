@@ -280,6 +280,25 @@ def plan_outbound(
     return sorted(specs, key=lambda s: (s.type_url, s.name))
 
 
+def plan_outbound_hosts(
+    mesh: Mesh,
+    namespace: str,
+    capture: CaptureMode,
+    hosts: Iterable[Hostname],
+    scope: Scope | None = None,
+) -> list[ResourceSpec]:
+    """The part of `plan_outbound(mesh, namespace, capture, ..., scope)` that depends on the
+    endpoints of `hosts`: their clusters and load assignments (and, for services reached
+    through the HBONE tunnel, its internal listeners). Everything else in the outbound plan
+    (routes, listeners) reads services and routing rules, never endpoints."""
+    specs: list[ResourceSpec] = []
+    for host in sorted(hosts):
+        svc = mesh.services.get(host)
+        if svc is not None:
+            specs += _cluster_specs(mesh, svc, namespace, scope, capture)
+    return specs
+
+
 # --------------------------------------------------------------------------- inbound
 
 

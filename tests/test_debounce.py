@@ -1,0 +1,72 @@
+"""Debounce as users see it: the first change after a quiet period is pushed at once, a
+burst that follows is coalesced into one push after it pauses. Runs the real rebuild loop
+(asyncio, no network)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import yaml
+
+from controlplane.model.raw import RawObject
+from controlplane.runtime import Runtime, Settings
+from controlplane.sources.base import Sink, Synced, Upsert
+from controlplane.sources.yamlload import parse_documents
+
+
+def slice_obj(ip: str) -> RawObject:
+    body = {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {"name": "web-1", "namespace": "shop", "labels": {"kubernetes.io/service-name": "web"}},
+            "ports": [{"name": "http", "port": 80}], "endpoints": [{"addresses": [ip]}]}
+    (obj,), _ = parse_documents(yaml.safe_dump(body), "web.yaml")
+    return obj
+
+
+class ScriptedSource:
+    name = "scripted"
+
+    def __init__(self) -> None:
+        self.sink: Sink | None = None
+
+    async def run(self, sink: Sink) -> None:
+        self.sink = sink
+        await sink([Synced(self.name)])
+        await asyncio.Event().wait()
+
+
+def test_first_change_is_pushed_at_once_and_a_burst_is_coalesced() -> None:
+    async def scenario() -> tuple[float, int, int, float]:
+        src = ScriptedSource()
+        rt = Runtime(Settings(debounce_ms=300, debounce_max_ms=5000), [src])
+        tasks = [asyncio.create_task(rt.run_sources()), asyncio.create_task(rt.rebuild_loop())]
+        try:
+            while src.sink is None or rt.rebuilds == 0:
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.4)  # quiet
+            base = rt.rebuilds
+            t0 = time.monotonic()
+            await src.sink([Upsert("web.yaml", slice_obj("10.0.0.1"))])
+            while rt.rebuilds == base:
+                await asyncio.sleep(0.005)
+            first_latency = time.monotonic() - t0
+            after_first = rt.rebuilds
+            t1 = time.monotonic()
+            for i in range(5):  # a burst right after: 5 changes 50 ms apart
+                await src.sink([Upsert("web.yaml", slice_obj(f"10.0.0.{i + 2}"))])
+                await asyncio.sleep(0.05)
+            while rt.rebuilds == after_first:
+                await asyncio.sleep(0.005)
+            burst_done = time.monotonic() - t1
+            await asyncio.sleep(0.5)
+            return first_latency, after_first - base, rt.rebuilds - after_first, burst_done
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    first_latency, first_pushes, burst_pushes, burst_done = asyncio.run(scenario())
+    assert first_pushes == 1
+    assert first_latency < 0.25  # not held back by the 300 ms debounce
+    assert burst_pushes == 1  # five changes, one push
+    assert burst_done >= 0.25 + 0.3 - 0.05  # pushed after the burst paused for the debounce
