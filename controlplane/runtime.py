@@ -144,7 +144,6 @@ class Runtime:
                 self._synced.add(ev.source)
                 newly_synced = True
         if self.store.apply(events) or newly_synced:
-            self.metrics.validation_errors.set(sum(1 for i in self.store.object_issues() if i.severity == "error"))
             self.mark_dirty()
 
     def mark_dirty(self, urgent: bool = False) -> None:
@@ -342,6 +341,8 @@ class Runtime:
             return
         t0 = time.perf_counter()
         mesh, delta = self.store.mesh_delta()
+        if delta is None:  # (an endpoint-only patch never changes an object's issues)
+            self.metrics.validation_errors.set(sum(1 for i in self.store.object_issues() if i.severity == "error"))
         conns = list(self.xds.connections.values())
         store_gen = self.store.generation
         snaps = self.builder.rebuild(mesh, [c.meta for c in conns], delta)

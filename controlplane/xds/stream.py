@@ -472,7 +472,7 @@ class AdsStream:
         if full:
             known = content
         else:
-            known = dict(st.known)
+            known = st.known  # a private dict: updated in place (no O(resources) copy per push)
             known.update(content)
         tr = self.target.get(st.type_url) if self.target is not None else None
         # version_info names the state Envoy will hold: the target's version when it is exactly that.
