@@ -128,3 +128,36 @@ def test_a_patched_type_lists_only_the_changed_names() -> None:
     for t, tr in after.types.items():
         if t != eds:
             assert tr is before.types[t]  # untouched types are the very same objects
+
+
+def test_layered_stream_state_behaves_like_a_dict() -> None:
+    """A stream's shared-base view of what Envoy holds answers exactly like a private dict
+    under the operations the stream performs (random sequence against a dict model)."""
+    from controlplane.cache.resources import Resource
+    from controlplane.xds.stream import Layered
+
+    def res(n: str, v: int) -> Resource:
+        return Resource(TYPE, n, f"{n}:{v}".encode())
+
+    TYPE = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
+    base = {f"r{i}": res(f"r{i}", 0) for i in range(20)}
+    layered = Layered(base)
+    model = dict(base)
+    rng = random.Random(3)
+    for step in range(400):
+        n = f"r{rng.randrange(25)}"
+        op = rng.randrange(4)
+        if op == 0:
+            r = res(n, step)
+            layered[n] = r
+            model[n] = r
+        elif op == 1:
+            assert layered.pop(n, None) is model.pop(n, None)
+        elif op == 2:
+            upd = {f"r{rng.randrange(25)}": res(n, step) for _ in range(3)}
+            layered.update(upd)
+            model.update(upd)
+        else:
+            assert layered.get(n) is model.get(n) and (n in layered) == (n in model)
+        assert len(layered) == len(model) and dict(layered) == model
+    assert base == {f"r{i}": base[f"r{i}"] for i in range(20)}  # the shared base is never written

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping, MutableMapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from envoy.service.discovery.v3 import discovery_pb2
 
@@ -44,6 +44,66 @@ def content_version(items: Mapping[str, Resource]) -> str:
     return h.hexdigest()
 
 
+class Layered(MutableMapping[str, Resource]):
+    """What a stream holds for one type, as a shared read-only `base` (a snapshot's items,
+    shared by every stream in sync with it) plus this stream's own differences. A thousand
+    proxies holding the same thousand clusters keep one dict, not a thousand copies."""
+
+    __slots__ = ("base", "gone", "over")
+
+    def __init__(self, base: Mapping[str, Resource]) -> None:
+        self.base = base
+        self.over: dict[str, Resource] = {}
+        self.gone: set[str] = set()
+
+    def __getitem__(self, name: str) -> Resource:
+        r = self.over.get(name)
+        if r is not None:
+            return r
+        if name in self.gone:
+            raise KeyError(name)
+        return self.base[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.over or (name in self.base and name not in self.gone)
+
+    def get(self, name: str, default: Any = None) -> Any:
+        r = self.over.get(name)
+        if r is not None:
+            return r
+        if name in self.gone:
+            return default
+        return self.base.get(name, default)
+
+    def __setitem__(self, name: str, r: Resource) -> None:
+        self.over[name] = r
+        self.gone.discard(name)
+
+    def __delitem__(self, name: str) -> None:
+        if name not in self:
+            raise KeyError(name)
+        self.over.pop(name, None)
+        if name in self.base:
+            self.gone.add(name)
+
+    def __iter__(self) -> Iterator[str]:
+        yield from self.over
+        for n in self.base:
+            if n not in self.over and n not in self.gone:
+                yield n
+
+    def __len__(self) -> int:
+        return len(self.base) - len(self.gone) + sum(1 for n in self.over if n not in self.base)
+
+
+def _shares(items: Mapping[str, Resource], tr: TypeResources | None) -> bool:
+    """Whether `items` is exactly `tr`'s resources (the very same objects)."""
+    if tr is None or len(items) != len(tr.items):
+        return False
+    target = tr.items
+    return all(target.get(n) is r for n, r in items.items())
+
+
 @dataclass(slots=True)
 class NackRecord:
     version: str
@@ -62,7 +122,7 @@ class Pending:
 
     nonce: str
     version: str
-    changes: dict[str, Resource | None]  # None: removal
+    changes: Mapping[str, Resource | None]  # None: removal (may be a snapshot's shared items)
     full: bool  # SotW: `changes` is the whole state of the type
     sent_at: float
     generation: int = 0  # snapshot generation the response came from
@@ -73,8 +133,8 @@ class TypeState:
     type_url: TypeUrl
     wildcard: bool = False
     names: set[str] = field(default_factory=set)
-    known: dict[str, Resource] = field(default_factory=dict)  # what Envoy holds (sent, not NACKed)
-    acked: dict[str, Resource] = field(default_factory=dict)  # what Envoy ACKed
+    known: MutableMapping[str, Resource] = field(default_factory=dict)  # what Envoy holds (sent, not NACKed)
+    acked: MutableMapping[str, Resource] = field(default_factory=dict)  # what Envoy ACKed
     pending: dict[str, Pending] = field(default_factory=dict)
     quarantine: dict[str, str] = field(default_factory=dict)  # name -> rejected version
     nonce: str = ""
@@ -222,7 +282,9 @@ class AdsStream:
         # Envoy answers responses in order: anything older still pending was applied too.
         for nonce in sorted((n for n in st.pending if int(n) <= int(pending.nonce)), key=int):
             p = st.pending.pop(nonce)
-            if p.full:
+            if isinstance(p.changes, _SharedItems):
+                st.acked = Layered(p.changes.shared) if p.full or not st.acked else _merged(st.acked, p.changes.shared)
+            elif p.full:
                 st.acked = {n: r for n, r in p.changes.items() if r is not None}
             else:
                 for n, r in p.changes.items():
@@ -365,6 +427,10 @@ class AdsStream:
             if self.protocol == "delta" and tr is not None and not st.pending and not st.quarantine:
                 # Envoy holds exactly the target (e.g. after the only changed resource was removed).
                 st.version_sent = st.version_acked = tr.version
+                if isinstance(st.known, Layered) and st.known.base is not tr.items and len(st.known) == len(tr.items):
+                    # Drop this stream's own differences: share the target's items again.
+                    st.known = Layered(tr.items)
+                    st.acked = Layered(tr.items)
         return None
 
     def sync_state(self, type_url: TypeUrl) -> str:
@@ -469,10 +535,11 @@ class AdsStream:
         """A SotW response. `full`: `content` is the type's whole state for this proxy;
         otherwise (EDS/RDS/SDS only) it holds just the changed resources."""
         nonce = self._next_nonce()
+        known: MutableMapping[str, Resource]
         if full:
             known = content
         else:
-            known = st.known  # a private dict: updated in place (no O(resources) copy per push)
+            known = st.known  # this stream's own mapping: updated in place (no O(resources) copy per push)
             known.update(content)
         tr = self.target.get(st.type_url) if self.target is not None else None
         # version_info names the state Envoy will hold: the target's version when it is exactly that.
@@ -487,7 +554,13 @@ class AdsStream:
         header = discovery_pb2.DiscoveryResponse(version_info=version, type_url=st.type_url, nonce=nonce)
         payload = header.SerializeToString() + b"".join(content[n].sotw_chunk for n in sorted(content))
         now = time.time()
-        st.pending[nonce] = Pending(nonce, version, dict(content), full, now,
+        recorded: Mapping[str, Resource | None]
+        if full and tr is not None and _shares(content, tr):
+            known = Layered(tr.items)  # exactly the target: share its items
+            recorded = _SharedItems(tr.items)
+        else:
+            recorded = dict(content)
+        st.pending[nonce] = Pending(nonce, version, recorded, full, now,
                                     self.target.generation if self.target is not None else 0)
         st.known = known
         st.nonce, st.version_sent, st.last_push, st.needs_response = nonce, version, now, False
@@ -502,15 +575,45 @@ class AdsStream:
         )
         payload = header.SerializeToString() + b"".join(changes[n].delta_chunk for n in sorted(changes))
         now = time.time()
-        recorded: dict[str, Resource | None] = dict(changes)
-        for n in removed:
-            recorded[n] = None
-            st.known.pop(n, None)
-        st.known.update(changes)
+        recorded: Mapping[str, Resource | None]
+        if not removed and not st.known and tr is not None and _shares(changes, tr):
+            st.known = Layered(tr.items)  # a first push of everything: share the target's items
+            recorded = _SharedItems(tr.items)
+        else:
+            rec: dict[str, Resource | None] = dict(changes)
+            for n in removed:
+                rec[n] = None
+                st.known.pop(n, None)
+            st.known.update(changes)
+            recorded = rec
         st.pending[nonce] = Pending(nonce, version, recorded, False, now,
                                     self.target.generation if self.target is not None else 0)
         st.nonce, st.version_sent, st.last_push, st.needs_response = nonce, version, now, False
         return Outgoing(st.type_url, nonce, payload, len(changes), len(removed))
+
+
+class _SharedItems(Mapping[str, "Resource | None"]):
+    """A pending response's changes that are exactly a snapshot's items (not copied)."""
+
+    __slots__ = ("shared",)
+
+    def __init__(self, shared: Mapping[str, Resource]) -> None:
+        self.shared = shared
+
+    def __getitem__(self, name: str) -> Resource | None:
+        return self.shared[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.shared)
+
+    def __len__(self) -> int:
+        return len(self.shared)
+
+
+def _merged(acked: MutableMapping[str, Resource], items: Mapping[str, Resource]) -> MutableMapping[str, Resource]:
+    for n, r in items.items():
+        acked[n] = r
+    return acked
 
 
 class _Placeholder:
