@@ -37,6 +37,12 @@ bench: $(BENCH_STAMP)
 bench-quick: $(BENCH_STAMP)
 	$(BIN)/python bench/run.py --suite quick
 
+# Data-plane cost per mesh shape (direct, sidecars, ambient L4, ambient + waypoint) in a
+# network-namespace lab; needs root (says why and exits 0 otherwise), about 2 minutes.
+.PHONY: bench-dataplane
+bench-dataplane: $(BENCH_STAMP)
+	$(BIN)/python bench/dataplane.py --doc docs/dataplane-cost.md --plot docs/dataplane-cost.png
+
 lint: $(STAMP)
 	$(BIN)/ruff check controlplane webhook tests bench samples
 	$(BIN)/mypy --strict controlplane webhook

@@ -25,6 +25,7 @@ def make_handler(name: str) -> type[BaseHTTPRequestHandler]:
 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
+        disable_nagle_algorithm = True  # no 40 ms Nagle/delayed-ACK stalls behind keep-alive proxies
         server_version = f"backend-{name}"
 
         def log_message(self, format: str, *args: object) -> None:  # quiet
