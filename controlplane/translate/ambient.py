@@ -270,6 +270,7 @@ def tunnel_cluster_specs(mesh: Mesh, svc: Service, sp: ServicePort, subset: str 
     if vip is None:
         return []
     pods = _pods_behind(mesh, svc, sp, labels)
+    dr = mesh.dr_by_host.get(svc.hostname)
     eds = _eds_name("hbone", sp.port, svc.hostname, subset)
     hb = f"{eds}|{cert}"
     lst = f"tunnel|{sp.port}|{subset or ''}|{svc.hostname}"
@@ -278,7 +279,8 @@ def tunnel_cluster_specs(mesh: Mesh, svc: Service, sp: ServicePort, subset: str 
         ResourceSpec(CLUSTER, name, build_internal_cluster, (name, lst), refs),
         ResourceSpec(LISTENER, lst, build_tunnel_listener, (lst, f"{vip}:{sp.port}", hb), refs),
         ResourceSpec(CLUSTER, hb, build_hbone_cluster,
-                     (hb, eds, cert, mesh.trust_domain, _peers(mesh, (w for _, w in pods))), refs),
+                     (hb, eds, cert, mesh.trust_domain, _peers(mesh, (w for _, w in pods)),
+                      effective_policy(dr, sp.port, subset)), refs if dr is None else (*refs, dr.ref)),
         ResourceSpec(ENDPOINT, eds, build_hbone_cla, (eds, tuple(ip for ip, _ in pods)), refs),
     ]
 

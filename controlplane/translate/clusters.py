@@ -188,6 +188,17 @@ def build_outbound_cluster(
     return c
 
 
+def apply_connection_policy(c: cluster_pb2.Cluster, policy: ClusterPolicy) -> None:
+    """The DestinationRule settings that hold for any cluster, TCP tunnels included: load
+    balancer, connection limits, outlier detection and the connect timeout."""
+    cp = policy.connection_pool
+    if cp is not None and cp.connect_timeout_ms:
+        c.connect_timeout.CopyFrom(duration_ms(cp.connect_timeout_ms))
+    _load_balancer(c, policy.load_balancer)
+    _circuit_breakers(c, cp)
+    _outlier_detection(c, policy.outlier_detection)
+
+
 def build_passthrough_cluster(name: str) -> cluster_pb2.Cluster:
     """An ORIGINAL_DST cluster: connects to wherever the captured connection was going."""
     c = cluster_pb2.Cluster(

@@ -45,6 +45,7 @@ from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 
 from controlplane.model.ir import AuthorizationPolicy
 from controlplane.model.policy import policies_for_port
+from controlplane.translate.clusters import ClusterPolicy, apply_connection_policy
 from controlplane.translate.names import AMBIENT_MARK, HBONE_PORT, duration_ms, pack
 from controlplane.translate.rbac import network_rbac_filters, rbac_rules
 from controlplane.translate.secrets import ROOT_SECRET, _ads
@@ -103,11 +104,14 @@ def _http2_only(c: cluster_pb2.Cluster) -> None:
 
 
 def build_hbone_cluster(name: str, eds_name: str | None, cert_secret: str, trust_domain: str,
-                        peers: tuple[str, ...]) -> cluster_pb2.Cluster:
+                        peers: tuple[str, ...], policy: ClusterPolicy | None = None) -> cluster_pb2.Cluster:
     """The tunnel's upstream: EDS endpoints `<pod IP>:15008` (`eds_name`), or with
-    `eds_name` None the captured destination IP itself on 15008 (ORIGINAL_DST)."""
+    `eds_name` None the captured destination IP itself on 15008 (ORIGINAL_DST). `policy`:
+    the DestinationRule's load balancer, limits and outlier detection (waypoints, sidecars)."""
     c = cluster_pb2.Cluster(name=name)
     c.connect_timeout.CopyFrom(duration_ms(2000))
+    if policy is not None and eds_name is not None:
+        apply_connection_policy(c, policy)
     if eds_name is None:
         c.type = cluster_pb2.Cluster.ORIGINAL_DST
         c.lb_policy = cluster_pb2.Cluster.CLUSTER_PROVIDED

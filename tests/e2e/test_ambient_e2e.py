@@ -155,6 +155,9 @@ POLICIES = [
      "metadata": {"name": "d-deny-alt", "namespace": "delta"},
      "spec": {"selector": {"matchLabels": {"app": "d"}}, "action": "DENY", "rules": [
          {"from": [{"source": {"principals": [f"{TD}/ns/alpha/sa/a"]}}], "to": [{"operation": {"ports": ["9090"]}}]}]}},
+    # delta accepts only mTLS (HBONE); beta keeps the default, PERMISSIVE.
+    {"apiVersion": "security.meshline.io/v1", "kind": "PeerAuthentication",
+     "metadata": {"name": "strict", "namespace": "delta"}, "spec": {"mtls": {"mode": "STRICT"}}},
     # b: an L7 policy attached to the Service (its waypoint enforces it).
     {"apiVersion": "security.meshline.io/v1", "kind": "AuthorizationPolicy",
      "metadata": {"name": "b-no-private", "namespace": "beta"},
@@ -301,6 +304,15 @@ def test_l4_authorization_at_the_destination(lab: Lab) -> None:
     status, body = lab.curl("c", f"http://{d}/")  # gamma is not allowed
     assert status != 200 and '"d"' not in body
     _wait_http(lab.pods["s"], f"http://{d}/", '"d"')  # ALLOW by namespace (legacy), from a sidecar
+
+
+def test_plaintext_callers_follow_peer_authentication(lab: Lab) -> None:
+    """A caller outside the mesh (node n2 itself, no capture) reaches a PERMISSIVE ambient pod
+    in plaintext through its 15006, and is refused by a STRICT one."""
+    status, body = lab.n2.curl(f"http://{lab.pods['b1'].ip}:8080/")
+    assert status == 200 and '"b1"' in body
+    status, body = lab.n2.curl(f"http://{lab.pods['d'].ip}:8080/", timeout=3)
+    assert status != 200 and '"d"' not in body
 
 
 def test_ambient_to_sidecar_and_back(lab: Lab) -> None:
