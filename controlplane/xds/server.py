@@ -31,7 +31,7 @@ from controlplane.cache.snapshot import Snapshot
 from controlplane.model.ir import CaptureMode, ProxyMeta, ProxyMode, labels_of
 from controlplane.translate.plan import SECRET, SHORT_NAMES
 from controlplane.translate.secrets import SECRET_NAMES
-from controlplane.xds.stream import AdsStream, NackRecord, Outgoing
+from controlplane.xds.stream import AdsStream, NackRecord, NameSets, Outgoing
 from controlplane.xds.stream import Protocol as StreamProtocol
 
 log = logging.getLogger(__name__)
@@ -128,6 +128,7 @@ class XdsServer:
         self.authenticator = authenticator
         self.connections: dict[int, Connection] = {}
         self._ids = itertools.count(1)
+        self.name_sets = NameSets()  # subscribed-name sets shared between streams
 
     # ------------------------------------------------------------------ registration
     def handlers(self) -> list[grpc.GenericRpcHandler]:
@@ -175,7 +176,7 @@ class XdsServer:
 
         reader = asyncio.create_task(read())
         stream_id = next(self._ids)
-        stream = AdsStream(protocol, stream_id)
+        stream = AdsStream(protocol, stream_id, self.name_sets)
         conn: Connection | None = None
         auth: AuthResult | None = None
         try:

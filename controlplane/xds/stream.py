@@ -13,8 +13,10 @@ later good updates of the others.
 from __future__ import annotations
 
 import hashlib
+import sys
 import time
 from collections.abc import Iterable, Iterator, Mapping, MutableMapping
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -104,6 +106,13 @@ def _names(m: Mapping[str, Resource]) -> set[str]:
     return m.names() if isinstance(m, Layered) else set(m)
 
 
+def _own_names(st: TypeState) -> set[str]:
+    """The stream's own (mutable) set of subscribed names."""
+    if not isinstance(st.names, set):
+        st.names = set(st.names)
+    return st.names
+
+
 def _shares(items: Mapping[str, Resource], tr: TypeResources | None) -> bool:
     """Whether `items` is exactly `tr`'s resources (the very same objects)."""
     if tr is None or len(items) != len(tr.items):
@@ -140,7 +149,9 @@ class Pending:
 class TypeState:
     type_url: TypeUrl
     wildcard: bool = False
-    names: set[str] = field(default_factory=set)
+    # Subscribed names. SotW replaces the whole set per request: then it is a frozenset shared
+    # by every stream subscribing to the same names (`NameSets`); delta edits a private set.
+    names: AbstractSet[str] = field(default_factory=set)
     known: MutableMapping[str, Resource] = field(default_factory=dict)  # what Envoy holds (sent, not NACKed)
     acked: MutableMapping[str, Resource] = field(default_factory=dict)  # what Envoy ACKed
     pending: dict[str, Pending] = field(default_factory=dict)
@@ -169,12 +180,32 @@ class Outgoing:
     removed: int = 0
 
 
+class NameSets:
+    """Canonical frozensets of subscribed names, so a thousand SotW streams subscribing to the
+    same thousand endpoints hold one set (of interned strings), not a thousand. Bounded: it
+    forgets everything when it grows past `limit` sets (streams keep theirs)."""
+
+    def __init__(self, limit: int = 4096) -> None:
+        self.limit = limit
+        self._sets: dict[frozenset[str], frozenset[str]] = {}
+
+    def canonical(self, names: frozenset[str]) -> frozenset[str]:
+        found = self._sets.get(names)
+        if found is not None:
+            return found
+        if len(self._sets) >= self.limit:
+            self._sets.clear()
+        self._sets[names] = names
+        return names
+
+
 class AdsStream:
     """State of one stream. `handle_request()` and `next_push()` return what to send."""
 
-    def __init__(self, protocol: Protocol, stream_id: int) -> None:
+    def __init__(self, protocol: Protocol, stream_id: int, name_sets: NameSets | None = None) -> None:
         self.protocol = protocol
         self.stream_id = stream_id
+        self.name_sets = name_sets if name_sets is not None else NameSets()
         self.types: dict[TypeUrl, TypeState] = {}
         self.target: Snapshot | None = None
         self.waiting: tuple[TypeUrl, str, float] | None = None  # (type, nonce, deadline)
@@ -231,9 +262,11 @@ class AdsStream:
         else:
             # First request for this type on this stream (possibly a reconnect).
             st.needs_response = True
-        names = set(req.resource_names)
+        names = frozenset(map(sys.intern, req.resource_names))
         wildcard = (t in WILDCARD_TYPES and not names) or "*" in names
-        names.discard("*")
+        if "*" in names:
+            names = names - {"*"}
+        names = self.name_sets.canonical(names)
         if wildcard != st.wildcard or names != st.names:
             st.wildcard, st.names = wildcard, names
             st.needs_response = True
@@ -269,22 +302,28 @@ class AdsStream:
                     placeholder = _Placeholder.make(t, name, version)
                     st.known[name] = placeholder
                     st.acked[name] = placeholder  # Envoy holds it: a later NACK must not forget it
+        if req.resource_names_subscribe or req.resource_names_unsubscribe:
+            self._subscription_change(st, req)
+        return nack
+
+    def _subscription_change(self, st: TypeState, req: discovery_pb2.DeltaDiscoveryRequest) -> None:
         for name in req.resource_names_subscribe:
             if name == "*":
                 st.wildcard = True
             else:
-                st.names.add(name)
+                _own_names(st).add(sys.intern(name))
             st.synced_target = None
         for name in req.resource_names_unsubscribe:
             if name == "*":
                 st.wildcard = False
             else:
-                st.names.discard(name)
+                _own_names(st).discard(name)
                 if not st.wildcard:
                     st.known.pop(name, None)
                     st.absent_notified.discard(name)
             st.synced_target = None
-        return nack
+        # Streams subscribing to the same names share one set.
+        st.names = self.name_sets.canonical(frozenset(st.names))
 
     def _on_ack(self, st: TypeState, pending: Pending) -> None:
         # Envoy answers responses in order: anything older still pending was applied too.
