@@ -175,3 +175,27 @@ def test_l7_policy_without_a_waypoint_is_reported(attach: str, fragment: str) ->
     mesh = mesh_of(BASE, L7_POLICY % attach)
     found = [i for i in mesh.issues if i.ref.name == "no-admin"]
     assert any(fragment in i.message and i.severity == "warning" for i in found), [i.format() for i in found]
+
+
+def test_node_proxy_chains_follow_the_pods_sidecar_scope() -> None:
+    other = """
+    apiVersion: v1
+    kind: Service
+    metadata: {name: elsewhere, namespace: other}
+    spec: {clusterIP: 10.96.9.9, selector: {app: x}, ports: [{name: http, port: 80}]}
+    """
+    narrow = """
+    apiVersion: networking.meshline.io/v1
+    kind: Sidecar
+    metadata: {name: default, namespace: shop}
+    spec: {egress: [{hosts: ["./*"]}]}
+    """
+
+    def chain_names(mesh: Mesh) -> set[str]:
+        (lst,) = [s for s in plan_node(mesh, "n1") if s.name == "ambient_outbound_shop_api-1"]
+        return {c.name for c in lst.args[2]}
+
+    assert "elsewhere.other.svc.cluster.local:80" in chain_names(mesh_of(BASE, other))
+    scoped = chain_names(mesh_of(BASE, other, narrow))
+    assert "elsewhere.other.svc.cluster.local:80" not in scoped
+    assert "api.shop.svc.cluster.local:80" in scoped

@@ -3,7 +3,8 @@ sidecars use in a mixed mesh. Pure functions, no I/O.
 
 Node proxy of node N (`plan_node`), for every ambient pod P on N with an IP and a known
 network namespace (`controlplane.model.ambient`):
-- `ambient_outbound_<ns>_<pod>`: 15001 inside P's netns. A captured connection to a Service
+- `ambient_outbound_<ns>_<pod>`: 15001 inside P's netns, for the services P's Sidecar scope
+  imports (all without one). A captured connection to a Service
   VIP:port is tunnelled (HBONE, presenting P's certificate) to the service's pods' 15008, or
   to its waypoint's pods when the service uses one; to a pod IP of a pod that accepts HBONE,
   straight to that pod's 15008; to a service whose pods are outside the mesh, in plaintext
@@ -73,6 +74,7 @@ from controlplane.translate.names import (
 )
 from controlplane.translate.plan import CLUSTER, ENDPOINT, LISTENER, ROUTE, ResourceSpec
 from controlplane.translate.routes import build_route_config, plan_virtual_host
+from controlplane.translate.scope import Scope, proxy_scope, scope_key
 from controlplane.translate.security import spiffe_uri
 from controlplane.translate.sidecar import _target_port, inbound_ports
 
@@ -128,8 +130,10 @@ def _eds_name(kind: str, port: int, host: str, subset: str | None = None) -> str
     return f"{kind}|{port}|{subset or ''}|{host}"
 
 
-def _service_chains(mesh: Mesh, ident: str, cert: str) -> tuple[list[OutboundChain], list[ResourceSpec]]:
-    """Outbound chains for every Service VIP:port, and the clusters/endpoints they use."""
+def _service_chains(mesh: Mesh, ident: str, cert: str, scope: Scope | None
+                    ) -> tuple[list[OutboundChain], list[ResourceSpec]]:
+    """Outbound chains for every Service VIP:port in `scope` (None: all), and the
+    clusters/endpoints they use."""
     chains: list[OutboundChain] = []
     specs: list[ResourceSpec] = []
     td = mesh.trust_domain
@@ -140,6 +144,8 @@ def _service_chains(mesh: Mesh, ident: str, cert: str) -> tuple[list[OutboundCha
             continue
         wp = waypoint_service(mesh, svc)
         for sp in svc.ports:
+            if scope is not None and (host, sp.port) not in scope:
+                continue
             chain_name = f"{host}:{sp.port}"
             refs: tuple[SourceRef, ...] = (svc.ref,)
             if wp is not None:
@@ -177,7 +183,8 @@ def _hbone_pod_ips(mesh: Mesh) -> tuple[str, ...]:
 
 
 def _pod_meta(wl: Workload) -> ProxyMeta:
-    return ProxyMeta(node_id="", mode="node", namespace=wl.namespace, workload=wl.name, labels=wl.labels,
+    """The pod as a workload (the view a sidecar of it would have: its Sidecar scope applies)."""
+    return ProxyMeta(node_id="", mode="sidecar", namespace=wl.namespace, workload=wl.name, labels=wl.labels,
                      service_account=wl.service_account)
 
 
@@ -237,20 +244,28 @@ def plan_node(mesh: Mesh, node: str) -> list[ResourceSpec]:
     add([ResourceSpec(CLUSTER, PASSTHROUGH_CLUSTER, build_passthrough_cluster, (PASSTHROUGH_CLUSTER,)),
          ResourceSpec(CLUSTER, BLACKHOLE_CLUSTER, build_blackhole_cluster, (BLACKHOLE_CLUSTER,))])
     hbone_ips = _hbone_pod_ips(mesh)
-    chains_of: dict[tuple[str, str], tuple[OutboundChain, ...]] = {}
-    for ns, sa in identities(pods):
+    # Outbound chains per (identity, Sidecar scope): a pod gets only the destinations its
+    # namespace's (or its own) Sidecar imports, as a sidecar would.
+    chains_of: dict[tuple[str, str, object], tuple[OutboundChain, ...]] = {}
+    for wl in pods:
+        ns, sa = wl.namespace, wl.service_account
+        meta = _pod_meta(wl)
+        key = (ns, sa, scope_key(mesh, meta))
+        if key in chains_of:
+            continue
         ident = f"{ns}/{sa}"
         cert = identity_secret(td, ns, sa)
-        chains, specs = _service_chains(mesh, ident, cert)
+        chains, specs = _service_chains(mesh, ident, cert, proxy_scope(mesh, meta))
         add(specs)
         if hbone_ips:
             direct = f"hbone_direct|{ident}"
             add([ResourceSpec(CLUSTER, direct, build_hbone_cluster, (direct, None, cert, td, ()))])
             chains.append(OutboundChain("pods", hbone_ips, None, direct, True))
-        chains_of[(ns, sa)] = tuple(chains)
+        chains_of[key] = tuple(chains)
     for wl in pods:
         name = f"ambient_outbound_{wl.namespace}_{wl.name}"
-        args = (name, wl.netns, chains_of[(wl.namespace, wl.service_account)], PASSTHROUGH_CLUSTER)
+        key = (wl.namespace, wl.service_account, scope_key(mesh, _pod_meta(wl)))
+        args = (name, wl.netns, chains_of[key], PASSTHROUGH_CLUSTER)
         add([ResourceSpec(LISTENER, name, build_ambient_outbound, args, (wl.ref,))])
         add(_pod_inbound(mesh, wl))
     return sorted(out.values(), key=lambda s: (s.type_url, s.name))
