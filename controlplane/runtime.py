@@ -65,6 +65,14 @@ class Settings:
     node_agents: bool = False  # serve the NodeAgent.Report API on the xDS port; PodNetns objects as a source
 
 
+NODE_PROXY_SERVICE_ACCOUNT = "meshline-node-proxy"
+
+
+def node_proxy_identity(root_namespace: str) -> Identity:
+    """The identity node proxies (and their node agents) must prove: `<root ns>/meshline-node-proxy`."""
+    return Identity(root_namespace, NODE_PROXY_SERVICE_ACCOUNT)
+
+
 def _plan_shared(mesh: Mesh, meta: ProxyMeta) -> list[ResourceSpec]:
     if meta.mode != "sidecar":
         return []
@@ -101,20 +109,23 @@ class Runtime:
     identity: IdentityService | None = None
 
     def __post_init__(self) -> None:
-        self.store = MeshStore(trust_domain=self.settings.trust_domain, root_namespace=self.settings.root_namespace)
+        self.store = MeshStore(trust_domain=self.settings.trust_domain, root_namespace=self.settings.root_namespace,
+                               netns_annotations=not self.settings.kubernetes)
         # The builder asks for keys while it rebuilds from `store.mesh()` (rebuild_now).
         self.builder = SnapshotBuilder(_plan_shared, self._plan_own_layer,
                                        lambda meta: _shared_key(self.store.mesh(), meta), _plan_shared_hosts)
-        self.xds = XdsServer(self, self, self.identity.authenticator if self.identity is not None else None)
+        self.xds = XdsServer(self, self, self.identity.authenticator if self.identity is not None else None,
+                             node_proxy_identity(self.settings.root_namespace))
         self._rotation_timer: asyncio.TimerHandle | None = None
         if self.identity is not None:
-            self.identity.on_change = lambda: self.mark_dirty(urgent=True)
+            self.identity.on_change = self._identity_changed
             self.identity.bundle_synced = self.bundle_synced
         self._synced: set[str] = set()
         self._dirty = asyncio.Event()
         self._first_dirty: float | None = None
         self._last_change: float = 0.0
         self._last_rebuild: float = float("-inf")
+        self._full_rebuild = False
         self.rebuilds = 0
         self._snapshots: dict[ProxyKey, object] = {}
         self._mesh: Mesh | None = None
@@ -298,6 +309,12 @@ class Runtime:
                 named.append((identity_secret(mesh.trust_domain, ns, sa), material))
         return plan_named_secrets(named, self.identity.bundle)
 
+    def _identity_changed(self) -> None:
+        """Certificates or the trust bundle may change: the next rebuild re-plans every own
+        layer (an endpoint-only patch would keep the old secrets)."""
+        self._full_rebuild = True
+        self.mark_dirty(urgent=True)
+
     def _identity_upkeep(self, conns: Sequence[Connection]) -> None:
         """Forget certificates nobody holds; wake up at the next half-life to rotate."""
         if self.identity is None:
@@ -318,7 +335,7 @@ class Runtime:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             return
-        self._rotation_timer = loop.call_later(delay + 0.01, self.mark_dirty, True)
+        self._rotation_timer = loop.call_later(delay + 0.01, self._identity_changed)
 
     def bundle_synced(self, bundle: str) -> bool:
         """Whether every authenticated proxy that subscribes to ROOTCA has ACKed `bundle`."""
@@ -341,6 +358,8 @@ class Runtime:
             return
         t0 = time.perf_counter()
         mesh, delta = self.store.mesh_delta()
+        if self._full_rebuild:
+            delta, self._full_rebuild = None, False
         if delta is None:  # (an endpoint-only patch never changes an object's issues)
             self.metrics.validation_errors.set(sum(1 for i in self.store.object_issues() if i.severity == "error"))
         conns = list(self.xds.connections.values())
@@ -381,11 +400,13 @@ class Runtime:
         failures = 0
         while True:
             await self._dirty.wait()
-            # Debounce. A change after a quiet window (no rebuild for `debounce`) is pushed at
-            # once: the first change of a burst costs no waiting. Changes that follow within the
+            # Debounce. An endpoint change after a quiet window (no rebuild for `debounce`) is
+            # pushed at once: the first change of a burst costs no waiting. Changes that follow within the
             # window are coalesced: pushed once they pause for `debounce`, or after `max_wait`.
             first = self._first_dirty or time.monotonic()
-            if first - self._last_rebuild < debounce:
+            # (Only endpoint changes skip the wait: objects that belong together, e.g. a
+            # VirtualService and its DestinationRule, arrive a few ms apart and must go together.)
+            if first - self._last_rebuild < debounce or not self.store.endpoint_only_pending():
                 while True:
                     now = time.monotonic()
                     first = self._first_dirty or now

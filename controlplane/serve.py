@@ -21,7 +21,7 @@ import uvicorn
 
 from controlplane.bootstrap import split_address
 from controlplane.metrics import Metrics
-from controlplane.runtime import Runtime, Settings
+from controlplane.runtime import Runtime, Settings, node_proxy_identity
 from controlplane.sources.base import Source
 from controlplane.sources.directory import DirectorySource
 from controlplane.status.app import create_app
@@ -222,7 +222,6 @@ async def run(settings: Settings, started: asyncio.Event | None = None, worker: 
             shutil.rmtree(ca_tmp, ignore_errors=True)
 
 
-NODE_PROXY_SERVICE_ACCOUNT = "meshline-node-proxy"
 
 
 def _node_agent_authorizer(identity: IdentityService | None, root_namespace: str) -> Any:
@@ -235,8 +234,8 @@ def _node_agent_authorizer(identity: IdentityService | None, root_namespace: str
         auth = await identity.authenticator.authenticate(metadata)
         if auth.identity is None:
             return f"node agent not authenticated: {auth.reason}"
-        if (auth.identity.namespace, auth.identity.service_account) != (root_namespace, NODE_PROXY_SERVICE_ACCOUNT):
-            return f"{auth.identity} is not the node proxy's identity {root_namespace}/{NODE_PROXY_SERVICE_ACCOUNT}"
+        if auth.identity != node_proxy_identity(root_namespace):
+            return f"{auth.identity} is not the node proxy's identity {node_proxy_identity(root_namespace)}"
         if auth.node is None:
             return "the credential is not bound to a node"
         if auth.node != node:

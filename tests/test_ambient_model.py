@@ -13,7 +13,7 @@ from controlplane.ca import tokens
 from controlplane.ca.identity import Identity
 from controlplane.model.ambient import ambient_pods_on, dataplane_mode, waypoint_service
 from controlplane.model.convert import convert
-from controlplane.model.ir import AuthorizationPolicy, AuthzOperation, AuthzRule, SourceRef
+from controlplane.model.ir import AuthorizationPolicy, AuthzOperation, AuthzRule, ProxyMeta, SourceRef
 from controlplane.model.mesh import Mesh
 from controlplane.model.policy import policies_for_port
 from controlplane.model.store import assemble
@@ -199,3 +199,111 @@ def test_node_proxy_chains_follow_the_pods_sidecar_scope() -> None:
     scoped = chain_names(mesh_of(BASE, other, narrow))
     assert "elsewhere.other.svc.cluster.local:80" not in scoped
     assert "api.shop.svc.cluster.local:80" in scoped
+
+
+SIDECAR_POD = """
+apiVersion: v1
+kind: Namespace
+metadata: {name: legacy}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: old, namespace: legacy}
+spec: {clusterIP: 10.96.5.5, selector: {app: old}, ports: [{name: http, port: 80, targetPort: 8080}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: old-1, namespace: legacy, labels: {app: old}, annotations: {meshline.io/status: injected}}
+spec: {nodeName: n1, serviceAccountName: old, containers: [{name: c}]}
+status: {podIP: 10.0.5.5}
+---
+apiVersion: security.meshline.io/v1
+kind: AuthorizationPolicy
+metadata: {name: old-deny-admin, namespace: legacy}
+spec:
+  targetRefs: [{kind: Service, name: old}]
+  action: DENY
+  rules: [{to: [{operation: {paths: ["/admin*"]}}]}]
+"""
+
+
+def test_service_attached_policy_is_enforced_by_sidecars_without_a_waypoint() -> None:
+    from controlplane.translate.plan import build_all
+    from controlplane.translate.sidecar import plan_inbound
+
+    mesh = mesh_of(SIDECAR_POD)
+    meta = ProxyMeta("old-1", namespace="legacy", workload="old-1", capture="intercept")
+    listeners = build_all(plan_inbound(mesh, meta))[LISTENER]
+    assert "old-deny-admin" in str(listeners["virtualInbound"])
+    # With a waypoint for the service, the waypoint enforces it instead.
+    with_wp = SIDECAR_POD.replace("metadata: {name: old, namespace: legacy}",
+                                  "metadata: {name: old, namespace: legacy, labels: {meshline.io/use-waypoint: wp}}")
+    wp_svc = """
+    apiVersion: v1
+    kind: Service
+    metadata: {name: wp, namespace: legacy}
+    spec: {clusterIP: 10.96.5.9, selector: {app: wp}, ports: [{name: tunnel, port: 15008}]}
+    """
+    listeners = build_all(plan_inbound(mesh_of(with_wp, wp_svc), meta))[LISTENER]
+    assert "old-deny-admin" not in str(listeners["virtualInbound"])
+
+
+def test_policy_for_a_missing_namespace_waypoint_fails_closed_at_the_node_proxy() -> None:
+    ghost = BASE.replace("meshline.io/dataplane-mode: ambient}", "meshline.io/dataplane-mode: ambient, "
+                         "meshline.io/use-waypoint: ghost}")
+    policy = L7_POLICY % "targetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, name: ghost}]"
+    (hb,) = [s for s in plan_node(mesh_of(ghost, policy), "n1") if s.name == "ambient_hbone_shop_api-1"]
+    assert "no-admin" in str(hb.make())  # enforced (failing closed) where no waypoint can
+
+
+def test_netns_annotations_are_ignored_when_not_trusted() -> None:
+    from controlplane.model.store import MeshStore
+    from controlplane.sources.base import Replace
+
+    objs, _ = parse_documents(textwrap.dedent(BASE), "in.yaml")
+    report = parse_documents(textwrap.dedent("""
+    apiVersion: meshline.io/v1
+    kind: PodNetns
+    metadata: {name: api-2, namespace: shop}
+    node: n2
+    netnsPath: /var/run/meshline/netns/shop_api-2
+    """), "agent")[0]
+    store = MeshStore(netns_annotations=False)
+    store.apply([Replace("cluster", tuple(objs)), Replace("node-agent:n2", tuple(report))])
+    mesh = store.mesh()
+    assert mesh.workloads[("shop", "api-1")].netns is None  # the pod's own claim does not count
+    assert mesh.workloads[("shop", "api-2")].netns == "/var/run/meshline/netns/shop_api-2"
+
+
+def test_waypoint_policies_apply_only_to_their_service() -> None:
+    from controlplane.translate.ambient import plan_waypoint
+
+    mesh_text = BASE.replace("meshline.io/dataplane-mode: ambient}", "meshline.io/dataplane-mode: ambient, "
+                             "meshline.io/use-waypoint: wp}") + """
+---
+apiVersion: v1
+kind: Service
+metadata: {name: cart, namespace: shop}
+spec: {clusterIP: 10.96.0.2, selector: {app: cart}, ports: [{name: http, port: 80, targetPort: 8080}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: wp, namespace: shop}
+spec: {clusterIP: 10.96.0.9, selector: {app: wp}, ports: [{name: tunnel, port: 15008}]}
+---
+apiVersion: security.meshline.io/v1
+kind: AuthorizationPolicy
+metadata: {name: api-web-only, namespace: shop}
+spec:
+  targetRefs: [{kind: Service, name: api}]
+  action: ALLOW
+  rules: [{to: [{operation: {methods: [GET]}}]}]
+"""
+    mesh = mesh_of(mesh_text)
+    (inner,) = [s for s in plan_waypoint(mesh, ProxyMeta("wp-1", mode="waypoint", namespace="shop", waypoint="wp"))
+                if s.name == "waypoint_80" and s.type_url == LISTENER]
+    names = [ap.name for ap in inner.args[2]]
+    assert names == ["api-web-only@api", "allow-unrestricted@cart"]
+    (scoped,) = [ap for ap in inner.args[2] if ap.name == "api-web-only@api"]
+    assert "api.shop.svc.cluster.local" in scoped.rules[0].operations[0].hosts
+    assert scoped.rules[0].operations[0].methods == ("GET",)

@@ -70,3 +70,49 @@ def test_first_change_is_pushed_at_once_and_a_burst_is_coalesced() -> None:
     assert first_latency < 0.25  # not held back by the 300 ms debounce
     assert burst_pushes == 1  # five changes, one push
     assert burst_done >= 0.25 + 0.3 - 0.05  # pushed after the burst paused for the debounce
+
+
+def service_obj(port: int) -> RawObject:
+    body = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web", "namespace": "shop"},
+            "spec": {"selector": {"app": "web"}, "ports": [{"name": "http", "port": port}]}}
+    (obj,), _ = parse_documents(yaml.safe_dump(body), "svc.yaml")
+    return obj
+
+
+def test_other_changes_wait_for_the_debounce_and_identity_changes_rebuild_in_full() -> None:
+    """A Service change (its VirtualService may be a few ms behind) is not pushed at once;
+    after a certificate/bundle change the next rebuild is a full one, never an endpoint patch."""
+
+    async def scenario() -> tuple[float, int, int]:
+        src = ScriptedSource()
+        rt = Runtime(Settings(debounce_ms=300, debounce_max_ms=5000), [src])
+        tasks = [asyncio.create_task(rt.run_sources()), asyncio.create_task(rt.rebuild_loop())]
+        try:
+            while src.sink is None or rt.rebuilds == 0:
+                await asyncio.sleep(0.01)
+            await src.sink([Upsert("web.yaml", slice_obj("10.0.0.1"))])
+            await asyncio.sleep(0.5)
+            base = rt.rebuilds
+            t0 = time.monotonic()
+            await src.sink([Upsert("svc.yaml", service_obj(80))])
+            while rt.rebuilds == base:
+                await asyncio.sleep(0.005)
+            waited = time.monotonic() - t0
+            await asyncio.sleep(0.5)
+            before = rt.builder.incremental_rebuilds
+            await src.sink([Upsert("web.yaml", slice_obj("10.0.0.5"))])
+            await asyncio.sleep(0.5)
+            patched = rt.builder.incremental_rebuilds
+            assert patched == before + 1  # an endpoint change alone is a patch
+            rt._identity_changed()  # what a rotation or a new trust bundle triggers
+            await src.sink([Upsert("web.yaml", slice_obj("10.0.0.9"))])
+            await asyncio.sleep(0.5)
+            return waited, patched, rt.builder.incremental_rebuilds
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    waited, patched_before, patched_after = asyncio.run(scenario())
+    assert waited >= 0.25
+    assert patched_after == patched_before  # the endpoint change after it was not a patch

@@ -161,3 +161,32 @@ def test_layered_stream_state_behaves_like_a_dict() -> None:
             assert layered.get(n) is model.get(n) and (n in layered) == (n in model)
         assert len(layered) == len(model) and dict(layered) == model
     assert base == {f"r{i}": base[f"r{i}"] for i in range(20)}  # the shared base is never written
+
+
+def test_a_fixed_quarantined_slice_loses_its_nacked_error() -> None:
+    store = MeshStore()
+    store.apply([Replace("mesh.yaml", objects(generated_mesh(3, 2), "mesh.yaml"))])
+    store.mesh()
+    store.apply([Upsert("mesh.yaml", slice_for(1, ["10.7.7.7"]))])
+    key = ("EndpointSlice", "bench", "svc-00001-1")
+    store.quarantine([key], "rejected by proxy p: bad")
+    assert any("NACKED" in i.message for i in store.mesh().issues)
+    store.apply([Upsert("mesh.yaml", slice_for(1, ["10.7.7.8"]))])  # the fix
+    mesh, _ = store.mesh_delta()
+    assert not any("NACKED" in i.message for i in mesh.issues)
+
+
+def test_patched_rounds_are_followed_by_a_full_round_now_and_then() -> None:
+    from controlplane.cache.snapshot import FULL_ROUND_EVERY
+
+    store = MeshStore()
+    store.apply([Replace("mesh.yaml", objects(generated_mesh(3, 2), "mesh.yaml"))])
+    builder = SnapshotBuilder(_plan_shared, _plan_own, lambda m: _shared_key(store.mesh(), m), _plan_shared_hosts)
+    builder.rebuild(*store.mesh_delta()[:1], PROXIES[:1])
+    for i in range(FULL_ROUND_EVERY + 3):
+        store.apply([Upsert("mesh.yaml", slice_for(i % 3, [f"10.8.{i}.1"]))])
+        mesh, delta = store.mesh_delta()
+        assert delta is not None
+        builder.rebuild(mesh, PROXIES[:1], delta)
+    assert builder.incremental_rebuilds == FULL_ROUND_EVERY + 2  # one of them ran in full
+    assert len(builder.memo) < 3 * 10  # and dropped the superseded variants

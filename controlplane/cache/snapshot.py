@@ -128,6 +128,8 @@ def proxy_key(meta: ProxyMeta) -> ProxyKey:
 
 
 Planner = Callable[[Mesh, ProxyMeta], list[ResourceSpec]]
+FULL_ROUND_EVERY = 32
+"""Patched rounds in a row before a full one (patch rounds keep every memo variant)."""
 HostPlanner = Callable[[Mesh, ProxyMeta, frozenset[str]], "list[ResourceSpec] | None"]
 """Plans just the shared resources that depend on the endpoints of some hosts (None: this
 proxy class cannot be patched that way, plan it in full)."""
@@ -145,6 +147,7 @@ class SnapshotBuilder:
         self._plan_shared_hosts = shared_hosts
         self._last_mesh: Mesh | None = None
         self.incremental_rebuilds = 0
+        self._since_full = 0
         self._plan_shared = shared
         self._plan_own = own
         self._shared_key = shared_key
@@ -162,10 +165,14 @@ class SnapshotBuilder:
         the proxies' own layers (which do not depend on endpoints) are kept."""
         self.generation += 1
         patch = delta if delta is not None and delta.base is self._last_mesh and self._plan_shared_hosts else None
+        if patch is not None and self._since_full >= FULL_ROUND_EVERY:
+            patch = None  # now and then a full round, which also drops stale memo variants
         self._last_mesh = mesh
         if patch is not None:
             self.incremental_rebuilds += 1
+            self._since_full += 1
         else:
+            self._since_full = 0
             self.memo.begin_round()  # a full round: resources nobody uses any more are dropped
         shared_done: dict[object, dict[TypeUrl, TypeResources]] = {}
         out: dict[ProxyKey, Snapshot] = {}

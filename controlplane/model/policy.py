@@ -205,7 +205,9 @@ def orphaned_policies(mesh: Mesh, wl: Workload, waypoint_of: Callable[[Service],
         if waypoint_of(svc):
             continue
         wanted.add(("Service", svc.name))
-        named = next((v for k, v in (*svc.labels, *svc.annotations) if k == "meshline.io/use-waypoint"), None)
+        from controlplane.model.ambient import waypoint_name
+
+        named = waypoint_name(mesh, svc)  # the service's own label, else its namespace's
         if named:
             wanted.add(("Gateway", named))
     return tuple(ap for ap in mesh.authorization_policies

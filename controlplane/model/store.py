@@ -57,7 +57,10 @@ class Entry:
 
 class MeshStore:
     def __init__(self, *, root_namespace: str = DEFAULT_ROOT_NAMESPACE,
-                 trust_domain: str = DEFAULT_TRUST_DOMAIN) -> None:
+                 trust_domain: str = DEFAULT_TRUST_DOMAIN, netns_annotations: bool = True) -> None:
+        """`netns_annotations`: honour pods' `meshline.io/netns` (directory mode); in a cluster
+        a pod's author controls it, so only node agents' reports say where a netns is."""
+        self.netns_annotations = netns_annotations
         self.root_namespace = root_namespace
         self.trust_domain = trust_domain
         self._entries: dict[ObjectKey, Entry] = {}
@@ -98,7 +101,7 @@ class MeshStore:
         """Remember what `key` served in the last assembled mesh, before it changes."""
         if key not in self._dirty:
             e = self._entries.get(key)
-            self._dirty[key] = (e.serving, bool(e.issues)) if e is not None else (None, False)
+            self._dirty[key] = (e.serving, bool(e.issues) or e.quarantine is not None) if e is not None else (None, False)
 
     def _replace(self, ev: Replace) -> bool:
         prev_errors = self._origin_errors.get(ev.origin, ())
@@ -251,6 +254,11 @@ class MeshStore:
     def mesh(self) -> Mesh:
         return self.mesh_delta()[0]
 
+    def endpoint_only_pending(self) -> bool:
+        """Whether every change since the last mesh is an EndpointSlice update or delete."""
+        return (self._mesh is None and not self._dirty_all and bool(self._dirty)
+                and all(k[0] == "EndpointSlice" for k in self._dirty))
+
     def mesh_delta(self) -> tuple[Mesh, EndpointDelta | None]:
         """The current mesh and, when it differs from the previously assembled one only in
         some services' endpoints, that difference (built in O(changed), see `_fast_path`)."""
@@ -265,6 +273,7 @@ class MeshStore:
                     self.object_issues(),
                     root_namespace=self.root_namespace,
                     trust_domain=self.trust_domain,
+                    netns_annotations=self.netns_annotations,
                 )
             self._base = self._mesh
             self._dirty = {}
@@ -329,9 +338,11 @@ def assemble(
     *,
     root_namespace: str = DEFAULT_ROOT_NAMESPACE,
     trust_domain: str = DEFAULT_TRUST_DOMAIN,
+    netns_annotations: bool = True,
 ) -> Mesh:
     """Build a Mesh from valid IR values (in key order) and add cross-object issues."""
-    mesh = mesh_of(values, issues, root_namespace=root_namespace, trust_domain=trust_domain)
+    mesh = mesh_of(values, issues, root_namespace=root_namespace, trust_domain=trust_domain,
+                   netns_annotations=netns_annotations)
     cross = check_mesh(mesh)
     if not cross:
         return mesh
@@ -344,8 +355,10 @@ def mesh_of(
     *,
     root_namespace: str = DEFAULT_ROOT_NAMESPACE,
     trust_domain: str = DEFAULT_TRUST_DOMAIN,
+    netns_annotations: bool = True,
 ) -> Mesh:
-    """A Mesh of valid IR values (in key order), without cross-object checks."""
+    """A Mesh of valid IR values (in key order), without cross-object checks. Without
+    `netns_annotations`, only node agents' reports give a pod's network namespace."""
     namespaces: dict[str, Namespace] = {}
     services: dict[Hostname, Service] = {}
     endpoints: dict[Hostname, list[EndpointSet]] = {}
@@ -379,6 +392,10 @@ def mesh_of(
                 scs.append(item)
             elif isinstance(item, PodNetns):
                 netns.append(item)
+    if not netns_annotations:
+        for key, pod in list(workloads.items()):
+            if pod.netns is not None:
+                workloads[key] = replace(pod, netns=None)
     for report in netns:  # a node agent's report beats the annotation; only for a pod on that node
         wl = workloads.get((report.namespace, report.name))
         if wl is not None and (wl.node is None or wl.node == report.node):

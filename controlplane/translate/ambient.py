@@ -28,6 +28,7 @@ Service: a service bound to it), as in Istio; selector policies are the node pro
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import replace
 
 from controlplane.model.ambient import (
     accepts_hbone,
@@ -36,7 +37,16 @@ from controlplane.model.ambient import (
     services_of_waypoint,
     waypoint_service,
 )
-from controlplane.model.ir import ProxyMeta, Service, ServicePort, SourceRef, Workload
+from controlplane.model.ir import (
+    AuthorizationPolicy,
+    AuthzOperation,
+    AuthzRule,
+    ProxyMeta,
+    Service,
+    ServicePort,
+    SourceRef,
+    Workload,
+)
 from controlplane.model.mesh import Mesh
 from controlplane.model.policy import (
     authorization_policies_for,
@@ -275,7 +285,8 @@ def plan_node(mesh: Mesh, node: str) -> list[ResourceSpec]:
 
 
 def tunnel_cluster_specs(mesh: Mesh, svc: Service, sp: ServicePort, subset: str | None,
-                         labels: tuple[tuple[str, str], ...] | None, cert: str) -> list[ResourceSpec]:
+                         labels: tuple[tuple[str, str], ...] | None, cert: str,
+                         via_waypoint: bool = False) -> list[ResourceSpec]:
     """`outbound|<port>|<subset>|<host>` as an internal hop into a tunnel to the (subset's)
     pods: route -> that cluster -> internal listener -> HBONE cluster -> pods' 15008, with
     the authority `<VIP>:<port>` (or the pod IP:port is unknowable: headless services are
@@ -284,12 +295,27 @@ def tunnel_cluster_specs(mesh: Mesh, svc: Service, sp: ServicePort, subset: str 
     vip = _vip(svc)
     if vip is None:
         return []
+    lst = f"tunnel|{sp.port}|{subset or ''}|{svc.hostname}"
+    refs: tuple[SourceRef, ...] = (svc.ref,)
+    wp = waypoint_service(mesh, svc) if via_waypoint else None
+    if wp is not None:
+        # The service's waypoint decides (routing, L7 policy): tunnel there, naming the service.
+        wsp = next((p for p in wp.ports if p.port == 15008), wp.ports[0] if wp.ports else None)
+        wpods = _pods_behind(mesh, wp, wsp) if wsp is not None else []
+        weds = _eds_name("hbone", 15008, wp.hostname)
+        whb = f"{weds}|{cert}"
+        wrefs = (svc.ref, wp.ref)
+        return [
+            ResourceSpec(CLUSTER, name, build_internal_cluster, (name, lst), wrefs),
+            ResourceSpec(LISTENER, lst, build_tunnel_listener, (lst, f"{vip}:{sp.port}", whb), wrefs),
+            ResourceSpec(CLUSTER, whb, build_hbone_cluster,
+                         (whb, weds, cert, mesh.trust_domain, _peers(mesh, (w for _, w in wpods))), (wp.ref,)),
+            ResourceSpec(ENDPOINT, weds, build_hbone_cla, (weds, tuple(ip for ip, _ in wpods)), (wp.ref,)),
+        ]
     pods = _pods_behind(mesh, svc, sp, labels)
     dr = mesh.dr_by_host.get(svc.hostname)
     eds = _eds_name("hbone", sp.port, svc.hostname, subset)
     hb = f"{eds}|{cert}"
-    lst = f"tunnel|{sp.port}|{subset or ''}|{svc.hostname}"
-    refs = (svc.ref,)
     return [
         ResourceSpec(CLUSTER, name, build_internal_cluster, (name, lst), refs),
         ResourceSpec(LISTENER, lst, build_tunnel_listener, (lst, f"{vip}:{sp.port}", hb), refs),
@@ -354,16 +380,39 @@ def plan_waypoint(mesh: Mesh, meta: ProxyMeta) -> list[ResourceSpec]:
             sources += refs
         add([ResourceSpec(ROUTE, inner, build_route_config, (inner, port, ns, tuple(vhosts), True),
                           tuple(dict.fromkeys(sources)))])
-        targets_of_port = tuple({port, *(tp for s in services for sp in s.ports if sp.port == port
-                                          for tp in [sp.target_port] if isinstance(tp, int))})
-        authz = policies_for_port(waypoint_policies(mesh, ns, name, tuple(s.name for s in services)),
-                                  *sorted(targets_of_port))
+        authz = _per_service_policies(mesh, ns, name, services, port, domains)
         add([ResourceSpec(LISTENER, inner, build_waypoint_http, (inner, td, authz),
                           tuple(dict.fromkeys((*(s.ref for s in services), *(a.ref for a in authz)))))])
     add([ResourceSpec(LISTENER, "waypoint_hbone", build_hbone_inbound,
                       ("waypoint_hbone", None, WORKLOAD_SECRET, td, tuple(targets), ()),
                       tuple(s.ref for s in bound))])
     return sorted(out.values(), key=lambda s: (s.type_url, s.name))
+
+
+def _per_service_policies(mesh: Mesh, ns: str, waypoint: str, services: list[Service], port: int,
+                          domains: list[tuple[str, ...]]) -> tuple[AuthorizationPolicy, ...]:
+    """The policies of one waypoint port, each rule limited to the Host names of the service
+    it applies to (services sharing a port share the listener's RBAC filters); a service
+    without ALLOW policies gets an allow-all of its own hosts once any other has one."""
+    per: list[tuple[Service, tuple[str, ...], tuple[AuthorizationPolicy, ...]]] = []
+    for svc, hosts in zip(services, domains, strict=True):
+        ports = {port, *(sp.target_port for sp in svc.ports if sp.port == port and isinstance(sp.target_port, int))}
+        pols = policies_for_port(waypoint_policies(mesh, ns, waypoint, (svc.name,)), *sorted(ports))
+        per.append((svc, hosts, pols))
+    any_allow = any(ap.action == "ALLOW" for _, _, pols in per for ap in pols)
+    out: list[AuthorizationPolicy] = []
+    for svc, hosts, pols in per:
+        for ap in pols:
+            rules = tuple(
+                replace(r, operations=tuple(op if op.hosts else replace(op, hosts=hosts) for op in r.operations)
+                        or (AuthzOperation(hosts=hosts),))
+                for r in ap.rules
+            )
+            out.append(replace(ap, name=f"{ap.name}@{svc.name}", rules=rules))
+        if any_allow and not any(ap.action == "ALLOW" for ap in pols):
+            out.append(AuthorizationPolicy(svc.ref, ns, f"allow-unrestricted@{svc.name}", action="ALLOW",
+                                           rules=(AuthzRule(operations=(AuthzOperation(hosts=hosts),)),)))
+    return tuple(out)
 
 
 def build_waypoint_http(name: str, trust_domain: str, authz: tuple[object, ...]) -> object:

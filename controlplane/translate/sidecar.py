@@ -45,7 +45,7 @@ from controlplane.model.ir import (
     Workload,
 )
 from controlplane.model.mesh import Mesh
-from controlplane.model.policy import authorization_policies_for, effective_mtls
+from controlplane.model.policy import authorization_policies_for, effective_mtls, orphaned_policies
 from controlplane.translate.clusters import (
     build_blackhole_cluster,
     build_inbound_cluster,
@@ -139,7 +139,7 @@ def _cluster_specs(mesh: Mesh, svc: Service, namespace: str, scope: Scope | None
             from controlplane.translate.ambient import WORKLOAD_SECRET, tunnel_cluster_specs
 
             for subset, labels in subsets:
-                out += tunnel_cluster_specs(mesh, svc, sp, subset, labels, WORKLOAD_SECRET)
+                out += tunnel_cluster_specs(mesh, svc, sp, subset, labels, WORKLOAD_SECRET, via_waypoint=True)
             continue
         for subset, labels in subsets:
             name = outbound_cluster_name(sp.port, svc.hostname, subset)
@@ -154,9 +154,12 @@ def _cluster_specs(mesh: Mesh, svc: Service, namespace: str, scope: Scope | None
 
 
 def _tunnelled(mesh: Mesh, svc: Service, sp: ServicePort) -> bool:
+    """Whether a sidecar reaches `svc` on `sp` through the HBONE tunnel: its pods are ambient,
+    or it uses a waypoint (which then enforces its L7 policies for sidecar callers too)."""
+    from controlplane.model.ambient import waypoint_service
     from controlplane.translate.ambient import needs_tunnel
 
-    return needs_tunnel(mesh, svc, sp)
+    return waypoint_service(mesh, svc) is not None or needs_tunnel(mesh, svc, sp)
 
 
 def _route_spec(
@@ -277,7 +280,12 @@ def plan_outbound(
             ResourceSpec(CLUSTER, PASSTHROUGH_CLUSTER, build_passthrough_cluster, (PASSTHROUGH_CLUSTER,))
         )
         specs.append(ResourceSpec(LISTENER, VIRTUAL_OUTBOUND, build_virtual_outbound, (PASSTHROUGH_CLUSTER,)))
-    return sorted(specs, key=lambda s: (s.type_url, s.name))
+    return _unique(specs)
+
+
+def _unique(specs: list[ResourceSpec]) -> list[ResourceSpec]:
+    """Sorted by (type, name); a resource several services share (a waypoint's tunnel) once."""
+    return sorted({(s.type_url, s.name): s for s in reversed(specs)}.values(), key=lambda s: (s.type_url, s.name))
 
 
 def plan_outbound_hosts(
@@ -296,7 +304,7 @@ def plan_outbound_hosts(
         svc = mesh.services.get(host)
         if svc is not None:
             specs += _cluster_specs(mesh, svc, namespace, scope, capture)
-    return specs
+    return _unique(specs)
 
 
 # --------------------------------------------------------------------------- inbound
@@ -342,6 +350,11 @@ def inbound_security(mesh: Mesh, proxy: ProxyMeta, wl: Workload | None
     labels = wl.labels if wl is not None else proxy.labels
     mtls = effective_mtls(mesh, proxy.namespace, labels)
     authz = authorization_policies_for(mesh, proxy.namespace, labels)
+    if wl is not None:
+        # Policies attached (targetRefs) to this pod's services when no waypoint enforces them.
+        from controlplane.model.ambient import waypoint_service
+
+        authz = (*authz, *orphaned_policies(mesh, wl, lambda svc: waypoint_service(mesh, svc) is not None))
     sec = InboundSecurity(mtls.mode, mtls.ports, mesh.trust_domain, authz)
     return sec, _refs(mtls.sources, tuple(a.ref for a in authz))
 

@@ -122,8 +122,12 @@ class Observer(Protocol):
 
 class XdsServer:
     def __init__(self, source: SnapshotSource, observer: Observer | None = None,
-                 authenticator: StreamAuthenticator | None = None) -> None:
+                 authenticator: StreamAuthenticator | None = None,
+                 node_proxy_identity: Identity | None = None) -> None:
+        """`node_proxy_identity`: the identity node proxies must prove (with a credential bound
+        to their node) when streams are authenticated."""
         self.source = source
+        self.node_proxy_identity = node_proxy_identity
         self.observer = observer
         self.authenticator = authenticator
         self.connections: dict[int, Connection] = {}
@@ -199,8 +203,15 @@ class XdsServer:
                                                 "the first request must carry node.id")
                         meta = proxy_meta_from_node(item.node)
                         identity = await self._identity(auth, meta, context)
+                        node = None
+                        if meta.mode == "node" and self.authenticator is not None:
+                            node, why = self._node_proof(auth, meta)
+                            if node is None:
+                                log.warning("node proxy %s refused: %s", meta.node_id, why,
+                                            extra={"proxy": meta.node_id})
+                                await context.abort(grpc.StatusCode.PERMISSION_DENIED, why)
                         if identity is not None:
-                            meta = bind_identity(meta, identity, self._node_proof(auth, meta))
+                            meta = bind_identity(meta, identity, node)
                         conn = Connection(meta, stream, queue, node=item.node, peer=context.peer(),
                                           identity=identity)
                         self.connections[stream_id] = conn
@@ -254,16 +265,16 @@ class XdsServer:
                      meta.service_account, ident)
         return ident
 
-    def _node_proof(self, auth: AuthResult | None, meta: ProxyMeta) -> str | None:
-        """The node a node proxy's credential proves, when it is the node it claims (else it
-        gets configuration for that node but no certificate: the CA refuses)."""
-        if meta.mode != "node" or auth is None or auth.identity is None:
-            return None
+    def _node_proof(self, auth: AuthResult | None, meta: ProxyMeta) -> tuple[str | None, str]:
+        """(the node a node proxy's credential proves, or None and why not). It must be the
+        node proxy's own identity, bound to the node the proxy claims."""
+        if auth is None or auth.identity is None:
+            return None, "a node proxy must authenticate"
+        if self.node_proxy_identity is not None and auth.identity != self.node_proxy_identity:
+            return None, f"{auth.identity} is not the node proxy's identity {self.node_proxy_identity}"
         if auth.node is None or auth.node != meta.node:
-            log.warning("node proxy %s claims node %s but its credential proves %s: no certificates",
-                        meta.node_id, meta.node, auth.node or "no node", extra={"proxy": meta.node_id})
-            return None
-        return auth.node
+            return None, f"the credential proves node {auth.node or '(none)'}, not {meta.node}"
+        return auth.node, ""
 
     async def _next_item(self, queue: asyncio.Queue[Any], stream: AdsStream) -> Any:
         if stream.waiting is None:

@@ -333,6 +333,9 @@ def test_waypoint_routes_and_enforces_l7_then_fails_closed_without_it(lab: Lab) 
     assert canary == {"b2"}
     assert lab.curl("a", f"http://{b}/private/x", headers={"host": "b.beta"})[0] == 403
     assert lab.curl("a", f"http://{b}/public", headers={"host": "b.beta"})[0] == 200
+    # A sidecar caller goes through the waypoint too: its L7 policy holds for it as well.
+    _wait_http(lab.pods["s"], f"http://{b}/public", '"b', headers={"host": "b.beta"})
+    assert lab.pods["s"].curl(f"http://{b}/private/x", headers={"host": "b.beta"})[0] == 403
     lab.wait_log("n2", "src.identity=" + spiffe("beta", "wp"))
     # Remove the waypoint: L4 (TCP 9000) still flows, the L7 policy fails closed on 8080.
     lab.write("mesh", mesh_docs(lab.pods, lab.vips, waypoint=False))
@@ -354,9 +357,10 @@ def test_node_proxy_gets_no_certificate_for_a_pod_on_another_node(lab: Lab) -> N
 
     key = tokens.load_or_create_token_key(lab.ca_dir)
 
-    async def secrets_for(token: str, names: list[str]) -> set[str]:
+    async def secrets_for(token: str, names: list[str], namespace: str = "meshline-system") -> set[str] | None:
+        """The certificates the stream gets (None: the stream was refused)."""
         client = AdsClient(f"{lab.topo.host_ip}:{XDS_PORT}", "sotw", "rogue-n1",
-                           {"mode": "node", "node": "n1", "namespace": "meshline-system",
+                           {"mode": "node", "node": "n1", "namespace": namespace,
                             "service_account": "meshline-node-proxy"},
                            metadata=[("authorization", f"Bearer {token}")])
         try:
@@ -368,6 +372,8 @@ def test_node_proxy_gets_no_certificate_for_a_pod_on_another_node(lab: Lab) -> N
                     resp = await client.recv(timeout=max(0.1, deadline - time.monotonic()))
                 except TimeoutError:
                     break
+                except AssertionError:  # the stream ended: refused
+                    return None
                 from envoy.extensions.transport_sockets.tls.v3 import secret_pb2
 
                 for res in resp.resources:
@@ -384,9 +390,11 @@ def test_node_proxy_gets_no_certificate_for_a_pod_on_another_node(lab: Lab) -> N
     local, foreign = spiffe("alpha", "a"), spiffe("delta", "d")
     got = asyncio.run(secrets_for(tokens.mint(key, ident, node="n1"), [local, foreign]))
     assert got == {local}
-    # A credential for node n2 claiming to be n1's proxy gets no certificate at all.
-    got = asyncio.run(secrets_for(tokens.mint(key, ident, node="n2"), [local, foreign]))
-    assert got == set()
+    # A credential for node n2 claiming to be n1's proxy is refused.
+    assert asyncio.run(secrets_for(tokens.mint(key, ident, node="n2"), [local, foreign])) is None
+    # So is a workload's own credential (bound to its node, as a Kubernetes token is) posing as one.
+    workload = tokens.mint(key, Identity("alpha", "a"), node="n1")
+    assert asyncio.run(secrets_for(workload, [local, foreign], namespace="alpha")) is None
 
 
 def test_node_proxy_restart_leaves_pods_running_and_measures_the_gap(lab: Lab) -> None:
