@@ -7,7 +7,7 @@ network namespace (`controlplane.model.ambient`):
   imports (all without one). A captured connection to a Service
   VIP:port is tunnelled (HBONE, presenting P's certificate) to the service's pods' 15008, or
   to its waypoint's pods when the service uses one; to a pod IP of a pod that accepts HBONE,
-  straight to that pod's 15008; to a service whose pods are outside the mesh, in plaintext
+  straight to that pod's 15008 (checking that pod's own identity); to a service whose pods are outside the mesh, in plaintext
   to its endpoints; anything else passes through unchanged.
 - `ambient_hbone_<ns>_<pod>`: 15008 inside P's netns, terminating tunnels with P's
   certificate for exactly P's IP:port and its services' VIP:port authorities, enforcing P's
@@ -188,8 +188,14 @@ def _service_chains(mesh: Mesh, ident: str, cert: str, scope: Scope | None
     return chains, specs
 
 
-def _hbone_pod_ips(mesh: Mesh) -> tuple[str, ...]:
-    return tuple(sorted({f"{wl.ip}/32" for wl in mesh.workloads.values() if wl.ip and accepts_hbone(mesh, wl)}))
+def _hbone_pods_by_identity(mesh: Mesh) -> dict[str, tuple[str, ...]]:
+    """SPIFFE URI -> the /32s of the pods holding it that accept HBONE (direct pod-IP calls
+    are tunnelled with that identity pinned: a reused IP cannot answer as someone else)."""
+    found: dict[str, set[str]] = {}
+    for wl in mesh.workloads.values():
+        if wl.ip and accepts_hbone(mesh, wl):
+            found.setdefault(spiffe_uri(mesh.trust_domain, wl.namespace, wl.service_account), set()).add(f"{wl.ip}/32")
+    return {uri: tuple(sorted(ips)) for uri, ips in sorted(found.items())}
 
 
 def _pod_meta(wl: Workload) -> ProxyMeta:
@@ -253,7 +259,7 @@ def plan_node(mesh: Mesh, node: str) -> list[ResourceSpec]:
 
     add([ResourceSpec(CLUSTER, PASSTHROUGH_CLUSTER, build_passthrough_cluster, (PASSTHROUGH_CLUSTER,)),
          ResourceSpec(CLUSTER, BLACKHOLE_CLUSTER, build_blackhole_cluster, (BLACKHOLE_CLUSTER,))])
-    hbone_ips = _hbone_pod_ips(mesh)
+    hbone_pods = _hbone_pods_by_identity(mesh)
     # Outbound chains per (identity, Sidecar scope): a pod gets only the destinations its
     # namespace's (or its own) Sidecar imports, as a sidecar would.
     chains_of: dict[tuple[str, str, object], tuple[OutboundChain, ...]] = {}
@@ -267,10 +273,10 @@ def plan_node(mesh: Mesh, node: str) -> list[ResourceSpec]:
         cert = identity_secret(td, ns, sa)
         chains, specs = _service_chains(mesh, ident, cert, proxy_scope(mesh, meta))
         add(specs)
-        if hbone_ips:
-            direct = f"hbone_direct|{ident}"
-            add([ResourceSpec(CLUSTER, direct, build_hbone_cluster, (direct, None, cert, td, ()))])
-            chains.append(OutboundChain("pods", hbone_ips, None, direct, True))
+        for uri, ips in hbone_pods.items():
+            direct = f"hbone_direct|{ident}|{uri}"
+            add([ResourceSpec(CLUSTER, direct, build_hbone_cluster, (direct, None, cert, td, (uri,)))])
+            chains.append(OutboundChain(f"pods|{uri}", ips, None, direct, True))
         chains_of[key] = tuple(chains)
     for wl in pods:
         name = f"ambient_outbound_{wl.namespace}_{wl.name}"
