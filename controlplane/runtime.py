@@ -61,6 +61,7 @@ class Settings:
     ca_address: str | None = None  # TLS port for xDS + the CSR API (15012); None: off
     ca_address_required: bool = True  # False: a port already taken is logged and skipped
     ca_dns_names: tuple[str, ...] = ("meshline.meshline-system.svc", "localhost")
+    environmental_retry_s: float = 5.0  # a NACK for a missing pod netns: offer the config again after this
     bundle_propagation_s: float = 30.0  # root rotation: wait this long at most for proxies to ACK the bundle
     node_agents: bool = False  # serve the NodeAgent.Report API on the xDS port; PodNetns objects as a source
 
@@ -71,6 +72,11 @@ NODE_PROXY_SERVICE_ACCOUNT = "meshline-node-proxy"
 def node_proxy_identity(root_namespace: str) -> Identity:
     """The identity node proxies (and their node agents) must prove: `<root ns>/meshline-node-proxy`."""
     return Identity(root_namespace, NODE_PROXY_SERVICE_ACCOUNT)
+
+
+ENVIRONMENTAL_NACKS = ("failed to set netns",)
+"""Envoy errors that no configuration object causes (a node proxy cannot enter a pod's
+network namespace, e.g. before the node agent mounted it or after the pod went away)."""
 
 
 def _plan_shared(mesh: Mesh, meta: ProxyMeta) -> list[ResourceSpec]:
@@ -192,6 +198,15 @@ class Runtime:
 
     def on_nack(self, conn: Connection, nack: NackRecord) -> None:
         self.metrics.nacks.labels(_short(nack_type(conn, nack))).inc()
+        if any(marker in nack.message for marker in ENVIRONMENTAL_NACKS):
+            # Not the configuration's fault (a pod's network namespace is not reachable yet, or
+            # already gone): blame no object; this proxy keeps what it has and retries later.
+            log.warning("proxy %s could not apply its config (%s); retrying in %.0f s", conn.meta.node_id,
+                        nack.message.strip()[:300], self.settings.environmental_retry_s,
+                        extra={"proxy": conn.meta.node_id})
+            with contextlib.suppress(RuntimeError):
+                asyncio.get_running_loop().call_later(self.settings.environmental_retry_s, self._retry, conn)
+            return
         if self.bisector.expired():
             self._abort_bisection()
         step = self.bisector.on_nack(conn.meta.node_id, nack.generation)
@@ -210,6 +225,12 @@ class Runtime:
             if len(done) > 1:
                 self._apply(self.bisector.start(conn.meta.node_id, done, reason), reason)
             self.metrics.quarantined.set(len(self.store.quarantined()))
+            self.mark_dirty(urgent=True)
+
+    def _retry(self, conn: Connection) -> None:
+        """Offer a proxy again what it rejected for an environmental reason."""
+        if conn.stream.stream_id in {c.stream.stream_id for c in self.xds.connections.values()}:
+            conn.stream.clear_quarantine()
             self.mark_dirty(urgent=True)
 
     def _abort_bisection(self) -> None:

@@ -116,3 +116,40 @@ def test_other_changes_wait_for_the_debounce_and_identity_changes_rebuild_in_ful
     waited, patched_before, patched_after = asyncio.run(scenario())
     assert waited >= 0.25
     assert patched_after == patched_before  # the endpoint change after it was not a patch
+
+
+def test_a_nack_for_an_unreachable_netns_blames_no_object_and_is_retried() -> None:
+    """A node proxy that cannot enter a pod's netns yet (the node agent has not mounted it)
+    NACKs; that is not the Pod's fault: nothing is quarantined, and the proxy is offered the
+    same config again after the retry delay."""
+    from controlplane.model.ir import ProxyMeta
+    from controlplane.xds.server import Connection
+    from controlplane.xds.stream import AdsStream, NackRecord
+
+    async def scenario() -> tuple[dict[object, str], bool, bool]:
+        src = ScriptedSource()
+        rt = Runtime(Settings(environmental_retry_s=0.2), [src])
+        tasks = [asyncio.create_task(rt.run_sources()), asyncio.create_task(rt.rebuild_loop())]
+        try:
+            while src.sink is None or rt.rebuilds == 0:
+                await asyncio.sleep(0.01)
+            stream = AdsStream("delta", 99)
+            conn = Connection(ProxyMeta("node-n1", mode="node", node="n1"), stream, asyncio.Queue())
+            rt.xds.connections[99] = conn
+            st = stream._state("type.googleapis.com/envoy.config.listener.v3.Listener")
+            st.quarantine["ambient_outbound_shop_a"] = "v1"
+            nack = NackRecord("", "1", "Error adding/updating listener(s) ambient_outbound_shop_a: failed to set "
+                              "netns to /var/run/meshline/netns/shop_a (fd=27): Invalid argument", 13, time.time(),
+                              ("ambient_outbound_shop_a",), ())
+            rt.on_nack(conn, nack)
+            held_before = bool(st.quarantine)
+            await asyncio.sleep(0.4)
+            return rt.store.quarantined(), held_before, bool(st.quarantine)
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    quarantined, held_before, held_after = asyncio.run(scenario())
+    assert quarantined == {}
+    assert held_before and not held_after  # offered again after the retry delay
