@@ -51,6 +51,7 @@ class DirectorySource:
         self.dirs = dirs
         self.debounce_ms = debounce_ms
         self._known: set[str] = set()  # origins (files) whose objects were delivered
+        self._known_dirs: set[str] = set()  # every directory above a known file
 
     def initial(self) -> list[SourceEvent]:
         return self._track([read_file(f) for f in yaml_files(self.dirs)])
@@ -59,6 +60,7 @@ class DirectorySource:
         for ev in events:
             if Path(ev.origin).is_file():
                 self._known.add(ev.origin)
+                self._known_dirs.update(str(p) for p in Path(ev.origin).parents)
             else:
                 self._known.discard(ev.origin)
         return list(events)
@@ -72,6 +74,10 @@ class DirectorySource:
             return [read_file(path)]
         if path.exists():
             return []
+        if str(path) in self._known:
+            return [Replace(str(path), ())]
+        if str(path) not in self._known_dirs:
+            return []  # e.g. an editor's or an atomic writer's temporary file: never loaded
         under = f"{path}{os.sep}"
         return [Replace(o, ()) for o in sorted(self._known) if o.startswith(under)]
 
