@@ -509,3 +509,34 @@ def test_control_plane_accepts_reports_only_from_the_node_proxy_of_that_node() -
     assert unbound is not None and "not bound to a node" in unbound
     assert not_proxy is not None and "not the node proxy" in not_proxy
     assert anonymous is not None and "not authenticated" in anonymous
+
+
+def test_a_node_whose_agent_stops_reporting_loses_its_pods() -> None:
+    """An agent that goes silent (its node is gone) must not leave netns paths behind forever."""
+    from controlplane.nodeagent.registry import NodeAgentRegistry
+    from controlplane.nodeagent.registry import PodNetns as Reported
+    from controlplane.sources.base import Replace
+
+    async def scenario() -> list[Replace]:
+        reg = NodeAgentRegistry(expire_after_s=0.3)
+        got: list[Replace] = []
+
+        async def sink(events: list[object]) -> None:
+            got.extend(e for e in events if isinstance(e, Replace))
+
+        task = asyncio.create_task(reg.run(sink))  # type: ignore[arg-type]
+        try:
+            reg.accept("n1", (Reported("shop", "a", "/var/run/meshline/netns/shop_a", ("10.0.0.1",)),))
+            reg.accept("n2", ())
+            for _ in range(3):  # n2 keeps reporting, n1 went silent
+                await asyncio.sleep(0.2)
+                reg.accept("n2", ())
+            await asyncio.sleep(0.3)
+            return got
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    got = asyncio.run(scenario())
+    assert [len(e.objects or ()) for e in got if e.origin == "node-agent:n1"] == [1, 0]  # reported, then dropped
+    assert [len(e.objects or ()) for e in got if e.origin == "node-agent:n2"] == [0]  # still reporting: kept

@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -119,11 +120,16 @@ class NodeAgentRegistry:
     """Source of `PodNetns` objects, fed by the `NodeAgent.Report` RPC. Readiness never waits
     for agents: `Synced` is emitted as soon as `run` starts."""
 
-    def __init__(self, authorize: Authorize | None = None, name: str = "node-agents") -> None:
+    def __init__(self, authorize: Authorize | None = None, name: str = "node-agents",
+                 expire_after_s: float = 60.0) -> None:
+        """`expire_after_s`: a node whose agent has not reported for this long loses its pods'
+        netns paths (the node is gone, or its agent is: nothing keeps the paths valid)."""
         self.name = name
         self._authorize = authorize
         self._queue: asyncio.Queue[list[SourceEvent]] = asyncio.Queue()
         self._last: dict[str, tuple[PodNetns, ...]] = {}  # node -> its last accepted set
+        self._seen: dict[str, float] = {}  # node -> when its agent last reported (monotonic)
+        self.expire_after_s = expire_after_s
 
     def handlers(self) -> list[grpc.GenericRpcHandler]:
         return [grpc.method_handlers_generic_handler(SERVICE, {
@@ -137,8 +143,24 @@ class NodeAgentRegistry:
     async def run(self, sink: Sink) -> None:
         await sink([Synced(self.name)])
         while True:
-            events = await self._queue.get()
-            await sink(events)
+            try:
+                events = await asyncio.wait_for(self._queue.get(), timeout=max(0.05, self.expire_after_s / 4))
+            except TimeoutError:
+                events = self.expire(time.monotonic())
+            if events:
+                await sink(events)
+
+    def expire(self, now: float) -> list[SourceEvent]:
+        """Forget the nodes whose agents stopped reporting."""
+        out: list[SourceEvent] = []
+        for node, seen in sorted(self._seen.items()):
+            if now - seen > self.expire_after_s:
+                del self._seen[node]
+                if self._last.pop(node, ()):
+                    log.warning("node %s: no report from its node agent for %.0f s; its pods' netns paths "
+                                "are dropped", node, now - seen)
+                    out.append(report_event(node, ()))
+        return out
 
     async def report(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         if self._authorize is not None:
@@ -155,6 +177,7 @@ class NodeAgentRegistry:
 
     def accept(self, node: str, pods: tuple[PodNetns, ...]) -> bool:
         """Queue `node`'s new set; False (nothing queued) when it equals the last one."""
+        self._seen[node] = time.monotonic()
         previous = self._last.get(node)
         if previous == pods:
             return False
