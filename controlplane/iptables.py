@@ -315,14 +315,17 @@ def in_netns(netns_path: str, tools: Iptables | None = None) -> Iptables:
     return Iptables(base.command, run)
 
 
-def cleanup(tools: Iptables | None = None) -> bool:
-    """Remove our chains and the jumps to them. Idempotent; True if anything was removed."""
-    tools = tools or Iptables()
-    script = cleanup_rules(tools.save_nat())
+def _remove(tools: Iptables, cleanup_script: Callable[[str | None], str | None]) -> bool:
+    script = cleanup_script(tools.save_nat())
     if script is None:
         return False
     tools.restore(script)
     return True
+
+
+def cleanup(tools: Iptables | None = None) -> bool:
+    """Remove our chains and the jumps to them. Idempotent; True if anything was removed."""
+    return _remove(tools or Iptables(), cleanup_rules)
 
 
 def apply(spec: CaptureSpec, tools: Iptables | None = None) -> str:
@@ -336,12 +339,7 @@ def apply(spec: CaptureSpec, tools: Iptables | None = None) -> str:
 
 def cleanup_ambient(tools: Iptables | None = None) -> bool:
     """Remove the ambient chains and the jumps to them. Idempotent; True if anything went."""
-    tools = tools or Iptables()
-    script = cleanup_ambient_rules(tools.save_nat())
-    if script is None:
-        return False
-    tools.restore(script)
-    return True
+    return _remove(tools or Iptables(), cleanup_ambient_rules)
 
 
 def apply_ambient(spec: AmbientSpec | None = None, tools: Iptables | None = None) -> str:

@@ -5,7 +5,9 @@ burst that follows is coalesced into one push after it pauses. Runs the real reb
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections.abc import AsyncIterator
 
 import yaml
 
@@ -35,14 +37,25 @@ class ScriptedSource:
         await asyncio.Event().wait()
 
 
+@contextlib.asynccontextmanager
+async def running(settings: Settings) -> AsyncIterator[tuple[Runtime, ScriptedSource]]:
+    """A runtime with a scripted source and its rebuild loop, after its first rebuild."""
+    src = ScriptedSource()
+    rt = Runtime(settings, [src])
+    tasks = [asyncio.create_task(rt.run_sources()), asyncio.create_task(rt.rebuild_loop())]
+    try:
+        while src.sink is None or rt.rebuilds == 0:
+            await asyncio.sleep(0.01)
+        yield rt, src
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
 def test_first_change_is_pushed_at_once_and_a_burst_is_coalesced() -> None:
     async def scenario() -> tuple[float, int, int, float]:
-        src = ScriptedSource()
-        rt = Runtime(Settings(debounce_ms=300, debounce_max_ms=5000), [src])
-        tasks = [asyncio.create_task(rt.run_sources()), asyncio.create_task(rt.rebuild_loop())]
-        try:
-            while src.sink is None or rt.rebuilds == 0:
-                await asyncio.sleep(0.01)
+        async with running(Settings(debounce_ms=300, debounce_max_ms=5000)) as (rt, src):
             await asyncio.sleep(0.4)  # quiet
             base = rt.rebuilds
             t0 = time.monotonic()
@@ -60,10 +73,6 @@ def test_first_change_is_pushed_at_once_and_a_burst_is_coalesced() -> None:
             burst_done = time.monotonic() - t1
             await asyncio.sleep(0.5)
             return first_latency, after_first - base, rt.rebuilds - after_first, burst_done
-        finally:
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
 
     first_latency, first_pushes, burst_pushes, burst_done = asyncio.run(scenario())
     assert first_pushes == 1
@@ -84,12 +93,7 @@ def test_other_changes_wait_for_the_debounce_and_identity_changes_rebuild_in_ful
     after a certificate/bundle change the next rebuild is a full one, never an endpoint patch."""
 
     async def scenario() -> tuple[float, int, int]:
-        src = ScriptedSource()
-        rt = Runtime(Settings(debounce_ms=300, debounce_max_ms=5000), [src])
-        tasks = [asyncio.create_task(rt.run_sources()), asyncio.create_task(rt.rebuild_loop())]
-        try:
-            while src.sink is None or rt.rebuilds == 0:
-                await asyncio.sleep(0.01)
+        async with running(Settings(debounce_ms=300, debounce_max_ms=5000)) as (rt, src):
             await src.sink([Upsert("web.yaml", slice_obj("10.0.0.1"))])
             await asyncio.sleep(0.5)
             base = rt.rebuilds
@@ -108,10 +112,6 @@ def test_other_changes_wait_for_the_debounce_and_identity_changes_rebuild_in_ful
             await src.sink([Upsert("web.yaml", slice_obj("10.0.0.9"))])
             await asyncio.sleep(0.5)
             return waited, patched, rt.builder.incremental_rebuilds
-        finally:
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
 
     waited, patched_before, patched_after = asyncio.run(scenario())
     assert waited >= 0.25
@@ -127,12 +127,7 @@ def test_a_nack_for_an_unreachable_netns_blames_no_object_and_is_retried() -> No
     from controlplane.xds.stream import AdsStream, NackRecord
 
     async def scenario() -> tuple[dict[object, str], bool, bool]:
-        src = ScriptedSource()
-        rt = Runtime(Settings(environmental_retry_s=0.2), [src])
-        tasks = [asyncio.create_task(rt.run_sources()), asyncio.create_task(rt.rebuild_loop())]
-        try:
-            while src.sink is None or rt.rebuilds == 0:
-                await asyncio.sleep(0.01)
+        async with running(Settings(environmental_retry_s=0.2)) as (rt, _src):
             stream = AdsStream("delta", 99)
             conn = Connection(ProxyMeta("node-n1", mode="node", node="n1"), stream, asyncio.Queue())
             rt.xds.connections[99] = conn
@@ -145,10 +140,6 @@ def test_a_nack_for_an_unreachable_netns_blames_no_object_and_is_retried() -> No
             held_before = bool(st.quarantine)
             await asyncio.sleep(0.4)
             return rt.store.quarantined(), held_before, bool(st.quarantine)
-        finally:
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
 
     quarantined, held_before, held_after = asyncio.run(scenario())
     assert quarantined == {}

@@ -8,6 +8,7 @@ import yaml
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.extensions.transport_sockets.tls.v3 import tls_pb2
 
+from controlplane.model.ambient import runs_sidecar
 from controlplane.model.convert import convert
 from controlplane.model.ir import ClientTLS, PortProtocol, ProxyMeta, Workload
 from controlplane.model.mesh import Mesh
@@ -16,7 +17,7 @@ from controlplane.model.raw import RawObject
 from controlplane.model.store import assemble
 from controlplane.sources.kube_informer import resources
 from controlplane.translate.plan import CLUSTER, ENDPOINT, LISTENER, build_all
-from controlplane.translate.security import runs_sidecar, upstream_tls
+from controlplane.translate.security import upstream_tls
 from controlplane.translate.sidecar import inbound_security, plan_inbound, plan_outbound
 
 

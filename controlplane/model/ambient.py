@@ -22,7 +22,8 @@ from controlplane.model.mesh import Mesh
 
 DATAPLANE_MODE_LABEL = "meshline.io/dataplane-mode"
 USE_WAYPOINT_LABEL = "meshline.io/use-waypoint"
-SIDECAR_STATUS_ANNOTATION = "meshline.io/status"
+STATUS_ANNOTATION = "meshline.io/status"  # "injected": the pod runs a Meshline sidecar
+INJECT_ANNOTATION = "meshline.io/inject"  # "false" (annotation or label): opted out
 
 DataplaneMode = Literal["ambient", "sidecar", "none"]
 
@@ -35,7 +36,11 @@ def _get(labels: Labels, key: str) -> str | None:
 
 
 def runs_sidecar(wl: Workload) -> bool:
-    return _get(wl.annotations, SIDECAR_STATUS_ANNOTATION) == "injected"
+    """True when the Pod's traffic goes through a Meshline sidecar that terminates mTLS."""
+    if wl.host_network or _get(wl.annotations, STATUS_ANNOTATION) != "injected":
+        return False
+    return not any((_get(where, INJECT_ANNOTATION) or "").strip().lower() == "false"
+                   for where in (wl.annotations, wl.labels))
 
 
 def dataplane_mode(mesh: Mesh, wl: Workload) -> DataplaneMode:

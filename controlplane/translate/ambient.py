@@ -34,6 +34,7 @@ from controlplane.model.ambient import (
     accepts_hbone,
     ambient_pods_on,
     identities,
+    runs_sidecar,
     services_of_waypoint,
     waypoint_service,
 )
@@ -82,11 +83,10 @@ from controlplane.translate.names import (
     outbound_cluster_name,
     service_domains,
 )
-from controlplane.translate.plan import CLUSTER, ENDPOINT, LISTENER, ROUTE, ResourceSpec
-from controlplane.translate.routes import build_route_config, plan_virtual_host
+from controlplane.translate.plan import CLUSTER, ENDPOINT, LISTENER, ResourceSpec
 from controlplane.translate.scope import Scope, proxy_scope, scope_key
 from controlplane.translate.security import spiffe_uri
-from controlplane.translate.sidecar import _target_port, inbound_ports
+from controlplane.translate.sidecar import _target_port, inbound_ports, route_spec
 
 WORKLOAD_SECRET = "default"
 
@@ -336,14 +336,8 @@ def needs_tunnel(mesh: Mesh, svc: Service, sp: ServicePort) -> bool:
     """Whether a sidecar must tunnel to `svc` on `sp`: its pods accept only HBONE for mesh
     traffic (some are ambient, and all accept HBONE)."""
     pods = _pods_behind(mesh, svc, sp)
-    return (_all_hbone(mesh, pods) and any(w is not None and not _is_sidecar(w) for _, w in pods)
+    return (_all_hbone(mesh, pods) and any(w is not None and not runs_sidecar(w) for _, w in pods)
             and _vip(svc) is not None)
-
-
-def _is_sidecar(wl: Workload) -> bool:
-    from controlplane.model.ambient import runs_sidecar
-
-    return runs_sidecar(wl)
 
 
 # --------------------------------------------------------------------------- waypoint
@@ -377,15 +371,8 @@ def plan_waypoint(mesh: Mesh, meta: ProxyMeta) -> list[ResourceSpec]:
         cluster = f"waypoint_inner|{port}"
         targets.append(TunnelTarget(port, tuple(f"{_vip(s)}:{port}" for s in services), cluster))
         add([ResourceSpec(CLUSTER, cluster, build_internal_cluster, (cluster, inner))])
+        add([route_spec(mesh, port, services, ns, "intercept", name=inner)])
         domains = dedupe_domains(service_domains(s, port, ns) for s in services)
-        vhosts = []
-        sources: list[SourceRef] = []
-        for svc, doms in zip(services, domains, strict=True):
-            vh, refs = plan_virtual_host(mesh, svc, port, ns, doms)
-            vhosts.append(vh)
-            sources += refs
-        add([ResourceSpec(ROUTE, inner, build_route_config, (inner, port, ns, tuple(vhosts), True),
-                          tuple(dict.fromkeys(sources)))])
         authz = _per_service_policies(mesh, ns, name, services, port, domains)
         add([ResourceSpec(LISTENER, inner, build_waypoint_http, (inner, td, authz),
                           tuple(dict.fromkeys((*(s.ref for s in services), *(a.ref for a in authz)))))])

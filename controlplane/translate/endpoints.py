@@ -22,8 +22,9 @@ from itertools import groupby
 
 from envoy.config.endpoint.v3 import endpoint_pb2
 
+from controlplane.model.ambient import runs_sidecar
 from controlplane.model.ir import EndpointSet, Labels, ServicePort, Workload, labels_match
-from controlplane.translate.security import mesh_endpoint_metadata, runs_sidecar
+from controlplane.translate.security import mesh_endpoint_metadata
 
 
 @dataclass(frozen=True, slots=True)

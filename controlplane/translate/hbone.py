@@ -166,15 +166,21 @@ def _cidr(add: Any, text: str) -> None:
     add.prefix_len.value = int(bits or 32)
 
 
+def _listener(name: str, port: int, netns: str | None, direction: int) -> listener_pb2.Listener:
+    """0.0.0.0:`port`, inside the network namespace at `netns` when set."""
+    lst = listener_pb2.Listener(name=name, traffic_direction=direction)
+    sa = lst.address.socket_address
+    sa.address, sa.port_value = "0.0.0.0", port
+    if netns:
+        sa.network_namespace_filepath = netns
+    return lst
+
+
 def build_ambient_outbound(name: str, netns: str | None, chains: tuple[OutboundChain, ...],
                            passthrough: str) -> listener_pb2.Listener:
     """0.0.0.0:15001 (inside `netns` when set): the pod's captured outbound connections,
     matched on their original destination."""
-    lst = listener_pb2.Listener(name=name, traffic_direction=base_pb2.OUTBOUND)
-    sa = lst.address.socket_address
-    sa.address, sa.port_value = "0.0.0.0", 15001
-    if netns:
-        sa.network_namespace_filepath = netns
+    lst = _listener(name, 15001, netns, base_pb2.OUTBOUND)
     lst.listener_filters.add(name=ORIGINAL_DST_FILTER).typed_config.CopyFrom(pack(original_dst_pb2.OriginalDst()))
     for ch in chains:
         fc = lst.filter_chains.add(name=ch.name)
@@ -243,11 +249,7 @@ def build_hbone_inbound(name: str, netns: str | None, cert_secret: str, trust_do
                         ) -> listener_pb2.Listener:
     """0.0.0.0:15008 (inside `netns` when set): terminates tunnels with `cert_secret`,
     requires a mesh client certificate, delivers CONNECTs for exactly the `targets`."""
-    lst = listener_pb2.Listener(name=name, traffic_direction=base_pb2.INBOUND)
-    sa = lst.address.socket_address
-    sa.address, sa.port_value = "0.0.0.0", HBONE_PORT
-    if netns:
-        sa.network_namespace_filepath = netns
+    lst = _listener(name, HBONE_PORT, netns, base_pb2.INBOUND)
     fc = lst.filter_chains.add(name=name)
     ctx = tls_pb2.DownstreamTlsContext()
     ctx.require_client_certificate.value = True
@@ -307,11 +309,7 @@ def build_plain_inbound(name: str, netns: str | None, ports: tuple[PlainPort, ..
     """0.0.0.0:15006 (inside `netns`): captured plaintext inbound connections, per target
     port, with the network RBAC of the pod's AuthorizationPolicies; STRICT ports and
     unknown ports go nowhere."""
-    lst = listener_pb2.Listener(name=name, traffic_direction=base_pb2.INBOUND)
-    sa = lst.address.socket_address
-    sa.address, sa.port_value = "0.0.0.0", 15006
-    if netns:
-        sa.network_namespace_filepath = netns
+    lst = _listener(name, 15006, netns, base_pb2.INBOUND)
     lst.listener_filters.add(name=ORIGINAL_DST_FILTER).typed_config.CopyFrom(pack(original_dst_pb2.OriginalDst()))
     for p in ports:
         if not p.allowed:

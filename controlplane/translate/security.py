@@ -29,7 +29,7 @@ from envoy.extensions.transport_sockets.raw_buffer.v3 import raw_buffer_pb2
 from envoy.extensions.transport_sockets.tls.v3 import common_pb2, tls_pb2
 from google.protobuf import struct_pb2
 
-from controlplane.model.ir import DEFAULT_TRUST_DOMAIN, ClientTLS, PortProtocol, Workload
+from controlplane.model.ir import DEFAULT_TRUST_DOMAIN, ClientTLS, PortProtocol
 from controlplane.translate.names import pack
 from controlplane.translate.secrets import root_sds, workload_sds
 
@@ -40,8 +40,6 @@ TLS_MATCH_KEY = "envoy.transport_socket_match"
 TLS_MODE_LABEL = "tlsMode"
 TLS_MODE_MESH = "meshline"
 SYSTEM_CA_FILE = "/etc/ssl/certs/ca-certificates.crt"
-STATUS_ANNOTATION = "meshline.io/status"
-INJECT_ANNOTATION = "meshline.io/inject"
 MESH_ALPN = ("h2", "http/1.1")
 
 UpstreamTlsMode = Literal["mesh", "auto", "simple"]
@@ -49,17 +47,6 @@ UpstreamTlsMode = Literal["mesh", "auto", "simple"]
 
 def spiffe_uri(trust_domain: str, namespace: str, service_account: str) -> str:
     return f"spiffe://{trust_domain}/ns/{namespace}/sa/{service_account}"
-
-
-def runs_sidecar(wl: Workload) -> bool:
-    """True when the Pod's traffic goes through a Meshline sidecar that terminates mTLS."""
-    annotations = dict(wl.annotations)
-    if wl.host_network or annotations.get(STATUS_ANNOTATION) != "injected":
-        return False
-    for where in (annotations, dict(wl.labels)):
-        if where.get(INJECT_ANNOTATION, "").strip().lower() == "false":
-            return False
-    return True
 
 
 def outbound_sni(port: int, subset: str | None, host: str) -> str:

@@ -33,6 +33,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
+from controlplane.model.ambient import runs_sidecar
 from controlplane.model.ir import (
     CaptureMode,
     DestinationRule,
@@ -84,7 +85,7 @@ from controlplane.translate.names import (
 from controlplane.translate.plan import CLUSTER, ENDPOINT, LISTENER, ROUTE, ResourceSpec
 from controlplane.translate.routes import build_route_config, plan_virtual_host
 from controlplane.translate.scope import Scope
-from controlplane.translate.security import outbound_sni, runs_sidecar, spiffe_uri, upstream_tls
+from controlplane.translate.security import outbound_sni, spiffe_uri, upstream_tls
 
 
 def _dr(mesh: Mesh, svc: Service, namespace: str) -> DestinationRule | None:
@@ -162,9 +163,11 @@ def _tunnelled(mesh: Mesh, svc: Service, sp: ServicePort) -> bool:
     return waypoint_service(mesh, svc) is not None or needs_tunnel(mesh, svc, sp)
 
 
-def _route_spec(
-    mesh: Mesh, port: int, services: list[Service], namespace: str, capture: CaptureMode
+def route_spec(
+    mesh: Mesh, port: int, services: list[Service], namespace: str, capture: CaptureMode, name: str | None = None
 ) -> ResourceSpec:
+    """The route configuration of `services` on `port` for clients in `namespace` (named after
+    the port unless `name` is given: a waypoint's per-port configuration)."""
     domains = dedupe_domains(service_domains(s, port, namespace) for s in services)
     vhosts = []
     sources: list[SourceRef] = []
@@ -172,7 +175,7 @@ def _route_spec(
         vh, refs = plan_virtual_host(mesh, svc, port, namespace, doms)
         vhosts.append(vh)
         sources += refs
-    name = route_config_name(port)
+    name = name or route_config_name(port)
     args = (name, port, namespace, tuple(vhosts), capture == "intercept")
     return ResourceSpec(ROUTE, name, build_route_config, args, _refs(tuple(sources)))
 
@@ -270,7 +273,7 @@ def plan_outbound(
         services = sorted(on_port, key=lambda s: s.hostname)
         routed = [s for s in services if _sniffed_or_http(_port_of(s, port))]
         if routed:
-            specs.append(_route_spec(mesh, port, routed, namespace, capture))
+            specs.append(route_spec(mesh, port, routed, namespace, capture))
         if capture == "bind":
             specs.append(_bind_listener(mesh, port, services, namespace, bind_address))
         else:

@@ -223,7 +223,7 @@ def lab() -> Iterator[Lab]:
                                          str(config), "--ca-dir", str(ca_dir), "--xds-address",
                                          f"{topo.host_ip}:{XDS_PORT}", "--status-address",
                                          f"127.0.0.1:{STATUS_PORT}"])
-        topo.wait("control plane", lambda: _ready(), 30, cp)
+        topo.wait("control plane", lambda: status_ready(STATUS_PORT), 30, cp)
         xds = f"{topo.host_ip}:{XDS_PORT}"
         # Ambient pods: capture towards the node proxy's in-pod listeners.
         for name in ("a", "c", "b1", "b2", "d"):
@@ -252,9 +252,10 @@ def lab() -> Iterator[Lab]:
         yield lab
 
 
-def _ready() -> bool:
+def status_ready(port: int) -> bool:
+    """Whether the control plane's /readyz on 127.0.0.1:`port` answers 200."""
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{STATUS_PORT}/readyz", timeout=1) as r:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1) as r:
             return bool(r.status == 200)
     except OSError:
         return False

@@ -23,21 +23,23 @@ import pytest
 import yaml
 
 from controlplane.localrun import envoy_binary
-from tests.e2e.test_ambient_e2e import _bootstrap, _ns, _pod, _skip_reason, _slice, _svc, _wait_http, spiffe
+from tests.e2e.test_ambient_e2e import (
+    _bootstrap,
+    _ns,
+    _pod,
+    _skip_reason,
+    _slice,
+    _svc,
+    _wait_http,
+    spiffe,
+    status_ready,
+)
 from tests.netns_mesh import Topology
 
 XDS_PORT = 19720
 STATUS_PORT = 19721
 
 pytestmark = pytest.mark.skipif(_skip_reason() is not None, reason=str(_skip_reason()))
-
-
-def _ready() -> bool:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{STATUS_PORT}/readyz", timeout=1) as r:
-            return bool(r.status == 200)
-    except OSError:
-        return False
 
 
 def _listener_netns(node_id: str) -> set[str]:
@@ -85,7 +87,7 @@ def lab() -> Iterator[tuple[Topology, dict[str, object], Path]]:
                                          str(config), "--ca-dir", str(ca_dir), "--node-agents", "--xds-address",
                                          f"{topo.host_ip}:{XDS_PORT}", "--status-address",
                                          f"127.0.0.1:{STATUS_PORT}"])
-        topo.wait("control plane", _ready, 30, cp)
+        topo.wait("control plane", lambda: status_ready(STATUS_PORT), 30, cp)
         from controlplane.ca import tokens
         from controlplane.ca.identity import Identity
 
