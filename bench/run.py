@@ -679,6 +679,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Meshline xDS scale benchmark")
     p.add_argument("--only", help="one size S,N (services,clients), e.g. 100,100")
     p.add_argument("--quick", action="store_true", help="(100,100) only and 5 changes")
+    p.add_argument("--mix", choices=["mixed", "delta", "sotw"], default="mixed",
+                   help="the size grid's client protocols (default: mixed)")
     p.add_argument("--changes", type=int, default=None, help="endpoint changes per size (default 20)")
     p.add_argument("--profile", action="store_true", default=bool(os.environ.get("MESHLINE_BENCH_PROFILE")),
                    help="run the control plane under cProfile and print its top functions")
@@ -716,7 +718,7 @@ async def amain(args: argparse.Namespace, children: Children) -> int:
         for s, n in args.sizes:
             print(f"running S={s} services x N={n} clients ({ENDPOINTS} endpoints each, "
                   f"{args.changes} changes)...", file=sys.stderr, flush=True)
-            results.append(await Case(args, children, s, n).run())
+            results.append(await Case(args, children, s, n, mix=args.mix).run())
     except BenchError as exc:
         print(f"\nbenchmark failed: {exc}", file=sys.stderr)
         if results:

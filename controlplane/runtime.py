@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -414,6 +415,8 @@ class Runtime:
         for hook in self.after_rebuild:
             hook()
         self.metrics.serializations.set(self.builder.memo.stats.serializations)
+        if delta is None:
+            gc.freeze()
 
     async def rebuild_loop(self) -> None:
         debounce = self.settings.debounce_ms / 1000

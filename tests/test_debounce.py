@@ -129,7 +129,7 @@ def test_a_nack_for_an_unreachable_netns_blames_no_object_and_is_retried() -> No
     async def scenario() -> tuple[dict[object, str], bool, bool]:
         async with running(Settings(environmental_retry_s=0.2)) as (rt, _src):
             stream = AdsStream("delta", 99)
-            conn = Connection(ProxyMeta("node-n1", mode="node", node="n1"), stream, asyncio.Queue())
+            conn = Connection(ProxyMeta("node-n1", mode="node", node="n1"), stream)
             rt.xds.connections[99] = conn
             st = stream._state("type.googleapis.com/envoy.config.listener.v3.Listener")
             st.quarantine["ambient_outbound_shop_a"] = "v1"

@@ -282,7 +282,7 @@ def test_proxies_with_the_same_sidecar_share_one_outbound_layer(tmp_path: Path) 
              proxy("shop", {"app": "special"}, node="s"), proxy("other", {"app": "a"}, node="o1"),
              proxy("other", {"app": "b"}, node="o2")]
     for i, meta in enumerate(metas):
-        rt.xds.connections[i] = Connection(meta, AdsStream("delta", i), asyncio.Queue())
+        rt.xds.connections[i] = Connection(meta, AdsStream("delta", i))
     rt.rebuild_now()
     snaps = {c.meta.node_id: c.stream.target for c in rt.xds.connections.values()}
     clusters = {n: s.types[CLUSTER] for n, s in snaps.items() if s is not None}

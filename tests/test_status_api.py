@@ -39,7 +39,7 @@ def make_runtime() -> Runtime:
     rt._synced.add(src.name)  # as if the source had reported Synced
     meta = ProxyMeta(node_id="sidecar~bookinfo/demo", namespace="bookinfo", workload="demo",
                      labels=labels_of({"app": "demo"}))
-    conn = Connection(meta, AdsStream("delta", 1), asyncio.Queue())
+    conn = Connection(meta, AdsStream("delta", 1))
     rt.xds.connections[1] = conn
     rt.rebuild_now()
     return rt

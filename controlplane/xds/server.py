@@ -14,6 +14,7 @@ shared by every stream.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import itertools
 import logging
@@ -44,7 +45,6 @@ PER_TYPE_SERVICES = {
     "envoy.service.route.v3.RouteDiscoveryService": ("StreamRoutes", "DeltaRoutes"),
     "envoy.service.secret.v3.SecretDiscoveryService": ("StreamSecrets", "DeltaSecrets"),
 }
-_WAKE = object()
 
 
 def proxy_meta_from_node(node: Any) -> ProxyMeta:
@@ -92,14 +92,54 @@ class SnapshotSource(Protocol):
     def detach(self, conn: Connection) -> None: ...
 
 
+class Inbox:
+    """What wakes a stream's coroutine: new requests (before the connection is set up),
+    a new snapshot, the end of the stream, or a deadline. Cheaper than an asyncio.Queue per
+    stream (no loop lookup per call, no wake-up for an ACK that needs no answer), which
+    matters when one change wakes a thousand streams."""
+
+    __slots__ = ("_waiter", "items", "woken")
+
+    def __init__(self) -> None:
+        self.items: collections.deque[Any] = collections.deque()  # requests, None (end) or _Failed
+        self.woken = False
+        self._waiter: asyncio.Future[None] | None = None
+
+    def wake(self) -> None:
+        self.woken = True
+        w = self._waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    def put(self, item: Any) -> None:
+        self.items.append(item)
+        self.wake()
+
+    async def wait(self, deadline: float | None = None) -> None:
+        """Until woken (returns at once if woken since the last wait), or until the
+        monotonic `deadline`."""
+        if not self.woken:
+            loop = asyncio.get_running_loop()
+            self._waiter = waiter = loop.create_future()
+            timer = None
+            if deadline is not None:
+                timer = loop.call_later(max(0.0, deadline - time.monotonic()), self.wake)
+            try:
+                await waiter
+            finally:
+                self._waiter = None
+                if timer is not None:
+                    timer.cancel()
+        self.woken = False
+
+
 @dataclass(eq=False)
 class Connection:
     meta: ProxyMeta
     stream: AdsStream
-    queue: asyncio.Queue[Any]
+    inbox: Inbox = field(default_factory=Inbox)
     node: Any = None
     peer: str = ""
-    woken: bool = False
     sent_responses: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
     identity: Identity | None = None  # proven by the stream's token; None: no secrets
@@ -107,9 +147,14 @@ class Connection:
     def update(self, snapshot: Snapshot) -> None:
         """Called by the composition root with this proxy's newest snapshot."""
         self.stream.set_target(snapshot)
-        if not self.woken:
-            self.woken = True
-            self.queue.put_nowait(_WAKE)
+        self.inbox.wake()
+
+
+@dataclass(frozen=True, slots=True)
+class _Failed:
+    """The reader task's exception, re-raised by the stream's coroutine."""
+
+    exc: BaseException
 
 
 class Observer(Protocol):
@@ -167,21 +212,31 @@ class XdsServer:
     async def _serve(
         self, protocol: StreamProtocol, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext
     ) -> None:
-        queue: asyncio.Queue[Any] = asyncio.Queue()
+        """One stream. Its reader task handles Envoy's requests as they arrive (an ACK usually
+        needs no answer, and then this coroutine is not woken); this coroutine sets the
+        connection up from the first request and writes every response."""
+        inbox = Inbox()
+        stream_id = next(self._ids)
+        stream = AdsStream(protocol, stream_id, self.name_sets)
+        conn: Connection | None = None
 
         async def read() -> None:
             try:
                 async for req in requests:
-                    queue.put_nowait(req)
+                    if conn is None or inbox.items:
+                        inbox.put(req)  # in order, after what the coroutine has not handled yet
+                    else:
+                        self._handle(conn, req)
+                        if stream.may_push():
+                            inbox.wake()
             except (grpc.aio.AioRpcError, asyncio.CancelledError):
                 pass
-            finally:
-                queue.put_nowait(None)
+            except Exception as exc:  # a bug handling a request: fail the stream, visibly
+                inbox.put(_Failed(exc))
+                return
+            inbox.put(None)
 
         reader = asyncio.create_task(read())
-        stream_id = next(self._ids)
-        stream = AdsStream(protocol, stream_id, self.name_sets)
-        conn: Connection | None = None
         auth: AuthResult | None = None
         try:
             if self.authenticator is not None:
@@ -190,44 +245,16 @@ class XdsServer:
                     log.warning("xDS stream from %s refused for now: %s", context.peer(), auth.reason)
                     await context.abort(grpc.StatusCode.UNAVAILABLE, "cannot verify the token now; retry later")
             while True:
-                item = await self._next_item(queue, stream)
-                if item is None:
-                    return
-                if item is _WAKE:
-                    if conn is not None:
-                        conn.woken = False
-                elif item is not _TIMEOUT:
-                    if conn is None:
-                        if not item.HasField("node") or not item.node.id:
-                            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                                "the first request must carry node.id")
-                        meta = proxy_meta_from_node(item.node)
-                        identity = await self._identity(auth, meta, context)
-                        node = None
-                        if meta.mode == "node" and self.authenticator is not None:
-                            node, why = self._node_proof(auth, meta)
-                            if node is None:
-                                log.warning("node proxy %s refused: %s", meta.node_id, why,
-                                            extra={"proxy": meta.node_id})
-                                await context.abort(grpc.StatusCode.PERMISSION_DENIED, why)
-                        if identity is not None:
-                            meta = bind_identity(meta, identity, node)
-                        conn = Connection(meta, stream, queue, node=item.node, peer=context.peer(),
-                                          identity=identity)
-                        self.connections[stream_id] = conn
-                        log.info("proxy %s connected (%s, %s/%s)", meta.node_id, protocol, meta.namespace,
-                                 meta.workload or "-")
-                        self.source.attach(conn)
-                    self._handle(conn, item)
-                # Drain everything already queued before pushing, so pushes use the newest state.
-                while not queue.empty():
-                    nxt = queue.get_nowait()
-                    if nxt is None:
+                await inbox.wait(stream.waiting[2] if stream.waiting is not None else None)
+                while inbox.items:
+                    item = inbox.items.popleft()
+                    if item is None:
                         return
-                    if nxt is _WAKE:
-                        conn.woken = False  # type: ignore[union-attr]
-                    elif conn is not None:
-                        self._handle(conn, nxt)
+                    if isinstance(item, _Failed):
+                        raise item.exc
+                    if conn is None:
+                        conn = await self._connect(protocol, item, auth, stream, inbox, context)
+                    self._handle(conn, item)
                 if conn is None:
                     continue
                 while (out := stream.next_push(time.monotonic())) is not None:
@@ -243,6 +270,27 @@ class XdsServer:
                 self.connections.pop(stream_id, None)
                 self.source.detach(conn)
                 log.info("proxy %s disconnected", conn.meta.node_id)
+
+    async def _connect(self, protocol: StreamProtocol, first: Any, auth: AuthResult | None, stream: AdsStream,
+                       inbox: Inbox, context: grpc.aio.ServicerContext) -> Connection:
+        """The connection for a stream's first request (aborts the stream when it is refused)."""
+        if not first.HasField("node") or not first.node.id:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first request must carry node.id")
+        meta = proxy_meta_from_node(first.node)
+        identity = await self._identity(auth, meta, context)
+        node = None
+        if meta.mode == "node" and self.authenticator is not None:
+            node, why = self._node_proof(auth, meta)
+            if node is None:
+                log.warning("node proxy %s refused: %s", meta.node_id, why, extra={"proxy": meta.node_id})
+                await context.abort(grpc.StatusCode.PERMISSION_DENIED, why)
+        if identity is not None:
+            meta = bind_identity(meta, identity, node)
+        conn = Connection(meta, stream, inbox, node=first.node, peer=context.peer(), identity=identity)
+        self.connections[stream.stream_id] = conn
+        log.info("proxy %s connected (%s, %s/%s)", meta.node_id, protocol, meta.namespace, meta.workload or "-")
+        self.source.attach(conn)
+        return conn
 
     async def _identity(self, auth: AuthResult | None, meta: ProxyMeta,
                         context: grpc.aio.ServicerContext) -> Identity | None:
@@ -275,15 +323,6 @@ class XdsServer:
         if auth.node is None or auth.node != meta.node:
             return None, f"the credential proves node {auth.node or '(none)'}, not {meta.node}"
         return auth.node, ""
-
-    async def _next_item(self, queue: asyncio.Queue[Any], stream: AdsStream) -> Any:
-        if stream.waiting is None:
-            return await queue.get()
-        delay = max(0.0, stream.waiting[2] - time.monotonic())
-        try:
-            return await asyncio.wait_for(queue.get(), timeout=delay)
-        except TimeoutError:
-            return _TIMEOUT
 
     def _handle(self, conn: Connection, req: Any) -> None:
         if conn.stream.protocol == "sotw":
@@ -322,7 +361,6 @@ class XdsServer:
                         held, extra={"proxy": conn.meta.node_id})
 
 
-_TIMEOUT = object()
 
 
 async def start_grpc(address: str, handlers: list[grpc.GenericRpcHandler],

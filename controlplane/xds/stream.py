@@ -435,6 +435,18 @@ class AdsStream:
             if t in PUSH_ORDER  # requests for types we do not serve never block convergence
         )
 
+    def may_push(self) -> bool:
+        """Whether `next_push()` may have something to send: cheap, no side effects, never a
+        wrong "no" (a "yes" may find nothing to send)."""
+        target = self.target
+        if target is None:
+            return False
+        for t, st in self.types.items():
+            if t in PUSH_ORDER and (st.needs_response or st.synced_target is None
+                                    or st.synced_target is not target.types.get(t)):
+                return True
+        return False
+
     def next_push(self, now: float) -> Outgoing | None:
         """The next response to send for the target snapshot, or None when in sync (or
         waiting for Envoy to ACK new clusters)."""
