@@ -6,17 +6,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from controlplane.ca.identity import Identity, identity_of, proven_node
 from controlplane.cache.resources import Resource
 from controlplane.cache.snapshot import ProxyKey, SnapshotBuilder, proxy_key
+from controlplane.gcpolicy import GcPolicy
 from controlplane.metrics import Metrics
 from controlplane.model.ir import Hostname, ProxyMeta
 from controlplane.model.mesh import Mesh
@@ -114,6 +114,7 @@ class Runtime:
     sources: Sequence[Source]
     metrics: Metrics = field(default_factory=Metrics)
     identity: IdentityService | None = None
+    gc_policy: GcPolicy | None = None  # `serve` sets one; tests leave the collector alone
 
     def __post_init__(self) -> None:
         self.store = MeshStore(trust_domain=self.settings.trust_domain, root_namespace=self.settings.root_namespace,
@@ -145,6 +146,7 @@ class Runtime:
         self.after_rebuild: list[Callable[[], None]] = []
         self.leader: bool | None = None  # None: no leader election (directory mode)
         self._arm_pending = False
+        self._push_counters: dict[str, Any] = {}  # type URL -> its pushes counter child
 
     # ------------------------------------------------------------------ readiness
     @property
@@ -186,16 +188,19 @@ class Runtime:
         self.metrics.proxies.labels(conn.meta.mode, conn.stream.protocol).dec()
 
     def on_push(self, conn: Connection, out: Outgoing) -> None:
-        t = _short(out.type_url)
-        self.metrics.pushes.labels(t).inc()
+        counter = self._push_counters.get(out.type_url)
+        if counter is None:
+            counter = self._push_counters[out.type_url] = self.metrics.pushes.labels(_short(out.type_url))
+        counter.inc()
         target = conn.stream.target
         if target is not None and conn.extra.get("pushed") != target.generation:
             conn.extra["pushed"] = target.generation
             started = self._gen_started.get(target.generation)
             if started is not None:
                 self.metrics.push_seconds.observe(max(0.0, time.time() - started))
-        log.debug("push %s to %s: %d resources, %d removed, nonce %s", t, conn.meta.node_id, out.count,
-                  out.removed, out.nonce)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("push %s to %s: %d resources, %d removed, nonce %s", _short(out.type_url), conn.meta.node_id,
+                      out.count, out.removed, out.nonce)
 
     def on_nack(self, conn: Connection, nack: NackRecord) -> None:
         self.metrics.nacks.labels(_short(nack_type(conn, nack))).inc()
@@ -415,8 +420,8 @@ class Runtime:
         for hook in self.after_rebuild:
             hook()
         self.metrics.serializations.set(self.builder.memo.stats.serializations)
-        if delta is None:
-            gc.freeze()
+        if delta is None and self.gc_policy is not None:
+            self.gc_policy.after_full_rebuild()
 
     async def rebuild_loop(self) -> None:
         debounce = self.settings.debounce_ms / 1000
@@ -450,6 +455,17 @@ class Runtime:
                 log.exception("rebuilding snapshots failed; proxies keep their last config (retry in %ss)",
                               2 ** failures)
                 asyncio.get_running_loop().call_later(2 ** failures, self.mark_dirty)
+
+    async def gc_maintenance_loop(self, check_every_s: float = 10.0) -> None:
+        """The collector's periodic full pass (see gcpolicy), only while nothing is being pushed."""
+        policy = self.gc_policy
+        if policy is None:
+            return
+        while True:
+            await asyncio.sleep(check_every_s)
+            now = time.monotonic()
+            if not self._dirty.is_set() and now - self._last_change > check_every_s:
+                policy.maintain(now)
 
     async def run_sources(self) -> None:
         async with asyncio.TaskGroup() as tg:

@@ -20,6 +20,7 @@ import grpc
 import uvicorn
 
 from controlplane.bootstrap import split_address
+from controlplane.gcpolicy import GcPolicy
 from controlplane.metrics import Metrics
 from controlplane.runtime import Runtime, Settings, node_proxy_identity
 from controlplane.sources.base import Source
@@ -168,7 +169,9 @@ def build_runtime(settings: Settings, identity: IdentityService | None = None) -
             namespaces=settings.watch_namespaces, kubeconfig=settings.kubeconfig, istio_api=settings.istio_api,
             on_restart=lambda label: metrics.watch_restarts.labels(label).inc(),
         ))
-    return Runtime(settings, sources, metrics, identity)
+    policy = GcPolicy()
+    policy.install()
+    return Runtime(settings, sources, metrics, identity, policy)
 
 
 def start_leader_work(runtime: Runtime, settings: Settings) -> list[asyncio.Task[None]]:
@@ -281,6 +284,7 @@ async def _run(settings: Settings, identity: IdentityService | None, api_client:
     tasks = [
         asyncio.create_task(runtime.run_sources(), name="sources"),
         asyncio.create_task(runtime.rebuild_loop(), name="rebuild"),
+        asyncio.create_task(runtime.gc_maintenance_loop(), name="gc"),
         asyncio.create_task(status.serve(), name="status"),
     ]
     if settings.kubernetes:

@@ -267,7 +267,7 @@ class AdsStream:
         if "*" in names:
             names = names - {"*"}
         names = self.name_sets.canonical(names)
-        if wildcard != st.wildcard or names != st.names:
+        if wildcard != st.wildcard or (names is not st.names and names != st.names):
             st.wildcard, st.names = wildcard, names
             st.needs_response = True
             st.synced_target = None
