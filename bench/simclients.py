@@ -348,6 +348,7 @@ async def main(args: argparse.Namespace) -> None:
     options = [
         ("grpc.max_receive_message_length", 512 * 1024 * 1024),
         ("grpc.use_local_subchannel_pool", 1),  # one connection per client, like separate Envoys
+        ("grpc.http2.bdp_probe", 0),  # Envoy's HTTP/2 client sends no bandwidth-probing PINGs
     ]
     channels: list[grpc.aio.Channel] = []
     tasks: list[asyncio.Task[None]] = []

@@ -370,6 +370,9 @@ async def start_grpc(address: str, handlers: list[grpc.GenericRpcHandler],
         ("grpc.max_receive_message_length", 64 * 1024 * 1024),
         ("grpc.keepalive_time_ms", 30_000),
         ("grpc.http2.max_pings_without_data", 0),
+        # No bandwidth-delay probing: it sizes the window for what proxies send us, which is
+        # small requests and ACKs, and its PINGs after every read cost ~15% of a fan-out's CPU.
+        ("grpc.http2.bdp_probe", 0),
         *(options or []),
     ])
     server.add_generic_rpc_handlers(handlers)
