@@ -551,7 +551,7 @@ class AdsStream:
         return upserts, sorted(removals), sorted(absent)
 
     def _upsert(self, st: TypeState) -> Outgoing | None:
-        upserts, _removals, absent = self._diff(st)
+        upserts, removals, absent = self._diff(st)
         new_names = sum(1 for n in upserts if n not in st.known)
         added_new = new_names > 0
         if self.protocol == "sotw":
@@ -576,6 +576,10 @@ class AdsStream:
         if st.type_url == CLUSTER and added_new:
             # Envoy ACKs once new clusters have warmed: ~1 s per 1,000 here, so scale the wait.
             self.waiting = (st.type_url, out.nonce, time.monotonic() + 10.0 + new_names / 500)
+        if not removals and self.target is not None:
+            # Nothing left to remove either: this type is done for the target (saves the
+            # removal phase a second diff when the stream is next asked for a push).
+            st.synced_target = self.target.get(st.type_url)
         return out
 
     def _remove(self, st: TypeState) -> Outgoing | None:
