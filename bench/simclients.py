@@ -148,7 +148,8 @@ def _serialize(req: Any) -> bytes:
 # --------------------------------------------------------------------------- one client
 class Client:
     def __init__(self, cid: int, protocol: str, channel: grpc.aio.Channel, node: base_pb2.Node,
-                 dec: Decoder, out: Out, stats: Stats) -> None:
+                 dec: Decoder, out: Out, stats: Stats,
+                 templates: dict[tuple[str, frozenset[str]], discovery_pb2.DiscoveryRequest]) -> None:
         self.cid, self.protocol, self.channel, self.node = cid, protocol, channel, node
         self.dec, self.out, self.stats = dec, out, stats
         self.clusters: dict[str, Info] = {}
@@ -162,12 +163,29 @@ class Client:
         self.lds_requested = False
         self.full = False
         self.first = True
+        self.templates = templates
+        self.template: dict[str, tuple[set[str] | None, discovery_pb2.DiscoveryRequest]] = {}
 
     # requests -------------------------------------------------------------------
     def _sotw(self, type_url: str, names: set[str] | None = None) -> discovery_pb2.DiscoveryRequest:
-        req = discovery_pb2.DiscoveryRequest(
-            type_url=type_url, version_info=self.version.get(type_url, ""),
-            response_nonce=self.nonce.get(type_url, ""), resource_names=sorted(names) if names else [])
+        # The subscription part is built once per distinct set of names and copied in C (a
+        # SotW EDS ACK repeats a thousand names; Envoy does not rebuild them in Python either).
+        mine = self.template.get(type_url)
+        if mine is not None and mine[0] is names:  # (the name sets are replaced, never mutated)
+            template = mine[1]
+        else:
+            key = (type_url, frozenset(names) if names else frozenset())
+            template = self.templates.get(key)
+            if template is None:
+                if len(self.templates) > 64:
+                    self.templates.clear()
+                template = self.templates[key] = discovery_pb2.DiscoveryRequest(
+                    type_url=type_url, resource_names=sorted(names) if names else [])
+            self.template[type_url] = (names, template)
+        req = discovery_pb2.DiscoveryRequest()
+        req.CopyFrom(template)
+        req.version_info = self.version.get(type_url, "")
+        req.response_nonce = self.nonce.get(type_url, "")
         if self.first:
             req.node.CopyFrom(self.node)
             self.first = False
@@ -344,6 +362,7 @@ async def main(args: argparse.Namespace) -> None:
     if line.strip() != b"go":
         return
     dec, stats = Decoder(), Stats(clients=args.clients)
+    templates: dict[tuple[str, frozenset[str]], discovery_pb2.DiscoveryRequest] = {}  # shared by the clients
     gc.set_threshold(50_000, 20, 100)
     options = [
         ("grpc.max_receive_message_length", 512 * 1024 * 1024),
@@ -357,7 +376,7 @@ async def main(args: argparse.Namespace) -> None:
         if cid % per == 0:
             channels.append(grpc.aio.insecure_channel(args.target, options=options))
         protocol = args.mix if args.mix != "mixed" else ("delta" if cid % 2 == 0 else "sotw")
-        client = Client(cid, protocol, channels[-1], make_node(cid, args.namespace), dec, out, stats)
+        client = Client(cid, protocol, channels[-1], make_node(cid, args.namespace), dec, out, stats, templates)
         tasks.append(asyncio.create_task(client.run()))
     try:
         while True:

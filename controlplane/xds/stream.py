@@ -162,6 +162,7 @@ class TypeState:
     last_push: float = 0.0
     last_ack: float = 0.0
     needs_response: bool = False
+    names_key: bytes = b""  # SotW: the subscription of the last request, serialized (see _names_key)
     absent_notified: set[str] = field(default_factory=set)
     synced_target: TypeResources | None = None
     last_nack: NackRecord | None = None
@@ -188,6 +189,7 @@ class NameSets:
     def __init__(self, limit: int = 4096) -> None:
         self.limit = limit
         self._sets: dict[frozenset[str], frozenset[str]] = {}
+        self._keys: dict[frozenset[str], bytes] = {}
 
     def canonical(self, names: frozenset[str]) -> frozenset[str]:
         found = self._sets.get(names)
@@ -195,8 +197,29 @@ class NameSets:
             return found
         if len(self._sets) >= self.limit:
             self._sets.clear()
+            self._keys.clear()
         self._sets[names] = names
         return names
+
+    def key(self, names: frozenset[str], key: bytes) -> bytes:
+        """One shared copy of the serialized subscription `key` for the canonical `names`."""
+        found = self._keys.get(names)
+        if found is not None and found == key:
+            return found
+        if found is None and len(self._keys) < self.limit:
+            self._keys[names] = key
+        return key
+
+
+def _names_key(req: discovery_pb2.DiscoveryRequest) -> bytes:
+    """A SotW request's subscription (type and resource names) as bytes, built in C: comparing
+    it with the last request's is ~10x cheaper than building the set of a thousand names that
+    every EDS ACK repeats."""
+    probe = discovery_pb2.DiscoveryRequest()
+    probe.CopyFrom(req)
+    for f in ("version_info", "response_nonce", "node", "error_detail"):
+        probe.ClearField(f)
+    return bytes(probe.SerializeToString(deterministic=True))
 
 
 class AdsStream:
@@ -262,11 +285,15 @@ class AdsStream:
         else:
             # First request for this type on this stream (possibly a reconnect).
             st.needs_response = True
+        key = _names_key(req)
+        if key == st.names_key:
+            return nack  # the same subscription as the stream's last request (an ACK, mostly)
         names = frozenset(map(sys.intern, req.resource_names))
         wildcard = (t in WILDCARD_TYPES and not names) or "*" in names
         if "*" in names:
             names = names - {"*"}
         names = self.name_sets.canonical(names)
+        st.names_key = self.name_sets.key(names, key)
         if wildcard != st.wildcard or (names is not st.names and names != st.names):
             st.wildcard, st.names = wildcard, names
             st.needs_response = True
