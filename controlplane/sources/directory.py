@@ -88,7 +88,7 @@ class DirectorySource:
             log.warning("no config directory exists among %s; nothing to watch", self.dirs)
             await asyncio.Event().wait()
         async for changes in watchfiles.awatch(
-            *existing, debounce=self.debounce_ms, step=10, recursive=True, rust_timeout=0
+            *existing, debounce=self.debounce_ms, step=2, recursive=True, rust_timeout=0
         ):
             by_origin: dict[str, Replace] = {}
             for _change, raw_path in sorted(changes, key=lambda c: c[1]):
