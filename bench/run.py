@@ -176,8 +176,10 @@ class ClientFeed:
                     self.ready = True
                 elif kind == "full":
                     self.full.setdefault(ev["c"], ev)
-                elif kind == "eds":
-                    self.eds.setdefault(ev["n"], []).append(ev)
+                elif kind == "eds":  # one line per (cluster, addresses), every client that got it
+                    got = self.eds.setdefault(ev["n"], [])
+                    addrs = ev["a"]
+                    got.extend({"c": c, "a": addrs, "t": t} for c, t in ev["ct"])
                 elif kind == "error":
                     self.errors.append(ev)
                 elif kind == "stats":

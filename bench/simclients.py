@@ -13,9 +13,10 @@ state-of-the-world; `--mix delta` / `--mix sotw` use one protocol for all.
 Protocol with the parent, one JSON object per line:
   stdout  {"e": "ready"}                                       imports done, waiting for "go"
           {"e": "full", "c": id, "t": ts, "counts": {...}}     client holds the full config
-          {"e": "eds", "c": id, "n": cluster, "a": [addr...], "t": ts}
-                                                              a CLA changed after "full";
-                                                              ts = when its ACK was written
+          {"e": "eds", "n": cluster, "a": [addr...], "ct": [[id, ts]...]}
+                                                              a CLA changed after "full" for
+                                                              these clients; ts = when each
+                                                              client's ACK was written
           {"e": "stats", ...}                                  answer to "stats"
           {"e": "error", "c": id, "msg": "..."}                a stream failed (not retried)
   stdin   "go" (connect), "stats", "quit"; EOF also quits.
@@ -111,15 +112,25 @@ class Decoder:
 
 # --------------------------------------------------------------------------- output
 class Out:
-    """Buffered JSON-lines writer, flushed from the loop every few milliseconds."""
+    """Buffered JSON-lines writer, flushed from the loop every few milliseconds. CLA changes
+    are grouped: one line per (cluster, addresses) per flush lists every client that got it,
+    so a change seen by a thousand clients costs a few lines, not a thousand (the parent
+    shares these two cores with the control plane)."""
 
     def __init__(self) -> None:
         self.buf: list[str] = []
+        self.eds_groups: dict[tuple[str, tuple[str, ...]], list[tuple[int, float]]] = {}
 
     def emit(self, **ev: Any) -> None:
         self.buf.append(json.dumps(ev, separators=(",", ":")))
 
+    def eds(self, cid: int, cluster: str, addrs: tuple[str, ...], t: float) -> None:
+        self.eds_groups.setdefault((cluster, addrs), []).append((cid, t))
+
     def flush(self) -> None:
+        for (cluster, addrs), got in self.eds_groups.items():
+            self.emit(e="eds", n=cluster, a=list(addrs), ct=got)
+        self.eds_groups.clear()
         if self.buf:
             sys.stdout.write("\n".join(self.buf) + "\n")
             sys.stdout.flush()
@@ -316,7 +327,7 @@ class Client:
                     await call.write(r)
                 now = time.time()
                 for n, i in changed:
-                    self.out.emit(e="eds", c=self.cid, n=n, a=list(i.refs), t=now)
+                    self.out.eds(self.cid, n, i.refs, now)
                 if not self.full and self.lds_requested and self.holds_everything():
                     self.full = True
                     self.stats.full += 1
