@@ -1,0 +1,191 @@
+"""The per-stream fan-out path (issue 8): ACKs handled by the stream's reader without waking
+its writer, failures while handling a request end the stream visibly, SotW ACKs that repeat
+the subscription are recognised without rebuilding it, and the control plane's GC policy."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import time
+import weakref
+from collections.abc import AsyncIterator
+
+import grpc
+import pytest
+from envoy.service.discovery.v3 import discovery_pb2
+
+from controlplane.gcpolicy import THRESHOLDS, GcPolicy
+from controlplane.translate.plan import CLUSTER, ENDPOINT
+from controlplane.xds.server import Inbox
+from controlplane.xds.stream import AdsStream, NameSets
+from tests.xdsharness import XdsFixture, make_cla, make_cluster
+
+
+@pytest.fixture
+async def fx() -> AsyncIterator[XdsFixture]:
+    f = XdsFixture()
+    await f.start()
+    yield f
+    await f.stop()
+
+
+async def _until(cond: object, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():  # type: ignore[operator]
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached")
+        await asyncio.sleep(0.01)
+
+
+async def test_an_ack_that_needs_no_answer_does_not_wake_the_stream(fx: XdsFixture,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    fx.control.publish({CLUSTER: {"a": make_cluster("a")}})
+    c = fx.client("delta")
+    c.send_delta(CLUSTER)
+    r1 = await c.recv()
+    conn = next(iter(fx.xds.connections.values()))
+    wakes = 0
+    wake = Inbox.wake
+
+    def counting_wake(self: Inbox) -> None:
+        nonlocal wakes
+        if self is conn.inbox:
+            wakes += 1
+        wake(self)
+
+    monkeypatch.setattr(Inbox, "wake", counting_wake)
+    c.send_delta(CLUSTER, nonce=r1.nonce)
+    st = conn.stream.types[CLUSTER]
+    await _until(lambda: not st.pending)
+    assert st.version_acked == r1.system_version_info
+    assert wakes == 0  # the reader handled it; nothing to send, so the writer slept on
+
+    # A change still wakes it and is pushed; its ACK again needs no wake-up.
+    fx.control.publish({CLUSTER: {"a": make_cluster("a", 5)}})
+    r2 = await c.recv()
+    assert [r.name for r in r2.resources] == ["a"]
+    assert wakes == 1
+    c.send_delta(CLUSTER, nonce=r2.nonce)
+    await _until(lambda: not st.pending)
+    assert wakes == 1
+    await c.expect_nothing()
+    await c.close()
+
+
+async def test_a_subscription_change_in_an_ack_wakes_the_stream_and_is_answered(fx: XdsFixture) -> None:
+    fx.control.publish({CLUSTER: {"a": make_cluster("a"), "b": make_cluster("b")},
+                        ENDPOINT: {"a": make_cla("a"), "b": make_cla("b", 2)}})
+    c = fx.client("delta")
+    c.send_delta(ENDPOINT, subscribe=["a"])
+    r1 = await c.recv()
+    assert [r.name for r in r1.resources] == ["a"]
+    c.send_delta(ENDPOINT, subscribe=["b"], nonce=r1.nonce)  # ACK + subscribe, handled by the reader
+    r2 = await c.recv()
+    assert [r.name for r in r2.resources] == ["b"]
+    await c.close()
+
+
+async def test_a_failure_handling_a_request_ends_the_stream_and_detaches_it(fx: XdsFixture) -> None:
+    fx.control.publish({CLUSTER: {"a": make_cluster("a")}})
+    c = fx.client("delta")
+    c.send_delta(CLUSTER)
+    r1 = await c.recv()
+    conn = next(iter(fx.xds.connections.values()))
+
+    def broken(req: object) -> None:
+        raise RuntimeError("bug while handling a request")
+
+    conn.stream.handle_delta_request = broken  # type: ignore[method-assign]
+    c.send_delta(CLUSTER, nonce=r1.nonce)
+    with pytest.raises(AssertionError, match="stream ended"):
+        await c.recv()
+    assert isinstance(c.call, grpc.aio.Call)
+    assert await c.call.code() == grpc.StatusCode.UNKNOWN
+    await _until(lambda: not fx.control.conns and not fx.xds.connections)
+    await c.close()
+
+
+async def test_inbox_wakes_at_once_when_woken_before_and_at_a_deadline() -> None:
+    box = Inbox()
+    box.wake()
+    await asyncio.wait_for(box.wait(), 0.5)  # woken before waiting: no wait at all
+    t0 = time.monotonic()
+    await asyncio.wait_for(box.wait(time.monotonic() + 0.05), 2.0)  # nobody wakes it: the deadline does
+    assert time.monotonic() - t0 >= 0.04
+    waiter = asyncio.ensure_future(box.wait())
+    await asyncio.sleep(0.01)
+    assert not waiter.done()
+    box.put("request")
+    await asyncio.wait_for(waiter, 0.5)
+    assert list(box.items) == ["request"]
+
+
+def _sotw_req(names: list[str], nonce: str = "", version: str = "", error: str = "") -> discovery_pb2.DiscoveryRequest:
+    req = discovery_pb2.DiscoveryRequest(type_url=ENDPOINT, resource_names=names, response_nonce=nonce,
+                                         version_info=version)
+    if error:
+        req.error_detail.message = error
+    return req
+
+
+def test_a_sotw_ack_repeating_the_subscription_keeps_it_and_a_changed_one_is_noticed() -> None:
+    class CountingSets(NameSets):
+        built = 0
+
+        def canonical(self, names: frozenset[str]) -> frozenset[str]:
+            CountingSets.built += 1  # a set of names was built from the request
+            return super().canonical(names)
+
+    sets = CountingSets()
+    s1, s2 = AdsStream("sotw", 1, sets), AdsStream("sotw", 2, sets)
+    names = [f"outbound|8080||svc-{i}.bench.svc.cluster.local" for i in range(200)]
+    s1.handle_sotw_request(_sotw_req(names))
+    s2.handle_sotw_request(_sotw_req(list(reversed(names))))  # the same set, in another order
+    st1, st2 = s1.types[ENDPOINT], s2.types[ENDPOINT]
+    assert st1.names is st2.names and len(st1.names) == 200  # one shared set for both streams
+    held = st1.names
+    st1.needs_response = False
+    built = CountingSets.built
+    s1.handle_sotw_request(_sotw_req(names, nonce="7", version="v1"))  # an ACK: same names
+    assert st1.names is held and not st1.needs_response
+    s1.handle_sotw_request(_sotw_req(names, nonce="8", version="v1", error="rejected"))  # NACK: same names
+    assert st1.names is held and not st1.needs_response
+    assert CountingSets.built == built  # recognised from the serialized names: no set rebuilt
+    s3 = AdsStream("sotw", 3, sets)
+    s3.handle_sotw_request(_sotw_req(names))
+    assert s3.types[ENDPOINT].names_key is st1.names_key  # one copy of the key per distinct subscription
+    s1.handle_sotw_request(_sotw_req([*names, "extra"], nonce="9", version="v1"))  # an ACK that subscribes
+    assert "extra" in st1.names and len(st1.names) == 201 and st1.needs_response
+    st1.needs_response = False
+    s1.handle_sotw_request(_sotw_req(names[:5], nonce="10", version="v1"))  # ...and one that unsubscribes
+    assert st1.names == frozenset(names[:5]) and st1.needs_response
+
+
+def test_gc_policy_freezes_after_full_rebuilds_and_its_maintenance_frees_frozen_cycles() -> None:
+    saved = gc.get_threshold()
+    gc.collect()
+    try:
+        policy = GcPolicy(maintenance_every_s=60)
+        policy.install()
+        assert gc.get_threshold() == THRESHOLDS
+
+        class Node:
+            def __init__(self) -> None:
+                self.me = self  # a reference cycle: only the cyclic collector frees it
+
+        n = Node()
+        alive = weakref.ref(n)
+        policy.after_full_rebuild()
+        assert gc.get_freeze_count() > 0
+        del n
+        gc.collect()
+        assert alive() is not None  # frozen: the collector no longer scans it
+        assert not policy.maintain(now=policy.last_maintenance + 1)  # not due yet
+        assert alive() is not None
+        assert policy.maintain(now=policy.last_maintenance + 61)
+        assert alive() is None  # the maintenance pass collected the frozen cycle
+        assert gc.get_freeze_count() > 0  # and froze what survived again
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*saved)
+        gc.collect()
