@@ -65,7 +65,7 @@ class BenchError(Exception):
 
 
 # --------------------------------------------------------------------------- processes
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """preexec_fn: the child gets SIGTERM if this benchmark dies without cleaning up."""
     with contextlib.suppress(Exception):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
@@ -90,7 +90,7 @@ class Children:
         with open(log, "ab") as logf:
             proc = await asyncio.create_subprocess_exec(
                 *argv, stderr=logf, start_new_session=True,
-                preexec_fn=_die_with_parent if sys.platform == "linux" else None, **kw)
+                preexec_fn=die_with_parent if sys.platform == "linux" else None, **kw)
         child = Child(name, proc, psutil.Process(proc.pid), log)
         self.items.append(child)
         return child

@@ -11,6 +11,9 @@ Full suite (about 6-8 minutes on 2 cores):
   large   S=10,000, N=100 delta, 20 changes -> P4 (vs the sweep's S=1,000 N=100)
   workers S=1,000, N=1,000 mixed with `serve --workers 2`, initial sync only -> P7
           (vs the mixed case's sync, same clients, same mesh)
+  floor   a bare grpc.aio server (Meshline's options, no xDS logic) writing one message of
+          the sweep's CLA size to each of N=1,000 streams and reading each reply (bench/floor.py):
+          what a change costs in gRPC alone, reported with P2
   envoy   S=1,000 clusters to one real Envoy: Meshline vs sovereign, 10 changes -> P8; the
           Meshline run's initial sync timeline -> P9
 Quick suite (under a minute): the same scenarios at reduced sizes (the table says which).
@@ -19,6 +22,7 @@ Quick suite (under a minute): the same scenarios at reduced sizes (the table say
 from __future__ import annotations
 
 import argparse
+import asyncio
 import dataclasses
 import json
 import math
@@ -71,6 +75,7 @@ async def run_suite(args: argparse.Namespace, children: R.Children) -> int:
     results: dict[str, R.Result] = {}
     envoy: dict[str, peers.PeerResult] = {}
     failures: list[str] = []
+    floor: dict[str, Any] | None = None
 
     async def case(key: str, S: int, N: int, mix: str, workers: int = 1, changes: int | None = None) -> None:
         K = plan.changes if changes is None else changes
@@ -86,6 +91,9 @@ async def run_suite(args: argparse.Namespace, children: R.Children) -> int:
         for n in plan.sweep:
             await case(f"sweep{n}", plan.S, n, "delta")
         await case("mixed", plan.S, plan.mixed_n, "mixed")
+        top = results.get(f"sweep{max(plan.sweep)}")
+        if top is not None:
+            floor = await run_floor(top, plan.changes)
         await case("large", plan.p4_large, plan.p4_clients, "delta")
         await case("workers2", plan.S, plan.mixed_n, "mixed", workers=2, changes=0)
         for name, fn in (("meshline", peers.run_meshline), ("sovereign", peers.run_sovereign)):
@@ -104,7 +112,7 @@ async def run_suite(args: argparse.Namespace, children: R.Children) -> int:
     ordered = list(results.values())
     if ordered:
         print(R.report(ordered, plan.changes))
-    goals = evaluate(plan, results, envoy)
+    goals = evaluate(plan, results, envoy, floor)
     print(goal_table(goals, plan, args.suite, time.monotonic() - t_start))
     print(envoy_table(envoy))
     if failures:
@@ -117,10 +125,32 @@ async def run_suite(args: argparse.Namespace, children: R.Children) -> int:
         args.results.write_text(json.dumps({
             "suite": args.suite, "plan": dataclasses.asdict(plan),
             "cases": {k: _jsonable(dataclasses.asdict(v)) for k, v in results.items()},
-            "envoy": {k: _jsonable(dataclasses.asdict(v)) for k, v in envoy.items()},
+            "envoy": {k: _jsonable(dataclasses.asdict(v)) for k, v in envoy.items()}, "floor": floor,
             "goals": [dataclasses.asdict(g) for g in goals], "failures": failures}, indent=1))
         print(f"results written to {args.results}")
     return 0
+
+
+async def run_floor(ref: R.Result, rounds: int) -> dict[str, Any] | None:
+    """bench/floor.py with the reference case's proxy count and CLA response size."""
+    payload = max(64, round(ref.client_bytes_per_change.get("EDS", 0) / max(1, ref.clients)))
+    print(f"running floor: bare gRPC fan-out to N={ref.clients} streams, {payload} B each, {rounds} rounds...",
+          file=sys.stderr, flush=True)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, str(R.BENCH / "floor.py"), "--clients", str(ref.clients), "--rounds", str(rounds),
+        "--payload", str(payload), stdout=asyncio.subprocess.PIPE, preexec_fn=R.die_with_parent)
+    try:
+        out, _ = await asyncio.wait_for(proc.communicate(), 300)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        print("  floor timed out", file=sys.stderr, flush=True)
+        return None
+    if proc.returncode != 0 or not out.strip():
+        print(f"  floor failed (exit {proc.returncode})", file=sys.stderr, flush=True)
+        return None
+    d: dict[str, Any] = json.loads(out.decode().strip().splitlines()[-1])
+    return d
 
 
 def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
@@ -143,7 +173,8 @@ def p9_split(split: dict[str, float]) -> dict[str, float] | None:
             "cpu_share": _ratio(split.get("meshline_cpu_sync", math.nan), split["warm"] - split["exec"])}
 
 
-def evaluate(plan: Plan, res: dict[str, R.Result], envoy: dict[str, peers.PeerResult]) -> list[Goal]:
+def evaluate(plan: Plan, res: dict[str, R.Result], envoy: dict[str, peers.PeerResult],
+             floor: dict[str, Any] | None = None) -> list[Goal]:
     g: list[Goal] = []
     nmax = max(plan.sweep)
     r = res.get(f"sweep{nmax}")
@@ -161,6 +192,19 @@ def evaluate(plan: Plan, res: dict[str, R.Result], envoy: dict[str, peers.PeerRe
                       f"{m.clients} proxies, S={m.services})",
                       f"{ratio:.3f} = 1/{1 / ratio:.0f} ({R.median(m.change_cpu_net):.3f} s / {m.sync_cpu:.2f} s)",
                       ratio <= 1 / 50))
+        top = res.get(f"sweep{nmax}")
+        if top and top.change_cpu_net and top.sync_cpu:
+            d = _ratio(R.median(top.change_cpu_net), top.sync_cpu)
+            g.append(Goal("P2d", f"the same, all {top.clients} proxies delta (sweep)",
+                          f"{d:.3f} = 1/{1 / d:.0f} ({R.median(top.change_cpu_net):.3f} s / {top.sync_cpu:.2f} s)",
+                          d <= 1 / 50))
+        if floor and floor.get("cpu") and top and top.change_cpu_net and top.sync_cpu:
+            f = statistics.median(floor["cpu"])
+            g.append(Goal("P2f", f"context: bare gRPC fan-out to {floor['clients']} streams ({floor['payload']} B "
+                          "each, one reply each), CPU per round",
+                          f"{f:.3f} s; Meshline's delta change = {R.median(top.change_cpu_net) / f:.2f}x it; "
+                          f"at this floor P2 could reach 1/{top.sync_cpu / f:.0f} (delta)"
+                          + (f", 1/{m.sync_cpu / f:.0f} (mixed)" if m.clients == floor["clients"] else ""), None))
         worst = max(m.serializations)
         g.append(Goal("P3", "serializations per push = resources changed (1 CLA), not x proxies",
                       f"p50 {R.median(m.serializations):.0f}, max {worst:.0f} for {m.clients} proxies", worst <= 1))
