@@ -378,7 +378,12 @@ async def main(args: argparse.Namespace) -> None:
     options = [
         ("grpc.max_receive_message_length", 512 * 1024 * 1024),
         ("grpc.use_local_subchannel_pool", 1),  # one connection per client, like separate Envoys
-        ("grpc.http2.bdp_probe", 0),  # Envoy's HTTP/2 client sends no bandwidth-probing PINGs
+        # Like Envoy's HTTP/2 client: no bandwidth-probing PINGs, and a 256 MiB window
+        # (Envoy's default initial_stream_window_size), so a big first push is never held back
+        # by flow control (gRPC's own default, 64 KiB without probing, would make the server
+        # buffer every client's initial config).
+        ("grpc.http2.bdp_probe", 0),
+        ("grpc.http2.lookahead_bytes", 256 * 1024 * 1024),
     ]
     channels: list[grpc.aio.Channel] = []
     tasks: list[asyncio.Task[None]] = []

@@ -456,16 +456,13 @@ class Runtime:
                               2 ** failures)
                 asyncio.get_running_loop().call_later(2 ** failures, self.mark_dirty)
 
-    async def gc_maintenance_loop(self, check_every_s: float = 10.0) -> None:
-        """The collector's periodic full pass (see gcpolicy), only while nothing is being pushed."""
+    async def gc_maintenance_loop(self, check_every_s: float = 0.5) -> None:
+        """The collector's settle passes (see gcpolicy), only while nothing is being rebuilt."""
         policy = self.gc_policy
-        if policy is None:
-            return
+        assert policy is not None, "started only with a GC policy"
         while True:
             await asyncio.sleep(check_every_s)
-            now = time.monotonic()
-            if not self._dirty.is_set() and now - self._last_change > check_every_s:
-                policy.maintain(now)
+            policy.maybe_settle(self._dirty.is_set())
 
     async def run_sources(self) -> None:
         async with asyncio.TaskGroup() as tg:

@@ -169,9 +169,7 @@ def build_runtime(settings: Settings, identity: IdentityService | None = None) -
             namespaces=settings.watch_namespaces, kubeconfig=settings.kubeconfig, istio_api=settings.istio_api,
             on_restart=lambda label: metrics.watch_restarts.labels(label).inc(),
         ))
-    policy = GcPolicy()
-    policy.install()
-    return Runtime(settings, sources, metrics, identity, policy)
+    return Runtime(settings, sources, metrics, identity, GcPolicy())
 
 
 def start_leader_work(runtime: Runtime, settings: Settings) -> list[asyncio.Task[None]]:
@@ -284,9 +282,10 @@ async def _run(settings: Settings, identity: IdentityService | None, api_client:
     tasks = [
         asyncio.create_task(runtime.run_sources(), name="sources"),
         asyncio.create_task(runtime.rebuild_loop(), name="rebuild"),
-        asyncio.create_task(runtime.gc_maintenance_loop(), name="gc"),
         asyncio.create_task(status.serve(), name="status"),
     ]
+    if runtime.gc_policy is not None:
+        tasks.append(asyncio.create_task(runtime.gc_maintenance_loop(), name="gc"))
     if settings.kubernetes:
         tasks.extend(start_leader_work(runtime, settings))
     if identity is not None:

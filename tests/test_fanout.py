@@ -9,12 +9,13 @@ import gc
 import time
 import weakref
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import grpc
 import pytest
 from envoy.service.discovery.v3 import discovery_pb2
 
-from controlplane.gcpolicy import THRESHOLDS, GcPolicy
+from controlplane.gcpolicy import GcPolicy
 from controlplane.translate.plan import CLUSTER, ENDPOINT
 from controlplane.xds.server import Inbox
 from controlplane.xds.stream import AdsStream, NameSets
@@ -161,31 +162,56 @@ def test_a_sotw_ack_repeating_the_subscription_keeps_it_and_a_changed_one_is_not
     assert st1.names == frozenset(names[:5]) and st1.needs_response
 
 
-def test_gc_policy_freezes_after_full_rebuilds_and_its_maintenance_frees_frozen_cycles() -> None:
-    saved = gc.get_threshold()
+def test_gc_policy_settles_after_a_burst_of_full_rebuilds_and_frees_frozen_cycles() -> None:
     gc.collect()
     try:
-        policy = GcPolicy(maintenance_every_s=60)
-        policy.install()
-        assert gc.get_threshold() == THRESHOLDS
+        policy = GcPolicy(settle_after_s=1.0, every_s=300.0)
+        t = policy.last
 
         class Node:
             def __init__(self) -> None:
                 self.me = self  # a reference cycle: only the cyclic collector frees it
 
+        assert not policy.maybe_settle(busy=False, now=t + 1)  # nothing rebuilt: nothing due
+        policy.after_full_rebuild(now=t + 10)
+        policy.after_full_rebuild(now=t + 10.5)  # a burst: the pass waits for its last rebuild
+        assert not policy.maybe_settle(busy=False, now=t + 11.2)
+        assert not policy.maybe_settle(busy=True, now=t + 11.6)  # a rebuild is pending: later
         n = Node()
         alive = weakref.ref(n)
-        policy.after_full_rebuild()
-        assert gc.get_freeze_count() > 0
+        assert policy.maybe_settle(busy=False, now=t + 11.6)
+        assert gc.get_freeze_count() > 0 and alive() is not None  # n was alive: it is frozen now
         del n
         gc.collect()
-        assert alive() is not None  # frozen: the collector no longer scans it
-        assert not policy.maintain(now=policy.last_maintenance + 1)  # not due yet
-        assert alive() is not None
-        assert policy.maintain(now=policy.last_maintenance + 61)
-        assert alive() is None  # the maintenance pass collected the frozen cycle
-        assert gc.get_freeze_count() > 0  # and froze what survived again
+        assert alive() is not None  # frozen: ordinary collections no longer scan it
+        assert not policy.maybe_settle(busy=False, now=t + 12)  # not due again yet
+        assert policy.maybe_settle(busy=False, now=t + 11.6 + 300)  # the periodic pass
+        assert alive() is None  # ...collected the frozen cycle
+        assert policy.passes == 2
     finally:
         gc.unfreeze()
-        gc.set_threshold(*saved)
         gc.collect()
+
+
+def test_only_full_rebuilds_schedule_a_settle_pass(tmp_path: Path) -> None:
+    import shutil
+
+    from controlplane.runtime import Runtime, Settings
+    from controlplane.sources.directory import DirectorySource, read_file
+
+    mesh = tmp_path / "mesh"
+    shutil.copytree(Path(__file__).resolve().parents[1] / "samples" / "bookinfo", mesh)
+    src = DirectorySource([mesh])
+    policy = GcPolicy()
+    rt = Runtime(Settings(config_dirs=(mesh,)), [src], gc_policy=policy)
+    asyncio.run(rt.sink([*src.initial()]))
+    rt._synced.add(src.name)
+    rt.rebuild_now()
+    assert policy.due is not None  # a full rebuild: settle once things are quiet
+    policy.due = None
+    services = mesh / "10-services.yaml"
+    services.write_text(services.read_text().replace('"127.0.0.41"', '"127.0.0.99"'))
+    asyncio.run(rt.sink([read_file(services)]))
+    assert rt.store.mesh_delta()[1] is not None  # an endpoint-only change: patched, not rebuilt
+    rt.rebuild_now()
+    assert policy.due is None  # ...so nothing to settle
