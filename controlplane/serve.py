@@ -169,7 +169,9 @@ def build_runtime(settings: Settings, identity: IdentityService | None = None) -
             namespaces=settings.watch_namespaces, kubeconfig=settings.kubeconfig, istio_api=settings.istio_api,
             on_restart=lambda label: metrics.watch_restarts.labels(label).inc(),
         ))
-    return Runtime(settings, sources, metrics, identity, GcPolicy())
+    policy = GcPolicy()
+    policy.install()
+    return Runtime(settings, sources, metrics, identity, policy)
 
 
 def start_leader_work(runtime: Runtime, settings: Settings) -> list[asyncio.Task[None]]:

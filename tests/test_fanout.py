@@ -15,7 +15,7 @@ import grpc
 import pytest
 from envoy.service.discovery.v3 import discovery_pb2
 
-from controlplane.gcpolicy import GcPolicy
+from controlplane.gcpolicy import THRESHOLDS, GcPolicy
 from controlplane.translate.plan import CLUSTER, ENDPOINT
 from controlplane.xds.server import Inbox
 from controlplane.xds.stream import AdsStream, NameSets
@@ -163,9 +163,12 @@ def test_a_sotw_ack_repeating_the_subscription_keeps_it_and_a_changed_one_is_not
 
 
 def test_gc_policy_settles_after_a_burst_of_full_rebuilds_and_frees_frozen_cycles() -> None:
+    saved = gc.get_threshold()
     gc.collect()
     try:
         policy = GcPolicy(settle_after_s=1.0, every_s=300.0)
+        policy.install()
+        assert gc.get_threshold() == THRESHOLDS  # young collections far apart
         t = policy.last
 
         class Node:
@@ -190,6 +193,7 @@ def test_gc_policy_settles_after_a_burst_of_full_rebuilds_and_frees_frozen_cycle
         assert policy.passes == 2
     finally:
         gc.unfreeze()
+        gc.set_threshold(*saved)
         gc.collect()
 
 
