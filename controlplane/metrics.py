@@ -37,6 +37,14 @@ class Metrics:
         self.status_writes = Counter(
             "meshline_crd_status_writes_total", "CRD status conditions written (leader only)", registry=r
         )
+        self.gc_settle_seconds = Histogram(
+            "meshline_gc_settle_seconds",
+            "Full garbage collections (then freeze) run once the control plane settles after full rebuilds",
+            registry=r, buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+        )
+        self.gc_settle_pending = Gauge(
+            "meshline_gc_settle_pending", "1 while a settle pass is due (after a full rebuild)", registry=r
+        )
         self.rebuild_seconds = Histogram(
             "meshline_snapshot_rebuild_seconds", "Time to rebuild proxy snapshots after a change", registry=r,
             buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),

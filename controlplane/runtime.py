@@ -422,6 +422,7 @@ class Runtime:
         self.metrics.serializations.set(self.builder.memo.stats.serializations)
         if delta is None and self.gc_policy is not None:
             self.gc_policy.after_full_rebuild()
+            self.metrics.gc_settle_pending.set(1)
 
     async def rebuild_loop(self) -> None:
         debounce = self.settings.debounce_ms / 1000
@@ -462,7 +463,9 @@ class Runtime:
         assert policy is not None, "started only with a GC policy"
         while True:
             await asyncio.sleep(check_every_s)
-            policy.maybe_settle(self._dirty.is_set())
+            if policy.maybe_settle(self._dirty.is_set()):
+                self.metrics.gc_settle_seconds.observe(policy.last_pass_s)
+                self.metrics.gc_settle_pending.set(0)
 
     async def run_sources(self) -> None:
         async with asyncio.TaskGroup() as tg:
