@@ -46,22 +46,29 @@ async def server(args: argparse.Namespace) -> dict[str, Any]:
     async def stream(requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> None:
         # The same shape as Meshline's streams: a reader task takes the replies, this
         # coroutine sleeps until woken and then writes.
-        nonlocal acks
         wake = asyncio.Event()
         wakes.append(wake)
+        closed = False
 
         async def read() -> None:
-            nonlocal acks
-            async for _ in requests:
-                acks += 1
-                if acks == len(wakes):
-                    round_done.set()
+            nonlocal acks, closed
+            try:
+                async for _ in requests:
+                    acks += 1
+                    if acks == len(wakes):
+                        round_done.set()
+            except grpc.aio.AioRpcError:
+                pass
+            closed = True  # the client went away: end this RPC normally
+            wake.set()
 
         reader = asyncio.create_task(read())
         try:
             while True:
                 await wake.wait()
                 wake.clear()
+                if closed:
+                    return
                 await context.write(payload)
         finally:
             reader.cancel()
@@ -97,7 +104,7 @@ async def server(args: argparse.Namespace) -> dict[str, Any]:
     finally:
         child.kill()
         await child.wait()
-        await srv.stop(0)
+        await srv.stop(2.0)  # the streams end as their clients go
 
 
 async def clients(args: argparse.Namespace) -> None:
