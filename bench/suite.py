@@ -183,6 +183,11 @@ def evaluate(plan: Plan, res: dict[str, R.Result], envoy: dict[str, peers.PeerRe
         g.append(Goal("P1", f"one endpoint change -> last of {nmax} delta proxies ACKs, p99 <= 150 ms "
                       f"(S={r.services}, {len(r.lat_last)} changes, default debounce 100 ms)",
                       f"p99 {p99 * 1000:.0f} ms (p50 {R.median(r.lat_last) * 1000:.0f} ms)", p99 <= 0.150))
+        if floor and floor.get("lat"):
+            g.append(Goal("P1f", f"context: bare gRPC fan-out to {floor['clients']} streams, last reply "
+                          "(bench/floor.py, no xDS logic, no file watch, no rebuild)",
+                          f"p50 {statistics.median(floor['lat']) * 1000:.0f} ms, p99 "
+                          f"{R.pct(floor['lat'], 99) * 1000:.0f} ms", None))
     else:
         g.append(Goal("P1", "change -> last delta ACK p99 <= 150 ms", "not measured", None))
     m = res.get("mixed")
