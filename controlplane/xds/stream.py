@@ -354,7 +354,11 @@ class AdsStream:
 
     def _on_ack(self, st: TypeState, pending: Pending) -> None:
         # Envoy answers responses in order: anything older still pending was applied too.
-        for nonce in sorted((n for n in st.pending if int(n) <= int(pending.nonce)), key=int):
+        if len(st.pending) == 1:
+            older = [pending.nonce]  # (the usual case: one response in flight)
+        else:
+            older = sorted((n for n in st.pending if int(n) <= int(pending.nonce)), key=int)
+        for nonce in older:
             p = st.pending.pop(nonce)
             if isinstance(p.changes, _SharedItems):
                 st.acked = Layered(p.changes.shared) if p.full or not st.acked else _merged(st.acked, p.changes.shared)
@@ -477,8 +481,8 @@ class AdsStream:
     def next_push(self, now: float) -> Outgoing | None:
         """The next response to send for the target snapshot, or None when in sync (or
         waiting for Envoy to ACK new clusters)."""
-        if self.target is None:
-            return None
+        if self.target is None or not self.may_push():
+            return None  # no target yet, or every type is in sync with it (the usual case after a push)
         warming_only = False
         if self.waiting is not None:
             if now < self.waiting[2]:
