@@ -41,10 +41,11 @@ class GcPolicy:
     def install(self) -> None:
         gc.set_threshold(*THRESHOLDS)
 
-    def after_full_rebuild(self, now: float | None = None) -> None:
+    def after_full_rebuild(self, now: float | None = None, streams: int = 1) -> None:
         """A full rebuild replaced most long-lived objects: settle `settle_after_s` after the
-        last one of a burst (endpoint-only patches in between do not postpone it)."""
-        self.due = (time.monotonic() if now is None else now) + self.settle_after_s
+        last one of a burst (endpoint-only patches in between do not postpone it), or at
+        once when no proxy is connected (at startup: a pass then delays nobody's config)."""
+        self.due = (time.monotonic() if now is None else now) + (self.settle_after_s if streams else 0.0)
 
     def maybe_settle(self, busy: bool, now: float | None = None) -> bool:
         """Run the settle pass (full collection, then freeze) when one is due, or every

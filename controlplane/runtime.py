@@ -421,7 +421,7 @@ class Runtime:
             hook()
         self.metrics.serializations.set(self.builder.memo.stats.serializations)
         if delta is None and self.gc_policy is not None:
-            self.gc_policy.after_full_rebuild()
+            self.gc_policy.after_full_rebuild(streams=len(conns))
             self.metrics.gc_settle_pending.set(1)
 
     async def rebuild_loop(self) -> None:

@@ -191,6 +191,8 @@ def test_gc_policy_settles_after_a_burst_of_full_rebuilds_and_frees_frozen_cycle
         assert policy.maybe_settle(busy=False, now=t + 11.6 + 300)  # the periodic pass
         assert alive() is None  # ...collected the frozen cycle
         assert policy.passes == 2
+        policy.after_full_rebuild(now=t + 400, streams=0)  # nobody connected: settle at once
+        assert policy.maybe_settle(busy=False, now=t + 400)
     finally:
         gc.unfreeze()
         gc.set_threshold(*saved)
