@@ -1,8 +1,22 @@
-"""Shared pytest options. `--update-golden` rewrites golden files instead of comparing."""
+"""Shared pytest options and fixtures. `--update-golden` rewrites golden files instead of
+comparing; `fx` is a started xDS server (tests/xdsharness.py)."""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+
 import pytest
+
+from tests.xdsharness import XdsFixture
+
+
+@pytest.fixture
+async def fx() -> AsyncIterator[XdsFixture]:
+    """A started xDS server over real gRPC with a FakeControl (stopped after the test)."""
+    f = XdsFixture()
+    await f.start()
+    yield f
+    await f.stop()
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

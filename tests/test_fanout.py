@@ -8,7 +8,6 @@ import asyncio
 import gc
 import time
 import weakref
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
@@ -20,14 +19,6 @@ from controlplane.translate.plan import CLUSTER, ENDPOINT
 from controlplane.xds.server import Inbox
 from controlplane.xds.stream import AdsStream, NameSets
 from tests.xdsharness import XdsFixture, make_cla, make_cluster
-
-
-@pytest.fixture
-async def fx() -> AsyncIterator[XdsFixture]:
-    f = XdsFixture()
-    await f.start()
-    yield f
-    await f.stop()
 
 
 async def _until(cond: object, timeout: float = 5.0) -> None:

@@ -3,21 +3,10 @@ ACK/NACK, nonces, subscriptions, reconnect, ordering and shared serialization.""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
-import pytest
 from envoy.config.endpoint.v3 import endpoint_pb2
 
 from controlplane.translate.plan import CLUSTER, ENDPOINT, LISTENER, ROUTE
 from tests.xdsharness import XdsFixture, make_cla, make_cluster, names_of
-
-
-@pytest.fixture
-async def fx() -> AsyncIterator[XdsFixture]:
-    f = XdsFixture()
-    await f.start()
-    yield f
-    await f.stop()
 
 
 def clusters(*names: str, timeout: int = 1) -> dict[str, object]:
