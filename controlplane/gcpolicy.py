@@ -49,10 +49,12 @@ class GcPolicy:
 
     def maybe_settle(self, busy: bool, now: float | None = None) -> bool:
         """Run the settle pass (full collection, then freeze) when one is due, or every
-        `every_s`, unless a rebuild is pending (`busy`). Returns whether it ran."""
+        `every_s`, unless a rebuild is pending (`busy`) and the last pass is less than
+        2 x `every_s` old. Returns whether it ran."""
         now = time.monotonic() if now is None else now
         due = (self.due is not None and now >= self.due) or now - self.last >= self.every_s
-        if not due or busy:
+        overdue = now - self.last >= 2 * self.every_s  # steady churn must not postpone it forever
+        if not due or (busy and not overdue):
             return False
         t0 = time.perf_counter()
         gc.unfreeze()

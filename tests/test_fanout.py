@@ -212,3 +212,62 @@ def test_only_full_rebuilds_schedule_a_settle_pass(tmp_path: Path) -> None:
     assert rt.store.mesh_delta()[1] is not None  # an endpoint-only change: patched, not rebuilt
     rt.rebuild_now()
     assert policy.due is None  # ...so nothing to settle
+
+
+async def test_a_passed_warming_deadline_with_nothing_to_send_does_not_spin_the_stream(
+        fx: XdsFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    fx.control.publish({CLUSTER: {"a": make_cluster("a")}})
+    c = fx.client("delta")
+    c.send_delta(CLUSTER)
+    await c.recv()  # new clusters: the stream waits (up to a deadline) for Envoy to warm them
+    conn = next(iter(fx.xds.connections.values()))
+    stream = conn.stream
+    assert stream.waiting is not None and not stream.may_push()
+    calls = 0
+    next_push = AdsStream.next_push
+
+    def counting(self: AdsStream, now: float) -> object:
+        nonlocal calls
+        if self is stream:
+            calls += 1
+        return next_push(self, now)
+
+    monkeypatch.setattr(AdsStream, "next_push", counting)
+    stream.waiting = (stream.waiting[0], stream.waiting[1], time.monotonic() + 0.05)  # Envoy never ACKs in time
+    await asyncio.sleep(0.1)
+    conn.inbox.wake()  # e.g. an unrelated wake-up after the deadline
+    await asyncio.sleep(0.4)
+    assert calls <= 3  # woken once, not once per loop iteration after the deadline
+    assert stream.waiting is None  # the expired wait is dropped
+    fx.control.publish({CLUSTER: {"a": make_cluster("a"), "b": make_cluster("b")}})
+    r = await c.recv()  # and later changes still flow
+    assert [x.name for x in r.resources] == ["b"]
+    await c.close()
+
+
+async def test_a_failing_attach_leaves_no_connection_behind(fx: XdsFixture,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    attach = fx.control.attach
+
+    def failing(conn: object) -> None:
+        attach(conn)  # type: ignore[arg-type]
+        raise RuntimeError("attach failed")
+
+    monkeypatch.setattr(fx.control, "attach", failing)
+    c = fx.client("delta")
+    c.send_delta(CLUSTER)
+    with pytest.raises(AssertionError, match="stream ended"):
+        await c.recv()
+    await _until(lambda: not fx.xds.connections and not fx.control.conns)  # detached as well
+    await c.close()
+
+
+def test_gc_settle_pass_is_not_postponed_forever_by_steady_churn() -> None:
+    try:
+        policy = GcPolicy(settle_after_s=1.0, every_s=300.0)
+        t = policy.last
+        assert not policy.maybe_settle(busy=True, now=t + 301)  # due, but a rebuild is pending
+        assert policy.maybe_settle(busy=True, now=t + 600)  # twice the period: runs anyway
+    finally:
+        gc.unfreeze()
+        gc.collect()

@@ -245,7 +245,8 @@ class XdsServer:
                     log.warning("xDS stream from %s refused for now: %s", context.peer(), auth.reason)
                     await context.abort(grpc.StatusCode.UNAVAILABLE, "cannot verify the token now; retry later")
             while True:
-                await inbox.wait(stream.waiting[2] if stream.waiting is not None else None)
+                # (The warming deadline matters only while something waits for it.)
+                await inbox.wait(stream.waiting[2] if stream.waiting is not None and stream.may_push() else None)
                 while inbox.items:
                     item = inbox.items.popleft()
                     if item is None:
@@ -254,6 +255,8 @@ class XdsServer:
                         raise item.exc
                     if conn is None:
                         conn = await self._connect(protocol, item, auth, stream, inbox, context)
+                        self.connections[stream_id] = conn  # (set before attach: teardown undoes both)
+                        self.source.attach(conn)
                     self._handle(conn, item)
                 if conn is None:
                     continue
@@ -273,7 +276,8 @@ class XdsServer:
 
     async def _connect(self, protocol: StreamProtocol, first: Any, auth: AuthResult | None, stream: AdsStream,
                        inbox: Inbox, context: grpc.aio.ServicerContext) -> Connection:
-        """The connection for a stream's first request (aborts the stream when it is refused)."""
+        """The connection for a stream's first request (aborts the stream when it is refused);
+        the caller registers and attaches it."""
         if not first.HasField("node") or not first.node.id:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first request must carry node.id")
         meta = proxy_meta_from_node(first.node)
@@ -286,11 +290,8 @@ class XdsServer:
                 await context.abort(grpc.StatusCode.PERMISSION_DENIED, why)
         if identity is not None:
             meta = bind_identity(meta, identity, node)
-        conn = Connection(meta, stream, inbox, node=first.node, peer=context.peer(), identity=identity)
-        self.connections[stream.stream_id] = conn
         log.info("proxy %s connected (%s, %s/%s)", meta.node_id, protocol, meta.namespace, meta.workload or "-")
-        self.source.attach(conn)
-        return conn
+        return Connection(meta, stream, inbox, node=first.node, peer=context.peer(), identity=identity)
 
     async def _identity(self, auth: AuthResult | None, meta: ProxyMeta,
                         context: grpc.aio.ServicerContext) -> Identity | None:

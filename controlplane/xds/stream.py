@@ -481,8 +481,8 @@ class AdsStream:
     def next_push(self, now: float) -> Outgoing | None:
         """The next response to send for the target snapshot, or None when in sync (or
         waiting for Envoy to ACK new clusters)."""
-        if self.target is None or not self.may_push():
-            return None  # no target yet, or every type is in sync with it (the usual case after a push)
+        if self.target is None:
+            return None
         warming_only = False
         if self.waiting is not None:
             if now < self.waiting[2]:
@@ -491,6 +491,8 @@ class AdsStream:
                 warming_only = True
             else:
                 self.waiting = None  # Envoy did not answer in time: carry on
+        if not self.may_push():
+            return None  # every type is in sync with the target (the usual case after a push)
         # Phase 1: additions and updates, in order.
         for t in PUSH_ORDER:
             if warming_only and t not in (SECRET, ENDPOINT):
