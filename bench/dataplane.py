@@ -238,14 +238,6 @@ def serve_backend(topo: Any, pod: Any, name: str, port: int, nodelay: bool = Tru
     return proc
 
 
-def _bootstrap(args: list[str], out: Path) -> Path:
-    text = subprocess.run([sys.executable, "-m", "controlplane.cli", "bootstrap", *args], check=True,
-                          capture_output=True, text=True, cwd=ROOT).stdout
-    out.write_text(text)
-    out.chmod(0o644)
-    return out
-
-
 def _status(path: str) -> Any:
     with urllib.request.urlopen(f"http://127.0.0.1:{STATUS_PORT}{path}", timeout=5) as r:
         return json.loads(r.read())
@@ -271,6 +263,7 @@ def _wait_http(pod: Any, url: str, host: str, want: str, timeout: float = 30.0) 
 
 def build_lab(topo: Any, nodelay: bool = True) -> Lab:
     from controlplane.localrun import envoy_binary
+    from tests.netns_mesh import bootstrap_file
 
     envoy = envoy_binary()
     nodes = {n: topo.add_node(n) for n in ("n1", "n2")}
@@ -293,12 +286,12 @@ def build_lab(topo: Any, nodelay: bool = True) -> Lab:
         if role == "ambient":
             pods[name].exec([sys.executable, "-m", "controlplane.cli", "iptables", "--ambient"], check=True)
     for node in nodes.values():
-        lab.boot[node.name] = _bootstrap(
+        lab.boot[node.name] = bootstrap_file(
             ["--mode", "node", "--node-name", node.name, "--node-id", f"node-{node.name}", "--namespace",
              "meshline-system", "--service-account", "meshline-node-proxy", "--ca-dir", str(ca_dir),
              "--xds-address", xds, "--admin-address", f"{node.ip}:15000"], work / f"boot-{node.name}.yaml")
         lab.start_node_proxy(node.name)
-    wpboot = _bootstrap(["--mode", "waypoint", "--waypoint", "wp", "--node-id", "wp-1", "--namespace", "bench-wp",
+    wpboot = bootstrap_file(["--mode", "waypoint", "--waypoint", "wp", "--node-id", "wp-1", "--namespace", "bench-wp",
                          "--workload", "wp", "--service-account", "wp", "--ca-dir", str(ca_dir),
                          "--xds-address", xds, "--admin-address", "127.0.0.1:15000"], work / "boot-wp.yaml")
     lab.envoys["wp-1"] = pods["wp"].run([envoy, "-c", str(wpboot), "--disable-hot-restart", "--concurrency", "1",
@@ -307,7 +300,7 @@ def build_lab(topo: Any, nodelay: bool = True) -> Lab:
     for name in ("scc", "ss"):
         pods[name].exec([sys.executable, "-m", "controlplane.cli", "iptables", "--proxy-uid", str(PROXY_UID)],
                         check=True)
-        boot = _bootstrap(["--node-id", f"{name}-1", "--namespace", "bench-sidecar", "--workload", name,
+        boot = bootstrap_file(["--node-id", f"{name}-1", "--namespace", "bench-sidecar", "--workload", name,
                            "--service-account", name, "--capture", "intercept", "--ca-dir", str(ca_dir),
                            "--xds-address", xds, "--admin-address", "127.0.0.1:15000"], work / f"boot-{name}.yaml")
         lab.envoys[f"{name}-1"] = pods[name].run([envoy, "-c", str(boot), "--disable-hot-restart", "--concurrency",

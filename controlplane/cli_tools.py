@@ -9,6 +9,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 
 import click
 from click.core import ParameterSource
@@ -74,19 +75,7 @@ def iptables(ctx: click.Context, proxy_uid: int, proxy_gid: int | None, outbound
         _ambient_iptables(ctx, tools, outbound_port, inbound_port, dry_run, do_cleanup)
         return
     if do_cleanup:
-        if dry_run:
-            try:
-                saved: str | None = tools.save_nat()
-            except IptablesError:
-                saved = None  # state unknown: show the script for a full install
-            click.echo(cleanup_rules(saved) or "# nothing to clean up\n", nl=False)
-            return
-        try:
-            removed = cleanup(tools)
-        except IptablesError as exc:
-            raise click.ClickException(str(exc)) from exc
-        click.echo("meshline: capture rules removed" if removed else "meshline: no capture rules to remove",
-                   err=True)
+        _remove_rules(tools, dry_run, cleanup_rules, cleanup, "capture rules")
         return
     try:
         spec = CaptureSpec(
@@ -99,15 +88,9 @@ def iptables(ctx: click.Context, proxy_uid: int, proxy_gid: int | None, outbound
         )
     except ValueError as exc:
         raise click.UsageError(str(exc)) from exc
-    if dry_run:
-        click.echo(render_rules(spec), nl=False)
-        return
-    try:
-        apply(spec, tools)
-    except IptablesError as exc:
-        raise click.ClickException(str(exc)) from exc
-    click.echo(f"meshline: capture rules applied (outbound -> {outbound_port}"
-               f"{f', inbound -> {inbound_port}' if capture_inbound else ''}, proxy uid {proxy_uid})", err=True)
+    _install_rules(dry_run, lambda: render_rules(spec), lambda: apply(spec, tools),
+                   f"meshline: capture rules applied (outbound -> {outbound_port}"
+                   f"{f', inbound -> {inbound_port}' if capture_inbound else ''}, proxy uid {proxy_uid})")
 
 
 def _ambient_iptables(ctx: click.Context, tools: Iptables, outbound_port: int, inbound_port: int, dry_run: bool,
@@ -118,29 +101,40 @@ def _ambient_iptables(ctx: click.Context, tools: Iptables, outbound_port: int, i
     if given:
         raise click.UsageError(f"{', '.join(given)}: sidecar options, not valid with --ambient")
     if do_cleanup:
-        try:
-            if dry_run:
-                click.echo(cleanup_ambient_rules(_saved_or_none(tools)) or "# nothing to clean up\n", nl=False)
-                return
-            removed = cleanup_ambient(tools)
-        except IptablesError as exc:
-            raise click.ClickException(str(exc)) from exc
-        click.echo("meshline: ambient capture rules removed" if removed
-                   else "meshline: no ambient capture rules to remove", err=True)
+        _remove_rules(tools, dry_run, cleanup_ambient_rules, cleanup_ambient, "ambient capture rules")
         return
     try:
         spec = AmbientSpec(outbound_port=outbound_port, inbound_port=inbound_port)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from exc
-    if dry_run:
-        click.echo(render_ambient_rules(spec), nl=False)
-        return
+    _install_rules(dry_run, lambda: render_ambient_rules(spec), lambda: apply_ambient(spec, tools),
+                   f"meshline: ambient capture rules applied (outbound -> {outbound_port}, inbound -> "
+                   f"{inbound_port}, mark {spec.mark:#x} exempt)")
+
+
+def _remove_rules(tools: Iptables, dry_run: bool, script: Callable[[str | None], str | None],
+                  remove: Callable[[Iptables], bool], what: str) -> None:
+    """--cleanup: print the removal script for the current state (--dry-run), or remove."""
     try:
-        apply_ambient(spec, tools)
+        if dry_run:
+            click.echo(script(_saved_or_none(tools)) or "# nothing to clean up\n", nl=False)
+            return
+        removed = remove(tools)
     except IptablesError as exc:
         raise click.ClickException(str(exc)) from exc
-    click.echo(f"meshline: ambient capture rules applied (outbound -> {outbound_port}, inbound -> "
-               f"{inbound_port}, mark {spec.mark:#x} exempt)", err=True)
+    click.echo(f"meshline: {what} removed" if removed else f"meshline: no {what} to remove", err=True)
+
+
+def _install_rules(dry_run: bool, script: Callable[[], str], install: Callable[[], object], done: str) -> None:
+    """Print the install script (--dry-run), or install and say so on stderr."""
+    if dry_run:
+        click.echo(script(), nl=False)
+        return
+    try:
+        install()
+    except IptablesError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(done, err=True)
 
 
 def _saved_or_none(tools: Iptables) -> str | None:

@@ -68,6 +68,15 @@ def sh(*argv: str, check: bool = True, timeout: float = 20.0, input: str | None 
     return proc.stdout
 
 
+def bootstrap_file(args: list[str], out: Path) -> Path:
+    """`meshline bootstrap ARGS` written to `out` (world-readable: Envoy may run as another user)."""
+    text = subprocess.run([sys.executable, "-m", "controlplane.cli", "bootstrap", *args], check=True,
+                          capture_output=True, text=True, cwd=ROOT).stdout
+    out.write_text(text)
+    out.chmod(0o644)
+    return out
+
+
 def ip(netns: str | None, *cmds: str) -> None:
     """Run `ip` commands (one per string) as one `ip -batch`, in `netns` (None: the host)."""
     sh("ip", *(["-n", netns] if netns else []), "-batch", "-", input="\n".join(cmds) + "\n")

@@ -41,6 +41,7 @@ from controlplane.iptables import (
     render_ambient_rules,
 )
 from controlplane.translate.names import AMBIENT_MARK
+from tests.netns_mesh import sh
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -217,13 +218,6 @@ CLIENT = textwrap.dedent("""\
 """)
 
 
-def _run(*argv: str, check: bool = True) -> str:
-    proc = subprocess.run(list(argv), capture_output=True, text=True, timeout=30)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(argv)} failed ({proc.returncode}): {proc.stderr.strip()}")
-    return proc.stdout
-
-
 class Pair:
     """Two fresh network namespaces joined by a veth pair: `pod` (.1) and `peer` (.2)."""
 
@@ -238,13 +232,13 @@ class Pair:
 
     def start(self) -> None:
         for ns in (self.pod, self.peer):
-            _run("ip", "netns", "add", ns)
+            sh("ip", "netns", "add", ns)
             self.netns.append(ns)
-            _run("ip", "-n", ns, "link", "set", "lo", "up")
-        _run("ip", "-n", self.pod, "link", "add", "eth0", "type", "veth", "peer", "name", "eth0", "netns", self.peer)
+            sh("ip", "-n", ns, "link", "set", "lo", "up")
+        sh("ip", "-n", self.pod, "link", "add", "eth0", "type", "veth", "peer", "name", "eth0", "netns", self.peer)
         for ns, ip in ((self.pod, self.pod_ip), (self.peer, self.peer_ip)):
-            _run("ip", "-n", ns, "addr", "add", f"{ip}/30", "dev", "eth0")
-            _run("ip", "-n", ns, "link", "set", "eth0", "up")
+            sh("ip", "-n", ns, "addr", "add", f"{ip}/30", "dev", "eth0")
+            sh("ip", "-n", ns, "link", "set", "eth0", "up")
         self.serve(self.peer, f"{self.peer_ip},80,peer", f"{self.peer_ip},9090,peer-9090")
         self.serve(self.pod, "0.0.0.0,15001,outbound-capture", "0.0.0.0,15006,inbound-capture",
                    "0.0.0.0,15008,tunnel", "0.0.0.0,8080,app")
@@ -258,21 +252,21 @@ class Pair:
         assert line.strip() == "ready", proc.stderr.read() if proc.stderr else line
 
     def connect(self, ns: str, ip: str, port: int, mark: int = 0) -> str:
-        return _run("ip", "netns", "exec", ns, sys.executable, "-c", CLIENT, ip, str(port), str(mark)).strip()
+        return sh("ip", "netns", "exec", ns, sys.executable, "-c", CLIENT, ip, str(port), str(mark)).strip()
 
     def nat(self) -> list[str]:
-        return [ln for ln in _run("ip", "netns", "exec", self.pod, "iptables-save", "-t", "nat").splitlines()
+        return [ln for ln in sh("ip", "netns", "exec", self.pod, "iptables-save", "-t", "nat").splitlines()
                 if ln.startswith(("-A", ":MESHLINE"))]
 
     def meshline(self, *args: str) -> str:
-        return _run("ip", "netns", "exec", self.pod, sys.executable, "-m", "controlplane.cli", *args)
+        return sh("ip", "netns", "exec", self.pod, sys.executable, "-m", "controlplane.cli", *args)
 
     def close(self) -> None:
         for p in self.procs:
             p.kill()
             p.wait(timeout=10)
         for ns in self.netns:
-            _run("ip", "netns", "del", ns, check=False)
+            sh("ip", "netns", "del", ns, check=False)
 
 
 @pytest.fixture

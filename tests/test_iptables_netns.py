@@ -38,6 +38,7 @@ import yaml
 
 from controlplane.iptables import CHAINS
 from controlplane.localrun import envoy_binary, stop
+from tests.netns_mesh import sh
 
 ROOT = Path(__file__).resolve().parent.parent
 PROXY_UID = 1337
@@ -55,13 +56,6 @@ def _missing() -> str | None:
 
 
 pytestmark = pytest.mark.skipif(_missing() is not None, reason=_missing() or "")
-
-
-def _run(*argv: str, check: bool = True, timeout: float = 20.0, input: str | None = None) -> str:
-    proc = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout, input=input)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(argv)} failed ({proc.returncode}): {proc.stderr.strip()}")
-    return proc.stdout
 
 
 class Lab:
@@ -83,7 +77,7 @@ class Lab:
         return ["ip", "netns", "exec", ns, *argv]
 
     def run_in(self, ns: str, *argv: str, check: bool = True, timeout: float = 20.0) -> str:
-        return _run(*self.exec_argv(ns, *argv), check=check, timeout=timeout)
+        return sh(*self.exec_argv(ns, *argv), check=check, timeout=timeout)
 
     def spawn(self, ns: str, name: str, *argv: str) -> subprocess.Popen[bytes]:
         log = open(self.work / f"{name}.log", "wb")
@@ -120,7 +114,7 @@ class Lab:
             try:
                 if check():
                     return
-            except (AssertionError, subprocess.SubprocessError, ValueError) as exc:
+            except (AssertionError, RuntimeError, subprocess.SubprocessError, ValueError) as exc:
                 last = exc
             time.sleep(0.1)
         raise AssertionError(f"{what} not ready after {timeout}s ({last})\n{self.logs()}")
@@ -132,13 +126,13 @@ class Lab:
     # ------------------------------------------------------------------ lifecycle
     def setup_network(self) -> None:
         for ns in (self.pod, self.host):
-            _run("ip", "netns", "add", ns)
+            sh("ip", "netns", "add", ns)
             self.netns.append(ns)
-            _run("ip", "-n", ns, "link", "set", "lo", "up")
-        _run("ip", "-n", self.pod, "link", "add", "eth0", "type", "veth", "peer", "name", "eth0", "netns", self.host)
+            sh("ip", "-n", ns, "link", "set", "lo", "up")
+        sh("ip", "-n", self.pod, "link", "add", "eth0", "type", "veth", "peer", "name", "eth0", "netns", self.host)
         for ns, ip in ((self.pod, self.pod_ip), (self.host, self.host_ip)):
-            _run("ip", "-n", ns, "addr", "add", f"{ip}/24", "dev", "eth0")
-            _run("ip", "-n", ns, "link", "set", "eth0", "up")
+            sh("ip", "-n", ns, "addr", "add", f"{ip}/24", "dev", "eth0")
+            sh("ip", "-n", ns, "link", "set", "eth0", "up")
 
     def write_mesh(self) -> Path:
         cfg = self.work / "config"
@@ -203,7 +197,7 @@ class Lab:
         for p in reversed(self.procs):
             stop(p)
         for ns in self.netns:
-            _run("ip", "netns", "del", ns, check=False)
+            sh("ip", "netns", "del", ns, check=False)
         shutil.rmtree(self.work, ignore_errors=True)
 
 

@@ -52,6 +52,7 @@ from controlplane.nodeagent.registry import SERVICE, NodeAgentRegistry
 from controlplane.runtime import Settings
 from controlplane.serve import build_runtime, node_agent_handlers
 from controlplane.sources.base import Replace, SourceEvent, Synced
+from tests.netns_mesh import sh
 
 # --------------------------------------------------------------------------- registry harness
 
@@ -367,13 +368,6 @@ def _missing() -> str | None:
     return None
 
 
-def _run(*argv: str, check: bool = True) -> str:
-    proc = subprocess.run(list(argv), capture_output=True, text=True, timeout=30)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(argv)} failed ({proc.returncode}): {proc.stderr.strip()}")
-    return proc.stdout
-
-
 class Node:
     """Two pods: fresh network namespaces joined by a veth pair, a `sleep` in each."""
 
@@ -390,13 +384,13 @@ class Node:
     def start(self) -> None:
         a, b = self.netns["pod-a"], self.netns["pod-b"]
         for ns in (a, b):
-            _run("ip", "netns", "add", ns)
+            sh("ip", "netns", "add", ns)
             self.created.append(ns)
-            _run("ip", "-n", ns, "link", "set", "lo", "up")
-        _run("ip", "-n", a, "link", "add", "eth0", "type", "veth", "peer", "name", "eth0", "netns", b)
+            sh("ip", "-n", ns, "link", "set", "lo", "up")
+        sh("ip", "-n", a, "link", "add", "eth0", "type", "veth", "peer", "name", "eth0", "netns", b)
         for name, ns in self.netns.items():
-            _run("ip", "-n", ns, "addr", "add", f"{self.ips[name]}/30", "dev", "eth0")
-            _run("ip", "-n", ns, "link", "set", "eth0", "up")
+            sh("ip", "-n", ns, "addr", "add", f"{self.ips[name]}/30", "dev", "eth0")
+            sh("ip", "-n", ns, "link", "set", "eth0", "up")
             self.procs[name] = subprocess.Popen(["ip", "netns", "exec", ns, "sleep", "300"], start_new_session=True)
         self.pods_file.write_text(json.dumps([{"namespace": "lab", "name": n, "ips": [ip]}
                                               for n, ip in self.ips.items()]))
@@ -406,14 +400,14 @@ class Node:
         return os.stat(f"/proc/{pid}/ns/net").st_ino
 
     def nat(self, name: str) -> str:
-        return _run("ip", "netns", "exec", self.netns[name], "iptables-save", "-t", "nat")
+        return sh("ip", "netns", "exec", self.netns[name], "iptables-save", "-t", "nat")
 
     def stop(self, name: str) -> None:
         proc = self.procs.pop(name)
         proc.kill()
         proc.wait(timeout=10)
         ns = self.netns[name]
-        _run("ip", "netns", "del", ns)
+        sh("ip", "netns", "del", ns)
         self.created.remove(ns)
 
     def close(self) -> None:
@@ -423,9 +417,9 @@ class Node:
         if self.netns_dir.is_dir():
             for path in self.netns_dir.iterdir():
                 while mounted_inode(path) is not None:
-                    _run("umount", str(path))
+                    sh("umount", str(path))
         for ns in self.created:
-            _run("ip", "netns", "del", ns, check=False)
+            sh("ip", "netns", "del", ns, check=False)
 
 
 @pytest.fixture
@@ -454,7 +448,7 @@ async def test_agent_finds_mounts_captures_and_reports_real_namespaces(node: Nod
             assert path == node.netns_dir / f"lab_{obj.name}" and path.is_file()
             assert os.stat(path).st_ino == node.netns_inode(obj.name)
             # The path is usable as that namespace, and the capture rules are in place there.
-            assert node.ips[obj.name] in _run("nsenter", f"--net={path}", "ip", "-o", "-4", "addr", "show")
+            assert node.ips[obj.name] in sh("nsenter", f"--net={path}", "ip", "-o", "-4", "addr", "show")
             rules = node.nat(obj.name)
             assert "-A OUTPUT -p tcp -j MESHLINE_AMB_OUTPUT" in rules
             assert "-A MESHLINE_AMB_OUTPUT -p tcp -j REDIRECT --to-ports 15001" in rules

@@ -28,7 +28,7 @@ import pytest
 import yaml
 
 from controlplane.localrun import envoy_binary
-from tests.netns_mesh import Node, Pod, Topology, missing_tools, plaintext_http_seen
+from tests.netns_mesh import Node, Pod, Topology, bootstrap_file, missing_tools, plaintext_http_seen
 
 ROOT = Path(__file__).resolve().parents[2]
 XDS_PORT = 19710
@@ -177,14 +177,6 @@ POLICIES = [
 ]
 
 
-def _bootstrap(args: list[str], out: Path) -> Path:
-    text = subprocess.run([sys.executable, "-m", "controlplane.cli", "bootstrap", *args], check=True,
-                          capture_output=True, text=True, cwd=ROOT).stdout
-    out.write_text(text)
-    out.chmod(0o644)
-    return out
-
-
 def _wait_http(pod: Pod, url: str, want: str, timeout: float = 20.0, **kw: Any) -> None:
     deadline = time.monotonic() + timeout
     last: tuple[int, str] = (0, "")
@@ -230,20 +222,20 @@ def lab() -> Iterator[Lab]:
             pods[name].exec([sys.executable, "-m", "controlplane.cli", "iptables", "--ambient"], check=True)
         # Node proxies, in their node's netns.
         for node in (n1, n2):
-            lab.boot[node.name] = _bootstrap(
+            lab.boot[node.name] = bootstrap_file(
                 ["--mode", "node", "--node-name", node.name, "--node-id", f"node-{node.name}", "--namespace",
                  "meshline-system", "--service-account", "meshline-node-proxy", "--ca-dir", str(ca_dir),
                  "--xds-address", xds, "--admin-address", f"{node.ip}:15000"], work / f"boot-{node.name}.yaml")
             lab.start_node_proxy(node)
         # The waypoint of namespace beta, in its own pod.
-        wpboot = _bootstrap(["--mode", "waypoint", "--waypoint", "wp", "--node-id", "wp-1", "--namespace", "beta",
+        wpboot = bootstrap_file(["--mode", "waypoint", "--waypoint", "wp", "--node-id", "wp-1", "--namespace", "beta",
                              "--workload", "wp", "--service-account", "wp", "--ca-dir", str(ca_dir),
                              "--xds-address", xds, "--admin-address", "127.0.0.1:15000"], work / "boot-wp.yaml")
         pods["wp"].run([envoy, "-c", str(wpboot), "--disable-hot-restart", "--concurrency", "1", "-l", "warning"])
         # The sidecar pod: intercept capture, Envoy under its own uid.
         pods["s"].exec([sys.executable, "-m", "controlplane.cli", "iptables", "--proxy-uid", str(PROXY_UID)],
                        check=True)
-        sboot = _bootstrap(["--node-id", "s-1", "--namespace", "legacy", "--workload", "s", "--service-account",
+        sboot = bootstrap_file(["--node-id", "s-1", "--namespace", "legacy", "--workload", "s", "--service-account",
                             "s", "--capture", "intercept", "--ca-dir", str(ca_dir), "--xds-address", xds,
                             "--admin-address", "127.0.0.1:15000"], work / "boot-s.yaml")
         pods["s"].run([envoy, "-c", str(sboot), "--disable-hot-restart", "--concurrency", "1", "-l", "warning"],

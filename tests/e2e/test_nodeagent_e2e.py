@@ -24,7 +24,6 @@ import yaml
 
 from controlplane.localrun import envoy_binary
 from tests.e2e.test_ambient_e2e import (
-    _bootstrap,
     _ns,
     _pod,
     _skip_reason,
@@ -34,7 +33,7 @@ from tests.e2e.test_ambient_e2e import (
     spiffe,
     status_ready,
 )
-from tests.netns_mesh import Topology
+from tests.netns_mesh import Topology, bootstrap_file
 
 XDS_PORT = 19720
 STATUS_PORT = 19721
@@ -111,7 +110,7 @@ def lab() -> Iterator[tuple[Topology, dict[str, object], Path]]:
             topo.wait(f"node agent of {node.name} mounts {mounted.name}",
                       lambda m=mounted: m.exists() and os.stat(m).st_dev != os.stat(m.parent).st_dev,
                       15, agents[-1])
-            boot = _bootstrap(["--mode", "node", "--node-name", node.name, "--node-id", f"node-{node.name}",
+            boot = bootstrap_file(["--mode", "node", "--node-name", node.name, "--node-id", f"node-{node.name}",
                                "--namespace", "meshline-system", "--service-account", "meshline-node-proxy",
                                "--ca-dir", str(ca_dir), "--xds-address", xds,
                                "--admin-address", f"{node.ip}:15000"], work / f"boot-{node.name}.yaml")
