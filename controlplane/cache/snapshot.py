@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 from controlplane.cache.resources import Resource, ResourceMemo
@@ -156,6 +156,7 @@ class SnapshotBuilder:
         self._snap: dict[ProxyKey, Snapshot] = {}
         self.generation = 0
         self.failures = 0
+        self._metas: dict[tuple[str, object], ProxyMeta] = {}  # layer key -> a proxy it was planned for
 
     def rebuild(self, mesh: Mesh, proxies: Iterable[ProxyMeta],
                 delta: EndpointDelta | None = None) -> dict[ProxyKey, Snapshot]:
@@ -175,6 +176,7 @@ class SnapshotBuilder:
             self._since_full = 0
             self.memo.begin_round()  # a full round: resources nobody uses any more are dropped
         shared_done: dict[object, dict[TypeUrl, TypeResources]] = {}
+        metas: dict[tuple[str, object], ProxyMeta] = {}
         out: dict[ProxyKey, Snapshot] = {}
         failed: set[object] = set()
         try:
@@ -188,6 +190,7 @@ class SnapshotBuilder:
                         raise RuntimeError("shared layer failed")
                     patched: dict[TypeUrl, TypeResources] | None = None
                     if sk not in shared_done:
+                        metas[("shared", sk)] = meta
                         try:
                             prev_shared = self._shared.get(sk)
                             if patch is not None and prev_shared is not None:
@@ -203,6 +206,7 @@ class SnapshotBuilder:
                     else:
                         own = self._layer(self._plan_own(mesh, meta), prev_own)
                     self._own[pk] = own
+                    metas[("own", pk)] = meta
                     out[pk] = self._combine(pk, shared_done[sk], own)
                 except Exception:
                     # One proxy's (or class's) translation failing must not freeze the others:
@@ -217,9 +221,20 @@ class SnapshotBuilder:
             if patch is None:
                 self.memo.end_round()
         self._shared = shared_done
+        self._metas = metas
         self._own = {k: v for k, v in self._own.items() if k in out}
         self._snap = {k: v for k, v in self._snap.items() if k in out}
         return out
+
+    def layers(self) -> Iterator[tuple[ProxyMeta, Iterable[Resource]]]:
+        """Every distinct layer of the last rebuild (shared outbound layers, proxies' own
+        layers) with a proxy it was planned for: each resource once per layer, not once per
+        proxy."""
+        for (kind, key), meta in self._metas.items():
+            types = self._shared.get(key) if kind == "shared" else self._own.get(key)  # type: ignore[call-overload]
+            if types:
+                for tr in types.values():
+                    yield meta, tr.items.values()
 
     @staticmethod
     def _patchable(pk: ProxyKey) -> bool:

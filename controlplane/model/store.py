@@ -17,6 +17,7 @@ from controlplane.model.ir import (
     DEFAULT_ROOT_NAMESPACE,
     DEFAULT_TRUST_DOMAIN,
     AuthorizationPolicy,
+    AuthzRule,
     DestinationRule,
     EndpointSet,
     Hostname,
@@ -52,7 +53,29 @@ class Entry:
 
     @property
     def serving(self) -> IRValue | None:
-        return self.prev_good if self.quarantine is not None else self.good
+        if self.quarantine is None:
+            return self.good
+        return withheld_value(self.good, self.prev_good)
+
+
+def withheld_value(good: IRValue | None, prev_good: IRValue | None) -> IRValue | None:
+    """What serves in place of a withheld object. Withholding never widens access (Istio's
+    rule for policies it cannot translate): a withheld AuthorizationPolicy denies what it
+    selects (a DENY or CUSTOM one: every request; an ALLOW one: allows nothing, so only the
+    workloads' other ALLOW policies admit anything); a withheld PeerAuthentication is STRICT
+    on every port. Other kinds serve their previous valid version, or nothing."""
+    if isinstance(good, AuthorizationPolicy):
+        if good.action == "AUDIT":
+            return prev_good
+        if good.action == "ALLOW":
+            return replace(good, rules=())
+        return replace(good, action="DENY", rules=(AuthzRule(),))
+    if isinstance(good, PeerAuthentication):
+        return replace(good, mode="STRICT", port_level=tuple((p, "STRICT") for p, _ in good.port_level))
+    return prev_good
+
+
+FAIL_CLOSED_KINDS = frozenset({"AuthorizationPolicy", "PeerAuthentication"})
 
 
 class MeshStore:
@@ -158,11 +181,17 @@ class MeshStore:
                 entry = Entry(origin, raw, prev.good, issues, prev.prev_good, prev.changed_gen, prev.quarantine)
             else:
                 entry = Entry(origin, raw, None, issues)
-        elif prev is not None and prev.good is not None and prev.good == value:
+        elif prev is not None and prev.good is not None and prev.good == value and not _reapplied(prev.raw, raw):
             entry = Entry(origin, raw, prev.good, issues, prev.prev_good, prev.changed_gen, prev.quarantine)
+        elif (prev is not None and prev.good is not None and _meaningful(prev.raw.body) == _meaningful(raw.body)
+              and not _reapplied(prev.raw, raw)):
+            # The same content, moved within its file (or re-read): not a change. Only its
+            # location (file:line) moves on; its history and any quarantine stay.
+            entry = Entry(origin, raw, value, issues, prev.prev_good, prev.changed_gen, prev.quarantine)
         else:
-            # A new valid version; a quarantine of the old one is lifted (it gets its chance).
-            served = prev.serving if prev is not None else None
+            # A new valid version, or the same one re-applied (a new metadata.generation or
+            # `meshline.io/retry-at`): a quarantine of the old one is lifted (it gets its chance).
+            served = (prev.prev_good if prev.quarantine is not None else prev.good) if prev is not None else None
             entry = Entry(origin, raw, value, issues, served, self.generation + 1, None)
         self._entries[key] = entry
         self._by_origin.setdefault(origin, set()).add(key)
@@ -243,9 +272,15 @@ class MeshStore:
             e = self._entries[key]
             out.extend(e.issues)
             if e.quarantine is not None:
-                kept = "the previous version keeps serving" if e.prev_good is not None else "it is not served"
-                out.append(Issue(e.raw.ref, "", f"NACKED: {e.quarantine}; this version is withheld and {kept} "
-                                 "until the object changes", "error", e.raw.line))
+                if e.raw.kind in FAIL_CLOSED_KINDS:
+                    kept = "the workloads it selects fail closed (a DENY-all / STRICT stand-in serves)"
+                elif e.prev_good is not None:
+                    kept = "the previous version keeps serving"
+                else:
+                    kept = "it is not served"
+                out.append(Issue(e.raw.ref, "", f"WITHHELD: {e.quarantine}; this version is withheld and {kept} "
+                                 f"until the object changes (or is re-applied: annotation {RETRY_ANNOTATION})",
+                                 "error", e.raw.line))
         for origin in sorted(self._origin_errors):
             for pe in self._origin_errors[origin]:
                 out.append(Issue(SourceRef("File", "", origin, pe.file, pe.line), "", pe.message, "error", pe.line))
@@ -253,6 +288,23 @@ class MeshStore:
 
     def mesh(self) -> Mesh:
         return self.mesh_delta()[0]
+
+    def trial_mesh(self, withheld: Iterable[ObjectKey], released: Iterable[ObjectKey] = ()) -> Mesh:
+        """The mesh as it would be with `withheld` objects withheld and `released` ones not
+        (for checking candidate configs before they are served). Changes nothing."""
+        hold, free = set(withheld), set(released)
+        values = []
+        for key, e in sorted(self._entries.items()):
+            if key in hold and e.good is not None:
+                v = withheld_value(e.good, e.prev_good)
+            elif key in free:
+                v = e.good
+            else:
+                v = e.serving
+            if v is not None:
+                values.append(v)
+        return assemble(values, (), root_namespace=self.root_namespace, trust_domain=self.trust_domain,
+                        netns_annotations=self.netns_annotations)
 
     def endpoint_only_pending(self) -> bool:
         """Whether every change since the last mesh is an EndpointSlice update or delete."""
@@ -321,6 +373,21 @@ STATUS_OWNED_KINDS = frozenset(
     {"VirtualService", "DestinationRule", "PeerAuthentication", "AuthorizationPolicy", "Sidecar"}
 )
 _VOLATILE_METADATA = frozenset({"resourceVersion", "managedFields", "generation", "uid", "creationTimestamp"})
+
+
+RETRY_ANNOTATION = "meshline.io/retry-at"
+
+
+def _reapplied(old: RawObject, new: RawObject) -> bool:
+    """Whether a user re-applied the object: its metadata.generation or its
+    `meshline.io/retry-at` annotation changed (lifts a quarantine of the same content)."""
+    def marks(body: Mapping[str, Any]) -> tuple[object, object]:
+        meta = body.get("metadata")
+        if not isinstance(meta, Mapping):
+            return None, None
+        ann = meta.get("annotations")
+        return meta.get("generation"), ann.get(RETRY_ANNOTATION) if isinstance(ann, Mapping) else None
+    return marks(old.body) != marks(new.body)
 
 
 def _meaningful(body: Mapping[str, Any]) -> dict[str, Any]:

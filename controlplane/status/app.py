@@ -38,9 +38,11 @@ def _nack(n: NackRecord | None, quarantined: Collection[tuple[str, str, str]] = 
     }
 
 
-def proxy_view(conn: Connection, quarantined: Collection[tuple[str, str, str]] = ()) -> dict[str, Any]:
-    """A proxy's sync state. A type is NACKED while Envoy is rejecting a resource or while
-    an object behind its last rejection is still withheld (the user's change is not live)."""
+def proxy_view(conn: Connection, quarantined: Collection[tuple[str, str, str]] = (),
+               degraded: list[dict[str, object]] | None = None) -> dict[str, Any]:
+    """A proxy's sync state. A type is NACKED while this proxy holds back a resource it
+    rejected. The proxy is DEGRADED (never SYNCED) while it does not receive something it
+    should: `degraded` lists what and why."""
     stream = conn.stream
     types: dict[str, Any] = {}
     overall = "SYNCED"
@@ -68,6 +70,8 @@ def proxy_view(conn: Connection, quarantined: Collection[tuple[str, str, str]] =
             "last_nack": _nack(st.last_nack, quarantined),
         }
     m = conn.meta
+    if degraded:
+        overall = "DEGRADED"
     return {
         "id": m.node_id,
         "mode": m.mode,
@@ -81,7 +85,8 @@ def proxy_view(conn: Connection, quarantined: Collection[tuple[str, str, str]] =
         "protocol": stream.protocol,
         "peer": conn.peer,
         "connected_at": stream.connected_at,
-        "state": overall if types else "NOT_SENT",
+        "state": overall if types or degraded else "NOT_SENT",
+        "degraded": degraded or [],
         "types": types,
     }
 
@@ -130,14 +135,15 @@ def create_app(runtime: Runtime, token_file: Path | None = None) -> FastAPI:
     @app.get("/v1/proxies", dependencies=auth)
     def proxies(namespace: str | None = None, mode: str | None = None, state: str | None = None) -> list[dict[str, Any]]:
         held = runtime.store.quarantined()
-        out = [proxy_view(c, held) for c in runtime.xds.connections.values()]
+        out = [proxy_view(c, held, runtime.degradation(c)) for c in runtime.xds.connections.values()]
         out = [p for p in out if (namespace is None or p["namespace"] == namespace)
                and (mode is None or p["mode"] == mode) and (state is None or p["state"] == state.upper())]
         return sorted(out, key=lambda p: (p["id"], p["connected_at"]))
 
     @app.get("/v1/proxies/{proxy_id}", dependencies=auth)
     def proxy(proxy_id: str) -> dict[str, Any]:
-        return proxy_view(find(proxy_id), runtime.store.quarantined())
+        conn = find(proxy_id)
+        return proxy_view(conn, runtime.store.quarantined(), runtime.degradation(conn))
 
     @app.get("/v1/proxies/{proxy_id}/config", dependencies=auth)
     def proxy_config(proxy_id: str, type: ConfigType = "clusters") -> dict[str, Any]:
@@ -174,7 +180,7 @@ def create_app(runtime: Runtime, token_file: Path | None = None) -> FastAPI:
         return [
             {"object": i.ref.display, "kind": i.ref.kind, "namespace": i.ref.namespace, "name": i.ref.name,
              "file": i.ref.file, "line": i.line or i.ref.line, "field": i.field, "severity": i.severity,
-             "message": i.message, "nacked": i.message.startswith("NACKED"), "text": i.format()}
+             "message": i.message, "nacked": i.message.startswith("WITHHELD"), "withheld": i.message.startswith("WITHHELD"), "text": i.format()}
             for i in runtime.mesh().issues
             if severity is None or i.severity == severity
         ]
@@ -183,7 +189,7 @@ def create_app(runtime: Runtime, token_file: Path | None = None) -> FastAPI:
     def mesh_summary() -> dict[str, Any]:
         mesh = runtime.mesh()
         held = runtime.store.quarantined()
-        views = [proxy_view(c, held) for c in runtime.xds.connections.values()]
+        views = [proxy_view(c, held, runtime.degradation(c)) for c in runtime.xds.connections.values()]
         return {
             "version": __version__,
             "ready": runtime.ready,
@@ -203,7 +209,39 @@ def create_app(runtime: Runtime, token_file: Path | None = None) -> FastAPI:
             "errors": sum(1 for i in mesh.issues if i.severity == "error"),
             "warnings": sum(1 for i in mesh.issues if i.severity == "warning"),
             "quarantined": ["/".join(k) for k in sorted(held)],
+            "nack_policy": {
+                "validator": runtime.policy.mode,
+                "preflight_runs": runtime.policy.stats.preflight_runs,
+                "preflight_rejections": runtime.policy.stats.preflight_rejections,
+                "reproductions": runtime.policy.stats.reproductions,
+                "proxy_local_faults": runtime.policy.stats.proxy_local,
+                "content_faults": runtime.policy.stats.content_faults,
+            },
         }
+
+    @app.get("/v1/quarantine", dependencies=auth)
+    def quarantine_list() -> list[dict[str, Any]]:
+        """Objects withheld mesh-wide because Meshline's own Envoy rejects what they produce."""
+        out = []
+        for key, reason in sorted(runtime.store.quarantined().items()):
+            raw = runtime.store.sources_of(key)
+            out.append({"object": "/".join(key), "kind": key[0], "namespace": key[1], "name": key[2],
+                        "location": raw.ref.location if raw is not None and raw.ref.file else None,
+                        "reason": reason})
+        return out
+
+    @app.post("/v1/quarantine/release", dependencies=auth)
+    def quarantine_release(body: dict[str, str]) -> dict[str, Any]:
+        """The one write of this API (an operator's): offer a withheld object again. If
+        Envoy still rejects it, pre-flight withholds it again."""
+        obj = body.get("object", "")
+        parts = obj.split("/")
+        if len(parts) != 3 or not all(parts[::2]):
+            raise HTTPException(status_code=400, detail="object must be KIND/NAMESPACE/NAME")
+        key = (parts[0], parts[1], parts[2])
+        if key not in runtime.store.quarantined():
+            raise HTTPException(status_code=404, detail=f"{obj} is not withheld")
+        return {"released": ["/".join(k) for k in runtime.policy.release([key])]}
 
     @app.get("/metrics")
     def metrics() -> PlainTextResponse:

@@ -131,6 +131,17 @@ class NackRecord:
     resources: tuple[str, ...]
     sources: tuple[SourceRef, ...]
     generation: int = 0  # snapshot generation of the rejected response
+    rejected: tuple[Resource, ...] = ()  # the rejected resource versions themselves
+
+
+MAX_MESSAGE = 1000
+
+
+def sanitize(text: str, limit: int = MAX_MESSAGE) -> str:
+    """A proxy's (untrusted) text made safe for logs, status and CRD status: control
+    characters escaped, truncated."""
+    out = "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text.strip()[: limit * 2])
+    return out if len(out) <= limit else out[:limit] + "..."
 
 
 @dataclass(slots=True)
@@ -431,8 +442,9 @@ class AdsStream:
             for s in r.sources:
                 if s not in sources:
                     sources.append(s)
-        rec = NackRecord(pending.version, pending.nonce, message, code, time.time(), tuple(sorted(suspects)),
-                         tuple(sources), pending.generation)
+        rec = NackRecord(pending.version, pending.nonce, sanitize(message), code, time.time(),
+                         tuple(sorted(suspects)), tuple(sources), pending.generation,
+                         tuple(suspects[n] for n in sorted(suspects)))
         st.last_nack = rec
         st.nacks += 1
         if self.waiting is not None and self.waiting[0] == st.type_url:

@@ -1,5 +1,6 @@
-"""The operator's view with a real Envoy: NACKED/STALE/SYNCED states, quarantine of the
-object Envoy rejects, metrics that move, and the CLI reading the status API."""
+"""The operator's view with a real Envoy: DEGRADED/STALE/SYNCED states, pre-flight
+withholding the object Envoy rejects before any proxy sees it, metrics that move, and the
+CLI reading the status API."""
 
 from __future__ import annotations
 
@@ -54,45 +55,57 @@ def cli(mesh: MeshEnv, *args: str) -> subprocess.CompletedProcess[str]:
                           timeout=30)
 
 
-def test_rejected_object_is_quarantined_reported_and_fixable(mesh: MeshEnv) -> None:
+def rejected_updates(mesh: MeshEnv) -> int:
+    """Envoy's own count of xDS updates it rejected (the independent witness)."""
+    text = mesh.client.get(f"{mesh.admin_url}/stats", params={"filter": "update_rejected"}).text
+    return sum(int(line.rsplit(":", 1)[1]) for line in text.splitlines() if line.strip())
+
+
+def test_rejected_object_is_caught_by_preflight_reported_and_fixable(mesh: MeshEnv) -> None:
     routes = (mesh.config / "20-routes.yaml").read_text()
-    nacks_before = metric(mesh, "meshline_xds_nacks_total")
+    rejected_before = rejected_updates(mesh)
     good_hdr = routes[routes.index("metadata: {name: hdr"):].split("\n---\n")[0]
     mesh.write("20-routes.yaml", routes.replace(good_hdr, BAD_VS.split("\n", 2)[2].rstrip("\n")))
     t0 = time.monotonic()
 
-    def nacked() -> dict[str, object] | None:
-        p = me(mesh)
-        return p if p["state"] == "NACKED" else None
+    def withheld() -> list[dict[str, object]]:
+        return [e for e in mesh.errors() if e["object"] == f"VirtualService/{NS}/hdr" and e["withheld"]]
 
-    p = eventually(nacked, timeout=5)
-    elapsed = time.monotonic() - t0
-    print(f"NACK visible after {elapsed:.3f}s")
-    assert elapsed < 1.0  # file watch + debounce + push + Envoy rejects + status shows it
-    routes_state = p["types"]["routes"]  # type: ignore[index]
-    nack = routes_state["last_nack"]
-    assert routes_state["state"] == "NACKED"
-    assert "NO_SUCH_COMMAND" in nack["message"]
-    assert any(s["object"] == f"VirtualService/{NS}/hdr" and "20-routes.yaml:" in s["location"]
-               for s in nack["sources"])
-    assert nack["withheld"] == [f"VirtualService/{NS}/hdr"]  # only the changed object is held back
-    errs = [e for e in mesh.errors() if e["object"] == f"VirtualService/{NS}/hdr" and e["nacked"]]
-    assert errs and "NO_SUCH_COMMAND" in errs[0]["message"]
-    assert metric(mesh, "meshline_xds_nacks_total") >= nacks_before + 1
+    errs = eventually(withheld, timeout=10)
+    print(f"bad write -> reported in {time.monotonic() - t0:.3f}s")
+    assert "NO_SUCH_COMMAND" in str(errs[0]["message"]) and "pre-flight" in str(errs[0]["message"])
+    assert str(errs[0]["file"]).endswith("20-routes.yaml") and errs[0]["line"]
+    # No proxy ever saw the bad version: Envoy rejected nothing, and it was never NACKED.
+    assert rejected_updates(mesh) == rejected_before
+    assert all(t["nacks"] == 0 for t in me(mesh)["types"].values())  # type: ignore[attr-defined]
     # The previous version of the VirtualService keeps serving...
     assert mesh.get("hdr").json()["headers"]["x-added"] == "yes"
+    # ...the proxy is not reported SYNCED: it does not receive the user's change...
+    p = eventually(lambda: me(mesh) if me(mesh)["state"] == "DEGRADED" else None)
+    assert any(d["object"] == f"VirtualService/{NS}/hdr" and d["kind"] == "withheld"
+               for d in p["degraded"])  # type: ignore[union-attr]
+    assert metric(mesh, "meshline_proxies_degraded") == 1
     # ...and a later change to another service still reaches Envoy.
     mesh.write("97-late.yaml", service_yaml("late", NS, HTTP_PORT, [Backend("127.0.0.110")]))
     eventually(lambda: mesh.get("late").status_code == 200)
     # The CLI shows the same truth.
     out = cli(mesh, "proxy-status")
-    assert out.returncode == 0 and f"client-{mesh.protocol}" in out.stdout and "NACKED" in out.stdout
-    assert "NO_SUCH_COMMAND" in out.stdout
+    assert out.returncode == 0 and f"client-{mesh.protocol}" in out.stdout and "DEGRADED" in out.stdout
+    assert f"VirtualService/{NS}/hdr" in out.stdout and "NO_SUCH_COMMAND" in out.stdout
+    out = cli(mesh, "quarantine", "list")
+    assert out.returncode == 0 and f"VirtualService/{NS}/hdr" in out.stdout and "20-routes.yaml:" in out.stdout
+    # Releasing it by hand offers it again: pre-flight withholds it again, still no proxy sees it.
+    out = cli(mesh, "quarantine", "release", f"VirtualService/{NS}/hdr")
+    assert out.returncode == 0, out.stderr
+    time.sleep(0.5)
+    eventually(withheld)
+    assert rejected_updates(mesh) == rejected_before
     # Fixing the object lets it flow and the proxy returns to SYNCED.
     mesh.write("20-routes.yaml", routes.replace('set: {x-added: "yes"}', 'set: {x-added: "fixed"}'))
     eventually(lambda: mesh.get("hdr").json()["headers"]["x-added"] == "fixed")
     eventually(lambda: me(mesh)["state"] == "SYNCED")
-    assert not [e for e in mesh.errors() if e["nacked"]]
+    assert not [e for e in mesh.errors() if e["withheld"]]
+    assert metric(mesh, "meshline_proxies_degraded") == 0
     mesh.write("20-routes.yaml", routes)
     mesh.remove("97-late.yaml")
     eventually(lambda: mesh.get("late").status_code == 404)
@@ -167,10 +180,11 @@ def test_bisect_withholds_only_the_bad_one_of_two_simultaneous_changes(mesh: Mes
     mesh.write("20-routes.yaml", changed)
     # The good change gets through; the bad one ends up the only object withheld.
     eventually(lambda: mesh.get("legacy", "/old/x").json()["path"] == "/newer/x", timeout=15)
-    eventually(lambda: [e["object"] for e in mesh.errors() if e["nacked"]] == [f"VirtualService/{NS}/hdr"],
+    eventually(lambda: [e["object"] for e in mesh.errors() if e["withheld"]] == [f"VirtualService/{NS}/hdr"],
                timeout=15)
     assert mesh.get("hdr").json()["headers"]["x-added"] == "yes"
+    assert rejected_updates(mesh) == 0  # caught before any proxy saw it
     mesh.write("20-routes.yaml", routes)
-    eventually(lambda: not [e for e in mesh.errors() if e["nacked"]])
+    eventually(lambda: not [e for e in mesh.errors() if e["withheld"]])
     eventually(lambda: mesh.get("legacy", "/old/x").json()["path"] == "/new/x")
     eventually(lambda: me(mesh)["state"] == "SYNCED")
