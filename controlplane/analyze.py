@@ -9,14 +9,13 @@ from pathlib import Path
 
 from controlplane.model.ir import Issue
 from controlplane.model.store import MeshStore
-from controlplane.sources.directory import read_file, yaml_files
+from controlplane.sources.directory import read_paths
 
 
 def analyze_paths(paths: Sequence[str]) -> list[Issue]:
     """All issues (parse errors, per-object and cross-object validation) for `paths`."""
     store = MeshStore()
-    files = yaml_files([Path(p) for p in paths])
-    store.apply([read_file(f) for f in files])
+    store.apply(read_paths([Path(p) for p in paths]))
     issues = [_at_field(store, i) for i in store.mesh().issues]
     issues.sort(key=lambda i: (i.ref.file or "", i.line or i.ref.line or 0, i.ref.display))
     return issues

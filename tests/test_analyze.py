@@ -7,6 +7,7 @@ import re
 import subprocess
 import sys
 import textwrap
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -290,3 +291,52 @@ def test_missing_path_is_a_usage_error(tmp_path: Path) -> None:
     r = analyze(tmp_path / "nope.yaml")
     assert r.code == 2
     assert "nope.yaml" in r.stderr
+
+
+# --------------------------------------------------------------------------- hostile input (issue 14)
+
+
+def alias_bomb() -> str:
+    """The classic "billion laughs" (about 500 bytes, 9**9 strings once expanded)."""
+    rows = ['  a: &a ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    rows += [f"  {c}: &{c} [{', '.join([f'*{p}'] * 9)}]" for p, c in zip("abcdefgh", "bcdefghi", strict=True)]
+    return "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: lol\n  namespace: default\ndata:\n" + "\n".join(rows) + "\n"
+
+
+def test_alias_bomb_exits_1_at_once_with_file_and_line(tmp_path: Path) -> None:
+    path, text = write(tmp_path, "lol.yaml", alias_bomb())
+    (tmp_path / "base.yaml").write_text(BASE)
+    t0 = time.monotonic()
+    r = analyze(tmp_path)
+    assert time.monotonic() - t0 < 10  # the interpreter's start-up included; the check itself is linear
+    assert r.code == 1
+    [line] = [x for x in r.lines if "warning: " not in x]
+    m = re.match(rf"^{re.escape(str(path))}:(\d+): ", line)
+    assert m is not None, line
+    assert "*" in text.splitlines()[int(m[1]) - 1]  # the line of the alias that went over the bound
+    assert "alias bomb" in line
+    assert "1 error(s)" in r.stderr
+
+
+def test_symlink_out_of_the_directory_exits_1(tmp_path: Path) -> None:
+    config = tmp_path / "config"
+    config.mkdir()
+    (config / "base.yaml").write_text(BASE)
+    (tmp_path / "secret.yaml").write_text(BASE.replace("reviews", "ratings"))
+    (config / "ratings.yaml").symlink_to(tmp_path / "secret.yaml")
+    r = analyze(config)
+    assert r.code == 1
+    [line] = [x for x in r.lines if "warning: " not in x]
+    assert line.startswith(f"{config / 'ratings.yaml'}:0: ")
+    assert "outside the config directory" in line
+
+
+def test_invalid_utf8_exits_1_with_the_line(tmp_path: Path) -> None:
+    text = BASE.replace("version: v1", "version: v\xe91  # <- HERE", 1)  # a Latin-1 é
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes(text.encode("latin-1"))
+    r = analyze(path)
+    assert r.code == 1
+    [line] = r.lines
+    assert line.startswith(f"{path}:{marked_line(text)}: ")
+    assert "invalid UTF-8" in line and "0xe9" in line

@@ -8,17 +8,25 @@ config serving, and the issues (file, line, field) reported for them. Does file 
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 import textwrap
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
+import psutil
 import pytest
 
+from controlplane.localrun import free_port, stop, wait_http
 from controlplane.model.ir import Issue
 from controlplane.model.store import MeshStore
 from controlplane.sources.base import Replace, SourceEvent, Synced
-from controlplane.sources.directory import DirectorySource
+from controlplane.sources.directory import DirectorySource, read_file
+from controlplane.sources.yamlload import Limits
 
 DEADLINE = 1.0  # seconds: a saved file must reach the store within this
 
@@ -388,3 +396,233 @@ async def test_directory_moved_out_removes_its_objects(config: Path, start: Star
     (config / "team").rename(tmp_path / "elsewhere")
     await w.until(lambda: RATINGS not in w.store.mesh().services)
     assert set(w.store.mesh().services) == {REVIEWS}
+
+
+# --------------------------------------------------------------------------- hostile input (issue 14)
+
+
+def alias_bomb() -> str:
+    """The classic "billion laughs": nine levels of nine aliases each, about 500 bytes that
+    expand to 9**9 strings."""
+    rows = ['  a: &a ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    rows += [f"  {c}: &{c} [{', '.join([f'*{p}'] * 9)}]" for p, c in zip("abcdefgh", "bcdefghi", strict=True)]
+    return "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: lol\n  namespace: default\ndata:\n" + "\n".join(rows) + "\n"
+
+
+def refusals(store: MeshStore, file: Path) -> list[Issue]:
+    return [i for i in issues_for(store, file) if i.severity == "error"]
+
+
+async def test_alias_bomb_is_refused_at_its_line_within_a_second(config: Path, start: Start) -> None:
+    (config / "reviews.yaml").write_text(service("reviews"))
+    w = await start()
+    await w.next_batch()
+
+    bomb = config / "lol.yaml"
+    text = alias_bomb()
+    assert len(text.encode()) < 600
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    bomb.write_text(text)
+    await w.until(lambda: bool(refusals(w.store, bomb)))
+    assert loop.time() - t0 < DEADLINE
+
+    [issue] = refusals(w.store, bomb)
+    assert issue.ref.file == str(bomb)
+    assert "alias bomb" in issue.message
+    assert issue.line is not None and "*" in text.splitlines()[issue.line - 1]  # the line of an alias
+    assert issue.format().startswith(f"{bomb}:{issue.line}: ")
+    # The rest of the mesh keeps serving, and keeps following edits.
+    assert REVIEWS in w.store.mesh().services
+    (config / "ratings.yaml").write_text(service("ratings"))
+    await w.until(lambda: RATINGS in w.store.mesh().services)
+
+
+MERGE_BOMB = ("apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: merge\ndata:\n  a: &a {x: 1, y: 2}\n"
+              + "".join(f"  {c}: &{c} {{<<: [{', '.join([f'*{p}'] * 9)}]}}\n"
+                        for p, c in zip("abcdefgh", "bcdefghi", strict=True)))
+
+
+@pytest.mark.parametrize(("text", "needle"), [
+    pytest.param("apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: loop\ndata:\n  a: &a [*a]\n",
+                 "recursive alias", id="recursive-alias"),
+    pytest.param(MERGE_BOMB, "alias bomb", id="merge-key-bomb"),
+    pytest.param("apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: deep\ndata:\n  a: "
+                 + "[" * 900 + "]" * 900 + "\n", "nested deeper", id="deep-nesting"),
+])
+async def test_other_expansions_are_refused_with_file_and_line(tmp_path: Path, text: str, needle: str) -> None:
+    f = tmp_path / "bad.yaml"
+    f.write_text(text)
+    (tmp_path / "reviews.yaml").write_text(service("reviews"))
+    store = MeshStore()
+    t0 = asyncio.get_running_loop().time()
+    store.apply(DirectorySource([tmp_path]).initial())
+    assert asyncio.get_running_loop().time() - t0 < DEADLINE
+    [issue] = refusals(store, f)
+    assert needle in issue.message
+    assert issue.line is not None and issue.line >= 6  # in `data`, not the document's start
+    assert REVIEWS in store.mesh().services
+
+
+async def test_anchors_and_aliases_in_ordinary_use_are_accepted(tmp_path: Path) -> None:
+    text = textwrap.dedent("""\
+        apiVersion: v1
+        kind: Service
+        metadata:
+          name: reviews
+          namespace: default
+          labels: &labels {app: reviews, team: books}
+        spec:
+          selector: *labels
+          ports:
+          - &http {name: http, port: 9080}
+        ---
+        apiVersion: v1
+        kind: Service
+        metadata:
+          name: ratings
+          namespace: default
+          annotations: &common {team: books, tier: backend}
+          labels: {<<: *common, app: ratings}
+        spec:
+          selector: {app: ratings}
+          ports:
+          - &http {name: http, port: 9080}
+        """)
+    (tmp_path / "svc.yaml").write_text(text)
+    store = MeshStore()
+    store.apply(DirectorySource([tmp_path]).initial())
+    assert not [i for i in store.mesh().issues if i.severity == "error"]
+    assert store.mesh().services[REVIEWS].ports[0].port == 9080
+    assert store.mesh().services[RATINGS].ports[0].port == 9080
+    assert dict(store.mesh().services[REVIEWS].selector) == {"app": "reviews", "team": "books"}
+
+
+def test_file_size_and_document_count_are_bounded(tmp_path: Path) -> None:
+    big = tmp_path / "big.yaml"
+    big.write_text(service("reviews") + "# " + "x" * 5000 + "\n")
+    r = read_file(big, [tmp_path], Limits(max_chars=4096))
+    assert r.objects is None  # refused whole: previous objects keep serving
+    [err] = r.errors
+    assert "too large" in err.message and "4096" in err.message
+
+    many = tmp_path / "many.yaml"
+    text = docs(*(service(f"svc{i}") for i in range(5)))
+    many.write_text(text)
+    r = read_file(many, [tmp_path], Limits(max_documents=3))
+    assert r.objects is None
+    [err] = r.errors
+    assert "more than 3 YAML documents" in err.message
+    assert err.line == line_of(text, "name: svc3") - 3  # the 4th document's first line
+
+
+async def test_invalid_utf8_is_reported_with_its_line(config: Path, start: Start) -> None:
+    f = config / "svc.yaml"
+    f.write_text(service("reviews"))
+    w = await start()
+    await w.next_batch()
+
+    data = service("reviews").replace("app: reviews", "app: caf\udce9", 1).encode("utf-8", "surrogateescape")
+    f.write_bytes(data)
+    await w.until(lambda: any("UTF-8" in i.message for i in issues_for(w.store, f)))
+    [issue] = [i for i in issues_for(w.store, f) if "UTF-8" in i.message]
+    assert issue.line == line_of(service("reviews"), "app: reviews")
+    assert "0xe9" in issue.message
+    assert REVIEWS in w.store.mesh().services  # the last good version keeps serving
+
+
+# --------------------------------------------------------------------------- symlinks
+
+
+async def test_symlink_to_a_file_outside_the_config_directory_is_refused(config: Path, tmp_path: Path,
+                                                                         start: Start) -> None:
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (outside / "secret.yaml").write_text(service("ratings"))
+    (config / "reviews.yaml").write_text(service("reviews"))
+    (config / "ratings.yaml").symlink_to(outside / "secret.yaml")
+    w = await start()
+    await w.next_batch()
+
+    link = config / "ratings.yaml"
+    assert RATINGS not in w.store.mesh().services
+    assert REVIEWS in w.store.mesh().services
+    [issue] = refusals(w.store, link)
+    assert "outside the config directory" in issue.message and str(outside / "secret.yaml") in issue.message
+
+    # A directory symlinked in live from outside: every file under it is refused.
+    (outside / "team").mkdir()
+    (outside / "team" / "details.yaml").write_text(service("details"))
+    (config / "team").symlink_to(outside / "team", target_is_directory=True)
+    await w.until(lambda: bool(refusals(w.store, config / "team" / "details.yaml")))
+    assert DETAILS not in w.store.mesh().services
+
+
+async def test_configmap_layout_symlinks_inside_the_directory_are_followed(config: Path, start: Start) -> None:
+    # As the kubelet mounts a ConfigMap: a timestamped directory, `..data` pointing at it,
+    # and each key a symlink through `..data`.
+    stamped = config / "..2026_01_02_03_04_05.000000001"
+    stamped.mkdir()
+    (stamped / "mesh.yaml").write_text(docs(service("reviews"), service("ratings")))
+    (config / "..data").symlink_to(stamped.name, target_is_directory=True)
+    (config / "mesh.yaml").symlink_to(Path("..data") / "mesh.yaml")
+    w = await start()
+    await w.next_batch()
+
+    assert {REVIEWS, RATINGS} <= set(w.store.mesh().services)
+    assert not [i for i in w.store.mesh().issues if i.severity == "error"]
+
+
+async def test_fifo_named_like_yaml_does_not_block_the_source(config: Path, start: Start) -> None:
+    w = await start()
+    await w.next_batch()
+
+    fifo = config / "pipe.yaml"
+    os.mkfifo(fifo)
+    await asyncio.sleep(0.2)
+    (config / "reviews.yaml").write_text(service("reviews"))
+    await w.until(lambda: REVIEWS in w.store.mesh().services)
+
+
+def test_serve_reports_an_alias_bomb_and_keeps_serving(tmp_path: Path) -> None:
+    """`meshline serve` itself (a subprocess): a bomb saved into its config directory is an
+    error in /v1/config/errors within a second; health, memory and the rest of the mesh
+    are unaffected."""
+    config = tmp_path / "config"
+    config.mkdir()
+    (config / "reviews.yaml").write_text(service("reviews"))
+    status = f"http://127.0.0.1:{free_port()}"
+    log = tmp_path / "serve.log"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "controlplane.cli", "serve", "--config-dir", str(config), "--no-ca",
+         "--ca-address", "off", "--xds-address", f"127.0.0.1:{free_port()}",
+         "--status-address", status.removeprefix("http://"), "--debounce-ms", "20"],
+        cwd=Path(__file__).resolve().parent.parent, stdout=open(log, "wb"), stderr=subprocess.STDOUT,
+        start_new_session=True)
+    try:
+        wait_http(f"{status}/readyz", proc=proc)
+        bomb = config / "lol.yaml"
+        t0 = time.monotonic()
+        bomb.write_text(alias_bomb())
+        found: list[dict[str, object]] = []
+        while not found:
+            assert time.monotonic() - t0 < 2 * DEADLINE, log.read_text()[-3000:]
+            health = time.monotonic()
+            assert httpx.get(f"{status}/healthz", timeout=2).status_code == 200
+            assert time.monotonic() - health < 0.5
+            found = [e for e in httpx.get(f"{status}/v1/config/errors", timeout=2).json() if e["file"] == str(bomb)]
+            time.sleep(0.05)
+        assert time.monotonic() - t0 < DEADLINE + 0.5  # the watcher's batching included
+        [error] = found
+        assert "alias bomb" in str(error["message"]) and int(str(error["line"])) > 1
+        assert psutil.Process(proc.pid).memory_info().rss < 400 * 1024 * 1024
+        names = {s["name"] for s in httpx.get(f"{status}/v1/services", timeout=2).json()}
+        assert names == {"reviews"}
+
+        (config / "ratings.yaml").write_text(service("ratings"))
+        deadline = time.monotonic() + 2 * DEADLINE
+        while "ratings" not in {s["name"] for s in httpx.get(f"{status}/v1/services", timeout=2).json()}:
+            assert time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.05)
+    finally:
+        stop(proc)
