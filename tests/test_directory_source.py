@@ -626,3 +626,15 @@ def test_serve_reports_an_alias_bomb_and_keeps_serving(tmp_path: Path) -> None:
             time.sleep(0.05)
     finally:
         stop(proc)
+
+
+@pytest.mark.parametrize("value", [pytest.param("1" * 5000, id="5000-digit-int"),
+                                   pytest.param("2026-13-45", id="impossible-date")])
+def test_scalar_python_cannot_build_is_an_error_not_a_crash(tmp_path: Path, value: str) -> None:
+    text = service("reviews").replace("port: 9080", f"port: {value}")
+    f = tmp_path / "svc.yaml"
+    f.write_text(docs(service("ratings"), text))
+    r = read_file(f, [tmp_path])
+    assert r.objects is None
+    [err] = r.errors
+    assert err.message.startswith("invalid YAML") and err.line > 1
