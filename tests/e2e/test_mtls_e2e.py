@@ -96,13 +96,15 @@ class Env:
         self.procs: list[subprocess.Popen[bytes]] = []
         self.envoys: dict[str, tuple[subprocess.Popen[bytes], int]] = {}
         self.http = httpx.Client(timeout=5)
+        self.serve_args: list[str] = []  # extra `meshline serve` flags
+        self.mesh_yaml = mesh_yaml()
 
     def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([sys.executable, "-m", "controlplane.cli", *args], capture_output=True, text=True,
                               cwd=ROOT, timeout=60)
 
     def start(self) -> None:
-        (self.config / "mesh.yaml").write_text(mesh_yaml())
+        (self.config / "mesh.yaml").write_text(self.mesh_yaml)
         self.procs.append(subprocess.Popen(
             [sys.executable, str(ROOT / "samples" / "backend.py"), f"server-app={SERVER_APP}:{PORT}"],
             stdout=subprocess.PIPE, start_new_session=True))
@@ -112,24 +114,24 @@ class Env:
             [sys.executable, "-m", "controlplane.cli", "serve", "--config-dir", str(self.config),
              "--ca-dir", str(self.ca_dir), "--workload-cert-ttl", str(CERT_TTL),
              "--xds-address", f"127.0.0.1:{self.xds}", "--status-address", f"127.0.0.1:{self.status}",
-             "--ca-address", f"127.0.0.1:{free_port()}"],
+             "--ca-address", f"127.0.0.1:{free_port()}", *self.serve_args],
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT))
         wait_http(f"http://127.0.0.1:{self.status}/readyz", proc=self.procs[-1], timeout=30)
         for name, sa in [("server-0", "server"), ("client-0", "client")]:
             self.start_envoy(name, sa)
 
-    def start_envoy(self, workload: str, sa: str) -> None:
+    def start_envoy(self, workload: str, sa: str, outbound: str | None = None) -> None:
         admin = free_port()
         # Two sidecars on one host: each binds its outbound listeners on its own loopback address.
-        outbound = "127.0.0.1" if workload == "client-0" else "127.0.0.151"
+        outbound = outbound or ("127.0.0.1" if workload == "client-0" else "127.0.0.151")
         out = self.cli("bootstrap", "--node-id", f"{workload}.{NS}", "--namespace", NS, "--workload", workload,
                        "--service-account", sa, "--capture", "bind", "--ca-dir", str(self.ca_dir),
                        "--outbound-address", outbound,
                        "--xds-address", f"127.0.0.1:{self.xds}", "--admin-address", f"127.0.0.1:{admin}")
         assert out.returncode == 0, out.stderr
         p = start_envoy(out.stdout, self.work, workload, log_level="info")
-        wait_http(f"http://127.0.0.1:{admin}/ready", proc=p)
         self.envoys[workload] = (p, admin)
+        wait_http(f"http://127.0.0.1:{admin}/ready", proc=p)
 
     def close(self) -> None:
         self.http.close()

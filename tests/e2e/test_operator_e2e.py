@@ -111,6 +111,69 @@ def test_rejected_object_is_caught_by_preflight_reported_and_fixable(mesh: MeshE
     eventually(lambda: mesh.get("late").status_code == 404)
 
 
+def _routing(mesh: MeshEnv) -> list[object]:
+    """What the real sidecar's user sees for each service (deterministic routes only)."""
+    return [
+        mesh.get("web", headers={"x-user": "alice"}).json()["backend"],
+        mesh.get("legacy", "/old/x").json()["path"],
+        mesh.get("hdr").json()["headers"]["x-added"],
+        mesh.get("api").status_code,
+        mesh.get("chaos", headers={"x-fault": "abort"}).status_code,
+        mesh.get("nope").status_code,
+    ]
+
+
+def test_a_hostile_unauthenticated_client_nacking_everything_changes_nothing(mesh: MeshEnv) -> None:
+    from tests.xdsharness import AdsClient
+
+    eventually(lambda: me(mesh)["state"] == "SYNCED")
+    expected = _routing(mesh)
+    nacked = 0
+    checks = 0
+
+    async def attack(seconds: float) -> None:
+        nonlocal nacked, checks
+        import asyncio
+
+        from controlplane.translate.plan import CLUSTER, ENDPOINT, LISTENER, ROUTE
+
+        c = AdsClient(f"127.0.0.1:{mesh.xds_port}", "delta", "hostile", {"namespace": NS, "workload": "client",
+                                                                        "labels": "app=client"})
+        for t in (CLUSTER, LISTENER):
+            c.send_delta(t)
+        c.send_delta(ROUTE, subscribe=[str(HTTP_PORT)])
+        deadline = time.monotonic() + seconds
+        loop = asyncio.get_running_loop()
+        try:
+            while time.monotonic() < deadline:
+                try:
+                    resp = await c.recv(timeout=0.2)
+                except TimeoutError:
+                    resp = None
+                if resp is not None:
+                    if resp.type_url == CLUSTER:
+                        names = [r.name for r in resp.resources]
+                        c.send_delta(ENDPOINT, subscribe=names)
+                    c.send_delta(resp.type_url, nonce=resp.nonce, error="boom")
+                    nacked += 1
+                # Meanwhile the real sidecar's routing is unchanged.
+                assert await loop.run_in_executor(None, _routing, mesh) == expected
+                checks += 1
+        finally:
+            await c.close()
+
+    import asyncio
+    asyncio.run(attack(10.0))
+    assert nacked >= 4 and checks >= 10
+    # After it has gone, too; nothing is withheld and the real sidecar is SYNCED.
+    time.sleep(1.0)
+    assert _routing(mesh) == expected
+    summary = mesh.client.get(f"{mesh.status_url}/v1/mesh").json()
+    assert summary["quarantined"] == [] and summary["nack_policy"]["reproductions"] == 0
+    assert me(mesh)["state"] == "SYNCED"
+    assert not [e for e in mesh.errors() if e["withheld"]]
+
+
 def test_proxy_that_stops_acking_is_stale(mesh: MeshEnv) -> None:
     assert mesh.envoy is not None
     eventually(lambda: me(mesh)["state"] == "SYNCED")

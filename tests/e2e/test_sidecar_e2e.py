@@ -205,12 +205,16 @@ spec:
         assert isinstance(nack, dict)
         assert "already in use" in nack["message"] or "cannot bind" in nack["message"]
         assert any(s["object"] == f"Service/{NS}/taken" for s in nack["sources"])
-        # The offending object is withheld (quarantined) and reported as NACKED with Envoy's text...
-        errs = eventually(lambda: [e for e in mesh.errors() if e["object"] == f"Service/{NS}/taken"
-                                   and e["nacked"]])
-        assert "already in use" in errs[0]["message"] and errs[0]["file"].endswith("95-taken.yaml")
-        # ...and the proxy stays NACKED (the user's change is not live) while everything else flows.
-        assert next(p for p in mesh.proxies() if p["id"] == f"client-{mesh.protocol}")["state"] == "NACKED"
+        # A proxy's NACK is evidence about that proxy only: nothing is withheld from the mesh
+        # (this stream is not even authenticated), the proxy holds back just that listener
+        # and is reported DEGRADED with Envoy's text, not SYNCED.
+        me = eventually(lambda: next(p for p in mesh.proxies() if p["id"] == f"client-{mesh.protocol}"
+                                     and p["state"] == "DEGRADED"))
+        held = [d for d in me["degraded"] if d["kind"] == "held-back"]
+        assert held and held[0]["type"] == "listeners" and held[0]["verdict"] == "unverified"
+        assert "already in use" in held[0]["message"] or "cannot bind" in held[0]["message"]
+        assert not [e for e in mesh.errors() if e["withheld"]]
+        assert mesh.client.get(f"{mesh.status_url}/v1/mesh").json()["quarantined"] == []
         # Envoy kept serving, and a later good change still reaches it.
         assert mesh.get("hdr").status_code == 200
         mesh.write("96-new.yaml", service_yaml("hdr2", NS, HTTP_PORT, [Backend("127.0.0.110")]))
@@ -221,7 +225,6 @@ spec:
             if (mesh.config / f).exists():
                 mesh.remove(f)
     eventually(lambda: mesh.get("hdr2").status_code == 404)
-    eventually(lambda: not [e for e in mesh.errors() if e["object"] == f"Service/{NS}/taken"])
     eventually(lambda: next(p for p in mesh.proxies() if p["id"] == f"client-{mesh.protocol}")["state"]
                == "SYNCED")
 
