@@ -15,7 +15,7 @@ import grpc
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509 import verification
 from cryptography.x509.oid import NameOID
 
@@ -24,6 +24,7 @@ from controlplane.ca.gen import ca_pb2, ca_pb2_grpc
 from tests.identityharness import ControlPlane, auth, spiffe_uris, subscribe_secrets
 
 TD = "cluster.local"
+PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
 
 
 @pytest.fixture
@@ -114,6 +115,71 @@ async def test_bad_csrs_are_invalid_arguments(cp: ControlPlane) -> None:
         assert err.value.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.PERMISSION_DENIED), csr
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await create(cp, good, cp.token("shop", "cart"), validity=-5)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def key_of(kind: str) -> PrivateKey:
+    if kind.startswith("rsa-"):
+        return rsa.generate_private_key(65537, int(kind.removeprefix("rsa-")))
+    if kind == "ed25519":
+        return ed25519.Ed25519PrivateKey.generate()
+    return ec.generate_private_key({"p256": ec.SECP256R1(), "p384": ec.SECP384R1(), "p521": ec.SECP521R1(),
+                                    "secp256k1": ec.SECP256K1()}[kind])
+
+
+def csr_with(key: PrivateKey, *names: x509.GeneralName) -> str:
+    b = x509.CertificateSigningRequestBuilder().subject_name(x509.Name([])).add_extension(
+        x509.SubjectAlternativeName(list(names)), critical=False)
+    algorithm = None if isinstance(key, ed25519.Ed25519PrivateKey) else hashes.SHA256()
+    return b.sign(key, algorithm).public_bytes(serialization.Encoding.PEM).decode()
+
+
+@pytest.fixture(scope="module")
+def big_rsa_key() -> rsa.RSAPrivateKey:
+    return rsa.generate_private_key(65537, 8192)  # a few seconds: once per module
+
+
+@pytest.mark.parametrize("kind", ["p256", "p384", "rsa-2048", "rsa-4096"])
+async def test_csr_keys_within_bounds_are_signed(cp: ControlPlane, kind: str) -> None:
+    key = key_of(kind)
+    resp = await create(cp, csr_with(key, uri("shop", "cart")), cp.token("shop", "cart"))
+    leaf = x509.load_pem_x509_certificate(resp.cert_chain[0].encode())
+    assert leaf.public_key().public_numbers() == key.public_key().public_numbers()
+
+
+@pytest.mark.parametrize(("kind", "needle"), [
+    ("rsa-8192", "too large"), ("rsa-1024", "too small"), ("p521", "P-256 or P-384"),
+    ("secp256k1", "P-256 or P-384"), ("ed25519", "unsupported key type"),
+])
+async def test_csr_keys_out_of_bounds_are_invalid_arguments(cp: ControlPlane, big_rsa_key: rsa.RSAPrivateKey,
+                                                            kind: str, needle: str) -> None:
+    key = big_rsa_key if kind == "rsa-8192" else key_of(kind)
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await create(cp, csr_with(key, uri("shop", "cart")), cp.token("shop", "cart"))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert needle in (err.value.details() or "")
+
+
+@pytest.mark.parametrize("validity", [2**31, 10**12, 2**63 - 1])
+async def test_csr_oversized_validity_is_clamped_to_the_maximum(cp: ControlPlane, validity: int) -> None:
+    resp = await create(cp, make_csr(uri("shop", "cart")), cp.token("shop", "cart"), validity=validity)
+    leaf = x509.load_pem_x509_certificate(resp.cert_chain[0].encode())
+    lifetime = leaf.not_valid_after_utc - dt.datetime.now(dt.UTC)
+    assert dt.timedelta(minutes=50) < lifetime <= dt.timedelta(hours=1)  # the harness's workload lifetime
+
+
+@pytest.mark.parametrize("validity", [-1, -(2**63)])
+async def test_csr_negative_validity_is_an_invalid_argument(cp: ControlPlane, validity: int) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await create(cp, make_csr(uri("shop", "cart")), cp.token("shop", "cart"), validity=validity)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "validity_seconds" in (err.value.details() or "")
+
+
+async def test_csr_too_long_is_an_invalid_argument(cp: ControlPlane) -> None:
+    padded = make_csr(uri("shop", "cart")) + "\n" * 100_000
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await create(cp, padded, cp.token("shop", "cart"))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 

@@ -19,7 +19,8 @@ object refuses to pickle, and `repr` shows only public facts. Leaves:
 - `issue_workload(identity, csr_or_public_key, ttl)`: a certificate whose only name is the
   SPIFFE URI SAN `spiffe://<trust domain>/ns/<ns>/sa/<sa>` (subject empty, SAN critical),
   for serverAuth and clientAuth; a CSR must carry a valid self-signature (proof of
-  possession) and its requested names are ignored.
+  possession) and its requested names are ignored. Its key must be EC P-256/P-384 or RSA
+  of 2048-4096 bits (`check_public_key`).
 """
 
 from __future__ import annotations
@@ -52,6 +53,8 @@ DEFAULT_ROOT_TTL = dt.timedelta(days=3650)
 DEFAULT_LEAF_TTL = dt.timedelta(hours=24)
 CLOCK_SKEW = dt.timedelta(minutes=5)
 """Leaves are valid from this long before issuance, for peers whose clocks run behind."""
+MIN_RSA_BITS = 2048
+MAX_RSA_BITS = 4096
 
 _DNS_NAME = re.compile(r"^(\*\.)?([a-zA-Z0-9_]([-a-zA-Z0-9_]{0,61}[a-zA-Z0-9])?\.)*"
                        r"[a-zA-Z0-9_]([-a-zA-Z0-9_]{0,61}[a-zA-Z0-9])?$")
@@ -464,12 +467,22 @@ def _public_key_of(value: str | bytes | PublicKey) -> PublicKey:
                 key = serialization.load_pem_public_key(data)
             except (ValueError, TypeError) as exc:
                 fail(f"neither a PEM CSR nor a PEM public key: {exc}")
+    return check_public_key(key)
+
+
+def check_public_key(key: object) -> PublicKey:
+    """`key` if a workload certificate may carry it: EC P-256 or P-384, or RSA of
+    MIN_RSA_BITS to MAX_RSA_BITS bits (larger keys only cost the CA and every peer time).
+    Raises CAError naming what is wrong."""
     if isinstance(key, ec.EllipticCurvePublicKey):
         if not isinstance(key.curve, ec.SECP256R1 | ec.SECP384R1):
             fail(f"unsupported EC curve {key.curve.name} (use P-256 or P-384)")
         return key
     if isinstance(key, rsa.RSAPublicKey):
-        if key.key_size < 2048:
-            fail(f"RSA key of {key.key_size} bits is too small (at least 2048)")
+        if key.key_size < MIN_RSA_BITS:
+            fail(f"RSA key of {key.key_size} bits is too small (at least {MIN_RSA_BITS})")
+        if key.key_size > MAX_RSA_BITS:
+            fail(f"RSA key of {key.key_size} bits is too large (at most {MAX_RSA_BITS})")
         return key
-    fail(f"unsupported key type {type(key).__name__} (use EC P-256/P-384 or RSA >= 2048)")
+    fail(f"unsupported key type {type(key).__name__} "
+         f"(use EC P-256/P-384 or RSA of {MIN_RSA_BITS}-{MAX_RSA_BITS} bits)")

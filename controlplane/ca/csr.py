@@ -4,9 +4,15 @@ caller's own identity only. Served by the TLS server on 15012 (`controlplane.ca.
 does no I/O itself beyond answering RPCs.
 
 Status codes: UNAUTHENTICATED without a valid bearer token; INVALID_ARGUMENT for a CSR
-that does not parse, whose signature does not verify, or with an unusable key or
-validity; PERMISSION_DENIED when its subject alternative names are anything but exactly
-the caller's SPIFFE URI; UNAVAILABLE before the CA is ready.
+that does not parse, is larger than MAX_CSR_CHARS, whose key is not EC P-256/P-384 or RSA
+of 2048-4096 bits (checked before its signature is verified), whose signature does not
+verify, or for a negative `validity_seconds`; PERMISSION_DENIED when its subject
+alternative names are anything but exactly the caller's SPIFFE URI; UNAVAILABLE before the
+CA is ready.
+
+Lifetime: `validity_seconds` 0 asks for the maximum (the workload certificate lifetime);
+a larger request is clamped to it, as Istio's CA does, since a client asking for "as long
+as allowed" is not an error; a negative one is refused.
 """
 
 from __future__ import annotations
@@ -19,12 +25,14 @@ import grpc
 from cryptography import x509
 
 from controlplane.ca import CAError
+from controlplane.ca.core import check_public_key
 from controlplane.ca.gen import ca_pb2
 from controlplane.ca.service import IdentityService
 
 log = logging.getLogger(__name__)
 
 SERVICE = "meshline.ca.v1.CertificateService"
+MAX_CSR_CHARS = 64 * 1024  # a 4096-bit RSA CSR is under 2 KiB of PEM
 
 
 def requested_names(csr: x509.CertificateSigningRequest) -> list[str]:
@@ -63,10 +71,16 @@ class CertificateService:
         ident = auth.identity
         assert ident is not None
         want = ident.spiffe(self.identity.trust_domain).uri
+        if len(request.csr) > MAX_CSR_CHARS:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"csr is {len(request.csr)} characters long; at most {MAX_CSR_CHARS}")
         try:
             csr = x509.load_pem_x509_csr(request.csr.encode())
+            check_public_key(csr.public_key())  # before the signature: no work for an oversized key
         except ValueError:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "csr is not a PEM certificate signing request")
+        except CAError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"csr: {exc}")
         if not csr.is_signature_valid:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the CSR's signature does not verify")
         names = requested_names(csr)
@@ -78,8 +92,8 @@ class CertificateService:
         if request.validity_seconds < 0:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "validity_seconds must not be negative")
         ttl = self.max_validity
-        if request.validity_seconds:
-            ttl = min(dt.timedelta(seconds=request.validity_seconds), self.max_validity)
+        if 0 < request.validity_seconds < self.max_validity.total_seconds():  # larger: clamped
+            ttl = dt.timedelta(seconds=request.validity_seconds)
         if not self.identity.ready:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the CA is not ready yet")
         try:
