@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import ipaddress
 import logging
 import os
 import shutil
@@ -203,8 +204,43 @@ def start_leader_work(runtime: Runtime, settings: Settings) -> list[asyncio.Task
             asyncio.create_task(writer.run(), name="crd-status")]
 
 
+def _loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # another host name: it may resolve to anything
+
+
+def status_access_error(address: str, token_file: Path | None) -> str | None:
+    """Why the status API may not be served as configured (None: it may). Beyond loopback
+    it needs a bearer token (`--status-token-file`); a token file given must hold a token:
+    an empty one would make an empty bearer the credential."""
+    try:
+        host, _port = split_address(address)
+    except ValueError as exc:
+        return f"--status-address: {exc}"
+    if token_file is not None:
+        try:
+            token = token_file.read_text()
+        except (OSError, UnicodeDecodeError) as exc:
+            return f"--status-token-file {token_file}: cannot read the token: {exc}"
+        if not token.strip():
+            return f"--status-token-file {token_file}: the file is empty; write a token into it (e.g. 32 random bytes)"
+        return None
+    if not _loopback(host):
+        return (f"--status-address {address} is reachable beyond loopback: the status API there needs "
+                f"--status-token-file (clients send `Authorization: Bearer <token>`), or bind it to 127.0.0.1")
+    return None
+
+
 async def run(settings: Settings, started: asyncio.Event | None = None, worker: WorkerInfo | None = None) -> None:
-    """`worker`: this process is one of `serve --workers N` (see controlplane/workers.py)."""
+    """`worker`: this process is one of `serve --workers N` (see controlplane/workers.py).
+    Exits (SystemExit with the reason) when the status API would be served unprotected."""
+    refused = status_access_error(settings.status_address, settings.status_token_file)
+    if refused is not None:
+        raise SystemExit(f"meshline serve: {refused}")
     identity = None
     api_client = None
     ca_tmp: str | None = None

@@ -284,7 +284,13 @@ class _Worker:
 
 def supervise(settings: Settings, count: int, log_level: str = "info", log_format: str = "text") -> int:
     """Run `count` workers until a signal (forwarded to them) or until they have all exited.
-    Returns the exit code: 0, or 1 when a worker kept crashing."""
+    Returns the exit code: 0, or 1 when a worker kept crashing. Exits at once (SystemExit)
+    when the status API would be served unprotected, before starting any worker."""
+    from controlplane.serve import status_access_error
+
+    refused = status_access_error(settings.status_address, settings.status_token_file)
+    if refused is not None:
+        raise SystemExit(f"meshline serve: {refused}")
     run_dir = Path(tempfile.mkdtemp(prefix="meshline-workers-"))
     workers = [_Worker(i) for i in range(count)]
     stop: list[int] = []

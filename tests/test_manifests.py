@@ -898,6 +898,7 @@ def one_manifest(kind: str, name: str) -> dict[str, Any]:
     return found[0]
 
 
+STATUS_TOKEN = "/var/run/secrets/meshline/status/token"
 CONTROL_PLANE_PORTS = {"grpc-xds": 15010, "grpc-xds-tls": 15012, "http-status": 15014, "https-webhook": 15017}
 
 
@@ -916,7 +917,8 @@ def test_deployment_shape() -> None:
     assert c["image"] == "meshline:0.1.0"
     assert c["args"] == [
         "serve", "--kubernetes", "--xds-address", "0.0.0.0:15010",
-        "--status-address", "0.0.0.0:15014", "--webhook-address", "0.0.0.0:15017",
+        "--status-address", "0.0.0.0:15014", "--status-token-file", STATUS_TOKEN,
+        "--webhook-address", "0.0.0.0:15017",
         "--ca-address", "0.0.0.0:15012", "--node-agents",
     ]  # fmt: skip
     assert {p["name"]: p["containerPort"] for p in c["ports"]} == CONTROL_PLANE_PORTS
@@ -933,15 +935,42 @@ def test_deployment_shape() -> None:
     )
 
 
-def test_deployment_args_are_accepted_by_meshline_serve() -> None:
+def test_deployment_args_are_accepted_by_meshline_serve(tmp_path: Path) -> None:
     from controlplane.cli import main
+    from controlplane.serve import status_access_error
 
     _, _, c = deployment()
     serve = main.get_command(None, c["args"][0])  # type: ignore[arg-type]
     assert serve is not None
-    ctx = serve.make_context("serve", list(c["args"][1:]))
+    token = tmp_path / "token"  # what the kubelet projects into the pod
+    token.write_text("eyJhbGciOi.projected.token")
+    args = [str(token) if a == STATUS_TOKEN else a for a in c["args"][1:]]
+    ctx = serve.make_context("serve", args)
     assert ctx.params["kubernetes"] is True
     assert ctx.params["status_address"].endswith(":15014")
+    assert status_access_error(ctx.params["status_address"], ctx.params["status_token_file"]) is None
+
+
+def test_status_api_beyond_loopback_requires_a_projected_token() -> None:
+    """The status API listens on the pod network, so it needs a bearer token: the token file
+    is a projected service-account token of its own audience (good for nothing else,
+    rotated by the kubelet, different in every pod)."""
+    from controlplane.serve import status_access_error
+
+    _, pod, c = deployment()
+    args = c["args"]
+    address = args[args.index("--status-address") + 1]
+    assert status_access_error(address, None) is not None  # serve would refuse it without a token
+    token_file = Path(args[args.index("--status-token-file") + 1])
+    assert token_file == Path(STATUS_TOKEN)
+    [mount] = [m for m in c["volumeMounts"] if token_file.is_relative_to(m["mountPath"])]
+    assert mount.get("readOnly") is True
+    [volume] = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    [source] = volume["projected"]["sources"]
+    sa_token = source["serviceAccountToken"]
+    assert Path(mount["mountPath"]) / sa_token["path"] == token_file
+    assert sa_token["audience"] == "meshline-status"  # not the API server's, not the CA's ("meshline")
+    assert 600 <= sa_token["expirationSeconds"] <= 86400
 
 
 def test_deployment_is_locked_down() -> None:
@@ -995,6 +1024,41 @@ def test_probes_need_no_status_token(tmp_path: Path) -> None:
         assert client.get("/v1/proxies").status_code == 401
         for probe in (c["livenessProbe"], c["readinessProbe"]):
             assert client.get(probe["httpGet"]["path"]).status_code == 200
+
+
+def selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    """A Kubernetes label selector (matchLabels + matchExpressions) applied to `labels`."""
+    if any(labels.get(k) != v for k, v in selector.get("matchLabels", {}).items()):
+        return False
+    for e in selector.get("matchExpressions", []):
+        key, op, values = e["key"], e["operator"], e.get("values", [])
+        ok = {"In": key in labels and labels[key] in values, "NotIn": key not in labels or labels[key] not in values,
+              "Exists": key in labels, "DoesNotExist": key not in labels}[op]
+        if not ok:
+            return False
+    return True
+
+
+def test_injection_fails_closed_except_where_the_cluster_must_heal() -> None:
+    """An opted-in namespace gets no pod without its sidecar while the webhook is down
+    (failurePolicy Fail); kube-system and the control plane's own namespace are never sent
+    to it, whatever their labels, so they can always start pods."""
+    hook_config = one_manifest("MutatingWebhookConfiguration", "meshline-sidecar-injector")
+    (hook,) = hook_config["webhooks"]
+    assert hook["failurePolicy"] == "Fail"
+    control_plane_ns = deployment()[0]["metadata"]["namespace"]
+    assert hook["clientConfig"]["service"]["namespace"] == control_plane_ns == NAMESPACE
+
+    def namespace(name: str, **labels: str) -> dict[str, str]:
+        return {"kubernetes.io/metadata.name": name, **labels}  # the API server sets the name label
+
+    opted_in = {"meshline.io/dataplane-mode": "sidecar"}
+    selector = hook["namespaceSelector"]
+    assert selects(selector, namespace("shop", **opted_in))
+    assert not selects(selector, namespace("shop"))
+    assert not selects(selector, namespace("shop", **{"meshline.io/dataplane-mode": "ambient"}))
+    for name in ("kube-system", control_plane_ns):
+        assert not selects(selector, namespace(name, **opted_in)), name
 
 
 def test_service_and_pdb_select_the_pods() -> None:

@@ -58,11 +58,14 @@ def test_mutating_configuration() -> None:
     assert hook["clientConfig"]["service"] == {"name": "meshline", "namespace": "meshline-system", "path": "/inject",
                                                "port": 443}
     assert hook["clientConfig"]["caBundle"] == ""  # the leader patches it
-    assert hook["namespaceSelector"] == {"matchLabels": {"meshline.io/dataplane-mode": "sidecar"}}
+    assert hook["namespaceSelector"] == {
+        "matchLabels": {"meshline.io/dataplane-mode": "sidecar"},
+        "matchExpressions": [{"key": "kubernetes.io/metadata.name", "operator": "NotIn",
+                              "values": ["kube-system", "meshline-system"]}]}
     assert hook["objectSelector"] == {"matchExpressions": [
         {"key": "meshline.io/inject", "operator": "NotIn", "values": ["false"]}]}
     assert (hook["failurePolicy"], hook["sideEffects"], hook["admissionReviewVersions"], hook["timeoutSeconds"]) == (
-        "Ignore", "None", ["v1"], 10)
+        "Fail", "None", ["v1"], 10)
     assert hook["rules"] == [{"apiGroups": [""], "apiVersions": ["v1"], "operations": ["CREATE"],
                               "resources": ["pods"], "scope": "Namespaced"}]
 
