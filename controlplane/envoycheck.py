@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -313,9 +314,13 @@ class EnvoyValidator:
         return first, found
 
 
+_PREFIX = re.compile(r"^(\[[^\]]*\]\s*)+")
+_CONFIG = re.compile(r"error initializing configuration '[^']*':\s*")
+
+
 def _error_text(output: str) -> str:
-    """Envoy's reason from a failed validate run, without log prefixes."""
-    lines = [ln.strip() for ln in output.splitlines() if ln.strip()]
+    """Envoy's reason from a failed validate run, without log prefixes or our file name."""
+    lines = [_PREFIX.sub("", ln.strip()) for ln in output.splitlines() if ln.strip()]
     keep = [ln for ln in lines if "error" in ln.lower() or "invalid" in ln.lower() or "exception" in ln.lower()]
-    text = " | ".join(keep or lines[-3:])
+    text = " | ".join(_CONFIG.sub("", ln) for ln in (keep or lines[-3:]))
     return text[-2000:]

@@ -164,7 +164,10 @@ class NackPolicy:
             return
         self.stats.content_faults += 1
         self._remember({r.version: "content" for r, _ in bad})
-        culprits = await self.find_culprits(meta, bad, self._suspects(bad, changed_only=False))
+        suspects = self._suspects(bad, changed_only=False)
+        seen = {k: self._changed_gen(k) for k in suspects}
+        culprits = await self.find_culprits(meta, bad, suspects)
+        culprits = self._unchanged(culprits, seen)
         reason = "; ".join(sorted({f"rejected by proxy {meta.node_id} and reproduced by Meshline's Envoy: {m}"
                                    for _, m in bad}))
         self._withhold(culprits, reason)
@@ -216,7 +219,9 @@ class NackPolicy:
             by_meta.setdefault(meta.node_id, (meta, []))[1].append((r, m))
         withheld = False
         for meta, rejected in by_meta.values():
-            culprits = await self.find_culprits(meta, rejected, self._suspects(rejected, changed_only=True))
+            suspects = self._suspects(rejected, changed_only=True)
+            seen = {k: self._changed_gen(k) for k in suspects}
+            culprits = self._unchanged(await self.find_culprits(meta, rejected, suspects), seen)
             if not culprits:
                 log.error("pre-flight: Meshline's Envoy rejects %s and no changed object explains it; proxies "
                           "will reject it too: %s", ", ".join(r.name for r, _ in rejected),
@@ -226,9 +231,10 @@ class NackPolicy:
             for key in culprits:
                 self._withhold([key], f"rejected in pre-flight by Meshline's Envoy: {reasons.get(key, '')}")
             withheld = True
-        if not withheld:
-            self._validated_gen = gen
-        return not withheld
+        if withheld or self.store.generation != gen:
+            return False  # rebuild from the store as it is now (and check that again)
+        self._validated_gen = gen
+        return True
 
     def _suspects(self, rejected: Sequence[tuple[Resource, str]], changed_only: bool) -> list[Key]:
         """Objects behind the rejected resources, most recently changed first. With
@@ -294,6 +300,11 @@ class NackPolicy:
             culprits.append(cand[0])
             remaining.remove(cand[0])
         return sorted(culprits)
+
+    def _unchanged(self, keys: list[Key], seen: dict[Key, int]) -> list[Key]:
+        """Of `keys`, those still at the version the check began with: a verdict is about the
+        version it checked, never about a newer one (e.g. a fix applied meanwhile)."""
+        return [k for k in keys if self._changed_gen(k) == seen.get(k)]
 
     def _changed_gen(self, key: Key) -> int:
         e = self.store.entry(key)
