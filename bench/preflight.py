@@ -22,7 +22,7 @@ sys.path.insert(0, str(ROOT))
 
 from controlplane.model.ir import ProxyMeta  # noqa: E402
 from controlplane.runtime import Runtime, Settings  # noqa: E402
-from controlplane.sources.base import Replace, Synced  # noqa: E402
+from controlplane.sources.base import Replace  # noqa: E402
 from controlplane.sources.yamlload import parse_documents  # noqa: E402
 from controlplane.xds.server import Connection  # noqa: E402
 from controlplane.xds.stream import AdsStream  # noqa: E402

