@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test bench bench-quick lint venv clean e2e
+.PHONY: run test bench bench-quick lint venv clean e2e system-deps
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -17,7 +17,11 @@ venv: $(STAMP)
 run: $(STAMP)
 	$(BIN)/python samples/run_demo.py
 
-test: $(STAMP)
+# System tools for the capture and netns tests (apt-get as root; quick when present).
+system-deps:
+	scripts/system-deps.sh
+
+test: $(STAMP) system-deps
 	$(BIN)/python -m pytest -q
 
 # Benchmarks: matplotlib from the `bench` extra; sovereign (the P8 peer) in its own venv,
