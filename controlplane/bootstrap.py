@@ -1,18 +1,22 @@
 """Envoy bootstrap generation for `meshline bootstrap`. Pure: settings in, YAML text out.
 
-Identity: with a `token`, the xDS gRPC service carries it as `initial_metadata`
-(`authorization: Bearer <token>`) on every stream, and the control plane binds the proxy to
-the identity the token proves. Envoy reads that metadata only inline, so a Kubernetes
-service-account token is read when the bootstrap is generated (at proxy start); a proxy
-whose token has since expired keeps its stream, and on a reconnect gets configuration but
-no new certificate until its bootstrap is regenerated (restart). With `xds_tls`, the xDS
-cluster speaks TLS (the control plane's 15012), verifying the server certificate against
-the given trust bundle and DNS name.
+Identity: with a `token_file`, Envoy's xDS client is gRPC's own (`google_grpc`) with the
+`file_based_metadata` call credentials: Envoy reads the file at *every* stream it opens and
+sends `authorization: Bearer <token>`. So a token the kubelet rotates on disk (a projected
+service-account token), or that `meshline serve --ca-dir` renews, keeps the proxy
+authenticated across reconnects and control-plane restarts, with no Envoy restart; when
+the control plane ends a stream whose token expired, the reconnect carries the new one.
+(Inline `initial_metadata` would freeze the token read at start; gRPC sends call credentials
+only over TLS, so a plaintext loopback connection — the local demo — still carries the token
+inline, read when the bootstrap is made.) With `xds_tls` the
+channel is TLS (the control plane's 15012), verifying the server certificate against the
+trust bundle (a file, so a rotated bundle is read by new channels) and DNS name. A token is
+never sent in clear beyond loopback: `render` refuses that combination.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import yaml
@@ -24,6 +28,7 @@ from controlplane.model.ir import CaptureMode, Labels, ProxyMode
 class XdsTls:
     trusted_ca: str  # PEM bundle the control plane's serving certificate must chain to
     server_name: str = ""  # SNI and required DNS SAN; "" = the xDS host (or localhost for an IP)
+    trusted_ca_file: str | None = None  # with a token file: Envoy reads the bundle from here
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,7 +44,8 @@ class BootstrapOptions:
     xds_address: str = "127.0.0.1:15010"
     admin_address: str = "127.0.0.1:15000"
     cluster: str = "meshline"
-    token: str | None = None  # bearer token sent on the xDS stream (proves the proxy's identity)
+    token: str | None = None  # bearer token sent inline on the xDS stream (tests of the legacy form)
+    token_file: str | None = None  # file Envoy reads the bearer token from at every xDS stream
     xds_tls: XdsTls | None = None
     outbound_address: str = "127.0.0.1"  # bind capture: loopback address of the outbound listeners
     node_name: str | None = None  # node proxies: the node served
@@ -73,8 +79,17 @@ def bootstrap(opts: BootstrapOptions) -> dict[str, Any]:
     if opts.waypoint:
         metadata["waypoint"] = opts.waypoint
     api_type = "DELTA_GRPC" if opts.xds_protocol == "delta" else "GRPC"
+    if (opts.token or opts.token_file) and opts.xds_tls is None and not _is_loopback(xds_host):
+        raise ValueError(f"a token must not cross the network in clear: {opts.xds_address} is not loopback, "
+                         "so connect over TLS (--xds-tls, the control plane's port 15012)")
     grpc_service: dict[str, Any] = {"envoy_grpc": {"cluster_name": "xds-grpc"}}
-    if opts.token:
+    if opts.token_file and opts.xds_tls is None:
+        # gRPC sends call credentials only over a secure channel: plaintext (loopback only,
+        # the local demo) carries the token inline, as read now.
+        opts = replace(opts, token=_read_token(opts.token_file), token_file=None)
+    if opts.token_file:
+        grpc_service = _google_grpc(opts, xds_host)
+    elif opts.token:
         grpc_service["initial_metadata"] = [{"key": "authorization", "value": f"Bearer {opts.token}"}]
     doc: dict[str, Any] = {
         "node": {"id": opts.node_id, "cluster": opts.cluster, "metadata": metadata},
@@ -110,7 +125,9 @@ def bootstrap(opts: BootstrapOptions) -> dict[str, Any]:
             ],
         },
     }
-    if opts.xds_tls is not None:
+    if opts.token_file:
+        doc["static_resources"]["clusters"] = []  # the google_grpc client dials the target itself
+    elif opts.xds_tls is not None:
         server_name = opts.xds_tls.server_name or ("localhost" if _is_ip(xds_host) else xds_host)
         doc["static_resources"]["clusters"][0]["transport_socket"] = _xds_tls(opts.xds_tls.trusted_ca, server_name)
     if opts.capture == "intercept" or opts.mode != "sidecar":
@@ -123,6 +140,51 @@ def bootstrap(opts: BootstrapOptions) -> dict[str, Any]:
                                       ".InternalListener"},
         }]
     return doc
+
+
+FILE_BASED_METADATA = "envoy.grpc_credentials.file_based_metadata"
+
+
+def _read_token(path: str) -> str:
+    with open(path) as f:
+        return f.read().strip()
+
+
+def _google_grpc(opts: BootstrapOptions, xds_host: str) -> dict[str, Any]:
+    """gRPC's own client for xDS: it can read the token file at every stream."""
+    assert opts.token_file is not None
+    svc: dict[str, Any] = {
+        "target_uri": opts.xds_address,
+        "stat_prefix": "xds",
+        "credentials_factory_name": FILE_BASED_METADATA,
+        "call_credentials": [{"from_plugin": {"name": FILE_BASED_METADATA, "typed_config": {
+            "@type": "type.googleapis.com/envoy.config.grpc_credential.v3.FileBasedMetadataConfig",
+            "secret_data": {"filename": opts.token_file},
+            "header_key": "authorization",
+            "header_prefix": "Bearer ",
+        }}}],
+        # Like Envoy's own client: large HTTP/2 windows, so big pushes are not throttled.
+        "channel_args": {"args": {"grpc.http2.lookahead_bytes": {"int_value": 256 * 1024 * 1024}}},
+    }
+    if opts.xds_tls is not None:
+        tls = opts.xds_tls
+        roots = {"filename": tls.trusted_ca_file} if tls.trusted_ca_file else {"inline_string": tls.trusted_ca}
+        svc["channel_credentials"] = {"ssl_credentials": {"root_certs": roots}}
+        server_name = tls.server_name or ("localhost" if _is_ip(xds_host) else xds_host)
+        if server_name != xds_host:
+            svc["channel_args"]["args"]["grpc.ssl_target_name_override"] = {"string_value": server_name}
+    return {"google_grpc": svc}
+
+
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _xds_tls(trusted_ca: str, server_name: str) -> dict[str, Any]:

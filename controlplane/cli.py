@@ -180,16 +180,18 @@ def _watch_namespaces(kubernetes: bool, kubeconfig: Path | None, watch_namespace
               help="Mint a bootstrap token for NAMESPACE/SERVICE_ACCOUNT with this CA directory's key (the one "
                    "`meshline serve --ca-dir` uses): the proxy then gets its workload certificate. Without it "
                    "(or --token-file) the proxy gets configuration but no certificates.")
-@click.option("--token-ttl", default="365d", show_default=True, callback=_duration_option,
-              help="Lifetime of the minted token (seconds, or 12h, 365d, ...).")
+@click.option("--token-ttl", default="24h", show_default=True, callback=_duration_option,
+              help="Lifetime of the minted token (seconds, or 12h, 7d, ...). The token is written to "
+                   "<ca-dir>/tokens/ and `meshline serve --ca-dir` renews it at half life.")
 @click.option("--token-file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
-              help="Kubernetes: a projected service-account token (audience `meshline`), read NOW and put "
-                   "inline in the bootstrap (Envoy cannot read gRPC metadata from a file).")
+              help="Kubernetes: a projected service-account token (audience `meshline`). Envoy reads this file "
+                   "at every xDS stream, so the kubelet's rotation of it is followed with no restart.")
 @click.option("--xds-tls", is_flag=True,
               help="Connect to --xds-address (the TLS port, 15012) over TLS, trusting the CA bundle of "
-                   "--ca-dir or --ca-bundle.")
+                   "--ca-dir or --ca-bundle. Required for a token to any address beyond loopback.")
 @click.option("--ca-bundle", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
-              help="With --xds-tls: the PEM trust bundle (default: root-cert.pem of --ca-dir).")
+              help="With --xds-tls: the PEM trust bundle (default: root-cert.pem of --ca-dir). With a token, "
+                   "Envoy reads it from this path (mount the ConfigMap the control plane keeps current).")
 @click.option("--xds-server-name", default=None,
               help="With --xds-tls: SNI and the DNS name the server certificate must carry (default: the host "
                    "of --xds-address, or localhost for an IP).")
@@ -232,16 +234,19 @@ def bootstrap(mode: str, node_id: str, namespace: str, workload: str | None, ser
         raise click.UsageError("--node-name is for --mode node")
     if waypoint_name and mode != "waypoint":
         raise click.UsageError("--waypoint is for --mode waypoint")
-    token = _bootstrap_token(ca_dir, token_file, namespace, service_account, token_ttl, node_name)
+    token_path = _bootstrap_token(ca_dir, token_file, namespace, service_account, token_ttl, node_name)
     tls = None
     if xds_tls:
-        tls = XdsTls(trusted_ca=_bootstrap_bundle(ca_dir, ca_bundle), server_name=xds_server_name or "")
+        bundle_path = ca_bundle if ca_bundle is not None else (ca_dir / "root-cert.pem" if ca_dir else None)
+        tls = XdsTls(trusted_ca=_bootstrap_bundle(ca_dir, ca_bundle), server_name=xds_server_name or "",
+                     trusted_ca_file=str(bundle_path.resolve()) if bundle_path is not None else None)
     elif ca_bundle is not None or xds_server_name is not None:
         raise click.UsageError("--ca-bundle and --xds-server-name need --xds-tls")
     opts = BootstrapOptions(
         node_id=node_id, namespace=namespace, mode=mode, workload=workload,  # type: ignore[arg-type]
         service_account=service_account, labels=labels_of(pairs), capture=capture,  # type: ignore[arg-type]
-        xds_protocol=xds_protocol, xds_address=xds_address, admin_address=admin_address, token=token,
+        xds_protocol=xds_protocol, xds_address=xds_address, admin_address=admin_address,
+        token_file=str(token_path) if token_path is not None else None,
         xds_tls=tls, outbound_address=outbound_address, node_name=node_name,
         waypoint=(waypoint_name or "waypoint") if mode == "waypoint" else None,
     )
@@ -252,24 +257,28 @@ def bootstrap(mode: str, node_id: str, namespace: str, workload: str | None, ser
 
 
 def _bootstrap_token(ca_dir: Path | None, token_file: Path | None, namespace: str, service_account: str,
-                     ttl: Any, node: str | None = None) -> str | None:
-    """The bearer token a bootstrap carries: minted with the CA directory's key, or read
-    from a (Kubernetes service-account) token file; None without either."""
+                     ttl: Any, node: str | None = None) -> Path | None:
+    """The file Envoy reads its bearer token from: a (Kubernetes service-account) token
+    file, or one minted with the CA directory's key into <ca-dir>/tokens/; None without
+    either."""
     from controlplane.ca import CAError, tokens
     from controlplane.ca.identity import Identity
 
     if ca_dir is not None and token_file is not None:
         raise click.UsageError("give either --ca-dir (mint a token) or --token-file (use that token), not both")
     if token_file is not None:
-        value = token_file.read_text().strip()
+        raw = token_file.read_text()
+        value = raw.strip()
         if not value or any(c.isspace() for c in value):
             raise click.BadParameter("the file must hold one token", param_hint="--token-file")
-        return value
+        if raw != value:
+            raise click.BadParameter("the file must hold the token alone, without a trailing newline (Envoy "
+                                     "sends the file's bytes as they are)", param_hint="--token-file")
+        return token_file.resolve()
     if ca_dir is None:
         return None
     try:
-        key = tokens.load_or_create_token_key(ca_dir)
-        return tokens.mint(key, Identity(namespace, service_account), ttl, node=node)
+        return tokens.write_token_file(ca_dir, Identity(namespace, service_account), ttl, node=node).resolve()
     except CAError as exc:
         raise click.UsageError(str(exc)) from None
 

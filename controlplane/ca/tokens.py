@@ -4,7 +4,8 @@ control plane with the same key. File I/O only in `load_or_create_token_key`, an
 the CA directory.
 
 Format: `mlt1.<payload>.<mac>`, both parts unpadded base64url; the payload is compact JSON
-`{"exp":..,"iat":..,"ns":..,"sa":..}`, and the MAC is HMAC-SHA256 over `mlt1.<payload>`
+`{"aud":"meshline-xds","exp":..,"iat":..,"ns":..,"sa":..}` (the audience says what the token
+is for; a token without it, or for another purpose, is refused), and the MAC is HMAC-SHA256 over `mlt1.<payload>`
 with the 32-byte key in `<ca dir>/token-key` (hex, mode 0600). Replacing that file (then
 restarting `meshline serve`, or letting it notice the change) revokes every token minted
 with the old key.
@@ -27,7 +28,11 @@ from controlplane.ca.identity import Identity
 
 TOKEN_KEY_FILE = "token-key"
 PREFIX = "mlt1"
-DEFAULT_TOKEN_TTL = dt.timedelta(days=365)
+DEFAULT_TOKEN_TTL = dt.timedelta(hours=24)
+AUDIENCE = "meshline-xds"
+TOKENS_DIR = "tokens"
+"""Token files `meshline bootstrap --ca-dir` writes under the CA directory (read by Envoy at
+every xDS stream); `meshline serve` with the same CA directory renews them at half life."""
 
 
 def _b64(data: bytes) -> str:
@@ -74,8 +79,9 @@ def mint(key: bytes, identity: Identity, ttl: dt.timedelta = DEFAULT_TOKEN_TTL,
     if ttl <= dt.timedelta(0):
         raise CAError("the token lifetime must be positive")
     now = now or dt.datetime.now(dt.UTC)
-    payload = {"exp": int((now + ttl).timestamp()), "iat": int(now.timestamp()),
-               "ns": identity.namespace, "sa": identity.service_account}
+    payload: dict[str, object] = {"aud": AUDIENCE, "exp": int((now + ttl).timestamp()),
+                                  "iat": int(now.timestamp()), "ns": identity.namespace,
+                                  "sa": identity.service_account}
     if node:
         payload["node"] = node
     signed = f"{PREFIX}.{_b64(json.dumps(payload, sort_keys=True, separators=(',', ':')).encode())}"
@@ -106,17 +112,59 @@ def verify_claims(key: bytes, token: str, now: dt.datetime | None = None
         identity = Identity(str(payload["ns"]), str(payload["sa"]))
         expires = dt.datetime.fromtimestamp(int(payload["exp"]), dt.UTC)
         node = str(payload["node"]) if payload.get("node") else None
+        audience = payload.get("aud")
     except (ValueError, KeyError, TypeError, binascii.Error, CAError):
         raise CAError("malformed token payload") from None
+    if audience != AUDIENCE:
+        raise CAError(f"token is not for {AUDIENCE!r} (audience {audience!r})")
     now = now or dt.datetime.now(dt.UTC)
     if now >= expires:
         raise CAError(f"token expired at {expires.isoformat()}")
     return identity, expires, node
 
 
+def token_file(directory: Path, identity: Identity, node: str | None = None) -> Path:
+    """Where `meshline bootstrap --ca-dir` keeps the token of `identity` (and node)."""
+    name = f"{identity.namespace}.{identity.service_account}" + (f".{node}" if node else "")
+    return Path(directory) / TOKENS_DIR / f"{name}.token"
+
+
+def write_token_file(directory: Path, identity: Identity, ttl: dt.timedelta, node: str | None = None) -> Path:
+    """Mint a token for `identity` into its token file (0600, atomically); returns the path."""
+    key = load_or_create_token_key(directory)
+    path = token_file(directory, identity, node)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    _write_atomic(path, mint(key, identity, ttl, node=node).encode(), 0o600)  # no newline: sent as is
+    return path
+
+
+def renew_token_files(directory: Path, now: dt.datetime | None = None) -> list[Path]:
+    """Re-mint every token file under `directory` that is past half its life and still valid
+    under the current key (a token of a replaced key stays revoked). Returns those renewed."""
+    now = now or dt.datetime.now(dt.UTC)
+    folder = Path(directory) / TOKENS_DIR
+    if not folder.is_dir():
+        return []
+    key = read_token_key(token_key_path(directory))
+    renewed = []
+    for path in sorted(folder.glob("*.token")):
+        try:
+            text = path.read_text().strip()
+            identity, expires, node = verify_claims(key, text, now)
+            issued = dt.datetime.fromtimestamp(int(json.loads(_unb64(text.split(".")[1]))["iat"]), dt.UTC)
+        except (OSError, CAError, ValueError, KeyError, IndexError, binascii.Error):
+            continue
+        ttl = expires - issued
+        if ttl > dt.timedelta(0) and now >= issued + ttl / 2:
+            _write_atomic(path, mint(key, identity, ttl, now, node).encode(), 0o600)
+            renewed.append(path)
+    return renewed
+
+
 def token_key_path(directory: Path) -> Path:
     return Path(directory) / TOKEN_KEY_FILE
 
 
-__all__ = ["DEFAULT_TOKEN_TTL", "TOKEN_KEY_FILE", "is_meshline_token", "load_or_create_token_key", "mint",
+__all__ = ["AUDIENCE", "DEFAULT_TOKEN_TTL", "TOKEN_KEY_FILE", "renew_token_files", "token_file",
+           "write_token_file", "is_meshline_token", "load_or_create_token_key", "mint",
            "read_token_key", "token_key_path", "verify"]
