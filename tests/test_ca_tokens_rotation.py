@@ -199,7 +199,7 @@ def test_bootstrap_without_ca_dir_has_no_token() -> None:
 
 
 def test_bootstrap_with_a_token_file(tmp_path: Path) -> None:
-    (tmp_path / "token").write_text("eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJ4In0.c2ln\n")
+    (tmp_path / "token").write_text("eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJ4In0.c2ln")
     p = bootstrap("--token-file", str(tmp_path / "token"))
     assert p.returncode == 0, p.stderr
     (md,) = grpc_service(yaml.safe_load(p.stdout))["initial_metadata"]  # type: ignore[misc]
@@ -213,11 +213,21 @@ def test_bootstrap_xds_tls(tmp_path: Path) -> None:
     p = bootstrap("--ca-dir", str(tmp_path / "ca"), "--xds-tls", "--xds-address", "127.0.0.1:15012")
     assert p.returncode == 0, p.stderr
     doc = yaml.safe_load(p.stdout)
-    (cluster,) = doc["static_resources"]["clusters"]
-    tls = cluster["transport_socket"]["typed_config"]
-    assert tls["sni"] == "localhost"
-    assert tls["common_tls_context"]["validation_context"]["trusted_ca"]["inline_string"] == (
-        tmp_path / "ca" / "root-cert.pem").read_text()
+    # gRPC's own client over TLS, reading the token file at every stream (never inline).
+    assert doc["static_resources"]["clusters"] == []
+    (svc,) = doc["dynamic_resources"]["ads_config"]["grpc_services"]
+    g = svc["google_grpc"]
+    assert g["target_uri"] == "127.0.0.1:15012"
+    assert g["channel_credentials"]["ssl_credentials"]["root_certs"]["filename"] == str(
+        (tmp_path / "ca" / "root-cert.pem").resolve())
+    assert g["channel_args"]["args"]["grpc.ssl_target_name_override"]["string_value"] == "localhost"
+    plugin = g["call_credentials"][0]["from_plugin"]["typed_config"]
+    token_path = Path(plugin["secret_data"]["filename"])
+    assert token_path.parent == (tmp_path / "ca" / "tokens").resolve() and token_path.stat().st_mode & 0o077 == 0
+    assert "mlt1." not in p.stdout  # the token is not in the bootstrap
+    # Beyond loopback, a token never goes in clear.
+    p2 = bootstrap("--ca-dir", str(tmp_path / "ca"), "--xds-address", "10.0.0.1:15010")
+    assert p2.returncode != 0 and "--xds-tls" in p2.stderr
     cfg = tmp_path / "b.yaml"
     cfg.write_text(p.stdout)
     v = subprocess.run([envoy_binary(), "--mode", "validate", "-c", str(cfg)], capture_output=True, text=True,

@@ -1227,8 +1227,9 @@ def test_node_proxy_daemonset(tmp_path: Path) -> None:
     assert mounts["node-agent"]["mountPropagation"] == "Bidirectional" and agent["securityContext"]["privileged"]
     assert mounts["envoy"]["mountPropagation"] == "HostToContainer"
     assert set(envoy["securityContext"]["capabilities"]["add"]) == {"NET_ADMIN", "SYS_ADMIN"}
-    (source,) = volumes["meshline-token"]["projected"]["sources"]
+    source, bundle = volumes["meshline-token"]["projected"]["sources"]
     assert source["serviceAccountToken"]["audience"] == "meshline"
+    assert bundle["configMap"]["name"] == "meshline-ca-root"  # the trust bundle for 15012
 
 
 def bootstrap_of(script: str, env: dict[str, str], tmp_path: Path) -> dict[str, Any]:
@@ -1247,6 +1248,10 @@ def bootstrap_of(script: str, env: dict[str, str], tmp_path: Path) -> dict[str, 
     token = tmp_path / "token"
     token.write_text("t0k3n")
     argv[argv.index("--token-file") + 1] = str(token)
+    if "--ca-bundle" in argv:  # the projected ConfigMap key
+        from controlplane.ca import CertificateAuthority
+        CertificateAuthority.load_or_create(tmp_path / "ca")
+        argv[argv.index("--ca-bundle") + 1] = str(tmp_path / "ca" / "root-cert.pem")
     r = CliRunner().invoke(main, argv[1:])
     assert r.exit_code == 0, r.output
     doc: dict[str, Any] = yaml.safe_load(r.output)
@@ -1255,12 +1260,16 @@ def bootstrap_of(script: str, env: dict[str, str], tmp_path: Path) -> dict[str, 
 
 def test_node_proxy_and_waypoint_bootstraps_render(tmp_path: Path) -> None:
     env = {"NODE_NAME": "node-1", "POD_NAME": "p-0", "POD_NAMESPACE": NAMESPACE, "SERVICE_ACCOUNT": "waypoint",
-           "MESHLINE_XDS_ADDRESS": "meshline.meshline-system.svc:15010",
-           "MESHLINE_TOKEN_FILE": "/var/run/secrets/meshline/tokens/meshline-token"}
+           "MESHLINE_XDS_ADDRESS": "meshline.meshline-system.svc:15012",
+           "MESHLINE_TOKEN_FILE": "/var/run/secrets/meshline/tokens/meshline-token",
+           "MESHLINE_CA_BUNDLE": "/var/run/secrets/meshline/tokens/root-cert.pem"}
     ds = one_manifest("DaemonSet", NODE_PROXY)
     (envoy,) = [c for c in ds["spec"]["template"]["spec"]["containers"] if c["name"] == "envoy"]
     node = bootstrap_of(envoy["args"][0], env, tmp_path)
     assert node["node"]["id"] == "node-1" and node["node"]["metadata"]["mode"] == "node"
+    for boot in (node,):  # over TLS, the token read from its file at every stream
+        g = boot["dynamic_resources"]["ads_config"]["grpc_services"][0]["google_grpc"]
+        assert g["target_uri"].endswith(":15012") and "ssl_credentials" in g["channel_credentials"]
     (c,) = one_manifest("Deployment", "waypoint")["spec"]["template"]["spec"]["containers"]
     waypoint = bootstrap_of(c["args"][0], {**env, "POD_NAMESPACE": "default"}, tmp_path)
     assert waypoint["node"]["metadata"]["mode"] == "waypoint"

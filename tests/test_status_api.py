@@ -68,13 +68,31 @@ def test_no_server_errors_on_generated_requests(runtime: Runtime) -> None:
     assert "/v1/proxies/{proxy_id}/config" in checked and "/v1/services" in checked
 
 
-def test_api_is_read_only(runtime: Runtime) -> None:
+def test_api_is_read_only_but_for_the_operators_quarantine_release(runtime: Runtime) -> None:
     app = create_app(runtime)
-    methods = {m for r in app.routes for m in getattr(r, "methods", set())}
-    assert methods <= {"GET", "HEAD"}
+    writes = {(r.path, m) for r in app.routes for m in getattr(r, "methods", set()) if m not in ("GET", "HEAD")}
+    assert writes == {("/v1/quarantine/release", "POST")}
     with TestClient(app) as c:
+        assert c.post("/v1/quarantine/release", json={"object": "VirtualService/x/y"}).status_code == 404
+        assert c.post("/v1/quarantine/release", json={"object": "nonsense"}).status_code == 400
         assert c.post("/v1/proxies").status_code == 405
         assert c.delete("/v1/proxies/sidecar~bookinfo/demo").status_code in (404, 405)
+
+
+def test_release_needs_the_token_when_one_is_configured(runtime: Runtime, tmp_path: Path) -> None:
+    token = tmp_path / "token"
+    token.write_text("s3cret-token")
+    with TestClient(create_app(runtime, token)) as c:
+        assert c.post("/v1/quarantine/release", json={"object": "VirtualService/x/y"}).status_code == 401
+
+
+def test_a_token_file_emptied_while_running_accepts_nobody(runtime: Runtime, tmp_path: Path) -> None:
+    token = tmp_path / "token"
+    token.write_text("s3cret-token")
+    with TestClient(create_app(runtime, token)) as c:
+        token.write_text("  \n")
+        assert c.get("/v1/proxies", headers={"authorization": "Bearer "}).status_code == 401
+        assert c.get("/v1/proxies").status_code == 401
 
 
 def test_bearer_token_required_when_configured(runtime: Runtime, tmp_path: Path) -> None:

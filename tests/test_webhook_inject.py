@@ -260,14 +260,22 @@ def test_proxy_start_script_writes_a_bootstrap_envoy_accepts(tmp_path: Path) -> 
     for e in proxy["env"]:
         if "value" in e:
             env[e["name"]] = e["value"]
-    token = tmp_path / "meshline-token"  # what the kubelet projects (audience meshline)
-    token.write_text("projected.sa.token\n")
+    token = tmp_path / "meshline-token"  # what the kubelet projects (audience meshline), no newline
+    token.write_text("projected.sa.token")
     env["MESHLINE_TOKEN_FILE"] = str(token)
+    from controlplane.ca import CertificateAuthority
+    CertificateAuthority.load_or_create(tmp_path / "ca")
+    env["MESHLINE_CA_BUNDLE"] = str(tmp_path / "ca" / "root-cert.pem")  # the projected ConfigMap key
     proc = subprocess.run(["/bin/sh", "-c", script], env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     boot = yaml.safe_load((tmp_path / "envoy.yaml").read_text())
-    md = boot["dynamic_resources"]["ads_config"]["grpc_services"][0]["initial_metadata"]
-    assert md == [{"key": "authorization", "value": "Bearer projected.sa.token"}]  # identity proof on the stream
+    g = boot["dynamic_resources"]["ads_config"]["grpc_services"][0]["google_grpc"]
+    # TLS to 15012, verified against the bundle; the token is read from its file at every
+    # stream (so the kubelet's rotation needs no restart) and never written into the bootstrap.
+    assert g["target_uri"] == "meshline.meshline-system.svc:15012"
+    assert g["channel_credentials"]["ssl_credentials"]["root_certs"] == {"filename": env["MESHLINE_CA_BUNDLE"]}
+    assert g["call_credentials"][0]["from_plugin"]["typed_config"]["secret_data"] == {"filename": str(token)}
+    assert "projected.sa.token" not in (tmp_path / "envoy.yaml").read_text()
     assert boot["node"]["id"] == "reviews-v1-7d4f8b9c6d-x2x9z.shop"
     assert boot["node"]["metadata"] == {
         "mode": "sidecar", "namespace": "shop", "service_account": "reviews", "capture": "intercept",

@@ -15,6 +15,10 @@ TOKEN_VOLUME = "meshline-token"
 ENVOY_CONFIG_DIR = "/etc/meshline"
 TOKEN_DIR = "/var/run/secrets/meshline/tokens"
 TOKEN_FILE = "meshline-token"
+CA_BUNDLE_CONFIGMAP = "meshline-ca-root"
+"""ConfigMap holding the mesh trust bundle (key `root-cert.pem`) in each namespace that runs
+proxies (a projected volume reads only its own namespace); the leader keeps it current."""
+CA_BUNDLE_FILE = "root-cert.pem"
 
 DATAPLANE_MODE_LABEL = "meshline.io/dataplane-mode"
 INJECT = "meshline.io/inject"
@@ -51,7 +55,9 @@ class WebhookConfig:
     proxy_image: str = "meshline-proxy:0.1.0"
     """Image with `meshline`, `envoy` and `iptables` on PATH (runs both injected containers)."""
     image_pull_policy: str = "IfNotPresent"
-    xds_address: str = "meshline.meshline-system.svc:15010"
+    xds_address: str = "meshline.meshline-system.svc:15012"
+    """The TLS port: proxies verify the control plane against the mesh trust bundle, and their
+    token never crosses the network in clear."""
     xds_protocol: str = "delta"
     native_sidecars: bool = True
     """False: the classic layout for clusters older than 1.29 (proxy as the first container)."""

@@ -11,9 +11,12 @@ What an injected pod gets (native layout, the default):
   probe (15021 /healthz/ready, which answers only once Envoy has its xDS config) holds the
   pod's other init containers and its app containers until the proxy is ready; Kubernetes
   stops it after them;
-- a projected service-account token (audience `meshline`) at
-  /var/run/secrets/meshline/tokens/meshline-token, and the annotation
-  `meshline.io/status: injected`.
+- a projected volume at /var/run/secrets/meshline/tokens holding the service-account token
+  (audience `meshline`, rotated by the kubelet) as `meshline-token` and the mesh trust
+  bundle (ConfigMap `meshline-ca-root`, kept current by the control plane) as
+  `root-cert.pem`. Envoy talks xDS over TLS to port 15012, verifying the control plane
+  against that bundle, and reads the token file at every stream (no restart on rotation);
+- the annotation `meshline.io/status: injected`.
 
 The classic layout (`native_sidecars=False`, clusters < 1.29): `meshline-init` is the last
 init container (earlier ones run uncaptured, as they would have no proxy), the proxy is the
@@ -42,6 +45,8 @@ from controlplane.iptables import (
 )
 from webhook.config import (
     ADMIN_PORT,
+    CA_BUNDLE_CONFIGMAP,
+    CA_BUNDLE_FILE,
     DATAPLANE_MODE_LABEL,
     ENVOY_CONFIG_DIR,
     ENVOY_CONFIG_VOLUME,
@@ -213,8 +218,11 @@ def _start_script(pod_labels: Mapping[str, str], config: WebhookConfig) -> str:
         '--workload "$POD_NAME" --service-account "$SERVICE_ACCOUNT"',
         *([f"--labels {shlex.quote(labels)}"] if labels else []),
         f'--xds-protocol {shlex.quote(config.xds_protocol)} --xds-address "$MESHLINE_XDS_ADDRESS"',
+        # TLS to the control plane, verified against the mesh trust bundle (a ConfigMap).
+        '--xds-tls --ca-bundle "$MESHLINE_CA_BUNDLE"',
         # The projected service-account token (audience `meshline`) proves the pod's identity:
         # the control plane checks it with a TokenReview and then sends this pod's certificate.
+        # Envoy reads the file at every xDS stream, so the kubelet's rotation needs no restart.
         '--token-file "$MESHLINE_TOKEN_FILE"',
         f"--admin-address 127.0.0.1:{ADMIN_PORT} > {config_file}",
     ]
@@ -251,6 +259,7 @@ def proxy_container(pod_labels: Mapping[str, str], s: ProxySettings, config: Web
             {"name": "MESHLINE_XDS_ADDRESS", "value": config.xds_address},
             {"name": "MESHLINE_LOG_LEVEL", "value": s.log_level},
             {"name": "MESHLINE_TOKEN_FILE", "value": f"{TOKEN_DIR}/{TOKEN_FILE}"},
+            {"name": "MESHLINE_CA_BUNDLE", "value": f"{TOKEN_DIR}/{CA_BUNDLE_FILE}"},
         ],
         "ports": [{"name": "http-envoy-prom", "containerPort": STATS_PORT, "protocol": "TCP"}],
         "resources": {k: dict(v) for k, v in (("requests", s.requests), ("limits", s.limits)) if v},
@@ -283,9 +292,12 @@ def proxy_container(pod_labels: Mapping[str, str], s: ProxySettings, config: Web
 def volumes(config: WebhookConfig) -> list[dict[str, Any]]:
     return [
         {"name": ENVOY_CONFIG_VOLUME, "emptyDir": {"medium": "Memory", "sizeLimit": "16Mi"}},
-        {"name": TOKEN_VOLUME, "projected": {"sources": [{"serviceAccountToken": {
-            "audience": config.token_audience, "expirationSeconds": config.token_expiration_seconds,
-            "path": TOKEN_FILE}}]}},
+        {"name": TOKEN_VOLUME, "projected": {"sources": [
+            {"serviceAccountToken": {"audience": config.token_audience,
+                                     "expirationSeconds": config.token_expiration_seconds, "path": TOKEN_FILE}},
+            {"configMap": {"name": CA_BUNDLE_CONFIGMAP,
+                           "items": [{"key": CA_BUNDLE_FILE, "path": CA_BUNDLE_FILE}]}},
+        ]}},
     ]
 
 

@@ -101,10 +101,15 @@ def token_guard(token_file: Path | None) -> Callable[[Request], None]:
     def guard(request: Request) -> None:
         if token_file is None:
             return
-        expected = token_file.read_text().strip()
+        try:
+            expected = token_file.read_text().strip()
+        except OSError:
+            expected = ""
         got = request.headers.get("authorization", "")
         scheme, _, value = got.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), expected.encode()):
+        # An empty (or unreadable) token file accepts nobody, never an empty bearer.
+        if (not expected or scheme.lower() != "bearer"
+                or not hmac.compare_digest(value.strip().encode(), expected.encode())):
             raise HTTPException(status_code=401, detail="missing or wrong bearer token",
                                 headers={"WWW-Authenticate": "Bearer"})
 
@@ -113,7 +118,8 @@ def token_guard(token_file: Path | None) -> Callable[[Request], None]:
 
 def create_app(runtime: Runtime, token_file: Path | None = None) -> FastAPI:
     app = FastAPI(title="Meshline status", version=__version__,
-                  description="Read-only view of the Meshline control plane: proxies, sync state, config, errors.")
+                  description="Read-only view of the Meshline control plane: proxies, sync state, config, errors "
+                              "(one operator write: releasing a withheld object).")
     auth = [Depends(token_guard(token_file))]
 
     def find(proxy_id: str) -> Connection:
