@@ -165,6 +165,17 @@ def token_key_path(directory: Path) -> Path:
     return Path(directory) / TOKEN_KEY_FILE
 
 
-__all__ = ["AUDIENCE", "DEFAULT_TOKEN_TTL", "TOKEN_KEY_FILE", "renew_token_files", "token_file",
-           "write_token_file", "is_meshline_token", "load_or_create_token_key", "mint",
-           "read_token_key", "token_key_path", "verify"]
+__all__ = [
+    "AUDIENCE",
+    "DEFAULT_TOKEN_TTL",
+    "TOKEN_KEY_FILE",
+    "is_meshline_token",
+    "load_or_create_token_key",
+    "mint",
+    "read_token_key",
+    "renew_token_files",
+    "token_file",
+    "token_key_path",
+    "verify",
+    "write_token_file",
+]
