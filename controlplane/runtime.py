@@ -436,9 +436,9 @@ class Runtime:
                 failures = min(failures + 1, 6)
                 log.exception("rebuilding snapshots failed; proxies keep their last config (retry in %ss)",
                               2 ** failures)
+                asyncio.get_running_loop().call_later(2 ** failures, self.mark_dirty)
             finally:
                 self.rebuilding = False
-                asyncio.get_running_loop().call_later(2 ** failures, self.mark_dirty)
 
     async def gc_maintenance_loop(self, check_every_s: float = 0.5) -> None:
         """The collector's settle passes (see gcpolicy), only while nothing is being rebuilt."""

@@ -163,17 +163,17 @@ def test_layered_stream_state_behaves_like_a_dict() -> None:
     assert base == {f"r{i}": base[f"r{i}"] for i in range(20)}  # the shared base is never written
 
 
-def test_a_fixed_quarantined_slice_loses_its_nacked_error() -> None:
+def test_a_fixed_withheld_slice_loses_its_withheld_error() -> None:
     store = MeshStore()
     store.apply([Replace("mesh.yaml", objects(generated_mesh(3, 2), "mesh.yaml"))])
     store.mesh()
     store.apply([Upsert("mesh.yaml", slice_for(1, ["10.7.7.7"]))])
     key = ("EndpointSlice", "bench", "svc-00001-1")
     store.quarantine([key], "rejected by proxy p: bad")
-    assert any("NACKED" in i.message for i in store.mesh().issues)
+    assert any("WITHHELD" in i.message for i in store.mesh().issues)
     store.apply([Upsert("mesh.yaml", slice_for(1, ["10.7.7.8"]))])  # the fix
     mesh, _ = store.mesh_delta()
-    assert not any("NACKED" in i.message for i in mesh.issues)
+    assert not any("WITHHELD" in i.message for i in mesh.issues)
 
 
 def test_patched_rounds_are_followed_by_a_full_round_now_and_then() -> None:
