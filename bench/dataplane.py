@@ -51,6 +51,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 XDS_PORT = 19720
 STATUS_PORT = 19721
+TLS_PORT = 19722
 PROXY_UID = 1337
 TD = "cluster.local"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -276,11 +277,15 @@ def build_lab(topo: Any, nodelay: bool = True) -> Lab:
     lab.write("mesh", mesh_docs(pods, vips))
     for name in SERVERS:
         lab.apps.append(serve_backend(topo, pods[name], name, 8080, nodelay))
-    xds = f"{topo.host_ip}:{XDS_PORT}"
     cp = topo.spawn("controlplane", [sys.executable, "-m", "controlplane.cli", "serve", "--config-dir", str(config),
-                                     "--ca-dir", str(ca_dir), "--xds-address", xds,
-                                     "--status-address", f"127.0.0.1:{STATUS_PORT}"])
+                                     "--ca-dir", str(ca_dir), "--xds-address", f"{topo.host_ip}:{XDS_PORT}",
+                                     "--status-address", f"127.0.0.1:{STATUS_PORT}",
+                                     "--ca-address", f"{topo.host_ip}:{TLS_PORT}"])
     topo.wait("control plane", _ready, 30, cp)
+    xds = f"{topo.host_ip}:{TLS_PORT}"  # proxies carry tokens: TLS only
+    bundle = work / "root-cert.pem"  # readable by the sidecars' own uid
+    bundle.write_text((ca_dir / "root-cert.pem").read_text())
+    bundle.chmod(0o644)
     # Ambient pods: capture towards their node proxy's in-pod listeners.
     for name, *_rest, role in PODS:
         if role == "ambient":
@@ -289,20 +294,23 @@ def build_lab(topo: Any, nodelay: bool = True) -> Lab:
         lab.boot[node.name] = bootstrap_file(
             ["--mode", "node", "--node-name", node.name, "--node-id", f"node-{node.name}", "--namespace",
              "meshline-system", "--service-account", "meshline-node-proxy", "--ca-dir", str(ca_dir),
-             "--xds-address", xds, "--admin-address", f"{node.ip}:15000"], work / f"boot-{node.name}.yaml")
+             "--xds-tls", "--xds-address", xds, "--admin-address", f"{node.ip}:15000"], work / f"boot-{node.name}.yaml")
         lab.start_node_proxy(node.name)
     wpboot = bootstrap_file(["--mode", "waypoint", "--waypoint", "wp", "--node-id", "wp-1", "--namespace", "bench-wp",
                          "--workload", "wp", "--service-account", "wp", "--ca-dir", str(ca_dir),
-                         "--xds-address", xds, "--admin-address", "127.0.0.1:15000"], work / "boot-wp.yaml")
+                         "--xds-tls", "--xds-address", xds, "--admin-address", "127.0.0.1:15000"], work / "boot-wp.yaml")
     lab.envoys["wp-1"] = pods["wp"].run([envoy, "-c", str(wpboot), "--disable-hot-restart", "--concurrency", "1",
                                          "-l", "warning"])
     # Sidecar pods: intercept capture, Envoy under its own uid.
     for name in ("scc", "ss"):
         pods[name].exec([sys.executable, "-m", "controlplane.cli", "iptables", "--proxy-uid", str(PROXY_UID)],
                         check=True)
+        token = work / f"{name}.token"
         boot = bootstrap_file(["--node-id", f"{name}-1", "--namespace", "bench-sidecar", "--workload", name,
                            "--service-account", name, "--capture", "intercept", "--ca-dir", str(ca_dir),
+                           "--token-out", str(token), "--xds-tls", "--ca-bundle", str(bundle),
                            "--xds-address", xds, "--admin-address", "127.0.0.1:15000"], work / f"boot-{name}.yaml")
+        os.chown(token, PROXY_UID, PROXY_UID)
         lab.envoys[f"{name}-1"] = pods[name].run([envoy, "-c", str(boot), "--disable-hot-restart", "--concurrency",
                                                   "1", "-l", "warning"], user=PROXY_UID)
     for name, proc in lab.envoys.items():

@@ -186,6 +186,9 @@ def _watch_namespaces(kubernetes: bool, kubeconfig: Path | None, watch_namespace
 @click.option("--token-file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="Kubernetes: a projected service-account token (audience `meshline`). Envoy reads this file "
                    "at every xDS stream, so the kubelet's rotation of it is followed with no restart.")
+@click.option("--token-out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="With --ca-dir: write the minted token here (e.g. where the proxy's user can read it) "
+                   "instead of <ca-dir>/tokens/ (which `meshline serve --ca-dir` renews).")
 @click.option("--xds-tls", is_flag=True,
               help="Connect to --xds-address (the TLS port, 15012) over TLS, trusting the CA bundle of "
                    "--ca-dir or --ca-bundle. Required for a token to any address beyond loopback.")
@@ -204,7 +207,8 @@ def _watch_namespaces(kubernetes: bool, kubeconfig: Path | None, watch_namespace
 def bootstrap(mode: str, node_id: str, namespace: str, workload: str | None, service_account: str, labels: str,
               capture: str, outbound_address: str, xds_protocol: str, xds_address: str, admin_address: str,
               ca_dir: Path | None,
-              token_ttl: Any, token_file: Path | None, xds_tls: bool, ca_bundle: Path | None,
+              token_ttl: Any, token_file: Path | None, token_out: Path | None, xds_tls: bool,
+              ca_bundle: Path | None,
               xds_server_name: str | None, node_name: str | None, waypoint_name: str | None) -> None:
     """Print an Envoy bootstrap (YAML) for a proxy."""
     import ipaddress
@@ -234,7 +238,9 @@ def bootstrap(mode: str, node_id: str, namespace: str, workload: str | None, ser
         raise click.UsageError("--node-name is for --mode node")
     if waypoint_name and mode != "waypoint":
         raise click.UsageError("--waypoint is for --mode waypoint")
-    token_path = _bootstrap_token(ca_dir, token_file, namespace, service_account, token_ttl, node_name)
+    if token_out is not None and ca_dir is None:
+        raise click.UsageError("--token-out needs --ca-dir (it is where a minted token goes)")
+    token_path = _bootstrap_token(ca_dir, token_file, namespace, service_account, token_ttl, node_name, token_out)
     tls = None
     if xds_tls:
         bundle_path = ca_bundle if ca_bundle is not None else (ca_dir / "root-cert.pem" if ca_dir else None)
@@ -257,7 +263,7 @@ def bootstrap(mode: str, node_id: str, namespace: str, workload: str | None, ser
 
 
 def _bootstrap_token(ca_dir: Path | None, token_file: Path | None, namespace: str, service_account: str,
-                     ttl: Any, node: str | None = None) -> Path | None:
+                     ttl: Any, node: str | None = None, out: Path | None = None) -> Path | None:
     """The file Envoy reads its bearer token from: a (Kubernetes service-account) token
     file, or one minted with the CA directory's key into <ca-dir>/tokens/; None without
     either."""
@@ -278,7 +284,8 @@ def _bootstrap_token(ca_dir: Path | None, token_file: Path | None, namespace: st
     if ca_dir is None:
         return None
     try:
-        return tokens.write_token_file(ca_dir, Identity(namespace, service_account), ttl, node=node).resolve()
+        return tokens.write_token_file(ca_dir, Identity(namespace, service_account), ttl, node=node,
+                                       path=out).resolve()
     except CAError as exc:
         raise click.UsageError(str(exc)) from None
 

@@ -129,10 +129,12 @@ def token_file(directory: Path, identity: Identity, node: str | None = None) -> 
     return Path(directory) / TOKENS_DIR / f"{name}.token"
 
 
-def write_token_file(directory: Path, identity: Identity, ttl: dt.timedelta, node: str | None = None) -> Path:
-    """Mint a token for `identity` into its token file (0600, atomically); returns the path."""
+def write_token_file(directory: Path, identity: Identity, ttl: dt.timedelta, node: str | None = None,
+                     path: Path | None = None) -> Path:
+    """Mint a token for `identity` into its token file (0600, atomically), by default under
+    `directory`/tokens/ (renewed by `meshline serve`); returns the path."""
     key = load_or_create_token_key(directory)
-    path = token_file(directory, identity, node)
+    path = path or token_file(directory, identity, node)
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     _write_atomic(path, mint(key, identity, ttl, node=node).encode(), 0o600)  # no newline: sent as is
     return path

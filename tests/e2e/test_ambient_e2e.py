@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -33,6 +34,7 @@ from tests.netns_mesh import Node, Pod, Topology, bootstrap_file, missing_tools,
 ROOT = Path(__file__).resolve().parents[2]
 XDS_PORT = 19710
 STATUS_PORT = 19711
+TLS_PORT = 19712  # xDS + CA over TLS: every proxy here carries a token, so it talks to this port
 TD = "cluster.local"
 PROXY_UID = 1337
 
@@ -214,9 +216,12 @@ def lab() -> Iterator[Lab]:
         cp = topo.spawn("controlplane", [sys.executable, "-m", "controlplane.cli", "serve", "--config-dir",
                                          str(config), "--ca-dir", str(ca_dir), "--xds-address",
                                          f"{topo.host_ip}:{XDS_PORT}", "--status-address",
-                                         f"127.0.0.1:{STATUS_PORT}"])
+                                         f"127.0.0.1:{STATUS_PORT}", "--ca-address", f"{topo.host_ip}:{TLS_PORT}"])
         topo.wait("control plane", lambda: status_ready(STATUS_PORT), 30, cp)
-        xds = f"{topo.host_ip}:{XDS_PORT}"
+        xds = f"{topo.host_ip}:{TLS_PORT}"
+        bundle = work / "root-cert.pem"  # readable by the sidecar's own uid
+        bundle.write_text((ca_dir / "root-cert.pem").read_text())
+        bundle.chmod(0o644)
         # Ambient pods: capture towards the node proxy's in-pod listeners.
         for name in ("a", "c", "b1", "b2", "d"):
             pods[name].exec([sys.executable, "-m", "controlplane.cli", "iptables", "--ambient"], check=True)
@@ -225,19 +230,24 @@ def lab() -> Iterator[Lab]:
             lab.boot[node.name] = bootstrap_file(
                 ["--mode", "node", "--node-name", node.name, "--node-id", f"node-{node.name}", "--namespace",
                  "meshline-system", "--service-account", "meshline-node-proxy", "--ca-dir", str(ca_dir),
-                 "--xds-address", xds, "--admin-address", f"{node.ip}:15000"], work / f"boot-{node.name}.yaml")
+                 "--xds-tls", "--xds-address", xds, "--admin-address", f"{node.ip}:15000"],
+                work / f"boot-{node.name}.yaml")
             lab.start_node_proxy(node)
         # The waypoint of namespace beta, in its own pod.
         wpboot = bootstrap_file(["--mode", "waypoint", "--waypoint", "wp", "--node-id", "wp-1", "--namespace", "beta",
                              "--workload", "wp", "--service-account", "wp", "--ca-dir", str(ca_dir),
-                             "--xds-address", xds, "--admin-address", "127.0.0.1:15000"], work / "boot-wp.yaml")
+                             "--xds-tls", "--xds-address", xds, "--admin-address", "127.0.0.1:15000"],
+                             work / "boot-wp.yaml")
         pods["wp"].run([envoy, "-c", str(wpboot), "--disable-hot-restart", "--concurrency", "1", "-l", "warning"])
         # The sidecar pod: intercept capture, Envoy under its own uid.
         pods["s"].exec([sys.executable, "-m", "controlplane.cli", "iptables", "--proxy-uid", str(PROXY_UID)],
                        check=True)
+        s_token = work / "s.token"  # the sidecar's uid must read its token (as a projected token's fsGroup)
         sboot = bootstrap_file(["--node-id", "s-1", "--namespace", "legacy", "--workload", "s", "--service-account",
-                            "s", "--capture", "intercept", "--ca-dir", str(ca_dir), "--xds-address", xds,
+                            "s", "--capture", "intercept", "--ca-dir", str(ca_dir), "--token-out", str(s_token),
+                            "--xds-tls", "--ca-bundle", str(bundle), "--xds-address", xds,
                             "--admin-address", "127.0.0.1:15000"], work / "boot-s.yaml")
+        os.chown(s_token, PROXY_UID, PROXY_UID)
         pods["s"].run([envoy, "-c", str(sboot), "--disable-hot-restart", "--concurrency", "1", "-l", "warning"],
                       user=PROXY_UID)
         _wait_http(pods["a"], f"http://{vips['d']}/", '"d"', timeout=30)
@@ -352,10 +362,15 @@ def test_node_proxy_gets_no_certificate_for_a_pod_on_another_node(lab: Lab) -> N
 
     async def secrets_for(token: str, names: list[str], namespace: str = "meshline-system") -> set[str] | None:
         """The certificates the stream gets (None: the stream was refused)."""
-        client = AdsClient(f"{lab.topo.host_ip}:{XDS_PORT}", "sotw", "rogue-n1",
+        import grpc
+
+        creds = grpc.ssl_channel_credentials((lab.ca_dir / "root-cert.pem").read_bytes())
+        channel = grpc.aio.secure_channel(f"{lab.topo.host_ip}:{TLS_PORT}", creds,
+                                          options=[("grpc.ssl_target_name_override", "localhost")])
+        client = AdsClient(f"{lab.topo.host_ip}:{TLS_PORT}", "sotw", "rogue-n1",
                            {"mode": "node", "node": "n1", "namespace": namespace,
                             "service_account": "meshline-node-proxy"},
-                           metadata=[("authorization", f"Bearer {token}")])
+                           metadata=[("authorization", f"Bearer {token}")], channel=channel)
         try:
             client.send(SECRET, names)
             got: set[str] = set()
