@@ -2,19 +2,24 @@
 
 Covers what a user editing files in a config directory sees: the initial load, edits,
 new and removed files delivered within a second, broken files keeping the last good
-config serving, and the issues (file, line, field) reported for them. Does file I/O.
+config serving, and the issues (file, line, field) reported for them; a directory kept as
+the kubelet keeps a mounted ConfigMap (`..data` swapped atomically) seen once per key and
+followed through its updates; files applied only whole (written a document at a time,
+truncated then rewritten). Does file I/O.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import secrets
+import shutil
 import subprocess
 import sys
 import textwrap
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -25,7 +30,7 @@ from controlplane.localrun import free_port, stop, wait_http
 from controlplane.model.ir import Issue
 from controlplane.model.store import MeshStore
 from controlplane.sources.base import Replace, SourceEvent, Synced
-from controlplane.sources.directory import DirectorySource, read_file
+from controlplane.sources.directory import Debounce, DirectorySource, read_file, read_paths
 from controlplane.sources.yamlload import Limits
 
 DEADLINE = 1.0  # seconds: a saved file must reach the store within this
@@ -99,14 +104,19 @@ def served_regex(store: MeshStore) -> str | None:
 
 @dataclass
 class Watched:
-    """A running DirectorySource whose event batches land in `queue` and in `store`."""
+    """A running DirectorySource whose event batches land in `queue` and in `store`;
+    `batches` and `services` record every batch applied and the services served after it."""
 
     queue: asyncio.Queue[list[SourceEvent]]
     store: MeshStore
+    batches: list[list[SourceEvent]] = field(default_factory=list)
+    services: list[set[str]] = field(default_factory=list)
 
     async def next_batch(self, timeout: float = DEADLINE) -> list[SourceEvent]:
         batch = await asyncio.wait_for(self.queue.get(), timeout)
         self.store.apply(batch)
+        self.batches.append(batch)
+        self.services.append(set(self.store.mesh().services))
         return batch
 
     async def until(self, predicate: Callable[[], bool], timeout: float = DEADLINE) -> None:
@@ -123,7 +133,7 @@ class Watched:
                 raise AssertionError(f"the change was not delivered within {timeout}s") from None
 
 
-Start = Callable[[], Awaitable[Watched]]
+Start = Callable[..., Awaitable[Watched]]
 
 
 @pytest.fixture
@@ -135,15 +145,16 @@ def config(tmp_path: Path) -> Path:
 
 @pytest.fixture
 async def start(config: Path) -> AsyncIterator[Start]:
-    """`await start()` runs DirectorySource over `config` (once the test wrote its files)."""
+    """`await start()` runs DirectorySource over `config` (once the test wrote its files);
+    `await start(debounce_ms)` with another quiet period than the fast 20 ms."""
     queue: asyncio.Queue[list[SourceEvent]] = asyncio.Queue()
     tasks: list[asyncio.Task[None]] = []
 
     async def sink(events: list[SourceEvent]) -> None:
         await queue.put(list(events))
 
-    async def _start() -> Watched:
-        tasks.append(asyncio.create_task(DirectorySource([config], debounce_ms=20).run(sink)))
+    async def _start(debounce_ms: int = 20) -> Watched:
+        tasks.append(asyncio.create_task(DirectorySource([config], debounce_ms=debounce_ms).run(sink)))
         return Watched(queue, MeshStore())
 
     yield _start
@@ -550,27 +561,19 @@ async def test_symlink_to_a_file_outside_the_config_directory_is_refused(config:
     [issue] = refusals(w.store, link)
     assert "outside the config directory" in issue.message and str(outside / "secret.yaml") in issue.message
 
-    # A directory symlinked in live from outside: every file under it is refused.
+    # A directory symlinked in live from outside: refused at the link, never entered.
     (outside / "team").mkdir()
     (outside / "team" / "details.yaml").write_text(service("details"))
     (config / "team").symlink_to(outside / "team", target_is_directory=True)
-    await w.until(lambda: bool(refusals(w.store, config / "team" / "details.yaml")))
+    await w.until(lambda: bool(refusals(w.store, config / "team")))
+    [issue] = refusals(w.store, config / "team")
+    assert "outside the config directory" in issue.message and str(outside / "team") in issue.message
     assert DETAILS not in w.store.mesh().services
+    assert not issues_for(w.store, config / "team" / "details.yaml")
 
-
-async def test_configmap_layout_symlinks_inside_the_directory_are_followed(config: Path, start: Start) -> None:
-    # As the kubelet mounts a ConfigMap: a timestamped directory, `..data` pointing at it,
-    # and each key a symlink through `..data`.
-    stamped = config / "..2026_01_02_03_04_05.000000001"
-    stamped.mkdir()
-    (stamped / "mesh.yaml").write_text(docs(service("reviews"), service("ratings")))
-    (config / "..data").symlink_to(stamped.name, target_is_directory=True)
-    (config / "mesh.yaml").symlink_to(Path("..data") / "mesh.yaml")
-    w = await start()
-    await w.next_batch()
-
-    assert {REVIEWS, RATINGS} <= set(w.store.mesh().services)
-    assert not [i for i in w.store.mesh().issues if i.severity == "error"]
+    # Removing the link clears its refusal.
+    (config / "team").unlink()
+    await w.until(lambda: not refusals(w.store, config / "team"))
 
 
 async def test_fifo_named_like_yaml_does_not_block_the_source(config: Path, start: Start) -> None:
@@ -638,3 +641,244 @@ def test_scalar_python_cannot_build_is_an_error_not_a_crash(tmp_path: Path, valu
     assert r.objects is None
     [err] = r.errors
     assert err.message.startswith("invalid YAML") and err.line > 1
+
+
+# --------------------------------------------------------------------------- a mounted ConfigMap (issue 14)
+
+
+class ConfigMapVolume:
+    """A directory kept exactly as the kubelet's AtomicWriter keeps a ConfigMap volume: the
+    payload in a timestamped directory `..<UTC time>.<random>`, `..data` pointing at it and
+    each key a symlink through `..data`. An update writes the new timestamped directory,
+    points `..data_tmp` at it and renames that over `..data` (the one atomic step), then
+    adds the new keys' symlinks, removes the dropped keys' and deletes the old directory."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def write(self, payload: dict[str, str]) -> None:
+        data = self.root / "..data"
+        old = os.readlink(data) if data.is_symlink() else None
+        stamped = self.root / (time.strftime("..%Y_%m_%d_%H_%M_%S.", time.gmtime()) + str(secrets.randbelow(10**9)))
+        stamped.mkdir()
+        for key, text in payload.items():
+            (stamped / key).write_text(text)
+        (self.root / "..data_tmp").symlink_to(stamped.name)
+        os.rename(self.root / "..data_tmp", data)
+        for key in payload:
+            if not (self.root / key).is_symlink():
+                (self.root / key).symlink_to(Path("..data") / key)
+        for entry in self.root.iterdir():
+            if not entry.name.startswith("..") and entry.is_symlink() and entry.name not in payload:
+                entry.unlink()
+        if old is not None:
+            shutil.rmtree(self.root / old)
+
+
+def origins(batches: list[list[SourceEvent]]) -> set[str]:
+    return {e.origin for batch in batches for e in batch if isinstance(e, Replace)}
+
+
+def duplicates(store: MeshStore) -> list[Issue]:
+    return [i for i in store.mesh().issues if "also defined in" in i.message]
+
+
+async def test_configmap_objects_are_seen_once_through_their_keys(config: Path, start: Start) -> None:
+    vol = ConfigMapVolume(config)
+    vol.write({"mesh.yaml": docs(service("reviews"), service("ratings")), "details.yaml": service("details")})
+    w = await start()
+    await w.next_batch()
+
+    assert origins(w.batches) == {str(config / "mesh.yaml"), str(config / "details.yaml")}
+    assert set(w.store.mesh().services) == {REVIEWS, RATINGS, DETAILS}
+    assert not duplicates(w.store)
+    assert not [i for i in w.store.mesh().issues if i.severity == "error"]
+    # `meshline analyze` reads the same names.
+    assert [r.origin for r in read_paths([config])] == [str(config / "details.yaml"), str(config / "mesh.yaml")]
+
+
+async def test_configmap_key_removed_removes_its_objects_within_a_second(config: Path, start: Start) -> None:
+    vol = ConfigMapVolume(config)
+    vol.write({"reviews.yaml": service("reviews"), "ratings.yaml": service("ratings")})
+    w = await start()
+    await w.next_batch()
+    assert {REVIEWS, RATINGS} <= set(w.store.mesh().services)
+
+    vol.write({"reviews.yaml": service("reviews")})
+    await w.until(lambda: RATINGS not in w.store.mesh().services)
+    assert set(w.store.mesh().services) == {REVIEWS}
+    assert all(REVIEWS in served for served in w.services)  # the kept key never blinked
+    assert origins(w.batches) <= {str(config / "reviews.yaml"), str(config / "ratings.yaml")}
+    assert not duplicates(w.store)
+
+
+async def test_configmap_update_of_a_key_is_picked_up(config: Path, start: Start) -> None:
+    vol = ConfigMapVolume(config)
+    vol.write({"mesh.yaml": docs(service("reviews"), reviews_vs("^/v1/.*"))})
+    w = await start()
+    await w.next_batch()
+    assert served_regex(w.store) == "^/v1/.*"
+
+    # Only `..data` moves: the key's own symlink is untouched.
+    vol.write({"mesh.yaml": docs(service("reviews"), reviews_vs("^/v2/.*")), "ratings.yaml": service("ratings")})
+    await w.until(lambda: served_regex(w.store) == "^/v2/.*" and RATINGS in w.store.mesh().services)
+    assert w.store.mesh().vs_by_host[REVIEWS].ref.file == str(config / "mesh.yaml")
+    assert origins(w.batches) == {str(config / "mesh.yaml"), str(config / "ratings.yaml")}
+    assert not duplicates(w.store)
+
+    vol.write({"mesh.yaml": docs(service("reviews"), reviews_vs("^/v3/.*")), "ratings.yaml": service("ratings")})
+    await w.until(lambda: served_regex(w.store) == "^/v3/.*")
+    assert not duplicates(w.store)
+
+
+async def test_edited_symlink_target_is_picked_up(config: Path, start: Start) -> None:
+    versions = config / ".versions"  # hidden: read only through the link
+    versions.mkdir()
+    (versions / "v1.yaml").write_text(docs(service("reviews"), reviews_vs("^/v1/.*")))
+    (versions / "v2.yaml").write_text(docs(service("reviews"), reviews_vs("^/v2/.*")))
+    link = config / "mesh.yaml"
+    link.symlink_to(Path(".versions") / "v1.yaml")
+    w = await start()
+    await w.next_batch()
+    assert served_regex(w.store) == "^/v1/.*"
+
+    # Retargeted atomically (`ln -sfn`: a new link renamed over the old one).
+    (config / "mesh.yaml.tmp").symlink_to(Path(".versions") / "v2.yaml")
+    os.rename(config / "mesh.yaml.tmp", link)
+    await w.until(lambda: served_regex(w.store) == "^/v2/.*")
+
+    # The target edited in place.
+    (versions / "v2.yaml").write_text(docs(service("reviews"), reviews_vs("^/v2b/.*")))
+    await w.until(lambda: served_regex(w.store) == "^/v2b/.*")
+    assert origins(w.batches) == {str(link)}
+    assert not duplicates(w.store)
+
+
+async def test_directory_symlink_swapped_like_git_sync_is_followed(config: Path, start: Start) -> None:
+    """git-sync publishes a checkout as `current -> .worktrees/<hash>` and swaps the link."""
+    for rev, regex in (("aaa", "^/v1/.*"), ("bbb", "^/v2/.*")):
+        (config / ".worktrees" / rev).mkdir(parents=True)
+        (config / ".worktrees" / rev / "mesh.yaml").write_text(docs(service("reviews"), reviews_vs(regex)))
+    (config / "current").symlink_to(Path(".worktrees") / "aaa", target_is_directory=True)
+    w = await start()
+    await w.next_batch()
+    assert served_regex(w.store) == "^/v1/.*"
+
+    (config / "current.tmp").symlink_to(Path(".worktrees") / "bbb", target_is_directory=True)
+    os.rename(config / "current.tmp", config / "current")
+    await w.until(lambda: served_regex(w.store) == "^/v2/.*")
+    assert origins(w.batches) == {str(config / "current" / "mesh.yaml")}
+    assert not duplicates(w.store)
+
+
+# --------------------------------------------------------------------------- whole files only (issue 14)
+
+QUIET_MS = 300  # the debounce in the tests below; each pause of their writers is a fraction of it
+PAUSE = 0.02
+
+
+async def test_a_file_written_one_document_at_a_time_applies_once_whole(config: Path, start: Start) -> None:
+    (config / "reviews.yaml").write_text(service("reviews"))
+    w = await start(QUIET_MS)
+    await w.next_batch()
+    names = ["ratings", "details", "productpage", "mongodb", "mysql"]
+
+    with open(config / "bookinfo.yaml", "w") as f:
+        for n, name in enumerate(names):
+            f.write(("---\n" if n else "") + service(name))
+            f.flush()
+            await asyncio.sleep(PAUSE)
+    full = {REVIEWS, *(f"{n}.default.svc.cluster.local" for n in names)}
+    await w.until(lambda: set(w.store.mesh().services) == full, timeout=DEADLINE + QUIET_MS / 1000)
+
+    # Never a partial mesh, and the burst was one change.
+    assert all(served in ({REVIEWS}, full) for served in w.services)
+    assert [e.origin for b in w.batches[1:] for e in b if isinstance(e, Replace)] == [str(config / "bookinfo.yaml")]
+
+
+async def test_a_file_truncated_then_rewritten_never_applies_empty(config: Path, start: Start) -> None:
+    f = config / "mesh.yaml"
+    f.write_text(docs(service("reviews"), service("ratings")))
+    w = await start(QUIET_MS)
+    await w.next_batch()
+
+    with open(f, "w") as out:  # truncated ...
+        out.flush()
+        await asyncio.sleep(PAUSE)
+        out.write(docs(service("reviews"), service("ratings"), service("details")))  # ... and rewritten
+    await w.until(lambda: DETAILS in w.store.mesh().services, timeout=DEADLINE + QUIET_MS / 1000)
+    assert all({REVIEWS, RATINGS} <= served for served in w.services)
+    assert not issues_for(w.store, f)
+
+
+async def test_an_emptied_file_removes_its_objects_with_a_warning(config: Path, start: Start) -> None:
+    f = config / "mesh.yaml"
+    f.write_text(docs(service("reviews"), service("ratings")))
+    (config / "empty.yaml").write_text("# nothing yet\n")
+    w = await start()
+    await w.next_batch()
+    assert not issues_for(w.store, config / "empty.yaml")  # empty from the start: nothing to say
+
+    f.write_text("")
+    await w.until(lambda: not w.store.mesh().services)
+    [issue] = issues_for(w.store, f)
+    assert issue.ref.file == str(f) and issue.format().startswith(f"{f}:")
+    assert "empty" in issue.message and "2 object(s)" in issue.message
+    [replace] = [e for e in w.batches[-1] if isinstance(e, Replace)]
+    assert replace.objects == () and [e.severity for e in replace.errors] == ["warning"]
+
+    # Still empty after another save: still said; content again: the warning is gone.
+    f.write_text("\n")
+    await w.until(lambda: len(w.batches) >= 3)
+    assert [i.message for i in issues_for(w.store, f)] == [issue.message]
+    f.write_text(service("reviews"))
+    await w.until(lambda: REVIEWS in w.store.mesh().services)
+    assert not issues_for(w.store, f)
+
+
+# --------------------------------------------------------------------------- the debounce, step by step
+
+
+def test_debounce_releases_a_name_once_it_has_been_quiet() -> None:
+    d = Debounce(0.1)
+    d.touch("a", 0.0)
+    d.touch("a", 0.05)  # a burst: the quiet period starts again
+    d.touch("b", 0.06)
+    assert d.due(0.12) == []
+    assert d.next_due() == pytest.approx(0.15)
+    assert d.due(0.15) == ["a"]
+    assert d.due(0.16) == ["b"]
+    assert d.due(9.0) == [] and d.next_due() is None
+
+
+def test_a_growing_file_applies_only_after_the_debounce(config: Path) -> None:
+    """`tick` with explicit times (no watcher): every look that finds the file changed
+    restarts its quiet period; only then is it read, whole."""
+    f = config / "mesh.yaml"
+    src = DirectorySource([config], debounce_ms=100)
+    assert src.initial() == []
+
+    f.write_text(service("reviews"))
+    assert src.tick([str(f)], 0.0) == []
+    f.write_text(docs(service("reviews"), service("ratings")))
+    assert src.tick([str(f)], 0.05) == []
+    assert src.tick([], 0.149) == []  # quiet for 99 ms only
+    [ev] = src.tick([], 0.15)
+    assert isinstance(ev, Replace) and sorted(o.name for o in ev.objects or ()) == ["ratings", "reviews"]
+    assert src.tick([], 1.0) == [] and src.next_due() is None
+
+
+def test_a_configmap_swap_is_noticed_without_an_event_on_the_key(config: Path) -> None:
+    """The kubelet never touches a kept key's symlink: the change of what it resolves to is
+    what `tick` notices (here with no inotify event at all)."""
+    vol = ConfigMapVolume(config)
+    vol.write({"mesh.yaml": service("reviews", port=1111), "gone.yaml": service("ratings")})
+    src = DirectorySource([config], debounce_ms=100)
+    assert [e.origin for e in src.initial() if isinstance(e, Replace)] == [str(config / "gone.yaml"),
+                                                                             str(config / "mesh.yaml")]
+    vol.write({"mesh.yaml": service("reviews", port=2222)})
+    assert src.tick([], 10.0) == []
+    events = src.tick([], 10.1)
+    assert [(e.origin, [o.body["spec"]["ports"][0]["port"] for o in e.objects or ()])
+            for e in events if isinstance(e, Replace)] == [(str(config / "gone.yaml"), []),
+                                                           (str(config / "mesh.yaml"), [2222])]
