@@ -21,8 +21,22 @@ run: $(STAMP)
 system-deps:
 	scripts/system-deps.sh
 
-test: $(STAMP) system-deps
+test: $(STAMP) system-deps kube-build
 	$(BIN)/python -m pytest -q
+
+# A real kube-apiserver + etcd (tests/kube_real, `make run-kube`): built once from the Go
+# module proxy into ~/.cache/meshline/kube/<version>/ (cold: minutes; then instant).
+# kube-build never fails the run: without Go (or on a failed build) it says why, and the
+# `kube` tests are skipped with that reason printed.
+.PHONY: kube kube-build kube-down run-kube
+kube-build:
+	@scripts/kube/kube.sh build || echo "kube-build: no real API server (see above); kube tests will be skipped"
+
+kube:
+	scripts/kube/kube.sh up
+
+kube-down:
+	scripts/kube/kube.sh down
 
 # Benchmarks: matplotlib from the `bench` extra; sovereign (the P8 peer) in its own venv,
 # because it pins fastapi/uvicorn versions older than Meshline's.
