@@ -8,19 +8,21 @@ One pass (`NodeAgent.sync`, blocking; run in a thread):
 
 1. the pods: `--pods-file` (re-read each pass) or the Kubernetes API (pods with
    `spec.nodeName=NODE` whose label `meshline.io/dataplane-mode`, else their namespace's,
-   is `ambient`; hostNetwork pods never);
-2. `discover`: every process's /proc/<pid>/ns/net grouped by netns inode (the agent's own,
-   i.e. the host's, skipped), the addresses of each netns read from
-   /proc/<pid>/net/fib_trie (IPv4) and if_inet6 (IPv6); a pod is in the netns that holds
-   one of its IPs;
+   is `ambient`; hostNetwork pods never), each with its UID (`metadata.uid`);
+2. `discover` (`controlplane.nodeagent.discovery`): each pod's netns, proven by the pod
+   UID in the cgroup of the processes holding it (an IP alone never decides; only a pod
+   without a UID, e.g. a `--pods-file` entry without `uid`, is found by IP, and only in a
+   netns of no pod); ambiguities are skipped and logged, never guessed;
 3. `/proc/<pid>/ns/net` bind-mounted onto `<netns-dir>/<namespace>_<name>`, so the path
    outlives the process (kept when it already is that netns; replaced when the pod got a
-   new netns); the ambient capture rules applied once per newly found netns;
+   new netns; a symlink found there is removed, never mounted through); the ambient capture
+   rules applied once per newly found netns;
 4. pods gone (or no longer found): their ambient rules removed, their path unmounted and
-   deleted.
+   deleted (a symlink is only deleted).
 
-The report always holds the node's full set (only pods whose capture is in place), sent
-after every pass, i.e. every --interval seconds.
+The report always holds the node's full set (only pods whose capture is in place) with
+each pod's UID as found, sent after every pass, i.e. every --interval seconds; the
+control plane's refusals (see `controlplane.nodeagent.registry`) are logged.
 """
 
 from __future__ import annotations
@@ -29,7 +31,6 @@ import asyncio
 import ipaddress
 import logging
 import os
-import re
 import socket
 import subprocess
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -41,13 +42,14 @@ import grpc
 import yaml
 
 from controlplane.iptables import Iptables, IptablesError, apply_ambient, cleanup_ambient, in_netns
+from controlplane.nodeagent import registry
+from controlplane.nodeagent.discovery import Found, PodRef, discover
 from controlplane.nodeagent.registry import SERVICE, PodNetns
 
 log = logging.getLogger(__name__)
 
-DEFAULT_NETNS_DIR = Path("/var/run/meshline/netns")
+DEFAULT_NETNS_DIR = Path(registry.DEFAULT_NETNS_DIR)
 DATAPLANE_MODE_LABEL = "meshline.io/dataplane-mode"
-_NAME = re.compile(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?")
 
 CommandRunner = Callable[[Sequence[str]], None]
 """Runs argv (mount, umount); raises AgentError on failure."""
@@ -60,33 +62,9 @@ class AgentError(Exception):
 # --------------------------------------------------------------------------- pods
 
 
-@dataclass(frozen=True, slots=True)
-class PodRef:
-    """A pod the agent looks for: identity and the IPs Kubernetes (or the pods file) gives."""
-
-    namespace: str
-    name: str
-    ips: tuple[str, ...]
-
-    def __post_init__(self) -> None:
-        for what, value in (("namespace", self.namespace), ("name", self.name)):
-            if not _NAME.fullmatch(value) or len(value) > 253:
-                raise ValueError(f"pod {what} {value!r} is not a Kubernetes name")
-        for ip in self.ips:
-            ipaddress.ip_address(ip)  # ValueError names the bad address
-
-    @property
-    def key(self) -> tuple[str, str]:
-        return (self.namespace, self.name)
-
-    @property
-    def file_name(self) -> str:
-        """`<namespace>_<name>` (unambiguous: Kubernetes names never hold `_`)."""
-        return f"{self.namespace}_{self.name}"
-
-
 def load_pods_file(path: Path) -> list[PodRef]:
-    """A YAML or JSON list of `{namespace, name, ips: [...]}`. Raises AgentError."""
+    """A YAML or JSON list of `{namespace, name, ips: [...], uid}` (`uid` optional: the
+    pod's metadata.uid). Raises AgentError."""
     try:
         doc = yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError) as exc:
@@ -102,7 +80,8 @@ def load_pods_file(path: Path) -> list[PodRef]:
             if not isinstance(ips, list):
                 raise ValueError("ips: not a list")
             out.append(PodRef(str(item.get("namespace", "")), str(item.get("name", "")),
-                              tuple(str(ipaddress.ip_address(str(ip))) for ip in ips)))
+                              tuple(str(ipaddress.ip_address(str(ip))) for ip in ips),
+                              str(item.get("uid") or "").lower()))
         except ValueError as exc:
             raise AgentError(f"{path}: item {i}: {exc}") from None
     return out
@@ -124,7 +103,7 @@ def ambient_pods(pods: Iterable[Mapping[str, Any]], namespace_labels: Mapping[st
         ips = [str(p.get("ip")) for p in status.get("podIPs") or [] if p.get("ip")] or (
             [str(status["podIP"])] if status.get("podIP") else [])
         try:
-            out.append(PodRef(ns, name, tuple(ips)))
+            out.append(PodRef(ns, name, tuple(ips), str(meta.get("uid") or "").lower()))
         except ValueError as exc:
             log.warning("pod %s/%s skipped: %s", ns, name, exc)
     return [p for p in out if p.ips]
@@ -151,104 +130,6 @@ def kubernetes_pod_lister(node: str, kubeconfig: Path | None) -> Callable[[], li
     return list_pods
 
 
-# --------------------------------------------------------------------------- discovery
-
-
-@dataclass(frozen=True, slots=True)
-class Netns:
-    inode: int
-    pid: int  # one process in it
-    addresses: frozenset[str]
-
-
-@dataclass(frozen=True, slots=True)
-class Found:
-    pod: PodRef
-    pid: int
-    inode: int
-    ips: tuple[str, ...]  # the addresses of its netns
-
-
-def parse_fib_trie(text: str) -> set[str]:
-    """The local IPv4 addresses in /proc/<pid>/net/fib_trie (leaves with `/32 host LOCAL`),
-    loopback excluded."""
-    out: set[str] = set()
-    leaf = None
-    for line in text.splitlines():
-        s = line.strip()
-        if s.startswith("|-- "):
-            leaf = s[4:].strip()
-        elif leaf is not None and s.split() == ["/32", "host", "LOCAL"]:
-            out.add(leaf)
-    return {a for a in out if not ipaddress.ip_address(a).is_loopback}
-
-
-def parse_if_inet6(text: str) -> set[str]:
-    """Global-scope IPv6 addresses from /proc/<pid>/net/if_inet6."""
-    out = set()
-    for line in text.splitlines():
-        fields = line.split()
-        if len(fields) >= 4 and len(fields[0]) == 32 and fields[3] == "00":
-            out.add(str(ipaddress.IPv6Address(bytes.fromhex(fields[0]))))
-    return out
-
-
-def netns_addresses(proc_root: Path, pid: int) -> frozenset[str]:
-    """The addresses of the network namespace `pid` is in. Raises OSError (process gone)."""
-    v4 = parse_fib_trie((proc_root / str(pid) / "net" / "fib_trie").read_text())
-    try:
-        v6 = parse_if_inet6((proc_root / str(pid) / "net" / "if_inet6").read_text())
-    except FileNotFoundError:  # IPv6 disabled
-        v6 = set()
-    return frozenset(v4 | v6)
-
-
-def _inode(path: Path) -> int | None:
-    try:
-        return os.stat(path).st_ino
-    except OSError:
-        return None
-
-
-def scan_netns(proc_root: Path = Path("/proc")) -> list[Netns]:
-    """Every network namespace some process is in, but the agent's own (the host's)."""
-    own = _inode(proc_root / "self" / "ns" / "net")
-    pids: dict[int, list[int]] = {}
-    for entry in proc_root.iterdir():
-        if entry.name.isdigit():
-            ino = _inode(entry / "ns" / "net")
-            if ino is not None and ino != own:
-                pids.setdefault(ino, []).append(int(entry.name))
-    out = []
-    for ino, members in sorted(pids.items()):
-        for pid in sorted(members):
-            try:
-                out.append(Netns(ino, pid, netns_addresses(proc_root, pid)))
-                break
-            except OSError:
-                continue  # exited meanwhile: try the next process of the netns
-    return out
-
-
-def discover(pods: Sequence[PodRef], proc_root: Path = Path("/proc")) -> list[Found]:
-    """Each pod matched to the netns holding one of its IPs, sorted by namespace/name. A pod
-    whose IPs point at two namespaces is skipped with a warning."""
-    holders: dict[str, dict[int, Netns]] = {}
-    for ns in scan_netns(proc_root):
-        for addr in ns.addresses:
-            holders.setdefault(addr, {})[ns.inode] = ns
-    out = []
-    for pod in pods:
-        matches = {ino: ns for ip in pod.ips for ino, ns in holders.get(ip, {}).items()}
-        if len(matches) > 1:
-            log.warning("pod %s/%s: its IPs %s are in %d network namespaces; skipped", pod.namespace, pod.name,
-                        ", ".join(pod.ips), len(matches))
-        elif matches:
-            (ns,) = matches.values()
-            out.append(Found(pod, ns.pid, ns.inode, tuple(sorted(ns.addresses))))
-    return sorted(out, key=lambda f: f.pod.key)
-
-
 # --------------------------------------------------------------------------- mounts
 
 
@@ -262,9 +143,10 @@ def run_command(argv: Sequence[str]) -> None:
 
 
 def mounted_inode(path: Path) -> int | None:
-    """The inode of what is mounted on `path` (None: nothing, or no such file)."""
+    """The inode of what is mounted on `path` (None: nothing, no such file, or a symlink:
+    never followed)."""
     try:
-        st, parent = os.stat(path), os.stat(path.parent)
+        st, parent = os.lstat(path), os.stat(path.parent)
     except OSError:
         return None
     return st.st_ino if st.st_dev != parent.st_dev else None
@@ -280,6 +162,8 @@ def ensure_mount(path: Path, source: Path, inode: int, run: CommandRunner = run_
     if current is not None:
         unmount(path, run)
     path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_symlink():  # not ours: `mount` would follow it and cover its target
+        path.unlink()
     path.touch(exist_ok=True)
     run(["mount", "--bind", str(source), str(path)])
     if mounted_inode(path) != inode:
@@ -328,12 +212,19 @@ class NodeAgent:
         self._run = run
         self._captured: dict[tuple[str, str], int] = {}  # pod -> netns inode its rules went into
         self._current: dict[tuple[str, str], PodNetns] = {}
+        self._problems: set[str] = set()  # the last pass's discovery problems (logged when new)
+        self._refused: set[str] = set()  # the control plane's last refusals (logged when new)
 
     # ------------------------------------------------------------------ one pass
     def sync(self) -> tuple[PodNetns, ...]:
         """One discovery pass (blocking): the node's full set of captured ambient pods. Raises
         AgentError when the pods cannot be listed (nothing is torn down then)."""
-        found = discover(self._list_pods(), self.config.proc_root)
+        problems: list[str] = []
+        found = discover(self._list_pods(), self.config.proc_root, problems)
+        for message in problems:
+            if message not in self._problems:
+                log.warning("%s", message)
+        self._problems = set(problems)
         out = [p for p in (self._attach(f) for f in found) if p is not None]
         keep = {Path(p.netns_path).name for p in out}
         self._detach_others(keep)
@@ -363,7 +254,7 @@ class NodeAgent:
                 log.error("pod %s/%s: cannot apply the capture rules (retried next pass): %s", *f.pod.key, exc)
                 return None
             self._captured[f.pod.key] = f.inode
-        return PodNetns(f.pod.namespace, f.pod.name, str(path), f.ips)
+        return PodNetns(f.pod.namespace, f.pod.name, str(path), f.ips, f.uid)
 
     def _detach_others(self, keep: set[str]) -> None:
         try:
@@ -371,6 +262,10 @@ class NodeAgent:
         except FileNotFoundError:
             return
         for path in entries:
+            if path.is_symlink():  # not ours: never unmount through it
+                if path.name not in keep:
+                    path.unlink(missing_ok=True)
+                continue
             if path.name in keep or path.is_dir():
                 continue
             if self.config.iptables and mounted_inode(path) is not None:
@@ -388,7 +283,8 @@ class NodeAgent:
         from controlplane.nodeagent.gen import nodeagent_pb2
 
         return nodeagent_pb2.ReportRequest(node=self.config.node, pods=[
-            nodeagent_pb2.PodNetns(namespace=p.namespace, name=p.name, netns_path=p.netns_path, ips=list(p.ips))
+            nodeagent_pb2.PodNetns(namespace=p.namespace, name=p.name, netns_path=p.netns_path, ips=list(p.ips),
+                                   uid=p.uid)
             for p in pods])
 
     def metadata(self) -> tuple[tuple[str, str], ...]:
@@ -427,8 +323,10 @@ class NodeAgent:
                     resp = await call(request, metadata=metadata, timeout=self.config.timeout)
                 except grpc.aio.AioRpcError as exc:
                     raise AgentError(f"report to {target} failed: {exc.code().name}: {exc.details()}") from None
-            for err in resp.errors:
+            refused = set(resp.errors)
+            for err in sorted(refused - self._refused):
                 log.warning("control plane %s: %s", target, err)
+            self._refused = refused
             accepted = int(resp.accepted)
         return accepted
 

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import click
 
-DEFAULT_NETNS_DIR = "/var/run/meshline/netns"
+DEFAULT_NETNS_DIR = "/var/run/meshline/netns"  # registry.DEFAULT_NETNS_DIR (not imported here: the CLI starts light)
+
 
 
 @click.command("node-agent")
@@ -24,9 +25,12 @@ DEFAULT_NETNS_DIR = "/var/run/meshline/netns"
 @click.option("--kubeconfig", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="List pods from this cluster. Default: $KUBECONFIG, else the in-cluster service account.")
 @click.option("--pods-file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
-              help="Instead of Kubernetes: a YAML/JSON list of {namespace, name, ips: [...]} (re-read each pass).")
+              help="Instead of Kubernetes: a YAML/JSON list of {namespace, name, ips: [...], uid} (re-read each "
+                   "pass; `uid`, the pod's metadata.uid, is how its netns is proven: without it a pod is found by IP, "
+                   "and only in a netns of no Kubernetes pod).")
 @click.option("--netns-dir", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_NETNS_DIR,
-              show_default=True, help="Where each pod's netns is bind-mounted, as <namespace>_<name>.")
+              show_default=True, help="Where each pod's netns is bind-mounted, as <namespace>_<name>. The control "
+                                      "plane refuses paths outside its node agents' directory (the default).")
 @click.option("--interval", type=click.FloatRange(0.1), default=5.0, show_default=True,
               help="Seconds between passes (each pass reports the node's full set).")
 @click.option("--token-file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
@@ -47,7 +51,8 @@ def node_agent(node: str, xds_address: str, all_addresses: bool, kubeconfig: Pat
     CAP_SYS_ADMIN and CAP_NET_ADMIN, in the host's PID namespace)."""
     from controlplane.bootstrap import split_address
     from controlplane.logs import setup_logging
-    from controlplane.nodeagent.agent import AgentConfig, AgentError, NodeAgent, PodRef, load_pods_file
+    from controlplane.nodeagent.agent import AgentConfig, AgentError, NodeAgent, load_pods_file
+    from controlplane.nodeagent.discovery import PodRef
 
     setup_logging(log_level, log_format)
     try:
