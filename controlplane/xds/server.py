@@ -9,6 +9,16 @@ the node metadata claims): a token for another namespace than the node's is refu
 Responses are assembled from pre-serialized resource chunks (see cache/resources.py), so
 the gRPC response serializer is the identity: a resource's bytes are produced once and
 shared by every stream.
+
+What one client can make the server hold is bounded (`XdsLimits`, issue 14 item 4): a
+message is at most a few MiB (gRPC refuses larger ones), a connection carries a bounded
+number of concurrent streams, an authenticated identity (per node, for node proxies) or an
+unauthenticated peer address a bounded number of open streams, and each request is checked
+by the stream (names per request, per type and per stream). Beyond a limit the stream ends
+with RESOURCE_EXHAUSTED, a malformed request with INVALID_ARGUMENT, each with a message
+naming the limit; other streams are unaffected. What a stream held is freed by reference
+counting when it ends (no cycles through grpc's call state), and after a large stream the
+C heap is trimmed (`HeapTrim`, glibc's malloc_trim) so the memory goes back to the OS.
 """
 
 from __future__ import annotations
@@ -16,12 +26,14 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import ctypes
+import ipaddress
 import itertools
 import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import grpc
 from envoy.service.discovery.v3 import discovery_pb2
@@ -32,8 +44,19 @@ from controlplane.cache.snapshot import Snapshot
 from controlplane.model.ir import CaptureMode, ProxyMeta, ProxyMode, labels_of
 from controlplane.translate.plan import SECRET, SHORT_NAMES
 from controlplane.translate.secrets import SECRET_NAMES
-from controlplane.xds.stream import AdsStream, NackRecord, NameSets, Outgoing
+from controlplane.xds.stream import (
+    AdsStream,
+    NackRecord,
+    NameSets,
+    Outgoing,
+    RequestRefused,
+    XdsLimits,
+    sanitize,
+)
 from controlplane.xds.stream import Protocol as StreamProtocol
+
+if TYPE_CHECKING:
+    from _collections_abc import dict_items, dict_keys, dict_values
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +94,6 @@ def proxy_meta_from_node(node: Any) -> ProxyMeta:
 
 def _loopback(value: Any) -> str:
     """The bind-capture outbound address a proxy asks for: a loopback IPv4 address only."""
-    import ipaddress
-
     try:
         ip = ipaddress.IPv4Address(str(value))
     except ValueError:
@@ -150,6 +171,31 @@ class Connection:
         self.inbox.wake()
 
 
+class ConnectionTable(dict[int, Connection]):
+    """The open streams by id. Its views are copies (taken at C speed, atomically under the
+    GIL): the status API iterates them from worker threads while the event loop adds and
+    removes streams, which would otherwise fail with "dictionary changed size during
+    iteration". (`__iter__` stays dict's own: copying relies on it.)"""
+
+    def keys(self) -> dict_keys[int, Connection]:
+        return dict.copy(self).keys()
+
+    def values(self) -> dict_values[int, Connection]:
+        return dict.copy(self).values()
+
+    def items(self) -> dict_items[int, Connection]:
+        return dict.copy(self).items()
+
+
+class StreamEnded(Exception):
+    """Ends the stream with a gRPC status (the server sets it; see `_serve`)."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
 @dataclass(frozen=True, slots=True)
 class _Failed:
     """The reader task's exception, re-raised by the stream's coroutine."""
@@ -165,19 +211,74 @@ class Observer(Protocol):
     def on_ack(self, conn: Connection) -> None: ...
 
 
+def peer_host(peer: str) -> str | None:
+    """The IP address of a gRPC peer (`ipv4:1.2.3.4:5`, `ipv6:[::1]:5`), or None (a Unix
+    socket, e.g. behind 15012's TLS front, or something unrecognised)."""
+    kind, _, rest = peer.partition(":")
+    if kind == "ipv4":
+        host = rest.rpartition(":")[0]
+    elif kind == "ipv6":
+        host = rest.rpartition(":")[0].strip("[]")
+    else:
+        return None
+    try:
+        return str(ipaddress.ip_address(host))
+    except ValueError:
+        return None
+
+
+class HeapTrim:
+    """Gives the memory a large stream freed back to the OS. glibc keeps freed blocks in its
+    arenas: after 100 streams holding 1.7 MiB of names each had gone, the server stayed
+    ~100 MiB above its baseline, and `malloc_trim` returned 60 MiB of it. Runs at most once
+    per `period_s`, in a worker thread (ctypes releases the GIL); a no-op without glibc."""
+
+    def __init__(self, period_s: float = 1.0) -> None:
+        self.period_s = period_s
+        self.runs = 0
+        self._handle: asyncio.TimerHandle | None = None
+        self._trim: Any = None
+        try:
+            trim = ctypes.CDLL(None).malloc_trim
+        except (AttributeError, OSError):
+            return
+        trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+        self._trim = trim
+
+    def schedule(self) -> None:
+        if self._trim is None or self._handle is not None:
+            return
+        self._handle = asyncio.get_running_loop().call_later(self.period_s, self._run)
+
+    def _run(self) -> None:
+        self._handle = None
+        self.runs += 1
+        asyncio.get_running_loop().run_in_executor(None, self._trim, 0)
+
+
+TRIM_AFTER_BYTES = 256 * 1024
+"""A stream that subscribed to this many characters of names (or was refused) schedules a
+`HeapTrim` when it ends."""
+
+
 class XdsServer:
     def __init__(self, source: SnapshotSource, observer: Observer | None = None,
                  authenticator: StreamAuthenticator | None = None,
-                 node_proxy_identity: Identity | None = None) -> None:
+                 node_proxy_identity: Identity | None = None, limits: XdsLimits | None = None) -> None:
         """`node_proxy_identity`: the identity node proxies must prove (with a credential bound
-        to their node) when streams are authenticated."""
+        to their node) when streams are authenticated. `limits`: per-client bounds (defaults:
+        `XdsLimits()`); start the gRPC server with the same (`start_grpc(..., limits=...)`)."""
         self.source = source
         self.node_proxy_identity = node_proxy_identity
         self.observer = observer
         self.authenticator = authenticator
-        self.connections: dict[int, Connection] = {}
+        self.limits = limits if limits is not None else XdsLimits()
+        self.connections = ConnectionTable()
         self._ids = itertools.count(1)
-        self.name_sets = NameSets()  # subscribed-name sets shared between streams
+        self.name_sets = NameSets(self.limits.shared_name_bytes)  # subscribed-name sets shared between streams
+        self.streams_per_client: dict[tuple[str, str], int] = {}  # (kind, who) -> open streams
+        self.refused = 0  # streams ended for a limit or a malformed request
+        self.heap_trim = HeapTrim()
 
     # ------------------------------------------------------------------ registration
     def handlers(self) -> list[grpc.GenericRpcHandler]:
@@ -217,33 +318,42 @@ class XdsServer:
         connection up from the first request and writes every response."""
         inbox = Inbox()
         stream_id = next(self._ids)
-        stream = AdsStream(protocol, stream_id, self.name_sets)
+        limits = self.limits
+        stream = AdsStream(protocol, stream_id, self.name_sets, limits)
         conn: Connection | None = None
 
         async def read() -> None:
+            held = 0  # bytes of requests queued before the connection is set up
+            failed = False
             try:
                 async for req in requests:
-                    if conn is None or inbox.items:
-                        inbox.put(req)  # in order, after what the coroutine has not handled yet
-                    else:
-                        self._handle(conn, req)
-                        if stream.may_push():
-                            inbox.wake()
+                    # After a failure, requests are dropped, but the iterator is never abandoned at a
+                    # request it has just yielded: grpc's generator would keep that request forever.
+                    if not failed:
+                        try:
+                            held = self._read_one(req, conn, stream, inbox, held)
+                        except RequestRefused as exc:
+                            failed = True
+                            inbox.put(_Failed(exc.with_traceback(None)))  # (its frames would hold the request)
+                        except Exception as exc:  # a bug handling a request: fail the stream, visibly
+                            failed = True
+                            inbox.put(_Failed(exc))
+                    del req  # (a parsed request holds its whole buffer: not kept while waiting for the next)
             except (grpc.aio.AioRpcError, asyncio.CancelledError):
                 pass
-            except Exception as exc:  # a bug handling a request: fail the stream, visibly
-                inbox.put(_Failed(exc))
-                return
-            inbox.put(None)
+            if not failed:
+                inbox.put(None)
 
         reader = asyncio.create_task(read())
         auth: AuthResult | None = None
+        client: tuple[str, str] | None = None
         try:
             if self.authenticator is not None:
                 auth = await self.authenticator.authenticate(context.invocation_metadata())
                 if auth.unavailable:
                     log.warning("xDS stream from %s refused for now: %s", context.peer(), auth.reason)
-                    await context.abort(grpc.StatusCode.UNAVAILABLE, "cannot verify the token now; retry later")
+                    raise StreamEnded(grpc.StatusCode.UNAVAILABLE, "cannot verify the token now; retry later")
+            client = self._admit(auth, context.peer())
             while True:
                 # (The warming deadline matters only while something waits for it.)
                 await inbox.wait(stream.waiting[2] if stream.waiting is not None and stream.may_push() else None)
@@ -258,6 +368,7 @@ class XdsServer:
                         self.connections[stream_id] = conn  # (set before attach: teardown undoes both)
                         self.source.attach(conn)
                     self._handle(conn, item)
+                    del item  # (not held while waiting: a request holds its whole buffer)
                 if conn is None:
                     continue
                 while (out := stream.next_push(time.monotonic())) is not None:
@@ -265,21 +376,88 @@ class XdsServer:
                     conn.sent_responses += 1
                     if self.observer is not None:
                         self.observer.on_push(conn, out)
+        except (RequestRefused, StreamEnded) as exc:
+            # Its traceback holds this frame, which may hold it (`item`): a cycle that would keep
+            # the stream's state and request alive until a full garbage collection.
+            exc.__traceback__ = None
+            if isinstance(exc, RequestRefused):
+                self.refused += 1
+                self.heap_trim.schedule()
+                who = conn.meta.node_id if conn is not None else "(not set up)"
+                log.warning("xDS stream of proxy %s from %s refused: %s", sanitize(who, 200), context.peer(),
+                            exc.message)
+                code = grpc.StatusCode.RESOURCE_EXHAUSTED if exc.exhausted else grpc.StatusCode.INVALID_ARGUMENT
+            else:
+                code = exc.code
+            # Not context.abort(): its AbortError keeps this frame (and the request) in a cycle
+            # through grpc's C-level call state that the garbage collector cannot free.
+            context.set_code(code)
+            context.set_details(exc.message)
         finally:
             reader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await reader
+            if client is not None:
+                left = self.streams_per_client[client] - 1
+                if left:
+                    self.streams_per_client[client] = left
+                else:
+                    del self.streams_per_client[client]
             if conn is not None:
                 self.connections.pop(stream_id, None)
                 self.source.detach(conn)
                 log.info("proxy %s disconnected", conn.meta.node_id)
+            if stream.peak_subscription_bytes >= TRIM_AFTER_BYTES:
+                self.heap_trim.schedule()
+
+    def _read_one(self, req: Any, conn: Connection | None, stream: AdsStream, inbox: Inbox, held: int) -> int:
+        """A request as the stream's reader receives it: handled at once once the connection is
+        set up (and nothing is queued before it), else queued within bounds. Returns the bytes
+        queued before set-up."""
+        if conn is None or inbox.items:
+            if conn is None:
+                stream.check_request(req)  # (cheap refusals before holding on to it)
+                held += req.ByteSize()
+                lim = self.limits
+                if len(inbox.items) >= lim.max_queued_requests or held > lim.max_queued_bytes:
+                    raise RequestRefused(f"more than {lim.max_queued_requests} requests or {lim.max_queued_bytes} "
+                                         "bytes sent before the stream was set up", exhausted=True)
+            inbox.put(req)  # in order, after what the coroutine has not handled yet
+        else:
+            self._handle(conn, req)
+            if stream.may_push():
+                inbox.wake()
+        return held
+
+    def _admit(self, auth: AuthResult | None, peer: str) -> tuple[str, str] | None:
+        """Count a new stream against its client's limit: its authenticated identity (and
+        node), else its peer address; RequestRefused beyond it. Returns the key counted (None:
+        not counted, e.g. loopback or a Unix socket peer)."""
+        lim = self.limits
+        if auth is not None and auth.identity is not None:
+            key = ("identity", f"{auth.identity}" + (f" on node {auth.node}" if auth.node else ""))
+            limit = lim.max_streams_per_identity
+        else:
+            host = peer_host(peer)
+            if host is None or (ipaddress.ip_address(host).is_loopback and not lim.limit_loopback_peers):
+                return None
+            key, limit = ("peer", host), lim.max_streams_per_peer
+        open_now = self.streams_per_client.get(key, 0)
+        if open_now >= limit:
+            raise RequestRefused(f"{key[1]} already has {open_now} open xDS streams; at most {limit}", exhausted=True)
+        self.streams_per_client[key] = open_now + 1
+        return key
 
     async def _connect(self, protocol: StreamProtocol, first: Any, auth: AuthResult | None, stream: AdsStream,
                        inbox: Inbox, context: grpc.aio.ServicerContext) -> Connection:
-        """The connection for a stream's first request (aborts the stream when it is refused);
-        the caller registers and attaches it."""
+        """The connection for a stream's first request (raises StreamEnded or RequestRefused
+        when it is refused); the caller registers and attaches it."""
         if not first.HasField("node") or not first.node.id:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first request must carry node.id")
+            raise StreamEnded(grpc.StatusCode.INVALID_ARGUMENT, "the first request must carry node.id")
+        size = first.node.ByteSize()
+        if size > self.limits.max_node_bytes:
+            raise RequestRefused(f"the node (id and metadata) is {size} bytes; at most {self.limits.max_node_bytes}",
+                                 exhausted=False)
         meta = proxy_meta_from_node(first.node)
         identity = await self._identity(auth, meta, context)
         node = None
@@ -287,15 +465,17 @@ class XdsServer:
             node, why = self._node_proof(auth, meta)
             if node is None:
                 log.warning("node proxy %s refused: %s", meta.node_id, why, extra={"proxy": meta.node_id})
-                await context.abort(grpc.StatusCode.PERMISSION_DENIED, why)
+                raise StreamEnded(grpc.StatusCode.PERMISSION_DENIED, why)
         if identity is not None:
             meta = bind_identity(meta, identity, node)
         log.info("proxy %s connected (%s, %s/%s)", meta.node_id, protocol, meta.namespace, meta.workload or "-")
-        return Connection(meta, stream, inbox, node=first.node, peer=context.peer(), identity=identity)
+        node_copy = type(first.node)()
+        node_copy.CopyFrom(first.node)  # (the request's node would keep the whole first request alive)
+        return Connection(meta, stream, inbox, node=node_copy, peer=context.peer(), identity=identity)
 
     async def _identity(self, auth: AuthResult | None, meta: ProxyMeta,
                         context: grpc.aio.ServicerContext) -> Identity | None:
-        """The identity the stream proved, checked against the node's claims (may abort)."""
+        """The identity the stream proved, checked against the node's claims (may end the stream)."""
         if auth is None:
             return None
         ident = auth.identity
@@ -306,9 +486,9 @@ class XdsServer:
         if ident.namespace != meta.namespace:
             log.warning("proxy %s refused: its token is for %s but its node metadata says namespace %s",
                         meta.node_id, ident, meta.namespace, extra={"proxy": meta.node_id})
-            await context.abort(grpc.StatusCode.PERMISSION_DENIED,
-                                f"the token's namespace {ident.namespace!r} is not the node's namespace "
-                                f"{meta.namespace!r}")
+            raise StreamEnded(grpc.StatusCode.PERMISSION_DENIED,
+                              f"the token's namespace {ident.namespace!r} is not the node's namespace "
+                              f"{meta.namespace!r}")
         if ident.service_account != meta.service_account:
             log.info("proxy %s claims service account %s; its token proves %s, which it gets", meta.node_id,
                      meta.service_account, ident)
@@ -364,22 +544,31 @@ class XdsServer:
 
 
 
-async def start_grpc(address: str, handlers: list[grpc.GenericRpcHandler],
-                     options: list[tuple[str, Any]] | None = None) -> tuple[grpc.aio.Server, int]:
-    server = grpc.aio.server(options=[
+def grpc_options(limits: XdsLimits | None = None) -> list[tuple[str, Any]]:
+    """The xDS gRPC server's channel options: the receive limit and streams per connection
+    from `limits`."""
+    lim = limits if limits is not None else XdsLimits()
+    return [
         ("grpc.max_send_message_length", 256 * 1024 * 1024),
-        ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+        ("grpc.max_receive_message_length", lim.max_request_bytes),
+        ("grpc.max_concurrent_streams", lim.max_streams_per_connection),
         ("grpc.keepalive_time_ms", 30_000),
         ("grpc.http2.max_pings_without_data", 0),
         # No bandwidth-delay probing: it sizes the window for what proxies send us, which is
         # small requests and ACKs, and its PINGs after every read cost ~15% of a fan-out's CPU.
         ("grpc.http2.bdp_probe", 0),
-        *(options or []),
-    ])
+    ]
+
+
+async def start_grpc(address: str, handlers: list[grpc.GenericRpcHandler],
+                     options: list[tuple[str, Any]] | None = None,
+                     limits: XdsLimits | None = None) -> tuple[grpc.aio.Server, int]:
+    """A started gRPC server on `address` (port 0: any) with `handlers`; `options` are added
+    to (and override) `grpc_options(limits)`."""
+    server = grpc.aio.server(options=[*grpc_options(limits), *(options or [])])
     server.add_generic_rpc_handlers(handlers)
     port = server.add_insecure_port(address)
     if port == 0:
         raise OSError(f"cannot bind the xDS server to {address}")
     await server.start()
     return server, port
-

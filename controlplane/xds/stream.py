@@ -8,6 +8,13 @@ ACK, i.e. until Envoy has warmed them), then removals in the same order. A NACKe
 resource version is quarantined for this proxy: the last version it accepted (or nothing)
 is sent in its place until the resource changes again, so one bad resource never blocks
 later good updates of the others.
+
+Every request is checked against `XdsLimits` before it changes anything: a type URL we do
+not serve, a name longer than the limit or an oversized node is malformed
+(`RequestRefused`, INVALID_ARGUMENT at the gRPC boundary); more names per request, per
+type or subscribed bytes per stream than allowed is RESOURCE_EXHAUSTED. A delta
+subscribe/unsubscribe costs O(names it changes): the stream's names are a shared set plus
+its own differences (`NameDelta`), and the next push examines only the changed names.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import sys
 import time
+import weakref
 from collections.abc import Iterable, Iterator, Mapping, MutableMapping
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
@@ -25,12 +33,45 @@ from envoy.service.discovery.v3 import discovery_pb2
 from controlplane.cache.resources import Resource
 from controlplane.cache.snapshot import Snapshot, TypeResources
 from controlplane.model.ir import SourceRef, TypeUrl
-from controlplane.translate.plan import CLUSTER, ENDPOINT, LISTENER, PUSH_ORDER, ROUTE, SECRET
+from controlplane.translate.plan import CLUSTER, ENDPOINT, LISTENER, PUSH_ORDER, ROUTE, SECRET, SHORT_NAMES
 
 Protocol = Literal["sotw", "delta"]
 WILDCARD_TYPES = frozenset({CLUSTER, LISTENER})
 REMOVE_ORDER: tuple[TypeUrl, ...] = (ROUTE, LISTENER, CLUSTER, ENDPOINT, SECRET)
 NAMED_TYPES = frozenset({ENDPOINT, ROUTE, SECRET})
+SERVED_TYPES: frozenset[str] = frozenset(PUSH_ORDER)
+MiB = 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class XdsLimits:
+    """What one client may make the xDS server hold (issue 14, item 4). Beyond a limit its
+    stream ends with RESOURCE_EXHAUSTED; a malformed request ends it with INVALID_ARGUMENT.
+    The defaults fit a sidecar or node proxy of a 10,000-service mesh with room to spare."""
+
+    max_request_bytes: int = 4 * MiB  # one gRPC message (the server's receive limit)
+    max_names_per_request: int = 10_000  # names subscribed + unsubscribed + initial versions in one request
+    max_names_per_type: int = 10_000  # names one stream subscribes to, per type
+    max_name_length: int = 1024  # characters of one resource name (or of a version in initial_resource_versions)
+    max_subscription_bytes: int = 2 * MiB  # characters of every name one stream subscribes to, all types
+    max_node_bytes: int = 64 * 1024  # the serialized node (id, metadata, ...) of a stream's first request
+    max_queued_requests: int = 64  # requests held while a stream is being set up (authentication)
+    max_queued_bytes: int = 8 * MiB  # ...and their size
+    max_streams_per_connection: int = 100  # HTTP/2 MAX_CONCURRENT_STREAMS (RFC 9113: "no smaller than 100"; more wait)
+    max_streams_per_identity: int = 1000  # open streams of one authenticated identity (node proxies: per node)
+    max_streams_per_peer: int = 256  # open unauthenticated streams from one IP address (not loopback: see next)
+    limit_loopback_peers: bool = False  # loopback is local development (and 15012's TLS front, behind a socket)
+    shared_name_bytes: int = 64 * MiB  # names held in the index of sets shared between streams (`NameSets`)
+
+
+class RequestRefused(Exception):
+    """A request the stream will not take: beyond a limit (`exhausted`, RESOURCE_EXHAUSTED)
+    or malformed (INVALID_ARGUMENT). The stream ends with `message`."""
+
+    def __init__(self, message: str, exhausted: bool) -> None:
+        super().__init__(message)
+        self.message = message
+        self.exhausted = exhausted
 
 
 def _same(a: Resource | None, b: Resource) -> bool:
@@ -106,10 +147,80 @@ def _names(m: Mapping[str, Resource]) -> set[str]:
     return m.names() if isinstance(m, Layered) else set(m)
 
 
-def _own_names(st: TypeState) -> set[str]:
-    """The stream's own (mutable) set of subscribed names."""
-    if not isinstance(st.names, set):
-        st.names = set(st.names)
+class NameDelta(AbstractSet[str]):
+    """A delta stream's subscribed names of one type: a shared frozenset (`base`, from
+    `NameSets`) plus this stream's own additions and removals. Subscribing or unsubscribing
+    k names costs O(k); once the stream's own differences outgrow a quarter of the base,
+    `settled()` folds them into a new shared set (amortized O(1) per changed name), so
+    streams subscribing to the same names still share one set."""
+
+    __slots__ = ("added", "base", "removed")
+
+    def __init__(self, base: frozenset[str] = frozenset()) -> None:
+        self.base = base
+        self.added: set[str] = set()  # never in base
+        self.removed: set[str] = set()  # always in base
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.added or (name in self.base and name not in self.removed)
+
+    def __len__(self) -> int:
+        return len(self.base) - len(self.removed) + len(self.added)
+
+    def __iter__(self) -> Iterator[str]:
+        # Copies taken in C before iterating: the status API reads subscriptions from another
+        # thread while this one may change them.
+        added, removed = tuple(self.added), frozenset(self.removed)
+        yield from added
+        if removed:
+            yield from (n for n in self.base if n not in removed)
+        else:
+            yield from self.base
+
+    def as_set(self) -> set[str]:
+        """The names as a new set (built at C speed, unlike iterating)."""
+        return set(self.base).difference(self.removed).union(self.added)
+
+    def add(self, name: str) -> bool:
+        """Subscribe `name`; True when it was not subscribed."""
+        if name in self.base:
+            if name in self.removed:
+                self.removed.discard(name)
+                return True
+            return False
+        if name in self.added:
+            return False
+        self.added.add(name)
+        return True
+
+    def discard(self, name: str) -> bool:
+        """Unsubscribe `name`; True when it was subscribed."""
+        if name in self.base:
+            if name in self.removed:
+                return False
+            self.removed.add(name)
+            return True
+        if name in self.added:
+            self.added.remove(name)
+            return True
+        return False
+
+    def settled(self, sets: NameSets) -> NameDelta:
+        """This, or (when its own differences have grown large) the same names over a new
+        shared base."""
+        if len(self.added) + len(self.removed) <= max(64, len(self.base) // 4):
+            return self
+        return NameDelta(sets.canonical(self.base.difference(self.removed).union(self.added)))
+
+
+def _name_set(names: AbstractSet[str]) -> set[str]:
+    return names.as_set() if isinstance(names, NameDelta) else set(names)
+
+
+def _delta_names(st: TypeState) -> NameDelta:
+    """A delta stream's names of `st`, as a `NameDelta` it may change."""
+    if not isinstance(st.names, NameDelta):
+        st.names = NameDelta(frozenset(st.names))
     return st.names
 
 
@@ -161,8 +272,12 @@ class TypeState:
     type_url: TypeUrl
     wildcard: bool = False
     # Subscribed names. SotW replaces the whole set per request: then it is a frozenset shared
-    # by every stream subscribing to the same names (`NameSets`); delta edits a private set.
-    names: AbstractSet[str] = field(default_factory=set)
+    # by every stream subscribing to the same names (`NameSets`); delta edits a `NameDelta`.
+    names: AbstractSet[str] = field(default_factory=frozenset)
+    name_bytes: int = 0  # characters of the subscribed names (counted against the stream's limit)
+    # Delta: names whose subscription changed since the stream was last in sync with
+    # `synced_target` (the next push examines only these).
+    touched: set[str] = field(default_factory=set)
     known: MutableMapping[str, Resource] = field(default_factory=dict)  # what Envoy holds (sent, not NACKed)
     acked: MutableMapping[str, Resource] = field(default_factory=dict)  # what Envoy ACKed
     pending: dict[str, Pending] = field(default_factory=dict)
@@ -192,33 +307,79 @@ class Outgoing:
     removed: int = 0
 
 
-class NameSets:
-    """Canonical frozensets of subscribed names, so a thousand SotW streams subscribing to the
-    same thousand endpoints hold one set (of interned strings), not a thousand. Bounded: it
-    forgets everything when it grows past `limit` sets (streams keep theirs)."""
+class _SharedNames(frozenset[str]):
+    """A canonical set of names, with its serialized SotW subscription and its size."""
 
-    def __init__(self, limit: int = 4096) -> None:
-        self.limit = limit
-        self._sets: dict[frozenset[str], frozenset[str]] = {}
-        self._keys: dict[frozenset[str], bytes] = {}
+    __slots__ = ("key", "nbytes")
+
+    key: bytes | None
+    nbytes: int
+
+
+class _Ref(weakref.ref[_SharedNames]):
+    __slots__ = ("hash", "nbytes")
+
+    hash: int
+    nbytes: int
+
+
+class NameSets:
+    """Canonical sets of subscribed names, so a thousand streams subscribing to the same
+    thousand endpoints hold one set (of interned strings), not a thousand. It holds only weak
+    references: a set lives exactly as long as some stream uses it, so abandoned streams
+    leave nothing behind. Bounded by bytes: beyond `max_bytes` of names in live shared sets,
+    new sets are not shared (the streams keep their own)."""
+
+    def __init__(self, max_bytes: int = 64 * MiB) -> None:
+        self.max_bytes = max_bytes
+        self.bytes = 0  # names (characters, plus a pointer each) in the live shared sets
+        self._sets: dict[int, list[_Ref]] = {}
+
+    def __len__(self) -> int:
+        """Shared sets still in use."""
+        return sum(len(refs) for refs in self._sets.values())
 
     def canonical(self, names: frozenset[str]) -> frozenset[str]:
-        found = self._sets.get(names)
-        if found is not None:
-            return found
-        if len(self._sets) >= self.limit:
-            self._sets.clear()
-            self._keys.clear()
-        self._sets[names] = names
-        return names
+        h = hash(names)
+        refs = self._sets.get(h)
+        if refs is not None:
+            for ref in refs:
+                found = ref()
+                if found is not None and found == names:
+                    return found
+        nbytes = sum(map(len, names)) + 8 * len(names) + 200
+        if self.bytes + nbytes > self.max_bytes:
+            return names  # the index is full: this stream keeps its own set
+        shared = names if isinstance(names, _SharedNames) else _SharedNames(names)
+        shared.key, shared.nbytes = None, nbytes
+        ref = _Ref(shared, self._gone)
+        ref.hash, ref.nbytes = h, nbytes
+        self._sets.setdefault(h, []).append(ref)
+        self.bytes += nbytes
+        return shared
+
+    def _gone(self, ref: weakref.ref[_SharedNames]) -> None:
+        assert isinstance(ref, _Ref)
+        refs = self._sets.get(ref.hash)
+        if refs is None:
+            return
+        try:
+            refs.remove(ref)
+        except ValueError:
+            return
+        self.bytes -= ref.nbytes
+        if not refs:
+            del self._sets[ref.hash]
 
     def key(self, names: frozenset[str], key: bytes) -> bytes:
         """One shared copy of the serialized subscription `key` for the canonical `names`."""
-        found = self._keys.get(names)
+        if not isinstance(names, _SharedNames):
+            return key
+        found = names.key
         if found is not None and found == key:
             return found
-        if found is None and len(self._keys) < self.limit:
-            self._keys[names] = key
+        if found is None:
+            names.key = key
         return key
 
 
@@ -236,10 +397,14 @@ def _names_key(req: discovery_pb2.DiscoveryRequest) -> bytes:
 class AdsStream:
     """State of one stream. `handle_request()` and `next_push()` return what to send."""
 
-    def __init__(self, protocol: Protocol, stream_id: int, name_sets: NameSets | None = None) -> None:
+    def __init__(self, protocol: Protocol, stream_id: int, name_sets: NameSets | None = None,
+                 limits: XdsLimits | None = None) -> None:
         self.protocol = protocol
         self.stream_id = stream_id
-        self.name_sets = name_sets if name_sets is not None else NameSets()
+        self.limits = limits if limits is not None else XdsLimits()
+        self.name_sets = name_sets if name_sets is not None else NameSets(self.limits.shared_name_bytes)
+        self.subscription_bytes = 0  # characters of every name this stream subscribes to
+        self.peak_subscription_bytes = 0
         self.types: dict[TypeUrl, TypeState] = {}
         self.target: Snapshot | None = None
         self.waiting: tuple[TypeUrl, str, float] | None = None  # (type, nonce, deadline)
@@ -280,9 +445,49 @@ class AdsStream:
         (at the rejected version): leaving its name out would delete Envoy's older copy."""
         return self.protocol == "sotw" and st.type_url in WILDCARD_TYPES
 
+    # ------------------------------------------------------------------ limits
+    def check_request(self, req: discovery_pb2.DiscoveryRequest | discovery_pb2.DeltaDiscoveryRequest) -> TypeUrl:
+        """The request's type, after the checks that need no stream state and cost O(1)
+        (type URL, number of names); raises `RequestRefused`."""
+        t = req.type_url
+        if t not in SERVED_TYPES:
+            shown = sanitize(t, 200) or "(empty)"
+            raise RequestRefused(f"type URL {shown} is not served here; served: {', '.join(sorted(SERVED_TYPES))}",
+                                 exhausted=False)
+        if isinstance(req, discovery_pb2.DeltaDiscoveryRequest):
+            count = (len(req.resource_names_subscribe) + len(req.resource_names_unsubscribe)
+                     + len(req.initial_resource_versions))
+        else:
+            count = len(req.resource_names)
+        limit = self.limits.max_names_per_request
+        if count > limit:
+            raise RequestRefused(f"a request for {SHORT_NAMES.get(t, t)} names {count} resources; "
+                                 f"at most {limit} per request", exhausted=True)
+        return TypeUrl(t)
+
+    def _check_names(self, names: Iterable[str], what: str = "resource name") -> None:
+        limit = self.limits.max_name_length
+        for n in names:
+            if len(n) > limit:
+                raise RequestRefused(f"a {what} of {len(n)} characters (at most {limit}): {sanitize(n, 80)}",
+                                     exhausted=False)
+
+    def _count(self, st: TypeState, nbytes: int) -> None:
+        """Replace `st`'s subscribed characters with `nbytes`; raise when a limit is passed."""
+        self.subscription_bytes += nbytes - st.name_bytes
+        self.peak_subscription_bytes = max(self.peak_subscription_bytes, self.subscription_bytes)
+        st.name_bytes = nbytes
+        lim = self.limits
+        if len(st.names) > lim.max_names_per_type:
+            raise RequestRefused(f"this stream subscribes to {len(st.names)} {SHORT_NAMES.get(st.type_url, '')} "
+                                 f"resources; at most {lim.max_names_per_type} per type", exhausted=True)
+        if self.subscription_bytes > lim.max_subscription_bytes:
+            raise RequestRefused(f"this stream subscribes to {self.subscription_bytes} characters of resource "
+                                 f"names; at most {lim.max_subscription_bytes}", exhausted=True)
+
     # ------------------------------------------------------------------ requests
     def handle_sotw_request(self, req: discovery_pb2.DiscoveryRequest) -> NackRecord | None:
-        t = TypeUrl(req.type_url)
+        t = self.check_request(req)
         st = self._state(t)
         nack = None
         if req.response_nonce:
@@ -299,6 +504,7 @@ class AdsStream:
         key = _names_key(req)
         if key == st.names_key:
             return nack  # the same subscription as the stream's last request (an ACK, mostly)
+        self._check_names(req.resource_names)
         names = frozenset(map(sys.intern, req.resource_names))
         wildcard = (t in WILDCARD_TYPES and not names) or "*" in names
         if "*" in names:
@@ -309,11 +515,15 @@ class AdsStream:
             st.wildcard, st.names = wildcard, names
             st.needs_response = True
             st.synced_target = None
+            self._count(st, sum(map(len, names)))
         return nack
 
     def handle_delta_request(self, req: discovery_pb2.DeltaDiscoveryRequest) -> NackRecord | None:
-        t = TypeUrl(req.type_url)
+        t = self.check_request(req)
         first = t not in self.types
+        if first and req.initial_resource_versions:
+            self._check_names(req.initial_resource_versions.keys())
+            self._check_names(req.initial_resource_versions.values(), "resource version")
         st = self._state(t)
         nack = None
         if req.response_nonce:
@@ -345,23 +555,45 @@ class AdsStream:
         return nack
 
     def _subscription_change(self, st: TypeState, req: discovery_pb2.DeltaDiscoveryRequest) -> None:
+        """O(names in the request): only the names that change are touched."""
+        self._check_names(req.resource_names_subscribe)
+        self._check_names(req.resource_names_unsubscribe)
+        names = _delta_names(st)
+        nbytes = st.name_bytes
+        changed: list[str] = []
         for name in req.resource_names_subscribe:
             if name == "*":
-                st.wildcard = True
+                if not st.wildcard:
+                    st.wildcard = True
+                    self._resync(st)
             else:
-                _own_names(st).add(sys.intern(name))
-            st.synced_target = None
+                name = sys.intern(name)
+                if names.add(name):
+                    nbytes += len(name)
+                    changed.append(name)
         for name in req.resource_names_unsubscribe:
             if name == "*":
-                st.wildcard = False
-            else:
-                _own_names(st).discard(name)
+                if st.wildcard:
+                    st.wildcard = False
+                    self._resync(st)
+            elif names.discard(name):
+                nbytes -= len(name)
+                changed.append(name)
                 if not st.wildcard:
                     st.known.pop(name, None)
                     st.absent_notified.discard(name)
-            st.synced_target = None
-        # Streams subscribing to the same names share one set.
-        st.names = self.name_sets.canonical(frozenset(st.names))
+        if changed and st.synced_target is not None:
+            st.touched.update(changed)
+            if len(st.touched) > self.limits.max_names_per_type:
+                self._resync(st)  # churn without pushes in between: compare everything once instead
+        st.names = names.settled(self.name_sets)  # (streams subscribing to the same names share one set)
+        self._count(st, nbytes)
+
+    @staticmethod
+    def _resync(st: TypeState) -> None:
+        """The next push compares everything of `st`'s type (not only touched names)."""
+        st.synced_target = None
+        st.touched.clear()
 
     def _on_ack(self, st: TypeState, pending: Pending) -> None:
         # Envoy answers responses in order: anything older still pending was applied too.
@@ -473,7 +705,7 @@ class AdsStream:
 
     def synced(self) -> bool:
         return self.target is not None and all(
-            not st.needs_response and st.synced_target is self.target.get(st.type_url)
+            not st.needs_response and not st.touched and st.synced_target is self.target.get(st.type_url)
             for t, st in self.types.items()
             if t in PUSH_ORDER  # requests for types we do not serve never block convergence
         )
@@ -485,7 +717,7 @@ class AdsStream:
         if target is None:
             return False
         for t, st in self.types.items():
-            if t in PUSH_ORDER and (st.needs_response or st.synced_target is None
+            if t in PUSH_ORDER and (st.needs_response or st.touched or st.synced_target is None
                                     or st.synced_target is not target.types.get(t)):
                 return True
         return False
@@ -528,6 +760,7 @@ class AdsStream:
                 return out
             tr = self.target.get(t)
             st.synced_target = tr
+            st.touched.clear()
             if self.protocol == "delta" and tr is not None and not st.pending and not st.quarantine:
                 # Envoy holds exactly the target (e.g. after the only changed resource was removed).
                 st.version_sent = st.version_acked = tr.version
@@ -545,35 +778,36 @@ class AdsStream:
             return "NOT_SENT"
         if st.quarantine:
             return "NACKED"
-        if st.pending or self.target is None or st.synced_target is not self.target.get(type_url):
+        if st.pending or st.touched or self.target is None or st.synced_target is not self.target.get(type_url):
             return "STALE"
         return "SYNCED"
 
     def _in_sync(self, st: TypeState) -> bool:
         assert self.target is not None
-        return not st.needs_response and st.synced_target is not None and st.synced_target is self.target.get(
-            st.type_url
-        )
+        return (not st.needs_response and not st.touched and st.synced_target is not None
+                and st.synced_target is self.target.get(st.type_url))
 
     def _diff(self, st: TypeState) -> tuple[dict[str, Resource], list[str], list[str]]:
         """(upserts, removals, absent) between what Envoy holds and the target. When the
-        stream was in sync with the target's predecessor, only the names that changed
-        between the two are examined (O(changed), not O(resources))."""
+        stream was in sync with the target or its predecessor, only the names that changed
+        between the two, and those whose subscription changed since (delta), are examined
+        (O(changed), not O(resources))."""
         assert self.target is not None
         tr = self.target.get(st.type_url)
         items: Mapping[str, Resource] = tr.items if tr is not None else {}
-        fast = (
-            tr is not None and not st.needs_response and st.synced_target is not None
-            and tr.prev is st.synced_target and tr.changed is not None
-        )
         names: Iterable[str]
-        if fast:
-            assert tr is not None and tr.changed is not None
-            names = tr.changed
+        base = st.synced_target
+        if tr is not None and not st.needs_response and base is not None and (
+                base is tr or (tr.prev is base and tr.changed is not None)):
+            if base is tr:
+                names = st.touched
+            else:
+                assert tr.changed is not None
+                names = tr.changed.union(st.touched) if st.touched else tr.changed
         elif st.wildcard:
             names = set(items) | _names(st.known)
         else:
-            names = set(st.names) | _names(st.known)
+            names = _name_set(st.names) | _names(st.known)
         upserts: dict[str, Resource] = {}
         removals: list[str] = []
         absent: list[str] = []
@@ -625,6 +859,7 @@ class AdsStream:
             # Nothing left to remove either: this type is done for the target (saves the
             # removal phase a second diff when the stream is next asked for a push).
             st.synced_target = self.target.get(st.type_url)
+            st.touched.clear()
         return out
 
     def _remove(self, st: TypeState) -> Outgoing | None:
@@ -681,7 +916,9 @@ class AdsStream:
         header = discovery_pb2.DeltaDiscoveryResponse(
             system_version_info=version, type_url=st.type_url, nonce=nonce, removed_resources=removed
         )
-        payload = header.SerializeToString() + b"".join(changes[n].delta_chunk for n in sorted(changes))
+        payload = header.SerializeToString()
+        if changes:  # (not a copy of a header that may list thousands of removed names)
+            payload += b"".join(changes[n].delta_chunk for n in sorted(changes))
         now = time.time()
         recorded: Mapping[str, Resource | None]
         if not removed and not st.known and tr is not None and _shares(changes, tr):
