@@ -4,6 +4,7 @@ stops them cleanly on SIGINT/SIGTERM. Does network and file I/O."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import datetime as dt
 import ipaddress
@@ -13,6 +14,7 @@ import shutil
 import signal
 import socket
 import tempfile
+import threading
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -81,7 +83,8 @@ async def start_ca_server(runtime: Runtime, settings: Settings) -> tuple[Callabl
     internal: grpc.aio.Server | None = None
     try:
         internal, _ = await start_grpc(front.backend_address,
-                                       [*runtime.xds.handlers(), *CertificateService(identity).handlers()])
+                                       [*runtime.xds.handlers(), *CertificateService(identity).handlers()],
+                                       limits=runtime.xds.limits)
         port = await front.start()
     except OSError as exc:
         if internal is not None:
@@ -291,12 +294,49 @@ def node_agent_handlers(runtime: Runtime) -> list[grpc.GenericRpcHandler]:
     return [h for s in runtime.sources if isinstance(s, NodeAgentRegistry) for h in s.handlers()]
 
 
+class StatusThread:
+    """The status API (uvicorn) on its own thread and event loop, so that xDS load on the
+    main loop (request parsing, pushes to thousands of streams) cannot starve /healthz,
+    /readyz and /metrics. Its endpoints already ran outside the main loop (FastAPI runs
+    `def` endpoints in a worker thread) and only read what the main loop publishes."""
+
+    def __init__(self, config: uvicorn.Config) -> None:
+        self.server = uvicorn.Server(config)
+        self.server.capture_signals = contextlib.nullcontext  # the composition root owns signals
+        self.done: concurrent.futures.Future[None] = concurrent.futures.Future()
+        self._thread = threading.Thread(target=self._run, name="meshline-status", daemon=True)
+
+    def _run(self) -> None:
+        try:
+            asyncio.run(self.server.serve())
+        except BaseException as exc:  # e.g. SystemExit: uvicorn cannot bind the address
+            self.done.set_exception(exc)
+        else:
+            self.done.set_result(None)
+
+    def start(self) -> None:
+        self.done.set_running_or_notify_cancel()  # (a running future cannot be cancelled by `wait()`'s caller)
+        self._thread.start()
+
+    async def wait(self) -> None:
+        """Until the server stops (raises what stopped it, as `serve()` in this loop would)."""
+        await asyncio.wrap_future(self.done)
+
+    def should_exit(self) -> None:
+        self.server.should_exit = True
+
+    async def join(self, timeout: float) -> None:
+        self.should_exit()
+        await asyncio.to_thread(self._thread.join, timeout)
+
+
 async def _run(settings: Settings, identity: IdentityService | None, api_client: Any,
                started: asyncio.Event | None, worker: WorkerInfo | None = None) -> None:
     runtime = build_runtime(settings, identity)
     grpc_server, port = await start_grpc(settings.xds_address,
                                          [*runtime.xds.handlers(), *node_agent_handlers(runtime)],
-                                         worker.grpc_options() if worker is not None else None)
+                                         worker.grpc_options() if worker is not None else None,
+                                         limits=runtime.xds.limits)
     ca_server = None
     if identity is not None and settings.ca_address:
         try:
@@ -309,9 +349,8 @@ async def _run(settings: Settings, identity: IdentityService | None, api_client:
     bind: dict[str, Any] = {"host": host, "port": sport}
     if worker is not None:
         app, bind = worker.wrap_status(app), worker.status_bind(host, sport)
-    config = uvicorn.Config(app, **bind, log_level="warning", lifespan="off")
-    status = uvicorn.Server(config)
-    status.capture_signals = contextlib.nullcontext  # the composition root owns signals
+    status = StatusThread(uvicorn.Config(app, **bind, log_level="warning", lifespan="off"))
+    status.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -320,7 +359,7 @@ async def _run(settings: Settings, identity: IdentityService | None, api_client:
     tasks = [
         asyncio.create_task(runtime.run_sources(), name="sources"),
         asyncio.create_task(runtime.rebuild_loop(), name="rebuild"),
-        asyncio.create_task(status.serve(), name="status"),
+        asyncio.create_task(status.wait(), name="status"),
     ]
     if runtime.gc_policy is not None:
         tasks.append(asyncio.create_task(runtime.gc_maintenance_loop(), name="gc"))
@@ -347,7 +386,7 @@ async def _run(settings: Settings, identity: IdentityService | None, api_client:
             if t is not waiter and t.exception() is not None:
                 log.error("task %s failed: %s", t.get_name(), t.exception())
     finally:
-        status.should_exit = True
+        status.should_exit()
         await grpc_server.stop(1.0)
         if ca_server is not None:
             await ca_server[0]()
@@ -356,4 +395,5 @@ async def _run(settings: Settings, identity: IdentityService | None, api_client:
         for t in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
+        await status.join(5.0)
         log.info("meshline stopped")
