@@ -182,12 +182,15 @@ def test_native_layout() -> None:
     assert mounts["meshline-token"]["mountPath"] == "/var/run/secrets/meshline/tokens"
     vols = {v["name"]: v for v in pod["spec"]["volumes"]}
     assert set(vols) == {"data", "meshline-envoy", "meshline-token"}
-    (source,) = vols["meshline-token"]["projected"]["sources"]
+    source, bundle = vols["meshline-token"]["projected"]["sources"]
     assert source["serviceAccountToken"]["audience"] == "meshline"
+    assert bundle["configMap"] == {"name": "meshline-ca-root",
+                                   "items": [{"key": "root-cert.pem", "path": "root-cert.pem"}]}
     assert pod["metadata"]["annotations"] == {"example.com/owner": "team-a", "meshline.io/status": "injected"}
     env = {e["name"]: e for e in proxy["env"]}
     assert env["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
-    assert env["MESHLINE_XDS_ADDRESS"]["value"] == "meshline.meshline-system.svc:15010"
+    assert env["MESHLINE_XDS_ADDRESS"]["value"] == "meshline.meshline-system.svc:15012"  # TLS
+    assert env["MESHLINE_CA_BUNDLE"]["value"] == "/var/run/secrets/meshline/tokens/root-cert.pem"
 
 
 def test_classic_layout() -> None:

@@ -283,7 +283,8 @@ class MeshStore:
                                  "error", e.raw.line))
         for origin in sorted(self._origin_errors):
             for pe in self._origin_errors[origin]:
-                out.append(Issue(SourceRef("File", "", origin, pe.file, pe.line), "", pe.message, "error", pe.line))
+                out.append(Issue(SourceRef("File", "", origin, pe.file, pe.line), "", pe.message, pe.severity,
+                                 pe.line))
         return tuple(out)
 
     def mesh(self) -> Mesh:
