@@ -1,0 +1,520 @@
+"""Node-proxy config cost at scale (issue 15), in process: no Envoy, no sockets. A generated
+mesh goes through the project's own store (`MeshStore`: conversion, assembly, the endpoint
+fast path), planners and snapshot builder (`controlplane.runtime`, `controlplane.cache`),
+exactly as `meshline serve` builds a node proxy's snapshot; a proxy's config size is the sum
+of the serialized bytes of the resources in its snapshot (what a full sync sends, before
+xDS framing). Secrets are counted from one real certificate issued by the project's CA
+(the runtime adds them only with a CA attached): the trust bundle plus one per identity.
+
+    .venv/bin/python bench/nodeproxy.py                        # the issue's table + churn
+    .venv/bin/python bench/nodeproxy.py --services 200 --pods 20 --identities 1,20
+    .venv/bin/python bench/nodeproxy.py --fit                  # growth grid and fitted coefficients
+    .venv/bin/python bench/nodeproxy.py --fit --plot docs/nodeproxy-cost.png --json out.json
+
+The mesh (`mesh_objects`): 10 ambient namespaces; S services (`svc-NNNNN`, one port 80 ->
+8080, a VIP from 10.96.0.0/16, their own service account each) with 3 replicas each on other
+nodes (100 pods per node, one /24 of 10.1.0.0/16 per node, as a CNI hands out pod CIDRs);
+P pods on the measured node `n1` (10.0.0.0/24) with K service accounts among them (pod j
+runs as identity j mod K, in namespace (j mod K) mod 10), each a backend of its namespace's
+`clients` Service (so each has an inbound port, as a real pod does). W (workloads in the mesh)
+= 3 S + P. The sidecar twin of the same mesh has no ambient labels and every pod injected.
+
+Churn, measured on the node proxy after a full build:
+- *new replica*: a Pod (IP on another node's /24) is created: a full rebuild (a Pod changed);
+  then it becomes ready (its EndpointSlice gains the address): the store's endpoint fast path.
+  Reported: the bytes a delta-xDS node proxy is sent (resources whose version changed), and
+  the rebuild's CPU, with the runtime as it is and (where the translation supports it) with
+  node proxies patched incrementally like sidecars (`--proposed`, see `patched_builder`).
+- *pod added on the node*: which of the node proxy's resources change.
+
+Per the benchmark convention the comparisons are ratios measured in the same run; CPU is
+`time.process_time` of one rebuild (least of 3 for the full builds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # `python bench/nodeproxy.py` from anywhere
+    sys.path.insert(0, str(ROOT))
+
+from controlplane.cache.snapshot import Snapshot, SnapshotBuilder, proxy_key  # noqa: E402
+from controlplane.model.ir import ProxyMeta, labels_of  # noqa: E402
+from controlplane.model.mesh import EndpointDelta, Mesh  # noqa: E402
+from controlplane.model.raw import RawObject  # noqa: E402
+from controlplane.model.store import MeshStore  # noqa: E402
+from controlplane.runtime import _plan_own, _plan_shared, _plan_shared_hosts, _shared_key  # noqa: E402
+from controlplane.sources.base import Replace, Upsert  # noqa: E402
+from controlplane.translate.plan import CLUSTER, ENDPOINT, LISTENER, ROUTE, ResourceSpec, TypeUrl  # noqa: E402
+
+NAMESPACES = 10
+REPLICAS = 3
+PODS_PER_NODE = 100
+NODE = "n1"
+AMBIENT = {"meshline.io/dataplane-mode": "ambient"}
+TYPES: tuple[tuple[str, TypeUrl], ...] = (("CDS", CLUSTER), ("EDS", ENDPOINT), ("LDS", LISTENER), ("RDS", ROUTE))
+ORIGIN = "bench"
+
+
+# --------------------------------------------------------------------------- the mesh
+
+
+def ns_name(n: int) -> str:
+    return f"ns-{n:02d}"
+
+
+def _obj(kind: str, api: str, ns: str, name: str, body: dict[str, Any]) -> RawObject:
+    meta: dict[str, Any] = {"name": name, **({"namespace": ns} if ns else {}), **body.pop("metadata", {})}
+    return RawObject(kind, api, ns, name, {"apiVersion": api, "kind": kind, "metadata": meta, **body})
+
+
+def remote_pod_ip(g: int) -> tuple[str, str]:
+    """(node, IP) of the g-th pod on the other nodes: 100 per node, one /24 per node."""
+    node = g // PODS_PER_NODE
+    return f"other-{node:03d}", f"10.{1 + node // 256}.{node % 256}.{g % PODS_PER_NODE + 2}"
+
+
+def _pod(ns: str, name: str, ip: str, node: str, sa: str, labels: dict[str, str], twin: bool,
+         netns: str | None = None) -> RawObject:
+    ann = {"meshline.io/status": "injected"} if twin else ({"meshline.io/netns": netns} if netns else {})
+    return _obj("Pod", "v1", ns, name, {
+        "metadata": {"labels": labels, "annotations": ann},
+        "spec": {"nodeName": node, "serviceAccountName": sa,
+                 "containers": [{"name": "app", "ports": [{"containerPort": 8080}]}]},
+        "status": {"podIP": ip, "phase": "Running"},
+    })
+
+
+def _service(ns: str, name: str, vip: str, selector: dict[str, str]) -> RawObject:
+    return _obj("Service", "v1", ns, name, {"spec": {
+        "clusterIP": vip, "selector": selector, "ports": [{"name": "http", "port": 80, "targetPort": 8080}]}})
+
+
+def _slice(ns: str, svc: str, pods: Sequence[tuple[str, str]], suffix: str = "1") -> RawObject:
+    return _obj("EndpointSlice", "discovery.k8s.io/v1", ns, f"{svc}-{suffix}", {
+        "metadata": {"labels": {"kubernetes.io/service-name": svc}},
+        "addressType": "IPv4", "ports": [{"name": "http", "port": 8080}],
+        "endpoints": [{"addresses": [ip], "conditions": {"ready": True}, "targetRef": {"kind": "Pod", "name": pod}}
+                      for pod, ip in pods],
+    })
+
+
+def service_name(s: int) -> str:
+    return f"svc-{s:05d}"
+
+
+def node_pod(j: int, identities: int) -> tuple[str, str, str]:
+    """(namespace, name, service account) of the j-th pod on the measured node."""
+    k = j % identities
+    return ns_name(k % NAMESPACES), f"client-{j:03d}", f"client-{k:03d}"
+
+
+def mesh_objects(services: int, pods: int, identities: int, twin: bool = False) -> list[RawObject]:
+    assert pods <= 250, "the measured node's pods live in one /24"
+    out: list[RawObject] = []
+    for n in range(NAMESPACES):
+        out.append(_obj("Namespace", "v1", "", ns_name(n), {"metadata": {"labels": {} if twin else AMBIENT}}))
+    for s in range(services):
+        ns, name = ns_name(s % NAMESPACES), service_name(s)
+        out.append(_service(ns, name, f"10.96.{s >> 8}.{s & 255}", {"app": name}))
+        members = []
+        for r in range(REPLICAS):
+            node, ip = remote_pod_ip(s * REPLICAS + r)
+            out.append(_pod(ns, f"{name}-{r}", ip, node, f"sa-{name}", {"app": name}, twin))
+            members.append((f"{name}-{r}", ip))
+        out.append(_slice(ns, name, members))
+    clients: dict[str, list[tuple[str, str]]] = {}
+    for j in range(pods):
+        ns, name, sa = node_pod(j, identities)
+        ip = f"10.0.0.{j + 2}"
+        out.append(_pod(ns, name, ip, NODE, sa, {"app": "clients", "pod": name}, twin, f"/var/run/netns/{name}"))
+        clients.setdefault(ns, []).append((name, ip))
+    for n in range(NAMESPACES):
+        ns = ns_name(n)
+        out.append(_service(ns, "clients", f"10.97.0.{n + 1}", {"app": "clients"}))
+        out.append(_slice(ns, "clients", clients.get(ns, [])))
+    return out
+
+
+def new_replica(services: int, s: int) -> tuple[RawObject, RawObject]:
+    """A 4th replica of service `s`, on the other nodes' next free address: its Pod, and its
+    EndpointSlice with the new address added (the replica became ready)."""
+    ns, name = ns_name(s % NAMESPACES), service_name(s)
+    node, ip = remote_pod_ip(services * REPLICAS)  # the first address after every existing pod
+    pod = _pod(ns, f"{name}-new", ip, node, f"sa-{name}", {"app": name}, False)
+    members = [(f"{name}-{r}", remote_pod_ip(s * REPLICAS + r)[1]) for r in range(REPLICAS)]
+    return pod, _slice(ns, name, [*members, (f"{name}-new", ip)])
+
+
+def store_of(objects: Iterable[RawObject]) -> MeshStore:
+    store = MeshStore()
+    store.apply([Replace(ORIGIN, tuple(objects))])
+    errors = [i.format() for i in store.object_issues() if i.severity == "error"]
+    if errors:
+        raise SystemExit("\n".join(errors[:10]))
+    return store
+
+
+# --------------------------------------------------------------------------- builders
+
+
+def node_meta() -> ProxyMeta:
+    return ProxyMeta(f"node-{NODE}", mode="node", namespace="meshline-system", node=NODE,
+                     service_account="meshline-node-proxy", capture="intercept")
+
+
+def sidecar_meta(j: int, identities: int) -> ProxyMeta:
+    ns, name, sa = node_pod(j, identities)
+    return ProxyMeta(f"{name}.{ns}", mode="sidecar", namespace=ns, workload=name, service_account=sa,
+                     labels=labels_of({"app": "clients", "pod": name}), capture="intercept")
+
+
+def runtime_builder(mesh_of: Callable[[], Mesh]) -> SnapshotBuilder:
+    """The snapshot builder exactly as `Runtime` wires it (node proxies: own layer only)."""
+    return SnapshotBuilder(_plan_shared, _plan_own, lambda meta: _shared_key(mesh_of(), meta), _plan_shared_hosts)
+
+
+def proposed_available() -> bool:
+    try:
+        import controlplane.translate.nodeproxy  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def patched_builder(mesh_of: Callable[[], Mesh]) -> SnapshotBuilder:
+    """The runtime change this bench proposes: a node proxy's endpoint-dependent resources
+    (service clusters and their ClusterLoadAssignments, shared by every node proxy whose pods
+    import the same services) form its shared layer, planned per host on an endpoint-only
+    change; its own layer (per-pod listeners, identity clusters, internal listeners) reads no
+    endpoints, so it is kept, as a sidecar's is."""
+    from controlplane.translate import nodeproxy
+
+    def shared(mesh: Mesh, meta: ProxyMeta) -> list[ResourceSpec]:
+        if meta.mode == "node":
+            return nodeproxy.plan_node_shared(mesh, meta.node or "")
+        return _plan_shared(mesh, meta)
+
+    def shared_hosts(mesh: Mesh, meta: ProxyMeta, hosts: frozenset[str]) -> list[ResourceSpec] | None:
+        if meta.mode == "node":
+            return nodeproxy.plan_node_shared_hosts(mesh, meta.node or "", hosts)
+        return _plan_shared_hosts(mesh, meta, hosts)
+
+    def own(mesh: Mesh, meta: ProxyMeta) -> list[ResourceSpec]:
+        if meta.mode == "node":
+            return nodeproxy.plan_node_own(mesh, meta.node or "")
+        return _plan_own(mesh, meta)
+
+    def key(meta: ProxyMeta) -> object:
+        if meta.mode == "node":
+            return ("node", nodeproxy.node_shared_key(mesh_of(), meta.node or ""))
+        return _shared_key(mesh_of(), meta)
+
+    class Builder(SnapshotBuilder):
+        @staticmethod
+        def _patchable(pk: Any) -> bool:
+            return pk[4] in ("sidecar", "node")
+
+    return Builder(shared, own, key, shared_hosts)
+
+
+# --------------------------------------------------------------------------- measuring
+
+
+def secret_sizes() -> tuple[int, int]:
+    """(bytes of the trust-bundle Secret, bytes of one identity's certificate Secret), from
+    a certificate the project's CA issues (EC P-256, as workloads request)."""
+    import tempfile
+
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from controlplane.ca.core import CertificateAuthority
+    from controlplane.translate.secrets import TlsMaterial, root_secret, workload_secret
+
+    with tempfile.TemporaryDirectory() as d:
+        ca = CertificateAuthority.load_or_create(Path(d))
+        key = ec.generate_private_key(ec.SECP256R1())
+        chain = ca.issue_workload(("ns-00", "client-000"), key.public_key())
+        key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                    serialization.NoEncryption()).decode()
+        name = "spiffe://cluster.local/ns/ns-00/sa/client-000"
+        cert = workload_secret(TlsMaterial(chain, key_pem), name).ByteSize()
+        return root_secret(ca.trust_bundle()).ByteSize(), cert
+
+
+def by_type(snap: Snapshot) -> dict[str, int]:
+    out = {}
+    for label, t in TYPES:
+        tr = snap.types.get(t)
+        out[label] = sum(len(r.body) for r in tr.items.values()) if tr is not None else 0
+    return out
+
+
+def counts(snap: Snapshot) -> dict[str, int]:
+    return {label: len(snap.types[t].items) if t in snap.types else 0 for label, t in TYPES}
+
+
+def changed_bytes(old: Snapshot, new: Snapshot) -> tuple[int, int, list[str]]:
+    """(bytes, resources) a delta-xDS client in sync with `old` is sent to reach `new`
+    (added or changed resources; removals carry only names), and the changed names."""
+    total, n, names = 0, 0, []
+    for t, tr in new.types.items():
+        prev = old.types.get(t)
+        for name, res in tr.items.items():
+            was = prev.items.get(name) if prev is not None else None
+            if was is None or was.version != res.version:
+                total += len(res.body)
+                n += 1
+                names.append(f"{t.rsplit('.', 1)[-1]}/{name}")
+        if prev is not None:
+            names += [f"{t.rsplit('.', 1)[-1]}/-{name}" for name in prev.items if name not in tr.items]
+    return total, n, sorted(names)
+
+
+@dataclass
+class Row:
+    services: int
+    pods: int
+    identities: int
+    workloads: int
+    node_bytes: dict[str, int]
+    node_total: int
+    clusters: int
+    listeners: int
+    endpoints: int
+    node_cpu_s: float
+    sidecar_bytes: int  # one sidecar of the same mesh (twin), all types but secrets (+ its 2 secrets)
+    sidecars_total: int  # the P sidecars the node proxy replaces
+    churn: dict[str, Any] = field(default_factory=dict)
+
+
+def build_node(store: MeshStore, builder: SnapshotBuilder) -> tuple[Snapshot, float]:
+    mesh, delta = store.mesh_delta()
+    t0 = time.process_time()
+    snaps = builder.rebuild(mesh, [node_meta()], delta)
+    return snaps[proxy_key(node_meta())], time.process_time() - t0
+
+
+def measure(services: int, pods: int, identities: int, secrets: tuple[int, int], churn: bool = True,
+            proposed: bool = False, repeat: int = 3) -> Row:
+    store = store_of(mesh_objects(services, pods, identities))
+    make = patched_builder if proposed else runtime_builder
+    cpu = math.inf
+    snap: Snapshot | None = None
+    for _ in range(repeat):  # fresh builders: nothing memoized; the least noisy run
+        builder = make(lambda: store.mesh_delta()[0])
+        gc.collect()
+        snap, took = build_node(store, builder)
+        cpu = min(cpu, took)
+    assert snap is not None
+    root_b, cert_b = secrets
+    k = min(identities, pods)
+    node_bytes = by_type(snap)
+    node_bytes["SDS"] = root_b + k * cert_b
+    c = counts(snap)
+    # Sidecars of the twin mesh: one in full, and the P the node proxy replaces.
+    twin = store_of(mesh_objects(services, pods, identities, twin=True))
+    tmesh = twin.mesh_delta()[0]
+    sbuilder = runtime_builder(lambda: tmesh)
+    metas = [sidecar_meta(j, identities) for j in range(pods)]
+    ssnaps = sbuilder.rebuild(tmesh, metas)
+    per = [sum(by_type(ssnaps[proxy_key(m)]).values()) + root_b + cert_b for m in metas]
+    row = Row(services, pods, identities, services * REPLICAS + pods, node_bytes, sum(node_bytes.values()),
+              c["CDS"], c["LDS"], c["EDS"], cpu, per[0], sum(per))
+    if churn:
+        row.churn = measure_churn(store, builder, snap, services, pods, identities, proposed)
+    return row
+
+
+def measure_churn(store: MeshStore, builder: SnapshotBuilder, snap: Snapshot, services: int, pods: int,
+                  identities: int, proposed: bool) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    pod, eps = new_replica(services, 7 % services)
+    store.apply([Upsert(ORIGIN, pod)])
+    after_pod, cpu = build_node(store, builder)
+    b, n, _ = changed_bytes(snap, after_pod)
+    out["replica_pod"] = {"bytes": b, "resources": n, "cpu_s": cpu}
+    store.apply([Upsert(ORIGIN, eps)])
+    _, delta = store.mesh_delta()
+    assert isinstance(delta, EndpointDelta), "an EndpointSlice-only change takes the store's fast path"
+    after_ready, cpu = build_node(store, builder)
+    b, n, names = changed_bytes(after_pod, after_ready)
+    out["replica_ready"] = {"bytes": b, "resources": n, "cpu_s": cpu, "names": names, "patched": proposed}
+    # One more pod on the node (a new identity when there is room for one).
+    j = pods
+    ns, name, sa = node_pod(j, identities + 1 if identities >= pods else identities)
+    ip = f"10.0.0.{j + 2}"
+    store.apply([Upsert(ORIGIN, _pod(ns, name, ip, NODE, sa, {"app": "clients", "pod": name}, False,
+                                     f"/var/run/netns/{name}"))])
+    after_add, cpu = build_node(store, builder)
+    b, n, names = changed_bytes(after_ready, after_add)
+    out["pod_added"] = {"bytes": b, "resources": n, "cpu_s": cpu, "names": names}
+    return out
+
+
+# --------------------------------------------------------------------------- fitting
+
+
+def lstsq(rows: Sequence[Sequence[float]], y: Sequence[float]) -> list[float]:
+    """Least squares by the normal equations (tiny systems; no numpy in the venv)."""
+    n = len(rows[0])
+    a = [[sum(r[i] * r[j] for r in rows) for j in range(n)] for i in range(n)]
+    b = [sum(r[i] * v for r, v in zip(rows, y, strict=True)) for i in range(n)]
+    for col in range(n):  # Gauss-Jordan with partial pivoting
+        piv = max(range(col, n), key=lambda r: abs(a[r][col]))
+        a[col], a[piv], b[col], b[piv] = a[piv], a[col], b[piv], b[col]
+        if abs(a[col][col]) < 1e-12:
+            continue
+        for r in range(n):
+            if r != col:
+                f = a[r][col] / a[col][col]
+                a[r] = [x - f * z for x, z in zip(a[r], a[col], strict=True)]
+                b[r] -= f * b[col]
+    return [b[i] / a[i][i] if abs(a[i][i]) > 1e-12 else 0.0 for i in range(n)]
+
+
+def fit(rows: Sequence[Row]) -> dict[str, Any]:
+    """bytes ~ a P + b K + c S + d W + e over the grid, and how well that holds."""
+    x = [[r.pods, min(r.identities, r.pods), r.services, r.workloads, 1.0] for r in rows]
+    y = [float(r.node_total) for r in rows]
+    coef = lstsq(x, y)
+    pred = [sum(c * v for c, v in zip(coef, xs, strict=True)) for xs in x]
+    rel = [abs(p - v) / v for p, v in zip(pred, y, strict=True)]
+    return {"a_per_pod": coef[0], "b_per_identity": coef[1], "c_per_service": coef[2], "d_per_workload": coef[3],
+            "e_const": coef[4], "max_rel_error": max(rel), "points": len(rows)}
+
+
+GRID = {"services": (100, 200, 400), "pods": (10, 20, 40), "identities": ("1", "P/2", "P")}
+
+
+def grid_rows(secrets: tuple[int, int], proposed: bool) -> list[Row]:
+    rows = []
+    for s in GRID["services"]:
+        for p in GRID["pods"]:
+            for k in GRID["identities"]:
+                kk = {"1": 1, "P/2": p // 2, "P": p}[k]
+                rows.append(measure(s, p, kk, secrets, churn=False, proposed=proposed, repeat=1))
+    return rows
+
+
+# --------------------------------------------------------------------------- output
+
+
+def human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def table(rows: Sequence[Row]) -> str:
+    head = ["S", "P", "K", "node proxy", "CDS", "EDS", "LDS", "SDS", "clusters", "listeners", "translation CPU",
+            "one sidecar", "node / sidecar", "P sidecars", "node / P sidecars"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * 3 + "---:|" * (len(head) - 3)]
+    for r in rows:
+        nb = r.node_bytes
+        lines.append("| " + " | ".join([
+            str(r.services), str(r.pods), str(r.identities), human(r.node_total), human(nb["CDS"]), human(nb["EDS"]),
+            human(nb["LDS"]), human(nb["SDS"]), f"{r.clusters:,}", f"{r.listeners:,}", f"{r.node_cpu_s:.2f} s",
+            human(r.sidecar_bytes), f"{r.node_total / r.sidecar_bytes:.2f}", human(r.sidecars_total),
+            f"{r.node_total / r.sidecars_total:.3f}"]) + " |")
+    return "\n".join(lines)
+
+
+def churn_table(rows: Sequence[Row]) -> str:
+    lines = ["| S, P, K | change | resources sent | bytes sent | rebuild CPU | patched |", "|---|---|---:|---:|---:|---|"]
+    labels = {"replica_pod": "new replica elsewhere: Pod created (full rebuild)",
+              "replica_ready": "... its EndpointSlice gains it (endpoint fast path)",
+              "pod_added": "one pod added on the node"}
+    for r in rows:
+        for key, label in labels.items():
+            c = r.churn.get(key)
+            if c is None:
+                continue
+            lines.append(f"| {r.services}, {r.pods}, {r.identities} | {label} | {c['resources']:,} | "
+                         f"{human(c['bytes'])} | {c['cpu_s'] * 1000:.0f} ms | {'yes' if c.get('patched') else 'no'} |")
+    return "\n".join(lines)
+
+
+def plot(path: Path, services_series: Sequence[Row], pods_series: Sequence[Row]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    mib = 1024 * 1024
+    for ax, series, attr, label in ((ax1, services_series, "services", "S (services, 3 replicas each)"),
+                                    (ax2, pods_series, "pods", "P (ambient pods on the node)")):
+        xs = [getattr(r, attr) for r in series]
+        ax.plot(xs, [r.node_total / mib for r in series], "o-", label="node proxy")
+        ax.plot(xs, [r.sidecar_bytes / mib for r in series], "s--", label="one sidecar")
+        ax.plot(xs, [r.sidecars_total / mib for r in series], "^:", label="the P sidecars it replaces")
+        ax.set_xlabel(label)
+        ax.set_ylabel("config MiB")
+        ax.set_yscale("log")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    r0 = pods_series[0]
+    ax1.set_title(f"P={services_series[0].pods}, K={services_series[0].identities}")
+    ax2.set_title(f"S={r0.services}, K=P")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--services", type=int, default=1000)
+    ap.add_argument("--pods", type=int, default=100)
+    ap.add_argument("--identities", default="1,100", help="comma-separated K values")
+    ap.add_argument("--no-churn", action="store_true")
+    ap.add_argument("--proposed", action="store_true",
+                    help="also build with node proxies patched incrementally (needs controlplane.translate.nodeproxy)")
+    ap.add_argument("--fit", action="store_true", help="measure the growth grid and fit a P + b K + c S + d W + e")
+    ap.add_argument("--plot", type=Path, help="PNG of node-proxy bytes against S and P next to sidecars")
+    ap.add_argument("--json", type=Path, help="write every measurement here")
+    args = ap.parse_args()
+    secrets = secret_sizes()
+    rows = [measure(args.services, args.pods, int(k), secrets, churn=not args.no_churn)
+            for k in args.identities.split(",")]
+    print(f"mesh: S={args.services} services x {REPLICAS} replicas in {NAMESPACES} ambient namespaces on other "
+          f"nodes; P={args.pods} pods on node {NODE}; secrets: bundle {secrets[0]} B, one certificate {secrets[1]} B\n")
+    print(table(rows))
+    out: dict[str, Any] = {"rows": [asdict(r) for r in rows]}
+    if not args.no_churn:
+        print("\nchurn (runtime as it is):\n" + churn_table(rows))
+    if args.proposed and proposed_available():
+        prow = [measure(args.services, args.pods, int(k), secrets, proposed=True) for k in args.identities.split(",")]
+        print("\nchurn (node proxies patched like sidecars, the proposed runtime change):\n" + churn_table(prow))
+        out["proposed"] = [asdict(r) for r in prow]
+    if args.fit:
+        grid = grid_rows(secrets, proposed=False)
+        f = fit(grid)
+        print(f"\nadditive fit over {f['points']} points (S {GRID['services']}, P {GRID['pods']}, K {GRID['identities']}):"
+              f" bytes ~ {f['a_per_pod']:.0f} P + {f['b_per_identity']:.0f} K + {f['c_per_service']:.0f} S"
+              f" + {f['d_per_workload']:.0f} W + {f['e_const']:.0f}; worst relative error {f['max_rel_error']:.1%}")
+        out["grid"] = [asdict(r) for r in grid]
+        out["fit"] = f
+        if args.plot:
+            s_series = [measure(s, 20, 20, secrets, churn=False, repeat=1) for s in (100, 200, 400, 800)]
+            p_series = [measure(400, p, p, secrets, churn=False, repeat=1) for p in (10, 20, 40, 80)]
+            plot(args.plot, s_series, p_series)
+            out["plot_series"] = {"S": [asdict(r) for r in s_series], "P": [asdict(r) for r in p_series]}
+    if args.json:
+        args.json.write_text(json.dumps(out, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()
