@@ -27,8 +27,11 @@ The value returned for each supported kind:
 
 "networking" is `networking.meshline.io/v1` or Istio's `networking.istio.io/v1`, `v1beta1`
 or `v1alpha3`; "security" is `security.meshline.io/v1` or Istio's `security.istio.io/v1` or
-`v1beta1`. Other kinds convert to None: with a warning when they belong to a mesh API
-group (e.g. an Istio ServiceEntry), silently otherwise (Deployments, ConfigMaps, ...).
+`v1beta1`. Other kinds convert to None: with a warning naming the kind (and what is lost)
+when they belong to a mesh API group (Meshline's, any of Istio's `*.istio.io` groups:
+ServiceEntry, Gateway, EnvoyFilter, Telemetry, WasmPlugin, RequestAuthentication,
+ProxyConfig, ...) or to the Kubernetes Gateway API (`gateway.networking.k8s.io`,
+`gateway.networking.x-k8s.io`), silently otherwise (Deployments, ConfigMaps, ...).
 Cross-object checks live in `controlplane.model.validate.check_mesh`.
 """
 
@@ -83,6 +86,29 @@ API_VERSIONS: Mapping[str, tuple[str, ...]] = {
 MESH_API_GROUPS = frozenset(
     {"networking.meshline.io", "networking.istio.io", "security.meshline.io", "security.istio.io"}
 )
+GATEWAY_API_GROUPS = frozenset({"gateway.networking.k8s.io", "gateway.networking.x-k8s.io"})
+UNSUPPORTED_KINDS: Mapping[str, str] = {
+    "ServiceEntry": "its hosts are not added to the mesh (traffic to them is not routed or secured by Meshline)",
+    "WorkloadEntry": "its workload is not added to the mesh",
+    "WorkloadGroup": "its workloads are not added to the mesh",
+    "Gateway": "no gateway is configured (Meshline serves mesh traffic only; a waypoint is a Service named "
+               "by the meshline.io/use-waypoint or istio.io/use-waypoint label)",
+    "EnvoyFilter": "its patches are not applied to any Envoy",
+    "Telemetry": "its metrics, access logging and tracing settings are not applied",
+    "WasmPlugin": "its Wasm extension is not loaded",
+    "RequestAuthentication": "JWTs are not validated: requests with invalid tokens are not rejected, and "
+                             "AuthorizationPolicy rules on requestPrincipals or request.auth claims never match",
+    "ProxyConfig": "its proxy settings are not applied",
+    "HTTPRoute": "its routes are not applied (use a VirtualService)",
+    "GRPCRoute": "its routes are not applied (use a VirtualService)",
+    "TCPRoute": "its routes are not applied (use a VirtualService)",
+    "TLSRoute": "its routes are not applied",
+    "UDPRoute": "its routes are not applied",
+    "GatewayClass": "no gateway class is provided",
+    "ReferenceGrant": "it grants nothing (Meshline reads no Gateway API routes)",
+    "BackendTLSPolicy": "no TLS is originated to its backends (use a DestinationRule's tls)",
+}
+"""What is lost when a kind of Istio's or the Gateway API's groups is ignored."""
 _TOP_LEVEL_FIELDS = ("apiVersion", "kind", "metadata", "spec", "status")
 _MESH_KINDS = ("VirtualService", "DestinationRule", "Sidecar", "PeerAuthentication", "AuthorizationPolicy")
 
@@ -106,10 +132,11 @@ def _convert(ctx: Ctx) -> object | None:
         ctx.error("", "expected a Kubernetes object (a map)")
         return None
     accepted = API_VERSIONS.get(raw.kind)
+    group = raw.api_version.split("/", 1)[0] if "/" in raw.api_version else ""
     if accepted is None:
-        group = raw.api_version.split("/", 1)[0] if "/" in raw.api_version else ""
-        if group in MESH_API_GROUPS:
-            ctx.warn("kind", f"{raw.kind} ({raw.api_version}) is not supported yet; ignored")
+        if is_mesh_group(group):
+            lost = UNSUPPORTED_KINDS.get(raw.kind, "it has no effect")
+            ctx.warn("kind", f"{raw.kind} ({raw.api_version}) is not supported by Meshline and is ignored: {lost}")
         return None
     if raw.api_version not in accepted:
         ctx.error(
@@ -144,6 +171,13 @@ def _convert(ctx: Ctx) -> object | None:
     if raw.kind == "PodNetns":
         return convert_pod_netns(ctx, namespace, name)
     return convert_destination_rule(ctx, namespace, name)
+
+
+def is_mesh_group(group: str) -> bool:
+    """Whether objects of API group `group` are mesh configuration a user expects to act:
+    Meshline's and Istio's groups and the Kubernetes Gateway API."""
+    return (group in MESH_API_GROUPS or group in GATEWAY_API_GROUPS or group == "meshline.io"
+            or group.endswith((".istio.io", ".meshline.io")))
 
 
 def convert_pod_netns(ctx: Ctx, namespace: str, name: str) -> PodNetns | None:

@@ -4,6 +4,16 @@ Kubernetes objects carry many fields Meshline does not use, so unknown fields ar
 reported here (unlike the mesh CRDs); wrong types and invalid values of the fields that
 are read still are. Each function receives the `Ctx` of the object and returns the IR
 value or None when the object must be left out.
+
+Istio's labels and annotations are aliases of Meshline's (`ISTIO_ALIASES`): the IR carries
+the Meshline key too, so everything past conversion reads only Meshline's. A Meshline key
+the object sets itself wins; when the two disagree the object gets a warning.
+- Namespace labels: `istio.io/dataplane-mode` -> `meshline.io/dataplane-mode`;
+  `istio-injection: enabled` (or, without it, `istio.io/rev`) -> `meshline.io/dataplane-mode:
+  sidecar`; `istio.io/use-waypoint` -> `meshline.io/use-waypoint`.
+- Pod labels: `istio.io/dataplane-mode`, `istio.io/use-waypoint` and `sidecar.istio.io/inject`
+  (-> `meshline.io/inject`); Pod annotation `sidecar.istio.io/inject` -> `meshline.io/inject`.
+- Service labels and annotations: `istio.io/use-waypoint` -> `meshline.io/use-waypoint`.
 """
 
 from __future__ import annotations
@@ -103,11 +113,60 @@ def _ip(ctx: Ctx, value: object, path: str) -> str | None:
 # --------------------------------------------------------------------------- Namespace
 
 
+DATAPLANE_MODE = "meshline.io/dataplane-mode"
+USE_WAYPOINT = "meshline.io/use-waypoint"
+INJECT = "meshline.io/inject"
+ISTIO_ALIASES: Mapping[str, str] = {
+    "istio.io/dataplane-mode": DATAPLANE_MODE,
+    "istio.io/use-waypoint": USE_WAYPOINT,
+    "sidecar.istio.io/inject": INJECT,
+}
+"""Istio label/annotation key -> the Meshline key it stands for (same values)."""
+
+
+def with_aliases(ctx: Ctx, pairs: Labels, field: str, aliases: Mapping[str, str] = ISTIO_ALIASES,
+                 derived: Mapping[str, tuple[str, str]] | None = None) -> Labels:
+    """`pairs` plus the Meshline keys that the Istio keys in it stand for (`aliases`: Istio
+    key -> Meshline key, same value; `derived`: Meshline key -> (Istio key, value) computed
+    by the caller). A Meshline key already present wins; a disagreement is warned about."""
+    wanted: dict[str, tuple[str, str]] = {}
+    for key, value in pairs:
+        target = aliases.get(key)
+        if target is not None:
+            wanted.setdefault(target, (key, value))
+    for target, source in (derived or {}).items():
+        wanted.setdefault(target, source)
+    if not wanted:
+        return pairs
+    given = dict(pairs)
+    out = dict(pairs)
+    for target, (key, value) in sorted(wanted.items()):
+        own = given.get(target)
+        if own is None:
+            out[target] = value
+        elif own != value:
+            ctx.warn(f"{field}[{key}]", f"{key}: {value!r} disagrees with {target}: {own!r}; {target} wins")
+    return tuple(sorted(out.items()))
+
+
 def convert_namespace(ctx: Ctx, name: str, labels: Labels) -> Namespace:
-    return Namespace(name=name, labels=labels)
+    have = dict(labels)
+    derived: dict[str, tuple[str, str]] = {}
+    injection = have.get("istio-injection")
+    revision = have.get("istio.io/rev")
+    if "istio.io/dataplane-mode" not in have:
+        if injection == "enabled":
+            derived[DATAPLANE_MODE] = ("istio-injection", "sidecar")
+        elif injection is None and revision:
+            derived[DATAPLANE_MODE] = ("istio.io/rev", "sidecar")
+    return Namespace(name=name, labels=with_aliases(ctx, labels, "metadata.labels", derived=derived))
 
 
 # --------------------------------------------------------------------------- Service
+
+
+_WAYPOINT_ALIAS: Mapping[str, str] = {"istio.io/use-waypoint": USE_WAYPOINT}
+_INJECT_ALIAS: Mapping[str, str] = {"sidecar.istio.io/inject": INJECT}
 
 
 def convert_service(
@@ -153,8 +212,8 @@ def convert_service(
         cluster_ip=cluster_ip,
         ports=tuple(ports),
         selector=get_labels(ctx, spec, "selector", "spec"),
-        labels=labels,
-        annotations=annotations,
+        labels=with_aliases(ctx, labels, "metadata.labels", _WAYPOINT_ALIAS),
+        annotations=with_aliases(ctx, annotations, "metadata.annotations", _WAYPOINT_ALIAS),
     )
 
 
@@ -314,8 +373,8 @@ def convert_pod(ctx: Ctx, namespace: str, name: str, labels: Labels, annotations
         namespace=namespace,
         name=name,
         ip=ip,
-        labels=labels,
-        annotations=annotations,
+        labels=with_aliases(ctx, labels, "metadata.labels"),
+        annotations=with_aliases(ctx, annotations, "metadata.annotations", _INJECT_ALIAS),
         service_account=service_account,
         node=get_str(ctx, spec, "nodeName", "spec"),
         ports=tuple(ports),

@@ -270,18 +270,17 @@ def retries(ctx: Ctx, m: Mapping[str, Any], path: str) -> Retry | None:
         ctx,
         rm,
         p,
-        ("attempts", "perTryTimeout", "retryOn", "retryRemoteLocalities"),
-        {
-            "retryIgnorePreviousHosts": "retryIgnorePreviousHosts is not supported yet; ignored",
-            "backoff": "backoff is not supported yet; Envoy's default (25ms) applies",
-        },
+        ("attempts", "perTryTimeout", "retryOn", "retryRemoteLocalities", "retryIgnorePreviousHosts", "backoff"),
     )
     attempts = get_int(ctx, rm, "attempts", p, lo=0, hi=INT32_MAX)
     per_try = get_duration(ctx, rm, "perTryTimeout", p, min_ms=1)
     remote = bool(get_bool(ctx, rm, "retryRemoteLocalities", p))
+    ignore_previous = get_bool(ctx, rm, "retryIgnorePreviousHosts", p)
+    backoff = get_duration(ctx, rm, "backoff", p, min_ms=1)
     retry_on_text = get_str(ctx, rm, "retryOn", p)
     if retry_on_text is None:
-        return Retry(attempts or 0, per_try, DEFAULT_RETRY_ON, DEFAULT_RETRIABLE_STATUS_CODES, remote)
+        return Retry(attempts or 0, per_try, DEFAULT_RETRY_ON, DEFAULT_RETRIABLE_STATUS_CODES, remote,
+                     ignore_previous, backoff)
     conditions: list[str] = []
     codes: list[int] = []
     for word in (w.strip() for w in retry_on_text.split(",")):
@@ -303,7 +302,7 @@ def retries(ctx: Ctx, m: Mapping[str, Any], path: str) -> Retry | None:
             conditions.append(word)
     if codes and "retriable-status-codes" not in conditions:
         conditions.append("retriable-status-codes")
-    return Retry(attempts or 0, per_try, tuple(conditions), tuple(codes), remote)
+    return Retry(attempts or 0, per_try, tuple(conditions), tuple(codes), remote, ignore_previous, backoff)
 
 
 def _legacy_percent(ctx: Ctx, m: Mapping[str, Any], path: str) -> float | None:

@@ -16,6 +16,11 @@ Accepted with a warning and ignored (not supported yet): `ingress`,
 `outboundTrafficPolicy`, `inboundConnectionPool`, and `bind`/`captureMode` of an egress
 listener (and a port's `targetPort`). A host name that is not fully qualified only ever
 matches a service of that exact name, so it is warned about too.
+
+An egress listener's `port.name` is a label (as in Istio: it changes no Envoy config);
+`port.protocol` is checked against the services imported on that port
+(`validate_istio`): Meshline keeps each service port's own protocol, so a different one is
+warned about.
 """
 
 from __future__ import annotations
@@ -56,7 +61,8 @@ EGRESS_IGNORED = {
 PORT_FIELDS = ("number", "protocol", "name")
 PORT_IGNORED = {"targetPort": f"targetPort {_UNSUPPORTED}"}
 PROTOCOLS = ("HTTP", "HTTPS", "HTTP2", "GRPC", "GRPC-WEB", "TCP", "TLS", "MONGO", "MYSQL", "REDIS", "UDP")
-"""Istio's port protocols (case-insensitive); Meshline scopes by port number only."""
+"""Istio's port protocols (case-insensitive). Meshline scopes by port number and keeps each
+service port's own protocol; a listener protocol that differs is warned about (validation)."""
 NAMESPACE_WILDCARDS = (".", "*", "~")
 
 

@@ -251,6 +251,8 @@ class Retry:
     retry_on: tuple[str, ...] = ()  # Envoy retry_on conditions
     retriable_status_codes: tuple[int, ...] = ()
     retry_remote_localities: bool = False
+    ignore_previous_hosts: bool | None = None  # None: Istio's default (previous hosts are avoided)
+    backoff_ms: int | None = None  # base interval between retries; None: Envoy's default (25 ms)
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,4 +1,11 @@
-"""The whole mesh as one immutable value plus the lookups translation needs. Pure, no I/O."""
+"""The whole mesh as one immutable value plus the lookups translation needs. Pure, no I/O.
+
+DestinationRule lookup (`Mesh.destination_rule`), as Istio documents it: for a client in
+namespace C calling host H, the first rule for H (by name) in C, else in H's own
+namespace, else in the root namespace, each only when its `exportTo` makes it visible in C.
+A rule in any other namespace applies to clients in that namespace only. `dr_by_host` is
+the rule a client in the service's own namespace sees (what status pages show).
+"""
 
 from __future__ import annotations
 
@@ -14,6 +21,7 @@ from controlplane.model.ir import (
     EndpointSet,
     Hostname,
     Issue,
+    Labels,
     Namespace,
     PeerAuthentication,
     Service,
@@ -50,12 +58,25 @@ class Mesh:
     # Derived indexes, computed once in build_mesh().
     vs_by_host: Mapping[Hostname, VirtualService] = field(default_factory=dict)
     dr_by_host: Mapping[Hostname, DestinationRule] = field(default_factory=dict)
+    # host -> every DestinationRule for it, sorted by (namespace, name)
+    drs_by_host: Mapping[Hostname, tuple[DestinationRule, ...]] = field(default_factory=dict)
+    # (sourceLabels selector, VirtualService using it) for every http/tcp match that has one,
+    # of the VirtualServices that win their hosts; sorted, each pair once
+    source_selectors: tuple[tuple[Labels, VirtualService], ...] = ()
     services_by_port: Mapping[int, tuple[Service, ...]] = field(default_factory=dict)
     sidecars_by_namespace: Mapping[str, tuple[Sidecar, ...]] = field(default_factory=dict)
     services_by_namespace: Mapping[str, tuple[Service, ...]] = field(default_factory=dict)
     # (namespace, key, value) of a selector's first pair -> services: a pod can only match a
     # selector whose first pair it carries, so selection looks at a few candidates, not all.
     services_by_selector_head: Mapping[tuple[str, str, str], tuple[Service, ...]] = field(default_factory=dict)
+
+    def destination_rule(self, host: Hostname, client_namespace: str) -> DestinationRule | None:
+        """The DestinationRule for `host` that applies to clients in `client_namespace`
+        (Istio's lookup order: the client's namespace, the service's, the root namespace)."""
+        rules = self.drs_by_host.get(host)
+        if not rules:
+            return None
+        return _lookup(rules, host, client_namespace, self.root_namespace, self.services)
 
     def workload(self, namespace: str, name: str | None) -> Workload | None:
         if not name:
@@ -104,13 +125,29 @@ def build_mesh(
     for vs in virtual_services:
         for h in vs.hosts:
             vs_by_host.setdefault(h, vs)
-    dr_by_host: dict[Hostname, DestinationRule] = {}
-    # Prefer a DestinationRule in the service's own namespace, then the first by name.
+    drs: dict[Hostname, list[DestinationRule]] = {}
     for dr in destination_rules:
-        svc = services.get(dr.host)
-        cur = dr_by_host.get(dr.host)
-        if cur is None or (svc is not None and dr.namespace == svc.namespace and cur.namespace != svc.namespace):
-            dr_by_host[dr.host] = dr
+        drs.setdefault(dr.host, []).append(dr)
+    drs_by_host = {h: tuple(sorted(v, key=lambda d: (d.namespace, d.name))) for h, v in drs.items()}
+    dr_by_host: dict[Hostname, DestinationRule] = {}
+    for host, rules in drs_by_host.items():
+        svc = services.get(host)
+        # The service's own namespace as the client, then (no Service) the first rule by name.
+        seen = _lookup(rules, host, svc.namespace if svc else None, root_namespace, services)
+        if seen is not None:
+            dr_by_host[host] = seen
+        elif svc is None:
+            dr_by_host[host] = rules[0]
+    selectors: dict[tuple[Labels, str, str], tuple[Labels, VirtualService]] = {}
+    for vs in vs_by_host.values():
+        for hr in vs.http:
+            for m in hr.matches:
+                if m.source_labels:
+                    selectors[(m.source_labels, vs.namespace, vs.name)] = (m.source_labels, vs)
+        for tr in vs.tcp:
+            for lm in tr.matches:
+                if lm.source_labels:
+                    selectors[(lm.source_labels, vs.namespace, vs.name)] = (lm.source_labels, vs)
     by_port: dict[int, list[Service]] = {}
     by_ns: dict[str, list[Service]] = {}
     by_head: dict[tuple[str, str, str], list[Service]] = {}
@@ -139,8 +176,32 @@ def build_mesh(
         sidecars=sidecars,
         vs_by_host=vs_by_host,
         dr_by_host=dr_by_host,
+        drs_by_host=drs_by_host,
+        source_selectors=tuple(selectors[k] for k in sorted(selectors)),
         services_by_port={p: tuple(v) for p, v in sorted(by_port.items())},
         services_by_namespace={ns: tuple(v) for ns, v in by_ns.items()},
         services_by_selector_head={k: tuple(v) for k, v in by_head.items()},
         sidecars_by_namespace={ns: tuple(v) for ns, v in sorted(sidecars_by_ns.items())},
     )
+
+
+def _exported(export_to: tuple[str, ...], owner_namespace: str, client_namespace: str) -> bool:
+    """exportTo: empty or `*` exports everywhere, `.` to the owner's namespace, `~` nowhere."""
+    if not export_to or "*" in export_to:
+        return True
+    if "." in export_to and owner_namespace == client_namespace:
+        return True
+    return client_namespace in export_to
+
+
+def _lookup(rules: tuple[DestinationRule, ...], host: Hostname, client_namespace: str | None,
+            root_namespace: str, services: Mapping[Hostname, Service]) -> DestinationRule | None:
+    if client_namespace is None:
+        return None
+    svc = services.get(host)
+    order = [client_namespace, *([svc.namespace] if svc else []), root_namespace]
+    for ns in dict.fromkeys(order):
+        for dr in rules:
+            if dr.namespace == ns and _exported(dr.export_to, dr.namespace, client_namespace):
+                return dr
+    return None

@@ -6,7 +6,8 @@ subsets no DestinationRule defines, ports a Service lacks, subsets that select n
 duplicate DestinationRules, competing PeerAuthentications, AuthorizationPolicy rules
 with HTTP-only attributes that land on a workload's TCP ports, and Sidecars that compete
 (two namespace defaults: an error; two selecting one Pod: a warning) or name a host no
-Service has. It only reports: the Mesh already resolves conflicts
+Service has; `validate_istio` adds the checks for where Istio YAML could mean something
+else in Meshline (root namespace, sourceLabels, destinationSubnets, ...). It only reports: the Mesh already resolves conflicts
 (first VirtualService by (namespace, name) wins a host; see `build_mesh`). Issues come
 out in a deterministic order (by object, then by field).
 """
@@ -40,6 +41,7 @@ from controlplane.model.policy import (
     served_ports,
 )
 from controlplane.model.scope import egress_host_matches, namespace_default, selecting_sidecar
+from controlplane.model.validate_istio import check_istio_fidelity
 
 
 def check_mesh(mesh: Mesh) -> tuple[Issue, ...]:
@@ -61,6 +63,7 @@ def check_mesh(mesh: Mesh) -> tuple[Issue, ...]:
     issues.extend(_sidecar_conflicts(mesh))
     for sc in mesh.sidecars:
         issues.extend(_sidecar_hosts(mesh, sc))
+    issues.extend(check_istio_fidelity(mesh))
     return tuple(issues)
 
 
@@ -119,13 +122,15 @@ def _destinations(mesh: Mesh, vs: VirtualService) -> Iterator[Issue]:
                 f"Service {svc.namespace}/{svc.name} has no port {dest.port} (its ports: {have})",
             )
         if dest.subset is not None:
-            problem = _subset_problem(mesh, dest.host, dest.subset)
+            problem = _subset_problem(mesh, dest.host, dest.subset, vs.namespace)
             if problem is not None:
                 yield Issue(vs.ref, f"{path}.subset", problem)
 
 
-def _subset_problem(mesh: Mesh, host: Hostname, subset: str) -> str | None:
-    dr = mesh.dr_by_host.get(host)
+def _subset_problem(mesh: Mesh, host: Hostname, subset: str, namespace: str) -> str | None:
+    """Why `subset` of `host` is undefined for clients in `namespace` (the VirtualService's;
+    Istio's DestinationRule lookup), or None."""
+    dr = mesh.destination_rule(host, namespace) or mesh.dr_by_host.get(host)
     if dr is None:
         return (
             f"subset {subset!r} of {host} is not defined: no DestinationRule exists for that host, "

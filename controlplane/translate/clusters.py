@@ -10,6 +10,10 @@ subset's trafficPolicy then overrides per sub-message (loadBalancer, connectionP
 outlierDetection, tls), and a portLevelSettings entry of the subset again replaces all four.
 How a cluster secures its connections (`UpstreamTls`) is decided by the planner from the
 merged `tls` and the endpoints (see `controlplane.translate.security`).
+
+`loadBalancer.simple: PASSTHROUGH` forwards to the original destination (an ORIGINAL_DST
+cluster) for intercepting sidecars, as in Istio; in bind capture the original destination
+is the sidecar's own loopback listener, so such clusters keep round robin over endpoints.
 """
 
 from __future__ import annotations
@@ -104,7 +108,9 @@ def _load_balancer(c: cluster_pb2.Cluster, lb: LoadBalancer | None) -> None:
         c.lb_policy = cluster_pb2.Cluster.LEAST_REQUEST
     elif lb.simple == "RANDOM":
         c.lb_policy = cluster_pb2.Cluster.RANDOM
-    # ROUND_ROBIN, UNSPECIFIED and PASSTHROUGH: Envoy's default, round robin.
+    # ROUND_ROBIN and UNSPECIFIED: Envoy's default, round robin. PASSTHROUGH is an
+    # ORIGINAL_DST cluster where the original destination is known (intercept capture, see
+    # build_original_dst_cluster); elsewhere (bind capture, tunnels) round robin as well.
 
 
 def _protocol_options(c: cluster_pb2.Cluster, protocol: PortProtocol, cp: ConnectionPool | None) -> None:
@@ -186,6 +192,33 @@ def build_outbound_cluster(
     _outlier_detection(c, policy.outlier_detection)
     apply_upstream_tls(c, tls)
     return c
+
+
+def build_original_dst_cluster(
+    name: str, protocol: PortProtocol, policy: ClusterPolicy, tls: UpstreamTls | None = None
+) -> cluster_pb2.Cluster:
+    """DestinationRule `loadBalancer.simple: PASSTHROUGH` (Istio): no load balancing, each
+    connection goes to the address the client asked for (the captured original
+    destination), with the rest of the policy (limits, outlier detection, TLS) applied. Such a
+    cluster has no endpoints of its own (no EDS)."""
+    c = cluster_pb2.Cluster(
+        name=name, type=cluster_pb2.Cluster.ORIGINAL_DST, lb_policy=cluster_pb2.Cluster.CLUSTER_PROVIDED
+    )
+    cp = policy.connection_pool
+    timeout = (
+        cp.connect_timeout_ms if cp is not None and cp.connect_timeout_ms else DEFAULT_CONNECT_TIMEOUT_MS
+    )
+    c.connect_timeout.CopyFrom(duration_ms(timeout))
+    _circuit_breakers(c, cp)
+    _protocol_options(c, protocol, cp)
+    _outlier_detection(c, policy.outlier_detection)
+    apply_upstream_tls(c, tls)
+    return c
+
+
+def is_passthrough(policy: ClusterPolicy) -> bool:
+    lb = policy.load_balancer
+    return lb is not None and lb.consistent_hash is None and lb.simple == "PASSTHROUGH"
 
 
 def apply_connection_policy(c: cluster_pb2.Cluster, policy: ClusterPolicy) -> None:

@@ -72,6 +72,7 @@ class OutboundListener:
     bind_to_port: bool
     route_name: str | None = None
     tcp: tuple[WeightedCluster, ...] = ()
+    tcp_hash_source_ip: bool = False  # DestinationRule consistentHash.useSourceIp on a TCP port
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,13 +123,15 @@ def _hcm(
     return f
 
 
-def _tcp_proxy(stat_prefix: str, clusters: Sequence[WeightedCluster]) -> Any:
+def _tcp_proxy(stat_prefix: str, clusters: Sequence[WeightedCluster], hash_source_ip: bool = False) -> Any:
     t = tcp_proxy_pb2.TcpProxy(stat_prefix=stat_prefix)
     if len(clusters) == 1:
         t.cluster = clusters[0].name
     else:
         for wc in clusters:
             t.weighted_clusters.clusters.add(name=wc.name, weight=wc.weight)
+    if hash_source_ip:
+        t.hash_policy.add().source_ip.SetInParent()
     f = listener_components_pb2.Filter(name=TCP_PROXY_FILTER)
     f.typed_config.CopyFrom(pack(t))
     return f
@@ -172,11 +175,13 @@ def build_outbound_listener(spec: OutboundListener) -> listener_pb2.Listener:
         http = lst.filter_chains.add(name=f"{spec.name}_http")
         http.filter_chain_match.application_protocols.extend(SNIFFED_PROTOCOLS)
         http.filters.append(_hcm(stat, spec.route_name, None))
-        lst.filter_chains.add(name=f"{spec.name}_tcp").filters.append(_tcp_proxy(stat, spec.tcp))
+        lst.filter_chains.add(name=f"{spec.name}_tcp").filters.append(
+            _tcp_proxy(stat, spec.tcp, spec.tcp_hash_source_ip))
     elif spec.route_name is not None:
         lst.filter_chains.add(name=f"{spec.name}_http").filters.append(_hcm(stat, spec.route_name, None))
     else:
-        lst.filter_chains.add(name=f"{spec.name}_tcp").filters.append(_tcp_proxy(stat, spec.tcp))
+        lst.filter_chains.add(name=f"{spec.name}_tcp").filters.append(
+            _tcp_proxy(stat, spec.tcp, spec.tcp_hash_source_ip))
     return lst
 
 

@@ -6,10 +6,19 @@ exactly what one virtual host needs (a `VirtualHostInput`); `build_route_config`
 cache's builder and reads nothing else.
 
 Decisions worth knowing:
-- each match block of a VirtualService route becomes its own Envoy route (ORed); a match
-  with `port` only applies to that port's route configuration, one with `sourceNamespace`
-  only to clients in that namespace; matches with `sourceLabels` are skipped because the
-  outbound configuration is shared by every workload of a namespace;
+- each match block of a VirtualService route becomes its own Envoy route (ORed), named
+  `<route name>.<match name>` when the match has a name (Istio's naming); a match with
+  `port` only applies to that port's route configuration, one with `sourceNamespace` only
+  to clients in that namespace, one with `sourceLabels` only to clients whose workload
+  labels include them: the planner passes the sourceLabels selectors the proxies of a
+  shared outbound layer match (`translate.scope`), so workloads that match none of them
+  keep sharing one layer; proxies without workload labels (waypoints) match none;
+- the DestinationRule of a destination is looked up the way Istio does it, for the
+  client's namespace (`Mesh.destination_rule`);
+- retries follow Istio's `retry.ConvertPolicy`: previous hosts are avoided unless
+  `retryIgnorePreviousHosts: false` (or, by default, when the route hashes consistently),
+  `retryRemoteLocalities` adds the previous_priorities retry priority, `backoff` sets the
+  base interval;
 - when no route of a VirtualService applies, the service gets the default route;
 - a DestinationRule's consistentHash becomes the route's hash policy when every weighted
   destination of the route agrees on it;
@@ -29,6 +38,7 @@ from envoy.config.route.v3 import route_pb2
 from envoy.extensions.filters.http.cors.v3 import cors_pb2
 from envoy.extensions.filters.http.fault.v3 import fault_pb2
 from envoy.extensions.retry.host.previous_hosts.v3 import previous_hosts_pb2
+from envoy.extensions.retry.priority.previous_priorities.v3 import previous_priorities_config_pb2
 from envoy.type.matcher.v3 import string_pb2
 from envoy.type.v3 import percent_pb2
 
@@ -41,6 +51,7 @@ from controlplane.model.ir import (
     Headers,
     HTTPMatch,
     HTTPRoute,
+    Labels,
     Retry,
     Service,
     SourceRef,
@@ -91,6 +102,7 @@ class VirtualHostInput:
     route_prefix: str = ""  # route names: `<prefix>.<index>` when the VS route is unnamed
     http: tuple[HTTPRoute, ...] = ()
     targets: tuple[tuple[Destination, Target], ...] = ()
+    source_labels: frozenset[Labels] = frozenset()  # the sourceLabels selectors the clients match
 
 
 # --------------------------------------------------------------------------- planning
@@ -99,21 +111,21 @@ class VirtualHostInput:
 def _target(mesh: Mesh, dest: Destination, port: int, namespace: str) -> Target:
     svc = mesh.services.get(dest.host)
     dport = destination_port(dest, port, svc)
-    dr = mesh.dr_by_host.get(dest.host)
-    if dr is not None and not visible_to(dr.export_to, dr.namespace, namespace):
-        dr = None
+    dr = mesh.destination_rule(dest.host, namespace)
     lb = effective_policy(dr, dport, dest.subset).load_balancer
     return Target(outbound_cluster_name(dport, dest.host, dest.subset), lb.consistent_hash if lb else None)
 
 
 def plan_virtual_host(
-    mesh: Mesh, svc: Service, port: int, namespace: str, domains: tuple[str, ...]
+    mesh: Mesh, svc: Service, port: int, namespace: str, domains: tuple[str, ...],
+    source_labels: frozenset[Labels] = frozenset(),
 ) -> tuple[VirtualHostInput, tuple[SourceRef, ...]]:
-    """The input of `svc`'s virtual host on `port` for clients in `namespace`, and the
-    objects that shaped it."""
+    """The input of `svc`'s virtual host on `port` for clients in `namespace` whose workload
+    labels match the sourceLabels selectors `source_labels` (and no others), and the objects
+    that shaped it."""
     sources: list[SourceRef] = [svc.ref]
     default = _target(mesh, Destination(svc.hostname, None, port), port, namespace)
-    dr = mesh.dr_by_host.get(svc.hostname)
+    dr = mesh.destination_rule(svc.hostname, namespace)
     if dr is not None and default.hash is not None:
         sources.append(dr.ref)
     vs = mesh.vs_by_host.get(svc.hostname)
@@ -121,11 +133,13 @@ def plan_virtual_host(
         return VirtualHostInput(virtual_host_name(svc.hostname, port), domains, default), tuple(sources)
     sources.append(vs.ref)
     dests: dict[Destination, Target] = {}
+    used: set[Labels] = set()
     for hr in vs.http:
+        used.update(m.source_labels for m in hr.matches if m.source_labels)
         for d in [rd.destination for rd in hr.route] + [m.destination for m in hr.mirrors]:
             if d not in dests:
                 dests[d] = _target(mesh, d, port, namespace)
-                ddr = mesh.dr_by_host.get(d.host)
+                ddr = mesh.destination_rule(d.host, namespace)
                 if ddr is not None and ddr.ref not in sources:
                     sources.append(ddr.ref)
     vh = VirtualHostInput(
@@ -135,6 +149,7 @@ def plan_virtual_host(
         route_prefix=f"{vs.name}.{vs.namespace}",
         http=vs.http,
         targets=tuple(dests.items()),
+        source_labels=frozenset(source_labels & used),  # only what this VS asks: equal inputs stay shared
     )
     return vh, tuple(sources)
 
@@ -161,7 +176,8 @@ def _header_matcher(out: rc.HeaderMatcher, name: str, m: StringMatch | None, inv
         out.invert_match = True
 
 
-def _applicable(matches: Sequence[HTTPMatch], port: int, namespace: str) -> list[HTTPMatch]:
+def _applicable(matches: Sequence[HTTPMatch], port: int, namespace: str,
+                source_labels: frozenset[Labels] = frozenset()) -> list[HTTPMatch]:
     if not matches:
         return [HTTPMatch()]
     return [
@@ -169,7 +185,7 @@ def _applicable(matches: Sequence[HTTPMatch], port: int, namespace: str) -> list
         for m in matches
         if (m.port is None or m.port == port)
         and (m.source_namespace is None or m.source_namespace == namespace)
-        and not m.source_labels
+        and (not m.source_labels or m.source_labels in source_labels)
     ]
 
 
@@ -235,7 +251,13 @@ def _apply_headers(target: rc.Route | rc.WeightedCluster.ClusterWeight, headers:
     _header_ops(target.response_headers_to_add, target.response_headers_to_remove, headers.response)
 
 
-def _retry(out: rc.RetryPolicy, retry: Retry) -> None:
+PREVIOUS_PRIORITIES_UPDATE_FREQUENCY = 2
+"""Istio's `update_frequency` for the previous_priorities retry priority."""
+
+
+def _retry(out: rc.RetryPolicy, retry: Retry, hashed: bool = False) -> None:
+    """Istio's `retry.ConvertPolicy`. `hashed`: the route hashes consistently, so retries stay
+    on the same host unless `retryIgnorePreviousHosts: true` says otherwise."""
     retry_on = list(retry.retry_on) or DEFAULT_RETRY_ON.split(",")
     codes = retry.retriable_status_codes
     if not retry.retry_on and not codes:
@@ -247,8 +269,17 @@ def _retry(out: rc.RetryPolicy, retry: Retry) -> None:
     if retry.per_try_timeout_ms:
         out.per_try_timeout.CopyFrom(duration_ms(retry.per_try_timeout_ms))
     out.retriable_status_codes.extend(codes)
-    pred = out.retry_host_predicate.add(name="envoy.retry_host_predicates.previous_hosts")
-    pred.typed_config.CopyFrom(pack(previous_hosts_pb2.PreviousHostsPredicate()))
+    avoid_previous = (not hashed) if retry.ignore_previous_hosts is None else retry.ignore_previous_hosts
+    if avoid_previous:
+        pred = out.retry_host_predicate.add(name="envoy.retry_host_predicates.previous_hosts")
+        pred.typed_config.CopyFrom(pack(previous_hosts_pb2.PreviousHostsPredicate()))
+    if retry.retry_remote_localities:
+        prio = out.retry_priority
+        prio.name = "envoy.retry_priorities.previous_priorities"
+        prio.typed_config.CopyFrom(pack(previous_priorities_config_pb2.PreviousPrioritiesConfig(
+            update_frequency=PREVIOUS_PRIORITIES_UPDATE_FREQUENCY)))
+    if retry.backoff_ms:
+        out.retry_back_off.base_interval.CopyFrom(duration_ms(retry.backoff_ms))
     out.host_selection_retry_max_attempts = 5
 
 
@@ -326,18 +357,17 @@ def _forward(r: rc.Route, hr: HTTPRoute, vh: VirtualHostInput) -> bool:
             ra.regex_rewrite.pattern.regex = hr.rewrite.uri_regex[0]
             ra.regex_rewrite.substitution = hr.rewrite.uri_regex[1]
     ra.timeout.CopyFrom(duration_ms(hr.timeout_ms or 0))
-    retry = DEFAULT_RETRY if hr.retries is None else hr.retries
-    if retry.attempts > 0:
-        _retry(ra.retry_policy, retry)
     for m in hr.mirrors:
         mp = ra.request_mirror_policies.add(cluster=targets[m.destination].cluster)
         if m.percentage is not None:
             mp.runtime_fraction.default_value.CopyFrom(_fraction(m.percentage))
     hashes = {targets[d.destination].hash for d in dests}
-    if len(hashes) == 1:
-        ch = hashes.pop()
-        if ch is not None:
-            _hash_policy(ra, ch)
+    ch = hashes.pop() if len(hashes) == 1 else None
+    if ch is not None:
+        _hash_policy(ra, ch)
+    retry = DEFAULT_RETRY if hr.retries is None else hr.retries
+    if retry.attempts > 0:
+        _retry(ra.retry_policy, retry, hashed=bool(ra.hash_policy))
     return True
 
 
@@ -375,16 +405,16 @@ def default_route(target: Target, name: str = "default") -> rc.Route:
     r.match.prefix = "/"
     r.route.cluster = target.cluster
     r.route.timeout.CopyFrom(duration_ms(0))
-    _retry(r.route.retry_policy, DEFAULT_RETRY)
     if target.hash is not None:
         _hash_policy(r.route, target.hash)
+    _retry(r.route.retry_policy, DEFAULT_RETRY, hashed=bool(r.route.hash_policy))
     return r
 
 
 def _virtual_host(vh: VirtualHostInput, port: int, namespace: str) -> rc.VirtualHost:
     out = rc.VirtualHost(name=vh.name, domains=vh.domains)
     for i, hr in enumerate(vh.http):
-        matches = _applicable(hr.matches, port, namespace)
+        matches = _applicable(hr.matches, port, namespace, vh.source_labels)
         if not matches:
             continue
         template = _route_action(hr, vh)
@@ -393,7 +423,8 @@ def _virtual_host(vh: VirtualHostInput, port: int, namespace: str) -> rc.Virtual
         for m in matches:
             r = out.routes.add()
             r.CopyFrom(template)
-            r.name = hr.name or f"{vh.route_prefix}.{i}"
+            base = hr.name or f"{vh.route_prefix}.{i}"
+            r.name = f"{base}.{m.name}" if m.name else base
             _fill_match(r.match, m)
     if not out.routes:
         out.routes.append(default_route(vh.default))

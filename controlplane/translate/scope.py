@@ -1,40 +1,98 @@
-"""Sidecar scoping for translation: the (service, port) pairs a scoped proxy receives and
-the identity of its scope, which keys the outbound layer that proxies share. Pure, no I/O.
+"""Sidecar scoping for translation: the (service, port) pairs a scoped proxy receives, the
+VirtualService `sourceLabels` selectors its workload matches, and the identity of both,
+which keys the outbound layer that proxies share. Pure, no I/O.
 
 A service port is in scope when an egress listener of the proxy's Sidecar
 (`controlplane.model.scope.proxy_sidecar`) imports the service, on that listener's port
 when it has one, on every port otherwise. As in Istio, the destinations of the
 VirtualServices of imported hosts are imported too (their port, or the port the route
 resolves to), so a route never points at a cluster the proxy lacks.
+
+Source classes: a VirtualService match with `sourceLabels` applies only to client
+workloads whose labels include them (Istio). The outbound layer is shared by proxies of
+one namespace, capture mode and Sidecar, so the selectors a proxy's workload matches (of
+the VirtualServices visible in its namespace) become part of its scope: proxies matching
+the same selectors (typically none) still share one layer, and a proxy matching some gets a
+variant in which those matches apply. The `Scope` then carries them (`source_labels`);
+a proxy without a Sidecar but with such a class gets a Scope of every service port.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 
-from controlplane.model.ir import Destination, EgressHost, Hostname, ProxyMeta, Service, Sidecar
+from controlplane.model.ir import (
+    Destination,
+    EgressHost,
+    Hostname,
+    Labels,
+    ProxyMeta,
+    Service,
+    Sidecar,
+    labels_match,
+)
 from controlplane.model.mesh import Mesh
-from controlplane.model.scope import egress_host_matches, proxy_sidecar
+from controlplane.model.scope import egress_host_matches, proxy_labels, proxy_sidecar
 from controlplane.translate.names import destination_port, visible_to
 
-Scope = frozenset[tuple[Hostname, int]]
-"""(service hostname, service port) pairs a proxy receives; None elsewhere means all."""
-ScopeKey = tuple[str, str] | None
-"""(namespace, name) of the Sidecar whose egress applies, or None (unscoped)."""
+
+class Scope(frozenset[tuple[Hostname, int]]):
+    """(service hostname, service port) pairs a proxy receives (None elsewhere means all),
+    plus `source_labels`: the VirtualService sourceLabels selectors its workload matches."""
+
+    __slots__ = ("source_labels",)
+    source_labels: frozenset[Labels]
+
+    def __new__(cls, pairs: Iterable[tuple[Hostname, int]] = (),
+                source_labels: frozenset[Labels] = frozenset()) -> Scope:
+        self = super().__new__(cls, pairs)
+        self.source_labels = source_labels
+        return self
+
+
+ScopeKey = tuple[str, str] | tuple[tuple[str, str] | None, tuple[Labels, ...]] | None
+"""(namespace, name) of the Sidecar whose egress applies, or None (unscoped); with a source
+class, (that, the sorted selectors)."""
+
+
+def source_labels_of(scope: frozenset[tuple[Hostname, int]] | None) -> frozenset[Labels]:
+    """The sourceLabels selectors a scope carries (none for a plain set or None)."""
+    return scope.source_labels if isinstance(scope, Scope) else frozenset()
+
+
+def source_class(mesh: Mesh, proxy: ProxyMeta) -> frozenset[Labels]:
+    """The sourceLabels selectors (of VirtualServices visible in the proxy's namespace) that
+    the proxy's workload labels match. Only sidecars are matched: other proxies serve many
+    workloads, so a sourceLabels match never applies to them."""
+    if proxy.mode != "sidecar" or not mesh.source_selectors:
+        return frozenset()
+    labels = proxy_labels(mesh, proxy)
+    return frozenset(sel for sel, vs in mesh.source_selectors
+                     if labels_match(sel, labels) and visible_to(vs.export_to, vs.namespace, proxy.namespace))
 
 
 def scope_key(mesh: Mesh, proxy: ProxyMeta) -> ScopeKey:
     sc = proxy_sidecar(mesh, proxy)
-    return None if sc is None else (sc.namespace, sc.name)
+    key = None if sc is None else (sc.namespace, sc.name)
+    classes = source_class(mesh, proxy)
+    if not classes:
+        return key
+    return (key, tuple(sorted(classes)))
 
 
 def proxy_scope(mesh: Mesh, proxy: ProxyMeta) -> Scope | None:
     """What `proxy` receives of the outbound configuration; None: everything."""
     sc = proxy_sidecar(mesh, proxy)
-    return None if sc is None else sidecar_scope(mesh, sc, proxy.namespace)
+    classes = source_class(mesh, proxy)
+    if sc is not None:
+        return sidecar_scope(mesh, sc, proxy.namespace, classes)
+    if not classes:
+        return None
+    return Scope(((s.hostname, p.port) for s in mesh.services.values() for p in s.ports), classes)
 
 
-def sidecar_scope(mesh: Mesh, sidecar: Sidecar, namespace: str) -> Scope:
+def sidecar_scope(mesh: Mesh, sidecar: Sidecar, namespace: str,
+                  source_labels: frozenset[Labels] = frozenset()) -> Scope:
     """The service ports `sidecar` imports for proxies in `namespace`."""
     allowed: set[tuple[Hostname, int]] = set()
     for eg in sidecar.egress:
@@ -53,7 +111,7 @@ def sidecar_scope(mesh: Mesh, sidecar: Sidecar, namespace: str) -> Scope:
                 dport = destination_port(dest, port, target)
                 if any(p.port == dport for p in target.ports):
                     allowed.add((dest.host, dport))
-    return frozenset(allowed)
+    return Scope(allowed, source_labels)
 
 
 def _candidates(mesh: Mesh, entry: EgressHost, namespace: str) -> Iterable[Service]:

@@ -30,14 +30,18 @@ mesh's trust domain and root namespace come with the `Mesh`.
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from controlplane.model.ambient import runs_sidecar
 from controlplane.model.ir import (
     CaptureMode,
+    Destination,
     DestinationRule,
     Hostname,
+    L4Match,
+    Labels,
     PortProtocol,
     ProxyMeta,
     Service,
@@ -50,9 +54,11 @@ from controlplane.model.policy import authorization_policies_for, effective_mtls
 from controlplane.translate.clusters import (
     build_blackhole_cluster,
     build_inbound_cluster,
+    build_original_dst_cluster,
     build_outbound_cluster,
     build_passthrough_cluster,
     effective_policy,
+    is_passthrough,
 )
 from controlplane.translate.endpoints import build_cla, select_endpoints
 from controlplane.translate.listeners import (
@@ -75,6 +81,7 @@ from controlplane.translate.names import (
     VIRTUAL_OUTBOUND,
     dedupe_domains,
     destination_cluster,
+    destination_port,
     inbound_cluster_name,
     outbound_cluster_name,
     route_config_name,
@@ -84,15 +91,13 @@ from controlplane.translate.names import (
 )
 from controlplane.translate.plan import CLUSTER, ENDPOINT, LISTENER, ROUTE, ResourceSpec
 from controlplane.translate.routes import build_route_config, plan_virtual_host
-from controlplane.translate.scope import Scope
+from controlplane.translate.scope import Scope, source_labels_of
 from controlplane.translate.security import outbound_sni, spiffe_uri, upstream_tls
 
 
 def _dr(mesh: Mesh, svc: Service, namespace: str) -> DestinationRule | None:
-    dr = mesh.dr_by_host.get(svc.hostname)
-    if dr is None or not visible_to(dr.export_to, dr.namespace, namespace):
-        return None
-    return dr
+    """The DestinationRule clients in `namespace` use for `svc` (Istio's lookup order)."""
+    return mesh.destination_rule(svc.hostname, namespace)
 
 
 def _sniffed_or_http(sp: ServicePort) -> bool:
@@ -149,6 +154,9 @@ def _cluster_specs(mesh: Mesh, svc: Service, namespace: str, scope: Scope | None
             sni = outbound_sni(sp.port, subset, svc.hostname)
             tls = upstream_tls(policy.tls, any(e.mtls for e in eps), sni, peers, mesh.trust_domain, sp.protocol)
             args = (name, sp.protocol, policy, tls)
+            if capture == "intercept" and is_passthrough(policy):
+                out.append(ResourceSpec(CLUSTER, name, build_original_dst_cluster, args, sources))
+                continue
             out.append(ResourceSpec(CLUSTER, name, build_outbound_cluster, args, sources))
             out.append(ResourceSpec(ENDPOINT, name, build_cla, (name, eps), sources))
     return out
@@ -164,15 +172,17 @@ def _tunnelled(mesh: Mesh, svc: Service, sp: ServicePort) -> bool:
 
 
 def route_spec(
-    mesh: Mesh, port: int, services: list[Service], namespace: str, capture: CaptureMode, name: str | None = None
+    mesh: Mesh, port: int, services: list[Service], namespace: str, capture: CaptureMode, name: str | None = None,
+    source_labels: frozenset[Labels] = frozenset(),
 ) -> ResourceSpec:
     """The route configuration of `services` on `port` for clients in `namespace` (named after
-    the port unless `name` is given: a waypoint's per-port configuration)."""
+    the port unless `name` is given: a waypoint's per-port configuration) whose workloads
+    match the VirtualService sourceLabels selectors `source_labels`."""
     domains = dedupe_domains(service_domains(s, port, namespace) for s in services)
     vhosts = []
     sources: list[SourceRef] = []
     for svc, doms in zip(services, domains, strict=True):
-        vh, refs = plan_virtual_host(mesh, svc, port, namespace, doms)
+        vh, refs = plan_virtual_host(mesh, svc, port, namespace, doms, source_labels)
         vhosts.append(vh)
         sources += refs
     name = name or route_config_name(port)
@@ -180,25 +190,66 @@ def route_spec(
     return ResourceSpec(ROUTE, name, build_route_config, args, _refs(tuple(sources)))
 
 
-def tcp_target(mesh: Mesh, svc: Service, port: int, namespace: str) -> tuple[WeightedCluster, ...]:
-    """Where TCP traffic for `svc` on `port` goes: the first applicable VirtualService tcp
-    route (weighted), else the service's own cluster."""
+def _in_subnets(ip: str | None, subnets: tuple[str, ...]) -> bool:
+    """Whether the destination address `ip` (a service's cluster IP) is in one of `subnets`
+    (no subnets: any destination). A service without a cluster IP has no one destination
+    address, so a match on subnets never applies to it (validation says so)."""
+    if not subnets:
+        return True
+    if not ip or ip.lower() == "none":
+        return False
+    try:
+        addr = ipaddress.ip_address(ip)
+    except ValueError:
+        return False
+    return any(addr.version == net.version and addr in net
+               for net in (ipaddress.ip_network(s, strict=False) for s in subnets))
+
+
+def _l4_applies(m: L4Match, svc: Service, port: int, namespace: str, source_labels: frozenset[Labels]) -> bool:
+    return ((m.port is None or m.port == port)
+            and (m.source_namespace is None or m.source_namespace == namespace)
+            and (not m.source_labels or m.source_labels in source_labels)
+            and _in_subnets(svc.cluster_ip, m.destination_subnets))
+
+
+def _tcp_destinations(mesh: Mesh, svc: Service, port: int, namespace: str,
+                      source_labels: frozenset[Labels]) -> tuple[tuple[Destination, int], ...]:
+    """(destination, weight) pairs of the first applicable VirtualService tcp route, else the
+    service itself."""
     vs = mesh.vs_by_host.get(svc.hostname)
     if vs is not None and visible_to(vs.export_to, vs.namespace, namespace):
         for tr in vs.tcp:
-            applies = not tr.matches or any(
-                (m.port is None or m.port == port)
-                and (m.source_namespace is None or m.source_namespace == namespace)
-                and not m.source_labels
-                for m in tr.matches
-            )
+            applies = not tr.matches or any(_l4_applies(m, svc, port, namespace, source_labels) for m in tr.matches)
             dests = weighted_split(tr.route)
             if applies and dests:
-                return tuple(
-                    WeightedCluster(destination_cluster(d.destination, port, mesh.services), d.weight)
-                    for d in dests
-                )
-    return (WeightedCluster(outbound_cluster_name(port, svc.hostname)),)
+                return tuple((d.destination, d.weight) for d in dests)
+    return ((Destination(svc.hostname, None, port), 100),)
+
+
+def tcp_target(mesh: Mesh, svc: Service, port: int, namespace: str,
+               source_labels: frozenset[Labels] = frozenset()) -> tuple[WeightedCluster, ...]:
+    """Where TCP traffic for `svc` on `port` goes: the first applicable VirtualService tcp
+    route (weighted), else the service's own cluster. A match applies when its port, source
+    namespace, sourceLabels (one of `source_labels`, the selectors the clients match) and
+    destinationSubnets (the service's cluster IP) all do."""
+    dests = _tcp_destinations(mesh, svc, port, namespace, source_labels)
+    if len(dests) == 1 and dests[0][0] == Destination(svc.hostname, None, port):
+        return (WeightedCluster(outbound_cluster_name(port, svc.hostname)),)
+    return tuple(WeightedCluster(destination_cluster(d, port, mesh.services), w) for d, w in dests)
+
+
+def tcp_hashes_source_ip(mesh: Mesh, svc: Service, port: int, namespace: str,
+                         source_labels: frozenset[Labels] = frozenset()) -> bool:
+    """Whether the TCP proxy for `svc` on `port` hashes on the client's IP: every cluster it
+    sends to has a DestinationRule `consistentHash.useSourceIp` for clients in `namespace`
+    (Envoy's tcp_proxy takes its hash key from its own `hash_policy`, not the cluster's)."""
+    for dest, _ in _tcp_destinations(mesh, svc, port, namespace, source_labels):
+        dport = destination_port(dest, port, mesh.services.get(dest.host))
+        lb = effective_policy(mesh.destination_rule(dest.host, namespace), dport, dest.subset).load_balancer
+        if lb is None or lb.consistent_hash is None or not lb.consistent_hash.use_source_ip:
+            return False
+    return True
 
 
 def _tcp_sources(mesh: Mesh, svc: Service) -> tuple[SourceRef, ...]:
@@ -211,20 +262,23 @@ def _listener_spec(spec: OutboundListener, sources: tuple[SourceRef, ...]) -> Re
 
 
 def _bind_listener(
-    mesh: Mesh, port: int, services: list[Service], namespace: str, address: str = "127.0.0.1"
+    mesh: Mesh, port: int, services: list[Service], namespace: str, address: str = "127.0.0.1",
+    source_labels: frozenset[Labels] = frozenset(),
 ) -> ResourceSpec:
     http = [s for s in services if _port_of(s, port).protocol.is_http]
     other = [s for s in services if not _port_of(s, port).protocol.is_http]
     sniffed = any(_port_of(s, port).protocol is PortProtocol.UNKNOWN for s in services)
     route = route_config_name(port) if http or sniffed else None
-    tcp = tcp_target(mesh, other[0], port, namespace) if other else ()
-    spec = OutboundListener(f"{address}_{port}", address, port, True, route, tcp)
+    tcp = tcp_target(mesh, other[0], port, namespace, source_labels) if other else ()
+    hashed = bool(other) and tcp_hashes_source_ip(mesh, other[0], port, namespace, source_labels)
+    spec = OutboundListener(f"{address}_{port}", address, port, True, route, tcp, hashed)
     sources = tuple(s.ref for s in services) + (_tcp_sources(mesh, other[0]) if other else ())
     return _listener_spec(spec, _refs(sources))
 
 
 def _intercept_listeners(
-    mesh: Mesh, port: int, services: list[Service], namespace: str
+    mesh: Mesh, port: int, services: list[Service], namespace: str,
+    source_labels: frozenset[Labels] = frozenset(),
 ) -> list[ResourceSpec]:
     out: dict[str, ResourceSpec] = {}
     http = [s for s in services if _port_of(s, port).protocol.is_http]
@@ -237,9 +291,9 @@ def _intercept_listeners(
             continue
         ip = svc.cluster_ip if svc.cluster_ip and svc.cluster_ip.lower() != "none" else "0.0.0.0"
         route = route_config_name(port) if protocol is PortProtocol.UNKNOWN else None
-        spec = OutboundListener(
-            f"{ip}_{port}", ip, port, False, route, tcp_target(mesh, svc, port, namespace)
-        )
+        tcp = tcp_target(mesh, svc, port, namespace, source_labels)
+        hashed = tcp_hashes_source_ip(mesh, svc, port, namespace, source_labels)
+        spec = OutboundListener(f"{ip}_{port}", ip, port, False, route, tcp, hashed)
         out.setdefault(spec.name, _listener_spec(spec, _tcp_sources(mesh, svc)))
     return list(out.values())
 
@@ -259,6 +313,7 @@ def plan_outbound(
     specs: list[ResourceSpec] = []
     by_port: Mapping[int, Sequence[Service]] = mesh.services_by_port
     hosts: Iterable[Hostname] = mesh.services
+    classes = source_labels_of(scope)
     if scope is not None:
         scoped: dict[int, list[Service]] = {}
         for host, port in scope:
@@ -273,11 +328,11 @@ def plan_outbound(
         services = sorted(on_port, key=lambda s: s.hostname)
         routed = [s for s in services if _sniffed_or_http(_port_of(s, port))]
         if routed:
-            specs.append(route_spec(mesh, port, routed, namespace, capture))
+            specs.append(route_spec(mesh, port, routed, namespace, capture, source_labels=classes))
         if capture == "bind":
-            specs.append(_bind_listener(mesh, port, services, namespace, bind_address))
+            specs.append(_bind_listener(mesh, port, services, namespace, bind_address, classes))
         else:
-            specs += _intercept_listeners(mesh, port, services, namespace)
+            specs += _intercept_listeners(mesh, port, services, namespace, classes)
     if capture == "intercept":
         specs.append(
             ResourceSpec(CLUSTER, PASSTHROUGH_CLUSTER, build_passthrough_cluster, (PASSTHROUGH_CLUSTER,))
