@@ -38,6 +38,10 @@ kube:
 kube-down:
 	scripts/kube/kube.sh down
 
+# The bookinfo demo on the local API server (pods are network namespaces: needs root).
+run-kube: $(STAMP)
+	$(BIN)/python scripts/kube/run_kube_demo.py
+
 # Benchmarks: matplotlib from the `bench` extra; sovereign (the P8 peer) in its own venv,
 # because it pins fastapi/uvicorn versions older than Meshline's.
 BENCH_STAMP := $(VENV)/.installed-bench
