@@ -182,8 +182,9 @@ def test_tcp_source_labels_and_destination_subnets() -> None:
         assert tcp_proxy(mesh, proxy("ratings-1", capture=capture), name).cluster == \
             "outbound|3306|v1|mysql.default.svc.cluster.local"
     assert warnings(issues, "spec.tcp[1].match[0].destinationSubnets") == [
-        "192.168.0.0/16 does not contain the cluster IP 10.96.0.20 of Service default/mysql: this match never "
-        "applies to it"]
+        "192.168.0.0/16 contains none of the cluster IPs of this VirtualService's hosts (10.96.0.20 (default/mysql)): "
+        "this match never applies"]
+    assert not warnings(issues, "spec.tcp[2].match[0].destinationSubnets")
 
 
 def test_source_labels_no_pod_has_and_headless_subnets_are_warned() -> None:

@@ -7,8 +7,8 @@ than in Istio, reported so that nothing differs in silence. Pure, no I/O.
   mesh-wide STRICT PeerAuthentication or DENY policy would fail open everywhere else;
 - VirtualService `sourceLabels` that no Pod carries (the match applies to no client), or on
   a host served by a waypoint (a waypoint serves many clients and never matches them);
-- tcp `destinationSubnets` that cannot match the destination Service's cluster IP (or a
-  headless Service, which has none), so the match never applies;
+- tcp `destinationSubnets` that contain the cluster IP of none of the VirtualService's
+  hosts (or a headless Service, which has none), so the match never applies;
 - DestinationRule hash keys other than `useSourceIp` on TCP ports (Envoy's TCP proxy can
   hash only on the connection);
 - Sidecar egress listeners whose `port.protocol` differs from the protocol of the services
@@ -129,23 +129,24 @@ def _source_labels(mesh: Mesh, vs: VirtualService) -> Iterator[Issue]:
 
 
 def _destination_subnets(mesh: Mesh, vs: VirtualService) -> Iterator[Issue]:
+    """Subnets can pick some of the hosts of a VirtualService; a match whose subnets contain
+    the cluster IP of none of them never applies, and headless hosts are never matched."""
+    services = [svc for h in vs.hosts if (svc := mesh.services.get(h)) is not None]
     for i, tr in enumerate(vs.tcp):
         for j, lm in enumerate(tr.matches):
-            if not lm.destination_subnets:
+            if not lm.destination_subnets or not services:
                 continue
             path = f"spec.tcp[{i}].match[{j}].destinationSubnets"
-            for host in vs.hosts:
-                svc = mesh.services.get(host)
-                if svc is None:
-                    continue
+            for svc in services:
                 if not _has_vip(svc):
                     yield Issue(vs.ref, path, f"Service {svc.namespace}/{svc.name} is headless (no cluster IP): the "
                                 "destination address is a Pod's, which Meshline does not match against "
                                 "destinationSubnets, so this match never applies to it", "warning")
-                elif not _contains(lm.destination_subnets, svc.cluster_ip or ""):
-                    yield Issue(vs.ref, path, f"{', '.join(lm.destination_subnets)} does not contain the cluster IP "
-                                f"{svc.cluster_ip} of Service {svc.namespace}/{svc.name}: this match never applies "
-                                "to it", "warning")
+            with_vip = [svc for svc in services if _has_vip(svc)]
+            if with_vip and not any(_contains(lm.destination_subnets, svc.cluster_ip or "") for svc in with_vip):
+                ips = ", ".join(f"{svc.cluster_ip} ({svc.namespace}/{svc.name})" for svc in with_vip)
+                yield Issue(vs.ref, path, f"{', '.join(lm.destination_subnets)} contains none of the cluster IPs of "
+                            f"this VirtualService's hosts ({ips}): this match never applies", "warning")
 
 
 def _has_vip(svc: Service) -> bool:
