@@ -74,6 +74,12 @@ def main() -> None:
               help="Worker processes sharing the xDS port (SO_REUSEPORT), each with its own copy of the model "
                    "and its own streams; worker 0 serves the status API for all of them, the TLS port and the "
                    "webhooks. Needs a fixed --xds-address port.")
+@click.option("--allow-unauthenticated-xds", is_flag=True,
+              help="Development only: also serve configuration (never secrets) to streams without a valid "
+                   "credential on the TLS port (--ca-address); reported in /v1/mesh.")
+@click.option("--credential-check-seconds", default=10.0, show_default=True, type=click.FloatRange(0.1, 3600),
+              help="How often the credential of every open authenticated stream is checked again: a stream "
+                   "whose token expired or was revoked is ended (with the TokenReview cache, within 30 s).")
 @click.option("--preflight/--no-preflight", default=True, show_default=True,
               help="Check the resources of every changed VirtualService, DestinationRule, Sidecar, "
                    "PeerAuthentication and AuthorizationPolicy with Meshline's own Envoy (`envoy --mode "
@@ -87,8 +93,8 @@ def serve(ctx: click.Context, config_dirs: tuple[Path, ...], kubernetes: bool, k
           xds_address: str, status_address: str,
           webhook_address: str | None, debounce_ms: int, status_token_file: Path | None, log_level: str,
           log_format: str, ca_enabled: bool, ca_dir: Path | None, trust_domain: str, workload_cert_ttl: Any,
-          ca_address: str, ca_dns_names: str, node_agents: bool, workers: int, preflight: bool,
-          validator_envoy: str) -> None:
+          ca_address: str, ca_dns_names: str, node_agents: bool, workers: int, allow_unauthenticated_xds: bool,
+          credential_check_seconds: float, preflight: bool, validator_envoy: str) -> None:
     """Run the control plane."""
     from controlplane.bootstrap import split_address
     from controlplane.ca.commands import default_ca_dir
@@ -119,6 +125,8 @@ def serve(ctx: click.Context, config_dirs: tuple[Path, ...], kubernetes: bool, k
                         workload_cert_ttl_s=workload_cert_ttl.total_seconds(), ca_address=ca_addr,
                         ca_address_required=ctx.get_parameter_source("ca_address") is not ParameterSource.DEFAULT,
                         ca_dns_names=dns_names, node_agents=node_agents, preflight=preflight,
+                        allow_unauthenticated_xds=allow_unauthenticated_xds,
+                        credential_check_s=credential_check_seconds,
                         validator_binary=None if validator_envoy.lower() == "none" else validator_envoy)
     from controlplane.ca import CAError
 

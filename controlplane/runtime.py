@@ -67,6 +67,8 @@ class Settings:
     bundle_propagation_s: float = 30.0  # root rotation: wait this long at most for proxies to ACK the bundle
     node_agents: bool = False  # serve the NodeAgent.Report API on the xDS port; PodNetns objects as a source
     preflight: bool = True  # check changed objects' resources with Meshline's own Envoy before pushing them
+    allow_unauthenticated_xds: bool = False  # development: the TLS port also serves streams without a credential
+    credential_check_s: float = 10.0  # how often open streams' credentials are checked again
     validator_binary: str | None = "auto"  # Envoy for pre-flight and NACK reproduction; None: none
 
 
@@ -127,6 +129,9 @@ class Runtime:
                                        lambda meta: _shared_key(self.store.mesh(), meta), _plan_shared_hosts)
         self.xds = XdsServer(self, self, self.identity.authenticator if self.identity is not None else None,
                              node_proxy_identity(self.settings.root_namespace))
+        self.xds.require_authentication = not self.settings.allow_unauthenticated_xds
+        # Tokens (and so secrets) on the plaintext port: only in directory mode, on loopback.
+        self.xds.plaintext_identities = not self.settings.kubernetes and _is_loopback(self.settings.xds_address)
         self._rotation_timer: asyncio.TimerHandle | None = None
         if self.identity is not None:
             self.identity.on_change = self._identity_changed
@@ -154,6 +159,7 @@ class Runtime:
         self.leader: bool | None = None  # None: no leader election (directory mode)
         self._push_counters: dict[str, Any] = {}  # type URL -> its pushes counter child
         self.rebuilding = False  # a rebuild (with its pre-flight) is under way
+        self._loop: asyncio.AbstractEventLoop | None = None  # the loop the rebuild loop runs on
         self.metrics.proxies_degraded.set_function(self.degraded_count)
 
     # ------------------------------------------------------------------ readiness
@@ -241,6 +247,22 @@ class Runtime:
             return raw.ref.location if raw is not None and raw.ref.file else None
         return degradation(conn.stream, self.policy.faults_of(conn.stream.stream_id), self.store.quarantined(),
                            conn.meta, self.settings.root_namespace, locate)
+
+    def release_withheld(self, keys: list[tuple[str, str, str]]) -> list[tuple[str, str, str]]:
+        """Offer withheld objects again (the operator's release); safe to call from the status
+        API's thread: the change runs on the runtime's event loop."""
+        loop = self._loop
+        if loop is None or not loop.is_running():
+            return self.policy.release(keys)
+        try:
+            if asyncio.get_running_loop() is loop:
+                return self.policy.release(keys)
+        except RuntimeError:
+            pass
+
+        async def release() -> list[tuple[str, str, str]]:
+            return self.policy.release(keys)
+        return asyncio.run_coroutine_threadsafe(release(), loop).result(timeout=10)
 
     def degraded_count(self) -> int:
         return sum(1 for c in list(self.xds.connections.values()) if self.degradation(c))
@@ -405,6 +427,7 @@ class Runtime:
             self.metrics.gc_settle_pending.set(1)
 
     async def rebuild_loop(self) -> None:
+        self._loop = asyncio.get_running_loop()
         debounce = self.settings.debounce_ms / 1000
         max_wait = self.settings.debounce_max_ms / 1000
         failures = 0
@@ -466,6 +489,18 @@ class _Built:
     snaps: dict[ProxyKey, Any]
     store_generation: int
     started: float
+
+
+def _is_loopback(address: str) -> bool:
+    import ipaddress
+
+    host = address.rpartition(":")[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _find_envoy() -> str | None:

@@ -61,6 +61,8 @@ def start_identity_tasks(runtime: Runtime, settings: Settings, api_client: Any) 
     identity = runtime.identity
     assert identity is not None
     tasks = [asyncio.create_task(identity.watch(), name="ca-watch")]
+    if not settings.kubernetes:
+        tasks.append(asyncio.create_task(renew_token_files(identity.ca_dir), name="token-renewal"))
     if settings.kubernetes and api_client is not None:
         from controlplane.ca.kuberoot import SECRET_NAME, RootSecretSync
 
@@ -69,6 +71,22 @@ def start_identity_tasks(runtime: Runtime, settings: Settings, api_client: Any) 
                               name=SECRET_NAME, trust_domain=settings.trust_domain)
         tasks.append(asyncio.create_task(sync.run(identity.reload), name="ca-root-secret"))
     return tasks
+
+
+async def renew_token_files(ca_dir: Path, period_s: float = 30.0) -> None:
+    """Directory mode: keep the token files `meshline bootstrap --ca-dir` wrote fresh (each
+    is re-minted at half life), so proxies stay authenticated with no operator: Envoy reads
+    the file at every stream."""
+    from controlplane.ca import CAError, tokens
+
+    while True:
+        try:
+            renewed = await asyncio.to_thread(tokens.renew_token_files, ca_dir)
+            if renewed:
+                log.info("renewed %d proxy token file(s) in %s", len(renewed), ca_dir / tokens.TOKENS_DIR)
+        except (OSError, CAError) as exc:
+            log.warning("cannot renew token files in %s: %s", ca_dir, exc)
+        await asyncio.sleep(period_s)
 
 
 async def start_ca_server(runtime: Runtime, settings: Settings) -> tuple[Callable[[], Awaitable[None]], int] | None:
@@ -83,7 +101,8 @@ async def start_ca_server(runtime: Runtime, settings: Settings) -> tuple[Callabl
     internal: grpc.aio.Server | None = None
     try:
         internal, _ = await start_grpc(front.backend_address,
-                                       [*runtime.xds.handlers(), *CertificateService(identity).handlers()],
+                                       [*runtime.xds.handlers(secure=True), *CertificateService(identity).handlers(),
+                                        *node_agent_handlers(runtime)],
                                        limits=runtime.xds.limits)
         port = await front.start()
     except OSError as exc:
@@ -132,7 +151,7 @@ async def run_webhooks(runtime: Runtime, settings: Settings, address: str) -> No
         n = runtime.mesh().namespaces.get(ns)
         return namespace_in_mesh(dict(n.labels) if n is not None else None)
 
-    xds = os.environ.get("MESHLINE_XDS_SERVICE_ADDRESS") or f"meshline.{namespace}.svc:15010"
+    xds = os.environ.get("MESHLINE_XDS_SERVICE_ADDRESS") or f"meshline.{namespace}.svc:15012"  # TLS
     log.info("webhooks (/inject, /validate) on https://%s", address)
     await serve_webhooks(address, identity.ca, (*default_dns_names("meshline", namespace), "localhost"),
                          WebhookConfig(xds_address=xds), namespace_in_mesh=in_mesh)
@@ -154,6 +173,30 @@ async def patch_ca_bundles(runtime: Runtime, api: Any, period_s: float = 30.0) -
                 last = (identity.bundle, identity.generation)
             except Exception as exc:
                 log.warning("cannot patch the webhook caBundle: %s", exc)
+        await asyncio.sleep(period_s if last is not None else 2.0)
+
+
+async def sync_bundle_configmaps(runtime: Runtime, api: Any, period_s: float = 30.0) -> None:
+    """Leader only: ConfigMap `meshline-ca-root` (the trust bundle proxies verify 15012 with)
+    in every namespace of the mesh, kept equal to the current bundle (root rotations too)."""
+    from controlplane.ca.bundlemap import sync_bundle_configmaps as sync
+
+    identity = runtime.identity
+    assert identity is not None
+    last: tuple[str, frozenset[str]] | None = None
+    while True:
+        if runtime.leader and identity.bundle:
+            namespaces = frozenset(runtime.mesh().namespaces) | {runtime.settings.leader_namespace}
+            if last != (identity.bundle, namespaces):
+                try:
+                    result = await asyncio.to_thread(sync, api, namespaces, identity.bundle)
+                    changed = {k: v for k, v in result.items() if v != "unchanged"}
+                    if changed:
+                        log.info("trust-bundle ConfigMaps: %s", ", ".join(f"{k} {v}" for k, v in sorted(changed.items())))
+                    if not any(v.startswith("error") for v in result.values()):
+                        last = (identity.bundle, namespaces)
+                except Exception as exc:
+                    log.warning("cannot write the trust-bundle ConfigMaps: %s", exc)
         await asyncio.sleep(period_s if last is not None else 2.0)
 
 
@@ -333,8 +376,10 @@ class StatusThread:
 async def _run(settings: Settings, identity: IdentityService | None, api_client: Any,
                started: asyncio.Event | None, worker: WorkerInfo | None = None) -> None:
     runtime = build_runtime(settings, identity)
+    # Node-agent reports carry credentials: on the plaintext port only for loopback development.
+    plaintext_agents = node_agent_handlers(runtime) if runtime.xds.plaintext_identities else []
     grpc_server, port = await start_grpc(settings.xds_address,
-                                         [*runtime.xds.handlers(), *node_agent_handlers(runtime)],
+                                         [*runtime.xds.handlers(), *plaintext_agents],
                                          worker.grpc_options() if worker is not None else None,
                                          limits=runtime.xds.limits)
     ca_server = None
@@ -372,6 +417,10 @@ async def _run(settings: Settings, identity: IdentityService | None, api_client:
             tasks.append(asyncio.create_task(run_webhooks(runtime, settings, hook_addr), name="webhooks"))
             if settings.kubernetes and api_client is not None:
                 tasks.append(asyncio.create_task(patch_ca_bundles(runtime, api_client), name="ca-bundle"))
+        if settings.kubernetes and api_client is not None:
+            tasks.append(asyncio.create_task(sync_bundle_configmaps(runtime, api_client), name="ca-configmaps"))
+        tasks.append(asyncio.create_task(runtime.xds.credential_watch(settings.credential_check_s),
+                                         name="credential-watch"))
     log.info("meshline serving xDS on %s (port %d), status on %s", settings.xds_address, port,
              settings.status_address)
     if ca_server is not None:

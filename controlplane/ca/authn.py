@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import dataclasses
 import datetime as dt
 import hashlib
 import json
@@ -58,12 +59,12 @@ NODE_NAME_EXTRA = "authentication.kubernetes.io/node-name"
 
 
 class TokenReviewer:
-    """Kubernetes TokenReview (audiences `["meshline"]`), cached per token (by hash) until
-    the token's expiry; refusals are cached briefly. `authenticate` runs the blocking
+    """Kubernetes TokenReview (audiences `["meshline"]`), cached per token (by hash) for at
+    most `max_cache_s` and never past the token's expiry; refusals are cached briefly. `authenticate` runs the blocking
     client in a thread."""
 
     def __init__(self, api_client: Any, audiences: Sequence[str] = (AUDIENCE,), *,
-                 clock: Callable[[], float] = time.time, max_cache_s: float = 3600.0,
+                 clock: Callable[[], float] = time.time, max_cache_s: float = 20.0,
                  negative_cache_s: float = 5.0, timeout_s: float = 5.0, max_entries: int = 10_000) -> None:
         self.api_client = api_client
         self.audiences = tuple(audiences)
@@ -166,11 +167,16 @@ class Authenticator:
             if key is None:
                 return AuthResult(None, "Meshline bootstrap tokens are not accepted here", presented=True)
             try:
-                identity, _expires, node = tokens.verify_claims(key, token, self._clock())
+                identity, expires, node = tokens.verify_claims(key, token, self._clock())
             except CAError as exc:
                 return AuthResult(None, f"invalid token: {exc}", presented=True)
-            return AuthResult(identity, presented=True, node=node)
+            return AuthResult(identity, presented=True, node=node, expires_at=expires.timestamp())
         if self.reviewer is None:
             return AuthResult(None, "invalid token: not a Meshline bootstrap token (and no Kubernetes "
                                     "TokenReview in this mode)", presented=True)
-        return await self.reviewer.authenticate(token)
+        result = await self.reviewer.authenticate(token)
+        if result.identity is not None and result.expires_at is None:
+            exp = _jwt_expiry(token)  # (the API server has verified the token: its exp is real)
+            if exp is not None:
+                result = dataclasses.replace(result, expires_at=exp)
+        return result

@@ -58,6 +58,7 @@ class AuthResult:
     presented: bool = False  # a token was sent (valid or not)
     unavailable: bool = False  # could not be checked now (e.g. the API server is down): retry later
     node: str | None = None  # the node the credential is bound to (node proxies), when it proves one
+    expires_at: float | None = None  # when the credential stops being valid (epoch seconds), if known
 
 
 NODE_KEY = "meshline.io/node"

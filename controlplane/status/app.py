@@ -215,6 +215,8 @@ def create_app(runtime: Runtime, token_file: Path | None = None) -> FastAPI:
             "errors": sum(1 for i in mesh.issues if i.severity == "error"),
             "warnings": sum(1 for i in mesh.issues if i.severity == "warning"),
             "quarantined": ["/".join(k) for k in sorted(held)],
+            "xds_authentication": ("optional on the TLS port (--allow-unauthenticated-xds)"
+                                   if runtime.settings.allow_unauthenticated_xds else "required on the TLS port"),
             "nack_policy": {
                 "validator": runtime.policy.mode,
                 "preflight_runs": runtime.policy.stats.preflight_runs,
@@ -247,7 +249,7 @@ def create_app(runtime: Runtime, token_file: Path | None = None) -> FastAPI:
         key = (parts[0], parts[1], parts[2])
         if key not in runtime.store.quarantined():
             raise HTTPException(status_code=404, detail=f"{obj} is not withheld")
-        return {"released": ["/".join(k) for k in runtime.policy.release([key])]}
+        return {"released": ["/".join(k) for k in runtime.release_withheld([key])]}
 
     @app.get("/metrics")
     def metrics() -> PlainTextResponse:

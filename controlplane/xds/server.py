@@ -164,6 +164,8 @@ class Connection:
     sent_responses: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
     identity: Identity | None = None  # proven by the stream's token; None: no secrets
+    credential: tuple[tuple[str, str], ...] = ()  # the stream's authorization metadata (re-checked)
+    expires_at: float | None = None  # when the stream's credential expires, if known
 
     def update(self, snapshot: Snapshot) -> None:
         """Called by the composition root with this proxy's newest snapshot."""
@@ -279,20 +281,31 @@ class XdsServer:
         self.streams_per_client: dict[tuple[str, str], int] = {}  # (kind, who) -> open streams
         self.refused = 0  # streams ended for a limit or a malformed request
         self.heap_trim = HeapTrim()
+        self.require_authentication = True  # TLS port: streams without a valid credential are refused
+        self.plaintext_identities = True  # plaintext port: honour tokens (loopback development only)
 
     # ------------------------------------------------------------------ registration
-    def handlers(self) -> list[grpc.GenericRpcHandler]:
+    def handlers(self, secure: bool = False) -> list[grpc.GenericRpcHandler]:
+        """The xDS services. `secure`: for the TLS port (a credential is required there unless
+        `require_authentication` is off); otherwise the plaintext port, which never proves an
+        identity unless `plaintext_identities` (loopback development only)."""
         def identity(b: bytes) -> bytes:
             return b
+
+        async def sotw_stream(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> None:
+            await self._serve("sotw", requests, context, secure)
+
+        async def delta_stream(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> None:
+            await self._serve("delta", requests, context, secure)
 
         def methods(sotw: str, delta: str) -> dict[str, grpc.RpcMethodHandler]:
             return {
                 sotw: grpc.stream_stream_rpc_method_handler(
-                    self._sotw, request_deserializer=discovery_pb2.DiscoveryRequest.FromString,
+                    sotw_stream, request_deserializer=discovery_pb2.DiscoveryRequest.FromString,
                     response_serializer=identity,
                 ),
                 delta: grpc.stream_stream_rpc_method_handler(
-                    self._delta, request_deserializer=discovery_pb2.DeltaDiscoveryRequest.FromString,
+                    delta_stream, request_deserializer=discovery_pb2.DeltaDiscoveryRequest.FromString,
                     response_serializer=identity,
                 ),
             }
@@ -303,15 +316,10 @@ class XdsServer:
             out.append(grpc.method_handlers_generic_handler(svc, methods(sotw, delta)))
         return out
 
-    async def _sotw(self, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> None:
-        await self._serve("sotw", requests, context)
-
-    async def _delta(self, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> None:
-        await self._serve("delta", requests, context)
-
     # ------------------------------------------------------------------ one stream
     async def _serve(
-        self, protocol: StreamProtocol, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext
+        self, protocol: StreamProtocol, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext,
+        secure: bool = False,
     ) -> None:
         """One stream. Its reader task handles Envoy's requests as they arrive (an ACK usually
         needs no answer, and then this coroutine is not woken); this coroutine sets the
@@ -353,6 +361,13 @@ class XdsServer:
                 if auth.unavailable:
                     log.warning("xDS stream from %s refused for now: %s", context.peer(), auth.reason)
                     raise StreamEnded(grpc.StatusCode.UNAVAILABLE, "cannot verify the token now; retry later")
+                if secure and auth.identity is None and self.require_authentication:
+                    log.warning("xDS stream from %s refused: %s", context.peer(), auth.reason)
+                    raise StreamEnded(grpc.StatusCode.UNAUTHENTICATED,
+                                      f"a valid credential is required on this port ({auth.reason})")
+                if not secure and not self.plaintext_identities:
+                    # Plaintext beyond loopback development: configuration only, never secrets.
+                    auth = None
             client = self._admit(auth, context.peer())
             while True:
                 # (The warming deadline matters only while something waits for it.)
@@ -471,7 +486,45 @@ class XdsServer:
         log.info("proxy %s connected (%s, %s/%s)", meta.node_id, protocol, meta.namespace, meta.workload or "-")
         node_copy = type(first.node)()
         node_copy.CopyFrom(first.node)  # (the request's node would keep the whole first request alive)
-        return Connection(meta, stream, inbox, node=node_copy, peer=context.peer(), identity=identity)
+        credential: tuple[tuple[str, str], ...] = ()
+        if identity is not None:
+            credential = tuple((str(k), v if isinstance(v, str) else v.decode(errors="replace"))
+                               for k, v in context.invocation_metadata() or ()
+                               if str(k).lower() == "authorization")
+        return Connection(meta, stream, inbox, node=node_copy, peer=context.peer(), identity=identity,
+                          credential=credential, expires_at=auth.expires_at if auth is not None else None)
+
+    # ------------------------------------------------------------------ credentials over time
+    async def credential_watch(self, period_s: float = 10.0) -> None:
+        """Every `period_s`, end the streams whose credential has expired or no longer proves
+        the identity they were bound to (the token key replaced, a TokenReview that now
+        refuses): with the token reviewer's cache, within 30 s of a revocation. The proxy
+        reconnects with whatever its token file holds by then."""
+        while True:
+            await asyncio.sleep(period_s)
+            await self.recheck_credentials()
+
+    async def recheck_credentials(self, now: float | None = None) -> int:
+        """One pass of `credential_watch`; returns the number of streams ended."""
+        if self.authenticator is None:
+            return 0
+        ended = 0
+        for conn in list(self.connections.values()):
+            if conn.identity is None:
+                continue
+            t = time.time() if now is None else now
+            if conn.expires_at is not None and t >= conn.expires_at:
+                why = "its credential expired"
+            else:
+                result = await self.authenticator.authenticate(conn.credential)
+                if result.unavailable or (result.identity == conn.identity):
+                    continue
+                why = f"its credential no longer proves {conn.identity} ({result.reason or 'another identity'})"
+            log.warning("ending the xDS stream of proxy %s: %s", conn.meta.node_id, why,
+                        extra={"proxy": conn.meta.node_id})
+            conn.inbox.put(_Failed(StreamEnded(grpc.StatusCode.UNAUTHENTICATED, why)))
+            ended += 1
+        return ended
 
     async def _identity(self, auth: AuthResult | None, meta: ProxyMeta,
                         context: grpc.aio.ServicerContext) -> Identity | None:
