@@ -340,3 +340,35 @@ def test_invalid_utf8_exits_1_with_the_line(tmp_path: Path) -> None:
     [line] = r.lines
     assert line.startswith(f"{path}:{marked_line(text)}: ")
     assert "invalid UTF-8" in line and "0xe9" in line
+
+
+# --------------------------------------------------------------------------- Istio fidelity (issue 16)
+
+
+def test_unsupported_istio_and_gateway_api_kinds_are_named(tmp_path: Path) -> None:
+    telemetry = "apiVersion: telemetry.istio.io/v1\nkind: Telemetry\nmetadata:\n  name: mesh-default\n" \
+                "  namespace: default\nspec:\n  accessLogging:\n  - providers:\n    - name: envoy\n"
+    route = "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata:\n  name: r\n" \
+            "  namespace: default\nspec:\n  parentRefs:\n  - name: gw\n"
+    deployment = "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: d\n  namespace: default\nspec: {}\n"
+    path, _ = write(tmp_path, "kinds.yaml", BASE, telemetry, route, deployment)
+    r = analyze(path)
+    assert r.code == 0 and r.errors == []
+    found = {(m["kind"], m["name"]): m["message"] for m in map(LINE.match, r.lines) if m is not None}
+    assert set(found) == {("Telemetry", "mesh-default"), ("HTTPRoute", "r")}
+    assert found[("Telemetry", "mesh-default")].startswith(
+        "warning: kind: Telemetry (telemetry.istio.io/v1) is not supported by Meshline and is ignored: ")
+    assert "HTTPRoute (gateway.networking.k8s.io/v1)" in found[("HTTPRoute", "r")]
+
+
+def test_mesh_wide_policy_in_istio_system_is_not_mesh_wide_and_says_so(tmp_path: Path) -> None:
+    pa = "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata:\n  name: default\n" \
+         "  namespace: istio-system  # <- HERE\nspec:\n  mtls:\n    mode: STRICT\n"
+    path, text = write(tmp_path, "pa.yaml", pa)
+    r = analyze(path)
+    assert r.code == 0
+    [line] = r.lines
+    m = LINE.match(line)
+    assert m is not None and int(m["line"]) == marked_line(text)
+    assert m["message"].startswith("warning: metadata.namespace: NOT MESH-WIDE: istio-system is Istio's root "
+                                   "namespace, but Meshline's root namespace is meshline-system")

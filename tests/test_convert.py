@@ -1003,7 +1003,8 @@ def test_accepted_but_ignored_fields_warn() -> None:
         """)
     )
     assert value is not None and not errors(issues)
-    only(issues, "spec.workloadSelector", "not supported", "warning")
+    assert value.workload_selector == (("app", "a"),)  # translated now (issue 16): no warning
+    assert not [i for i in issues if i.field.startswith("spec.workloadSelector")]
     only(issues, "spec.trafficPolicy.tls.credentialName", "not used", "warning")
     only(issues, "spec.trafficPolicy.tls.caCertificates", "not used", "warning")
     only(issues, "spec.trafficPolicy.loadBalancer.localityLbSetting", "not supported", "warning")

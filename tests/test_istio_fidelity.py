@@ -468,3 +468,52 @@ def test_sidecar_egress_protocol_that_differs_is_warned() -> None:
     _, issues = mesh_of(SERVICES, sc)
     assert [i.field for i in issues if "protocol" in i.field] == ["spec.egress[0].port.protocol"]
     assert "default/reviews (http)" in warnings(issues, "spec.egress[0].port.protocol")[0]
+
+
+def test_destination_rule_workload_selector_applies_to_selected_clients_of_its_namespace() -> None:
+    rules = """
+    apiVersion: networking.istio.io/v1
+    kind: DestinationRule
+    metadata: {name: all, namespace: default}
+    spec: {host: mysql.default.svc.cluster.local, trafficPolicy: {loadBalancer: {simple: LEAST_REQUEST}}}
+    ---
+    apiVersion: networking.istio.io/v1
+    kind: DestinationRule
+    metadata: {name: pp-only, namespace: default}
+    spec:
+      host: mysql.default.svc.cluster.local
+      workloadSelector: {matchLabels: {app: productpage}}
+      trafficPolicy: {loadBalancer: {simple: RANDOM}}
+    """
+    base = SERVICES.split("---\napiVersion: networking.istio.io/v1\nkind: DestinationRule")[0]
+    mesh, issues = mesh_of(base, rules)
+    assert not [i for i in issues if i.ref.kind == "DestinationRule"]
+    name = "outbound|3306||mysql.default.svc.cluster.local"
+
+    def lb(p: ProxyMeta) -> int:
+        return outbound(mesh, p)[CLUSTER][name].lb_policy
+
+    assert lb(proxy("productpage-1")) == cluster_pb2.Cluster.RANDOM
+    assert lb(proxy("ratings-1")) == cluster_pb2.Cluster.LEAST_REQUEST
+    # Other namespaces never see it (the rule without a selector is the service namespace's).
+    assert lb(proxy(None, "other", labels={"app": "productpage"})) == cluster_pb2.Cluster.LEAST_REQUEST
+    assert _shared_key(mesh, proxy("productpage-1")) != _shared_key(mesh, proxy("ratings-1"))
+    _, issues = mesh_of(base, rules.replace("app: productpage", "app: nobody"))
+    assert warnings(issues, "workloadSelector") == [
+        "no Pod of namespace default has the labels app=nobody: this rule applies to no client (a workloadSelector "
+        "never reaches other namespaces)"]
+
+
+def test_validating_webhook_passes_istio_kind_warnings_through() -> None:
+    from webhook.validate import validate_object
+
+    verdict = validate_object({"apiVersion": "telemetry.istio.io/v1", "kind": "Telemetry",
+                               "metadata": {"name": "t", "namespace": "default"}, "spec": {}})
+    assert verdict.allowed and not verdict.errors
+    assert verdict.warnings[0].startswith("kind: Telemetry (telemetry.istio.io/v1) is not supported by Meshline")
+    ok = validate_object({"apiVersion": "networking.istio.io/v1", "kind": "VirtualService",
+                          "metadata": {"name": "r", "namespace": "default"},
+                          "spec": {"hosts": ["reviews"], "http": [{"match": [{"name": "m", "sourceLabels": {"a": "b"}}],
+                                   "route": [{"destination": {"host": "reviews"}}],
+                                   "retries": {"attempts": 2, "retryRemoteLocalities": True}}]}})
+    assert ok.allowed and ok.warnings == ()

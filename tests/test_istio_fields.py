@@ -376,6 +376,8 @@ NOTES = {
                                                       "waypoints (warned).",
     ("VirtualService", "tcp[].match[].sourceLabels"): "Sidecars whose workload labels include them; never "
                                                      "waypoints (warned).",
+    ("DestinationRule", "workloadSelector.matchLabels"): "Only sidecars of the rule's namespace whose labels "
+                                                        "match, before that namespace's rules without one.",
     ("DestinationRule", "trafficPolicy.loadBalancer.simple"): "PASSTHROUGH: the original destination for "
                                                              "intercepting sidecars, round robin in bind capture.",
 }
@@ -672,7 +674,8 @@ def render(outcomes: list[Outcome]) -> str:
         "- tcp `destinationSubnets` match the destination service's cluster IP; headless services",
         "  never match (warned).",
         "- DestinationRules are looked up in the client's namespace, then the service's, then the",
-        "  root namespace, honouring `exportTo`.",
+        "  root namespace, honouring `exportTo`; one with a `workloadSelector` applies only to the",
+        "  matching sidecars of its own namespace.",
         "- `loadBalancer.simple: PASSTHROUGH` forwards to the original destination for",
         "  intercepting sidecars; in bind capture (local runs) it is round robin, because the",
         "  original destination is the sidecar's own listener.",

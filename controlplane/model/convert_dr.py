@@ -1,7 +1,9 @@
 """DestinationRule spec -> IR `DestinationRule`. Pure, no I/O.
 
 The spec follows Istio's public v1 schema: host, trafficPolicy (loadBalancer,
-connectionPool, outlierDetection, tls, portLevelSettings), subsets and exportTo. Unknown
+connectionPool, outlierDetection, tls, portLevelSettings), subsets, exportTo and
+workloadSelector (the rule then applies only to matching client workloads of its own
+namespace; see `Mesh.destination_rule`). Unknown
 fields are errors naming their path; Istio fields Meshline accepts but does not implement
 (certificates, locality settings, warmup, keepalives, ...) are warnings.
 """
@@ -37,6 +39,7 @@ from controlplane.model.ir import (
     ConnectionPool,
     ConsistentHash,
     DestinationRule,
+    Labels,
     LbSimple,
     LoadBalancer,
     OutlierDetection,
@@ -46,10 +49,7 @@ from controlplane.model.ir import (
     TrafficPolicy,
 )
 
-_SPEC_FIELDS = ("host", "trafficPolicy", "subsets", "exportTo")
-_SPEC_IGNORED = {
-    "workloadSelector": "workloadSelector is not supported yet; this rule applies to every client workload",
-}
+_SPEC_FIELDS = ("host", "trafficPolicy", "subsets", "exportTo", "workloadSelector")
 _POLICY_FIELDS = ("loadBalancer", "connectionPool", "outlierDetection", "tls", "portLevelSettings")
 _POLICY_IGNORED = {
     "tunnel": "tunnel settings are not supported; ignored",
@@ -88,7 +88,7 @@ def convert_destination_rule(ctx: Ctx, namespace: str, name: str) -> Destination
         if ctx.raw.body.get("spec") is None:
             ctx.error("spec", "is required")
         return None
-    check_fields(ctx, spec, "spec", _SPEC_FIELDS, _SPEC_IGNORED)
+    check_fields(ctx, spec, "spec", _SPEC_FIELDS)
     host_text = get_str(ctx, spec, "host", "spec", required=True)
     wildcard = host_text is not None and "*" in host_text
     if wildcard:
@@ -100,6 +100,7 @@ def convert_destination_rule(ctx: Ctx, namespace: str, name: str) -> Destination
     policy = traffic_policy(ctx, spec, "spec")
     subsets = _subsets(ctx, spec)
     export_to = get_export_to(ctx, spec, "spec")
+    selector = _workload_selector(ctx, spec)
     if host_text is None or wildcard:
         return None
     return DestinationRule(
@@ -110,7 +111,21 @@ def convert_destination_rule(ctx: Ctx, namespace: str, name: str) -> Destination
         traffic_policy=policy,
         subsets=subsets,
         export_to=export_to,
+        workload_selector=selector,
     )
+
+
+def _workload_selector(ctx: Ctx, spec: Mapping[str, Any]) -> Labels:
+    """`workloadSelector.matchLabels` (Istio: the rule applies only to the client workloads of
+    its namespace that carry these labels)."""
+    sel = child(ctx, spec, "workloadSelector", "spec")
+    if sel is None:
+        return ()
+    check_fields(ctx, sel, "spec.workloadSelector", ("matchLabels",))
+    labels = get_labels(ctx, sel, "matchLabels", "spec.workloadSelector")
+    if not labels and not ctx.failed:
+        ctx.warn("spec.workloadSelector", "selects no labels: this rule applies to every client, as without it")
+    return labels
 
 
 def _subsets(ctx: Ctx, spec: Mapping[str, Any]) -> tuple[Subset, ...]:

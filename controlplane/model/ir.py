@@ -446,6 +446,9 @@ class DestinationRule:
     traffic_policy: TrafficPolicy | None = None
     subsets: tuple[Subset, ...] = ()
     export_to: tuple[str, ...] = ()
+    # workloadSelector.matchLabels: applies only to client workloads of its own namespace
+    # whose labels include these (empty: every client that looks it up)
+    workload_selector: Labels = ()
 
 
 # --------------------------------------------------------------------------- proxies

@@ -3,8 +3,11 @@
 DestinationRule lookup (`Mesh.destination_rule`), as Istio documents it: for a client in
 namespace C calling host H, the first rule for H (by name) in C, else in H's own
 namespace, else in the root namespace, each only when its `exportTo` makes it visible in C.
-A rule in any other namespace applies to clients in that namespace only. `dr_by_host` is
-the rule a client in the service's own namespace sees (what status pages show).
+A rule in any other namespace applies to clients in that namespace only. A rule with a
+`workloadSelector` applies only to clients of its own namespace whose labels include the
+selector (and comes before that namespace's rules without one); the caller passes the
+selectors its client matches. `dr_by_host` is the rule (without a workloadSelector) a
+client in the service's own namespace sees (what status pages show).
 """
 
 from __future__ import annotations
@@ -63,6 +66,8 @@ class Mesh:
     # (sourceLabels selector, VirtualService using it) for every http/tcp match that has one,
     # of the VirtualServices that win their hosts; sorted, each pair once
     source_selectors: tuple[tuple[Labels, VirtualService], ...] = ()
+    # (workloadSelector, DestinationRule) of every rule that has one, sorted by (namespace, name)
+    dr_selectors: tuple[tuple[Labels, DestinationRule], ...] = ()
     services_by_port: Mapping[int, tuple[Service, ...]] = field(default_factory=dict)
     sidecars_by_namespace: Mapping[str, tuple[Sidecar, ...]] = field(default_factory=dict)
     services_by_namespace: Mapping[str, tuple[Service, ...]] = field(default_factory=dict)
@@ -70,13 +75,15 @@ class Mesh:
     # selector whose first pair it carries, so selection looks at a few candidates, not all.
     services_by_selector_head: Mapping[tuple[str, str, str], tuple[Service, ...]] = field(default_factory=dict)
 
-    def destination_rule(self, host: Hostname, client_namespace: str) -> DestinationRule | None:
+    def destination_rule(self, host: Hostname, client_namespace: str,
+                         client_selectors: frozenset[Labels] = frozenset()) -> DestinationRule | None:
         """The DestinationRule for `host` that applies to clients in `client_namespace`
-        (Istio's lookup order: the client's namespace, the service's, the root namespace)."""
+        (Istio's lookup order: the client's namespace, the service's, the root namespace).
+        `client_selectors`: the workloadSelectors the client's labels match."""
         rules = self.drs_by_host.get(host)
         if not rules:
             return None
-        return _lookup(rules, host, client_namespace, self.root_namespace, self.services)
+        return _lookup(rules, host, client_namespace, self.root_namespace, self.services, client_selectors)
 
     def workload(self, namespace: str, name: str | None) -> Workload | None:
         if not name:
@@ -134,10 +141,11 @@ def build_mesh(
         svc = services.get(host)
         # The service's own namespace as the client, then (no Service) the first rule by name.
         seen = _lookup(rules, host, svc.namespace if svc else None, root_namespace, services)
+        plain = tuple(r for r in rules if not r.workload_selector)
         if seen is not None:
             dr_by_host[host] = seen
-        elif svc is None:
-            dr_by_host[host] = rules[0]
+        elif svc is None and plain:
+            dr_by_host[host] = plain[0]
     selectors: dict[tuple[Labels, str, str], tuple[Labels, VirtualService]] = {}
     for vs in vs_by_host.values():
         for hr in vs.http:
@@ -178,6 +186,9 @@ def build_mesh(
         dr_by_host=dr_by_host,
         drs_by_host=drs_by_host,
         source_selectors=tuple(selectors[k] for k in sorted(selectors)),
+        dr_selectors=tuple((dr.workload_selector, dr) for dr in sorted(destination_rules,
+                                                                      key=lambda d: (d.namespace, d.name))
+                           if dr.workload_selector),
         services_by_port={p: tuple(v) for p, v in sorted(by_port.items())},
         services_by_namespace={ns: tuple(v) for ns, v in by_ns.items()},
         services_by_selector_head={k: tuple(v) for k, v in by_head.items()},
@@ -195,13 +206,18 @@ def _exported(export_to: tuple[str, ...], owner_namespace: str, client_namespace
 
 
 def _lookup(rules: tuple[DestinationRule, ...], host: Hostname, client_namespace: str | None,
-            root_namespace: str, services: Mapping[Hostname, Service]) -> DestinationRule | None:
+            root_namespace: str, services: Mapping[Hostname, Service],
+            client_selectors: frozenset[Labels] = frozenset()) -> DestinationRule | None:
     if client_namespace is None:
         return None
+    for dr in rules:  # a workloadSelector rule of the client's namespace that selects it
+        if dr.workload_selector and dr.namespace == client_namespace and dr.workload_selector in client_selectors:
+            return dr
     svc = services.get(host)
     order = [client_namespace, *([svc.namespace] if svc else []), root_namespace]
     for ns in dict.fromkeys(order):
         for dr in rules:
-            if dr.namespace == ns and _exported(dr.export_to, dr.namespace, client_namespace):
+            if (dr.namespace == ns and not dr.workload_selector
+                    and _exported(dr.export_to, dr.namespace, client_namespace)):
                 return dr
     return None

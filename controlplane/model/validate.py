@@ -150,9 +150,9 @@ def _subset_problem(mesh: Mesh, host: Hostname, subset: str, namespace: str) -> 
 
 
 def _duplicate_rules(mesh: Mesh, drs: list[DestinationRule]) -> Iterator[Issue]:
-    first: dict[tuple[str, Hostname], DestinationRule] = {}
+    first: dict[tuple[str, Hostname, tuple[tuple[str, str], ...]], DestinationRule] = {}
     for dr in drs:
-        key = (dr.namespace, dr.host)
+        key = (dr.namespace, dr.host, dr.workload_selector)
         if key in first:
             winner = first[key]
             yield Issue(

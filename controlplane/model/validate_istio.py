@@ -10,7 +10,7 @@ than in Istio, reported so that nothing differs in silence. Pure, no I/O.
 - tcp `destinationSubnets` that contain the cluster IP of none of the VirtualService's
   hosts (or a headless Service, which has none), so the match never applies;
 - DestinationRule hash keys other than `useSourceIp` on TCP ports (Envoy's TCP proxy can
-  hash only on the connection);
+  hash only on the connection), and workloadSelectors no Pod of the rule's namespace matches;
 - Sidecar egress listeners whose `port.protocol` differs from the protocol of the services
   they import on that port (Meshline keeps each service port's own protocol).
 """
@@ -57,6 +57,7 @@ def check_istio_fidelity(mesh: Mesh) -> Iterator[Issue]:
         yield from _destination_subnets(mesh, vs)
     for dr in sorted(mesh.destination_rules, key=lambda d: (d.namespace, d.name)):
         yield from _tcp_hash(mesh, dr)
+        yield from _dr_selector(mesh, dr)
     for sc in mesh.sidecars:
         yield from _egress_protocols(mesh, sc)
 
@@ -202,6 +203,16 @@ def _tcp_hash(mesh: Mesh, dr: DestinationRule) -> Iterator[Issue]:
             yield Issue(dr.ref, path, f"{key} hashing needs HTTP requests: on TCP port{'s' if len(ports) > 1 else ''} "
                         f"{', '.join(map(str, ports))} of Service {svc.namespace}/{svc.name} no request carries it, so "
                         "connections are spread without a stable key (use useSourceIp for TCP)", "warning")
+
+
+def _dr_selector(mesh: Mesh, dr: DestinationRule) -> Iterator[Issue]:
+    if not dr.workload_selector or not mesh.workloads:
+        return
+    if not any(ns == dr.namespace and labels_match(dr.workload_selector, wl.labels)
+               for (ns, _), wl in mesh.workloads.items()):
+        yield Issue(dr.ref, "spec.workloadSelector.matchLabels",
+                    f"no Pod of namespace {dr.namespace} has the labels {_labels_text(dr.workload_selector)}: this "
+                    "rule applies to no client (a workloadSelector never reaches other namespaces)", "warning")
 
 
 # --------------------------------------------------------------------------- Sidecar egress protocol

@@ -14,7 +14,7 @@ Decisions worth knowing:
   shared outbound layer match (`translate.scope`), so workloads that match none of them
   keep sharing one layer; proxies without workload labels (waypoints) match none;
 - the DestinationRule of a destination is looked up the way Istio does it, for the
-  client's namespace (`Mesh.destination_rule`);
+  client's namespace and the workloadSelectors its labels match (`Mesh.destination_rule`);
 - retries follow Istio's `retry.ConvertPolicy`: previous hosts are avoided unless
   `retryIgnorePreviousHosts: false` (or, by default, when the route hashes consistently),
   `retryRemoteLocalities` adds the previous_priorities retry priority, `backoff` sets the
@@ -108,10 +108,11 @@ class VirtualHostInput:
 # --------------------------------------------------------------------------- planning
 
 
-def _target(mesh: Mesh, dest: Destination, port: int, namespace: str) -> Target:
+def _target(mesh: Mesh, dest: Destination, port: int, namespace: str,
+            classes: frozenset[Labels] = frozenset()) -> Target:
     svc = mesh.services.get(dest.host)
     dport = destination_port(dest, port, svc)
-    dr = mesh.destination_rule(dest.host, namespace)
+    dr = mesh.destination_rule(dest.host, namespace, classes)
     lb = effective_policy(dr, dport, dest.subset).load_balancer
     return Target(outbound_cluster_name(dport, dest.host, dest.subset), lb.consistent_hash if lb else None)
 
@@ -121,11 +122,11 @@ def plan_virtual_host(
     source_labels: frozenset[Labels] = frozenset(),
 ) -> tuple[VirtualHostInput, tuple[SourceRef, ...]]:
     """The input of `svc`'s virtual host on `port` for clients in `namespace` whose workload
-    labels match the sourceLabels selectors `source_labels` (and no others), and the objects
-    that shaped it."""
+    labels match the selectors `source_labels` (VirtualService sourceLabels, DestinationRule
+    workloadSelectors) and no others, and the objects that shaped it."""
     sources: list[SourceRef] = [svc.ref]
-    default = _target(mesh, Destination(svc.hostname, None, port), port, namespace)
-    dr = mesh.destination_rule(svc.hostname, namespace)
+    default = _target(mesh, Destination(svc.hostname, None, port), port, namespace, source_labels)
+    dr = mesh.destination_rule(svc.hostname, namespace, source_labels)
     if dr is not None and default.hash is not None:
         sources.append(dr.ref)
     vs = mesh.vs_by_host.get(svc.hostname)
@@ -138,8 +139,8 @@ def plan_virtual_host(
         used.update(m.source_labels for m in hr.matches if m.source_labels)
         for d in [rd.destination for rd in hr.route] + [m.destination for m in hr.mirrors]:
             if d not in dests:
-                dests[d] = _target(mesh, d, port, namespace)
-                ddr = mesh.destination_rule(d.host, namespace)
+                dests[d] = _target(mesh, d, port, namespace, source_labels)
+                ddr = mesh.destination_rule(d.host, namespace, source_labels)
                 if ddr is not None and ddr.ref not in sources:
                     sources.append(ddr.ref)
     vh = VirtualHostInput(

@@ -9,12 +9,13 @@ VirtualServices of imported hosts are imported too (their port, or the port the 
 resolves to), so a route never points at a cluster the proxy lacks.
 
 Source classes: a VirtualService match with `sourceLabels` applies only to client
-workloads whose labels include them (Istio). The outbound layer is shared by proxies of
-one namespace, capture mode and Sidecar, so the selectors a proxy's workload matches (of
-the VirtualServices visible in its namespace) become part of its scope: proxies matching
-the same selectors (typically none) still share one layer, and a proxy matching some gets a
-variant in which those matches apply. The `Scope` then carries them (`source_labels`);
-a proxy without a Sidecar but with such a class gets a Scope of every service port.
+workloads whose labels include them, and a DestinationRule with a `workloadSelector` only
+to such workloads of its namespace (Istio). The outbound layer is shared by proxies of one
+namespace, capture mode and Sidecar, so the selectors a proxy's workload matches become part
+of its scope: proxies matching the same selectors (typically none) still share one layer,
+and a proxy matching some gets a variant in which those matches and rules apply. The
+`Scope` then carries them (`source_labels`); a proxy without a Sidecar but with such a
+class gets a Scope of every service port.
 """
 
 from __future__ import annotations
@@ -61,14 +62,17 @@ def source_labels_of(scope: frozenset[tuple[Hostname, int]] | None) -> frozenset
 
 
 def source_class(mesh: Mesh, proxy: ProxyMeta) -> frozenset[Labels]:
-    """The sourceLabels selectors (of VirtualServices visible in the proxy's namespace) that
-    the proxy's workload labels match. Only sidecars are matched: other proxies serve many
-    workloads, so a sourceLabels match never applies to them."""
-    if proxy.mode != "sidecar" or not mesh.source_selectors:
+    """The selectors the proxy's workload labels match, of the VirtualService sourceLabels
+    visible in its namespace and the DestinationRule workloadSelectors of its namespace. Only
+    sidecars are matched: other proxies serve many workloads, so such matches and rules
+    never apply to them."""
+    if proxy.mode != "sidecar" or not (mesh.source_selectors or mesh.dr_selectors):
         return frozenset()
     labels = proxy_labels(mesh, proxy)
-    return frozenset(sel for sel, vs in mesh.source_selectors
-                     if labels_match(sel, labels) and visible_to(vs.export_to, vs.namespace, proxy.namespace))
+    found = {sel for sel, vs in mesh.source_selectors
+             if labels_match(sel, labels) and visible_to(vs.export_to, vs.namespace, proxy.namespace)}
+    found |= {sel for sel, dr in mesh.dr_selectors if dr.namespace == proxy.namespace and labels_match(sel, labels)}
+    return frozenset(found)
 
 
 def scope_key(mesh: Mesh, proxy: ProxyMeta) -> ScopeKey:

@@ -95,9 +95,11 @@ from controlplane.translate.scope import Scope, source_labels_of
 from controlplane.translate.security import outbound_sni, spiffe_uri, upstream_tls
 
 
-def _dr(mesh: Mesh, svc: Service, namespace: str) -> DestinationRule | None:
-    """The DestinationRule clients in `namespace` use for `svc` (Istio's lookup order)."""
-    return mesh.destination_rule(svc.hostname, namespace)
+def _dr(mesh: Mesh, svc: Service, namespace: str, classes: frozenset[Labels] = frozenset()
+        ) -> DestinationRule | None:
+    """The DestinationRule clients in `namespace` matching `classes` use for `svc` (Istio's
+    lookup order)."""
+    return mesh.destination_rule(svc.hostname, namespace, classes)
 
 
 def _sniffed_or_http(sp: ServicePort) -> bool:
@@ -128,7 +130,7 @@ def _cluster_specs(mesh: Mesh, svc: Service, namespace: str, scope: Scope | None
                    capture: CaptureMode = "bind") -> list[ResourceSpec]:
     if scope is not None and not any((svc.hostname, sp.port) in scope for sp in svc.ports):
         return []
-    dr = _dr(mesh, svc, namespace)
+    dr = _dr(mesh, svc, namespace, source_labels_of(scope))
     sets = mesh.endpoints.get(svc.hostname, ())
     peers = (service_identities(mesh, svc, True), service_identities(mesh, svc, False))
     single = len(svc.ports) == 1
@@ -246,7 +248,8 @@ def tcp_hashes_source_ip(mesh: Mesh, svc: Service, port: int, namespace: str,
     (Envoy's tcp_proxy takes its hash key from its own `hash_policy`, not the cluster's)."""
     for dest, _ in _tcp_destinations(mesh, svc, port, namespace, source_labels):
         dport = destination_port(dest, port, mesh.services.get(dest.host))
-        lb = effective_policy(mesh.destination_rule(dest.host, namespace), dport, dest.subset).load_balancer
+        lb = effective_policy(mesh.destination_rule(dest.host, namespace, source_labels), dport,
+                              dest.subset).load_balancer
         if lb is None or lb.consistent_hash is None or not lb.consistent_hash.use_source_ip:
             return False
     return True
