@@ -1039,11 +1039,15 @@ def test_subset_errors_and_host_rules() -> None:
 def test_golden_inputs_convert_cleanly() -> None:
     from pathlib import Path
 
+    # Cases that exist to show a warned behaviour: (case, field) of the warnings they must have.
+    expected = {("authz-custom", "spec.action"), ("authz-custom", "spec.provider")}
     files = sorted(Path(__file__).parent.glob("golden/*/in/*.yaml"))
     assert files
     for path in files:
+        case = path.parent.parent.name
         for doc in yaml.safe_load_all(path.read_text()):
             if not doc:
                 continue
             value, issues = conv(yaml.safe_dump(doc))
-            assert value is not None and issues == (), (path, [i.format() for i in issues])
+            unexpected = [i for i in issues if i.severity == "error" or (case, i.field) not in expected]
+            assert value is not None and unexpected == [], (path, [i.format() for i in unexpected])

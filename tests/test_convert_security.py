@@ -186,8 +186,10 @@ def test_authorization_policy_errors(spec: str, field: str, fragment: str) -> No
 
 
 def test_authorization_policy_warnings() -> None:
-    value, issues = ap("action: CUSTOM\nprovider: {name: opa}\nrules: [{}]")
-    assert value is None and not errors(issues)
+    value, issues = ap("action: CUSTOM\nprovider: {name: opa}\nrules: [{to: [{operation: {paths: [/admin]}}]}]")
+    assert value is not None and not errors(issues)
+    # Fails closed as Istio does with a provider it cannot use: the rules deny.
+    assert value.action == "DENY" and value.rules[0].operations[0].paths == ("/admin",)
     only(issues, "spec.action", "CUSTOM (external authorization) is not supported", "warning")
     value, issues = ap("targetRefs: [{kind: Service, group: '', name: web}, {kind: Gateway, "
                        "group: gateway.networking.k8s.io, name: wp}]\nrules: [{}]")

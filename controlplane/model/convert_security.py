@@ -7,7 +7,10 @@ selector, an invalid CIDR or port, a `when` key Meshline does not know, an empty
 operation, a wildcard anywhere but at the start or end of a value.
 
 Accepted with a warning:
-- `action: CUSTOM` (external authorization is not supported): the policy is ignored;
+- `action: CUSTOM` (external authorization): Meshline has no extension providers, so the
+  policy fails closed the way Istio does when it cannot use a policy's provider ("will
+  generate deny configs for the specified rules"): it is enforced as a DENY policy with
+  the same rules, so requests an external authorizer could have denied are denied;
 - `targetRef`/`targetRefs` (they attach a policy to a gateway or waypoint, not to
   sidecars): the policy is ignored;
 - request (JWT) principals and `request.auth.*` conditions: Meshline validates no JWTs, so
@@ -55,7 +58,8 @@ AP_SPEC_FIELDS = ("selector", "action", "rules", "targetRef", "targetRefs")
 TARGET_REF_FIELDS = ("group", "kind", "name", "namespace")
 TARGET_KINDS = {"Gateway": ("gateway.networking.k8s.io",), "Service": ("", "core")}
 AP_SPEC_IGNORED = {
-    "provider": "provider names an external authorizer (action CUSTOM), which Meshline does not support; ignored",
+    "provider": "provider names an external authorizer (action CUSTOM); Meshline has none, so the policy's rules "
+                "deny (fail closed)",
 }
 ACTIONS = ("ALLOW", "DENY", "AUDIT", "CUSTOM")
 SOURCE_FIELDS = (
@@ -387,10 +391,12 @@ def convert_authorization_policy(ctx: Ctx, namespace: str, name: str) -> Authori
         if rule is not None:
             rules.append(rule)
     if action_text == "CUSTOM":
-        ctx.warn("spec.action", "CUSTOM (external authorization) is not supported; this policy is ignored")
-        return None
+        ctx.warn("spec.action", "CUSTOM (external authorization) is not supported: like Istio with a provider it "
+                 "cannot use, this policy fails closed and is enforced as DENY with the same rules (requests it "
+                 "matches are denied)")
     target_refs = _target_refs(ctx, spec, namespace)
-    action: AuthzAction = "DENY" if action_text == "DENY" else "AUDIT" if action_text == "AUDIT" else "ALLOW"
+    action: AuthzAction = ("DENY" if action_text in ("DENY", "CUSTOM") else "AUDIT" if action_text == "AUDIT"
+                           else "ALLOW")
     return AuthorizationPolicy(
         ref=ctx.raw.ref,
         namespace=namespace,
