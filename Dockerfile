@@ -46,7 +46,8 @@ RUN groupadd --system --gid 10001 meshline \
     --shell /usr/sbin/nologin meshline
 COPY --from=build /opt/meshline /opt/meshline
 USER 10001:10001
-# 15010 xDS, 15012 xDS + CA over mTLS, 15014 status and /metrics, 15017 webhooks (HTTPS)
-EXPOSE 15010 15012 15014 15017
+# 15012 xDS + CA over TLS (15010, plaintext xDS, stays on loopback), 15014 status and /metrics,
+# 15017 webhooks (HTTPS)
+EXPOSE 15012 15014 15017
 ENTRYPOINT ["meshline"]
-CMD ["serve", "--kubernetes", "--xds-address", "0.0.0.0:15010", "--status-address", "0.0.0.0:15014", "--webhook-address", "0.0.0.0:15017", "--ca-address", "0.0.0.0:15012"]
+CMD ["serve", "--kubernetes", "--xds-address", "127.0.0.1:15010", "--status-address", "0.0.0.0:15014", "--status-token-file", "/var/run/secrets/meshline/status/token", "--webhook-address", "0.0.0.0:15017", "--ca-address", "0.0.0.0:15012"]

@@ -899,7 +899,7 @@ def one_manifest(kind: str, name: str) -> dict[str, Any]:
 
 
 STATUS_TOKEN = "/var/run/secrets/meshline/status/token"
-CONTROL_PLANE_PORTS = {"grpc-xds": 15010, "grpc-xds-tls": 15012, "http-status": 15014, "https-webhook": 15017}
+CONTROL_PLANE_PORTS = {"grpc-xds-tls": 15012, "http-status": 15014, "https-webhook": 15017}
 
 
 def deployment() -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
@@ -916,7 +916,7 @@ def test_deployment_shape() -> None:
     assert pod["serviceAccountName"] == "meshline"
     assert c["image"] == "meshline:0.1.0"
     assert c["args"] == [
-        "serve", "--kubernetes", "--xds-address", "0.0.0.0:15010",
+        "serve", "--kubernetes", "--xds-address", "127.0.0.1:15010",
         "--status-address", "0.0.0.0:15014", "--status-token-file", STATUS_TOKEN,
         "--webhook-address", "0.0.0.0:15017",
         "--ca-address", "0.0.0.0:15012", "--node-agents",
@@ -1214,7 +1214,8 @@ def test_node_proxy_daemonset(tmp_path: Path) -> None:
     command = main.get_command(None, args[0])  # type: ignore[arg-type]
     assert command is not None
     ctx = command.make_context("node-agent", args[1:])
-    assert ctx.params["xds_address"] == "meshline.meshline-system.svc:15010"
+    assert ctx.params["xds_address"] == "meshline.meshline-system.svc:15012"  # TLS
+    assert str(ctx.params["ca_bundle"]).startswith(token_dir + "/")  # the projected trust bundle
     assert ctx.params["node"] == "$(NODE_NAME)"  # expanded by the kubelet from the env below
     for c in (envoy, agent):
         node = [e for e in c["env"] if e["name"] == "NODE_NAME"]

@@ -202,6 +202,8 @@ class AgentConfig:
     all_addresses: bool = False  # report to every address the xds host name resolves to
     proc_root: Path = Path("/proc")
     timeout: float = 10.0
+    ca_bundle: Path | None = None  # TLS to the control plane (port 15012), verified against this bundle
+    server_name: str | None = None  # the DNS name the control plane's certificate must carry
 
 
 class NodeAgent:
@@ -296,6 +298,23 @@ class NodeAgent:
             raise AgentError(f"cannot read the token file {self.config.token_file}: {exc}") from None
         return (("authorization", f"Bearer {token}"),)
 
+    def _channel(self, target: str) -> grpc.aio.Channel:
+        """TLS (the bundle re-read each report, so a root rotation is followed) or, only to a
+        loopback address, plaintext: the token never crosses a network in clear."""
+        cfg = self.config
+        if cfg.ca_bundle is not None:
+            try:
+                roots = cfg.ca_bundle.read_bytes()
+            except OSError as exc:
+                raise AgentError(f"cannot read the trust bundle {cfg.ca_bundle}: {exc}") from None
+            host = target.rpartition(":")[0].strip("[]")
+            name = cfg.server_name or ("localhost" if _is_ip(host) else host)
+            options = [("grpc.ssl_target_name_override", name)] if name != host else []
+            return grpc.aio.secure_channel(target, grpc.ssl_channel_credentials(roots), options=options)
+        if cfg.token_file is not None and not _is_loopback(target.rpartition(":")[0].strip("[]")):
+            raise AgentError(f"refusing to send the token in clear to {target}: give --ca-bundle (TLS, port 15012)")
+        return grpc.aio.insecure_channel(target)
+
     async def targets(self) -> list[str]:
         if not self.config.all_addresses:
             return [self.config.xds_address]
@@ -315,7 +334,7 @@ class NodeAgent:
         request, metadata = self.request(pods), self.metadata()
         accepted = 0
         for target in await self.targets():
-            async with grpc.aio.insecure_channel(target) as channel:
+            async with self._channel(target) as channel:
                 call = channel.unary_unary(f"/{SERVICE}/Report",
                                            request_serializer=nodeagent_pb2.ReportRequest.SerializeToString,
                                            response_deserializer=nodeagent_pb2.ReportResponse.FromString)
@@ -345,3 +364,24 @@ class NodeAgent:
             except Exception:  # a daemon: one bad pass must not end the agent
                 log.exception("node-agent pass failed")
             await asyncio.sleep(self.config.interval)
+
+
+def _is_ip(host: str) -> bool:
+    import ipaddress
+
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

@@ -18,7 +18,14 @@ DEFAULT_NETNS_DIR = "/var/run/meshline/netns"  # registry.DEFAULT_NETNS_DIR (not
 @click.option("--node", required=True, envvar="NODE_NAME", show_envvar=True,
               help="This node's name (spec.nodeName of its pods).")
 @click.option("--xds-address", required=True, metavar="H:P",
-              help="The control plane's plain xDS port, serving NodeAgent.Report (`serve --node-agents`).")
+              help="The control plane's TLS port (15012) serving NodeAgent.Report (`serve --node-agents`); its "
+                   "plain port only on loopback (development).")
+@click.option("--ca-bundle", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Connect over TLS, verifying the control plane against this PEM bundle (re-read each report). "
+                   "Required with --token-file beyond loopback.")
+@click.option("--server-name", default=None,
+              help="With --ca-bundle: the DNS name the control plane's certificate must carry (default: the host "
+                   "of --xds-address, or localhost for an IP).")
 @click.option("--all-addresses", is_flag=True,
               help="Report to every address the --xds-address host resolves to (a headless Service: every "
                    "control-plane replica), not just one.")
@@ -43,7 +50,7 @@ DEFAULT_NETNS_DIR = "/var/run/meshline/netns"  # registry.DEFAULT_NETNS_DIR (not
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
               show_default=True)
 @click.option("--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True)
-def node_agent(node: str, xds_address: str, all_addresses: bool, kubeconfig: Path | None, pods_file: Path | None,
+def node_agent(node: str, xds_address: str, ca_bundle: Path | None, server_name: str | None, all_addresses: bool, kubeconfig: Path | None, pods_file: Path | None,
                netns_dir: Path, interval: float, token_file: Path | None, no_iptables: bool, iptables_command: str,
                once: bool, log_level: str, log_format: str) -> None:
     """Find each local ambient pod's network namespace, bind-mount it under --netns-dir, apply
@@ -75,7 +82,7 @@ def node_agent(node: str, xds_address: str, all_addresses: bool, kubeconfig: Pat
         list_pods = kubernetes_pod_lister(node, kubeconfig)
     config = AgentConfig(node=node, xds_address=xds_address, netns_dir=netns_dir, interval=interval,
                          token_file=token_file, iptables=not no_iptables, iptables_command=iptables_command,
-                         all_addresses=all_addresses)
+                         all_addresses=all_addresses, ca_bundle=ca_bundle, server_name=server_name)
     agent = NodeAgent(config, list_pods)
     if once:
         try:

@@ -46,7 +46,7 @@ from tests.e2e.test_ambient_e2e import (
 )
 from tests.netns_mesh import Topology, bootstrap_file
 
-XDS_PORT = 19720  # plain: the node agents' reports
+XDS_PORT = 19720  # plain: configuration only (reports and tokens go to TLS_PORT)
 STATUS_PORT = 19721
 TLS_PORT = 19722  # xDS + CA over TLS: the node proxies carry tokens
 
@@ -107,7 +107,7 @@ def lab() -> Iterator[tuple[Topology, dict[str, object], Path]]:
             from controlplane.ca.identity import Identity
 
             key = tokens.load_or_create_token_key(ca_dir)
-            xds = f"{topo.host_ip}:{XDS_PORT}"
+            xds = f"{topo.host_ip}:{TLS_PORT}"  # the agents' reports carry tokens: TLS only
             for node, pod, ns in ((n1, a, "alpha"), (n2, d, "delta")):
                 token = work / f"token-{node.name}"
                 token.write_text(tokens.mint(key, Identity("meshline-system", "meshline-node-proxy"), node=node.name))
@@ -118,7 +118,7 @@ def lab() -> Iterator[tuple[Topology, dict[str, object], Path]]:
                 agents.append(topo.spawn(f"agent-{node.name}", [
                     sys.executable, "-m", "controlplane.cli", "node-agent", "--node", node.name, "--xds-address", xds,
                     "--pods-file", str(pods), "--netns-dir", str(own_dir), "--interval", "0.5",
-                    "--token-file", str(token)]))
+                    "--token-file", str(token), "--ca-bundle", str(ca_dir / "root-cert.pem")]))
                 # The node proxy starts once the agent has mounted the pod's netns: `ip netns exec` gives
                 # it a private copy of the mount table (a DaemonSet uses HostToContainer propagation).
                 mounted = own_dir / f"{ns}_{pod.name}"
@@ -164,7 +164,10 @@ def test_node_agents_discover_pod_netns_and_node_proxies_use_them(
 
 
 def _report(xds: str, token: Path, request: object) -> object:
-    with grpc.insecure_channel(xds) as channel:
+    """One report over TLS (as the agents send them), verified against the mesh bundle."""
+    roots = (token.parent / "ca" / "root-cert.pem").read_bytes()
+    with grpc.secure_channel(xds, grpc.ssl_channel_credentials(roots),
+                             options=[("grpc.ssl_target_name_override", "localhost")]) as channel:
         call = channel.unary_unary(f"/{SERVICE}/Report",
                                    request_serializer=nodeagent_pb2.ReportRequest.SerializeToString,
                                    response_deserializer=nodeagent_pb2.ReportResponse.FromString)
@@ -177,7 +180,7 @@ def test_another_nodes_agent_cannot_take_redirect_or_speak_for_a_pod(
     a, vip = objs["a"], objs["vip"]
     assert isinstance(vip, str)
     _wait_http(a, f"http://{vip}/", '"d"', timeout=30)  # type: ignore[arg-type]
-    xds, n2_token = f"{topo.host_ip}:{XDS_PORT}", topo.workdir / "token-n2"
+    xds, n2_token = f"{topo.host_ip}:{TLS_PORT}", topo.workdir / "token-n2"
 
     def pod(ns: str, name: str, path: str) -> object:
         return nodeagent_pb2.PodNetns(namespace=ns, name=name, netns_path=path)
@@ -193,6 +196,12 @@ def test_another_nodes_agent_cannot_take_redirect_or_speak_for_a_pod(
         with pytest.raises(grpc.RpcError) as err:
             _report(xds, n2_token, nodeagent_pb2.ReportRequest(node="n2", pods=[pod("delta", "d", path)]))
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
+    # ... on the plaintext port, nothing of the NodeAgent API is served beyond loopback.
+    with pytest.raises(grpc.RpcError) as err, grpc.insecure_channel(f"{topo.host_ip}:{XDS_PORT}") as plain:
+        plain.unary_unary(f"/{SERVICE}/Report", request_serializer=nodeagent_pb2.ReportRequest.SerializeToString,
+                          response_deserializer=nodeagent_pb2.ReportResponse.FromString)(
+            nodeagent_pb2.ReportRequest(node="n2"), timeout=5)
+    assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED  # type: ignore[attr-defined]
     # ... reports for n1 (an empty node): PERMISSION_DENIED.
     with pytest.raises(grpc.RpcError) as err:
         _report(xds, n2_token, nodeagent_pb2.ReportRequest(node="n1"))
