@@ -460,3 +460,22 @@ def test_proxy_drain_drains_inbound_then_waits_for_connections(fake_envoy: _Fake
 
 def test_envoy_binary_is_available() -> None:
     assert shutil.which(envoy_binary())
+
+
+def test_an_internal_error_refuses_the_pod_instead_of_running_it_outside_the_mesh(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import webhook.app
+
+    def broken(*_a: Any, **_k: Any) -> Any:
+        raise RuntimeError("bug")
+
+    monkeypatch.setattr(webhook.app, "inject", broken)
+    review = {"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "request": {
+        "uid": "u-1", "kind": {"group": "", "version": "v1", "kind": "Pod"}, "operation": "CREATE",
+        "namespace": "shop", "object": {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p"},
+                                        "spec": {"containers": [{"name": "app", "image": "x"}]}}}}
+    with TestClient(create_webhook_app(BASE)) as client:
+        r = client.post("/inject", json=review)
+    resp = r.json()["response"]
+    assert resp["allowed"] is False and resp["status"]["code"] == 500
+    assert "refused rather than run outside the mesh" in resp["status"]["message"]

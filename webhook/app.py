@@ -90,10 +90,12 @@ def create_webhook_app(config: WebhookConfig | None = None, *,
             return req
         try:
             return _inject(req, cfg, namespace_in_mesh)
-        except Exception as exc:  # never fail a pod creation on our bug
+        except Exception as exc:  # fail closed: a pod of an opted-in namespace never runs outside the mesh
             log.exception("injection failed for %s/%s", req.namespace, req.name)
-            return response(req.uid, True, warnings=[f"meshline: sidecar not injected: internal error "
-                                                     f"({type(exc).__name__})"])
+            return response(req.uid, False, code=500, reason="InternalError",
+                            message=f"meshline could not inject the sidecar ({type(exc).__name__}); the pod is "
+                                    "refused rather than run outside the mesh (retry, or opt it out with the "
+                                    "annotation meshline.io/inject: \"false\")")
 
     @app.post("/validate")
     async def validate_endpoint(request: Request) -> Any:
