@@ -517,3 +517,32 @@ def test_validating_webhook_passes_istio_kind_warnings_through() -> None:
                                    "route": [{"destination": {"host": "reviews"}}],
                                    "retries": {"attempts": 2, "retryRemoteLocalities": True}}]}})
     assert ok.allowed and ok.warnings == ()
+
+
+def test_sidecar_registry_only_blocks_destinations_outside_the_scope() -> None:
+    from controlplane.translate.names import BLACKHOLE_CLUSTER, PASSTHROUGH_CLUSTER, VIRTUAL_OUTBOUND
+
+    sc = """
+    apiVersion: networking.istio.io/v1
+    kind: Sidecar
+    metadata: {name: default, namespace: default}
+    spec:
+      egress: [{hosts: ["./*"]}]
+      outboundTrafficPolicy: {mode: REGISTRY_ONLY}
+    """
+    mesh, issues = mesh_of(SERVICES, sc)
+    assert [i.field for i in issues if i.ref.kind == "Sidecar"] == ["spec.outboundTrafficPolicy"]  # ServiceEntry
+    built = outbound(mesh, proxy("ratings-1"))
+    lst = built[LISTENER][VIRTUAL_OUTBOUND]
+    t = tcp_proxy_pb2.TcpProxy()
+    assert lst.default_filter_chain.filters[0].typed_config.Unpack(t)
+    assert t.cluster == BLACKHOLE_CLUSTER and PASSTHROUGH_CLUSTER not in built[CLUSTER]
+    hosts = {v.name: v for v in built[ROUTE]["9080"].virtual_hosts}
+    assert "allow_any" not in hosts and hosts["block_all"].routes[0].direct_response.status == 502
+    # ALLOW_ANY (the default) keeps the passthrough; other namespaces are not scoped by it.
+    mesh, _ = mesh_of(SERVICES, sc.replace("REGISTRY_ONLY", "ALLOW_ANY"))
+    assert PASSTHROUGH_CLUSTER in outbound(mesh, proxy("ratings-1"))[CLUSTER]
+    bad = textwrap.dedent(sc.replace("{mode: REGISTRY_ONLY}", "{mode: REGISTRY_ONLY, egressProxy: {host: x}}"))
+    (raw_sc,), _ = parse_documents(bad, "t.yaml")
+    value, found = convert(raw_sc)
+    assert value is None and [i.field for i in found if i.severity == "error"] == ["spec.outboundTrafficPolicy.egressProxy"]

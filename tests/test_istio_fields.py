@@ -252,6 +252,7 @@ SAMPLES: dict[str, Any] = {
     "egress[].port.number": 9080,
     "egress[].port.protocol": "TCP",
     "egress[].port.name": "reviews",
+    "outboundTrafficPolicy.mode": "REGISTRY_ONLY",
     # PeerAuthentication
     "selector.matchLabels": {"app": "other"},
     "mtls.mode": "STRICT",
@@ -376,6 +377,9 @@ NOTES = {
                                                       "waypoints (warned).",
     ("VirtualService", "tcp[].match[].sourceLabels"): "Sidecars whose workload labels include them; never "
                                                      "waypoints (warned).",
+    ("Sidecar", "outboundTrafficPolicy.mode"): "Enforced: REGISTRY_ONLY refuses destinations outside the egress "
+                                               "scope (TCP: BlackHoleCluster, HTTP: 502). Warned because "
+                                               "ServiceEntry is not supported, so no external host can be allowed.",
     ("DestinationRule", "workloadSelector.matchLabels"): "Only sidecars of the rule's namespace whose labels "
                                                         "match, before that namespace's rules without one.",
     ("DestinationRule", "trafficPolicy.loadBalancer.simple"): "PASSTHROUGH: the original destination for "
@@ -679,6 +683,8 @@ def render(outcomes: list[Outcome]) -> str:
         "- `loadBalancer.simple: PASSTHROUGH` forwards to the original destination for",
         "  intercepting sidecars; in bind capture (local runs) it is round robin, because the",
         "  original destination is the sidecar's own listener.",
+        "- AuthorizationPolicy `action: CUSTOM` (no extension providers) fails closed as Istio does",
+        "  for a provider it cannot use: the policy's rules deny.",
         "- The root namespace is `meshline-system` unless configured; mesh-wide objects in",
         "  `istio-system` while it is not the root namespace are warned about (NOT MESH-WIDE).",
         "",

@@ -12,9 +12,15 @@ an empty Sidecar; an egress listener without hosts; a host not of the form
 egress listeners on one port, or a catch-all listener (no port) that is not the only one
 and the last.
 
+`outboundTrafficPolicy.mode`: REGISTRY_ONLY makes the selected sidecars (with intercept
+capture) refuse destinations outside their scope, as Istio does (unknown TCP destinations go
+to a cluster without endpoints, unknown HTTP hosts get 502), with a warning that ServiceEntry
+hosts cannot be allowed (ServiceEntry is not supported); ALLOW_ANY is the default. Its
+`egressProxy` is warned about and ignored (unknown destinations then pass through).
+
 Accepted with a warning and ignored (not supported yet): `ingress`,
-`outboundTrafficPolicy`, `inboundConnectionPool`, and `bind`/`captureMode` of an egress
-listener (and a port's `targetPort`). A host name that is not fully qualified only ever
+`inboundConnectionPool`, and `bind`/`captureMode` of an egress listener (and a port's
+`targetPort`). A host name that is not fully qualified only ever
 matches a service of that exact name, so it is warned about too.
 
 An egress listener's `port.name` is a label (as in Istio: it changes no Envoy config);
@@ -46,13 +52,12 @@ from controlplane.model.convert_base import (
 from controlplane.model.ir import EgressHost, Labels, Sidecar, SidecarEgress
 
 _UNSUPPORTED = "is not supported yet; ignored"
-SPEC_FIELDS = ("workloadSelector", "egress")
+SPEC_FIELDS = ("workloadSelector", "egress", "outboundTrafficPolicy")
 SPEC_IGNORED = {
     "ingress": f"ingress {_UNSUPPORTED} (inbound listeners follow the workload's Services)",
-    "outboundTrafficPolicy": f"outboundTrafficPolicy {_UNSUPPORTED} (unknown destinations: ALLOW_ANY in "
-    "intercept capture, no listener in bind capture)",
     "inboundConnectionPool": f"inboundConnectionPool {_UNSUPPORTED}",
 }
+OUTBOUND_MODES = ("ALLOW_ANY", "REGISTRY_ONLY")
 EGRESS_FIELDS = ("hosts", "port")
 EGRESS_IGNORED = {
     "bind": f"bind {_UNSUPPORTED}",
@@ -185,7 +190,31 @@ def convert_sidecar(ctx: Ctx, namespace: str, name: str) -> Sidecar | None:
         return None
     selector = _selector(ctx, spec)
     egress = _egress(ctx, spec)
+    registry_only = _outbound_policy(ctx, spec)
     if not egress and not ctx.failed:
         ctx.warn("spec.egress", "no egress: these sidecars inherit the egress of the namespace or mesh default "
                  "Sidecar (all services when there is none)")
-    return Sidecar(ctx.raw.ref, namespace, name, selector, egress)
+        if registry_only:
+            ctx.warn("spec.outboundTrafficPolicy", "applies only together with egress (the Sidecar whose egress "
+                     "scopes a proxy also decides its outbound traffic policy); ignored here")
+    return Sidecar(ctx.raw.ref, namespace, name, selector, egress, registry_only)
+
+
+def _outbound_policy(ctx: Ctx, spec: Mapping[str, Any]) -> bool:
+    """`outboundTrafficPolicy`: True for REGISTRY_ONLY."""
+    p = "spec.outboundTrafficPolicy"
+    om = child(ctx, spec, "outboundTrafficPolicy", "spec")
+    if om is None:
+        return False
+    check_fields(ctx, om, p, ("mode",), {"egressProxy": f"egressProxy {_UNSUPPORTED} (with ALLOW_ANY, unknown "
+                                                        "destinations pass through directly)"})
+    mode = get_str(ctx, om, "mode", p) or "ALLOW_ANY"
+    if mode not in OUTBOUND_MODES:
+        ctx.error(join(p, "mode"), f"unknown mode {mode!r} (expected one of {', '.join(OUTBOUND_MODES)})")
+        return False
+    if mode == "REGISTRY_ONLY" and om.get("egressProxy") is not None:
+        ctx.error(join(p, "egressProxy"), "is only valid with mode ALLOW_ANY")
+    if mode == "REGISTRY_ONLY":
+        ctx.warn(p, "REGISTRY_ONLY: only the services in these sidecars' egress scope are reachable; ServiceEntry "
+                 "is not supported yet, so external hosts a ServiceEntry would add to the registry are blocked too")
+    return mode == "REGISTRY_ONLY"

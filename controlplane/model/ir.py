@@ -621,3 +621,5 @@ class Sidecar:
     name: str
     selector: Labels = ()
     egress: tuple[SidecarEgress, ...] = ()
+    # outboundTrafficPolicy.mode: REGISTRY_ONLY blocks destinations outside the scope
+    registry_only: bool = False

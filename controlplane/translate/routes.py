@@ -433,10 +433,12 @@ def _virtual_host(vh: VirtualHostInput, port: int, namespace: str) -> rc.Virtual
 
 
 def build_route_config(
-    name: str, port: int, namespace: str, vhosts: tuple[VirtualHostInput, ...], passthrough: bool
+    name: str, port: int, namespace: str, vhosts: tuple[VirtualHostInput, ...], passthrough: bool,
+    block_unknown: bool = False,
 ) -> route_pb2.RouteConfiguration:
     """The RouteConfiguration for one service port as seen by clients in `namespace`. With
-    `passthrough` (intercept capture) unknown hosts go to the PassthroughCluster."""
+    `passthrough` (intercept capture) unknown hosts go to the PassthroughCluster; with
+    `block_unknown` (Sidecar outboundTrafficPolicy REGISTRY_ONLY) they get a 502, as in Istio."""
     rcfg = route_pb2.RouteConfiguration(name=name)
     rcfg.validate_clusters.value = False
     hosts = [_virtual_host(vh, port, namespace) for vh in vhosts]
@@ -445,5 +447,11 @@ def build_route_config(
         allow_any.routes.append(default_route(Target(PASSTHROUGH_CLUSTER), name="allow_any"))
         allow_any.routes[0].route.ClearField("retry_policy")
         hosts.append(allow_any)
+    elif block_unknown:
+        block_all = rc.VirtualHost(name="block_all", domains=["*"])
+        r = block_all.routes.add(name="block_all")
+        r.match.prefix = "/"
+        r.direct_response.status = 502
+        hosts.append(block_all)
     rcfg.virtual_hosts.extend(sorted(hosts, key=lambda v: v.name))
     return rcfg

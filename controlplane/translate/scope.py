@@ -41,13 +41,15 @@ class Scope(frozenset[tuple[Hostname, int]]):
     """(service hostname, service port) pairs a proxy receives (None elsewhere means all),
     plus `source_labels`: the VirtualService sourceLabels selectors its workload matches."""
 
-    __slots__ = ("source_labels",)
+    __slots__ = ("registry_only", "source_labels")
     source_labels: frozenset[Labels]
+    registry_only: bool  # the Sidecar's outboundTrafficPolicy is REGISTRY_ONLY
 
     def __new__(cls, pairs: Iterable[tuple[Hostname, int]] = (),
-                source_labels: frozenset[Labels] = frozenset()) -> Scope:
+                source_labels: frozenset[Labels] = frozenset(), registry_only: bool = False) -> Scope:
         self = super().__new__(cls, pairs)
         self.source_labels = source_labels
+        self.registry_only = registry_only
         return self
 
 
@@ -59,6 +61,11 @@ class, (that, the sorted selectors)."""
 def source_labels_of(scope: frozenset[tuple[Hostname, int]] | None) -> frozenset[Labels]:
     """The sourceLabels selectors a scope carries (none for a plain set or None)."""
     return scope.source_labels if isinstance(scope, Scope) else frozenset()
+
+
+def registry_only(scope: frozenset[tuple[Hostname, int]] | None) -> bool:
+    """Whether the proxies of `scope` refuse destinations outside it (REGISTRY_ONLY)."""
+    return isinstance(scope, Scope) and scope.registry_only
 
 
 def source_class(mesh: Mesh, proxy: ProxyMeta) -> frozenset[Labels]:
@@ -115,7 +122,7 @@ def sidecar_scope(mesh: Mesh, sidecar: Sidecar, namespace: str,
                 dport = destination_port(dest, port, target)
                 if any(p.port == dport for p in target.ports):
                     allowed.add((dest.host, dport))
-    return Scope(allowed, source_labels)
+    return Scope(allowed, source_labels, sidecar.registry_only)
 
 
 def _candidates(mesh: Mesh, entry: EgressHost, namespace: str) -> Iterable[Service]:

@@ -91,7 +91,7 @@ from controlplane.translate.names import (
 )
 from controlplane.translate.plan import CLUSTER, ENDPOINT, LISTENER, ROUTE, ResourceSpec
 from controlplane.translate.routes import build_route_config, plan_virtual_host
-from controlplane.translate.scope import Scope, source_labels_of
+from controlplane.translate.scope import Scope, registry_only, source_labels_of
 from controlplane.translate.security import outbound_sni, spiffe_uri, upstream_tls
 
 
@@ -175,7 +175,7 @@ def _tunnelled(mesh: Mesh, svc: Service, sp: ServicePort) -> bool:
 
 def route_spec(
     mesh: Mesh, port: int, services: list[Service], namespace: str, capture: CaptureMode, name: str | None = None,
-    source_labels: frozenset[Labels] = frozenset(),
+    source_labels: frozenset[Labels] = frozenset(), registry_only: bool = False,
 ) -> ResourceSpec:
     """The route configuration of `services` on `port` for clients in `namespace` (named after
     the port unless `name` is given: a waypoint's per-port configuration) whose workloads
@@ -188,7 +188,9 @@ def route_spec(
         vhosts.append(vh)
         sources += refs
     name = name or route_config_name(port)
-    args = (name, port, namespace, tuple(vhosts), capture == "intercept")
+    args: tuple[object, ...] = (name, port, namespace, tuple(vhosts), capture == "intercept")
+    if registry_only and capture == "intercept":
+        args = (name, port, namespace, tuple(vhosts), False, True)
     return ResourceSpec(ROUTE, name, build_route_config, args, _refs(tuple(sources)))
 
 
@@ -331,12 +333,17 @@ def plan_outbound(
         services = sorted(on_port, key=lambda s: s.hostname)
         routed = [s for s in services if _sniffed_or_http(_port_of(s, port))]
         if routed:
-            specs.append(route_spec(mesh, port, routed, namespace, capture, source_labels=classes))
+            specs.append(route_spec(mesh, port, routed, namespace, capture, source_labels=classes,
+                                    registry_only=registry_only(scope)))
         if capture == "bind":
             specs.append(_bind_listener(mesh, port, services, namespace, bind_address, classes))
         else:
             specs += _intercept_listeners(mesh, port, services, namespace, classes)
-    if capture == "intercept":
+    if capture == "intercept" and registry_only(scope):
+        # Sidecar outboundTrafficPolicy REGISTRY_ONLY: nothing outside the scope passes.
+        specs.append(ResourceSpec(CLUSTER, BLACKHOLE_CLUSTER, build_blackhole_cluster, (BLACKHOLE_CLUSTER,)))
+        specs.append(ResourceSpec(LISTENER, VIRTUAL_OUTBOUND, build_virtual_outbound, (BLACKHOLE_CLUSTER,)))
+    elif capture == "intercept":
         specs.append(
             ResourceSpec(CLUSTER, PASSTHROUGH_CLUSTER, build_passthrough_cluster, (PASSTHROUGH_CLUSTER,))
         )
