@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# A real Kubernetes API server for the tests and the demo: etcd + kube-apiserver built from
+# A real Kubernetes API server for the tests and the demo: etcd + kube-apiserver (+ kubectl) built from
 # the Go module proxy (tools/kube/go.mod pins the versions), cached per version under
 # ${MESHLINE_KUBE_CACHE:-${XDG_CACHE_HOME:-~/.cache}/meshline/kube}/<version>/, and run on
 # 127.0.0.1 with a service-account signing key, a static admin token and RBAC.
@@ -11,6 +11,7 @@
 #   scripts/kube/kube.sh status        print pids, URL and kubeconfig path; exit 1 when not up
 #   scripts/kube/kube.sh env           print KUBECONFIG=... for eval
 #   scripts/kube/kube.sh bin-dir       print the directory holding the cached binaries
+#   scripts/kube/kube.sh kubectl ARGS  kubectl (built alongside) with the local kubeconfig
 #
 # Settings (environment): MESHLINE_KUBE_DIR (state: data, certs, logs, kubeconfig;
 # default .run/kube/ in the repo, git-ignored), MESHLINE_KUBE_PORT (apiserver, default 16443),
@@ -37,7 +38,8 @@ ADMIN_TOKEN_FILE="$STATE/admin.token"
 
 log() { echo "kube: $*" >&2; }
 
-have_bins() { [[ -x "$BIN_DIR/kube-apiserver" && -x "$BIN_DIR/etcd" ]]; }
+BINS=(kube-apiserver etcd kubectl)
+have_bins() { for b in "${BINS[@]}"; do [[ -x "$BIN_DIR/$b" ]] || return 1; done; }
 
 build() {
     if have_bins; then
@@ -71,16 +73,23 @@ build() {
     done
     tmp=$(mktemp -d "$BIN_DIR/.build.XXXXXX")
     start=$(date +%s)
-    log "building kube-apiserver $KUBE_VERSION and etcd $ETCD_VERSION into $BIN_DIR (cold: ~15 min on 2 cores)"
+    log "building kube-apiserver, kubectl $KUBE_VERSION and etcd $ETCD_VERSION into $BIN_DIR (cold: ~15 min on 2 cores)"
     (
         cd "$MODDIR"
         export CGO_ENABLED=0 GOFLAGS="-mod=readonly -buildvcs=false"
-        go build -trimpath -ldflags "$ldflags" -o "$tmp/kube-apiserver" k8s.io/kubernetes/cmd/kube-apiserver
-        go build -trimpath -ldflags "-s -w" -o "$tmp/etcd" ./etcd
+        for b in "${BINS[@]}"; do
+            if [[ -x "$BIN_DIR/$b" ]]; then continue; fi
+            case $b in
+                etcd) go build -trimpath -ldflags "-s -w" -o "$tmp/etcd" ./etcd ;;
+                *) go build -trimpath -ldflags "$ldflags" -o "$tmp/$b" "k8s.io/kubernetes/cmd/$b" ;;
+            esac
+        done
     )
-    mv "$tmp/kube-apiserver" "$tmp/etcd" "$BIN_DIR/"
+    for b in "${BINS[@]}"; do
+        if [[ -f "$tmp/$b" ]]; then mv "$tmp/$b" "$BIN_DIR/"; fi
+    done
     rmdir "$tmp"
-    log "built in $(( $(date +%s) - start )) s: $(du -h "$BIN_DIR/kube-apiserver" | cut -f1) kube-apiserver, $(du -h "$BIN_DIR/etcd" | cut -f1) etcd"
+    log "built in $(( $(date +%s) - start )) s: $(cd "$BIN_DIR" && du -h "${BINS[@]}" | tr '\t\n' ' ')"
 }
 
 pid_alive() { [[ -f "$1" ]] && kill -0 "$(cat "$1")" 2>/dev/null; }
@@ -248,5 +257,6 @@ case ${1:-up} in
     stop-apiserver) stop_pid "$STATE/kube-apiserver.pid" ;;
     env) echo "KUBECONFIG=$STATE/kubeconfig" ;;
     bin-dir) echo "$BIN_DIR" ;;
+    kubectl) shift; exec "$BIN_DIR/kubectl" --kubeconfig "$STATE/kubeconfig" "$@" ;;
     *) echo "usage: $0 {build|up|down|status|env|bin-dir}" >&2; exit 2 ;;
 esac

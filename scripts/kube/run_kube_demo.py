@@ -37,9 +37,7 @@ NS = "bookinfo"
 SYSTEM = "meshline-system"
 WORKLOADS = ("productpage-v1", "details-v1", "ratings-v1", "reviews-v1", "reviews-v2", "reviews-v3")
 WEBHOOK_PORT = 15017
-INSTALL = ("crds/virtualservices.yaml", "crds/destinationrules.yaml", "crds/sidecars.yaml",
-           "crds/peerauthentications.yaml", "crds/authorizationpolicies.yaml", "namespace.yaml",
-           "serviceaccount.yaml", "rbac.yaml")
+INSTALL = ("namespace.yaml", "serviceaccount.yaml", "rbac.yaml")
 
 
 def docs(path: Path) -> list[dict[str, Any]]:
@@ -57,31 +55,34 @@ def local_kube() -> RealKube:
 
 
 def install(kube: RealKube) -> None:
-    for rel in INSTALL:
-        for d in docs(ROOT / "manifests" / rel):
-            kube.apply(d)
-    kube.install_crds()
+    """What makes sense without a kubelet from manifests/: the CRDs, namespace, ServiceAccount
+    and RBAC (kubectl apply), and the webhook configurations pointed at localhost."""
+    kube.kubectl("apply", "-k", str(ROOT / "manifests" / "crds"))
+    kube.kubectl("apply", *(a for rel in INSTALL for a in ("-f", str(ROOT / "manifests" / rel))))
+    kube.install_crds()  # waits until they are Established
+    hooks = []
     for rel in ("mutatingwebhookconfiguration.yaml", "validatingwebhookconfiguration.yaml"):
         for d in docs(ROOT / "manifests" / "webhooks" / rel):
             for hook in d["webhooks"]:
                 svc = hook["clientConfig"].pop("service")
                 hook["clientConfig"]["url"] = f"https://localhost:{WEBHOOK_PORT}{svc['path']}"
                 hook["clientConfig"].pop("caBundle", None)  # the leader patches it in
-            kube.apply(d)
+            hooks.append(d)
+    kube.kubectl_apply(*hooks)
 
 
 def apply_bookinfo(kube: RealKube, ips: dict[str, str]) -> None:
     """samples/k8s as-is, plus what the kubelet and controllers would add: Pods with IPs and
     the EndpointSlices of the Services."""
-    deployments, services = [], []
     base = ROOT / "samples" / "k8s"
-    for rel in yaml.safe_load((base / "kustomization.yaml").read_text())["resources"]:  # in its order
+    kube.kubectl("apply", "-k", str(base))
+    deployments, services = [], []
+    for rel in yaml.safe_load((base / "kustomization.yaml").read_text())["resources"]:
         for d in docs(base / rel):
             if d["kind"] == "Deployment":
                 deployments.append(d)
             elif d["kind"] == "Service":
                 services.append(d)
-            kube.apply(d)
     kube.apply({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "default", "namespace": NS}})
     pods = []
     for dep in deployments:
@@ -219,7 +220,7 @@ Try:
   for i in $(seq 20); do curl -s -H 'Host: reviews.bookinfo' http://127.0.0.1:9080/ | grep -o '"reviews-v[0-9]"'; done | sort | uniq -c
   curl -s -H 'Host: reviews.bookinfo' -H 'end-user: jason' http://127.0.0.1:9080/
 
-With any kubectl (export KUBECONFIG as above):
+With kubectl (scripts/kube/kube.sh kubectl ARGS is the one built with the API server):
   kubectl -n bookinfo get virtualservices,destinationrules
   kubectl -n bookinfo get virtualservice reviews -o jsonpath='{{.status.conditions}}'   # written by Meshline
   kubectl -n bookinfo edit virtualservice reviews        # change the weights: the curl loop follows

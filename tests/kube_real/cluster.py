@@ -44,7 +44,7 @@ def cached_binaries() -> Path | None:
     """The directory holding the built binaries, or None when not built yet."""
     out = subprocess.run(["bash", str(SCRIPT), "bin-dir"], capture_output=True, text=True, check=True)
     d = Path(out.stdout.strip())
-    return d if (d / "kube-apiserver").exists() and (d / "etcd").exists() else None
+    return d if all((d / b).exists() for b in ("kube-apiserver", "etcd", "kubectl")) else None
 
 
 def ensure_built(echo: Callable[[str], None] = print) -> str | None:
@@ -136,6 +136,20 @@ class RealKube:
                 if line.startswith("VmRSS:"):
                     out[name] = int(line.split()[1]) / 1024
         return out
+
+    def kubectl(self, *args: str, input: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
+        """The kubectl built alongside the API server, with the admin kubeconfig."""
+        bins = cached_binaries()
+        assert bins is not None and (bins / "kubectl").exists(), "kubectl is built with the API server"
+        p = subprocess.run([str(bins / "kubectl"), "--kubeconfig", str(self.kubeconfig), *args], input=input,
+                           capture_output=True, text=True, timeout=60)
+        if check and p.returncode != 0:
+            raise RuntimeError(f"kubectl {' '.join(args)} failed ({p.returncode}): {p.stderr.strip()}")
+        return p
+
+    def kubectl_apply(self, *docs: dict[str, Any]) -> str:
+        """`kubectl apply -f -` of `docs` (client-side apply, as a user types it)."""
+        return self.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(docs)).stdout
 
     @property
     def kubeconfig(self) -> Path:
