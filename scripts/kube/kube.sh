@@ -98,6 +98,12 @@ gen_certs() {
     local pki="$STATE/pki"
     [[ -f "$pki/apiserver.crt" && -f "$pki/sa.key" ]] && return 0
     mkdir -p "$pki"
+    if ! command -v openssl >/dev/null 2>&1; then  # the project's venv has `cryptography`
+        local py="$ROOT/.venv/bin/python"
+        [[ -x "$py" ]] || py=python3
+        "$py" "$ROOT/scripts/kube/pki.py" "$pki"
+        return 0
+    fi
     # Serving CA + serving cert for 127.0.0.1/localhost; service-account signing key.
     openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -subj "/CN=meshline-kube-ca" \
         -keyout "$pki/ca.key" -out "$pki/ca.crt" 2>/dev/null
@@ -138,6 +144,20 @@ EOF
     chmod 600 "$STATE/kubeconfig"
 }
 
+ready_once() {  # GET /readyz with the admin token: curl, else the project's Python
+    if command -v curl >/dev/null 2>&1; then
+        curl -fsS --cacert "$STATE/pki/ca.crt" -H "Authorization: Bearer $1" \
+            "https://127.0.0.1:$API_PORT/readyz" >/dev/null 2>&1
+    else
+        local py="$ROOT/.venv/bin/python"
+        [[ -x "$py" ]] || py=python3
+        "$py" -c 'import ssl, sys, urllib.request as u
+ctx = ssl.create_default_context(cafile=sys.argv[1])
+u.urlopen(u.Request(sys.argv[2], headers={"Authorization": "Bearer " + sys.argv[3]}), context=ctx, timeout=2)' \
+            "$STATE/pki/ca.crt" "https://127.0.0.1:$API_PORT/readyz" "$1" >/dev/null 2>&1
+    fi
+}
+
 wait_ready() {
     local deadline=$(( $(date +%s) + ${1:-90} ))
     local token
@@ -148,8 +168,7 @@ wait_ready() {
             tail -20 "$STATE/kube-apiserver.log" >&2
             return 1
         fi
-        if curl -fsS --cacert "$STATE/pki/ca.crt" -H "Authorization: Bearer $token" \
-            "https://127.0.0.1:$API_PORT/readyz" >/dev/null 2>&1; then
+        if ready_once "$token"; then
             return 0
         fi
         sleep 0.2
@@ -211,12 +230,13 @@ up() {
     printf '%s,meshline-admin,meshline-admin,"system:masters"\n' "$(cat "$ADMIN_TOKEN_FILE")" \
         >"$STATE/tokens.csv"
     write_kubeconfig
-    local start
-    start=$(date +%s.%N)
+    local start ms
+    start=$(date +%s%N)
     start_etcd
     start_apiserver
     wait_ready 120
-    log "ready in $(printf '%.1f' "$(echo "$(date +%s.%N) - $start" | bc)") s at https://127.0.0.1:$API_PORT (kubeconfig: $STATE/kubeconfig)"
+    ms=$(( ($(date +%s%N) - start) / 1000000 ))
+    log "ready in $((ms / 1000)).$(( (ms % 1000) / 100 )) s at https://127.0.0.1:$API_PORT (kubeconfig: $STATE/kubeconfig)"
     echo "$STATE/kubeconfig"
 }
 
