@@ -69,6 +69,7 @@ bench-dataplane: $(BENCH_STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check controlplane webhook tests bench samples
 	$(BIN)/mypy --strict controlplane webhook
+	$(BIN)/lint-imports
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache *.egg-info

@@ -17,7 +17,7 @@ import tempfile
 import threading
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import grpc
 import uvicorn
@@ -33,7 +33,17 @@ from controlplane.xds.server import start_grpc
 
 if TYPE_CHECKING:
     from controlplane.ca.service import IdentityService
-    from controlplane.workers import WorkerInfo
+
+
+class WorkerInfo(Protocol):
+    """What `serve --workers N` tells one worker process (controlplane.workers, which runs
+    `run` in each; this module never imports it: the layers go workers -> serve)."""
+
+    def grpc_options(self) -> list[tuple[str, Any]]: ...
+
+    def status_bind(self, host: str, port: int) -> dict[str, Any]: ...
+
+    def wrap_status(self, app: Any) -> Any: ...
 
 log = logging.getLogger(__name__)
 

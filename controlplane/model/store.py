@@ -13,6 +13,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from controlplane.model.convert import convert
+from controlplane.model.events import Delete, ParseError, Replace, SourceEvent, Upsert
 from controlplane.model.ir import (
     DEFAULT_ROOT_NAMESPACE,
     DEFAULT_TRUST_DOMAIN,
@@ -35,8 +36,6 @@ from controlplane.model.ir import (
 from controlplane.model.mesh import EndpointDelta, Mesh, build_mesh
 from controlplane.model.raw import ObjectKey, RawObject
 from controlplane.model.validate import check_mesh
-from controlplane.sources.base import Delete, Replace, SourceEvent, Upsert
-from controlplane.sources.yamlload import ParseError
 
 IRValue = object
 

@@ -1,4 +1,5 @@
-"""Source protocol and the change events sources emit. Pure data plus a Protocol.
+"""Source protocol (the events themselves are model data: controlplane.model.events, re-exported
+here). Pure data plus a Protocol.
 
 A source owns one or more *origins* (a file, a cluster). It reports either a whole
 origin's object set (`Replace`, used by the directory source) or single-object changes
@@ -8,39 +9,14 @@ origin's object set (`Replace`, used by the directory source) or single-object c
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import Protocol
 
-from controlplane.model.raw import ObjectKey, RawObject
-from controlplane.sources.yamlload import ParseError
+from controlplane.model.events import Delete, ParseError, Replace, SourceEvent, Synced, Upsert
 
-
-@dataclass(frozen=True, slots=True)
-class Replace:
-    origin: str
-    objects: tuple[RawObject, ...] | None  # None: keep the origin's previous objects
-    errors: tuple[ParseError, ...] = ()
-
-
-@dataclass(frozen=True, slots=True)
-class Upsert:
-    origin: str
-    obj: RawObject
-
-
-@dataclass(frozen=True, slots=True)
-class Delete:
-    origin: str
-    key: ObjectKey
-
-
-@dataclass(frozen=True, slots=True)
-class Synced:
-    source: str
-
-
-SourceEvent = Replace | Upsert | Delete | Synced
 Sink = Callable[[list[SourceEvent]], Awaitable[None]]
+
+
+__all__ = ["Delete", "ParseError", "Replace", "Sink", "Source", "SourceEvent", "Synced", "Upsert"]
 
 
 class Source(Protocol):

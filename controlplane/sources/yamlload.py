@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from itertools import chain
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import yaml
 from yaml.composer import Composer
@@ -25,6 +25,7 @@ from yaml.nodes import Node, ScalarNode, SequenceNode
 from yaml.reader import Reader, ReaderError
 from yaml.resolver import Resolver
 
+from controlplane.model.events import ParseError as ParseError
 from controlplane.model.raw import RawObject
 
 CLUSTER_SCOPED = frozenset({"Namespace"})
@@ -46,23 +47,6 @@ class Limits:
 DEFAULT_LIMITS = Limits()
 
 
-@dataclass(frozen=True, slots=True)
-class ParseError:
-    """A document that could not be read at all (YAML syntax, not a mapping, no kind), or a
-    note about a whole file (`severity` "warning": the file is read, e.g. it was emptied).
-
-    `fatal`: the file could not be read whole (a syntax error ends the YAML stream, a limit
-    refused it): its previous objects should keep serving instead of this file's partial
-    content."""
-
-    file: str
-    line: int
-    message: str
-    fatal: bool = False
-    severity: Literal["error", "warning"] = "error"  # a warning: e.g. a file emptied (its objects removed)
-
-    def format(self) -> str:
-        return f"{self.file}:{self.line}: {self.message}"
 
 
 class _Bound(Exception):
