@@ -119,7 +119,8 @@ def node_pod(j: int, identities: int) -> tuple[str, str, str]:
     return ns_name(k % NAMESPACES), f"client-{j:03d}", f"client-{k:03d}"
 
 
-def mesh_objects(services: int, pods: int, identities: int, twin: bool = False) -> list[RawObject]:
+def mesh_objects(services: int, pods: int, identities: int, twin: bool = False, replicas: int = REPLICAS
+                 ) -> list[RawObject]:
     assert pods <= 250, "the measured node's pods live in one /24"
     out: list[RawObject] = []
     for n in range(NAMESPACES):
@@ -128,8 +129,8 @@ def mesh_objects(services: int, pods: int, identities: int, twin: bool = False) 
         ns, name = ns_name(s % NAMESPACES), service_name(s)
         out.append(_service(ns, name, f"10.96.{s >> 8}.{s & 255}", {"app": name}))
         members = []
-        for r in range(REPLICAS):
-            node, ip = remote_pod_ip(s * REPLICAS + r)
+        for r in range(replicas):
+            node, ip = remote_pod_ip(s * replicas + r)
             out.append(_pod(ns, f"{name}-{r}", ip, node, f"sa-{name}", {"app": name}, twin))
             members.append((f"{name}-{r}", ip))
         out.append(_slice(ns, name, members))
@@ -146,11 +147,12 @@ def mesh_objects(services: int, pods: int, identities: int, twin: bool = False) 
     return out
 
 
-def new_replica(services: int, s: int) -> tuple[RawObject, RawObject]:
-    """A 4th replica of service `s`, on the other nodes' next free address: its Pod, and its
-    EndpointSlice with the new address added (the replica became ready)."""
+def new_replica(services: int, s: int, new_node: bool = False) -> tuple[RawObject, RawObject]:
+    """A 4th replica of service `s`: its Pod, and its EndpointSlice with the new address
+    added (the replica became ready). On an existing node (`other-000`, a free address of its
+    /24), or with `new_node` as the first pod of a node whose /24 no pod used before."""
     ns, name = ns_name(s % NAMESPACES), service_name(s)
-    node, ip = remote_pod_ip(services * REPLICAS)  # the first address after every existing pod
+    node, ip = remote_pod_ip(services * REPLICAS + PODS_PER_NODE) if new_node else ("other-000", "10.1.0.150")
     pod = _pod(ns, f"{name}-new", ip, node, f"sa-{name}", {"app": name}, False)
     members = [(f"{name}-{r}", remote_pod_ip(s * REPLICAS + r)[1]) for r in range(REPLICAS)]
     return pod, _slice(ns, name, [*members, (f"{name}-new", ip)])
@@ -307,8 +309,8 @@ def build_node(store: MeshStore, builder: SnapshotBuilder) -> tuple[Snapshot, fl
 
 
 def measure(services: int, pods: int, identities: int, secrets: tuple[int, int], churn: bool = True,
-            proposed: bool = False, repeat: int = 3) -> Row:
-    store = store_of(mesh_objects(services, pods, identities))
+            proposed: bool = False, repeat: int = 3, replicas: int = REPLICAS) -> Row:
+    store = store_of(mesh_objects(services, pods, identities, replicas=replicas))
     make = patched_builder if proposed else runtime_builder
     cpu = math.inf
     snap: Snapshot | None = None
@@ -324,15 +326,16 @@ def measure(services: int, pods: int, identities: int, secrets: tuple[int, int],
     node_bytes["SDS"] = root_b + k * cert_b
     c = counts(snap)
     # Sidecars of the twin mesh: one in full, and the P the node proxy replaces.
-    twin = store_of(mesh_objects(services, pods, identities, twin=True))
+    twin = store_of(mesh_objects(services, pods, identities, twin=True, replicas=replicas))
     tmesh = twin.mesh_delta()[0]
     sbuilder = runtime_builder(lambda: tmesh)
     metas = [sidecar_meta(j, identities) for j in range(pods)]
     ssnaps = sbuilder.rebuild(tmesh, metas)
     per = [sum(by_type(ssnaps[proxy_key(m)]).values()) + root_b + cert_b for m in metas]
-    row = Row(services, pods, identities, services * REPLICAS + pods, node_bytes, sum(node_bytes.values()),
+    row = Row(services, pods, identities, services * replicas + pods, node_bytes, sum(node_bytes.values()),
               c["CDS"], c["LDS"], c["EDS"], cpu, per[0], sum(per))
     if churn:
+        assert replicas == REPLICAS
         row.churn = measure_churn(store, builder, snap, services, pods, identities, proposed)
     return row
 
@@ -351,6 +354,13 @@ def measure_churn(store: MeshStore, builder: SnapshotBuilder, snap: Snapshot, se
     after_ready, cpu = build_node(store, builder)
     b, n, names = changed_bytes(after_pod, after_ready)
     out["replica_ready"] = {"bytes": b, "resources": n, "cpu_s": cpu, "names": names, "patched": proposed}
+    # The first pod of a new node: a new /24 block of pod addresses.
+    first, _ = new_replica(services, 8 % services, new_node=True)
+    store.apply([Upsert(ORIGIN, first)])
+    after_node, cpu = build_node(store, builder)
+    b, n, names = changed_bytes(after_ready, after_node)
+    out["new_block"] = {"bytes": b, "resources": n, "cpu_s": cpu, "names": names}
+    after_ready = after_node
     # One more pod on the node (a new identity when there is room for one).
     j = pods
     ns, name, sa = node_pod(j, identities + 1 if identities >= pods else identities)
@@ -395,7 +405,7 @@ def fit(rows: Sequence[Row]) -> dict[str, Any]:
             "e_const": coef[4], "max_rel_error": max(rel), "points": len(rows)}
 
 
-GRID = {"services": (100, 200, 400), "pods": (10, 20, 40), "identities": ("1", "P/2", "P")}
+GRID = {"services": (100, 200, 400), "pods": (10, 20, 40), "identities": ("1", "P/2", "P"), "replicas": (1, 3)}
 
 
 def grid_rows(secrets: tuple[int, int], proposed: bool) -> list[Row]:
@@ -403,8 +413,9 @@ def grid_rows(secrets: tuple[int, int], proposed: bool) -> list[Row]:
     for s in GRID["services"]:
         for p in GRID["pods"]:
             for k in GRID["identities"]:
-                kk = {"1": 1, "P/2": p // 2, "P": p}[k]
-                rows.append(measure(s, p, kk, secrets, churn=False, proposed=proposed, repeat=1))
+                for r in GRID["replicas"]:
+                    kk = {"1": 1, "P/2": p // 2, "P": p}[str(k)]
+                    rows.append(measure(s, p, kk, secrets, churn=False, proposed=proposed, repeat=1, replicas=r))
     return rows
 
 
@@ -435,8 +446,9 @@ def table(rows: Sequence[Row]) -> str:
 
 def churn_table(rows: Sequence[Row]) -> str:
     lines = ["| S, P, K | change | resources sent | bytes sent | rebuild CPU | patched |", "|---|---|---:|---:|---:|---|"]
-    labels = {"replica_pod": "new replica elsewhere: Pod created (full rebuild)",
+    labels = {"replica_pod": "new replica on another node: Pod created (full rebuild)",
               "replica_ready": "... its EndpointSlice gains it (endpoint fast path)",
+              "new_block": "first pod of a new node (a new /24 block; full rebuild)",
               "pod_added": "one pod added on the node"}
     for r in rows:
         for key, label in labels.items():
@@ -502,7 +514,8 @@ def main() -> None:
     if args.fit:
         grid = grid_rows(secrets, proposed=False)
         f = fit(grid)
-        print(f"\nadditive fit over {f['points']} points (S {GRID['services']}, P {GRID['pods']}, K {GRID['identities']}):"
+        print(f"\nadditive fit over {f['points']} points (S {GRID['services']}, P {GRID['pods']}, "
+              f"K {GRID['identities']}, replicas {GRID['replicas']}):"
               f" bytes ~ {f['a_per_pod']:.0f} P + {f['b_per_identity']:.0f} K + {f['c_per_service']:.0f} S"
               f" + {f['d_per_workload']:.0f} W + {f['e_const']:.0f}; worst relative error {f['max_rel_error']:.1%}")
         out["grid"] = [asdict(r) for r in grid]

@@ -132,14 +132,27 @@ def bootstrap(opts: BootstrapOptions) -> dict[str, Any]:
         doc["static_resources"]["clusters"][0]["transport_socket"] = _xds_tls(opts.xds_tls.trusted_ca, server_name)
     if opts.capture == "intercept" or opts.mode != "sidecar":
         doc["static_resources"]["listeners"] = [_health_listener(), _stats_listener()]
-    if opts.capture == "intercept" or opts.mode == "waypoint":
-        # Tunnels behind HTTP routes (HBONE to ambient pods) go through internal listeners.
+    if opts.capture == "intercept" or opts.mode in ("waypoint", "node"):
+        # Tunnels behind HTTP routes (HBONE to ambient pods) and node proxies' shared
+        # listeners go through internal listeners.
         doc["bootstrap_extensions"] = [{
             "name": "envoy.bootstrap.internal_listener",
             "typed_config": {"@type": "type.googleapis.com/envoy.extensions.bootstrap.internal_listener.v3"
                                       ".InternalListener"},
         }]
+    if opts.mode == "node":
+        # Envoy 1.40 reports a user-space (internal listener) peer's close as a reset, and
+        # tcp_proxy then resets its own downstream, dropping the response bytes still queued
+        # there (a server that closes after answering loses its answer on every internal
+        # hop). Closing with FIN, as before that propagation existed, delivers them.
+        doc["layered_runtime"] = {"layers": [
+            {"name": "static", "static_layer": {NODE_RUNTIME_GUARD: False}},
+            {"name": "admin", "admin_layer": {}},
+        ]}
     return doc
+
+
+NODE_RUNTIME_GUARD = "envoy.reloadable_features.propagate_upstream_rst_through_tunneled_tcp_proxy"
 
 
 FILE_BASED_METADATA = "envoy.grpc_credentials.file_based_metadata"

@@ -19,7 +19,7 @@ from controlplane.model.policy import policies_for_port
 from controlplane.model.store import assemble
 from controlplane.sources.yamlload import parse_documents
 from controlplane.translate.ambient import plan_node
-from controlplane.translate.plan import LISTENER, SECRET
+from controlplane.translate.plan import LISTENER, ROUTE, SECRET
 
 BASE = """
 apiVersion: v1
@@ -140,7 +140,10 @@ def test_policies_for_port_decides_port_attributes() -> None:
 def test_node_proxy_plan_is_only_for_its_node() -> None:
     mesh = mesh_of(BASE)
     listeners = {s.name for s in plan_node(mesh, "n1") if s.type_url == LISTENER}
-    assert listeners == {"ambient_outbound_shop_api-1", "ambient_hbone_shop_api-1", "ambient_plain_shop_api-1"}
+    # The pod's own three, and what every pod of the node shares: its scope's listener, the
+    # direct pod-IP listener of each address block, and the tunnel origination.
+    assert listeners == {"ambient_outbound_shop_api-1", "ambient_hbone_shop_api-1", "ambient_plain_shop_api-1",
+                         "ambient_outbound", "ambient_pods|10.0.0.0/24", "ambient_connect"}
     assert not [s for s in plan_node(mesh, "n2") if s.type_url == LISTENER]
     assert not [s for s in plan_node(mesh, "n1") if s.type_url == SECRET]  # secrets come from the CA, per identity
 
@@ -191,14 +194,16 @@ def test_node_proxy_chains_follow_the_pods_sidecar_scope() -> None:
     spec: {egress: [{hosts: ["./*"]}]}
     """
 
-    def chain_names(mesh: Mesh) -> set[str]:
-        (lst,) = [s for s in plan_node(mesh, "n1") if s.name == "ambient_outbound_shop_api-1"]
-        return {c.name for c in lst.args[2]}
+    def vips(mesh: Mesh) -> set[str]:
+        """The VIPs the scope listener of api-1 routes as services."""
+        specs = {(s.type_url, s.name): s for s in plan_node(mesh, "n1")}
+        scope = specs[(LISTENER, "ambient_outbound_shop_api-1")].args[3]
+        return {c for r in specs[(LISTENER, scope)].args[1] for c in r.ranges}
 
-    assert "elsewhere.other.svc.cluster.local:80" in chain_names(mesh_of(BASE, other))
-    scoped = chain_names(mesh_of(BASE, other, narrow))
-    assert "elsewhere.other.svc.cluster.local:80" not in scoped
-    assert "api.shop.svc.cluster.local:80" in scoped
+    assert "10.96.9.9/32" in vips(mesh_of(BASE, other))
+    scoped = vips(mesh_of(BASE, other, narrow))
+    assert "10.96.9.9/32" not in scoped
+    assert "10.96.0.1/32" in scoped
 
 
 SIDECAR_POD = """
@@ -252,7 +257,8 @@ def test_policy_for_a_missing_namespace_waypoint_fails_closed_at_the_node_proxy(
     ghost = BASE.replace("meshline.io/dataplane-mode: ambient}", "meshline.io/dataplane-mode: ambient, "
                          "meshline.io/use-waypoint: ghost}")
     policy = L7_POLICY % "targetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, name: ghost}]"
-    (hb,) = [s for s in plan_node(mesh_of(ghost, policy), "n1") if s.name == "ambient_hbone_shop_api-1"]
+    (hb,) = [s for s in plan_node(mesh_of(ghost, policy), "n1")
+             if s.name == "ambient_hbone_shop_api-1" and s.type_url == ROUTE]
     assert "no-admin" in str(hb.make())  # enforced (failing closed) where no waypoint can
 
 

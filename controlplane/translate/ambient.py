@@ -1,21 +1,19 @@
 """Sidecarless translation: plans for node proxies and waypoints, and the HBONE pieces
 sidecars use in a mixed mesh. Pure functions, no I/O.
 
-Node proxy of node N (`plan_node`), for every ambient pod P on N with an IP and a known
-network namespace (`controlplane.model.ambient`):
-- `ambient_outbound_<ns>_<pod>`: 15001 inside P's netns, for the services P's Sidecar scope
-  imports (all without one). A captured connection to a Service
-  VIP:port is tunnelled (HBONE, presenting P's certificate) to the service's pods' 15008, or
-  to its waypoint's pods when the service uses one; to a pod IP of a pod that accepts HBONE,
-  straight to that pod's 15008 (checking that pod's own identity); to a service whose pods are outside the mesh, in plaintext
-  to its endpoints; anything else passes through unchanged.
+Node proxy of node N (`plan_node`): the shared layout of `controlplane.translate.nodeproxy`
+(per pod only a small in-netns outbound listener and its inbound side below; service, identity
+and scope resources are shared by the node's pods). Per ambient pod P on N with an IP and a
+known network namespace (`controlplane.model.ambient`), P's inbound side (`_pod_inbound`):
 - `ambient_hbone_<ns>_<pod>`: 15008 inside P's netns, terminating tunnels with P's
   certificate for exactly P's IP:port and its services' VIP:port authorities, enforcing P's
-  AuthorizationPolicies at L4, delivering inside P's netns.
+  AuthorizationPolicies at L4, delivering inside P's netns. Its routes (those authorities and
+  policies) are the RouteConfiguration of the same name, over RDS: a changed policy applies to
+  the next tunnel, also on an HBONE connection pooled before the change.
 - `ambient_plain_<ns>_<pod>`: 15006 inside P's netns for plaintext callers, per target port
   only where P's PeerAuthentication is not STRICT.
 Certificates: one SDS secret per identity running on N, named by its SPIFFE URI (the
-runtime sends only those; see `node_secret_names`).
+runtime sends only those; see `node_identities`).
 
 Waypoint W of namespace NS (`plan_waypoint`): terminates HBONE on 15008 for the VIP:port
 of every service bound to it, hands each port's stream to an internal listener running the
@@ -57,34 +55,28 @@ from controlplane.model.policy import (
     waypoint_policies,
 )
 from controlplane.translate.clusters import (
-    build_blackhole_cluster,
-    build_outbound_cluster,
-    build_passthrough_cluster,
     effective_policy,
 )
-from controlplane.translate.endpoints import build_cla, endpoint_set_port, select_endpoints
+from controlplane.translate.endpoints import endpoint_set_port
 from controlplane.translate.hbone import (
-    OutboundChain,
     PlainPort,
     TunnelTarget,
-    build_ambient_outbound,
     build_delivery_cluster,
     build_hbone_cla,
     build_hbone_cluster,
     build_hbone_inbound,
+    build_hbone_routes,
     build_internal_cluster,
     build_plain_inbound,
     build_tunnel_listener,
 )
 from controlplane.translate.names import (
     BLACKHOLE_CLUSTER,
-    PASSTHROUGH_CLUSTER,
     dedupe_domains,
     outbound_cluster_name,
     service_domains,
 )
-from controlplane.translate.plan import CLUSTER, ENDPOINT, LISTENER, ResourceSpec
-from controlplane.translate.scope import Scope, proxy_scope, scope_key
+from controlplane.translate.plan import CLUSTER, ENDPOINT, LISTENER, ROUTE, ResourceSpec
 from controlplane.translate.security import spiffe_uri
 from controlplane.translate.sidecar import _target_port, inbound_ports, route_spec
 
@@ -140,64 +132,6 @@ def _eds_name(kind: str, port: int, host: str, subset: str | None = None) -> str
     return f"{kind}|{port}|{subset or ''}|{host}"
 
 
-def _service_chains(mesh: Mesh, ident: str, cert: str, scope: Scope | None
-                    ) -> tuple[list[OutboundChain], list[ResourceSpec]]:
-    """Outbound chains for every Service VIP:port in `scope` (None: all), and the
-    clusters/endpoints they use."""
-    chains: list[OutboundChain] = []
-    specs: list[ResourceSpec] = []
-    td = mesh.trust_domain
-    for host in sorted(mesh.services):
-        svc = mesh.services[host]
-        vip = _vip(svc)
-        if vip is None:
-            continue
-        wp = waypoint_service(mesh, svc)
-        for sp in svc.ports:
-            if scope is not None and (host, sp.port) not in scope:
-                continue
-            chain_name = f"{host}:{sp.port}"
-            refs: tuple[SourceRef, ...] = (svc.ref,)
-            if wp is not None:
-                wsp = next((p for p in wp.ports if p.port == 15008), wp.ports[0] if wp.ports else None)
-                pods = _pods_behind(mesh, wp, wsp) if wsp is not None else []
-                eds = _eds_name("hbone", 15008, wp.hostname)
-                cluster = f"{eds}|{ident}"
-                specs.append(ResourceSpec(ENDPOINT, eds, build_hbone_cla, (eds, tuple(ip for ip, _ in pods)),
-                                          (wp.ref,)))
-                specs.append(ResourceSpec(CLUSTER, cluster, build_hbone_cluster,
-                                          (cluster, eds, cert, td, _peers(mesh, (w for _, w in pods))),
-                                          (svc.ref, wp.ref)))
-                chains.append(OutboundChain(chain_name, (f"{vip}/32",), sp.port, cluster, True))
-                continue
-            pods = _pods_behind(mesh, svc, sp)
-            if _all_hbone(mesh, pods):
-                eds = _eds_name("hbone", sp.port, host)
-                cluster = f"{eds}|{ident}"
-                specs.append(ResourceSpec(ENDPOINT, eds, build_hbone_cla, (eds, tuple(ip for ip, _ in pods)), refs))
-                specs.append(ResourceSpec(CLUSTER, cluster, build_hbone_cluster,
-                                          (cluster, eds, cert, td, _peers(mesh, (w for _, w in pods))), refs))
-                chains.append(OutboundChain(chain_name, (f"{vip}/32",), sp.port, cluster, True))
-            else:
-                name = outbound_cluster_name(sp.port, host)
-                eps = select_endpoints(mesh.endpoints.get(host, ()), sp, len(svc.ports) == 1, mesh.workloads)
-                specs.append(ResourceSpec(CLUSTER, name, build_outbound_cluster,
-                                          (name, sp.protocol, effective_policy(None, sp.port), None), refs))
-                specs.append(ResourceSpec(ENDPOINT, name, build_cla, (name, eps), refs))
-                chains.append(OutboundChain(chain_name, (f"{vip}/32",), sp.port, name, False))
-    return chains, specs
-
-
-def _hbone_pods_by_identity(mesh: Mesh) -> dict[str, tuple[str, ...]]:
-    """SPIFFE URI -> the /32s of the pods holding it that accept HBONE (direct pod-IP calls
-    are tunnelled with that identity pinned: a reused IP cannot answer as someone else)."""
-    found: dict[str, set[str]] = {}
-    for wl in mesh.workloads.values():
-        if wl.ip and accepts_hbone(mesh, wl):
-            found.setdefault(spiffe_uri(mesh.trust_domain, wl.namespace, wl.service_account), set()).add(f"{wl.ip}/32")
-    return {uri: tuple(sorted(ips)) for uri, ips in sorted(found.items())}
-
-
 def _pod_meta(wl: Workload) -> ProxyMeta:
     """The pod as a workload (the view a sidecar of it would have: its Sidecar scope applies)."""
     return ProxyMeta(node_id="", mode="sidecar", namespace=wl.namespace, workload=wl.name, labels=wl.labels,
@@ -237,8 +171,10 @@ def _pod_inbound(mesh: Mesh, wl: Workload) -> list[ResourceSpec]:
         specs.append(ResourceSpec(CLUSTER, name, build_delivery_cluster, (name, wl.ip, tp, wl.netns), ib.sources))
     cert = identity_secret(td, wl.namespace, wl.service_account)
     hb = f"ambient_hbone_{key}"
-    specs.append(ResourceSpec(LISTENER, hb, build_hbone_inbound,
-                              (hb, wl.netns, cert, td, tunnel_targets(mesh, wl, clusters), authz), sources))
+    # Routes (targets, policies) over RDS: a policy change reaches tunnels on pooled connections.
+    specs.append(ResourceSpec(LISTENER, hb, build_hbone_inbound, (hb, wl.netns, cert, td, None, ()), (wl.ref,)))
+    specs.append(ResourceSpec(ROUTE, hb, build_hbone_routes, (hb, td, tunnel_targets(mesh, wl, clusters), authz),
+                              sources))
     plain = tuple(PlainPort(tp, clusters[tp], port_modes.get(tp, mtls.mode) not in ("STRICT",))
                   for tp in sorted(clusters))
     pl = f"ambient_plain_{key}"
@@ -248,43 +184,11 @@ def _pod_inbound(mesh: Mesh, wl: Workload) -> list[ResourceSpec]:
 
 
 def plan_node(mesh: Mesh, node: str) -> list[ResourceSpec]:
-    """Everything the node proxy of `node` needs, sorted by (type, name)."""
-    pods = ambient_pods_on(mesh, node)
-    td = mesh.trust_domain
-    out: dict[tuple[str, str], ResourceSpec] = {}
+    """Everything the node proxy of `node` needs, sorted by (type, name): the shared layout
+    of `controlplane.translate.nodeproxy`."""
+    from controlplane.translate.nodeproxy import plan_node as plan
 
-    def add(specs: Iterable[ResourceSpec]) -> None:
-        for s in specs:
-            out.setdefault((s.type_url, s.name), s)
-
-    add([ResourceSpec(CLUSTER, PASSTHROUGH_CLUSTER, build_passthrough_cluster, (PASSTHROUGH_CLUSTER,)),
-         ResourceSpec(CLUSTER, BLACKHOLE_CLUSTER, build_blackhole_cluster, (BLACKHOLE_CLUSTER,))])
-    hbone_pods = _hbone_pods_by_identity(mesh)
-    # Outbound chains per (identity, Sidecar scope): a pod gets only the destinations its
-    # namespace's (or its own) Sidecar imports, as a sidecar would.
-    chains_of: dict[tuple[str, str, object], tuple[OutboundChain, ...]] = {}
-    for wl in pods:
-        ns, sa = wl.namespace, wl.service_account
-        meta = _pod_meta(wl)
-        key = (ns, sa, scope_key(mesh, meta))
-        if key in chains_of:
-            continue
-        ident = f"{ns}/{sa}"
-        cert = identity_secret(td, ns, sa)
-        chains, specs = _service_chains(mesh, ident, cert, proxy_scope(mesh, meta))
-        add(specs)
-        for uri, ips in hbone_pods.items():
-            direct = f"hbone_direct|{ident}|{uri}"
-            add([ResourceSpec(CLUSTER, direct, build_hbone_cluster, (direct, None, cert, td, (uri,)))])
-            chains.append(OutboundChain(f"pods|{uri}", ips, None, direct, True))
-        chains_of[key] = tuple(chains)
-    for wl in pods:
-        name = f"ambient_outbound_{wl.namespace}_{wl.name}"
-        key = (wl.namespace, wl.service_account, scope_key(mesh, _pod_meta(wl)))
-        args = (name, wl.netns, chains_of[key], PASSTHROUGH_CLUSTER)
-        add([ResourceSpec(LISTENER, name, build_ambient_outbound, args, (wl.ref,))])
-        add(_pod_inbound(mesh, wl))
-    return sorted(out.values(), key=lambda s: (s.type_url, s.name))
+    return plan(mesh, node)
 
 
 # --------------------------------------------------------------------------- HBONE from behind a route

@@ -4,10 +4,10 @@ proxies' in-pod listeners. Pure builders, no I/O; each takes small frozen values
 Tunnel, client side: a `tcp_proxy` whose `tunneling_config.hostname` is the CONNECT
 authority, to an HTTP/2 cluster with mesh mTLS presenting the *source* identity's
 certificate (SDS secret named after its SPIFFE URI on node proxies, `default` on sidecars
-and waypoints) and checking the destination's SPIFFE URI. The authority is the captured
-original destination (`%DOWNSTREAM_LOCAL_ADDRESS%`: a Service VIP:port or a pod IP:port),
-or a fixed `VIP:port` when the tunnel starts behind an HTTP route (waypoints, sidecars:
-route -> internal listener -> tunnel). Endpoints are the destination pods' IP:15008.
+and waypoints) and checking the destination's SPIFFE URI. The authority is a fixed
+`VIP:port` when the tunnel starts behind an HTTP route (waypoints, sidecars: route ->
+internal listener -> tunnel; node proxies build theirs in `nodeproxy_envoy`). Endpoints are
+the destination pods' IP:15008.
 
 Tunnel, server side (`build_hbone_inbound`): 15008 with `require_client_certificate`, an
 HTTP/2 connection manager accepting CONNECT, one virtual host per target port whose domains
@@ -17,7 +17,7 @@ AuthorizationPolicies are evaluated per virtual host with L4 semantics (the CONN
 carries no L7 attributes of the tunnelled traffic; L7 rules fail closed as on TCP).
 
 Node proxies own listeners inside each ambient pod's network namespace
-(`network_namespace_filepath`) and deliver to the pod's app from inside it
+(`network_namespace_filepath`: `_listener`) and deliver to the pod's app from inside it
 (`upstream_bind_config` in that namespace, sockets marked `AMBIENT_MARK` so the pod's capture
 rules let them pass).
 """
@@ -55,7 +55,6 @@ HCM_FILTER = "envoy.filters.network.http_connection_manager"
 TCP_PROXY_FILTER = "envoy.filters.network.tcp_proxy"
 ORIGINAL_DST_FILTER = "envoy.filters.listener.original_dst"
 HTTP2_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
-CAPTURED_AUTHORITY = "%DOWNSTREAM_LOCAL_ADDRESS%"
 SOL_SOCKET, SO_MARK = 1, 36
 _RBAC_NAMES = {"AUDIT": "meshline.rbac.audit", "DENY": "meshline.rbac.deny", "ALLOW": "meshline.rbac.allow"}
 ACCESS_LOG_FORMAT = (
@@ -148,24 +147,6 @@ def _tunnel_proxy(stat_prefix: str, cluster: str, authority: str | None) -> list
     return f
 
 
-@dataclass(frozen=True, slots=True)
-class OutboundChain:
-    """Captured connections to `prefixes` (CIDRs), on `port` (None: any port), go to
-    `cluster`, tunnelled (authority: the original destination) when `tunnel`."""
-
-    name: str
-    prefixes: tuple[str, ...]
-    port: int | None
-    cluster: str
-    tunnel: bool
-
-
-def _cidr(add: Any, text: str) -> None:
-    ip, _, bits = text.partition("/")
-    add.address_prefix = ip
-    add.prefix_len.value = int(bits or 32)
-
-
 def _listener(name: str, port: int, netns: str | None, direction: int) -> listener_pb2.Listener:
     """0.0.0.0:`port`, inside the network namespace at `netns` when set."""
     lst = listener_pb2.Listener(name=name, traffic_direction=direction)
@@ -173,24 +154,6 @@ def _listener(name: str, port: int, netns: str | None, direction: int) -> listen
     sa.address, sa.port_value = "0.0.0.0", port
     if netns:
         sa.network_namespace_filepath = netns
-    return lst
-
-
-def build_ambient_outbound(name: str, netns: str | None, chains: tuple[OutboundChain, ...],
-                           passthrough: str) -> listener_pb2.Listener:
-    """0.0.0.0:15001 (inside `netns` when set): the pod's captured outbound connections,
-    matched on their original destination."""
-    lst = _listener(name, 15001, netns, base_pb2.OUTBOUND)
-    lst.listener_filters.add(name=ORIGINAL_DST_FILTER).typed_config.CopyFrom(pack(original_dst_pb2.OriginalDst()))
-    for ch in chains:
-        fc = lst.filter_chains.add(name=ch.name)
-        for p in ch.prefixes:
-            _cidr(fc.filter_chain_match.prefix_ranges.add(), p)
-        if ch.port is not None:
-            fc.filter_chain_match.destination_port.value = ch.port
-        fc.filters.append(_tunnel_proxy(ch.name, ch.cluster, CAPTURED_AUTHORITY if ch.tunnel else None))
-    lst.default_filter_chain.name = f"{name}-passthrough"
-    lst.default_filter_chain.filters.append(_tunnel_proxy(f"{name}-passthrough", passthrough, None))
     return lst
 
 
@@ -244,11 +207,33 @@ def _per_port_rbac(vh: Any, policies: tuple[AuthorizationPolicy, ...], port: int
         vh.typed_per_filter_config[filter_name].CopyFrom(pack(per))
 
 
+def build_hbone_routes(name: str, trust_domain: str, targets: tuple[TunnelTarget, ...],
+                       policies: tuple[AuthorizationPolicy, ...]) -> route_pb2.RouteConfiguration:
+    """The CONNECT routes of a tunnel terminator: one virtual host per target port, whose
+    domains are exactly the authorities meaning "this pod, this port", with that port's
+    AuthorizationPolicies; any other authority gets 404."""
+    rc_ = route_pb2.RouteConfiguration(name=name)
+    for t in targets:
+        vh = rc_.virtual_hosts.add(name=f"{name}_{t.port}", domains=list(t.domains))
+        r = vh.routes.add()
+        r.match.connect_matcher.SetInParent()
+        r.route.cluster = t.cluster
+        r.route.upgrade_configs.add(upgrade_type="CONNECT").connect_config.SetInParent()
+        r.route.timeout.CopyFrom(duration_ms(0))
+        _per_port_rbac(vh, policies, t.port, trust_domain)
+    return rc_
+
+
 def build_hbone_inbound(name: str, netns: str | None, cert_secret: str, trust_domain: str,
-                        targets: tuple[TunnelTarget, ...], policies: tuple[AuthorizationPolicy, ...]
+                        targets: tuple[TunnelTarget, ...] | None, policies: tuple[AuthorizationPolicy, ...]
                         ) -> listener_pb2.Listener:
     """0.0.0.0:15008 (inside `netns` when set): terminates tunnels with `cert_secret`,
-    requires a mesh client certificate, delivers CONNECTs for exactly the `targets`."""
+    requires a mesh client certificate, delivers CONNECTs for exactly the `targets`.
+
+    With `targets` None the routes come from RDS (`build_hbone_routes`, same name): a policy
+    or target change then applies to every new tunnel at once, also to those multiplexed on an
+    existing connection, where an inline change would leave pooled connections on the old
+    filter chain (old policy) until they drain."""
     lst = _listener(name, HBONE_PORT, netns, base_pb2.INBOUND)
     fc = lst.filter_chains.add(name=name)
     ctx = tls_pb2.DownstreamTlsContext()
@@ -259,16 +244,11 @@ def build_hbone_inbound(name: str, netns: str | None, cert_secret: str, trust_do
     h.http2_protocol_options.allow_connect = True
     h.upgrade_configs.add(upgrade_type="CONNECT")
     _access_log(h)
-    rc_ = route_pb2.RouteConfiguration(name=name)
-    for t in targets:
-        vh = rc_.virtual_hosts.add(name=f"{name}_{t.port}", domains=list(t.domains))
-        r = vh.routes.add()
-        r.match.connect_matcher.SetInParent()
-        r.route.cluster = t.cluster
-        r.route.upgrade_configs.add(upgrade_type="CONNECT").connect_config.SetInParent()
-        r.route.timeout.CopyFrom(duration_ms(0))
-        _per_port_rbac(vh, policies, t.port, trust_domain)
-    h.route_config.CopyFrom(rc_)
+    if targets is None:
+        h.rds.route_config_name = name
+        h.rds.config_source.CopyFrom(_ads())
+    else:
+        h.route_config.CopyFrom(build_hbone_routes(name, trust_domain, targets, policies))
     for action in ("AUDIT", "DENY", "ALLOW"):
         h.http_filters.add(name=_RBAC_NAMES[action]).typed_config.CopyFrom(pack(http_rbac_pb2.RBAC()))
     h.http_filters.add(name="envoy.filters.http.router").typed_config.CopyFrom(pack(router_pb2.Router()))
@@ -326,7 +306,7 @@ def build_plain_inbound(name: str, netns: str | None, ports: tuple[PlainPort, ..
 
 
 __all__ = [
-    "OutboundChain", "PlainPort", "TunnelTarget", "build_ambient_outbound", "build_delivery_cluster",
-    "build_hbone_cla", "build_hbone_cluster", "build_hbone_inbound", "build_internal_cluster",
+    "PlainPort", "TunnelTarget", "build_delivery_cluster",
+    "build_hbone_cla", "build_hbone_cluster", "build_hbone_inbound", "build_hbone_routes", "build_internal_cluster",
     "build_plain_inbound", "build_tunnel_listener"
 ]

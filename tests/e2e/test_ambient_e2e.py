@@ -84,6 +84,13 @@ class Lab:
             assert time.monotonic() < deadline, f"{text!r} not in {node}'s log:\n{self.node_log(node)[-2000:]}"
             time.sleep(0.1)
 
+    def wait_line(self, node: str, *parts: str, timeout: float = 5.0) -> None:
+        """Wait for one line of the node proxy's log holding every one of `parts`."""
+        deadline = time.monotonic() + timeout
+        while not any(all(p in line for p in parts) for line in self.node_log(node).splitlines()):
+            assert time.monotonic() < deadline, f"no line with {parts} in {node}'s log:\n{self.node_log(node)[-2000:]}"
+            time.sleep(0.1)
+
     def start_node_proxy(self, node: Node) -> subprocess.Popen[bytes]:
         proc = node.run([envoy_binary(), "-c", str(self.boot[node.name]), "--disable-hot-restart",
                          "--concurrency", "1", "-l", "warning", "--file-flush-interval-msec", "100"])
@@ -297,6 +304,24 @@ def test_pod_to_service_on_other_node_through_both_node_proxies(lab: Lab) -> Non
     assert all(15008 in (s.sport, s.dport) for s in inter), {(s.src, s.sport, s.dst, s.dport) for s in inter}
     assert not plaintext_http_seen(inter)
     assert any(s.payload[:1] in (b"\x16", b"\x17") for s in inter)
+
+
+def test_direct_pod_ip_calls_tunnel_to_that_pod_with_its_identity_checked(lab: Lab) -> None:
+    """a -> d's pod IP (no VIP): the node proxy tunnels to d's 15008 naming the pod address,
+    and d's node proxy sees a's identity. b1's pod IP on 9000, a port b's VIP also serves,
+    still reaches b1 (not the passthrough), as its own TCP greeting shows."""
+    d_ip, b1_ip = lab.pods["d"].ip, lab.pods["b1"].ip
+    status, body = lab.curl("a", f"http://{d_ip}:8080/direct")
+    assert status == 200 and '"d"' in body
+    lab.wait_line("n2", f"CONNECT {d_ip}:8080 ", f"src.identity={spiffe('alpha', 'a')}")
+    assert _tcp(lab.pods["a"], b1_ip, 9000).startswith("b1-tcp")
+    lab.wait_line("n2", f"CONNECT {b1_ip}:9000 ", f"src.identity={spiffe('alpha', 'a')}")
+
+
+def test_destinations_outside_the_mesh_pass_through(lab: Lab) -> None:
+    """An address no Service and no mesh pod has (the control plane's plaintext port on the
+    lab bridge) is reached as is, from the node."""
+    assert lab.pods["a"].can_connect(lab.topo.host_ip, XDS_PORT)
 
 
 def test_l4_authorization_at_the_destination(lab: Lab) -> None:
