@@ -7,14 +7,14 @@ from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
-from controlplane.model.ir import Issue
+from controlplane.model.ir import DEFAULT_ROOT_NAMESPACE, Issue
 from controlplane.model.store import MeshStore
 from controlplane.sources.directory import read_paths
 
 
-def analyze_paths(paths: Sequence[str]) -> list[Issue]:
+def analyze_paths(paths: Sequence[str], root_namespace: str = DEFAULT_ROOT_NAMESPACE) -> list[Issue]:
     """All issues (parse errors, per-object and cross-object validation) for `paths`."""
-    store = MeshStore()
+    store = MeshStore(root_namespace=root_namespace)
     store.apply(read_paths([Path(p) for p in paths]))
     issues = [_at_field(store, i) for i in store.mesh().issues]
     issues.sort(key=lambda i: (i.ref.file or "", i.line or i.ref.line or 0, i.ref.display))

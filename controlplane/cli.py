@@ -61,6 +61,9 @@ def main() -> None:
                    ".meshline/ca; with --kubernetes a private temporary directory (the root lives in the "
                    "Secret meshline-system/meshline-ca-root).")
 @click.option("--trust-domain", default="cluster.local", show_default=True)
+@click.option("--root-namespace", envvar="MESHLINE_ROOT_NAMESPACE", default="meshline-system", show_default=True,
+              help="Namespace whose selector-less PeerAuthentication/AuthorizationPolicy/Sidecar and "
+                   "DestinationRules apply mesh-wide (Istio's rootNamespace; Istio installs use istio-system).")
 @click.option("--workload-cert-ttl", default="24h", show_default=True, callback=_duration_option,
               help="Workload certificate lifetime (rotated at half life): seconds, or 30m, 24h, ...")
 @click.option("--ca-address", default="127.0.0.1:15012", show_default=True,
@@ -92,7 +95,8 @@ def serve(ctx: click.Context, config_dirs: tuple[Path, ...], kubernetes: bool, k
           watch_namespaces: str | None, single_namespace: str | None, istio_api: bool, leader_lease_seconds: float,
           xds_address: str, status_address: str,
           webhook_address: str | None, debounce_ms: int, status_token_file: Path | None, log_level: str,
-          log_format: str, ca_enabled: bool, ca_dir: Path | None, trust_domain: str, workload_cert_ttl: Any,
+          log_format: str, ca_enabled: bool, ca_dir: Path | None, trust_domain: str, root_namespace: str,
+          workload_cert_ttl: Any,
           ca_address: str, ca_dns_names: str, node_agents: bool, workers: int, allow_unauthenticated_xds: bool,
           credential_check_seconds: float, preflight: bool, validator_envoy: str) -> None:
     """Run the control plane."""
@@ -121,7 +125,7 @@ def serve(ctx: click.Context, config_dirs: tuple[Path, ...], kubernetes: bool, k
                         status_address=status_address, webhook_address=webhook_address, debounce_ms=debounce_ms,
                         status_token_file=status_token_file, kubeconfig=kubeconfig, watch_namespaces=namespaces,
                         istio_api=istio_api, leader_lease_seconds=leader_lease_seconds,
-                        ca_enabled=ca_enabled, ca_dir=ca_dir, trust_domain=trust_domain,
+                        ca_enabled=ca_enabled, ca_dir=ca_dir, trust_domain=trust_domain, root_namespace=root_namespace,
                         workload_cert_ttl_s=workload_cert_ttl.total_seconds(), ca_address=ca_addr,
                         ca_address_required=ctx.get_parameter_source("ca_address") is not ParameterSource.DEFAULT,
                         ca_dns_names=dns_names, node_agents=node_agents, preflight=preflight,
@@ -320,14 +324,16 @@ def _bootstrap_bundle(ca_dir: Path | None, ca_bundle: Path | None) -> str:
 @click.option("--status-address", envvar="MESHLINE_STATUS_ADDRESS", default=None,
               help="Also report objects a running control plane withholds because a proxy NACKed them.")
 @click.option("--token", envvar="MESHLINE_STATUS_TOKEN", default=None)
+@click.option("--root-namespace", envvar="MESHLINE_ROOT_NAMESPACE", default="meshline-system", show_default=True,
+              help="The mesh's root namespace (as for `serve`).")
 def analyze(paths: tuple[str, ...], warnings: bool, output: str, status_address: str | None,
-            token: str | None) -> None:
+            token: str | None, root_namespace: str) -> None:
     """Validate mesh YAML offline: prints `file:line: Kind/ns/name: message`, exit 1 on errors."""
     import json
 
     from controlplane.analyze import analyze_paths
 
-    issues = analyze_paths(paths)
+    issues = analyze_paths(paths, root_namespace=root_namespace)
     rows = [{"file": i.ref.file, "line": i.line or i.ref.line, "object": i.ref.display, "field": i.field,
              "severity": i.severity, "message": i.message, "text": i.format()} for i in issues]
     if status_address:

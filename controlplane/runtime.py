@@ -30,7 +30,7 @@ from controlplane.translate.scope import proxy_scope, scope_key
 from controlplane.translate.secrets import ROOT_SECRET, plan_named_secrets, plan_secrets, root_secret
 from controlplane.translate.sidecar import plan_inbound, plan_outbound, plan_outbound_hosts
 from controlplane.xds.server import Connection, XdsServer
-from controlplane.xds.stream import NackRecord, Outgoing
+from controlplane.xds.stream import NackRecord, Outgoing, XdsLimits
 
 if TYPE_CHECKING:
     from controlplane.ca.service import IdentityService
@@ -59,6 +59,7 @@ class Settings:
     ca_dir: Path | None = None
     trust_domain: str = "cluster.local"
     root_namespace: str = "meshline-system"  # mesh-wide PeerAuthentication/AuthorizationPolicy live here
+    system_namespace: str = "meshline-system"  # the control plane's own (node proxies' identity lives here)
     workload_cert_ttl_s: float = 86400.0
     ca_address: str | None = None  # TLS port for xDS + the CSR API (15012); None: off
     ca_address_required: bool = True  # False: a port already taken is logged and skipped
@@ -69,6 +70,7 @@ class Settings:
     preflight: bool = True  # check changed objects' resources with Meshline's own Envoy before pushing them
     allow_unauthenticated_xds: bool = False  # development: the TLS port also serves streams without a credential
     credential_check_s: float = 10.0  # how often open streams' credentials are checked again
+    xds_limits: XdsLimits = field(default_factory=XdsLimits)  # per-client bounds on xDS streams and requests
     validator_binary: str | None = "auto"  # Envoy for pre-flight and NACK reproduction; None: none
 
 
@@ -128,7 +130,7 @@ class Runtime:
         self.builder = SnapshotBuilder(_plan_shared, self._plan_own_layer,
                                        lambda meta: _shared_key(self.store.mesh(), meta), _plan_shared_hosts)
         self.xds = XdsServer(self, self, self.identity.authenticator if self.identity is not None else None,
-                             node_proxy_identity(self.settings.root_namespace))
+                             node_proxy_identity(self.settings.system_namespace), limits=self.settings.xds_limits)
         self.xds.require_authentication = not self.settings.allow_unauthenticated_xds
         # Tokens (and so secrets) on the plaintext port: only in directory mode, on loopback.
         self.xds.plaintext_identities = not self.settings.kubernetes and _is_loopback(self.settings.xds_address)

@@ -218,7 +218,7 @@ def build_runtime(settings: Settings, identity: IdentityService | None = None) -
     if settings.node_agents:
         from controlplane.nodeagent.registry import NodeAgentRegistry
 
-        sources.append(NodeAgentRegistry(authorize=_node_agent_authorizer(identity, settings.root_namespace)))
+        sources.append(NodeAgentRegistry(authorize=_node_agent_authorizer(identity, settings.system_namespace)))
     if settings.kubernetes:
         from controlplane.sources.kubernetes import KubernetesSource  # imports the kubernetes client
 

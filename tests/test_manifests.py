@@ -1044,21 +1044,22 @@ def test_injection_fails_closed_except_where_the_cluster_must_heal() -> None:
     (failurePolicy Fail); kube-system and the control plane's own namespace are never sent
     to it, whatever their labels, so they can always start pods."""
     hook_config = one_manifest("MutatingWebhookConfiguration", "meshline-sidecar-injector")
-    (hook,) = hook_config["webhooks"]
-    assert hook["failurePolicy"] == "Fail"
+    hook, istio = hook_config["webhooks"]
     control_plane_ns = deployment()[0]["metadata"]["namespace"]
-    assert hook["clientConfig"]["service"]["namespace"] == control_plane_ns == NAMESPACE
 
     def namespace(name: str, **labels: str) -> dict[str, str]:
         return {"kubernetes.io/metadata.name": name, **labels}  # the API server sets the name label
 
-    opted_in = {"meshline.io/dataplane-mode": "sidecar"}
-    selector = hook["namespaceSelector"]
-    assert selects(selector, namespace("shop", **opted_in))
-    assert not selects(selector, namespace("shop"))
-    assert not selects(selector, namespace("shop", **{"meshline.io/dataplane-mode": "ambient"}))
-    for name in ("kube-system", control_plane_ns):
-        assert not selects(selector, namespace(name, **opted_in)), name
+    # Meshline's label, and Istio's `istio-injection: enabled` through the second entry.
+    for h, opted_in in ((hook, {"meshline.io/dataplane-mode": "sidecar"}), (istio, {"istio-injection": "enabled"})):
+        assert h["failurePolicy"] == "Fail"
+        assert h["clientConfig"]["service"]["namespace"] == control_plane_ns == NAMESPACE
+        selector = h["namespaceSelector"]
+        assert selects(selector, namespace("shop", **opted_in))
+        assert not selects(selector, namespace("shop"))
+        assert not selects(selector, namespace("shop", **{"meshline.io/dataplane-mode": "ambient"}))
+        for name in ("kube-system", control_plane_ns):
+            assert not selects(selector, namespace(name, **opted_in)), name
 
 
 def test_service_and_pdb_select_the_pods() -> None:

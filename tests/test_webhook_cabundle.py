@@ -54,7 +54,10 @@ def bundle(tmp_path_factory: pytest.TempPathFactory) -> str:
 def test_mutating_configuration() -> None:
     m = manifest(MUTATING)
     assert m["metadata"]["name"] == MUTATING_CONFIGURATION
-    (hook,) = m["webhooks"]
+    hook, istio = m["webhooks"]
+    assert istio["namespaceSelector"]["matchLabels"] == {"istio-injection": "enabled"}  # Istio's label
+    assert {k: v for k, v in istio.items() if k not in ("name", "namespaceSelector")} == {
+        k: v for k, v in hook.items() if k not in ("name", "namespaceSelector")}
     assert hook["clientConfig"]["service"] == {"name": "meshline", "namespace": "meshline-system", "path": "/inject",
                                                "port": 443}
     assert hook["clientConfig"]["caBundle"] == ""  # the leader patches it
@@ -63,7 +66,8 @@ def test_mutating_configuration() -> None:
         "matchExpressions": [{"key": "kubernetes.io/metadata.name", "operator": "NotIn",
                               "values": ["kube-system", "meshline-system"]}]}
     assert hook["objectSelector"] == {"matchExpressions": [
-        {"key": "meshline.io/inject", "operator": "NotIn", "values": ["false"]}]}
+        {"key": "meshline.io/inject", "operator": "NotIn", "values": ["false"]},
+        {"key": "sidecar.istio.io/inject", "operator": "NotIn", "values": ["false"]}]}
     assert (hook["failurePolicy"], hook["sideEffects"], hook["admissionReviewVersions"], hook["timeoutSeconds"]) == (
         "Fail", "None", ["v1"], 10)
     assert hook["rules"] == [{"apiGroups": [""], "apiVersions": ["v1"], "operations": ["CREATE"],

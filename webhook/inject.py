@@ -326,12 +326,18 @@ def _map(value: Any) -> Mapping[str, Any]:
     return value if isinstance(value, Mapping) else {}
 
 
+ISTIO_INJECT = "sidecar.istio.io/inject"
+
+
 def opted_out(pod: Mapping[str, Any]) -> bool:
+    """`meshline.io/inject: "false"` (or Istio's `sidecar.istio.io/inject: "false"`), as an
+    annotation or a label."""
     meta = _map(pod.get("metadata"))
     for where in ("annotations", "labels"):
-        value = _str_map(meta.get(where)).get(INJECT)
-        if value is not None and value.strip().lower() == "false":
-            return True
+        for key in (INJECT, ISTIO_INJECT):
+            value = _str_map(meta.get(where)).get(key)
+            if value is not None and value.strip().lower() == "false":
+                return True
     return False
 
 
