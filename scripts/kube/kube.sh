@@ -163,6 +163,11 @@ wait_ready() {
     local token
     token=$(cat "$ADMIN_TOKEN_FILE")
     while (( $(date +%s) < deadline )); do
+        if ! pid_alive "$STATE/etcd.pid"; then
+            log "etcd exited; last lines of $STATE/etcd.log:"
+            tail -20 "$STATE/etcd.log" >&2
+            return 1
+        fi
         if ! pid_alive "$STATE/kube-apiserver.pid"; then
             log "kube-apiserver exited; last lines of $STATE/kube-apiserver.log:"
             tail -20 "$STATE/kube-apiserver.log" >&2

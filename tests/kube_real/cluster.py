@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import json
 import os
 import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +37,26 @@ from controlplane.sources.kubernetes import make_api_client
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "kube" / "kube.sh"
 CANNOT_BUILD = 3  # kube.sh's exit status for "no Go here"
+
+
+def _bindable(port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
+def _free_pair(avoid: int) -> int:
+    """A free port P with P + 1 free too (and neither `avoid`)."""
+    for _ in range(100):
+        p = free_port()
+        if p + 1 < 65536 and avoid not in (p, p + 1) and _bindable(p + 1):
+            return p
+    raise RuntimeError("no two adjacent free ports")
 
 
 def cached_binaries() -> Path | None:
@@ -72,9 +91,7 @@ class RealKube:
     def __init__(self, state: Path, *, extra_args: str = "") -> None:
         self.state = state
         self.api_port = free_port()
-        self.etcd_port = free_port()
-        while self.etcd_port + 1 == self.api_port:
-            self.etcd_port = free_port()
+        self.etcd_port = _free_pair(avoid=self.api_port)  # etcd's peer port is etcd_port + 1
         self.extra_args = extra_args
         self._api: Any = None
         self.http = httpx.Client(timeout=10)
@@ -123,17 +140,6 @@ class RealKube:
                     os.kill(pid, 0)
                     time.sleep(0.05)
         self._script("stop-apiserver")
-
-    def rss_mb(self) -> dict[str, float]:
-        out: dict[str, float] = {}
-        for name in ("etcd", "kube-apiserver"):
-            pid = self.pid(name)
-            if pid is None:
-                continue
-            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    out[name] = int(line.split()[1]) / 1024
-        return out
 
     def kubectl(self, *args: str, input: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
         """The kubectl built alongside the API server, with the admin kubeconfig."""
@@ -186,9 +192,6 @@ class RealKube:
     def etcd_delete(self, key: str) -> int:
         """Delete a key behind the API server's back (as if the event were lost)."""
         return int(self.etcd("kv/deleterange", {"key": self._b64(key)}).get("deleted") or 0)
-
-    def etcd_put(self, key: str, value: str) -> int:
-        return int(self.etcd("kv/put", {"key": self._b64(key), "value": self._b64(value)})["header"]["revision"])
 
     def compact(self, revision: int | None = None) -> int:
         """Compact etcd's history up to `revision` (default: now): a watch from an older
@@ -328,14 +331,10 @@ class RealKube:
         path.chmod(0o600)
         return path
 
-    def list_json(self, path: str) -> dict[str, Any]:
-        resp = self.api.call_api(path, "GET", auth_settings=["BearerToken"], _preload_content=False)
-        data = resp[0].data if isinstance(resp, tuple) else resp.data
-        return dict(json.loads(data))
-
 
 def eventually(check: Callable[[], Any], timeout: float = 15.0, interval: float = 0.05) -> Any:
-    """Retry `check` until it returns truthy without raising an AssertionError; return it."""
+    """Retry `check` until it returns truthy without raising (an assertion, a missing key, an
+    HTTP or API error); return its value."""
     deadline = time.monotonic() + timeout
     last: BaseException | None = None
     while time.monotonic() < deadline:
@@ -343,19 +342,9 @@ def eventually(check: Callable[[], Any], timeout: float = 15.0, interval: float 
             v = check()
             if v:
                 return v
-        except (AssertionError, KeyError, httpx.HTTPError) as exc:
+        except (AssertionError, KeyError, httpx.HTTPError, ApiException) as exc:
             last = exc
         time.sleep(interval)
     if last is not None:
         raise last
     raise AssertionError("condition not met in time")
-
-
-@contextlib.contextmanager
-def real_kube(state: Path, extra_args: str = "") -> Iterator[RealKube]:
-    kube = RealKube(state, extra_args=extra_args)
-    try:
-        kube.up()
-        yield kube
-    finally:
-        kube.down()
