@@ -32,7 +32,7 @@ test: $(STAMP) system-deps kube-build
 kube-build:
 	@scripts/kube/kube.sh build || echo "kube-build: no real API server (see above); kube tests will be skipped"
 
-kube:
+kube: $(STAMP)
 	scripts/kube/kube.sh up
 
 kube-down:
