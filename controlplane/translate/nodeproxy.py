@@ -98,21 +98,29 @@ class PodScope:
         return tuple(sp.port for sp in svc.ports if self.pairs is None or (svc.hostname, sp.port) in self.pairs)
 
 
-def pod_scope(mesh: Mesh, wl: Workload) -> PodScope:
+def pod_scope(mesh: Mesh, wl: Workload, memo: dict[object, PodScope] | None = None) -> PodScope:
     """The scope of `wl`'s outbound traffic: its Sidecar's egress (L4: sourceLabels classes
-    of VirtualServices do not apply to a node proxy)."""
+    of VirtualServices do not apply to a node proxy). `memo` shares the work between pods of
+    one namespace under one Sidecar."""
     sc = proxy_sidecar(mesh, _pod_meta(wl))
     if sc is None:
         return PodScope("", None)
-    return PodScope(f"{sc.namespace}/{sc.name}@{wl.namespace}", frozenset(sidecar_scope(mesh, sc, wl.namespace)),
-                    (sc.ref,))
+    key = (sc.namespace, sc.name, wl.namespace)
+    found = memo.get(key) if memo is not None else None
+    if found is None:
+        found = PodScope(f"{sc.namespace}/{sc.name}@{wl.namespace}",
+                         frozenset(sidecar_scope(mesh, sc, wl.namespace)), (sc.ref,))
+        if memo is not None:
+            memo[key] = found
+    return found
 
 
 def node_scopes(mesh: Mesh, node: str) -> dict[str, PodScope]:
     """The distinct scopes of `node`'s ambient pods, by tag."""
     out: dict[str, PodScope] = {}
+    memo: dict[object, PodScope] = {}
     for wl in ambient_pods_on(mesh, node):
-        sc = pod_scope(mesh, wl)
+        sc = pod_scope(mesh, wl, memo)
         out.setdefault(sc.tag, sc)
     return dict(sorted(out.items()))
 
@@ -302,8 +310,9 @@ def plan_node_own(mesh: Mesh, node: str) -> list[ResourceSpec]:
         name = SOURCE_CLUSTER + uri
         add([ResourceSpec(CLUSTER, name, build_source_cluster, (name, uri, td))])
     scopes: dict[str, PodScope] = {}
+    memo: dict[object, PodScope] = {}
     for wl in pods:
-        scope = pod_scope(mesh, wl)
+        scope = pod_scope(mesh, wl, memo)
         if scope.tag not in scopes:
             scopes[scope.tag] = scope
             add(_scope_listener_specs(mesh, scope, _direct_pods(mesh, scope)))

@@ -252,8 +252,10 @@ def build_pods_listener(name: str, identities: tuple[tuple[str, tuple[str, ...]]
     that identity; other addresses pass through."""
     lst = _internal(name)
     routes = []
-    for i, (uri, ips) in enumerate(identities):
-        chain = f"id{i}"  # the identity is in the chain's SAN; short names keep a block listener small
+    for uri, ips in identities:
+        # Named by the identity alone (short, and stable: a chain whose name and content stay
+        # put is kept in place when other identities come and go, its connections undrained).
+        chain = uri.rpartition("/ns/")[2] or uri
         fc = lst.filter_chains.add(name=chain)
         fc.filters.append(_set_state(_fs(SAN_KEY, uri, ONCE), _fs(CLUSTER_KEY, f"%FILTER_STATE({SOURCE_KEY}:PLAIN)%")))
         fc.filters.append(_tcp(PODS_STAT, blackhole, LOCAL))

@@ -29,7 +29,7 @@ import pytest
 import yaml
 
 from controlplane.localrun import envoy_binary
-from tests.netns_mesh import Node, Pod, Topology, bootstrap_file, missing_tools, plaintext_http_seen
+from tests.netns_mesh import Node, Pod, Topology, bootstrap_file, in_netns, missing_tools, plaintext_http_seen
 
 ROOT = Path(__file__).resolve().parents[2]
 XDS_PORT = 19710
@@ -202,7 +202,7 @@ def lab() -> Iterator[Lab]:
     envoy = envoy_binary()
     with Topology() as topo:
         n1, n2 = topo.add_node("n1"), topo.add_node("n2")
-        pods = {name: n1.add_pod(name) for name in ("a", "c", "wp")}
+        pods = {name: n1.add_pod(name) for name in ("a", "c", "wp", "spare")}  # spare: joins the mesh later
         pods.update({name: n2.add_pod(name) for name in ("b1", "b2", "d", "s")})
         vips = {name: topo.vip(i + 1) for i, name in enumerate(("a", "b", "d", "wp", "s"))}
         work = topo.workdir
@@ -375,6 +375,78 @@ def test_waypoint_routes_and_enforces_l7_then_fails_closed_without_it(lab: Lab) 
     assert greet.startswith("b1-tcp") or greet.startswith("b2-tcp"), greet
     lab.write("mesh", mesh_docs(lab.pods, lab.vips, waypoint=True))
     _wait_http(lab.pods["a"], f"http://{b}/public", '"b')
+
+
+def _n1_stat(lab: Lab, name: str) -> int:
+    with urllib.request.urlopen(f"http://{lab.n1.ip}:15000/stats?filter=^{name}$", timeout=3) as r:
+        text = r.read().decode()
+    return sum(int(line.rsplit(": ", 1)[1]) for line in text.splitlines() if line.startswith(name + ": "))
+
+
+def _n1_dump(lab: Lab) -> str:
+    with urllib.request.urlopen(f"http://{lab.n1.ip}:15000/config_dump", timeout=5) as r:
+        return str(r.read().decode())
+
+
+def test_changes_elsewhere_drain_no_connection_of_the_node(lab: Lab) -> None:
+    """Connections a (n1) holds open, one to a service VIP and one straight to a pod IP, are
+    untouched while the mesh grows: a new Service, a new pod of a new identity in the address
+    block those pods share, a new ambient pod on n1 itself. n1 applies every change in place
+    and drains no listener and no filter chain."""
+    a = lab.pods["a"]
+    direct = in_netns(a.netns_path, lambda: socket.create_connection((lab.pods["b1"].ip, 9000), timeout=5))
+    via_vip = in_netns(a.netns_path, lambda: socket.create_connection((lab.vips["d"], 80), timeout=5))
+
+    def http_get(sock: socket.socket) -> bytes:
+        """One request on the held keep-alive connection: its whole response."""
+        sock.sendall(b"GET /held HTTP/1.1\r\nHost: d\r\n\r\n")
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = sock.recv(4096)
+            assert chunk, data
+            data += chunk
+        head, _, body = data.partition(b"\r\n\r\n")
+        length = int(next(ln.split(b":", 1)[1] for ln in head.split(b"\r\n") if ln.lower().startswith(b"content-length")))
+        while len(body) < length:
+            chunk = sock.recv(4096)
+            assert chunk, data
+            body += chunk
+        return head
+
+    def echo(sock: socket.socket, word: bytes) -> bytes:
+        sock.sendall(word)
+        return sock.recv(100)
+
+    try:
+        assert direct.recv(100).startswith(b"b1-tcp") and echo(direct, b"one\n") == b"one\n"
+        assert http_get(via_vip).startswith(b"HTTP/1.1 200")
+        in_place, draining = _n1_stat(lab, "listener_manager.listener_in_place_updated"), (
+            _n1_stat(lab, "listener_manager.total_filter_chains_draining"),
+            _n1_stat(lab, "listener_manager.total_listeners_draining"))
+        ghost_ip = lab.pods["b1"].ip.rsplit(".", 1)[0] + ".200"  # n2's block, nobody's netns
+        spare = lab.pods["spare"]
+        lab.write("growth", [
+            _svc("extra", "alpha", lab.topo.vip(20), [("http", 80, 8080)], {"app": "extra"}),
+            {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "ghost", "namespace": "beta",
+                                                             "labels": {"app": "ghost"}},
+             "spec": {"nodeName": "n9", "serviceAccountName": "ghost", "containers": [{"name": "app"}]},
+             "status": {"podIP": ghost_ip, "phase": "Running"}},
+            _pod(spare, "gamma", "spare", {"app": "spare"}, {"meshline.io/netns": spare.netns_path}),
+        ])
+        deadline = time.monotonic() + 20
+        while not all(x in _n1_dump(lab) for x in (ghost_ip, "ambient_outbound_gamma_spare", lab.topo.vip(20))):
+            assert time.monotonic() < deadline, "n1 never got the growth"
+            time.sleep(0.2)
+        assert echo(direct, b"two\n") == b"two\n"
+        assert http_get(via_vip).startswith(b"HTTP/1.1 200")
+        assert _n1_stat(lab, "listener_manager.listener_in_place_updated") > in_place
+        # (Earlier tests' changes, e.g. a waypoint unbound, may still drain their own chains.)
+        assert (_n1_stat(lab, "listener_manager.total_filter_chains_draining"),
+                _n1_stat(lab, "listener_manager.total_listeners_draining")) == draining
+    finally:
+        direct.close()
+        via_vip.close()
+        (lab.config / "growth.yaml").unlink(missing_ok=True)
 
 
 def test_node_proxy_gets_no_certificate_for_a_pod_on_another_node(lab: Lab) -> None:
