@@ -22,6 +22,7 @@ from typing import Any
 import yaml
 
 from controlplane.model.ir import CaptureMode, Labels, ProxyMode
+from controlplane.netaddr import is_ip, is_loopback
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,7 +80,7 @@ def bootstrap(opts: BootstrapOptions) -> dict[str, Any]:
     if opts.waypoint:
         metadata["waypoint"] = opts.waypoint
     api_type = "DELTA_GRPC" if opts.xds_protocol == "delta" else "GRPC"
-    if (opts.token or opts.token_file) and opts.xds_tls is None and not _is_loopback(xds_host):
+    if (opts.token or opts.token_file) and opts.xds_tls is None and not is_loopback(xds_host):
         raise ValueError(f"a token must not cross the network in clear: {opts.xds_address} is not loopback, "
                          "so connect over TLS (--xds-tls, the control plane's port 15012)")
     grpc_service: dict[str, Any] = {"envoy_grpc": {"cluster_name": "xds-grpc"}}
@@ -108,7 +109,7 @@ def bootstrap(opts: BootstrapOptions) -> dict[str, Any]:
             "clusters": [
                 {
                     "name": "xds-grpc",
-                    "type": "STATIC" if _is_ip(xds_host) else "STRICT_DNS",
+                    "type": "STATIC" if is_ip(xds_host) else "STRICT_DNS",
                     "connect_timeout": "1s",
                     "typed_extension_protocol_options": {
                         "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
@@ -128,7 +129,7 @@ def bootstrap(opts: BootstrapOptions) -> dict[str, Any]:
     if opts.token_file:
         doc["static_resources"]["clusters"] = []  # the google_grpc client dials the target itself
     elif opts.xds_tls is not None:
-        server_name = opts.xds_tls.server_name or ("localhost" if _is_ip(xds_host) else xds_host)
+        server_name = opts.xds_tls.server_name or ("localhost" if is_ip(xds_host) else xds_host)
         doc["static_resources"]["clusters"][0]["transport_socket"] = _xds_tls(opts.xds_tls.trusted_ca, server_name)
     if opts.capture == "intercept" or opts.mode != "sidecar":
         doc["static_resources"]["listeners"] = [_health_listener(), _stats_listener()]
@@ -183,21 +184,12 @@ def _google_grpc(opts: BootstrapOptions, xds_host: str) -> dict[str, Any]:
         tls = opts.xds_tls
         roots = {"filename": tls.trusted_ca_file} if tls.trusted_ca_file else {"inline_string": tls.trusted_ca}
         svc["channel_credentials"] = {"ssl_credentials": {"root_certs": roots}}
-        server_name = tls.server_name or ("localhost" if _is_ip(xds_host) else xds_host)
+        server_name = tls.server_name or ("localhost" if is_ip(xds_host) else xds_host)
         if server_name != xds_host:
             svc["channel_args"]["args"]["grpc.ssl_target_name_override"] = {"string_value": server_name}
     return {"google_grpc": svc}
 
 
-def _is_loopback(host: str) -> bool:
-    import ipaddress
-
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def _xds_tls(trusted_ca: str, server_name: str) -> dict[str, Any]:
@@ -217,14 +209,6 @@ def _xds_tls(trusted_ca: str, server_name: str) -> dict[str, Any]:
     }
 
 
-def _is_ip(host: str) -> bool:
-    import ipaddress
-
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
 
 
 def _hcm(stat_prefix: str, routes: list[dict[str, Any]]) -> dict[str, Any]:

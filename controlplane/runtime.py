@@ -23,6 +23,7 @@ from controlplane.model.ir import Hostname, ProxyMeta
 from controlplane.model.mesh import Mesh
 from controlplane.model.store import MeshStore
 from controlplane.nackpolicy import NackPolicy, degradation
+from controlplane.netaddr import host_of, is_loopback
 from controlplane.sources.base import Source, SourceEvent, Synced
 from controlplane.translate.ambient import identity_secret, node_identities, plan_node, plan_waypoint
 from controlplane.translate.plan import SECRET, ResourceSpec
@@ -133,7 +134,7 @@ class Runtime:
                              node_proxy_identity(self.settings.system_namespace), limits=self.settings.xds_limits)
         self.xds.require_authentication = not self.settings.allow_unauthenticated_xds
         # Tokens (and so secrets) on the plaintext port: only in directory mode, on loopback.
-        self.xds.plaintext_identities = not self.settings.kubernetes and _is_loopback(self.settings.xds_address)
+        self.xds.plaintext_identities = not self.settings.kubernetes and is_loopback(host_of(self.settings.xds_address))
         self._rotation_timer: asyncio.TimerHandle | None = None
         if self.identity is not None:
             self.identity.on_change = self._identity_changed
@@ -491,18 +492,6 @@ class _Built:
     snaps: dict[ProxyKey, Any]
     store_generation: int
     started: float
-
-
-def _is_loopback(address: str) -> bool:
-    import ipaddress
-
-    host = address.rpartition(":")[0].strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def _find_envoy() -> str | None:

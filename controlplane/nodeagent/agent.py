@@ -42,6 +42,7 @@ import grpc
 import yaml
 
 from controlplane.iptables import Iptables, IptablesError, apply_ambient, cleanup_ambient, in_netns
+from controlplane.netaddr import is_ip, is_loopback
 from controlplane.nodeagent import registry
 from controlplane.nodeagent.discovery import Found, PodRef, discover
 from controlplane.nodeagent.registry import SERVICE, PodNetns
@@ -308,10 +309,10 @@ class NodeAgent:
             except OSError as exc:
                 raise AgentError(f"cannot read the trust bundle {cfg.ca_bundle}: {exc}") from None
             host = target.rpartition(":")[0].strip("[]")
-            name = cfg.server_name or ("localhost" if _is_ip(host) else host)
+            name = cfg.server_name or ("localhost" if is_ip(host) else host)
             options = [("grpc.ssl_target_name_override", name)] if name != host else []
             return grpc.aio.secure_channel(target, grpc.ssl_channel_credentials(roots), options=options)
-        if cfg.token_file is not None and not _is_loopback(target.rpartition(":")[0].strip("[]")):
+        if cfg.token_file is not None and not is_loopback(target.rpartition(":")[0].strip("[]")):
             raise AgentError(f"refusing to send the token in clear to {target}: give --ca-bundle (TLS, port 15012)")
         return grpc.aio.insecure_channel(target)
 
@@ -365,23 +366,3 @@ class NodeAgent:
                 log.exception("node-agent pass failed")
             await asyncio.sleep(self.config.interval)
 
-
-def _is_ip(host: str) -> bool:
-    import ipaddress
-
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
-
-
-def _is_loopback(host: str) -> bool:
-    import ipaddress
-
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
