@@ -25,7 +25,8 @@ from controlplane.model.store import MeshStore
 from controlplane.nackpolicy import NackPolicy, degradation
 from controlplane.netaddr import host_of, is_loopback
 from controlplane.sources.base import Source, SourceEvent, Synced
-from controlplane.translate.ambient import identity_secret, node_identities, plan_node, plan_waypoint
+from controlplane.translate import nodeproxy
+from controlplane.translate.ambient import identity_secret, node_identities, plan_waypoint
 from controlplane.translate.plan import SECRET, ResourceSpec
 from controlplane.translate.scope import proxy_scope, scope_key
 from controlplane.translate.secrets import ROOT_SECRET, plan_named_secrets, plan_secrets, root_secret
@@ -89,12 +90,21 @@ network namespace, e.g. before the node agent mounted it or after the pod went a
 
 
 def _plan_shared(mesh: Mesh, meta: ProxyMeta) -> list[ResourceSpec]:
+    """The endpoint-dependent layer proxies of one class share: a sidecar's outbound side; a
+    node proxy's service clusters and their endpoints (shared by node proxies whose pods import
+    the same services)."""
+    if meta.mode == "node":
+        return nodeproxy.plan_node_shared(mesh, meta.node) if meta.node else []
     if meta.mode != "sidecar":
         return []
     return plan_outbound(mesh, meta.namespace, meta.capture, meta.outbound_address, proxy_scope(mesh, meta))
 
 
 def _plan_shared_hosts(mesh: Mesh, meta: ProxyMeta, hosts: frozenset[str]) -> list[ResourceSpec] | None:
+    """Just the shared resources that depend on the endpoints of `hosts` (an endpoint-only
+    change patches those), or None when the proxy class is planned in full."""
+    if meta.mode == "node":
+        return nodeproxy.plan_node_shared_hosts(mesh, meta.node, hosts) if meta.node else []
     if meta.mode != "sidecar":
         return None
     return plan_outbound_hosts(mesh, meta.namespace, meta.capture, [Hostname(h) for h in hosts],
@@ -102,16 +112,20 @@ def _plan_shared_hosts(mesh: Mesh, meta: ProxyMeta, hosts: frozenset[str]) -> li
 
 
 def _plan_own(mesh: Mesh, meta: ProxyMeta) -> list[ResourceSpec]:
+    """A proxy's own layer, which reads no endpoints (kept as it is on endpoint-only changes)."""
     if meta.mode == "node":
-        return plan_node(mesh, meta.node) if meta.node else []
+        return nodeproxy.plan_node_own(mesh, meta.node) if meta.node else []
     if meta.mode == "waypoint":
         return plan_waypoint(mesh, meta)
     return plan_inbound(mesh, meta)
 
 
 def _shared_key(mesh: Mesh, meta: ProxyMeta) -> object:
-    """Proxies with equal keys share one outbound layer: same mode, namespace, capture
-    (and bind address), and the same effective Sidecar (or none)."""
+    """Proxies with equal keys share one layer: sidecars of the same mode, namespace, capture
+    (and bind address) and effective Sidecar (or none); node proxies whose pods import the
+    same services."""
+    if meta.mode == "node":
+        return ("node", nodeproxy.node_shared_key(mesh, meta.node or ""))
     return (meta.mode, meta.namespace, meta.capture, meta.outbound_address if meta.capture == "bind" else "",
             scope_key(mesh, meta))
 

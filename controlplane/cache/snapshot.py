@@ -238,7 +238,9 @@ class SnapshotBuilder:
 
     @staticmethod
     def _patchable(pk: ProxyKey) -> bool:
-        return pk[4] == "sidecar"  # sidecars' own layers (inbound, secrets) never read endpoints
+        # Sidecars' own layers (inbound, secrets) and node proxies' (per-pod listeners, identity
+        # clusters, internal listeners) never read endpoints.
+        return pk[4] in ("sidecar", "node")
 
     def _patch(self, delta: EndpointDelta, mesh: Mesh, meta: ProxyMeta,
                prev: dict[TypeUrl, TypeResources]) -> dict[TypeUrl, TypeResources] | None:
