@@ -93,10 +93,55 @@ async def _request(host: str, port: int, payload: bytes, timeout: float, sched: 
     return [round(sched, 6), round(start - t0, 6), round(end - t0, 6), status, err]
 
 
-async def _generate(host: str, port: int, host_header: str, rate: float, duration: float, timeout: float
-                    ) -> dict[str, Any]:
+async def _read_response(reader: asyncio.StreamReader) -> bytes:
+    """One HTTP/1.1 response with a content-length body (the backend always sends one)."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = next((int(ln.split(b":", 1)[1]) for ln in head.split(b"\r\n")
+                   if ln.lower().startswith(b"content-length:")), 0)
+    await reader.readexactly(length)
+    return head
+
+
+class _Pool:
+    """`size` kept-alive connections; a request waits for a free one (open loop: the wait counts)."""
+
+    def __init__(self, host: str, port: int, size: int) -> None:
+        self.host, self.port = host, port
+        self.free: asyncio.Queue[tuple[asyncio.StreamReader, asyncio.StreamWriter] | None] = asyncio.Queue()
+        for _ in range(size):
+            self.free.put_nowait(None)  # opened on first use, reopened after an error
+
+    async def request(self, payload: bytes, timeout: float, sched: float, t0: float) -> list[Any]:
+        start = time.perf_counter()
+        status, err = 0, ""
+        conn = await self.free.get()
+        try:
+            async with asyncio.timeout(timeout):
+                if conn is None:
+                    conn = await asyncio.open_connection(self.host, self.port)
+                conn[1].write(payload)
+                line = (await _read_response(conn[0])).split(b"\r\n", 1)[0].split()
+            status = int(line[1]) if len(line) > 1 and line[1].isdigit() else 0
+            err = "" if status else "bad response"
+        except TimeoutError:
+            err = "timeout"
+        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError) as exc:
+            err = type(exc).__name__
+        if err and conn is not None:
+            conn[1].close()
+            conn = None
+        self.free.put_nowait(conn)
+        end = time.perf_counter()
+        return [round(sched, 6), round(start - t0, 6), round(end - t0, 6), status, err]
+
+
+async def _generate(host: str, port: int, host_header: str, rate: float, duration: float, timeout: float,
+                    keepalive: int = 0) -> dict[str, Any]:
+    """Open-loop load: request i starts at i/rate. `keepalive` 0: a new connection per request
+    (`Connection: close`); N: N kept-alive connections, each carrying one request at a time."""
     payload = (f"GET / HTTP/1.1\r\nHost: {host_header}\r\nUser-Agent: meshline-bench\r\n"
-               "Connection: close\r\n\r\n").encode()
+               + ("" if keepalive else "Connection: close\r\n") + "\r\n").encode()
+    pool = _Pool(host, port, keepalive) if keepalive else None
     n = max(1, round(rate * duration))
     t0 = time.perf_counter() + 0.02
     tasks = []
@@ -105,7 +150,8 @@ async def _generate(host: str, port: int, host_header: str, rate: float, duratio
         delay = t0 + sched - time.perf_counter()
         if delay > 0:
             await asyncio.sleep(delay)
-        tasks.append(asyncio.create_task(_request(host, port, payload, timeout, sched, t0)))
+        tasks.append(asyncio.create_task(pool.request(payload, timeout, sched, t0) if pool else
+                                         _request(host, port, payload, timeout, sched, t0)))
     records = await asyncio.gather(*tasks)
     # perf_counter is CLOCK_MONOTONIC on Linux: t0 is comparable with the parent's time.monotonic().
     return {"t0": t0, "rate": rate, "records": records}
@@ -119,9 +165,11 @@ def loadgen_main(argv: list[str]) -> int:
     p.add_argument("--rate", type=float, default=200)
     p.add_argument("--duration", type=float, default=10)
     p.add_argument("--timeout", type=float, default=2.0)
+    p.add_argument("--keepalive", type=int, default=0, help="kept-alive connections (0: one per request)")
     a = p.parse_args(argv)
     gc.disable()  # a few thousand small records: no collector pauses inside the measurement
-    out = asyncio.run(_generate(a.host, a.port, a.host_header or a.host, a.rate, a.duration, a.timeout))
+    out = asyncio.run(_generate(a.host, a.port, a.host_header or a.host, a.rate, a.duration, a.timeout,
+                                a.keepalive))
     json.dump(out, sys.stdout)
     return 0
 
@@ -140,6 +188,12 @@ class Scenario:
     host_header: str
     envoys: list[str]  # names in Lab.envoys: the Envoys on the request's path
     result: dict[str, Any] = field(default_factory=dict)
+    keepalive: int = 0  # kept-alive client connections; 0: a new connection per request
+
+    @property
+    def base(self) -> str:
+        """The scenario's path whatever the client mode ("ambient" for "ambient-ka")."""
+        return self.key.removesuffix("-ka")
 
 
 @dataclass
@@ -319,10 +373,12 @@ def build_lab(topo: Any, nodelay: bool = True) -> Lab:
     return lab
 
 
-def scenarios(lab: Lab) -> list[Scenario]:
+def scenarios(lab: Lab, keepalive: int = 0) -> list[Scenario]:
+    """The four paths with a new connection per request; with `keepalive` N, again with N
+    kept-alive client connections (keys `<path>-ka`)."""
     v, p = lab.vips, lab.pods
     fq = "{}.{}.svc.cluster.local".format
-    return [
+    close = [
         Scenario("direct", "direct (no mesh)", "dc", "ds", p["ds"].ip, 8080, p["ds"].ip, []),
         Scenario("sidecar", "sidecar -> sidecar", "scc", "ss", v["ss"], 80, fq("ss", "bench-sidecar"), ["scc-1", "ss-1"]),
         Scenario("ambient", "ambient L4 (node proxy -> node proxy)", "l4c", "l4s", v["l4s"], 80, fq("l4s", "bench-l4"),
@@ -330,6 +386,9 @@ def scenarios(lab: Lab) -> list[Scenario]:
         Scenario("waypoint", "ambient + waypoint", "wpc", "wps", v["wps"], 80, fq("wps", "bench-wp"),
                  ["node-n1", "wp-1", "node-n2"]),
     ]
+    kept = [Scenario(f"{s.key}-ka", f"{s.title}, keep-alive", s.client, s.server, s.host, s.port, s.host_header,
+                     s.envoys, keepalive=keepalive) for s in close] if keepalive else []
+    return close + kept
 
 
 # --------------------------------------------------------------------------- measurements
@@ -377,7 +436,7 @@ def rss_mb(pid: int) -> float:
 def run_load(lab: Lab, sc: Scenario, rate: float, duration: float, timeout: float = 2.0) -> dict[str, Any]:
     argv = [sys.executable, str(Path(__file__).resolve()), "loadgen", sc.host, str(sc.port),
             "--host-header", sc.host_header, "--rate", str(rate), "--duration", str(duration),
-            "--timeout", str(timeout)]
+            "--timeout", str(timeout), "--keepalive", str(sc.keepalive)]
     res = lab.pods[sc.client].exec(argv, timeout=duration + timeout + 30)
     if res.returncode != 0:
         raise RuntimeError(f"load generator in {sc.client} failed: {res.stderr[-2000:]}")
@@ -450,9 +509,10 @@ def measure(lab: Lab, scs: list[Scenario], rate: float, duration: float, warmup:
         print(f"  {sc.title}: p50 {s['p50']:.2f} ms, p99 {s['p99']:.2f} ms (rounds {s['p99_lo']:.2f}-"
               f"{s['p99_hi']:.2f}), failed {s['failed']}, CPU "
               + ", ".join(f"{n} {v:.2f} s" for n, v in cpu[sc.key].items()), flush=True)
-    base = scs[0].result
-    for sc in scs:
+    for sc in scs:  # added: against direct in the same client mode
+        base = next(s for s in scs if s.base == "direct" and s.keepalive == sc.keepalive).result
         sc.result["add_p50"] = sc.result["p50"] - base["p50"]
+        sc.result["add_p90"] = sc.result["p90"] - base["p90"]
         sc.result["add_p99"] = sc.result["p99"] - base["p99"]
     idle["__foreign__"] = foreign
     idle["__foreign_max__"] = max(windows)
@@ -608,16 +668,23 @@ def fmt(x: float | None, nd: int = 2) -> str:
     return "n/a" if x is None or x != x else f"{x:.{nd}f}"
 
 
-def tables(scs: list[Scenario], mem: dict[str, Any], cmp: dict[str, Any], gap: dict[str, Any]) -> str:
+def tables(scs: list[Scenario], mem: dict[str, Any], cmp: dict[str, Any], gap: dict[str, Any],
+           before: dict[str, Any] | None = None) -> str:
     L = ["| scenario | Envoys on path | p50 ms | p99 ms (rounds' range) | added p50 ms | added p99 ms | "
-         "proxy CPU s / 1k req (= vCPU at 1k rps) | failed | rps |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+         "added p90 ms | proxy CPU s / 1k req (= vCPU at 1k rps) | failed | rps |",
+         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+
+    def row(title: str, sc: Scenario, r: dict[str, Any]) -> str:
+        direct = sc.base == "direct"
+        return (f"| {title} | {len(sc.envoys)} | {fmt(r['p50'])} | {fmt(r['p99'])} "
+                f"({fmt(r['p99_lo'])}-{fmt(r['p99_hi'])}) | {'-' if direct else fmt(r['add_p50'])} | "
+                f"{'-' if direct else fmt(r['add_p99'])} | {'-' if direct else fmt(r.get('add_p90'))} | "
+                f"{fmt(r['cpu_per_1k'], 3)} | {r['failed']}/{r['requests']} | {r['rps']:.0f} |")
+
     for sc in scs:
-        r = sc.result
-        L.append(f"| {sc.title} | {len(sc.envoys)} | {fmt(r['p50'])} | {fmt(r['p99'])} "
-                 f"({fmt(r['p99_lo'])}-{fmt(r['p99_hi'])}) | "
-                 f"{'-' if sc.key == 'direct' else fmt(r['add_p50'])} | "
-                 f"{'-' if sc.key == 'direct' else fmt(r['add_p99'])} | {fmt(r['cpu_per_1k'], 3)} | "
-                 f"{r['failed']}/{r['requests']} | {r['rps']:.0f} |")
+        L.append(row(sc.title, sc, sc.result))
+        if before and sc.key in before and sc.base in ("ambient", "waypoint"):
+            L.append(row("... per-pod node-proxy layout (before; another run)", sc, before[sc.key]))
     L += ["", "| proxy | role | RSS MB | config, status API JSON KB | Envoy /config_dump KB | "
           "clusters / endpoints / listeners / routes | certificates |", "|---|---|---:|---:|---:|---|---:|"]
     for name, m in mem.items():
@@ -649,7 +716,7 @@ def plot(path: Path, scs: list[Scenario]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    mesh = [s for s in scs if s.key != "direct"]
+    mesh = [s for s in scs if s.base != "direct" and not s.keepalive]
     names = [s.key for s in mesh]
     xs = list(range(len(mesh)))
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
@@ -712,6 +779,21 @@ def write_doc(path: Path, png: Path | None, args: argparse.Namespace, mach: dict
                     "HBONE, routes at L7 and originates HBONE again.",
     }[worst]
 
+    before_text = ("\n  Rows \"... per-pod node-proxy layout (before; another run)\" are this bench run minutes earlier "
+                   "on the layout before issue 15 (commit 2e3be63; `docs/dataplane-before.json`), the same machine "
+                   "and mesh: their differences are the price of the shared layout's two internal hops, within "
+                   "this machine's run-to-run noise." if args.before else "")
+    keepalive_text = ""
+    if "ambient-ka" in by:
+        ka = {k: by[f"{k}-ka"] for k in ("sidecar", "ambient", "waypoint")}
+        keepalive_text = (
+            f"With kept-alive client connections, as Istio's harness keeps them, the paths took "
+            f"{ka['sidecar']['cpu_per_1k']:.3f}, {ka['ambient']['cpu_per_1k']:.3f} and {ka['waypoint']['cpu_per_1k']:.3f} "
+            f"CPU s per 1k requests ({ka['sidecar']['cpu_per_1k'] / ISTIO_PATH_VCPU['sidecar']:.1f}x, "
+            f"{ka['ambient']['cpu_per_1k'] / ISTIO_PATH_VCPU['ambient']:.1f}x and "
+            f"{ka['waypoint']['cpu_per_1k'] / ISTIO_PATH_VCPU['waypoint']:.1f}x Istio's), and ambient L4 added "
+            f"{ka['ambient']['add_p90']:.2f} ms at p90.")
+
     def span(xs: list[float]) -> str:
         lo, hi = round(min(xs, default=0)), round(max(xs, default=0))
         return f"{lo}" if lo == hi else f"{lo}-{hi}"
@@ -720,12 +802,12 @@ def write_doc(path: Path, png: Path | None, args: argparse.Namespace, mach: dict
 
 Measured by `make bench-dataplane` (`bench/dataplane.py`) in one run on {when}, on this
 project's machine: {mach['cores']} cores ({mach['cpu']}), Linux {mach['kernel']}, Envoy {mach['envoy']},
-Python {mach['python']}. The whole bench (lab set-up, four scenarios, config sizes, restart, teardown) took
+Python {mach['python']}. The whole bench (lab set-up, four paths in two client modes, config sizes, restart, teardown) took
 {took:.0f} s. One run: read the ratios and the order of magnitude, not the third digit.
 
 ## Result
 
-{tables(scs, mem, cmp, gap)}
+{tables(scs, mem, cmp, gap, json.loads(args.before.read_text()) if args.before else None)}
 {chart}
 ## Method
 
@@ -743,23 +825,26 @@ Python {mach['python']}. The whole bench (lab set-up, four scenarios, config siz
   - *sidecar*: `scc` -> VIP of `ss`:80; both pods have an intercepting sidecar (`meshline
     iptables`, Envoy under uid 1337); mesh mTLS between the sidecars.
   - *ambient*: `l4c` (namespace `bench-l4c`, ambient) -> VIP of `l4s`:80 (`bench-l4`, ambient):
-    node proxy n1 (in-pod listener) -> HBONE (HTTP/2 CONNECT over mTLS) -> node proxy n2 -> app.
+    node proxy n1 (the pod's in-netns listener, then two internal listeners shared by the node's pods:
+    its scope's, then `ambient_connect`) -> HBONE (HTTP/2 CONNECT over mTLS) -> node proxy n2 -> app.
   - *waypoint*: `wpc` -> VIP of `wps`:80, `bench-wp` labelled `meshline.io/use-waypoint: wp`, the
     waypoint Envoy in pod `wp` on n1: node proxy n1 -> waypoint -> node proxy n2 -> app.
 - **Load**: Debian 12 offers `wrk` (closed loop, no fixed rate) and `hey` (rate limited per
   worker but closed loop, and its CSV output drops failed requests, which the restart gap
   needs), neither wrk2, oha, fortio nor vegeta; so the generator is this bench's own
   `loadgen` mode: fixed-rate **open loop** (request i is started at i/rate whatever the
-  earlier ones do), asyncio raw sockets, run inside the client pod, **a new TCP connection per
-  request (`Connection: close`, keep-alive OFF in every scenario)**, `GET /`. {args.rate:.0f} rps;
+  earlier ones do), asyncio raw sockets, run inside the client pod, `GET /`, in two client modes:
+  **a new TCP connection per request** (`Connection: close`) and, in the rows marked
+  *keep-alive*, **{args.keepalive} kept-alive connections** (HTTP/1.1, one request at a time on each; a
+  request waits for a free connection, and the wait counts in its latency). {args.rate:.0f} rps;
   a {args.warmup:.0f} s warm-up per scenario, then {args.duration:.0f} s measured
   ({int(args.rate * args.duration)} requests) per scenario, split into {args.rounds} interleaved rounds
   (scenario order rotated each round; never two scenarios at once), so that a burst of outside
   load on this shared machine spoils one round of one scenario, not a whole scenario.
-  Latency = connect start -> response read to EOF, per request; per round the nearest-rank
+  Latency = connect (or, kept alive, send) start -> response read, per request; per round the nearest-rank
   percentiles of the successful requests, reported as the median over the rounds (the p99
   column shows the rounds' range too). The generator kept up: its p99 lag behind schedule was
-  {max(s.result['send_lag_p99'] for s in scs):.2f} ms at worst. "Added" = scenario minus direct.
+  {max(s.result['send_lag_p99'] for s in scs):.2f} ms at worst. "Added" = scenario minus direct.{before_text}
   Meanwhile the rest of this shared machine (other sessions' processes) used
   {foreign:.2f} cores on average and at most {foreign_max:.2f} in one window (machine user+system
   time minus this bench's processes); outside load shows up as outliers in the rounds' range.
@@ -795,31 +880,39 @@ ztunnels) and 0.37 (two ztunnels and a waypoint) per 1k rps. Here the paths took
 {by['sidecar']['cpu_per_1k']:.3f}, {by['ambient']['cpu_per_1k']:.3f} and {by['waypoint']['cpu_per_1k']:.3f}
 CPU s per 1k requests: {ratio_sc:.1f}x, {ratio_amb:.1f}x and {ratio_wp:.1f}x Istio's figures; ambient L4
 added {by['ambient']['p90'] - by['direct']['p90']:.2f} ms at p90 ({by['ambient']['add_p50']:.2f} ms at
-p50) against Istio's 0.17 ms. {worst}
-The conditions are not Istio's and tilt against us: the client opens a new TCP connection per
-request, so the proxies that see the client's connections (the client sidecar, both node
+p50) against Istio's 0.17 ms. {keepalive_text} {worst}
+The conditions are not Istio's and tilt against us: in the first mode the client opens a new TCP
+connection per request, so the proxies that see the client's connections (the client sidecar, both node
 proxies: the L4 hops) pay a connection accept, and the node proxies an HBONE stream and a
 delivery connection, per request, while the proxies' own upstream connections are pooled (the
 server sidecar sees a couple of mTLS connections per run, the node proxies share one HBONE
 connection); Istio's harness keeps client connections alive (and its sidecars and waypoints run
 2 workers, ours 1).
-This is also a 2-vCPU VM (AMD, with speculative-execution mitigations that make each syscall
-dearer); a `perf record` of node proxy n1 in a trial run showed no single hot spot in Envoy,
+This is also a {mach['cores']}-vCPU VM ({mach['cpu']}, with speculative-execution mitigations that make each
+syscall dearer); a `perf record` of node proxy n1 in a trial run showed no single hot spot in Envoy,
 mostly kernel networking and scheduling. Memory: our sidecars use {span(sc_rss)} MB RSS each (Istio: 60 MB, with a realistic config),
 the node proxies {span(np_rss)} MB (ztunnel: 12 MB) and the waypoint {span(wp_rss)} MB (Istio:
 60 MB); this mesh is tiny, so that is mostly Envoy's baseline, and our node proxy costs an
 Envoy's baseline per node where ztunnel costs 12 MB. Config: node
 proxy n2 holds {n2['node_translated']['bytes'] / 1024:.1f} KB for its {len(n2['pods'])} ambient pods where
 their sidecars would hold {n2_side / 1024:.1f} KB ({per_side / 1024:.1f} KB each): each sidecar carries the
-whole mesh's outbound config, the node proxy carries it once per identity on its node plus
-per-pod listeners, so the saving grows with pods per identity and with the mesh's size, and is
-small in this four-service mesh.
+whole mesh's outbound config, the node proxy carries it once for all its pods (per Sidecar scope)
+plus small per-pod listeners, so the saving grows with the pods per node and with the mesh's size,
+and is small in this four-service mesh with two pods per node (at scale: "Node proxies at scale"
+below).
 
 Reproduce: `make bench-dataplane` (root; about {took / 60:.0f} min).
 """
     head, sep, istio = text.partition("## Against Istio's published figures\n\n")
     istio = "\n\n".join(textwrap.fill(" ".join(par.split()), 98) for par in istio.strip().split("\n\n"))
-    path.write_text(head + sep + istio + "\n")
+    # bench/nodeproxy.py's section (node proxies at scale) is its own: kept as it is.
+    kept = ""
+    if path.exists() and NODEPROXY_BEGIN in (old := path.read_text()):
+        kept = "\n" + NODEPROXY_BEGIN + old.split(NODEPROXY_BEGIN, 1)[1]
+    path.write_text(head + sep + istio + "\n" + kept)
+
+
+NODEPROXY_BEGIN = "<!-- begin: bench/nodeproxy.py"
 
 
 # --------------------------------------------------------------------------- main
@@ -836,7 +929,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--restart-duration", type=float, default=10.0)
     p.add_argument("--stock-backend", action="store_true",
                    help="run samples/backend.py as it is (Nagle on: +40 ms behind proxies that reuse connections)")
+    p.add_argument("--keepalive", type=int, default=4,
+                   help="also run every path with this many kept-alive client connections (0: not)")
     p.add_argument("--doc", type=Path, help="write the Markdown report here")
+    p.add_argument("--json", type=Path, help="write the scenarios' results here")
+    p.add_argument("--before", type=Path, help="an earlier run's --json (e.g. another layout): its node-proxy rows too")
     p.add_argument("--plot", type=Path, help="write the bar chart (PNG) here")
     return p.parse_args(argv)
 
@@ -859,7 +956,7 @@ def main(argv: list[str]) -> int:
     print(f"data-plane cost bench: {mach['cores']} cores, {mach['cpu']}, Envoy {mach['envoy']}", flush=True)
     with Topology() as topo:
         lab = build_lab(topo, nodelay=not args.stock_backend)
-        scs = scenarios(lab)
+        scs = scenarios(lab, args.keepalive)
         for sc in scs:
             _wait_http(lab.pods[sc.client], f"http://{sc.host}:{sc.port}/", sc.host_header, f'"backend": "{sc.server}"')
         print(f"lab up in {time.monotonic() - started:.0f} s; measuring", flush=True)
@@ -879,8 +976,11 @@ def main(argv: list[str]) -> int:
         gap = restart_gap(lab, args.restart_rate, args.restart_duration, kill_at=3.0)
     took = time.monotonic() - started
     print()
-    print(tables(scs, mem, cmp, gap))
+    before = json.loads(args.before.read_text()) if args.before else None
+    print(tables(scs, mem, cmp, gap, before))
     print(f"\nbench took {took:.0f} s")
+    if args.json:
+        args.json.write_text(json.dumps({sc.key: sc.result for sc in scs}, indent=1, default=str))
     if args.plot:
         plot(args.plot, scs)
         print(f"wrote {args.plot}")
