@@ -11,7 +11,7 @@ xDS framing). Secrets are counted from one real certificate issued by the projec
     .venv/bin/python bench/nodeproxy.py --fit                  # growth grid and fitted coefficients
     .venv/bin/python bench/nodeproxy.py --fit --plot docs/nodeproxy-cost.png --json out.json
     # the report section of docs/dataplane-cost.md (before: this bench on the per-pod layout)
-    .venv/bin/python bench/nodeproxy.py --proposed --fit --plot docs/nodeproxy-cost.png \
+    .venv/bin/python bench/nodeproxy.py --whole --fit --plot docs/nodeproxy-cost.png \
         --before docs/nodeproxy-before.json --doc docs/dataplane-cost.md
 
 The mesh (`mesh_objects`): 10 ambient namespaces; S services (`svc-NNNNN`, one port 80 ->
@@ -26,8 +26,8 @@ Churn, measured on the node proxy after a full build:
 - *new replica*: a Pod (IP on another node's /24) is created: a full rebuild (a Pod changed);
   then it becomes ready (its EndpointSlice gains the address): the store's endpoint fast path.
   Reported: the bytes a delta-xDS node proxy is sent (resources whose version changed), and
-  the rebuild's CPU, with the runtime as it is and (where the translation supports it) with
-  node proxies patched incrementally like sidecars (`--proposed`, see `patched_builder`).
+  the rebuild's CPU, with the runtime's builder (node proxies patched per host on endpoint-only
+  changes since ebef58a) and, with `--whole`, with node proxies re-planned whole (as before).
 - *pod added on the node*: which of the node proxy's resources change.
 
 Per the benchmark convention the comparisons are ratios measured in the same run; CPU is
@@ -58,7 +58,7 @@ from controlplane.model.raw import RawObject  # noqa: E402
 from controlplane.model.store import MeshStore  # noqa: E402
 from controlplane.runtime import _plan_own, _plan_shared, _plan_shared_hosts, _shared_key  # noqa: E402
 from controlplane.sources.base import Replace, Upsert  # noqa: E402
-from controlplane.translate.plan import CLUSTER, ENDPOINT, LISTENER, ROUTE, ResourceSpec, TypeUrl  # noqa: E402
+from controlplane.translate.plan import CLUSTER, ENDPOINT, LISTENER, ROUTE, TypeUrl  # noqa: E402
 
 NAMESPACES = 10
 REPLICAS = 3
@@ -185,52 +185,23 @@ def sidecar_meta(j: int, identities: int) -> ProxyMeta:
 
 
 def runtime_builder(mesh_of: Callable[[], Mesh]) -> SnapshotBuilder:
-    """The snapshot builder exactly as `Runtime` wires it (node proxies: own layer only)."""
+    """The snapshot builder exactly as `Runtime` wires it: since ebef58a a node proxy's
+    endpoint-dependent resources (`plan_node_shared`, shared by node proxies whose pods import
+    the same services) are its shared layer, patched per host on an endpoint-only change, and
+    its own layer (`plan_node_own`, which reads no endpoints) is kept, as a sidecar's is."""
     return SnapshotBuilder(_plan_shared, _plan_own, lambda meta: _shared_key(mesh_of(), meta), _plan_shared_hosts)
 
 
-def proposed_available() -> bool:
-    try:
-        import controlplane.translate.nodeproxy  # noqa: F401
-    except ImportError:
-        return False
-    return True
+def whole_builder(mesh_of: Callable[[], Mesh]) -> SnapshotBuilder:
+    """The same, with node proxies re-planned whole on every change (the runtime before
+    ebef58a), for comparison."""
 
-
-def patched_builder(mesh_of: Callable[[], Mesh]) -> SnapshotBuilder:
-    """The runtime change this bench proposes: a node proxy's endpoint-dependent resources
-    (service clusters and their ClusterLoadAssignments, shared by every node proxy whose pods
-    import the same services) form its shared layer, planned per host on an endpoint-only
-    change; its own layer (per-pod listeners, identity clusters, internal listeners) reads no
-    endpoints, so it is kept, as a sidecar's is."""
-    from controlplane.translate import nodeproxy
-
-    def shared(mesh: Mesh, meta: ProxyMeta) -> list[ResourceSpec]:
-        if meta.mode == "node":
-            return nodeproxy.plan_node_shared(mesh, meta.node or "")
-        return _plan_shared(mesh, meta)
-
-    def shared_hosts(mesh: Mesh, meta: ProxyMeta, hosts: frozenset[str]) -> list[ResourceSpec] | None:
-        if meta.mode == "node":
-            return nodeproxy.plan_node_shared_hosts(mesh, meta.node or "", hosts)
-        return _plan_shared_hosts(mesh, meta, hosts)
-
-    def own(mesh: Mesh, meta: ProxyMeta) -> list[ResourceSpec]:
-        if meta.mode == "node":
-            return nodeproxy.plan_node_own(mesh, meta.node or "")
-        return _plan_own(mesh, meta)
-
-    def key(meta: ProxyMeta) -> object:
-        if meta.mode == "node":
-            return ("node", nodeproxy.node_shared_key(mesh_of(), meta.node or ""))
-        return _shared_key(mesh_of(), meta)
-
-    class Builder(SnapshotBuilder):
+    class Whole(SnapshotBuilder):
         @staticmethod
         def _patchable(pk: Any) -> bool:
-            return pk[4] in ("sidecar", "node")
+            return bool(pk[4] == "sidecar")
 
-    return Builder(shared, own, key, shared_hosts)
+    return Whole(_plan_shared, _plan_own, lambda meta: _shared_key(mesh_of(), meta), _plan_shared_hosts)
 
 
 # --------------------------------------------------------------------------- measuring
@@ -312,9 +283,9 @@ def build_node(store: MeshStore, builder: SnapshotBuilder) -> tuple[Snapshot, fl
 
 
 def measure(services: int, pods: int, identities: int, secrets: tuple[int, int], churn: bool = True,
-            proposed: bool = False, repeat: int = 3, replicas: int = REPLICAS) -> Row:
+            whole: bool = False, repeat: int = 3, replicas: int = REPLICAS) -> Row:
     store = store_of(mesh_objects(services, pods, identities, replicas=replicas))
-    make = patched_builder if proposed else runtime_builder
+    make = whole_builder if whole else runtime_builder
     cpu = math.inf
     snap: Snapshot | None = None
     for _ in range(repeat):  # fresh builders: nothing memoized; the least noisy run
@@ -339,12 +310,12 @@ def measure(services: int, pods: int, identities: int, secrets: tuple[int, int],
               c["CDS"], c["LDS"], c["EDS"], cpu, per[0], sum(per))
     if churn:
         assert replicas == REPLICAS
-        row.churn = measure_churn(store, builder, snap, services, pods, identities, proposed)
+        row.churn = measure_churn(store, builder, snap, services, pods, identities)
     return row
 
 
 def measure_churn(store: MeshStore, builder: SnapshotBuilder, snap: Snapshot, services: int, pods: int,
-                  identities: int, proposed: bool) -> dict[str, Any]:
+                  identities: int) -> dict[str, Any]:
     out: dict[str, Any] = {}
     pod, eps = new_replica(services, 7 % services)
     store.apply([Upsert(ORIGIN, pod)])
@@ -356,7 +327,8 @@ def measure_churn(store: MeshStore, builder: SnapshotBuilder, snap: Snapshot, se
     assert isinstance(delta, EndpointDelta), "an EndpointSlice-only change takes the store's fast path"
     after_ready, cpu = build_node(store, builder)
     b, n, names = changed_bytes(after_pod, after_ready)
-    out["replica_ready"] = {"bytes": b, "resources": n, "cpu_s": cpu, "names": names, "patched": proposed}
+    patched = builder.incremental_rebuilds > 0 and builder._patchable(proxy_key(node_meta()))
+    out["replica_ready"] = {"bytes": b, "resources": n, "cpu_s": cpu, "names": names, "patched": patched}
     # The first pod of a new node: a new /24 block of pod addresses.
     first, _ = new_replica(services, 8 % services, new_node=True)
     store.apply([Upsert(ORIGIN, first)])
@@ -427,14 +399,14 @@ def fit_products(rows: Sequence[Row]) -> dict[str, Any]:
 GRID = {"services": (100, 200, 400), "pods": (10, 20, 40), "identities": ("1", "P/2", "P"), "replicas": (1, 3)}
 
 
-def grid_rows(secrets: tuple[int, int], proposed: bool) -> list[Row]:
+def grid_rows(secrets: tuple[int, int]) -> list[Row]:
     rows = []
     for s in GRID["services"]:
         for p in GRID["pods"]:
             for k in GRID["identities"]:
                 for r in GRID["replicas"]:
                     kk = {"1": 1, "P/2": p // 2, "P": p}[str(k)]
-                    rows.append(measure(s, p, kk, secrets, churn=False, proposed=proposed, repeat=1, replicas=r))
+                    rows.append(measure(s, p, kk, secrets, churn=False, repeat=1, replicas=r))
     return rows
 
 
@@ -514,13 +486,14 @@ def doc_section(after: dict[str, Any], before: dict[str, Any] | None, args: argp
               "pod_added": "one more pod on the measured node (with a new identity when K = P)"}
     k = max(r["identities"] for r in after["rows"])
     bc, ac = (_row(b_rows, k) or {}).get("churn", {}), (_row(after["rows"], k) or {}).get("churn", {})
-    pc = (_row(after.get("proposed", []), k) or {}).get("churn", {})
+    wc = (_row(after.get("whole", []), k) or {}).get("churn", {})
     lines += [f"Churn at S={args.services}, P={args.pods}, K={k}: what a delta-xDS node proxy is sent, and the "
-              "rebuild's control-plane CPU (runtime as it is: node proxies are re-planned in full; proposed: "
-              "patched per host like sidecars, see below).", "",
-              "| change | before | after | after, proposed runtime |", "|---|---|---|---|"]
+              "rebuild's control-plane CPU; after: with node proxies re-planned whole on every change (the "
+              "runtime before ebef58a) and patched per host on endpoint-only changes, like sidecars (the "
+              "runtime since ebef58a, wiring this layout's split; see below).", "",
+              "| change | before | after, re-planned whole | after, patched per host |", "|---|---|---|---|"]
     for key, label in labels.items():
-        lines.append(f"| {label} | {_churn_cell(bc.get(key))} | {_churn_cell(ac.get(key))} | {_churn_cell(pc.get(key))} |")
+        lines.append(f"| {label} | {_churn_cell(bc.get(key))} | {_churn_cell(wc.get(key))} | {_churn_cell(ac.get(key))} |")
     if "fit" in after:
         f, fp = after["fit"], after["fit_products"]
         lines += ["", f"**Growth** (least squares over {f['points']} points: S in {GRID['services']}, P in "
@@ -566,18 +539,15 @@ listener that maps its address to its identity (every node proxy holds that map)
 listener changes, so no other pod's connection is drained
 (`test_changes_elsewhere_drain_no_connection_of_the_node` checks Envoy's own draining gauges).
 
-**The runtime change this needs for incremental rebuilds** (not made here: `controlplane/runtime.py`
-and `controlplane/cache/` belong to others). Today a node proxy is planned whole in its own layer
-and never patched, so an endpoint change re-plans it (tens of ms at S=1000, the memo keeps the
-bytes). The translation already splits it: `plan_node_shared` / `plan_node_shared_hosts` (the
-endpoint-dependent service and waypoint clusters and their endpoints, identical on every node
-whose pods import the same services: `node_shared_key`) and `plan_node_own` (everything else; it
-reads no endpoints). Wiring: in `runtime.py`, `_plan_shared` and `_plan_shared_hosts` return those
-for `meta.mode == "node"`, `_plan_own` returns `plan_node_own`, `_shared_key` returns
-`("node", node_shared_key(mesh, meta.node))` for node proxies; in `cache/snapshot.py`,
-`SnapshotBuilder._patchable` accepts `"node"` as well as `"sidecar"`. The "proposed" column above
-is that builder (`patched_builder` in the bench); `tests/test_nodeproxy_plan.py` checks that its
-patched snapshot equals a full rebuild's.
+**Incremental rebuilds.** The translation splits a node proxy in two: `plan_node_shared` /
+`plan_node_shared_hosts` (the endpoint-dependent service and waypoint clusters and their
+endpoints, identical on every node whose pods import the same services: `node_shared_key`) and
+`plan_node_own` (everything else; it reads no endpoints). Since ebef58a the runtime wires them as
+a sidecar's layers: `_plan_shared` / `_plan_shared_hosts` / `_plan_own` / `_shared_key` in
+`controlplane/runtime.py` for `meta.mode == "node"`, and `SnapshotBuilder._patchable` accepts
+node proxies; an endpoint change then re-plans one host's cluster and endpoints (the last column
+above; the middle one is the same bench with node proxies re-planned whole, `--whole`).
+`tests/test_nodeproxy_plan.py` checks that a patched node snapshot equals a full rebuild's.
 
 **The price of the hops.** A captured connection now crosses two internal listeners inside the
 node proxy (its scope's, then `ambient_connect` or a block listener) before the HBONE tunnel: two
@@ -716,8 +686,8 @@ def main() -> None:
     ap.add_argument("--pods", type=int, default=100)
     ap.add_argument("--identities", default="1,100", help="comma-separated K values")
     ap.add_argument("--no-churn", action="store_true")
-    ap.add_argument("--proposed", action="store_true",
-                    help="also build with node proxies patched incrementally (needs controlplane.translate.nodeproxy)")
+    ap.add_argument("--whole", action="store_true",
+                    help="also measure churn with node proxies re-planned whole (the runtime before ebef58a)")
     ap.add_argument("--fit", action="store_true", help="measure the growth grid and fit a P + b K + c S + d W + e")
     ap.add_argument("--plot", type=Path, help="PNG of node-proxy bytes against S and P next to sidecars")
     ap.add_argument("--json", type=Path, help="write every measurement here")
@@ -740,13 +710,13 @@ def main() -> None:
     print(table(rows))
     out: dict[str, Any] = {"rows": [asdict(r) for r in rows], "secrets": secrets, "when": platform_line()}
     if not args.no_churn:
-        print("\nchurn (runtime as it is):\n" + churn_table(rows))
-    if args.proposed and proposed_available():
-        prow = [measure(args.services, args.pods, int(k), secrets, proposed=True) for k in args.identities.split(",")]
-        print("\nchurn (node proxies patched like sidecars, the proposed runtime change):\n" + churn_table(prow))
-        out["proposed"] = [asdict(r) for r in prow]
+        print("\nchurn (the runtime's builder):\n" + churn_table(rows))
+    if args.whole:
+        wrow = [measure(args.services, args.pods, int(k), secrets, whole=True) for k in args.identities.split(",")]
+        print("\nchurn (node proxies re-planned whole, as before ebef58a):\n" + churn_table(wrow))
+        out["whole"] = [asdict(r) for r in wrow]
     if args.fit:
-        grid = grid_rows(secrets, proposed=False)
+        grid = grid_rows(secrets)
         f = fit(grid)
         print(f"\nadditive fit over {f['points']} points (S {GRID['services']}, P {GRID['pods']}, "
               f"K {GRID['identities']}, replicas {GRID['replicas']}):"

@@ -246,32 +246,28 @@ def test_node_bootstrap_enables_internal_listeners_and_closes_internal_hops_with
 
 
 def test_patching_node_proxies_per_host_gives_the_full_rebuilds_snapshot() -> None:
-    """The runtime change issue 15 asks for, in miniature: node proxies' endpoint-dependent
-    resources as their shared layer, patched per host on an endpoint-only change, their own
-    layer kept. The patched snapshot must equal a full rebuild's, resource for resource."""
+    """The runtime's wiring (node proxies' endpoint-dependent resources as their shared layer,
+    patched per host on an endpoint-only change, their own layer kept): the patched snapshot
+    equals a full rebuild's, resource for resource."""
     from controlplane.cache.snapshot import SnapshotBuilder, proxy_key
     from controlplane.model.ir import ProxyMeta
+    from controlplane.runtime import _plan_own, _plan_shared, _plan_shared_hosts, _shared_key
 
     def builder(store: MeshStore) -> SnapshotBuilder:
-        class Patching(SnapshotBuilder):
-            @staticmethod
-            def _patchable(pk: Any) -> bool:
-                return pk[4] in ("sidecar", "node")
-
-        return Patching(lambda mesh, meta: plan_node_shared(mesh, meta.node or ""),
-                        lambda mesh, meta: plan_node_own(mesh, meta.node or ""),
-                        lambda meta: ("node", node_shared_key(store.mesh_delta()[0], meta.node or "")),
-                        lambda mesh, meta, hosts: plan_node_shared_hosts(mesh, meta.node or "", hosts))
+        return SnapshotBuilder(_plan_shared, _plan_own, lambda meta: _shared_key(store.mesh_delta()[0], meta),
+                               _plan_shared_hosts)
 
     meta = ProxyMeta("node-n1", mode="node", namespace="meshline-system", node="n1")
     store = store_of(mesh_objects(20, 6, 3))
     patching = builder(store)
-    patching.rebuild(store.mesh_delta()[0], [meta])
+    first = patching.rebuild(store.mesh_delta()[0], [meta])[proxy_key(meta)]
     store.apply([Upsert("t", eps("ns2", "svc2", [("svc2-0", "10.1.0.6")]))])
     mesh, delta = store.mesh_delta()
     assert delta is not None
     patched = patching.rebuild(mesh, [meta], delta)[proxy_key(meta)]
     assert patching.incremental_rebuilds == 1
+    # Only svc2's endpoints changed, and the own layer (every listener) is the very same object.
+    assert patched.types[LISTENER] is first.types[LISTENER]
     full = builder(store).rebuild(mesh, [meta])[proxy_key(meta)]
     assert {t: {n: r.version for n, r in tr.items.items()} for t, tr in patched.types.items()} == {
         t: {n: r.version for n, r in tr.items.items()} for t, tr in full.types.items()}
