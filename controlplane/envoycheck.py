@@ -54,8 +54,9 @@ class Verdict:
     message: str = ""
 
 
-def validation_bootstrap(resources: Sequence[Resource]) -> bytes:
-    """A bootstrap (binary protobuf) holding `resources` as static resources. Pure."""
+def validation_bootstrap(resources: Sequence[Resource], certificate: tuple[str, str]) -> bytes:
+    """A bootstrap (binary protobuf) holding `resources` as static resources; `certificate`
+    (PEM chain, PEM key) stands in for every secret they reference. Pure."""
     b = bootstrap_pb2.Bootstrap()
     b.node.id = "meshline-validator"
     b.node.cluster = "meshline"
@@ -123,7 +124,7 @@ def validation_bootstrap(resources: Sequence[Resource]) -> bytes:
             c.name = f"e{i}"
             c.type = cluster_pb2.Cluster.STATIC
             c.load_assignment.CopyFrom(cla)
-    cert, key = _throwaway_certificate()
+    cert, key = certificate
     s = b.static_resources.secrets.add(name=_CERT)
     s.tls_certificate.certificate_chain.inline_string = cert
     s.tls_certificate.private_key.inline_string = key
@@ -180,13 +181,8 @@ def _static_sds(sock: object) -> None:
     typed.Pack(ctx)
 
 
-_CERT_CACHE: list[tuple[str, str]] = []
-
-
-def _throwaway_certificate() -> tuple[str, str]:
+def throwaway_certificate() -> tuple[str, str]:
     """A self-signed EC certificate standing in for every secret a resource references."""
-    if _CERT_CACHE:
-        return _CERT_CACHE[0]
     import datetime as dt
 
     from cryptography import x509
@@ -205,7 +201,6 @@ def _throwaway_certificate() -> tuple[str, str]:
     pem = cert.public_bytes(serialization.Encoding.PEM).decode()
     key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                 serialization.NoEncryption()).decode()
-    _CERT_CACHE.append((pem, key_pem))
     return pem, key_pem
 
 
@@ -219,6 +214,7 @@ class EnvoyValidator:
         self._good: dict[str, None] = {}  # resource versions Envoy accepted (insertion-ordered LRU)
         self._max = max_cached
         self._lock = asyncio.Lock()
+        self._certificate: tuple[str, str] | None = None  # made at the first run
 
     @property
     def available(self) -> bool:
@@ -241,7 +237,9 @@ class EnvoyValidator:
         """One validate run over `resources` (all of CHECKED_TYPES)."""
         if self.binary is None:
             return Verdict(None, self.unavailable_reason)
-        body = validation_bootstrap([r for r in resources if r.type_url in CHECKED_TYPES])
+        if self._certificate is None:
+            self._certificate = throwaway_certificate()
+        body = validation_bootstrap([r for r in resources if r.type_url in CHECKED_TYPES], self._certificate)
         async with self._lock:  # one Envoy at a time: the control plane's CPU is shared
             self.runs += 1
             fd, path = tempfile.mkstemp(prefix="meshline-validate-", suffix=".pb")

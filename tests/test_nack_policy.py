@@ -82,7 +82,7 @@ async def running(preflight: bool = True) -> AsyncIterator[tuple[Runtime, Script
 
 
 async def settle(rt: Runtime) -> None:
-    for _ in range(400):
+    for _ in range(3000):  # up to a minute: a loaded machine only makes it slower, never wrong
         await asyncio.sleep(0.02)
         if not rt._dirty.is_set() and not rt.policy._tasks and not rt.rebuilding:
             await asyncio.sleep(0.05)
