@@ -269,10 +269,11 @@ def test_many_streams_opening_and_leaving_stay_bounded_and_are_freed(served: Ser
     print(f"RSS base {base / MiB:.0f} MiB, peak {watch.peak / MiB:.0f} MiB, after every 50 streams "
           f"{[round(a / MiB) for a in after]} MiB; {watch.healthz_summary()}")
     assert watch.peak - base < BUDGET
-    # Freed streams leave the allocator's fragmentation (a plateau ~+30-50 MiB here, exact
-    # Python-level figures in the tracemalloc test below), not memory per abandoned stream
-    # (before the fix: 200 sets of 9,000 names each kept, ~0.5 GiB).
-    assert max(after) - base < BUDGET and after[-1] - after[0] < 50 * MiB
+    # Freed streams leave the allocator's fragmentation (a plateau ~+20-55 MiB here, more on a
+    # loaded machine; exact Python-level figures in the tracemalloc test below), not memory per
+    # abandoned stream (before the fix: 200 sets of 9,000 names each kept, ~0.5 GiB, i.e. ~375 MiB
+    # between the first and last sample).
+    assert max(after) - base < BUDGET and after[-1] - after[0] < 100 * MiB
     assert not watch.errors and max(watch.latencies) < HEALTHZ_BOUND_S
 
 
