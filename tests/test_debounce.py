@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import yaml
 
@@ -53,32 +53,52 @@ async def running(settings: Settings) -> AsyncIterator[tuple[Runtime, ScriptedSo
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
+# Wall-clock bounds here hold at any machine speed: a debounce window is a lower bound (the
+# runtime sleeps at least that long, however slow the machine), and the one upper bound ("the
+# first change is pushed before the window closes") has a 3 s window against a rebuild of one
+# EndpointSlice that takes milliseconds (room for a 10x slowdown and more). Waits for
+# something to happen poll with a generous deadline instead of sleeping a fixed time.
+WINDOW_S = 3.0
+DEADLINE_S = 60.0
+
+
+async def until(cond: Callable[[], object], what: str, timeout: float = DEADLINE_S) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not within {timeout} s")
+        await asyncio.sleep(0.005)
+
+
+def settled(rt: Runtime, base: int) -> Callable[[], bool]:
+    """Rebuilt at least once since `base`, and nothing is waiting for another rebuild."""
+    return lambda: rt.rebuilds > base and not rt._dirty.is_set() and not rt.rebuilding
+
+
 def test_first_change_is_pushed_at_once_and_a_burst_is_coalesced() -> None:
     async def scenario() -> tuple[float, int, int, float]:
-        async with running(Settings(debounce_ms=300, debounce_max_ms=5000)) as (rt, src):
-            await asyncio.sleep(0.4)  # quiet
+        async with running(Settings(debounce_ms=int(WINDOW_S * 1000), debounce_max_ms=30_000)) as (rt, src):
+            await asyncio.sleep(WINDOW_S + 0.2)  # quiet for longer than the window
             base = rt.rebuilds
             t0 = time.monotonic()
             await src.sink([Upsert("web.yaml", slice_obj("10.0.0.1"))])
-            while rt.rebuilds == base:
-                await asyncio.sleep(0.005)
+            await until(lambda: rt.rebuilds > base, "the first change pushed")
             first_latency = time.monotonic() - t0
             after_first = rt.rebuilds
-            t1 = time.monotonic()
             for i in range(5):  # a burst right after: 5 changes 50 ms apart
+                t_last = time.monotonic()  # (taken before the change: the window starts after it)
                 await src.sink([Upsert("web.yaml", slice_obj(f"10.0.0.{i + 2}"))])
                 await asyncio.sleep(0.05)
-            while rt.rebuilds == after_first:
-                await asyncio.sleep(0.005)
-            burst_done = time.monotonic() - t1
+            await until(lambda: rt.rebuilds > after_first, "the burst pushed")
+            burst_quiet = time.monotonic() - t_last
             await asyncio.sleep(0.5)
-            return first_latency, after_first - base, rt.rebuilds - after_first, burst_done
+            return first_latency, after_first - base, rt.rebuilds - after_first, burst_quiet
 
-    first_latency, first_pushes, burst_pushes, burst_done = asyncio.run(scenario())
+    first_latency, first_pushes, burst_pushes, burst_quiet = asyncio.run(scenario())
     assert first_pushes == 1
-    assert first_latency < 0.25  # not held back by the 300 ms debounce
+    assert first_latency < WINDOW_S  # not held back by the debounce window
     assert burst_pushes == 1  # five changes, one push
-    assert burst_done >= 0.25 + 0.3 - 0.05  # pushed after the burst paused for the debounce
+    assert burst_quiet >= WINDOW_S  # pushed only after the burst paused for the whole window
 
 
 def service_obj(port: int) -> RawObject:
@@ -94,27 +114,28 @@ def test_other_changes_wait_for_the_debounce_and_identity_changes_rebuild_in_ful
 
     async def scenario() -> tuple[float, int, int]:
         async with running(Settings(debounce_ms=300, debounce_max_ms=5000)) as (rt, src):
+            base = rt.rebuilds
             await src.sink([Upsert("web.yaml", slice_obj("10.0.0.1"))])
-            await asyncio.sleep(0.5)
+            await until(settled(rt, base), "the first slice pushed")
             base = rt.rebuilds
             t0 = time.monotonic()
             await src.sink([Upsert("svc.yaml", service_obj(80))])
-            while rt.rebuilds == base:
-                await asyncio.sleep(0.005)
+            await until(lambda: rt.rebuilds > base, "the Service change pushed")
             waited = time.monotonic() - t0
-            await asyncio.sleep(0.5)
-            before = rt.builder.incremental_rebuilds
+            await until(settled(rt, base), "the Service change settled")
+            base, before = rt.rebuilds, rt.builder.incremental_rebuilds
             await src.sink([Upsert("web.yaml", slice_obj("10.0.0.5"))])
-            await asyncio.sleep(0.5)
+            await until(settled(rt, base), "the endpoint change pushed")
             patched = rt.builder.incremental_rebuilds
             assert patched == before + 1  # an endpoint change alone is a patch
+            base = rt.rebuilds
             rt._identity_changed()  # what a rotation or a new trust bundle triggers
             await src.sink([Upsert("web.yaml", slice_obj("10.0.0.9"))])
-            await asyncio.sleep(0.5)
+            await until(settled(rt, base), "the change after the identity change pushed")
             return waited, patched, rt.builder.incremental_rebuilds
 
     waited, patched_before, patched_after = asyncio.run(scenario())
-    assert waited >= 0.25
+    assert waited >= 0.3  # the whole 300 ms window (a lower bound: holds on any machine)
     assert patched_after == patched_before  # the endpoint change after it was not a patch
 
 
@@ -138,7 +159,7 @@ def test_a_nack_for_an_unreachable_netns_blames_no_object_and_is_retried() -> No
                               ("ambient_outbound_shop_a",), ())
             rt.on_nack(conn, nack)
             held_before = bool(st.quarantine)
-            await asyncio.sleep(0.4)
+            await until(lambda: not st.quarantine, "offered again after the retry delay")
             return rt.store.quarantined(), held_before, bool(st.quarantine)
 
     quarantined, held_before, held_after = asyncio.run(scenario())

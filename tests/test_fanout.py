@@ -160,7 +160,9 @@ def test_gc_policy_settles_after_a_burst_of_full_rebuilds_and_frees_frozen_cycle
         policy = GcPolicy(settle_after_s=1.0, every_s=300.0)
         policy.install()
         assert gc.get_threshold() == THRESHOLDS  # young collections far apart
-        t = policy.last
+        # Times are passed in; the base is a round number so that `(t + 300) - t` is exactly
+        # 300 (with the monotonic clock's value it may round to 299.99999..., as it did in CI).
+        t = policy.last = 1000.0
 
         class Node:
             def __init__(self) -> None:
@@ -169,17 +171,17 @@ def test_gc_policy_settles_after_a_burst_of_full_rebuilds_and_frees_frozen_cycle
         assert not policy.maybe_settle(busy=False, now=t + 1)  # nothing rebuilt: nothing due
         policy.after_full_rebuild(now=t + 10)
         policy.after_full_rebuild(now=t + 10.5)  # a burst: the pass waits for its last rebuild
-        assert not policy.maybe_settle(busy=False, now=t + 11.2)
-        assert not policy.maybe_settle(busy=True, now=t + 11.6)  # a rebuild is pending: later
+        assert not policy.maybe_settle(busy=False, now=t + 11.25)
+        assert not policy.maybe_settle(busy=True, now=t + 11.75)  # a rebuild is pending: later
         n = Node()
         alive = weakref.ref(n)
-        assert policy.maybe_settle(busy=False, now=t + 11.6)
+        assert policy.maybe_settle(busy=False, now=t + 11.75)
         assert gc.get_freeze_count() > 0 and alive() is not None  # n was alive: it is frozen now
         del n
         gc.collect()
         assert alive() is not None  # frozen: ordinary collections no longer scan it
         assert not policy.maybe_settle(busy=False, now=t + 12)  # not due again yet
-        assert policy.maybe_settle(busy=False, now=t + 11.6 + 300)  # the periodic pass
+        assert policy.maybe_settle(busy=False, now=t + 11.75 + 300)  # the periodic pass
         assert alive() is None  # ...collected the frozen cycle
         assert policy.passes == 2
         policy.after_full_rebuild(now=t + 400, streams=0)  # nobody connected: settle at once
@@ -265,7 +267,7 @@ async def test_a_failing_attach_leaves_no_connection_behind(fx: XdsFixture,
 def test_gc_settle_pass_is_not_postponed_forever_by_steady_churn() -> None:
     try:
         policy = GcPolicy(settle_after_s=1.0, every_s=300.0)
-        t = policy.last
+        t = policy.last = 1000.0  # (a round base: `(t + 600) - t` is exactly 600)
         assert not policy.maybe_settle(busy=True, now=t + 301)  # due, but a rebuild is pending
         assert policy.maybe_settle(busy=True, now=t + 600)  # twice the period: runs anyway
     finally:
