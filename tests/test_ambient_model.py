@@ -18,7 +18,7 @@ from controlplane.model.mesh import Mesh
 from controlplane.model.policy import policies_for_port
 from controlplane.model.store import assemble
 from controlplane.sources.yamlload import parse_documents
-from controlplane.translate.ambient import plan_node
+from controlplane.translate.nodeproxy import plan_node
 from controlplane.translate.plan import LISTENER, ROUTE, SECRET
 
 BASE = """
@@ -251,6 +251,35 @@ def test_service_attached_policy_is_enforced_by_sidecars_without_a_waypoint() ->
     """
     listeners = build_all(plan_inbound(mesh_of(with_wp, wp_svc), meta))[LISTENER]
     assert "old-deny-admin" not in str(listeners["virtualInbound"])
+
+
+def test_sidecar_hbone_inbound_takes_its_routes_and_policies_over_rds() -> None:
+    """A sidecar's 15008 listener names its CONNECT routes (targets, L4 policies) by RDS: a
+    policy change alters only that route, so the listener (and the pooled HBONE connections
+    on it) stays as it is while the next tunnel gets the new policy."""
+    from controlplane.translate.plan import build_all
+    from controlplane.translate.sidecar import plan_inbound
+
+    meta = ProxyMeta("old-1", namespace="legacy", workload="old-1", capture="intercept")
+    before = build_all(plan_inbound(mesh_of(SIDECAR_POD), meta))
+    from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2
+    from google.protobuf import json_format
+
+    hcm = http_connection_manager_pb2.HttpConnectionManager()
+    (chain,) = before[LISTENER]["inbound_hbone"].filter_chains
+    chain.filters[0].typed_config.Unpack(hcm)
+    assert hcm.rds.route_config_name == "inbound_hbone" and not hcm.HasField("route_config")
+    route = json_format.MessageToJson(before[ROUTE]["inbound_hbone"])
+    assert "10.0.5.5:8080" in route and "10.96.5.5:80\"" in route and "old-deny-admin" in route
+    deny_ns = """
+    apiVersion: security.meshline.io/v1
+    kind: AuthorizationPolicy
+    metadata: {name: old-deny-shop, namespace: legacy}
+    spec: {selector: {matchLabels: {app: old}}, action: DENY, rules: [{from: [{source: {namespaces: [shop]}}]}]}
+    """
+    after = build_all(plan_inbound(mesh_of(SIDECAR_POD, deny_ns), meta))
+    assert after[LISTENER]["inbound_hbone"] == before[LISTENER]["inbound_hbone"]
+    assert "old-deny-shop" in json_format.MessageToJson(after[ROUTE]["inbound_hbone"])
 
 
 def test_policy_for_a_missing_namespace_waypoint_fails_closed_at_the_node_proxy() -> None:
