@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 
 from controlplane.model.ambient import runs_sidecar
 from controlplane.model.ir import (
@@ -49,6 +50,7 @@ from controlplane.model.ir import (
     Workload,
 )
 from controlplane.model.mesh import Mesh
+from controlplane.model.policy import authorization_policies_for, effective_mtls, orphaned_policies
 from controlplane.translate.clusters import (
     build_blackhole_cluster,
     build_inbound_cluster,
@@ -58,10 +60,9 @@ from controlplane.translate.clusters import (
     effective_policy,
     is_passthrough,
 )
-from controlplane.translate.endpoints import build_cla, locality_endpoints
-from controlplane.translate.hbone import build_hbone_inbound, build_hbone_routes
-from controlplane.translate.inbound import Inbound, inbound_ports, inbound_security
+from controlplane.translate.endpoints import build_cla, select_endpoints
 from controlplane.translate.listeners import (
+    InboundPort,
     InboundSecurity,
     OutboundListener,
     WeightedCluster,
@@ -70,7 +71,6 @@ from controlplane.translate.listeners import (
     build_virtual_inbound,
     build_virtual_outbound,
 )
-from controlplane.translate.locality import ClientLocality
 from controlplane.translate.names import (
     APP_ADDRESS_ANNOTATION,
     BLACKHOLE_CLUSTER,
@@ -82,6 +82,7 @@ from controlplane.translate.names import (
     dedupe_domains,
     destination_cluster,
     destination_port,
+    inbound_cluster_name,
     outbound_cluster_name,
     route_config_name,
     service_domains,
@@ -91,9 +92,7 @@ from controlplane.translate.names import (
 from controlplane.translate.plan import CLUSTER, ENDPOINT, LISTENER, ROUTE, ResourceSpec
 from controlplane.translate.routes import build_route_config, plan_virtual_host
 from controlplane.translate.scope import Scope, registry_only, source_labels_of
-from controlplane.translate.secrets import WORKLOAD_SECRET
 from controlplane.translate.security import outbound_sni, spiffe_uri, upstream_tls
-from controlplane.translate.tunnel import tunnel_cluster_specs, tunnel_targets, tunnelled
 
 
 def _dr(mesh: Mesh, svc: Service, namespace: str, classes: frozenset[Labels] = frozenset()
@@ -128,7 +127,7 @@ def service_identities(mesh: Mesh, svc: Service, sidecars_only: bool) -> tuple[s
 
 
 def _cluster_specs(mesh: Mesh, svc: Service, namespace: str, scope: Scope | None = None,
-                   capture: CaptureMode = "bind", client: ClientLocality | None = None) -> list[ResourceSpec]:
+                   capture: CaptureMode = "bind") -> list[ResourceSpec]:
     if scope is not None and not any((svc.hostname, sp.port) in scope for sp in svc.ports):
         return []
     dr = _dr(mesh, svc, namespace, source_labels_of(scope))
@@ -143,17 +142,17 @@ def _cluster_specs(mesh: Mesh, svc: Service, namespace: str, scope: Scope | None
     for sp in svc.ports:
         if scope is not None and (svc.hostname, sp.port) not in scope:
             continue
-        if capture == "intercept" and tunnelled(mesh, svc, sp):
+        if capture == "intercept" and _tunnelled(mesh, svc, sp):
             # Ambient destinations accept mesh traffic only through the HBONE tunnel.
+            from controlplane.translate.ambient import WORKLOAD_SECRET, tunnel_cluster_specs
+
             for subset, labels in subsets:
                 out += tunnel_cluster_specs(mesh, svc, sp, subset, labels, WORKLOAD_SECRET, via_waypoint=True)
             continue
         for subset, labels in subsets:
             name = outbound_cluster_name(sp.port, svc.hostname, subset)
             policy = effective_policy(dr, sp.port, subset)
-            lb = policy.load_balancer
-            eps, cla_args = locality_endpoints(sets, sp, single, mesh.workloads, labels, lb.locality_lb if lb else None,
-                                               policy.outlier_detection is not None, client)
+            eps = select_endpoints(sets, sp, single, mesh.workloads, labels)
             sni = outbound_sni(sp.port, subset, svc.hostname)
             tls = upstream_tls(policy.tls, any(e.mtls for e in eps), sni, peers, mesh.trust_domain, sp.protocol)
             args = (name, sp.protocol, policy, tls)
@@ -161,8 +160,17 @@ def _cluster_specs(mesh: Mesh, svc: Service, namespace: str, scope: Scope | None
                 out.append(ResourceSpec(CLUSTER, name, build_original_dst_cluster, args, sources))
                 continue
             out.append(ResourceSpec(CLUSTER, name, build_outbound_cluster, args, sources))
-            out.append(ResourceSpec(ENDPOINT, name, build_cla, (name, *cla_args), sources))
+            out.append(ResourceSpec(ENDPOINT, name, build_cla, (name, eps), sources))
     return out
+
+
+def _tunnelled(mesh: Mesh, svc: Service, sp: ServicePort) -> bool:
+    """Whether a sidecar reaches `svc` on `sp` through the HBONE tunnel: its pods are ambient,
+    or it uses a waypoint (which then enforces its L7 policies for sidecar callers too)."""
+    from controlplane.model.ambient import waypoint_service
+    from controlplane.translate.ambient import needs_tunnel
+
+    return waypoint_service(mesh, svc) is not None or needs_tunnel(mesh, svc, sp)
 
 
 def route_spec(
@@ -301,14 +309,12 @@ def plan_outbound(
     capture: CaptureMode,
     bind_address: str = "127.0.0.1",
     scope: Scope | None = None,
-    client: ClientLocality | None = None,
 ) -> list[ResourceSpec]:
     """Clusters, endpoints, route configurations and listeners shared by every sidecar in
     `namespace` with capture mode `capture` (and scope), sorted by (type, name). In bind
     capture the outbound listeners bind `bind_address` (127.0.0.1 unless the proxy asks for
     another loopback address, so several sidecars can share one host). `scope`: the
-    (hostname, port) pairs the proxies' Sidecar lets them receive; None: every service.
-    `client`: the proxies' locality, for locality load balancing (None: unknown)."""
+    (hostname, port) pairs the proxies' Sidecar lets them receive; None: every service."""
     specs: list[ResourceSpec] = []
     by_port: Mapping[int, Sequence[Service]] = mesh.services_by_port
     hosts: Iterable[Hostname] = mesh.services
@@ -322,7 +328,7 @@ def plan_outbound(
         by_port = scoped
         hosts = {s.hostname for on_port in scoped.values() for s in on_port}
     for host in sorted(hosts):
-        specs += _cluster_specs(mesh, mesh.services[host], namespace, scope, capture, client)
+        specs += _cluster_specs(mesh, mesh.services[host], namespace, scope, capture)
     for port, on_port in sorted(by_port.items()):
         services = sorted(on_port, key=lambda s: s.hostname)
         routed = [s for s in services if _sniffed_or_http(_port_of(s, port))]
@@ -356,7 +362,6 @@ def plan_outbound_hosts(
     capture: CaptureMode,
     hosts: Iterable[Hostname],
     scope: Scope | None = None,
-    client: ClientLocality | None = None,
 ) -> list[ResourceSpec]:
     """The part of `plan_outbound(mesh, namespace, capture, ..., scope)` that depends on the
     endpoints of `hosts`: their clusters and load assignments (and, for services reached
@@ -366,19 +371,71 @@ def plan_outbound_hosts(
     for host in sorted(hosts):
         svc = mesh.services.get(host)
         if svc is not None:
-            specs += _cluster_specs(mesh, svc, namespace, scope, capture, client)
+            specs += _cluster_specs(mesh, svc, namespace, scope, capture)
     return _unique(specs)
 
 
 # --------------------------------------------------------------------------- inbound
 
 
-def _hbone_inbound(mesh: Mesh, wl: Workload, ports: list[Inbound], sec: InboundSecurity,
+@dataclass(frozen=True, slots=True)
+class _Inbound:
+    port: InboundPort
+    sources: tuple[SourceRef, ...]
+
+
+def _target_port(sp: ServicePort, wl: Workload | None) -> int | None:
+    if isinstance(sp.target_port, int):
+        return sp.target_port
+    if sp.target_port.isdigit():
+        return int(sp.target_port)
+    if wl is None:
+        return None
+    return next((cp.port for cp in wl.ports if cp.name == sp.target_port), None)
+
+
+def inbound_ports(mesh: Mesh, proxy: ProxyMeta, wl: Workload | None) -> list[_Inbound]:
+    """The ports the proxy's workload serves, by target port; the first service (by
+    hostname) to claim a target port decides its protocol."""
+    labels = wl.labels if wl is not None else proxy.labels
+    found: dict[int, _Inbound] = {}
+    for svc in sorted(mesh.services_selecting(proxy.namespace, labels), key=lambda s: s.hostname):
+        for sp in svc.ports:
+            tp = _target_port(sp, wl)
+            if tp is None:
+                continue
+            cur = found.get(tp)
+            if cur is None:
+                found[tp] = _Inbound(InboundPort(tp, inbound_cluster_name(tp), sp.protocol), (svc.ref,))
+            elif svc.ref not in cur.sources:
+                found[tp] = _Inbound(cur.port, (*cur.sources, svc.ref))
+    return [found[p] for p in sorted(found)]
+
+
+def inbound_security(mesh: Mesh, proxy: ProxyMeta, wl: Workload | None
+                     ) -> tuple[InboundSecurity, tuple[SourceRef, ...]]:
+    """The workload's PeerAuthentication modes and AuthorizationPolicies, and their sources."""
+    labels = wl.labels if wl is not None else proxy.labels
+    mtls = effective_mtls(mesh, proxy.namespace, labels)
+    authz = authorization_policies_for(mesh, proxy.namespace, labels)
+    if wl is not None:
+        # Policies attached (targetRefs) to this pod's services when no waypoint enforces them.
+        from controlplane.model.ambient import waypoint_service
+
+        authz = (*authz, *orphaned_policies(mesh, wl, lambda svc: waypoint_service(mesh, svc) is not None))
+    sec = InboundSecurity(mtls.mode, mtls.ports, mesh.trust_domain, authz)
+    return sec, _refs(mtls.sources, tuple(a.ref for a in authz))
+
+
+def _hbone_inbound(mesh: Mesh, wl: Workload, ports: list[_Inbound], sec: InboundSecurity,
                    sources: tuple[SourceRef, ...]) -> list[ResourceSpec]:
     """15008: callers from ambient pods (and waypoints) tunnel to this sidecar's app. Its
     routes (targets, policies) come over RDS: a policy change reaches the next tunnel on a
     pooled HBONE connection at once (an inline change would leave that connection on the
     old filter chain, old policy, until it drains)."""
+    from controlplane.translate.ambient import WORKLOAD_SECRET, tunnel_targets
+    from controlplane.translate.hbone import build_hbone_inbound, build_hbone_routes
+
     targets = tunnel_targets(mesh, wl, {ib.port.port: ib.port.cluster for ib in ports})
     args = (HBONE_INBOUND, None, WORKLOAD_SECRET, mesh.trust_domain, None, ())
     rargs = (HBONE_INBOUND, mesh.trust_domain, targets, sec.authz)
