@@ -17,15 +17,14 @@ import yaml
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
+from controlplane.cache.consistency import check_messages
 from controlplane.model.convert import convert
 from controlplane.model.ir import ProxyMeta, labels_of
 from controlplane.model.mesh import Mesh
 from controlplane.model.store import assemble
 from controlplane.sources.yamlload import parse_documents
-from controlplane.translate.ambient import plan_node, plan_waypoint
-from controlplane.translate.plan import ENDPOINT, PUSH_ORDER, SHORT_NAMES, ResourceSpec, TypeUrl
-from controlplane.translate.scope import proxy_scope
-from controlplane.translate.sidecar import plan_inbound, plan_outbound
+from controlplane.translate.plan import ENDPOINT, PUSH_ORDER, SHORT_NAMES, ResourceSpec, TypeUrl, build_all
+from controlplane.translate.proxy import plan_proxy
 
 GOLDEN = Path(__file__).parent / "golden"
 CASES = sorted(p.name for p in GOLDEN.iterdir() if (p / "in").is_dir())
@@ -76,19 +75,14 @@ def load_case(name: str) -> Case:
 
 
 def proxy_specs(mesh: Mesh, proxy: ProxyMeta) -> list[ResourceSpec]:
-    if proxy.mode == "node":
-        specs = plan_node(mesh, proxy.node or "")
-    elif proxy.mode == "waypoint":
-        specs = plan_waypoint(mesh, proxy)
-    else:
-        scope = proxy_scope(mesh, proxy)  # None (everything) unless a Sidecar scopes the proxy
-        specs = plan_outbound(mesh, proxy.namespace, proxy.capture, scope=scope) + plan_inbound(mesh, proxy)
-    seen: set[tuple[TypeUrl, str]] = set()
-    for spec in specs:
-        key = (spec.type_url, spec.name)
-        assert key not in seen, f"{proxy.node_id}: duplicate {key}"
-        seen.add(key)
-    return specs
+    """What the runtime plans for `proxy` (its shared and own layers; certificates come from
+    the CA and are not in golden files)."""
+    plan = plan_proxy(mesh, proxy)
+    for layer in (plan.shared, plan.own):
+        keys = [(s.type_url, s.name) for s in layer]
+        assert len(keys) == len(set(keys)), f"{proxy.node_id}: duplicate in one layer"
+    assert not plan.overlaps(), f"{proxy.node_id}: planned in both layers: {plan.overlaps()}"
+    return plan.specs()
 
 
 def built(specs: list[ResourceSpec]) -> dict[TypeUrl, list[Message]]:
@@ -155,6 +149,16 @@ def test_golden(case_name: str, request: pytest.FixtureRequest) -> None:
     else:
         assert {p.name for p in out_dir.glob("*.yaml")} == expected_files, "stale or missing golden files"
     assert not mismatched, f"golden output differs for {mismatched}; rerun with --update-golden and review"
+
+
+@pytest.mark.parametrize("case_name", CASES)
+def test_golden_plans_are_consistent(case_name: str) -> None:
+    """Every cluster, load assignment and route configuration a golden proxy's resources
+    name is one it gets (secrets come from the CA and are not planned here)."""
+    case = load_case(case_name)
+    for proxy in case.proxies:
+        problems = check_messages(build_all(proxy_specs(case.mesh, proxy)), secrets=False)
+        assert not problems, f"{proxy.node_id}: " + "; ".join(map(str, problems))
 
 
 @pytest.mark.parametrize("case_name", CASES)

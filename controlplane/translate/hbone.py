@@ -17,7 +17,7 @@ AuthorizationPolicies are evaluated per virtual host with L4 semantics (the CONN
 carries no L7 attributes of the tunnelled traffic; L7 rules fail closed as on TCP).
 
 Node proxies own listeners inside each ambient pod's network namespace
-(`network_namespace_filepath`: `_listener`) and deliver to the pod's app from inside it
+(`network_namespace_filepath`: `netns_listener`) and deliver to the pod's app from inside it
 (`upstream_bind_config` in that namespace, sockets marked `AMBIENT_MARK` so the pod's capture
 rules let them pass).
 """
@@ -48,7 +48,7 @@ from controlplane.model.policy import policies_for_port
 from controlplane.translate.clusters import ClusterPolicy, apply_connection_policy
 from controlplane.translate.names import AMBIENT_MARK, HBONE_PORT, duration_ms, pack
 from controlplane.translate.rbac import network_rbac_filters, rbac_rules
-from controlplane.translate.secrets import ROOT_SECRET, _ads
+from controlplane.translate.secrets import ROOT_SECRET, ads_config_source
 from controlplane.translate.security import tls_socket
 
 HCM_FILTER = "envoy.filters.network.http_connection_manager"
@@ -71,10 +71,10 @@ ACCESS_LOG_FORMAT = (
 def _sds(name: str) -> Any:
     from envoy.extensions.transport_sockets.tls.v3 import secret_pb2
 
-    return secret_pb2.SdsSecretConfig(name=name, sds_config=_ads())
+    return secret_pb2.SdsSecretConfig(name=name, sds_config=ads_config_source())
 
 
-def _common(cert_secret: str, trust_domain: str, peers: Sequence[str]) -> tls_pb2.CommonTlsContext:
+def common_tls(cert_secret: str, trust_domain: str, peers: Sequence[str]) -> tls_pb2.CommonTlsContext:
     """Our certificate (`cert_secret`), the mesh root, TLS 1.3, ALPN h2; the peer must hold
     one of `peers` (SPIFFE URIs) or, when empty, any identity of `trust_domain`."""
     common = tls_pb2.CommonTlsContext(alpn_protocols=["h2"])
@@ -93,7 +93,7 @@ def _common(cert_secret: str, trust_domain: str, peers: Sequence[str]) -> tls_pb
     return common
 
 
-def _http2_only(c: cluster_pb2.Cluster) -> None:
+def http2_only(c: cluster_pb2.Cluster) -> None:
     opts = http_protocol_options_pb2.HttpProtocolOptions()
     opts.explicit_http_config.http2_protocol_options.SetInParent()
     c.typed_extension_protocol_options[HTTP2_OPTIONS].CopyFrom(pack(opts))
@@ -118,10 +118,10 @@ def build_hbone_cluster(name: str, eds_name: str | None, cert_secret: str, trust
     else:
         c.type = cluster_pb2.Cluster.EDS
         c.eds_cluster_config.service_name = eds_name
-        c.eds_cluster_config.eds_config.CopyFrom(_ads())
-    _http2_only(c)
+        c.eds_cluster_config.eds_config.CopyFrom(ads_config_source())
+    http2_only(c)
     ctx = tls_pb2.UpstreamTlsContext()
-    ctx.common_tls_context.CopyFrom(_common(cert_secret, trust_domain, peers))
+    ctx.common_tls_context.CopyFrom(common_tls(cert_secret, trust_domain, peers))
     c.transport_socket.CopyFrom(tls_socket(ctx))
     return c
 
@@ -147,7 +147,7 @@ def _tunnel_proxy(stat_prefix: str, cluster: str, authority: str | None) -> list
     return f
 
 
-def _listener(name: str, port: int, netns: str | None, direction: int) -> listener_pb2.Listener:
+def netns_listener(name: str, port: int, netns: str | None, direction: int) -> listener_pb2.Listener:
     """0.0.0.0:`port`, inside the network namespace at `netns` when set."""
     lst = listener_pb2.Listener(name=name, traffic_direction=direction)
     sa = lst.address.socket_address
@@ -234,11 +234,11 @@ def build_hbone_inbound(name: str, netns: str | None, cert_secret: str, trust_do
     or target change then applies to every new tunnel at once, also to those multiplexed on an
     existing connection, where an inline change would leave pooled connections on the old
     filter chain (old policy) until they drain."""
-    lst = _listener(name, HBONE_PORT, netns, base_pb2.INBOUND)
+    lst = netns_listener(name, HBONE_PORT, netns, base_pb2.INBOUND)
     fc = lst.filter_chains.add(name=name)
     ctx = tls_pb2.DownstreamTlsContext()
     ctx.require_client_certificate.value = True
-    ctx.common_tls_context.CopyFrom(_common(cert_secret, trust_domain, ()))
+    ctx.common_tls_context.CopyFrom(common_tls(cert_secret, trust_domain, ()))
     fc.transport_socket.CopyFrom(tls_socket(ctx))
     h = hcm_pb2.HttpConnectionManager(stat_prefix=name, codec_type=hcm_pb2.HttpConnectionManager.HTTP2)
     h.http2_protocol_options.allow_connect = True
@@ -246,7 +246,7 @@ def build_hbone_inbound(name: str, netns: str | None, cert_secret: str, trust_do
     _access_log(h)
     if targets is None:
         h.rds.route_config_name = name
-        h.rds.config_source.CopyFrom(_ads())
+        h.rds.config_source.CopyFrom(ads_config_source())
     else:
         h.route_config.CopyFrom(build_hbone_routes(name, trust_domain, targets, policies))
     for action in ("AUDIT", "DENY", "ALLOW"):
@@ -289,7 +289,7 @@ def build_plain_inbound(name: str, netns: str | None, ports: tuple[PlainPort, ..
     """0.0.0.0:15006 (inside `netns`): captured plaintext inbound connections, per target
     port, with the network RBAC of the pod's AuthorizationPolicies; STRICT ports and
     unknown ports go nowhere."""
-    lst = _listener(name, 15006, netns, base_pb2.INBOUND)
+    lst = netns_listener(name, 15006, netns, base_pb2.INBOUND)
     lst.listener_filters.add(name=ORIGINAL_DST_FILTER).typed_config.CopyFrom(pack(original_dst_pb2.OriginalDst()))
     for p in ports:
         if not p.allowed:

@@ -87,7 +87,7 @@ class InboundPort:
 # --------------------------------------------------------------------------- network filters
 
 
-def _hcm(
+def hcm_filter(
     stat_prefix: str,
     rds_name: str | None,
     route_config: route_pb2.RouteConfiguration | None,
@@ -174,11 +174,11 @@ def build_outbound_listener(spec: OutboundListener) -> listener_pb2.Listener:
         _sniffing(lst)
         http = lst.filter_chains.add(name=f"{spec.name}_http")
         http.filter_chain_match.application_protocols.extend(SNIFFED_PROTOCOLS)
-        http.filters.append(_hcm(stat, spec.route_name, None))
+        http.filters.append(hcm_filter(stat, spec.route_name, None))
         lst.filter_chains.add(name=f"{spec.name}_tcp").filters.append(
             _tcp_proxy(stat, spec.tcp, spec.tcp_hash_source_ip))
     elif spec.route_name is not None:
-        lst.filter_chains.add(name=f"{spec.name}_http").filters.append(_hcm(stat, spec.route_name, None))
+        lst.filter_chains.add(name=f"{spec.name}_http").filters.append(hcm_filter(stat, spec.route_name, None))
     else:
         lst.filter_chains.add(name=f"{spec.name}_tcp").filters.append(
             _tcp_proxy(stat, spec.tcp, spec.tcp_hash_source_ip))
@@ -258,7 +258,7 @@ def _inbound_chains(lst: listener_pb2.Listener, ip: InboundPort, match_port: boo
         prefix = "mtls_" if secure else ""
         if ip.protocol.is_http or sniffed:
             app: tuple[str, ...] = (MESH_ALPN if secure else SNIFFED_PROTOCOLS) if sniffed else ()
-            hcm = _hcm(stat, None, _inbound_route(ip), http_filters, client_cert=secure)
+            hcm = hcm_filter(stat, None, _inbound_route(ip), http_filters, client_cert=secure)
             chains.append((f"{prefix}http", secure, app, [hcm]))
         if not ip.protocol.is_http:
             chains.append((f"{prefix}tcp", secure, (), _tcp_filters(stat, ip.cluster, sec)))

@@ -7,7 +7,7 @@ Per ambient pod P of the node (P's own resources, nobody else's):
 - `ambient_outbound_<ns>_<pod>`: 15001 in P's netns, one filter chain: label the connection
   with P's identity and hand it to P's scope listener;
 - `ambient_hbone_<ns>_<pod>`, `ambient_plain_<ns>_<pod>`, `inbound_ambient|<port>|<ns>/<pod>`:
-  P's inbound side (`controlplane.translate.ambient._pod_inbound`, unchanged).
+  P's inbound side (`controlplane.translate.nodepod.pod_inbound`).
 Per identity running on the node: `ambient_src|<SPIFFE URI>` (its certificate; SDS secret
 named by the URI, sent by the runtime).
 Per Sidecar scope among the node's pods (one, `ambient_outbound`, when no Sidecar applies):
@@ -37,14 +37,6 @@ from controlplane.model.ambient import accepts_hbone, ambient_pods_on, identitie
 from controlplane.model.ir import Hostname, Service, SourceRef, Workload
 from controlplane.model.mesh import Mesh
 from controlplane.model.scope import proxy_sidecar
-from controlplane.translate.ambient import (
-    _all_hbone,
-    _pod_inbound,
-    _pod_meta,
-    _pods_behind,
-    _vip,
-    identity_secret,
-)
 from controlplane.translate.clusters import (
     build_blackhole_cluster,
     build_outbound_cluster,
@@ -53,6 +45,7 @@ from controlplane.translate.clusters import (
 )
 from controlplane.translate.endpoints import build_cla, select_endpoints
 from controlplane.translate.names import BLACKHOLE_CLUSTER, PASSTHROUGH_CLUSTER
+from controlplane.translate.nodepod import identity_secret, pod_inbound, pod_meta
 from controlplane.translate.nodeproxy_envoy import (
     CONNECT_LISTENER,
     SOURCE_CLUSTER,
@@ -73,6 +66,7 @@ from controlplane.translate.nodeproxy_envoy import (
 from controlplane.translate.plan import CLUSTER, ENDPOINT, LISTENER, ResourceSpec
 from controlplane.translate.scope import sidecar_scope
 from controlplane.translate.security import spiffe_uri
+from controlplane.translate.tunnel import all_hbone, pods_behind, service_vip
 
 SCOPE_LISTENER = "ambient_outbound"
 PODS_LISTENER = "ambient_pods"
@@ -102,7 +96,7 @@ def pod_scope(mesh: Mesh, wl: Workload, memo: dict[object, PodScope] | None = No
     """The scope of `wl`'s outbound traffic: its Sidecar's egress (L4: sourceLabels classes
     of VirtualServices do not apply to a node proxy). `memo` shares the work between pods of
     one namespace under one Sidecar."""
-    sc = proxy_sidecar(mesh, _pod_meta(wl))
+    sc = proxy_sidecar(mesh, pod_meta(wl))
     if sc is None:
         return PodScope("", None)
     key = (sc.namespace, sc.name, wl.namespace)
@@ -147,7 +141,7 @@ def _imported(mesh: Mesh, scopes: Iterable[PodScope]) -> dict[Hostname, tuple[in
     out: dict[Hostname, tuple[int, ...]] = {}
     for host in sorted(mesh.services):
         svc = mesh.services[host]
-        if _vip(svc) is None:
+        if service_vip(svc) is None:
             continue
         ports = sorted({p for sc in scopes for p in sc.ports(svc)})
         if ports:
@@ -162,7 +156,7 @@ def _tunnel_endpoints(mesh: Mesh, pods: list[tuple[str, Workload | None]]) -> tu
 
 
 def _service_specs(mesh: Mesh, svc: Service, ports: tuple[int, ...]) -> list[ResourceSpec]:
-    vip = _vip(svc)
+    vip = service_vip(svc)
     assert vip is not None
     refs: tuple[SourceRef, ...] = (svc.ref,)
     specs = []
@@ -170,8 +164,8 @@ def _service_specs(mesh: Mesh, svc: Service, ports: tuple[int, ...]) -> list[Res
         if sp.port not in ports:
             continue
         name = service_cluster(vip, sp.port)
-        pods = _pods_behind(mesh, svc, sp)
-        if _all_hbone(mesh, pods):
+        pods = pods_behind(mesh, svc, sp)
+        if all_hbone(mesh, pods):
             specs += [ResourceSpec(CLUSTER, name, build_tunnel_service_cluster, (name,), refs),
                       ResourceSpec(ENDPOINT, name, build_tunnel_cla, (name, _tunnel_endpoints(mesh, pods)), refs)]
         else:  # some pods outside the mesh: plaintext to every endpoint, as a sidecar would
@@ -185,7 +179,7 @@ def _service_specs(mesh: Mesh, svc: Service, ports: tuple[int, ...]) -> list[Res
 def _waypoint_specs(mesh: Mesh, wp: Service) -> list[ResourceSpec]:
     name = WAYPOINT_CLUSTER + wp.hostname
     wsp = next((p for p in wp.ports if p.port == 15008), wp.ports[0] if wp.ports else None)
-    pods = _pods_behind(mesh, wp, wsp) if wsp is not None else []
+    pods = pods_behind(mesh, wp, wsp) if wsp is not None else []
     refs: tuple[SourceRef, ...] = (wp.ref,)
     return [ResourceSpec(CLUSTER, name, build_tunnel_service_cluster, (name,), refs),
             ResourceSpec(ENDPOINT, name, build_tunnel_cla, (name, _tunnel_endpoints(mesh, pods)), refs)]
@@ -229,7 +223,7 @@ def _scope_listener_specs(mesh: Mesh, scope: PodScope, blocks: dict[str, dict[st
     by_waypoint: dict[Hostname, tuple[Service, list[IpRoute], list[str]]] = {}
     for host, ports in _imported(mesh, [scope]).items():
         svc = mesh.services[host]
-        vip = _vip(svc)
+        vip = service_vip(svc)
         assert vip is not None
         cidr = f"{vip}/{128 if ':' in vip else 32}"
         every = len(ports) == len(svc.ports)
@@ -319,7 +313,7 @@ def plan_node_own(mesh: Mesh, node: str) -> list[ResourceSpec]:
         name = f"ambient_outbound_{wl.namespace}_{wl.name}"
         source = SOURCE_CLUSTER + identity_secret(td, wl.namespace, wl.service_account)
         add([ResourceSpec(LISTENER, name, build_pod_outbound, (name, wl.netns, source, scope.listener), (wl.ref,))])
-        add(_pod_inbound(mesh, wl))
+        add(pod_inbound(mesh, wl))
     return sorted(out.values(), key=lambda s: (s.type_url, s.name))
 
 

@@ -57,12 +57,12 @@ from xds.type.matcher.v3 import ip_pb2, matcher_pb2
 from controlplane.translate.hbone import (
     ORIGINAL_DST_FILTER,
     TCP_PROXY_FILTER,
-    _common,
-    _http2_only,
-    _listener,
+    common_tls,
+    http2_only,
+    netns_listener,
 )
 from controlplane.translate.names import HBONE_PORT, duration_ms, pack
-from controlplane.translate.secrets import _ads
+from controlplane.translate.secrets import ads_config_source
 from controlplane.translate.security import tls_socket
 
 CONNECT_LISTENER = "ambient_connect"
@@ -198,7 +198,7 @@ def build_pod_outbound(name: str, netns: str | None, source_cluster: str, scope_
                        ) -> listener_pb2.Listener:
     """0.0.0.0:15001 inside the pod's netns: every captured connection is handed to the
     shared scope listener, labelled with its destination and the pod's tunnel cluster."""
-    lst = _listener(name, 15001, netns, base_pb2.OUTBOUND)
+    lst = netns_listener(name, 15001, netns, base_pb2.OUTBOUND)
     _original_dst(lst)
     fc = lst.filter_chains.add(name=name)
     fc.filters.append(_set_state(_fs(LOCAL_IP_KEY, LOCAL, ONCE),
@@ -298,9 +298,9 @@ def build_source_cluster(name: str, cert_secret: str, trust_domain: str) -> clus
                             lb_policy=cluster_pb2.Cluster.CLUSTER_PROVIDED)
     c.connect_timeout.CopyFrom(duration_ms(2000))
     c.original_dst_lb_config.upstream_port_override.value = HBONE_PORT
-    _http2_only(c)
+    http2_only(c)
     ctx = tls_pb2.UpstreamTlsContext()
-    ctx.common_tls_context.CopyFrom(_common(cert_secret, trust_domain, ()))
+    ctx.common_tls_context.CopyFrom(common_tls(cert_secret, trust_domain, ()))
     c.transport_socket.CopyFrom(tls_socket(ctx))
     return c
 
@@ -311,7 +311,7 @@ def build_tunnel_service_cluster(name: str) -> cluster_pb2.Cluster:
     c = cluster_pb2.Cluster(name=name, type=cluster_pb2.Cluster.EDS)
     c.connect_timeout.CopyFrom(duration_ms(2000))
     c.eds_cluster_config.service_name = name
-    c.eds_cluster_config.eds_config.CopyFrom(_ads())
+    c.eds_cluster_config.eds_config.CopyFrom(ads_config_source())
     c.transport_socket.CopyFrom(_internal_upstream(ODST_METADATA, TUNNEL_METADATA))
     return c
 

@@ -18,11 +18,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from envoy.config.core.v3 import config_source_pb2
 from envoy.extensions.transport_sockets.tls.v3 import common_pb2, secret_pb2, tls_pb2
 from envoy.type.matcher.v3 import string_pb2
 
+from controlplane.model.ir import ClientTLS
 from controlplane.translate.plan import SECRET, ResourceSpec
 
 WORKLOAD_SECRET = "default"
@@ -72,7 +74,7 @@ def plan_named_secrets(named: Sequence[tuple[str, TlsMaterial]], bundle_pem: str
 # --------------------------------------------------------------------------- references
 
 
-def _ads() -> config_source_pb2.ConfigSource:
+def ads_config_source() -> config_source_pb2.ConfigSource:
     src = config_source_pb2.ConfigSource(resource_api_version=config_source_pb2.V3)
     src.ads.SetInParent()
     return src
@@ -80,12 +82,113 @@ def _ads() -> config_source_pb2.ConfigSource:
 
 def workload_sds() -> secret_pb2.SdsSecretConfig:
     """`SdsSecretConfig` for the proxy's own certificate (`default`), fetched over ADS."""
-    return secret_pb2.SdsSecretConfig(name=WORKLOAD_SECRET, sds_config=_ads())
+    return secret_pb2.SdsSecretConfig(name=WORKLOAD_SECRET, sds_config=ads_config_source())
 
 
 def root_sds() -> secret_pb2.SdsSecretConfig:
     """`SdsSecretConfig` for the trust bundle (`ROOTCA`), fetched over ADS."""
-    return secret_pb2.SdsSecretConfig(name=ROOT_SECRET, sds_config=_ads())
+    return secret_pb2.SdsSecretConfig(name=ROOT_SECRET, sds_config=ads_config_source())
+
+
+# --------------------------------------------------------------------------- origination (DestinationRule tls)
+
+CREDENTIAL_SDS_PREFIX = "kubernetes://"
+
+
+def credential_sds_name(credential: str) -> str:
+    """The SDS name of a DestinationRule `credentialName`'s client certificate, as Istio names
+    it: `kubernetes://<name>` (the Secret of that name in the proxy's own namespace)."""
+    return f"{CREDENTIAL_SDS_PREFIX}{credential}"
+
+
+def credential_ca_sds_name(credential: str) -> str:
+    """The SDS name of the CA that verifies the server for a `credentialName`:
+    `kubernetes://<name>-cacert`."""
+    return f"{CREDENTIAL_SDS_PREFIX}{credential}-cacert"
+
+
+def _sans(matchers: Any, sans: Sequence[str]) -> None:
+    for san in sans:
+        kind = common_pb2.SubjectAltNameMatcher.URI if "://" in san else common_pb2.SubjectAltNameMatcher.DNS
+        matchers.append(common_pb2.SubjectAltNameMatcher(san_type=kind, matcher=string_pb2.StringMatcher(exact=san)))
+
+
+def apply_origination(common: tls_pb2.CommonTlsContext, origin: ClientTLS | None, sans: Sequence[str],
+                      system_ca: str) -> None:
+    """TLS origination as a DestinationRule's `tls` asks (SIMPLE or MUTUAL), as Istio does it:
+    MUTUAL presents the client certificate (`clientCertificate`/`privateKey` files, read by
+    Envoy on the proxy's host, or `credentialName` over SDS); the server is verified against
+    `caCertificates` (else the secret's CA for `credentialName`, else the system CA bundle
+    `system_ca`), `caCrl`, and `sans` (URI SANs for `spiffe://...`, DNS names otherwise),
+    unless `insecureSkipVerify`."""
+    mutual = origin is not None and origin.mode == "MUTUAL"
+    skip = origin is not None and origin.insecure_skip_verify
+    if origin is not None and origin.credential_name:
+        name = origin.credential_name
+        if mutual:
+            common.tls_certificate_sds_secret_configs.append(
+                secret_pb2.SdsSecretConfig(name=credential_sds_name(name), sds_config=ads_config_source()))
+        if not skip:
+            combined = common.combined_validation_context
+            combined.validation_context_sds_secret_config.CopyFrom(
+                secret_pb2.SdsSecretConfig(name=credential_ca_sds_name(name), sds_config=ads_config_source()))
+            _sans(combined.default_validation_context.match_typed_subject_alt_names, sans)
+        return
+    if mutual and origin is not None and origin.client_certificate and origin.private_key:
+        cert = common.tls_certificates.add()
+        cert.certificate_chain.filename = origin.client_certificate
+        cert.private_key.filename = origin.private_key
+    if skip:
+        return
+    validation = common.validation_context
+    validation.trusted_ca.filename = (origin.ca_certificates if origin is not None else None) or system_ca
+    if origin is not None and origin.ca_crl:
+        validation.crl.filename = origin.ca_crl
+    _sans(validation.match_typed_subject_alt_names, sans)
+
+
+@dataclass(frozen=True, slots=True)
+class Credential:
+    """A `credentialName` Secret's TLS material, PEM: client certificate chain and key (either
+    may be empty for a CA-only Secret), CA bundle and CRL (may be empty). The key stays out of
+    `repr`."""
+
+    cert_pem: str
+    key_pem: str = field(repr=False)
+    ca_pem: str = ""
+    crl_pem: str = ""
+
+
+def credential_secret(name: str, cred: Credential) -> secret_pb2.Secret:
+    s = secret_pb2.Secret(name=credential_sds_name(name))
+    s.tls_certificate.certificate_chain.inline_bytes = cred.cert_pem.encode()
+    s.tls_certificate.private_key.inline_bytes = cred.key_pem.encode()
+    return s
+
+
+def credential_ca_secret(name: str, ca_pem: str, crl_pem: str, system_ca: str) -> secret_pb2.Secret:
+    """The CA half of a credential: its CA bundle, else the system CA bundle (file on the proxy)."""
+    s = secret_pb2.Secret(name=credential_ca_sds_name(name))
+    if ca_pem:
+        s.validation_context.trusted_ca.inline_bytes = ca_pem.encode()
+    else:
+        s.validation_context.trusted_ca.filename = system_ca
+    if crl_pem:
+        s.validation_context.crl.inline_bytes = crl_pem.encode()
+    return s
+
+
+def plan_credential_secrets(creds: Sequence[tuple[str, Credential]], system_ca: str) -> list[ResourceSpec]:
+    """The Secret resources of the `credentialName`s a proxy's clusters reference, each given
+    with the credential found for it (a missing or invalid one is not sent: the cluster's TLS
+    never becomes ready and its connections fail, never falling back to plaintext)."""
+    out: list[ResourceSpec] = []
+    for name, cred in creds:
+        if cred.cert_pem and cred.key_pem:
+            out.append(ResourceSpec(SECRET, credential_sds_name(name), credential_secret, (name, cred)))
+        out.append(ResourceSpec(SECRET, credential_ca_sds_name(name), credential_ca_secret,
+                                (name, cred.ca_pem, cred.crl_pem, system_ca)))
+    return out
 
 
 def common_tls_context(peer_spiffe_ids: Sequence[str] = (),

@@ -1,0 +1,94 @@
+"""The one entry point of translation: which planner a proxy gets. Pure, no I/O.
+
+`plan_proxy(mesh, proxy)` returns a proxy's plan in two layers, the way the runtime's
+snapshot builder keeps them:
+- `shared`: what every proxy with an equal `shared_key` receives, and the only part that
+  reads endpoints: a sidecar's outbound side (`sidecar.plan_outbound`, per namespace, capture,
+  bind address and Sidecar scope); a node proxy's service clusters and their endpoints
+  (`nodeproxy.plan_node_shared`, per set of imported services); nothing for a waypoint;
+- `own`: the rest (a sidecar's inbound side, a node proxy's per-pod and per-identity
+  resources, a waypoint's everything), kept as it is on endpoint-only changes.
+`plan_shared_hosts` re-plans just the shared resources that depend on some hosts' endpoints
+(an endpoint-only change patches those). Certificates are not translation: the runtime's
+identity planner adds them to the own layer from the CA's material.
+
+The runtime, the golden tests and the benches all plan through here, so the golden files
+are the production path's output.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from controlplane.model.ir import Hostname, ProxyMeta
+from controlplane.model.mesh import Mesh
+from controlplane.translate import nodeproxy
+from controlplane.translate.ambient import plan_waypoint
+from controlplane.translate.plan import ResourceSpec
+from controlplane.translate.scope import proxy_scope, scope_key
+from controlplane.translate.sidecar import plan_inbound, plan_outbound, plan_outbound_hosts
+
+
+@dataclass(frozen=True, slots=True)
+class ProxyPlan:
+    """A proxy's resources as two layers (see the module docstring)."""
+
+    shared: tuple[ResourceSpec, ...]
+    own: tuple[ResourceSpec, ...]
+
+    def specs(self) -> list[ResourceSpec]:
+        """Both layers as the proxy receives them, sorted by (type, name); a name in both is
+        the own layer's (as the snapshot builder combines them)."""
+        merged = {(s.type_url, s.name): s for s in (*self.shared, *self.own)}
+        return [merged[k] for k in sorted(merged)]
+
+    def overlaps(self) -> list[tuple[str, str]]:
+        """(type URL, name) pairs planned in both layers (each should have one owner)."""
+        shared = {(s.type_url, s.name) for s in self.shared}
+        return sorted(k for k in ((s.type_url, s.name) for s in self.own) if k in shared)
+
+
+def plan_proxy(mesh: Mesh, proxy: ProxyMeta) -> ProxyPlan:
+    """`proxy`'s resources (without certificates) for `mesh`."""
+    return ProxyPlan(tuple(plan_shared(mesh, proxy)), tuple(plan_own(mesh, proxy)))
+
+
+def plan_shared(mesh: Mesh, meta: ProxyMeta) -> list[ResourceSpec]:
+    """The endpoint-dependent layer proxies of one class share: a sidecar's outbound side; a
+    node proxy's service clusters and their endpoints (shared by node proxies whose pods import
+    the same services)."""
+    if meta.mode == "node":
+        return nodeproxy.plan_node_shared(mesh, meta.node) if meta.node else []
+    if meta.mode != "sidecar":
+        return []
+    return plan_outbound(mesh, meta.namespace, meta.capture, meta.outbound_address, proxy_scope(mesh, meta))
+
+
+def plan_shared_hosts(mesh: Mesh, meta: ProxyMeta, hosts: frozenset[str]) -> list[ResourceSpec] | None:
+    """Just the shared resources that depend on the endpoints of `hosts` (an endpoint-only
+    change patches those), or None when the proxy class is planned in full."""
+    if meta.mode == "node":
+        return nodeproxy.plan_node_shared_hosts(mesh, meta.node, hosts) if meta.node else []
+    if meta.mode != "sidecar":
+        return None
+    return plan_outbound_hosts(mesh, meta.namespace, meta.capture, [Hostname(h) for h in hosts],
+                               proxy_scope(mesh, meta))
+
+
+def plan_own(mesh: Mesh, meta: ProxyMeta) -> list[ResourceSpec]:
+    """A proxy's own layer, which reads no endpoints (kept as it is on endpoint-only changes)."""
+    if meta.mode == "node":
+        return nodeproxy.plan_node_own(mesh, meta.node) if meta.node else []
+    if meta.mode == "waypoint":
+        return plan_waypoint(mesh, meta)
+    return plan_inbound(mesh, meta)
+
+
+def shared_key(mesh: Mesh, meta: ProxyMeta) -> object:
+    """Proxies with equal keys share one layer: sidecars of the same mode, namespace, capture
+    (and bind address) and effective Sidecar (or none); node proxies whose pods import the
+    same services."""
+    if meta.mode == "node":
+        return ("node", nodeproxy.node_shared_key(mesh, meta.node or ""))
+    return (meta.mode, meta.namespace, meta.capture, meta.outbound_address if meta.capture == "bind" else "",
+            scope_key(mesh, meta))
