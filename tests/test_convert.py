@@ -1040,8 +1040,7 @@ def test_golden_inputs_convert_cleanly() -> None:
     from pathlib import Path
 
     # Cases that exist to show a warned behaviour: (case, field) of the warnings they must have.
-    expected = {("authz-custom", "spec.action"), ("authz-custom", "spec.provider"),
-                ("sidecar-registry-only", "spec.outboundTrafficPolicy")}
+    expected = {("sidecar-registry-only", "spec.outboundTrafficPolicy")}
     files = sorted(Path(__file__).parent.glob("golden/*/in/*.yaml"))
     assert files
     for path in files:

@@ -187,10 +187,15 @@ def test_authorization_policy_errors(spec: str, field: str, fragment: str) -> No
 
 def test_authorization_policy_warnings() -> None:
     value, issues = ap("action: CUSTOM\nprovider: {name: opa}\nrules: [{to: [{operation: {paths: [/admin]}}]}]")
-    assert value is not None and not errors(issues)
-    # Fails closed as Istio does with a provider it cannot use: the rules deny.
-    assert value.action == "DENY" and value.rules[0].operations[0].paths == ("/admin",)
-    only(issues, "spec.action", "CUSTOM (external authorization) is not supported", "warning")
+    assert value is not None and not issues
+    # The provider is kept; the action is the fail-closed stand-in (DENY with the same rules)
+    # every enforcement point uses unless it can ask the provider's authorizer.
+    assert value.action == "DENY" and value.provider == "opa" and value.rules[0].operations[0].paths == ("/admin",)
+    value, issues = ap("action: CUSTOM\nrules: [{}]")
+    assert value is None
+    only(issues, "spec.provider", "is required with action CUSTOM")
+    value, issues = ap("action: CUSTOM\nprovider: {name: opa, kind: x}\nrules: [{}]")
+    only(issues, "spec.provider.kind", "unknown field")
     value, issues = ap("targetRefs: [{kind: Service, group: '', name: web}, {kind: Gateway, "
                        "group: gateway.networking.k8s.io, name: wp}]\nrules: [{}]")
     assert value is not None and not issues

@@ -6,11 +6,16 @@ values Istio's own validation rejects: a bad mTLS mode, port-level mTLS without 
 selector, an invalid CIDR or port, a `when` key Meshline does not know, an empty source or
 operation, a wildcard anywhere but at the start or end of a value.
 
+`action: CUSTOM` (external authorization) needs `provider.name`, an extension provider of
+the mesh config (`--mesh-config`, Istio's MeshConfig `extensionProviders`, see
+`controlplane.model.meshconfig`). The IR keeps the provider's name with action DENY: where
+the provider is usable, sidecars send the requests the rules match to its authorizer (Envoy's
+ext_authz, before DENY and ALLOW policies, as Istio); where it is not (unknown name, service
+not in the mesh, a TCP port with an HTTP provider, a workload with policies of two
+providers), the rules deny, the way Istio fails closed ("will generate deny configs for the
+specified rules"). An unknown provider is reported by the cross-object checks.
+
 Accepted with a warning:
-- `action: CUSTOM` (external authorization): Meshline has no extension providers, so the
-  policy fails closed the way Istio does when it cannot use a policy's provider ("will
-  generate deny configs for the specified rules"): it is enforced as a DENY policy with
-  the same rules, so requests an external authorizer could have denied are denied;
 - `targetRef`/`targetRefs` (they attach a policy to a gateway or waypoint, not to
   sidecars): the policy is ignored;
 - request (JWT) principals and `request.auth.*` conditions: Meshline validates no JWTs, so
@@ -54,13 +59,9 @@ from controlplane.model.ir import (
 )
 
 PA_SPEC_FIELDS = ("selector", "mtls", "portLevelMtls")
-AP_SPEC_FIELDS = ("selector", "action", "rules", "targetRef", "targetRefs")
+AP_SPEC_FIELDS = ("selector", "action", "rules", "targetRef", "targetRefs", "provider")
 TARGET_REF_FIELDS = ("group", "kind", "name", "namespace")
 TARGET_KINDS = {"Gateway": ("gateway.networking.k8s.io",), "Service": ("", "core")}
-AP_SPEC_IGNORED = {
-    "provider": "provider names an external authorizer (action CUSTOM); Meshline has none, so the policy's rules "
-                "deny (fail closed)",
-}
 ACTIONS = ("ALLOW", "DENY", "AUDIT", "CUSTOM")
 SOURCE_FIELDS = (
     "principals",
@@ -375,7 +376,7 @@ def convert_authorization_policy(ctx: Ctx, namespace: str, name: str) -> Authori
     spec = _spec(ctx)
     if spec is None:
         return None
-    check_fields(ctx, spec, "spec", AP_SPEC_FIELDS, AP_SPEC_IGNORED)
+    check_fields(ctx, spec, "spec", AP_SPEC_FIELDS)
     selector = _selector(ctx, spec)
     targets = [k for k in ("selector", "targetRef", "targetRefs") if spec.get(k) is not None]
     if len(targets) > 1:
@@ -390,10 +391,15 @@ def convert_authorization_policy(ctx: Ctx, namespace: str, name: str) -> Authori
         rule = _rule(ctx, item, index("spec.rules", i), namespace)
         if rule is not None:
             rules.append(rule)
+    provider: str | None = None
     if action_text == "CUSTOM":
-        ctx.warn("spec.action", "CUSTOM (external authorization) is not supported: like Istio with a provider it "
-                 "cannot use, this policy fails closed and is enforced as DENY with the same rules (requests it "
-                 "matches are denied)")
+        pm = child(ctx, spec, "provider", "spec")
+        if pm is not None:
+            check_fields(ctx, pm, "spec.provider", ("name",))
+            provider = get_str(ctx, pm, "name", "spec.provider", required=True)
+        elif spec.get("provider") is None:
+            ctx.error("spec.provider", "is required with action CUSTOM (the name of an extension provider of the "
+                      "mesh config)")
     target_refs = _target_refs(ctx, spec, namespace)
     action: AuthzAction = ("DENY" if action_text in ("DENY", "CUSTOM") else "AUDIT" if action_text == "AUDIT"
                            else "ALLOW")
@@ -405,6 +411,7 @@ def convert_authorization_policy(ctx: Ctx, namespace: str, name: str) -> Authori
         action=action,
         rules=tuple(rules),
         target_refs=target_refs,
+        provider=provider,
     )
 
 

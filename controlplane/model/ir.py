@@ -580,6 +580,10 @@ class AuthorizationPolicy:
     # targetRefs: (kind, name) of the waypoints (kind Gateway) or Services of the policy's
     # namespace it attaches to. Such a policy is enforced by the waypoint, not the workloads.
     target_refs: tuple[tuple[str, str], ...] = ()
+    # action CUSTOM: the extension provider (`spec.provider.name`) whose external authorizer
+    # decides on the requests the rules match. `action` is then DENY: the fail-closed stand-in
+    # every enforcement point uses unless it sends those requests to that authorizer.
+    provider: str | None = None
 
 
 # --------------------------------------------------------------------------- Sidecar (egress scoping)

@@ -34,6 +34,7 @@ from controlplane.model.ir import (
     service_fqdn,
 )
 from controlplane.model.mesh import EndpointDelta, Mesh, build_mesh
+from controlplane.model.meshconfig import MeshConfig
 from controlplane.model.raw import ObjectKey, RawObject
 from controlplane.model.validate import check_mesh
 
@@ -68,7 +69,7 @@ def withheld_value(good: IRValue | None, prev_good: IRValue | None) -> IRValue |
             return prev_good
         if good.action == "ALLOW":
             return replace(good, rules=())
-        return replace(good, action="DENY", rules=(AuthzRule(),))
+        return replace(good, action="DENY", rules=(AuthzRule(),), provider=None)
     if isinstance(good, PeerAuthentication):
         return replace(good, mode="STRICT", port_level=tuple((p, "STRICT") for p, _ in good.port_level))
     return prev_good
@@ -79,10 +80,14 @@ FAIL_CLOSED_KINDS = frozenset({"AuthorizationPolicy", "PeerAuthentication"})
 
 class MeshStore:
     def __init__(self, *, root_namespace: str = DEFAULT_ROOT_NAMESPACE,
-                 trust_domain: str = DEFAULT_TRUST_DOMAIN, netns_annotations: bool = True) -> None:
+                 trust_domain: str = DEFAULT_TRUST_DOMAIN, netns_annotations: bool = True,
+                 mesh_config: MeshConfig = MeshConfig()) -> None:
         """`netns_annotations`: honour pods' `meshline.io/netns` (directory mode); in a cluster
-        a pod's author controls it, so only node agents' reports say where a netns is."""
+        a pod's author controls it, so only node agents' reports say where a netns is.
+        `mesh_config`: Istio MeshConfig (extension providers), replaced by `set_mesh_config`."""
         self.netns_annotations = netns_annotations
+        self.mesh_config = mesh_config
+        self._mesh_config_issues: tuple[Issue, ...] = ()
         self.root_namespace = root_namespace
         self.trust_domain = trust_domain
         self._entries: dict[ObjectKey, Entry] = {}
@@ -222,6 +227,14 @@ class MeshStore:
             self._shadowed.pop(key, None)
         return True
 
+    def set_mesh_config(self, config: MeshConfig, issues: tuple[Issue, ...] = ()) -> bool:
+        """Use `config` (and report `issues` of its file) from the next mesh on; True if it changed."""
+        if config == self.mesh_config and issues == self._mesh_config_issues:
+            return False
+        self.mesh_config, self._mesh_config_issues = config, issues
+        self._invalidate(everything=True)
+        return True
+
     # ------------------------------------------------------------------ NACK quarantine
     def quarantine(self, keys: Iterable[ObjectKey], reason: str) -> list[ObjectKey]:
         """Withhold the current version of each object (its previous valid version, or
@@ -280,6 +293,7 @@ class MeshStore:
                 out.append(Issue(e.raw.ref, "", f"WITHHELD: {e.quarantine}; this version is withheld and {kept} "
                                  f"until the object changes (or is re-applied: annotation {RETRY_ANNOTATION})",
                                  "error", e.raw.line))
+        out.extend(self._mesh_config_issues)
         for origin in sorted(self._origin_errors):
             for pe in self._origin_errors[origin]:
                 out.append(Issue(SourceRef("File", "", origin, pe.file, pe.line), "", pe.message, pe.severity,
@@ -304,7 +318,7 @@ class MeshStore:
             if v is not None:
                 values.append(v)
         return assemble(values, (), root_namespace=self.root_namespace, trust_domain=self.trust_domain,
-                        netns_annotations=self.netns_annotations)
+                        netns_annotations=self.netns_annotations, mesh_config=self.mesh_config)
 
     def endpoint_only_pending(self) -> bool:
         """Whether every change since the last mesh is an EndpointSlice update or delete."""
@@ -326,6 +340,7 @@ class MeshStore:
                     root_namespace=self.root_namespace,
                     trust_domain=self.trust_domain,
                     netns_annotations=self.netns_annotations,
+                    mesh_config=self.mesh_config,
                 )
             self._base = self._mesh
             self._dirty = {}
@@ -406,10 +421,13 @@ def assemble(
     root_namespace: str = DEFAULT_ROOT_NAMESPACE,
     trust_domain: str = DEFAULT_TRUST_DOMAIN,
     netns_annotations: bool = True,
+    mesh_config: MeshConfig = MeshConfig(),
 ) -> Mesh:
     """Build a Mesh from valid IR values (in key order) and add cross-object issues."""
     mesh = mesh_of(values, issues, root_namespace=root_namespace, trust_domain=trust_domain,
                    netns_annotations=netns_annotations)
+    if mesh_config != mesh.mesh_config:
+        mesh = replace(mesh, mesh_config=mesh_config)
     cross = check_mesh(mesh)
     if not cross:
         return mesh

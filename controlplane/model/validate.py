@@ -33,6 +33,7 @@ from controlplane.model.ir import (
     service_fqdn,
 )
 from controlplane.model.mesh import Mesh
+from controlplane.model.meshconfig import check_custom_policies
 from controlplane.model.policy import (
     authorization_policy_applies,
     http_only_attributes,
@@ -64,6 +65,7 @@ def check_mesh(mesh: Mesh) -> tuple[Issue, ...]:
     for sc in mesh.sidecars:
         issues.extend(_sidecar_hosts(mesh, sc))
     issues.extend(check_istio_fidelity(mesh))
+    issues.extend(check_custom_policies(mesh.authorization_policies, mesh.mesh_config, mesh.services))
     return tuple(issues)
 
 
