@@ -111,7 +111,7 @@ async def settled(rec: Recorder, src: KubernetesSource, env: KubeEnv) -> None:
     await eventually(lambda: env.faults.open_watches() == len(src.informers), what="all watches open")
 
 
-async def eventually(pred: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
+async def eventually(pred: Callable[[], bool], timeout: float = 60.0, what: str = "condition") -> None:
     deadline = time.monotonic() + timeout
     while not pred():
         if time.monotonic() > deadline:
@@ -364,22 +364,26 @@ async def test_unreachable_api_server_retries_with_backoff_and_stays_unready(tmp
             if label == "kubernetes/Service":
                 stamps.append(time.monotonic())
 
-        src = KubernetesSource(kubeconfig=env.kubeconfig, on_restart=restarted, options=FAST)
+        # No jitter: each wait is exactly base * 2**n (capped), a lower bound on the gap
+        # between two attempts however busy the machine is.
+        steady = WatchOptions(backoff=Backoff(base=0.05, cap=0.4, jitter=0.0), healthy_after=FAST.healthy_after,
+                              watch_timeout=FAST.watch_timeout)
+        src = KubernetesSource(kubeconfig=env.kubeconfig, on_restart=restarted, options=steady)
         rt = Runtime(Settings(kubernetes=True), [src], metrics)
         task = asyncio.create_task(rt.run_sources())
         try:
-            await asyncio.sleep(1.5)
+            await eventually(lambda: len(stamps) >= 6, what="six attempts")
             assert not rt.ready
             assert rt.unsynced_sources() == ["kubernetes"]
             restarts = metrics.registry.get_sample_value("meshline_source_watch_restarts_total",
                                                          {"source": "kubernetes/Service"})
-            assert restarts is not None and 3 <= restarts <= 15  # retrying, but backing off
+            assert restarts is not None and restarts >= 6  # retrying...
             gaps = [b - a for a, b in itertools.pairwise(stamps)]
-            assert sum(gaps[-2:]) / 2 > 2 * gaps[0]  # the waits grow
+            assert min(gaps[-2:]) >= 0.4 * 0.99  # ...but backing off: the waits grew to the cap
             assert rt.store.mesh().services == {}
 
             env.faults.set_online(True)
-            await eventually(lambda: rt.ready, timeout=5, what="ready once the API server is up")
+            await eventually(lambda: rt.ready, what="ready once the API server is up")
             assert REVIEWS in rt.store.mesh().services
         finally:
             task.cancel()
@@ -397,13 +401,13 @@ async def test_not_ready_until_every_kind_is_listed(kube: KubeEnv) -> None:
     task = asyncio.create_task(rt.run_sources())
     try:
         await eventually(lambda: REVIEWS in rt.store.mesh().services, what="services listed")
+        await eventually(lambda: (metrics.registry.get_sample_value(
+            "meshline_source_watch_restarts_total", {"source": "kubernetes/VirtualService"}) or 0) >= 1,
+            what="the VirtualService list retried")
         await asyncio.sleep(0.5)
         assert not rt.ready
-        restarts = metrics.registry.get_sample_value("meshline_source_watch_restarts_total",
-                                                     {"source": "kubernetes/VirtualService"})
-        assert restarts is not None and restarts >= 1
         kube.faults.fail("/virtualservices", None)
-        await eventually(lambda: rt.ready, timeout=5, what="ready")
+        await eventually(lambda: rt.ready, what="ready")
     finally:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -455,7 +459,7 @@ def test_meshline_serve_kubernetes_subprocess(kube: KubeEnv, tmp_path: Path) -> 
     )
     base = f"http://{status}"
 
-    def wait_for(pred: Callable[[], bool], what: str, timeout: float = 15) -> None:
+    def wait_for(pred: Callable[[], bool], what: str, timeout: float = 60) -> None:
         deadline = time.monotonic() + timeout
         while not pred():
             if proc.poll() is not None:

@@ -33,7 +33,7 @@ def ended(r: Any) -> grpc.aio.AioRpcError:
     return r
 
 
-async def refusal(c: AdsClient, timeout: float = 10.0) -> grpc.aio.AioRpcError:
+async def refusal(c: AdsClient, timeout: float = 60.0) -> grpc.aio.AioRpcError:
     """The error that ends `c`'s stream (responses before it are skipped)."""
     deadline = time.monotonic() + timeout
     while True:
@@ -253,7 +253,7 @@ async def test_unauthenticated_streams_per_peer_address_are_bounded() -> None:
         assert "127.0.0.1 already has 2 open xDS streams; at most 2" in (err.details() or "")
         await third.close()
         await clients[0].close()
-        for _ in range(200):  # the server notices the closed stream
+        for _ in range(1200):  # the server notices the closed stream (polled for up to a minute)
             if s.xds.streams_per_client.get(("peer", "127.0.0.1")) == 1:
                 break
             await asyncio.sleep(0.05)
@@ -320,7 +320,7 @@ async def test_shared_subscription_sets_are_freed_when_their_streams_end(fx: Xds
     assert len(fx.xds.name_sets) == 11
     for c in clients:
         await c.close()
-    for _ in range(100):
+    for _ in range(1200):  # polled for up to a minute
         if not fx.xds.connections and len(fx.xds.name_sets) == 0:
             break
         await asyncio.sleep(0.05)
@@ -367,7 +367,7 @@ def _churn_seconds(subscribed: int, snapshot: Snapshot, rounds: int = 400) -> fl
     out = s.next_push(time.monotonic())
     assert out is not None
     s.handle_delta_request(discovery_pb2.DeltaDiscoveryRequest(type_url=ENDPOINT, response_nonce=out.nonce))
-    t0 = time.perf_counter()
+    t0 = time.thread_time()  # this thread's CPU time: other processes on a busy machine do not count
     for i in range(rounds):
         s.handle_delta_request(discovery_pb2.DeltaDiscoveryRequest(
             type_url=ENDPOINT, resource_names_subscribe=[f"e{subscribed + i}"]))
@@ -375,13 +375,13 @@ def _churn_seconds(subscribed: int, snapshot: Snapshot, rounds: int = 400) -> fl
         assert out is not None and out.count == 1  # exactly the newly subscribed resource
         s.handle_delta_request(discovery_pb2.DeltaDiscoveryRequest(type_url=ENDPOINT, response_nonce=out.nonce))
         assert s.next_push(time.monotonic()) is None
-    return time.perf_counter() - t0
+    return time.thread_time() - t0
 
 
 def test_a_delta_subscribe_costs_o_change_not_o_subscription() -> None:
     snapshot = _snapshot(10_000)
-    small = min(_churn_seconds(50, snapshot) for _ in range(3))
-    large = min(_churn_seconds(9_500, snapshot) for _ in range(3))
+    runs = [(_churn_seconds(50, snapshot), _churn_seconds(9_500, snapshot)) for _ in range(3)]  # interleaved
+    small, large = min(r[0] for r in runs), min(r[1] for r in runs)
     # O(subscription) per request would make the large stream ~190x slower; allow noise.
     assert large < small * 5, (small, large)
 

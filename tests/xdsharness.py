@@ -167,7 +167,7 @@ class AdsClient:
             req.error_detail.message = error
         self.requests.put_nowait(self._with_node(req))
 
-    async def recv(self, timeout: float = 5.0) -> Any:
+    async def recv(self, timeout: float = 30.0) -> Any:
         r = await asyncio.wait_for(self.responses.get(), timeout)
         if isinstance(r, BaseException):
             raise AssertionError(f"stream ended: {r!r}")

@@ -245,7 +245,7 @@ def test_strict_rejects_plaintext_permissive_accepts_both(env: Env) -> None:
     # PERMISSIVE is the default: plaintext reaches the app too.
     assert env.direct(None, tls=False) == 200
     write(env, "pa.yaml", STRICT)
-    eventually(lambda: _plaintext_refused(env), timeout=10)
+    eventually(lambda: _plaintext_refused(env))
     assert env.call("/allowed").status_code == 200  # mesh traffic keeps flowing
     # Port-level override back to PERMISSIVE for this workload's port.
     write(env, "pa.yaml", STRICT + f"""---
@@ -258,11 +258,11 @@ spec:
   portLevelMtls:
     {PORT}: {{mode: PERMISSIVE}}
 """)
-    eventually(lambda: _plaintext_ok(env), timeout=10)
+    eventually(lambda: _plaintext_ok(env))
     write(env, "pa.yaml", STRICT)
-    eventually(lambda: _plaintext_refused(env), timeout=10)
+    eventually(lambda: _plaintext_refused(env))
     (env.config / "pa.yaml").unlink()
-    eventually(lambda: _plaintext_ok(env), timeout=10)
+    eventually(lambda: _plaintext_ok(env))
 
 
 def _plaintext_ok(env: Env) -> bool:
@@ -291,14 +291,14 @@ def test_authorization_policy(env: Env) -> None:
     write(env, "authz.yaml", AUTHZ)
     client = env.mint("client")
     other = env.mint("other")
-    eventually(lambda: _status(env, other) == 403, timeout=10)  # default-deny once an ALLOW exists
+    eventually(lambda: _status(env, other) == 403)  # default-deny once an ALLOW exists
     assert env.direct(client, "/allowed/ok") == 200
     assert env.direct(client, "/elsewhere") == 403  # path not allowed
     assert env.direct(client, "/allowed/ok", method="POST") == 403  # method not allowed
     assert env.direct(client, "/allowed/secret") == 403  # DENY wins over ALLOW
     assert env.call("/allowed/ok").status_code == 200  # through the client sidecar: principal client
     (env.config / "authz.yaml").unlink()
-    eventually(lambda: _status(env, other) == 200, timeout=10)
+    eventually(lambda: _status(env, other) == 200)
 
 
 def test_certificates_rotate_without_failed_requests(env: Env) -> None:
@@ -316,7 +316,7 @@ def test_certificates_rotate_without_failed_requests(env: Env) -> None:
                     failures.append(repr(exc))
                 time.sleep(0.01)
 
-    first = eventually(lambda: env.serial("server-0"), timeout=10)
+    first = eventually(lambda: env.serial("server-0"))
     t = threading.Thread(target=hammer)
     t.start()
     try:
@@ -344,7 +344,7 @@ def test_root_rotation_keeps_traffic_flowing(env: Env) -> None:
         time.sleep(0.2)
     out = env.cli("ca", "finish-rotation", "--ca-dir", str(env.ca_dir))
     assert out.returncode == 0, out.stderr
-    eventually(lambda: env.call("/allowed").status_code == 200, timeout=10)
+    eventually(lambda: env.call("/allowed").status_code == 200)
     for _ in range(10):
         assert env.call("/allowed").status_code == 200
         time.sleep(0.1)

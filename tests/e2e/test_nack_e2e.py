@@ -117,7 +117,7 @@ def test_a_sidecar_that_cannot_bind_its_inbound_port_is_the_only_one_affected(en
             d = [x for x in p["degraded"] if x["kind"] == "held-back" and x["verdict"] == "proxy-local"]
             return p if d else None
 
-        p = eventually(held_back, timeout=15)
+        p = eventually(held_back)
         d = next(x for x in p["degraded"] if x["kind"] == "held-back")
         assert d["type"] == "listeners" and "local to this proxy" in d["detail"]
         assert "already in use" in d["message"] or "cannot bind" in d["message"]
@@ -150,7 +150,7 @@ spec:
   - from:
     - source: {{namespaces: ["{'n' * 3000}"]}}
 """)
-    eventually(lambda: env.call().status_code == 403, timeout=15)
+    eventually(lambda: env.call().status_code == 403)
     errs = eventually(lambda: [e for e in errors(env) if e["object"] == f"AuthorizationPolicy/{NS}/deny-huge"
                                and e["withheld"]])
     assert "fail closed" in errs[0]["message"] and str(errs[0]["file"]).endswith("authz-bad.yaml")
@@ -160,6 +160,6 @@ spec:
                for d in p["degraded"])
     assert rejected_updates(env, "server-0") == 0  # pre-flight: Envoy never saw the policy
     (env.config / "authz-bad.yaml").unlink()
-    eventually(lambda: env.call().status_code == 200, timeout=15)
+    eventually(lambda: env.call().status_code == 200)
     eventually(lambda: proxies(env)[f"server-0.{NS}"]["state"] == "SYNCED")
 

@@ -71,7 +71,7 @@ def test_rejected_object_is_caught_by_preflight_reported_and_fixable(mesh: MeshE
     def withheld() -> list[dict[str, object]]:
         return [e for e in mesh.errors() if e["object"] == f"VirtualService/{NS}/hdr" and e["withheld"]]
 
-    errs = eventually(withheld, timeout=10)
+    errs = eventually(withheld)
     print(f"bad write -> reported in {time.monotonic() - t0:.3f}s")
     assert "NO_SUCH_COMMAND" in str(errs[0]["message"]) and "pre-flight" in str(errs[0]["message"])
     assert str(errs[0]["file"]).endswith("20-routes.yaml") and errs[0]["line"]
@@ -145,7 +145,9 @@ def test_a_hostile_unauthenticated_client_nacking_everything_changes_nothing(mes
         deadline = time.monotonic() + seconds
         loop = asyncio.get_running_loop()
         try:
-            while time.monotonic() < deadline:
+            # For `seconds`, and on a busy machine until enough NACKs and checks happened.
+            while time.monotonic() < deadline or ((nacked < 4 or checks < 10)
+                                                  and time.monotonic() < deadline + 120):
                 try:
                     resp = await c.recv(timeout=0.2)
                 except TimeoutError:
@@ -180,7 +182,7 @@ def test_proxy_that_stops_acking_is_stale(mesh: MeshEnv) -> None:
     os.kill(mesh.envoy.pid, signal.SIGSTOP)
     try:
         mesh.write("98-stale.yaml", service_yaml("stale", NS, HTTP_PORT, [Backend("127.0.0.110")]))
-        eventually(lambda: me(mesh)["state"] == "STALE", timeout=5)
+        eventually(lambda: me(mesh)["state"] == "STALE")
         assert me(mesh)["types"]["clusters"]["state"] == "STALE"  # type: ignore[index]
     finally:
         os.kill(mesh.envoy.pid, signal.SIGCONT)
@@ -191,7 +193,9 @@ def test_proxy_that_stops_acking_is_stale(mesh: MeshEnv) -> None:
 
 
 def test_metrics_move_with_pushes_connects_and_convergence(mesh: MeshEnv) -> None:
-    assert metric(mesh, "meshline_proxies_connected", f'protocol="{mesh.protocol}"') == 1
+    # (After the previous test's SIGSTOP the proxy may be reconnecting: one proxy, eventually.)
+    eventually(lambda: me(mesh)["state"] == "SYNCED")
+    eventually(lambda: metric(mesh, "meshline_proxies_connected", f'protocol="{mesh.protocol}"') == 1)
     pushes = metric(mesh, "meshline_xds_pushes_total", 'type="ClusterLoadAssignment"')
     converged = metric(mesh, "meshline_convergence_seconds_count")
     pushed = metric(mesh, "meshline_xds_push_seconds_count")
@@ -242,7 +246,7 @@ def test_bisect_withholds_only_the_bad_one_of_two_simultaneous_changes(mesh: Mes
     assert changed.count("/newer/") == 1
     mesh.write("20-routes.yaml", changed)
     # The good change gets through; the bad one ends up the only object withheld.
-    eventually(lambda: mesh.get("legacy", "/old/x").json()["path"] == "/newer/x", timeout=15)
+    eventually(lambda: mesh.get("legacy", "/old/x").json()["path"] == "/newer/x")
     eventually(lambda: [e["object"] for e in mesh.errors() if e["withheld"]] == [f"VirtualService/{NS}/hdr"],
                timeout=15)
     assert mesh.get("hdr").json()["headers"]["x-added"] == "yes"

@@ -332,7 +332,7 @@ class RealKube:
         return path
 
 
-def eventually(check: Callable[[], Any], timeout: float = 15.0, interval: float = 0.05) -> Any:
+def eventually(check: Callable[[], Any], timeout: float = 60.0, interval: float = 0.05) -> Any:
     """Retry `check` until it returns truthy without raising (an assertion, a missing key, an
     HTTP or API error); return its value."""
     deadline = time.monotonic() + timeout

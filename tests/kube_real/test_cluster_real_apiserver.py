@@ -141,7 +141,7 @@ def _routing(cluster: Cluster, ips: dict[str, str]) -> None:
     for ep, v in zip(eps["endpoints"], ips, strict=True):
         ep["targetRef"] = {"kind": "Pod", "name": f"shop-{v}", "namespace": NS}
     kube.kubectl_apply(eps)  # as the EndpointSlice controller would
-    eventually(lambda: cluster.get("shop").status_code == 200, timeout=20)
+    eventually(lambda: cluster.get("shop").status_code == 200)
     assert {cluster.get("shop").json()["backend"] for _ in range(30)} == {"shop-v1", "shop-v2"}
     kube.kubectl_apply(
         {"apiVersion": VS, "kind": "DestinationRule", "metadata": {"name": "shop", "namespace": NS},
@@ -149,10 +149,10 @@ def _routing(cluster: Cluster, ips: dict[str, str]) -> None:
                                               {"name": "v2", "labels": {"version": "v2"}}]}},
         {"apiVersion": VS, "kind": "VirtualService", "metadata": {"name": "shop", "namespace": NS},
          "spec": {"hosts": ["shop"], "http": [{"route": [{"destination": {"host": "shop", "subset": "v2"}}]}]}})
-    eventually(lambda: {cluster.get("shop").json()["backend"] for _ in range(20)} == {"shop-v2"}, timeout=20)
+    eventually(lambda: {cluster.get("shop").json()["backend"] for _ in range(20)} == {"shop-v2"})
     kube.kubectl("-n", NS, "patch", "virtualservice", "shop", "--type=merge", "-p",
                  '{"spec":{"http":[{"route":[{"destination":{"host":"shop","subset":"v1"}}]}]}}')
-    eventually(lambda: {cluster.get("shop").json()["backend"] for _ in range(20)} == {"shop-v1"}, timeout=20)
+    eventually(lambda: {cluster.get("shop").json()["backend"] for _ in range(20)} == {"shop-v1"})
     kube.kubectl("-n", NS, "delete", "virtualservice", "shop")
     eventually(lambda: {cluster.get("shop").json()["backend"] for _ in range(30)} == {"shop-v1", "shop-v2"},
                timeout=20)
@@ -164,7 +164,7 @@ def _routing(cluster: Cluster, ips: dict[str, str]) -> None:
         except httpx.ConnectError:
             return True
 
-    eventually(gone, timeout=20)
+    eventually(gone)
 
 
 def _accepted(kube: RealKube, name: str) -> dict[str, Any] | None:
@@ -177,16 +177,16 @@ def _accepted(kube: RealKube, name: str) -> dict[str, Any] | None:
 
 def test_real_crd_status_through_the_status_subresource_follows_generation(cluster: Cluster) -> None:
     kube = cluster.kube
-    leader = eventually(lambda: cluster.leaders() or None, timeout=15)
+    leader = eventually(lambda: cluster.leaders() or None)
     assert len(leader) == 1
     kube.apply({"apiVersion": VS, "kind": "VirtualService", "metadata": {"name": "ok", "namespace": NS},
                 "spec": {"hosts": ["ok"], "http": [{"route": [{"destination": {"host": "ok"}}]}]}})
     kube.apply({"apiVersion": VS, "kind": "VirtualService", "metadata": {"name": "broken", "namespace": NS},
                 "spec": {"hosts": ["broken"], "http": [{"match": [{"uri": {"regex": "(unclosed"}}],
                                                         "route": [{"destination": {"host": "broken"}}]}]}})
-    ok = eventually(lambda: _accepted(kube, "ok"), timeout=15)
+    ok = eventually(lambda: _accepted(kube, "ok"))
     assert ok["status"] == "True" and ok["observedGeneration"] == 1
-    bad = eventually(lambda: _accepted(kube, "broken"), timeout=15)
+    bad = eventually(lambda: _accepted(kube, "broken"))
     assert bad["status"] == "False" and "regex" in bad["message"]
     obj = kube.get(VS, "VirtualService", "broken", NS)
     assert obj is not None
@@ -199,7 +199,7 @@ def test_real_crd_status_through_the_status_subresource_follows_generation(clust
     kube.apply({"apiVersion": VS, "kind": "VirtualService", "metadata": {"name": "broken", "namespace": NS},
                 "spec": {"hosts": ["broken"], "http": [{"match": [{"uri": {"regex": "/fixed/.*"}}],
                                                         "route": [{"destination": {"host": "broken"}}]}]}})
-    fixed = eventually(lambda: (c := _accepted(kube, "broken")) and c["status"] == "True" and c, timeout=15)
+    fixed = eventually(lambda: (c := _accepted(kube, "broken")) and c["status"] == "True" and c)
     assert fixed["observedGeneration"] == 2
     follower = next(n for n in cluster.alive() if n != leader[0])
     assert cluster.metric(leader[0], "meshline_crd_status_writes_total") >= 3
@@ -212,7 +212,7 @@ def test_real_crd_status_through_the_status_subresource_follows_generation(clust
 def test_real_lease_leader_sigkilled_follower_takes_over(cluster: Cluster) -> None:
     kube = cluster.kube
     coord = k8s.CoordinationV1Api(kube.api)
-    leaders = eventually(lambda: cluster.leaders() or None, timeout=15)
+    leaders = eventually(lambda: cluster.leaders() or None)
     assert len(leaders) == 1
     leader = leaders[0]
     follower = next(n for n in cluster.alive() if n != leader)
@@ -223,18 +223,18 @@ def test_real_lease_leader_sigkilled_follower_takes_over(cluster: Cluster) -> No
     rv_before = lease.metadata.resource_version
     # The leader renews: the Lease's resourceVersion moves while it lives.
     eventually(lambda: coord.read_namespaced_lease(lease.metadata.name, SYSTEM).metadata.resource_version
-               != rv_before, timeout=LEASE * 3)
+               != rv_before, timeout=LEASE * 20)
     cluster.kill(leader)  # SIGKILL: no release of the Lease
     t0 = time.monotonic()
-    eventually(lambda: cluster.status(follower, "/v1/mesh")["leader"], timeout=LEASE * 8)
+    eventually(lambda: cluster.status(follower, "/v1/mesh")["leader"], timeout=LEASE * 20)
     took = time.monotonic() - t0
-    assert took <= LEASE * 6, took  # the lease duration plus retries; generous for a busy machine
+    assert took <= LEASE * 10, took  # the lease's expiry plus retries (~LEASE), room for a 10x slower machine
     now = coord.read_namespaced_lease(lease.metadata.name, SYSTEM)
     assert now.spec.holder_identity == follower
     # The new leader writes status: a VirtualService created now gets its condition.
     kube.apply({"apiVersion": VS, "kind": "VirtualService", "metadata": {"name": "late", "namespace": NS},
                 "spec": {"hosts": ["late"], "http": [{"route": [{"destination": {"host": "late"}}]}]}})
-    late = eventually(lambda: _accepted(kube, "late"), timeout=15)
+    late = eventually(lambda: _accepted(kube, "late"))
     assert late["status"] in ("True", "False")
     assert cluster.metric(follower, "meshline_crd_status_writes_total") >= 1
     # The killed replica comes back as a follower.
@@ -250,7 +250,7 @@ def test_real_delete_made_while_meshline_was_down_is_seen_when_it_comes_back(clu
     names = cluster.alive()
     for n in names:
         eventually(lambda n=n: {"gone-while-down", "stays"} <= {
-            s["name"] for s in cluster.status(n, f"/v1/services?namespace={NS}")}, timeout=15)
+            s["name"] for s in cluster.status(n, f"/v1/services?namespace={NS}")})
     for n in names:
         cluster.kill(n)
     kube.delete("v1", "Service", "gone-while-down", NS)

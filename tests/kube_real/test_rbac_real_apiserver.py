@@ -69,14 +69,14 @@ def test_real_rbac_manifests_grant_what_meshline_uses_and_nothing_more(real_kube
         wait_http(f"http://127.0.0.1:{status}/readyz", proc=proc, timeout=60)  # every kind listed
         http = f"http://127.0.0.1:{status}"
         with httpx.Client(timeout=5) as c:
-            eventually(lambda: c.get(f"{http}/v1/mesh").json()["leader"], timeout=20)
+            eventually(lambda: c.get(f"{http}/v1/mesh").json()["leader"])
             assert "cart" in {s["name"] for s in c.get(f"{http}/v1/services", params={"namespace": ns}).json()}
         # The CA root Secret (create, then get by name).
-        eventually(lambda: core.read_namespaced_secret("meshline-ca-root", SYSTEM).data, timeout=20)
+        eventually(lambda: core.read_namespaced_secret("meshline-ca-root", SYSTEM).data)
         # caBundle of its own two webhook configurations (get/patch by name).
         eventually(lambda: all(h.client_config.ca_bundle for h in [
             *adm.read_mutating_webhook_configuration("meshline-sidecar-injector").webhooks,
-            *adm.read_validating_webhook_configuration("meshline-validator").webhooks]), timeout=30)
+            *adm.read_validating_webhook_configuration("meshline-validator").webhooks]))
         # CRD status through the status subresource.
         kube.apply({"apiVersion": VS, "kind": "VirtualService", "metadata": {"name": "cart", "namespace": ns},
                     "spec": {"hosts": ["cart"], "http": [{"route": [{"destination": {"host": "cart"}}]}]}})
@@ -85,7 +85,7 @@ def test_real_rbac_manifests_grant_what_meshline_uses_and_nothing_more(real_kube
             obj = kube.get(VS, "VirtualService", "cart", ns) or {}
             return any(cd.get("type") == "Accepted" for cd in (obj.get("status") or {}).get("conditions") or [])
 
-        eventually(accepted, timeout=20)
+        eventually(accepted)
         # TokenReview with Meshline's own credentials.
         cart = kube.token(ns, "cart", ["meshline"], seconds=600)
         res = TokenReviewer(sa_api).review(cart)

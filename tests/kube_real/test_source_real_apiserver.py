@@ -98,7 +98,7 @@ def last_events(seq: list[tuple[str, ObjectKey]]) -> dict[ObjectKey, str]:
     return {key: what for what, key in seq}
 
 
-async def eventually(pred: Callable[[], bool], timeout: float = 20.0, what: str = "condition") -> None:
+async def eventually(pred: Callable[[], bool], timeout: float = 60.0, what: str = "condition") -> None:
     deadline = time.monotonic() + timeout
     while not pred():
         if time.monotonic() > deadline:

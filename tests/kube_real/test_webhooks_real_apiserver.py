@@ -84,7 +84,7 @@ def hooks(real_kube: RealKube) -> Iterator[Hooks]:
                 v = adm.read_validating_webhook_configuration("meshline-validator")
                 return all(h.client_config.ca_bundle for h in [*m.webhooks, *v.webhooks])
 
-            eventually(patched, timeout=30)
+            eventually(patched)
             yield Hooks(kube, proc, log)
         finally:
             # Never leave fail-closed webhooks behind for the tests that follow.
@@ -119,7 +119,7 @@ def test_real_apiserver_refuses_an_invalid_virtualservice_through_meshline(hooks
         assert p.returncode != 0, p.stdout
         return p.stderr
 
-    err = eventually(refused, timeout=20)
+    err = eventually(refused)
     assert 'admission webhook "validate.meshline.io" denied the request' in err and "regex" in err, err
     assert kube.get(VS, "VirtualService", "bad", "hooks-vs") is None
     # A valid one is admitted and stored; an update making it invalid is refused too.
