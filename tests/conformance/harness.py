@@ -316,3 +316,15 @@ def bookinfo(ns: str = "default") -> tuple[list[Service], list[Workload]]:
 
 
 INJECTION = {"istio-injection": "enabled"}  # Istio's label: the namespace's pods run sidecars
+
+
+# ---------------------------------------------------------------------------- httpbin
+HTTPBIN_PORT = 8000
+
+
+def httpbin(versions: Sequence[str] = ("v1",), ns: str = "default") -> tuple[list[Service], list[Workload]]:
+    """Istio's httpbin sample (Service port 8000 `http`), one pod per version, plus `sleep`."""
+    wl = [Workload(f"httpbin-{v}", "httpbin", f"127.0.4.{51 + i}", {"version": v}, ns, "httpbin")
+          for i, v in enumerate(versions)]
+    wl.append(Workload("sleep", "sleep", "127.0.4.99", {}, ns, "sleep", serves=False))
+    return [Service("httpbin", [("http", HTTPBIN_PORT)], ns)], wl
