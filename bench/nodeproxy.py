@@ -1,6 +1,6 @@
 """Node-proxy config cost at scale (issue 15), in process: no Envoy, no sockets. A generated
 mesh goes through the project's own store (`MeshStore`: conversion, assembly, the endpoint
-fast path), planners and snapshot builder (`controlplane.runtime`, `controlplane.cache`),
+fast path), planners and snapshot builder (`controlplane.translate.proxy`, `controlplane.cache`),
 exactly as `meshline serve` builds a node proxy's snapshot; a proxy's config size is the sum
 of the serialized bytes of the resources in its snapshot (what a full sync sends, before
 xDS framing). Secrets are counted from one real certificate issued by the project's CA
@@ -56,9 +56,9 @@ from controlplane.model.ir import ProxyMeta, labels_of  # noqa: E402
 from controlplane.model.mesh import EndpointDelta, Mesh  # noqa: E402
 from controlplane.model.raw import RawObject  # noqa: E402
 from controlplane.model.store import MeshStore  # noqa: E402
-from controlplane.runtime import _plan_own, _plan_shared, _plan_shared_hosts, _shared_key  # noqa: E402
 from controlplane.sources.base import Replace, Upsert  # noqa: E402
 from controlplane.translate.plan import CLUSTER, ENDPOINT, LISTENER, ROUTE, TypeUrl  # noqa: E402
+from controlplane.translate.proxy import plan_own, plan_shared, plan_shared_hosts, shared_key  # noqa: E402
 
 NAMESPACES = 10
 REPLICAS = 3
@@ -189,7 +189,7 @@ def runtime_builder(mesh_of: Callable[[], Mesh]) -> SnapshotBuilder:
     endpoint-dependent resources (`plan_node_shared`, shared by node proxies whose pods import
     the same services) are its shared layer, patched per host on an endpoint-only change, and
     its own layer (`plan_node_own`, which reads no endpoints) is kept, as a sidecar's is."""
-    return SnapshotBuilder(_plan_shared, _plan_own, lambda meta: _shared_key(mesh_of(), meta), _plan_shared_hosts)
+    return SnapshotBuilder(plan_shared, plan_own, lambda meta: shared_key(mesh_of(), meta), plan_shared_hosts)
 
 
 def whole_builder(mesh_of: Callable[[], Mesh]) -> SnapshotBuilder:
@@ -201,7 +201,7 @@ def whole_builder(mesh_of: Callable[[], Mesh]) -> SnapshotBuilder:
         def _patchable(pk: Any) -> bool:
             return bool(pk[4] == "sidecar")
 
-    return Whole(_plan_shared, _plan_own, lambda meta: _shared_key(mesh_of(), meta), _plan_shared_hosts)
+    return Whole(plan_shared, plan_own, lambda meta: shared_key(mesh_of(), meta), plan_shared_hosts)
 
 
 # --------------------------------------------------------------------------- measuring
@@ -543,8 +543,8 @@ listener changes, so no other pod's connection is drained
 `plan_node_shared_hosts` (the endpoint-dependent service and waypoint clusters and their
 endpoints, identical on every node whose pods import the same services: `node_shared_key`) and
 `plan_node_own` (everything else; it reads no endpoints). Since ebef58a the runtime wires them as
-a sidecar's layers: `_plan_shared` / `_plan_shared_hosts` / `_plan_own` / `_shared_key` in
-`controlplane/runtime.py` for `meta.mode == "node"`, and `SnapshotBuilder._patchable` accepts
+a sidecar's layers: `plan_shared` / `plan_shared_hosts` / `plan_own` / `shared_key` (since issue
+19 in `controlplane/translate/proxy.py`, the runtime's entry point) for `meta.mode == "node"`, and `SnapshotBuilder._patchable` accepts
 node proxies; an endpoint change then re-plans one host's cluster and endpoints (the last column
 above; the middle one is the same bench with node proxies re-planned whole, `--whole`).
 `tests/test_nodeproxy_plan.py` checks that a patched node snapshot equals a full rebuild's.

@@ -1,7 +1,7 @@
 """Config bytes per proxy with and without Sidecar scoping (issue 8). No servers, no I/O
 beyond printing: a generated mesh (by default 1,000 services x 10 endpoints in 10
 namespaces) goes through conversion, `assemble` and the same planners, shared-layer key
-and snapshot builder `meshline serve` uses (`controlplane.runtime`,
+and snapshot builder `meshline serve` uses (`controlplane.translate.proxy`,
 `controlplane.cache.snapshot`); a proxy's config size is the sum of the serialized bytes
 of every resource in its snapshot (what a full sync sends it, before xDS framing).
 
@@ -28,8 +28,8 @@ from controlplane.model.ir import DEFAULT_ROOT_NAMESPACE, ProxyMeta, labels_of
 from controlplane.model.mesh import Mesh
 from controlplane.model.raw import RawObject
 from controlplane.model.store import assemble
-from controlplane.runtime import _plan_own, _plan_shared, _shared_key
 from controlplane.translate.plan import CLUSTER, ENDPOINT, LISTENER, ROUTE
+from controlplane.translate.proxy import plan_own, plan_shared, shared_key
 
 PORT = 8080
 
@@ -105,7 +105,7 @@ def snapshot_bytes(snap: Snapshot) -> int:
 def measure(scenario: str, mesh: Mesh, proxies: list[ProxyMeta]) -> Result:
     cpu = float("inf")
     for _ in range(3):  # fresh builders (nothing memoized); the least noisy of three runs
-        builder = SnapshotBuilder(_plan_shared, _plan_own, lambda meta: _shared_key(mesh, meta))
+        builder = SnapshotBuilder(plan_shared, plan_own, lambda meta: shared_key(mesh, meta))
         t0 = time.process_time()
         snaps = builder.rebuild(mesh, proxies)
         cpu = min(cpu, time.process_time() - t0)

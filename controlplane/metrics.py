@@ -54,6 +54,11 @@ class Metrics:
         self.gc_settle_pending = Gauge(
             "meshline_gc_settle_pending", "1 while a settle pass is due (after a full rebuild)", registry=r
         )
+        self.snapshot_inconsistencies = Counter(
+            "meshline_snapshot_inconsistencies_total",
+            "Proxy snapshots pushed that name a resource the proxy does not get, by type of the missing "
+            "resource (cluster, endpoint, route, secret)", ["type"], registry=r,
+        )
         self.rebuild_seconds = Histogram(
             "meshline_snapshot_rebuild_seconds", "Time to rebuild proxy snapshots after a change", registry=r,
             buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),

@@ -1,5 +1,10 @@
-"""The running control plane: sources -> store -> snapshots -> xDS streams, with
+"""The running control plane's pipeline: sources -> store -> snapshots -> xDS streams, with
 debounce. Owns the asyncio tasks; does I/O only through the sources and servers it wires.
+
+What it delegates: which planner a proxy gets (`translate.proxy`), certificates in own layers
+(`identityplan.IdentityPlanner`), NACK blame and pre-flight (`nackpolicy`), the consistency
+check of every snapshot before it is pushed (`cache.consistency`). The status API reads it
+through the read-only `status.view.StatusView` it satisfies.
 """
 
 from __future__ import annotations
@@ -7,30 +12,32 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
-from controlplane.ca.identity import Identity, identity_of, proven_node
+from prometheus_client import CollectorRegistry
+
+from controlplane.ca.identity import Identity
+from controlplane.cache.consistency import ConsistencyChecker, Inconsistency, InconsistentSnapshot
 from controlplane.cache.resources import Resource
-from controlplane.cache.snapshot import ProxyKey, SnapshotBuilder, proxy_key
+from controlplane.cache.snapshot import ProxyKey, Snapshot, SnapshotBuilder, proxy_key
 from controlplane.envoycheck import EnvoyValidator
 from controlplane.gcpolicy import GcPolicy
+from controlplane.identityplan import IdentityPlanner
 from controlplane.metrics import Metrics
-from controlplane.model.ir import Hostname, ProxyMeta
+from controlplane.model.ir import ProxyMeta
 from controlplane.model.mesh import Mesh
+from controlplane.model.raw import ObjectKey
 from controlplane.model.store import MeshStore
 from controlplane.nackpolicy import NackPolicy, degradation
 from controlplane.netaddr import host_of, is_loopback
 from controlplane.sources.base import Source, SourceEvent, Synced
-from controlplane.translate import nodeproxy
-from controlplane.translate.ambient import identity_secret, node_identities, plan_waypoint
-from controlplane.translate.plan import SECRET, ResourceSpec
-from controlplane.translate.scope import proxy_scope, scope_key
-from controlplane.translate.secrets import ROOT_SECRET, plan_named_secrets, plan_secrets, root_secret
-from controlplane.translate.sidecar import plan_inbound, plan_outbound, plan_outbound_hosts
+from controlplane.translate.locality import ClientLocalities
+from controlplane.translate.proxy import plan_proxy, plan_shared, plan_shared_hosts, shared_key
 from controlplane.xds.server import Connection, XdsServer
 from controlplane.xds.stream import NackRecord, Outgoing, XdsLimits
 
@@ -74,6 +81,19 @@ class Settings:
     credential_check_s: float = 10.0  # how often open streams' credentials are checked again
     xds_limits: XdsLimits = field(default_factory=XdsLimits)  # per-client bounds on xDS streams and requests
     validator_binary: str | None = "auto"  # Envoy for pre-flight and NACK reproduction; None: none
+    # A snapshot naming a resource its proxy does not get: "count" (metric + log, pushed anyway)
+    # or "raise" (tests: $MESHLINE_CONSISTENCY=raise, set by tests/conftest.py).
+    consistency: Literal["count", "raise"] = field(default_factory=lambda: consistency_mode())
+
+
+def consistency_mode(value: str | None = None) -> Literal["count", "raise"]:
+    """The consistency-check mode: `value`, else $MESHLINE_CONSISTENCY, else "count"."""
+    mode = value if value is not None else os.environ.get("MESHLINE_CONSISTENCY", "count")
+    if mode == "raise":
+        return "raise"
+    if mode != "count":
+        raise ValueError(f"MESHLINE_CONSISTENCY must be 'count' or 'raise', not {mode!r}")
+    return "count"
 
 
 NODE_PROXY_SERVICE_ACCOUNT = "meshline-node-proxy"
@@ -89,45 +109,14 @@ ENVIRONMENTAL_NACKS = ("failed to set netns",)
 network namespace, e.g. before the node agent mounted it or after the pod went away)."""
 
 
-def _plan_shared(mesh: Mesh, meta: ProxyMeta) -> list[ResourceSpec]:
-    """The endpoint-dependent layer proxies of one class share: a sidecar's outbound side; a
-    node proxy's service clusters and their endpoints (shared by node proxies whose pods import
-    the same services)."""
-    if meta.mode == "node":
-        return nodeproxy.plan_node_shared(mesh, meta.node) if meta.node else []
-    if meta.mode != "sidecar":
-        return []
-    return plan_outbound(mesh, meta.namespace, meta.capture, meta.outbound_address, proxy_scope(mesh, meta))
+@dataclass(slots=True)
+class _Progress:
+    """Per connection: the last snapshot generation pushed to it and ACKed by it in full, and
+    the snapshot version last checked for consistency."""
 
-
-def _plan_shared_hosts(mesh: Mesh, meta: ProxyMeta, hosts: frozenset[str]) -> list[ResourceSpec] | None:
-    """Just the shared resources that depend on the endpoints of `hosts` (an endpoint-only
-    change patches those), or None when the proxy class is planned in full."""
-    if meta.mode == "node":
-        return nodeproxy.plan_node_shared_hosts(mesh, meta.node, hosts) if meta.node else []
-    if meta.mode != "sidecar":
-        return None
-    return plan_outbound_hosts(mesh, meta.namespace, meta.capture, [Hostname(h) for h in hosts],
-                               proxy_scope(mesh, meta))
-
-
-def _plan_own(mesh: Mesh, meta: ProxyMeta) -> list[ResourceSpec]:
-    """A proxy's own layer, which reads no endpoints (kept as it is on endpoint-only changes)."""
-    if meta.mode == "node":
-        return nodeproxy.plan_node_own(mesh, meta.node) if meta.node else []
-    if meta.mode == "waypoint":
-        return plan_waypoint(mesh, meta)
-    return plan_inbound(mesh, meta)
-
-
-def _shared_key(mesh: Mesh, meta: ProxyMeta) -> object:
-    """Proxies with equal keys share one layer: sidecars of the same mode, namespace, capture
-    (and bind address) and effective Sidecar (or none); node proxies whose pods import the
-    same services."""
-    if meta.mode == "node":
-        return ("node", nodeproxy.node_shared_key(mesh, meta.node or ""))
-    return (meta.mode, meta.namespace, meta.capture, meta.outbound_address if meta.capture == "bind" else "",
-            scope_key(mesh, meta))
+    pushed: int | None = None
+    converged: int | None = None
+    checked: str | None = None
 
 
 @dataclass
@@ -141,18 +130,20 @@ class Runtime:
     def __post_init__(self) -> None:
         self.store = MeshStore(trust_domain=self.settings.trust_domain, root_namespace=self.settings.root_namespace,
                                netns_annotations=not self.settings.kubernetes)
+        self.identities = IdentityPlanner(self.identity, self._identity_changed,
+                                          lambda: self.xds.connections.values())
         # The builder asks for keys while it rebuilds from `store.mesh()` (rebuild_now).
-        self.builder = SnapshotBuilder(_plan_shared, self._plan_own_layer,
-                                       lambda meta: _shared_key(self.store.mesh(), meta), _plan_shared_hosts)
+        localities = ClientLocalities()  # remembers the mesh's failoverPriority keys
+        self.builder = SnapshotBuilder(plan_shared, self.identities.own_layer,
+                                       lambda meta: shared_key(self.store.mesh(), meta, localities),
+                                       plan_shared_hosts)
+        self.consistency = ConsistencyChecker()
+        self._progress: dict[int, _Progress] = {}  # stream id -> its push/ACK/check bookkeeping
         self.xds = XdsServer(self, self, self.identity.authenticator if self.identity is not None else None,
                              node_proxy_identity(self.settings.system_namespace), limits=self.settings.xds_limits)
         self.xds.require_authentication = not self.settings.allow_unauthenticated_xds
         # Tokens (and so secrets) on the plaintext port: only in directory mode, on loopback.
         self.xds.plaintext_identities = not self.settings.kubernetes and is_loopback(host_of(self.settings.xds_address))
-        self._rotation_timer: asyncio.TimerHandle | None = None
-        if self.identity is not None:
-            self.identity.on_change = self._identity_changed
-            self.identity.bundle_synced = self.bundle_synced
         self._synced: set[str] = set()
         self._dirty = asyncio.Event()
         self._first_dirty: float | None = None
@@ -187,6 +178,39 @@ class Runtime:
     def unsynced_sources(self) -> list[str]:
         return sorted(s.name for s in self.sources if s.name not in self._synced)
 
+    # ------------------------------------------------------------------ status view (status.view.StatusView)
+    def connections(self) -> list[Connection]:
+        return list(self.xds.connections.values())
+
+    def quarantined(self) -> dict[ObjectKey, str]:
+        return self.store.quarantined()
+
+    def location_of(self, key: ObjectKey) -> str | None:
+        raw = self.store.sources_of(key)
+        return raw.ref.location if raw is not None and raw.ref.file else None
+
+    def store_generation(self) -> int:
+        return self.store.generation
+
+    def control_summary(self) -> dict[str, object]:
+        """How streams are authenticated and what the NACK policy did."""
+        stats = self.policy.stats
+        return {
+            "xds_authentication": ("optional on the TLS port (--allow-unauthenticated-xds)"
+                                   if self.settings.allow_unauthenticated_xds else "required on the TLS port"),
+            "nack_policy": {
+                "validator": self.policy.mode,
+                "preflight_runs": stats.preflight_runs,
+                "preflight_rejections": stats.preflight_rejections,
+                "reproductions": stats.reproductions,
+                "proxy_local_faults": stats.proxy_local,
+                "content_faults": stats.content_faults,
+            },
+        }
+
+    def metrics_registry(self) -> CollectorRegistry:
+        return self.metrics.registry
+
     # ------------------------------------------------------------------ sources
     async def sink(self, events: list[SourceEvent]) -> None:
         newly_synced = False
@@ -218,6 +242,13 @@ class Runtime:
     def detach(self, conn: Connection) -> None:
         self.metrics.proxies.labels(conn.meta.mode, conn.stream.protocol).dec()
         self.policy.forget(conn.stream.stream_id)
+        self._progress.pop(conn.stream.stream_id, None)
+
+    def _progress_of(self, conn: Connection) -> _Progress:
+        found = self._progress.get(conn.stream.stream_id)
+        if found is None:
+            found = self._progress[conn.stream.stream_id] = _Progress()
+        return found
 
     def on_push(self, conn: Connection, out: Outgoing) -> None:
         counter = self._push_counters.get(out.type_url)
@@ -225,8 +256,9 @@ class Runtime:
             counter = self._push_counters[out.type_url] = self.metrics.pushes.labels(_short(out.type_url))
         counter.inc()
         target = conn.stream.target
-        if target is not None and conn.extra.get("pushed") != target.generation:
-            conn.extra["pushed"] = target.generation
+        progress = self._progress_of(conn)
+        if target is not None and progress.pushed != target.generation:
+            progress.pushed = target.generation
             started = self._gen_started.get(target.generation)
             if started is not None:
                 self.metrics.push_seconds.observe(max(0.0, time.time() - started))
@@ -292,16 +324,17 @@ class Runtime:
         """A proxy's resources (without secrets) for a trial mesh, built apart from the live
         snapshots (used to find which object the validator rejects)."""
         return [Resource(spec.type_url, spec.name, spec.make().SerializeToString(deterministic=True), spec.sources)
-                for spec in [*_plan_shared(mesh, meta), *_plan_own(mesh, meta)]]
+                for spec in plan_proxy(mesh, meta).specs()]
 
     def on_ack(self, conn: Connection) -> None:
         stream = conn.stream
         target = stream.target
-        if target is None or conn.extra.get("converged") == target.generation:
+        progress = self._progress_of(conn)
+        if target is None or progress.converged == target.generation:
             return
         if any(st.pending for st in stream.types.values()) or not stream.synced():
             return
-        conn.extra["converged"] = target.generation
+        progress.converged = target.generation
         for t, st in stream.types.items():
             if not st.quarantine:
                 self.policy.cleared(stream.stream_id, t)
@@ -310,73 +343,50 @@ class Runtime:
             self.metrics.convergence_seconds.observe(max(0.0, time.time() - started))
 
     # ------------------------------------------------------------------ identities (SDS)
-    def _plan_own_layer(self, mesh: Mesh, meta: ProxyMeta) -> list[ResourceSpec]:
-        """The proxy's own layer: its inbound side plus, for an authenticated identity, its
-        certificate and the trust bundle."""
-        specs = _plan_own(mesh, meta)
-        ident = identity_of(meta)
-        if ident is None or self.identity is None:
-            return specs
-        if meta.mode == "node":
-            return [*specs, *self._node_secrets(mesh, meta)]
-        material = self.identity.material(ident)
-        if material is None:
-            return specs
-        return [*specs, *plan_secrets(material, self.identity.bundle)]
-
-    def _node_secrets(self, mesh: Mesh, meta: ProxyMeta) -> list[ResourceSpec]:
-        """A node proxy's certificates: one per identity of the ambient pods on the node its
-        credential proves, and no other (the CA issues nothing else to it)."""
-        assert self.identity is not None
-        node = proven_node(meta)
-        if node is None or node != meta.node:
-            return []
-        named = []
-        for ns, sa in node_identities(mesh, node):
-            material = self.identity.material(Identity(ns, sa))
-            if material is not None:
-                named.append((identity_secret(mesh.trust_domain, ns, sa), material))
-        return plan_named_secrets(named, self.identity.bundle)
-
     def _identity_changed(self) -> None:
         """Certificates or the trust bundle may change: the next rebuild re-plans every own
         layer (an endpoint-only patch would keep the old secrets)."""
         self._full_rebuild = True
         self.mark_dirty(urgent=True)
 
-    def _identity_upkeep(self, conns: Sequence[Connection]) -> None:
-        """Forget certificates nobody holds; wake up at the next half-life to rotate."""
-        if self.identity is None:
-            return
-        live = {c.identity for c in conns if c.identity is not None}
-        mesh = self.store.mesh()
-        for c in conns:
-            node = proven_node(c.meta) if c.meta.mode == "node" else None
-            if node is not None and node == c.meta.node:
-                live.update(Identity(ns, sa) for ns, sa in node_identities(mesh, node))
-        delay = self.identity.sweep(live)
-        if self._rotation_timer is not None:
-            self._rotation_timer.cancel()
-            self._rotation_timer = None
-        if delay is None:
-            return
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            return
-        self._rotation_timer = loop.call_later(delay + 0.01, self._identity_changed)
-
     def bundle_synced(self, bundle: str) -> bool:
         """Whether every authenticated proxy that subscribes to ROOTCA has ACKed `bundle`."""
-        want = Resource(SECRET, ROOT_SECRET, root_secret(bundle).SerializeToString(deterministic=True)).version
-        for c in list(self.xds.connections.values()):
-            st = c.stream.types.get(SECRET)
-            if c.identity is None or st is None or not st.subscribed(ROOT_SECRET):
+        return self.identities.bundle_synced(bundle)
+
+    # ------------------------------------------------------------------ consistency
+    def _check_consistency(self, conns: Sequence[Connection], snaps: dict[ProxyKey, Any], full: bool) -> None:
+        """Check each connection's new snapshot before it is pushed (once per snapshot version
+        and connection). A missing name is logged with the proxy and counted in
+        `meshline_snapshot_inconsistencies_total{type}`, and the snapshot is still pushed:
+        for Envoy a route naming a missing cluster fails (503) just that route, and a listener
+        naming a missing route configuration or secret waits in warming while the listener it
+        replaces keeps serving, whereas holding the snapshot back would keep every other
+        change from the proxy. With `settings.consistency == "raise"` (tests) nothing is
+        pushed and InconsistentSnapshot is raised."""
+        found: list[tuple[Connection, Inconsistency]] = []
+        checked: list[tuple[_Progress, str]] = []
+        for c in conns:
+            snap: Snapshot | None = snaps.get(proxy_key(c.meta))
+            if snap is None:
                 continue
-            acked = st.acked.get(ROOT_SECRET)
-            if acked is None or acked.version != want:
-                return False
-        return True
+            progress = self._progress_of(c)
+            if progress.checked == snap.version:
+                continue
+            checked.append((progress, snap.version))
+            # Unauthenticated streams are served no secrets by design (the trust model): only
+            # authenticated ones (with a CA) must get every secret they name.
+            secrets = c.identity is not None and self.identity is not None
+            found += [(c, i) for i in self.consistency.check(snap, secrets=secrets)]
+        if full:
+            self.consistency.prune()
+        for c, problem in found:
+            self.metrics.snapshot_inconsistencies.labels(problem.kind).inc()
+            log.error("proxy %s: snapshot inconsistent: %s", c.meta.node_id, problem,
+                      extra={"proxy": c.meta.node_id, "missing": problem.missing, "type": problem.kind})
+        if found and self.settings.consistency == "raise":
+            raise InconsistentSnapshot("; ".join(f"{c.meta.node_id}: {p}" for c, p in found[:20]))
+        for progress, version in checked:
+            progress.checked = version
 
     # ------------------------------------------------------------------ rebuild loop
     def mesh(self) -> Mesh:
@@ -422,6 +432,7 @@ class Runtime:
 
     def _publish(self, built: _Built) -> None:
         mesh, delta, conns, snaps = built.mesh, built.delta, built.conns, built.snaps
+        self._check_consistency(conns, snaps, full=delta is None)
         self._snapshots = dict(snaps)
         if self.change_started is not None:
             self._gen_started[self.builder.generation] = self.change_started
@@ -434,7 +445,7 @@ class Runtime:
             snap = snaps.get(proxy_key(c.meta))
             if snap is not None:  # None: its first build failed (logged); it waits for the next
                 c.update(snap)
-        self._identity_upkeep(conns)
+        self.identities.upkeep(mesh, conns)
         self.metrics.rebuild_seconds.observe(time.perf_counter() - built.started)
         for hook in self.after_rebuild:
             hook()

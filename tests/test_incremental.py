@@ -13,9 +13,9 @@ from controlplane.model.ir import ProxyMeta
 from controlplane.model.mesh import Mesh
 from controlplane.model.raw import RawObject
 from controlplane.model.store import MeshStore
-from controlplane.runtime import _plan_own, _plan_shared, _plan_shared_hosts, _shared_key
 from controlplane.sources.base import Replace, Upsert
 from controlplane.sources.yamlload import parse_documents
+from controlplane.translate.proxy import plan_own, plan_shared, plan_shared_hosts, shared_key
 from tests.meshgen import generated_mesh
 
 AMBIENT = """
@@ -76,14 +76,14 @@ def view(snaps: dict[object, Snapshot]) -> dict[object, dict[str, tuple[str, dic
 
 
 def full(mesh: Mesh) -> dict[object, Snapshot]:
-    return SnapshotBuilder(_plan_shared, _plan_own, lambda m: _shared_key(mesh, m)).rebuild(mesh, PROXIES)
+    return SnapshotBuilder(plan_shared, plan_own, lambda m: shared_key(mesh, m)).rebuild(mesh, PROXIES)
 
 
 def test_endpoint_changes_patch_the_mesh_and_snapshots_like_a_full_rebuild() -> None:
     store = MeshStore()
     store.apply([Replace("mesh.yaml", objects(generated_mesh(20, 3), "mesh.yaml")),
                  Replace("amb.yaml", objects(AMBIENT, "amb.yaml"))])
-    builder = SnapshotBuilder(_plan_shared, _plan_own, lambda m: _shared_key(store.mesh(), m), _plan_shared_hosts)
+    builder = SnapshotBuilder(plan_shared, plan_own, lambda m: shared_key(store.mesh(), m), plan_shared_hosts)
     mesh, delta = store.mesh_delta()
     assert delta is None
     builder.rebuild(mesh, PROXIES, delta)
@@ -115,7 +115,7 @@ def test_endpoint_changes_patch_the_mesh_and_snapshots_like_a_full_rebuild() -> 
 def test_a_patched_type_lists_only_the_changed_names() -> None:
     store = MeshStore()
     store.apply([Replace("mesh.yaml", objects(generated_mesh(5, 2), "mesh.yaml"))])
-    builder = SnapshotBuilder(_plan_shared, _plan_own, lambda m: _shared_key(store.mesh(), m), _plan_shared_hosts)
+    builder = SnapshotBuilder(plan_shared, plan_own, lambda m: shared_key(store.mesh(), m), plan_shared_hosts)
     mesh, _ = store.mesh_delta()
     before = builder.rebuild(mesh, PROXIES[:1])[proxy_key(PROXIES[0])]
     store.apply([Upsert("mesh.yaml", slice_for(2, ["10.9.9.9"]))])
@@ -181,7 +181,7 @@ def test_patched_rounds_are_followed_by_a_full_round_now_and_then() -> None:
 
     store = MeshStore()
     store.apply([Replace("mesh.yaml", objects(generated_mesh(3, 2), "mesh.yaml"))])
-    builder = SnapshotBuilder(_plan_shared, _plan_own, lambda m: _shared_key(store.mesh(), m), _plan_shared_hosts)
+    builder = SnapshotBuilder(plan_shared, plan_own, lambda m: shared_key(store.mesh(), m), plan_shared_hosts)
     builder.rebuild(*store.mesh_delta()[:1], PROXIES[:1])
     for i in range(FULL_ROUND_EVERY + 3):
         store.apply([Upsert("mesh.yaml", slice_for(i % 3, [f"10.8.{i}.1"]))])

@@ -18,9 +18,9 @@ from controlplane.model.ir import Issue, ProxyMeta, labels_of
 from controlplane.model.mesh import Mesh
 from controlplane.model.raw import RawObject
 from controlplane.model.store import assemble
-from controlplane.runtime import _shared_key
 from controlplane.sources.yamlload import parse_documents
 from controlplane.translate.plan import CLUSTER, ENDPOINT, LISTENER, ROUTE, build_all
+from controlplane.translate.proxy import shared_key
 from controlplane.translate.scope import proxy_scope, scope_key
 from controlplane.translate.sidecar import plan_outbound
 
@@ -135,8 +135,8 @@ def test_source_label_classes_keep_unlabelled_proxies_sharing_one_layer() -> Non
     mesh, _ = mesh_of(SERVICES, REVIEWS_VS)
     plain_a, plain_b, pp = proxy("ratings-1"), proxy(None, labels={"app": "x"}), proxy("productpage-1")
     assert scope_key(mesh, plain_a) is None and proxy_scope(mesh, plain_a) is None  # unchanged for them
-    assert _shared_key(mesh, plain_a) == _shared_key(mesh, plain_b)
-    assert _shared_key(mesh, pp) != _shared_key(mesh, plain_a)
+    assert shared_key(mesh, plain_a) == shared_key(mesh, plain_b)
+    assert shared_key(mesh, pp) != shared_key(mesh, plain_a)
     assert scope_key(mesh, pp) == (None, ((("app", "productpage"),),))
     # A node proxy or waypoint never matches sourceLabels.
     assert scope_key(mesh, ProxyMeta("n", mode="node", namespace="default", labels=labels_of({"app": "productpage"}))) \
@@ -497,7 +497,7 @@ def test_destination_rule_workload_selector_applies_to_selected_clients_of_its_n
     assert lb(proxy("ratings-1")) == cluster_pb2.Cluster.LEAST_REQUEST
     # Other namespaces never see it (the rule without a selector is the service namespace's).
     assert lb(proxy(None, "other", labels={"app": "productpage"})) == cluster_pb2.Cluster.LEAST_REQUEST
-    assert _shared_key(mesh, proxy("productpage-1")) != _shared_key(mesh, proxy("ratings-1"))
+    assert shared_key(mesh, proxy("productpage-1")) != shared_key(mesh, proxy("ratings-1"))
     _, issues = mesh_of(base, rules.replace("app: productpage", "app: nobody"))
     assert warnings(issues, "workloadSelector") == [
         "no Pod of namespace default has the labels app=nobody: this rule applies to no client (a workloadSelector "

@@ -251,11 +251,11 @@ def test_patching_node_proxies_per_host_gives_the_full_rebuilds_snapshot() -> No
     equals a full rebuild's, resource for resource."""
     from controlplane.cache.snapshot import SnapshotBuilder, proxy_key
     from controlplane.model.ir import ProxyMeta
-    from controlplane.runtime import _plan_own, _plan_shared, _plan_shared_hosts, _shared_key
+    from controlplane.translate.proxy import plan_own, plan_shared, plan_shared_hosts, shared_key
 
     def builder(store: MeshStore) -> SnapshotBuilder:
-        return SnapshotBuilder(_plan_shared, _plan_own, lambda meta: _shared_key(store.mesh_delta()[0], meta),
-                               _plan_shared_hosts)
+        return SnapshotBuilder(plan_shared, plan_own, lambda meta: shared_key(store.mesh_delta()[0], meta),
+                               plan_shared_hosts)
 
     meta = ProxyMeta("node-n1", mode="node", namespace="meshline-system", node="n1")
     store = store_of(mesh_objects(20, 6, 3))

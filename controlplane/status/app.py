@@ -1,5 +1,6 @@
 """Read-only REST status API (FastAPI): health, readiness, connected proxies, metrics.
-Serves HTTP; reads the runtime's bookkeeping and never changes it."""
+Serves HTTP; reads the control plane through `status.view.StatusView` and changes nothing but
+what an operator releases."""
 
 from __future__ import annotations
 
@@ -14,8 +15,8 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from controlplane import __version__
-from controlplane.runtime import Runtime
 from controlplane.status.dump import dump_resources
+from controlplane.status.view import StatusView
 from controlplane.translate.plan import PUSH_ORDER, SHORT_NAMES
 from controlplane.xds.server import Connection
 from controlplane.xds.stream import NackRecord
@@ -116,14 +117,14 @@ def token_guard(token_file: Path | None) -> Callable[[Request], None]:
     return guard
 
 
-def create_app(runtime: Runtime, token_file: Path | None = None) -> FastAPI:
+def create_app(runtime: StatusView, token_file: Path | None = None) -> FastAPI:
     app = FastAPI(title="Meshline status", version=__version__,
                   description="Read-only view of the Meshline control plane: proxies, sync state, config, errors "
                               "(one operator write: releasing a withheld object).")
     auth = [Depends(token_guard(token_file))]
 
     def find(proxy_id: str) -> Connection:
-        for c in runtime.xds.connections.values():
+        for c in runtime.connections():
             if c.meta.node_id == proxy_id:
                 return c
         raise HTTPException(status_code=404, detail=f"no connected proxy with id {proxy_id!r}")
@@ -140,8 +141,8 @@ def create_app(runtime: Runtime, token_file: Path | None = None) -> FastAPI:
 
     @app.get("/v1/proxies", dependencies=auth)
     def proxies(namespace: str | None = None, mode: str | None = None, state: str | None = None) -> list[dict[str, Any]]:
-        held = runtime.store.quarantined()
-        out = [proxy_view(c, held, runtime.degradation(c)) for c in runtime.xds.connections.values()]
+        held = runtime.quarantined()
+        out = [proxy_view(c, held, runtime.degradation(c)) for c in runtime.connections()]
         out = [p for p in out if (namespace is None or p["namespace"] == namespace)
                and (mode is None or p["mode"] == mode) and (state is None or p["state"] == state.upper())]
         return sorted(out, key=lambda p: (p["id"], p["connected_at"]))
@@ -149,7 +150,7 @@ def create_app(runtime: Runtime, token_file: Path | None = None) -> FastAPI:
     @app.get("/v1/proxies/{proxy_id}", dependencies=auth)
     def proxy(proxy_id: str) -> dict[str, Any]:
         conn = find(proxy_id)
-        return proxy_view(conn, runtime.store.quarantined(), runtime.degradation(conn))
+        return proxy_view(conn, runtime.quarantined(), runtime.degradation(conn))
 
     @app.get("/v1/proxies/{proxy_id}/config", dependencies=auth)
     def proxy_config(proxy_id: str, type: ConfigType = "clusters") -> dict[str, Any]:
@@ -194,13 +195,13 @@ def create_app(runtime: Runtime, token_file: Path | None = None) -> FastAPI:
     @app.get("/v1/mesh", dependencies=auth)
     def mesh_summary() -> dict[str, Any]:
         mesh = runtime.mesh()
-        held = runtime.store.quarantined()
-        views = [proxy_view(c, held, runtime.degradation(c)) for c in runtime.xds.connections.values()]
+        held = runtime.quarantined()
+        views = [proxy_view(c, held, runtime.degradation(c)) for c in runtime.connections()]
         return {
             "version": __version__,
             "ready": runtime.ready,
             "leader": runtime.leader,
-            "generation": runtime.store.generation,
+            "generation": runtime.store_generation(),
             "proxies": {
                 "total": len(views),
                 "by_mode": dict(Counter(v["mode"] for v in views)),
@@ -215,27 +216,16 @@ def create_app(runtime: Runtime, token_file: Path | None = None) -> FastAPI:
             "errors": sum(1 for i in mesh.issues if i.severity == "error"),
             "warnings": sum(1 for i in mesh.issues if i.severity == "warning"),
             "quarantined": ["/".join(k) for k in sorted(held)],
-            "xds_authentication": ("optional on the TLS port (--allow-unauthenticated-xds)"
-                                   if runtime.settings.allow_unauthenticated_xds else "required on the TLS port"),
-            "nack_policy": {
-                "validator": runtime.policy.mode,
-                "preflight_runs": runtime.policy.stats.preflight_runs,
-                "preflight_rejections": runtime.policy.stats.preflight_rejections,
-                "reproductions": runtime.policy.stats.reproductions,
-                "proxy_local_faults": runtime.policy.stats.proxy_local,
-                "content_faults": runtime.policy.stats.content_faults,
-            },
+            **runtime.control_summary(),
         }
 
     @app.get("/v1/quarantine", dependencies=auth)
     def quarantine_list() -> list[dict[str, Any]]:
         """Objects withheld mesh-wide because Meshline's own Envoy rejects what they produce."""
         out = []
-        for key, reason in sorted(runtime.store.quarantined().items()):
-            raw = runtime.store.sources_of(key)
+        for key, reason in sorted(runtime.quarantined().items()):
             out.append({"object": "/".join(key), "kind": key[0], "namespace": key[1], "name": key[2],
-                        "location": raw.ref.location if raw is not None and raw.ref.file else None,
-                        "reason": reason})
+                        "location": runtime.location_of(key), "reason": reason})
         return out
 
     @app.post("/v1/quarantine/release", dependencies=auth)
@@ -247,12 +237,12 @@ def create_app(runtime: Runtime, token_file: Path | None = None) -> FastAPI:
         if len(parts) != 3 or not all(parts[::2]):
             raise HTTPException(status_code=400, detail="object must be KIND/NAMESPACE/NAME")
         key = (parts[0], parts[1], parts[2])
-        if key not in runtime.store.quarantined():
+        if key not in runtime.quarantined():
             raise HTTPException(status_code=404, detail=f"{obj} is not withheld")
         return {"released": ["/".join(k) for k in runtime.release_withheld([key])]}
 
     @app.get("/metrics")
     def metrics() -> PlainTextResponse:
-        return PlainTextResponse(generate_latest(runtime.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        return PlainTextResponse(generate_latest(runtime.metrics_registry()), media_type=CONTENT_TYPE_LATEST)
 
     return app

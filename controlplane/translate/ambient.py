@@ -27,7 +27,6 @@ from controlplane.model.policy import policies_for_port, waypoint_policies
 from controlplane.translate.hbone import TunnelTarget, build_hbone_inbound, build_internal_cluster
 from controlplane.translate.listeners import hcm_filter
 from controlplane.translate.names import dedupe_domains, service_domains
-from controlplane.translate.nodepod import identity_secret, node_identities
 from controlplane.translate.nodeproxy import plan_node
 from controlplane.translate.plan import CLUSTER, LISTENER, ResourceSpec
 from controlplane.translate.rbac import http_rbac_filters
@@ -35,7 +34,7 @@ from controlplane.translate.secrets import WORKLOAD_SECRET
 from controlplane.translate.sidecar import route_spec
 from controlplane.translate.tunnel import service_vip, tunnel_cluster_specs
 
-__all__ = ["build_waypoint_http", "identity_secret", "node_identities", "plan_node", "plan_waypoint"]
+__all__ = ["build_waypoint_http", "plan_node", "plan_waypoint"]
 
 
 # --------------------------------------------------------------------------- waypoint

@@ -24,6 +24,7 @@ from controlplane.model.ir import Hostname, ProxyMeta
 from controlplane.model.mesh import Mesh
 from controlplane.translate import nodeproxy
 from controlplane.translate.ambient import plan_waypoint
+from controlplane.translate.locality import ClientLocalities, client_locality, failover_priority_keys
 from controlplane.translate.plan import ResourceSpec
 from controlplane.translate.scope import proxy_scope, scope_key
 from controlplane.translate.sidecar import plan_inbound, plan_outbound, plan_outbound_hosts
@@ -61,7 +62,8 @@ def plan_shared(mesh: Mesh, meta: ProxyMeta) -> list[ResourceSpec]:
         return nodeproxy.plan_node_shared(mesh, meta.node) if meta.node else []
     if meta.mode != "sidecar":
         return []
-    return plan_outbound(mesh, meta.namespace, meta.capture, meta.outbound_address, proxy_scope(mesh, meta))
+    return plan_outbound(mesh, meta.namespace, meta.capture, meta.outbound_address, proxy_scope(mesh, meta),
+                         client_locality(mesh, meta, failover_priority_keys(mesh)))
 
 
 def plan_shared_hosts(mesh: Mesh, meta: ProxyMeta, hosts: frozenset[str]) -> list[ResourceSpec] | None:
@@ -72,7 +74,7 @@ def plan_shared_hosts(mesh: Mesh, meta: ProxyMeta, hosts: frozenset[str]) -> lis
     if meta.mode != "sidecar":
         return None
     return plan_outbound_hosts(mesh, meta.namespace, meta.capture, [Hostname(h) for h in hosts],
-                               proxy_scope(mesh, meta))
+                               proxy_scope(mesh, meta), client_locality(mesh, meta, failover_priority_keys(mesh)))
 
 
 def plan_own(mesh: Mesh, meta: ProxyMeta) -> list[ResourceSpec]:
@@ -84,11 +86,13 @@ def plan_own(mesh: Mesh, meta: ProxyMeta) -> list[ResourceSpec]:
     return plan_inbound(mesh, meta)
 
 
-def shared_key(mesh: Mesh, meta: ProxyMeta) -> object:
+def shared_key(mesh: Mesh, meta: ProxyMeta, localities: ClientLocalities | None = None) -> object:
     """Proxies with equal keys share one layer: sidecars of the same mode, namespace, capture
-    (and bind address) and effective Sidecar (or none); node proxies whose pods import the
-    same services."""
+    (and bind address), effective Sidecar (or none) and locality (locality load balancing);
+    node proxies whose pods import the same services. `localities` remembers the mesh's
+    failoverPriority keys between calls (a runtime keeps one)."""
     if meta.mode == "node":
         return ("node", nodeproxy.node_shared_key(mesh, meta.node or ""))
+    locality = (localities or ClientLocalities())(mesh, meta) if meta.mode == "sidecar" else None
     return (meta.mode, meta.namespace, meta.capture, meta.outbound_address if meta.capture == "bind" else "",
-            scope_key(mesh, meta))
+            scope_key(mesh, meta), locality)

@@ -162,7 +162,7 @@ class Connection:
     node: Any = None
     peer: str = ""
     sent_responses: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
+    refused_secrets: set[str] = field(default_factory=set)  # secret names already logged as never sent
     identity: Identity | None = None  # proven by the stream's token; None: no secrets
     credential: tuple[tuple[str, str], ...] = ()  # the stream's authorization metadata (re-checked)
     expires_at: float | None = None  # when the stream's credential expires, if known
@@ -585,7 +585,7 @@ class XdsServer:
             target = conn.stream.target
             held_now = target.get(SECRET) if target is not None else None
             allowed = set(held_now.items) if held_now is not None else set()
-        refused: set[str] = conn.extra.setdefault("refused_secrets", set())
+        refused = conn.refused_secrets
         for name in names:
             if name in allowed or name in refused or name == "*" or len(refused) >= 32:
                 continue
