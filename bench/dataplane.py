@@ -586,9 +586,7 @@ def config_comparison(lab: Lab) -> dict[str, Any]:
 
     from controlplane.model.ambient import ambient_pods_on
     from controlplane.model.ir import ProxyMeta
-    from controlplane.translate.ambient import plan_node
-    from controlplane.translate.scope import proxy_scope
-    from controlplane.translate.sidecar import plan_inbound, plan_outbound
+    from controlplane.translate.proxy import plan_proxy
 
     mesh = load_mesh(lab.config)
     with tempfile.TemporaryDirectory() as d:
@@ -605,9 +603,9 @@ def config_comparison(lab: Lab) -> dict[str, Any]:
             meta = ProxyMeta(node_id=f"twin-{wl.name}", mode="sidecar", namespace=wl.namespace, workload=wl.name,
                              labels=twin.workload(wl.namespace, wl.name).labels,
                              service_account=wl.service_account, capture="intercept")
-            specs = plan_outbound(twin, wl.namespace, "intercept", "127.0.0.1", proxy_scope(twin, meta))
-            sidecars[wl.name] = plan_size(specs + plan_inbound(twin, meta))
-        out[node] = {"pods": [w.name for w in pods], "node_translated": plan_size(plan_node(mesh, node)),
+            sidecars[wl.name] = plan_size(plan_proxy(twin, meta).specs())
+        node_meta = ProxyMeta(node_id=f"node-{node}", mode="node", node=node)
+        out[node] = {"pods": [w.name for w in pods], "node_translated": plan_size(plan_proxy(mesh, node_meta).specs()),
                      "sidecars": sidecars}
     return out
 
@@ -861,10 +859,10 @@ Python {mach['python']}. The whole bench (lab set-up, four paths in two client m
   (which also holds the bootstrap, stats sinks and redacted secrets). For the sidecars a node
   proxy replaces, no sidecars were started: the bench translates a **sidecar twin of the same
   mesh** (the same namespaces, services and pods, with ambient labels removed, every ambient
-  pod annotated as injected and no waypoint) with the runtime's own functions
-  (`plan_outbound` + `plan_inbound`, intercept capture, scope from `proxy_scope`), builds it
+  pod annotated as injected and no waypoint) with the runtime's own entry point
+  (`translate.proxy.plan_proxy`, intercept capture), builds it
   with `plan.build_all` and serializes it through the status API's dump function, so the
-  bytes are comparable; the node proxy is translated the same way (`plan_node`) to check the
+  bytes are comparable; the node proxy is translated the same way (`plan_proxy`) to check the
   live number. Protobuf wire bytes of the same translations are shown too.
 - **Restart**: while l4c streams to l4s at {gap['rate']:.0f} rps (1 s timeout per request),
   node proxy n1 gets SIGTERM and a new one is started; the gap is the longest time between two

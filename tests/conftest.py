@@ -3,7 +3,11 @@ comparing; `fx` is a started xDS server (tests/xdsharness.py)."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import inspect
+import os
+import types
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import pytest
 
@@ -15,6 +19,10 @@ async def fx() -> AsyncIterator[XdsFixture]:
     """A started xDS server over real gRPC with a FakeControl (stopped after the test)."""
     f = XdsFixture()
     await f.start()
+# Snapshots that name a resource their proxy does not get fail loudly in tests (the runtime's
+# Settings.consistency; inherited by the `meshline serve` processes the e2e tests start).
+os.environ.setdefault("MESHLINE_CONSISTENCY", "raise")
+
     yield f
     await f.stop()
 

@@ -33,7 +33,7 @@ from controlplane.model.ir import (
     Workload,
     labels_match,
 )
-from controlplane.model.meshconfig import MeshConfig
+from controlplane.model.meshconfig import NO_MESH_CONFIG, MeshConfig
 
 _EMPTY: Mapping[str, object] = MappingProxyType({})
 
@@ -58,7 +58,7 @@ class Mesh:
     root_namespace: str = DEFAULT_ROOT_NAMESPACE
     trust_domain: str = DEFAULT_TRUST_DOMAIN
     sidecars: tuple[Sidecar, ...] = ()  # sorted by (namespace, name)
-    mesh_config: MeshConfig = MeshConfig()  # `--mesh-config`: extension providers (CUSTOM authorization)
+    mesh_config: MeshConfig = NO_MESH_CONFIG  # `--mesh-config`: extension providers (CUSTOM authorization)
 
     # Derived indexes, computed once in build_mesh().
     vs_by_host: Mapping[Hostname, VirtualService] = field(default_factory=dict)

@@ -125,6 +125,10 @@ class MeshConfig:
         return next((p for p in self.providers if p.name == name), None)
 
 
+NO_MESH_CONFIG = MeshConfig()
+"""No `--mesh-config`: no extension providers (every CUSTOM policy fails closed)."""
+
+
 # --------------------------------------------------------------------------- parsing
 
 
@@ -268,12 +272,14 @@ def parse_mesh_config(text: str, file: str) -> tuple[MeshConfig, tuple[Issue, ..
     providers: list[ExtAuthzProvider] = []
     others: list[str] = []
     seen: set[str] = set()
+    twice: set[str] = set()
     for i, item in enumerate(get_list(ctx, doc, "extensionProviders", "")):
         path = index("extensionProviders", i)
         got = _provider(ctx, item, path)
         name = got if isinstance(got, str) else got.name if got is not None else None
         if name is not None and name in seen:
-            ctx.error(join(path, "name"), f"provider name {name!r} is used twice")
+            ctx.error(join(path, "name"), f"provider name {name!r} is used twice (neither is used)")
+            twice.add(name)
             continue
         if name is not None:
             seen.add(name)
@@ -281,6 +287,7 @@ def parse_mesh_config(text: str, file: str) -> tuple[MeshConfig, tuple[Issue, ..
             providers.append(got)
         elif isinstance(got, str):
             others.append(got)
+    providers = [p for p in providers if p.name not in twice]
     return MeshConfig(file, tuple(providers), tuple(others)), tuple(ctx.issues)
 
 

@@ -34,7 +34,7 @@ from controlplane.model.ir import (
     service_fqdn,
 )
 from controlplane.model.mesh import EndpointDelta, Mesh, build_mesh
-from controlplane.model.meshconfig import MeshConfig
+from controlplane.model.meshconfig import NO_MESH_CONFIG, MeshConfig
 from controlplane.model.raw import ObjectKey, RawObject
 from controlplane.model.validate import check_mesh
 
@@ -81,7 +81,7 @@ FAIL_CLOSED_KINDS = frozenset({"AuthorizationPolicy", "PeerAuthentication"})
 class MeshStore:
     def __init__(self, *, root_namespace: str = DEFAULT_ROOT_NAMESPACE,
                  trust_domain: str = DEFAULT_TRUST_DOMAIN, netns_annotations: bool = True,
-                 mesh_config: MeshConfig = MeshConfig()) -> None:
+                 mesh_config: MeshConfig = NO_MESH_CONFIG) -> None:
         """`netns_annotations`: honour pods' `meshline.io/netns` (directory mode); in a cluster
         a pod's author controls it, so only node agents' reports say where a netns is.
         `mesh_config`: Istio MeshConfig (extension providers), replaced by `set_mesh_config`."""
@@ -421,7 +421,7 @@ def assemble(
     root_namespace: str = DEFAULT_ROOT_NAMESPACE,
     trust_domain: str = DEFAULT_TRUST_DOMAIN,
     netns_annotations: bool = True,
-    mesh_config: MeshConfig = MeshConfig(),
+    mesh_config: MeshConfig = NO_MESH_CONFIG,
 ) -> Mesh:
     """Build a Mesh from valid IR values (in key order) and add cross-object issues."""
     mesh = mesh_of(values, issues, root_namespace=root_namespace, trust_domain=trust_domain,

@@ -12,6 +12,7 @@ from controlplane.model.ambient import waypoint_service
 from controlplane.model.ir import ProxyMeta, ServicePort, SourceRef, Workload
 from controlplane.model.mesh import Mesh
 from controlplane.model.policy import authorization_policies_for, effective_mtls, orphaned_policies
+from controlplane.translate.extauthz import custom_target
 from controlplane.translate.listeners import InboundPort, InboundSecurity
 from controlplane.translate.names import inbound_cluster_name
 
@@ -63,5 +64,6 @@ def inbound_security(mesh: Mesh, proxy: ProxyMeta, wl: Workload | None
     if wl is not None:
         # Policies attached (targetRefs) to this pod's services when no waypoint enforces them.
         authz = (*authz, *orphaned_policies(mesh, wl, lambda svc: waypoint_service(mesh, svc) is not None))
-    sec = InboundSecurity(mtls.mode, mtls.ports, mesh.trust_domain, authz)
+    sec = InboundSecurity(mtls.mode, mtls.ports, mesh.trust_domain, authz,
+                          custom_target(authz, mesh.mesh_config, mesh.services))
     return sec, tuple(dict.fromkeys((*mtls.sources, *(a.ref for a in authz))))

@@ -38,6 +38,7 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import http_con
 from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
 
 from controlplane.model.ir import DEFAULT_TRUST_DOMAIN, AuthorizationPolicy, MtlsMode, PortProtocol
+from controlplane.translate.extauthz import ExtAuthzTarget, http_authz_filters, network_authz_filters
 from controlplane.translate.names import (
     INBOUND_CAPTURE_PORT,
     OUTBOUND_CAPTURE_PORT,
@@ -46,7 +47,6 @@ from controlplane.translate.names import (
     duration_ms,
     pack,
 )
-from controlplane.translate.rbac import http_rbac_filters, network_rbac_filters
 from controlplane.translate.security import MESH_ALPN, downstream_mtls, tls_socket
 
 HCM_FILTER = "envoy.filters.network.http_connection_manager"
@@ -210,6 +210,8 @@ class InboundSecurity:
     ports: tuple[tuple[int, MtlsMode], ...] = ()
     trust_domain: str = DEFAULT_TRUST_DOMAIN
     authz: tuple[AuthorizationPolicy, ...] = ()
+    # the external authorizer of the workload's CUSTOM policies (None: they deny)
+    ext_authz: ExtAuthzTarget | None = None
 
     def for_port(self, port: int) -> MtlsMode:
         return next((m for p, m in self.ports if p == port), self.mode)
@@ -228,7 +230,7 @@ def _inbound_route(ip: InboundPort) -> route_pb2.RouteConfiguration:
 
 def _tcp_filters(stat: str, cluster: str, sec: InboundSecurity) -> list[Any]:
     out = []
-    for name, cfg in network_rbac_filters(sec.authz, sec.trust_domain, stat):
+    for name, cfg in network_authz_filters(sec.authz, sec.trust_domain, stat, sec.ext_authz):
         f = listener_components_pb2.Filter(name=name)
         f.typed_config.CopyFrom(pack(cfg))
         out.append(f)
@@ -249,7 +251,7 @@ def _inbound_chains(lst: listener_pb2.Listener, ip: InboundPort, match_port: boo
     default chain."""
     stat = f"inbound_0.0.0.0_{ip.port}"
     mode = sec.for_port(ip.port)
-    http_filters = http_rbac_filters(sec.authz, sec.trust_domain)
+    http_filters = http_authz_filters(sec.authz, sec.trust_domain, sec.ext_authz)
     sniffed = ip.protocol is PortProtocol.UNKNOWN
     chains: list[tuple[str, bool, tuple[str, ...], list[Any]]] = []
     for secure in (False, True):

@@ -61,6 +61,7 @@ from controlplane.translate.clusters import (
     is_passthrough,
 )
 from controlplane.translate.endpoints import build_cla, select_endpoints
+from controlplane.translate.extauthz import authorizer_targets, custom_target
 from controlplane.translate.listeners import (
     InboundPort,
     InboundSecurity,
@@ -329,6 +330,7 @@ def plan_outbound(
         hosts = {s.hostname for on_port in scoped.values() for s in on_port}
     for host in sorted(hosts):
         specs += _cluster_specs(mesh, mesh.services[host], namespace, scope, capture)
+    specs += _authorizer_specs(mesh, namespace, capture, scope)
     for port, on_port in sorted(by_port.items()):
         services = sorted(on_port, key=lambda s: s.hostname)
         routed = [s for s in services if _sniffed_or_http(_port_of(s, port))]
@@ -368,11 +370,30 @@ def plan_outbound_hosts(
     through the HBONE tunnel, its internal listeners). Everything else in the outbound plan
     (routes, listeners) reads services and routing rules, never endpoints."""
     specs: list[ResourceSpec] = []
-    for host in sorted(hosts):
+    wanted = frozenset(hosts)
+    for host in sorted(wanted):
         svc = mesh.services.get(host)
         if svc is not None:
             specs += _cluster_specs(mesh, svc, namespace, scope, capture)
+    specs += _authorizer_specs(mesh, namespace, capture, scope, wanted)
     return _unique(specs)
+
+
+def _authorizer_specs(mesh: Mesh, namespace: str, capture: CaptureMode, scope: Scope | None,
+                      hosts: frozenset[Hostname] | None = None) -> list[ResourceSpec]:
+    """The outbound clusters (and endpoints) of the external authorizers of CUSTOM policies
+    that the proxies' Sidecar scope leaves out: their ext_authz filters call them (`hosts`:
+    only those of these hosts)."""
+    if scope is None:
+        return []
+    out: list[ResourceSpec] = []
+    for host, port in authorizer_targets(mesh.authorization_policies, mesh.mesh_config, mesh.services):
+        if (host, port) in scope or (hosts is not None and host not in hosts):
+            continue
+        prefix = f"outbound|{port}|"
+        out += [s for s in _cluster_specs(mesh, mesh.services[host], namespace, None, capture)
+                if s.name.startswith(prefix)]
+    return out
 
 
 # --------------------------------------------------------------------------- inbound
@@ -423,7 +444,8 @@ def inbound_security(mesh: Mesh, proxy: ProxyMeta, wl: Workload | None
         from controlplane.model.ambient import waypoint_service
 
         authz = (*authz, *orphaned_policies(mesh, wl, lambda svc: waypoint_service(mesh, svc) is not None))
-    sec = InboundSecurity(mtls.mode, mtls.ports, mesh.trust_domain, authz)
+    sec = InboundSecurity(mtls.mode, mtls.ports, mesh.trust_domain, authz,
+                          custom_target(authz, mesh.mesh_config, mesh.services))
     return sec, _refs(mtls.sources, tuple(a.ref for a in authz))
 
 
@@ -473,7 +495,7 @@ def plan_inbound(mesh: Mesh, proxy: ProxyMeta) -> list[ResourceSpec]:
     elif wl is not None and wl.ip:
         for ib in ports:
             lname = f"inbound_{wl.ip}_{ib.port.port}"
-            port_sec = InboundSecurity(sec.for_port(ib.port.port), (), sec.trust_domain, sec.authz)
+            port_sec = InboundSecurity(sec.for_port(ib.port.port), (), sec.trust_domain, sec.authz, sec.ext_authz)
             args3 = (lname, wl.ip, ib.port, port_sec)
             specs.append(ResourceSpec(LISTENER, lname, build_inbound_listener, args3, _refs(ib.sources, sec_sources)))
     return sorted(specs, key=lambda s: (s.type_url, s.name))

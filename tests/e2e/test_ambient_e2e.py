@@ -351,6 +351,38 @@ def test_ambient_to_sidecar_and_back(lab: Lab) -> None:
     lab.wait_log("n1", f"src.identity={spiffe('legacy', 's')}")
 
 
+def _s_stat(lab: Lab, name: str) -> int:
+    """A counter of the sidecar Envoy in pod s (its admin on the pod's loopback)."""
+    out = lab.pods["s"].exec(["curl", "-s", f"http://127.0.0.1:15000/stats?filter=^{name}$"]).stdout
+    return sum(int(line.rsplit(": ", 1)[1]) for line in out.splitlines() if line.startswith(name + ": "))
+
+
+def test_policy_change_reaches_the_next_tunnel_on_a_pooled_hbone_connection(lab: Lab) -> None:
+    """a (ambient, n1) -> s (sidecar): n1 multiplexes a's tunnels on one HTTP/2 connection to
+    s's 15008. A DENY for namespace alpha applies to the next tunnel on that same connection,
+    and lifting it lets the next one through, with no new HBONE connection either time (the
+    sidecar's CONNECT routes and policies come by RDS: its 15008 listener does not change)."""
+    url = f"http://{lab.vips['s']}/"
+    _wait_http(lab.pods["a"], url, '"s"')
+    conns = _s_stat(lab, "http.inbound_hbone.downstream_cx_total")
+    denied = _s_stat(lab, "http.inbound_hbone.rbac.denied")
+    assert conns > 0
+    lab.write("s-deny", [{"apiVersion": "security.meshline.io/v1", "kind": "AuthorizationPolicy",
+                          "metadata": {"name": "s-deny-alpha", "namespace": "legacy"},
+                          "spec": {"selector": {"matchLabels": {"app": "s"}}, "action": "DENY",
+                                   "rules": [{"from": [{"source": {"namespaces": ["alpha"]}}]}]}}])
+    try:
+        deadline = time.monotonic() + 30
+        while lab.curl("a", url, timeout=2)[0] == 200:
+            assert time.monotonic() < deadline, "the DENY never reached s's tunnels"
+            time.sleep(0.2)
+        assert _s_stat(lab, "http.inbound_hbone.rbac.denied") > denied  # refused at the CONNECT, by s
+    finally:
+        (lab.config / "s-deny.yaml").unlink(missing_ok=True)
+    _wait_http(lab.pods["a"], url, '"s"', timeout=30)
+    assert _s_stat(lab, "http.inbound_hbone.downstream_cx_total") == conns
+
+
 def test_waypoint_routes_and_enforces_l7_then_fails_closed_without_it(lab: Lab) -> None:
     b = lab.vips["b"]
     _wait_http(lab.pods["a"], f"http://{b}/", '"b')
