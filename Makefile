@@ -24,6 +24,12 @@ system-deps:
 test: $(STAMP) system-deps kube-build
 	$(BIN)/python -m pytest -q
 
+# The unit layer of the test pyramid (markers applied by tests/conftest.py): no Envoy, netns,
+# API server or end-to-end runs; under a minute on a quiet 2-core machine.
+.PHONY: test-fast
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m unit --ignore=tests/kube_real --ignore=tests/e2e --ignore=tests/conformance
+
 # A real kube-apiserver + etcd (tests/kube_real, `make run-kube`): built once from the Go
 # module proxy into ~/.cache/meshline/kube/<version>/ (cold: minutes; then instant).
 # kube-build never fails the run: without Go (or on a failed build) it says why, and the
