@@ -70,6 +70,8 @@ DEFAULT_RETRY_ON: tuple[str, ...] = (
 )
 """Istio's default `retryOn`, used when `retries.retryOn` is absent."""
 DEFAULT_RETRIABLE_STATUS_CODES: tuple[int, ...] = (503,)
+DEFAULT_RETRY = Retry(attempts=2, retry_on=DEFAULT_RETRY_ON, retriable_status_codes=DEFAULT_RETRIABLE_STATUS_CODES)
+"""Istio's default retry policy, for an HTTP route without `retries` (translate.routes applies it)."""
 
 _GRPC_NAMES = (
     "OK CANCELLED UNKNOWN INVALID_ARGUMENT DEADLINE_EXCEEDED NOT_FOUND ALREADY_EXISTS PERMISSION_DENIED "

@@ -12,7 +12,7 @@ client in the service's own namespace sees (what status pages show).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
@@ -198,8 +198,10 @@ def build_mesh(
     )
 
 
-def _exported(export_to: tuple[str, ...], owner_namespace: str, client_namespace: str) -> bool:
-    """exportTo: empty or `*` exports everywhere, `.` to the owner's namespace, `~` nowhere."""
+def visible_to(export_to: Sequence[str], owner_namespace: str, client_namespace: str) -> bool:
+    """Istio's exportTo (VirtualService, DestinationRule, ...): empty or `*` exports everywhere,
+    `.` to the owner's namespace, a namespace name to it, `~` nowhere. The one owner of the
+    rule (translate.names re-exports it)."""
     if not export_to or "*" in export_to:
         return True
     if "." in export_to and owner_namespace == client_namespace:
@@ -220,6 +222,6 @@ def _lookup(rules: tuple[DestinationRule, ...], host: Hostname, client_namespace
     for ns in dict.fromkeys(order):
         for dr in rules:
             if (dr.namespace == ns and not dr.workload_selector
-                    and _exported(dr.export_to, dr.namespace, client_namespace)):
+                    and visible_to(dr.export_to, dr.namespace, client_namespace)):
                 return dr
     return None

@@ -19,6 +19,7 @@ from controlplane.model.ir import (
     RouteDestination,
     Service,
 )
+from controlplane.model.mesh import visible_to as visible_to  # exportTo: one owner, the model
 
 PASSTHROUGH_CLUSTER = "PassthroughCluster"
 INBOUND_PASSTHROUGH_CLUSTER = "InboundPassthroughCluster"
@@ -120,15 +121,6 @@ def destination_port(dest: Destination, route_port: int, target: Service | None)
 def destination_cluster(dest: Destination, route_port: int, services: Mapping[Hostname, Service]) -> str:
     port = destination_port(dest, route_port, services.get(dest.host))
     return outbound_cluster_name(port, dest.host, dest.subset)
-
-
-def visible_to(export_to: Sequence[str], owner_namespace: str, client_namespace: str) -> bool:
-    """exportTo semantics: empty or `*` exports everywhere, `.` to the owner's namespace."""
-    if not export_to or "*" in export_to:
-        return True
-    if "." in export_to and owner_namespace == client_namespace:
-        return True
-    return client_namespace in export_to
 
 
 def duration_ms(ms: int) -> duration_pb2.Duration:

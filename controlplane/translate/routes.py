@@ -42,6 +42,7 @@ from envoy.extensions.retry.priority.previous_priorities.v3 import previous_prio
 from envoy.type.matcher.v3 import string_pb2
 from envoy.type.v3 import percent_pb2
 
+from controlplane.model.convert_http import DEFAULT_RETRY, DEFAULT_RETRY_ON
 from controlplane.model.ir import (
     ConsistentHash,
     CorsPolicy,
@@ -51,6 +52,7 @@ from controlplane.model.ir import (
     Headers,
     HTTPMatch,
     HTTPRoute,
+    L4Match,
     Labels,
     Retry,
     Service,
@@ -72,8 +74,6 @@ from controlplane.translate.names import (
 
 FAULT_FILTER = "envoy.filters.http.fault"
 CORS_FILTER = "envoy.filters.http.cors"
-DEFAULT_RETRY_ON = "connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes"
-DEFAULT_RETRY = Retry(attempts=2, retry_on=tuple(DEFAULT_RETRY_ON.split(",")), retriable_status_codes=(503,))
 _REDIRECT_CODES = {
     301: rc.RedirectAction.MOVED_PERMANENTLY,
     302: rc.RedirectAction.FOUND,
@@ -177,17 +177,21 @@ def _header_matcher(out: rc.HeaderMatcher, name: str, m: StringMatch | None, inv
         out.invert_match = True
 
 
+def match_applies(m: HTTPMatch | L4Match, port: int, namespace: str, source_labels: frozenset[Labels]) -> bool:
+    """Whether a VirtualService match (http or tcp) applies to clients in `namespace` whose
+    workloads match the sourceLabels selectors `source_labels`, on service port `port`: its
+    `port`, `sourceNamespace` and `sourceLabels` all do (Istio). A tcp match's
+    `destinationSubnets` is checked by its caller."""
+    return ((m.port is None or m.port == port)
+            and (m.source_namespace is None or m.source_namespace == namespace)
+            and (not m.source_labels or m.source_labels in source_labels))
+
+
 def _applicable(matches: Sequence[HTTPMatch], port: int, namespace: str,
                 source_labels: frozenset[Labels] = frozenset()) -> list[HTTPMatch]:
     if not matches:
         return [HTTPMatch()]
-    return [
-        m
-        for m in matches
-        if (m.port is None or m.port == port)
-        and (m.source_namespace is None or m.source_namespace == namespace)
-        and (not m.source_labels or m.source_labels in source_labels)
-    ]
+    return [m for m in matches if match_applies(m, port, namespace, source_labels)]
 
 
 def _fill_match(out: rc.RouteMatch, m: HTTPMatch) -> None:
@@ -259,7 +263,7 @@ PREVIOUS_PRIORITIES_UPDATE_FREQUENCY = 2
 def _retry(out: rc.RetryPolicy, retry: Retry, hashed: bool = False) -> None:
     """Istio's `retry.ConvertPolicy`. `hashed`: the route hashes consistently, so retries stay
     on the same host unless `retryIgnorePreviousHosts: true` says otherwise."""
-    retry_on = list(retry.retry_on) or DEFAULT_RETRY_ON.split(",")
+    retry_on = list(retry.retry_on) or list(DEFAULT_RETRY_ON)
     codes = retry.retriable_status_codes
     if not retry.retry_on and not codes:
         codes = (503,)

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
 
 from controlplane.model.ambient import runs_sidecar
 from controlplane.model.ir import (
@@ -50,7 +49,6 @@ from controlplane.model.ir import (
     Workload,
 )
 from controlplane.model.mesh import Mesh
-from controlplane.model.policy import authorization_policies_for, effective_mtls, orphaned_policies
 from controlplane.translate.clusters import (
     build_blackhole_cluster,
     build_inbound_cluster,
@@ -61,9 +59,10 @@ from controlplane.translate.clusters import (
     is_passthrough,
 )
 from controlplane.translate.endpoints import build_cla, select_endpoints
-from controlplane.translate.extauthz import authorizer_targets, custom_target
+from controlplane.translate.extauthz import authorizer_targets
+from controlplane.translate.hbone import build_hbone_inbound, build_hbone_routes
+from controlplane.translate.inbound import Inbound, inbound_ports, inbound_security
 from controlplane.translate.listeners import (
-    InboundPort,
     InboundSecurity,
     OutboundListener,
     WeightedCluster,
@@ -83,7 +82,6 @@ from controlplane.translate.names import (
     dedupe_domains,
     destination_cluster,
     destination_port,
-    inbound_cluster_name,
     outbound_cluster_name,
     route_config_name,
     service_domains,
@@ -91,9 +89,11 @@ from controlplane.translate.names import (
     weighted_split,
 )
 from controlplane.translate.plan import CLUSTER, ENDPOINT, LISTENER, ROUTE, ResourceSpec
-from controlplane.translate.routes import build_route_config, plan_virtual_host
+from controlplane.translate.routes import build_route_config, match_applies, plan_virtual_host
 from controlplane.translate.scope import Scope, registry_only, source_labels_of
+from controlplane.translate.secrets import WORKLOAD_SECRET
 from controlplane.translate.security import outbound_sni, spiffe_uri, upstream_tls
+from controlplane.translate.tunnel import tunnel_cluster_specs, tunnel_targets, tunnelled
 
 
 def _dr(mesh: Mesh, svc: Service, namespace: str, classes: frozenset[Labels] = frozenset()
@@ -143,10 +143,8 @@ def _cluster_specs(mesh: Mesh, svc: Service, namespace: str, scope: Scope | None
     for sp in svc.ports:
         if scope is not None and (svc.hostname, sp.port) not in scope:
             continue
-        if capture == "intercept" and _tunnelled(mesh, svc, sp):
+        if capture == "intercept" and tunnelled(mesh, svc, sp):
             # Ambient destinations accept mesh traffic only through the HBONE tunnel.
-            from controlplane.translate.ambient import WORKLOAD_SECRET, tunnel_cluster_specs
-
             for subset, labels in subsets:
                 out += tunnel_cluster_specs(mesh, svc, sp, subset, labels, WORKLOAD_SECRET, via_waypoint=True)
             continue
@@ -163,15 +161,6 @@ def _cluster_specs(mesh: Mesh, svc: Service, namespace: str, scope: Scope | None
             out.append(ResourceSpec(CLUSTER, name, build_outbound_cluster, args, sources))
             out.append(ResourceSpec(ENDPOINT, name, build_cla, (name, eps), sources))
     return out
-
-
-def _tunnelled(mesh: Mesh, svc: Service, sp: ServicePort) -> bool:
-    """Whether a sidecar reaches `svc` on `sp` through the HBONE tunnel: its pods are ambient,
-    or it uses a waypoint (which then enforces its L7 policies for sidecar callers too)."""
-    from controlplane.model.ambient import waypoint_service
-    from controlplane.translate.ambient import needs_tunnel
-
-    return waypoint_service(mesh, svc) is not None or needs_tunnel(mesh, svc, sp)
 
 
 def route_spec(
@@ -212,10 +201,7 @@ def _in_subnets(ip: str | None, subnets: tuple[str, ...]) -> bool:
 
 
 def _l4_applies(m: L4Match, svc: Service, port: int, namespace: str, source_labels: frozenset[Labels]) -> bool:
-    return ((m.port is None or m.port == port)
-            and (m.source_namespace is None or m.source_namespace == namespace)
-            and (not m.source_labels or m.source_labels in source_labels)
-            and _in_subnets(svc.cluster_ip, m.destination_subnets))
+    return match_applies(m, port, namespace, source_labels) and _in_subnets(svc.cluster_ip, m.destination_subnets)
 
 
 def _tcp_destinations(mesh: Mesh, svc: Service, port: int, namespace: str,
@@ -399,65 +385,12 @@ def _authorizer_specs(mesh: Mesh, namespace: str, capture: CaptureMode, scope: S
 # --------------------------------------------------------------------------- inbound
 
 
-@dataclass(frozen=True, slots=True)
-class _Inbound:
-    port: InboundPort
-    sources: tuple[SourceRef, ...]
-
-
-def _target_port(sp: ServicePort, wl: Workload | None) -> int | None:
-    if isinstance(sp.target_port, int):
-        return sp.target_port
-    if sp.target_port.isdigit():
-        return int(sp.target_port)
-    if wl is None:
-        return None
-    return next((cp.port for cp in wl.ports if cp.name == sp.target_port), None)
-
-
-def inbound_ports(mesh: Mesh, proxy: ProxyMeta, wl: Workload | None) -> list[_Inbound]:
-    """The ports the proxy's workload serves, by target port; the first service (by
-    hostname) to claim a target port decides its protocol."""
-    labels = wl.labels if wl is not None else proxy.labels
-    found: dict[int, _Inbound] = {}
-    for svc in sorted(mesh.services_selecting(proxy.namespace, labels), key=lambda s: s.hostname):
-        for sp in svc.ports:
-            tp = _target_port(sp, wl)
-            if tp is None:
-                continue
-            cur = found.get(tp)
-            if cur is None:
-                found[tp] = _Inbound(InboundPort(tp, inbound_cluster_name(tp), sp.protocol), (svc.ref,))
-            elif svc.ref not in cur.sources:
-                found[tp] = _Inbound(cur.port, (*cur.sources, svc.ref))
-    return [found[p] for p in sorted(found)]
-
-
-def inbound_security(mesh: Mesh, proxy: ProxyMeta, wl: Workload | None
-                     ) -> tuple[InboundSecurity, tuple[SourceRef, ...]]:
-    """The workload's PeerAuthentication modes and AuthorizationPolicies, and their sources."""
-    labels = wl.labels if wl is not None else proxy.labels
-    mtls = effective_mtls(mesh, proxy.namespace, labels)
-    authz = authorization_policies_for(mesh, proxy.namespace, labels)
-    if wl is not None:
-        # Policies attached (targetRefs) to this pod's services when no waypoint enforces them.
-        from controlplane.model.ambient import waypoint_service
-
-        authz = (*authz, *orphaned_policies(mesh, wl, lambda svc: waypoint_service(mesh, svc) is not None))
-    sec = InboundSecurity(mtls.mode, mtls.ports, mesh.trust_domain, authz,
-                          custom_target(authz, mesh.mesh_config, mesh.services))
-    return sec, _refs(mtls.sources, tuple(a.ref for a in authz))
-
-
-def _hbone_inbound(mesh: Mesh, wl: Workload, ports: list[_Inbound], sec: InboundSecurity,
+def _hbone_inbound(mesh: Mesh, wl: Workload, ports: list[Inbound], sec: InboundSecurity,
                    sources: tuple[SourceRef, ...]) -> list[ResourceSpec]:
     """15008: callers from ambient pods (and waypoints) tunnel to this sidecar's app. Its
     routes (targets, policies) come over RDS: a policy change reaches the next tunnel on a
     pooled HBONE connection at once (an inline change would leave that connection on the
     old filter chain, old policy, until it drains)."""
-    from controlplane.translate.ambient import WORKLOAD_SECRET, tunnel_targets
-    from controlplane.translate.hbone import build_hbone_inbound, build_hbone_routes
-
     targets = tunnel_targets(mesh, wl, {ib.port.port: ib.port.cluster for ib in ports})
     args = (HBONE_INBOUND, None, WORKLOAD_SECRET, mesh.trust_domain, None, ())
     rargs = (HBONE_INBOUND, mesh.trust_domain, targets, sec.authz)

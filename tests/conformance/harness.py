@@ -173,11 +173,18 @@ class Mesh:
              "--xds-address", f"127.0.0.1:{self.xds}", "--admin-address", f"127.0.0.1:{admin}"],
             capture_output=True, text=True, cwd=ROOT, timeout=60)
         assert out.returncode == 0, out.stderr
-        proc = start_envoy(out.stdout, self.work, wl.name, log_level="info")
+        proc = start_envoy(out.stdout, self.work, f"{wl.name}.{wl.namespace}", log_level="info")
         wait_http(f"http://127.0.0.1:{admin}/ready", proc=proc, timeout=60)
         sc = Sidecar(wl, outbound, admin, proc)
-        self.sidecars[wl.name] = sc
+        self.sidecars[f"{wl.name}.{wl.namespace}"] = sc
         return sc
+
+    def start_sidecars(self, pairs: Sequence[tuple[Workload, str]]) -> list[Sidecar]:
+        """Several sidecars started side by side: (workload, outbound address) each."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(len(pairs)) as pool:
+            return list(pool.map(lambda p: self.sidecar(*p), pairs))
 
     def close(self) -> None:
         self.client.close()
