@@ -62,6 +62,7 @@ $(BENCH_STAMP): $(STAMP) pyproject.toml bench/requirements-sovereign.txt
 bench: $(BENCH_STAMP)
 	$(BIN)/python bench/run.py --suite full --plot docs/convergence.png --results docs/benchmark-results.json
 	$(BIN)/python bench/preflight.py --doc docs/preflight.md
+	$(BIN)/python bench/timing.py
 
 bench-quick: $(BENCH_STAMP)
 	$(BIN)/python bench/run.py --suite quick
