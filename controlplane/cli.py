@@ -64,6 +64,11 @@ def main() -> None:
 @click.option("--root-namespace", envvar="MESHLINE_ROOT_NAMESPACE", default="meshline-system", show_default=True,
               help="Namespace whose selector-less PeerAuthentication/AuthorizationPolicy/Sidecar and "
                    "DestinationRules apply mesh-wide (Istio's rootNamespace; Istio installs use istio-system).")
+@click.option("--mesh-config", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              envvar="MESHLINE_MESH_CONFIG",
+              help="Istio MeshConfig YAML (the `mesh` key of Istio's `istio` ConfigMap, or that ConfigMap): its "
+                   "extensionProviders (envoyExtAuthzHttp/Grpc) are the external authorizers of CUSTOM "
+                   "AuthorizationPolicies. Watched: edits apply without a restart.")
 @click.option("--workload-cert-ttl", default="24h", show_default=True, callback=_duration_option,
               help="Workload certificate lifetime (rotated at half life): seconds, or 30m, 24h, ...")
 @click.option("--ca-address", default="127.0.0.1:15012", show_default=True,
@@ -96,7 +101,7 @@ def serve(ctx: click.Context, config_dirs: tuple[Path, ...], kubernetes: bool, k
           xds_address: str, status_address: str,
           webhook_address: str | None, debounce_ms: int, status_token_file: Path | None, log_level: str,
           log_format: str, ca_enabled: bool, ca_dir: Path | None, trust_domain: str, root_namespace: str,
-          workload_cert_ttl: Any,
+          mesh_config: Path | None, workload_cert_ttl: Any,
           ca_address: str, ca_dns_names: str, node_agents: bool, workers: int, allow_unauthenticated_xds: bool,
           credential_check_seconds: float, preflight: bool, validator_envoy: str) -> None:
     """Run the control plane."""
@@ -126,6 +131,7 @@ def serve(ctx: click.Context, config_dirs: tuple[Path, ...], kubernetes: bool, k
                         status_token_file=status_token_file, kubeconfig=kubeconfig, watch_namespaces=namespaces,
                         istio_api=istio_api, leader_lease_seconds=leader_lease_seconds,
                         ca_enabled=ca_enabled, ca_dir=ca_dir, trust_domain=trust_domain, root_namespace=root_namespace,
+                        mesh_config=mesh_config,
                         workload_cert_ttl_s=workload_cert_ttl.total_seconds(), ca_address=ca_addr,
                         ca_address_required=ctx.get_parameter_source("ca_address") is not ParameterSource.DEFAULT,
                         ca_dns_names=dns_names, node_agents=node_agents, preflight=preflight,
@@ -326,14 +332,16 @@ def _bootstrap_bundle(ca_dir: Path | None, ca_bundle: Path | None) -> str:
 @click.option("--token", envvar="MESHLINE_STATUS_TOKEN", default=None)
 @click.option("--root-namespace", envvar="MESHLINE_ROOT_NAMESPACE", default="meshline-system", show_default=True,
               help="The mesh's root namespace (as for `serve`).")
+@click.option("--mesh-config", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Istio MeshConfig YAML with the extensionProviders CUSTOM policies name (as for `serve`).")
 def analyze(paths: tuple[str, ...], warnings: bool, output: str, status_address: str | None,
-            token: str | None, root_namespace: str) -> None:
+            token: str | None, root_namespace: str, mesh_config: Path | None) -> None:
     """Validate mesh YAML offline: prints `file:line: Kind/ns/name: message`, exit 1 on errors."""
     import json
 
     from controlplane.analyze import analyze_paths
 
-    issues = analyze_paths(paths, root_namespace=root_namespace)
+    issues = analyze_paths(paths, root_namespace=root_namespace, mesh_config=mesh_config)
     rows = [{"file": i.ref.file, "line": i.line or i.ref.line, "object": i.ref.display, "field": i.field,
              "severity": i.severity, "message": i.message, "text": i.format()} for i in issues]
     if status_address:

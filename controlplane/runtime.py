@@ -29,13 +29,15 @@ from controlplane.envoycheck import EnvoyValidator
 from controlplane.gcpolicy import GcPolicy
 from controlplane.identityplan import IdentityPlanner
 from controlplane.metrics import Metrics
-from controlplane.model.ir import ProxyMeta
+from controlplane.model.ir import Issue, ProxyMeta
 from controlplane.model.mesh import Mesh
+from controlplane.model.meshconfig import MeshConfig
 from controlplane.model.raw import ObjectKey
 from controlplane.model.store import MeshStore
 from controlplane.nackpolicy import NackPolicy, degradation
 from controlplane.netaddr import host_of, is_loopback
 from controlplane.sources.base import Source, SourceEvent, Synced
+from controlplane.sources.meshconfig_file import load_mesh_config
 from controlplane.translate.locality import ClientLocalities
 from controlplane.translate.proxy import plan_proxy, plan_shared, plan_shared_hosts, shared_key
 from controlplane.xds.server import Connection, XdsServer
@@ -81,6 +83,7 @@ class Settings:
     credential_check_s: float = 10.0  # how often open streams' credentials are checked again
     xds_limits: XdsLimits = field(default_factory=XdsLimits)  # per-client bounds on xDS streams and requests
     validator_binary: str | None = "auto"  # Envoy for pre-flight and NACK reproduction; None: none
+    mesh_config: Path | None = None  # Istio MeshConfig file (extension providers), watched for changes
     # A snapshot naming a resource its proxy does not get: "count" (metric + log, pushed anyway)
     # or "raise" (tests: $MESHLINE_CONSISTENCY=raise, set by tests/conftest.py).
     consistency: Literal["count", "raise"] = field(default_factory=lambda: consistency_mode())
@@ -130,6 +133,8 @@ class Runtime:
     def __post_init__(self) -> None:
         self.store = MeshStore(trust_domain=self.settings.trust_domain, root_namespace=self.settings.root_namespace,
                                netns_annotations=not self.settings.kubernetes)
+        if self.settings.mesh_config is not None:
+            self.store.set_mesh_config(*load_mesh_config(self.settings.mesh_config))
         self.identities = IdentityPlanner(self.identity, self._identity_changed,
                                           lambda: self.xds.connections.values())
         # The builder asks for keys while it rebuilds from `store.mesh()` (rebuild_now).
@@ -219,6 +224,12 @@ class Runtime:
                 self._synced.add(ev.source)
                 newly_synced = True
         if self.store.apply(events) or newly_synced:
+            self.mark_dirty()
+
+    def apply_mesh_config(self, config: MeshConfig, issues: tuple[Issue, ...]) -> None:
+        """A changed `--mesh-config` file: rebuild with its providers (a provider that is gone
+        makes its CUSTOM policies deny)."""
+        if self.store.set_mesh_config(config, issues):
             self.mark_dirty()
 
     def mark_dirty(self, urgent: bool = False) -> None:

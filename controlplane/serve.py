@@ -28,6 +28,7 @@ from controlplane.metrics import Metrics
 from controlplane.runtime import Runtime, Settings, node_proxy_identity
 from controlplane.sources.base import Source
 from controlplane.sources.directory import DirectorySource
+from controlplane.sources.meshconfig_file import watch_mesh_config
 from controlplane.status.app import create_app
 from controlplane.xds.server import start_grpc
 
@@ -414,6 +415,8 @@ async def _run(settings: Settings, identity: IdentityService | None, api_client:
     tasks = [
         asyncio.create_task(runtime.run_sources(), name="sources"),
         asyncio.create_task(runtime.rebuild_loop(), name="rebuild"),
+        *([asyncio.create_task(watch_mesh_config(settings.mesh_config, runtime.apply_mesh_config), name="mesh-config")]
+          if settings.mesh_config is not None else []),
         asyncio.create_task(status.wait(), name="status"),
     ]
     if runtime.gc_policy is not None:
