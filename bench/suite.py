@@ -2,7 +2,7 @@
 (`bench/run.py --suite full|quick`): runs the cases, prints the per-case table of
 bench/run.py, then one table of goals with the measured value and PASS/MISS. Benchmarks
 never fail the build: the exit code is 0 whenever every scenario ran, whatever it measured.
-Does process, file and network I/O (through bench/run.py and bench/peers.py).
+Does process, file and network I/O (through bench/harness.py and bench/peers/).
 
 Full suite (about 6-8 minutes on 2 cores):
   sweep   S=1,000 services, N = 100 / 300 / 1,000 delta clients, 20 changes each -> P1
@@ -16,6 +16,9 @@ Full suite (about 6-8 minutes on 2 cores):
           what a change costs in gRPC alone, reported with P2
   envoy   S=1,000 clusters to one real Envoy: Meshline vs sovereign, 10 changes -> P8; the
           Meshline run's initial sync timeline -> P9
+  peers   (issue 20, `--compare`, default go-control-plane) the sweep's sizes again with a Go
+          control plane on the same simulated proxies, delta (right after each sweep point)
+          and SotW (Meshline, then the peer, per N) -> G1-G3 and the comparison table/plot
 Quick suite (under a minute): the same scenarios at reduced sizes (the table says which).
 """
 
@@ -34,8 +37,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import peers
-import run as R
+import harness as R
+from peers import compare, gcp
+from peers import envoy as real_envoy
 
 
 @dataclass(frozen=True)
@@ -73,30 +77,51 @@ async def run_suite(args: argparse.Namespace, children: R.Children) -> int:
     plan = FULL if args.suite == "full" else QUICK
     t_start = time.monotonic()
     results: dict[str, R.Result] = {}
-    envoy: dict[str, peers.PeerResult] = {}
+    envoy: dict[str, real_envoy.PeerResult] = {}
     failures: list[str] = []
     floor: dict[str, Any] | None = None
 
-    async def case(key: str, S: int, N: int, mix: str, workers: int = 1, changes: int | None = None) -> None:
+    async def case(key: str, S: int, N: int, mix: str, workers: int = 1, changes: int | None = None,
+                   binary: Path | None = None) -> None:
         K = plan.changes if changes is None else changes
-        print(f"running {key}: S={S} x N={N} {mix} clients, workers={workers}, {K} changes...",
+        cp = "meshline" if binary is None else gcp.NAME
+        print(f"running {key}: {cp}, S={S} x N={N} {mix} clients, workers={workers}, {K} changes...",
               file=sys.stderr, flush=True)
         try:
-            results[key] = await R.Case(args, children, S, N, mix=mix, workers=workers, changes=K).run()
+            if binary is None:
+                results[key] = await R.Case(args, children, S, N, mix=mix, workers=workers, changes=K).run()
+            else:
+                results[key] = await gcp.GcpCase(args, children, S, N, mix=mix, changes=K, binary=binary).run()
         except R.BenchError as exc:
             failures.append(f"{key}: {exc}")
             print(f"  {key} failed: {exc}", file=sys.stderr, flush=True)
 
+    wanted = [p for p in getattr(args, "compare", gcp.NAME).split(",") if p and p != "none"]
+    gcp_bin: Path | None = None
+    for name in wanted:
+        if name == gcp.NAME:
+            try:
+                gcp_bin = await gcp.build()
+            except R.BenchError as exc:  # the peer is skipped, the rest of the suite runs
+                failures.append(f"{name} (skipped): {exc}")
+                print(f"  {name} skipped: {exc}", file=sys.stderr, flush=True)
+        else:
+            failures.append(f"{name} (skipped): {ISTIOD_WHY if name == 'istiod' else 'unknown peer'}")
     try:
         for n in plan.sweep:
             await case(f"sweep{n}", plan.S, n, "delta")
+            if gcp_bin is not None:
+                await case(f"gcp-delta{n}", plan.S, n, "delta", binary=gcp_bin)
+        for n in plan.sweep if gcp_bin is not None else ():
+            await case(f"sotw{n}", plan.S, n, "sotw")
+            await case(f"gcp-sotw{n}", plan.S, n, "sotw", binary=gcp_bin)
         await case("mixed", plan.S, plan.mixed_n, "mixed")
         top = results.get(f"sweep{max(plan.sweep)}")
         if top is not None:
             floor = await run_floor(top, plan.changes)
         await case("large", plan.p4_large, plan.p4_clients, "delta")
         await case("workers2", plan.S, plan.mixed_n, "mixed", workers=2, changes=0)
-        for name, fn in (("meshline", peers.run_meshline), ("sovereign", peers.run_sovereign)):
+        for name, fn in (("meshline", real_envoy.run_meshline), ("sovereign", real_envoy.run_sovereign)):
             if name == "sovereign" and args.peer == "none":
                 continue
             print(f"running P8/P9 {name}: S={plan.envoy_S} clusters to one Envoy, {plan.envoy_K} changes...",
@@ -113,20 +138,32 @@ async def run_suite(args: argparse.Namespace, children: R.Children) -> int:
     if ordered:
         print(R.report(ordered, plan.changes))
     goals = evaluate(plan, results, envoy, floor)
+    peer_goals = [Goal(*g) for g in compare.goals(compared(results, plan.sweep), plan.sweep, gcp.NAME)]
     print(goal_table(goals, plan, args.suite, time.monotonic() - t_start))
     print(envoy_table(envoy))
+    cmp = compared(results, plan.sweep)
+    peer_names = [gcp.NAME] if gcp_bin is not None else []
+    if peer_names:
+        print(compare.table(cmp, plan.sweep, peer_names))
+        print(goal_table(peer_goals, plan, args.suite, time.monotonic() - t_start,
+                         head="Goals against go-control-plane (issue 20), same run"))
     if failures:
         print("\nScenarios that did not complete:\n  " + "\n  ".join(failures))
     sweep = [(n, results[f"sweep{n}"]) for n in plan.sweep if f"sweep{n}" in results]
     if args.plot is not None and len(sweep) > 1:
         plot(sweep, plan.S, args.plot)
         print(f"\nconvergence plot written to {args.plot}")
+        if gcp_bin is not None:
+            peers_png = args.plot.with_name("peers.png")
+            compare.plot(compared(results, plan.sweep), plan.sweep, [gcp.NAME], peers_png)
+            print(f"comparison plot written to {peers_png}")
     if args.results is not None:
         args.results.write_text(json.dumps({
             "suite": args.suite, "plan": dataclasses.asdict(plan),
             "cases": {k: _jsonable(dataclasses.asdict(v)) for k, v in results.items()},
             "envoy": {k: _jsonable(dataclasses.asdict(v)) for k, v in envoy.items()}, "floor": floor,
-            "goals": [dataclasses.asdict(g) for g in goals], "failures": failures}, indent=1))
+            "goals": [dataclasses.asdict(g) for g in goals + peer_goals], "failures": failures,
+            "load": {"uptime": _uptime(), "cpus": os.cpu_count()}}, indent=1))
         print(f"results written to {args.results}")
     return 0
 
@@ -153,6 +190,27 @@ async def run_floor(ref: R.Result, rounds: int) -> dict[str, Any] | None:
     return d
 
 
+ISTIOD_WHY = "istiod is not built by this harness yet (see docs/benchmarks.md, 'istiod')"
+
+
+def compared(results: dict[str, R.Result], sweep: tuple[int, ...]) -> dict[str, R.Result]:
+    """The comparison's cases, keyed for bench/peers/compare.py."""
+    out: dict[str, R.Result] = {}
+    for n in sweep:
+        for k, cp, mix in ((f"sweep{n}", compare.MESHLINE, "delta"), (f"sotw{n}", compare.MESHLINE, "sotw"),
+                           (f"gcp-delta{n}", gcp.NAME, "delta"), (f"gcp-sotw{n}", gcp.NAME, "sotw")):
+            if k in results:
+                out[compare.key(cp, mix, n)] = results[k]
+    return out
+
+
+def _uptime() -> str:
+    try:
+        return Path("/proc/loadavg").read_text().strip()
+    except OSError:
+        return "?"
+
+
 def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
     d = dict(d)
     d.pop("profiles", None)
@@ -173,7 +231,7 @@ def p9_split(split: dict[str, float]) -> dict[str, float] | None:
             "cpu_share": _ratio(split.get("meshline_cpu_sync", math.nan), split["warm"] - split["exec"])}
 
 
-def evaluate(plan: Plan, res: dict[str, R.Result], envoy: dict[str, peers.PeerResult],
+def evaluate(plan: Plan, res: dict[str, R.Result], envoy: dict[str, real_envoy.PeerResult],
              floor: dict[str, Any] | None = None) -> list[Goal]:
     g: list[Goal] = []
     nmax = max(plan.sweep)
@@ -276,8 +334,8 @@ def evaluate(plan: Plan, res: dict[str, R.Result], envoy: dict[str, peers.PeerRe
     return g
 
 
-def goal_table(goals: list[Goal], plan: Plan, suite: str, elapsed: float) -> str:
-    head = f"\nGoals (issue 8), suite {suite}" + (" - REDUCED SIZES, not the goal sizes" if suite == "quick" else "")
+def goal_table(goals: list[Goal], plan: Plan, suite: str, elapsed: float, head: str = "Goals (issue 8)") -> str:
+    head = f"\n{head}, suite {suite}" + (" - REDUCED SIZES, not the goal sizes" if suite == "quick" else "")
     rows = [(g.id, g.goal, g.measured, "PASS" if g.ok else "MISS" if g.ok is False else "n/a") for g in goals]
     w = [max(len(r[i]) for r in rows) for i in range(3)]
     lines = [head, f"  {'id':<{w[0]}}  {'goal':<{w[1]}}  {'measured':<{w[2]}}  result"]
@@ -287,7 +345,7 @@ def goal_table(goals: list[Goal], plan: Plan, suite: str, elapsed: float) -> str
     return "\n".join(lines)
 
 
-def envoy_table(envoy: dict[str, peers.PeerResult]) -> str:
+def envoy_table(envoy: dict[str, real_envoy.PeerResult]) -> str:
     if not envoy:
         return ""
     lines = ["\nOne real Envoy (P8, P9):"]

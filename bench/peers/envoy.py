@@ -1,4 +1,4 @@
-"""Real-Envoy benchmark scenarios for bench/suite.py. Does process, file and network I/O.
+"""Real-Envoy benchmark scenarios for bench/suite.py (P8, P9). Does process, file and network I/O.
 
 P8: the same S clusters (10 endpoints each) reach ONE real Envoy from Meshline (delta
 ADS, EDS) and from sovereign (REST-JSON polling, clusters with inline endpoints; its own
@@ -33,9 +33,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import harness as R
 import httpx
 import psutil
-import run as R
 import yaml
 from meshfiles import (
     default_addresses,
