@@ -228,14 +228,14 @@ async def test_a_passed_warming_deadline_with_nothing_to_send_does_not_spin_the_
     calls = 0
     next_push = AdsStream.next_push
 
-    def counting(self: AdsStream, now: float) -> object:
+    def counting(self: AdsStream, now: float | None = None) -> object:
         nonlocal calls
         if self is stream:
             calls += 1
         return next_push(self, now)
 
     monkeypatch.setattr(AdsStream, "next_push", counting)
-    stream.waiting = (stream.waiting[0], stream.waiting[1], time.monotonic() + 0.05)  # Envoy never ACKs in time
+    stream.waiting = (stream.waiting[0], stream.waiting[1], stream.clock() + 0.05)  # Envoy never ACKs in time
     await asyncio.sleep(0.1)
     conn.inbox.wake()  # e.g. an unrelated wake-up after the deadline
     await _until(lambda: stream.waiting is None)  # the expired wait is dropped

@@ -27,8 +27,8 @@ async def test_sotw_initial_response_ack_and_update(fx: XdsFixture) -> None:
     c.send(CLUSTER, version=r1.version_info, nonce=r1.nonce)  # ACK
     await c.expect_nothing()
     conn = next(iter(fx.xds.connections.values()))
-    st = conn.stream.types[CLUSTER]
-    assert st.version_acked == r1.version_info and not st.pending
+    st = conn.stream.view(CLUSTER)
+    assert st is not None and st.version_acked == r1.version_info and not st.pending_nonces
 
     fx.control.publish({CLUSTER: clusters("a", "b", "c")})
     r2 = await c.recv()
@@ -50,8 +50,8 @@ async def test_sotw_nack_recorded_not_resent_and_later_updates_flow(fx: XdsFixtu
     # The rejected state is never sent again...
     await c.expect_nothing(0.5)
     conn = next(iter(fx.xds.connections.values()))
-    st = conn.stream.types[CLUSTER]
-    assert st.last_nack is not None and "bad connect_timeout" in st.last_nack.message
+    st = conn.stream.view(CLUSTER)
+    assert st is not None and st.last_nack is not None and "bad connect_timeout" in st.last_nack.message
     assert st.last_nack.resources == ("b",)
     assert st.version_acked == r1.version_info
     # ...but a later good change of another resource gets through, with the accepted "b".
@@ -91,10 +91,13 @@ async def test_sotw_nack_of_an_earlier_response_still_counts(fx: XdsFixture) -> 
     c.send(ENDPOINT, names=["a", "b"], version=r1.version_info, nonce=r2.nonce, error="a is bad")
     c.send(ENDPOINT, names=["a", "b"], version=r3.version_info, nonce=r3.nonce)
     await c.expect_nothing()  # the rejected a is not resent
-    st = next(iter(fx.xds.connections.values())).stream.types[ENDPOINT]
-    assert st.last_nack is not None and st.last_nack.resources == ("a",)
-    assert st.acked["a"].version != st.known["b"].version
-    assert not st.pending and st.quarantine  # a is held back; b went through
+    stream = next(iter(fx.xds.connections.values())).stream
+    st = stream.view(ENDPOINT)
+    assert st is not None and st.last_nack is not None and st.last_nack.resources == ("a",)
+    acked_a, held = stream.acked_resource(ENDPOINT, "a"), {r.name: r for r in stream.held_resources(ENDPOINT)}
+    assert acked_a is not None and acked_a.version != held["b"].version
+    assert not st.pending_nonces and set(st.quarantine) == {"a"}  # a is held back; b went through
+    assert st.state == "NACKED"
     await c.close()
 
 
@@ -114,8 +117,8 @@ async def test_sotw_partial_cds_rejection_keeps_the_valid_clusters(fx: XdsFixtur
                                   "good": make_cluster("good")}})
     r3 = await c.recv()
     assert sorted(names_of(r3)) == ["a", "bad", "good"]  # full state still names every cluster
-    st = next(iter(fx.xds.connections.values())).stream.types[CLUSTER]
-    assert st.last_nack is not None and st.last_nack.resources == ("bad",)  # only the named one is blamed
+    st = next(iter(fx.xds.connections.values())).stream.view(CLUSTER)
+    assert st is not None and st.last_nack is not None and st.last_nack.resources == ("bad",)  # only the named one is blamed
     await c.close()
 
 
@@ -172,8 +175,8 @@ async def test_delta_nack_then_good_update(fx: XdsFixture) -> None:
     fx.control.publish({CLUSTER: {"a": make_cluster("a", 9), "b": make_cluster("b", 4)}})
     r3 = await c.recv()
     assert [r.name for r in r3.resources] == ["b"]
-    st = next(iter(fx.xds.connections.values())).stream.types[CLUSTER]
-    assert st.last_nack is not None and st.last_nack.message == "a is bad"
+    st = next(iter(fx.xds.connections.values())).stream.view(CLUSTER)
+    assert st is not None and st.last_nack is not None and st.last_nack.message == "a is bad"
     await c.close()
 
 
@@ -307,8 +310,10 @@ async def test_sotw_endpoint_update_sends_only_the_changed_assignment(fx: XdsFix
     assert cla_names(r2) == ["b"] and r2.version_info != r1.version_info
     c.send(ENDPOINT, names=["a", "b", "c"], version=r2.version_info, nonce=r2.nonce)
     await c.expect_nothing()
-    st = next(iter(fx.xds.connections.values())).stream.types[ENDPOINT]
-    assert st.version_acked == r2.version_info and sorted(st.known) == ["a", "b", "c"]
+    stream = next(iter(fx.xds.connections.values())).stream
+    st = stream.view(ENDPOINT)
+    assert st is not None and st.version_acked == r2.version_info
+    assert [r.name for r in stream.held_resources(ENDPOINT)] == ["a", "b", "c"]
     await c.close()
 
 

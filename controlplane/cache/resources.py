@@ -31,6 +31,14 @@ class Resource:
         self._sotw: bytes | None = None
         self._delta: bytes | None = None
 
+    @classmethod
+    def placeholder(cls, type_url: TypeUrl, name: str, version: str) -> Resource:
+        """A resource known only by its version (one Envoy says it holds, from a delta
+        stream's initial_resource_versions): no body, never sent, compared by version."""
+        r = cls(type_url, name, b"")
+        r.version = version
+        return r
+
     def any(self) -> any_pb2.Any:
         return any_pb2.Any(type_url=self.type_url, value=self.body)
 

@@ -44,6 +44,7 @@ from controlplane.cache.snapshot import Snapshot
 from controlplane.model.ir import CaptureMode, ProxyMeta, ProxyMode, labels_of
 from controlplane.translate.plan import SECRET, SHORT_NAMES
 from controlplane.translate.secrets import SECRET_NAMES
+from controlplane.xds.clock import Clock, wall_clock
 from controlplane.xds.stream import (
     AdsStream,
     NackRecord,
@@ -266,11 +267,14 @@ TRIM_AFTER_BYTES = 256 * 1024
 class XdsServer:
     def __init__(self, source: SnapshotSource, observer: Observer | None = None,
                  authenticator: StreamAuthenticator | None = None,
-                 node_proxy_identity: Identity | None = None, limits: XdsLimits | None = None) -> None:
+                 node_proxy_identity: Identity | None = None, limits: XdsLimits | None = None,
+                 clock: Clock = wall_clock) -> None:
         """`node_proxy_identity`: the identity node proxies must prove (with a credential bound
         to their node) when streams are authenticated. `limits`: per-client bounds (defaults:
-        `XdsLimits()`); start the gRPC server with the same (`start_grpc(..., limits=...)`)."""
+        `XdsLimits()`); start the gRPC server with the same (`start_grpc(..., limits=...)`).
+        `clock`: what the streams' state machines read (the wall clock)."""
         self.source = source
+        self.clock = clock
         self.node_proxy_identity = node_proxy_identity
         self.observer = observer
         self.authenticator = authenticator
@@ -327,7 +331,7 @@ class XdsServer:
         inbox = Inbox()
         stream_id = next(self._ids)
         limits = self.limits
-        stream = AdsStream(protocol, stream_id, self.name_sets, limits)
+        stream = AdsStream(protocol, stream_id, self.name_sets, limits, clock=self.clock)
         conn: Connection | None = None
 
         async def read() -> None:
@@ -371,7 +375,8 @@ class XdsServer:
             client = self._admit(auth, context.peer())
             while True:
                 # (The warming deadline matters only while something waits for it.)
-                await inbox.wait(stream.waiting[2] if stream.waiting is not None and stream.may_push() else None)
+                left = stream.warming_left()
+                await inbox.wait(None if left is None else time.monotonic() + left)
                 while inbox.items:
                     item = inbox.items.popleft()
                     if item is None:
@@ -386,7 +391,7 @@ class XdsServer:
                     del item  # (not held while waiting: a request holds its whole buffer)
                 if conn is None:
                     continue
-                while (out := stream.next_push(time.monotonic())) is not None:
+                while (out := stream.next_push()) is not None:
                     await context.write(out.payload)
                     conn.sent_responses += 1
                     if self.observer is not None:

@@ -1,13 +1,19 @@
 """One ADS stream (state-of-the-world or delta): subscriptions, versions, nonces, ACK/NACK
 bookkeeping and the ordered push of a target snapshot. Pure state machine: it consumes
-requests and snapshots and returns response bytes; the gRPC server does the I/O.
+requests and snapshots and returns response bytes; the gRPC server does the I/O. It never
+reads time itself: the clock is injected (`Clock`; the server passes the wall clock, tests a
+`ManualClock`). Others read a stream through `view()`/`views()` (frozen `TypeView`s),
+`held_resources()`, `acked_resource()`, `has_pending()` and `sync_state()`, not its
+per-type state.
 
 Push order is make-before-break: secrets, clusters, endpoints, listeners, routes with
 additions and updates first (after clusters with new names the stream waits for their
 ACK, i.e. until Envoy has warmed them), then removals in the same order. A NACKed
 resource version is quarantined for this proxy: the last version it accepted (or nothing)
 is sent in its place until the resource changes again, so one bad resource never blocks
-later good updates of the others.
+later good updates of the others. Which resources a NACK rejected comes from the names
+Envoy's message reports in its known formats (`nackblame`), else every resource the
+rejected response changed.
 
 Every request is checked against `XdsLimits` before it changes anything: a type URL we do
 not serve, a name longer than the limit or an oversized node is malformed
@@ -21,11 +27,11 @@ from __future__ import annotations
 
 import hashlib
 import sys
-import time
 import weakref
 from collections.abc import Iterable, Iterator, Mapping, MutableMapping
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any, Literal
 
 from envoy.service.discovery.v3 import discovery_pb2
@@ -34,6 +40,8 @@ from controlplane.cache.resources import Resource
 from controlplane.cache.snapshot import Snapshot, TypeResources
 from controlplane.model.ir import SourceRef, TypeUrl
 from controlplane.translate.plan import CLUSTER, ENDPOINT, LISTENER, PUSH_ORDER, ROUTE, SECRET, SHORT_NAMES
+from controlplane.xds.clock import Clock, wall_clock
+from controlplane.xds.nackblame import named_in_nack
 
 Protocol = Literal["sotw", "delta"]
 WILDCARD_TYPES = frozenset({CLUSTER, LISTENER})
@@ -298,6 +306,31 @@ class TypeState:
         return self.wildcard or name in self.names
 
 
+SyncState = Literal["SYNCED", "STALE", "NACKED", "NOT_SENT"]
+
+
+@dataclass(frozen=True, slots=True)
+class TypeView:
+    """A read-only copy of one type's state on one stream (what status and the runtime read)."""
+
+    type_url: TypeUrl
+    state: SyncState  # see AdsStream.sync_state
+    wildcard: bool
+    subscribed: frozenset[str]  # names subscribed besides the wildcard
+    version_sent: str
+    version_acked: str
+    nonce: str  # of the last response sent
+    pending_nonces: tuple[str, ...]  # responses Envoy has not answered yet, oldest first
+    pending_names: frozenset[str]  # the resources those responses carry (or remove)
+    resources: int  # resources Envoy holds (sent, not rejected)
+    acked: int  # resources Envoy ACKed
+    quarantine: Mapping[str, str]  # name -> rejected version held back
+    last_push: float  # clock time of the last response (0: none)
+    last_ack: float
+    last_nack: NackRecord | None
+    nacks: int
+
+
 @dataclass(slots=True)
 class Outgoing:
     type_url: TypeUrl
@@ -398,8 +431,9 @@ class AdsStream:
     """State of one stream. `handle_request()` and `next_push()` return what to send."""
 
     def __init__(self, protocol: Protocol, stream_id: int, name_sets: NameSets | None = None,
-                 limits: XdsLimits | None = None) -> None:
+                 limits: XdsLimits | None = None, clock: Clock = wall_clock) -> None:
         self.protocol = protocol
+        self.clock = clock
         self.stream_id = stream_id
         self.limits = limits if limits is not None else XdsLimits()
         self.name_sets = name_sets if name_sets is not None else NameSets(self.limits.shared_name_bytes)
@@ -409,7 +443,63 @@ class AdsStream:
         self.target: Snapshot | None = None
         self.waiting: tuple[TypeUrl, str, float] | None = None  # (type, nonce, deadline)
         self._nonce = 0
-        self.connected_at = time.time()
+        self.connected_at = clock()
+        self._sotw = protocol == "sotw"
+
+    # ------------------------------------------------------------------ read API
+    def view(self, type_url: TypeUrl) -> TypeView | None:
+        """A frozen copy of `type_url`'s state, or None when Envoy never asked for it."""
+        st = self.types.get(type_url)
+        if st is None:
+            return None
+        pending = sorted(st.pending.values(), key=lambda p: int(p.nonce))
+        names: set[str] = set()
+        for p in pending:
+            names.update(p.changes)
+        return TypeView(
+            type_url=type_url, state=self.sync_state(type_url), wildcard=st.wildcard,
+            subscribed=frozenset(_name_set(st.names)), version_sent=st.version_sent,
+            version_acked=st.version_acked, nonce=st.nonce, pending_nonces=tuple(p.nonce for p in pending),
+            pending_names=frozenset(names), resources=len(st.known), acked=len(st.acked),
+            quarantine=MappingProxyType(dict(st.quarantine)), last_push=st.last_push, last_ack=st.last_ack,
+            last_nack=st.last_nack, nacks=st.nacks)
+
+    def views(self) -> dict[TypeUrl, TypeView]:
+        """Every requested type's view, in type URL order."""
+        out: dict[TypeUrl, TypeView] = {}
+        for t in sorted(self.types):
+            v = self.view(t)
+            if v is not None:
+                out[t] = v
+        return out
+
+    def held_resources(self, type_url: TypeUrl) -> list[Resource]:
+        """The resources of `type_url` Envoy holds (sent, not rejected), by name."""
+        st = self.types.get(type_url)
+        if st is None:
+            return []
+        known = st.known
+        return [known[n] for n in sorted(_names(known))]
+
+    def acked_resource(self, type_url: TypeUrl, name: str) -> Resource | None:
+        """The version of a resource Envoy ACKed, if any."""
+        st = self.types.get(type_url)
+        return st.acked.get(name) if st is not None else None
+
+    def has_pending(self) -> bool:
+        """Whether a response of any type is still unanswered."""
+        return any(st.pending for st in self.types.values())
+
+    def last_nack(self, type_url: TypeUrl) -> NackRecord | None:
+        st = self.types.get(type_url)
+        return st.last_nack if st is not None else None
+
+    def warming_left(self) -> float | None:
+        """Seconds until the wait for new clusters to warm gives up, when that deadline
+        matters (something waits for it); None otherwise."""
+        if self.waiting is None or not self.may_push():
+            return None
+        return max(0.0, self.waiting[2] - self.clock())
 
     # ------------------------------------------------------------------ helpers
     def _next_nonce(self) -> str:
@@ -547,7 +637,7 @@ class AdsStream:
                     st.known[name] = have
                     st.acked[name] = have
                 else:
-                    placeholder = _Placeholder.make(t, name, version)
+                    placeholder = Resource.placeholder(t, name, version)
                     st.known[name] = placeholder
                     st.acked[name] = placeholder  # Envoy holds it: a later NACK must not forget it
         if req.resource_names_subscribe or req.resource_names_unsubscribe:
@@ -614,7 +704,7 @@ class AdsStream:
                     else:
                         st.acked[n] = r
         st.version_acked = pending.version
-        st.last_ack = time.time()
+        st.last_ack = self.clock()
         if self.waiting is not None and self.waiting[0] == st.type_url and int(self.waiting[1]) <= int(pending.nonce):
             self.waiting = None
 
@@ -627,8 +717,8 @@ class AdsStream:
         # ...and of that, what Envoy's message names ("Error adding/updating cluster(s) NAME: ...").
         # Envoy applies the valid resources of a rejected response and keeps its previous
         # copy of each rejected one; when the message names none, everything changed is blamed.
-        named = {n: r for n, r in changed.items() if n and n in message}
-        blamed = named or changed
+        named = named_in_nack(message, changed)
+        blamed = {n: changed[n] for n in named} if named else changed
         for n, r in blamed.items():
             st.quarantine[n] = r.version
         if pending.full:
@@ -674,7 +764,7 @@ class AdsStream:
             for s in r.sources:
                 if s not in sources:
                     sources.append(s)
-        rec = NackRecord(pending.version, pending.nonce, sanitize(message), code, time.time(),
+        rec = NackRecord(pending.version, pending.nonce, sanitize(message), code, self.clock(),
                          tuple(sorted(suspects)), tuple(sources), pending.generation,
                          tuple(suspects[n] for n in sorted(suspects)))
         st.last_nack = rec
@@ -722,14 +812,14 @@ class AdsStream:
                 return True
         return False
 
-    def next_push(self, now: float) -> Outgoing | None:
+    def next_push(self, now: float | None = None) -> Outgoing | None:
         """The next response to send for the target snapshot, or None when in sync (or
-        waiting for Envoy to ACK new clusters)."""
+        waiting for Envoy to ACK new clusters). `now`: the stream's clock (read when None)."""
         if self.target is None:
             return None
         warming_only = False
         if self.waiting is not None:
-            if now < self.waiting[2]:
+            if (self.clock() if now is None else now) < self.waiting[2]:
                 # New clusters are warming: answer only what warming needs (their endpoints
                 # and secrets); listeners and routes that may use them wait for the ACK.
                 warming_only = True
@@ -761,16 +851,22 @@ class AdsStream:
             tr = self.target.get(t)
             st.synced_target = tr
             st.touched.clear()
-            if self.protocol == "delta" and tr is not None and not st.pending and not st.quarantine:
-                # Envoy holds exactly the target (e.g. after the only changed resource was removed).
-                st.version_sent = st.version_acked = tr.version
-                if isinstance(st.known, Layered) and st.known.base is not tr.items and len(st.known) == len(tr.items):
-                    # Drop this stream's own differences: share the target's items again.
-                    st.known = Layered(tr.items)
-                    st.acked = Layered(tr.items)
+            if self.protocol == "delta":
+                self._settle_delta(st, tr)
         return None
 
-    def sync_state(self, type_url: TypeUrl) -> str:
+    @staticmethod
+    def _settle_delta(st: TypeState, tr: TypeResources | None) -> None:
+        """Delta, once a type is in sync with the target `tr` and nothing is in flight: Envoy
+        holds exactly the target (e.g. after the only changed resource was removed)."""
+        if tr is not None and not st.pending and not st.quarantine:
+            st.version_sent = st.version_acked = tr.version
+            if isinstance(st.known, Layered) and st.known.base is not tr.items and len(st.known) == len(tr.items):
+                # Drop this stream's own differences: share the target's items again.
+                st.known = Layered(tr.items)
+                st.acked = Layered(tr.items)
+
+    def sync_state(self, type_url: TypeUrl) -> SyncState:
         """SYNCED, STALE (sent, not yet ACKed, or still pushing), NACKED (a rejected resource
         is held back), or NOT_SENT."""
         st = self.types.get(type_url)
@@ -829,49 +925,72 @@ class AdsStream:
                 upserts[n] = r
         return upserts, sorted(removals), sorted(absent)
 
+    # SotW and delta differ in what a response holds and how removals go. (Dispatched here,
+    # not through bound methods stored on the stream: those would make a reference cycle,
+    # and a stream's state must be freed by reference counting when it ends.)
     def _upsert(self, st: TypeState) -> Outgoing | None:
-        upserts, removals, absent = self._diff(st)
+        return self._upsert_sotw(st) if self._sotw else self._upsert_delta(st)
+
+    def _remove(self, st: TypeState) -> Outgoing | None:
+        return self._remove_sotw(st) if self._sotw else self._remove_delta(st)
+
+    def _upsert_sotw(self, st: TypeState) -> Outgoing | None:
+        """SotW phase 1: CDS/LDS as their full state, SDS as the full set, EDS/RDS as the
+        changed resources only."""
+        upserts, removals, _absent = self._diff(st)
+        if not upserts and not st.needs_response:
+            return None
         new_names = sum(1 for n in upserts if n not in st.known)
-        added_new = new_names > 0
-        if self.protocol == "sotw":
-            if not upserts and not st.needs_response:
-                return None
-            if st.type_url in WILDCARD_TYPES:
-                # Full state; resources about to be removed stay until phase 2.
-                content = dict(st.known)
-                content.update(upserts)
-                out = self._send_sotw(st, content, full=True)
-            elif st.needs_response or st.type_url == SECRET:
-                # SDS in SotW: Envoy treats a subscribed secret missing from a response as an
-                # error, so secrets always go as the full set (it is two resources).
-                out = self._send_sotw(st, self._desired(st), full=True)
-            else:
-                out = self._send_sotw(st, upserts, full=False)  # EDS/RDS/SDS: only what changed
+        if st.type_url in WILDCARD_TYPES:
+            # Full state; resources about to be removed stay until phase 2.
+            content = dict(st.known)
+            content.update(upserts)
+            out = self._send_sotw(st, content, full=True)
+        elif st.needs_response or st.type_url == SECRET:
+            # SDS in SotW: Envoy treats a subscribed secret missing from a response as an
+            # error, so secrets always go as the full set (it is two resources).
+            out = self._send_sotw(st, self._desired(st), full=True)
         else:
-            if not upserts and not absent and not st.needs_response:
-                return None
-            out = self._send_delta(st, upserts, absent)
-            st.absent_notified.update(absent)
-        if st.type_url == CLUSTER and added_new:
+            out = self._send_sotw(st, upserts, full=False)  # EDS/RDS/SDS: only what changed
+        self._upserted(st, out, new_names, removals)
+        return out
+
+    def _upsert_delta(self, st: TypeState) -> Outgoing | None:
+        """Delta phase 1: the changed resources, and subscribed names that do not exist
+        (as removed, once each)."""
+        upserts, removals, absent = self._diff(st)
+        if not upserts and not absent and not st.needs_response:
+            return None
+        new_names = sum(1 for n in upserts if n not in st.known)
+        out = self._send_delta(st, upserts, absent)
+        st.absent_notified.update(absent)
+        self._upserted(st, out, new_names, removals)
+        return out
+
+    def _upserted(self, st: TypeState, out: Outgoing, new_names: int, removals: list[str]) -> None:
+        if st.type_url == CLUSTER and new_names:
             # Envoy ACKs once new clusters have warmed: ~1 s per 1,000 here, so scale the wait.
-            self.waiting = (st.type_url, out.nonce, time.monotonic() + 10.0 + new_names / 500)
+            self.waiting = (st.type_url, out.nonce, self.clock() + 10.0 + new_names / 500)
         if not removals and self.target is not None:
             # Nothing left to remove either: this type is done for the target (saves the
             # removal phase a second diff when the stream is next asked for a push).
             st.synced_target = self.target.get(st.type_url)
             st.touched.clear()
-        return out
 
-    def _remove(self, st: TypeState) -> Outgoing | None:
+    def _remove_sotw(self, st: TypeState) -> Outgoing | None:
         _upserts, gone, _absent = self._diff(st)
         if not gone:
             return None
-        if self.protocol == "sotw":
-            if st.type_url not in WILDCARD_TYPES:
-                for n in gone:  # named types: Envoy drops them with their parents
-                    st.known.pop(n, None)
-                return None
-            return self._send_sotw(st, self._desired(st), full=True)
+        if st.type_url not in WILDCARD_TYPES:
+            for n in gone:  # named types: Envoy drops them with their parents
+                st.known.pop(n, None)
+            return None
+        return self._send_sotw(st, self._desired(st), full=True)
+
+    def _remove_delta(self, st: TypeState) -> Outgoing | None:
+        _upserts, gone, _absent = self._diff(st)
+        if not gone:
+            return None
         return self._send_delta(st, {}, gone)
 
     def _send_sotw(self, st: TypeState, content: dict[str, Resource], full: bool) -> Outgoing:
@@ -896,7 +1015,7 @@ class AdsStream:
             version = content_version(known)
         header = discovery_pb2.DiscoveryResponse(version_info=version, type_url=st.type_url, nonce=nonce)
         payload = header.SerializeToString() + b"".join(content[n].sotw_chunk for n in sorted(content))
-        now = time.time()
+        now = self.clock()
         recorded: Mapping[str, Resource | None]
         if full and tr is not None and _shares(content, tr):
             known = Layered(tr.items)  # exactly the target: share its items
@@ -919,7 +1038,7 @@ class AdsStream:
         payload = header.SerializeToString()
         if changes:  # (not a copy of a header that may list thousands of removed names)
             payload += b"".join(changes[n].delta_chunk for n in sorted(changes))
-        now = time.time()
+        now = self.clock()
         recorded: Mapping[str, Resource | None]
         if not removed and not st.known and tr is not None and _shares(changes, tr):
             st.known = Layered(tr.items)  # a first push of everything: share the target's items
@@ -960,14 +1079,3 @@ def _merged(acked: MutableMapping[str, Resource], items: Mapping[str, Resource])
         acked[n] = r
     return acked
 
-
-class _Placeholder:
-    """A resource Envoy says it holds (initial_resource_versions) that we did not send in
-    this process: its version only, so a differing target version is resent."""
-
-    @staticmethod
-    def make(type_url: TypeUrl, name: str, version: str) -> Resource:
-        r = Resource.__new__(Resource)
-        r.type_url, r.name, r.body, r.version, r.sources = type_url, name, b"", version, ()
-        r._sotw = r._delta = None
-        return r
