@@ -33,6 +33,7 @@ import yaml
 from controlplane.model.convert import convert
 from controlplane.model.ir import Issue, ProxyMeta, labels_of
 from controlplane.model.raw import RawObject
+from controlplane.model.meshconfig import parse_mesh_config
 from controlplane.model.store import assemble
 from controlplane.sources.yamlload import parse_documents
 from controlplane.translate.scope import proxy_scope
@@ -330,7 +331,6 @@ CONTEXT: dict[str, dict[str, list[tuple[str, dict[str, Any]]]]] = {
         "portLevelMtls{}.": [("", {"selector": {"matchLabels": {"app": "reviews"}}})],
     },
     "AuthorizationPolicy": {
-        "provider.": [("", {"action": "CUSTOM"})],
         "rules[].to[].": [("rules[]", {"from": None})],
         "rules[].when[].": [("rules[]", {"from": None}),
                             ("when[]", {"key": "source.ip", "values": ["10.0.0.0/8"]})],
@@ -338,7 +338,13 @@ CONTEXT: dict[str, dict[str, list[tuple[str, dict[str, Any]]]]] = {
 }
 """Fields a leaf needs around it (all matching entries apply, in order)."""
 
+MESH_CONFIG = parse_mesh_config("extensionProviders: [{name: ext-authz, envoyExtAuthzHttp: "
+                                "{service: reviews.default.svc.cluster.local, port: 9080}}]", "mesh.yaml")[0]
+"""`--mesh-config`: the extension provider CUSTOM policies name."""
+
 OVERRIDES: dict[tuple[str, str], tuple[dict[str, Any], dict[str, Any]]] = {
+    # A CUSTOM policy whose provider (of MESH_CONFIG) is usable, against the DENY it is otherwise.
+    ("AuthorizationPolicy", "provider.name"): ({}, {"action": "CUSTOM", "provider": {"name": "ext-authz"}}),
     # (kind, path) -> (fields merged into the spec for the baseline, for the variant): for
     # fields that are only valid together with siblings the baseline must not have.
     **{("AuthorizationPolicy", p): ({}, {"targetRef": _WAYPOINT_REF})
@@ -540,7 +546,7 @@ def evaluate(kind: str, spec: dict[str, Any]) -> tuple[tuple[Issue, ...], tuple[
     """(the object's own issues, cross-object issues about it, every proxy's resources)."""
     value, own = convert(_object(kind, spec))
     values = [*_scenario(), *([value] if value is not None else [])]
-    mesh = assemble(values)
+    mesh = assemble(values, mesh_config=MESH_CONFIG)
     cross = tuple(i for i in mesh.issues if (i.ref.kind, i.ref.name) == (kind, "t"))
     out: dict[str, bytes] = {}
     for p in PROXIES:
@@ -683,8 +689,12 @@ def render(outcomes: list[Outcome]) -> str:
         "- `loadBalancer.simple: PASSTHROUGH` forwards to the original destination for",
         "  intercepting sidecars; in bind capture (local runs) it is round robin, because the",
         "  original destination is the sidecar's own listener.",
-        "- AuthorizationPolicy `action: CUSTOM` (no extension providers) fails closed as Istio does",
-        "  for a provider it cannot use: the policy's rules deny.",
+        "- AuthorizationPolicy `action: CUSTOM` asks the external authorizer of its provider",
+        "  (`--mesh-config`: Istio's MeshConfig `extensionProviders`, envoyExtAuthzHttp/Grpc) through",
+        "  Envoy's ext_authz filter, as Istio does; with a provider it cannot use (unknown, service not",
+        "  in the mesh, an HTTP provider on a TCP port, two providers on one workload) it fails closed",
+        "  as Istio does: the policy's rules deny. Waypoints and node proxies enforce CUSTOM rules as",
+        "  DENY (fail closed).",
         "- The root namespace is `meshline-system` unless configured; mesh-wide objects in",
         "  `istio-system` while it is not the root namespace are warned about (NOT MESH-WIDE).",
         "",
