@@ -22,8 +22,10 @@ The value returned for each supported kind:
 | Sidecar (networking)                 | `Sidecar` (egress scoping; ingress and             |
 |                                      | outboundTrafficPolicy are ignored with a warning)  |
 | PeerAuthentication (security)        | `PeerAuthentication`                               |
-| AuthorizationPolicy (security)       | `AuthorizationPolicy` (CUSTOM: enforced as DENY    |
-|                                      | with a warning: fail closed, as Istio)             |
+| AuthorizationPolicy (security)       | `AuthorizationPolicy` (CUSTOM: `provider` kept,    |
+|                                      | action DENY; sidecars ask the provider's ext_authz |
+|                                      | where `--mesh-config` makes it usable, elsewhere   |
+|                                      | the rules deny: fail closed, as Istio)             |
 
 "networking" is `networking.meshline.io/v1` or Istio's `networking.istio.io/v1`, `v1beta1`
 or `v1alpha3`; "security" is `security.meshline.io/v1` or Istio's `security.istio.io/v1` or
