@@ -997,7 +997,7 @@ def test_accepted_but_ignored_fields_warn() -> None:
             host: reviews
             workloadSelector: {matchLabels: {app: a}}
             trafficPolicy:
-              tls: {mode: MUTUAL, credentialName: cert, caCertificates: /ca.pem}
+              tls: {mode: MUTUAL, credentialName: cert}
               loadBalancer: {simple: ROUND_ROBIN, localityLbSetting: {enabled: true}}
               connectionPool: {tcp: {tcpKeepalive: {time: 1s}}}
         """)
@@ -1005,9 +1005,8 @@ def test_accepted_but_ignored_fields_warn() -> None:
     assert value is not None and not errors(issues)
     assert value.workload_selector == (("app", "a"),)  # translated now (issue 16): no warning
     assert not [i for i in issues if i.field.startswith("spec.workloadSelector")]
-    only(issues, "spec.trafficPolicy.tls.credentialName", "not used", "warning")
-    only(issues, "spec.trafficPolicy.tls.caCertificates", "not used", "warning")
-    only(issues, "spec.trafficPolicy.loadBalancer.localityLbSetting", "not supported", "warning")
+    # MUTUAL credentials and localityLbSetting are translated now (issue 16): no warning
+    assert not [i for i in issues if i.field.startswith(("spec.trafficPolicy.tls", "spec.trafficPolicy.loadBalancer"))]
     only(issues, "spec.trafficPolicy.connectionPool.tcp.tcpKeepalive", "not supported", "warning")
 
 

@@ -36,6 +36,7 @@ from controlplane.model.raw import RawObject
 from controlplane.model.meshconfig import parse_mesh_config
 from controlplane.model.store import assemble
 from controlplane.sources.yamlload import parse_documents
+from controlplane.translate.locality import client_locality, failover_priority_keys
 from controlplane.translate.scope import proxy_scope
 from controlplane.translate.sidecar import plan_inbound, plan_outbound
 
@@ -81,7 +82,8 @@ endpoints:
 ---
 apiVersion: v1
 kind: Pod
-metadata: {name: reviews-v1, namespace: default, labels: {app: reviews, version: v1},
+metadata: {name: reviews-v1, namespace: default, labels: {app: reviews, version: v1,
+           topology.kubernetes.io/region: region1, topology.kubernetes.io/zone: zone1},
            annotations: {meshline.io/status: injected}}
 spec: {serviceAccountName: reviews, containers: [{name: app, image: x, ports: [{containerPort: 9080},
        {containerPort: 9443}]}]}
@@ -89,7 +91,8 @@ status: {podIP: 10.1.0.1}
 ---
 apiVersion: v1
 kind: Pod
-metadata: {name: reviews-v2, namespace: default, labels: {app: reviews, version: v2},
+metadata: {name: reviews-v2, namespace: default, labels: {app: reviews, version: v2,
+           topology.kubernetes.io/region: region2, topology.kubernetes.io/zone: zone2},
            annotations: {meshline.io/status: injected}}
 spec: {serviceAccountName: reviews, containers: [{name: app, image: x, ports: [{containerPort: 9080},
        {containerPort: 9443}]}]}
@@ -134,13 +137,14 @@ spec:
 ---
 apiVersion: v1
 kind: Pod
-metadata: {name: productpage-1, namespace: default, labels: {app: productpage}}
+metadata: {name: productpage-1, namespace: default, labels: {app: productpage,
+           topology.kubernetes.io/region: region1, topology.kubernetes.io/zone: zone1}}
 spec: {containers: [{name: app, image: x}]}
 status: {podIP: 10.1.2.1}
 ---
 apiVersion: v1
 kind: Pod
-metadata: {name: tool-1, namespace: other, labels: {app: tool}}
+metadata: {name: tool-1, namespace: other, labels: {app: tool, topology.kubernetes.io/region: region3}}
 spec: {containers: [{name: app, image: x}]}
 status: {podIP: 10.1.3.1}
 ---
@@ -244,6 +248,12 @@ SAMPLES: dict[str, Any] = {
     "splitExternalLocalOriginErrors": True, "interval": "10s", "baseEjectionTime": "30s",
     "maxEjectionPercent": 50, "minHealthPercent": 25, "consecutiveErrors": 5,
     "tls.mode": "SIMPLE", "subjectAltNames": ["spiffe://x"], "sni": "a.example.com",
+    "clientCertificate": "/etc/certs/client.pem", "privateKey": "/etc/certs/client-key.pem",
+    "caCertificates": "/etc/certs/ca.pem", "caCrl": "/etc/certs/crl.pem", "credentialName": "client-credential",
+    "insecureSkipVerify": True,
+    "distribute[].from": "*", "distribute[].to": {"region1/*": 100},
+    "failover[].from": "region3", "failover[].to": "region2",
+    "failoverPriority": ["version=v2"], "localityLbSetting.enabled": False,
     "subsets[].name": "v2", "subsets[].labels": {"version": "v2"},
     "portLevelSettings[].port.number": 9080,
     "workloadSelector.matchLabels": {"app": "productpage"},
@@ -316,10 +326,26 @@ CONTEXT: dict[str, dict[str, list[tuple[str, dict[str, Any]]]]] = {
         "consecutiveLocalOriginFailures": [("outlierDetection", {"splitExternalLocalOriginErrors": True})],
         "tls.subjectAltNames": [("tls", {"mode": "SIMPLE"})],
         "tls.sni": [("tls", {"mode": "SIMPLE"})],
+        **{f"tls.{k}": [("tls", {"mode": "SIMPLE"})]
+           for k in ("caCertificates", "caCrl", "credentialName", "insecureSkipVerify")},
+        # Locality load balancing acts with outlier detection, on clients and endpoints with
+        # localities (reviews-v1 region1/zone1, reviews-v2 region2/zone2, productpage-1
+        # region1/zone1, tool-1 region3); a subset of both endpoints.
+        "localityLbSetting.": [("trafficPolicy", {"outlierDetection": {"consecutive5xxErrors": 1}})],
+        "portLevelSettings[].loadBalancer.localityLbSetting.": [
+            ("portLevelSettings[]", {"outlierDetection": {"consecutive5xxErrors": 1}})],
+        "localityLbSetting.distribute[].from": [("distribute[]", {"to": {"region2/*": 100}})],
+        "localityLbSetting.distribute[].to": [("distribute[]", {"from": "*", "to": {"region2/*": 100}})],
+        "localityLbSetting.failover[].from": [("failover[]", {"to": "region2"})],
+        "localityLbSetting.failover[].to": [("failover[]", {"from": "region3"})],
         "subsets[].": [("subsets[]", {"name": "v1", "labels": {"version": "v1"}})],
         "portLevelSettings[].": [("portLevelSettings[]", {"port": {"number": 9443}})],
         "portLevelSettings[].port.": [("trafficPolicy", {"loadBalancer": {"simple": "RANDOM"}}),
                                       ("portLevelSettings[]", {"port": {"number": 9443}})],
+        # (after "subsets[].": locality groups need a subset of both endpoints)
+        "subsets[].trafficPolicy.loadBalancer.localityLbSetting.": [("subsets[]", {"labels": {"app": "reviews"}})],
+        "subsets[].trafficPolicy.portLevelSettings[].loadBalancer.localityLbSetting.": [
+            ("subsets[]", {"labels": {"app": "reviews"}})],
     },
     "Sidecar": {
         "egress[].port.": [("port", {"number": 9080})],
@@ -338,6 +364,19 @@ CONTEXT: dict[str, dict[str, list[tuple[str, dict[str, Any]]]]] = {
 }
 """Fields a leaf needs around it (all matching entries apply, in order)."""
 
+_POLICY_PREFIXES = ("trafficPolicy.", "trafficPolicy.portLevelSettings[].", "subsets[].trafficPolicy.",
+                    "subsets[].trafficPolicy.portLevelSettings[].")
+
+
+def _at(prefix: str, policy: dict[str, Any]) -> dict[str, Any]:
+    """A DestinationRule spec with `policy` at a traffic-policy path prefix (subset v1, port 9443)."""
+    level = {"port": {"number": 9443}, **policy} if "portLevelSettings" in prefix else policy
+    tp = {"portLevelSettings": [level]} if "portLevelSettings" in prefix else level
+    if prefix.startswith("subsets"):
+        return {"subsets": [{"name": "v1", "labels": {"version": "v1"}, "trafficPolicy": tp}]}
+    return {"trafficPolicy": tp}
+
+
 MESH_CONFIG = parse_mesh_config("extensionProviders: [{name: ext-authz, envoyExtAuthzHttp: "
                                 "{service: reviews.default.svc.cluster.local, port: 9080}}]", "mesh.yaml")[0]
 """`--mesh-config`: the extension provider CUSTOM policies name."""
@@ -351,6 +390,11 @@ OVERRIDES: dict[tuple[str, str], tuple[dict[str, Any], dict[str, Any]]] = {
        for p in ("targetRef.kind", "targetRef.group", "targetRef.name", "targetRef.namespace")},
     **{("AuthorizationPolicy", p): ({}, {"targetRefs": [_WAYPOINT_REF]})
        for p in ("targetRefs[].kind", "targetRefs[].group", "targetRefs[].name", "targetRefs[].namespace")},
+    **{("DestinationRule", f"{prefix}tls.{k}"): (
+        _at(prefix, {"tls": {"mode": "SIMPLE"}}),
+        _at(prefix, {"tls": {"mode": "MUTUAL", "clientCertificate": "/etc/certs/client.pem",
+                             "privateKey": "/etc/certs/client-key.pem"}}))
+       for prefix in _POLICY_PREFIXES for k in ("clientCertificate", "privateKey")},
     ("VirtualService", "http[].route[].weight"): (
         {"http": [{"route": [{"destination": {"host": "reviews", "subset": "v1"}, "weight": 100},
                              {"destination": {"host": "reviews", "subset": "v2"}, "weight": 0}]}]},
@@ -550,7 +594,9 @@ def evaluate(kind: str, spec: dict[str, Any]) -> tuple[tuple[Issue, ...], tuple[
     cross = tuple(i for i in mesh.issues if (i.ref.kind, i.ref.name) == (kind, "t"))
     out: dict[str, bytes] = {}
     for p in PROXIES:
-        specs = plan_outbound(mesh, p.namespace, p.capture, scope=proxy_scope(mesh, p)) + plan_inbound(mesh, p)
+        client = client_locality(mesh, p, failover_priority_keys(mesh))
+        specs = plan_outbound(mesh, p.namespace, p.capture, scope=proxy_scope(mesh, p), client=client)
+        specs += plan_inbound(mesh, p)
         for s in specs:
             out[f"{p.node_id}/{s.type_url}/{s.name}"] = s.make().SerializeToString(deterministic=True)
     return own, cross, out

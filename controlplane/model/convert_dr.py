@@ -5,7 +5,9 @@ connectionPool, outlierDetection, tls, portLevelSettings), subsets, exportTo and
 workloadSelector (the rule then applies only to matching client workloads of its own
 namespace; see `Mesh.destination_rule`). Unknown
 fields are errors naming their path; Istio fields Meshline accepts but does not implement
-(certificates, locality settings, warmup, keepalives, ...) are warnings.
+(warmup, keepalives, ...) are warnings. localityLbSetting and the TLS files and
+credentialName of MUTUAL/SIMPLE are translated (see `controlplane.translate.locality` and
+`controlplane.translate.security`).
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from controlplane.model.ir import (
     Labels,
     LbSimple,
     LoadBalancer,
+    LocalityLbSetting,
     OutlierDetection,
     PortTrafficPolicy,
     Subset,
@@ -67,17 +70,11 @@ _LB_SIMPLE: Mapping[str, LbSimple] = {
 }
 _TLS_MODES: tuple[TLSMode, ...] = ("DISABLE", "SIMPLE", "MUTUAL", "ISTIO_MUTUAL")
 _TLS_MODE_BY_NAME: Mapping[str, TLSMode] = {m: m for m in _TLS_MODES}
-_TLS_IGNORED = {
-    k: f"{k} is accepted but not used yet (Meshline does not load TLS files or secrets)"
-    for k in (
-        "clientCertificate",
-        "privateKey",
-        "caCertificates",
-        "credentialName",
-        "caCrl",
-        "insecureSkipVerify",
-    )
-}
+_TLS_FIELDS = (
+    "mode", "sni", "subjectAltNames", "clientCertificate", "privateKey", "caCertificates", "credentialName",
+    "caCrl", "insecureSkipVerify",
+)
+_TLS_FILES = ("clientCertificate", "privateKey", "caCertificates", "caCrl")
 MAX_RING_SIZE = 8_388_608  # Envoy's limit for ring_hash minimum_ring_size
 MAX_MAGLEV_TABLE_SIZE = 5_000_011  # Envoy's limit for maglev table_size
 
@@ -103,7 +100,7 @@ def convert_destination_rule(ctx: Ctx, namespace: str, name: str) -> Destination
     selector = _workload_selector(ctx, spec)
     if host_text is None or wildcard:
         return None
-    return DestinationRule(
+    dr = DestinationRule(
         ref=ctx.raw.ref,
         namespace=namespace,
         name=name,
@@ -113,6 +110,8 @@ def convert_destination_rule(ctx: Ctx, namespace: str, name: str) -> Destination
         export_to=export_to,
         workload_selector=selector,
     )
+    failover_needs_outlier_detection(ctx, dr)
+    return dr
 
 
 def _workload_selector(ctx: Ctx, spec: Mapping[str, Any]) -> Labels:
@@ -207,9 +206,8 @@ def load_balancer(ctx: Ctx, m: Mapping[str, Any], path: str) -> LoadBalancer | N
         ctx,
         lm,
         p,
-        ("simple", "consistentHash"),
+        ("simple", "consistentHash", "localityLbSetting"),
         {
-            "localityLbSetting": "localityLbSetting is not supported yet; ignored",
             "warmupDurationSecs": "warmupDurationSecs is not supported yet; ignored",
             "warmup": "warmup is not supported yet; ignored",
         },
@@ -225,7 +223,79 @@ def load_balancer(ctx: Ctx, m: Mapping[str, Any], path: str) -> LoadBalancer | N
     ch = consistent_hash(ctx, lm, p)
     if simple_text is not None and lm.get("consistentHash") is not None:
         ctx.error(p, "set simple or consistentHash, not both")
-    return LoadBalancer(simple, ch)
+    return LoadBalancer(simple, ch, locality_lb_setting(ctx, lm, p))
+
+
+def _locality_problem(text: str, wildcard: bool) -> str | None:
+    """Why `text` is not a `region/zone/subzone` locality (`*` only as a whole last segment
+    when `wildcard`), or None."""
+    parts = text.split("/")
+    if not text or len(parts) > 3 or any(not part for part in parts):
+        return f"{text!r} is not a locality (region, region/zone or region/zone/subzone)"
+    for i, part in enumerate(parts):
+        if "*" in part and (not wildcard or part != "*" or i != len(parts) - 1):
+            return f"{text!r}: '*' may only stand alone as the last segment"
+    return None
+
+
+def locality_lb_setting(ctx: Ctx, m: Mapping[str, Any], path: str) -> LocalityLbSetting | None:
+    """`localityLbSetting` (Istio's LocalityLoadBalancerSetting): distribute, failover,
+    failoverPriority and enabled. Locality failover acts only with outlier detection (see
+    `failover_needs_outlier_detection`)."""
+    p = join(path, "localityLbSetting")
+    sm = child(ctx, m, "localityLbSetting", path)
+    if sm is None:
+        return None
+    check_fields(ctx, sm, p, ("distribute", "failover", "failoverPriority", "enabled"))
+    enabled = get_bool(ctx, sm, "enabled", p)
+    distribute: list[tuple[str, tuple[tuple[str, int], ...]]] = []
+    for i, item in enumerate(get_list(ctx, sm, "distribute", p)):
+        dp = index(join(p, "distribute"), i)
+        dm = item_map(ctx, item, dp)
+        if dm is None:
+            continue
+        check_fields(ctx, dm, dp, ("from", "to"))
+        src = get_str(ctx, dm, "from", dp) or ""
+        if src and (problem := _locality_problem(src, True)) is not None:
+            ctx.error(join(dp, "from"), problem)
+        to = child(ctx, dm, "to", dp)
+        weights: list[tuple[str, int]] = []
+        if to is None:
+            ctx.error(join(dp, "to"), "is required (weights adding up to 100)")
+        else:
+            for loc in to:
+                tp = join(join(dp, "to"), str(loc))
+                if (problem := _locality_problem(str(loc), True)) is not None:
+                    ctx.error(tp, problem)
+                weight = get_int(ctx, to, loc, join(dp, "to"), lo=1, hi=100)
+                if weight is not None:
+                    weights.append((str(loc), weight))
+            if weights and sum(w for _, w in weights) != 100:
+                ctx.error(join(dp, "to"), f"weights must add up to 100, got {sum(w for _, w in weights)}")
+        distribute.append((src, tuple(weights)))
+    failover: list[tuple[str, str]] = []
+    for i, item in enumerate(get_list(ctx, sm, "failover", p)):
+        fp = index(join(p, "failover"), i)
+        fm = item_map(ctx, item, fp)
+        if fm is None:
+            continue
+        check_fields(ctx, fm, fp, ("from", "to"))
+        src = get_str(ctx, fm, "from", fp) or ""
+        dst = get_str(ctx, fm, "to", fp) or ""
+        for key, value in (("from", src), ("to", dst)):
+            if "/" in value or "*" in value:
+                ctx.error(join(fp, key), f"{value!r}: failover is between regions (a region name, no '/' or '*')")
+        if src == dst:
+            ctx.error(fp, f"from and to must be different regions, both are {src!r}")
+        failover.append((src, dst))
+    priority = get_str_list(ctx, sm, "failoverPriority", p)
+    for i, label in enumerate(priority):
+        key = label.split("=", 1)[0]
+        if not key:
+            ctx.error(index(join(p, "failoverPriority"), i), f"{label!r} is not a label name (or name=value)")
+    if distribute and (failover or priority):
+        ctx.error(p, "set distribute or failover/failoverPriority, not both")
+    return LocalityLbSetting(enabled, tuple(distribute), tuple(failover), priority)
 
 
 def _is_prime(n: int) -> bool:
@@ -409,14 +479,79 @@ def client_tls(ctx: Ctx, m: Mapping[str, Any], path: str) -> ClientTLS | None:
     tm = child(ctx, m, "tls", path)
     if tm is None:
         return None
-    check_fields(ctx, tm, p, ("mode", "sni", "subjectAltNames"), _TLS_IGNORED)
+    check_fields(ctx, tm, p, _TLS_FIELDS)
     mode_text = get_str(ctx, tm, "mode", p) or "DISABLE"
     mode = _TLS_MODE_BY_NAME.get(mode_text, "DISABLE")
     if mode_text not in _TLS_MODE_BY_NAME:
         ctx.error(
             join(p, "mode"), f"unknown TLS mode {mode_text!r} (expected one of {', '.join(_TLS_MODES)})"
         )
-    if mode == "MUTUAL":
-        ctx.warn(join(p, "mode"), "MUTUAL needs client certificates, which Meshline does not load yet; "
-                 "treated as SIMPLE (TLS to the server without a client certificate)")
-    return ClientTLS(mode, get_str(ctx, tm, "sni", p), get_str_list(ctx, tm, "subjectAltNames", p))
+    files = {k: get_str(ctx, tm, k, p) for k in _TLS_FILES}
+    for k, value in files.items():
+        if value is not None and not value.startswith("/"):
+            ctx.error(join(p, k), f"must be an absolute path of a file on the proxy's host, got {value!r}")
+    credential = get_str(ctx, tm, "credentialName", p)
+    if credential is not None and not is_dns_subdomain(credential):
+        ctx.error(join(p, "credentialName"), f"{credential!r} is not a Secret name")
+    skip = bool(get_bool(ctx, tm, "insecureSkipVerify", p))
+    if mode in ("DISABLE", "ISTIO_MUTUAL"):
+        for k in (*_TLS_FILES, "credentialName", "insecureSkipVerify"):
+            if tm.get(k) is not None:
+                ctx.warn(join(p, k), f"has no effect with mode {mode} (ignored, as in Istio)")
+    elif credential is not None:
+        for k in ("clientCertificate", "privateKey", "caCertificates"):
+            if files[k] is not None:
+                ctx.error(join(p, k), "set credentialName or certificate files, not both (as in Istio)")
+    elif mode == "MUTUAL":
+        for k, what in (("clientCertificate", "client certificate"), ("privateKey", "private key")):
+            if files[k] is None:
+                ctx.error(join(p, k), f"is required for MUTUAL (the {what} file), unless credentialName is set")
+    elif mode == "SIMPLE":
+        for k in ("clientCertificate", "privateKey"):
+            if files[k] is not None:
+                ctx.warn(join(p, k), "has no effect with mode SIMPLE (no client certificate is sent)")
+    if skip and mode in ("SIMPLE", "MUTUAL") and (tm.get("caCertificates") or tm.get("subjectAltNames")):
+        ctx.warn(join(p, "insecureSkipVerify"), "the server certificate is not verified: caCertificates and "
+                 "subjectAltNames are ignored")
+    return ClientTLS(
+        mode, get_str(ctx, tm, "sni", p), get_str_list(ctx, tm, "subjectAltNames", p),
+        client_certificate=files["clientCertificate"], private_key=files["privateKey"],
+        ca_certificates=files["caCertificates"], ca_crl=files["caCrl"], credential_name=credential,
+        insecure_skip_verify=skip,
+    )
+
+
+def is_dns_subdomain(name: str) -> bool:
+    """A Kubernetes object name (RFC 1123 subdomain)."""
+    return 0 < len(name) <= 253 and all(is_dns_label(part) for part in name.split("."))
+
+
+def failover_needs_outlier_detection(ctx: Ctx, dr: DestinationRule) -> None:
+    """Istio fails over by locality only where outlier detection is on (without it Envoy never
+    sees an endpoint as unhealthy and never leaves the first priority); a warning names each
+    localityLbSetting that asks for failover where no outlierDetection applies."""
+    top = dr.traffic_policy
+
+    def check(tp: TrafficPolicy | None, path: str, inherited: OutlierDetection | None) -> None:
+        if tp is None:
+            return
+        od = tp.outlier_detection or inherited
+        lb = tp.load_balancer
+        _warn_failover(ctx, lb, od, join(path, "trafficPolicy.loadBalancer.localityLbSetting"))
+        for i, pl in enumerate(tp.port_level):
+            pp = join(path, f"trafficPolicy.portLevelSettings[{i}].loadBalancer.localityLbSetting")
+            _warn_failover(ctx, pl.load_balancer, pl.outlier_detection, pp)
+
+    check(top, "spec", None)
+    for i, s in enumerate(dr.subsets):
+        check(s.traffic_policy, f"spec.subsets[{i}]", top.outlier_detection if top else None)
+
+
+def _warn_failover(ctx: Ctx, lb: LoadBalancer | None, od: OutlierDetection | None, path: str) -> None:
+    setting = lb.locality_lb if lb is not None else None
+    if setting is None or od is not None or setting.enabled is False:
+        return
+    for name, value in (("failover", setting.failover), ("failoverPriority", setting.failover_priority)):
+        if value:
+            ctx.warn(join(path, name), "locality failover needs outlierDetection (as in Istio): without it "
+                     "endpoints get no priorities and traffic is not kept local; add outlierDetection")

@@ -373,9 +373,22 @@ LbSimple = Literal["ROUND_ROBIN", "LEAST_REQUEST", "RANDOM", "PASSTHROUGH", "UNS
 
 
 @dataclass(frozen=True, slots=True)
+class LocalityLbSetting:
+    """`loadBalancer.localityLbSetting` (Istio). Localities are `region/zone/subzone` (`*`
+    wildcards allowed in `distribute`). `enabled` None: Istio's default (on)."""
+
+    enabled: bool | None = None
+    # distribute[]: (from locality, ((to locality, weight percent), ...))
+    distribute: tuple[tuple[str, tuple[tuple[str, int], ...]], ...] = ()
+    failover: tuple[tuple[str, str], ...] = ()  # (from region, to region)
+    failover_priority: tuple[str, ...] = ()  # label keys, or `key=value` overrides
+
+
+@dataclass(frozen=True, slots=True)
 class LoadBalancer:
     simple: LbSimple | None = None
     consistent_hash: ConsistentHash | None = None
+    locality_lb: LocalityLbSetting | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -410,6 +423,14 @@ class ClientTLS:
     mode: TLSMode
     sni: str | None = None
     subject_alt_names: tuple[str, ...] = ()
+    # MUTUAL/SIMPLE: files on the proxy's host (Envoy reads them), or a Secret of the rule's
+    # namespace (`credential_name`, delivered over SDS)
+    client_certificate: str | None = None
+    private_key: str | None = None
+    ca_certificates: str | None = None
+    ca_crl: str | None = None
+    credential_name: str | None = None
+    insecure_skip_verify: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -33,6 +33,7 @@ from controlplane.model.ir import (
     PortProtocol,
     TrafficPolicy,
 )
+from controlplane.translate.locality import LocalityMode, locality_mode
 from controlplane.translate.names import duration_ms, pack
 from controlplane.translate.security import UpstreamTls, apply_upstream_tls
 
@@ -190,8 +191,18 @@ def build_outbound_cluster(
     _circuit_breakers(c, cp)
     _protocol_options(c, protocol, cp)
     _outlier_detection(c, policy.outlier_detection)
+    lb = policy.load_balancer
+    if cluster_locality_mode(policy) is not None and (lb is None or lb.consistent_hash is None):
+        # Like Istio: the locality groups' weights (group sizes, or distribute's) count.
+        c.common_lb_config.locality_weighted_lb_config.SetInParent()
     apply_upstream_tls(c, tls)
     return c
+
+
+def cluster_locality_mode(policy: ClusterPolicy) -> LocalityMode | None:
+    """How the cluster's endpoints are grouped by locality (see controlplane.translate.locality)."""
+    lb = policy.load_balancer
+    return locality_mode(lb.locality_lb if lb is not None else None, policy.outlier_detection is not None)
 
 
 def build_original_dst_cluster(

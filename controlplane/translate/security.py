@@ -31,7 +31,7 @@ from google.protobuf import struct_pb2
 
 from controlplane.model.ir import DEFAULT_TRUST_DOMAIN, ClientTLS, PortProtocol
 from controlplane.translate.names import pack
-from controlplane.translate.secrets import root_sds, workload_sds
+from controlplane.translate.secrets import apply_origination, root_sds, workload_sds
 
 TLS_SOCKET = "envoy.transport_sockets.tls"
 RAW_SOCKET = "envoy.transport_sockets.raw_buffer"
@@ -103,17 +103,13 @@ def upstream_mtls(trust_domain: str, sni: str, peers: tuple[str, ...], alpn: tup
     return ctx
 
 
-def upstream_simple(sni: str, sans: tuple[str, ...]) -> tls_pb2.UpstreamTlsContext:
-    """Plain TLS origination (DestinationRule SIMPLE): trust the system CA bundle, check the
-    given subject alternative names (URI SANs for `spiffe://...`, DNS names otherwise)."""
+def upstream_simple(sni: str, sans: tuple[str, ...], origin: ClientTLS | None = None) -> tls_pb2.UpstreamTlsContext:
+    """TLS origination (DestinationRule SIMPLE, MUTUAL; `origin` its tls settings): see
+    `controlplane.translate.secrets.apply_origination` (without `origin`: trust the system CA
+    bundle, check the given subject alternative names)."""
     ctx = tls_pb2.UpstreamTlsContext(sni=sni)
-    common = ctx.common_tls_context
-    _tls_params(common)
-    validation = common.validation_context
-    validation.trusted_ca.filename = SYSTEM_CA_FILE
-    for san in sans:
-        kind = common_pb2.SubjectAltNameMatcher.URI if "://" in san else common_pb2.SubjectAltNameMatcher.DNS
-        _san(validation.match_typed_subject_alt_names, kind, exact=san)
+    _tls_params(ctx.common_tls_context)
+    apply_origination(ctx.common_tls_context, origin, sans, SYSTEM_CA_FILE)
     return ctx
 
 
@@ -143,7 +139,7 @@ class UpstreamTls:
 
     - `mesh`: always mesh mTLS (DestinationRule ISTIO_MUTUAL);
     - `auto`: mesh mTLS to endpoints marked as running a sidecar, plaintext to the rest;
-    - `simple`: TLS without a client certificate, trusting the system CA bundle.
+    - `simple`: TLS origination as the DestinationRule's `origin` (SIMPLE or MUTUAL) says.
     `sans`: the accepted server identities (SPIFFE URIs for mesh and auto; SANs for simple).
     """
 
@@ -152,13 +148,14 @@ class UpstreamTls:
     sans: tuple[str, ...] = ()
     trust_domain: str = DEFAULT_TRUST_DOMAIN
     alpn: tuple[str, ...] = ()
+    origin: ClientTLS | None = None
 
 
 def apply_upstream_tls(c: cluster_pb2.Cluster, tls: UpstreamTls | None) -> None:
     if tls is None:
         return
     if tls.mode == "simple":
-        c.transport_socket.CopyFrom(tls_socket(upstream_simple(tls.sni, tls.sans)))
+        c.transport_socket.CopyFrom(tls_socket(upstream_simple(tls.sni, tls.sans, tls.origin)))
         return
     mtls = tls_socket(upstream_mtls(tls.trust_domain, tls.sni, tls.sans, tls.alpn))
     if tls.mode == "mesh":
@@ -204,6 +201,6 @@ def upstream_tls(
     if client_tls.mode == "ISTIO_MUTUAL":
         return UpstreamTls("mesh", client_tls.sni or sni, client_tls.subject_alt_names or peers[1], trust_domain,
                            mesh_alpn(protocol))
-    # SIMPLE, and MUTUAL without client certificates (validation warns): TLS to the server.
+    # SIMPLE and MUTUAL: TLS to the server (with MUTUAL, the DestinationRule's client certificate).
     sans = client_tls.subject_alt_names or ((client_tls.sni,) if client_tls.sni else ())
-    return UpstreamTls("simple", client_tls.sni or "", sans, trust_domain)
+    return UpstreamTls("simple", client_tls.sni or "", sans, trust_domain, origin=client_tls)
