@@ -14,8 +14,18 @@ from pathlib import Path
 import pytest
 
 from tests.conformance.conftest import MeshFactory
-from tests.conformance.harness import (BOOKINFO_PORT, INJECTION, Mesh, Service, Sidecar, Workload, backend_specs,
-                                       converge, mesh_yaml, read)
+from tests.conformance.harness import (
+    BOOKINFO_PORT,
+    INJECTION,
+    Mesh,
+    Service,
+    Sidecar,
+    Workload,
+    backend_specs,
+    converge,
+    mesh_yaml,
+    read,
+)
 
 pytestmark = pytest.mark.e2e
 HERE = Path(__file__).resolve().parent
@@ -62,7 +72,7 @@ def test_allow_nothing(world: World) -> None:
     converge(lambda: world.call("sleep", "productpage") == 403)
     for src, dst in [("sleep", "productpage"), ("productpage", "details"), ("productpage", "reviews"),
                      ("reviews", "ratings"), ("sleep", "ratings")]:
-        converge(lambda: world.call(src, dst) == 403)
+        converge(lambda src=src, dst=dst: world.call(src, dst) == 403)
 
 
 def test_productpage_viewer(world: World) -> None:

@@ -16,8 +16,18 @@ from pathlib import Path
 import pytest
 
 from tests.conformance.conftest import MeshFactory
-from tests.conformance.harness import (INJECTION, Mesh, Service, Sidecar, Workload, backend_specs, converge,
-                                       mesh_yaml, read, tcp_exchange)
+from tests.conformance.harness import (
+    INJECTION,
+    Mesh,
+    Service,
+    Sidecar,
+    Workload,
+    backend_specs,
+    converge,
+    mesh_yaml,
+    read,
+    tcp_exchange,
+)
 
 pytestmark = pytest.mark.e2e
 HERE = Path(__file__).resolve().parent

@@ -12,8 +12,18 @@ import httpx
 import pytest
 
 from tests.conformance.conftest import MeshFactory
-from tests.conformance.harness import (CLIENT_OUTBOUND, HTTPBIN_PORT, INJECTION, Mesh, Sidecar, backend_specs,
-                                       converge, httpbin, mesh_yaml, read)
+from tests.conformance.harness import (
+    CLIENT_OUTBOUND,
+    HTTPBIN_PORT,
+    INJECTION,
+    Mesh,
+    Sidecar,
+    backend_specs,
+    converge,
+    httpbin,
+    mesh_yaml,
+    read,
+)
 
 pytestmark = pytest.mark.e2e
 HERE = Path(__file__).resolve().parent

@@ -15,8 +15,18 @@ import httpx
 import pytest
 
 from tests.conformance.conftest import MeshFactory
-from tests.conformance.harness import (HTTPBIN_PORT, INJECTION, Mesh, Service, Sidecar, Workload, backend_specs,
-                                       converge, mesh_yaml, read)
+from tests.conformance.harness import (
+    HTTPBIN_PORT,
+    INJECTION,
+    Mesh,
+    Service,
+    Sidecar,
+    Workload,
+    backend_specs,
+    converge,
+    mesh_yaml,
+    read,
+)
 
 pytestmark = pytest.mark.e2e
 HERE = Path(__file__).resolve().parent

@@ -10,11 +10,23 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 from tests.conformance.conftest import MeshFactory
-from tests.conformance.harness import (BOOKINFO_PORT, CLIENT_OUTBOUND, INJECTION, Mesh, Sidecar, backend_specs,
-                                       bookinfo, converge, elapsed, mesh_yaml, read)
+from tests.conformance.harness import (
+    BOOKINFO_PORT,
+    CLIENT_OUTBOUND,
+    INJECTION,
+    Mesh,
+    Sidecar,
+    backend_specs,
+    bookinfo,
+    converge,
+    elapsed,
+    mesh_yaml,
+    read,
+)
 
 pytestmark = pytest.mark.e2e
 HERE = Path(__file__).resolve().parent
@@ -38,20 +50,20 @@ def env(make_mesh: MeshFactory) -> Iterator[tuple[Mesh, Sidecar]]:
 def test_timeout_cuts_a_slow_call(env: tuple[Mesh, Sidecar]) -> None:
     mesh, sleep = env
 
-    def call() -> object:
+    def call() -> httpx.Response:
         return mesh.http(sleep, BOOKINFO_PORT, "reviews")
 
     mesh.kubectl_apply(read(HERE, "reviews-v2.yaml"))
-    converge(lambda: call().json().get("backend") == "reviews-v2")  # type: ignore[attr-defined]
+    converge(lambda: call().json().get("backend") == "reviews-v2")
     r = call()
-    assert r.json()["upstream_status"] == 200  # type: ignore[attr-defined]
+    assert r.json()["upstream_status"] == 200
 
     mesh.kubectl_apply(read(HERE, "ratings-delay-2s.yaml"))
     # Doc: "You should see the Bookinfo application working normally (with ratings stars
     # displayed), but there is a 2 second delay whenever you refresh the page."
     converge(lambda: elapsed(call)[1] >= 2.0)
     r, took = elapsed(call)
-    assert r.status_code == 200 and r.json() == {  # type: ignore[attr-defined]
+    assert r.status_code == 200 and r.json() == {
         "backend": "reviews-v2", "upstream": "ratings", "upstream_status": 200}
     assert took >= 2.0
 
@@ -59,10 +71,10 @@ def test_timeout_cuts_a_slow_call(env: tuple[Mesh, Sidecar]) -> None:
     # Doc: "Now add a half second request timeout for calls to the reviews service"; "it
     # returns in about 1 second, instead of 2, and the reviews are unavailable" (productpage
     # calls reviews twice). The caller gets Envoy's timeout answer, not reviews' 200.
-    converge(lambda: call().status_code == 504)  # type: ignore[attr-defined]
+    converge(lambda: call().status_code == 504)
     for _ in range(3):
         r, took = elapsed(call)
-        assert r.status_code == 504, r.text  # type: ignore[attr-defined]
-        assert r.text == "upstream request timeout"  # type: ignore[attr-defined]
+        assert r.status_code == 504, r.text
+        assert r.text == "upstream request timeout"
         assert took >= 0.5
     assert not mesh.errors()

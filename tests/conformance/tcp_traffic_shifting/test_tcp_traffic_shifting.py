@@ -12,8 +12,20 @@ from pathlib import Path
 import pytest
 
 from tests.conformance.conftest import MeshFactory
-from tests.conformance.harness import (CLIENT_OUTBOUND, INJECTION, Mesh, Service, Sidecar, Workload, backend_specs,
-                                       converge, mesh_yaml, read, sample, tcp_exchange)
+from tests.conformance.harness import (
+    CLIENT_OUTBOUND,
+    INJECTION,
+    Mesh,
+    Service,
+    Sidecar,
+    Workload,
+    backend_specs,
+    converge,
+    mesh_yaml,
+    read,
+    sample,
+    tcp_exchange,
+)
 
 pytestmark = pytest.mark.e2e
 HERE = Path(__file__).resolve().parent

@@ -9,8 +9,19 @@ from pathlib import Path
 import pytest
 
 from tests.conformance.conftest import MeshFactory
-from tests.conformance.harness import (BOOKINFO_PORT, CLIENT_OUTBOUND, INJECTION, Mesh, Sidecar, backend_specs,
-                                       bookinfo, converge, mesh_yaml, read, sample)
+from tests.conformance.harness import (
+    BOOKINFO_PORT,
+    CLIENT_OUTBOUND,
+    INJECTION,
+    Mesh,
+    Sidecar,
+    backend_specs,
+    bookinfo,
+    converge,
+    mesh_yaml,
+    read,
+    sample,
+)
 
 pytestmark = pytest.mark.e2e
 HERE = Path(__file__).resolve().parent
