@@ -49,7 +49,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ready-timeout", type=float, default=120.0)
     p.add_argument("--sync-timeout", type=float, default=None, help="default scales with S*N")
     p.add_argument("--change-timeout", type=float, default=60.0)
-    p.add_argument("--suite", choices=["full", "quick"], default=None,
+    p.add_argument("--suite", choices=["full", "quick", "peers"], default=None,
                    help="run the goal scenarios P1-P9 (bench/suite.py) instead of the size grid")
     p.add_argument("--peer", choices=["sovereign", "none"], default="sovereign",
                    help="with --suite: the peer control plane for P8 (none: skip P8)")

@@ -19,6 +19,7 @@ Full suite (about 6-8 minutes on 2 cores):
   peers   (issue 20, `--compare`, default go-control-plane) the sweep's sizes again with a Go
           control plane on the same simulated proxies, delta (right after each sweep point)
           and SotW (Meshline, then the peer, per N) -> G1-G3 and the comparison table/plot
+`--suite peers`: the full sizes of the sweep, the floor and the peers only (P1 and G1-G3).
 Quick suite (under a minute): the same scenarios at reduced sizes (the table says which).
 """
 
@@ -74,7 +75,7 @@ def _ratio(a: float, b: float) -> float:
 
 
 async def run_suite(args: argparse.Namespace, children: R.Children) -> int:
-    plan = FULL if args.suite == "full" else QUICK
+    plan = QUICK if args.suite == "quick" else FULL
     t_start = time.monotonic()
     results: dict[str, R.Result] = {}
     envoy: dict[str, real_envoy.PeerResult] = {}
@@ -115,14 +116,15 @@ async def run_suite(args: argparse.Namespace, children: R.Children) -> int:
         for n in plan.sweep if gcp_bin is not None else ():
             await case(f"sotw{n}", plan.S, n, "sotw")
             await case(f"gcp-sotw{n}", plan.S, n, "sotw", binary=gcp_bin)
-        await case("mixed", plan.S, plan.mixed_n, "mixed")
         top = results.get(f"sweep{max(plan.sweep)}")
         if top is not None:
             floor = await run_floor(top, plan.changes)
-        await case("large", plan.p4_large, plan.p4_clients, "delta")
-        await case("workers2", plan.S, plan.mixed_n, "mixed", workers=2, changes=0)
+        if args.suite != "peers":
+            await case("mixed", plan.S, plan.mixed_n, "mixed")
+            await case("large", plan.p4_large, plan.p4_clients, "delta")
+            await case("workers2", plan.S, plan.mixed_n, "mixed", workers=2, changes=0)
         for name, fn in (("meshline", real_envoy.run_meshline), ("sovereign", real_envoy.run_sovereign)):
-            if name == "sovereign" and args.peer == "none":
+            if args.suite == "peers" or (name == "sovereign" and args.peer == "none"):
                 continue
             print(f"running P8/P9 {name}: S={plan.envoy_S} clusters to one Envoy, {plan.envoy_K} changes...",
                   file=sys.stderr, flush=True)
@@ -150,9 +152,10 @@ async def run_suite(args: argparse.Namespace, children: R.Children) -> int:
     if failures:
         print("\nScenarios that did not complete:\n  " + "\n  ".join(failures))
     sweep = [(n, results[f"sweep{n}"]) for n in plan.sweep if f"sweep{n}" in results]
-    if args.plot is not None and len(sweep) > 1:
+    if args.plot is not None and len(sweep) > 1 and args.suite != "peers":
         plot(sweep, plan.S, args.plot)
         print(f"\nconvergence plot written to {args.plot}")
+    if args.plot is not None and len(sweep) > 1:
         if gcp_bin is not None:
             peers_png = args.plot.with_name("peers.png")
             compare.plot(compared(results, plan.sweep), plan.sweep, [gcp.NAME], peers_png)

@@ -120,3 +120,29 @@ def plot(res: dict[str, R.Result], sweep: tuple[int, ...], peers: list[str], pat
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     plt.close(fig)
+
+
+def markdown(res: dict[str, R.Result], sweep: tuple[int, ...], peers: list[str]) -> str:
+    """The comparison as a Markdown table (for docs/benchmarks.md)."""
+    lines = ["| proxies | control plane | initial sync (CPU) | change -> last ACK p50 / p99 | CPU per change "
+             "| peak RSS | bytes per change (all proxies) | simulated clients: CPU per change, RSS |",
+             "|---|---|---|---|---|---|---|---|"]
+    for mix in ("delta", "sotw"):
+        for n in sweep:
+            ml = res.get(key(MESHLINE, mix, n))
+            for cp in (MESHLINE, *peers):
+                r = res.get(key(cp, mix, n))
+                if r is None or not r.lat_last:
+                    lines.append(f"| {n:,} {mix} | {cp} | not measured | | | | | |")
+                    continue
+                p99 = R.pct(r.lat_last, 99)
+                rel = ""
+                if cp != MESHLINE and ml is not None and ml.lat_last:
+                    rel = (f" (Meshline {_ratio(R.pct(ml.lat_last, 99), p99):.2f}x, CPU "
+                           f"{_ratio(cpu_change(ml), cpu_change(r)):.2f}x, RSS {_ratio(peak(ml), peak(r)):.2f}x)")
+                lines.append(
+                    f"| {n:,} {mix} | {cp}{rel} | {r.sync_s:.1f} s ({r.sync_cpu:.1f} s) | "
+                    f"{R.median(r.lat_last) * 1000:.0f} / {p99 * 1000:.0f} ms | {cpu_change(r) * 1000:.0f} ms | "
+                    f"{peak(r) / 2**20:.0f} MB | {bytes_per_change(r) / 1024:.0f} KB | "
+                    f"{R.median(r.client_cpu) * 1000:.0f} ms, {r.client_rss_peak / 2**20:.0f} MB |")
+    return "\n".join(lines)

@@ -58,7 +58,7 @@ from controlplane.translate.clusters import (
     effective_policy,
     is_passthrough,
 )
-from controlplane.translate.endpoints import build_cla, select_endpoints
+from controlplane.translate.endpoints import build_cla, locality_endpoints
 from controlplane.translate.extauthz import authorizer_targets
 from controlplane.translate.hbone import build_hbone_inbound, build_hbone_routes
 from controlplane.translate.inbound import Inbound, inbound_ports, inbound_security
@@ -71,6 +71,7 @@ from controlplane.translate.listeners import (
     build_virtual_inbound,
     build_virtual_outbound,
 )
+from controlplane.translate.locality import ClientLocality
 from controlplane.translate.names import (
     APP_ADDRESS_ANNOTATION,
     BLACKHOLE_CLUSTER,
@@ -128,7 +129,7 @@ def service_identities(mesh: Mesh, svc: Service, sidecars_only: bool) -> tuple[s
 
 
 def _cluster_specs(mesh: Mesh, svc: Service, namespace: str, scope: Scope | None = None,
-                   capture: CaptureMode = "bind") -> list[ResourceSpec]:
+                   capture: CaptureMode = "bind", client: ClientLocality | None = None) -> list[ResourceSpec]:
     if scope is not None and not any((svc.hostname, sp.port) in scope for sp in svc.ports):
         return []
     dr = _dr(mesh, svc, namespace, source_labels_of(scope))
@@ -151,7 +152,9 @@ def _cluster_specs(mesh: Mesh, svc: Service, namespace: str, scope: Scope | None
         for subset, labels in subsets:
             name = outbound_cluster_name(sp.port, svc.hostname, subset)
             policy = effective_policy(dr, sp.port, subset)
-            eps = select_endpoints(sets, sp, single, mesh.workloads, labels)
+            lb = policy.load_balancer
+            eps, cla_args = locality_endpoints(sets, sp, single, mesh.workloads, labels, lb.locality_lb if lb else None,
+                                               policy.outlier_detection is not None, client)
             sni = outbound_sni(sp.port, subset, svc.hostname)
             tls = upstream_tls(policy.tls, any(e.mtls for e in eps), sni, peers, mesh.trust_domain, sp.protocol)
             args = (name, sp.protocol, policy, tls)
@@ -159,7 +162,7 @@ def _cluster_specs(mesh: Mesh, svc: Service, namespace: str, scope: Scope | None
                 out.append(ResourceSpec(CLUSTER, name, build_original_dst_cluster, args, sources))
                 continue
             out.append(ResourceSpec(CLUSTER, name, build_outbound_cluster, args, sources))
-            out.append(ResourceSpec(ENDPOINT, name, build_cla, (name, eps), sources))
+            out.append(ResourceSpec(ENDPOINT, name, build_cla, (name, *cla_args), sources))
     return out
 
 
@@ -296,12 +299,14 @@ def plan_outbound(
     capture: CaptureMode,
     bind_address: str = "127.0.0.1",
     scope: Scope | None = None,
+    client: ClientLocality | None = None,
 ) -> list[ResourceSpec]:
     """Clusters, endpoints, route configurations and listeners shared by every sidecar in
     `namespace` with capture mode `capture` (and scope), sorted by (type, name). In bind
     capture the outbound listeners bind `bind_address` (127.0.0.1 unless the proxy asks for
     another loopback address, so several sidecars can share one host). `scope`: the
-    (hostname, port) pairs the proxies' Sidecar lets them receive; None: every service."""
+    (hostname, port) pairs the proxies' Sidecar lets them receive; None: every service.
+    `client`: the proxies' locality, for locality load balancing (None: unknown)."""
     specs: list[ResourceSpec] = []
     by_port: Mapping[int, Sequence[Service]] = mesh.services_by_port
     hosts: Iterable[Hostname] = mesh.services
@@ -315,8 +320,8 @@ def plan_outbound(
         by_port = scoped
         hosts = {s.hostname for on_port in scoped.values() for s in on_port}
     for host in sorted(hosts):
-        specs += _cluster_specs(mesh, mesh.services[host], namespace, scope, capture)
-    specs += _authorizer_specs(mesh, namespace, capture, scope)
+        specs += _cluster_specs(mesh, mesh.services[host], namespace, scope, capture, client)
+    specs += _authorizer_specs(mesh, namespace, capture, scope, client)
     for port, on_port in sorted(by_port.items()):
         services = sorted(on_port, key=lambda s: s.hostname)
         routed = [s for s in services if _sniffed_or_http(_port_of(s, port))]
@@ -350,6 +355,7 @@ def plan_outbound_hosts(
     capture: CaptureMode,
     hosts: Iterable[Hostname],
     scope: Scope | None = None,
+    client: ClientLocality | None = None,
 ) -> list[ResourceSpec]:
     """The part of `plan_outbound(mesh, namespace, capture, ..., scope)` that depends on the
     endpoints of `hosts`: their clusters and load assignments (and, for services reached
@@ -360,13 +366,14 @@ def plan_outbound_hosts(
     for host in sorted(wanted):
         svc = mesh.services.get(host)
         if svc is not None:
-            specs += _cluster_specs(mesh, svc, namespace, scope, capture)
-    specs += _authorizer_specs(mesh, namespace, capture, scope, wanted)
+            specs += _cluster_specs(mesh, svc, namespace, scope, capture, client)
+    specs += _authorizer_specs(mesh, namespace, capture, scope, client, wanted)
     return _unique(specs)
 
 
 def _authorizer_specs(mesh: Mesh, namespace: str, capture: CaptureMode, scope: Scope | None,
-                      hosts: frozenset[Hostname] | None = None) -> list[ResourceSpec]:
+                      client: ClientLocality | None, hosts: frozenset[Hostname] | None = None
+                      ) -> list[ResourceSpec]:
     """The outbound clusters (and endpoints) of the external authorizers of CUSTOM policies
     that the proxies' Sidecar scope leaves out: their ext_authz filters call them (`hosts`:
     only those of these hosts)."""
@@ -377,7 +384,7 @@ def _authorizer_specs(mesh: Mesh, namespace: str, capture: CaptureMode, scope: S
         if (host, port) in scope or (hosts is not None and host not in hosts):
             continue
         prefix = f"outbound|{port}|"
-        out += [s for s in _cluster_specs(mesh, mesh.services[host], namespace, None, capture)
+        out += [s for s in _cluster_specs(mesh, mesh.services[host], namespace, None, capture, client)
                 if s.name.startswith(prefix)]
     return out
 
