@@ -377,6 +377,7 @@ class Runtime:
         found: list[tuple[Connection, Inconsistency]] = []
         checked: list[tuple[_Progress, str]] = []
         for c in conns:
+        results: dict[tuple[int, bool], list[Inconsistency]] = {}  # proxies sharing a snapshot: one check
             snap: Snapshot | None = snaps.get(proxy_key(c.meta))
             if snap is None:
                 continue
@@ -387,9 +388,12 @@ class Runtime:
             # Unauthenticated streams are served no secrets by design (the trust model): only
             # authenticated ones (with a CA) must get every secret they name.
             secrets = c.identity is not None and self.identity is not None
-            found += [(c, i) for i in self.consistency.check(snap, secrets=secrets)]
+            key = (id(snap), secrets)
+            if key not in results:
+                results[key] = self.consistency.check(snap, secrets=secrets)
+            found += [(c, i) for i in results[key]]
         if full:
-            self.consistency.prune()
+            self.consistency.prune(snaps.values())
         for c, problem in found:
             self.metrics.snapshot_inconsistencies.labels(problem.kind).inc()
             log.error("proxy %s: snapshot inconsistent: %s", c.meta.node_id, problem,

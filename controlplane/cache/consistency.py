@@ -23,7 +23,7 @@ cannot be checked and are not.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Container, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -93,6 +93,25 @@ def _message_class(full_name: str) -> type[Message] | None:
     return cls
 
 
+_OWNERS = frozenset(owner for owner, _ in _REFERENCES)
+_may_refer: dict[str, bool] = {}
+
+
+def _can_refer(desc: Any) -> bool:
+    """Whether a message of type `desc` can hold a reference (a referring field, or an Any,
+    somewhere inside it): the walk skips those that cannot (durations, matchers, ...).
+    Memoized per type; a type inside its own definition counts as able to (conservative)."""
+    name = desc.full_name
+    found = _may_refer.get(name)
+    if found is not None:
+        return found
+    _may_refer[name] = True  # while deciding (recursive types)
+    result = name == "google.protobuf.Any" or name in _OWNERS or any(
+        f.type == FieldDescriptor.TYPE_MESSAGE and _can_refer(f.message_type) for f in desc.fields)
+    _may_refer[name] = result
+    return result
+
+
 def _walk(msg: Message, out: set[Reference]) -> None:
     desc = msg.DESCRIPTOR
     if desc.full_name == "google.protobuf.Any":
@@ -105,6 +124,8 @@ def _walk(msg: Message, out: set[Reference]) -> None:
         return
     for field, value in msg.ListFields():
         if field.type == FieldDescriptor.TYPE_MESSAGE:
+            if not _can_refer(field.message_type):
+                continue
             if field.is_repeated:
                 if field.message_type.GetOptions().map_entry:
                     values: Iterable[Any] = value.values()
@@ -142,16 +163,15 @@ def _parse(res: Resource) -> Message:
     return msg
 
 
-def missing(held: Mapping[TypeUrl, Iterable[str]], wanted: Mapping[Reference, Reference],
+def missing(held: Mapping[TypeUrl, Container[str]], wanted: Mapping[Reference, Reference],
             static_clusters: frozenset[str] = STATIC_CLUSTERS, secrets: bool = True) -> list[Inconsistency]:
     """Of `wanted` (reference -> a resource that makes it), those `held` lacks, sorted."""
-    have = {t: set(names) for t, names in held.items()}
-    have.setdefault(CLUSTER, set()).update(static_clusters)
+    none: frozenset[str] = frozenset()
     out = []
     for (t, name), referrer in wanted.items():
         if t == SECRET and not secrets:
             continue
-        if name not in have.get(t, ()):
+        if name not in held.get(t, none) and not (t == CLUSTER and name in static_clusters):
             out.append(Inconsistency(KINDS.get(t, t), name, referrer))
     return sorted(out, key=lambda i: (i.kind, i.missing, i.referrer))
 
@@ -175,7 +195,7 @@ class ConsistencyChecker:
     def __init__(self, static_clusters: frozenset[str] = STATIC_CLUSTERS) -> None:
         self.static_clusters = static_clusters
         self._refs: dict[tuple[TypeUrl, str, str], frozenset[Reference]] = {}
-        self._sets: dict[tuple[TypeUrl, str], dict[Reference, Reference]] = {}
+        self._sets: dict[tuple[TypeUrl, str], dict[TypeUrl, dict[str, int]]] = {}
         self._used_refs: set[tuple[TypeUrl, str, str]] = set()
         self._used_sets: set[tuple[TypeUrl, str]] = set()
 
@@ -187,30 +207,76 @@ class ConsistencyChecker:
             found = self._refs[key] = references(res.type_url, _parse(res))
         return found
 
-    def _wanted(self, tr: TypeResources) -> dict[Reference, Reference]:
+    def _counts(self, tr: TypeResources) -> dict[TypeUrl, dict[str, int]]:
+        """Per referenced type, how many of `tr`'s resources name each name; derived from the
+        predecessor's counts when `tr` is a successor that knows what changed (an
+        endpoint-only patch re-reads a few resources, not the set)."""
         key = (tr.type_url, tr.version)
         self._used_sets.add(key)
         found = self._sets.get(key)
-        if found is None:
-            found = {}
-            for name in sorted(tr.items):
-                for ref in self.resource_refs(tr.items[name]):
-                    found.setdefault(ref, (tr.type_url, name))
-            self._sets[key] = found
-        return found
+        if found is not None:
+            return found
+        prev = tr.prev
+        base = self._sets.get((prev.type_url, prev.version)) if prev is not None and tr.changed is not None else None
+        counts: dict[TypeUrl, dict[str, int]]
+        if prev is not None and tr.changed is not None and base is not None:
+            counts = {t: dict(names) for t, names in base.items()}
+            for name in tr.changed:
+                old = prev.items.get(name)
+                for t, ref in self.resource_refs(old) if old is not None else ():
+                    left = counts[t][ref] - 1
+                    if left:
+                        counts[t][ref] = left
+                    else:
+                        del counts[t][ref]
+                new = tr.items.get(name)
+                for t, ref in self.resource_refs(new) if new is not None else ():
+                    names = counts.setdefault(t, {})
+                    names[ref] = names.get(ref, 0) + 1
+        else:
+            counts = {}
+            for res in tr.items.values():
+                for t, ref in self.resource_refs(res):
+                    names = counts.setdefault(t, {})
+                    names[ref] = names.get(ref, 0) + 1
+        self._sets[key] = counts
+        return counts
 
     def check(self, snap: Snapshot, secrets: bool = True) -> list[Inconsistency]:
         """What `snap` refers to and does not hold. `secrets=False`: the proxy is served no
         secrets by design (an unauthenticated stream), so they are not checked."""
-        wanted: dict[Reference, Reference] = {}
+        held = {t: tr.items for t, tr in snap.types.items()}
+        none: Mapping[str, Resource] = {}
+        lacking: set[Reference] = set()
         for tr in snap.types.values():
-            for ref, referrer in self._wanted(tr).items():
-                wanted.setdefault(ref, referrer)
-        held = {t: tr.items.keys() for t, tr in snap.types.items()}
+            for t, names in self._counts(tr).items():
+                if t == SECRET and not secrets:
+                    continue
+                gone = names.keys() - held.get(t, none).keys()  # set operations in C: no loop per name
+                if t == CLUSTER:
+                    gone -= self.static_clusters
+                lacking.update((t, name) for name in gone)
+        if not lacking:
+            return []
+        wanted: dict[Reference, Reference] = {}  # only now: which resource names each missing one
+        for t in sorted(snap.types):
+            items = snap.types[t].items
+            for name in sorted(items):
+                for ref in self.resource_refs(items[name]):
+                    if ref in lacking:
+                        wanted.setdefault(ref, (t, name))
         return missing(held, wanted, self.static_clusters, secrets)
 
-    def prune(self) -> None:
-        """Forget what the checks since the last prune did not use."""
+    def prune(self, live: Iterable[Snapshot] = ()) -> None:
+        """Forget what neither the checks since the last prune nor the `live` snapshots use."""
+        seen: set[int] = set()
+        for snap in live:
+            for tr in snap.types.values():
+                if id(tr) in seen:
+                    continue
+                seen.add(id(tr))
+                self._used_sets.add((tr.type_url, tr.version))
+                self._used_refs.update((tr.type_url, n, r.version) for n, r in tr.items.items())
         self._refs = {k: v for k, v in self._refs.items() if k in self._used_refs}
         self._sets = {k: v for k, v in self._sets.items() if k in self._used_sets}
         self._used_refs.clear()
