@@ -376,8 +376,8 @@ class Runtime:
         pushed and InconsistentSnapshot is raised."""
         found: list[tuple[Connection, Inconsistency]] = []
         checked: list[tuple[_Progress, str]] = []
-        for c in conns:
         results: dict[tuple[int, bool], list[Inconsistency]] = {}  # proxies sharing a snapshot: one check
+        for c in conns:
             snap: Snapshot | None = snaps.get(proxy_key(c.meta))
             if snap is None:
                 continue
