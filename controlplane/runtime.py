@@ -373,7 +373,8 @@ class Runtime:
         naming a missing route configuration or secret waits in warming while the listener it
         replaces keeps serving, whereas holding the snapshot back would keep every other
         change from the proxy. With `settings.consistency == "raise"` (tests) nothing is
-        pushed and InconsistentSnapshot is raised."""
+        pushed and InconsistentSnapshot is raised, unless every miss is a VirtualService
+        destination the mesh lacks (the user's configuration; Istio answers 503 too)."""
         found: list[tuple[Connection, Inconsistency]] = []
         checked: list[tuple[_Progress, str]] = []
         results: dict[tuple[int, bool], list[Inconsistency]] = {}  # proxies sharing a snapshot: one check
@@ -396,10 +397,12 @@ class Runtime:
             self.consistency.prune(snaps.values())
         for c, problem in found:
             self.metrics.snapshot_inconsistencies.labels(problem.kind).inc()
-            log.error("proxy %s: snapshot inconsistent: %s", c.meta.node_id, problem,
-                      extra={"proxy": c.meta.node_id, "missing": problem.missing, "type": problem.kind})
-        if found and self.settings.consistency == "raise":
-            raise InconsistentSnapshot("; ".join(f"{c.meta.node_id}: {p}" for c, p in found[:20]))
+            log.log(logging.WARNING if problem.user_destination else logging.ERROR,
+                    "proxy %s: snapshot inconsistent: %s", c.meta.node_id, problem,
+                    extra={"proxy": c.meta.node_id, "missing": problem.missing, "type": problem.kind})
+        faults = [(c, p) for c, p in found if not p.user_destination]  # the translator's, not the user's
+        if faults and self.settings.consistency == "raise":
+            raise InconsistentSnapshot("; ".join(f"{c.meta.node_id}: {p}" for c, p in faults[:20]))
         for progress, version in checked:
             progress.checked = version
 

@@ -179,3 +179,26 @@ def test_the_mode_comes_from_the_environment_and_a_typo_is_refused(monkeypatch: 
     monkeypatch.setenv("MESHLINE_CONSISTENCY", "strict")
     with pytest.raises(ValueError, match="MESHLINE_CONSISTENCY must be 'count' or 'raise', not 'strict'"):
         Settings()
+
+
+def test_a_route_to_a_destination_the_mesh_lacks_is_reported_but_strict_mode_lets_it_through(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A VirtualService naming a subset no DestinationRule defines (or an unknown host/port):
+    the user's configuration, answered 503 by Envoy as with Istio; counted, logged as a
+    warning, pushed even in strict mode."""
+    gone = "outbound|9080|v9|reviews.default.svc.cluster.local"
+
+    def dangling(mesh: Mesh, meta: ProxyMeta) -> list[ResourceSpec]:
+        return [ResourceSpec(LISTENER, "http", http_listener, ("http", "r1")),
+                ResourceSpec(ROUTE, "r1", routes, ("r1", gone))]
+
+    (problem,) = check_messages(build_all(dangling(Mesh(), ProxyMeta("p"))))
+    assert problem.user_destination and problem.missing == gone
+    assert not [p for p in check_messages(build_all(broken_plan(Mesh(), ProxyMeta("p")))) if p.user_destination]
+    rt, conn = _runtime("raise")
+    rt.builder = SnapshotBuilder(dangling, lambda m, p: [], lambda p: 0)
+    with caplog.at_level(logging.WARNING, logger="controlplane.runtime"):
+        rt.rebuild_now()
+    assert conn.stream.target is not None
+    assert rt.metrics.registry.get_sample_value("meshline_snapshot_inconsistencies_total", {"type": "cluster"}) == 1
+    assert any(r.levelno == logging.WARNING and gone in r.getMessage() for r in caplog.records)

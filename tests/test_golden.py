@@ -154,10 +154,12 @@ def test_golden(case_name: str, request: pytest.FixtureRequest) -> None:
 @pytest.mark.parametrize("case_name", CASES)
 def test_golden_plans_are_consistent(case_name: str) -> None:
     """Every cluster, load assignment and route configuration a golden proxy's resources
-    name is one it gets (secrets come from the CA and are not planned here)."""
+    name is one it gets (secrets come from the CA and are not planned here), but for
+    VirtualService destinations the case's mesh lacks (the user's; Envoy answers 503)."""
     case = load_case(case_name)
     for proxy in case.proxies:
-        problems = check_messages(build_all(proxy_specs(case.mesh, proxy)), secrets=False)
+        problems = [p for p in check_messages(build_all(proxy_specs(case.mesh, proxy)), secrets=False)
+                    if not p.user_destination]
         assert not problems, f"{proxy.node_id}: " + "; ".join(map(str, problems))
 
 

@@ -18,7 +18,9 @@ A reference is missing when
 - an HTTP connection manager's RDS name is not in RDS: the listener stays warming;
 - an SDS secret is not among the proxy's secrets: the cluster or listener stays warming.
 Names chosen at request time (tcp_proxy's cluster from filter state, a `cluster_header`)
-cannot be checked and are not.
+cannot be checked and are not. A route to a service cluster a VirtualService names but the
+mesh lacks (unknown host, port or subset: `Inconsistency.user_destination`) is the user's
+configuration, not a translation fault: reported, but tests' strict mode does not fail on it.
 """
 
 from __future__ import annotations
@@ -36,7 +38,10 @@ from controlplane.cache.resources import Resource
 from controlplane.cache.snapshot import Snapshot, TypeResources
 from controlplane.model.ir import TypeUrl
 from controlplane.translate.plan import CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET
+from controlplane.translate.secrets import CREDENTIAL_SDS_PREFIX
 
+USER_CLUSTER_PREFIX = "outbound|"
+"""Clusters of services as VirtualService destinations name them (`translate.names`)."""
 STATIC_CLUSTERS = frozenset({"xds-grpc", "admin"})
 """Clusters every Meshline bootstrap defines statically (`controlplane.bootstrap`)."""
 
@@ -78,6 +83,15 @@ class Inconsistency:
     kind: str
     missing: str
     referrer: Reference
+
+    @property
+    def user_destination(self) -> bool:
+        """A route or listener names a service cluster (`outbound|<port>|<subset>|<host>`)
+        that is not there: a VirtualService destination whose host, port or subset does not
+        exist (or is outside the proxy's Sidecar scope). The user named it; Envoy answers 503
+        for that route, as with Istio. Everything else is the translator's own naming."""
+        return (self.kind == "cluster" and self.missing.startswith(USER_CLUSTER_PREFIX)
+                and self.referrer[0] in (ROUTE, LISTENER))
 
     def __str__(self) -> str:
         rtype = self.referrer[0].rsplit(".", 1)[-1]
@@ -139,7 +153,9 @@ def _walk(msg: Message, out: set[Reference]) -> None:
                 _walk(value, out)
         elif field.type == FieldDescriptor.TYPE_STRING and not field.is_repeated:
             kind = _REFERENCES.get((desc.full_name, field.name))
-            if kind is not None and value:
+            if kind is not None and value and not (kind == SECRET and value.startswith(CREDENTIAL_SDS_PREFIX)):
+                # (DestinationRule credentialName secrets are withheld by design while their
+                # Secret is missing or unusable: validation reports it, the cluster fails closed.)
                 out.add((kind, value))
 
 
