@@ -41,8 +41,10 @@ def main() -> None:
 @click.option("--watch-namespaces", default=None, metavar="A,B",
               help="With --kubernetes: watch only these namespaces (comma-separated). Default: all.")
 @click.option("--namespace", "single_namespace", default=None, help="With --kubernetes: watch only this namespace.")
-@click.option("--istio-api", is_flag=True,
-              help="With --kubernetes: also watch Istio's networking.istio.io/v1 VirtualServices and DestinationRules.")
+@click.option("--istio-api/--no-istio-api", default=None,
+              help="With --kubernetes: watch Istio's networking.istio.io/security.istio.io v1 kinds (VirtualService, "
+                   "DestinationRule, Sidecar, PeerAuthentication, AuthorizationPolicy). Default: when the API server "
+                   "serves them (found by API discovery, logged).")
 @click.option("--leader-lease-seconds", default=15.0, show_default=True, type=click.FloatRange(1, 3600),
               help="With --kubernetes: Lease duration for leader election (handover time after a crash).")
 @click.option("--xds-address", default="127.0.0.1:15010", show_default=True)
@@ -97,7 +99,8 @@ def main() -> None:
                    "PATH; 'none': no validator, so a NACK never withholds anything from other proxies).")
 @click.pass_context
 def serve(ctx: click.Context, config_dirs: tuple[Path, ...], kubernetes: bool, kubeconfig: Path | None,
-          watch_namespaces: str | None, single_namespace: str | None, istio_api: bool, leader_lease_seconds: float,
+          watch_namespaces: str | None, single_namespace: str | None, istio_api: bool | None,
+          leader_lease_seconds: float,
           xds_address: str, status_address: str,
           webhook_address: str | None, debounce_ms: int, status_token_file: Path | None, log_level: str,
           log_format: str, ca_enabled: bool, ca_dir: Path | None, trust_domain: str, root_namespace: str,
@@ -159,11 +162,11 @@ def serve(ctx: click.Context, config_dirs: tuple[Path, ...], kubernetes: bool, k
 
 
 def _watch_namespaces(kubernetes: bool, kubeconfig: Path | None, watch_namespaces: str | None,
-                      single_namespace: str | None, istio_api: bool) -> tuple[str, ...] | None:
+                      single_namespace: str | None, istio_api: bool | None) -> tuple[str, ...] | None:
     """The namespaces `serve --kubernetes` watches (None: all), checking the flag combination."""
     if not kubernetes:
         for flag, given in (("--kubeconfig", kubeconfig is not None), ("--watch-namespaces", watch_namespaces is not None),
-                            ("--namespace", single_namespace is not None), ("--istio-api", istio_api)):
+                            ("--namespace", single_namespace is not None), ("--istio-api", istio_api is not None)):
             if given:
                 raise click.UsageError(f"{flag} requires --kubernetes")
         return None

@@ -63,7 +63,8 @@ class Settings:
     watch_namespaces: tuple[str, ...] | None = None  # None: every namespace
     leader_namespace: str = "meshline-system"
     leader_lease_seconds: float = 15.0
-    istio_api: bool = False  # also watch networking.istio.io/v1 VirtualServices/DestinationRules
+    # Istio's networking.istio.io/security.istio.io kinds: True always, False never, None when served
+    istio_api: bool | None = None
     # Identity (controlplane.ca): off unless ca_enabled. ca_dir None with ca_enabled: a private
     # temporary directory (Kubernetes mode, where the root lives in a Secret).
     ca_enabled: bool = False

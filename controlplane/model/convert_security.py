@@ -392,14 +392,13 @@ def convert_authorization_policy(ctx: Ctx, namespace: str, name: str) -> Authori
         if rule is not None:
             rules.append(rule)
     provider: str | None = None
-    if action_text == "CUSTOM":
-        pm = child(ctx, spec, "provider", "spec")
-        if pm is not None:
-            check_fields(ctx, pm, "spec.provider", ("name",))
-            provider = get_str(ctx, pm, "name", "spec.provider", required=True)
-        elif spec.get("provider") is None:
-            ctx.error("spec.provider", "is required with action CUSTOM (the name of an extension provider of the "
-                      "mesh config)")
+    pm = child(ctx, spec, "provider", "spec")
+    if pm is not None:
+        check_fields(ctx, pm, "spec.provider", ("name",))
+        provider = get_str(ctx, pm, "name", "spec.provider", required=True)
+    if action_text == "CUSTOM" and spec.get("provider") is None:
+        ctx.error("spec.provider", "is required with action CUSTOM (the name of an extension provider of the "
+                  "mesh config)")
     target_refs = _target_refs(ctx, spec, namespace)
     action: AuthzAction = ("DENY" if action_text in ("DENY", "CUSTOM") else "AUDIT" if action_text == "AUDIT"
                            else "ALLOW")
@@ -411,7 +410,7 @@ def convert_authorization_policy(ctx: Ctx, namespace: str, name: str) -> Authori
         action=action,
         rules=tuple(rules),
         target_refs=target_refs,
-        provider=provider,
+        provider=provider if action_text == "CUSTOM" else None,
     )
 
 

@@ -27,8 +27,8 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from kubernetes import client as k8s
@@ -85,8 +85,53 @@ ISTIO_RESOURCES = (
 )
 
 
-def resources(istio_api: bool = False) -> tuple[Resource, ...]:
+def resources(istio_api: bool | None = False) -> tuple[Resource, ...]:
     return CORE_RESOURCES + (ISTIO_RESOURCES if istio_api else ())
+
+
+MESH_GROUPS = ("networking.istio.io", "security.istio.io", "telemetry.istio.io", "extensions.istio.io",
+               "gateway.networking.k8s.io", "networking.x-k8s.io")
+"""API groups whose kinds Meshline reports: Istio's and the Gateway API's."""
+GROUP_VERSIONS = ("v1", "v1beta1", "v1alpha3", "v1alpha2", "v1alpha1")
+"""Versions asked for, most preferred first (a kind is watched in the first that serves it)."""
+UNSUPPORTED_PRIORITY = 5
+
+
+def discover(api: Any, groups: Sequence[str] = MESH_GROUPS) -> list[Resource]:
+    """Every listable, watchable top-level kind the API server serves in `groups` (each kind
+    in its most preferred version). A group or version that is not served is skipped."""
+    custom = k8s.CustomObjectsApi(api)
+    out: list[Resource] = []
+    for group in groups:
+        seen: set[str] = set()
+        for version in GROUP_VERSIONS:
+            try:
+                listing = custom.get_api_resources(group, version)
+            except ApiException as exc:
+                if exc.status == 404:
+                    continue
+                raise
+            for r in (listing.resources if listing is not None else None) or []:
+                verbs = set(r.verbs or ())
+                if "/" in r.name or r.kind in seen or not {"list", "watch"} <= verbs:
+                    continue
+                seen.add(r.kind)
+                out.append(Resource(r.kind, group, version, r.name, bool(r.namespaced)))
+    return sorted(out, key=lambda r: (r.group, r.kind))
+
+
+def plan_resources(discovered: Sequence[Resource], istio_api: bool | None
+                   ) -> tuple[tuple[Resource, ...], bool, list[Resource]]:
+    """(what to watch, whether Istio's groups are used, the unsupported kinds among them):
+    the core resources; Istio's networking/security kinds Meshline translates (`istio_api`
+    True: always, False: never, None: when the server serves them); and every other served
+    kind of the mesh groups, watched only to report each object as unsupported."""
+    translated = {(r.kind, r.group) for r in ISTIO_RESOURCES}
+    served = {(r.kind, r.group) for r in discovered}
+    use_istio = istio_api if istio_api is not None else bool(translated & served)
+    unsupported = [replace(r, priority=UNSUPPORTED_PRIORITY + i)
+                   for i, r in enumerate(r for r in discovered if (r.kind, r.group) not in translated)]
+    return CORE_RESOURCES + (ISTIO_RESOURCES if use_istio else ()) + tuple(unsupported), use_istio, unsupported
 
 
 @dataclass(frozen=True, slots=True)

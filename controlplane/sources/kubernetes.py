@@ -27,6 +27,8 @@ from urllib3.util.retry import Retry
 from controlplane.model.raw import ObjectKey, RawObject
 from controlplane.sources.base import Delete, Sink, SourceEvent, Synced, Upsert
 from controlplane.sources.kube_informer import (
+    MESH_GROUPS,
+    UNSUPPORTED_PRIORITY,
     Backoff,
     Batch,
     Informer,
@@ -35,6 +37,8 @@ from controlplane.sources.kube_informer import (
     Resource,
     Stopped,
     WatchOptions,
+    discover,
+    plan_resources,
     resources,
 )
 
@@ -109,7 +113,7 @@ class KubernetesSource:
     from `kubeconfig` / $KUBECONFIG / in-cluster config when `run` starts)."""
 
     def __init__(self, *, namespaces: Sequence[str] | None = None, kubeconfig: str | os.PathLike[str] | None = None,
-                 istio_api: bool = False, on_restart: Callable[[str], None] | None = None,
+                 istio_api: bool | None = None, on_restart: Callable[[str], None] | None = None,
                  options: WatchOptions | None = None, api_client: Any = None, name: str = "kubernetes") -> None:
         self.name = name
         self.namespaces = tuple(sorted(set(namespaces))) if namespaces is not None else None
@@ -119,9 +123,31 @@ class KubernetesSource:
         self.options = options or WatchOptions()
         self.api_client = api_client
         self.informers: list[Informer] = []
+        self.discovered: list[Resource] | None = None  # None: not asked yet (or discovery failed)
+        self.unsupported: list[Resource] = []  # served mesh kinds watched only to report their objects
 
     def resources(self) -> tuple[Resource, ...]:
-        return resources(self.istio_api)
+        if self.discovered is None:
+            return resources(self.istio_api)
+        return plan_resources(self.discovered, self.istio_api)[0]
+
+    def discover(self, api: Any) -> None:
+        """Ask the API server which kinds of Istio's and the Gateway API's groups it serves:
+        Istio's translated kinds are watched when served (as with `istio_api`), the others
+        so that each object gets a warning that its kind is not supported."""
+        try:
+            self.discovered = discover(api)
+        except Exception as exc:  # discovery is best effort: the configured kinds still work
+            log.warning("API discovery of %s failed (%s): watching only the configured kinds",
+                        ", ".join(MESH_GROUPS), exc)
+            self.discovered = None
+            return
+        _, use_istio, self.unsupported = plan_resources(self.discovered, self.istio_api)
+        if use_istio and self.istio_api is None:
+            log.info("Istio's networking.istio.io/security.istio.io kinds are served: watching them (as --istio-api)")
+        if self.unsupported:
+            log.info("served kinds Meshline does not support (each object is reported): %s",
+                     ", ".join(f"{r.kind}.{r.group}" for r in self.unsupported))
 
     def _plan(self) -> list[tuple[Resource, str | None]]:
         plan: list[tuple[Resource, str | None]] = []
@@ -145,7 +171,9 @@ class KubernetesSource:
         api = self.api_client
         own_client = api is None
         if api is None:
-            api = await asyncio.to_thread(make_api_client, self.kubeconfig, len(plan) + 4)
+            api = await asyncio.to_thread(make_api_client, self.kubeconfig, len(plan) + 4 + 16)
+        await asyncio.to_thread(self.discover, api)
+        plan = self._plan()
 
         def emit(batch: Batch) -> None:  # called from informer threads
             try:
@@ -164,7 +192,8 @@ class KubernetesSource:
         log.info("watching Kubernetes: %s%s", ", ".join(sorted({r.label.split("/", 1)[1] for r, _ in plan})),
                  f" in namespaces {', '.join(self.namespaces)}" if self.namespaces is not None else "")
         view = _View()
-        unsynced = {inf.ident for inf in self.informers}
+        # Kinds watched only to report them (maybe not readable: RBAC) never hold back Synced.
+        unsynced = {inf.ident for inf in self.informers if inf.res.priority < UNSUPPORTED_PRIORITY}
         try:
             while True:
                 batches = [await queue.get()]

@@ -1,0 +1,84 @@
+"""Kubernetes mode: the kinds of Istio's and the Gateway API's groups that the API server
+serves are found by API discovery; Istio's translated kinds are then watched without
+`--istio-api`, and every object of a kind Meshline does not support is reported (a warning
+naming the kind, in the store's issues, hence `/v1/config/errors`). Against kmock."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+
+import kmock
+import pytest
+from kubernetes import client as k8s
+
+from controlplane.sources.kube_informer import ISTIO_RESOURCES, Resource, discover, plan_resources
+from tests.kube import KubeEnv, kube_emulator
+from tests.kube.emulator import VERBS
+from tests.kube.objects import namespace
+from tests.test_kubernetes_source import eventually, running, settled
+
+EXTRA = (
+    Resource("Telemetry", "telemetry.istio.io", "v1", "telemetries"),
+    Resource("HTTPRoute", "gateway.networking.k8s.io", "v1", "httproutes"),
+)
+
+
+@pytest.fixture
+def kube(tmp_path: Path) -> Iterator[KubeEnv]:
+    with kube_emulator(tmp_path) as env:
+        for r in EXTRA:
+            env.emulator.resources[f"{r.group}/{r.version}/{r.plural}"] = kmock.ResourceInfo(
+                kind=r.kind, namespaced=True, verbs=VERBS)
+        env.create(namespace("default"))
+        yield env
+
+
+def create(env: KubeEnv, r: Resource, name: str) -> None:
+    body = {"apiVersion": f"{r.group}/{r.version}", "kind": r.kind,
+            "metadata": {"name": name, "namespace": "default"}, "spec": {}}
+    k8s.CustomObjectsApi(env.api).create_namespaced_custom_object(r.group, r.version, "default", r.plural, body)
+
+
+def test_discovery_finds_served_kinds_and_plans_them(kube: KubeEnv) -> None:
+    found = {(r.kind, r.group, r.version) for r in discover(kube.api)}
+    assert {("Telemetry", "telemetry.istio.io", "v1"), ("HTTPRoute", "gateway.networking.k8s.io", "v1"),
+            ("VirtualService", "networking.istio.io", "v1")} <= found
+    watched, use_istio, unsupported = plan_resources(discover(kube.api), istio_api=None)
+    assert use_istio and set(ISTIO_RESOURCES) <= set(watched)  # Istio's kinds: no --istio-api needed
+    assert {(r.kind, r.group) for r in unsupported} == {("Telemetry", "telemetry.istio.io"),
+                                                        ("HTTPRoute", "gateway.networking.k8s.io")}
+
+
+def test_nothing_served_keeps_istio_off() -> None:
+    watched, use_istio, unsupported = plan_resources([], istio_api=None)
+    assert not use_istio and not unsupported and not set(ISTIO_RESOURCES) & set(watched)
+
+
+def test_objects_of_unsupported_kinds_are_reported(kube: KubeEnv) -> None:
+    create(kube, EXTRA[0], "mesh-default")
+    create(kube, EXTRA[1], "reviews-route")
+
+    async def scenario() -> None:
+        async with running(kube) as (rec, src):
+            await settled(rec, src, kube)
+            store = rec.store
+            by_object = {(i.ref.display, i.field): i for i in store.mesh().issues}
+            tel = by_object.get(("Telemetry/default/mesh-default", "kind"))
+            route = by_object.get(("HTTPRoute/default/reviews-route", "kind"))
+            assert tel is not None and tel.severity == "warning" and "not supported" in tel.message, by_object
+            assert route is not None and route.severity == "warning" and "HTTPRoute" in route.message
+            # A new object of such a kind is reported as it appears.
+            create(kube, EXTRA[0], "late")
+            await eventually(lambda: any(getattr(e, "obj", None) is not None and e.obj.name == "late"
+                                         for e in rec.events), what="the new Telemetry")
+            assert any(i.ref.display == "Telemetry/default/late" for i in store.mesh().issues)
+
+    asyncio.run(scenario())
+
+
+def test_istio_api_flag_overrides_discovery() -> None:
+    served = [Resource("VirtualService", "networking.istio.io", "v1", "virtualservices")]
+    assert plan_resources(served, istio_api=False)[1] is False  # --no-istio-api
+    assert plan_resources([], istio_api=True)[1] is True  # --istio-api
