@@ -130,6 +130,7 @@ def apply_origination(common: tls_pb2.CommonTlsContext, origin: ClientTLS | None
                 secret_pb2.SdsSecretConfig(name=credential_sds_name(name), sds_config=ads_config_source()))
         if not skip:
             combined = common.combined_validation_context
+            combined.default_validation_context.SetInParent()  # required by Envoy, even with no SANs
             combined.validation_context_sds_secret_config.CopyFrom(
                 secret_pb2.SdsSecretConfig(name=credential_ca_sds_name(name), sds_config=ads_config_source()))
             _sans(combined.default_validation_context.match_typed_subject_alt_names, sans)
