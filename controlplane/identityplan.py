@@ -23,7 +23,14 @@ from controlplane.model.mesh import Mesh
 from controlplane.translate.nodepod import identity_secret, node_identities
 from controlplane.translate.plan import SECRET, ResourceSpec
 from controlplane.translate.proxy import plan_own
-from controlplane.translate.secrets import ROOT_SECRET, plan_named_secrets, plan_secrets, root_secret
+from controlplane.translate.secrets import (
+    ROOT_SECRET,
+    plan_named_secrets,
+    plan_proxy_credentials,
+    plan_secrets,
+    root_secret,
+)
+from controlplane.translate.security import SYSTEM_CA_FILE
 from controlplane.xds.server import Connection
 
 if TYPE_CHECKING:
@@ -57,7 +64,9 @@ class IdentityPlanner:
         material = self.identity.material(ident)
         if material is None:
             return specs
-        return [*specs, *plan_secrets(material, self.identity.bundle)]
+        # DestinationRule credentialName Secrets of the sidecar's namespace (never to others).
+        creds = plan_proxy_credentials(mesh, meta.namespace, SYSTEM_CA_FILE) if meta.mode == "sidecar" else []
+        return [*specs, *plan_secrets(material, self.identity.bundle), *creds]
 
     def node_secrets(self, mesh: Mesh, meta: ProxyMeta) -> list[ResourceSpec]:
         """A node proxy's certificates: one per identity of the ambient pods on the node its

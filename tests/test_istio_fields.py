@@ -148,6 +148,22 @@ metadata: {name: tool-1, namespace: other, labels: {app: tool, topology.kubernet
 spec: {containers: [{name: app, image: x}]}
 status: {podIP: 10.1.3.1}
 ---
+# The CA of a DestinationRule credentialName (a TLS Secret in the clients' namespace).
+apiVersion: v1
+kind: Secret
+metadata: {name: client-credential, namespace: default}
+stringData:
+  ca.crt: |
+    -----BEGIN CERTIFICATE-----
+    MIIBKDCB0KADAgECAgEBMAoGCCqGSM49BAMCMBQxEjAQBgNVBAMMCWZpZWxkcy1j
+    YTAeFw0yNjAxMDEwMDAwMDBaFw0zNTEyMzAwMDAwMDBaMBQxEjAQBgNVBAMMCWZp
+    ZWxkcy1jYTBZMBMGByqGSM49AgEGCCqGSM49AwEHA0IABOwN+4glplLzgOeUP0Jh
+    CIEad1hfMCYV4cmWUa4hQka3GH4d+KANQbcg2XBU2rQmFWVFhour6CbDa2aWFRDn
+    BGmjEzARMA8GA1UdEwEB/wQFMAMBAf8wCgYIKoZIzj0EAwIDRwAwRAIgJB/82ASK
+    +kUYmhp2z99nWfmyI7/02EwmyKUYtdgjQcsCID7c4v4ZLGQHNRnbNdKcoDMBY0GI
+    5wP+n/2nwqDhb2Py
+    -----END CERTIFICATE-----
+---
 # Subsets for routes, in the root namespace (a rule under test in `default` takes precedence).
 apiVersion: networking.istio.io/v1
 kind: DestinationRule

@@ -70,7 +70,10 @@ def static_secrets(boot: bootstrap_pb2.Bootstrap, material: tuple[str, str, str]
         cert, key = self_signed()
         material = (cert, key, cert)
     cert, key, bundle = material
-    for name in (WORKLOAD_SECRET, *sorted(_identity_secrets(boot))):
+    names = sorted(_identity_secrets(boot))
+    for name in (n for n in names if n.endswith("-cacert")):  # a credentialName's CA (DestinationRule)
+        boot.static_resources.secrets.add(name=name).validation_context.trusted_ca.inline_string = bundle
+    for name in (WORKLOAD_SECRET, *(n for n in names if not n.endswith("-cacert"))):
         own = boot.static_resources.secrets.add(name=name)
         own.tls_certificate.certificate_chain.inline_string = cert
         own.tls_certificate.private_key.inline_string = key
@@ -79,15 +82,16 @@ def static_secrets(boot: bootstrap_pb2.Bootstrap, material: tuple[str, str, str]
 
 
 def _identity_secrets(boot: bootstrap_pb2.Bootstrap) -> set[str]:
-    """The `spiffe://` secret names the (node proxy's) resources refer to."""
+    """The `spiffe://` secret names the (node proxy's) resources refer to, and the
+    `kubernetes://` ones of DestinationRule credentialNames."""
     text = json_format.MessageToJson(boot)
-    return {m for m in re.findall(r'"name": "(spiffe://[^"]+)"', text)}
+    return {m for m in re.findall(r'"name": "((?:spiffe|kubernetes)://[^"]+)"', text)}
 
 
 def _static_sds(configs: list[secret_pb2.SdsSecretConfig]) -> None:
     for cfg in configs:
         # `default`/`ROOTCA`, or (node proxies) an identity's SPIFFE URI.
-        assert cfg.name in (WORKLOAD_SECRET, ROOT_SECRET) or cfg.name.startswith("spiffe://"), cfg.name
+        assert cfg.name in (WORKLOAD_SECRET, ROOT_SECRET) or cfg.name.startswith(("spiffe://", "kubernetes://")), cfg.name
         assert cfg.sds_config.HasField("ads"), cfg
         cfg.ClearField("sds_config")  # a name alone refers to a static secret
 

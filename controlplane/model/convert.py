@@ -15,6 +15,7 @@ The value returned for each supported kind:
 | EndpointSlice (discovery.k8s.io/v1)  | `EndpointSet` (None, with a warning, for FQDN)     |
 | Endpoints (v1)                       | `tuple[EndpointSet, ...]`, one per subset          |
 | Pod (v1)                             | `Workload`                                         |
+| Secret (v1)                          | `TlsCredential` for TLS Secrets, else None         |
 | VirtualService (networking)          | `VirtualService` (None, with a warning, when it   |
 |                                      | applies to gateways only)                          |
 | DestinationRule (networking)         | `DestinationRule` (None, with a warning, for a     |
@@ -51,6 +52,7 @@ from controlplane.model.convert_core import (
     convert_service,
 )
 from controlplane.model.convert_dr import convert_destination_rule
+from controlplane.model.convert_secret import convert_secret
 from controlplane.model.convert_security import convert_authorization_policy, convert_peer_authentication
 from controlplane.model.convert_sidecar import convert_sidecar
 from controlplane.model.convert_vs import convert_virtual_service
@@ -82,6 +84,7 @@ API_VERSIONS: Mapping[str, tuple[str, ...]] = {
     "PeerAuthentication": SECURITY_API_VERSIONS,
     "AuthorizationPolicy": SECURITY_API_VERSIONS,
     "PodNetns": ("meshline.io/v1",),  # node agents' reports (controlplane.nodeagent)
+    "Secret": ("v1",),  # TLS credentials for DestinationRule credentialName (convert_secret)
 }
 """Supported kinds and the apiVersions accepted for each."""
 
@@ -172,6 +175,8 @@ def _convert(ctx: Ctx) -> object | None:
         return convert_sidecar(ctx, namespace, name)
     if raw.kind == "PodNetns":
         return convert_pod_netns(ctx, namespace, name)
+    if raw.kind == "Secret":
+        return convert_secret(ctx, namespace, name)
     return convert_destination_rule(ctx, namespace, name)
 
 

@@ -472,6 +472,24 @@ class DestinationRule:
     workload_selector: Labels = ()
 
 
+@dataclass(frozen=True, slots=True)
+class TlsCredential:
+    """A Secret holding TLS material (DestinationRule `credentialName`), PEM: certificate
+    chain and key (kubernetes.io/tls `tls.crt`/`tls.key`, or Istio's generic `cert`/`key`),
+    CA bundle (`ca.crt` or `cacert`) and CRL (`ca.crl` or `crl`); any may be empty.
+    `problem`: why the material is unusable (it is then never sent). The key stays out of
+    `repr`."""
+
+    ref: SourceRef
+    namespace: str
+    name: str
+    cert_pem: str = ""
+    key_pem: str = field(default="", repr=False)
+    ca_pem: str = ""
+    crl_pem: str = ""
+    problem: str | None = None
+
+
 # --------------------------------------------------------------------------- proxies
 
 

@@ -29,6 +29,7 @@ from controlplane.model.ir import (
     PeerAuthentication,
     Service,
     Sidecar,
+    TlsCredential,
     VirtualService,
     Workload,
     labels_match,
@@ -59,6 +60,8 @@ class Mesh:
     trust_domain: str = DEFAULT_TRUST_DOMAIN
     sidecars: tuple[Sidecar, ...] = ()  # sorted by (namespace, name)
     mesh_config: MeshConfig = NO_MESH_CONFIG  # `--mesh-config`: extension providers (CUSTOM authorization)
+    # (namespace, name) -> TLS Secret (DestinationRule credentialName); keys never logged
+    credentials: Mapping[tuple[str, str], TlsCredential] = field(default_factory=dict)
 
     # Derived indexes, computed once in build_mesh().
     vs_by_host: Mapping[Hostname, VirtualService] = field(default_factory=dict)

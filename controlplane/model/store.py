@@ -29,6 +29,7 @@ from controlplane.model.ir import (
     Service,
     Sidecar,
     SourceRef,
+    TlsCredential,
     VirtualService,
     Workload,
     service_fqdn,
@@ -454,6 +455,7 @@ def mesh_of(
     aps: list[AuthorizationPolicy] = []
     scs: list[Sidecar] = []
     netns: list[PodNetns] = []
+    credentials: dict[tuple[str, str], TlsCredential] = {}
     for v in values:
         items = v if isinstance(v, tuple) else (v,)
         for item in items:
@@ -477,6 +479,8 @@ def mesh_of(
                 scs.append(item)
             elif isinstance(item, PodNetns):
                 netns.append(item)
+            elif isinstance(item, TlsCredential):
+                credentials[(item.namespace, item.name)] = item
     if not netns_annotations:
         for key, pod in list(workloads.items()):
             if pod.netns is not None:
@@ -491,7 +495,7 @@ def mesh_of(
     pas.sort(key=lambda p: (p.namespace, p.name))
     aps.sort(key=lambda a: (a.namespace, a.name))
     scs.sort(key=lambda s: (s.namespace, s.name))
-    return build_mesh(
+    mesh = build_mesh(
         namespaces,
         services,
         {h: tuple(sorted(sets, key=lambda s: (s.ref.kind, s.ref.name))) for h, sets in endpoints.items()},
@@ -505,3 +509,4 @@ def mesh_of(
         trust_domain=trust_domain,
         sidecars=tuple(scs),
     )
+    return replace(mesh, credentials=credentials) if credentials else mesh

@@ -43,6 +43,7 @@ from controlplane.model.policy import (
 )
 from controlplane.model.scope import egress_host_matches, namespace_default, selecting_sidecar
 from controlplane.model.validate_istio import check_istio_fidelity
+from controlplane.model.validate_tls import check_credentials
 
 
 def check_mesh(mesh: Mesh) -> tuple[Issue, ...]:
@@ -66,6 +67,7 @@ def check_mesh(mesh: Mesh) -> tuple[Issue, ...]:
         issues.extend(_sidecar_hosts(mesh, sc))
     issues.extend(check_istio_fidelity(mesh))
     issues.extend(check_custom_policies(mesh.authorization_policies, mesh.mesh_config, mesh.services))
+    issues.extend(check_credentials(mesh))
     return tuple(issues)
 
 

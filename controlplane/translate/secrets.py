@@ -25,6 +25,8 @@ from envoy.extensions.transport_sockets.tls.v3 import common_pb2, secret_pb2, tl
 from envoy.type.matcher.v3 import string_pb2
 
 from controlplane.model.ir import ClientTLS
+from controlplane.model.mesh import Mesh
+from controlplane.model.validate_tls import credential_ca, credential_paths
 from controlplane.translate.plan import SECRET, ResourceSpec
 
 WORKLOAD_SECRET = "default"
@@ -190,6 +192,26 @@ def plan_credential_secrets(creds: Sequence[tuple[str, Credential]], system_ca: 
         out.append(ResourceSpec(SECRET, credential_ca_sds_name(name), credential_ca_secret,
                                 (name, cred.ca_pem, cred.crl_pem, system_ca)))
     return out
+
+
+def plan_proxy_credentials(mesh: Mesh, namespace: str, system_ca: str) -> list[ResourceSpec]:
+    """The credential Secrets a sidecar in `namespace` receives: those of its own namespace
+    (Istio's rule for credentialName on sidecars) that some DestinationRule names and whose
+    material is usable (`controlplane.model.validate_tls`; others are reported and withheld).
+    Only for authenticated proxies, like every secret."""
+    names = sorted({tls.credential_name for dr in mesh.destination_rules
+                    for _, tls in credential_paths(dr) if tls.credential_name})
+    creds: list[tuple[str, Credential]] = []
+    for name in names:
+        cred = mesh.credentials.get((namespace, name))
+        ca = credential_ca(mesh, namespace, name)
+        if cred is not None and cred.problem is not None:
+            continue
+        if cred is None and ca is None:
+            continue
+        cert, key = (cred.cert_pem, cred.key_pem) if cred is not None else ("", "")
+        creds.append((name, Credential(cert, key, ca.ca_pem if ca else "", cred.crl_pem if cred else "")))
+    return plan_credential_secrets(creds, system_ca)
 
 
 def common_tls_context(peer_spiffe_ids: Sequence[str] = (),
