@@ -32,8 +32,8 @@ import yaml
 
 from controlplane.model.convert import convert
 from controlplane.model.ir import Issue, ProxyMeta, labels_of
-from controlplane.model.raw import RawObject
 from controlplane.model.meshconfig import parse_mesh_config
+from controlplane.model.raw import RawObject
 from controlplane.model.store import assemble
 from controlplane.sources.yamlload import parse_documents
 from controlplane.translate.locality import client_locality, failover_priority_keys
