@@ -128,6 +128,7 @@ class Service:
     selector: Labels = ()
     labels: Labels = ()
     annotations: Labels = ()
+    entry: ServiceEntryInfo | None = None  # a ServiceEntry host (controlplane.model.serviceentry)
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,6 +144,14 @@ class Endpoint:
     pod: str | None = None  # targetRef Pod name, same namespace as the service
     node: str | None = None
     zone: str | None = None
+    # ServiceEntry endpoints and WorkloadEntries (no Pod): their labels (subsets), locality
+    # (`region/zone/subzone`), weight, whether they accept mesh mTLS (None: decided by the
+    # Pod) and their SPIFFE identity
+    labels: Labels | None = None
+    locality: str | None = None
+    weight: int | None = None
+    mesh_tls: bool | None = None
+    identity: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,6 +186,52 @@ class Workload:
     ports: tuple[ContainerPort, ...] = ()
     host_network: bool = False
     netns: str | None = None  # path of the pod's network namespace (annotation or node agent)
+
+
+# --------------------------------------------------------------------------- ServiceEntry / WorkloadEntry
+
+Resolution = Literal["NONE", "STATIC", "DNS", "DNS_ROUND_ROBIN"]
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceEntryInfo:
+    """What a registry `Service` made from a ServiceEntry host carries besides ports."""
+
+    resolution: Resolution = "NONE"
+    mesh_external: bool = True
+    addresses: tuple[str, ...] = ()  # IPs or CIDRs, as written
+    export_to: tuple[str, ...] = ()
+    subject_alt_names: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class WorkloadEntry:
+    """A WorkloadEntry, or one `endpoints[]` item of a ServiceEntry (then `name` is the
+    ServiceEntry's and `inline` is True). `ports`: port name -> number."""
+
+    ref: SourceRef
+    namespace: str
+    name: str
+    address: str
+    ports: tuple[tuple[str, int], ...] = ()
+    labels: Labels = ()
+    service_account: str | None = None
+    locality: str | None = None
+    weight: int | None = None
+    network: str | None = None
+    inline: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceEntry:
+    ref: SourceRef
+    namespace: str
+    name: str
+    hosts: tuple[Hostname, ...]
+    ports: tuple[ServicePort, ...]
+    info: ServiceEntryInfo
+    endpoints: tuple[WorkloadEntry, ...] = ()
+    workload_selector: Labels | None = None  # None: no workloadSelector
 
 
 # --------------------------------------------------------------------------- VirtualService
