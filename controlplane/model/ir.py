@@ -237,7 +237,9 @@ class ServiceEntry:
 # --------------------------------------------------------------------------- VirtualService
 
 
-StringMatchKind = Literal["exact", "prefix", "regex"]
+StringMatchKind = Literal["exact", "prefix", "regex", "path_prefix"]
+"""`path_prefix`: the Gateway API's PathPrefix (whole path segments: `/a` matches `/a` and
+`/a/b`, not `/ab`); the others are Istio's StringMatch kinds."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -349,6 +351,7 @@ class Redirect:
     port: int | None = None
     scheme: str | None = None
     redirect_code: int = 301
+    prefix_rewrite: str | None = None  # replaces the matched prefix (Gateway API ReplacePrefixMatch)
 
 
 @dataclass(frozen=True, slots=True)

@@ -201,6 +201,11 @@ def _fill_match(out: rc.RouteMatch, m: HTTPMatch) -> None:
         out.path = m.uri.value
     elif m.uri.kind == "prefix":
         out.prefix = m.uri.value
+    elif m.uri.kind == "path_prefix":
+        if m.uri.value == "/":
+            out.prefix = "/"
+        else:
+            out.path_separated_prefix = m.uri.value
     else:
         out.safe_regex.regex = m.uri.value
     if m.ignore_uri_case:
@@ -383,6 +388,8 @@ def _route_action(hr: HTTPRoute, vh: VirtualHostInput) -> rc.Route | None:
         rd = hr.redirect
         if rd.uri is not None:
             r.redirect.path_redirect = rd.uri
+        elif rd.prefix_rewrite is not None:
+            r.redirect.prefix_rewrite = rd.prefix_rewrite
         if rd.authority is not None:
             r.redirect.host_redirect = rd.authority
         if rd.port is not None:
