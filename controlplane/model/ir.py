@@ -268,6 +268,8 @@ class HTTPMatch:
     port: int | None = None
     source_labels: Labels = ()
     source_namespace: str | None = None
+    # `gateways` of the match (overrides the VirtualService's): "mesh" or "ns/name"; empty: inherit
+    gateways: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -392,6 +394,7 @@ class L4Match:
     destination_subnets: tuple[str, ...] = ()
     source_labels: Labels = ()
     source_namespace: str | None = None
+    gateways: tuple[str, ...] = ()  # as HTTPMatch.gateways
 
 
 @dataclass(frozen=True, slots=True)
@@ -409,6 +412,11 @@ class VirtualService:
     http: tuple[HTTPRoute, ...] = ()
     tcp: tuple[TCPRoute, ...] = ()
     export_to: tuple[str, ...] = ()
+    # `spec.gateways`: "mesh" and/or "ns/name" of Gateways (controlplane.model.gateways)
+    gateways: tuple[str, ...] = ("mesh",)
+    # every host as given (lower-cased, short names resolved), wildcards included: what a
+    # gateway server's hosts are intersected with (`hosts` keeps the exact service hosts)
+    host_patterns: tuple[str, ...] = ()
 
 
 # --------------------------------------------------------------------------- DestinationRule
@@ -551,7 +559,7 @@ class TlsCredential:
 # --------------------------------------------------------------------------- proxies
 
 
-ProxyMode = Literal["sidecar", "node", "waypoint"]
+ProxyMode = Literal["sidecar", "node", "waypoint", "gateway"]
 CaptureMode = Literal["bind", "intercept"]
 
 
@@ -570,6 +578,7 @@ class ProxyMeta:
     outbound_address: str = "127.0.0.1"  # bind capture: the loopback address outbound listeners use
     node: str | None = None  # node proxies: the node they claim to serve (proven via `extra`)
     waypoint: str | None = None  # waypoints: the waypoint's name (its Service's name)
+    gateway: str | None = None  # gateways: the Gateway served, "ns/name"
 
 
 @dataclass(frozen=True, slots=True)
@@ -724,3 +733,58 @@ class Sidecar:
     egress: tuple[SidecarEgress, ...] = ()
     # outboundTrafficPolicy.mode: REGISTRY_ONLY blocks destinations outside the scope
     registry_only: bool = False
+
+
+# --------------------------------------------------------------------------- Gateway (ingress/egress)
+
+ServerTLSMode = Literal["PASSTHROUGH", "SIMPLE", "MUTUAL", "AUTO_PASSTHROUGH", "ISTIO_MUTUAL", "OPTIONAL_MUTUAL"]
+
+
+@dataclass(frozen=True, slots=True)
+class ServerTLS:
+    """A Gateway server's `tls` (Istio ServerTLSSettings). Certificates come from a Secret of
+    the gateway proxy's namespace (`credential_name`, over SDS) or from files on the proxy."""
+
+    mode: ServerTLSMode = "SIMPLE"
+    https_redirect: bool = False
+    credential_name: str | None = None
+    server_certificate: str | None = None
+    private_key: str | None = None
+    ca_certificates: str | None = None
+    ca_crl: str | None = None
+    subject_alt_names: tuple[str, ...] = ()
+    verify_certificate_spki: tuple[str, ...] = ()
+    verify_certificate_hash: tuple[str, ...] = ()
+    min_protocol_version: str | None = None  # TLSV1_0 .. TLSV1_3
+    max_protocol_version: str | None = None
+    cipher_suites: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayServer:
+    """One `servers[]` entry. `hosts` are (namespace, host) pairs: namespace `*` (any) or a
+    namespace name (`.` resolved to the Gateway's), host `*`, `*.suffix` or a name."""
+
+    port: int
+    protocol: str  # upper-case: HTTP, HTTPS, HTTP2, GRPC, TCP, TLS, ...
+    port_name: str = ""
+    hosts: tuple[tuple[str, str], ...] = ()
+    tls: ServerTLS | None = None
+    bind: str | None = None
+    name: str = ""
+    target_port: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Gateway:
+    """An Istio Gateway: the proxies whose workload labels include `selector` serve `servers`."""
+
+    ref: SourceRef
+    namespace: str
+    name: str
+    selector: Labels = ()
+    servers: tuple[GatewayServer, ...] = ()
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
