@@ -28,10 +28,12 @@ from controlplane.model.ir import (
     Namespace,
     PeerAuthentication,
     Service,
+    ServiceEntry,
     Sidecar,
     TlsCredential,
     VirtualService,
     Workload,
+    WorkloadEntry,
     labels_match,
 )
 from controlplane.model.meshconfig import NO_MESH_CONFIG, MeshConfig
@@ -62,6 +64,10 @@ class Mesh:
     mesh_config: MeshConfig = NO_MESH_CONFIG  # `--mesh-config`: extension providers (CUSTOM authorization)
     # (namespace, name) -> TLS Secret (DestinationRule credentialName); keys never logged
     credentials: Mapping[tuple[str, str], TlsCredential] = field(default_factory=dict)
+    # ServiceEntries (sorted by (namespace, name); their hosts are in `services`, see
+    # controlplane.model.serviceentry) and WorkloadEntries
+    service_entries: tuple[ServiceEntry, ...] = ()
+    workload_entries: tuple[WorkloadEntry, ...] = ()
 
     # Derived indexes, computed once in build_mesh().
     vs_by_host: Mapping[Hostname, VirtualService] = field(default_factory=dict)

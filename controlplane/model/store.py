@@ -27,16 +27,19 @@ from controlplane.model.ir import (
     PeerAuthentication,
     PodNetns,
     Service,
+    ServiceEntry,
     Sidecar,
     SourceRef,
     TlsCredential,
     VirtualService,
     Workload,
+    WorkloadEntry,
     service_fqdn,
 )
 from controlplane.model.mesh import EndpointDelta, Mesh, build_mesh
 from controlplane.model.meshconfig import NO_MESH_CONFIG, MeshConfig
 from controlplane.model.raw import ObjectKey, RawObject
+from controlplane.model.serviceentry import registry_services
 from controlplane.model.validate import check_mesh
 
 IRValue = object
@@ -456,6 +459,8 @@ def mesh_of(
     scs: list[Sidecar] = []
     netns: list[PodNetns] = []
     credentials: dict[tuple[str, str], TlsCredential] = {}
+    ses: list[ServiceEntry] = []
+    wes: list[WorkloadEntry] = []
     for v in values:
         items = v if isinstance(v, tuple) else (v,)
         for item in items:
@@ -481,6 +486,10 @@ def mesh_of(
                 netns.append(item)
             elif isinstance(item, TlsCredential):
                 credentials[(item.namespace, item.name)] = item
+            elif isinstance(item, ServiceEntry):
+                ses.append(item)
+            elif isinstance(item, WorkloadEntry):
+                wes.append(item)
     if not netns_annotations:
         for key, pod in list(workloads.items()):
             if pod.netns is not None:
@@ -495,6 +504,13 @@ def mesh_of(
     pas.sort(key=lambda p: (p.namespace, p.name))
     aps.sort(key=lambda a: (a.namespace, a.name))
     scs.sort(key=lambda s: (s.namespace, s.name))
+    if ses:  # ServiceEntry hosts join the registry (controlplane.model.serviceentry)
+        ses.sort(key=lambda s: (s.namespace, s.name))
+        se_services, se_endpoints = registry_services(ses, workloads, sorted(wes, key=lambda w: (w.namespace, w.name)),
+                                                      services, trust_domain)
+        services.update(se_services)
+        for host, sets in se_endpoints.items():
+            endpoints[host] = list(sets)
     mesh = build_mesh(
         namespaces,
         services,
@@ -509,4 +525,7 @@ def mesh_of(
         trust_domain=trust_domain,
         sidecars=tuple(scs),
     )
+    if ses or wes:
+        mesh = replace(mesh, service_entries=tuple(ses),
+                       workload_entries=tuple(sorted(wes, key=lambda w: (w.namespace, w.name))))
     return replace(mesh, credentials=credentials) if credentials else mesh

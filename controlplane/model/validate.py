@@ -42,6 +42,7 @@ from controlplane.model.policy import (
     served_ports,
 )
 from controlplane.model.scope import egress_host_matches, namespace_default, selecting_sidecar
+from controlplane.model.serviceentry import check_service_entries
 from controlplane.model.validate_istio import check_istio_fidelity
 from controlplane.model.validate_tls import check_credentials
 
@@ -68,6 +69,9 @@ def check_mesh(mesh: Mesh) -> tuple[Issue, ...]:
     issues.extend(check_istio_fidelity(mesh))
     issues.extend(check_custom_policies(mesh.authorization_policies, mesh.mesh_config, mesh.services))
     issues.extend(check_credentials(mesh))
+    if mesh.service_entries:
+        kube = {h: s for h, s in mesh.services.items() if s.entry is None}
+        issues.extend(check_service_entries(mesh.service_entries, kube, mesh.services))
     return tuple(issues)
 
 

@@ -35,6 +35,7 @@ from controlplane.translate.locality import (
     label_value,
     labels_locality,
     locality_mode,
+    parse_locality,
 )
 from controlplane.translate.security import mesh_endpoint_metadata
 
@@ -46,6 +47,7 @@ class LbEndpoint:
     locality: Locality = NO_LOCALITY
     mtls: bool = False  # its Pod runs a Meshline sidecar
     labels: Labels = ()  # its values of the failoverPriority label keys asked for (sorted)
+    weight: int = 0  # a ServiceEntry endpoint's / WorkloadEntry's weight (0: none)
 
 
 def _address_key(address: str) -> tuple[int, bytes, str]:
@@ -97,16 +99,21 @@ def select_endpoints(
             if not ep.ready:
                 continue
             wl = workloads.get((eps.namespace, ep.pod)) if ep.pod else None
-            if subset_labels is not None and (wl is None or not labels_match(subset_labels, wl.labels)):
+            # A Pod's labels, else (ServiceEntry endpoints, WorkloadEntries) the endpoint's own.
+            own = wl.labels if wl is not None else ep.labels
+            if subset_labels is not None and (own is None or not labels_match(subset_labels, own)):
                 continue
-            loc = labels_locality(wl.labels) if wl is not None else NO_LOCALITY
+            loc = labels_locality(own) if own else NO_LOCALITY
+            if loc == NO_LOCALITY and ep.locality:
+                loc = parse_locality(ep.locality)
             if loc == NO_LOCALITY and ep.zone:
                 loc = ("", ep.zone, "")
             values: Labels = ()
             if label_keys:
-                have = dict(wl.labels) if wl is not None else {}
+                have = dict(own or ())
                 values = tuple(sorted((k, label_value(k, have, loc)) for k in label_keys))
-            out.add(LbEndpoint(ep.address, port, loc, wl is not None and runs_sidecar(wl), values))
+            mtls = ep.mesh_tls if ep.mesh_tls is not None else (wl is not None and runs_sidecar(wl))
+            out.add(LbEndpoint(ep.address, port, loc, mtls, values, ep.weight or 0))
     return tuple(sorted(out, key=_sort_key))
 
 
@@ -155,6 +162,8 @@ def _add_group(cla: endpoint_pb2.ClusterLoadAssignment, locality: Locality, grou
         sa = lb.endpoint.address.socket_address
         sa.address = ep.address
         sa.port_value = ep.port
+        if ep.weight:
+            lb.load_balancing_weight.value = ep.weight
         if ep.mtls:
             mesh_endpoint_metadata(lb.metadata)
 

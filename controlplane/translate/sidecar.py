@@ -94,6 +94,7 @@ from controlplane.translate.routes import build_route_config, match_applies, pla
 from controlplane.translate.scope import Scope, registry_only, source_labels_of
 from controlplane.translate.secrets import WORKLOAD_SECRET
 from controlplane.translate.security import outbound_sni, spiffe_uri, upstream_tls
+from controlplane.translate.serviceentry import cluster_kind, entry_cluster_specs, entry_visible
 from controlplane.translate.tunnel import tunnel_cluster_specs, tunnel_targets, tunnelled
 
 
@@ -125,12 +126,18 @@ def service_identities(mesh: Mesh, svc: Service, sidecars_only: bool) -> tuple[s
             wl = mesh.workload(eps.namespace, ep.pod)
             if wl is not None and (runs_sidecar(wl) or not sidecars_only):
                 uris.add(spiffe_uri(mesh.trust_domain, wl.namespace, wl.service_account))
+            elif ep.identity is not None:  # a WorkloadEntry (or ServiceEntry endpoint) in the mesh
+                uris.add(ep.identity)
+    if svc.entry is not None:
+        uris.update(svc.entry.subject_alt_names)
     return tuple(sorted(uris))
 
 
 def _cluster_specs(mesh: Mesh, svc: Service, namespace: str, scope: Scope | None = None,
                    capture: CaptureMode = "bind", client: ClientLocality | None = None) -> list[ResourceSpec]:
     if scope is not None and not any((svc.hostname, sp.port) in scope for sp in svc.ports):
+        return []
+    if not entry_visible(svc, namespace):
         return []
     dr = _dr(mesh, svc, namespace, source_labels_of(scope))
     sets = mesh.endpoints.get(svc.hostname, ())
@@ -158,6 +165,10 @@ def _cluster_specs(mesh: Mesh, svc: Service, namespace: str, scope: Scope | None
             sni = outbound_sni(sp.port, subset, svc.hostname)
             tls = upstream_tls(policy.tls, any(e.mtls for e in eps), sni, peers, mesh.trust_domain, sp.protocol)
             args = (name, sp.protocol, policy, tls)
+            if svc.entry is not None:  # a ServiceEntry host: the cluster type follows its resolution
+                out += entry_cluster_specs(cluster_kind(svc, capture), svc, sp.port, name, sp.protocol, policy, tls,
+                                           eps, cla_args, sources)
+                continue
             if capture == "intercept" and is_passthrough(policy):
                 out.append(ResourceSpec(CLUSTER, name, build_original_dst_cluster, args, sources))
                 continue
@@ -319,6 +330,9 @@ def plan_outbound(
                 scoped.setdefault(port, []).append(svc)
         by_port = scoped
         hosts = {s.hostname for on_port in scoped.values() for s in on_port}
+    if mesh.service_entries:  # ServiceEntry hosts reach only the namespaces they are exported to
+        by_port = {p: kept for p, on in by_port.items() if (kept := [s for s in on if entry_visible(s, namespace)])}
+        hosts = [h for h in hosts if entry_visible(mesh.services[h], namespace)]
     for host in sorted(hosts):
         specs += _cluster_specs(mesh, mesh.services[host], namespace, scope, capture, client)
     specs += _authorizer_specs(mesh, namespace, capture, scope, client)

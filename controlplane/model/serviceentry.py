@@ -1,0 +1,136 @@
+"""ServiceEntry hosts as registry services, their endpoints, and the cross-object checks.
+Pure, no I/O.
+
+`registry_services(...)` turns every host of every valid ServiceEntry into a `Service`
+(hostname = the host, `entry` = its resolution, location, addresses, exportTo and
+subjectAltNames) and `EndpointSet`s, so the rest of the model treats it as any service:
+VirtualService hosts and destinations, DestinationRule lookup (the ServiceEntry's namespace
+is the service's namespace), subsets by labels, Sidecar egress scope and REGISTRY_ONLY.
+
+Endpoints, as in Istio:
+- `endpoints[]`: one set per endpoint; the port of each entry port is the endpoint's own
+  `ports[name]`, else the entry port's `targetPort`, else its number;
+- `workloadSelector`: the Pods (with an IP) and the WorkloadEntries of the entry's namespace
+  whose labels match, ports as above (a WorkloadEntry's `ports[name]` first);
+- resolution DNS / DNS_ROUND_ROBIN without either: each host is its own endpoint (the
+  name Envoy resolves).
+Mesh mTLS: never for MESH_EXTERNAL; for MESH_INTERNAL a Pod's own sidecar status decides,
+and an endpoint or WorkloadEntry is a mesh workload when its label
+`security.istio.io/tlsMode` is `istio`, or, without that label, when it names a
+`serviceAccount` (Istio's rule); its identity is that service account's SPIFFE URI.
+
+Conflicts: a Kubernetes Service with the same hostname wins (warning on the entry); of two
+entries with one host, the first by (namespace, name) wins (warning on the other).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+from controlplane.model.ir import (
+    Endpoint,
+    EndpointPort,
+    EndpointSet,
+    Hostname,
+    Issue,
+    Service,
+    ServiceEntry,
+    ServicePort,
+    Workload,
+    WorkloadEntry,
+    labels_match,
+)
+
+TLS_MODE_LABEL = "security.istio.io/tlsMode"
+
+
+def _spiffe(trust_domain: str, namespace: str, sa: str) -> str:
+    return f"spiffe://{trust_domain}/ns/{namespace}/sa/{sa}"
+
+
+def _mesh_tls(se: ServiceEntry, we: WorkloadEntry) -> bool:
+    if se.info.mesh_external:
+        return False
+    mode = dict(we.labels).get(TLS_MODE_LABEL)
+    if mode is not None:
+        return mode == "istio"
+    return bool(we.service_account)
+
+
+def _port_of(sp: ServicePort, ports: Mapping[str, int]) -> int:
+    return ports.get(sp.name) or (sp.target_port if isinstance(sp.target_port, int) else sp.port)
+
+
+def _entry_set(se: ServiceEntry, we: WorkloadEntry, trust_domain: str) -> EndpointSet:
+    ports = dict(we.ports)
+    tls = _mesh_tls(se, we)
+    identity = _spiffe(trust_domain, we.namespace, we.service_account) if tls and we.service_account else None
+    ep = Endpoint(we.address, labels=we.labels, locality=we.locality, weight=we.weight, mesh_tls=tls,
+                  identity=identity)
+    return EndpointSet(we.ref, se.namespace, se.name,
+                       tuple(EndpointPort(sp.name, _port_of(sp, ports)) for sp in se.ports), (ep,))
+
+
+def entry_endpoints(se: ServiceEntry, workloads: Iterable[Workload], workload_entries: Iterable[WorkloadEntry],
+                    trust_domain: str) -> tuple[EndpointSet, ...]:
+    """The endpoint sets of `se`'s hosts (the same for each of its hosts)."""
+    if se.info.resolution == "NONE":
+        return ()
+    out: list[EndpointSet] = [_entry_set(se, we, trust_domain) for we in se.endpoints]
+    if se.workload_selector is not None:
+        for wl in sorted(workloads, key=lambda w: w.name):
+            if wl.namespace != se.namespace or not wl.ip or not labels_match(se.workload_selector, wl.labels):
+                continue
+            ep = Endpoint(wl.ip, pod=wl.name, node=wl.node, mesh_tls=False if se.info.mesh_external else None)
+            out.append(EndpointSet(wl.ref, se.namespace, se.name,
+                                   tuple(EndpointPort(sp.name, _port_of(sp, {})) for sp in se.ports), (ep,)))
+        for we in sorted(workload_entries, key=lambda w: w.name):
+            if we.namespace == se.namespace and we.address and labels_match(se.workload_selector, we.labels):
+                out.append(_entry_set(se, we, trust_domain))
+    return tuple(out)
+
+
+def registry_services(entries: Iterable[ServiceEntry], workloads: Mapping[tuple[str, str], Workload],
+                      workload_entries: Iterable[WorkloadEntry], kube_services: Mapping[Hostname, Service],
+                      trust_domain: str) -> tuple[dict[Hostname, Service], dict[Hostname, tuple[EndpointSet, ...]]]:
+    """(host -> Service, host -> endpoint sets) of the ServiceEntries' hosts (entries sorted
+    by (namespace, name); hosts of Kubernetes Services and of earlier entries are skipped)."""
+    services: dict[Hostname, Service] = {}
+    endpoints: dict[Hostname, tuple[EndpointSet, ...]] = {}
+    wes = tuple(workload_entries)
+    for se in entries:
+        sets: tuple[EndpointSet, ...] | None = None
+        for host in se.hosts:
+            if host in kube_services or host in services:
+                continue
+            if sets is None:
+                sets = entry_endpoints(se, workloads.values(), wes, trust_domain)
+            ip = se.info.addresses[0] if len(se.info.addresses) == 1 and "/" not in se.info.addresses[0] else None
+            services[host] = Service(se.ref, se.namespace, se.name, host, ip, se.ports, entry=se.info)
+            host_sets = sets
+            if not sets and se.info.resolution in ("DNS", "DNS_ROUND_ROBIN") and se.workload_selector is None:
+                host_sets = (EndpointSet(se.ref, se.namespace, se.name,
+                                         tuple(EndpointPort(sp.name, _port_of(sp, {})) for sp in se.ports),
+                                         (Endpoint(str(host), mesh_tls=False),)),)
+            if host_sets:
+                endpoints[host] = host_sets
+    return services, endpoints
+
+
+def check_service_entries(entries: Iterable[ServiceEntry], kube_services: Mapping[Hostname, Service],
+                          registry: Mapping[Hostname, Service]) -> list[Issue]:
+    """Warnings for hosts that another definition holds."""
+    out: list[Issue] = []
+    for se in entries:
+        for i, host in enumerate(se.hosts):
+            field = f"spec.hosts[{i}]"
+            if host in kube_services:
+                out.append(Issue(se.ref, field, f"{host} is a Kubernetes Service's hostname: the Service defines it "
+                                                "and this host is ignored", "warning", se.ref.line))
+                continue
+            owner = registry.get(host)
+            if owner is not None and owner.ref != se.ref:
+                out.append(Issue(se.ref, field, f"{host} is also a host of {owner.ref.display}, which comes first "
+                                                "by namespace and name and defines it: this host is ignored",
+                                 "warning", se.ref.line))
+    return out
