@@ -261,6 +261,15 @@ SOTW: dict[str, list[Step]] = {
         Req("EDS", names=("a", "b"), answer=NACK, error="endpoint a has a priority gap"),
         Nacked("EDS", ("a", "b")), Expect(()), State("EDS", "NACKED", ("a", "b")),
     ],
+    # Envoy's replacement cluster warms until its EDS update arrives, asking for nothing
+    # (envoyproxy/envoy#13009): a changed cluster's endpoints go again, changed or not.
+    "a changed cluster: its unchanged endpoints are sent again": [
+        Publish({"CDS": {"a": 1, "b": 1}, "EDS": {"a": 1, "b": 1}}),
+        Req("CDS"), Expect(("CDS a,b",)), Req("EDS", names=("a", "b")), Expect(("EDS a,b",)),
+        Req("CDS", answer=ACK), Req("EDS", names=("a", "b"), answer=ACK), State("EDS", "SYNCED"),
+        Publish({"CDS": {"a": 2, "b": 1}, "EDS": {"a": 1, "b": 1}}), Expect(("CDS a,b", "EDS a")),
+        Req("CDS", answer=ACK), Req("EDS", names=("a", "b"), answer=ACK), Expect(()), State("EDS", "SYNCED"),
+    ],
 }
 
 DELTA: dict[str, list[Step]] = {
@@ -315,6 +324,14 @@ DELTA: dict[str, list[Step]] = {
         Req("CDS", initial={"a": 1, "b": 1, "gone": 1}), Expect(("CDS b,c",)),
         Req("CDS", answer=ACK), Expect(("CDS -gone",)),  # removals after the new cluster warmed
         Req("CDS", answer=ACK), State("CDS", "SYNCED"),
+    ],
+    "a changed cluster: its unchanged endpoints are sent again": [
+        Publish({"CDS": {"a": 1, "b": 1}, "EDS": {"a": 1, "b": 1}}),
+        Req("CDS"), Expect(("CDS a,b",)), Req("EDS", sub=("a", "b")), Expect(("EDS a,b",)),
+        Req("CDS", answer=ACK), Req("EDS", answer=ACK), State("EDS", "SYNCED"),
+        Publish({"CDS": {"a": 2, "b": 1}, "EDS": {"a": 1, "b": 1}}), Expect(("CDS a", "EDS a")),
+        Req("CDS", answer=ACK), Req("EDS", answer=ACK), Expect(()), State("EDS", "SYNCED"),
+        Publish({"CDS": {"a": 2, "b": 1}, "EDS": {"a": 1, "b": 2}}), Expect(("EDS b",)),  # no cluster changed
     ],
 }
 

@@ -11,16 +11,19 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 
+from envoy.config.cluster.v3 import cluster_pb2
 from envoy.service.discovery.v3 import discovery_pb2
 from google.protobuf import any_pb2
 from google.protobuf.message import Message
 
 from controlplane.model.ir import SourceRef, TypeUrl
-from controlplane.translate.plan import ResourceSpec
+from controlplane.translate.plan import CLUSTER, ResourceSpec
+
+_UNPARSED = "\0unparsed"  # Resource._eds not yet computed
 
 
 class Resource:
-    __slots__ = ("_delta", "_sotw", "body", "name", "sources", "type_url", "version")
+    __slots__ = ("_delta", "_eds", "_sotw", "body", "name", "sources", "type_url", "version")
 
     def __init__(self, type_url: TypeUrl, name: str, body: bytes, sources: tuple[SourceRef, ...] = ()) -> None:
         self.type_url = type_url
@@ -30,6 +33,7 @@ class Resource:
         self.sources = sources
         self._sotw: bytes | None = None
         self._delta: bytes | None = None
+        self._eds: str | None = _UNPARSED
 
     @classmethod
     def placeholder(cls, type_url: TypeUrl, name: str, version: str) -> Resource:
@@ -56,6 +60,17 @@ class Resource:
             res = discovery_pb2.Resource(name=self.name, version=self.version, resource=self.any())
             self._delta = discovery_pb2.DeltaDiscoveryResponse(resources=[res]).SerializeToString()
         return self._delta
+
+    def eds_service_name(self) -> str | None:
+        """For an EDS cluster, the ClusterLoadAssignment it uses (`service_name`, else its
+        name); None for any other resource. Parsed once, on first use."""
+        if self._eds is _UNPARSED:
+            self._eds = None
+            if self.type_url == CLUSTER and self.body:
+                c = cluster_pb2.Cluster.FromString(self.body)
+                if c.type == cluster_pb2.Cluster.EDS:
+                    self._eds = c.eds_cluster_config.service_name or c.name
+        return self._eds
 
     def __repr__(self) -> str:
         return f"Resource({self.name!r}, {self.version})"

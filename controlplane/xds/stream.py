@@ -298,6 +298,10 @@ class TypeState:
     needs_response: bool = False
     names_key: bytes = b""  # SotW: the subscription of the last request, serialized (see _names_key)
     absent_notified: set[str] = field(default_factory=set)
+    # EDS: names to send again even though Envoy holds this version (their cluster changed:
+    # Envoy's new cluster warms until it gets its ClusterLoadAssignment, and only then asks
+    # for the cluster's SDS secrets; see `_resend_endpoints`).
+    resend: set[str] = field(default_factory=set)
     synced_target: TypeResources | None = None
     last_nack: NackRecord | None = None
     nacks: int = 0
@@ -921,7 +925,7 @@ class AdsStream:
                     removals.append(n)
                 elif not st.wildcard and n in st.names and n not in st.absent_notified:
                     absent.append(n)
-            elif not _same(st.known.get(n), r):
+            elif not _same(st.known.get(n), r) or n in st.resend:
                 upserts[n] = r
         return upserts, sorted(removals), sorted(absent)
 
@@ -938,9 +942,11 @@ class AdsStream:
         """SotW phase 1: CDS/LDS as their full state, SDS as the full set, EDS/RDS as the
         changed resources only."""
         upserts, removals, _absent = self._diff(st)
+        st.resend.clear()
         if not upserts and not st.needs_response:
             return None
         new_names = sum(1 for n in upserts if n not in st.known)
+        updated = self._updated_clusters(st, upserts)
         if st.type_url in WILDCARD_TYPES:
             # Full state; resources about to be removed stay until phase 2.
             content = dict(st.known)
@@ -953,19 +959,46 @@ class AdsStream:
         else:
             out = self._send_sotw(st, upserts, full=False)  # EDS/RDS/SDS: only what changed
         self._upserted(st, out, new_names, removals)
+        self._resend_endpoints(updated)
         return out
 
     def _upsert_delta(self, st: TypeState) -> Outgoing | None:
         """Delta phase 1: the changed resources, and subscribed names that do not exist
         (as removed, once each)."""
         upserts, removals, absent = self._diff(st)
+        st.resend.clear()
         if not upserts and not absent and not st.needs_response:
             return None
         new_names = sum(1 for n in upserts if n not in st.known)
+        updated = self._updated_clusters(st, upserts)
         out = self._send_delta(st, upserts, absent)
         st.absent_notified.update(absent)
         self._upserted(st, out, new_names, removals)
+        self._resend_endpoints(updated)
         return out
+
+    @staticmethod
+    def _updated_clusters(st: TypeState, upserts: Mapping[str, Resource]) -> list[Resource]:
+        """The clusters of a CDS push that replace one Envoy already holds (not new ones)."""
+        if st.type_url != CLUSTER:
+            return []
+        return [r for n, r in upserts.items() if n in st.known]
+
+    def _resend_endpoints(self, updated: list[Resource]) -> None:
+        """After a push that changes clusters Envoy holds: send their ClusterLoadAssignments
+        again, changed or not. Envoy builds a new cluster that warms until its EDS update
+        arrives and asks for nothing (envoyproxy/envoy#13009); without one it waits for the
+        initial fetch timeout (15 s) and only then asks for the cluster's SDS secrets, so
+        a DestinationRule's new TLS settings (e.g. `credentialName`) took 15 s or more.
+        Istio's full pushes resend EDS after CDS likewise."""
+        ep = self.types.get(ENDPOINT)
+        if not updated or ep is None:
+            return
+        for r in updated:
+            name = r.eds_service_name()
+            if name is not None and ep.subscribed(name):
+                ep.resend.add(name)
+                ep.touched.add(name)
 
     def _upserted(self, st: TypeState, out: Outgoing, new_names: int, removals: list[str]) -> None:
         if st.type_url == CLUSTER and new_names:
