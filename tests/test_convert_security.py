@@ -208,10 +208,16 @@ def test_authorization_policy_warnings() -> None:
         - from: [{source: {requestPrincipals: ["*"], notRequestPrincipals: [x/y]}}]
           when: [{key: "request.auth.claims[iss]", values: [me]}]
     """, api="security.istio.io/v1beta1")
-    assert value is not None and not errors(issues)
-    only(issues, "spec.rules[0].from[0].source.requestPrincipals", "never match", "warning")
-    only(issues, "spec.rules[0].from[0].source.notRequestPrincipals", "always match", "warning")
-    only(issues, "spec.rules[0].when[0].key", "request.auth.claims[iss] never match", "warning")
+    # JWT attributes are enforced (RequestAuthentication, issue 18): no warning.
+    assert value is not None and not issues
+    assert value.rules[0].sources[0].request_principals == ("*",)
+    assert value.rules[0].conditions[0].key == "request.auth.claims[iss]"
+    value, issues = ap("rules: [{when: [{key: 'request.auth.claims[]', values: [a]}]}]")
+    assert value is None
+    only(issues, "spec.rules[0].when[0].key", "expected request.auth.claims[NAME]")
+    value, issues = ap("rules: [{when: [{key: 'request.auth.subject', values: [a]}]}]")
+    assert value is None
+    only(issues, "spec.rules[0].when[0].key", "unknown or unsupported key")
 
 
 def test_field_lines_point_at_the_offending_value() -> None:

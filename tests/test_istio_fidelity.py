@@ -347,10 +347,10 @@ def raw(kind: str, api: str, body: dict[str, Any], ns: str = "default", name: st
 
 
 @pytest.mark.parametrize(("kind", "api"), [
-    ("Telemetry", "telemetry.istio.io/v1"), ("WasmPlugin", "extensions.istio.io/v1alpha1"),
+    ("WasmPlugin", "extensions.istio.io/v1alpha1"),
     ("EnvoyFilter", "networking.istio.io/v1alpha3"), ("Gateway", "networking.istio.io/v1"),
     ("ServiceEntry", "networking.istio.io/v1"), ("WorkloadEntry", "networking.istio.io/v1"),
-    ("RequestAuthentication", "security.istio.io/v1"), ("ProxyConfig", "networking.istio.io/v1beta1"),
+    ("ProxyConfig", "networking.istio.io/v1beta1"),
     ("Gateway", "gateway.networking.k8s.io/v1"), ("HTTPRoute", "gateway.networking.k8s.io/v1"),
     ("TCPRoute", "gateway.networking.k8s.io/v1alpha2"), ("Something", "install.istio.io/v1alpha1"),
 ])
@@ -507,10 +507,11 @@ def test_destination_rule_workload_selector_applies_to_selected_clients_of_its_n
 def test_validating_webhook_passes_istio_kind_warnings_through() -> None:
     from webhook.validate import validate_object
 
-    verdict = validate_object({"apiVersion": "telemetry.istio.io/v1", "kind": "Telemetry",
+    verdict = validate_object({"apiVersion": "extensions.istio.io/v1alpha1", "kind": "WasmPlugin",
                                "metadata": {"name": "t", "namespace": "default"}, "spec": {}})
     assert verdict.allowed and not verdict.errors
-    assert verdict.warnings[0].startswith("kind: Telemetry (telemetry.istio.io/v1) is not supported by Meshline")
+    assert verdict.warnings[0].startswith("kind: WasmPlugin (extensions.istio.io/v1alpha1) is not supported by "
+                                          "Meshline")
     ok = validate_object({"apiVersion": "networking.istio.io/v1", "kind": "VirtualService",
                           "metadata": {"name": "r", "namespace": "default"},
                           "spec": {"hosts": ["reviews"], "http": [{"match": [{"name": "m", "sourceLabels": {"a": "b"}}],

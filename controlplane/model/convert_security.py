@@ -18,10 +18,14 @@ specified rules"). An unknown provider is reported by the cross-object checks.
 Accepted with a warning:
 - `targetRef`/`targetRefs` (they attach a policy to a gateway or waypoint, not to
   sidecars): the policy is ignored;
-- request (JWT) principals and `request.auth.*` conditions: Meshline validates no JWTs, so
-  a request never has a request principal or claims. `requestPrincipals` (and `values` of
-  such a condition) never match, `notRequestPrincipals` (and `notValues`) always do: an
-  ALLOW rule that needs a JWT never allows, a DENY rule for "no JWT" denies everything.
+
+Request (JWT) principals and `request.auth.principal` / `.audiences` / `.presenter` /
+`.claims[NAME]` (nested: `.claims[a][b]`) conditions match the token a RequestAuthentication
+of the workload validated (`controlplane.translate.jwt`); a request without one has no request
+principal or claims. Where no RequestAuthentication applies, `requestPrincipals` (and
+`values` of such a condition) never match and `notRequestPrincipals` (and `notValues`) always
+do: an ALLOW rule that needs a JWT allows nothing (Istio's behaviour for a request without a
+token).
 """
 
 from __future__ import annotations
@@ -87,12 +91,16 @@ CONDITION_KEYS = (
     "destination.port",
     "destination.ip",
     "connection.sni",
+    "request.auth.principal",
+    "request.auth.audiences",
+    "request.auth.presenter",
+    "request.auth.claims[NAME]",
 )
-"""The `when` keys Meshline enforces (`request.auth.*` is accepted with a warning)."""
+"""The `when` keys Meshline enforces."""
 HTTP_ONLY_CONDITIONS = ("request.headers[",)
 _HEADER_KEY = re.compile(r"request\.headers\[(.*)\]")
 _SA_NAME = re.compile(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?")
-_NO_JWT = "JWT request authentication is not supported (no request carries a validated JWT)"
+_CLAIM_KEY = re.compile(r"request\.auth\.claims((?:\[[^\[\]]+\])+)")
 
 
 # --------------------------------------------------------------------------- shared
@@ -260,11 +268,6 @@ def _source(ctx: Ctx, m: Mapping[str, Any], path: str, namespace: str) -> AuthzS
     check_fields(ctx, sm, p, SOURCE_FIELDS)
     if not any(sm.get(k) for k in SOURCE_FIELDS):
         ctx.error(p, "must set at least one field (omit `from` to match every source)")
-    if sm.get("requestPrincipals"):
-        ctx.warn(join(p, "requestPrincipals"), f"{_NO_JWT}: requestPrincipals never match "
-                 "(an ALLOW rule needing one allows nothing)")
-    if sm.get("notRequestPrincipals"):
-        ctx.warn(join(p, "notRequestPrincipals"), f"{_NO_JWT}: notRequestPrincipals always match")
     return AuthzSource(
         principals=_patterns(ctx, sm, "principals", p),
         not_principals=_patterns(ctx, sm, "notPrincipals", p),
@@ -329,8 +332,11 @@ def _condition(ctx: Ctx, item: object, p: str) -> AuthzCondition | None:
             ctx.error(join(p, "key"), f"{key!r}: {header.group(1)!r} is not a valid header name")
             return None
         key = f"request.headers[{header.group(1).lower()}]"
-    elif key.startswith("request.auth."):
-        ctx.warn(join(p, "key"), f"{_NO_JWT}: the values of {key} never match and its notValues always do")
+    elif key.startswith("request.auth.claims"):
+        if _CLAIM_KEY.fullmatch(key) is None:
+            ctx.error(join(p, "key"), f"{key!r}: expected request.auth.claims[NAME] (nested: "
+                                      "request.auth.claims[NAME][NAME])")
+            return None
     elif key not in CONDITION_KEYS:
         ctx.error(join(p, "key"), f"unknown or unsupported key {key!r} (supported: {', '.join(CONDITION_KEYS)})")
         return None

@@ -18,7 +18,10 @@ the external-authorization providers, the targets of `action: CUSTOM` Authorizat
 | `.includeRequestBodyInCheck` (`maxRequestBytes`, `allowPartialMessage`, `packAsBytes`) | `with_request_body` |
 | `.clearRouteCache` | `clear_route_cache` |
 | `envoyExtAuthzGrpc.service`, `.port`, `.timeout`, `.failOpen`, `.statusOnError`, `.includeRequestBodyInCheck`, `.clearRouteCache` | the same, over Envoy's gRPC `Authorization` API (the service port should speak HTTP/2: `grpc`/`http2`) |
-| other provider types (tracing, access logging, ...) | warned: Meshline does not use them |
+| `envoyFileAccessLog.path`, `.logFormat.text`, `.logFormat.labels` | a file access log (Telemetry `accessLogging`, `controlplane.translate.accesslog`): the path Envoy writes (`/dev/stdout` by default), a text format (Istio's default text format when neither is set) or JSON with those labels |
+| `defaultProviders.accessLogging` | the providers of a Telemetry `accessLogging` entry that names none |
+| `defaultProviders.tracing`, `.metrics` | warned: Meshline configures neither |
+| other provider types (tracing, gRPC access log services, ...) | warned: Meshline does not use them |
 | other MeshConfig fields | warned: Meshline's own flags set what they would (`--root-namespace`, `--trust-domain`, ...) |
 
 A provider with an error is left out, so policies naming it fail closed. Resolution of a
@@ -75,9 +78,10 @@ GRPC_FIELDS = ("service", "port", "timeout", "failOpen", "clearRouteCache", "sta
                "includeRequestBodyInCheck")
 BODY_FIELDS = ("maxRequestBytes", "allowPartialMessage", "packAsBytes")
 OTHER_PROVIDER_TYPES = ("zipkin", "lightstep", "datadog", "stackdriver", "opencensus", "skywalking",
-                        "opentelemetry", "prometheus", "envoyFileAccessLog", "envoyHttpAls", "envoyTcpAls",
+                        "opentelemetry", "prometheus", "envoyHttpAls", "envoyTcpAls",
                         "envoyOtelAls", "sds")
-_PROVIDER_FIELDS = ("name", "envoyExtAuthzHttp", "envoyExtAuthzGrpc", *OTHER_PROVIDER_TYPES)
+_PROVIDER_FIELDS = ("name", "envoyExtAuthzHttp", "envoyExtAuthzGrpc", "envoyFileAccessLog", *OTHER_PROVIDER_TYPES)
+_READ_FIELDS = ("extensionProviders", "defaultProviders")
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +116,18 @@ class ExtAuthzProvider:
 
 
 @dataclass(frozen=True, slots=True)
+class FileAccessLogProvider:
+    """An `envoyFileAccessLog` provider: Envoy appends a line per request (or TCP connection)
+    to `path`, formatted by `text` or, with `labels` ((key, Envoy format string) pairs), as JSON;
+    neither: Istio's default text format."""
+
+    name: str
+    path: str = "/dev/stdout"
+    text: str | None = None
+    labels: tuple[tuple[str, str], ...] | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class MeshConfig:
     """The parts of Istio's MeshConfig Meshline uses. `source`: the file it came from ("" when
     no mesh config was given); `other_providers`: names of providers of types Meshline does
@@ -120,6 +136,8 @@ class MeshConfig:
     source: str = ""
     providers: tuple[ExtAuthzProvider, ...] = ()
     other_providers: tuple[str, ...] = ()
+    access_log_providers: tuple[FileAccessLogProvider, ...] = ()
+    default_access_logging: tuple[str, ...] = ()  # defaultProviders.accessLogging
 
     def provider(self, name: str) -> ExtAuthzProvider | None:
         return next((p for p in self.providers if p.name == name), None)
@@ -173,14 +191,46 @@ def _body(ctx: Ctx, m: Mapping[str, Any], path: str) -> RequestBody | None:
                        bool(get_bool(ctx, bm, "allowPartialMessage", p)), bool(get_bool(ctx, bm, "packAsBytes", p)))
 
 
-def _provider(ctx: Ctx, item: object, path: str) -> ExtAuthzProvider | str | None:
+def _access_log_provider(ctx: Ctx, name: str, m: Mapping[str, Any], path: str) -> FileAccessLogProvider | None:
+    p = join(path, "envoyFileAccessLog")
+    pm = child(ctx, m, "envoyFileAccessLog", path)
+    if pm is None:
+        return None
+    before = ctx.error_count()
+    check_fields(ctx, pm, p, ("path", "logFormat"))
+    file = get_str(ctx, pm, "path", p) or "/dev/stdout"
+    text: str | None = None
+    labels: tuple[tuple[str, str], ...] | None = None
+    fm = child(ctx, pm, "logFormat", p)
+    if fm is not None:
+        fp = join(p, "logFormat")
+        check_fields(ctx, fm, fp, ("text", "labels"))
+        if fm.get("text") is not None and fm.get("labels") is not None:
+            ctx.error(fp, "set text or labels, not both")
+        text = get_str(ctx, fm, "text", fp)
+        lm = child(ctx, fm, "labels", fp)
+        if lm is not None:
+            pairs = []
+            for k, v in lm.items():
+                if not isinstance(v, str | int | float | bool):
+                    ctx.error(join(join(fp, "labels"), str(k)), "expected a string (an Envoy format string)")
+                    continue
+                pairs.append((str(k), str(v)))
+            labels = tuple(sorted(pairs))
+    if ctx.error_count() > before:
+        return None
+    return FileAccessLogProvider(name, file, text, labels)
+
+
+def _provider(ctx: Ctx, item: object, path: str) -> ExtAuthzProvider | FileAccessLogProvider | str | None:
     """The ext_authz provider at `path`; the name of a provider of another type; or None."""
     m = item_map(ctx, item, path)
     if m is None:
         return None
     check_fields(ctx, m, path, _PROVIDER_FIELDS)
     name = get_str(ctx, m, "name", path, required=True)
-    types = [k for k in ("envoyExtAuthzHttp", "envoyExtAuthzGrpc", *OTHER_PROVIDER_TYPES) if m.get(k) is not None]
+    types = [k for k in ("envoyExtAuthzHttp", "envoyExtAuthzGrpc", "envoyFileAccessLog", *OTHER_PROVIDER_TYPES)
+             if m.get(k) is not None]
     if len(types) != 1:
         ctx.error(path, f"set exactly one provider type (got {', '.join(types) or 'none'})")
         return None
@@ -189,8 +239,11 @@ def _provider(ctx: Ctx, item: object, path: str) -> ExtAuthzProvider | str | Non
         return None
     if kind in OTHER_PROVIDER_TYPES:
         ctx.warn(join(path, kind), f"provider {name!r}: {kind} is not used by Meshline (only envoyExtAuthzHttp and "
-                                   "envoyExtAuthzGrpc, for CUSTOM AuthorizationPolicies)")
+                                   "envoyExtAuthzGrpc, for CUSTOM AuthorizationPolicies, and envoyFileAccessLog, "
+                                   "for Telemetry access logging)")
         return name
+    if kind == "envoyFileAccessLog":
+        return _access_log_provider(ctx, name, m, path)
     p = join(path, kind)
     pm = child(ctx, m, kind, path)
     if pm is None:
@@ -266,9 +319,18 @@ def parse_mesh_config(text: str, file: str) -> tuple[MeshConfig, tuple[Issue, ..
         return MeshConfig(source=file), tuple(ctx.issues)
     ctx.raw = _raw(doc, file)
     for key in sorted(str(k) for k in doc):
-        if key != "extensionProviders" and doc.get(key) is not None:
-            ctx.warn(key, "not used by Meshline (only extensionProviders is read; Meshline's own flags, e.g. "
-                          "--root-namespace and --trust-domain, set the rest)")
+        if key not in _READ_FIELDS and doc.get(key) is not None:
+            ctx.warn(key, "not used by Meshline (only extensionProviders and defaultProviders are read; Meshline's "
+                          "own flags, e.g. --root-namespace and --trust-domain, set the rest)")
+    defaults: tuple[str, ...] = ()
+    dm = child(ctx, doc, "defaultProviders", "")
+    if dm is not None:
+        check_fields(ctx, dm, "defaultProviders", ("accessLogging", "tracing", "metrics"))
+        defaults = get_str_list(ctx, dm, "accessLogging", "defaultProviders")
+        for key in ("tracing", "metrics"):
+            if dm.get(key):
+                ctx.warn(join("defaultProviders", key), f"Meshline configures no {key}: not used")
+    logs: list[FileAccessLogProvider] = []
     providers: list[ExtAuthzProvider] = []
     others: list[str] = []
     seen: set[str] = set()
@@ -285,10 +347,14 @@ def parse_mesh_config(text: str, file: str) -> tuple[MeshConfig, tuple[Issue, ..
             seen.add(name)
         if isinstance(got, ExtAuthzProvider):
             providers.append(got)
+        elif isinstance(got, FileAccessLogProvider):
+            logs.append(got)
         elif isinstance(got, str):
             others.append(got)
     providers = [p for p in providers if p.name not in twice]
-    return MeshConfig(file, tuple(providers), tuple(others)), tuple(ctx.issues)
+    logs = [p for p in logs if p.name not in twice]
+    return (MeshConfig(file, tuple(providers), tuple(others), tuple(logs), tuple(dict.fromkeys(defaults))),
+            tuple(ctx.issues))
 
 
 # --------------------------------------------------------------------------- resolution

@@ -43,6 +43,7 @@ from controlplane.model.policy import (
 )
 from controlplane.model.scope import egress_host_matches, namespace_default, selecting_sidecar
 from controlplane.model.serviceentry import check_service_entries
+from controlplane.model.telemetry import check_telemetries
 from controlplane.model.validate_istio import check_istio_fidelity
 from controlplane.model.validate_tls import check_credentials
 
@@ -69,6 +70,7 @@ def check_mesh(mesh: Mesh) -> tuple[Issue, ...]:
     issues.extend(check_istio_fidelity(mesh))
     issues.extend(check_custom_policies(mesh.authorization_policies, mesh.mesh_config, mesh.services))
     issues.extend(check_credentials(mesh))
+    issues.extend(check_telemetries(mesh))
     if mesh.service_entries:
         kube = {h: s for h, s in mesh.services.items() if s.entry is None}
         issues.extend(check_service_entries(mesh.service_entries, kube, mesh.services))

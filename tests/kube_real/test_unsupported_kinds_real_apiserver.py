@@ -1,5 +1,5 @@
 """Unsupported kinds in Kubernetes mode against a real kube-apiserver: with the CRDs of
-Istio's Telemetry and the Gateway API's HTTPRoute installed, `kubectl apply` of such an
+Istio's WasmPlugin and the Gateway API's HTTPRoute installed, `kubectl apply` of such an
 object produces a warning naming it (API discovery finds the kinds; nothing is configured)."""
 
 from __future__ import annotations
@@ -28,22 +28,22 @@ def crd(group: str, kind: str, plural: str) -> dict[str, Any]:
                          "type": "object", "x-kubernetes-preserve-unknown-fields": True}}}]}}
 
 
-def test_kubectl_apply_of_telemetry_and_httproute_is_reported(real_kube: RealKube) -> None:
-    real_kube.kubectl_apply(crd("telemetry.istio.io", "Telemetry", "telemetries"),
+def test_kubectl_apply_of_wasmplugin_and_httproute_is_reported(real_kube: RealKube) -> None:
+    real_kube.kubectl_apply(crd("extensions.istio.io", "WasmPlugin", "wasmplugins"),
                             crd("gateway.networking.k8s.io", "HTTPRoute", "httproutes"))
-    for name in ("telemetries.telemetry.istio.io", "httproutes.gateway.networking.k8s.io"):
+    for name in ("wasmplugins.extensions.istio.io", "httproutes.gateway.networking.k8s.io"):
         real_kube.kubectl("wait", "--for=condition=Established", f"crd/{name}", "--timeout=60s")
     ns = fresh_ns(real_kube, "unsupported")
     real_kube.kubectl_apply(
-        {"apiVersion": "telemetry.istio.io/v1", "kind": "Telemetry", "metadata": {"name": "mesh", "namespace": ns},
-         "spec": {"accessLogging": [{"providers": [{"name": "envoy"}]}]}})
+        {"apiVersion": "extensions.istio.io/v1", "kind": "WasmPlugin", "metadata": {"name": "mesh", "namespace": ns},
+         "spec": {"url": "oci://example/plugin:1"}})
 
     async def scenario() -> None:
         async with running(real_kube) as (rec, _src):
             def warned(kind: str, name: str) -> bool:
                 return any(i.ref.display == f"{kind}/{ns}/{name}" and i.severity == "warning"
                            and "not supported" in i.message for i in rec.store.mesh().issues)
-            await eventually(lambda: warned("Telemetry", "mesh"), what="the Telemetry warning")
+            await eventually(lambda: warned("WasmPlugin", "mesh"), what="the WasmPlugin warning")
             real_kube.kubectl_apply(
                 {"apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
                  "metadata": {"name": f"route-{int(time.time())}", "namespace": ns},

@@ -1,0 +1,94 @@
+"""RequestAuthentication (JWT) as IR values, and which ones apply to a workload or a
+waypoint, the way Istio selects them. Pure data, no I/O.
+
+Selection is AuthorizationPolicy's: every RequestAuthentication in the workload's namespace
+whose selector matches its labels (no selector: all of them), plus every such one in the
+root namespace; those with `targetRefs` apply to the waypoint (kind Gateway) or to the
+services (kind Service) they name, not to sidecars. All the applying rules' jwtRules are
+accepted (a request's token must satisfy one of them, or be absent).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from controlplane.model.ir import Labels, SourceRef, labels_match
+
+if TYPE_CHECKING:
+    from controlplane.model.mesh import Mesh
+
+
+@dataclass(frozen=True, slots=True)
+class JwtHeader:
+    """`fromHeaders[]`: the header carrying the token and the prefix before it."""
+
+    name: str
+    prefix: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class JwksUri:
+    """A parsed `jwksUri`: Envoy fetches it from `host:port` (TLS for https)."""
+
+    uri: str
+    scheme: str  # http | https
+    host: str
+    port: int
+
+
+@dataclass(frozen=True, slots=True)
+class JwtRule:
+    """One `jwtRules[]` entry. Exactly one of `jwks_uri` and `jwks` (inline JSON) is set.
+    `timeout_ms`: how long a JWKS fetch may take (None: Envoy's default)."""
+
+    issuer: str
+    audiences: tuple[str, ...] = ()
+    jwks_uri: JwksUri | None = None
+    jwks: str | None = None
+    from_headers: tuple[JwtHeader, ...] = ()
+    from_params: tuple[str, ...] = ()
+    from_cookies: tuple[str, ...] = ()
+    output_payload_to_header: str | None = None
+    output_claim_to_headers: tuple[tuple[str, str], ...] = ()  # (header, claim)
+    forward_original_token: bool = False
+    timeout_ms: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RequestAuthentication:
+    ref: SourceRef
+    namespace: str
+    name: str
+    selector: Labels = ()
+    rules: tuple[JwtRule, ...] = ()
+    # (kind, name): a waypoint (Gateway) or a Service of the namespace; enforced by the waypoint
+    target_refs: tuple[tuple[str, str], ...] = ()
+
+
+def request_authentications_for(mesh: Mesh, namespace: str, labels: Labels) -> tuple[RequestAuthentication, ...]:
+    """The RequestAuthentications that apply to a workload's sidecar, sorted by (namespace, name)."""
+    return tuple(
+        ra for ra in mesh.request_authentications
+        if not ra.target_refs and ra.namespace in (namespace, mesh.root_namespace)
+        and labels_match(ra.selector, labels)
+    )
+
+
+def waypoint_request_authentications(mesh: Mesh, namespace: str, waypoint: str, services: tuple[str, ...]
+                                     ) -> tuple[RequestAuthentication, ...]:
+    """Those a waypoint applies for `services` (names in `namespace`): attached to the
+    waypoint itself (kind Gateway) or to one of the services."""
+    wanted = {("Gateway", waypoint), *(("Service", s) for s in services)}
+    return tuple(ra for ra in mesh.request_authentications
+                 if ra.namespace == namespace and wanted & set(ra.target_refs))
+
+
+def jwt_rules(ras: tuple[RequestAuthentication, ...]) -> tuple[JwtRule, ...]:
+    """Every jwtRule of `ras`, in order, each distinct rule once."""
+    return tuple(dict.fromkeys(r for ra in ras for r in ra.rules))
+
+
+def issuers(rules: tuple[JwtRule, ...]) -> tuple[str, ...]:
+    """The issuers whose tokens a proxy with `rules` validates, sorted, each once."""
+    return tuple(sorted({r.issuer for r in rules}))
