@@ -358,13 +358,21 @@ def test_hosts_wildcards_gateways_and_export() -> None:
     assert value.http[0].route[0].destination.host == "ratings.other.svc.cluster.local"
     only(issues, "spec.hosts[1]", "wildcard", "warning")
     only(issues, "spec.hosts[3]", "duplicate", "warning")
-    only(issues, "spec.gateways", "shop/ingress", "warning")
+    # Bound to mesh and to Gateway shop/ingress; the wildcard host is kept for the gateway.
+    assert value.gateways == ("mesh", "shop/ingress")
+    assert value.host_patterns == ("reviews.shop.svc.cluster.local", "*.example.com",
+                                   "reviews.other.svc.cluster.local", "reviews.other")
 
 
-def test_gateway_only_virtual_service_is_skipped_with_warning() -> None:
-    value, issues = conv(vs_text("hosts: [reviews]\ngateways: [ingress]\n" + ONE_ROUTE))
-    assert value is None and not errors(issues)
-    only(issues, "spec.gateways", "only to gateways", "warning")
+def test_gateway_only_virtual_service_keeps_its_binding() -> None:
+    """A VirtualService bound only to a Gateway converts (for that gateway; the store keeps it
+    away from sidecars: tests/test_gateway.py). `name` alone is in the VS's namespace, the
+    legacy FQDN form is ns/name."""
+    value, issues = conv(vs_text("hosts: ['*']\ngateways: [ingress, edge.infra.svc.cluster.local]\n" + ONE_ROUTE))
+    assert not issues
+    assert value.gateways == ("default/ingress", "infra/edge") and value.host_patterns == ("*",)
+    value, issues = conv(vs_text("hosts: [reviews]\ngateways: ['a/b/c']\n" + ONE_ROUTE))
+    only(issues, "spec.gateways[0]", "not 'mesh'")
 
 
 def test_missing_hosts_and_routes() -> None:
@@ -431,7 +439,7 @@ def test_string_match_errors() -> None:
         - uri: {exact: /a, prefix: /b}
         - uri: {prefixx: /a}
         - method: GET
-        - gateways: [ingress]
+        - gateways: []
         """,
         DEST,
     )
@@ -439,7 +447,7 @@ def test_string_match_errors() -> None:
     only(issues, "spec.http[0].match[1].uri", "only one of")
     only(issues, "spec.http[0].match[2].uri.prefixx", "unknown field (did you mean 'prefix'?)")
     only(issues, "spec.http[0].match[3].method", "expected a map, got a string")
-    only(issues, "spec.http[0].match[4].gateways", "only to gateways")
+    only(issues, "spec.http[0].match[4].gateways", "must not be empty")
 
 
 @pytest.mark.parametrize(

@@ -16,21 +16,14 @@ The value returned for each supported kind:
 | Endpoints (v1)                       | `tuple[EndpointSet, ...]`, one per subset          |
 | Pod (v1)                             | `Workload`                                         |
 | Secret (v1)                          | `TlsCredential` for TLS Secrets, else None         |
-| VirtualService (networking)          | `VirtualService` (None, with a warning, when it   |
-|                                      | applies to gateways only)                          |
+| VirtualService (networking)          | `VirtualService` (with its `gateways` binding:     |
+|                                      | `controlplane.model.gateways`)                     |
+| Gateway (networking)                 | `Gateway` (`controlplane.model.convert_gateway`)   |
 | DestinationRule (networking)         | `DestinationRule` (None, with a warning, for a     |
 |                                      | wildcard host)                                     |
-| ServiceEntry (networking)            | `ServiceEntry` (its hosts become registry services:|
-|                                      | `controlplane.model.serviceentry`)                 |
-| WorkloadEntry (networking)           | `WorkloadEntry` (an endpoint of the ServiceEntries |
-|                                      | whose workloadSelector matches it)                 |
 | Sidecar (networking)                 | `Sidecar` (egress scoping; ingress and             |
 |                                      | outboundTrafficPolicy are ignored with a warning)  |
 | PeerAuthentication (security)        | `PeerAuthentication`                               |
-| RequestAuthentication (security)     | `RequestAuthentication` (JWT rules:                |
-|                                      | `controlplane.model.authn`)                        |
-| Telemetry (telemetry)                | `Telemetry` (access logging:                       |
-|                                      | `controlplane.model.telemetry`)                    |
 | AuthorizationPolicy (security)       | `AuthorizationPolicy` (CUSTOM: `provider` kept,    |
 |                                      | action DENY; sidecars ask the provider's ext_authz |
 |                                      | where `--mesh-config` makes it usable, elsewhere   |
@@ -40,7 +33,7 @@ The value returned for each supported kind:
 or `v1alpha3`; "security" is `security.meshline.io/v1` or Istio's `security.istio.io/v1` or
 `v1beta1`. Other kinds convert to None: with a warning naming the kind (and what is lost)
 when they belong to a mesh API group (Meshline's, any of Istio's `*.istio.io` groups:
-WorkloadGroup, Gateway, EnvoyFilter, Telemetry, WasmPlugin, RequestAuthentication,
+ServiceEntry, Gateway, EnvoyFilter, Telemetry, WasmPlugin, RequestAuthentication,
 ProxyConfig, ...) or to the Kubernetes Gateway API (`gateway.networking.k8s.io`,
 `gateway.networking.x-k8s.io`), silently otherwise (Deployments, ConfigMaps, ...).
 Cross-object checks live in `controlplane.model.validate.check_mesh`.
@@ -51,7 +44,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from controlplane.model.convert_authn import convert_request_authentication
 from controlplane.model.convert_base import Ctx, as_map, check_fields, get_labels, get_str, is_dns_label
 from controlplane.model.convert_core import (
     convert_endpoint_slice,
@@ -61,11 +53,10 @@ from controlplane.model.convert_core import (
     convert_service,
 )
 from controlplane.model.convert_dr import convert_destination_rule
+from controlplane.model.convert_gateway import convert_gateway
 from controlplane.model.convert_secret import convert_secret
 from controlplane.model.convert_security import convert_authorization_policy, convert_peer_authentication
-from controlplane.model.convert_serviceentry import convert_service_entry, convert_workload_entry
 from controlplane.model.convert_sidecar import convert_sidecar
-from controlplane.model.convert_telemetry import convert_telemetry
 from controlplane.model.convert_vs import convert_virtual_service
 from controlplane.model.ir import Issue, Labels, PodNetns
 from controlplane.model.raw import RawObject
@@ -83,11 +74,6 @@ SECURITY_API_VERSIONS = (
     "security.istio.io/v1",
     "security.istio.io/v1beta1",
 )
-TELEMETRY_API_VERSIONS = (
-    "telemetry.meshline.io/v1",
-    "telemetry.istio.io/v1",
-    "telemetry.istio.io/v1alpha1",
-)
 API_VERSIONS: Mapping[str, tuple[str, ...]] = {
     "Namespace": ("v1",),
     "Service": ("v1",),
@@ -99,12 +85,9 @@ API_VERSIONS: Mapping[str, tuple[str, ...]] = {
     "Sidecar": NETWORKING_API_VERSIONS,
     "PeerAuthentication": SECURITY_API_VERSIONS,
     "AuthorizationPolicy": SECURITY_API_VERSIONS,
-    "RequestAuthentication": SECURITY_API_VERSIONS,  # convert_authn
-    "Telemetry": TELEMETRY_API_VERSIONS,  # convert_telemetry (access logging)
     "PodNetns": ("meshline.io/v1",),  # node agents' reports (controlplane.nodeagent)
     "Secret": ("v1",),  # TLS credentials for DestinationRule credentialName (convert_secret)
-    "ServiceEntry": NETWORKING_API_VERSIONS,  # convert_serviceentry
-    "WorkloadEntry": NETWORKING_API_VERSIONS,
+    "Gateway": NETWORKING_API_VERSIONS,  # convert_gateway (ingress/egress gateways)
 }
 """Supported kinds and the apiVersions accepted for each."""
 
@@ -113,11 +96,14 @@ MESH_API_GROUPS = frozenset(
 )
 GATEWAY_API_GROUPS = frozenset({"gateway.networking.k8s.io", "gateway.networking.x-k8s.io"})
 UNSUPPORTED_KINDS: Mapping[str, str] = {
+    "ServiceEntry": "its hosts are not added to the mesh (traffic to them is not routed or secured by Meshline)",
+    "WorkloadEntry": "its workload is not added to the mesh",
     "WorkloadGroup": "its workloads are not added to the mesh",
-    "Gateway": "no gateway is configured (Meshline serves mesh traffic only; a waypoint is a Service named "
-               "by the meshline.io/use-waypoint or istio.io/use-waypoint label)",
     "EnvoyFilter": "its patches are not applied to any Envoy",
+    "Telemetry": "its metrics, access logging and tracing settings are not applied",
     "WasmPlugin": "its Wasm extension is not loaded",
+    "RequestAuthentication": "JWTs are not validated: requests with invalid tokens are not rejected, and "
+                             "AuthorizationPolicy rules on requestPrincipals or request.auth claims never match",
     "ProxyConfig": "its proxy settings are not applied",
     "HTTPRoute": "its routes are not applied (use a VirtualService)",
     "GRPCRoute": "its routes are not applied (use a VirtualService)",
@@ -130,8 +116,7 @@ UNSUPPORTED_KINDS: Mapping[str, str] = {
 }
 """What is lost when a kind of Istio's or the Gateway API's groups is ignored."""
 _TOP_LEVEL_FIELDS = ("apiVersion", "kind", "metadata", "spec", "status")
-_MESH_KINDS = ("VirtualService", "DestinationRule", "Sidecar", "PeerAuthentication", "AuthorizationPolicy",
-               "RequestAuthentication", "Telemetry")
+_MESH_KINDS = ("VirtualService", "DestinationRule", "Sidecar", "PeerAuthentication", "AuthorizationPolicy")
 
 
 def convert(raw: RawObject) -> ConvertResult:
@@ -193,14 +178,8 @@ def _convert(ctx: Ctx) -> object | None:
         return convert_pod_netns(ctx, namespace, name)
     if raw.kind == "Secret":
         return convert_secret(ctx, namespace, name)
-    if raw.kind == "RequestAuthentication":
-        return convert_request_authentication(ctx, namespace, name)
-    if raw.kind == "Telemetry":
-        return convert_telemetry(ctx, namespace, name)
-    if raw.kind == "ServiceEntry":
-        return convert_service_entry(ctx, namespace, name)
-    if raw.kind == "WorkloadEntry":
-        return convert_workload_entry(ctx, namespace, name)
+    if raw.kind == "Gateway":
+        return convert_gateway(ctx, namespace, name)
     return convert_destination_rule(ctx, namespace, name)
 
 

@@ -158,20 +158,16 @@ _MATCH_FIELDS = (
 _MATCH_IGNORED = {"statPrefix": "statPrefix is not supported; ignored"}
 
 
-def check_gateways(ctx: Ctx, m: Mapping[str, Any], path: str) -> bool:
-    """A match-level `gateways` list: True when the match applies to mesh traffic."""
-    gateways = get_str_list(ctx, m, "gateways", path)
+def check_gateways(ctx: Ctx, m: Mapping[str, Any], path: str) -> tuple[str, ...]:
+    """A match-level `gateways` list as written (`mesh`, `name` or `ns/name`; resolved in the
+    VirtualService's namespace by `controlplane.model.gateways.resolve_gateway_name`); it
+    overrides the VirtualService's `gateways` for this match. Empty: not set."""
     if "gateways" not in m or m.get("gateways") is None:
-        return True
-    if "mesh" not in gateways:
-        ctx.error(
-            join(path, "gateways"),
-            "this match applies only to gateways, which Meshline does not serve; add 'mesh' or remove it",
-        )
-        return False
-    if len(set(gateways)) > 1:
-        ctx.warn(join(path, "gateways"), "only 'mesh' is supported; other gateways are ignored")
-    return True
+        return ()
+    gateways = get_str_list(ctx, m, "gateways", path)
+    if not gateways:
+        ctx.error(join(path, "gateways"), "must not be empty (leave it out to inherit spec.gateways)")
+    return tuple(dict.fromkeys(gateways))
 
 
 def http_match(ctx: Ctx, value: object, path: str) -> HTTPMatch | None:
@@ -180,7 +176,7 @@ def http_match(ctx: Ctx, value: object, path: str) -> HTTPMatch | None:
         return None
     errors = ctx.error_count()
     check_fields(ctx, m, path, _MATCH_FIELDS, _MATCH_IGNORED)
-    check_gateways(ctx, m, path)
+    gateways = check_gateways(ctx, m, path)
     parts: dict[str, StringMatch | None] = {}
     for key in ("uri", "scheme", "method", "authority"):
         if m.get(key) is not None:
@@ -201,6 +197,7 @@ def http_match(ctx: Ctx, value: object, path: str) -> HTTPMatch | None:
         port=get_port(ctx, m, "port", path),
         source_labels=get_labels(ctx, m, "sourceLabels", path),
         source_namespace=source_ns or None,
+        gateways=gateways,
     )
     return match if ctx.error_count() == errors else None
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 from controlplane.model import convert_http as h
@@ -33,6 +34,7 @@ from controlplane.model.convert_base import (
     join,
     resolve_host,
 )
+from controlplane.model.gateways import MESH, resolve_gateway_name
 from controlplane.model.ir import (
     Destination,
     Hostname,
@@ -83,8 +85,8 @@ def convert_virtual_service(ctx: Ctx, namespace: str, name: str) -> VirtualServi
             ctx.error("spec", "is required")
         return None
     check_fields(ctx, spec, "spec", _SPEC_FIELDS)
-    applies_to_mesh = _mesh_gateway(ctx, spec)
-    hosts = _hosts(ctx, spec, namespace)
+    gateways = _gateways(ctx, spec, namespace)
+    hosts, patterns = _hosts(ctx, spec, namespace, MESH in gateways)
     http_items = get_list(ctx, spec, "http", "spec")
     tcp_items = get_list(ctx, spec, "tcp", "spec")
     tls_items = get_list(ctx, spec, "tls", "spec")
@@ -103,8 +105,6 @@ def convert_virtual_service(ctx: Ctx, namespace: str, name: str) -> VirtualServi
     if all(spec.get(k) is None or spec.get(k) == [] for k in ("http", "tcp", "tls")):
         ctx.error("spec", "at least one http, tcp or tls route is required")
     export_to = get_export_to(ctx, spec, "spec")
-    if not applies_to_mesh:
-        return None
     return VirtualService(
         ref=ctx.raw.ref,
         namespace=namespace,
@@ -113,39 +113,48 @@ def convert_virtual_service(ctx: Ctx, namespace: str, name: str) -> VirtualServi
         http=tuple(http),
         tcp=tuple(tcp),
         export_to=export_to,
+        gateways=gateways,
+        host_patterns=patterns,
     )
 
 
-def _mesh_gateway(ctx: Ctx, spec: Mapping[str, Any]) -> bool:
-    """True when the VirtualService applies to mesh (sidecar/waypoint) traffic."""
-    gateways = get_str_list(ctx, spec, "gateways", "spec")
-    if not gateways:
-        return True
-    if "mesh" not in gateways:
-        ctx.warn(
-            "spec.gateways",
-            f"this VirtualService applies only to gateways ({', '.join(gateways)}), which Meshline "
-            "does not serve; ignored (add 'mesh' to apply it to mesh traffic)",
-        )
-        return False
-    others = sorted({g for g in gateways if g != "mesh"})
-    if others:
-        ctx.warn("spec.gateways", f"only 'mesh' is supported; gateways {', '.join(others)} are ignored")
-    return True
+def _gateways(ctx: Ctx, spec: Mapping[str, Any], namespace: str) -> tuple[str, ...]:
+    """`spec.gateways` as `mesh` / `ns/name` (empty: `mesh`; controlplane.model.gateways)."""
+    names = get_str_list(ctx, spec, "gateways", "spec")
+    out: list[str] = []
+    for i, name in enumerate(names):
+        resolved = resolve_gateway_name(name, namespace)
+        ns, _, gw = resolved.partition("/")
+        if resolved != MESH and not (is_dns_label(ns) and is_dns_label(gw)):
+            ctx.error(index("spec.gateways", i), f"{name!r} is not 'mesh', a Gateway name or namespace/name")
+            continue
+        out.append(resolved)
+    return tuple(dict.fromkeys(out)) or (MESH,)
 
 
-def _hosts(ctx: Ctx, spec: Mapping[str, Any], namespace: str) -> tuple[Hostname, ...]:
+def _hosts(ctx: Ctx, spec: Mapping[str, Any], namespace: str, for_mesh: bool
+           ) -> tuple[tuple[Hostname, ...], tuple[str, ...]]:
+    """(service hosts for mesh routing, every host pattern for gateways). Wildcard hosts are
+    for gateways only: warned about on a VirtualService bound to `mesh`."""
     given = spec.get("hosts")
     if given is None or (isinstance(given, list) and not given):
         ctx.error("spec.hosts", "at least one host is required")
-        return ()
+        return (), ()
     names = get_str_list(ctx, spec, "hosts", "spec")
     out: list[Hostname] = []
+    patterns: list[str] = []
     usable = 0
     for i, host in enumerate(names):
         p = index("spec.hosts", i)
         if "*" in host:
-            ctx.warn(p, f"wildcard host {host!r} is not supported yet; ignored")
+            wild = host.strip().rstrip(".").lower()
+            if wild != "*" and (not wild.startswith("*.") or host_problem(wild[2:]) is not None):
+                ctx.error(p, f"{host!r}: a wildcard is only allowed as the first label")
+                continue
+            patterns.append(wild)
+            if for_mesh:
+                ctx.warn(p, f"wildcard host {host!r} is not supported for mesh traffic yet; ignored there "
+                            "(gateways use it)")
             continue
         problem = host_problem(host)
         if problem is not None:
@@ -157,9 +166,13 @@ def _hosts(ctx: Ctx, spec: Mapping[str, Any], namespace: str) -> tuple[Hostname,
             ctx.warn(p, f"duplicate host {fqdn}")
             continue
         out.append(fqdn)
-    if names and not usable and not ctx.failed:
+        patterns.append(fqdn)
+        literal = host.strip().rstrip(".").lower()
+        if "." in literal and literal != fqdn:  # `example.com`: a gateway host, or service example.com
+            patterns.append(literal)
+    if names and not usable and not patterns and not ctx.failed:
         ctx.warn("spec.hosts", "no usable hosts: this VirtualService has no effect")
-    return tuple(out)
+    return tuple(out), tuple(dict.fromkeys(patterns))
 
 
 # --------------------------------------------------------------------------- destinations
@@ -288,7 +301,8 @@ def http_route(ctx: Ctx, value: object, path: str, namespace: str) -> HTTPRoute 
     for i, item in enumerate(get_list(ctx, m, "match", path)):
         match = h.http_match(ctx, item, index(join(path, "match"), i))
         if match is not None:
-            matches.append(match)
+            matches.append(replace(match, gateways=tuple(resolve_gateway_name(g, namespace)
+                                                          for g in match.gateways)))
     route_items = get_list(ctx, m, "route", path)
     route = route_destinations(ctx, route_items, join(path, "route"), namespace, http=True)
     actions = [k for k in ("redirect", "directResponse") if m.get(k) is not None]
@@ -326,7 +340,7 @@ def _l4_match(ctx: Ctx, value: object, path: str) -> L4Match | None:
     if m is None:
         return None
     check_fields(ctx, m, path, _L4_MATCH_FIELDS)
-    h.check_gateways(ctx, m, path)
+    gateways = h.check_gateways(ctx, m, path)
     if m.get("sourceSubnet") is not None:
         ctx.error(join(path, "sourceSubnet"), "sourceSubnet is not supported")
     subnets: list[str] = []
@@ -345,6 +359,7 @@ def _l4_match(ctx: Ctx, value: object, path: str) -> L4Match | None:
         destination_subnets=tuple(subnets),
         source_labels=get_labels(ctx, m, "sourceLabels", path),
         source_namespace=source_ns or None,
+        gateways=gateways,
     )
 
 
@@ -358,7 +373,8 @@ def tcp_route(ctx: Ctx, value: object, path: str, namespace: str) -> TCPRoute | 
     for i, item in enumerate(get_list(ctx, m, "match", path)):
         match = _l4_match(ctx, item, index(join(path, "match"), i))
         if match is not None:
-            matches.append(match)
+            matches.append(replace(match, gateways=tuple(resolve_gateway_name(g, namespace)
+                                                          for g in match.gateways)))
     items = get_list(ctx, m, "route", path)
     if not items:
         ctx.error(join(path, "route"), "at least one destination is required")

@@ -15,7 +15,6 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import TYPE_CHECKING
 
 from controlplane.model.ir import (
     DEFAULT_ROOT_NAMESPACE,
@@ -23,25 +22,20 @@ from controlplane.model.ir import (
     AuthorizationPolicy,
     DestinationRule,
     EndpointSet,
+    Gateway,
     Hostname,
     Issue,
     Labels,
     Namespace,
     PeerAuthentication,
     Service,
-    ServiceEntry,
     Sidecar,
     TlsCredential,
     VirtualService,
     Workload,
-    WorkloadEntry,
     labels_match,
 )
 from controlplane.model.meshconfig import NO_MESH_CONFIG, MeshConfig
-
-if TYPE_CHECKING:
-    from controlplane.model.authn import RequestAuthentication
-    from controlplane.model.telemetry import Telemetry
 
 _EMPTY: Mapping[str, object] = MappingProxyType({})
 
@@ -69,14 +63,10 @@ class Mesh:
     mesh_config: MeshConfig = NO_MESH_CONFIG  # `--mesh-config`: extension providers (CUSTOM authorization)
     # (namespace, name) -> TLS Secret (DestinationRule credentialName); keys never logged
     credentials: Mapping[tuple[str, str], TlsCredential] = field(default_factory=dict)
-    # JWT rules (controlplane.model.authn) and access logging (controlplane.model.telemetry),
-    # each sorted by (namespace, name)
-    request_authentications: tuple[RequestAuthentication, ...] = ()
-    telemetries: tuple[Telemetry, ...] = ()
-    # ServiceEntries (sorted by (namespace, name); their hosts are in `services`, see
-    # controlplane.model.serviceentry) and WorkloadEntries
-    service_entries: tuple[ServiceEntry, ...] = ()
-    workload_entries: tuple[WorkloadEntry, ...] = ()
+    # Istio Gateways by "ns/name", and the VirtualServices bound to some Gateway (whole, with
+    # their `gateways`; `virtual_services` holds the views bound to `mesh`: model.gateways)
+    gateways: Mapping[str, Gateway] = field(default_factory=dict)
+    gateway_virtual_services: tuple[VirtualService, ...] = ()
 
     # Derived indexes, computed once in build_mesh().
     vs_by_host: Mapping[Hostname, VirtualService] = field(default_factory=dict)

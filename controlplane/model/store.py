@@ -12,9 +12,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
-from controlplane.model.authn import RequestAuthentication
 from controlplane.model.convert import convert
 from controlplane.model.events import Delete, ParseError, Replace, SourceEvent, Upsert
+from controlplane.model.gateways import MESH, applies_to_gateways, bound_view
 from controlplane.model.ir import (
     DEFAULT_ROOT_NAMESPACE,
     DEFAULT_TRUST_DOMAIN,
@@ -22,26 +22,23 @@ from controlplane.model.ir import (
     AuthzRule,
     DestinationRule,
     EndpointSet,
+    Gateway,
     Hostname,
     Issue,
     Namespace,
     PeerAuthentication,
     PodNetns,
     Service,
-    ServiceEntry,
     Sidecar,
     SourceRef,
     TlsCredential,
     VirtualService,
     Workload,
-    WorkloadEntry,
     service_fqdn,
 )
 from controlplane.model.mesh import EndpointDelta, Mesh, build_mesh
 from controlplane.model.meshconfig import NO_MESH_CONFIG, MeshConfig
 from controlplane.model.raw import ObjectKey, RawObject
-from controlplane.model.serviceentry import registry_services
-from controlplane.model.telemetry import Telemetry
 from controlplane.model.validate import check_mesh
 
 IRValue = object
@@ -461,10 +458,7 @@ def mesh_of(
     scs: list[Sidecar] = []
     netns: list[PodNetns] = []
     credentials: dict[tuple[str, str], TlsCredential] = {}
-    ras: list[RequestAuthentication] = []
-    tels: list[Telemetry] = []
-    ses: list[ServiceEntry] = []
-    wes: list[WorkloadEntry] = []
+    gateways: dict[str, Gateway] = {}
     for v in values:
         items = v if isinstance(v, tuple) else (v,)
         for item in items:
@@ -490,14 +484,8 @@ def mesh_of(
                 netns.append(item)
             elif isinstance(item, TlsCredential):
                 credentials[(item.namespace, item.name)] = item
-            elif isinstance(item, RequestAuthentication):
-                ras.append(item)
-            elif isinstance(item, Telemetry):
-                tels.append(item)
-            elif isinstance(item, ServiceEntry):
-                ses.append(item)
-            elif isinstance(item, WorkloadEntry):
-                wes.append(item)
+            elif isinstance(item, Gateway):
+                gateways[item.key] = item
     if not netns_annotations:
         for key, pod in list(workloads.items()):
             if pod.netns is not None:
@@ -508,17 +496,13 @@ def mesh_of(
             workloads[(report.namespace, report.name)] = replace(wl, netns=report.path,
                                                                  node=wl.node or report.node)
     vss.sort(key=lambda v: (v.namespace, v.name))
+    # Sidecars and waypoints apply what is bound to `mesh`; gateways read the rest (model.gateways).
+    gateway_vss = tuple(vs for vs in vss if applies_to_gateways(vs))
+    vss = [view for view in (bound_view(vs, MESH) for vs in vss) if view is not None]
     drs.sort(key=lambda d: (d.namespace, d.name))
     pas.sort(key=lambda p: (p.namespace, p.name))
     aps.sort(key=lambda a: (a.namespace, a.name))
     scs.sort(key=lambda s: (s.namespace, s.name))
-    if ses:  # ServiceEntry hosts join the registry (controlplane.model.serviceentry)
-        ses.sort(key=lambda s: (s.namespace, s.name))
-        se_services, se_endpoints = registry_services(ses, workloads, sorted(wes, key=lambda w: (w.namespace, w.name)),
-                                                      services, trust_domain)
-        services.update(se_services)
-        for host, sets in se_endpoints.items():
-            endpoints[host] = list(sets)
     mesh = build_mesh(
         namespaces,
         services,
@@ -533,10 +517,6 @@ def mesh_of(
         trust_domain=trust_domain,
         sidecars=tuple(scs),
     )
-    if ses or wes:
-        mesh = replace(mesh, service_entries=tuple(ses),
-                       workload_entries=tuple(sorted(wes, key=lambda w: (w.namespace, w.name))))
-    if ras or tels:
-        mesh = replace(mesh, request_authentications=tuple(sorted(ras, key=lambda r: (r.namespace, r.name))),
-                       telemetries=tuple(sorted(tels, key=lambda t: (t.namespace, t.name))))
+    if gateways or gateway_vss:
+        mesh = replace(mesh, gateways={k: gateways[k] for k in sorted(gateways)}, gateway_virtual_services=gateway_vss)
     return replace(mesh, credentials=credentials) if credentials else mesh
