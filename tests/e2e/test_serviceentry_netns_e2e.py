@@ -15,7 +15,6 @@ Needs root, `ip`, `iptables`, `setpriv` and `curl`; skipped with the reason othe
 
 from __future__ import annotations
 
-import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
