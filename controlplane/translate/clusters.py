@@ -161,16 +161,25 @@ def _outlier_detection(c: cluster_pb2.Cluster, od: OutlierDetection | None) -> N
         if od.consecutive_local_origin_failures:
             o.consecutive_local_origin_failure.value = od.consecutive_local_origin_failures
             o.enforcing_consecutive_local_origin_failure.value = 100
+        o.enforcing_local_origin_success_rate.value = 0  # like Istio
     if od.interval_ms is not None:
         o.interval.CopyFrom(duration_ms(od.interval_ms))
     if od.base_ejection_time_ms is not None:
         o.base_ejection_time.CopyFrom(duration_ms(od.base_ejection_time_ms))
-    if od.max_ejection_percent is not None:
+    if od.max_ejection_percent:
+        # Like Istio: 0 cannot be told from unset there, so it keeps Envoy's default (10%).
         o.max_ejection_percent.value = od.max_ejection_percent
+    # Istio's API and tasks (locality failover, circuit breaking) are written for Envoy's rule
+    # that the first ejection is always allowed whatever max_ejection_percent says; Envoy 1.28
+    # made that an explicit switch (envoyproxy/envoy#27909, #34796) and on Envoy 1.40 without it
+    # a service with fewer than 10 hosts never ejects any, so nothing fails over. Istio's
+    # translation sets neither; Meshline sets the switch, so Istio's documented outcome holds.
+    o.always_eject_one_host.value = True
     # Like Istio: success-rate ejection stays off.
     o.enforcing_success_rate.value = 0
-    if od.min_health_percent is not None:
-        c.common_lb_config.healthy_panic_threshold.value = float(od.min_health_percent)
+    # Like Istio: outlier detection turns the panic threshold off unless minHealthPercent says
+    # otherwise (with few pods per service, panic mode would send traffic to ejected hosts).
+    c.common_lb_config.healthy_panic_threshold.value = float(od.min_health_percent or 0)
 
 
 def build_outbound_cluster(

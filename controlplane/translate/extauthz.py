@@ -38,10 +38,10 @@ from controlplane.translate.names import duration_ms, outbound_cluster_name
 from controlplane.translate.rbac import (
     HTTP_RBAC_FILTER,
     NETWORK_RBAC_FILTER,
-    _rule_policy,
     http_rbac_filters,
     network_rbac_filters,
     policy_name,
+    rule_policy,
     string_matcher,
 )
 
@@ -100,7 +100,7 @@ def _shadow_rules(custom: Sequence[AuthorizationPolicy], trust_domain: str, tcp:
     for ap in custom:
         for i, rule in enumerate(ap.rules):
             rules.policies[f"{SHADOW_POLICY_PREFIX}-{policy_name(ap, i)}"].CopyFrom(
-                _rule_policy(rule, trust_domain, tcp))
+                rule_policy(rule, trust_domain, tcp))
     return rules
 
 

@@ -289,9 +289,11 @@ def _source(src: AuthzSource, td: str, tcp: bool) -> rbac_pb2.Principal:
     return _all_of_principals(parts)
 
 
-def _rule_policy(rule: AuthzRule, td: str, tcp: bool) -> rbac_pb2.Policy:
-    """One Envoy policy for `rule`. With `tcp`, HTTP-only attributes are left out (they
-    count as matching); the caller drops ALLOW rules that have any."""
+def rule_policy(rule: AuthzRule, td: str, tcp: bool) -> rbac_pb2.Policy:
+    """One Envoy policy for `rule`, the one place an AuthorizationPolicy rule becomes Envoy
+    RBAC (the RBAC filters here and the CUSTOM shadow rules of `translate.extauthz` use it).
+    With `tcp`, HTTP-only attributes are left out (they count as matching); the caller drops
+    ALLOW rules that have any."""
     principals: list[rbac_pb2.Principal] = []
     permissions: list[rbac_pb2.Permission] = []
     if rule.sources:
@@ -376,7 +378,7 @@ def rbac_rules(policies: Sequence[AuthorizationPolicy], trust_domain: str, *, tc
             for i, rule in enumerate(ap.rules):
                 if tcp and action == "ALLOW" and http_only_attributes(rule):
                     continue  # fails closed: this rule allows nothing on TCP
-                rules.policies[policy_name(ap, i)].CopyFrom(_rule_policy(rule, trust_domain, tcp))
+                rules.policies[policy_name(ap, i)].CopyFrom(rule_policy(rule, trust_domain, tcp))
         if action != "ALLOW" and not rules.policies:
             continue
         out.append((action, rules))

@@ -47,6 +47,7 @@ class Workload:
     app_ip: str | None = None
     serves: bool = True  # False for clients (sleep): no app to start
     tcp_ports: tuple[int, ...] = ()  # ports served by a TCP echo backend instead of HTTP
+    ready: bool = True  # its EndpointSlice condition (False: Kubernetes saw its readiness probe fail)
 
     @property
     def app_address(self) -> str:
@@ -78,7 +79,7 @@ def mesh_yaml(namespaces: dict[str, dict[str, str]], services: Sequence[Service]
                                   "labels": {"kubernetes.io/service-name": svc.name}},
                      "addressType": "IPv4",
                      "ports": [{"name": n, "port": p, "protocol": "TCP"} for n, p in svc.ports],
-                     "endpoints": [{"addresses": [w.ip], "conditions": {"ready": True},
+                     "endpoints": [{"addresses": [w.ip], "conditions": {"ready": w.ready},
                                     "targetRef": {"kind": "Pod", "name": w.name, "namespace": w.namespace}}
                                    for w in members]})
     for w in workloads:
