@@ -53,6 +53,9 @@ from controlplane.model.convert_core import (
     convert_service,
 )
 from controlplane.model.convert_dr import convert_destination_rule
+from controlplane.model.convert_gatewayapi import API_VERSIONS as GATEWAY_API_VERSIONS
+from controlplane.model.convert_gatewayapi import UNSUPPORTED as GATEWAY_API_UNSUPPORTED
+from controlplane.model.convert_gatewayapi import convert_gateway_api
 from controlplane.model.convert_gateway import convert_gateway
 from controlplane.model.convert_secret import convert_secret
 from controlplane.model.convert_security import convert_authorization_policy, convert_peer_authentication
@@ -105,13 +108,9 @@ UNSUPPORTED_KINDS: Mapping[str, str] = {
     "RequestAuthentication": "JWTs are not validated: requests with invalid tokens are not rejected, and "
                              "AuthorizationPolicy rules on requestPrincipals or request.auth claims never match",
     "ProxyConfig": "its proxy settings are not applied",
-    "HTTPRoute": "its routes are not applied (use a VirtualService)",
-    "GRPCRoute": "its routes are not applied (use a VirtualService)",
-    "TCPRoute": "its routes are not applied (use a VirtualService)",
     "TLSRoute": "its routes are not applied",
     "UDPRoute": "its routes are not applied",
     "GatewayClass": "no gateway class is provided",
-    "ReferenceGrant": "it grants nothing (Meshline reads no Gateway API routes)",
     "BackendTLSPolicy": "no TLS is originated to its backends (use a DestinationRule's tls)",
 }
 """What is lost when a kind of Istio's or the Gateway API's groups is ignored."""
@@ -139,6 +138,8 @@ def _convert(ctx: Ctx) -> object | None:
         return None
     accepted = API_VERSIONS.get(raw.kind)
     group = raw.api_version.split("/", 1)[0] if "/" in raw.api_version else ""
+    if group in GATEWAY_API_GROUPS:  # HTTPRoute, GRPCRoute, TCPRoute, ReferenceGrant: convert_gatewayapi
+        return _gateway_api(ctx)
     if accepted is None:
         if is_mesh_group(group):
             lost = UNSUPPORTED_KINDS.get(raw.kind, "it has no effect")
@@ -181,6 +182,21 @@ def _convert(ctx: Ctx) -> object | None:
     if raw.kind == "Gateway":
         return convert_gateway(ctx, namespace, name)
     return convert_destination_rule(ctx, namespace, name)
+
+
+def _gateway_api(ctx: Ctx) -> object | None:
+    raw = ctx.raw
+    accepted = GATEWAY_API_VERSIONS.get(raw.kind)
+    if accepted is None:
+        lost = GATEWAY_API_UNSUPPORTED.get(raw.kind, "it has no effect")
+        ctx.warn("kind", f"{raw.kind} ({raw.api_version}) is not supported by Meshline and is ignored: {lost}")
+        return None
+    if raw.api_version not in accepted:
+        ctx.error("apiVersion", f"unsupported apiVersion {raw.api_version!r} for {raw.kind} (expected "
+                  f"{' or '.join(accepted)})")
+        return None
+    meta = _metadata(ctx)
+    return None if meta is None else convert_gateway_api(ctx, meta[0], meta[1])
 
 
 def is_mesh_group(group: str) -> bool:

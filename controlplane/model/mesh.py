@@ -35,6 +35,7 @@ from controlplane.model.ir import (
     Workload,
     labels_match,
 )
+from controlplane.model.gwapi import GatewayRoute, ParentStatus, ReferenceGrant
 from controlplane.model.meshconfig import NO_MESH_CONFIG, MeshConfig
 
 _EMPTY: Mapping[str, object] = MappingProxyType({})
@@ -63,6 +64,12 @@ class Mesh:
     mesh_config: MeshConfig = NO_MESH_CONFIG  # `--mesh-config`: extension providers (CUSTOM authorization)
     # (namespace, name) -> TLS Secret (DestinationRule credentialName); keys never logged
     credentials: Mapping[tuple[str, str], TlsCredential] = field(default_factory=dict)
+    # Gateway API routes (GAMMA: their VirtualService values are in `vs_by_host`, not in
+    # `virtual_services`; controlplane.model.gamma), ReferenceGrants, and each route's
+    # status: (kind, namespace, name) -> the status.parents entries Meshline owns
+    gateway_routes: tuple[GatewayRoute, ...] = ()
+    reference_grants: tuple[ReferenceGrant, ...] = ()
+    route_status: Mapping[tuple[str, str, str], tuple[ParentStatus, ...]] = field(default_factory=dict)
     # Istio Gateways by "ns/name", and the VirtualServices bound to some Gateway (whole, with
     # their `gateways`; `virtual_services` holds the views bound to `mesh`: model.gateways)
     gateways: Mapping[str, Gateway] = field(default_factory=dict)

@@ -14,6 +14,8 @@ from typing import Any
 
 from controlplane.model.convert import convert
 from controlplane.model.events import Delete, ParseError, Replace, SourceEvent, Upsert
+from controlplane.model.gamma import resolve as resolve_gamma
+from controlplane.model.gwapi import GatewayRoute, ReferenceGrant
 from controlplane.model.gateways import MESH, applies_to_gateways, bound_view
 from controlplane.model.ir import (
     DEFAULT_ROOT_NAMESPACE,
@@ -388,7 +390,8 @@ class MeshStore:
 
 
 STATUS_OWNED_KINDS = frozenset(
-    {"VirtualService", "DestinationRule", "PeerAuthentication", "AuthorizationPolicy", "Sidecar"}
+    {"VirtualService", "DestinationRule", "PeerAuthentication", "AuthorizationPolicy", "Sidecar",
+     "HTTPRoute", "GRPCRoute", "TCPRoute"}
 )
 _VOLATILE_METADATA = frozenset({"resourceVersion", "managedFields", "generation", "uid", "creationTimestamp"})
 
@@ -458,6 +461,8 @@ def mesh_of(
     scs: list[Sidecar] = []
     netns: list[PodNetns] = []
     credentials: dict[tuple[str, str], TlsCredential] = {}
+    routes: list[GatewayRoute] = []
+    grants: list[ReferenceGrant] = []
     gateways: dict[str, Gateway] = {}
     for v in values:
         items = v if isinstance(v, tuple) else (v,)
@@ -484,6 +489,10 @@ def mesh_of(
                 netns.append(item)
             elif isinstance(item, TlsCredential):
                 credentials[(item.namespace, item.name)] = item
+            elif isinstance(item, GatewayRoute):
+                routes.append(item)
+            elif isinstance(item, ReferenceGrant):
+                grants.append(item)
             elif isinstance(item, Gateway):
                 gateways[item.key] = item
     if not netns_annotations:
@@ -519,4 +528,9 @@ def mesh_of(
     )
     if gateways or gateway_vss:
         mesh = replace(mesh, gateways={k: gateways[k] for k in sorted(gateways)}, gateway_virtual_services=gateway_vss)
+    if routes or grants:  # Gateway API routes attached to Services win their hosts (model.gamma)
+        gamma = resolve_gamma(routes, grants, mesh.services)
+        vs_by_host = {**mesh.vs_by_host, **{h: vs for vs in gamma.virtual_services for h in vs.hosts}}
+        mesh = replace(mesh, vs_by_host=vs_by_host, gateway_routes=tuple(routes), reference_grants=tuple(grants),
+                       route_status=gamma.status)
     return replace(mesh, credentials=credentials) if credentials else mesh

@@ -32,6 +32,7 @@ from controlplane.model.ir import (
     labels_match,
     service_fqdn,
 )
+from controlplane.model.gamma import gamma_issues
 from controlplane.model.mesh import Mesh
 from controlplane.model.meshconfig import check_custom_policies
 from controlplane.model.policy import (
@@ -70,6 +71,8 @@ def check_mesh(mesh: Mesh) -> tuple[Issue, ...]:
     issues.extend(check_istio_fidelity(mesh))
     issues.extend(check_custom_policies(mesh.authorization_policies, mesh.mesh_config, mesh.services))
     issues.extend(check_credentials(mesh))
+    if mesh.gateway_routes:
+        issues.extend(gamma_issues(mesh.gateway_routes, mesh.route_status, mesh.virtual_services, mesh.vs_by_host))
     issues.extend(check_telemetries(mesh))
     if mesh.service_entries:
         kube = {h: s for h, s in mesh.services.items() if s.entry is None}
@@ -84,7 +87,8 @@ def _vs_key(vs: VirtualService) -> str:
 def _host_conflicts(mesh: Mesh, vs: VirtualService) -> Iterator[Issue]:
     for host in vs.hosts:
         winner = mesh.vs_by_host.get(host)
-        if winner is not None and (winner.namespace, winner.name) != (vs.namespace, vs.name):
+        if (winner is not None and (winner.namespace, winner.name) != (vs.namespace, vs.name)
+                and winner.ref.kind == "VirtualService"):  # a Gateway API route's: model.gamma warns
             yield Issue(
                 vs.ref,
                 "spec.hosts",

@@ -15,18 +15,18 @@ Service: a service bound to it), as in Istio; selector policies are the node pro
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import replace
 
 from envoy.config.listener.v3 import listener_pb2
 
 from controlplane.model.ambient import services_of_waypoint
-from controlplane.model.ir import AuthorizationPolicy, AuthzOperation, AuthzRule, ProxyMeta, Service
+from controlplane.model.ir import AuthorizationPolicy, AuthzOperation, AuthzRule, Labels, ProxyMeta, Service, ServicePort
 from controlplane.model.mesh import Mesh
 from controlplane.model.policy import policies_for_port, waypoint_policies
 from controlplane.translate.hbone import TunnelTarget, build_hbone_inbound, build_internal_cluster
 from controlplane.translate.listeners import hcm_filter
-from controlplane.translate.names import dedupe_domains, service_domains
+from controlplane.translate.names import dedupe_domains, destination_port, service_domains
 from controlplane.translate.nodeproxy import plan_node
 from controlplane.translate.plan import CLUSTER, LISTENER, ResourceSpec
 from controlplane.translate.rbac import http_rbac_filters
@@ -62,6 +62,8 @@ def plan_waypoint(mesh: Mesh, meta: ProxyMeta) -> list[ResourceSpec]:
             add(tunnel_cluster_specs(mesh, svc, sp, None, None, WORKLOAD_SECRET))
             for subset in dr.subsets if dr is not None else ():
                 add(tunnel_cluster_specs(mesh, svc, sp, subset.name, subset.labels, WORKLOAD_SECRET))
+        for dsvc, dsp, subset, labels in _route_backends(mesh, svc):
+            add(tunnel_cluster_specs(mesh, dsvc, dsp, subset, labels, WORKLOAD_SECRET))
     targets: list[TunnelTarget] = []
     for port, services in sorted(by_port.items()):
         inner = f"waypoint_{port}"
@@ -79,6 +81,32 @@ def plan_waypoint(mesh: Mesh, meta: ProxyMeta) -> list[ResourceSpec]:
                       ("waypoint_hbone", None, WORKLOAD_SECRET, td, tuple(targets), ()),
                       tuple(s.ref for s in bound))])
     return sorted(out.values(), key=lambda s: (s.type_url, s.name))
+
+
+def _route_backends(mesh: Mesh, svc: Service) -> Iterator[tuple[Service, ServicePort, str | None, Labels | None]]:
+    """The other services (and subsets) the routes of `svc` (VirtualService or Gateway API
+    route) send to or mirror to: the waypoint tunnels to their pods too."""
+    vs = mesh.vs_by_host.get(svc.hostname)
+    if vs is None:
+        return
+    dests = [d.destination for hr in vs.http for d in hr.route] + [m.destination for hr in vs.http for m in hr.mirrors]
+    dests += [d.destination for tr in vs.tcp for d in tr.route]
+    for dest in dict.fromkeys(dests):
+        dsvc = mesh.services.get(dest.host)
+        if dsvc is None or service_vip(dsvc) is None:
+            continue
+        labels: Labels | None = None
+        if dest.subset is not None:
+            dr = mesh.dr_by_host.get(dest.host)
+            found = next((s for s in dr.subsets if s.name == dest.subset), None) if dr is not None else None
+            if found is None:
+                continue
+            labels = found.labels
+        for sp in svc.ports:
+            port = destination_port(dest, sp.port, dsvc)
+            dsp = next((p for p in dsvc.ports if p.port == port), None)
+            if dsp is not None and (dsvc, dsp.port, dest.subset) != (svc, sp.port, None):
+                yield dsvc, dsp, dest.subset, labels
 
 
 def _per_service_policies(mesh: Mesh, ns: str, waypoint: str, services: list[Service], port: int,
