@@ -107,10 +107,9 @@ class IdentityPlanner:
         """Whether every authenticated proxy that subscribes to ROOTCA has ACKed `bundle`."""
         want = Resource(SECRET, ROOT_SECRET, root_secret(bundle).SerializeToString(deterministic=True)).version
         for c in list(self._connections()):
-            st = c.stream.types.get(SECRET)
-            if c.identity is None or st is None or not st.subscribed(ROOT_SECRET):
+            if c.identity is None or not c.stream.subscribes(SECRET, ROOT_SECRET):
                 continue
-            acked = st.acked.get(ROOT_SECRET)
+            acked = c.stream.acked_resource(SECRET, ROOT_SECRET)
             if acked is None or acked.version != want:
                 return False
         return True

@@ -343,13 +343,11 @@ def degradation(stream: AdsStream, faults: dict[str, Fault], withheld: dict[Key,
     back after its own NACKs, objects withheld mesh-wide that apply to it (their previous
     version serves), security objects served fail-closed in their place. Read-only."""
     out: list[dict[str, object]] = []
-    for t, st in sorted(stream.types.items()):
-        if not st.quarantine:
-            continue
+    for t, held in stream.held_back().items():
         f = faults.get(t)
-        nack = st.last_nack
+        nack = stream.last_nack(t)
         out.append({
-            "kind": "held-back", "type": SHORT_NAMES.get(t, t), "resources": sorted(st.quarantine),
+            "kind": "held-back", "type": SHORT_NAMES.get(t, t), "resources": sorted(held),
             "message": f.message if f else (nack.message if nack else ""),
             "verdict": f.verdict if f else "unverified", "detail": f.detail if f else "",
             "objects": [{"object": s.display, **({"location": s.location} if s.file else {})}

@@ -267,11 +267,11 @@ class Runtime:
         if counter is None:
             counter = self._push_counters[out.type_url] = self.metrics.pushes.labels(_short(out.type_url))
         counter.inc()
-        target = conn.stream.target
+        generation = conn.stream.target_generation
         progress = self._progress_of(conn)
-        if target is not None and progress.pushed != target.generation:
-            progress.pushed = target.generation
-            started = self._gen_started.get(target.generation)
+        if generation is not None and progress.pushed != generation:
+            progress.pushed = generation
+            started = self._gen_started.get(generation)
             if started is not None:
                 self.metrics.push_seconds.observe(max(0.0, time.time() - started))
         if log.isEnabledFor(logging.DEBUG):
@@ -340,17 +340,18 @@ class Runtime:
 
     def on_ack(self, conn: Connection) -> None:
         stream = conn.stream
-        target = stream.target
+        generation = stream.target_generation
         progress = self._progress_of(conn)
-        if target is None or progress.converged == target.generation:
+        if generation is None or progress.converged == generation:
             return
-        if any(st.pending for st in stream.types.values()) or not stream.synced():
+        if stream.has_pending() or not stream.synced():
             return
-        progress.converged = target.generation
-        for t, st in stream.types.items():
-            if not st.quarantine:
+        progress.converged = generation
+        held = stream.held_back()
+        for t in stream.requested_types():
+            if t not in held:
                 self.policy.cleared(stream.stream_id, t)
-        started = self._gen_started.get(target.generation)
+        started = self._gen_started.get(generation)
         if started is not None:
             self.metrics.convergence_seconds.observe(max(0.0, time.time() - started))
 
@@ -552,10 +553,7 @@ def _short(type_url: str) -> str:
 
 
 def nack_type(conn: Connection, nack: NackRecord) -> str:
-    for t, st in conn.stream.types.items():
-        if st.last_nack is nack:
-            return t
-    return "unknown"
+    return conn.stream.nack_type(nack) or "unknown"
 
 
 async def cancel_all(tasks: list[asyncio.Task[None]]) -> None:

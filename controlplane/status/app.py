@@ -49,26 +49,26 @@ def proxy_view(conn: Connection, quarantined: Collection[tuple[str, str, str]] =
     overall = "SYNCED"
     rank = {"SYNCED": 0, "NOT_SENT": 1, "STALE": 2, "NACKED": 3}
     for t in PUSH_ORDER:
-        st = stream.types.get(t)
-        if st is None:
+        v = stream.view(t)
+        if v is None:
             continue
-        state = stream.sync_state(t)
-        if st.last_nack is not None and state in ("SYNCED", "STALE") and any(
-            (src.kind, src.namespace, src.name) in quarantined for src in st.last_nack.sources
+        state = v.state
+        if v.last_nack is not None and state in ("SYNCED", "STALE") and any(
+            (src.kind, src.namespace, src.name) in quarantined for src in v.last_nack.sources
         ):
             state = "NACKED"
         if rank[state] > rank[overall]:
             overall = state
         types[SHORT_NAMES[t]] = {
             "state": state,
-            "subscribed": "*" if st.wildcard else sorted(st.names),
-            "version_sent": st.version_sent,
-            "version_acked": st.version_acked,
-            "nonce": st.nonce,
-            "last_push": st.last_push or None,
-            "resources": len(st.known),
-            "nacks": st.nacks,
-            "last_nack": _nack(st.last_nack, quarantined),
+            "subscribed": "*" if v.wildcard else sorted(v.subscribed),
+            "version_sent": v.version_sent,
+            "version_acked": v.version_acked,
+            "nonce": v.nonce,
+            "last_push": v.last_push or None,
+            "resources": v.resources,
+            "nacks": v.nacks,
+            "last_nack": _nack(v.last_nack, quarantined),
         }
     m = conn.meta
     if degraded:
@@ -155,10 +155,10 @@ def create_app(runtime: StatusView, token_file: Path | None = None) -> FastAPI:
     @app.get("/v1/proxies/{proxy_id}/config", dependencies=auth)
     def proxy_config(proxy_id: str, type: ConfigType = "clusters") -> dict[str, Any]:
         conn = find(proxy_id)
-        st = conn.stream.types.get(BY_SHORT[type])
-        resources = list(st.known.values()) if st is not None else []
-        return {"id": proxy_id, "type": type, "version": st.version_sent if st else "",
-                "resources": dump_resources(BY_SHORT[type], resources)}
+        t = BY_SHORT[type]
+        v = conn.stream.view(t)
+        return {"id": proxy_id, "type": type, "version": v.version_sent if v is not None else "",
+                "resources": dump_resources(t, conn.stream.held_resources(t))}
 
     @app.get("/v1/services", dependencies=auth)
     def services(namespace: str | None = None) -> list[dict[str, Any]]:

@@ -498,6 +498,34 @@ class AdsStream:
         st = self.types.get(type_url)
         return st.last_nack if st is not None else None
 
+    def subscribes(self, type_url: TypeUrl, name: str) -> bool:
+        """Whether Envoy asked for `name` of `type_url` (by name or by wildcard)."""
+        st = self.types.get(type_url)
+        return st is not None and st.subscribed(name)
+
+    def requested_types(self) -> list[TypeUrl]:
+        """The types Envoy asked for on this stream, in type URL order."""
+        return sorted(self.types)
+
+    def nack_type(self, nack: NackRecord) -> TypeUrl | None:
+        """The type whose latest NACK `nack` is (None: not this stream's latest)."""
+        for t, st in self.types.items():
+            if st.last_nack is nack:
+                return t
+        return None
+
+    def held_back(self) -> dict[TypeUrl, Mapping[str, str]]:
+        """Per type, in type URL order, the resources this stream holds back because the proxy
+        rejected them (name -> rejected version); types holding nothing back are left out.
+        Cheap when nothing is held back (read per proxy on every status/metrics read)."""
+        return {t: MappingProxyType(dict(st.quarantine))
+                for t, st in sorted(self.types.items()) if st.quarantine}
+
+    @property
+    def target_generation(self) -> int | None:
+        """The snapshot generation this stream is being brought to (None: no snapshot yet)."""
+        return self.target.generation if self.target is not None else None
+
     def warming_left(self) -> float | None:
         """Seconds until the wait for new clusters to warm gives up, when that deadline
         matters (something waits for it); None otherwise."""
