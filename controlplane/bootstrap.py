@@ -51,6 +51,7 @@ class BootstrapOptions:
     outbound_address: str = "127.0.0.1"  # bind capture: loopback address of the outbound listeners
     node_name: str | None = None  # node proxies: the node served
     waypoint: str | None = None  # waypoints: the waypoint's name
+    gateway: str | None = None  # gateways: the Gateway served (NAME or NS/NAME)
 
 
 def split_address(addr: str) -> tuple[str, int]:
@@ -79,6 +80,8 @@ def bootstrap(opts: BootstrapOptions) -> dict[str, Any]:
         metadata["node"] = opts.node_name
     if opts.waypoint:
         metadata["waypoint"] = opts.waypoint
+    if opts.gateway:
+        metadata["gateway"] = opts.gateway
     api_type = "DELTA_GRPC" if opts.xds_protocol == "delta" else "GRPC"
     if (opts.token or opts.token_file) and opts.xds_tls is None and not is_loopback(xds_host):
         raise ValueError(f"a token must not cross the network in clear: {opts.xds_address} is not loopback, "

@@ -184,7 +184,8 @@ def _watch_namespaces(kubernetes: bool, kubeconfig: Path | None, watch_namespace
 
 
 @main.command()
-@click.option("--mode", type=click.Choice(["sidecar", "node", "waypoint"]), default="sidecar", show_default=True)
+@click.option("--mode", type=click.Choice(["sidecar", "node", "waypoint", "gateway"]), default="sidecar",
+              show_default=True)
 @click.option("--node-id", required=True)
 @click.option("--namespace", required=True)
 @click.option("--workload", default=None)
@@ -225,12 +226,17 @@ def _watch_namespaces(kubernetes: bool, kubeconfig: Path | None, watch_namespace
 @click.option("--waypoint", "waypoint_name", default=None,
               help="--mode waypoint: the waypoint's name (the Service `meshline.io/use-waypoint` names); "
                    "default: waypoint.")
+@click.option("--gateway", "gateway_name", default=None,
+              help="--mode gateway (required): the Istio Gateway this ingress/egress proxy serves, NAME (in "
+                   "--namespace) or NAMESPACE/NAME. Its credentialName certificates reach the proxy only with an "
+                   "identity (--ca-dir/--token-file) whose pod (--workload) carries the Gateway's selector labels.")
 def bootstrap(mode: str, node_id: str, namespace: str, workload: str | None, service_account: str, labels: str,
               capture: str, outbound_address: str, xds_protocol: str, xds_address: str, admin_address: str,
               ca_dir: Path | None,
               token_ttl: Any, token_file: Path | None, token_out: Path | None, xds_tls: bool,
               ca_bundle: Path | None,
-              xds_server_name: str | None, node_name: str | None, waypoint_name: str | None) -> None:
+              xds_server_name: str | None, node_name: str | None, waypoint_name: str | None,
+              gateway_name: str | None) -> None:
     """Print an Envoy bootstrap (YAML) for a proxy."""
     import ipaddress
 
@@ -259,6 +265,10 @@ def bootstrap(mode: str, node_id: str, namespace: str, workload: str | None, ser
         raise click.UsageError("--node-name is for --mode node")
     if waypoint_name and mode != "waypoint":
         raise click.UsageError("--waypoint is for --mode waypoint")
+    if mode == "gateway" and not gateway_name:
+        raise click.UsageError("--mode gateway needs --gateway NAME (the Gateway it serves)")
+    if gateway_name and mode != "gateway":
+        raise click.UsageError("--gateway is for --mode gateway")
     if token_out is not None and ca_dir is None:
         raise click.UsageError("--token-out needs --ca-dir (it is where a minted token goes)")
     token_path = _bootstrap_token(ca_dir, token_file, namespace, service_account, token_ttl, node_name, token_out)
@@ -276,6 +286,7 @@ def bootstrap(mode: str, node_id: str, namespace: str, workload: str | None, ser
         token_file=str(token_path) if token_path is not None else None,
         xds_tls=tls, outbound_address=outbound_address, node_name=node_name,
         waypoint=(waypoint_name or "waypoint") if mode == "waypoint" else None,
+        gateway=gateway_name if mode == "gateway" else None,
     )
     try:
         click.echo(render(opts), nl=False)

@@ -5,6 +5,9 @@ turns it into SDS secrets and tells the runtime when certificates change.
 
 - A sidecar or waypoint with an authenticated identity gets its workload certificate and
   the trust bundle; an unauthenticated stream gets none.
+- A gateway proxy with an authenticated identity also gets the `credentialName` Secrets of
+  its Gateway's servers (from its namespace), only when its pod (the identity's namespace and
+  service account) carries the Gateway's selector labels (`translate.gateway`).
 - A node proxy gets one certificate per identity of the ambient pods on the node its
   credential proves (named by SPIFFE URI), and no other (the CA issues nothing else to it).
 - Certificates nobody holds are forgotten; the next half-life wakes the planner to rotate.
@@ -20,6 +23,7 @@ from controlplane.ca.identity import Identity, identity_of, proven_node
 from controlplane.cache.resources import Resource
 from controlplane.model.ir import ProxyMeta
 from controlplane.model.mesh import Mesh
+from controlplane.translate.gateway import gateway_credentials
 from controlplane.translate.nodepod import identity_secret, node_identities
 from controlplane.translate.plan import SECRET, ResourceSpec
 from controlplane.translate.proxy import plan_own
@@ -66,6 +70,8 @@ class IdentityPlanner:
             return specs
         # DestinationRule credentialName Secrets of the sidecar's namespace (never to others).
         creds = plan_proxy_credentials(mesh, meta.namespace, SYSTEM_CA_FILE) if meta.mode == "sidecar" else []
+        if meta.mode == "gateway":  # its servers' credentialName Secrets, if its pod is one the Gateway selects
+            creds = gateway_credentials(mesh, meta, ident.namespace, ident.service_account, SYSTEM_CA_FILE)
         return [*specs, *plan_secrets(material, self.identity.bundle), *creds]
 
     def node_secrets(self, mesh: Mesh, meta: ProxyMeta) -> list[ResourceSpec]:

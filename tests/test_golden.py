@@ -68,6 +68,7 @@ def load_case(name: str) -> Case:
             mode=e.get("mode", "sidecar"),
             node=e.get("node"),
             waypoint=e.get("waypoint"),
+            gateway=e.get("gateway"),
         )
         for e in entries
     )

@@ -117,14 +117,14 @@ class Snapshot:
 
 
 OutboundKey = tuple[str, CaptureMode]
-ProxyKey = tuple[str, str | None, Labels, CaptureMode, str, Labels, str, str | None, str | None]
+ProxyKey = tuple[str, str | None, Labels, CaptureMode, str, Labels, str, str | None, str | None, str | None]
 
 
 def proxy_key(meta: ProxyMeta) -> ProxyKey:
     # `extra` carries the proxy's authenticated identity (controlplane.ca.identity): two
     # proxies of one workload with different identities get different own layers (secrets).
     return (meta.namespace, meta.workload, meta.labels, meta.capture, meta.mode, meta.extra, meta.outbound_address,
-            meta.node, meta.waypoint)
+            meta.node, meta.waypoint, meta.gateway)
 
 
 Planner = Callable[[Mesh, ProxyMeta], list[ResourceSpec]]

@@ -182,7 +182,7 @@ def _tls(ctx: Ctx, m: Mapping[str, Any], path: str, protocol: str) -> ServerTLS 
     elif mode_text and mode_text not in MODES:
         ctx.error(join(p, "mode"), f"{mode_text!r} is not one of {', '.join((*MODES, *REFUSED_MODES))}")
     elif mode_text:
-        mode = mode_text  # type: ignore[assignment]
+        mode = next(m for m in MODES if m == mode_text)
     elif protocol in TLS_PROTOCOLS:
         ctx.error(join(p, "mode"), f"is required for protocol {protocol}")
     cred = get_str(ctx, t, "credentialName", p)

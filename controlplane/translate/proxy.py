@@ -7,7 +7,7 @@ snapshot builder keeps them:
   bind address and Sidecar scope); a node proxy's service clusters and their endpoints
   (`nodeproxy.plan_node_shared`, per set of imported services); nothing for a waypoint;
 - `own`: the rest (a sidecar's inbound side, a node proxy's per-pod and per-identity
-  resources, a waypoint's everything), kept as it is on endpoint-only changes.
+  resources, a waypoint's or a gateway's everything: `translate.gateway`), kept as it is on endpoint-only changes.
 `plan_shared_hosts` re-plans just the shared resources that depend on some hosts' endpoints
 (an endpoint-only change patches those). Certificates are not translation: the runtime's
 identity planner adds them to the own layer from the CA's material.
@@ -24,6 +24,7 @@ from controlplane.model.ir import Hostname, ProxyMeta
 from controlplane.model.mesh import Mesh
 from controlplane.translate import nodeproxy
 from controlplane.translate.ambient import plan_waypoint
+from controlplane.translate.gateway import plan_gateway
 from controlplane.translate.locality import ClientLocalities, client_locality, failover_priority_keys
 from controlplane.translate.plan import ResourceSpec
 from controlplane.translate.scope import proxy_scope, scope_key
@@ -83,6 +84,8 @@ def plan_own(mesh: Mesh, meta: ProxyMeta) -> list[ResourceSpec]:
         return nodeproxy.plan_node_own(mesh, meta.node) if meta.node else []
     if meta.mode == "waypoint":
         return plan_waypoint(mesh, meta)
+    if meta.mode == "gateway":
+        return plan_gateway(mesh, meta)
     return plan_inbound(mesh, meta)
 
 

@@ -75,7 +75,8 @@ def proxy_meta_from_node(node: Any) -> ProxyMeta:
     """Read the node's identity and Meshline metadata (set by `meshline bootstrap`)."""
     md: dict[str, Any] = json_format.MessageToDict(node.metadata) if node.HasField("metadata") else {}
     raw_mode = md.get("mode")
-    mode: ProxyMode = "node" if raw_mode == "node" else "waypoint" if raw_mode == "waypoint" else "sidecar"
+    mode: ProxyMode = ("node" if raw_mode == "node" else "waypoint" if raw_mode == "waypoint"
+                       else "gateway" if raw_mode == "gateway" else "sidecar")
     capture: CaptureMode = "intercept" if md.get("capture") == "intercept" else "bind"
     raw_labels = md.get("labels")
     labels: dict[str, Any] = raw_labels if isinstance(raw_labels, dict) else {}
@@ -90,7 +91,16 @@ def proxy_meta_from_node(node: Any) -> ProxyMeta:
         outbound_address=_loopback(md.get("outbound_address")),
         node=str(md["node"]) if mode == "node" and md.get("node") else None,
         waypoint=str(md.get("waypoint") or "waypoint") if mode == "waypoint" else None,
+        gateway=_gateway_key(md.get("gateway"), str(md.get("namespace") or "default")) if mode == "gateway" else None,
     )
+
+
+def _gateway_key(value: Any, namespace: str) -> str | None:
+    """A gateway proxy's Gateway as `ns/name` (`name` alone: the proxy's namespace)."""
+    if not value:
+        return None
+    text = str(value)
+    return text if "/" in text else f"{namespace}/{text}"
 
 
 def _loopback(value: Any) -> str:

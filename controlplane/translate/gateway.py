@@ -1,0 +1,366 @@
+"""Ingress/egress gateway translation (Istio `Gateway` + bound VirtualServices). Pure, no I/O.
+
+A gateway proxy (`meshline bootstrap --mode gateway --gateway NS/NAME`) serves the Gateway
+`meta.gateway` (`plan_gateway`):
+
+- one listener per server address and port (`<bind or 0.0.0.0>_<port>`);
+- HTTP/HTTP2/GRPC servers: an HTTP connection manager on RDS `http.<port>` (Istio's name),
+  whose virtual hosts are the hosts of the VirtualServices bound to the Gateway
+  (`controlplane.model.gateways.bound_view`) intersected with the servers' hosts; a server with
+  `tls.httpsRedirect` makes its virtual hosts redirect to https (`require_tls: ALL`);
+- HTTPS servers (SIMPLE, MUTUAL, OPTIONAL_MUTUAL): one filter chain per server, matched by SNI
+  on the server's hosts (none for `*`), with a `DownstreamTlsContext` whose certificate is the
+  `credentialName` Secret over SDS (`kubernetes://<name>`, client CA `kubernetes://<name>-cacert`)
+  or the files the server names, and its own RDS `https.<port>.<server>.<gateway>.<ns>`;
+- HTTPS/TLS PASSTHROUGH servers: SNI filter chains (a TLS inspector reads the SNI) to
+  `tcp_proxy` toward the destination of the bound VirtualServices' tcp routes for that port;
+- TCP servers: `tcp_proxy` to the destination of the bound VirtualServices' tcp routes;
+- clusters and endpoints of every mesh service, as a sidecar of the gateway's namespace sees
+  them (DestinationRules, ISTIO_MUTUAL to sidecar-injected endpoints).
+
+Certificates are not translation: `gateway_credentials` lists the Secrets the runtime's
+identity planner may add, and only for a proxy proven to be a workload the Gateway selects.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from envoy.config.core.v3 import base_pb2
+from envoy.config.listener.v3 import listener_pb2
+from envoy.config.route.v3 import route_components_pb2 as rc
+from envoy.config.route.v3 import route_pb2
+from envoy.extensions.filters.listener.tls_inspector.v3 import tls_inspector_pb2
+from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm_pb2
+from envoy.extensions.transport_sockets.tls.v3 import common_pb2, secret_pb2, tls_pb2
+from envoy.type.matcher.v3 import string_pb2
+
+from controlplane.model.gateways import gateway_virtual_services, server_vs_hosts
+from controlplane.model.ir import (
+    Destination,
+    Gateway,
+    GatewayServer,
+    ProxyMeta,
+    ServerTLS,
+    SourceRef,
+    VirtualService,
+)
+from controlplane.model.mesh import Mesh
+from controlplane.model.validate_tls import credential_ca
+from controlplane.translate.listeners import WeightedCluster, hcm_filter
+from controlplane.translate.listeners import _tcp_proxy as tcp_proxy_filter
+from controlplane.translate.names import destination_cluster, pack, weighted_split
+from controlplane.translate.plan import LISTENER, ROUTE, SECRET, ResourceSpec
+from controlplane.translate.routes import Target, VirtualHostInput, _target, build_route_config
+from controlplane.translate.secrets import (
+    Credential,
+    ads_config_source,
+    credential_ca_sds_name,
+    credential_ca_secret,
+    credential_sds_name,
+    credential_secret,
+)
+from controlplane.translate.sidecar import _cluster_specs
+
+HTTP_PROTOCOLS = frozenset({"HTTP", "HTTP2", "GRPC"})
+BLACKHOLE = "BlackHoleCluster"
+_TLS_VERSIONS = {
+    "TLSV1_0": common_pb2.TlsParameters.TLSv1_0,
+    "TLSV1_1": common_pb2.TlsParameters.TLSv1_1,
+    "TLSV1_2": common_pb2.TlsParameters.TLSv1_2,
+    "TLSV1_3": common_pb2.TlsParameters.TLSv1_3,
+}
+
+
+def gateway_of(mesh: Mesh, meta: ProxyMeta) -> Gateway | None:
+    """The Gateway a gateway proxy serves (`meta.gateway`, `ns/name`), if it exists."""
+    if meta.mode != "gateway" or not meta.gateway:
+        return None
+    return mesh.gateways.get(meta.gateway)
+
+
+# --------------------------------------------------------------------------- planning
+
+
+@dataclass(frozen=True, slots=True)
+class ServerChain:
+    """One filter chain of a gateway listener: which SNI names it matches, its TLS, and what
+    it runs (an RDS route config, or a tcp_proxy to weighted clusters)."""
+
+    name: str
+    server_names: tuple[str, ...] = ()
+    tls: ServerTLS | None = None
+    rds: str | None = None
+    tcp: tuple[WeightedCluster, ...] = ()
+    alpn: tuple[str, ...] = ()
+
+
+def plan_gateway(mesh: Mesh, meta: ProxyMeta) -> list[ResourceSpec]:
+    """A gateway proxy's resources (without certificates), sorted by (type, name)."""
+    gw = gateway_of(mesh, meta)
+    if gw is None:
+        return []
+    bound = gateway_virtual_services(gw, mesh.gateway_virtual_services)
+    out: dict[tuple[str, str], ResourceSpec] = {}
+
+    def add(specs: Iterable[ResourceSpec]) -> None:
+        for s in specs:
+            out.setdefault((s.type_url, s.name), s)
+
+    for host in sorted(mesh.services):
+        add(_cluster_specs(mesh, mesh.services[host], meta.namespace))
+    by_addr: dict[tuple[str, int], list[tuple[int, GatewayServer]]] = {}
+    for i, srv in enumerate(gw.servers):
+        by_addr.setdefault((srv.bind or "0.0.0.0", srv.port), []).append((i, srv))
+    for (addr, port), servers in sorted(by_addr.items()):
+        chains: list[ServerChain] = []
+        refs: list[SourceRef] = [gw.ref]
+        plain_http = [s for _, s in servers if s.protocol in HTTP_PROTOCOLS]
+        if plain_http:
+            rds = f"http.{port}"
+            add([_route_spec(mesh, gw, rds, port, plain_http, bound, meta.namespace)])
+            chains.append(ServerChain(name=rds, rds=rds))
+        for i, srv in servers:
+            if srv.protocol in HTTP_PROTOCOLS:
+                continue
+            chain, specs = _server_chain(mesh, gw, i, srv, bound, meta.namespace)
+            add(specs)
+            if chain is not None:
+                chains.append(chain)
+        refs += [vs.ref for vs in bound]
+        name = f"{addr}_{port}"
+        add([ResourceSpec(LISTENER, name, build_gateway_listener, (name, addr, port, tuple(chains)),
+                          tuple(dict.fromkeys(refs)))])
+    return sorted(out.values(), key=lambda s: (s.type_url, s.name))
+
+
+def _server_label(gw: Gateway, index: int, srv: GatewayServer) -> str:
+    return srv.name or srv.port_name or str(index)
+
+
+def _server_chain(mesh: Mesh, gw: Gateway, index: int, srv: GatewayServer, bound: tuple[VirtualService, ...],
+                  namespace: str) -> tuple[ServerChain | None, list[ResourceSpec]]:
+    tls = srv.tls
+    names = _sni_names(srv)
+    label = _server_label(gw, index, srv)
+    if srv.protocol == "HTTPS" and tls is not None and tls.mode != "PASSTHROUGH":
+        rds = f"https.{srv.port}.{label}.{gw.name}.{gw.namespace}"
+        spec = _route_spec(mesh, gw, rds, srv.port, [srv], bound, namespace)
+        return ServerChain(name=rds, server_names=names, tls=tls, rds=rds, alpn=("h2", "http/1.1")), [spec]
+    # TCP, TLS PASSTHROUGH/terminated, HTTPS PASSTHROUGH: the bound tcp routes for this port.
+    tcp = _tcp_clusters(mesh, srv, bound, namespace)
+    if not tcp:
+        return None, []
+    terminate = tls if tls is not None and tls.mode != "PASSTHROUGH" else None
+    sni = names if tls is not None else ()
+    return ServerChain(name=f"{srv.protocol.lower()}.{srv.port}.{label}", server_names=sni, tls=terminate,
+                       tcp=tcp), []
+
+
+def _sni_names(srv: GatewayServer) -> tuple[str, ...]:
+    hosts = sorted({h for _, h in srv.hosts})
+    return () if "*" in hosts else tuple(hosts)
+
+
+def _tcp_clusters(mesh: Mesh, srv: GatewayServer, bound: tuple[VirtualService, ...], namespace: str
+                  ) -> tuple[WeightedCluster, ...]:
+    """The weighted clusters of the first bound tcp route that applies to `srv`'s port."""
+    for vs in bound:
+        if not server_vs_hosts(srv, vs):
+            continue
+        for tr in vs.tcp:
+            if tr.matches and not any(m.port in (None, srv.port) for m in tr.matches):
+                continue
+            dests = weighted_split(tr.route)
+            if dests:
+                return tuple(WeightedCluster(destination_cluster(d.destination, srv.port, mesh.services), d.weight)
+                             for d in dests)
+    return ()
+
+
+def _domains(hosts: Sequence[str]) -> tuple[str, ...]:
+    out: list[str] = []
+    for h in hosts:
+        out += [h] if h == "*" else [h, f"{h}:*"]
+    return tuple(out)
+
+
+def _route_spec(mesh: Mesh, gw: Gateway, name: str, port: int, servers: Sequence[GatewayServer],
+                bound: tuple[VirtualService, ...], namespace: str) -> ResourceSpec:
+    """The route configuration `name` of `servers` (sharing `port`): a virtual host per bound
+    VirtualService, named after its hosts that the servers serve (each name once: the first
+    VirtualService by namespace and name keeps a name another one also claims)."""
+    vhosts: list[VirtualHostInput] = []
+    redirect: list[str] = []
+    taken: set[str] = set()
+    sources: list[SourceRef] = [gw.ref]
+    for vs in bound:
+        hosts: list[str] = []
+        secure = False
+        for srv in servers:
+            got = [h for h in server_vs_hosts(srv, vs) if h not in taken and h not in hosts]
+            hosts += got
+            secure = secure or bool(got and srv.tls is not None and srv.tls.https_redirect)
+        if not hosts or not vs.http:
+            continue
+        taken.update(hosts)
+        targets: dict[Destination, Target] = {}
+        for hr in vs.http:
+            for d in [rd.destination for rd in hr.route] + [m.destination for m in hr.mirrors]:
+                if d not in targets:
+                    targets[d] = _target(mesh, d, port, namespace)
+        vh_name = f"{vs.namespace}/{vs.name}:{port}"
+        vhosts.append(VirtualHostInput(name=vh_name, domains=_domains(sorted(hosts)), default=Target(BLACKHOLE),
+                                       route_prefix=f"{vs.name}.{vs.namespace}", http=vs.http,
+                                       targets=tuple(targets.items())))
+        if secure:
+            redirect.append(vh_name)
+        sources.append(vs.ref)
+    for srv in servers:  # httpsRedirect servers redirect even hosts no VirtualService routes
+        if srv.tls is not None and srv.tls.https_redirect:
+            rest = sorted({h for _, h in srv.hosts} - taken)
+            if rest:
+                taken.update(rest)
+                vh_name = f"redirect.{srv.port}.{'.'.join(rest)}"
+                vhosts.append(VirtualHostInput(name=vh_name, domains=_domains(rest), default=Target(BLACKHOLE)))
+                redirect.append(vh_name)
+    return ResourceSpec(ROUTE, name, build_gateway_routes, (name, port, namespace, tuple(vhosts), tuple(redirect)),
+                        tuple(dict.fromkeys(sources)))
+
+
+# --------------------------------------------------------------------------- builders
+
+
+def build_gateway_routes(name: str, port: int, namespace: str, vhosts: tuple[VirtualHostInput, ...],
+                         redirect: tuple[str, ...]) -> route_pb2.RouteConfiguration:
+    """A gateway's route configuration: the VirtualServices' routes (`routes.build_route_config`);
+    virtual hosts in `redirect` answer plain HTTP with a redirect to https; a request for a
+    host no virtual host serves gets Envoy's 404."""
+    rcfg = build_route_config(name, port, namespace, vhosts, passthrough=False)
+    for vh in rcfg.virtual_hosts:
+        if vh.name in redirect:
+            vh.require_tls = rc.VirtualHost.ALL
+    return rcfg
+
+
+def _downstream_tls(tls: ServerTLS, alpn: tuple[str, ...]) -> tls_pb2.DownstreamTlsContext:
+    ctx = tls_pb2.DownstreamTlsContext()
+    common = ctx.common_tls_context
+    common.alpn_protocols.extend(alpn)
+    if tls.credential_name:
+        common.tls_certificate_sds_secret_configs.append(secret_pb2.SdsSecretConfig(
+            name=credential_sds_name(tls.credential_name), sds_config=ads_config_source()))
+    else:
+        cert = common.tls_certificates.add()
+        cert.certificate_chain.filename = tls.server_certificate or ""
+        cert.private_key.filename = tls.private_key or ""
+    params = common.tls_params
+    if tls.min_protocol_version in _TLS_VERSIONS:
+        params.tls_minimum_protocol_version = _TLS_VERSIONS[tls.min_protocol_version]
+    else:
+        params.tls_minimum_protocol_version = common_pb2.TlsParameters.TLSv1_2  # Istio's gateway default
+    if tls.max_protocol_version in _TLS_VERSIONS:
+        params.tls_maximum_protocol_version = _TLS_VERSIONS[tls.max_protocol_version]
+    params.cipher_suites.extend(tls.cipher_suites)
+    if tls.mode in ("MUTUAL", "OPTIONAL_MUTUAL"):
+        ctx.require_client_certificate.value = tls.mode == "MUTUAL"
+        if tls.credential_name:
+            combined = common.combined_validation_context
+            combined.validation_context_sds_secret_config.CopyFrom(secret_pb2.SdsSecretConfig(
+                name=credential_ca_sds_name(tls.credential_name), sds_config=ads_config_source()))
+            validation = combined.default_validation_context
+        else:
+            validation = common.validation_context
+            validation.trusted_ca.filename = tls.ca_certificates or ""
+            if tls.ca_crl:
+                validation.crl.filename = tls.ca_crl
+        for san in tls.subject_alt_names:
+            kind = common_pb2.SubjectAltNameMatcher.URI if "://" in san else common_pb2.SubjectAltNameMatcher.DNS
+            validation.match_typed_subject_alt_names.append(
+                common_pb2.SubjectAltNameMatcher(san_type=kind, matcher=string_pb2.StringMatcher(exact=san)))
+        validation.verify_certificate_spki.extend(tls.verify_certificate_spki)
+        validation.verify_certificate_hash.extend(tls.verify_certificate_hash)
+    return ctx
+
+
+def build_gateway_listener(name: str, address: str, port: int, chains: tuple[ServerChain, ...]
+                           ) -> listener_pb2.Listener:
+    """One gateway listener: a filter chain per server (SNI-matched when it has TLS)."""
+    lst = listener_pb2.Listener(name=name, traffic_direction=base_pb2.OUTBOUND)
+    sa = lst.address.socket_address
+    sa.address = address
+    sa.port_value = port
+    if any(c.server_names or c.tls is not None for c in chains):
+        lf = lst.listener_filters.add(name="envoy.filters.listener.tls_inspector")
+        lf.typed_config.CopyFrom(pack(tls_inspector_pb2.TlsInspector()))
+    for c in chains:
+        fc = lst.filter_chains.add(name=c.name)
+        if c.server_names:
+            fc.filter_chain_match.server_names.extend(c.server_names)
+        if c.tls is not None:
+            fc.transport_socket.name = "envoy.transport_sockets.tls"
+            fc.transport_socket.typed_config.CopyFrom(pack(_downstream_tls(c.tls, c.alpn)))
+        if c.rds is not None:
+            fc.filters.append(_gateway_hcm(f"{name}.{c.name}", c.rds, c.tls is not None))
+        else:
+            fc.filters.append(tcp_proxy_filter(f"{name}.{c.name}", c.tcp))
+    if not chains:  # nothing bound yet: refuse connections until a VirtualService is
+        fc = lst.filter_chains.add(name="blackhole")
+        fc.filters.append(tcp_proxy_filter(f"{name}.blackhole", [WeightedCluster(BLACKHOLE)]))
+    return lst
+
+
+def _gateway_hcm(stat: str, rds: str, secure: bool) -> Any:
+    """An edge HTTP connection manager: the client's address is the remote address, and the
+    x-forwarded-proto it sends is not trusted."""
+    f = hcm_filter(stat, rds, None)
+    h = hcm_pb2.HttpConnectionManager()
+    f.typed_config.Unpack(h)
+    h.use_remote_address.value = True
+    h.xff_num_trusted_hops = 0
+    h.scheme_header_transformation.scheme_to_overwrite = "https" if secure else "http"
+    f.typed_config.CopyFrom(pack(h))
+    return f
+
+
+# --------------------------------------------------------------------------- credentials
+
+
+def gateway_authorized(mesh: Mesh, meta: ProxyMeta, namespace: str, service_account: str) -> Gateway | None:
+    """The Gateway of `meta` when the proxy's authenticated identity (`namespace`,
+    `service_account`) is that of its pod (`meta.workload` in the mesh) and the pod's labels
+    include the Gateway's selector; None otherwise (it then receives no gateway Secret)."""
+    gw = gateway_of(mesh, meta)
+    pod = mesh.workload(namespace, meta.workload)
+    if gw is None or pod is None or pod.service_account != service_account:
+        return None
+    have = dict(pod.labels)
+    if any(have.get(k) != v for k, v in gw.selector):
+        return None
+    return gw
+
+
+def gateway_credentials(mesh: Mesh, meta: ProxyMeta, namespace: str, service_account: str, system_ca: str
+                        ) -> list[ResourceSpec]:
+    """The `credentialName` Secrets of the Gateway's servers, from the gateway proxy's own
+    namespace (Istio's rule), for an authenticated proxy `gateway_authorized` admits; [] for
+    any other. A Secret that is missing or unusable is not sent (its server's TLS never becomes
+    ready: connections fail, never fall back to plaintext)."""
+    gw = gateway_authorized(mesh, meta, namespace, service_account)
+    if gw is None:
+        return []
+    names = sorted({s.tls.credential_name for s in gw.servers if s.tls is not None and s.tls.credential_name})
+    out: list[ResourceSpec] = []
+    for name in names:
+        cred = mesh.credentials.get((namespace, name))
+        if cred is None or cred.problem is not None or not (cred.cert_pem and cred.key_pem):
+            continue
+        out.append(ResourceSpec(SECRET, credential_sds_name(name), credential_secret,
+                                (name, Credential(cred.cert_pem, cred.key_pem))))
+        ca = credential_ca(mesh, namespace, name)
+        if ca is not None:  # client certificates are verified against it (MUTUAL): never a default CA
+            out.append(ResourceSpec(SECRET, credential_ca_sds_name(name), credential_ca_secret,
+                                    (name, ca.ca_pem, cred.crl_pem, system_ca)))
+    return out
