@@ -235,6 +235,7 @@ def build_runtime(settings: Settings, identity: IdentityService | None = None) -
 def start_leader_work(runtime: Runtime, settings: Settings) -> list[asyncio.Task[None]]:
     """Leader election and the singleton work only the leader does (CRD status write-back)."""
     from controlplane.crdstatus import StatusWriter
+    from controlplane.gwstatus import RouteStatusWriter
     from controlplane.leader import ElectionConfig, LeaderElector
     from controlplane.sources.kubernetes import ORIGIN, make_api_client
 
@@ -245,20 +246,27 @@ def start_leader_work(runtime: Runtime, settings: Settings) -> list[asyncio.Task
     writer = StatusWriter(api, lambda: (store.objects(ORIGIN), store.issues_by_key(), store.quarantined()),
                           is_leader=lambda: elector.is_leader,
                           on_write=lambda n: runtime.metrics.status_writes.inc(n))
+    routes = RouteStatusWriter(api, lambda: (store.objects(ORIGIN), store.mesh().route_status, store.issues_by_key()),
+                               is_leader=lambda: elector.is_leader,
+                               on_write=lambda n: runtime.metrics.status_writes.inc(n))
 
     def on_change(leader: bool) -> None:
         runtime.leader = leader
         if leader:
             writer.forget()
             writer.poke()
+            routes.forget()
+            routes.poke()
 
     lease = settings.leader_lease_seconds
     elector = LeaderElector(api, ElectionConfig(namespace=namespace, name="meshline-leader", identity=identity,
                                                 lease_duration_s=lease, renew_deadline_s=lease * 2 / 3,
                                                 retry_period_s=max(0.2, lease / 7.5)), on_change=on_change)
     runtime.after_rebuild.append(writer.poke)
+    runtime.after_rebuild.append(routes.poke)
     return [asyncio.create_task(elector.run(), name="leader-election"),
-            asyncio.create_task(writer.run(), name="crd-status")]
+            asyncio.create_task(writer.run(), name="crd-status"),
+            asyncio.create_task(routes.run(), name="gateway-route-status")]
 
 
 def _loopback(host: str) -> bool:

@@ -53,10 +53,10 @@ from controlplane.model.convert_core import (
     convert_service,
 )
 from controlplane.model.convert_dr import convert_destination_rule
+from controlplane.model.convert_gateway import convert_gateway
 from controlplane.model.convert_gatewayapi import API_VERSIONS as GATEWAY_API_VERSIONS
 from controlplane.model.convert_gatewayapi import UNSUPPORTED as GATEWAY_API_UNSUPPORTED
 from controlplane.model.convert_gatewayapi import convert_gateway_api
-from controlplane.model.convert_gateway import convert_gateway
 from controlplane.model.convert_secret import convert_secret
 from controlplane.model.convert_security import convert_authorization_policy, convert_peer_authentication
 from controlplane.model.convert_sidecar import convert_sidecar

@@ -49,8 +49,8 @@ from controlplane.model.gwapi import (
     RouteRule,
 )
 from controlplane.model.ir import (
-    DirectResponse,
     Destination,
+    DirectResponse,
     Hostname,
     HTTPRoute,
     Issue,

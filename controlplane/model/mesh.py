@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
+from controlplane.model.gwapi import GatewayRoute, ParentStatus, ReferenceGrant
 from controlplane.model.ir import (
     DEFAULT_ROOT_NAMESPACE,
     DEFAULT_TRUST_DOMAIN,
@@ -35,7 +36,6 @@ from controlplane.model.ir import (
     Workload,
     labels_match,
 )
-from controlplane.model.gwapi import GatewayRoute, ParentStatus, ReferenceGrant
 from controlplane.model.meshconfig import NO_MESH_CONFIG, MeshConfig
 
 _EMPTY: Mapping[str, object] = MappingProxyType({})

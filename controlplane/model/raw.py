@@ -14,7 +14,17 @@ from typing import Any
 from controlplane.model.ir import SourceRef
 
 ObjectKey = tuple[str, str, str]
-"""(kind, namespace, name); namespace is "" for cluster-scoped kinds."""
+"""(kind, namespace, name); namespace is "" for cluster-scoped kinds. A kind that two API
+groups define (Istio's and the Gateway API's `Gateway`) is qualified by its group for the
+less usual one (`Gateway.gateway.networking.k8s.io`), so that both can exist with one name."""
+
+GROUP_QUALIFIED_KINDS = frozenset({("Gateway", "gateway.networking.k8s.io"), ("Gateway", "gateway.networking.x-k8s.io")})
+
+
+def key_kind(kind: str, api_version: str) -> str:
+    """The kind as it appears in object keys and references (see `ObjectKey`)."""
+    group = api_version.split("/", 1)[0] if "/" in api_version else ""
+    return f"{kind}.{group}" if (kind, group) in GROUP_QUALIFIED_KINDS else kind
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -31,11 +41,11 @@ class RawObject:
 
     @property
     def key(self) -> ObjectKey:
-        return (self.kind, self.namespace, self.name)
+        return (key_kind(self.kind, self.api_version), self.namespace, self.name)
 
     @property
     def ref(self) -> SourceRef:
-        return SourceRef(self.kind, self.namespace, self.name, self.file, self.line)
+        return SourceRef(key_kind(self.kind, self.api_version), self.namespace, self.name, self.file, self.line)
 
     def line_of(self, path: str) -> int | None:
         """Line of `path`, or of its closest ancestor that has one."""

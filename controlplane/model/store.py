@@ -15,8 +15,8 @@ from typing import Any
 from controlplane.model.convert import convert
 from controlplane.model.events import Delete, ParseError, Replace, SourceEvent, Upsert
 from controlplane.model.gamma import resolve as resolve_gamma
-from controlplane.model.gwapi import GatewayRoute, ReferenceGrant
 from controlplane.model.gateways import MESH, applies_to_gateways, bound_view
+from controlplane.model.gwapi import GatewayRoute, ReferenceGrant
 from controlplane.model.ir import (
     DEFAULT_ROOT_NAMESPACE,
     DEFAULT_TRUST_DOMAIN,

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+from controlplane.model.gamma import gamma_issues
 from controlplane.model.ir import (
     AuthorizationPolicy,
     Destination,
@@ -32,7 +33,6 @@ from controlplane.model.ir import (
     labels_match,
     service_fqdn,
 )
-from controlplane.model.gamma import gamma_issues
 from controlplane.model.mesh import Mesh
 from controlplane.model.meshconfig import check_custom_policies
 from controlplane.model.policy import (

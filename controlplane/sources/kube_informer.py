@@ -94,6 +94,10 @@ MESH_GROUPS = ("networking.istio.io", "security.istio.io", "telemetry.istio.io",
 """API groups whose kinds Meshline reports: Istio's and the Gateway API's."""
 GROUP_VERSIONS = ("v1", "v1beta1", "v1alpha3", "v1alpha2", "v1alpha1")
 """Versions asked for, most preferred first (a kind is watched in the first that serves it)."""
+GATEWAY_API_KINDS = frozenset((kind, "gateway.networking.k8s.io")
+                              for kind in ("HTTPRoute", "GRPCRoute", "TCPRoute", "ReferenceGrant"))
+"""Gateway API kinds Meshline translates (controlplane.model.convert_gatewayapi): watched
+when served, in the version discovery found, and counted for Synced."""
 UNSUPPORTED_PRIORITY = 5
 
 
@@ -129,9 +133,12 @@ def plan_resources(discovered: Sequence[Resource], istio_api: bool | None
     translated = {(r.kind, r.group) for r in ISTIO_RESOURCES}
     served = {(r.kind, r.group) for r in discovered}
     use_istio = istio_api if istio_api is not None else bool(translated & served)
+    gateway_api = tuple(r for r in discovered if (r.kind, r.group) in GATEWAY_API_KINDS)
     unsupported = [replace(r, priority=UNSUPPORTED_PRIORITY + i)
-                   for i, r in enumerate(r for r in discovered if (r.kind, r.group) not in translated)]
-    return CORE_RESOURCES + (ISTIO_RESOURCES if use_istio else ()) + tuple(unsupported), use_istio, unsupported
+                   for i, r in enumerate(r for r in discovered
+                                         if (r.kind, r.group) not in translated | GATEWAY_API_KINDS)]
+    return (CORE_RESOURCES + (ISTIO_RESOURCES if use_istio else ()) + gateway_api + tuple(unsupported), use_istio,
+            unsupported)
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,7 +21,15 @@ from dataclasses import replace
 from envoy.config.listener.v3 import listener_pb2
 
 from controlplane.model.ambient import services_of_waypoint
-from controlplane.model.ir import AuthorizationPolicy, AuthzOperation, AuthzRule, Labels, ProxyMeta, Service, ServicePort
+from controlplane.model.ir import (
+    AuthorizationPolicy,
+    AuthzOperation,
+    AuthzRule,
+    Labels,
+    ProxyMeta,
+    Service,
+    ServicePort,
+)
 from controlplane.model.mesh import Mesh
 from controlplane.model.policy import policies_for_port, waypoint_policies
 from controlplane.translate.hbone import TunnelTarget, build_hbone_inbound, build_internal_cluster
