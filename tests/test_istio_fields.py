@@ -793,7 +793,9 @@ def _kinds_and_labels() -> list[str]:
         lines.append(f"- {kind}: {', '.join(f'`{v}`' for v in API_VERSIONS[kind])}")
     lines += ["", "Every other kind of Istio's groups (`*.istio.io`) and of the Gateway API",
               "(`gateway.networking.k8s.io`, `gateway.networking.x-k8s.io`) is ignored with a warning naming",
-              "the kind and what is lost:", "", "| kind | what is lost |", "|---|---|"]
+              "the kind and what is lost (every kind of `networking.x-k8s.io` and",
+              "`inference.networking.x-k8s.io` too: no effect), in directory and Kubernetes mode:", "",
+              "| kind | what is lost |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in sorted(UNSUPPORTED_KINDS.items())]
     lines += ["", "## Istio's labels and annotations", "",
               "Read as aliases of Meshline's (Meshline's own key wins; a disagreement is warned about):", "",

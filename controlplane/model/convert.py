@@ -35,7 +35,9 @@ or `v1alpha3`; "security" is `security.meshline.io/v1` or Istio's `security.isti
 when they belong to a mesh API group (Meshline's, any of Istio's `*.istio.io` groups:
 ServiceEntry, Gateway, EnvoyFilter, Telemetry, WasmPlugin, RequestAuthentication,
 ProxyConfig, ...) or to the Kubernetes Gateway API (`gateway.networking.k8s.io`,
-`gateway.networking.x-k8s.io`), silently otherwise (Deployments, ConfigMaps, ...).
+`gateway.networking.x-k8s.io`) or SIG-Network's other experimental groups
+(`networking.x-k8s.io`, `inference.networking.x-k8s.io`), silently otherwise (Deployments,
+ConfigMaps, ...).
 Cross-object checks live in `controlplane.model.validate.check_mesh`.
 """
 
@@ -98,6 +100,14 @@ MESH_API_GROUPS = frozenset(
     {"networking.meshline.io", "networking.istio.io", "security.meshline.io", "security.istio.io"}
 )
 GATEWAY_API_GROUPS = frozenset({"gateway.networking.k8s.io", "gateway.networking.x-k8s.io"})
+X_K8S_API_GROUPS = frozenset({"networking.x-k8s.io", "inference.networking.x-k8s.io"})
+"""SIG-Network's other experimental groups (the Gateway API's first group, with its v1alpha1
+kinds, and the Gateway API Inference Extension's): no kind of theirs is supported."""
+REPORTED_API_GROUPS: tuple[str, ...] = (
+    "networking.istio.io", "security.istio.io", "telemetry.istio.io", "extensions.istio.io",
+    *sorted(GATEWAY_API_GROUPS), *sorted(X_K8S_API_GROUPS))
+"""The groups Kubernetes mode discovers (`controlplane.sources.kube_informer`): every kind they
+serve is watched, to be translated or reported as not supported."""
 UNSUPPORTED_KINDS: Mapping[str, str] = {
     "ServiceEntry": "its hosts are not added to the mesh (traffic to them is not routed or secured by Meshline)",
     "WorkloadEntry": "its workload is not added to the mesh",
@@ -138,6 +148,10 @@ def _convert(ctx: Ctx) -> object | None:
         return None
     accepted = API_VERSIONS.get(raw.kind)
     group = raw.api_version.split("/", 1)[0] if "/" in raw.api_version else ""
+    if group in X_K8S_API_GROUPS:  # checked first: their kinds' names (Gateway, HTTPRoute) are ours too
+        ctx.warn("kind", f"{raw.kind} ({raw.api_version}) is not supported by Meshline and is ignored: "
+                 "no kind of this experimental API group has an effect")
+        return None
     if group in GATEWAY_API_GROUPS:  # HTTPRoute, GRPCRoute, TCPRoute, ReferenceGrant: convert_gatewayapi
         return _gateway_api(ctx)
     if accepted is None:
@@ -202,8 +216,8 @@ def _gateway_api(ctx: Ctx) -> object | None:
 def is_mesh_group(group: str) -> bool:
     """Whether objects of API group `group` are mesh configuration a user expects to act:
     Meshline's and Istio's groups and the Kubernetes Gateway API."""
-    return (group in MESH_API_GROUPS or group in GATEWAY_API_GROUPS or group == "meshline.io"
-            or group.endswith((".istio.io", ".meshline.io")))
+    return (group in MESH_API_GROUPS or group in GATEWAY_API_GROUPS or group in X_K8S_API_GROUPS
+            or group == "meshline.io" or group.endswith((".istio.io", ".meshline.io")))
 
 
 def convert_pod_netns(ctx: Ctx, namespace: str, name: str) -> PodNetns | None:

@@ -36,6 +36,7 @@ from kubernetes.client.exceptions import ApiException
 from kubernetes.watch.watch import iter_resp_lines
 from urllib3.exceptions import MaxRetryError, ReadTimeoutError
 
+from controlplane.model.convert import REPORTED_API_GROUPS
 from controlplane.model.raw import ObjectKey, RawObject
 
 log = logging.getLogger(__name__)
@@ -89,9 +90,9 @@ def resources(istio_api: bool | None = False) -> tuple[Resource, ...]:
     return CORE_RESOURCES + (ISTIO_RESOURCES if istio_api else ())
 
 
-MESH_GROUPS = ("networking.istio.io", "security.istio.io", "telemetry.istio.io", "extensions.istio.io",
-               "gateway.networking.k8s.io", "networking.x-k8s.io")
-"""API groups whose kinds Meshline reports: Istio's and the Gateway API's."""
+MESH_GROUPS = REPORTED_API_GROUPS
+"""API groups whose kinds Meshline translates or reports: Istio's, the Gateway API's and
+SIG-Network's experimental ones (the list is the model's, `controlplane.model.convert`)."""
 GROUP_VERSIONS = ("v1", "v1beta1", "v1alpha3", "v1alpha2", "v1alpha1")
 """Versions asked for, most preferred first (a kind is watched in the first that serves it)."""
 GATEWAY_API_KINDS = frozenset((kind, "gateway.networking.k8s.io")
