@@ -3,8 +3,9 @@
 As in Istio, a `credentialName` names a Secret in the namespace of each client proxy using
 the rule; Meshline checks the rule's own namespace, where its clients are: a missing Secret,
 or one whose material is unusable, is an error naming the rule and field. The rule stays in
-force and fails closed: its clusters reference the credential over SDS, which a proxy without
-it never receives, so their TLS never becomes ready and no plaintext fallback exists.
+force and fails closed: its clusters reference the credential over SDS, and a proxy without a
+usable one receives stand-ins that refuse every server (`translate.secrets.withheld_*`), also
+when the Secret is deleted after a proxy held it; no plaintext fallback exists.
 """
 
 from __future__ import annotations

@@ -10,8 +10,13 @@ no I/O.
   node, each named by its SPIFFE URI (`plan_named_secrets`).
 
 Other translators reference them with `workload_sds()` / `root_sds()` (SDS over ADS), or
-take the whole `common_tls_context(...)`. Nothing else may name other secrets: a proxy
-is never sent any.
+take the whole `common_tls_context(...)`.
+
+DestinationRule `credentialName` (TLS origination, `apply_origination`): clusters reference
+`kubernetes://<name>` (client certificate) and `kubernetes://<name>-cacert` (CA), served
+over ADS to authenticated sidecars from the Secret of that name in the sidecar's own
+namespace (`plan_proxy_credentials`). A name with no usable Secret there gets stand-ins that
+make every connection fail, because Envoy keeps a secret whose removal it is told of.
 """
 
 from __future__ import annotations
@@ -181,37 +186,105 @@ def credential_ca_secret(name: str, ca_pem: str, crl_pem: str, system_ca: str) -
     return s
 
 
-def plan_credential_secrets(creds: Sequence[tuple[str, Credential]], system_ca: str) -> list[ResourceSpec]:
-    """The Secret resources of the `credentialName`s a proxy's clusters reference, each given
-    with the credential found for it (a missing or invalid one is not sent: the cluster's TLS
-    never becomes ready and its connections fail, never falling back to plaintext)."""
+# A CA certificate whose private key was destroyed when it was made (2026-12-03): no server
+# certificate chains to it, so a validation context trusting only it refuses every server.
+TRUSTS_NOTHING_CA = """-----BEGIN CERTIFICATE-----
+MIIByjCCAW+gAwIBAgIBATAKBggqhkjOPQQDAjBZMREwDwYDVQQKDAhNZXNobGlu
+ZTFEMEIGA1UEAww7TWVzaGxpbmUgdHJ1c3RzIG5vdGhpbmcgKGNyZWRlbnRpYWwg
+bWlzc2luZzsga2V5IGRlc3Ryb3llZCkwIBcNMjYwMTAxMDAwMDAwWhgPMjEyNjAx
+MDEwMDAwMDBaMFkxETAPBgNVBAoMCE1lc2hsaW5lMUQwQgYDVQQDDDtNZXNobGlu
+ZSB0cnVzdHMgbm90aGluZyAoY3JlZGVudGlhbCBtaXNzaW5nOyBrZXkgZGVzdHJv
+eWVkKTBZMBMGByqGSM49AgEGCCqGSM49AwEHA0IABG16RgEYQ13SeHpQHIkI4c9g
+ffSJQLXysDEQby9qfK4mOq3ayE24vuSTBbh/ZvJlPYDklqxvqq38lxouYPyuHVCj
+JjAkMBIGA1UdEwEB/wQIMAYBAf8CAQAwDgYDVR0PAQH/BAQDAgEGMAoGCCqGSM49
+BAMCA0kAMEYCIQCxLDT5vZugOSRTGwIIZQjNywhy55itgRGVPi1Ls140QgIhALVY
+YKivTW3Mr7GaT7APJTQAjjsShDrGF2wGTWsZ0BnE
+-----END CERTIFICATE-----
+"""
+
+
+def _stand_in_material() -> tuple[str, str]:
+    """(certificate, key) PEM of a client certificate that proves nothing: self-signed, its
+    key derived from a public constant, so the same bytes come out every time (no randomness,
+    nothing secret). Envoy needs a certificate and key it can load to replace the one it holds."""
+    import datetime as dt
+    import hashlib
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    scalar = int.from_bytes(hashlib.sha256(b"meshline: no credential").digest(), "big")
+    key = ec.derive_private_key(scalar, ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "meshline-no-credential")])
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(1).not_valid_before(dt.datetime(2026, 1, 1, tzinfo=dt.UTC))
+            .not_valid_after(dt.datetime(2126, 1, 1, tzinfo=dt.UTC))
+            .sign(key, hashes.SHA256(), ecdsa_deterministic=True))
+    key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption())
+    return cert.public_bytes(serialization.Encoding.PEM).decode(), key_pem.decode()
+
+
+def withheld_credential_secret(name: str) -> secret_pb2.Secret:
+    """`kubernetes://<name>` for a credential the proxy may not use (its Secret is missing,
+    deleted or unusable): a certificate that proves nothing, replacing whatever Envoy held.
+    (Envoy ignores the removal of a secret a cluster uses and keeps the old one: a deleted
+    Secret must be overwritten, not removed.)"""
+    cert, key = _stand_in_material()
+    return credential_secret(name, Credential(cert, key))
+
+
+def withheld_ca_secret(name: str) -> secret_pb2.Secret:
+    """`kubernetes://<name>-cacert` for a credential the proxy may not use: a trust anchor no
+    server chains to (`TRUSTS_NOTHING_CA`), so every handshake fails before the client sends
+    a certificate. The cluster stays TLS: its connections fail, never in plaintext."""
+    s = secret_pb2.Secret(name=credential_ca_sds_name(name))
+    s.validation_context.trusted_ca.inline_bytes = TRUSTS_NOTHING_CA.encode()
+    return s
+
+
+def plan_credential_secrets(creds: Sequence[tuple[str, Credential]], system_ca: str,
+                            withheld: Sequence[str] = ()) -> list[ResourceSpec]:
+    """The Secret resources of the `credentialName`s a proxy's clusters may reference, each
+    given with the credential found for it; `withheld`: names with no usable credential, sent
+    as stand-ins that make every connection fail (`withheld_credential_secret`,
+    `withheld_ca_secret`), never plaintext and never the last credential Envoy held. A
+    CA-only credential gets the stand-in certificate (MUTUAL fails, SIMPLE never asks for it)."""
     out: list[ResourceSpec] = []
     for name, cred in creds:
         if cred.cert_pem and cred.key_pem:
             out.append(ResourceSpec(SECRET, credential_sds_name(name), credential_secret, (name, cred)))
+        else:
+            out.append(ResourceSpec(SECRET, credential_sds_name(name), withheld_credential_secret, (name,)))
         out.append(ResourceSpec(SECRET, credential_ca_sds_name(name), credential_ca_secret,
                                 (name, cred.ca_pem, cred.crl_pem, system_ca)))
+    for name in withheld:
+        out.append(ResourceSpec(SECRET, credential_sds_name(name), withheld_credential_secret, (name,)))
+        out.append(ResourceSpec(SECRET, credential_ca_sds_name(name), withheld_ca_secret, (name,)))
     return out
 
 
 def plan_proxy_credentials(mesh: Mesh, namespace: str, system_ca: str) -> list[ResourceSpec]:
     """The credential Secrets a sidecar in `namespace` receives: those of its own namespace
     (Istio's rule for credentialName on sidecars) that some DestinationRule names and whose
-    material is usable (`controlplane.model.validate_tls`; others are reported and withheld).
-    Only for authenticated proxies, like every secret."""
+    material is usable (`controlplane.model.validate_tls`); a name without one (no Secret, a
+    deleted or unusable one: reported there) gets the fail-closed stand-ins. A Secret of
+    another namespace is never sent. Only for authenticated proxies, like every secret."""
     names = sorted({tls.credential_name for dr in mesh.destination_rules
                     for _, tls in credential_paths(dr) if tls.credential_name})
     creds: list[tuple[str, Credential]] = []
+    withheld: list[str] = []
     for name in names:
         cred = mesh.credentials.get((namespace, name))
         ca = credential_ca(mesh, namespace, name)
-        if cred is not None and cred.problem is not None:
-            continue
-        if cred is None and ca is None:
+        if (cred is not None and cred.problem is not None) or (cred is None and ca is None):
+            withheld.append(name)
             continue
         cert, key = (cred.cert_pem, cred.key_pem) if cred is not None else ("", "")
         creds.append((name, Credential(cert, key, ca.ca_pem if ca else "", cred.crl_pem if cred else "")))
-    return plan_credential_secrets(creds, system_ca)
+    return plan_credential_secrets(creds, system_ca, withheld)
 
 
 def common_tls_context(peer_spiffe_ids: Sequence[str] = (),

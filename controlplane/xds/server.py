@@ -595,11 +595,14 @@ class XdsServer:
     def _check_secret_names(conn: Connection, req: Any) -> None:
         """Log (once per name) a secret the proxy subscribes to but is never sent."""
         names = req.resource_names if conn.stream.protocol == "sotw" else req.resource_names_subscribe
-        allowed: frozenset[str] | set[str] = SECRET_NAMES if conn.identity is not None else frozenset()
-        if conn.meta.mode == "node":  # a node proxy holds the certificates of its node's pods only
-            target = conn.stream.target
-            held_now = target.get(SECRET) if target is not None else None
-            allowed = set(held_now.items) if held_now is not None else set()
+        # What the proxy's plan holds (a sidecar: also its namespace's credentialName secrets; a
+        # node proxy: its node's pods' certificates only), and an identity's own two secrets,
+        # which may be issued a moment after its first request.
+        target = conn.stream.target
+        held_now = target.get(SECRET) if target is not None else None
+        allowed: set[str] = set(held_now.items) if held_now is not None else set()
+        if conn.identity is not None and conn.meta.mode != "node":
+            allowed |= SECRET_NAMES
         refused = conn.refused_secrets
         for name in names:
             if name in allowed or name in refused or name == "*" or len(refused) >= 32:
