@@ -20,6 +20,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -550,6 +551,44 @@ def test_node_proxy_restart_leaves_pods_running_and_measures_the_gap(lab: Lab) -
     alive = {p.pid for p in lab.topo.procs if p.poll() is None}
     assert before - {proc.pid} <= alive
     assert gap < 30
+
+
+def test_waypoint_applies_an_http_route_attached_to_the_service(lab: Lab) -> None:
+    """GAMMA through the waypoint (issue 18): an HTTPRoute on Service b splitting 80/20
+    between Services b-v1 and b-v2 (b's pods by version) replaces b's VirtualService for a
+    (ambient) caller; removing it brings the VirtualService back."""
+    b, topo = lab.vips["b"], lab.topo
+    route = {"apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+             "metadata": {"name": "b-split", "namespace": "beta"},
+             "spec": {"parentRefs": [{"group": "", "kind": "Service", "name": "b", "port": 80}],
+                      "rules": [{"filters": [{"type": "RequestHeaderModifier", "requestHeaderModifier": {
+                                     "set": [{"name": "x-gamma", "value": "waypoint"}]}}],
+                                 "backendRefs": [{"name": "b-v1", "port": 80, "weight": 80},
+                                                  {"name": "b-v2", "port": 80, "weight": 20}]}]}}
+    lab.write("gamma", [
+        _svc("b-v1", "beta", topo.vip(20), [("http", 80, 8080)], {"app": "b", "version": "v1"}),
+        _svc("b-v2", "beta", topo.vip(21), [("http", 80, 8080)], {"app": "b", "version": "v2"}),
+        _slice("b-v1", "beta", [("http", 8080)], [lab.pods["b1"]]),
+        _slice("b-v2", "beta", [("http", 8080)], [lab.pods["b2"]]),
+        route])
+    try:
+        _wait_http(lab.pods["a"], f"http://{b}/", '"x-gamma": "waypoint"', headers={"host": "b.beta"})
+        n = 200
+        bodies = [lab.curl("a", f"http://{b}/", headers={"host": "b.beta", "x-canary": "1"})[1] for _ in range(n)]
+        counts = Counter(_backend(body) for body in bodies)
+        assert set(counts) == {"b1", "b2"}, counts  # x-canary no longer pins b2: the VirtualService is out
+        assert abs(counts["b1"] - 0.8 * n) <= 30, counts  # std-dev ~5.7 requests: > 5 sigma
+        assert all('"x-gamma": "waypoint"' in body for body in bodies)
+    finally:
+        (lab.config / "gamma.yaml").unlink()
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        if {_backend(lab.curl("a", f"http://{b}/", headers={"host": "b.beta", "x-canary": "1"})[1])
+                for _ in range(5)} == {"b2"}:
+            break
+        time.sleep(0.2)
+    assert {_backend(lab.curl("a", f"http://{b}/", headers={"host": "b.beta", "x-canary": "1"})[1])
+            for _ in range(10)} == {"b2"}
 
 
 def _unused(*_: object) -> None:  # keep imports used by helpers above
