@@ -74,28 +74,28 @@ def convert_gateway(ctx: Ctx, namespace: str, name: str) -> Gateway | None:
         return None
     check_fields(ctx, spec, "spec", SPEC_FIELDS)
     selector = get_labels(ctx, spec, "selector", "spec")
-    servers: list[GatewayServer] = []
+    servers: list[tuple[int, GatewayServer]] = []
     items = get_list(ctx, spec, "servers", "spec")
     if not items:
         ctx.error("spec.servers", "at least one server is required")
     for i, item in enumerate(items):
         srv = _server(ctx, item, index("spec.servers", i), namespace)
         if srv is not None:
-            servers.append(srv)
+            servers.append((i, srv))
     _check_ports(ctx, servers)
-    return Gateway(ctx.raw.ref, namespace, name, selector, tuple(servers))
+    return Gateway(ctx.raw.ref, namespace, name, selector, tuple(s for _, s in servers))
 
 
-def _check_ports(ctx: Ctx, servers: list[GatewayServer]) -> None:
+def _check_ports(ctx: Ctx, servers: list[tuple[int, GatewayServer]]) -> None:
     """Servers sharing a port must agree on its protocol family (one listener per port)."""
-    seen: dict[tuple[str | None, int], tuple[int, str]] = {}
+    seen: dict[tuple[str | None, int], tuple[int, GatewayServer, str]] = {}
     names: set[str] = set()
-    for i, s in enumerate(servers):
+    for i, s in servers:
         family = "http" if s.protocol in HTTP_PROTOCOLS else "tls" if s.protocol in TLS_PROTOCOLS else "tcp"
-        prev = seen.setdefault((s.bind, s.port), (i, family))
-        if prev[1] != family:
+        prev = seen.setdefault((s.bind, s.port), (i, s, family))
+        if prev[2] != family:
             ctx.error(index("spec.servers", i) + ".port.protocol",
-                      f"port {s.port} is already {servers[prev[0]].protocol} (servers[{prev[0]}]); one port "
+                      f"port {s.port} is already {prev[1].protocol} (servers[{prev[0]}]); one port "
                       f"serves one protocol family")
         if s.name:
             if s.name in names:

@@ -1,0 +1,224 @@
+"""Istio Gateways and the VirtualService `gateways:` binding (issue 18), without Envoy: the
+converter's errors, Istio's binding and host-intersection rules, what a gateway proxy is
+planned and which credentials it may hold. Real Envoy: tests/e2e/test_gateway_e2e.py and the
+golden case tests/golden/gateway."""
+
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+from click.testing import CliRunner
+from envoy.config.core.v3 import base_pb2
+from google.protobuf import struct_pb2
+
+from controlplane.cli import main
+from controlplane.model.convert import convert
+from controlplane.model.gateways import bound_view, intersect_host
+from controlplane.model.ir import Issue, ProxyMeta
+from controlplane.model.mesh import Mesh
+from controlplane.model.store import assemble
+from controlplane.sources.yamlload import parse_documents
+from controlplane.translate.gateway import gateway_credentials
+from controlplane.translate.plan import LISTENER, ROUTE, build_all
+from controlplane.translate.proxy import plan_proxy
+from controlplane.xds.server import proxy_meta_from_node
+
+pytestmark = pytest.mark.unit
+
+
+def load(text: str) -> tuple[Mesh, list[Issue]]:
+    objs, errs = parse_documents(textwrap.dedent(text), "t.yaml")
+    assert not errs
+    values, issues = [], []
+    for o in objs:
+        v, iss = convert(o)
+        issues += iss
+        if v is not None:
+            values.append(v)
+    return assemble(values), issues
+
+
+def gw_issues(spec: str) -> list[str]:
+    _, issues = load("apiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {name: g, namespace: ns}\n"
+                     "spec:\n" + textwrap.indent(textwrap.dedent(spec), "  "))
+    return [f"{i.severity}:{i.field}: {i.message}" for i in issues]
+
+
+def has(issues: list[str], prefix: str, fragment: str) -> None:
+    assert any(i.startswith(prefix) and fragment in i for i in issues), issues
+
+
+def test_gateway_fields_are_checked_by_name() -> None:
+    issues = gw_issues("""
+        selector: {istio: ingressgateway}
+        servers:
+        - port: {number: 443, name: https, protocol: HTTPS}
+          hosts: [a.example.com]
+        - port: {number: 8443, name: m, protocol: HTTPS}
+          hosts: [a.example.com]
+          tls: {mode: MUTUAL, serverCertificate: /c.pem, privateKey: /k.pem}
+        - port: {number: 9443, name: x, protocol: HTTPS}
+          hosts: ["a/b/c"]
+          tls: {mode: AUTO_PASSTHROUGH}
+        - port: {number: 80, name: http, protocol: HTTP}
+          hosts: ["*"]
+          defaultEndpoint: 127.0.0.1:8080
+        - port: {number: 80, name: tcp, protocol: TCP}
+          hosts: ["*"]
+        - port: {number: 81, protocol: QUIC}
+          hosts: ["*.a.*"]
+          tls: {mode: SIMPLE, credentialName: c, minProtocolVersion: TLSV9}
+        """)
+    has(issues, "error:spec.servers[0].tls", "is required for protocol HTTPS")
+    has(issues, "error:spec.servers[1].tls.caCertificates", "is required for mode MUTUAL")
+    has(issues, "error:spec.servers[2].tls.mode", "AUTO_PASSTHROUGH is not supported")
+    has(issues, "warning:spec.servers[3].defaultEndpoint", "ignored")
+    has(issues, "error:spec.servers[4].port.protocol", "port 80 is already HTTP")
+    has(issues, "error:spec.servers[5].port.protocol", "'QUIC' is not one of")
+    has(issues, "error:spec.servers[5].hosts[0]", "not a valid host name")
+    has(issues, "error:spec.servers[5].tls.minProtocolVersion", "'TLSV9'")
+    assert not gw_issues("""
+        selector: {istio: ingressgateway}
+        servers:
+        - port: {number: 443, name: https, protocol: HTTPS}
+          hosts: [./a.example.com, "*/*.b.example.com"]
+          tls: {mode: SIMPLE, credentialName: c, minProtocolVersion: TLSV1_3, cipherSuites: [ECDHE-ECDSA-AES128-GCM-SHA256]}
+        """)
+
+
+MESH = """
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: shop}
+spec: {clusterIP: 10.96.0.9, selector: {app: web}, ports: [{name: http, port: 8080}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: gw-1, namespace: edge, labels: {istio: ingressgateway}}
+spec: {serviceAccountName: gw, containers: [{name: envoy, image: x}]}
+status: {podIP: 10.1.0.1}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: impostor, namespace: edge, labels: {app: other}}
+spec: {serviceAccountName: gw, containers: [{name: envoy, image: x}]}
+status: {podIP: 10.1.0.2}
+---
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {name: public, namespace: edge}
+spec:
+  selector: {istio: ingressgateway}
+  servers:
+  - port: {number: 8443, name: https, protocol: HTTPS}
+    hosts: ["shop/*.example.com"]
+    tls: {mode: SIMPLE, credentialName: shop-cert}
+  - port: {number: 8080, name: http, protocol: HTTP}
+    hosts: ["*/web.example.com", "edge/*"]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: both, namespace: shop}
+spec:
+  hosts: ["*.example.com", web]
+  gateways: [mesh, edge/public]
+  http:
+  - match: [{uri: {prefix: /edge-only}, gateways: [edge/public]}, {uri: {prefix: /mesh-only}, gateways: [mesh]}]
+    route: [{destination: {host: web}}]
+  - route: [{destination: {host: web}}]
+    timeout: 3s
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: other-ns, namespace: edge}
+spec:
+  hosts: [internal.example.com]
+  gateways: [public]
+  http:
+  - route: [{destination: {host: web.shop.svc.cluster.local}}]
+"""
+
+
+def test_binding_matches_and_host_intersection() -> None:
+    mesh, issues = load(MESH)
+    assert not [i for i in issues if i.severity == "error"], issues
+    # Sidecars see the mesh view: the edge-only match is gone, the mesh-only one stays.
+    (vs,) = mesh.virtual_services
+    assert [m.uri.value for m in vs.http[0].matches if m.uri] == ["/mesh-only"]
+    assert {v.name for v in mesh.gateway_virtual_services} == {"both", "other-ns"}
+    full = next(v for v in mesh.gateway_virtual_services if v.name == "both")
+    edge = bound_view(full, "edge/public")
+    assert edge is not None and [m.uri.value for m in edge.http[0].matches if m.uri] == ["/edge-only"]
+    assert bound_view(full, "edge/other") is None
+    assert intersect_host("*.example.com", "a.example.com") == "a.example.com"
+    assert intersect_host("a.example.com", "*") == "a.example.com"
+    assert intersect_host("*.a.example.com", "*.example.com") == "*.a.example.com"
+    assert intersect_host("a.example.com", "b.example.com") is None
+    assert intersect_host("*.example.com", "example.com") is None
+
+
+def routes_of(mesh: Mesh, meta: ProxyMeta) -> dict[str, list[str]]:
+    built = build_all(plan_proxy(mesh, meta).specs())
+    out: dict[str, list[str]] = {}
+    for name, rc in built.get(ROUTE, {}).items():
+        out[name] = sorted(d for vh in rc.virtual_hosts for d in vh.domains)  # type: ignore[attr-defined]
+    return out
+
+
+def test_gateway_virtual_hosts_are_vs_hosts_within_server_hosts() -> None:
+    mesh, _ = load(MESH)
+    meta = ProxyMeta("gw", mode="gateway", namespace="edge", workload="gw-1", gateway="edge/public")
+    routes = routes_of(mesh, meta)
+    # HTTP server: web.example.com from any namespace, anything from namespace edge.
+    assert routes["http.8080"] == ["internal.example.com", "internal.example.com:*", "web.example.com",
+                                   "web.example.com:*"]
+    # HTTPS server: *.example.com of namespace shop only (not edge's internal.example.com).
+    assert routes["https.8443.https.public.edge"] == ["*.example.com", "*.example.com:*"]
+    listeners = build_all(plan_proxy(mesh, meta).specs())[LISTENER]
+    assert sorted(listeners) == ["0.0.0.0_8080", "0.0.0.0_8443"]
+    # A proxy naming a Gateway that does not exist gets nothing (and no error).
+    assert plan_proxy(mesh, ProxyMeta("x", mode="gateway", namespace="edge", gateway="edge/none")).specs() == []
+
+
+def test_credentials_only_for_the_selected_pod_with_its_identity() -> None:
+    cert = """
+apiVersion: v1
+kind: Secret
+metadata: {name: shop-cert, namespace: edge}
+type: kubernetes.io/tls
+stringData: {tls.crt: "%s", tls.key: "%s"}
+"""
+    from tests.e2e.test_gateway_e2e import issue, make_ca
+
+    pem = issue(make_ca("ca"), "web.example.com", client=False)
+    mesh, _ = load(MESH + "---\n" + cert % (pem.cert.replace("\n", "\\n"), pem.key.replace("\n", "\\n")))
+    meta = ProxyMeta("gw", mode="gateway", namespace="edge", workload="gw-1", gateway="edge/public")
+    names = {s.name for s in gateway_credentials(mesh, meta, "edge", "gw", "/ca.pem")}
+    assert names == {"kubernetes://shop-cert"}  # no CA in it: no -cacert (never a default CA)
+    # Wrong service account for that pod, a pod the selector does not pick, another namespace
+    # (its Secrets are not this one's), no pod named: nothing.
+    assert gateway_credentials(mesh, meta, "edge", "default", "/ca.pem") == []
+    impostor = ProxyMeta("gw", mode="gateway", namespace="edge", workload="impostor", gateway="edge/public")
+    assert gateway_credentials(mesh, impostor, "edge", "gw", "/ca.pem") == []
+    assert gateway_credentials(mesh, meta, "shop", "gw", "/ca.pem") == []
+    nameless = ProxyMeta("gw", mode="gateway", namespace="edge", gateway="edge/public")
+    assert gateway_credentials(mesh, nameless, "edge", "gw", "/ca.pem") == []
+
+
+def test_node_metadata_and_bootstrap_cli() -> None:
+    node = base_pb2.Node(id="gw")
+    node.metadata.CopyFrom(struct_pb2.Struct())
+    node.metadata.update({"mode": "gateway", "namespace": "edge", "gateway": "public"})
+    assert proxy_meta_from_node(node).gateway == "edge/public"
+    node.metadata.update({"gateway": "other/public"})
+    assert proxy_meta_from_node(node).gateway == "other/public"
+    r = CliRunner().invoke(main, ["bootstrap", "--mode", "gateway", "--node-id", "g", "--namespace", "edge"])
+    assert r.exit_code != 0 and "--gateway" in r.output
+    r = CliRunner().invoke(main, ["bootstrap", "--mode", "gateway", "--node-id", "g", "--namespace", "edge",
+                                  "--gateway", "public"])
+    assert r.exit_code == 0 and "gateway: public" in r.output
