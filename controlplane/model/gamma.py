@@ -113,6 +113,7 @@ def resolve(routes: Iterable[GatewayRoute], grants: Iterable[ReferenceGrant],
         attached = by_host[host]
         svc_ns = attached[0].svc.namespace
         producers = [a for a in attached if a.route.namespace == svc_ns]
+        export: tuple[str, ...]
         if producers:
             used, export = producers, ()
             why = (f"a route in another namespace than Service {svc_ns}/{attached[0].svc.name}'s (a consumer route) "

@@ -70,8 +70,8 @@ def plan_waypoint(mesh: Mesh, meta: ProxyMeta) -> list[ResourceSpec]:
             add(tunnel_cluster_specs(mesh, svc, sp, None, None, WORKLOAD_SECRET))
             for subset in dr.subsets if dr is not None else ():
                 add(tunnel_cluster_specs(mesh, svc, sp, subset.name, subset.labels, WORKLOAD_SECRET))
-        for dsvc, dsp, subset, labels in _route_backends(mesh, svc):
-            add(tunnel_cluster_specs(mesh, dsvc, dsp, subset, labels, WORKLOAD_SECRET))
+        for dsvc, dsp, dsubset, labels in _route_backends(mesh, svc):
+            add(tunnel_cluster_specs(mesh, dsvc, dsp, dsubset, labels, WORKLOAD_SECRET))
     targets: list[TunnelTarget] = []
     for port, services in sorted(by_port.items()):
         inner = f"waypoint_{port}"
