@@ -222,3 +222,28 @@ def test_node_metadata_and_bootstrap_cli() -> None:
     r = CliRunner().invoke(main, ["bootstrap", "--mode", "gateway", "--node-id", "g", "--namespace", "edge",
                                   "--gateway", "public"])
     assert r.exit_code == 0 and "gateway: public" in r.output
+
+
+def test_cross_object_warnings_name_the_field() -> None:
+    mesh, _ = load(MESH + """
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: lost, namespace: shop}
+spec:
+  hosts: [a.b.com]
+  gateways: [nowhere, edge/public]
+  http: [{route: [{destination: {host: web}}]}]
+---
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {name: orphan, namespace: edge}
+spec:
+  selector: {app: nothing}
+  servers: [{port: {number: 80, name: http, protocol: HTTP}, hosts: ["*"]}]
+""")
+    found = {(i.ref.name, i.field): i.message for i in mesh.issues if i.severity == "warning"}
+    assert "shop/nowhere does not exist" in found[("lost", "spec.gateways[0]")]
+    assert "no server of Gateway edge/public" in found[("lost", "spec.hosts")]
+    assert "no TLS Secret edge/shop-cert" in found[("public", "spec.servers[0].tls.credentialName")]
+    assert "selects no Pod" in found[("orphan", "spec.selector")]

@@ -46,6 +46,7 @@ from controlplane.model.scope import egress_host_matches, namespace_default, sel
 from controlplane.model.serviceentry import check_service_entries
 from controlplane.model.telemetry import check_telemetries
 from controlplane.model.validate_istio import check_istio_fidelity
+from controlplane.model.validate_gateway import check_gateways
 from controlplane.model.validate_tls import check_credentials
 
 
@@ -71,6 +72,8 @@ def check_mesh(mesh: Mesh) -> tuple[Issue, ...]:
     issues.extend(check_istio_fidelity(mesh))
     issues.extend(check_custom_policies(mesh.authorization_policies, mesh.mesh_config, mesh.services))
     issues.extend(check_credentials(mesh))
+    if mesh.gateways or mesh.gateway_virtual_services:
+        issues.extend(check_gateways(mesh))
     if mesh.gateway_routes:
         issues.extend(gamma_issues(mesh.gateway_routes, mesh.route_status, mesh.virtual_services, mesh.vs_by_host))
     issues.extend(check_telemetries(mesh))

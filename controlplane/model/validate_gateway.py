@@ -1,0 +1,76 @@
+"""Cross-object checks of Istio Gateways and the VirtualServices bound to them. Pure, no I/O.
+
+Warnings (the object still serves; what is wrong is named):
+- a VirtualService `gateways` entry (or a match's) naming a Gateway that does not exist;
+- a VirtualService bound to a Gateway none of whose servers' hosts admit any of its hosts;
+- a Gateway whose selector picks no Pod of the mesh (no proxy can be given its credentials);
+- a server `credentialName` with no usable TLS Secret in the namespace of a Pod the Gateway
+  selects (its TLS server never becomes ready there: connections fail, never plaintext);
+- a MUTUAL server whose credential has no CA (`ca.crt`, or a `<name>-cacert` Secret): client
+  certificates cannot be verified, so every handshake fails.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from controlplane.model.gateways import MESH, server_vs_hosts
+from controlplane.model.ir import Gateway, Issue, VirtualService, Workload, labels_match
+from controlplane.model.mesh import Mesh
+from controlplane.model.validate_tls import credential_ca
+
+
+def check_gateways(mesh: Mesh) -> tuple[Issue, ...]:
+    issues: list[Issue] = []
+    for vs in mesh.gateway_virtual_services:
+        issues.extend(_bindings(mesh, vs))
+    for gw in mesh.gateways.values():
+        issues.extend(_gateway(mesh, gw))
+    return tuple(issues)
+
+
+def _bindings(mesh: Mesh, vs: VirtualService) -> Iterator[Issue]:
+    for i, key in enumerate(vs.gateways):
+        if key == MESH:
+            continue
+        gw = mesh.gateways.get(key)
+        if gw is None:
+            yield Issue(vs.ref, f"spec.gateways[{i}]", f"Gateway {key} does not exist: no gateway applies this "
+                                                       "VirtualService", "warning")
+        elif not any(server_vs_hosts(s, vs) for s in gw.servers):
+            yield Issue(vs.ref, "spec.hosts", f"no server of Gateway {key} serves any of these hosts (server hosts: "
+                                              f"{', '.join(sorted({f'{n}/{h}' for s in gw.servers for n, h in s.hosts}))})",
+                        "warning")
+    named = {g for r in vs.http for m in r.matches for g in m.gateways}
+    named |= {g for r in vs.tcp for m in r.matches for g in m.gateways}
+    for key in sorted(named - {MESH} - set(vs.gateways)):
+        if key not in mesh.gateways:
+            yield Issue(vs.ref, "spec.http", f"a match names Gateway {key}, which does not exist", "warning")
+
+
+def _selected(mesh: Mesh, gw: Gateway) -> list[Workload]:
+    return [w for _, w in sorted(mesh.workloads.items()) if gw.selector and labels_match(gw.selector, w.labels)]
+
+
+def _gateway(mesh: Mesh, gw: Gateway) -> Iterator[Issue]:
+    pods = _selected(mesh, gw)
+    if not pods:
+        yield Issue(gw.ref, "spec.selector", "selects no Pod of the mesh: no gateway proxy receives this Gateway's "
+                                             "certificates", "warning")
+    namespaces = sorted({p.namespace for p in pods})
+    for i, srv in enumerate(gw.servers):
+        tls = srv.tls
+        if tls is None or not tls.credential_name or tls.mode == "PASSTHROUGH":
+            continue
+        name = tls.credential_name
+        for ns in namespaces:
+            cred = mesh.credentials.get((ns, name))
+            path = f"spec.servers[{i}].tls.credentialName"
+            if cred is None or not (cred.cert_pem and cred.key_pem):
+                yield Issue(gw.ref, path, f"no TLS Secret {ns}/{name} with a certificate and key (the namespace of "
+                                          "the gateway Pods): this server's TLS never becomes ready there", "warning")
+            elif cred.problem is not None:
+                yield Issue(gw.ref, path, f"Secret {ns}/{name} is unusable: {cred.problem}", "warning")
+            elif tls.mode in ("MUTUAL", "OPTIONAL_MUTUAL") and credential_ca(mesh, ns, name) is None:
+                yield Issue(gw.ref, path, f"mode {tls.mode} needs a CA to verify clients: Secret {ns}/{name} has no "
+                                          f"ca.crt and there is no {name}-cacert Secret", "warning")
