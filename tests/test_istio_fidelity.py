@@ -349,7 +349,7 @@ def raw(kind: str, api: str, body: dict[str, Any], ns: str = "default", name: st
 @pytest.mark.parametrize(("kind", "api"), [
     ("WasmPlugin", "extensions.istio.io/v1alpha1"),
     ("EnvoyFilter", "networking.istio.io/v1alpha3"), ("Gateway", "networking.istio.io/v1"),
-    ("ServiceEntry", "networking.istio.io/v1"), ("WorkloadEntry", "networking.istio.io/v1"),
+    ("WorkloadGroup", "networking.istio.io/v1"),
     ("ProxyConfig", "networking.istio.io/v1beta1"),
     ("Gateway", "gateway.networking.k8s.io/v1"), ("HTTPRoute", "gateway.networking.k8s.io/v1"),
     ("TCPRoute", "gateway.networking.k8s.io/v1alpha2"), ("Something", "install.istio.io/v1alpha1"),
@@ -532,7 +532,7 @@ def test_sidecar_registry_only_blocks_destinations_outside_the_scope() -> None:
       outboundTrafficPolicy: {mode: REGISTRY_ONLY}
     """
     mesh, issues = mesh_of(SERVICES, sc)
-    assert [i.field for i in issues if i.ref.kind == "Sidecar"] == ["spec.outboundTrafficPolicy"]  # ServiceEntry
+    assert [i.field for i in issues if i.ref.kind == "Sidecar"] == []  # ServiceEntry hosts can be admitted now
     built = outbound(mesh, proxy("ratings-1"))
     lst = built[LISTENER][VIRTUAL_OUTBOUND]
     t = tcp_proxy_pb2.TcpProxy()

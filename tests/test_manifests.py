@@ -36,6 +36,7 @@ from controlplane.model import (
     convert_dr,
     convert_http,
     convert_security,
+    convert_serviceentry,
     convert_sidecar,
     convert_vs,
 )
@@ -289,6 +290,8 @@ def test_crds_cover_the_five_mesh_kinds() -> None:
         "Sidecar": ("networking.meshline.io", "sidecars.networking.meshline.io"),
         "PeerAuthentication": ("security.meshline.io", "peerauthentications.security.meshline.io"),
         "AuthorizationPolicy": ("security.meshline.io", "authorizationpolicies.security.meshline.io"),
+        "ServiceEntry": ("networking.meshline.io", "serviceentries.networking.meshline.io"),
+        "WorkloadEntry": ("networking.meshline.io", "workloadentries.networking.meshline.io"),
     }
 
 
@@ -625,11 +628,14 @@ NOT_READ = {
     "Sidecar": (),
     "PeerAuthentication": (),
     "AuthorizationPolicy": (),
+    "ServiceEntry": (),
+    "WorkloadEntry": (),
 }
 
 
 @pytest.mark.parametrize(
-    "kind", ["VirtualService", "DestinationRule", "Sidecar", "PeerAuthentication", "AuthorizationPolicy"]
+    "kind", ["VirtualService", "DestinationRule", "Sidecar", "PeerAuthentication", "AuthorizationPolicy",
+             "ServiceEntry", "WorkloadEntry"]
 )
 def test_crd_fields_are_exactly_the_fields_the_converter_reads(
     kind: str, monkeypatch: pytest.MonkeyPatch
@@ -647,7 +653,8 @@ def test_crd_fields_are_exactly_the_fields_the_converter_reads(
         ignored_at.setdefault(p, set()).update(ignored or ())
         original(ctx, m, path, known, ignored)
 
-    for module in (convert_base, convert_http, convert_vs, convert_dr, convert_security, convert_sidecar, convert_mod):
+    for module in (convert_base, convert_http, convert_vs, convert_dr, convert_security, convert_sidecar, convert_mod,
+                   convert_serviceentry):
         monkeypatch.setattr(module, "check_fields", spy)
 
     schema = crd_schema(kind)

@@ -21,6 +21,10 @@ The value returned for each supported kind:
 | Gateway (networking)                 | `Gateway` (`controlplane.model.convert_gateway`)   |
 | DestinationRule (networking)         | `DestinationRule` (None, with a warning, for a     |
 |                                      | wildcard host)                                     |
+| ServiceEntry (networking)            | `ServiceEntry` (its hosts become registry services:|
+|                                      | `controlplane.model.serviceentry`)                 |
+| WorkloadEntry (networking)           | `WorkloadEntry` (an endpoint of the ServiceEntries |
+|                                      | whose workloadSelector matches it)                 |
 | Sidecar (networking)                 | `Sidecar` (egress scoping; ingress and             |
 |                                      | outboundTrafficPolicy are ignored with a warning)  |
 | PeerAuthentication (security)        | `PeerAuthentication`                               |
@@ -33,7 +37,7 @@ The value returned for each supported kind:
 or `v1alpha3`; "security" is `security.meshline.io/v1` or Istio's `security.istio.io/v1` or
 `v1beta1`. Other kinds convert to None: with a warning naming the kind (and what is lost)
 when they belong to a mesh API group (Meshline's, any of Istio's `*.istio.io` groups:
-ServiceEntry, Gateway, EnvoyFilter, Telemetry, WasmPlugin, RequestAuthentication,
+WorkloadGroup, Gateway, EnvoyFilter, Telemetry, WasmPlugin, RequestAuthentication,
 ProxyConfig, ...) or to the Kubernetes Gateway API (`gateway.networking.k8s.io`,
 `gateway.networking.x-k8s.io`) or SIG-Network's other experimental groups
 (`networking.x-k8s.io`, `inference.networking.x-k8s.io`), silently otherwise (Deployments,
@@ -61,6 +65,7 @@ from controlplane.model.convert_gatewayapi import UNSUPPORTED as GATEWAY_API_UNS
 from controlplane.model.convert_gatewayapi import convert_gateway_api
 from controlplane.model.convert_secret import convert_secret
 from controlplane.model.convert_security import convert_authorization_policy, convert_peer_authentication
+from controlplane.model.convert_serviceentry import convert_service_entry, convert_workload_entry
 from controlplane.model.convert_sidecar import convert_sidecar
 from controlplane.model.convert_vs import convert_virtual_service
 from controlplane.model.ir import Issue, Labels, PodNetns
@@ -92,6 +97,8 @@ API_VERSIONS: Mapping[str, tuple[str, ...]] = {
     "AuthorizationPolicy": SECURITY_API_VERSIONS,
     "PodNetns": ("meshline.io/v1",),  # node agents' reports (controlplane.nodeagent)
     "Secret": ("v1",),  # TLS credentials for DestinationRule credentialName (convert_secret)
+    "ServiceEntry": NETWORKING_API_VERSIONS,  # convert_serviceentry
+    "WorkloadEntry": NETWORKING_API_VERSIONS,
     "Gateway": NETWORKING_API_VERSIONS,  # convert_gateway (ingress/egress gateways)
 }
 """Supported kinds and the apiVersions accepted for each."""
@@ -109,8 +116,6 @@ REPORTED_API_GROUPS: tuple[str, ...] = (
 """The groups Kubernetes mode discovers (`controlplane.sources.kube_informer`): every kind they
 serve is watched, to be translated or reported as not supported."""
 UNSUPPORTED_KINDS: Mapping[str, str] = {
-    "ServiceEntry": "its hosts are not added to the mesh (traffic to them is not routed or secured by Meshline)",
-    "WorkloadEntry": "its workload is not added to the mesh",
     "WorkloadGroup": "its workloads are not added to the mesh",
     "EnvoyFilter": "its patches are not applied to any Envoy",
     "Telemetry": "its metrics, access logging and tracing settings are not applied",
@@ -193,6 +198,10 @@ def _convert(ctx: Ctx) -> object | None:
         return convert_pod_netns(ctx, namespace, name)
     if raw.kind == "Secret":
         return convert_secret(ctx, namespace, name)
+    if raw.kind == "ServiceEntry":
+        return convert_service_entry(ctx, namespace, name)
+    if raw.kind == "WorkloadEntry":
+        return convert_workload_entry(ctx, namespace, name)
     if raw.kind == "Gateway":
         return convert_gateway(ctx, namespace, name)
     return convert_destination_rule(ctx, namespace, name)

@@ -270,6 +270,14 @@ def convert_service_entry(ctx: Ctx, namespace: str, name: str) -> ServiceEntry |
         elif any(port_words.get(sp.name) in _TLS_PROTOCOLS for sp in ports):
             ctx.warn("spec.ports", "TLS/HTTPS ports are proxied as TCP (Meshline does not route by SNI): on such a "
                                    "port only the first of these hosts is reachable")
+    opaque_ports = [sp.port for sp in ports if not sp.protocol.is_http]
+    if opaque_ports and not addresses:
+        ctx.warn("spec.addresses", f"addresses are required for TCP (or unset-protocol) ports (Istio): without them "
+                                   f"intercepting sidecars send every TCP connection to port {opaque_ports[0]} that "
+                                   "no other service's address claims to this entry")
+    elif opaque_ports and any("/" in a for a in addresses):
+        ctx.warn("spec.addresses", f"CIDR addresses are not matched by prefix yet: intercepting sidecars send every TCP "
+                                   f"connection to port {opaque_ports[0]} that no other address claims to this entry")
     export_to = get_export_to(ctx, spec, "spec")
     sans = get_str_list(ctx, spec, "subjectAltNames", "spec")
     info = ServiceEntryInfo(resolution, location != "MESH_INTERNAL", addresses, export_to, sans)

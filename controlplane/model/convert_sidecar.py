@@ -14,8 +14,8 @@ and the last.
 
 `outboundTrafficPolicy.mode`: REGISTRY_ONLY makes the selected sidecars (with intercept
 capture) refuse destinations outside their scope, as Istio does (unknown TCP destinations go
-to a cluster without endpoints, unknown HTTP hosts get 502), with a warning that ServiceEntry
-hosts cannot be allowed (ServiceEntry is not supported); ALLOW_ANY is the default. Its
+to a cluster without endpoints, unknown HTTP hosts get 502); the registry includes
+ServiceEntry hosts, so an entry the egress scope imports is admitted. ALLOW_ANY is the default. Its
 `egressProxy` is warned about and ignored (unknown destinations then pass through).
 
 Accepted with a warning and ignored (not supported yet): `ingress`,
@@ -214,7 +214,4 @@ def _outbound_policy(ctx: Ctx, spec: Mapping[str, Any]) -> bool:
         return False
     if mode == "REGISTRY_ONLY" and om.get("egressProxy") is not None:
         ctx.error(join(p, "egressProxy"), "is only valid with mode ALLOW_ANY")
-    if mode == "REGISTRY_ONLY":
-        ctx.warn(p, "REGISTRY_ONLY: only the services in these sidecars' egress scope are reachable; ServiceEntry "
-                 "is not supported yet, so external hosts a ServiceEntry would add to the registry are blocked too")
     return mode == "REGISTRY_ONLY"

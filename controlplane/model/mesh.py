@@ -30,10 +30,12 @@ from controlplane.model.ir import (
     Namespace,
     PeerAuthentication,
     Service,
+    ServiceEntry,
     Sidecar,
     TlsCredential,
     VirtualService,
     Workload,
+    WorkloadEntry,
     labels_match,
 )
 from controlplane.model.meshconfig import NO_MESH_CONFIG, MeshConfig
@@ -64,6 +66,10 @@ class Mesh:
     mesh_config: MeshConfig = NO_MESH_CONFIG  # `--mesh-config`: extension providers (CUSTOM authorization)
     # (namespace, name) -> TLS Secret (DestinationRule credentialName); keys never logged
     credentials: Mapping[tuple[str, str], TlsCredential] = field(default_factory=dict)
+    # ServiceEntries (sorted by (namespace, name); their hosts are in `services`, see
+    # controlplane.model.serviceentry) and WorkloadEntries
+    service_entries: tuple[ServiceEntry, ...] = ()
+    workload_entries: tuple[WorkloadEntry, ...] = ()
     # Gateway API routes (GAMMA: their VirtualService values are in `vs_by_host`, not in
     # `virtual_services`; controlplane.model.gamma), ReferenceGrants, and each route's
     # status: (kind, namespace, name) -> the status.parents entries Meshline owns

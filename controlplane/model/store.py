@@ -31,16 +31,19 @@ from controlplane.model.ir import (
     PeerAuthentication,
     PodNetns,
     Service,
+    ServiceEntry,
     Sidecar,
     SourceRef,
     TlsCredential,
     VirtualService,
     Workload,
+    WorkloadEntry,
     service_fqdn,
 )
 from controlplane.model.mesh import EndpointDelta, Mesh, build_mesh
 from controlplane.model.meshconfig import NO_MESH_CONFIG, MeshConfig
 from controlplane.model.raw import ObjectKey, RawObject
+from controlplane.model.serviceentry import registry_services
 from controlplane.model.validate import check_mesh
 
 IRValue = object
@@ -391,7 +394,7 @@ class MeshStore:
 
 STATUS_OWNED_KINDS = frozenset(
     {"VirtualService", "DestinationRule", "PeerAuthentication", "AuthorizationPolicy", "Sidecar",
-     "HTTPRoute", "GRPCRoute", "TCPRoute"}
+     "HTTPRoute", "GRPCRoute", "TCPRoute", "ServiceEntry", "WorkloadEntry"}
 )
 _VOLATILE_METADATA = frozenset({"resourceVersion", "managedFields", "generation", "uid", "creationTimestamp"})
 
@@ -464,6 +467,8 @@ def mesh_of(
     routes: list[GatewayRoute] = []
     grants: list[ReferenceGrant] = []
     gateways: dict[str, Gateway] = {}
+    ses: list[ServiceEntry] = []
+    wes: list[WorkloadEntry] = []
     for v in values:
         items = v if isinstance(v, tuple) else (v,)
         for item in items:
@@ -489,6 +494,10 @@ def mesh_of(
                 netns.append(item)
             elif isinstance(item, TlsCredential):
                 credentials[(item.namespace, item.name)] = item
+            elif isinstance(item, ServiceEntry):
+                ses.append(item)
+            elif isinstance(item, WorkloadEntry):
+                wes.append(item)
             elif isinstance(item, GatewayRoute):
                 routes.append(item)
             elif isinstance(item, ReferenceGrant):
@@ -512,6 +521,13 @@ def mesh_of(
     pas.sort(key=lambda p: (p.namespace, p.name))
     aps.sort(key=lambda a: (a.namespace, a.name))
     scs.sort(key=lambda s: (s.namespace, s.name))
+    if ses:  # ServiceEntry hosts join the registry (controlplane.model.serviceentry)
+        ses.sort(key=lambda s: (s.namespace, s.name))
+        se_services, se_endpoints = registry_services(ses, workloads, sorted(wes, key=lambda w: (w.namespace, w.name)),
+                                                      services, trust_domain)
+        services.update(se_services)
+        for host, sets in se_endpoints.items():
+            endpoints[host] = list(sets)
     mesh = build_mesh(
         namespaces,
         services,
@@ -533,4 +549,7 @@ def mesh_of(
         vs_by_host = {**mesh.vs_by_host, **{h: vs for vs in gamma.virtual_services for h in vs.hosts}}
         mesh = replace(mesh, vs_by_host=vs_by_host, gateway_routes=tuple(routes), reference_grants=tuple(grants),
                        route_status=gamma.status)
+    if ses or wes:
+        mesh = replace(mesh, service_entries=tuple(ses),
+                       workload_entries=tuple(sorted(wes, key=lambda w: (w.namespace, w.name))))
     return replace(mesh, credentials=credentials) if credentials else mesh

@@ -74,6 +74,8 @@ CORE_RESOURCES = (
     Resource("VirtualService", "networking.meshline.io", "v1", "virtualservices"),
     Resource("DestinationRule", "networking.meshline.io", "v1", "destinationrules"),
     Resource("Sidecar", "networking.meshline.io", "v1", "sidecars"),
+    Resource("ServiceEntry", "networking.meshline.io", "v1", "serviceentries"),
+    Resource("WorkloadEntry", "networking.meshline.io", "v1", "workloadentries"),
     Resource("PeerAuthentication", "security.meshline.io", "v1", "peerauthentications"),
     Resource("AuthorizationPolicy", "security.meshline.io", "v1", "authorizationpolicies"),
 )
@@ -81,6 +83,8 @@ ISTIO_RESOURCES = (
     Resource("VirtualService", "networking.istio.io", "v1", "virtualservices", priority=1),
     Resource("DestinationRule", "networking.istio.io", "v1", "destinationrules", priority=1),
     Resource("Sidecar", "networking.istio.io", "v1", "sidecars", priority=1),
+    Resource("ServiceEntry", "networking.istio.io", "v1", "serviceentries", priority=1),
+    Resource("WorkloadEntry", "networking.istio.io", "v1", "workloadentries", priority=1),
     Resource("PeerAuthentication", "security.istio.io", "v1", "peerauthentications", priority=1),
     Resource("AuthorizationPolicy", "security.istio.io", "v1", "authorizationpolicies", priority=1),
 )

@@ -42,6 +42,18 @@ def entry_visible(svc: Service, client_namespace: str) -> bool:
     return svc.entry is None or visible_to(svc.entry.export_to, svc.namespace, client_namespace)
 
 
+def entry_listener_addresses(svc: Service) -> tuple[str, ...]:
+    """The addresses intercepting sidecars capture a ServiceEntry's TCP ports on: each of its
+    IP `addresses` (a CIDR, or none: `0.0.0.0`, every address on that port); () for a
+    Kubernetes Service."""
+    if svc.entry is None:
+        return ()
+    ips = tuple(a for a in svc.entry.addresses if "/" not in a)
+    if not ips or len(ips) < len(svc.entry.addresses):
+        return (*ips, "0.0.0.0")
+    return ips
+
+
 def cluster_kind(svc: Service, capture: CaptureMode) -> ClusterKind:
     entry = svc.entry
     if entry is None or entry.resolution == "STATIC":

@@ -94,7 +94,12 @@ from controlplane.translate.routes import build_route_config, match_applies, pla
 from controlplane.translate.scope import Scope, registry_only, source_labels_of
 from controlplane.translate.secrets import WORKLOAD_SECRET
 from controlplane.translate.security import outbound_sni, spiffe_uri, upstream_tls
-from controlplane.translate.serviceentry import cluster_kind, entry_cluster_specs, entry_visible
+from controlplane.translate.serviceentry import (
+    cluster_kind,
+    entry_cluster_specs,
+    entry_listener_addresses,
+    entry_visible,
+)
 from controlplane.translate.tunnel import tunnel_cluster_specs, tunnel_targets, tunnelled
 
 
@@ -299,8 +304,11 @@ def _intercept_listeners(
         route = route_config_name(port) if protocol is PortProtocol.UNKNOWN else None
         tcp = tcp_target(mesh, svc, port, namespace, source_labels)
         hashed = tcp_hashes_source_ip(mesh, svc, port, namespace, source_labels)
-        spec = OutboundListener(f"{ip}_{port}", ip, port, False, route, tcp, hashed)
-        out.setdefault(spec.name, _listener_spec(spec, _tcp_sources(mesh, svc)))
+        # A ServiceEntry: one listener per address (CIDRs and no address: 0.0.0.0, warned at conversion).
+        ips = entry_listener_addresses(svc) or (ip,)
+        for ip in ips:
+            spec = OutboundListener(f"{ip}_{port}", ip, port, False, route, tcp, hashed)
+            out.setdefault(spec.name, _listener_spec(spec, _tcp_sources(mesh, svc)))
     return list(out.values())
 
 
