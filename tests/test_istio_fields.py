@@ -1,6 +1,6 @@
-"""Every field of Istio's VirtualService, DestinationRule, Sidecar, PeerAuthentication,
-AuthorizationPolicy, ServiceEntry and WorkloadEntry is translated, warned about or refused:
-never ignored in silence (issues 16, 18). Also writes the table in docs/istio-compatibility.md (`--update-golden`).
+"""Every field of Istio's VirtualService, DestinationRule, Sidecar, PeerAuthentication and
+AuthorizationPolicy is translated, warned about or refused: never ignored in silence
+(issue 16). Also writes the table in docs/istio-compatibility.md (`--update-golden`).
 
 The field list is the spec schema of Meshline's CRDs (manifests/crds), which mirror
 Istio's public v1 schema field for field (Istio's networking.istio.io/security.istio.io
@@ -36,6 +36,7 @@ from controlplane.model.meshconfig import parse_mesh_config
 from controlplane.model.raw import RawObject
 from controlplane.model.store import assemble
 from controlplane.sources.yamlload import parse_documents
+from controlplane.translate.gateway import gateway_credentials, plan_gateway
 from controlplane.translate.locality import client_locality, failover_priority_keys
 from controlplane.translate.scope import proxy_scope
 from controlplane.translate.sidecar import plan_inbound, plan_outbound
@@ -50,8 +51,7 @@ KINDS = {
     "Sidecar": ("sidecars.yaml", "networking.istio.io/v1"),
     "PeerAuthentication": ("peerauthentications.yaml", "security.istio.io/v1"),
     "AuthorizationPolicy": ("authorizationpolicies.yaml", "security.istio.io/v1"),
-    "ServiceEntry": ("serviceentries.yaml", "networking.istio.io/v1"),
-    "WorkloadEntry": ("workloadentries.yaml", "networking.istio.io/v1"),
+    "Gateway": ("gateways.yaml", "networking.istio.io/v1"),
 }
 
 # --------------------------------------------------------------------------- the mesh around the object
@@ -190,16 +190,73 @@ spec:
   host: mysql.default.svc.cluster.local
   subsets: [{name: v1, labels: {version: v1}}, {name: v2, labels: {version: v2}}]
 ---
-# The ServiceEntry that selects the WorkloadEntry under test (VMs labelled app: vm).
+# An ingress gateway Pod, Gateway `edge` and the routes bound to it and to the Gateway under
+# test (`t`), with the TLS Secret its servers name (certificate, key and CA).
+apiVersion: v1
+kind: Pod
+metadata: {name: gateway-1, namespace: default, labels: {istio: ingressgateway}}
+spec: {serviceAccountName: gateway, containers: [{name: envoy, image: x}]}
+status: {podIP: 10.1.9.1}
+---
+apiVersion: v1
+kind: Secret
+metadata: {name: gw-cert, namespace: default}
+type: kubernetes.io/tls
+stringData:
+  tls.crt: |
+    -----BEGIN CERTIFICATE-----
+    MIIBTjCB9aADAgECAgEHMAoGCCqGSM49BAMCMBkxFzAVBgNVBAMMDmd3LmV4YW1w
+    bGUuY29tMB4XDTI2MDEwMTAwMDAwMFoXDTM1MTIzMDAwMDAwMFowGTEXMBUGA1UE
+    AwwOZ3cuZXhhbXBsZS5jb20wWTATBgcqhkjOPQIBBggqhkjOPQMBBwNCAATXevA2
+    mpMJORbZkA/sDl5nYRu7/aYVGcqyVbF9VaNejQLHHUZel/3xOCKM/+wI3xxmuIQc
+    63/bedYEQJjcU3Uloy4wLDAPBgNVHRMBAf8EBTADAQH/MBkGA1UdEQQSMBCCDmd3
+    LmV4YW1wbGUuY29tMAoGCCqGSM49BAMCA0gAMEUCIQD73VHGQGpExvxFiT1wKsS7
+    vRRvJrAflB1akMgaVA6pFQIgdInQ7lupIj27HpKxBbS+InaeTHmrkeUuAIQwszqh
+    mjI=
+    -----END CERTIFICATE-----
+  tls.key: |
+    -----BEGIN PRIVATE KEY-----
+    MIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQgNYV05eAqD2kJXcLv
+    esDkmD83nqFWr2qgUZF2c8R9C/ehRANCAATXevA2mpMJORbZkA/sDl5nYRu7/aYV
+    GcqyVbF9VaNejQLHHUZel/3xOCKM/+wI3xxmuIQc63/bedYEQJjcU3Ul
+    -----END PRIVATE KEY-----
+  ca.crt: |
+    -----BEGIN CERTIFICATE-----
+    MIIBTjCB9aADAgECAgEHMAoGCCqGSM49BAMCMBkxFzAVBgNVBAMMDmd3LmV4YW1w
+    bGUuY29tMB4XDTI2MDEwMTAwMDAwMFoXDTM1MTIzMDAwMDAwMFowGTEXMBUGA1UE
+    AwwOZ3cuZXhhbXBsZS5jb20wWTATBgcqhkjOPQIBBggqhkjOPQMBBwNCAATXevA2
+    mpMJORbZkA/sDl5nYRu7/aYVGcqyVbF9VaNejQLHHUZel/3xOCKM/+wI3xxmuIQc
+    63/bedYEQJjcU3Uloy4wLDAPBgNVHRMBAf8EBTADAQH/MBkGA1UdEQQSMBCCDmd3
+    LmV4YW1wbGUuY29tMAoGCCqGSM49BAMCA0gAMEUCIQD73VHGQGpExvxFiT1wKsS7
+    vRRvJrAflB1akMgaVA6pFQIgdInQ7lupIj27HpKxBbS+InaeTHmrkeUuAIQwszqh
+    mjI=
+    -----END CERTIFICATE-----
+---
 apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata: {name: vms, namespace: default}
+kind: Gateway
+metadata: {name: edge, namespace: default}
 spec:
-  hosts: [vms.internal.example]
-  location: MESH_INTERNAL
-  ports: [{number: 7070, name: http, protocol: HTTP}]
-  resolution: STATIC
-  workloadSelector: {labels: {app: vm}}
+  selector: {istio: ingressgateway}
+  servers:
+  - {port: {number: 8080, name: http, protocol: HTTP}, hosts: ["*"]}
+  - {port: {number: 3306, name: tcp, protocol: TCP}, hosts: ["*"]}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: edge-routes, namespace: default}
+spec:
+  hosts: ["*"]
+  gateways: [edge]
+  http: [{route: [{destination: {host: reviews.default.svc.cluster.local}}]}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: t-routes, namespace: default}
+spec:
+  hosts: ["*"]
+  gateways: [t]
+  http: [{route: [{destination: {host: reviews.default.svc.cluster.local}}]}]
+  tcp: [{route: [{destination: {host: mysql.default.svc.cluster.local, port: {number: 3306}}}]}]
 """
 
 PROXIES = (
@@ -209,8 +266,15 @@ PROXIES = (
     ProxyMeta("reviews-intercept", namespace="default", workload="reviews-v1", capture="intercept"),
     ProxyMeta("reviews-bind", namespace="default", workload="reviews-v1", capture="bind"),
     ProxyMeta("unknown-bind", namespace="default", labels=labels_of({"app": "web"}), capture="bind"),
+    # Gateway proxies (authenticated as the gateway Pod's service account, so they hold the
+    # servers' credentials): of Gateway `edge` and of the Gateway under test.
+    ProxyMeta("gw-edge", mode="gateway", namespace="default", workload="gateway-1", gateway="default/edge"),
+    ProxyMeta("gw-t", mode="gateway", namespace="default", workload="gateway-1", gateway="default/t"),
 )
 
+_HTTPS = {"port": {"number": 8443, "name": "https", "protocol": "HTTPS"}, "hosts": ["*"]}
+_HTTP = {"port": {"number": 8080, "name": "http", "protocol": "HTTP"}, "hosts": ["*"]}
+_FILES = {"serverCertificate": "/etc/certs/server.pem", "privateKey": "/etc/certs/server-key.pem"}
 BASE: dict[str, dict[str, Any]] = {
     "VirtualService": {"hosts": ["reviews"], "http": [{"route": [{"destination": {"host": "reviews"}}]}]},
     "DestinationRule": {"host": "reviews.default.svc.cluster.local"},
@@ -218,10 +282,8 @@ BASE: dict[str, dict[str, Any]] = {
     "PeerAuthentication": {"mtls": {"mode": "PERMISSIVE"}},
     "AuthorizationPolicy": {"action": "DENY",
                             "rules": [{"from": [{"source": {"namespaces": ["blocked"]}}]}]},
-    "ServiceEntry": {"hosts": ["api.external.example"], "resolution": "STATIC",
-                     "ports": [{"number": 8080, "name": "http", "protocol": "HTTP"}],
-                     "endpoints": [{"address": "192.0.2.10"}]},
-    "WorkloadEntry": {"address": "192.0.2.30", "labels": {"app": "vm"}},
+    "Gateway": {"selector": {"istio": "ingressgateway"},
+                "servers": [{**_HTTPS, "tls": {"mode": "SIMPLE", "credentialName": "gw-cert"}}]},
 }
 """The object of each kind without the field under test (it must be valid)."""
 
@@ -230,14 +292,14 @@ BASE: dict[str, dict[str, Any]] = {
 SAMPLES: dict[str, Any] = {
     # VirtualService
     "hosts": ["mysql"],
-    "gateways": ["mesh", "istio-system/gateway"],
+    "gateways": ["mesh", "edge"],
     "http[].name": "named",
     "match[].name": "m1",
     "uri.exact": "/a", "uri.prefix": "/a", "uri.regex": "/a.*",
     "exact": "a", "prefix": "a", "regex": "a.*",
     "match[].port": 1234,
     "sourceLabels": {"app": "productpage"},
-    "match[].gateways": ["mesh", "gateway"],
+    "match[].gateways": ["mesh", "edge"],
     "ignoreUriCase": True,
     "sourceNamespace": "other",
     "statPrefix": "x",
@@ -301,6 +363,13 @@ SAMPLES: dict[str, Any] = {
     "selector.matchLabels": {"app": "other"},
     "mtls.mode": "STRICT",
     "portLevelMtls{}.mode": "STRICT",
+    # Gateway
+    "servers[].port.protocol": "HTTP", "servers[].bind": "127.0.0.1", "servers[].tls.mode": "MUTUAL",
+    "minProtocolVersion": "TLSV1_3", "maxProtocolVersion": "TLSV1_2",
+    "cipherSuites": ["ECDHE-ECDSA-AES128-GCM-SHA256"],
+    "verifyCertificateSpki": ["NvqYIYSbgK2vCJpQhObf77vv+bQWtc5ek5RIOwPiC9A="],
+    "verifyCertificateHash": ["df6ff72fe9116521268f6474250e3e44ac36da38d74e9761d0ec48a362fc431a"],
+    "servers[].tls.credentialName": "other-cert",
     # AuthorizationPolicy
     "targetRef.kind": "Gateway", "targetRef.name": "waypoint", "targetRef.group": "gateway.networking.k8s.io",
     "targetRefs[].kind": "Gateway", "targetRefs[].name": "waypoint", "targetRefs[].group": "gateway.networking.k8s.io",
@@ -389,6 +458,10 @@ CONTEXT: dict[str, dict[str, list[tuple[str, dict[str, Any]]]]] = {
         "selector.matchLabels": [("", {"mtls": {"mode": "STRICT"}})],
         "portLevelMtls{}.": [("", {"selector": {"matchLabels": {"app": "reviews"}}})],
     },
+    "Gateway": {
+        **{f"servers[].tls.{k}": [("tls", {"mode": "MUTUAL"})]
+           for k in ("subjectAltNames", "verifyCertificateSpki", "verifyCertificateHash")},
+    },
     "AuthorizationPolicy": {
         "rules[].to[].": [("rules[]", {"from": None})],
         "rules[].when[].": [("rules[]", {"from": None}),
@@ -414,44 +487,7 @@ MESH_CONFIG = parse_mesh_config("extensionProviders: [{name: ext-authz, envoyExt
                                 "{service: reviews.default.svc.cluster.local, port: 9080}}]", "mesh.yaml")[0]
 """`--mesh-config`: the extension provider CUSTOM policies name."""
 
-_SE_PORT = {"number": 8080, "name": "http", "protocol": "HTTP"}
-_SE_EP = {"address": "192.0.2.10"}
-_SE_INTERNAL = {"location": "MESH_INTERNAL", "endpoints": [{**_SE_EP, "serviceAccount": "vm"}]}
-_SE_VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
-    # ServiceEntry path -> (baseline fields, variant fields) over BASE (paths share suffixes with
-    # other kinds' SAMPLES, so each is spelled out)
-    "hosts": ({}, {"hosts": ["api2.external.example"]}),
-    "addresses": ({}, {"addresses": ["192.0.2.50"]}),
-    "ports[].number": ({}, {"ports": [{**_SE_PORT, "number": 8081}]}),
-    "ports[].protocol": ({}, {"ports": [{**_SE_PORT, "protocol": "TCP"}], "addresses": ["192.0.2.50"]}),
-    "ports[].name": ({}, {"ports": [{**_SE_PORT, "name": "web"}]}),
-    "ports[].targetPort": ({}, {"ports": [{**_SE_PORT, "targetPort": 9090}]}),
-    "location": ({"endpoints": [{**_SE_EP, "serviceAccount": "vm"}]}, _SE_INTERNAL),
-    "resolution": ({}, {"resolution": "DNS"}),
-    "endpoints[].address": ({}, {"endpoints": [{"address": "192.0.2.11"}]}),
-    "endpoints[].ports": ({}, {"endpoints": [{**_SE_EP, "ports": {"http": 9090}}]}),
-    "endpoints[].labels": ({}, {"endpoints": [{**_SE_EP, "labels": {"topology.kubernetes.io/region": "region1"}}]}),
-    "endpoints[].network": ({}, {"endpoints": [{**_SE_EP, "network": "net2"}]}),
-    "endpoints[].locality": ({}, {"endpoints": [{**_SE_EP, "locality": "region1/zone1"}]}),
-    "endpoints[].weight": ({}, {"endpoints": [{**_SE_EP, "weight": 3}]}),
-    "endpoints[].serviceAccount": ({"location": "MESH_INTERNAL"}, _SE_INTERNAL),
-    "workloadSelector.labels": ({}, {"endpoints": None, "workloadSelector": {"labels": {"app": "reviews"}}}),
-    "exportTo": ({}, {"exportTo": ["."]}),
-    "subjectAltNames": (_SE_INTERNAL, {**_SE_INTERNAL, "subjectAltNames": ["spiffe://cluster.local/ns/x/sa/y"]}),
-}
-_WE_VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
-    "address": ({}, {"address": "192.0.2.31"}),
-    "ports": ({}, {"ports": {"http": 9090}}),
-    "labels": ({}, {"labels": {"app": "vm", "topology.kubernetes.io/region": "region1"}}),
-    "network": ({}, {"network": "net2"}),
-    "locality": ({}, {"locality": "region1/zone1"}),
-    "weight": ({}, {"weight": 3}),
-    "serviceAccount": ({}, {"serviceAccount": "vm"}),
-}
-
 OVERRIDES: dict[tuple[str, str], tuple[dict[str, Any], dict[str, Any]]] = {
-    **{("ServiceEntry", p): v for p, v in _SE_VARIANTS.items()},
-    **{("WorkloadEntry", p): v for p, v in _WE_VARIANTS.items()},
     # A CUSTOM policy whose provider (of MESH_CONFIG) is usable, against the DENY it is otherwise.
     ("AuthorizationPolicy", "provider.name"): ({}, {"action": "CUSTOM", "provider": {"name": "ext-authz"}}),
     # (kind, path) -> (fields merged into the spec for the baseline, for the variant): for
@@ -465,6 +501,18 @@ OVERRIDES: dict[tuple[str, str], tuple[dict[str, Any], dict[str, Any]]] = {
         _at(prefix, {"tls": {"mode": "MUTUAL", "clientCertificate": "/etc/certs/client.pem",
                              "privateKey": "/etc/certs/client-key.pem"}}))
        for prefix in _POLICY_PREFIXES for k in ("clientCertificate", "privateKey")},
+    # Gateway: certificate files instead of the Secret; a CRL; httpsRedirect on an HTTP server.
+    **{("Gateway", f"servers[].tls.{k}"): ({}, {"servers": [{**_HTTPS, "tls": {"mode": "SIMPLE", **_FILES}}]})
+       for k in ("serverCertificate", "privateKey")},
+    ("Gateway", "servers[].tls.caCertificates"): (
+        {"servers": [{**_HTTPS, "tls": {"mode": "MUTUAL", "credentialName": "gw-cert"}}]},
+        {"servers": [{**_HTTPS, "tls": {"mode": "MUTUAL", **_FILES, "caCertificates": "/etc/certs/ca.pem"}}]}),
+    ("Gateway", "servers[].tls.caCrl"): (
+        {"servers": [{**_HTTPS, "tls": {"mode": "MUTUAL", **_FILES, "caCertificates": "/etc/certs/ca.pem"}}]},
+        {"servers": [{**_HTTPS, "tls": {"mode": "MUTUAL", **_FILES, "caCertificates": "/etc/certs/ca.pem",
+                                        "caCrl": "/etc/certs/crl.pem"}}]}),
+    ("Gateway", "servers[].tls.httpsRedirect"): (
+        {"servers": [_HTTP]}, {"servers": [{**_HTTP, "tls": {"httpsRedirect": True}}]}),
     ("VirtualService", "http[].route[].weight"): (
         {"http": [{"route": [{"destination": {"host": "reviews", "subset": "v1"}, "weight": 100},
                              {"destination": {"host": "reviews", "subset": "v2"}, "weight": 0}]}]},
@@ -481,8 +529,6 @@ OVERRIDES: dict[tuple[str, str], tuple[dict[str, Any], dict[str, Any]]] = {
 MAP_KEYS = {"headers": "end-user", "queryParams": "user", "withoutHeaders": "x-debug", "portLevelMtls": "9080"}
 
 NO_EFFECT = {
-    ("ServiceEntry", "ports[].name"): "A label for the port, which endpoints' `ports` maps refer to; the protocol "
-                                      "comes from `protocol`, so Istio gives the name no effect on Envoy either.",
     ("Sidecar", "egress[].port.name"): "A label for the port; Istio gives it no effect on Envoy's configuration "
                                       "either.",
 }
@@ -499,9 +545,9 @@ NOTES = {
                                                       "waypoints (warned).",
     ("VirtualService", "tcp[].match[].sourceLabels"): "Sidecars whose workload labels include them; never "
                                                      "waypoints (warned).",
-    ("Sidecar", "outboundTrafficPolicy.mode"): "Enforced (intercept capture): REGISTRY_ONLY refuses destinations "
-                                               "outside the egress scope (TCP: BlackHoleCluster, HTTP: 502); "
-                                               "ServiceEntry hosts the scope imports are admitted.",
+    ("Sidecar", "outboundTrafficPolicy.mode"): "Enforced: REGISTRY_ONLY refuses destinations outside the egress "
+                                               "scope (TCP: BlackHoleCluster, HTTP: 502). Warned because "
+                                               "ServiceEntry is not supported, so no external host can be allowed.",
     ("DestinationRule", "workloadSelector.matchLabels"): "Only sidecars of the rule's namespace whose labels "
                                                         "match, before that namespace's rules without one.",
     ("DestinationRule", "trafficPolicy.loadBalancer.simple"): "PASSTHROUGH: the original destination for "
@@ -667,8 +713,11 @@ def evaluate(kind: str, spec: dict[str, Any]) -> tuple[tuple[Issue, ...], tuple[
     out: dict[str, bytes] = {}
     for p in PROXIES:
         client = client_locality(mesh, p, failover_priority_keys(mesh))
-        specs = plan_outbound(mesh, p.namespace, p.capture, scope=proxy_scope(mesh, p), client=client)
-        specs += plan_inbound(mesh, p)
+        if p.mode == "gateway":
+            specs = plan_gateway(mesh, p) + gateway_credentials(mesh, p, p.namespace, "gateway", "/ca.pem")
+        else:
+            specs = plan_outbound(mesh, p.namespace, p.capture, scope=proxy_scope(mesh, p), client=client)
+            specs += plan_inbound(mesh, p)
         for s in specs:
             out[f"{p.node_id}/{s.type_url}/{s.name}"] = s.make().SerializeToString(deterministic=True)
     return own, cross, out
@@ -775,9 +824,9 @@ def render(outcomes: list[Outcome]) -> str:
         "",
         "Generated by `tests/test_istio_fields.py` (`pytest tests/test_istio_fields.py --update-golden`);",
         "do not edit by hand. For each leaf field of Istio's VirtualService, DestinationRule, Sidecar,",
-        "PeerAuthentication, AuthorizationPolicy, ServiceEntry and WorkloadEntry spec (the CRD",
-        "schemas in `manifests/crds`, which mirror Istio's v1 schema) the test converts an object that",
-        "sets the field and plans the Envoy configuration of a few sidecars:",
+        "PeerAuthentication and AuthorizationPolicy spec (the CRD schemas in `manifests/crds`, which",
+        "mirror Istio's v1 schema) the test converts an object that sets the field and plans the",
+        "Envoy configuration of a few sidecars:",
         "",
         "- **supported**: the field changes Envoy's configuration as Istio documents it;",
         "- **warned**: accepted with a warning naming the field (in `meshline analyze`,",
@@ -819,15 +868,6 @@ def render(outcomes: list[Outcome]) -> str:
         "  in the mesh, an HTTP provider on a TCP port, two providers on one workload) it fails closed",
         "  as Istio does: the policy's rules deny. Waypoints and node proxies enforce CUSTOM rules as",
         "  DENY (fail closed).",
-        "- ServiceEntry hosts are registry services (VirtualService hosts, DestinationRule lookup with",
-        "  the entry's namespace as the service's, subsets by endpoint or WorkloadEntry labels, Sidecar",
-        "  egress, REGISTRY_ONLY). Clusters: STATIC and workloadSelector EDS, DNS `STRICT_DNS`,",
-        "  DNS_ROUND_ROBIN `LOGICAL_DNS`, NONE `ORIGINAL_DST` for intercepting sidecars (in bind capture",
-        "  the host is resolved by DNS; a wildcard NONE host is unreachable there). MESH_EXTERNAL",
-        "  endpoints never get mesh mTLS; MESH_INTERNAL ones do when they are Pods with a sidecar or",
-        "  name a `serviceAccount` (or carry `security.istio.io/tlsMode: istio`). A Kubernetes",
-        "  Service with the same hostname wins over an entry, and the first entry by namespace/name",
-        "  wins over later ones (both warned). TLS/HTTPS ports are proxied as TCP (no SNI routing).",
         "- The root namespace is `meshline-system` unless configured; mesh-wide objects in",
         "  `istio-system` while it is not the root namespace are warned about (NOT MESH-WIDE).",
         "",

@@ -195,12 +195,24 @@ def _tls(ctx: Ctx, m: Mapping[str, Any], path: str, protocol: str) -> ServerTLS 
     terminates = protocol in TLS_PROTOCOLS and mode != "PASSTHROUGH"
     if terminates and not cred and not (files["serverCertificate"] and files["privateKey"]):
         ctx.error(p, f"mode {mode} needs credentialName, or serverCertificate and privateKey")
-    if cred and files["serverCertificate"]:
-        ctx.error(join(p, "serverCertificate"), "set credentialName or certificate files, not both")
+    if cred:
+        for k, v in files.items():
+            if v is not None:
+                ctx.warn(join(p, k), "ignored: credentialName is set (its Secret holds the certificates)")
     if terminates and mode in ("MUTUAL", "OPTIONAL_MUTUAL") and not cred and not files["caCertificates"]:
         ctx.error(join(p, "caCertificates"), f"is required for mode {mode} (or credentialName with a CA)")
+    if mode == "PASSTHROUGH" and protocol in TLS_PROTOCOLS:
+        ctx.warn(join(p, "mode"), "PASSTHROUGH connections are matched by SNI on the server's hosts and sent "
+                                  "where the bound VirtualServices' tcp routes say (tls routes with sniHosts are "
+                                  "not supported yet)")
     if mode == "PASSTHROUGH" and (cred or files["serverCertificate"]):
         ctx.warn(p, "certificates are not used in PASSTHROUGH mode (the backend terminates TLS)")
+    client_checks = [k for k in ("subjectAltNames", "verifyCertificateSpki", "verifyCertificateHash") if t.get(k)]
+    for k in client_checks:
+        if mode not in ("MUTUAL", "OPTIONAL_MUTUAL"):
+            ctx.warn(join(p, k), f"only checks client certificates (MUTUAL, OPTIONAL_MUTUAL); ignored in mode {mode}")
+    if protocol not in (*TLS_PROTOCOLS, *HTTP_PROTOCOLS) and (mode_text or redirect):
+        ctx.warn(p, f"ignored on a {protocol or 'TCP'} server (use protocol TLS or HTTPS)")
     versions: dict[str, str | None] = {}
     for k in ("minProtocolVersion", "maxProtocolVersion"):
         v = get_str(ctx, t, k, p)
