@@ -1,6 +1,6 @@
-"""Every field of Istio's VirtualService, DestinationRule, Sidecar, PeerAuthentication and
-AuthorizationPolicy is translated, warned about or refused: never ignored in silence
-(issue 16). Also writes the table in docs/istio-compatibility.md (`--update-golden`).
+"""Every field of Istio's VirtualService, DestinationRule, Sidecar, PeerAuthentication,
+AuthorizationPolicy, ServiceEntry and WorkloadEntry is translated, warned about or refused:
+never ignored in silence (issues 16, 18). Also writes the table in docs/istio-compatibility.md (`--update-golden`).
 
 The field list is the spec schema of Meshline's CRDs (manifests/crds), which mirror
 Istio's public v1 schema field for field (Istio's networking.istio.io/security.istio.io
@@ -52,6 +52,8 @@ KINDS = {
     "PeerAuthentication": ("peerauthentications.yaml", "security.istio.io/v1"),
     "AuthorizationPolicy": ("authorizationpolicies.yaml", "security.istio.io/v1"),
     "Gateway": ("gateways.yaml", "networking.istio.io/v1"),
+    "ServiceEntry": ("serviceentries.yaml", "networking.istio.io/v1"),
+    "WorkloadEntry": ("workloadentries.yaml", "networking.istio.io/v1"),
 }
 
 # --------------------------------------------------------------------------- the mesh around the object
@@ -190,6 +192,17 @@ spec:
   host: mysql.default.svc.cluster.local
   subsets: [{name: v1, labels: {version: v1}}, {name: v2, labels: {version: v2}}]
 ---
+# The ServiceEntry that selects the WorkloadEntry under test (VMs labelled app: vm).
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: vms, namespace: default}
+spec:
+  hosts: [vms.internal.example]
+  location: MESH_INTERNAL
+  ports: [{number: 7070, name: http, protocol: HTTP}]
+  resolution: STATIC
+  workloadSelector: {labels: {app: vm}}
+---
 # An ingress gateway Pod, Gateway `edge` and the routes bound to it and to the Gateway under
 # test (`t`), with the TLS Secret its servers name (certificate, key and CA).
 apiVersion: v1
@@ -284,6 +297,10 @@ BASE: dict[str, dict[str, Any]] = {
                             "rules": [{"from": [{"source": {"namespaces": ["blocked"]}}]}]},
     "Gateway": {"selector": {"istio": "ingressgateway"},
                 "servers": [{**_HTTPS, "tls": {"mode": "SIMPLE", "credentialName": "gw-cert"}}]},
+    "ServiceEntry": {"hosts": ["api.external.example"], "resolution": "STATIC",
+                     "ports": [{"number": 8080, "name": "http", "protocol": "HTTP"}],
+                     "endpoints": [{"address": "192.0.2.10"}]},
+    "WorkloadEntry": {"address": "192.0.2.30", "labels": {"app": "vm"}},
 }
 """The object of each kind without the field under test (it must be valid)."""
 
@@ -487,7 +504,44 @@ MESH_CONFIG = parse_mesh_config("extensionProviders: [{name: ext-authz, envoyExt
                                 "{service: reviews.default.svc.cluster.local, port: 9080}}]", "mesh.yaml")[0]
 """`--mesh-config`: the extension provider CUSTOM policies name."""
 
+_SE_PORT = {"number": 8080, "name": "http", "protocol": "HTTP"}
+_SE_EP = {"address": "192.0.2.10"}
+_SE_INTERNAL = {"location": "MESH_INTERNAL", "endpoints": [{**_SE_EP, "serviceAccount": "vm"}]}
+_SE_VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
+    # ServiceEntry path -> (baseline fields, variant fields) over BASE (paths share suffixes with
+    # other kinds' SAMPLES, so each is spelled out)
+    "hosts": ({}, {"hosts": ["api2.external.example"]}),
+    "addresses": ({}, {"addresses": ["192.0.2.50"]}),
+    "ports[].number": ({}, {"ports": [{**_SE_PORT, "number": 8081}]}),
+    "ports[].protocol": ({}, {"ports": [{**_SE_PORT, "protocol": "TCP"}], "addresses": ["192.0.2.50"]}),
+    "ports[].name": ({}, {"ports": [{**_SE_PORT, "name": "web"}]}),
+    "ports[].targetPort": ({}, {"ports": [{**_SE_PORT, "targetPort": 9090}]}),
+    "location": ({"endpoints": [{**_SE_EP, "serviceAccount": "vm"}]}, _SE_INTERNAL),
+    "resolution": ({}, {"resolution": "DNS"}),
+    "endpoints[].address": ({}, {"endpoints": [{"address": "192.0.2.11"}]}),
+    "endpoints[].ports": ({}, {"endpoints": [{**_SE_EP, "ports": {"http": 9090}}]}),
+    "endpoints[].labels": ({}, {"endpoints": [{**_SE_EP, "labels": {"topology.kubernetes.io/region": "region1"}}]}),
+    "endpoints[].network": ({}, {"endpoints": [{**_SE_EP, "network": "net2"}]}),
+    "endpoints[].locality": ({}, {"endpoints": [{**_SE_EP, "locality": "region1/zone1"}]}),
+    "endpoints[].weight": ({}, {"endpoints": [{**_SE_EP, "weight": 3}]}),
+    "endpoints[].serviceAccount": ({"location": "MESH_INTERNAL"}, _SE_INTERNAL),
+    "workloadSelector.labels": ({}, {"endpoints": None, "workloadSelector": {"labels": {"app": "reviews"}}}),
+    "exportTo": ({}, {"exportTo": ["."]}),
+    "subjectAltNames": (_SE_INTERNAL, {**_SE_INTERNAL, "subjectAltNames": ["spiffe://cluster.local/ns/x/sa/y"]}),
+}
+_WE_VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
+    "address": ({}, {"address": "192.0.2.31"}),
+    "ports": ({}, {"ports": {"http": 9090}}),
+    "labels": ({}, {"labels": {"app": "vm", "topology.kubernetes.io/region": "region1"}}),
+    "network": ({}, {"network": "net2"}),
+    "locality": ({}, {"locality": "region1/zone1"}),
+    "weight": ({}, {"weight": 3}),
+    "serviceAccount": ({}, {"serviceAccount": "vm"}),
+}
+
 OVERRIDES: dict[tuple[str, str], tuple[dict[str, Any], dict[str, Any]]] = {
+    **{("ServiceEntry", p): v for p, v in _SE_VARIANTS.items()},
+    **{("WorkloadEntry", p): v for p, v in _WE_VARIANTS.items()},
     # A CUSTOM policy whose provider (of MESH_CONFIG) is usable, against the DENY it is otherwise.
     ("AuthorizationPolicy", "provider.name"): ({}, {"action": "CUSTOM", "provider": {"name": "ext-authz"}}),
     # (kind, path) -> (fields merged into the spec for the baseline, for the variant): for
@@ -529,6 +583,8 @@ OVERRIDES: dict[tuple[str, str], tuple[dict[str, Any], dict[str, Any]]] = {
 MAP_KEYS = {"headers": "end-user", "queryParams": "user", "withoutHeaders": "x-debug", "portLevelMtls": "9080"}
 
 NO_EFFECT = {
+    ("ServiceEntry", "ports[].name"): "A label for the port, which endpoints' `ports` maps refer to; the protocol "
+                                      "comes from `protocol`, so Istio gives the name no effect on Envoy either.",
     ("Sidecar", "egress[].port.name"): "A label for the port; Istio gives it no effect on Envoy's configuration "
                                       "either.",
 }
@@ -545,9 +601,9 @@ NOTES = {
                                                       "waypoints (warned).",
     ("VirtualService", "tcp[].match[].sourceLabels"): "Sidecars whose workload labels include them; never "
                                                      "waypoints (warned).",
-    ("Sidecar", "outboundTrafficPolicy.mode"): "Enforced: REGISTRY_ONLY refuses destinations outside the egress "
-                                               "scope (TCP: BlackHoleCluster, HTTP: 502). Warned because "
-                                               "ServiceEntry is not supported, so no external host can be allowed.",
+    ("Sidecar", "outboundTrafficPolicy.mode"): "Enforced (intercept capture): REGISTRY_ONLY refuses destinations "
+                                               "outside the egress scope (TCP: BlackHoleCluster, HTTP: 502); "
+                                               "ServiceEntry hosts the scope imports are admitted.",
     ("DestinationRule", "workloadSelector.matchLabels"): "Only sidecars of the rule's namespace whose labels "
                                                         "match, before that namespace's rules without one.",
     ("DestinationRule", "trafficPolicy.loadBalancer.simple"): "PASSTHROUGH: the original destination for "
@@ -824,9 +880,9 @@ def render(outcomes: list[Outcome]) -> str:
         "",
         "Generated by `tests/test_istio_fields.py` (`pytest tests/test_istio_fields.py --update-golden`);",
         "do not edit by hand. For each leaf field of Istio's VirtualService, DestinationRule, Sidecar,",
-        "PeerAuthentication and AuthorizationPolicy spec (the CRD schemas in `manifests/crds`, which",
-        "mirror Istio's v1 schema) the test converts an object that sets the field and plans the",
-        "Envoy configuration of a few sidecars:",
+        "PeerAuthentication, AuthorizationPolicy, ServiceEntry and WorkloadEntry spec (the CRD",
+        "schemas in `manifests/crds`, which mirror Istio's v1 schema) the test converts an object that",
+        "sets the field and plans the Envoy configuration of a few sidecars:",
         "",
         "- **supported**: the field changes Envoy's configuration as Istio documents it;",
         "- **warned**: accepted with a warning naming the field (in `meshline analyze`,",
@@ -868,6 +924,15 @@ def render(outcomes: list[Outcome]) -> str:
         "  in the mesh, an HTTP provider on a TCP port, two providers on one workload) it fails closed",
         "  as Istio does: the policy's rules deny. Waypoints and node proxies enforce CUSTOM rules as",
         "  DENY (fail closed).",
+        "- ServiceEntry hosts are registry services (VirtualService hosts, DestinationRule lookup with",
+        "  the entry's namespace as the service's, subsets by endpoint or WorkloadEntry labels, Sidecar",
+        "  egress, REGISTRY_ONLY). Clusters: STATIC and workloadSelector EDS, DNS `STRICT_DNS`,",
+        "  DNS_ROUND_ROBIN `LOGICAL_DNS`, NONE `ORIGINAL_DST` for intercepting sidecars (in bind capture",
+        "  the host is resolved by DNS; a wildcard NONE host is unreachable there). MESH_EXTERNAL",
+        "  endpoints never get mesh mTLS; MESH_INTERNAL ones do when they are Pods with a sidecar or",
+        "  name a `serviceAccount` (or carry `security.istio.io/tlsMode: istio`). A Kubernetes",
+        "  Service with the same hostname wins over an entry, and the first entry by namespace/name",
+        "  wins over later ones (both warned). TLS/HTTPS ports are proxied as TCP (no SNI routing).",
         "- The root namespace is `meshline-system` unless configured; mesh-wide objects in",
         "  `istio-system` while it is not the root namespace are warned about (NOT MESH-WIDE).",
         "",
