@@ -96,7 +96,8 @@ def built(specs: list[ResourceSpec]) -> dict[TypeUrl, list[Message]]:
     return out
 
 
-MAP_FIELDS = frozenset({"policies", "filterMetadata", "typedExtensionProtocolOptions", "typedPerFilterConfig"})
+MAP_FIELDS = frozenset({"policies", "filterMetadata", "typedExtensionProtocolOptions", "typedPerFilterConfig",
+                        "providers"})
 """Protobuf map fields in the output: their entries come out in an order that varies between
 processes, so they are sorted by key."""
 

@@ -28,6 +28,10 @@ The value returned for each supported kind:
 | Sidecar (networking)                 | `Sidecar` (egress scoping; ingress and             |
 |                                      | outboundTrafficPolicy are ignored with a warning)  |
 | PeerAuthentication (security)        | `PeerAuthentication`                               |
+| RequestAuthentication (security)     | `RequestAuthentication` (JWT rules:                |
+|                                      | `controlplane.model.authn`)                        |
+| Telemetry (telemetry)                | `Telemetry` (access logging:                       |
+|                                      | `controlplane.model.telemetry`)                    |
 | AuthorizationPolicy (security)       | `AuthorizationPolicy` (CUSTOM: `provider` kept,    |
 |                                      | action DENY; sidecars ask the provider's ext_authz |
 |                                      | where `--mesh-config` makes it usable, elsewhere   |
@@ -50,6 +54,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from controlplane.model.convert_authn import convert_request_authentication
 from controlplane.model.convert_base import Ctx, as_map, check_fields, get_labels, get_str, is_dns_label
 from controlplane.model.convert_core import (
     convert_endpoint_slice,
@@ -67,6 +72,7 @@ from controlplane.model.convert_secret import convert_secret
 from controlplane.model.convert_security import convert_authorization_policy, convert_peer_authentication
 from controlplane.model.convert_serviceentry import convert_service_entry, convert_workload_entry
 from controlplane.model.convert_sidecar import convert_sidecar
+from controlplane.model.convert_telemetry import convert_telemetry
 from controlplane.model.convert_vs import convert_virtual_service
 from controlplane.model.ir import Issue, Labels, PodNetns
 from controlplane.model.raw import RawObject
@@ -84,6 +90,11 @@ SECURITY_API_VERSIONS = (
     "security.istio.io/v1",
     "security.istio.io/v1beta1",
 )
+TELEMETRY_API_VERSIONS = (
+    "telemetry.meshline.io/v1",
+    "telemetry.istio.io/v1",
+    "telemetry.istio.io/v1alpha1",
+)
 API_VERSIONS: Mapping[str, tuple[str, ...]] = {
     "Namespace": ("v1",),
     "Service": ("v1",),
@@ -95,6 +106,8 @@ API_VERSIONS: Mapping[str, tuple[str, ...]] = {
     "Sidecar": NETWORKING_API_VERSIONS,
     "PeerAuthentication": SECURITY_API_VERSIONS,
     "AuthorizationPolicy": SECURITY_API_VERSIONS,
+    "RequestAuthentication": SECURITY_API_VERSIONS,  # convert_authn
+    "Telemetry": TELEMETRY_API_VERSIONS,  # convert_telemetry (access logging)
     "PodNetns": ("meshline.io/v1",),  # node agents' reports (controlplane.nodeagent)
     "Secret": ("v1",),  # TLS credentials for DestinationRule credentialName (convert_secret)
     "ServiceEntry": NETWORKING_API_VERSIONS,  # convert_serviceentry
@@ -118,10 +131,7 @@ serve is watched, to be translated or reported as not supported."""
 UNSUPPORTED_KINDS: Mapping[str, str] = {
     "WorkloadGroup": "its workloads are not added to the mesh",
     "EnvoyFilter": "its patches are not applied to any Envoy",
-    "Telemetry": "its metrics, access logging and tracing settings are not applied",
     "WasmPlugin": "its Wasm extension is not loaded",
-    "RequestAuthentication": "JWTs are not validated: requests with invalid tokens are not rejected, and "
-                             "AuthorizationPolicy rules on requestPrincipals or request.auth claims never match",
     "ProxyConfig": "its proxy settings are not applied",
     "TLSRoute": "its routes are not applied",
     "UDPRoute": "its routes are not applied",
@@ -130,7 +140,8 @@ UNSUPPORTED_KINDS: Mapping[str, str] = {
 }
 """What is lost when a kind of Istio's or the Gateway API's groups is ignored."""
 _TOP_LEVEL_FIELDS = ("apiVersion", "kind", "metadata", "spec", "status")
-_MESH_KINDS = ("VirtualService", "DestinationRule", "Sidecar", "PeerAuthentication", "AuthorizationPolicy")
+_MESH_KINDS = ("VirtualService", "DestinationRule", "Sidecar", "PeerAuthentication", "AuthorizationPolicy",
+               "RequestAuthentication", "Telemetry")
 
 
 def convert(raw: RawObject) -> ConvertResult:
@@ -198,6 +209,10 @@ def _convert(ctx: Ctx) -> object | None:
         return convert_pod_netns(ctx, namespace, name)
     if raw.kind == "Secret":
         return convert_secret(ctx, namespace, name)
+    if raw.kind == "RequestAuthentication":
+        return convert_request_authentication(ctx, namespace, name)
+    if raw.kind == "Telemetry":
+        return convert_telemetry(ctx, namespace, name)
     if raw.kind == "ServiceEntry":
         return convert_service_entry(ctx, namespace, name)
     if raw.kind == "WorkloadEntry":

@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
+from typing import TYPE_CHECKING
 
 from controlplane.model.gwapi import GatewayRoute, ParentStatus, ReferenceGrant
 from controlplane.model.ir import (
@@ -39,6 +40,10 @@ from controlplane.model.ir import (
     labels_match,
 )
 from controlplane.model.meshconfig import NO_MESH_CONFIG, MeshConfig
+
+if TYPE_CHECKING:
+    from controlplane.model.authn import RequestAuthentication
+    from controlplane.model.telemetry import Telemetry
 
 _EMPTY: Mapping[str, object] = MappingProxyType({})
 
@@ -66,6 +71,10 @@ class Mesh:
     mesh_config: MeshConfig = NO_MESH_CONFIG  # `--mesh-config`: extension providers (CUSTOM authorization)
     # (namespace, name) -> TLS Secret (DestinationRule credentialName); keys never logged
     credentials: Mapping[tuple[str, str], TlsCredential] = field(default_factory=dict)
+    # JWT rules (controlplane.model.authn) and access logging (controlplane.model.telemetry),
+    # each sorted by (namespace, name)
+    request_authentications: tuple[RequestAuthentication, ...] = ()
+    telemetries: tuple[Telemetry, ...] = ()
     # ServiceEntries (sorted by (namespace, name); their hosts are in `services`, see
     # controlplane.model.serviceentry) and WorkloadEntries
     service_entries: tuple[ServiceEntry, ...] = ()

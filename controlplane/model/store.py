@@ -12,6 +12,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
+from controlplane.model.authn import RequestAuthentication
 from controlplane.model.convert import convert
 from controlplane.model.events import Delete, ParseError, Replace, SourceEvent, Upsert
 from controlplane.model.gamma import resolve as resolve_gamma
@@ -44,6 +45,7 @@ from controlplane.model.mesh import EndpointDelta, Mesh, build_mesh
 from controlplane.model.meshconfig import NO_MESH_CONFIG, MeshConfig
 from controlplane.model.raw import ObjectKey, RawObject
 from controlplane.model.serviceentry import registry_services
+from controlplane.model.telemetry import Telemetry
 from controlplane.model.validate import check_mesh
 
 IRValue = object
@@ -464,6 +466,8 @@ def mesh_of(
     scs: list[Sidecar] = []
     netns: list[PodNetns] = []
     credentials: dict[tuple[str, str], TlsCredential] = {}
+    ras: list[RequestAuthentication] = []
+    tels: list[Telemetry] = []
     routes: list[GatewayRoute] = []
     grants: list[ReferenceGrant] = []
     gateways: dict[str, Gateway] = {}
@@ -494,6 +498,10 @@ def mesh_of(
                 netns.append(item)
             elif isinstance(item, TlsCredential):
                 credentials[(item.namespace, item.name)] = item
+            elif isinstance(item, RequestAuthentication):
+                ras.append(item)
+            elif isinstance(item, Telemetry):
+                tels.append(item)
             elif isinstance(item, ServiceEntry):
                 ses.append(item)
             elif isinstance(item, WorkloadEntry):
@@ -552,4 +560,7 @@ def mesh_of(
     if ses or wes:
         mesh = replace(mesh, service_entries=tuple(ses),
                        workload_entries=tuple(sorted(wes, key=lambda w: (w.namespace, w.name))))
+    if ras or tels:
+        mesh = replace(mesh, request_authentications=tuple(sorted(ras, key=lambda r: (r.namespace, r.name))),
+                       telemetries=tuple(sorted(tels, key=lambda t: (t.namespace, t.name))))
     return replace(mesh, credentials=credentials) if credentials else mesh

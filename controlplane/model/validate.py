@@ -72,6 +72,7 @@ def check_mesh(mesh: Mesh) -> tuple[Issue, ...]:
     issues.extend(check_istio_fidelity(mesh))
     issues.extend(check_custom_policies(mesh.authorization_policies, mesh.mesh_config, mesh.services))
     issues.extend(check_credentials(mesh))
+    issues.extend(check_telemetries(mesh))
     if mesh.gateways or mesh.gateway_virtual_services:
         issues.extend(check_gateways(mesh))
     if mesh.gateway_routes:

@@ -11,16 +11,20 @@ services' VirtualService routes (`waypoint_<port>`) and their L7 AuthorizationPo
 originates HBONE to the chosen endpoint (`tunnel_cluster_specs`). The L7 policies it
 enforces are those attached to it with `targetRefs` (kind Gateway: the waypoint; kind
 Service: a service bound to it), as in Istio; selector policies are the node proxies' (L4).
+RequestAuthentications attached the same way put the JWT filter before them
+(`controlplane.translate.jwt`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from dataclasses import replace
+from typing import Any
 
 from envoy.config.listener.v3 import listener_pb2
 
 from controlplane.model.ambient import services_of_waypoint
+from controlplane.model.authn import JwtRule, issuers, jwt_rules, waypoint_request_authentications
 from controlplane.model.ir import (
     AuthorizationPolicy,
     AuthzOperation,
@@ -33,6 +37,7 @@ from controlplane.model.ir import (
 from controlplane.model.mesh import Mesh
 from controlplane.model.policy import policies_for_port, waypoint_policies
 from controlplane.translate.hbone import TunnelTarget, build_hbone_inbound, build_internal_cluster
+from controlplane.translate.jwt import build_jwks_cluster, http_jwt_filters, jwks_clusters
 from controlplane.translate.listeners import hcm_filter
 from controlplane.translate.names import dedupe_domains, destination_port, service_domains
 from controlplane.translate.nodeproxy import plan_node
@@ -83,8 +88,13 @@ def plan_waypoint(mesh: Mesh, meta: ProxyMeta) -> list[ResourceSpec]:
         add([route_spec(mesh, port, services, ns, "bind", name=inner)])
         domains = dedupe_domains(service_domains(s, port, ns) for s in services)
         authz = _per_service_policies(mesh, ns, name, services, port, domains)
-        add([ResourceSpec(LISTENER, inner, build_waypoint_http, (inner, td, authz),
-                          tuple(dict.fromkeys((*(s.ref for s in services), *(a.ref for a in authz)))))])
+        ras = waypoint_request_authentications(mesh, ns, name, tuple(s.name for s in services))
+        jwt = jwt_rules(ras)
+        add([ResourceSpec(CLUSTER, jc.name, build_jwks_cluster, (jc,), tuple(r.ref for r in ras))
+             for jc in jwks_clusters(jwt)])
+        add([ResourceSpec(LISTENER, inner, build_waypoint_http, (inner, td, authz, jwt),
+                          tuple(dict.fromkeys((*(s.ref for s in services), *(a.ref for a in authz),
+                                               *(r.ref for r in ras)))))])
     add([ResourceSpec(LISTENER, "waypoint_hbone", build_hbone_inbound,
                       ("waypoint_hbone", None, WORKLOAD_SECRET, td, tuple(targets), ()),
                       tuple(s.ref for s in bound))])
@@ -143,11 +153,13 @@ def _per_service_policies(mesh: Mesh, ns: str, waypoint: str, services: list[Ser
     return tuple(out)
 
 
-def build_waypoint_http(name: str, trust_domain: str, authz: tuple[AuthorizationPolicy, ...]
-                        ) -> listener_pb2.Listener:
-    """The internal listener of one port: HTTP routing (RDS `name`) and L7 authorization."""
+def build_waypoint_http(name: str, trust_domain: str, authz: tuple[AuthorizationPolicy, ...],
+                        jwt: tuple[JwtRule, ...] = ()) -> listener_pb2.Listener:
+    """The internal listener of one port: HTTP routing (RDS `name`), JWT validation and L7
+    authorization."""
     lst = listener_pb2.Listener(name=name)
     lst.internal_listener.SetInParent()
-    filters = http_rbac_filters(authz, trust_domain) if authz else []
+    filters: list[tuple[str, Any]] = [*http_jwt_filters(jwt)]
+    filters += http_rbac_filters(authz, trust_domain, issuers(jwt)) if authz else []
     lst.filter_chains.add(name=name).filters.append(hcm_filter(name, name, None, filters))
     return lst

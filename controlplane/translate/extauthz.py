@@ -95,12 +95,13 @@ def _split(policies: Sequence[AuthorizationPolicy], target: ExtAuthzTarget | Non
     return custom, [ap for ap in policies if ap.provider != target.provider.name]
 
 
-def _shadow_rules(custom: Sequence[AuthorizationPolicy], trust_domain: str, tcp: bool) -> rbac_pb2.RBAC:
+def _shadow_rules(custom: Sequence[AuthorizationPolicy], trust_domain: str, tcp: bool,
+                  issuers: Sequence[str] = ()) -> rbac_pb2.RBAC:
     rules = rbac_pb2.RBAC(action=rbac_pb2.RBAC.DENY)
     for ap in custom:
         for i, rule in enumerate(ap.rules):
             rules.policies[f"{SHADOW_POLICY_PREFIX}-{policy_name(ap, i)}"].CopyFrom(
-                rule_policy(rule, trust_domain, tcp))
+                rule_policy(rule, trust_domain, tcp, issuers))
     return rules
 
 
@@ -165,16 +166,17 @@ def network_ext_authz(target: ExtAuthzTarget, stat_prefix: str) -> network_ext_a
 
 
 def http_authz_filters(policies: Sequence[AuthorizationPolicy], trust_domain: str,
-                       target: ExtAuthzTarget | None = None) -> list[tuple[str, Any]]:
+                       target: ExtAuthzTarget | None = None, issuers: Sequence[str] = ()) -> list[tuple[str, Any]]:
     """(filter name, config) of every authorization filter of an HTTP chain, in order: the
-    CUSTOM shadow RBAC and ext_authz filters (with a usable `target`), then AUDIT, DENY, ALLOW."""
+    CUSTOM shadow RBAC and ext_authz filters (with a usable `target`), then AUDIT, DENY, ALLOW.
+    `issuers`: of the JWTs the proxy validates (`controlplane.translate.jwt`)."""
     custom, rest = _split(policies, target, tcp=False)
     out: list[tuple[str, Any]] = []
     if custom and target is not None and any(ap.rules for ap in custom):
         shadow = http_rbac_pb2.RBAC(shadow_rules_stat_prefix=SHADOW_STAT_PREFIX)
-        shadow.shadow_rules.CopyFrom(_shadow_rules(custom, trust_domain, tcp=False))
+        shadow.shadow_rules.CopyFrom(_shadow_rules(custom, trust_domain, tcp=False, issuers=issuers))
         out += [(HTTP_RBAC_FILTER, shadow), (HTTP_EXT_AUTHZ_FILTER, http_ext_authz(target))]
-    return out + list(http_rbac_filters(rest, trust_domain))
+    return out + list(http_rbac_filters(rest, trust_domain, issuers))
 
 
 def network_authz_filters(policies: Sequence[AuthorizationPolicy], trust_domain: str, stat_prefix: str,

@@ -9,9 +9,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from controlplane.model.ambient import waypoint_service
+from controlplane.model.authn import jwt_rules, request_authentications_for
 from controlplane.model.ir import ProxyMeta, ServicePort, SourceRef, Workload
 from controlplane.model.mesh import Mesh
 from controlplane.model.policy import authorization_policies_for, effective_mtls, orphaned_policies
+from controlplane.model.telemetry import access_logs_for
+from controlplane.translate.accesslog import resolve
 from controlplane.translate.extauthz import custom_target
 from controlplane.translate.listeners import InboundPort, InboundSecurity
 from controlplane.translate.names import inbound_cluster_name
@@ -57,13 +60,17 @@ def inbound_ports(mesh: Mesh, proxy: ProxyMeta, wl: Workload | None) -> list[Inb
 
 def inbound_security(mesh: Mesh, proxy: ProxyMeta, wl: Workload | None
                      ) -> tuple[InboundSecurity, tuple[SourceRef, ...]]:
-    """The workload's PeerAuthentication modes and AuthorizationPolicies, and their sources."""
+    """The workload's PeerAuthentication modes, AuthorizationPolicies, RequestAuthentication
+    JWT rules and (inbound) Telemetry access logs, and their sources."""
     labels = wl.labels if wl is not None else proxy.labels
     mtls = effective_mtls(mesh, proxy.namespace, labels)
     authz = authorization_policies_for(mesh, proxy.namespace, labels)
     if wl is not None:
         # Policies attached (targetRefs) to this pod's services when no waypoint enforces them.
         authz = (*authz, *orphaned_policies(mesh, wl, lambda svc: waypoint_service(mesh, svc) is not None))
+    ras = request_authentications_for(mesh, proxy.namespace, labels)
+    logs, log_sources = access_logs_for(mesh, proxy.namespace, labels, "SERVER")
     sec = InboundSecurity(mtls.mode, mtls.ports, mesh.trust_domain, authz,
-                          custom_target(authz, mesh.mesh_config, mesh.services))
-    return sec, tuple(dict.fromkeys((*mtls.sources, *(a.ref for a in authz))))
+                          custom_target(authz, mesh.mesh_config, mesh.services), jwt_rules(ras),
+                          resolve(logs, mesh.mesh_config))
+    return sec, tuple(dict.fromkeys((*mtls.sources, *(a.ref for a in authz), *(r.ref for r in ras), *log_sources)))

@@ -16,7 +16,10 @@ listener filter, which waits as long as the HTTP sniffer); STRICT has only the m
 endpoints, so they cannot fall through to the passthrough chain); DISABLE only plaintext.
 On a sniffed port, mTLS connections offering ALPN h2 or http/1.1 (what an Envoy client's
 HTTP pool offers) reach the HTTP chain, others the TCP chain. Every chain carries the RBAC
-filters of the workload's AuthorizationPolicies.
+filters of the workload's AuthorizationPolicies, after the JWT filter of its
+RequestAuthentications (`controlplane.translate.jwt`); chains write the access logs its
+Telemetry asks for (`controlplane.translate.accesslog`: `InboundSecurity.access_logs` inbound,
+`OutboundListener.access_logs` outbound).
 """
 
 from __future__ import annotations
@@ -37,8 +40,12 @@ from envoy.extensions.filters.listener.tls_inspector.v3 import tls_inspector_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm_pb2
 from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
 
+from controlplane.model.authn import JwtRule
+from controlplane.model.authn import issuers as jwt_issuers
 from controlplane.model.ir import DEFAULT_TRUST_DOMAIN, AuthorizationPolicy, MtlsMode, PortProtocol
+from controlplane.translate.accesslog import AccessLogSink, access_logs
 from controlplane.translate.extauthz import ExtAuthzTarget, http_authz_filters, network_authz_filters
+from controlplane.translate.jwt import http_jwt_filters
 from controlplane.translate.names import (
     INBOUND_CAPTURE_PORT,
     OUTBOUND_CAPTURE_PORT,
@@ -73,6 +80,7 @@ class OutboundListener:
     route_name: str | None = None
     tcp: tuple[WeightedCluster, ...] = ()
     tcp_hash_source_ip: bool = False  # DestinationRule consistentHash.useSourceIp on a TCP port
+    access_logs: tuple[AccessLogSink, ...] = ()  # Telemetry accessLogging (CLIENT)
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +102,7 @@ def hcm_filter(
     authz: Sequence[tuple[str, Any]] = (),
     *,
     client_cert: bool = False,
+    logs: Sequence[AccessLogSink] = (),
 ) -> Any:
     """An HTTP connection manager. `authz`: RBAC filters to run before the router (paths are
     then normalised first, so that `/a/../b` cannot slip past a path rule); `client_cert`:
@@ -116,6 +125,7 @@ def hcm_filter(
         h.route_config.CopyFrom(route_config)
         filters = ()
     h.use_remote_address.value = False
+    h.access_log.extend(access_logs(logs))
     for name, cfg in (*authz, *filters, ("envoy.filters.http.router", router_pb2.Router())):
         h.http_filters.add(name=name).typed_config.CopyFrom(pack(cfg))
     f = listener_components_pb2.Filter(name=HCM_FILTER)
@@ -123,8 +133,10 @@ def hcm_filter(
     return f
 
 
-def _tcp_proxy(stat_prefix: str, clusters: Sequence[WeightedCluster], hash_source_ip: bool = False) -> Any:
+def _tcp_proxy(stat_prefix: str, clusters: Sequence[WeightedCluster], hash_source_ip: bool = False,
+               logs: Sequence[AccessLogSink] = ()) -> Any:
     t = tcp_proxy_pb2.TcpProxy(stat_prefix=stat_prefix)
+    t.access_log.extend(access_logs(logs))
     if len(clusters) == 1:
         t.cluster = clusters[0].name
     else:
@@ -174,14 +186,15 @@ def build_outbound_listener(spec: OutboundListener) -> listener_pb2.Listener:
         _sniffing(lst)
         http = lst.filter_chains.add(name=f"{spec.name}_http")
         http.filter_chain_match.application_protocols.extend(SNIFFED_PROTOCOLS)
-        http.filters.append(hcm_filter(stat, spec.route_name, None))
+        http.filters.append(hcm_filter(stat, spec.route_name, None, logs=spec.access_logs))
         lst.filter_chains.add(name=f"{spec.name}_tcp").filters.append(
-            _tcp_proxy(stat, spec.tcp, spec.tcp_hash_source_ip))
+            _tcp_proxy(stat, spec.tcp, spec.tcp_hash_source_ip, spec.access_logs))
     elif spec.route_name is not None:
-        lst.filter_chains.add(name=f"{spec.name}_http").filters.append(hcm_filter(stat, spec.route_name, None))
+        lst.filter_chains.add(name=f"{spec.name}_http").filters.append(
+            hcm_filter(stat, spec.route_name, None, logs=spec.access_logs))
     else:
         lst.filter_chains.add(name=f"{spec.name}_tcp").filters.append(
-            _tcp_proxy(stat, spec.tcp, spec.tcp_hash_source_ip))
+            _tcp_proxy(stat, spec.tcp, spec.tcp_hash_source_ip, spec.access_logs))
     return lst
 
 
@@ -212,6 +225,8 @@ class InboundSecurity:
     authz: tuple[AuthorizationPolicy, ...] = ()
     # the external authorizer of the workload's CUSTOM policies (None: they deny)
     ext_authz: ExtAuthzTarget | None = None
+    jwt: tuple[JwtRule, ...] = ()  # RequestAuthentication jwtRules (translate.jwt)
+    access_logs: tuple[AccessLogSink, ...] = ()  # Telemetry accessLogging (SERVER)
 
     def for_port(self, port: int) -> MtlsMode:
         return next((m for p, m in self.ports if p == port), self.mode)
@@ -234,7 +249,7 @@ def _tcp_filters(stat: str, cluster: str, sec: InboundSecurity) -> list[Any]:
         f = listener_components_pb2.Filter(name=name)
         f.typed_config.CopyFrom(pack(cfg))
         out.append(f)
-    return [*out, _tcp_proxy(stat, [WeightedCluster(cluster)])]
+    return [*out, _tcp_proxy(stat, [WeightedCluster(cluster)], logs=sec.access_logs)]
 
 
 def _secure(fc: Any, sec: InboundSecurity, alpn: tuple[str, ...]) -> None:
@@ -251,7 +266,8 @@ def _inbound_chains(lst: listener_pb2.Listener, ip: InboundPort, match_port: boo
     default chain."""
     stat = f"inbound_0.0.0.0_{ip.port}"
     mode = sec.for_port(ip.port)
-    http_filters = http_authz_filters(sec.authz, sec.trust_domain, sec.ext_authz)
+    http_filters = [*http_jwt_filters(sec.jwt),
+                    *http_authz_filters(sec.authz, sec.trust_domain, sec.ext_authz, jwt_issuers(sec.jwt))]
     sniffed = ip.protocol is PortProtocol.UNKNOWN
     chains: list[tuple[str, bool, tuple[str, ...], list[Any]]] = []
     for secure in (False, True):
@@ -260,7 +276,7 @@ def _inbound_chains(lst: listener_pb2.Listener, ip: InboundPort, match_port: boo
         prefix = "mtls_" if secure else ""
         if ip.protocol.is_http or sniffed:
             app: tuple[str, ...] = (MESH_ALPN if secure else SNIFFED_PROTOCOLS) if sniffed else ()
-            hcm = hcm_filter(stat, None, _inbound_route(ip), http_filters, client_cert=secure)
+            hcm = hcm_filter(stat, None, _inbound_route(ip), http_filters, client_cert=secure, logs=sec.access_logs)
             chains.append((f"{prefix}http", secure, app, [hcm]))
         if not ip.protocol.is_http:
             chains.append((f"{prefix}tcp", secure, (), _tcp_filters(stat, ip.cluster, sec)))

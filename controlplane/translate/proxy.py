@@ -22,7 +22,9 @@ from dataclasses import dataclass
 
 from controlplane.model.ir import Hostname, ProxyMeta
 from controlplane.model.mesh import Mesh
+from controlplane.model.telemetry import access_logs_for
 from controlplane.translate import nodeproxy
+from controlplane.translate.accesslog import AccessLogSink, resolve
 from controlplane.translate.ambient import plan_waypoint
 from controlplane.translate.gateway import plan_gateway
 from controlplane.translate.locality import ClientLocalities, client_locality, failover_priority_keys
@@ -64,7 +66,17 @@ def plan_shared(mesh: Mesh, meta: ProxyMeta) -> list[ResourceSpec]:
     if meta.mode != "sidecar":
         return []
     return plan_outbound(mesh, meta.namespace, meta.capture, meta.outbound_address, proxy_scope(mesh, meta),
-                         client_locality(mesh, meta, failover_priority_keys(mesh)))
+                         client_locality(mesh, meta, failover_priority_keys(mesh)), outbound_access_logs(mesh, meta))
+
+
+def outbound_access_logs(mesh: Mesh, meta: ProxyMeta) -> tuple[AccessLogSink, ...]:
+    """What a sidecar's outbound listeners log (Telemetry accessLogging, CLIENT): part of
+    its shared key, so sidecars a workload-level Telemetry selects get their own layer."""
+    if not mesh.telemetries:
+        return ()
+    wl = mesh.workload(meta.namespace, meta.workload)
+    logs, _ = access_logs_for(mesh, meta.namespace, wl.labels if wl is not None else meta.labels, "CLIENT")
+    return resolve(logs, mesh.mesh_config)
 
 
 def plan_shared_hosts(mesh: Mesh, meta: ProxyMeta, hosts: frozenset[str]) -> list[ResourceSpec] | None:
@@ -97,5 +109,6 @@ def shared_key(mesh: Mesh, meta: ProxyMeta, localities: ClientLocalities | None 
     if meta.mode == "node":
         return ("node", nodeproxy.node_shared_key(mesh, meta.node or ""))
     locality = (localities or ClientLocalities())(mesh, meta) if meta.mode == "sidecar" else None
+    logs = outbound_access_logs(mesh, meta) if meta.mode == "sidecar" else ()
     return (meta.mode, meta.namespace, meta.capture, meta.outbound_address if meta.capture == "bind" else "",
-            scope_key(mesh, meta), locality)
+            scope_key(mesh, meta), locality, *((logs,) if logs else ()))

@@ -14,7 +14,10 @@ Envoy policy named `ns[<ns>]-policy[<name>]-rule[<i>]`:
   SPIFFE URI's `/ns/<ns>/sa/<sa>` part. Plaintext peers have no principal;
 - paths match the URL path without the query (`/a/*` prefix, `*/b` suffix, exact
   otherwise), methods the `:method` header, hosts the `:authority` header
-  (case-insensitively, with or without a port), ports the destination port.
+  (case-insensitively, with or without a port), ports the destination port;
+- request principals and `request.auth.*` conditions match the JWT the proxy's JWT filter
+  validated (`controlplane.translate.jwt`; `issuers`: the issuers it validates, none: no
+  request has a request principal).
 
 On a TCP chain (the network RBAC filter) HTTP-only attributes cannot be evaluated; as in
 Istio it fails closed: an ALLOW rule using them never matches, while in DENY and AUDIT rules
@@ -42,6 +45,7 @@ from controlplane.model.ir import (
     AuthzSource,
 )
 from controlplane.model.policy import http_only_attributes, is_http_only_key
+from controlplane.translate.jwt import claim, claim_path, request_principal
 
 HTTP_RBAC_FILTER = "envoy.filters.http.rbac"
 NETWORK_RBAC_FILTER = "envoy.filters.network.rbac"
@@ -272,7 +276,7 @@ def _permission_field(out: list[rbac_pb2.Permission], values: Sequence[Any], neg
     out.append(_not_permission(either) if negate else either)
 
 
-def _source(src: AuthzSource, td: str, tcp: bool) -> rbac_pb2.Principal:
+def _source(src: AuthzSource, td: str, tcp: bool, issuers: Sequence[str] = ()) -> rbac_pb2.Principal:
     parts: list[rbac_pb2.Principal] = []
     _principal_field(parts, src.principals, False, lambda v: principal_id(v, td))
     _principal_field(parts, src.not_principals, True, lambda v: principal_id(v, td))
@@ -284,12 +288,13 @@ def _source(src: AuthzSource, td: str, tcp: bool) -> rbac_pb2.Principal:
     _principal_field(parts, src.not_ip_blocks, True, _direct_ip)
     _principal_field(parts, src.remote_ip_blocks, False, _remote_ip)
     _principal_field(parts, src.not_remote_ip_blocks, True, _remote_ip)
-    if src.request_principals and not tcp:
-        parts.append(_never_principal())  # no request is JWT-authenticated
+    if not tcp:  # (on TCP they are HTTP-only attributes)
+        _principal_field(parts, src.request_principals, False, lambda v: request_principal(v, issuers))
+        _principal_field(parts, src.not_request_principals, True, lambda v: request_principal(v, issuers))
     return _all_of_principals(parts)
 
 
-def rule_policy(rule: AuthzRule, td: str, tcp: bool) -> rbac_pb2.Policy:
+def rule_policy(rule: AuthzRule, td: str, tcp: bool, issuers: Sequence[str] = ()) -> rbac_pb2.Policy:
     """One Envoy policy for `rule`, the one place an AuthorizationPolicy rule becomes Envoy
     RBAC (the RBAC filters here and the CUSTOM shadow rules of `translate.extauthz` use it).
     With `tcp`, HTTP-only attributes are left out (they count as matching); the caller drops
@@ -297,7 +302,7 @@ def rule_policy(rule: AuthzRule, td: str, tcp: bool) -> rbac_pb2.Policy:
     principals: list[rbac_pb2.Principal] = []
     permissions: list[rbac_pb2.Permission] = []
     if rule.sources:
-        principals.append(_one_of_principals([_source(s, td, tcp) for s in rule.sources]))
+        principals.append(_one_of_principals([_source(s, td, tcp, issuers) for s in rule.sources]))
     if rule.operations:
         ops: list[rbac_pb2.Permission] = []
         for op in rule.operations:
@@ -329,9 +334,17 @@ def rule_policy(rule: AuthzRule, td: str, tcp: bool) -> rbac_pb2.Policy:
 
             _principal_field(principals, cond.values, False, header_id)
             _principal_field(principals, cond.not_values, True, header_id)
+        elif key == "request.auth.principal":
+            _principal_field(principals, cond.values, False, lambda v: request_principal(v, issuers))
+            _principal_field(principals, cond.not_values, True, lambda v: request_principal(v, issuers))
         elif key.startswith("request.auth."):
-            if cond.values:
-                principals.append(_never_principal())
+            path = claim_path(key)
+
+            def claim_id(v: str, path: tuple[str, ...] = path) -> rbac_pb2.Principal:
+                return claim(path, None if v == "*" else string_matcher(v), issuers)
+
+            _principal_field(principals, cond.values, False, claim_id)
+            _principal_field(principals, cond.not_values, True, claim_id)
         elif key == "source.ip":
             _principal_field(principals, cond.values, False, _direct_ip)
             _principal_field(principals, cond.not_values, True, _direct_ip)
@@ -363,8 +376,8 @@ def policy_name(ap: AuthorizationPolicy, index: int) -> str:
     return f"ns[{ap.namespace}]-policy[{ap.name}]-rule[{index}]"
 
 
-def rbac_rules(policies: Sequence[AuthorizationPolicy], trust_domain: str, *, tcp: bool
-               ) -> list[tuple[AuthzAction, rbac_pb2.RBAC]]:
+def rbac_rules(policies: Sequence[AuthorizationPolicy], trust_domain: str, *, tcp: bool,
+               issuers: Sequence[str] = ()) -> list[tuple[AuthzAction, rbac_pb2.RBAC]]:
     """The RBAC configurations to enforce, in evaluation order. DENY and AUDIT appear only
     when they have a rule; ALLOW as soon as one ALLOW policy applies (an ALLOW RBAC without
     policies denies everything)."""
@@ -378,18 +391,19 @@ def rbac_rules(policies: Sequence[AuthorizationPolicy], trust_domain: str, *, tc
             for i, rule in enumerate(ap.rules):
                 if tcp and action == "ALLOW" and http_only_attributes(rule):
                     continue  # fails closed: this rule allows nothing on TCP
-                rules.policies[policy_name(ap, i)].CopyFrom(rule_policy(rule, trust_domain, tcp))
+                rules.policies[policy_name(ap, i)].CopyFrom(rule_policy(rule, trust_domain, tcp, issuers))
         if action != "ALLOW" and not rules.policies:
             continue
         out.append((action, rules))
     return out
 
 
-def http_rbac_filters(policies: Sequence[AuthorizationPolicy], trust_domain: str
+def http_rbac_filters(policies: Sequence[AuthorizationPolicy], trust_domain: str, issuers: Sequence[str] = ()
                       ) -> list[tuple[str, http_rbac_pb2.RBAC]]:
-    """(filter name, config) of the HTTP RBAC filters, in order."""
+    """(filter name, config) of the HTTP RBAC filters, in order (`issuers`: of the JWTs the
+    proxy validates)."""
     out = []
-    for _, rules in rbac_rules(policies, trust_domain, tcp=False):
+    for _, rules in rbac_rules(policies, trust_domain, tcp=False, issuers=issuers):
         cfg = http_rbac_pb2.RBAC()
         cfg.rules.CopyFrom(rules)
         out.append((HTTP_RBAC_FILTER, cfg))

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import replace
 
 from controlplane.model.ambient import runs_sidecar
 from controlplane.model.ir import (
@@ -49,6 +50,7 @@ from controlplane.model.ir import (
     Workload,
 )
 from controlplane.model.mesh import Mesh
+from controlplane.translate.accesslog import AccessLogSink
 from controlplane.translate.clusters import (
     build_blackhole_cluster,
     build_inbound_cluster,
@@ -62,6 +64,7 @@ from controlplane.translate.endpoints import build_cla, locality_endpoints
 from controlplane.translate.extauthz import authorizer_targets
 from controlplane.translate.hbone import build_hbone_inbound, build_hbone_routes
 from controlplane.translate.inbound import Inbound, inbound_ports, inbound_security
+from controlplane.translate.jwt import build_jwks_cluster, jwks_clusters
 from controlplane.translate.listeners import (
     InboundSecurity,
     OutboundListener,
@@ -319,13 +322,15 @@ def plan_outbound(
     bind_address: str = "127.0.0.1",
     scope: Scope | None = None,
     client: ClientLocality | None = None,
+    access_logs: tuple[AccessLogSink, ...] = (),
 ) -> list[ResourceSpec]:
     """Clusters, endpoints, route configurations and listeners shared by every sidecar in
     `namespace` with capture mode `capture` (and scope), sorted by (type, name). In bind
     capture the outbound listeners bind `bind_address` (127.0.0.1 unless the proxy asks for
     another loopback address, so several sidecars can share one host). `scope`: the
     (hostname, port) pairs the proxies' Sidecar lets them receive; None: every service.
-    `client`: the proxies' locality, for locality load balancing (None: unknown)."""
+    `client`: the proxies' locality, for locality load balancing (None: unknown).
+    `access_logs`: what the outbound listeners log (Telemetry accessLogging, CLIENT)."""
     specs: list[ResourceSpec] = []
     by_port: Mapping[int, Sequence[Service]] = mesh.services_by_port
     hosts: Iterable[Hostname] = mesh.services
@@ -363,6 +368,9 @@ def plan_outbound(
             ResourceSpec(CLUSTER, PASSTHROUGH_CLUSTER, build_passthrough_cluster, (PASSTHROUGH_CLUSTER,))
         )
         specs.append(ResourceSpec(LISTENER, VIRTUAL_OUTBOUND, build_virtual_outbound, (PASSTHROUGH_CLUSTER,)))
+    if access_logs:
+        specs = [replace(s, args=(replace(s.args[0], access_logs=access_logs),))
+                 if s.build is build_outbound_listener else s for s in specs]
     return _unique(specs)
 
 
@@ -438,6 +446,8 @@ def plan_inbound(mesh: Mesh, proxy: ProxyMeta) -> list[ResourceSpec]:
     sec, sec_sources = inbound_security(mesh, proxy, wl)
     app = dict(wl.annotations).get(APP_ADDRESS_ANNOTATION, DEFAULT_APP_ADDRESS) if wl else DEFAULT_APP_ADDRESS
     specs: list[ResourceSpec] = []
+    for jc in jwks_clusters(sec.jwt):  # where Envoy fetches RequestAuthentication keys
+        specs.append(ResourceSpec(CLUSTER, jc.name, build_jwks_cluster, (jc,), sec_sources))
     for ib in ports:
         p = ib.port
         args = (p.cluster, app, p.port, p.protocol)
@@ -457,7 +467,7 @@ def plan_inbound(mesh: Mesh, proxy: ProxyMeta) -> list[ResourceSpec]:
     elif wl is not None and wl.ip:
         for ib in ports:
             lname = f"inbound_{wl.ip}_{ib.port.port}"
-            port_sec = InboundSecurity(sec.for_port(ib.port.port), (), sec.trust_domain, sec.authz, sec.ext_authz)
+            port_sec = replace(sec, mode=sec.for_port(ib.port.port), ports=())
             args3 = (lname, wl.ip, ib.port, port_sec)
             specs.append(ResourceSpec(LISTENER, lname, build_inbound_listener, args3, _refs(ib.sources, sec_sources)))
     return sorted(specs, key=lambda s: (s.type_url, s.name))
