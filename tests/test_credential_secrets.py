@@ -129,3 +129,29 @@ def test_envoy_accepts_the_stand_ins(tmp_path: Path) -> None:
     r = subprocess.run([envoy_binary(), "--mode", "validate", "-c", str(tmp_path / "b.json"), "--disable-hot-restart"],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_the_kubernetes_informer_keeps_tls_secrets_and_their_tls_keys_only(pki: Pki) -> None:
+    from controlplane.sources.kube_informer import CORE_RESOURCES, Informer, to_raw
+
+    secrets = [r for r in CORE_RESOURCES if r.kind == "Secret"]
+    assert sorted(r.field_selector for r in secrets) == ["type=Opaque", "type=kubernetes.io/tls"]
+    tls, opaque = sorted(secrets, key=lambda r: r.field_selector, reverse=True)
+
+    def item(typ: str, **data: str) -> dict[str, object]:
+        return {"metadata": {"name": "s", "namespace": "ns"}, "type": typ,
+                "data": {k.replace("_", "."): base64.b64encode(v.encode()).decode() for k, v in data.items()}}
+
+    def kept(res: object, body: dict[str, object]) -> bool:
+        inf = Informer(0, None, res, None, lambda b: None)  # type: ignore[arg-type]
+        assert inf._keep is not None
+        return inf._keep(to_raw(res, body))  # type: ignore[arg-type]
+
+    raw = to_raw(tls, item("kubernetes.io/tls", tls_crt=pki.client_pem, tls_key=pki.client_key, other="x"))
+    assert set(raw.body["data"]) == {"tls.crt", "tls.key"}  # nothing else is held in memory
+    assert kept(tls, item("kubernetes.io/tls", tls_crt=pki.client_pem, tls_key=pki.client_key))
+    assert kept(opaque, item("Opaque", cacert=pki.ca_pem))
+    assert not kept(opaque, item("Opaque", password="hunter2"))  # not a credential: dropped
+    # A server ignoring the field selector (kmock) still hands over nothing of another type.
+    assert not kept(tls, item("Opaque", tls_crt=pki.client_pem, tls_key=pki.client_key))
+    assert not kept(opaque, item("kubernetes.io/service-account-token", cert=pki.client_pem))

@@ -1118,7 +1118,11 @@ def test_rbac_has_no_wildcards_and_no_writes_on_watched_resources() -> None:
                 continue
             for g in rule["apiGroups"]:
                 for r in rule["resources"]:
-                    assert (g, r) not in watched, f"{name}: {sorted(writes)} on watched {g}/{r}"
+                    # The one exception: the CA root Secret, written by name in meshline-system
+                    # (Role), while Secrets are watched for credentialName (TLS keys only).
+                    exempt = (g, r) == ("", "secrets") and role["kind"] == "Role" and (
+                        rule.get("resourceNames") == ["meshline-ca-root"] or set(rule["verbs"]) == {"create"})
+                    assert exempt or (g, r) not in watched, f"{name}: {sorted(writes)} on watched {g}/{r}"
                     if r.endswith("/status"):
                         assert (g, r.removesuffix("/status")) in watched
                         assert writes <= {"update", "patch"}
@@ -1165,9 +1169,12 @@ def test_rbac_grants_what_the_control_plane_needs() -> None:
     ):
         ((_, rule),) = rules_for("admissionregistration.k8s.io", resource)
         assert rule["resourceNames"] == [name] and set(rule["verbs"]) == {"get", "update", "patch"}
+    # Secrets: read everywhere for DestinationRule credentialName, never written there.
+    assert verbs("", "secrets") == {"get", "list", "watch"}
     for group, resource in (("coordination.k8s.io", "leases"), ("", "secrets")):
-        assert not verbs(group, resource), f"{resource} must be granted in {NAMESPACE} only"
-        found = rules_for(group, resource)
+        if group == "coordination.k8s.io":
+            assert not verbs(group, resource), f"{resource} must be granted in {NAMESPACE} only"
+        found = [(role, r) for role, r in rules_for(group, resource) if role["kind"] == "Role"]
         assert found and all(role["metadata"]["namespace"] == NAMESPACE for role, _ in found)
         assert set().union(*(r["verbs"] for _, r in found)) == {"get", "create", "update", "patch"}
         assert all(r.get("resourceNames") for _, r in found if set(r["verbs"]) != {"create"})

@@ -26,6 +26,16 @@ _KEYS = {
 }
 
 
+TLS_DATA_KEYS = frozenset(k for names in _KEYS.values() for k in names)
+"""Every Secret data key Meshline reads; a Secret with none of them is not a TLS credential."""
+
+
+def has_tls_keys(body: Mapping[str, Any]) -> bool:
+    """Whether a Secret (its API body) holds a certificate, key or CA under a key Meshline reads."""
+    return any(isinstance(body.get(f), Mapping) and not TLS_DATA_KEYS.isdisjoint(body[f])
+               for f in ("data", "stringData"))
+
+
 def _material(ctx: Ctx, body: Mapping[str, Any]) -> dict[str, str] | None:
     data = body.get("data") if isinstance(body.get("data"), Mapping) else {}
     plain = body.get("stringData") if isinstance(body.get("stringData"), Mapping) else {}

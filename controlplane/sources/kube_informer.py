@@ -37,6 +37,7 @@ from kubernetes.watch.watch import iter_resp_lines
 from urllib3.exceptions import MaxRetryError, ReadTimeoutError
 
 from controlplane.model.convert import REPORTED_API_GROUPS
+from controlplane.model.convert_secret import TLS_DATA_KEYS, has_tls_keys
 from controlplane.model.raw import ObjectKey, RawObject
 
 log = logging.getLogger(__name__)
@@ -53,6 +54,8 @@ class Resource:
     plural: str
     namespaced: bool = True
     priority: int = 0
+    field_selector: str = ""
+    """Filter applied by the API server to the list and the watch (e.g. a Secret `type`)."""
 
     @property
     def api_version(self) -> str:
@@ -78,6 +81,12 @@ CORE_RESOURCES = (
     Resource("WorkloadEntry", "networking.meshline.io", "v1", "workloadentries"),
     Resource("PeerAuthentication", "security.meshline.io", "v1", "peerauthentications"),
     Resource("AuthorizationPolicy", "security.meshline.io", "v1", "authorizationpolicies"),
+    # DestinationRule credentialName: only the Secret types that hold TLS credentials the way
+    # Istio reads them (kubernetes.io/tls, and Opaque with cert/key/cacert), selected by the API
+    # server; of those only the ones with TLS keys are kept, and only their TLS keys (`to_raw`).
+    # Service-account tokens, registry credentials etc. are never listed. Never logged.
+    Resource("Secret", "", "v1", "secrets", field_selector="type=kubernetes.io/tls"),
+    Resource("Secret", "", "v1", "secrets", field_selector="type=Opaque"),
 )
 ISTIO_RESOURCES = (
     Resource("VirtualService", "networking.istio.io", "v1", "virtualservices", priority=1),
@@ -222,6 +231,10 @@ def to_raw(res: Resource, item: Mapping[str, Any], namespace: str | None = None)
     body: dict[str, Any] = {"apiVersion": res.api_version, "kind": res.kind}
     body.update((k, v) for k, v in item.items() if k not in ("apiVersion", "kind", "metadata"))
     body["metadata"] = meta
+    if res.kind == "Secret" and not res.group:  # its TLS keys only: nothing else is held in memory
+        for f in ("data", "stringData"):
+            if isinstance(body.get(f), dict):
+                body[f] = {k: v for k, v in body[f].items() if k in TLS_DATA_KEYS}
     ns = "" if not res.namespaced else str(meta.get("namespace") or namespace or "default")
     return RawObject(kind=res.kind, api_version=res.api_version, namespace=ns, name=str(meta.get("name") or ""),
                      body=body)
@@ -254,6 +267,18 @@ def list_function(api: Any, res: Resource, namespace: str | None) -> Callable[..
     return functools.partial(custom.list_namespaced_custom_object, res.group, res.version, namespace, res.plural)
 
 
+def _tls_secrets(res: Resource, keep: Callable[[RawObject], bool] | None) -> Callable[[RawObject], bool]:
+    """`keep`, narrowed to Secrets of the selected type (checked here too: a server that
+    ignores field selectors, like kmock) holding TLS keys."""
+    want = res.field_selector.partition("type=")[2]
+
+    def tls(raw: RawObject) -> bool:
+        typ = str(raw.body.get("type") or "Opaque")
+        return (not want or typ == want) and has_tls_keys(raw.body) and (keep is None or keep(raw))
+
+    return tls
+
+
 def describe(exc: BaseException) -> str:
     if isinstance(exc, ApiException):
         return f"HTTP {exc.status} {exc.reason or ''}".strip()
@@ -278,6 +303,8 @@ class Informer:
         self._list = list_function(api, res, namespace)
         self._emit = emit
         self._on_restart = on_restart
+        if res.kind == "Secret" and not res.group:
+            keep = _tls_secrets(res, keep)
         self._keep = keep
         self._stopped = threading.Event()
         self._resp: Any = None
@@ -383,6 +410,8 @@ class Informer:
                                   "limit": self.options.page_size}
             if cont:
                 kw["_continue"] = cont
+            if self.res.field_selector:
+                kw["field_selector"] = self.res.field_selector
             try:
                 resp = self._list(**kw)
             except ApiException as exc:
@@ -435,6 +464,8 @@ class Informer:
                               "_request_timeout": (o.connect_timeout, o.watch_timeout + o.read_grace)}
         if self.rv:
             kw["resource_version"] = self.rv
+        if self.res.field_selector:
+            kw["field_selector"] = self.res.field_selector
         resp = self._list(**kw)
         with self._lock:
             self._resp = resp

@@ -5,7 +5,7 @@ token), nothing else. Does I/O: processes, HTTP, the session's API server.
 What a user would notice: with exactly the shipped least-privilege RBAC, Meshline syncs
 every watched kind, wins the leader Lease, persists the CA root Secret, writes CRD status,
 patches its webhooks' caBundle and may create TokenReviews — and is refused what it was
-not granted (reading Secrets it does not own, writing a Service).
+not granted (writing Secrets other than its CA root, deleting that one, writing a Service).
 """
 
 from __future__ import annotations
@@ -92,10 +92,13 @@ def test_real_rbac_manifests_grant_what_meshline_uses_and_nothing_more(real_kube
         assert res.identity == Identity(ns, "cart"), res.reason
         text = log.read_text(errors="replace")
         assert not re.search(r"\bHTTP 403\b|forbidden", text, re.IGNORECASE), text[-3000:]
-        # Least privilege: no Secret listing, no writes to what it watches.
+        # Least privilege: Secrets are readable (DestinationRule credentialName) but never
+        # written outside the CA root's name; no writes to what it watches.
         sa_core = k8s.CoreV1Api(sa_api)
-        for attempt in (lambda: sa_core.list_namespaced_secret(SYSTEM),
-                        lambda: sa_core.read_namespaced_secret("other", SYSTEM),
+        secret = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "planted"}, "stringData": {"a": "b"}}
+        for attempt in (lambda: sa_core.create_namespaced_secret(ns, secret),
+                        lambda: sa_core.patch_namespaced_secret("other", SYSTEM, {"metadata": {"labels": {"x": "y"}}}),
+                        lambda: sa_core.delete_namespaced_secret("meshline-ca-root", SYSTEM),
                         lambda: sa_core.patch_namespaced_service("cart", ns, {"metadata": {"labels": {"x": "y"}}})):
             with pytest.raises(ApiException) as ei:
                 attempt()
