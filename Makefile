@@ -75,6 +75,7 @@ bench-dataplane: $(BENCH_STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check controlplane webhook tests bench samples
+	$(BIN)/python scripts/gen_envoy_stubs.py
 	$(BIN)/mypy --strict controlplane webhook
 	$(BIN)/lint-imports
 

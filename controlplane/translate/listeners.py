@@ -121,9 +121,11 @@ def hcm_filter(
             ("envoy.filters.http.cors", cors_pb2.Cors()),
             ("envoy.filters.http.fault", fault_pb2.HTTPFault()),
         )
-    else:
+    elif route_config is not None:
         h.route_config.CopyFrom(route_config)
         filters = ()
+    else:
+        raise ValueError(f"{stat_prefix}: an HTTP connection manager needs rds_name or route_config")
     h.use_remote_address.value = False
     h.access_log.extend(access_logs(logs))
     for name, cfg in (*authz, *filters, ("envoy.filters.http.router", router_pb2.Router())):
@@ -149,7 +151,8 @@ def _tcp_proxy(stat_prefix: str, clusters: Sequence[WeightedCluster], hash_sourc
     return f
 
 
-def _listener(name: str, address: str, port: int, direction: int) -> listener_pb2.Listener:
+def _listener(name: str, address: str, port: int,
+              direction: base_pb2.TrafficDirection.ValueType) -> listener_pb2.Listener:
     lst = listener_pb2.Listener(name=name, traffic_direction=direction)
     sa = lst.address.socket_address
     sa.address = address

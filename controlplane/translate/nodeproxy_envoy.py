@@ -95,7 +95,9 @@ def service_cluster(vip: str, port: int) -> str:
 # --------------------------------------------------------------------------- small parts
 
 
-def _fs(key: str, fmt: str, shared: int = value_pb2.FilterStateValue.NONE, factory: str = ""
+def _fs(key: str, fmt: str,
+        shared: value_pb2.FilterStateValue.SharedWithUpstream.ValueType = value_pb2.FilterStateValue.NONE,
+        factory: str = ""
         ) -> value_pb2.FilterStateValue:
     v = value_pb2.FilterStateValue(object_key=key, shared_with_upstream=shared)
     if factory:

@@ -49,7 +49,7 @@ from controlplane.translate.jwt import claim, claim_path, request_principal
 
 HTTP_RBAC_FILTER = "envoy.filters.http.rbac"
 NETWORK_RBAC_FILTER = "envoy.filters.network.rbac"
-ACTION_ORDER: tuple[tuple[AuthzAction, int], ...] = (
+ACTION_ORDER: tuple[tuple[AuthzAction, rbac_pb2.RBAC.Action.ValueType], ...] = (
     ("AUDIT", rbac_pb2.RBAC.LOG),
     ("DENY", rbac_pb2.RBAC.DENY),
     ("ALLOW", rbac_pb2.RBAC.ALLOW),
@@ -86,7 +86,9 @@ _R = TypeVar("_R", rbac_pb2.Principal, rbac_pb2.Permission)
 
 
 def _is_any(m: rbac_pb2.Principal | rbac_pb2.Permission) -> bool:
-    return bool(m.WhichOneof("rule" if isinstance(m, rbac_pb2.Permission) else "identifier") == "any")
+    if isinstance(m, rbac_pb2.Permission):
+        return m.WhichOneof("rule") == "any"
+    return m.WhichOneof("identifier") == "any"
 
 
 def _combine(items: Sequence[_R], cls: type[_R], group: str, members: str, all_of: bool) -> _R:

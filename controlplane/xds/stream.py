@@ -583,7 +583,7 @@ class AdsStream:
             count = len(req.resource_names)
         limit = self.limits.max_names_per_request
         if count > limit:
-            raise RequestRefused(f"a request for {SHORT_NAMES.get(t, t)} names {count} resources; "
+            raise RequestRefused(f"a request for {SHORT_NAMES.get(TypeUrl(t), t)} names {count} resources; "
                                  f"at most {limit} per request", exhausted=True)
         return TypeUrl(t)
 
