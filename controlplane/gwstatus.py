@@ -1,5 +1,7 @@
-"""Gateway API route status: `status.parents[]` as the Gateway API requires, one entry per
-parentRef Meshline owns (controllerName `meshline.io/mesh-controller` for Service parents),
+"""Gateway API status: routes' `status.parents[]` as the Gateway API requires, one entry per
+parentRef Meshline owns (controllerName `meshline.io/mesh-controller` for Service parents,
+`meshline.io/gateway-controller` for Gateways of class meshline), and the whole status of
+those Gateways (conditions, listeners with attachedRoutes) and of Meshline's GatewayClasses,
 with `Accepted` and `ResolvedRefs` conditions and `observedGeneration`. Entries of other
 controllers are kept as they are. The planning is pure; `RouteStatusWriter` does network
 I/O (Kubernetes API, in a thread) and runs only on the leader, like `crdstatus`.
@@ -15,7 +17,14 @@ from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-from controlplane.model.gwapi import GATEWAY_GROUP, MESH_CONTROLLER, Condition, ParentStatus
+from controlplane.model.gwapi import (
+    GATEWAY_CONTROLLER,
+    GATEWAY_GROUP,
+    MESH_CONTROLLER,
+    Condition,
+    ObjectStatus,
+    ParentStatus,
+)
 from controlplane.model.ir import Issue
 from controlplane.model.mesh import Mesh
 from controlplane.model.raw import ObjectKey, RawObject
@@ -23,10 +32,11 @@ from controlplane.model.raw import ObjectKey, RawObject
 log = logging.getLogger(__name__)
 
 ROUTE_PLURALS = {"HTTPRoute": "httproutes", "GRPCRoute": "grpcroutes", "TCPRoute": "tcproutes"}
-OUR_CONTROLLERS = frozenset({MESH_CONTROLLER})
+OBJECT_PLURALS = {"Gateway": "gateways", "GatewayClass": "gatewayclasses"}
+OUR_CONTROLLERS = frozenset({MESH_CONTROLLER, GATEWAY_CONTROLLER})
 
 Snapshot = tuple[Mapping[ObjectKey, RawObject], Mapping[ObjectKey, tuple[ParentStatus, ...]],
-                 Mapping[ObjectKey, list[Issue]]]
+                 Mapping[ObjectKey, list[Issue]], Mapping[ObjectKey, ObjectStatus]]
 
 
 def _generation(raw: RawObject) -> int | None:
@@ -117,6 +127,73 @@ def plan_route_updates(objects: Mapping[ObjectKey, RawObject], status: Mapping[O
     return out
 
 
+def _conditions(conds: Iterable[Condition], gen: int | None) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    for c in conds:
+        d: dict[str, Any] = {"type": c.type, "status": c.status, "reason": c.reason, "message": c.message}
+        if gen is not None:
+            d["observedGeneration"] = gen
+        out.append(d)
+    return out
+
+
+def object_status_body(st: ObjectStatus) -> dict[str, Any]:
+    """The `status` of a Gateway or GatewayClass (without lastTransitionTime)."""
+    body: dict[str, Any] = {"conditions": _conditions(st.conditions, st.generation)}
+    if st.listeners:
+        body["listeners"] = [{"name": ls.name, "supportedKinds": [{"group": GATEWAY_GROUP, "kind": k}
+                                                                  for k in ls.supported_kinds],
+                              "attachedRoutes": ls.attached_routes,
+                              "conditions": _conditions(ls.conditions, st.generation)} for ls in st.listeners]
+    return body
+
+
+def _with_times(new: list[dict[str, Any]], old: object, now: str) -> None:
+    prev = {c.get("type"): c for c in old if isinstance(c, Mapping)} if isinstance(old, list) else {}
+    for c in new:
+        p = prev.get(c["type"])
+        keep = p is not None and p.get("status") == c["status"] and p.get("lastTransitionTime")
+        c["lastTransitionTime"] = p["lastTransitionTime"] if keep and p is not None else now
+
+
+def _strip_status(body: object) -> object:
+    if isinstance(body, Mapping):
+        return {k: _strip_status(v) for k, v in body.items() if k != "lastTransitionTime"}
+    if isinstance(body, list):
+        return [_strip_status(v) for v in body]
+    return body
+
+
+def plan_object_updates(objects: Mapping[ObjectKey, RawObject], status: Mapping[ObjectKey, ObjectStatus],
+                        now: str) -> dict[ObjectKey, dict[str, Any]]:
+    """The status to write per Gateway (of class meshline) and GatewayClass (of Meshline's
+    controller), only where it differs from what the object carries."""
+    out: dict[ObjectKey, dict[str, Any]] = {}
+    for key, st in status.items():
+        raw = objects.get(key)
+        if raw is None or raw.kind not in OBJECT_PLURALS:
+            continue
+        want = object_status_body(st)
+        got = raw.body.get("status")
+        cur: Mapping[str, Any] = got if isinstance(got, Mapping) else {}
+        current = {k: cur.get(k) for k in want}
+        if _strip_status(current) == want:
+            continue
+        _with_times(want["conditions"], cur.get("conditions"), now)
+        old_listeners = {ls.get("name"): ls for ls in cur.get("listeners") or () if isinstance(ls, Mapping)}
+        for ls in want.get("listeners", ()):
+            _with_times(ls["conditions"], (old_listeners.get(ls["name"]) or {}).get("conditions"), now)
+        out[key] = want
+    return out
+
+
+def gateway_views(mesh: Mesh) -> list[dict[str, Any]]:
+    """Gateways of class meshline and GatewayClasses of Meshline's controller, with the
+    status Meshline computes (`GET /v1/gateways`)."""
+    return [{"kind": k[0].split(".", 1)[0], "namespace": k[1], "name": k[2], "status": object_status_body(st)}
+            for k, st in sorted(mesh.gateway_status.items())]
+
+
 def route_views(mesh: Mesh) -> list[dict[str, Any]]:
     """Every Gateway API route of the mesh with the status.parents Meshline computes for it
     (what `GET /v1/routes` shows; in Kubernetes mode the leader also writes it back)."""
@@ -142,20 +219,22 @@ class RouteStatusWriter:
         self.writes = 0
         self.on_write = on_write
         self._written: dict[ObjectKey, list[dict[str, Any]]] = {}
+        self._written_objects: dict[ObjectKey, dict[str, Any]] = {}
 
     def poke(self) -> None:
         self.trigger.set()
 
     def forget(self) -> None:
         self._written.clear()
+        self._written_objects.clear()
 
     def write_once(self) -> int:
         """Blocking: write every changed route status; returns how many were written."""
         from kubernetes.client.exceptions import ApiException
 
-        objects, status, issues = self.snapshot()
+        objects, status, issues, object_status = self.snapshot()
         now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-        n = 0
+        n = self._write_objects(objects, object_status, now)
         for key, parents in sorted(plan_route_updates(objects, status, issues, now).items()):
             if _strip_times(self._written.get(key, [])) == _strip_times(parents):
                 continue  # written already; the watch has not shown it back yet
@@ -174,6 +253,32 @@ class RouteStatusWriter:
         if n and self.on_write is not None:
             self.on_write(n)
         self._written = {k: v for k, v in self._written.items() if k in objects}
+        return n
+
+    def _write_objects(self, objects: Mapping[ObjectKey, RawObject], status: Mapping[ObjectKey, ObjectStatus],
+                       now: str) -> int:
+        from kubernetes.client.exceptions import ApiException
+
+        n = 0
+        for key, body in sorted(plan_object_updates(objects, status, now).items()):
+            if _strip_status(self._written_objects.get(key)) == _strip_status(body):
+                continue
+            raw = objects[key]
+            group, _, version = raw.api_version.partition("/")
+            plural = OBJECT_PLURALS[raw.kind]
+            try:
+                if raw.kind == "GatewayClass":
+                    self.api.patch_cluster_custom_object_status(group, version, plural, raw.name, {"status": body})
+                else:
+                    self.api.patch_namespaced_custom_object_status(group, version, raw.namespace, plural, raw.name,
+                                                                   {"status": body})
+            except ApiException as exc:
+                if exc.status != 404:
+                    log.warning("cannot write status of %s/%s/%s: %s", *key, exc.reason)
+                continue
+            self._written_objects[key] = body
+            n += 1
+        self._written_objects = {k: v for k, v in self._written_objects.items() if k in objects}
         return n
 
     async def run(self) -> None:

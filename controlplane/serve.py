@@ -246,7 +246,8 @@ def start_leader_work(runtime: Runtime, settings: Settings) -> list[asyncio.Task
     writer = StatusWriter(api, lambda: (store.objects(ORIGIN), store.issues_by_key(), store.quarantined()),
                           is_leader=lambda: elector.is_leader,
                           on_write=lambda n: runtime.metrics.status_writes.inc(n))
-    routes = RouteStatusWriter(api, lambda: (store.objects(ORIGIN), store.mesh().route_status, store.issues_by_key()),
+    routes = RouteStatusWriter(api, lambda: (store.objects(ORIGIN), store.mesh().route_status, store.issues_by_key(),
+                                             store.mesh().gateway_status),
                                is_leader=lambda: elector.is_leader,
                                on_write=lambda n: runtime.metrics.status_writes.inc(n))
 

@@ -365,3 +365,88 @@ def test_golden_like_yaml_round_trip() -> None:
     """The route status in `/v1/routes` form is plain data (JSON/YAML serialisable)."""
     mesh, _ = build(route("split", SPLIT))
     assert yaml.safe_load(yaml.safe_dump(route_views(mesh)))[0]["name"] == "split"
+
+
+# --------------------------------------------------------------------------- Gateways of class meshline
+
+GATEWAY = """apiVersion: gateway.networking.k8s.io/v1
+kind: GatewayClass
+metadata: {name: meshline}
+spec: {controllerName: meshline.io/gateway-controller}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: edge, namespace: default, generation: 2}
+spec:
+  gatewayClassName: meshline
+  listeners:
+  - {name: http, port: 8080, protocol: HTTP, hostname: "*.example.com"}
+  - {name: udp, port: 5353, protocol: UDP}
+"""
+
+
+def gw_route(name: str, parent: str, hostnames: str = "[www.example.com]", namespace: str = "default") -> str:
+    return route(name, SPLIT, parents=f"[{parent}]", namespace=namespace).replace(
+        "spec:\n", f"spec:\n  hostnames: {hostnames}\n", 1)
+
+
+def test_gateway_of_class_meshline_serves_attached_routes_and_reports_status() -> None:
+    mesh, issues = build(GATEWAY, gw_route("www", "{name: edge}"),
+                         gw_route("elsewhere", "{name: edge}", hostnames="[www.example.org]"),
+                         gw_route("nolistener", "{name: edge, sectionName: https}"),
+                         gw_route("foreign", "{name: edge, namespace: default}", namespace="other"))
+    gw = mesh.gateways["default/edge"]
+    assert gw.selector == (("gateway.networking.k8s.io/gateway-name", "edge"),)
+    assert [(s.port, s.protocol, s.hosts) for s in gw.servers] == [(8080, "HTTP", (("*", "*.example.com"),))]
+    (vs,) = mesh.gateway_virtual_services
+    assert vs.gateways == ("default/edge",) and vs.host_patterns == ("www.example.com",)
+    assert [d.weight for d in vs.http[0].route] == [80, 20] and vs.http[0].matches[0].port == 8080
+    assert HOST not in mesh.vs_by_host  # a Gateway's routes are not mesh routes
+    reasons = {name: conditions(mesh, name, namespace=ns)["Accepted"] for name, ns in (
+        ("www", "default"), ("elsewhere", "default"), ("nolistener", "default"), ("foreign", "other"))}
+    assert reasons == {"www": ("True", "Accepted"), "elsewhere": ("False", "NoMatchingListenerHostname"),
+                       "nolistener": ("False", "NoMatchingParent"), "foreign": ("False", "NotAllowedByListeners")}
+    st = mesh.gateway_status[("Gateway.gateway.networking.k8s.io", "default", "edge")]
+    assert {c.type: (c.status, c.reason) for c in st.conditions} == {
+        "Accepted": ("True", "ListenersNotValid"), "Programmed": ("True", "Programmed")}
+    assert [(ls.name, ls.attached_routes, ls.supported_kinds) for ls in st.listeners] == [
+        ("http", 1, ("HTTPRoute", "GRPCRoute")), ("udp", 0, ())]
+    assert any(i.field == "spec.listeners[1]" and "UnsupportedProtocol" in i.message for i in issues)
+    (cls,) = [v for k, v in mesh.gateway_status.items() if k[0] == "GatewayClass"]
+    assert cls.conditions[0].status == "True"
+
+
+def test_gateways_of_other_classes_and_istio_gateways_of_the_same_name() -> None:
+    other = GATEWAY.replace("gatewayClassName: meshline", "gatewayClassName: someone-else")
+    mesh, _ = build(other, gw_route("www", "{name: edge}"))
+    assert "default/edge" not in mesh.gateways and ("HTTPRoute", "default", "www") not in mesh.route_status
+    istio = """apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {name: edge, namespace: default}
+spec: {selector: {app: istio-edge}, servers: [{port: {number: 80, name: http, protocol: HTTP}, hosts: ["*"]}]}
+"""
+    mesh, _ = build(GATEWAY, istio)
+    assert mesh.gateways["default/edge"].selector == (("app", "istio-edge"),)  # the Istio Gateway keeps the name
+    st = mesh.gateway_status[("Gateway.gateway.networking.k8s.io", "default", "edge")]
+    assert st.conditions[0].status == "False" and "rename" in st.conditions[0].message
+
+
+def test_gateway_status_plan_renders_listeners_and_keeps_transition_times() -> None:
+    from controlplane.gwstatus import plan_object_updates
+
+    store = MeshStore()
+    objects = raws(SERVICES + "\n---\n" + GATEWAY)
+    store.apply([Upsert("t", r) for r in objects])
+    mesh = store.mesh()
+    by_key = {o.key: o for o in objects}
+    plan = plan_object_updates(by_key, mesh.gateway_status, "T1")
+    gw_key = ("Gateway.gateway.networking.k8s.io", "default", "edge")
+    body = plan[gw_key]
+    first = body["listeners"][0]
+    assert (first["name"], first["attachedRoutes"], first["supportedKinds"]) == (
+        "http", 0, [{"group": "gateway.networking.k8s.io", "kind": "HTTPRoute"},
+                    {"group": "gateway.networking.k8s.io", "kind": "GRPCRoute"}])
+    assert all(c["observedGeneration"] == 2 and c["lastTransitionTime"] == "T1" for c in body["conditions"])
+    raw = by_key[gw_key]
+    written = RawObject(raw.kind, raw.api_version, raw.namespace, raw.name, {**raw.body, "status": body})
+    assert gw_key not in plan_object_updates({gw_key: written}, mesh.gateway_status, "T2")

@@ -46,6 +46,7 @@ from controlplane.model.convert_base import (
     item_map,
     join,
 )
+from controlplane.model.convert_gwgateway import convert_gateway, convert_gateway_class
 from controlplane.model.convert_http import DEFAULT_RETRY
 from controlplane.model.gwapi import (
     GATEWAY_GROUP,
@@ -74,12 +75,11 @@ API_VERSIONS: Mapping[str, tuple[str, ...]] = {
     "GRPCRoute": ("gateway.networking.k8s.io/v1", "gateway.networking.k8s.io/v1alpha2"),
     "TCPRoute": ("gateway.networking.k8s.io/v1alpha2",),
     "ReferenceGrant": ("gateway.networking.k8s.io/v1beta1", "gateway.networking.k8s.io/v1alpha2"),
+    "Gateway": ("gateway.networking.k8s.io/v1", "gateway.networking.k8s.io/v1beta1"),
+    "GatewayClass": ("gateway.networking.k8s.io/v1", "gateway.networking.k8s.io/v1beta1"),
 }
 """The Gateway API kinds this module converts, and the apiVersions accepted for each."""
 UNSUPPORTED: Mapping[str, str] = {
-    "Gateway": "no gateway is configured for it (Meshline's routes attach to Services: GAMMA; for ingress use "
-               "an Istio Gateway with `meshline bootstrap --mode gateway`)",
-    "GatewayClass": "no gateway class is provided",
     "TLSRoute": "its routes are not applied",
     "UDPRoute": "its routes are not applied",
     "BackendTLSPolicy": "no TLS is originated to its backends (use a DestinationRule's tls)",
@@ -116,6 +116,10 @@ def convert_gateway_api(ctx: Ctx, namespace: str, name: str) -> object | None:
         return None
     if raw.kind == "ReferenceGrant":
         return _reference_grant(ctx, spec, namespace, name)
+    if raw.kind == "Gateway":
+        return convert_gateway(ctx, spec, namespace, name)
+    if raw.kind == "GatewayClass":
+        return convert_gateway_class(ctx, spec, name)
     kind: RouteKind = raw.kind  # type: ignore[assignment]
     return _route(ctx, kind, spec, namespace, name)
 
@@ -692,3 +696,4 @@ def _reference_grant(ctx: Ctx, spec: Mapping[str, Any], namespace: str, name: st
     if not tos:
         ctx.error("spec.to", "at least one entry is required")
     return ReferenceGrant(ctx.raw.ref, namespace, name, tuple(froms), tuple(tos))
+

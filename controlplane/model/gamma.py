@@ -171,20 +171,30 @@ def _port_of(parent: ParentRef, svc: Service) -> int | None:
 
 def _attach(route: GatewayRoute, parent: ParentRef, svc: Service, grants: tuple[ReferenceGrant, ...],
             services: Mapping[Hostname, Service]) -> _Attached:
-    port = _port_of(parent, svc)
     att = _Attached(route, parent, svc, [], [], [])
+    att.http, att.tcp = route_tables(route, _port_of(parent, svc), grants, services, att.problems)
+    return att
+
+
+def route_tables(route: GatewayRoute, port: int | None, grants: tuple[ReferenceGrant, ...],
+                 services: Mapping[Hostname, Service], problems: list[tuple[str, str]]
+                 ) -> tuple[list[tuple[tuple[object, ...], HTTPRoute]], list[TCPRoute]]:
+    """A route's rules as IR routes for one parent port (None: every port): HTTP routes with
+    their precedence keys, TCP routes; backend problems are appended to `problems`."""
+    http: list[tuple[tuple[object, ...], HTTPRoute]] = []
+    tcp: list[TCPRoute] = []
     for rule in route.rules:
-        dests = _destinations(route, rule.backends, grants, services, att.problems)
+        dests = _destinations(route, rule.backends, grants, services, problems)
         if route.kind == "TCPRoute":
             live = tuple(d for d in dests if d.weight > 0)
             if live:
-                att.tcp.append(TCPRoute((L4Match(port=port),) if port else (), live))
+                tcp.append(TCPRoute((L4Match(port=port),) if port else (), live))
             continue
-        mirrors = _mirrors(route, rule, grants, services, att.problems)
+        mirrors = _mirrors(route, rule, grants, services, problems)
         for j, rm in enumerate(rule.matches):
-            att.http.append(((rm.rank, route.created, route.namespace, route.name, rule.index, j),
-                             _http_route(route, rule, j, port, dests, mirrors)))
-    return att
+            http.append(((rm.rank, route.created, route.namespace, route.name, rule.index, j),
+                         _http_route(route, rule, j, port, dests, mirrors)))
+    return http, tcp
 
 
 def _http_route(route: GatewayRoute, rule: RouteRule, j: int, port: int | None,

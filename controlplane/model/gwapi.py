@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from controlplane.model.ir import Headers, HTTPMatch, Redirect, Retry, Rewrite, SourceRef
+from controlplane.model.ir import Headers, HTTPMatch, Labels, Redirect, Retry, Rewrite, SourceRef
 
 GATEWAY_GROUP = "gateway.networking.k8s.io"
 MESH_CONTROLLER = "meshline.io/mesh-controller"
@@ -148,3 +148,62 @@ class ParentStatus:
 
     def condition(self, type_: str) -> Condition | None:
         return next((c for c in self.conditions if c.type == type_), None)
+
+
+# --------------------------------------------------------------------------- Gateways (class meshline)
+
+
+@dataclass(frozen=True, slots=True)
+class Listener:
+    """A Gateway's `spec.listeners[]`. `certificate_refs`: (group, kind, namespace, name);
+    `allowed_namespaces`: Same, All or Selector (with `namespace_selector`);
+    `allowed_kinds`: route kinds (empty: the protocol's defaults)."""
+
+    name: str
+    port: int
+    protocol: str
+    hostname: str | None = None
+    tls_mode: str | None = None  # Terminate | Passthrough (HTTPS/TLS)
+    certificate_refs: tuple[tuple[str, str, str, str], ...] = ()
+    allowed_namespaces: str = "Same"
+    namespace_selector: Labels = ()
+    allowed_kinds: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class ApiGateway:
+    """A Gateway API `Gateway` (`ref.kind` is `Gateway.gateway.networking.k8s.io`: see
+    `controlplane.model.raw.ObjectKey`)."""
+
+    ref: SourceRef
+    namespace: str
+    name: str
+    class_name: str
+    listeners: tuple[Listener, ...] = ()
+    generation: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayClass:
+    ref: SourceRef
+    name: str
+    controller: str
+    generation: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerStatus:
+    name: str
+    supported_kinds: tuple[str, ...]
+    attached_routes: int
+    conditions: tuple[Condition, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ObjectStatus:
+    """The status Meshline owns of a Gateway (conditions and listeners) or GatewayClass."""
+
+    conditions: tuple[Condition, ...]
+    listeners: tuple[ListenerStatus, ...] = ()
+    generation: int | None = None
+    ref: SourceRef | None = None

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import TYPE_CHECKING
 
-from controlplane.model.gwapi import GatewayRoute, ParentStatus, ReferenceGrant
+from controlplane.model.gwapi import GatewayRoute, ObjectStatus, ParentStatus, ReferenceGrant
 from controlplane.model.ir import (
     DEFAULT_ROOT_NAMESPACE,
     DEFAULT_TRUST_DOMAIN,
@@ -85,6 +85,9 @@ class Mesh:
     gateway_routes: tuple[GatewayRoute, ...] = ()
     reference_grants: tuple[ReferenceGrant, ...] = ()
     route_status: Mapping[tuple[str, str, str], tuple[ParentStatus, ...]] = field(default_factory=dict)
+    # store key -> the status Meshline owns of Gateway API Gateways (class meshline) and
+    # GatewayClasses (controlplane.model.gwgateways); their proxies' IR is in `gateways`
+    gateway_status: Mapping[tuple[str, str, str], ObjectStatus] = field(default_factory=dict)
     # Istio Gateways by "ns/name", and the VirtualServices bound to some Gateway (whole, with
     # their `gateways`; `virtual_services` holds the views bound to `mesh`: model.gateways)
     gateways: Mapping[str, Gateway] = field(default_factory=dict)

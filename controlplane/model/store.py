@@ -17,7 +17,8 @@ from controlplane.model.convert import convert
 from controlplane.model.events import Delete, ParseError, Replace, SourceEvent, Upsert
 from controlplane.model.gamma import resolve as resolve_gamma
 from controlplane.model.gateways import MESH, applies_to_gateways, bound_view
-from controlplane.model.gwapi import GatewayRoute, ReferenceGrant
+from controlplane.model.gwapi import ApiGateway, GatewayClass, GatewayRoute, ReferenceGrant
+from controlplane.model.gwgateways import resolve_gateways
 from controlplane.model.ir import (
     DEFAULT_ROOT_NAMESPACE,
     DEFAULT_TRUST_DOMAIN,
@@ -469,6 +470,8 @@ def mesh_of(
     ras: list[RequestAuthentication] = []
     tels: list[Telemetry] = []
     routes: list[GatewayRoute] = []
+    api_gateways: list[ApiGateway] = []
+    classes: list[GatewayClass] = []
     grants: list[ReferenceGrant] = []
     gateways: dict[str, Gateway] = {}
     ses: list[ServiceEntry] = []
@@ -510,6 +513,10 @@ def mesh_of(
                 routes.append(item)
             elif isinstance(item, ReferenceGrant):
                 grants.append(item)
+            elif isinstance(item, ApiGateway):
+                api_gateways.append(item)
+            elif isinstance(item, GatewayClass):
+                classes.append(item)
             elif isinstance(item, Gateway):
                 gateways[item.key] = item
     if not netns_annotations:
@@ -557,6 +564,14 @@ def mesh_of(
         vs_by_host = {**mesh.vs_by_host, **{h: vs for vs in gamma.virtual_services for h in vs.hosts}}
         mesh = replace(mesh, vs_by_host=vs_by_host, gateway_routes=tuple(routes), reference_grants=tuple(grants),
                        route_status=gamma.status)
+    if api_gateways or classes:  # Gateways of class meshline, for gateway proxies (model.gwgateways)
+        gwr = resolve_gateways(api_gateways, classes, routes, grants, mesh.services, mesh.namespaces, mesh.gateways)
+        status = dict(mesh.route_status)
+        for k, v in gwr.route_status.items():
+            status[k] = (*status.get(k, ()), *v)
+        mesh = replace(mesh, gateways={**mesh.gateways, **gwr.gateways}, route_status=status,
+                       gateway_virtual_services=(*mesh.gateway_virtual_services, *gwr.virtual_services),
+                       gateway_status=gwr.object_status)
     if ses or wes:
         mesh = replace(mesh, service_entries=tuple(ses),
                        workload_entries=tuple(sorted(wes, key=lambda w: (w.namespace, w.name))))

@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from controlplane.model.gamma import gamma_issues
+from controlplane.model.gwgateways import gateway_issues
 from controlplane.model.ir import (
     AuthorizationPolicy,
     Destination,
@@ -77,6 +78,8 @@ def check_mesh(mesh: Mesh) -> tuple[Issue, ...]:
         issues.extend(check_gateways(mesh))
     if mesh.gateway_routes:
         issues.extend(gamma_issues(mesh.gateway_routes, mesh.route_status, mesh.virtual_services, mesh.vs_by_host))
+    if mesh.gateway_status:
+        issues.extend(gateway_issues(mesh.gateway_status))
     issues.extend(check_telemetries(mesh))
     if mesh.service_entries:
         kube = {h: s for h, s in mesh.services.items() if s.entry is None}

@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from controlplane import __version__
-from controlplane.gwstatus import route_views
+from controlplane.gwstatus import gateway_views, route_views
 from controlplane.status.dump import dump_resources
 from controlplane.status.view import StatusView
 from controlplane.translate.plan import PUSH_ORDER, SHORT_NAMES
@@ -197,6 +197,11 @@ def create_app(runtime: StatusView, token_file: Path | None = None) -> FastAPI:
     def gateway_routes(namespace: str | None = None) -> list[dict[str, Any]]:
         """Gateway API routes with the status.parents Meshline computes (Accepted, ResolvedRefs)."""
         return [r for r in route_views(runtime.mesh()) if namespace is None or r["namespace"] == namespace]
+
+    @app.get("/v1/gateways", dependencies=auth)
+    def gateway_api_gateways() -> list[dict[str, Any]]:
+        """Gateway API Gateways of class meshline and Meshline's GatewayClasses, with their status."""
+        return gateway_views(runtime.mesh())
 
     @app.get("/v1/mesh", dependencies=auth)
     def mesh_summary() -> dict[str, Any]:

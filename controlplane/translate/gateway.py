@@ -205,6 +205,8 @@ def _route_spec(mesh: Mesh, gw: Gateway, name: str, port: int, servers: Sequence
             secure = secure or bool(got and srv.tls is not None and srv.tls.https_redirect)
         if not hosts or not vs.http:
             continue
+        if all(hr.matches and all(m.port not in (None, port) for m in hr.matches) for hr in vs.http):
+            continue  # every route is for other ports (a Gateway API route attached to another listener)
         taken.update(hosts)
         targets: dict[Destination, Target] = {}
         for hr in vs.http:

@@ -1,0 +1,279 @@
+"""Gateway API Gateways of class `meshline` -> the gateway proxy's IR (an Istio-style
+`Gateway` and VirtualServices bound to it, served by `meshline bootstrap --mode gateway`:
+`controlplane.translate.gateway`), plus the status the Gateway API asks for. Pure, no I/O.
+
+- A GatewayClass whose `controllerName` is `meshline.io/gateway-controller` is Meshline's:
+  its status is `Accepted=True`. Gateways of another class are left alone (no status).
+- A Gateway of Meshline's class becomes the IR `Gateway` `ns/name` whose proxies are the
+  pods labelled `gateway.networking.k8s.io/gateway-name: <name>` (as Istio labels a
+  Gateway's deployment). Its HTTP listeners and HTTPS listeners terminating TLS with a
+  Secret of the Gateway's namespace (`certificateRefs`, delivered over SDS) become
+  servers; TLS/TCP/UDP listeners, Passthrough, Secrets of other namespaces are not
+  supported (the listener's status says why, and the listener is not served).
+- An HTTPRoute or GRPCRoute whose parentRef names the Gateway (optionally a listener by
+  `sectionName` or `port`) attaches to the listeners that allow its namespace
+  (`allowedRoutes.namespaces`: Same by default, All, Selector on namespace labels) and its
+  kind, and whose hostname intersects the route's `hostnames` (none: the listener's). The
+  rules of every route attached for one hostname become one VirtualService bound to the
+  Gateway, ordered by the Gateway API's precedence (`controlplane.model.gamma`), each
+  match limited to the listener ports it attached to. Route status: controllerName
+  `meshline.io/gateway-controller`, `Accepted` (NoMatchingParent, NotAllowedByListeners,
+  NoMatchingListenerHostname) and `ResolvedRefs`.
+- An Istio Gateway with the same namespace/name keeps that name for the gateway proxy; the
+  Gateway API one is then not served (its status says so).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
+
+from controlplane.model.gamma import RouteKey, route_key, route_tables
+from controlplane.model.gateways import intersect_host
+from controlplane.model.gwapi import (
+    GATEWAY_CONTROLLER,
+    ApiGateway,
+    Condition,
+    GatewayClass,
+    GatewayRoute,
+    Listener,
+    ListenerStatus,
+    ObjectStatus,
+    ParentRef,
+    ParentStatus,
+    ReferenceGrant,
+)
+from controlplane.model.ir import (
+    Gateway,
+    GatewayServer,
+    Hostname,
+    HTTPRoute,
+    Issue,
+    Namespace,
+    ServerTLS,
+    Service,
+    VirtualService,
+    labels_match,
+)
+
+GATEWAY_NAME_LABEL = "gateway.networking.k8s.io/gateway-name"
+ObjectKey = tuple[str, str, str]
+_HTTP_KINDS = ("HTTPRoute", "GRPCRoute")
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayResult:
+    gateways: Mapping[str, Gateway] = field(default_factory=dict)  # "ns/name" -> IR Gateway
+    virtual_services: tuple[VirtualService, ...] = ()  # bound to those gateways
+    route_status: Mapping[RouteKey, tuple[ParentStatus, ...]] = field(default_factory=dict)
+    object_status: Mapping[ObjectKey, ObjectStatus] = field(default_factory=dict)
+
+
+def _key(ref_kind: str, namespace: str, name: str) -> ObjectKey:
+    return (ref_kind, namespace, name)
+
+
+def resolve_gateways(gateways: Iterable[ApiGateway], classes: Iterable[GatewayClass],
+                     routes: Iterable[GatewayRoute], grants: Iterable[ReferenceGrant],
+                     services: Mapping[Hostname, Service], namespaces: Mapping[str, Namespace],
+                     taken: Iterable[str] = ()) -> GatewayResult:
+    """`taken`: the `ns/name` of Istio Gateways (they keep the name)."""
+    grants_t = tuple(grants)
+    ours = {c.name: c for c in classes if c.controller == GATEWAY_CONTROLLER}
+    object_status: dict[ObjectKey, ObjectStatus] = {}
+    for c in ours.values():
+        object_status[_key(c.ref.kind, c.ref.namespace, c.ref.name)] = ObjectStatus(
+            (Condition("Accepted", "True", "Accepted", "handled by Meshline: Gateways of this class are served by "
+                                                       "`meshline bootstrap --mode gateway` proxies"),),
+            generation=c.generation, ref=c.ref)
+    served: dict[str, ApiGateway] = {}
+    listeners_ok: dict[str, dict[str, tuple[Listener, GatewayServer]]] = {}
+    listener_conds: dict[str, dict[str, list[Condition]]] = {}
+    taken_set = set(taken)
+    for gw in sorted(gateways, key=lambda g: (g.namespace, g.name)):
+        if gw.class_name not in ours:
+            continue
+        key = f"{gw.namespace}/{gw.name}"
+        if key in taken_set:
+            object_status[_key(gw.ref.kind, gw.namespace, gw.name)] = ObjectStatus((
+                Condition("Accepted", "False", "Pending", f"an Istio Gateway {key} exists: gateway proxies "
+                          "(--gateway " + key + ") serve that one; rename this Gateway"),
+                Condition("Programmed", "False", "Pending", "not served")), generation=gw.generation, ref=gw.ref)
+            continue
+        served[key] = gw
+        listeners_ok[key], listener_conds[key] = {}, {}
+        for lst in gw.listeners:
+            server, problem = _server(gw, lst, grants_t)
+            if server is not None:
+                listeners_ok[key][lst.name] = (lst, server)
+                listener_conds[key][lst.name] = [
+                    Condition("Accepted", "True", "Accepted", "served by the gateway proxies"),
+                    Condition("Programmed", "True", "Programmed", "sent to the gateway proxies over xDS"),
+                    Condition("ResolvedRefs", "True", "ResolvedRefs", "all references resolved")]
+            else:
+                reason, msg = problem or ("UnsupportedProtocol", "not supported")
+                refs = reason in ("InvalidCertificateRef", "RefNotPermitted")
+                listener_conds[key][lst.name] = [
+                    Condition("Accepted", "True" if refs else "False", "Accepted" if refs else reason, msg),
+                    Condition("Programmed", "False", "Invalid", msg),
+                    Condition("ResolvedRefs", "False" if refs else "True", reason if refs else "ResolvedRefs", msg)]
+    # Routes with a parentRef naming a served Gateway.
+    route_status: dict[RouteKey, list[ParentStatus]] = {}
+    attached: dict[str, dict[str, int]] = {k: {} for k in served}
+    per_host: dict[tuple[str, str], list[tuple[tuple[object, ...], HTTPRoute, GatewayRoute]]] = {}
+    for route in sorted(routes, key=route_key):
+        for parent in route.parents:
+            if not parent.is_gateway:
+                continue
+            gkey = f"{parent.namespace}/{parent.name}"
+            target = served.get(gkey)
+            if target is None:
+                continue  # not ours (or not served: its own status says why)
+            problems: list[tuple[str, str]] = []
+            accepted, hosts = _attach(route, parent, target, listeners_ok[gkey], namespaces)
+            if accepted[0] == "Accepted":
+                for lst, names in hosts:
+                    attached[gkey][lst.name] = attached[gkey].get(lst.name, 0) + 1
+                    table, _tcp = route_tables(route, lst.port, grants_t, services, problems)
+                    for name in names:
+                        for k, hr in table:
+                            per_host.setdefault((gkey, name), []).append((k, hr, route))
+            route_status.setdefault(route_key(route), []).append(
+                _route_status(parent, accepted, list(dict.fromkeys(problems))))
+    # One VirtualService per (gateway, hostname), bound to the gateway.
+    vss: list[VirtualService] = []
+    for (gkey, host), items in sorted(per_host.items()):
+        items.sort(key=lambda t: t[0])
+        seen: set[tuple[str, int | None]] = set()
+        http: list[HTTPRoute] = []
+        for _, hr, _r in items:
+            ident = (hr.name, hr.matches[0].port if hr.matches else None)
+            if ident not in seen:
+                seen.add(ident)
+                http.append(replace(hr, name=f"{hr.name}.{ident[1]}" if ident[1] else hr.name))
+        first = min((r for _, _, r in items), key=lambda r: (r.created, r.namespace, r.name))
+        gw = served[gkey]
+        vss.append(VirtualService(ref=first.ref, namespace=gw.namespace, name=f"{gw.name}.{host}", hosts=(),
+                                  http=tuple(http), gateways=(gkey,), host_patterns=(host,)))
+    out_gateways: dict[str, Gateway] = {}
+    for gkey, gw in served.items():
+        servers = tuple(server for _, server in listeners_ok[gkey].values())
+        out_gateways[gkey] = Gateway(gw.ref, gw.namespace, gw.name, ((GATEWAY_NAME_LABEL, gw.name),), servers)
+        lstatus = tuple(ListenerStatus(lst.name, _kinds(lst), attached[gkey].get(lst.name, 0),
+                                       tuple(listener_conds[gkey][lst.name])) for lst in gw.listeners)
+        all_ok = all(lst.name in listeners_ok[gkey] for lst in gw.listeners)
+        object_status[_key(gw.ref.kind, gw.namespace, gw.name)] = ObjectStatus((
+            Condition("Accepted", "True", "Accepted" if all_ok else "ListenersNotValid",
+                      "served by `meshline bootstrap --mode gateway --gateway " + gkey + "` proxies (pods labelled "
+                      f"{GATEWAY_NAME_LABEL}={gw.name})" + ("" if all_ok else "; some listeners are not served")),
+            Condition("Programmed", "True", "Programmed", "configuration sent to the gateway proxies over xDS")),
+            lstatus, gw.generation, gw.ref)
+    return GatewayResult(out_gateways, tuple(vss), {k: tuple(v) for k, v in route_status.items()}, object_status)
+
+
+def _kinds(lst: Listener) -> tuple[str, ...]:
+    if lst.protocol not in ("HTTP", "HTTPS"):
+        return ()
+    return tuple(k for k in (lst.allowed_kinds or _HTTP_KINDS) if k in _HTTP_KINDS)
+
+
+def _server(gw: ApiGateway, lst: Listener, grants: tuple[ReferenceGrant, ...]
+            ) -> tuple[GatewayServer | None, tuple[str, str] | None]:
+    host = (("*", lst.hostname or "*"),)
+    if lst.protocol == "HTTP":
+        return GatewayServer(lst.port, "HTTP", lst.name, host, name=lst.name), None
+    if lst.protocol != "HTTPS":
+        return None, ("UnsupportedProtocol", f"protocol {lst.protocol} is not supported by Meshline's gateway "
+                                             "(HTTP and HTTPS are)")
+    if lst.tls_mode == "Passthrough":
+        return None, ("UnsupportedProtocol", "HTTPS with TLS Passthrough is not supported (use a TLS listener "
+                                             "elsewhere)")
+    group, kind, ns, name = lst.certificate_refs[0]
+    if group not in ("", "core") or kind != "Secret":
+        return None, ("InvalidCertificateRef", f"certificateRef {group or 'core'}/{kind} {name} is not a Secret")
+    if ns != gw.namespace:
+        permitted = any(g.namespace == ns and g.permits("gateway.networking.k8s.io", "Gateway", gw.namespace, "",
+                                                          "Secret", name) for g in grants)
+        why = ("Secrets of another namespace are not supported by Meshline's gateway (the proxy receives Secrets of "
+               "its own namespace)" if permitted else
+               f"no ReferenceGrant in {ns} allows Gateways of {gw.namespace} to refer to Secret {name}")
+        return None, ("RefNotPermitted", why)
+    if len(lst.certificate_refs) > 1:
+        pass  # one certificate per listener is served: the first (Envoy picks by SNI within it)
+    return GatewayServer(lst.port, "HTTPS", lst.name, host, ServerTLS(mode="SIMPLE", credential_name=name),
+                         name=lst.name), None
+
+
+def _attach(route: GatewayRoute, parent: ParentRef, gw: ApiGateway, ok: Mapping[str, tuple[Listener, GatewayServer]],
+            namespaces: Mapping[str, Namespace]) -> tuple[tuple[str, str], list[tuple[Listener, list[str]]]]:
+    """(Accepted reason and message, [(listener, hostnames)]) of `route` on `gw`."""
+    candidates = [lst for lst in gw.listeners
+                  if (parent.section_name is None or lst.name == parent.section_name)
+                  and (parent.port is None or lst.port == parent.port)]
+    if not candidates:
+        return ("NoMatchingParent", f"Gateway {gw.namespace}/{gw.name} has no listener "
+                + (f"named {parent.section_name!r}" if parent.section_name else f"on port {parent.port}")), []
+    allowed = [lst for lst in candidates if lst.name in ok and _allows(lst, gw, route, namespaces)]
+    if not allowed:
+        return ("NotAllowedByListeners", f"no served listener of Gateway {gw.namespace}/{gw.name} allows "
+                f"{route.kind}s from namespace {route.namespace}"), []
+    out: list[tuple[Listener, list[str]]] = []
+    for lst in allowed:
+        names = _hostnames(lst.hostname or "*", route.hostnames)
+        if names:
+            out.append((lst, names))
+    if not out:
+        return ("NoMatchingListenerHostname", "no listener hostname intersects the route's hostnames "
+                f"({', '.join(route.hostnames)})"), []
+    return ("Accepted", ""), out
+
+
+def _allows(lst: Listener, gw: ApiGateway, route: GatewayRoute, namespaces: Mapping[str, Namespace]) -> bool:
+    if route.kind not in _kinds(lst):
+        return False
+    if lst.allowed_namespaces == "All":
+        return True
+    if lst.allowed_namespaces == "Selector":
+        ns = namespaces.get(route.namespace)
+        return ns is not None and bool(lst.namespace_selector) and labels_match(lst.namespace_selector, ns.labels)
+    return route.namespace == gw.namespace
+
+
+def _hostnames(listener_host: str, route_hosts: tuple[str, ...]) -> list[str]:
+    if not route_hosts:
+        return [listener_host]
+    out: list[str] = []
+    for h in route_hosts:
+        got = intersect_host(listener_host, h)
+        if got is not None and got not in out:
+            out.append(got)
+    return out
+
+
+def _route_status(parent: ParentRef, accepted: tuple[str, str], problems: list[tuple[str, str]]) -> ParentStatus:
+    reason, message = accepted
+    conds = [Condition("Accepted", "True" if reason == "Accepted" else "False", reason,
+                       message or f"attached to Gateway {parent.namespace}/{parent.name}")]
+    if problems:
+        conds.append(Condition("ResolvedRefs", "False", problems[0][0], "; ".join(m for _, m in problems)))
+    else:
+        conds.append(Condition("ResolvedRefs", "True", "ResolvedRefs", "all references resolved"))
+    return ParentStatus(parent, GATEWAY_CONTROLLER, tuple(conds))
+
+
+def gateway_issues(object_status: Mapping[ObjectKey, ObjectStatus]) -> list[Issue]:
+    """Warnings for the Gateways (and listeners) Meshline does not fully serve."""
+    out: list[Issue] = []
+    for key in sorted(object_status):
+        st = object_status[key]
+        if st.ref is None:
+            continue
+        for c in st.conditions:
+            if c.status == "False" or c.reason == "ListenersNotValid":
+                out.append(Issue(st.ref, "", f"{c.type}={c.status} ({c.reason}): {c.message}", "warning"))
+        for i, ls in enumerate(st.listeners):
+            for c in ls.conditions:
+                if c.status == "False" and c.type != "Programmed":
+                    out.append(Issue(st.ref, f"spec.listeners[{i}]", f"listener {ls.name}: {c.type}=False "
+                                     f"({c.reason}): {c.message}", "warning"))
+    return out
