@@ -292,6 +292,8 @@ def _l7_without_waypoint(mesh: Mesh, ap: AuthorizationPolicy) -> Iterator[Issue]
     l7 = [(i, http_only_attributes(r)) for i, r in enumerate(ap.rules)]
     l7 = [(i, attrs) for i, attrs in l7 if attrs]
     how = _TCP_ENFORCEMENT[ap.action]
+    if not ap.target_refs and ap.provider is not None:
+        yield from _custom_on_node_proxies(mesh, ap)
     if not ap.target_refs:
         if not l7:
             return
@@ -319,6 +321,22 @@ def _l7_without_waypoint(mesh: Mesh, ap: AuthorizationPolicy) -> Iterator[Issue]
         elif waypoint_service(mesh, svc) is None and l7:
             yield Issue(ap.ref, "spec.targetRefs", f"Service {ap.namespace}/{name} uses no waypoint: its Pods' "
                         f"proxies enforce this policy, and its L7 rules fail closed there ({how})", "warning")
+
+
+def _custom_on_node_proxies(mesh: Mesh, ap: AuthorizationPolicy) -> Iterator[Issue]:
+    """A CUSTOM policy selecting ambient Pods: their node proxy cannot ask an external
+    authorizer (Istio's ztunnel does not support the CUSTOM action either); Meshline's node
+    proxies deny what its rules match instead (fail closed)."""
+    from controlplane.model.ambient import is_ambient
+
+    pods = sorted(f"{ns}/{name}" for (ns, name), wl in mesh.workloads.items()
+                  if is_ambient(mesh, wl) and authorization_policy_applies(ap, mesh.root_namespace, ns, wl.labels))
+    if pods:
+        shown = ", ".join(pods[:3]) + (f" and {len(pods) - 3} more" if len(pods) > 3 else "")
+        yield Issue(ap.ref, "spec.action", f"CUSTOM on ambient Pods ({shown}): their node proxy cannot ask the "
+                    "external authorizer (Istio's ztunnel does not support the CUSTOM action either), so it denies "
+                    "the requests this policy's rules match (fails closed); attach the policy to a waypoint with "
+                    "targetRefs to have the authorizer decide", "warning")
 
 
 # --------------------------------------------------------------------------- Sidecar

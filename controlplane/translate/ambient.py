@@ -11,6 +11,8 @@ services' VirtualService routes (`waypoint_<port>`) and their L7 AuthorizationPo
 originates HBONE to the chosen endpoint (`tunnel_cluster_specs`). The L7 policies it
 enforces are those attached to it with `targetRefs` (kind Gateway: the waypoint; kind
 Service: a service bound to it), as in Istio; selector policies are the node proxies' (L4).
+CUSTOM ones ask their provider's external authorizer through Envoy's ext_authz filter, as on
+sidecars (`controlplane.translate.extauthz`), over the authorizer's outbound cluster.
 RequestAuthentications attached the same way put the JWT filter before them
 (`controlplane.translate.jwt`).
 """
@@ -36,15 +38,15 @@ from controlplane.model.ir import (
 )
 from controlplane.model.mesh import Mesh
 from controlplane.model.policy import policies_for_port, waypoint_policies
+from controlplane.translate.extauthz import ExtAuthzTarget, custom_target, http_authz_filters
 from controlplane.translate.hbone import TunnelTarget, build_hbone_inbound, build_internal_cluster
 from controlplane.translate.jwt import build_jwks_cluster, http_jwt_filters, jwks_clusters
 from controlplane.translate.listeners import hcm_filter
 from controlplane.translate.names import dedupe_domains, destination_port, service_domains
 from controlplane.translate.nodeproxy import plan_node
 from controlplane.translate.plan import CLUSTER, LISTENER, ResourceSpec
-from controlplane.translate.rbac import http_rbac_filters
 from controlplane.translate.secrets import WORKLOAD_SECRET
-from controlplane.translate.sidecar import route_spec
+from controlplane.translate.sidecar import authorizer_cluster_specs, route_spec
 from controlplane.translate.tunnel import service_vip, tunnel_cluster_specs
 
 __all__ = ["build_waypoint_http", "plan_node", "plan_waypoint"]
@@ -88,11 +90,14 @@ def plan_waypoint(mesh: Mesh, meta: ProxyMeta) -> list[ResourceSpec]:
         add([route_spec(mesh, port, services, ns, "bind", name=inner)])
         domains = dedupe_domains(service_domains(s, port, ns) for s in services)
         authz = _per_service_policies(mesh, ns, name, services, port, domains)
+        ext = custom_target(authz, mesh.mesh_config, mesh.services)  # None: CUSTOM rules deny
+        if ext is not None:
+            add(authorizer_cluster_specs(mesh, ns, ext.host, ext.provider.port))
         ras = waypoint_request_authentications(mesh, ns, name, tuple(s.name for s in services))
         jwt = jwt_rules(ras)
         add([ResourceSpec(CLUSTER, jc.name, build_jwks_cluster, (jc,), tuple(r.ref for r in ras))
              for jc in jwks_clusters(jwt)])
-        add([ResourceSpec(LISTENER, inner, build_waypoint_http, (inner, td, authz, jwt),
+        add([ResourceSpec(LISTENER, inner, build_waypoint_http, (inner, td, authz, jwt, ext),
                           tuple(dict.fromkeys((*(s.ref for s in services), *(a.ref for a in authz),
                                                *(r.ref for r in ras)))))])
     add([ResourceSpec(LISTENER, "waypoint_hbone", build_hbone_inbound,
@@ -154,12 +159,13 @@ def _per_service_policies(mesh: Mesh, ns: str, waypoint: str, services: list[Ser
 
 
 def build_waypoint_http(name: str, trust_domain: str, authz: tuple[AuthorizationPolicy, ...],
-                        jwt: tuple[JwtRule, ...] = ()) -> listener_pb2.Listener:
+                        jwt: tuple[JwtRule, ...] = (), ext_authz: ExtAuthzTarget | None = None
+                        ) -> listener_pb2.Listener:
     """The internal listener of one port: HTTP routing (RDS `name`), JWT validation and L7
-    authorization."""
+    authorization (CUSTOM policies: `ext_authz`'s authorizer, or they deny without one)."""
     lst = listener_pb2.Listener(name=name)
     lst.internal_listener.SetInParent()
     filters: list[tuple[str, Any]] = [*http_jwt_filters(jwt)]
-    filters += http_rbac_filters(authz, trust_domain, issuers(jwt)) if authz else []
+    filters += http_authz_filters(authz, trust_domain, ext_authz, issuers(jwt)) if authz else []
     lst.filter_chains.add(name=name).filters.append(hcm_filter(name, name, None, filters))
     return lst

@@ -419,6 +419,18 @@ def _authorizer_specs(mesh: Mesh, namespace: str, capture: CaptureMode, scope: S
     return out
 
 
+def authorizer_cluster_specs(mesh: Mesh, namespace: str, host: str, port: int) -> list[ResourceSpec]:
+    """The outbound cluster `outbound|<port>||<host>` (and what it needs: endpoints, or the
+    HBONE hop to ambient pods) through which a waypoint of `namespace` calls the external
+    authorizer of CUSTOM policies (`controlplane.translate.ambient`), as a sidecar would."""
+    svc = mesh.services.get(Hostname(host))
+    if svc is None:
+        return []
+    others = {str(sp.port) for sp in svc.ports if sp.port != port}
+    return [s for s in _cluster_specs(mesh, svc, namespace, None, "intercept")
+            if s.name.split("|")[1] not in others]  # outbound|P|..., tunnel|P|..., hbone|P|...
+
+
 # --------------------------------------------------------------------------- inbound
 
 
