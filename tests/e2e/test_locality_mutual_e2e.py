@@ -9,9 +9,7 @@
   certificates of its CA. A DestinationRule `tls: {mode: MUTUAL, clientCertificate,
   privateKey, caCertificates}` (files Envoy reads) gets requests through; pointing it at a
   certificate of another CA makes them fail (503), the server sees the rejected handshakes
-  and Envoy counts the TLS failures. (`credentialName` delivery over SDS has no e2e test
-  yet: in a first run Envoy's subscription to the credential secrets never reached the
-  stream's state; see the commit message.)
+  and Envoy counts the TLS failures. (`credentialName` over SDS: test_credential_name_e2e.py.)
 Starts `meshline serve` on a directory, Python backends and Envoys (I/O: processes, ports)."""
 
 from __future__ import annotations
