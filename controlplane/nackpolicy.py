@@ -333,7 +333,7 @@ class NackPolicy:
                 await t
 
 
-VISIBLE_EVERYWHERE = frozenset({"VirtualService", "DestinationRule"})
+VISIBLE_EVERYWHERE = frozenset({"VirtualService", "DestinationRule", "ServiceEntry"})
 """Kinds that apply to clients in every namespace by default (exportTo `*`)."""
 
 
