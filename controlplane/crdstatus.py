@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 OWN_GROUPS = frozenset({"networking.meshline.io", "security.meshline.io"})
 STATUS_KINDS = {"VirtualService": "virtualservices", "DestinationRule": "destinationrules", "Sidecar": "sidecars",
-                "ServiceEntry": "serviceentries", "WorkloadEntry": "workloadentries",
+                "ServiceEntry": "serviceentries", "WorkloadEntry": "workloadentries", "Gateway": "gateways",
                 "PeerAuthentication": "peerauthentications", "AuthorizationPolicy": "authorizationpolicies"}
 
 

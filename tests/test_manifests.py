@@ -34,6 +34,7 @@ from controlplane.model import convert as convert_mod
 from controlplane.model import (
     convert_base,
     convert_dr,
+    convert_gateway,
     convert_http,
     convert_security,
     convert_serviceentry,
@@ -292,6 +293,7 @@ def test_crds_cover_the_five_mesh_kinds() -> None:
         "AuthorizationPolicy": ("security.meshline.io", "authorizationpolicies.security.meshline.io"),
         "ServiceEntry": ("networking.meshline.io", "serviceentries.networking.meshline.io"),
         "WorkloadEntry": ("networking.meshline.io", "workloadentries.networking.meshline.io"),
+        "Gateway": ("networking.meshline.io", "gateways.networking.meshline.io"),
     }
 
 
@@ -630,12 +632,13 @@ NOT_READ = {
     "AuthorizationPolicy": (),
     "ServiceEntry": (),
     "WorkloadEntry": (),
+    "Gateway": (),
 }
 
 
 @pytest.mark.parametrize(
     "kind", ["VirtualService", "DestinationRule", "Sidecar", "PeerAuthentication", "AuthorizationPolicy",
-             "ServiceEntry", "WorkloadEntry"]
+             "ServiceEntry", "WorkloadEntry", "Gateway"]
 )
 def test_crd_fields_are_exactly_the_fields_the_converter_reads(
     kind: str, monkeypatch: pytest.MonkeyPatch
@@ -654,7 +657,7 @@ def test_crd_fields_are_exactly_the_fields_the_converter_reads(
         original(ctx, m, path, known, ignored)
 
     for module in (convert_base, convert_http, convert_vs, convert_dr, convert_security, convert_sidecar, convert_mod,
-                   convert_serviceentry):
+                   convert_serviceentry, convert_gateway):
         monkeypatch.setattr(module, "check_fields", spy)
 
     schema = crd_schema(kind)

@@ -79,6 +79,7 @@ CORE_RESOURCES = (
     Resource("Sidecar", "networking.meshline.io", "v1", "sidecars"),
     Resource("ServiceEntry", "networking.meshline.io", "v1", "serviceentries"),
     Resource("WorkloadEntry", "networking.meshline.io", "v1", "workloadentries"),
+    Resource("Gateway", "networking.meshline.io", "v1", "gateways"),
     Resource("PeerAuthentication", "security.meshline.io", "v1", "peerauthentications"),
     Resource("AuthorizationPolicy", "security.meshline.io", "v1", "authorizationpolicies"),
     # DestinationRule credentialName: only the Secret types that hold TLS credentials the way
@@ -94,6 +95,7 @@ ISTIO_RESOURCES = (
     Resource("Sidecar", "networking.istio.io", "v1", "sidecars", priority=1),
     Resource("ServiceEntry", "networking.istio.io", "v1", "serviceentries", priority=1),
     Resource("WorkloadEntry", "networking.istio.io", "v1", "workloadentries", priority=1),
+    Resource("Gateway", "networking.istio.io", "v1", "gateways", priority=1),
     Resource("PeerAuthentication", "security.istio.io", "v1", "peerauthentications", priority=1),
     Resource("AuthorizationPolicy", "security.istio.io", "v1", "authorizationpolicies", priority=1),
 )
