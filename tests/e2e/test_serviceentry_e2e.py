@@ -173,3 +173,18 @@ def test_round_robin_dns_and_a_removed_entry(env: Env) -> None:
     (env.config / "20-dns.yaml").unlink()
     eventually(lambda: env.client.get(f"http://127.0.0.1:{env.admin_port}/listeners").text.count(
         f"{OUTBOUND}:{env.dns_port}") == 0)
+
+
+def test_an_invalid_update_is_reported_and_the_last_good_entry_keeps_serving(env: Env) -> None:
+    good = env.files()["10-external.yaml"]
+    env.write("10-external.yaml", good.replace("resolution: STATIC", "resolution: NONE"))  # NONE with endpoints
+
+    def reported() -> list[dict[str, object]]:
+        errs = env.client.get(f"http://127.0.0.1:{env.status_port}/v1/config/errors").json()
+        return [e for e in errs if "ServiceEntry/shop/external-api" in str(e) and "resolution NONE" in str(e)]
+    (err,) = eventually(reported)
+    assert "10-external.yaml" in str(err) and "spec.endpoints" in str(err)
+    r = env.get("api.external.example", env.se_port)
+    assert r.status_code == 200 and r.json()["backend"] == "ext-v1"
+    env.write("10-external.yaml", good)
+    eventually(lambda: not reported())
