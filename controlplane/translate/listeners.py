@@ -39,6 +39,7 @@ from envoy.extensions.filters.listener.original_dst.v3 import original_dst_pb2
 from envoy.extensions.filters.listener.tls_inspector.v3 import tls_inspector_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm_pb2
 from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
+from google.protobuf.message import Message
 
 from controlplane.model.authn import JwtRule
 from controlplane.model.authn import issuers as jwt_issuers
@@ -103,7 +104,7 @@ def hcm_filter(
     *,
     client_cert: bool = False,
     logs: Sequence[AccessLogSink] = (),
-) -> Any:
+) -> listener_components_pb2.Filter:
     """An HTTP connection manager. `authz`: RBAC filters to run before the router (paths are
     then normalised first, so that `/a/../b` cannot slip past a path rule); `client_cert`:
     the connection is mTLS, and the app gets the peer's SPIFFE URI in x-forwarded-client-cert."""
@@ -136,7 +137,7 @@ def hcm_filter(
 
 
 def _tcp_proxy(stat_prefix: str, clusters: Sequence[WeightedCluster], hash_source_ip: bool = False,
-               logs: Sequence[AccessLogSink] = ()) -> Any:
+               logs: Sequence[AccessLogSink] = ()) -> listener_components_pb2.Filter:
     t = tcp_proxy_pb2.TcpProxy(stat_prefix=stat_prefix)
     t.access_log.extend(access_logs(logs))
     if len(clusters) == 1:
@@ -160,13 +161,13 @@ def _listener(name: str, address: str, port: int,
     return lst
 
 
-def _add_listener_filter(lst: listener_pb2.Listener, name: str, cfg: Any) -> Any:
+def _add_listener_filter(lst: listener_pb2.Listener, name: str, cfg: Message) -> listener_components_pb2.ListenerFilter:
     lf = lst.listener_filters.add(name=name)
     lf.typed_config.CopyFrom(pack(cfg))
     return lf
 
 
-def _sniffing(lst: listener_pb2.Listener) -> Any:  # outbound listeners
+def _sniffing(lst: listener_pb2.Listener) -> listener_components_pb2.ListenerFilter:  # outbound listeners
     lf = _add_listener_filter(
         lst, "envoy.filters.listener.http_inspector", http_inspector_pb2.HttpInspector()
     )
