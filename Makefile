@@ -17,6 +17,12 @@ venv: $(STAMP)
 run: $(STAMP)
 	$(BIN)/python samples/run_demo.py
 
+# An ingress gateway (meshline bootstrap --mode gateway) in front of the same sample mesh:
+# HTTP and HTTPS to productpage through a real Envoy; prints the curl commands.
+.PHONY: run-gateway
+run-gateway: $(STAMP)
+	$(BIN)/python samples/run_gateway.py
+
 # System tools for the capture and netns tests (apt-get as root; quick when present).
 system-deps:
 	scripts/system-deps.sh

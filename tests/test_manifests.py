@@ -1316,6 +1316,27 @@ def test_waypoint_template() -> None:
     assert {p["name"]: p["containerPort"] for p in c["ports"]}["tunnel"] == 15008
 
 
+def test_gateway_template(tmp_path: Path) -> None:
+    """The ingress gateway example: `meshline bootstrap --mode gateway` for the Gateway its env
+    names, Pods labelled as that Gateway's selector expects, the Service mapping 80/443 to the
+    unprivileged 8080/8443 the container serves, the probe's port served by the bootstrap."""
+    dep, svc = one_manifest("Deployment", "ingress-gateway"), one_manifest("Service", "ingress-gateway")
+    labels = dep["spec"]["template"]["metadata"]["labels"]
+    assert labels["istio"] == "ingressgateway" and svc["spec"]["selector"].items() <= labels.items()
+    (c,) = dep["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    boot = bootstrap_of(c["args"][0], {"POD_NAME": "gw-0", "POD_NAMESPACE": "default",
+                                       "SERVICE_ACCOUNT": "ingress-gateway", **{k: v for k, v in env.items() if v}},
+                        tmp_path)
+    md = boot["node"]["metadata"]
+    assert md["mode"] == "gateway" and md["gateway"] == env["MESHLINE_GATEWAY"] == "ingress-gateway"
+    assert md["labels"] == {"istio": "ingressgateway"}
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    assert {(p["port"], ports[p["targetPort"]]) for p in svc["spec"]["ports"]} == {(80, 8080), (443, 8443)}
+    served = {ln["address"]["socket_address"]["port_value"] for ln in boot["static_resources"]["listeners"]}
+    assert c["readinessProbe"]["httpGet"]["port"] in served
+
+
 def test_dockerfile_matches_the_deployment() -> None:
     text = (ROOT / "Dockerfile").read_text()
     lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
