@@ -320,3 +320,117 @@ def test_a_gateway_without_identity_never_gets_the_key(env: Env) -> None:
         assert secret_names(admin) == set()  # not even its (nonexistent) workload certificate
     finally:
         stop(env.procs.pop())
+
+
+# --------------------------------------------------------------------------- egress
+
+EXTERNAL, EXTERNAL_PORT = "127.0.0.135", 19135
+EGRESS, EGRESS_PORT = "127.0.0.136", 19136
+CLIENT_OUT = "127.0.0.137"
+
+EGRESS_MESH = f"""
+apiVersion: v1
+kind: Namespace
+metadata: {{name: edge}}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {{name: shop}}
+---
+# The external service, known to the mesh through a ServiceEntry (a loopback stand-in).
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: ext, namespace: edge}}
+spec:
+  hosts: [ext.example.com]
+  location: MESH_EXTERNAL
+  ports: [{{number: {EXTERNAL_PORT}, name: http, protocol: HTTP}}]
+  resolution: STATIC
+  endpoints: [{{address: {EXTERNAL}}}]
+---
+# The egress gateway: its Pod, its Service (how sidecars reach it) and its Gateway.
+apiVersion: v1
+kind: Pod
+metadata: {{name: egressgateway-1, namespace: edge, labels: {{istio: egressgateway}}}}
+spec: {{serviceAccountName: egressgateway, containers: [{{name: envoy, image: x}}]}}
+status: {{podIP: {EGRESS}}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: egressgateway, namespace: edge}}
+spec:
+  selector: {{istio: egressgateway}}
+  ports: [{{name: http, port: {EGRESS_PORT}}}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: egressgateway-1, namespace: edge, labels: {{kubernetes.io/service-name: egressgateway}}}}
+addressType: IPv4
+ports: [{{name: http, port: {EGRESS_PORT}, protocol: TCP}}]
+endpoints:
+- {{addresses: [{EGRESS}], conditions: {{ready: true}}, targetRef: {{kind: Pod, name: egressgateway-1}}}}
+---
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {{name: egress, namespace: edge}}
+spec:
+  selector: {{istio: egressgateway}}
+  servers:
+  - port: {{number: {EGRESS_PORT}, name: http, protocol: HTTP}}
+    bind: {EGRESS}
+    hosts: [ext.example.com]
+---
+# Istio's egress pattern: sidecars send ext.example.com to the egress gateway, which sends
+# it out (adding a header that proves the path).
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: ext-via-egress, namespace: edge}}
+spec:
+  hosts: [ext.example.com]
+  gateways: [mesh, egress]
+  http:
+  - match: [{{gateways: [mesh], port: {EXTERNAL_PORT}}}]
+    route: [{{destination: {{host: egressgateway.edge.svc.cluster.local, port: {{number: {EGRESS_PORT}}}}}}}]
+  - match: [{{gateways: [egress], port: {EGRESS_PORT}}}]
+    route: [{{destination: {{host: ext.example.com, port: {{number: {EXTERNAL_PORT}}}}}}}]
+    headers: {{request: {{set: {{x-egress: edge/egress}}}}}}
+"""
+
+
+@pytest.fixture(scope="module")
+def egress(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
+    e = Env(tmp_path_factory.mktemp("egress"))
+    for f in e.mesh.iterdir():
+        f.unlink()
+    e.write("00-egress.yaml", EGRESS_MESH)
+    try:
+        e.procs.append(subprocess.Popen(
+            [sys.executable, str(ROOT / "samples" / "backend.py"), f"external={EXTERNAL}:{EXTERNAL_PORT}"],
+            stdout=subprocess.PIPE, start_new_session=True))
+        assert e.procs[-1].stdout is not None and e.procs[-1].stdout.readline().strip() == b"ready"
+        e.start()
+        yield e
+    finally:
+        e.close()
+
+
+def test_egress_gateway_carries_a_service_entry_host(egress: Env) -> None:
+    """A sidecar's request for the ServiceEntry host leaves through the egress gateway (the
+    mesh-bound route sends it there, the gateway-bound route sends it out), as in Istio's
+    egress gateway task; the gateway's own stats count it."""
+    gw_admin = egress.envoy("egressgateway", "--mode", "gateway", "--gateway", "egress", "--namespace", "edge",
+                            "--workload", "egressgateway-1", "--service-account", "egressgateway")
+    egress.envoy("client", "--namespace", "shop", "--workload", "client", "--outbound-address", CLIENT_OUT)
+    wait_port(CLIENT_OUT, EXTERNAL_PORT)
+    wait_port(EGRESS, EGRESS_PORT)
+    with httpx.Client(timeout=5) as c:
+        def through() -> httpx.Response | None:
+            r = c.get(f"http://{CLIENT_OUT}:{EXTERNAL_PORT}/out", headers={"host": "ext.example.com"})
+            return r if r.status_code == 200 else None
+
+        r = eventually(through)
+        assert r.json()["backend"] == "external"
+        assert r.json()["headers"].get("x-egress") == "edge/egress"  # set only by the gateway-bound route
+        stats = c.get(f"http://127.0.0.1:{gw_admin}/stats?filter=downstream_rq_2xx").text
+        assert any(line.endswith(tuple(f": {n}" for n in range(1, 100))) for line in stats.splitlines()
+                   if f"{EGRESS}_{EGRESS_PORT}" in line), stats
