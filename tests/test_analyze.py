@@ -1,17 +1,18 @@
-"""`meshline analyze PATH...` as a user runs it: a subprocess, its exit code and its
-`file:line: Kind/ns/name: message` lines. Does file and process I/O."""
+"""`meshline analyze PATH...` as a user runs it: its exit code and its
+`file:line: Kind/ns/name: message` lines (the command line run in this process,
+tests/clirun.py; tests/test_status_api.py runs it as a process). Does file I/O."""
 
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
 import textwrap
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from tests.clirun import run_cli
 
 REPO = Path(__file__).resolve().parent.parent
 BOOKINFO = REPO / "samples" / "bookinfo"
@@ -81,10 +82,7 @@ class Result:
 
 
 def analyze(*args: str | Path, cwd: Path = REPO) -> Result:
-    proc = subprocess.run(
-        [sys.executable, "-m", "controlplane.cli", "analyze", *map(str, args)],
-        cwd=cwd, capture_output=True, text=True, timeout=60,
-    )
+    proc = run_cli("analyze", *args, cwd=cwd)
     return Result(proc.returncode, proc.stdout, proc.stderr)
 
 

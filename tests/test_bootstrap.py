@@ -5,7 +5,6 @@ Does process I/O."""
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +13,7 @@ import pytest
 import yaml
 
 from controlplane.localrun import envoy_binary, free_port, start_envoy, stop, wait_http
+from tests.clirun import CliResult, run_cli
 
 REPO = Path(__file__).resolve().parent.parent
 SIDECAR = ("--node-id", "reviews-v1-abc.bookinfo", "--namespace", "bookinfo", "--workload", "reviews-v1-abc",
@@ -21,9 +21,8 @@ SIDECAR = ("--node-id", "reviews-v1-abc.bookinfo", "--namespace", "bookinfo", "-
 HTTP2_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 
 
-def run_bootstrap(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "controlplane.cli", "bootstrap", *args],
-                          cwd=REPO, capture_output=True, text=True, timeout=60)
+def run_bootstrap(*args: str) -> CliResult:
+    return run_cli("bootstrap", *args, cwd=REPO)
 
 
 def bootstrap_doc(*args: str) -> dict[str, Any]:
