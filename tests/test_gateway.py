@@ -247,3 +247,46 @@ spec:
     assert "no server of Gateway edge/public" in found[("lost", "spec.hosts")]
     assert "no TLS Secret edge/shop-cert" in found[("public", "spec.servers[0].tls.credentialName")]
     assert "selects no Pod" in found[("orphan", "spec.selector")]
+
+
+def test_servers_sharing_a_port_get_distinct_chains() -> None:
+    """Two HTTPS servers of one port with the same port name keep distinct route configurations;
+    one that repeats an earlier server's SNI names is ignored with a warning (Envoy would
+    refuse the listener)."""
+    issues = gw_issues("""
+        selector: {istio: ingressgateway}
+        servers:
+        - port: {number: 443, name: https, protocol: HTTPS}
+          hosts: [a.example.com]
+          tls: {mode: SIMPLE, credentialName: a}
+        - port: {number: 443, name: https, protocol: HTTPS}
+          hosts: [b.example.com]
+          tls: {mode: SIMPLE, credentialName: b}
+        - port: {number: 443, name: https, protocol: HTTPS}
+          hosts: [b.example.com, c.example.com]
+          tls: {mode: SIMPLE, credentialName: c}
+        """)
+    has(issues, "warning:spec.servers[2].hosts", "b.example.com on port 443 is already served by servers[1]")
+    mesh, _ = load(MESH + """
+---
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {name: two, namespace: edge}
+spec:
+  selector: {istio: ingressgateway}
+  servers:
+  - {port: {number: 443, name: https, protocol: HTTPS}, hosts: [a.example.com], tls: {mode: SIMPLE, credentialName: a}}
+  - {port: {number: 443, name: https, protocol: HTTPS}, hosts: [b.example.com], tls: {mode: SIMPLE, credentialName: b}}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: two-routes, namespace: edge}
+spec:
+  hosts: ["*.example.com"]
+  gateways: [two]
+  http: [{route: [{destination: {host: web.shop.svc.cluster.local}}]}]
+""")
+    meta = ProxyMeta("gw", mode="gateway", namespace="edge", workload="gw-1", gateway="edge/two")
+    routes = routes_of(mesh, meta)
+    assert routes == {"https.443.https.0.two.edge": ["a.example.com", "a.example.com:*"],
+                      "https.443.https.1.two.edge": ["b.example.com", "b.example.com:*"]}

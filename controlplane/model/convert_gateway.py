@@ -83,6 +83,7 @@ def convert_gateway(ctx: Ctx, namespace: str, name: str) -> Gateway | None:
         if srv is not None:
             servers.append((i, srv))
     _check_ports(ctx, servers)
+    servers = _unique_matches(ctx, servers)
     return Gateway(ctx.raw.ref, namespace, name, selector, tuple(s for _, s in servers))
 
 
@@ -101,6 +102,30 @@ def _check_ports(ctx: Ctx, servers: list[tuple[int, GatewayServer]]) -> None:
             if s.name in names:
                 ctx.error(index("spec.servers", i) + ".name", f"duplicate server name {s.name!r}")
             names.add(s.name)
+
+
+def _unique_matches(ctx: Ctx, servers: list[tuple[int, GatewayServer]]) -> list[tuple[int, GatewayServer]]:
+    """Servers of one port that are told apart by SNI (TLS) must not claim the same name, and a
+    port takes one TCP server: a later server that would repeat an earlier one's match is
+    ignored with a warning (Envoy refuses a listener with two equal filter chain matches)."""
+    kept: list[tuple[int, GatewayServer]] = []
+    claimed: dict[tuple[str | None, int], dict[str, int]] = {}
+    for i, s in servers:
+        if s.protocol in HTTP_PROTOCOLS:
+            kept.append((i, s))
+            continue
+        names = {h for _, h in s.hosts}
+        sni = {"*"} if "*" in names or s.protocol not in TLS_PROTOCOLS else names
+        seen = claimed.setdefault((s.bind, s.port), {})
+        clash = sorted(n for n in sni if n in seen)
+        if clash:
+            ctx.warn(index("spec.servers", i) + ".hosts",
+                     f"{', '.join(clash)} on port {s.port} is already served by servers[{seen[clash[0]]}]; "
+                     "this server is ignored")
+            continue
+        seen.update({n: i for n in sni})
+        kept.append((i, s))
+    return kept
 
 
 def _server(ctx: Ctx, value: object, path: str, namespace: str) -> GatewayServer | None:

@@ -137,7 +137,15 @@ def plan_gateway(mesh: Mesh, meta: ProxyMeta) -> list[ResourceSpec]:
 
 
 def _server_label(gw: Gateway, index: int, srv: GatewayServer) -> str:
-    return srv.name or srv.port_name or str(index)
+    """The server's part of its route configuration and filter chain names: its name, else its
+    port name when no other server of the port shares it, else the port name and its index."""
+    if srv.name:
+        return srv.name
+    same = [s for s in gw.servers if s.port == srv.port and s.bind == srv.bind and not s.name
+            and (s.port_name or "") == (srv.port_name or "")]
+    if srv.port_name and len(same) == 1:
+        return srv.port_name
+    return f"{srv.port_name or 'server'}.{index}"
 
 
 def _server_chain(mesh: Mesh, gw: Gateway, index: int, srv: GatewayServer, bound: tuple[VirtualService, ...],
