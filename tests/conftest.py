@@ -5,7 +5,8 @@ Test pyramid markers (registered in pyproject.toml) are applied here, so no test
 name them: by directory (`tests/e2e`, `tests/conformance` -> e2e, `tests/kube_real` -> kube),
 and by what a test and the fixtures it uses call (followed through the helpers, classes and
 fixtures of the test's own module): launching Envoy -> envoy, creating network namespaces ->
-netns. A test none of these applies to is `unit` (`make test-fast` runs `-m unit`)."""
+netns, starting a `meshline serve` process (`python -m controlplane[.cli] serve`) -> e2e. A
+test none of these applies to is `unit` (`make test-fast` runs `-m unit`)."""
 
 from __future__ import annotations
 
@@ -51,6 +52,10 @@ _ENVOY_NAMES = frozenset({"envoy_binary", "start_envoy", "EnvoyValidator", "vali
 # Constants of a command that creates network namespaces (`ip netns add`, `unshare --net`).
 _NETNS_CONSTS = frozenset({"netns", "--net"})
 _NETNS_NAMES = frozenset({"in_netns", "Lab", "Node", "Pod"})
+# Constants of a command line that starts the control plane as a process: a whole `serve`
+# (sources, servers, CA) per test is end-to-end, and its start-up alone costs ~1 s of CPU.
+_SERVE_CONSTS = frozenset({"-m", "serve"})
+_SERVE_MODULES = frozenset({"controlplane", "controlplane.cli"})
 
 
 def _codes(obj: object) -> Iterator[types.CodeType]:
@@ -68,7 +73,8 @@ def _codes(obj: object) -> Iterator[types.CodeType]:
 
 
 def _heavy_kinds(roots: list[object], module: types.ModuleType | None) -> set[str]:
-    """"envoy"/"netns" when any of `roots` (a test, its fixtures) reaches Envoy or a netns,
+    """"envoy"/"netns"/"e2e" when any of `roots` (a test, its fixtures) reaches Envoy, a netns
+    or a `meshline serve` process,
     following names defined in `module` (helpers, classes) transitively."""
     found: set[str] = set()
     seen: set[int] = set()
@@ -89,6 +95,9 @@ def _heavy_kinds(roots: list[object], module: types.ModuleType | None) -> set[st
                 found.add("netns")
             if any(isinstance(k, str) and k in _NETNS_CONSTS for k in code.co_consts):
                 found.add("netns")
+            consts = {k for k in code.co_consts if isinstance(k, str)}
+            if _SERVE_CONSTS <= consts and consts & _SERVE_MODULES:
+                found.add("e2e")
             for n in names:
                 ref = mod_globals.get(n)
                 # Follow the module's own helpers and those of the shared test modules.
