@@ -155,3 +155,24 @@ def test_the_kubernetes_informer_keeps_tls_secrets_and_their_tls_keys_only(pki: 
     # A server ignoring the field selector (kmock) still hands over nothing of another type.
     assert not kept(tls, item("Opaque", tls_crt=pki.client_pem, tls_key=pki.client_key))
     assert not kept(opaque, item("kubernetes.io/service-account-token", cert=pki.client_pem))
+
+
+CLIENT_ELSEWHERE = """---
+apiVersion: v1
+kind: Pod
+metadata: {name: app, namespace: elsewhere, annotations: {meshline.io/status: injected}}
+spec: {containers: [{name: c, image: x}]}
+status: {podIP: 10.0.9.9}
+"""
+
+
+def test_sidecars_of_another_namespace_without_the_secret_are_warned_about(pki: Pki) -> None:
+    mesh, issues = mesh_of(DR + _secret(pki) + CLIENT_ELSEWHERE)
+    (warning,) = [i for i in issues if "credentialName" in i]
+    assert "DestinationRule/ns/hello" in warning and "warning:" in warning and "namespace elsewhere" in warning
+    # With the Secret in that namespace too, or a rule not exported there: nothing to say.
+    _, issues = mesh_of(DR + _secret(pki) + _secret(pki, ns="elsewhere") + CLIENT_ELSEWHERE)
+    assert not [i for i in issues if "credentialName" in i], issues
+    local = DR.replace("trafficPolicy:", "exportTo: ['.']\n  trafficPolicy:")
+    _, issues = mesh_of(local + _secret(pki) + CLIENT_ELSEWHERE)
+    assert not [i for i in issues if "credentialName" in i], issues

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+from controlplane.model.ambient import runs_sidecar
 from controlplane.model.ir import ClientTLS, DestinationRule, Issue, TlsCredential, TrafficPolicy
 from controlplane.model.mesh import Mesh
 
@@ -59,8 +60,21 @@ def credential_problem(mesh: Mesh, namespace: str, tls: ClientTLS) -> str | None
 
 
 def check_credentials(mesh: Mesh) -> Iterator[Issue]:
+    """An error per credentialName whose Secret is missing or unusable in the rule's own
+    namespace; a warning per other namespace whose sidecars use the rule (Istio's lookup
+    order and `exportTo`) and lack the Secret there, since their connections fail too."""
+    clients: list[str] | None = None
     for dr in sorted(mesh.destination_rules, key=lambda d: (d.namespace, d.name)):
         for path, tls in credential_paths(dr):
             problem = credential_problem(mesh, dr.namespace, tls)
             if problem is not None:
                 yield Issue(dr.ref, path, problem)
+            if clients is None:
+                clients = sorted({wl.namespace for wl in mesh.workloads.values() if runs_sidecar(wl)})
+            for ns in clients:
+                if ns == dr.namespace or mesh.destination_rule(dr.host, ns) is not dr:
+                    continue
+                elsewhere = credential_problem(mesh, ns, tls)
+                if elsewhere is not None:
+                    yield Issue(dr.ref, path, f"sidecars in namespace {ns} use this rule, and a credentialName "
+                                              f"names a Secret of the client's own namespace: {elsewhere}", "warning")
