@@ -167,7 +167,7 @@ status: {podIP: 10.0.9.9}
 
 
 def test_sidecars_of_another_namespace_without_the_secret_are_warned_about(pki: Pki) -> None:
-    mesh, issues = mesh_of(DR + _secret(pki) + CLIENT_ELSEWHERE)
+    _, issues = mesh_of(DR + _secret(pki) + CLIENT_ELSEWHERE)
     (warning,) = [i for i in issues if "credentialName" in i]
     assert "DestinationRule/ns/hello" in warning and "warning:" in warning and "namespace elsewhere" in warning
     # With the Secret in that namespace too, or a rule not exported there: nothing to say.
