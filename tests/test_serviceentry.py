@@ -347,3 +347,34 @@ def test_registry_only_admits_the_entry_the_scope_imports() -> None:
     hosts = {v.name: list(v.domains) for v in built[ROUTE]["8080"].virtual_hosts}
     assert any("api.external.example" in d for d in hosts.values()) and "allow_any" not in hosts
     assert [i for i in mesh.issues if i.ref.kind == "Sidecar"] == []
+
+
+def test_two_label_names_in_routing_rules_mean_the_entry_host() -> None:
+    mesh = mesh_of(PODS, se("hosts: [httpbin.org]\nports: [{number: 80, name: http, protocol: HTTP}]\n"
+                            "resolution: DNS\n"), """
+    apiVersion: networking.istio.io/v1
+    kind: VirtualService
+    metadata: {name: httpbin, namespace: default}
+    spec:
+      hosts: [httpbin.org]
+      http: [{timeout: 3s, route: [{destination: {host: httpbin.org}}]}]
+    ---
+    apiVersion: networking.istio.io/v1
+    kind: DestinationRule
+    metadata: {name: httpbin, namespace: default}
+    spec:
+      host: httpbin.org
+      trafficPolicy: {tls: {mode: SIMPLE}}
+    """)
+    assert [i.format() for i in mesh.issues] == []
+    built = outbound(mesh)
+    (vh,) = [v for v in built[ROUTE]["80"].virtual_hosts if "httpbin.org" in v.domains]
+    assert vh.routes[0].route.timeout.seconds == 3 and vh.routes[0].route.cluster == "outbound|80||httpbin.org"
+    assert built[CLUSTER]["outbound|80||httpbin.org"].HasField("transport_socket")  # the rule's TLS origination
+    # A Kubernetes Service `httpbin` in namespace `org` keeps the name (Meshline's reading of `a.b`).
+    mesh = mesh_of(PODS, "apiVersion: v1\nkind: Namespace\nmetadata: {name: org}\n---\napiVersion: v1\n"
+                   "kind: Service\nmetadata: {name: httpbin, namespace: org}\nspec: {ports: [{name: http, port: 80}]}\n",
+                   se("hosts: [httpbin.org]\nports: [{number: 80, name: http, protocol: HTTP}]\nresolution: DNS\n"),
+                   "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: h, namespace: default}\n"
+                   "spec: {host: httpbin.org}\n")
+    assert [dr.host for dr in mesh.destination_rules] == ["httpbin.org.svc.cluster.local"]

@@ -19,23 +19,32 @@ and an endpoint or WorkloadEntry is a mesh workload when its label
 `security.istio.io/tlsMode` is `istio`, or, without that label, when it names a
 `serviceAccount` (Istio's rule); its identity is that service account's SPIFFE URI.
 
+Two-label names: VirtualService and DestinationRule hosts written `a.b` mean the Kubernetes
+Service `a.b.svc.cluster.local` in Meshline; when no such Service exists and an entry declares
+the host `a.b` (`httpbin.org`), they mean that host, as in Istio (`alias_entry_hosts`).
+
 Conflicts: a Kubernetes Service with the same hostname wins (warning on the entry); of two
 entries with one host, the first by (namespace, name) wins (warning on the other).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import replace
 
 from controlplane.model.ir import (
+    Destination,
+    DestinationRule,
     Endpoint,
     EndpointPort,
     EndpointSet,
     Hostname,
+    HTTPRoute,
     Issue,
     Service,
     ServiceEntry,
     ServicePort,
+    VirtualService,
     Workload,
     WorkloadEntry,
     labels_match,
@@ -134,3 +143,48 @@ def check_service_entries(entries: Iterable[ServiceEntry], kube_services: Mappin
                                                 "by namespace and name and defines it: this host is ignored",
                                  "warning", se.ref.line))
     return out
+
+
+_K8S_SUFFIX = ".svc.cluster.local"
+
+
+def entry_alias(host: Hostname, kube_services: Mapping[Hostname, Service],
+                entry_hosts: Mapping[Hostname, Service]) -> Hostname:
+    """A VirtualService or DestinationRule host written `a.b` is read as the Kubernetes Service
+    `a` of namespace `b` (`a.b.svc.cluster.local`); when no such Service exists and a
+    ServiceEntry declares the host `a.b` (`httpbin.org`), it is that entry's host, as Istio
+    reads any name with a dot."""
+    if host in kube_services or not host.endswith(_K8S_SUFFIX):
+        return host
+    short = Hostname(host[: -len(_K8S_SUFFIX)])
+    return short if short.count(".") == 1 and short in entry_hosts else host
+
+
+def _dest(d: Destination, fix: Callable[[Hostname], Hostname]) -> Destination:
+    h = fix(d.host)
+    return d if h == d.host else replace(d, host=h)
+
+
+def _http(r: HTTPRoute, fix: Callable[[Hostname], Hostname]) -> HTTPRoute:
+    route = tuple(replace(rd, destination=_dest(rd.destination, fix)) for rd in r.route)
+    mirrors = tuple(replace(m, destination=_dest(m.destination, fix)) for m in r.mirrors)
+    return r if (route, mirrors) == (r.route, r.mirrors) else replace(r, route=route, mirrors=mirrors)
+
+
+def alias_entry_hosts(vss: list[VirtualService], drs: list[DestinationRule], kube_services: Mapping[Hostname, Service],
+                      entry_hosts: Mapping[Hostname, Service]) -> tuple[list[VirtualService], list[DestinationRule]]:
+    """`vss` and `drs` with two-label hosts that name a ServiceEntry host (`entry_alias`)
+    rewritten to it: their hosts, route and mirror destinations."""
+    def fix(h: Hostname) -> Hostname:
+        return entry_alias(h, kube_services, entry_hosts)
+
+    out_vs: list[VirtualService] = []
+    for vs in vss:
+        hosts = tuple(fix(h) for h in vs.hosts)
+        http = tuple(_http(r, fix) for r in vs.http)
+        tcp = tuple(replace(t, route=tuple(replace(rd, destination=_dest(rd.destination, fix)) for rd in t.route))
+                    for t in vs.tcp)
+        changed = (hosts, http, tcp) != (vs.hosts, vs.http, vs.tcp)
+        out_vs.append(replace(vs, hosts=hosts, http=http, tcp=tcp) if changed else vs)
+    out_dr = [dr if fix(dr.host) == dr.host else replace(dr, host=fix(dr.host)) for dr in drs]
+    return out_vs, out_dr

@@ -45,7 +45,7 @@ from controlplane.model.ir import (
 from controlplane.model.mesh import EndpointDelta, Mesh, build_mesh
 from controlplane.model.meshconfig import NO_MESH_CONFIG, MeshConfig
 from controlplane.model.raw import ObjectKey, RawObject
-from controlplane.model.serviceentry import registry_services
+from controlplane.model.serviceentry import alias_entry_hosts, registry_services
 from controlplane.model.telemetry import Telemetry
 from controlplane.model.validate import check_mesh
 
@@ -543,6 +543,8 @@ def mesh_of(
         services.update(se_services)
         for host, sets in se_endpoints.items():
             endpoints[host] = list(sets)
+        kube = {h: s for h, s in services.items() if s.entry is None}
+        vss, drs = alias_entry_hosts(vss, drs, kube, se_services)  # `httpbin.org` names the entry's host
     mesh = build_mesh(
         namespaces,
         services,
