@@ -333,8 +333,10 @@ class NackPolicy:
                 await t
 
 
-VISIBLE_EVERYWHERE = frozenset({"VirtualService", "DestinationRule", "ServiceEntry"})
-"""Kinds that apply to clients in every namespace by default (exportTo `*`)."""
+VISIBLE_EVERYWHERE = frozenset({"VirtualService", "DestinationRule", "ServiceEntry", "HTTPRoute", "GRPCRoute",
+                                "TCPRoute"})
+"""Kinds that apply to clients in every namespace by default (exportTo `*`; Gateway API
+routes attached to a Service of their own namespace)."""
 
 
 def degradation(stream: AdsStream, faults: dict[str, Fault], withheld: dict[Key, str], meta: ProxyMeta,

@@ -159,8 +159,8 @@ class KubernetesSource:
         return plan
 
     def _keep(self, res: Resource) -> Callable[[RawObject], bool] | None:
-        if res.namespaced or self.namespaces is None:
-            return None
+        if res.namespaced or self.namespaces is None or res.kind != "Namespace":
+            return None  # other cluster-scoped kinds (GatewayClass) are not namespace-filtered
         allowed = frozenset(self.namespaces)
         return lambda raw: raw.name in allowed
 
