@@ -4,7 +4,8 @@ group, versions and status subresource), `meshline serve --kubernetes` finds the
 discovery, applies an HTTPRoute attached to a Service, and its leader writes
 `status.parents` through the status subresource: Meshline's entry (controllerName
 meshline.io/mesh-controller, Accepted, ResolvedRefs, observedGeneration following the
-spec) next to another controller's entry, which it keeps."""
+spec) next to another controller's entry, which it keeps; for a Gateway of class meshline,
+the Gateway's conditions and listeners and the GatewayClass's Accepted condition."""
 
 from __future__ import annotations
 
@@ -29,11 +30,11 @@ ROUTE = "gateway.networking.k8s.io/v1"
 APPROVAL = {"api-approved.kubernetes.io": "https://github.com/kubernetes-sigs/gateway-api/pull/1538"}
 
 
-def crd(kind: str, plural: str, versions: list[str], status: bool) -> dict[str, Any]:
+def crd(kind: str, plural: str, versions: list[str], status: bool, scope: str = "Namespaced") -> dict[str, Any]:
     schema = {"openAPIV3Schema": {"type": "object", "x-kubernetes-preserve-unknown-fields": True}}
     return {"apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
             "metadata": {"name": f"{plural}.gateway.networking.k8s.io", "annotations": APPROVAL},
-            "spec": {"group": "gateway.networking.k8s.io", "scope": "Namespaced",
+            "spec": {"group": "gateway.networking.k8s.io", "scope": scope,
                      "names": {"kind": kind, "plural": plural, "singular": kind.lower(), "listKind": f"{kind}List"},
                      "versions": [{"name": v, "served": True, "storage": i == 0, "schema": schema,
                                    **({"subresources": {"status": {}}} if status else {})}
@@ -44,8 +45,10 @@ def crd(kind: str, plural: str, versions: list[str], status: bool) -> dict[str, 
 def meshline(real_kube: RealKube) -> Iterator[RealKube]:
     kube = real_kube
     kube.kubectl_apply(crd("HTTPRoute", "httproutes", ["v1", "v1beta1"], True),
-                       crd("ReferenceGrant", "referencegrants", ["v1beta1"], False))
-    for name in ("httproutes", "referencegrants"):
+                       crd("ReferenceGrant", "referencegrants", ["v1beta1"], False),
+                       crd("Gateway", "gateways", ["v1", "v1beta1"], True),
+                       crd("GatewayClass", "gatewayclasses", ["v1", "v1beta1"], True, scope="Cluster"))
+    for name in ("httproutes", "referencegrants", "gateways", "gatewayclasses"):
         kube.kubectl("wait", "--for=condition=Established", f"crd/{name}.gateway.networking.k8s.io", "--timeout=60s")
     kube.namespace(SYSTEM)
     kube.namespace(NS)
@@ -116,3 +119,39 @@ def test_a_route_to_a_missing_service_is_not_accepted(meshline: RealKube) -> Non
                          "rules": [{"backendRefs": [{"name": "reviews-v1", "port": 9080}]}]}})
     entry = eventually(lambda: _ours(kube, "orphan"))
     assert _conds(entry)["Accepted"] == ("False", "NoMatchingParent", 1)
+
+
+def test_gateway_and_gateway_class_status(meshline: RealKube) -> None:
+    kube = meshline
+    kube.apply({"apiVersion": ROUTE, "kind": "GatewayClass", "metadata": {"name": "meshline"},
+                "spec": {"controllerName": "meshline.io/gateway-controller"}})
+    kube.apply({"apiVersion": ROUTE, "kind": "Gateway", "metadata": {"name": "edge", "namespace": NS},
+                "spec": {"gatewayClassName": "meshline", "listeners": [
+                    {"name": "http", "port": 8080, "protocol": "HTTP"},
+                    {"name": "tcp", "port": 9000, "protocol": "TCP"}]}})
+    kube.apply({"apiVersion": ROUTE, "kind": "HTTPRoute", "metadata": {"name": "edge-web", "namespace": NS},
+                "spec": {"parentRefs": [{"name": "edge"}],
+                         "rules": [{"backendRefs": [{"name": "reviews-v1", "port": 9080}]}]}})
+
+    def cls() -> dict[str, Any] | None:
+        obj = kube.get(ROUTE, "GatewayClass", "meshline")
+        conds = ((obj or {}).get("status") or {}).get("conditions") or []
+        return next((c for c in conds if c["type"] == "Accepted"), None)
+
+    assert eventually(cls)["status"] == "True"
+
+    def gateway() -> dict[str, Any] | None:
+        obj = kube.get(ROUTE, "Gateway", "edge", NS)
+        st = (obj or {}).get("status") or {}
+        listeners = {ls["name"]: ls for ls in st.get("listeners") or []}
+        return st if listeners.get("http", {}).get("attachedRoutes") == 1 else None
+
+    st = eventually(gateway)
+    assert {c["type"]: (c["status"], c["reason"]) for c in st["conditions"]} == {
+        "Accepted": ("True", "ListenersNotValid"), "Programmed": ("True", "Programmed")}
+    tcp = next(ls for ls in st["listeners"] if ls["name"] == "tcp")
+    assert {c["type"]: c["reason"] for c in tcp["conditions"]}["Accepted"] == "UnsupportedProtocol"
+    parent = eventually(lambda: next((p for p in ((kube.get(ROUTE, "HTTPRoute", "edge-web", NS) or {}).get("status")
+                                                  or {}).get("parents") or []
+                                      if p["controllerName"] == "meshline.io/gateway-controller"), None))
+    assert _conds(parent)["Accepted"] == ("True", "Accepted", 1)
