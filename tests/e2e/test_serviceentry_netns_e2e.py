@@ -4,7 +4,8 @@ tests/test_iptables_netns.py builds it (pod 198.18.x.2, host 198.18.x.3 running 
 serve` and the backends). The pod's Sidecar is REGISTRY_ONLY and imports its namespace;
 the namespace has a ServiceEntry `api.external.example` (STATIC, the host's address).
 
-- a call to the ServiceEntry host is captured and delivered (200, through its cluster);
+- a call to the ServiceEntry host is captured and delivered (200, through its cluster), and
+  a TCP connection to the address of a resolution NONE entry goes where it was dialled;
 - an HTTP call for a host outside the registry on the same port is refused (502), and a
   connection to an address and port nothing in the registry names is closed (BlackHole);
 - with the Sidecar's mode back to ALLOW_ANY that unknown destination passes through, so
@@ -28,6 +29,7 @@ from tests.test_iptables_netns import NS, ROOT, Lab, _missing
 pytestmark = [pytest.mark.e2e, pytest.mark.skipif(_missing() is not None, reason=_missing() or "")]
 
 BLOCKED_PORT = 8082  # a backend on the host that no Service or ServiceEntry names
+NONE_PORT = 8083  # a backend a resolution NONE entry admits by address (TCP)
 
 
 def sidecar_doc(mode: str) -> dict[str, Any]:
@@ -50,6 +52,10 @@ class RegistryLab(Lab):
              "spec": {"hosts": ["api.external.example"], "location": "MESH_EXTERNAL", "resolution": "STATIC",
                       "ports": [{"number": 8080, "name": "http", "protocol": "HTTP"}],
                       "endpoints": [{"address": self.host_ip}]}},
+            {"apiVersion": "networking.istio.io/v1", "kind": "ServiceEntry",
+             "metadata": {"name": "external-db", "namespace": NS},
+             "spec": {"hosts": ["db.external.example"], "addresses": [self.host_ip], "resolution": "NONE",
+                      "ports": [{"number": NONE_PORT, "name": "tcp", "protocol": "TCP"}]}},
         ]
         (cfg / "mesh.yaml").write_text(yaml.safe_dump_all(docs, sort_keys=False))
         self.set_mode(cfg, "REGISTRY_ONLY")
@@ -63,7 +69,7 @@ class RegistryLab(Lab):
     def start(self) -> None:
         super().start()
         self.spawn(self.host, "blocked", sys.executable, str(ROOT / "samples" / "backend.py"),
-                   f"blocked={self.host_ip}:{BLOCKED_PORT}")
+                   f"blocked={self.host_ip}:{BLOCKED_PORT}", f"by-address={self.host_ip}:{NONE_PORT}")
         self.wait("the blocked backend", lambda: self.run_in(
             self.host, "curl", "-sf", "-m", "2", f"http://{self.host_ip}:{BLOCKED_PORT}/", check=False))
 
@@ -91,6 +97,14 @@ def test_serviceentry_host_is_reachable(lab: RegistryLab) -> None:
     status, _, body = lab.curl(lab.pod, f"http://{lab.host_ip}:8080/", "-H", "Host: api.external.example")
     assert status == 200 and '"backend": "backend"' in body
     assert lab.admin_stat(cluster) == before + 1
+
+
+def test_a_resolution_none_entry_admits_its_address(lab: RegistryLab) -> None:
+    cluster = f"cluster.outbound|{NONE_PORT}||db.external.example.upstream_cx_total"
+    before = lab.admin_stat(cluster)
+    status, _, body = lab.curl(lab.pod, f"http://{lab.host_ip}:{NONE_PORT}/")
+    assert status == 200 and '"backend": "by-address"' in body
+    assert lab.admin_stat(cluster) == before + 1  # through the entry's ORIGINAL_DST cluster
 
 
 def test_other_destinations_are_refused(lab: RegistryLab) -> None:
