@@ -378,3 +378,15 @@ def test_two_label_names_in_routing_rules_mean_the_entry_host() -> None:
                    "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: h, namespace: default}\n"
                    "spec: {host: httpbin.org}\n")
     assert [dr.host for dr in mesh.destination_rules] == ["httpbin.org.svc.cluster.local"]
+
+
+def test_a_passthrough_rule_makes_an_entry_cluster_original_dst() -> None:
+    mesh = mesh_of(PODS, se(STATIC), """
+    apiVersion: networking.istio.io/v1
+    kind: DestinationRule
+    metadata: {name: ext, namespace: default}
+    spec: {host: api.external.example, trafficPolicy: {loadBalancer: {simple: PASSTHROUGH}}}
+    """)
+    assert outbound(mesh)[CLUSTER]["outbound|8080||api.external.example"].type == cluster_pb2.Cluster.ORIGINAL_DST
+    assert outbound(mesh, capture="bind")[CLUSTER]["outbound|8080||api.external.example"].type == \
+        cluster_pb2.Cluster.EDS

@@ -173,12 +173,12 @@ def _cluster_specs(mesh: Mesh, svc: Service, namespace: str, scope: Scope | None
             sni = outbound_sni(sp.port, subset, svc.hostname)
             tls = upstream_tls(policy.tls, any(e.mtls for e in eps), sni, peers, mesh.trust_domain, sp.protocol)
             args = (name, sp.protocol, policy, tls)
+            if capture == "intercept" and is_passthrough(policy):
+                out.append(ResourceSpec(CLUSTER, name, build_original_dst_cluster, args, sources))
+                continue
             if svc.entry is not None:  # a ServiceEntry host: the cluster type follows its resolution
                 out += entry_cluster_specs(cluster_kind(svc, capture), svc, sp.port, name, sp.protocol, policy, tls,
                                            eps, cla_args, sources)
-                continue
-            if capture == "intercept" and is_passthrough(policy):
-                out.append(ResourceSpec(CLUSTER, name, build_original_dst_cluster, args, sources))
                 continue
             out.append(ResourceSpec(CLUSTER, name, build_outbound_cluster, args, sources))
             out.append(ResourceSpec(ENDPOINT, name, build_cla, (name, *cla_args), sources))
