@@ -256,6 +256,33 @@ def test_unsupported_filters_are_warned_by_name_and_their_rule_answers_500() -> 
     assert any(i.field == "spec.rules[0].filters[0].type" and "ExtensionRef" in i.message for i in warned)
     (hr,) = table(mesh)
     assert hr.direct_response is not None and hr.direct_response.status == 500 and not hr.route
+    assert conditions(mesh, "ext")["ResolvedRefs"] == ("False", "InvalidKind")
+
+
+def test_cors_filter_becomes_the_route_cors_policy() -> None:
+    rules = """\
+  - filters:
+    - type: CORS
+      cors: {allowOrigins: ["https://app.example.com", "https://*.example.org"], allowMethods: [GET, POST],
+             allowCredentials: true, maxAge: 600}
+    backendRefs: [{name: reviews-v1, port: 9080}]
+"""
+    mesh, issues = build(route("cors", rules))
+    assert not [i for i in issues if i.ref.name == "cors"], issues
+    (hr,) = table(mesh)
+    assert hr.cors is not None and hr.cors.allow_credentials is True and hr.cors.max_age_s == 600
+    assert [(o.kind, o.value) for o in hr.cors.allow_origins] == [
+        ("exact", "https://app.example.com"), ("regex", "https://.*\\.example\\.org")]
+
+
+def test_analyze_reports_route_status_problems(tmp_path: Any) -> None:
+    from controlplane.analyze import analyze_paths
+
+    (tmp_path / "mesh.yaml").write_text(SERVICES + "\n---\n" + route("r", """\
+  - backendRefs: [{name: missing, port: 9080}]
+"""))
+    lines = [i.format() for i in analyze_paths([str(tmp_path)])]
+    assert any("HTTPRoute/default/r" in line and "BackendNotFound" in line for line in lines), lines
 
 
 def test_consumer_routes_yield_to_producer_routes() -> None:

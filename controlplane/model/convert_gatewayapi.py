@@ -10,8 +10,9 @@ route's fields mean for traffic:
   PathPrefix `/` (the schema's default). GRPCRoute `method` {service, method} Exact or
   RegularExpression becomes a `:path` match (`/service/method`).
 - filters: RequestHeaderModifier, ResponseHeaderModifier, RequestRedirect, URLRewrite,
-  RequestMirror; ExtensionRef and CORS are not supported: such a rule answers 500 (the
-  Gateway API forbids skipping a filter), with a warning naming the field.
+  RequestMirror, CORS; ExtensionRef and ExternalAuth are not supported: such a rule answers
+  500 (the Gateway API forbids skipping a filter), with a warning naming the field, and
+  its route's ResolvedRefs is False (InvalidKind).
 - backendRefs: Services with a port and a relative weight (default 1); their own header
   modifier filters; other kinds are resolved (and refused: `InvalidKind`) in `gamma`.
 - timeouts: `request` (the route timeout), `backendRequest` (each try's timeout);
@@ -60,6 +61,7 @@ from controlplane.model.gwapi import (
     RuleMatch,
 )
 from controlplane.model.ir import (
+    CorsPolicy,
     HeaderMatch,
     HeaderOps,
     Headers,
@@ -100,7 +102,7 @@ _GRPC_FILTERS = ("RequestHeaderModifier", "ResponseHeaderModifier", "RequestMirr
 _FILTER_KEYS = {"RequestHeaderModifier": "requestHeaderModifier", "ResponseHeaderModifier": "responseHeaderModifier",
                 "RequestRedirect": "requestRedirect", "URLRewrite": "urlRewrite", "RequestMirror": "requestMirror",
                 "ExtensionRef": "extensionRef", "CORS": "cors", "ExternalAuth": "externalAuth"}
-_UNSUPPORTED_FILTERS = ("ExtensionRef", "CORS", "ExternalAuth")
+_UNSUPPORTED_FILTERS = ("ExtensionRef", "ExternalAuth")
 _URI_RANK = {"exact": 3, "regex": 2, "path_prefix": 1}
 
 
@@ -208,7 +210,7 @@ def _rule(ctx: Ctx, kind: RouteKind, value: object, path: str, i: int, namespace
             matches.append(parsed)
     if not match_items:
         matches.append((HTTPMatch(uri=StringMatch("path_prefix", "/")), _rank(StringMatch("path_prefix", "/"), 0, 0, 0)))
-    headers, redirect, rewrite, mirrors, fails = _filters(ctx, m, path, namespace,
+    headers, redirect, rewrite, mirrors, fails, cors = _filters(ctx, m, path, namespace,
                                                          _HTTP_FILTERS if kind == "HTTPRoute" else _GRPC_FILTERS)
     backends = _backend_refs(ctx, m, path, namespace, http=True)
     if redirect is not None and backends:
@@ -225,7 +227,7 @@ def _rule(ctx: Ctx, kind: RouteKind, value: object, path: str, i: int, namespace
     if ctx.error_count() != errors:
         return None
     return RouteRule(i, get_str(ctx, m, "name", path) or "", tuple(rule_matches), backends, mirrors, headers,
-                     timeout_ms, retries, fails)
+                     timeout_ms, retries, fails, cors)
 
 
 def _rank(uri: StringMatch | None, method: int, headers: int, query: int) -> tuple[int, ...]:
@@ -401,12 +403,14 @@ def _header_modifier(ctx: Ctx, value: object, path: str) -> HeaderOps:
     return HeaderOps(set=tuple(sorted(pairs["set"])), add=tuple(sorted(pairs["add"])), remove=tuple(remove))
 
 
-_Filters = tuple[Headers | None, Mapping[str, Any] | None, Mapping[str, Any] | None, tuple[Mirror, ...], str | None]
+_Filters = tuple[Headers | None, Mapping[str, Any] | None, Mapping[str, Any] | None, tuple[Mirror, ...], str | None,
+                 CorsPolicy | None]
 
 
 def _filters(ctx: Ctx, m: Mapping[str, Any], path: str, namespace: str, allowed: Sequence[str]) -> _Filters:
-    """(header operations, redirect spec, rewrite spec, mirrors, why the rule must fail)."""
+    """(header operations, redirect spec, rewrite spec, mirrors, why the rule must fail, CORS)."""
     request = response = HeaderOps()
+    cors: CorsPolicy | None = None
     redirect = rewrite = None
     mirrors: list[Mirror] = []
     fails: str | None = None
@@ -444,14 +448,44 @@ def _filters(ctx: Ctx, m: Mapping[str, Any], path: str, namespace: str, allowed:
             mirror = _mirror(ctx, body, fp, namespace)
             if mirror is not None:
                 mirrors.append(mirror)
-        else:  # ExtensionRef, CORS, ExternalAuth
+        elif typ == "CORS":
+            cors = _cors(ctx, body, fp)
+        else:  # ExtensionRef, ExternalAuth
             fails = fails or f"filter {typ} ({fp}) is not supported by Meshline"
             ctx.warn(join(p, "type"), f"{typ} filters are not supported: every request this rule matches is "
                      "answered 500 (the Gateway API forbids skipping a filter)")
     if redirect is not None and rewrite is not None:
         ctx.error(join(path, "filters"), "RequestRedirect and URLRewrite cannot both be set")
     headers = Headers(request, response) if not (request.empty and response.empty) else None
-    return headers, redirect, rewrite, tuple(mirrors), fails
+    return headers, redirect, rewrite, tuple(mirrors), fails, cors
+
+
+def _cors(ctx: Ctx, value: object, path: str) -> CorsPolicy | None:
+    m = as_map(ctx, value, path)
+    if m is None:
+        ctx.error(path, "is required for this filter type")
+        return None
+    check_fields(ctx, m, path, ("allowOrigins", "allowCredentials", "allowMethods", "allowHeaders", "exposeHeaders",
+                                "maxAge"))
+    origins: list[StringMatch] = []
+    for i, origin in enumerate(get_str_list(ctx, m, "allowOrigins", path)):
+        if origin == "*":
+            origins.append(StringMatch("regex", ".*"))
+        elif "*" in origin:  # a wildcard label: https://*.example.com
+            origins.append(StringMatch("regex", ".*".join(re.escape(part) for part in origin.split("*"))))
+        elif re.fullmatch(r"[a-z][a-z0-9+.-]*://[^/\s]+", origin):
+            origins.append(StringMatch("exact", origin))
+        else:
+            ctx.error(index(join(path, "allowOrigins"), i), f"{origin!r} is not an origin (scheme://host[:port] or *)")
+    credentials = m.get("allowCredentials")
+    if credentials is not None and not isinstance(credentials, bool):
+        ctx.error(join(path, "allowCredentials"), "expected true or false")
+        credentials = None
+    max_age = get_int(ctx, m, "maxAge", path, lo=1)
+    return CorsPolicy(allow_origins=tuple(origins), allow_methods=get_str_list(ctx, m, "allowMethods", path),
+                      allow_headers=get_str_list(ctx, m, "allowHeaders", path),
+                      expose_headers=get_str_list(ctx, m, "exposeHeaders", path),
+                      max_age_s=5 if max_age is None else max_age, allow_credentials=credentials)
 
 
 def _mirror(ctx: Ctx, value: object, path: str, namespace: str) -> Mirror | None:

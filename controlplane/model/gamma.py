@@ -191,6 +191,8 @@ def route_tables(route: GatewayRoute, port: int | None, grants: tuple[ReferenceG
                 tcp.append(TCPRoute((L4Match(port=port),) if port else (), live))
             continue
         mirrors = _mirrors(route, rule, grants, services, problems)
+        if rule.fails is not None:
+            problems.append(("InvalidKind", f"spec.rules[{rule.index}]: {rule.fails}: its requests are answered 500"))
         for j, rm in enumerate(rule.matches):
             http.append(((rm.rank, route.created, route.namespace, route.name, rule.index, j),
                          _http_route(route, rule, j, port, dests, mirrors)))
@@ -201,7 +203,7 @@ def _http_route(route: GatewayRoute, rule: RouteRule, j: int, port: int | None,
                 dests: tuple[RouteDestination, ...], mirrors: tuple[Mirror, ...]) -> HTTPRoute:
     rm = rule.matches[j]
     name = f"{route.kind.lower()}.{route.namespace}.{route.name}.{rule.index}.{j}"
-    base = HTTPRoute(name=name, matches=(replace(rm.match, port=port),), headers=rule.headers)
+    base = HTTPRoute(name=name, matches=(replace(rm.match, port=port),), headers=rule.headers, cors=rule.cors)
     if rule.fails is not None:
         return replace(base, direct_response=DirectResponse(500, f"{rule.fails}\n"))
     if rm.redirect is not None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from controlplane.model.ir import Headers, HTTPMatch, Labels, Redirect, Retry, Rewrite, SourceRef
+from controlplane.model.ir import CorsPolicy, Headers, HTTPMatch, Labels, Redirect, Retry, Rewrite, SourceRef
 
 GATEWAY_GROUP = "gateway.networking.k8s.io"
 MESH_CONTROLLER = "meshline.io/mesh-controller"
@@ -94,6 +94,7 @@ class RouteRule:
     # why every request of this rule is answered 500 (a filter Meshline cannot apply:
     # the Gateway API forbids skipping it)
     fails: str | None = None
+    cors: CorsPolicy | None = None
 
 
 @dataclass(frozen=True, slots=True)
