@@ -6,6 +6,7 @@ golden case tests/golden/gateway."""
 from __future__ import annotations
 
 import textwrap
+from typing import Any
 
 import pytest
 from click.testing import CliRunner
@@ -22,6 +23,7 @@ from controlplane.sources.yamlload import parse_documents
 from controlplane.translate.gateway import gateway_credentials
 from controlplane.translate.plan import LISTENER, ROUTE, build_all
 from controlplane.translate.proxy import plan_proxy
+from controlplane.translate.secrets import TRUSTS_NOTHING_CA
 from controlplane.xds.server import proxy_meta_from_node
 
 pytestmark = pytest.mark.unit
@@ -198,16 +200,29 @@ stringData: {tls.crt: "%s", tls.key: "%s"}
     pem = issue(make_ca("ca"), "web.example.com", client=False)
     mesh, _ = load(MESH + "---\n" + cert % (pem.cert.replace("\n", "\\n"), pem.key.replace("\n", "\\n")))
     meta = ProxyMeta("gw", mode="gateway", namespace="edge", workload="gw-1", gateway="edge/public")
-    names = {s.name for s in gateway_credentials(mesh, meta, "edge", "gw", "/ca.pem")}
-    assert names == {"kubernetes://shop-cert"}  # no CA in it: no -cacert (never a default CA)
+    def material(specs: list[Any]) -> dict[str, bytes]:
+        out = {}
+        for spec in specs:
+            msg = spec.make()
+            out[spec.name] = (msg.tls_certificate.private_key.inline_bytes
+                              or msg.validation_context.trusted_ca.inline_bytes)
+        return out
+
+    got = material(gateway_credentials(mesh, meta, "edge", "gw", "/ca.pem"))
+    assert got["kubernetes://shop-cert"] == pem.key.encode()
+    # No CA in the Secret: the CA slot is the stand-in that trusts nothing (never a default CA).
+    assert got["kubernetes://shop-cert-cacert"] == TRUSTS_NOTHING_CA.encode()
     # Wrong service account for that pod, a pod the selector does not pick, another namespace
-    # (its Secrets are not this one's), no pod named: nothing.
-    assert gateway_credentials(mesh, meta, "edge", "default", "/ca.pem") == []
+    # (its Secrets are not this one's), no pod named: stand-ins only, never the key.
     impostor = ProxyMeta("gw", mode="gateway", namespace="edge", workload="impostor", gateway="edge/public")
-    assert gateway_credentials(mesh, impostor, "edge", "gw", "/ca.pem") == []
-    assert gateway_credentials(mesh, meta, "shop", "gw", "/ca.pem") == []
     nameless = ProxyMeta("gw", mode="gateway", namespace="edge", gateway="edge/public")
-    assert gateway_credentials(mesh, nameless, "edge", "gw", "/ca.pem") == []
+    for m, ns, sa in ((meta, "edge", "default"), (impostor, "edge", "gw"), (meta, "shop", "gw"), (nameless, "edge", "gw")):
+        got = material(gateway_credentials(mesh, m, ns, sa, "/ca.pem"))
+        assert set(got) == {"kubernetes://shop-cert", "kubernetes://shop-cert-cacert"}
+        assert pem.key.encode() not in got.values() and b"BEGIN" in got["kubernetes://shop-cert"]
+    # A proxy of a Gateway that does not exist: nothing.
+    other = ProxyMeta("gw", mode="gateway", namespace="edge", workload="gw-1", gateway="edge/none")
+    assert gateway_credentials(mesh, other, "edge", "gw", "/ca.pem") == []
 
 
 def test_node_metadata_and_bootstrap_cli() -> None:

@@ -19,7 +19,8 @@ A gateway proxy (`meshline bootstrap --mode gateway --gateway NS/NAME`) serves t
   them (DestinationRules, ISTIO_MUTUAL to sidecar-injected endpoints).
 
 Certificates are not translation: `gateway_credentials` lists the Secrets the runtime's
-identity planner may add, and only for a proxy proven to be a workload the Gateway selects.
+identity planner adds for an authenticated gateway proxy: the real ones only for a proxy
+proven to be a workload the Gateway selects, fail-closed stand-ins otherwise.
 """
 
 from __future__ import annotations
@@ -61,6 +62,8 @@ from controlplane.translate.secrets import (
     credential_ca_secret,
     credential_sds_name,
     credential_secret,
+    withheld_ca_secret,
+    withheld_credential_secret,
 )
 from controlplane.translate.sidecar import _cluster_specs
 
@@ -355,22 +358,31 @@ def gateway_authorized(mesh: Mesh, meta: ProxyMeta, namespace: str, service_acco
 def gateway_credentials(mesh: Mesh, meta: ProxyMeta, namespace: str, service_account: str, system_ca: str
                         ) -> list[ResourceSpec]:
     """The `credentialName` Secrets of the Gateway's servers, from the gateway proxy's own
-    namespace (Istio's rule), for an authenticated proxy `gateway_authorized` admits; [] for
-    any other. A Secret that is missing or unusable is not sent (its server's TLS never becomes
-    ready: connections fail, never fall back to plaintext)."""
-    gw = gateway_authorized(mesh, meta, namespace, service_account)
+    namespace (Istio's rule), for an authenticated proxy (`namespace`, `service_account`).
+    Only a proxy `gateway_authorized` admits gets the real material; any other gateway proxy,
+    and any name whose Secret is missing or unusable, gets the fail-closed stand-ins
+    (`withheld_credential_secret`: a certificate that proves nothing; `withheld_ca_secret`: a
+    CA no client chains to), which also overwrite whatever Envoy held before (Envoy keeps a
+    secret whose removal it is told of). A credential without a CA gets the stand-in CA, so a
+    MUTUAL server refuses every client rather than trusting a default bundle."""
+    gw = gateway_of(mesh, meta)
     if gw is None:
         return []
+    authorized = gateway_authorized(mesh, meta, namespace, service_account) is not None
     names = sorted({s.tls.credential_name for s in gw.servers if s.tls is not None and s.tls.credential_name})
     out: list[ResourceSpec] = []
     for name in names:
-        cred = mesh.credentials.get((namespace, name))
-        if cred is None or cred.problem is not None or not (cred.cert_pem and cred.key_pem):
-            continue
-        out.append(ResourceSpec(SECRET, credential_sds_name(name), credential_secret,
-                                (name, Credential(cred.cert_pem, cred.key_pem))))
-        ca = credential_ca(mesh, namespace, name)
-        if ca is not None:  # client certificates are verified against it (MUTUAL): never a default CA
+        cred = mesh.credentials.get((namespace, name)) if authorized else None
+        usable = cred is not None and cred.problem is None and bool(cred.cert_pem and cred.key_pem)
+        ca = credential_ca(mesh, namespace, name) if usable else None
+        if cred is not None and usable:
+            out.append(ResourceSpec(SECRET, credential_sds_name(name), credential_secret,
+                                    (name, Credential(cred.cert_pem, cred.key_pem))))
+        else:
+            out.append(ResourceSpec(SECRET, credential_sds_name(name), withheld_credential_secret, (name,)))
+        if ca is not None and cred is not None:
             out.append(ResourceSpec(SECRET, credential_ca_sds_name(name), credential_ca_secret,
                                     (name, ca.ca_pem, cred.crl_pem, system_ca)))
+        else:
+            out.append(ResourceSpec(SECRET, credential_ca_sds_name(name), withheld_ca_secret, (name,)))
     return out

@@ -14,6 +14,7 @@ sidecar Envoy, curl as the outside client.
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
 import json
 import subprocess
@@ -160,9 +161,9 @@ spec:
     def write(self, name: str, text: str) -> None:
         (self.mesh / name).write_text(text)
 
-    def start(self) -> None:
+    def start(self, backend: str = f"web={BACKEND}:{BACKEND_PORT}") -> None:
         self.procs.append(subprocess.Popen(
-            [sys.executable, str(ROOT / "samples" / "backend.py"), f"web={BACKEND}:{BACKEND_PORT}"],
+            [sys.executable, str(ROOT / "samples" / "backend.py"), backend],
             stdout=subprocess.PIPE, start_new_session=True))
         assert self.procs[-1].stdout is not None and self.procs[-1].stdout.readline().strip() == b"ready"
         self.procs.append(subprocess.Popen(
@@ -322,6 +323,40 @@ def test_a_gateway_without_identity_never_gets_the_key(env: Env) -> None:
         stop(env.procs.pop())
 
 
+def subjects(admin: int) -> dict[str, str]:
+    """Secret name -> subject of the certificate Envoy holds under it (its config_dump)."""
+    d = httpx.get(f"http://127.0.0.1:{admin}/config_dump", timeout=5).json()
+    out = {}
+    for cfg in d["configs"]:
+        for sec in cfg.get("dynamic_active_secrets", []):
+            chain = sec["secret"].get("tls_certificate", {}).get("certificate_chain", {})
+            if "inline_bytes" in chain:
+                cert = x509.load_pem_x509_certificate(base64.b64decode(chain["inline_bytes"]))
+                out[sec["name"]] = cert.subject.rfc4514_string()
+    return out
+
+
+def test_an_authenticated_proxy_the_gateway_does_not_select_gets_stand_ins(env: Env) -> None:
+    """A token for the right namespace and service account, but claiming a pod the Gateway's
+    selector does not pick: the credential names are filled with certificates that prove
+    nothing (fail closed), never the Secret's."""
+    env.write("31-impostor.yaml", "apiVersion: v1\nkind: Pod\nmetadata: {name: impostor, namespace: ingress, "
+                                  "labels: {app: other}}\nspec: {serviceAccountName: ingressgateway, containers: "
+                                  "[{name: envoy, image: x}]}\nstatus: {podIP: 127.0.0.1}\n")
+    args = ["--mode", "gateway", "--gateway", "edge", "--namespace", "ingress", "--workload", "impostor",
+            "--service-account", "ingressgateway", "--labels", "istio=ingressgateway",
+            "--ca-dir", str(env.ca_dir), "--token-out", str(env.tmp / "impostor.token")]
+    admin = env.envoy("impostor-gateway", *args)
+    try:
+        got = eventually(lambda: (g := subjects(admin)) and {"kubernetes://web-cert", "kubernetes://secure-cert"}
+                         <= set(g) and g)
+        assert got["kubernetes://web-cert"] == got["kubernetes://secure-cert"] == "CN=meshline-no-credential"
+        assert subjects(env.admin)["kubernetes://web-cert"] == "CN=web.example.com"  # control: the real gateway
+    finally:
+        stop(env.procs.pop())
+        (env.mesh / "31-impostor.yaml").unlink()
+
+
 # --------------------------------------------------------------------------- egress
 
 EXTERNAL, EXTERNAL_PORT = "127.0.0.135", 19135
@@ -404,11 +439,7 @@ def egress(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
         f.unlink()
     e.write("00-egress.yaml", EGRESS_MESH)
     try:
-        e.procs.append(subprocess.Popen(
-            [sys.executable, str(ROOT / "samples" / "backend.py"), f"external={EXTERNAL}:{EXTERNAL_PORT}"],
-            stdout=subprocess.PIPE, start_new_session=True))
-        assert e.procs[-1].stdout is not None and e.procs[-1].stdout.readline().strip() == b"ready"
-        e.start()
+        e.start(backend=f"external={EXTERNAL}:{EXTERNAL_PORT}")
         yield e
     finally:
         e.close()
