@@ -5,7 +5,7 @@ Warnings (the object still serves; what is wrong is named):
 - a VirtualService bound to a Gateway none of whose servers' hosts admit any of its hosts;
 - a Gateway whose selector picks no Pod of the mesh (no proxy can be given its credentials);
 - a server `credentialName` with no usable TLS Secret in the namespace of a Pod the Gateway
-  selects (its TLS server never becomes ready there: connections fail, never plaintext);
+  selects (its handshakes fail there, with stand-in certificates: never plaintext);
 - a MUTUAL server whose credential has no CA (`ca.crt`, or a `<name>-cacert` Secret): client
   certificates cannot be verified, so every handshake fails.
 """
@@ -68,7 +68,7 @@ def _gateway(mesh: Mesh, gw: Gateway) -> Iterator[Issue]:
             path = f"spec.servers[{i}].tls.credentialName"
             if cred is None or not (cred.cert_pem and cred.key_pem):
                 yield Issue(gw.ref, path, f"no TLS Secret {ns}/{name} with a certificate and key (the namespace of "
-                                          "the gateway Pods): this server's TLS never becomes ready there", "warning")
+                                          "the gateway Pods): this server's handshakes fail there (fail closed)", "warning")
             elif cred.problem is not None:
                 yield Issue(gw.ref, path, f"Secret {ns}/{name} is unusable: {cred.problem}", "warning")
             elif tls.mode in ("MUTUAL", "OPTIONAL_MUTUAL") and credential_ca(mesh, ns, name) is None:
