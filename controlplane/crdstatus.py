@@ -21,10 +21,11 @@ from controlplane.model.raw import ObjectKey, RawObject
 
 log = logging.getLogger(__name__)
 
-OWN_GROUPS = frozenset({"networking.meshline.io", "security.meshline.io"})
+OWN_GROUPS = frozenset({"networking.meshline.io", "security.meshline.io", "telemetry.meshline.io"})
 STATUS_KINDS = {"VirtualService": "virtualservices", "DestinationRule": "destinationrules", "Sidecar": "sidecars",
                 "ServiceEntry": "serviceentries", "WorkloadEntry": "workloadentries", "Gateway": "gateways",
-                "PeerAuthentication": "peerauthentications", "AuthorizationPolicy": "authorizationpolicies"}
+                "PeerAuthentication": "peerauthentications", "AuthorizationPolicy": "authorizationpolicies",
+                "RequestAuthentication": "requestauthentications", "Telemetry": "telemetries"}
 
 
 @dataclass(frozen=True, slots=True)

@@ -38,6 +38,7 @@ from controlplane.model.store import assemble
 from controlplane.sources.yamlload import parse_documents
 from controlplane.translate.gateway import gateway_credentials, plan_gateway
 from controlplane.translate.locality import client_locality, failover_priority_keys
+from controlplane.translate.proxy import outbound_access_logs
 from controlplane.translate.scope import proxy_scope
 from controlplane.translate.sidecar import plan_inbound, plan_outbound
 
@@ -51,6 +52,8 @@ KINDS = {
     "Sidecar": ("sidecars.yaml", "networking.istio.io/v1"),
     "PeerAuthentication": ("peerauthentications.yaml", "security.istio.io/v1"),
     "AuthorizationPolicy": ("authorizationpolicies.yaml", "security.istio.io/v1"),
+    "RequestAuthentication": ("requestauthentications.yaml", "security.istio.io/v1"),
+    "Telemetry": ("telemetries.yaml", "telemetry.istio.io/v1"),
     "Gateway": ("gateways.yaml", "networking.istio.io/v1"),
     "ServiceEntry": ("serviceentries.yaml", "networking.istio.io/v1"),
     "WorkloadEntry": ("workloadentries.yaml", "networking.istio.io/v1"),
@@ -288,6 +291,8 @@ PROXIES = (
 _HTTPS = {"port": {"number": 8443, "name": "https", "protocol": "HTTPS"}, "hosts": ["*"]}
 _HTTP = {"port": {"number": 8080, "name": "http", "protocol": "HTTP"}, "hosts": ["*"]}
 _FILES = {"serverCertificate": "/etc/certs/server.pem", "privateKey": "/etc/certs/server-key.pem"}
+_JWKS = '{"keys": [{"kty": "EC", "crv": "P-256", "x": "f83OJ3D2xF1Bg8vub9tLe1gHMzV76e8Tus9uPHvRVEU", "y": "x_FEzRu9m36HLN_tue659LNpXW6pCyStikYjKIWI5a0"}]}'
+"""An inline JSON Web Key Set (RequestAuthentication `jwks`)."""
 BASE: dict[str, dict[str, Any]] = {
     "VirtualService": {"hosts": ["reviews"], "http": [{"route": [{"destination": {"host": "reviews"}}]}]},
     "DestinationRule": {"host": "reviews.default.svc.cluster.local"},
@@ -295,6 +300,8 @@ BASE: dict[str, dict[str, Any]] = {
     "PeerAuthentication": {"mtls": {"mode": "PERMISSIVE"}},
     "AuthorizationPolicy": {"action": "DENY",
                             "rules": [{"from": [{"source": {"namespaces": ["blocked"]}}]}]},
+    "RequestAuthentication": {"jwtRules": [{"issuer": "iss", "jwks": _JWKS}]},
+    "Telemetry": {"accessLogging": [{"providers": [{"name": "envoy"}]}]},
     "Gateway": {"selector": {"istio": "ingressgateway"},
                 "servers": [{**_HTTPS, "tls": {"mode": "SIMPLE", "credentialName": "gw-cert"}}]},
     "ServiceEntry": {"hosts": ["api.external.example"], "resolution": "STATIC",
@@ -403,6 +410,12 @@ SAMPLES: dict[str, Any] = {
     "ports": ["9080"], "notPorts": ["9080"], "methods": ["GET"], "notMethods": ["GET"],
     "paths": ["/a"], "notPaths": ["/a"],
     "when[].key": "source.namespace", "when[].values": ["192.168.0.0/16"], "when[].notValues": ["192.168.0.0/16"],
+    # RequestAuthentication
+    "jwtRules[].jwks": _JWKS.replace("P-256", "P-256", 1).replace("}]}", ', "kid": "k2"}]}'),
+    "fromHeaders[].name": "x-jwt", "outputClaimToHeaders[].header": "x-jwt-sub", "outputClaimToHeaders[].claim": "sub",
+    # Telemetry
+    "accessLogging[].match.mode": "SERVER", "accessLogging[].providers[].name": "file-log",
+    "accessLogging[].filter.expression": "response.code >= 400",
 }
 """Sample values, by the longest matching path suffix (leaf field paths without `spec.`)."""
 
@@ -479,6 +492,10 @@ CONTEXT: dict[str, dict[str, list[tuple[str, dict[str, Any]]]]] = {
         **{f"servers[].tls.{k}": [("tls", {"mode": "MUTUAL"})]
            for k in ("subjectAltNames", "verifyCertificateSpki", "verifyCertificateHash")},
     },
+    "RequestAuthentication": {
+        "fromHeaders[].": [("fromHeaders[]", {"name": "x-token"})],
+        "outputClaimToHeaders[].": [("outputClaimToHeaders[]", {"header": "x-jwt-iss", "claim": "iss"})],
+    },
     "AuthorizationPolicy": {
         "rules[].to[].": [("rules[]", {"from": None})],
         "rules[].when[].": [("rules[]", {"from": None}),
@@ -501,8 +518,9 @@ def _at(prefix: str, policy: dict[str, Any]) -> dict[str, Any]:
 
 
 MESH_CONFIG = parse_mesh_config("extensionProviders: [{name: ext-authz, envoyExtAuthzHttp: "
-                                "{service: reviews.default.svc.cluster.local, port: 9080}}]", "mesh.yaml")[0]
-"""`--mesh-config`: the extension provider CUSTOM policies name."""
+                                "{service: reviews.default.svc.cluster.local, port: 9080}}, "
+                                "{name: file-log, envoyFileAccessLog: {path: /var/log/access.log}}]", "mesh.yaml")[0]
+"""`--mesh-config`: the extension provider CUSTOM policies name, and an access log provider."""
 
 _SE_PORT = {"number": 8080, "name": "http", "protocol": "HTTP"}
 _SE_EP = {"address": "192.0.2.10"}
@@ -550,6 +568,17 @@ OVERRIDES: dict[tuple[str, str], tuple[dict[str, Any], dict[str, Any]]] = {
        for p in ("targetRef.kind", "targetRef.group", "targetRef.name", "targetRef.namespace")},
     **{("AuthorizationPolicy", p): ({}, {"targetRefs": [_WAYPOINT_REF]})
        for p in ("targetRefs[].kind", "targetRefs[].group", "targetRefs[].name", "targetRefs[].namespace")},
+    # RequestAuthentication and Telemetry attach to the waypoint instead of the namespace's sidecars.
+    **{(k, p): ({}, {"targetRef": _WAYPOINT_REF}) for k in ("RequestAuthentication", "Telemetry")
+       for p in ("targetRef.kind", "targetRef.group", "targetRef.name", "targetRef.namespace")},
+    **{(k, p): ({}, {"targetRefs": [_WAYPOINT_REF]}) for k in ("RequestAuthentication", "Telemetry")
+       for p in ("targetRefs[].kind", "targetRefs[].group", "targetRefs[].name", "targetRefs[].namespace")},
+    # jwksUri instead of the baseline's inline keys (one of the two is required).
+    ("RequestAuthentication", "jwtRules[].jwksUri"): (
+        {}, {"jwtRules": [{"issuer": "iss", "jwksUri": "https://keys.example.com/jwks.json"}]}),
+    ("RequestAuthentication", "jwtRules[].timeout"): (
+        {"jwtRules": [{"issuer": "iss", "jwksUri": "https://keys.example.com/jwks.json"}]},
+        {"jwtRules": [{"issuer": "iss", "jwksUri": "https://keys.example.com/jwks.json", "timeout": "2s"}]}),
     **{("DestinationRule", f"{prefix}tls.{k}"): (
         _at(prefix, {"tls": {"mode": "SIMPLE"}}),
         _at(prefix, {"tls": {"mode": "MUTUAL", "clientCertificate": "/etc/certs/client.pem",
@@ -591,6 +620,12 @@ NO_EFFECT = {
 """Fields that change nothing in Envoy in Istio either, and why."""
 
 NOTES = {
+    ("RequestAuthentication", "jwtRules[].jwksUri"): "Fetched by Envoy through a cluster of its own (STATIC for an IP "
+                                                     "address, STRICT_DNS for a name; TLS with the system CA bundle for "
+                                                     "https). Neither jwksUri nor jwks (OpenID discovery) is refused.",
+    ("Telemetry", "accessLogging[].providers[].name"): "`envoy` (Istio's default text format on stdout) or a mesh "
+                                                       "config envoyFileAccessLog provider (path, text or JSON labels); "
+                                                       "other provider types are warned.",
     ("Sidecar", "egress[].port.protocol"): "Warned when it differs from the protocol of a service port the listener "
                                           "imports: Meshline keeps each service port's own protocol (from its name "
                                           "or appProtocol); the same protocol changes nothing, as in Istio.",
@@ -772,7 +807,8 @@ def evaluate(kind: str, spec: dict[str, Any]) -> tuple[tuple[Issue, ...], tuple[
         if p.mode == "gateway":
             specs = plan_gateway(mesh, p) + gateway_credentials(mesh, p, p.namespace, "gateway", "/ca.pem")
         else:
-            specs = plan_outbound(mesh, p.namespace, p.capture, scope=proxy_scope(mesh, p), client=client)
+            specs = plan_outbound(mesh, p.namespace, p.capture, scope=proxy_scope(mesh, p), client=client,
+                                  access_logs=outbound_access_logs(mesh, p))
             specs += plan_inbound(mesh, p)
         for s in specs:
             out[f"{p.node_id}/{s.type_url}/{s.name}"] = s.make().SerializeToString(deterministic=True)

@@ -33,6 +33,7 @@ import yaml
 
 from controlplane.model import convert as convert_mod
 from controlplane.model import (
+    convert_authn,
     convert_base,
     convert_dr,
     convert_gateway,
@@ -40,6 +41,7 @@ from controlplane.model import (
     convert_security,
     convert_serviceentry,
     convert_sidecar,
+    convert_telemetry,
     convert_vs,
 )
 from controlplane.model.convert import convert
@@ -58,6 +60,8 @@ MESH_GROUPS = {
     "networking.istio.io": "networking.meshline.io",
     "security.meshline.io": "security.meshline.io",
     "security.istio.io": "security.meshline.io",
+    "telemetry.meshline.io": "telemetry.meshline.io",
+    "telemetry.istio.io": "telemetry.meshline.io",
 }
 """API group of a mesh resource -> the group of the CRD that validates it."""
 WRITE_VERBS = frozenset(
@@ -298,6 +302,8 @@ def test_crds_cover_the_five_mesh_kinds() -> None:
         "Sidecar": ("networking.meshline.io", "sidecars.networking.meshline.io"),
         "PeerAuthentication": ("security.meshline.io", "peerauthentications.security.meshline.io"),
         "AuthorizationPolicy": ("security.meshline.io", "authorizationpolicies.security.meshline.io"),
+        "RequestAuthentication": ("security.meshline.io", "requestauthentications.security.meshline.io"),
+        "Telemetry": ("telemetry.meshline.io", "telemetries.telemetry.meshline.io"),
         "ServiceEntry": ("networking.meshline.io", "serviceentries.networking.meshline.io"),
         "WorkloadEntry": ("networking.meshline.io", "workloadentries.networking.meshline.io"),
         "Gateway": ("networking.meshline.io", "gateways.networking.meshline.io"),
@@ -639,13 +645,15 @@ NOT_READ = {
     "AuthorizationPolicy": (),
     "ServiceEntry": (),
     "WorkloadEntry": (),
+    "RequestAuthentication": (),
+    "Telemetry": ("spec.tracing", "spec.metrics"),  # accepted with a warning, not read
     "Gateway": (),
 }
 
 
 @pytest.mark.parametrize(
     "kind", ["VirtualService", "DestinationRule", "Sidecar", "PeerAuthentication", "AuthorizationPolicy",
-             "ServiceEntry", "WorkloadEntry", "Gateway"]
+             "ServiceEntry", "WorkloadEntry", "RequestAuthentication", "Telemetry", "Gateway"]
 )
 def test_crd_fields_are_exactly_the_fields_the_converter_reads(
     kind: str, monkeypatch: pytest.MonkeyPatch
@@ -664,7 +672,7 @@ def test_crd_fields_are_exactly_the_fields_the_converter_reads(
         original(ctx, m, path, known, ignored)
 
     for module in (convert_base, convert_http, convert_vs, convert_dr, convert_security, convert_sidecar, convert_mod,
-                   convert_serviceentry, convert_gateway):
+                   convert_authn, convert_telemetry, convert_serviceentry, convert_gateway):
         monkeypatch.setattr(module, "check_fields", spy)
 
     schema = crd_schema(kind)

@@ -143,6 +143,8 @@ def _jwt_rule(ctx: Ctx, item: object, p: str) -> JwtRule | None:
             claims.append((header, claim))
     audiences = get_str_list(ctx, m, "audiences", p)
     timeout = get_duration(ctx, m, "timeout", p, min_ms=1)
+    if timeout is not None and not uri_text:
+        ctx.warn(join(p, "timeout"), "bounds a jwksUri fetch: it has no effect with inline jwks")
     forward = bool(get_bool(ctx, m, "forwardOriginalToken", p))
     if ctx.error_count() > before or not issuer:
         return None

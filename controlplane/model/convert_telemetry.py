@@ -43,10 +43,9 @@ def convert_telemetry(ctx: Ctx, namespace: str, name: str) -> Telemetry | None:
         ctx.warn("spec.targetRefs" if spec.get("targetRefs") is not None else "spec.targetRef",
                  "attaches this Telemetry to a waypoint or service: Meshline configures no waypoint access "
                  "logs, so it has no effect")
-    for key, what in (("metrics", "metrics"), ("tracing", "tracing")):
+    for key, what in (("metrics", "Istio metrics (Envoy's own stats stay on :15090)"), ("tracing", "tracing")):
         if spec.get(key):
-            ctx.warn(join("spec", key), f"Meshline configures no {what} (Envoy's own stats stay on :15090); "
-                                        f"this section is ignored")
+            ctx.warn(join("spec", key), f"Meshline configures no {what}: this section is ignored")
     entries: list[AccessLogging] = []
     for i, item in enumerate(get_list(ctx, spec, "accessLogging", "spec")):
         entry = _access_logging(ctx, item, index("spec.accessLogging", i))

@@ -397,7 +397,7 @@ class MeshStore:
 
 STATUS_OWNED_KINDS = frozenset(
     {"VirtualService", "DestinationRule", "PeerAuthentication", "AuthorizationPolicy", "Sidecar",
-     "HTTPRoute", "GRPCRoute", "TCPRoute", "ServiceEntry", "WorkloadEntry"}
+     "HTTPRoute", "GRPCRoute", "TCPRoute", "ServiceEntry", "WorkloadEntry", "RequestAuthentication", "Telemetry"}
 )
 _VOLATILE_METADATA = frozenset({"resourceVersion", "managedFields", "generation", "uid", "creationTimestamp"})
 

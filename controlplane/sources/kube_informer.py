@@ -82,6 +82,8 @@ CORE_RESOURCES = (
     Resource("Gateway", "networking.meshline.io", "v1", "gateways"),
     Resource("PeerAuthentication", "security.meshline.io", "v1", "peerauthentications"),
     Resource("AuthorizationPolicy", "security.meshline.io", "v1", "authorizationpolicies"),
+    Resource("RequestAuthentication", "security.meshline.io", "v1", "requestauthentications"),
+    Resource("Telemetry", "telemetry.meshline.io", "v1", "telemetries"),
     # DestinationRule credentialName: only the Secret types that hold TLS credentials the way
     # Istio reads them (kubernetes.io/tls, and Opaque with cert/key/cacert), selected by the API
     # server; of those only the ones with TLS keys are kept, and only their TLS keys (`to_raw`).
@@ -98,6 +100,8 @@ ISTIO_RESOURCES = (
     Resource("Gateway", "networking.istio.io", "v1", "gateways", priority=1),
     Resource("PeerAuthentication", "security.istio.io", "v1", "peerauthentications", priority=1),
     Resource("AuthorizationPolicy", "security.istio.io", "v1", "authorizationpolicies", priority=1),
+    Resource("RequestAuthentication", "security.istio.io", "v1", "requestauthentications", priority=1),
+    Resource("Telemetry", "telemetry.istio.io", "v1", "telemetries", priority=1),
 )
 
 
