@@ -68,14 +68,18 @@ def cluster_kind(svc: Service, capture: CaptureMode) -> ClusterKind:
 
 
 def build_dns_cluster(name: str, protocol: PortProtocol, policy: ClusterPolicy, tls: UpstreamTls | None,
-                      endpoints: tuple[LbEndpoint, ...], logical: bool) -> cluster_pb2.Cluster:
-    """A STRICT_DNS (or, with `logical` and one endpoint, LOGICAL_DNS) cluster over
-    `endpoints` (names or IPs), with the merged DestinationRule policy and `tls`."""
+                      cla_args: tuple[object, ...], logical: bool) -> cluster_pb2.Cluster:
+    """A STRICT_DNS (or, with `logical` and one endpoint, LOGICAL_DNS) cluster over the
+    endpoints (names or IPs) of `cla_args` (`build_cla`'s arguments after the name: the
+    endpoints, and their locality plan when locality load balancing applies), with the
+    merged DestinationRule policy and `tls`."""
     c = build_outbound_cluster(name, protocol, policy, tls)
     c.ClearField("eds_cluster_config")
-    c.type = cluster_pb2.Cluster.LOGICAL_DNS if logical and len(endpoints) == 1 else cluster_pb2.Cluster.STRICT_DNS
+    cla = build_cla(name, *cla_args)  # type: ignore[arg-type]
+    single = sum(len(group.lb_endpoints) for group in cla.endpoints) == 1
+    c.type = cluster_pb2.Cluster.LOGICAL_DNS if logical and single else cluster_pb2.Cluster.STRICT_DNS
     c.dns_lookup_family = cluster_pb2.Cluster.V4_PREFERRED
-    c.load_assignment.CopyFrom(build_cla(name, endpoints))
+    c.load_assignment.CopyFrom(cla)
     return c
 
 
@@ -92,6 +96,6 @@ def entry_cluster_specs(kind: ClusterKind, svc: Service, port: int, name: str, p
     if kind == "blackhole":
         return [ResourceSpec(CLUSTER, name, build_blackhole_cluster, (name,), src)]
     if not eps and svc.entry is not None and svc.entry.resolution == "NONE":
-        eps = (LbEndpoint(str(svc.hostname), port),)
-    args = (name, protocol, policy, tls, eps, kind == "logical_dns")
+        cla_args = ((LbEndpoint(str(svc.hostname), port),),)
+    args = (name, protocol, policy, tls, cla_args, kind == "logical_dns")
     return [ResourceSpec(CLUSTER, name, build_dns_cluster, args, src)]
