@@ -20,6 +20,7 @@ only with `--update-golden`.
 from __future__ import annotations
 
 import copy
+import json
 import re
 import textwrap
 from collections.abc import Iterator
@@ -38,6 +39,7 @@ from controlplane.model.store import assemble
 from controlplane.sources.yamlload import parse_documents
 from controlplane.translate.gateway import gateway_credentials, plan_gateway
 from controlplane.translate.locality import client_locality, failover_priority_keys
+from controlplane.translate.plan import ResourceSpec
 from controlplane.translate.proxy import outbound_access_logs
 from controlplane.translate.scope import proxy_scope
 from controlplane.translate.sidecar import plan_inbound, plan_outbound
@@ -649,10 +651,21 @@ NOTES = {
 # --------------------------------------------------------------------------- schema walk
 
 
+_CRD_DOCS: dict[str, dict[str, Any]] = {}
+
+
+def _crd_spec(kind: str) -> dict[str, Any]:
+    """`kind`'s CRD schema of `spec` (parsed once, with libyaml when present; read only)."""
+    if kind not in _CRD_DOCS:
+        loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+        _CRD_DOCS[kind] = yaml.load((CRDS / KINDS[kind][0]).read_text(), Loader=loader)  # noqa: S506
+    spec: dict[str, Any] = _CRD_DOCS[kind]["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    return spec
+
+
 def leaves(kind: str) -> list[str]:
     """The leaf field paths of `kind`'s spec (`a.b[].c{}.d`: `[]` a list item, `{}` a map value)."""
-    doc = yaml.safe_load((CRDS / KINDS[kind][0]).read_text())
-    spec = doc["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    spec = _crd_spec(kind)
     out: list[str] = []
 
     def walk(node: dict[str, Any], path: str) -> None:
@@ -795,8 +808,31 @@ def _scenario() -> list[object]:
     return _SCENARIO_VALUES
 
 
-def evaluate(kind: str, spec: dict[str, Any]) -> tuple[tuple[Issue, ...], tuple[Issue, ...], dict[str, bytes]]:
+# Memos of one session: an evaluation per distinct (kind, spec) (a field's baseline is often
+# another's), and each resource serialized once per distinct (builder, args), as the runtime's
+# cache does (most resources are the same in every evaluation).
+Evaluation = tuple[tuple[Issue, ...], tuple[Issue, ...], dict[str, bytes]]
+_EVALUATED: dict[tuple[str, str], Evaluation] = {}
+_BUILT: dict[tuple[object, tuple[Any, ...]], bytes] = {}
+
+
+def evaluate(kind: str, spec: dict[str, Any]) -> Evaluation:
     """(the object's own issues, cross-object issues about it, every proxy's resources)."""
+    key = (kind, json.dumps(spec, sort_keys=True, default=repr))
+    if key not in _EVALUATED:
+        _EVALUATED[key] = _evaluate(kind, spec)
+    return _EVALUATED[key]
+
+
+def _built(s: ResourceSpec) -> bytes:
+    key = (s.build, s.args)
+    found = _BUILT.get(key)
+    if found is None:
+        found = _BUILT[key] = s.make().SerializeToString(deterministic=True)
+    return found
+
+
+def _evaluate(kind: str, spec: dict[str, Any]) -> Evaluation:
     value, own = convert(_object(kind, spec))
     values = [*_scenario(), *([value] if value is not None else [])]
     mesh = assemble(values, mesh_config=MESH_CONFIG)
@@ -811,7 +847,7 @@ def evaluate(kind: str, spec: dict[str, Any]) -> tuple[tuple[Issue, ...], tuple[
                                   access_logs=outbound_access_logs(mesh, p))
             specs += plan_inbound(mesh, p)
         for s in specs:
-            out[f"{p.node_id}/{s.type_url}/{s.name}"] = s.make().SerializeToString(deterministic=True)
+            out[f"{p.node_id}/{s.type_url}/{s.name}"] = _built(s)
     return own, cross, out
 
 
@@ -875,8 +911,7 @@ def classify(kind: str, path: str, schema_type: str | None) -> Outcome:
 
 
 def _schema_types(kind: str) -> dict[str, str | None]:
-    doc = yaml.safe_load((CRDS / KINDS[kind][0]).read_text())
-    spec = doc["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    spec = _crd_spec(kind)
     types: dict[str, str | None] = {}
 
     def walk(node: dict[str, Any], path: str) -> None:
