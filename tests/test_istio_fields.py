@@ -658,7 +658,7 @@ def _crd_spec(kind: str) -> dict[str, Any]:
     """`kind`'s CRD schema of `spec` (parsed once, with libyaml when present; read only)."""
     if kind not in _CRD_DOCS:
         loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-        _CRD_DOCS[kind] = yaml.load((CRDS / KINDS[kind][0]).read_text(), Loader=loader)  # noqa: S506
+        _CRD_DOCS[kind] = yaml.load((CRDS / KINDS[kind][0]).read_text(), Loader=loader)
     spec: dict[str, Any] = _CRD_DOCS[kind]["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
     return spec
 
