@@ -59,6 +59,7 @@ class Service:
     name: str
     ports: list[tuple[str, int]]  # (port name, number): Istio's protocol selection by name
     namespace: str = "default"
+    cluster_ip: str | None = None  # spec.clusterIP (None: not set)
 
 
 def mesh_yaml(namespaces: dict[str, dict[str, str]], services: Sequence[Service],
@@ -72,6 +73,7 @@ def mesh_yaml(namespaces: dict[str, dict[str, str]], services: Sequence[Service]
         docs.append({"apiVersion": "v1", "kind": "Service",
                      "metadata": {"name": svc.name, "namespace": svc.namespace, "labels": {"app": svc.name}},
                      "spec": {"selector": {"app": svc.name},
+                              **({"clusterIP": svc.cluster_ip} if svc.cluster_ip else {}),
                               "ports": [{"name": n, "port": p, "targetPort": p} for n, p in svc.ports]}})
         members = [w for w in workloads if w.app == svc.name and w.namespace == svc.namespace]
         docs.append({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
