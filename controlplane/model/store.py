@@ -397,7 +397,8 @@ class MeshStore:
 
 STATUS_OWNED_KINDS = frozenset(
     {"VirtualService", "DestinationRule", "PeerAuthentication", "AuthorizationPolicy", "Sidecar",
-     "HTTPRoute", "GRPCRoute", "TCPRoute", "ServiceEntry", "WorkloadEntry", "RequestAuthentication", "Telemetry"}
+     "HTTPRoute", "GRPCRoute", "TCPRoute", "ServiceEntry", "WorkloadEntry", "RequestAuthentication", "Telemetry",
+     "Gateway", "GatewayClass"}
 )
 _VOLATILE_METADATA = frozenset({"resourceVersion", "managedFields", "generation", "uid", "creationTimestamp"})
 
