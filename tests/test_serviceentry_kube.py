@@ -13,7 +13,7 @@ import pytest
 from controlplane.model.ir import Hostname
 from tests.kube import KubeEnv, kube_emulator
 from tests.kube.objects import namespace, pod
-from tests.test_kubernetes_source import eventually, running
+from tests.test_kubernetes_source_kmock import eventually, running
 
 pytestmark = pytest.mark.timeout(120)
 

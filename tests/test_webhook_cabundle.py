@@ -124,10 +124,10 @@ def test_patch_refuses_to_touch_a_reordered_configuration(bundle: str) -> None:
         jsonpatch.apply_patch(reordered, ops)
 
 
-# --------------------------------------------------------------------------- through the API
+# --------------------------------------------------------------------------- through the API (kmock)
 
 
-def test_patch_webhook_ca_bundles_against_the_api(bundle: str) -> None:
+def test_patch_webhook_ca_bundles_against_kmock(bundle: str) -> None:
     with kube_emulator() as env:
         for plural, kind in (("mutatingwebhookconfigurations", MUTATING),
                              ("validatingwebhookconfigurations", VALIDATING)):

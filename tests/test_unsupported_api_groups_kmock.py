@@ -22,7 +22,7 @@ from controlplane.sources.kube_informer import MESH_GROUPS, Resource, discover, 
 from tests.kube import KubeEnv, kube_emulator
 from tests.kube.emulator import VERBS
 from tests.kube.objects import namespace
-from tests.test_kubernetes_source import running, settled
+from tests.test_kubernetes_source_kmock import running, settled
 
 ROOT = Path(__file__).resolve().parent.parent
 

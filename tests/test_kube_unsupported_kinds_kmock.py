@@ -17,7 +17,7 @@ from controlplane.sources.kube_informer import ISTIO_RESOURCES, Resource, discov
 from tests.kube import KubeEnv, kube_emulator
 from tests.kube.emulator import VERBS
 from tests.kube.objects import namespace
-from tests.test_kubernetes_source import eventually, running, settled
+from tests.test_kubernetes_source_kmock import eventually, running, settled
 
 EXTRA = (
     Resource("WasmPlugin", "extensions.istio.io", "v1alpha1", "wasmplugins"),
