@@ -152,6 +152,11 @@ def test_a_service_entry_converts_with_every_field() -> None:
     ("hosts: [a.example.com]\nlocation: MESH_SOMEWHERE\n", "spec.location", "unknown location"),
     ("hosts: [a.example.com]\nexportTo: [Bad_NS]\n", "spec.exportTo[0]", "namespace"),
     ("hosts: [a.example.com]\nport: 80\n", "spec.port", "unknown field"),
+    ("hosts: [a.example.com]\nports: [{number: 80, name: http, protocol: SPDY}]\n", "spec.ports[0].protocol",
+     "unrecognized protocol"),
+    ("hosts: [a.example.com]\nports: [{number: 80, name: Web_1, protocol: HTTP}]\n", "spec.ports[0].name",
+     "invalid port name"),
+    ("hosts: [a.example.com]\nports: [{number: 80, protocol: HTTP}]\n", "spec.ports[0].name", "invalid port name"),
 ])
 def test_istio_validation_rules_name_the_field(spec: str, field: str, fragment: str) -> None:
     errs = errors_of(se(spec))

@@ -20,7 +20,8 @@ Validation follows Istio's (`pkg/config/validation`, ValidateServiceEntry / Vali
 Ports' `protocol` maps to Meshline's port protocols as Istio's names do: HTTP, HTTP2, GRPC
 (and GRPC-WEB) are routed as HTTP; HTTPS, TLS, TCP, MONGO, MYSQL, REDIS are proxied as TCP
 (warned for several hosts: Meshline does not route TLS by SNI); unset or unknown protocols
-are sniffed; UDP ports are dropped with a warning (Envoy sidecars proxy no UDP).
+are sniffed, unknown ones refused; UDP ports are dropped with a warning (Envoy sidecars
+proxy no UDP). Port names are DNS labels (Istio's ValidatePortName).
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from controlplane.model.convert_base import (
     get_str_list,
     host_problem,
     index,
+    is_dns_label,
     item_map,
     join,
 )
@@ -78,7 +80,7 @@ def is_ip(text: str) -> bool:
 
 
 def _port_protocol(ctx: Ctx, proto: str | None, path: str) -> PortProtocol | None:
-    """The port protocol, None for a port that is dropped (UDP)."""
+    """The port protocol; None for a port that is dropped (UDP) or refused (unknown)."""
     if not proto:
         return PortProtocol.UNKNOWN
     upper = proto.upper()
@@ -89,9 +91,9 @@ def _port_protocol(ctx: Ctx, proto: str | None, path: str) -> PortProtocol | Non
         return port_protocol("", upper.lower())
     if upper in _TCP_PROTOCOLS:
         return PortProtocol.TCP
-    ctx.warn(path, f"unknown protocol {proto!r}: the protocol is sniffed (HTTP when the client speaks HTTP, "
-                   "else TCP)")
-    return PortProtocol.UNKNOWN
+    ctx.error(path, f"unrecognized protocol {proto!r} (expected HTTP, HTTPS, HTTP2, GRPC, GRPC-WEB, TCP, TLS, "
+                    "MONGO, MYSQL, REDIS or UDP; unset: sniffed)")
+    return None
 
 
 def _ports(ctx: Ctx, spec: Mapping[str, Any]) -> tuple[tuple[ServicePort, ...], dict[str, str]]:
@@ -108,6 +110,8 @@ def _ports(ctx: Ctx, spec: Mapping[str, Any]) -> tuple[tuple[ServicePort, ...], 
         number = get_port(ctx, m, "number", p, required=True)
         proto_text = get_str(ctx, m, "protocol", p)
         name = get_str(ctx, m, "name", p) or ""
+        if not is_dns_label(name):
+            ctx.error(join(p, "name"), f"invalid port name {name!r} (a DNS label: lower-case letters, digits, '-')")
         target = get_port(ctx, m, "targetPort", p) if m.get("targetPort") not in (None, 0) else None
         if name in names:
             ctx.error(join(p, "name"), f"port name {name!r} already defined")
