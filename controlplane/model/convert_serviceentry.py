@@ -19,8 +19,8 @@ Validation follows Istio's (`pkg/config/validation`, ValidateServiceEntry / Vali
 
 Ports' `protocol` maps to Meshline's port protocols as Istio's names do: HTTP, HTTP2, GRPC
 (and GRPC-WEB) are routed as HTTP; HTTPS, TLS, TCP, MONGO, MYSQL, REDIS are proxied as TCP
-(warned for several hosts: Meshline does not route TLS by SNI); unset or unknown protocols
-are sniffed, unknown ones refused; UDP ports are dropped with a warning (Envoy sidecars
+(warned for several hosts: Meshline does not route TLS by SNI); an unset protocol is
+sniffed, an unknown one refused; UDP ports are dropped with a warning (Envoy sidecars
 proxy no UDP). Port names are DNS labels (Istio's ValidatePortName).
 """
 
