@@ -296,12 +296,28 @@ def test_consumer_routes_yield_to_producer_routes() -> None:
     assert conditions(mesh, "mine", namespace="other")["Accepted"] == ("False", "UnsupportedValue")
 
 
-def test_tcp_route_splits_tcp_traffic() -> None:
-    tcp = route("t", "  - backendRefs: [{name: reviews-v1, port: 9080, weight: 3}, {name: reviews-v2, port: 9080, weight: 1}]\n",
-                kind="TCPRoute", version="v1alpha2")
-    mesh, _ = build(tcp)
-    (tr,) = mesh.vs_by_host[HOST].tcp
-    assert [d.weight for d in tr.route] == [3, 1] and tr.matches[0].port == 9080
+def test_tcp_route_splits_tcp_traffic_and_needs_a_tcp_port() -> None:
+    db = """apiVersion: v1
+kind: Service
+metadata: {name: db, namespace: default}
+spec: {clusterIP: 10.96.0.9, selector: {app: db}, ports: [{name: tcp, port: 5432}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: db-replica, namespace: default}
+spec: {clusterIP: 10.96.0.8, selector: {app: db, role: replica}, ports: [{name: tcp, port: 5432}]}
+"""
+    rules = "  - backendRefs: [{name: db, port: 5432, weight: 3}, {name: db-replica, port: 5432, weight: 1}]\n"
+    tcp = route("t", rules, parents="[{group: '', kind: Service, name: db}]", kind="TCPRoute", version="v1alpha2")
+    mesh, _ = build(db, tcp)
+    (tr,) = mesh.vs_by_host["db.default.svc.cluster.local"].tcp
+    assert [d.weight for d in tr.route] == [3, 1] and not tr.matches
+    # On an HTTP port a TCPRoute has no effect (and an HTTPRoute none on a TCP port): said so.
+    mesh, issues = build(db, route("t", rules, kind="TCPRoute", version="v1alpha2"),
+                         route("h", SPLIT, parents="[{group: '', kind: Service, name: db}]"))
+    assert conditions(mesh, "t", kind="TCPRoute")["Accepted"] == ("False", "UnsupportedValue")
+    assert conditions(mesh, "h")["Accepted"] == ("False", "UnsupportedValue")
+    assert any("cannot apply to TCP port(s) 5432" in i.message for i in issues)
 
 
 def test_gateway_parents_are_left_to_their_controller() -> None:

@@ -56,6 +56,7 @@ from controlplane.model.ir import (
     Issue,
     L4Match,
     Mirror,
+    PortProtocol,
     RouteDestination,
     Service,
     TCPRoute,
@@ -104,7 +105,7 @@ def resolve(routes: Iterable[GatewayRoute], grants: Iterable[ReferenceGrant],
             svc = services.get(host)
             problem = _parent_problem(route, parent, svc)
             if svc is None or problem is not None:
-                entries.append(_status(parent, ("NoMatchingParent", problem or ""), []))
+                entries.append(_status(parent, problem or ("NoMatchingParent", ""), []))
                 continue
             att = _attach(route, parent, svc, grants, services)
             by_host.setdefault(host, []).append(att)
@@ -136,16 +137,26 @@ def resolve(routes: Iterable[GatewayRoute], grants: Iterable[ReferenceGrant],
     return GammaResult(tuple(vss), {k: tuple(v) for k, v in status.items() if v})
 
 
-def _parent_problem(route: GatewayRoute, parent: ParentRef, svc: Service | None) -> str | None:
+def _parent_problem(route: GatewayRoute, parent: ParentRef, svc: Service | None) -> tuple[str, str] | None:
+    """(Accepted reason, message) when `route` cannot attach to the Service `parent` names."""
     if svc is None:
-        return f"Service {parent.namespace}/{parent.name} does not exist"
-    if parent.port is not None and all(p.port != parent.port for p in svc.ports):
-        have = ", ".join(str(p.port) for p in svc.ports) or "none"
-        return f"Service {svc.namespace}/{svc.name} has no port {parent.port} (its ports: {have})"
-    if parent.section_name is not None and all(p.name != parent.section_name for p in svc.ports):
-        return f"Service {svc.namespace}/{svc.name} has no port named {parent.section_name!r}"
-    if parent.section_name is not None:
-        return None
+        return "NoMatchingParent", f"Service {parent.namespace}/{parent.name} does not exist"
+    ports = [p for p in svc.ports if (parent.port is None or p.port == parent.port)
+             and (parent.section_name is None or p.name == parent.section_name)]
+    if not ports:
+        have = ", ".join(f"{p.name or '-'}:{p.port}" for p in svc.ports) or "none"
+        which = f"port {parent.port}" if parent.port is not None else f"port named {parent.section_name!r}"
+        return "NoMatchingParent", f"Service {svc.namespace}/{svc.name} has no {which} (its ports: {have})"
+    # An L7 route needs an HTTP port (or one whose protocol is sniffed), a TCPRoute a TCP one.
+    if route.kind == "TCPRoute":
+        usable = [p for p in ports if not p.protocol.is_http]
+    else:
+        usable = [p for p in ports if p.protocol.is_http or p.protocol is PortProtocol.UNKNOWN]
+    if not usable:
+        kind = "TCP" if route.kind != "TCPRoute" else "HTTP"
+        return "UnsupportedValue", (f"a {route.kind} cannot apply to {kind} port(s) "
+                                    f"{', '.join(str(p.port) for p in ports)} of Service {svc.namespace}/{svc.name} "
+                                    "(the port's protocol, from its name or appProtocol, decides how it is proxied)")
     return None
 
 
