@@ -188,10 +188,10 @@ def _sub_matchers(value: str, issuer: str) -> list[value_pb2.ValueMatcher]:
         return [_present()]
     if value.startswith("*"):  # suffix of iss/sub
         suffix = value[1:]
-        if full.endswith(suffix):
-            return [_present()]
         out = [_string_value(string_pb2.StringMatcher(suffix=suffix))]
-        for k in range(1, len(suffix)):  # the suffix reaches back into "<issuer>/"
+        # The suffix reaches back into "<issuer>/": then `sub` is exactly its rest (empty
+        # when the whole suffix lies in "<issuer>/": `*r/` does not match `other/alice`).
+        for k in range(1, len(suffix) + 1):
             if full.endswith(suffix[:k]):
                 out.append(_string_value(_exact(suffix[k:])))
         return out
