@@ -493,3 +493,16 @@ def test_gateway_status_plan_renders_listeners_and_keeps_transition_times() -> N
     raw = by_key[gw_key]
     written = RawObject(raw.kind, raw.api_version, raw.namespace, raw.name, {**raw.body, "status": body})
     assert gw_key not in plan_object_updates({gw_key: written}, mesh.gateway_status, "T2")
+
+
+def test_a_status_only_change_of_a_route_does_not_rebuild() -> None:
+    """Our own status write-back comes back through the watch: it must not rebuild the mesh."""
+    text = route("split", SPLIT)
+    store = MeshStore()
+    store.apply([Upsert("k", r) for r in raws(SERVICES)] + [Upsert("k", _raw_with_status(text, None))])
+    store.mesh()
+    with_status = _raw_with_status(text, {"parents": [{"controllerName": "meshline.io/mesh-controller"}]})
+    assert store.apply([Upsert("k", with_status)]) is False
+    changed = raws(route("split", SPLIT.replace("weight: 80", "weight: 70")))[0]
+    assert store.apply([Upsert("k", changed)]) is True
+    assert [d.weight for d in table(store.mesh())[0].route] == [70, 20]
