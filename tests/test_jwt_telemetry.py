@@ -396,3 +396,41 @@ def test_waypoint_validates_jwts_of_request_authentications_attached_to_it() -> 
     # The sidecars of the namespace do not apply it.
     specs = plan_inbound(mesh, ProxyMeta("web-1.shop", namespace="shop", workload="web-1"))
     assert JWT_FILTER not in _http_filters(specs, "inbound_10.0.0.1_8080")
+
+
+def test_listeners_name_the_telemetry_behind_their_access_logs() -> None:
+    """A NACK or a pre-flight rejection of a listener (e.g. a CEL filter Envoy cannot parse)
+    is blamed on the Telemetry that shaped it."""
+    from controlplane.translate.proxy import plan_shared
+
+    mesh = mesh_of(telemetry("shop", "logs", "accessLogging: [{providers: [{name: envoy}]}]"))
+    web = ProxyMeta("web-1.shop", namespace="shop", workload="web-1")
+    outbound = [s for s in plan_shared(mesh, web) if s.type_url == LISTENER]
+    inbound = [s for s in plan_inbound(mesh, web) if s.type_url == LISTENER]
+    assert outbound and inbound
+    for spec in (*outbound, *inbound):
+        assert ("Telemetry", "logs") in {(r.kind, r.name) for r in spec.sources}, spec.name
+
+
+@pytest.mark.envoy
+def test_envoy_refuses_a_cel_filter_it_cannot_parse() -> None:
+    """What pre-flight relies on to withhold such a Telemetry: Meshline's own Envoy rejects
+    the listener, naming the expression."""
+    import asyncio
+
+    from controlplane.cache.resources import Resource
+    from controlplane.envoycheck import EnvoyValidator
+    from controlplane.localrun import envoy_binary
+
+    good = mesh_of(telemetry("shop", "logs", "accessLogging: [{providers: [{name: envoy}], "
+                                             "filter: {expression: 'response.code >= 400'}}]"))
+    bad = mesh_of(telemetry("shop", "logs", "accessLogging: [{providers: [{name: envoy}], "
+                                            "filter: {expression: 'response.code >='}}]"))
+    web = ProxyMeta("web-1.shop", namespace="shop", workload="web-1")
+    validator = EnvoyValidator(envoy_binary())
+    for mesh, accepted in ((good, True), (bad, False)):
+        specs = [s for s in plan_inbound(mesh, web) if s.type_url == LISTENER]
+        resources = [Resource(s.type_url, s.name, s.make().SerializeToString(deterministic=True)) for s in specs]
+        verdict, rejected = asyncio.run(validator.rejected(resources))
+        assert verdict.ok is accepted, verdict.message
+        assert accepted or "filter expression" in rejected[0][1]

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from controlplane.model.ir import Hostname, ProxyMeta
+from controlplane.model.ir import Hostname, ProxyMeta, SourceRef
 from controlplane.model.mesh import Mesh
 from controlplane.model.telemetry import access_logs_for
 from controlplane.translate import nodeproxy
@@ -65,18 +65,23 @@ def plan_shared(mesh: Mesh, meta: ProxyMeta) -> list[ResourceSpec]:
         return nodeproxy.plan_node_shared(mesh, meta.node) if meta.node else []
     if meta.mode != "sidecar":
         return []
+    logs, log_sources = _client_logs(mesh, meta)
     return plan_outbound(mesh, meta.namespace, meta.capture, meta.outbound_address, proxy_scope(mesh, meta),
-                         client_locality(mesh, meta, failover_priority_keys(mesh)), outbound_access_logs(mesh, meta))
+                         client_locality(mesh, meta, failover_priority_keys(mesh)), logs, log_sources)
+
+
+def _client_logs(mesh: Mesh, meta: ProxyMeta) -> tuple[tuple[AccessLogSink, ...], tuple[SourceRef, ...]]:
+    if not mesh.telemetries:
+        return (), ()
+    wl = mesh.workload(meta.namespace, meta.workload)
+    logs, refs = access_logs_for(mesh, meta.namespace, wl.labels if wl is not None else meta.labels, "CLIENT")
+    return resolve(logs, mesh.mesh_config), refs
 
 
 def outbound_access_logs(mesh: Mesh, meta: ProxyMeta) -> tuple[AccessLogSink, ...]:
     """What a sidecar's outbound listeners log (Telemetry accessLogging, CLIENT): part of
     its shared key, so sidecars a workload-level Telemetry selects get their own layer."""
-    if not mesh.telemetries:
-        return ()
-    wl = mesh.workload(meta.namespace, meta.workload)
-    logs, _ = access_logs_for(mesh, meta.namespace, wl.labels if wl is not None else meta.labels, "CLIENT")
-    return resolve(logs, mesh.mesh_config)
+    return _client_logs(mesh, meta)[0]
 
 
 def plan_shared_hosts(mesh: Mesh, meta: ProxyMeta, hosts: frozenset[str]) -> list[ResourceSpec] | None:

@@ -323,6 +323,7 @@ def plan_outbound(
     scope: Scope | None = None,
     client: ClientLocality | None = None,
     access_logs: tuple[AccessLogSink, ...] = (),
+    access_log_sources: tuple[SourceRef, ...] = (),
 ) -> list[ResourceSpec]:
     """Clusters, endpoints, route configurations and listeners shared by every sidecar in
     `namespace` with capture mode `capture` (and scope), sorted by (type, name). In bind
@@ -330,7 +331,8 @@ def plan_outbound(
     another loopback address, so several sidecars can share one host). `scope`: the
     (hostname, port) pairs the proxies' Sidecar lets them receive; None: every service.
     `client`: the proxies' locality, for locality load balancing (None: unknown).
-    `access_logs`: what the outbound listeners log (Telemetry accessLogging, CLIENT)."""
+    `access_logs`: what the outbound listeners log (Telemetry accessLogging, CLIENT), by the
+    Telemetries `access_log_sources`."""
     specs: list[ResourceSpec] = []
     by_port: Mapping[int, Sequence[Service]] = mesh.services_by_port
     hosts: Iterable[Hostname] = mesh.services
@@ -369,7 +371,8 @@ def plan_outbound(
         )
         specs.append(ResourceSpec(LISTENER, VIRTUAL_OUTBOUND, build_virtual_outbound, (PASSTHROUGH_CLUSTER,)))
     if access_logs:
-        specs = [replace(s, args=(replace(s.args[0], access_logs=access_logs),))
+        specs = [replace(s, args=(replace(s.args[0], access_logs=access_logs),),
+                         sources=_refs(s.sources, access_log_sources))
                  if s.build is build_outbound_listener else s for s in specs]
     return _unique(specs)
 
