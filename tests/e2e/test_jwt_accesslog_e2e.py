@@ -275,3 +275,24 @@ def test_access_logs_in_the_chosen_formats(env: Env) -> None:
     assert f'"GET {denied} HTTP/1.1" 403 - rbac_access_denied_matched_policy[none]' in line, line
     assert f'"server.{NS}"' in line
     assert marker not in env.envoy_stdout()
+
+
+def test_a_telemetry_envoy_refuses_is_withheld_and_logging_goes_on(env: Env) -> None:
+    """A CEL expression Envoy cannot parse: pre-flight (Meshline's own Envoy) rejects the
+    listener, the Telemetry is withheld with Envoy's message, and the sidecar keeps its config."""
+    bad = env.config / "bad-telemetry.yaml"
+    bad.write_text(yaml.safe_dump({
+        "apiVersion": "telemetry.istio.io/v1", "kind": "Telemetry", "metadata": {"name": "bad", "namespace": NS},
+        "spec": {"selector": {"matchLabels": {"app": "server"}},
+                 "accessLogging": [{"providers": [{"name": "json-file"}], "filter": {"expression": "response.code >="}}]}}))
+    try:
+        errs = eventually(lambda: [e for e in httpx.get(f"http://127.0.0.1:{env.status}/v1/config/errors").json()
+                                   if e["object"] == f"Telemetry/{NS}/bad" and e["withheld"]], timeout=60)
+        assert "filter expression" in errs[0]["message"], errs
+        marker = f"/public/after-{time.time_ns()}"
+        assert env.get(marker).status_code == 200
+        eventually(lambda: any(e.get("path") == marker for e in env.json_log()), timeout=30)
+        stats = httpx.get(f"http://127.0.0.1:{env.admin}/stats?filter=lds.update_rejected").text
+        assert "listener_manager.lds.update_rejected: 0" in stats, stats  # Envoy never saw it
+    finally:
+        bad.unlink()
