@@ -1,7 +1,8 @@
 """Kubernetes mode against the kmock API emulator over real HTTP, through the official
 client: service-account tokens verified with TokenReview (audience `meshline`, cached
-until the token expires) and bound to xDS streams, and the CA root persisted in the
-Secret meshline-system/meshline-ca-root by the leader and adopted by followers."""
+until the token expires; an xDS stream with a real projected token:
+tests/kube_real/test_identity_real_apiserver.py), and the CA root persisted in the Secret
+meshline-system/meshline-ca-root by the leader and adopted by followers."""
 
 from __future__ import annotations
 
@@ -15,7 +16,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import grpc
 import kmock
 import pytest
 from cryptography import x509
@@ -27,7 +27,6 @@ from controlplane.ca.authn import Authenticator, TokenReviewer
 from controlplane.ca.identity import Identity
 from controlplane.ca.kuberoot import SECRET_NAME, SECRET_NAMESPACE, RootSecretSync
 from controlplane.ca.service import IdentityService, IdentitySettings
-from tests.identityharness import ControlPlane, spiffe_uris, subscribe_secrets
 from tests.kube.emulator import VERBS, KubeEnv, kube_emulator
 
 REVIEW_PATH = "/apis/authentication.k8s.io/v1/tokenreviews"
@@ -136,28 +135,6 @@ async def test_api_server_down_is_unavailable_not_a_refusal(kube: KubeEnv) -> No
     reviewer = TokenReviewer(make_api_client(kube.kubeconfig), timeout_s=2)
     res = await reviewer.authenticate(jwt("system:serviceaccount:shop:cart", time.time() + 60))
     assert res.identity is None and res.unavailable
-
-
-async def test_xds_stream_with_a_service_account_token(kube: KubeEnv, tmp_path: Path) -> None:
-    fake = serve_token_reviews(kube)
-    tok = jwt("system:serviceaccount:shop:cart", time.time() + 600)
-    fake.tokens[tok] = ("system:serviceaccount:shop:cart", ("meshline",))
-    cp = await ControlPlane(tmp_path, tls=False, reviewer=TokenReviewer(kube.api)).start()
-    try:
-        c = cp.client("cart-7f9", "shop", "cart", token=tok)
-        _r, got = await subscribe_secrets(c)
-        assert spiffe_uris(got["default"].certs[0]) == ["spiffe://cluster.local/ns/shop/sa/cart"]
-        await c.close()
-        # A token of another namespace's service account is refused for a proxy in "shop".
-        other = jwt("system:serviceaccount:billing:cart", time.time() + 600)
-        fake.tokens[other] = ("system:serviceaccount:billing:cart", ("meshline",))
-        c2 = cp.client("cart-x", "shop", "cart", token=other)
-        c2.send_delta("type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret", subscribe=["default"])
-        r = await c2.responses.get()
-        assert isinstance(r, grpc.aio.AioRpcError) and r.code() == grpc.StatusCode.PERMISSION_DENIED
-        await c2.close()
-    finally:
-        await cp.close()
 
 
 # --------------------------------------------------------------------------- root Secret
