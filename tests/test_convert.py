@@ -1047,7 +1047,8 @@ def test_golden_inputs_convert_cleanly() -> None:
     from pathlib import Path
 
     # Cases that exist to show a warned behaviour: (case, field) of the warnings they must have.
-    expected = {("serviceentry", "spec.addresses")}  # a TLS port without addresses (Istio warns too)
+    expected = {("serviceentry", "spec.addresses"),  # a TLS port without addresses (Istio warns too)
+                ("gateway", "spec.servers[5].tls.mode")}  # PASSTHROUGH follows tcp routes (no tls routes yet)
     files = sorted(Path(__file__).parent.glob("golden/*/in/*.yaml"))
     assert files
     for path in files:

@@ -348,7 +348,7 @@ def raw(kind: str, api: str, body: dict[str, Any], ns: str = "default", name: st
 
 @pytest.mark.parametrize(("kind", "api"), [
     ("WasmPlugin", "extensions.istio.io/v1alpha1"),
-    ("EnvoyFilter", "networking.istio.io/v1alpha3"), ("Gateway", "networking.istio.io/v1"),
+    ("EnvoyFilter", "networking.istio.io/v1alpha3"),
     ("WorkloadGroup", "networking.istio.io/v1"),
     ("ProxyConfig", "networking.istio.io/v1beta1"),
     ("Gateway", "gateway.networking.k8s.io/v1"), ("HTTPRoute", "gateway.networking.k8s.io/v1"),
