@@ -24,7 +24,9 @@ Service `a.b.svc.cluster.local` in Meshline; when no such Service exists and an 
 the host `a.b` (`httpbin.org`), they mean that host, as in Istio (`alias_entry_hosts`).
 
 Conflicts: a Kubernetes Service with the same hostname wins (warning on the entry); of two
-entries with one host, the first by (namespace, name) wins (warning on the other).
+entries with one host, one exported to every namespace wins over one that is not (a private
+entry of namespace A must not hide B's entry from B's clients), then the first by
+(namespace, name) (warning on the other).
 """
 
 from __future__ import annotations
@@ -103,11 +105,12 @@ def registry_services(entries: Iterable[ServiceEntry], workloads: Mapping[tuple[
                       workload_entries: Iterable[WorkloadEntry], kube_services: Mapping[Hostname, Service],
                       trust_domain: str) -> tuple[dict[Hostname, Service], dict[Hostname, tuple[EndpointSet, ...]]]:
     """(host -> Service, host -> endpoint sets) of the ServiceEntries' hosts (entries sorted
-    by (namespace, name); hosts of Kubernetes Services and of earlier entries are skipped)."""
+    by (namespace, name); hosts of Kubernetes Services and of earlier entries are skipped).
+    Entries visible to every namespace come first (`claim_order`)."""
     services: dict[Hostname, Service] = {}
     endpoints: dict[Hostname, tuple[EndpointSet, ...]] = {}
     wes = tuple(workload_entries)
-    for se in entries:
+    for se in claim_order(entries):
         sets: tuple[EndpointSet, ...] | None = None
         for host in se.hosts:
             if host in kube_services or host in services:
@@ -126,11 +129,25 @@ def registry_services(entries: Iterable[ServiceEntry], workloads: Mapping[tuple[
     return services, endpoints
 
 
+def _public(se: ServiceEntry) -> bool:
+    return not se.info.export_to or "*" in se.info.export_to
+
+
+def claim_order(entries: Iterable[ServiceEntry]) -> list[ServiceEntry]:
+    """The order in which entries claim hosts: those visible to every namespace first, then
+    the others, each group in the given order. The registry is one for all namespaces, so an
+    entry exported only to some (`exportTo: ["."]`) must not take a host from the clients
+    another namespace's entry serves: Istio builds each namespace's registry from the
+    services exported to it, where a private entry of namespace A never displaces B's."""
+    items = list(entries)
+    return [se for se in items if _public(se)] + [se for se in items if not _public(se)]
+
+
 def check_service_entries(entries: Iterable[ServiceEntry], kube_services: Mapping[Hostname, Service],
                           registry: Mapping[Hostname, Service]) -> list[Issue]:
     """Warnings for hosts that another definition holds."""
     out: list[Issue] = []
-    for se in entries:
+    for se in claim_order(entries):
         for i, host in enumerate(se.hosts):
             field = f"spec.hosts[{i}]"
             if host in kube_services:
@@ -139,8 +156,9 @@ def check_service_entries(entries: Iterable[ServiceEntry], kube_services: Mappin
                 continue
             owner = registry.get(host)
             if owner is not None and owner.ref != se.ref:
-                out.append(Issue(se.ref, field, f"{host} is also a host of {owner.ref.display}, which comes first "
-                                                "by namespace and name and defines it: this host is ignored",
+                out.append(Issue(se.ref, field, f"{host} is also a host of {owner.ref.display}, which is exported "
+                                                "as widely or more and comes first by namespace and name, and "
+                                                "defines it: this host is ignored",
                                  "warning", se.ref.line))
     return out
 
