@@ -305,3 +305,12 @@ spec:
     routes = routes_of(mesh, meta)
     assert routes == {"https.443.https.0.two.edge": ["a.example.com", "a.example.com:*"],
                       "https.443.https.1.two.edge": ["b.example.com", "b.example.com:*"]}
+
+
+def test_export_to_limits_which_gateway_proxies_apply_a_virtual_service() -> None:
+    """As Istio: a VirtualService bound to a Gateway applies on a gateway proxy only when it is
+    exported to that proxy's namespace."""
+    private = MESH.replace("  gateways: [public]\n", "  gateways: [public]\n  exportTo: [shop]\n")
+    meta = ProxyMeta("gw", mode="gateway", namespace="edge", workload="gw-1", gateway="edge/public")
+    assert "internal.example.com" in routes_of(load(MESH)[0], meta)["http.8080"]
+    assert "internal.example.com" not in routes_of(load(private)[0], meta)["http.8080"]

@@ -3,6 +3,7 @@
 A gateway proxy (`meshline bootstrap --mode gateway --gateway NS/NAME`) serves the Gateway
 `meta.gateway` (`plan_gateway`):
 
+- the VirtualServices it applies: bound to the Gateway and exported to the proxy's namespace;
 - one listener per server address and port (`<bind or 0.0.0.0>_<port>`);
 - HTTP/HTTP2/GRPC servers: an HTTP connection manager on RDS `http.<port>` (Istio's name),
   whose virtual hosts are the hosts of the VirtualServices bound to the Gateway
@@ -48,7 +49,7 @@ from controlplane.model.ir import (
     SourceRef,
     VirtualService,
 )
-from controlplane.model.mesh import Mesh
+from controlplane.model.mesh import Mesh, visible_to
 from controlplane.model.validate_tls import credential_ca
 from controlplane.translate.listeners import WeightedCluster, hcm_filter
 from controlplane.translate.listeners import _tcp_proxy as tcp_proxy_filter
@@ -105,7 +106,9 @@ def plan_gateway(mesh: Mesh, meta: ProxyMeta) -> list[ResourceSpec]:
     gw = gateway_of(mesh, meta)
     if gw is None:
         return []
-    bound = gateway_virtual_services(gw, mesh.gateway_virtual_services)
+    # As Istio: only VirtualServices exported to the gateway proxy's namespace (exportTo).
+    bound = tuple(vs for vs in gateway_virtual_services(gw, mesh.gateway_virtual_services)
+                  if visible_to(vs.export_to, vs.namespace, meta.namespace))
     out: dict[tuple[str, str], ResourceSpec] = {}
 
     def add(specs: Iterable[ResourceSpec]) -> None:
