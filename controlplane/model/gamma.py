@@ -24,9 +24,10 @@ Service, optional port):
   in another namespace (consumer routes) only to clients in theirs. Meshline keeps one
   route table per Service: when producer routes exist, consumer routes are not applied
   (`Accepted=False/UnsupportedValue`), and without producer routes only the consumer
-  routes of one namespace (the first by name) are;
-- where a VirtualService also names the Service's host, the Gateway API routes win and
-  the VirtualService gets a warning naming them (`gamma_issues`).
+  routes of one namespace (the first by name) are, and none where a VirtualService routes
+  the host (a consumer route must not take the host from other namespaces' clients);
+- where a VirtualService also names the Service's host, the Gateway API (producer) routes
+  win and the VirtualService gets a warning naming them (`gamma_issues`).
 
 A parentRef of any other kind gets no status from Meshline (it is not Meshline's parent),
 except a `Gateway` of class `meshline` (see `controlplane.model.gateways` when present).
@@ -34,7 +35,7 @@ except a `Gateway` of class `meshline` (see `controlplane.model.gateways` when p
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 
 from controlplane.model.gwapi import (
@@ -92,7 +93,8 @@ def route_key(route: GatewayRoute) -> RouteKey:
 
 
 def resolve(routes: Iterable[GatewayRoute], grants: Iterable[ReferenceGrant],
-            services: Mapping[Hostname, Service]) -> GammaResult:
+            services: Mapping[Hostname, Service], vs_hosts: Collection[Hostname] = frozenset()) -> GammaResult:
+    """`vs_hosts`: the hosts VirtualServices route; consumer routes never take those over."""
     grants = tuple(grants)
     status: dict[RouteKey, list[ParentStatus]] = {}
     by_host: dict[Hostname, list[_Attached]] = {}
@@ -120,6 +122,13 @@ def resolve(routes: Iterable[GatewayRoute], grants: Iterable[ReferenceGrant],
             why = (f"a route in another namespace than Service {svc_ns}/{attached[0].svc.name}'s (a consumer route) "
                    "is not applied while the Service has routes in its own namespace (Meshline keeps one route "
                    "table per Service)")
+        elif host in vs_hosts:
+            # One route table per Service: a consumer route taking the host would drop the
+            # VirtualService for the clients of every other namespace (Istio keeps it for them).
+            used, export = [], ()
+            why = (f"a VirtualService routes Service {svc_ns}/{attached[0].svc.name} for the clients of every "
+                   "namespace it is exported to; a consumer route (in another namespace than the Service's) "
+                   "does not take it over (Meshline keeps one route table per Service)")
         else:
             first_ns = min(a.route.namespace for a in attached)
             used, export = [a for a in attached if a.route.namespace == first_ns], (first_ns,)
@@ -128,6 +137,8 @@ def resolve(routes: Iterable[GatewayRoute], grants: Iterable[ReferenceGrant],
         for a in attached:
             accepted = ("Accepted", "") if a in used else ("UnsupportedValue", why)
             status[route_key(a.route)].append(_status(a.parent, accepted, a.problems))
+        if not used:
+            continue
         http = [hr for a in used for hr in a.http]
         http.sort(key=lambda item: item[0])
         tcp = [t for a in used for t in a.tcp]

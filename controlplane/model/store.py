@@ -563,7 +563,7 @@ def mesh_of(
     if gateways or gateway_vss:
         mesh = replace(mesh, gateways={k: gateways[k] for k in sorted(gateways)}, gateway_virtual_services=gateway_vss)
     if routes or grants:  # Gateway API routes attached to Services win their hosts (model.gamma)
-        gamma = resolve_gamma(routes, grants, mesh.services)
+        gamma = resolve_gamma(routes, grants, mesh.services, frozenset(mesh.vs_by_host))
         vs_by_host = {**mesh.vs_by_host, **{h: vs for vs in gamma.virtual_services for h in vs.hosts}}
         mesh = replace(mesh, vs_by_host=vs_by_host, gateway_routes=tuple(routes), reference_grants=tuple(grants),
                        route_status=gamma.status)
