@@ -425,6 +425,7 @@ spec:
   listeners:
   - {name: http, port: 8080, protocol: HTTP, hostname: "*.example.com"}
   - {name: udp, port: 5353, protocol: UDP}
+  - {name: tcp, port: 9000, protocol: TCP}
 """
 
 
@@ -440,7 +441,8 @@ def test_gateway_of_class_meshline_serves_attached_routes_and_reports_status() -
                          gw_route("foreign", "{name: edge, namespace: default}", namespace="other"))
     gw = mesh.gateways["default/edge"]
     assert gw.selector == (("gateway.networking.k8s.io/gateway-name", "edge"),)
-    assert [(s.port, s.protocol, s.hosts) for s in gw.servers] == [(8080, "HTTP", (("*", "*.example.com"),))]
+    assert [(s.port, s.protocol, s.hosts) for s in gw.servers] == [(8080, "HTTP", (("*", "*.example.com"),)),
+                                                                   (9000, "TCP", (("*", "*"),))]
     (vs,) = mesh.gateway_virtual_services
     assert vs.gateways == ("default/edge",) and vs.host_patterns == ("www.example.com",)
     assert [d.weight for d in vs.http[0].route] == [80, 20] and vs.http[0].matches[0].port == 8080
@@ -453,7 +455,7 @@ def test_gateway_of_class_meshline_serves_attached_routes_and_reports_status() -
     assert {c.type: (c.status, c.reason) for c in st.conditions} == {
         "Accepted": ("True", "ListenersNotValid"), "Programmed": ("True", "Programmed")}
     assert [(ls.name, ls.attached_routes, ls.supported_kinds) for ls in st.listeners] == [
-        ("http", 1, ("HTTPRoute", "GRPCRoute")), ("udp", 0, ())]
+        ("http", 1, ("HTTPRoute", "GRPCRoute")), ("udp", 0, ()), ("tcp", 0, ("TCPRoute",))]
     assert any(i.field == "spec.listeners[1]" and "UnsupportedProtocol" in i.message for i in issues)
     (cls,) = [v for k, v in mesh.gateway_status.items() if k[0] == "GatewayClass"]
     assert cls.conditions[0].status == "True"

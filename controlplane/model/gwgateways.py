@@ -6,10 +6,12 @@
   its status is `Accepted=True`. Gateways of another class are left alone (no status).
 - A Gateway of Meshline's class becomes the IR `Gateway` `ns/name` whose proxies are the
   pods labelled `gateway.networking.k8s.io/gateway-name: <name>` (as Istio labels a
-  Gateway's deployment). Its HTTP listeners and HTTPS listeners terminating TLS with a
-  Secret of the Gateway's namespace (`certificateRefs`, delivered over SDS) become
-  servers; TLS/TCP/UDP listeners, Passthrough, Secrets of other namespaces are not
-  supported (the listener's status says why, and the listener is not served).
+  Gateway's deployment). Its HTTP listeners, HTTPS listeners terminating TLS with a
+  Secret of the Gateway's namespace (`certificateRefs`, delivered over SDS) and TCP
+  listeners become servers; TLS/UDP listeners, Passthrough, Secrets of other namespaces
+  are not supported (the listener's status says why, and the listener is not served).
+- A TCPRoute attached to a TCP listener forwards its connections (weighted backends; the
+  oldest route of a listener wins, a connection having nothing to match on).
 - An HTTPRoute or GRPCRoute whose parentRef names the Gateway (optionally a listener by
   `sectionName` or `port`) attaches to the listeners that allow its namespace
   (`allowedRoutes.namespaces`: Same by default, All, Selector on namespace labels) and its
@@ -52,6 +54,7 @@ from controlplane.model.ir import (
     Namespace,
     ServerTLS,
     Service,
+    TCPRoute,
     VirtualService,
     labels_match,
 )
@@ -59,6 +62,7 @@ from controlplane.model.ir import (
 GATEWAY_NAME_LABEL = "gateway.networking.k8s.io/gateway-name"
 ObjectKey = tuple[str, str, str]
 _HTTP_KINDS = ("HTTPRoute", "GRPCRoute")
+_TCP_KINDS = ("TCPRoute",)
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,6 +125,7 @@ def resolve_gateways(gateways: Iterable[ApiGateway], classes: Iterable[GatewayCl
     route_status: dict[RouteKey, list[ParentStatus]] = {}
     attached: dict[str, dict[str, int]] = {k: {} for k in served}
     per_host: dict[tuple[str, str], list[tuple[tuple[object, ...], HTTPRoute, GatewayRoute]]] = {}
+    per_port: dict[tuple[str, int], list[tuple[TCPRoute, GatewayRoute]]] = {}
     for route in sorted(routes, key=route_key):
         for parent in route.parents:
             if not parent.is_gateway:
@@ -134,10 +139,12 @@ def resolve_gateways(gateways: Iterable[ApiGateway], classes: Iterable[GatewayCl
             if accepted[0] == "Accepted":
                 for lst, names in hosts:
                     attached[gkey][lst.name] = attached[gkey].get(lst.name, 0) + 1
-                    table, _tcp = route_tables(route, lst.port, grants_t, services, problems)
+                    table, tcp = route_tables(route, lst.port, grants_t, services, problems)
                     for name in names:
                         for k, hr in table:
                             per_host.setdefault((gkey, name), []).append((k, hr, route))
+                    for tr in tcp[:1]:  # a TCP connection has nothing to match on: the first route wins
+                        per_port.setdefault((gkey, lst.port), []).append((tr, route))
             route_status.setdefault(route_key(route), []).append(
                 _route_status(parent, accepted, list(dict.fromkeys(problems))))
     # One VirtualService per (gateway, hostname), bound to the gateway.
@@ -155,6 +162,11 @@ def resolve_gateways(gateways: Iterable[ApiGateway], classes: Iterable[GatewayCl
         gw = served[gkey]
         vss.append(VirtualService(ref=first.ref, namespace=gw.namespace, name=f"{gw.name}.{host}", hosts=(),
                                   http=tuple(http), gateways=(gkey,), host_patterns=(host,)))
+    for (gkey, port), tcp_items in sorted(per_port.items()):
+        gw = served[gkey]
+        tr, first_route = min(tcp_items, key=lambda t: (t[1].created, t[1].namespace, t[1].name))
+        vss.append(VirtualService(ref=first_route.ref, namespace=gw.namespace, name=f"{gw.name}.tcp.{port}", hosts=(),
+                                  tcp=(tr,), gateways=(gkey,), host_patterns=("*",)))
     out_gateways: dict[str, Gateway] = {}
     for gkey, gw in served.items():
         servers = tuple(server for _, server in listeners_ok[gkey].values())
@@ -172,6 +184,8 @@ def resolve_gateways(gateways: Iterable[ApiGateway], classes: Iterable[GatewayCl
 
 
 def _kinds(lst: Listener) -> tuple[str, ...]:
+    if lst.protocol == "TCP":
+        return tuple(k for k in (lst.allowed_kinds or _TCP_KINDS) if k in _TCP_KINDS)
     if lst.protocol not in ("HTTP", "HTTPS"):
         return ()
     return tuple(k for k in (lst.allowed_kinds or _HTTP_KINDS) if k in _HTTP_KINDS)
@@ -182,9 +196,11 @@ def _server(gw: ApiGateway, lst: Listener, grants: tuple[ReferenceGrant, ...]
     host = (("*", lst.hostname or "*"),)
     if lst.protocol == "HTTP":
         return GatewayServer(lst.port, "HTTP", lst.name, host, name=lst.name), None
+    if lst.protocol == "TCP":
+        return GatewayServer(lst.port, "TCP", lst.name, (("*", "*"),), name=lst.name), None
     if lst.protocol != "HTTPS":
         return None, ("UnsupportedProtocol", f"protocol {lst.protocol} is not supported by Meshline's gateway "
-                                             "(HTTP and HTTPS are)")
+                                             "(HTTP, HTTPS and TCP are)")
     if lst.tls_mode == "Passthrough":
         return None, ("UnsupportedProtocol", "HTTPS with TLS Passthrough is not supported (use a TLS listener "
                                              "elsewhere)")
