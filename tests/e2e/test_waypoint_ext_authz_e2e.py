@@ -6,7 +6,7 @@ waypoint, which asks the provider's external authorizer through Envoy's ext_auth
              wp (beta: the waypoint's Envoy)  z (authz: the external authorizer, plain pod)
 
 Real Envoys (the node proxy, the waypoint), `meshline serve --mesh-config` with Istio's
-`envoyExtAuthzHttp` provider, network namespaces (tests/netns_mesh.py) and `meshline
+`envoyExtAuthzHttp` provider, Istio's labels (`istio.io/dataplane-mode`, `istio.io/use-waypoint`), network namespaces (tests/netns_mesh.py) and `meshline
 iptables --ambient` capture, as tests/e2e/test_ambient_e2e.py. The authorizer speaks Envoy's
 HTTP ext_authz protocol: 200 when the request carries `x-ext-authz: allow`, else 403 with
 `x-reason`. Needs root, ip, iptables, curl; skipped with the reason otherwise."""
@@ -65,16 +65,17 @@ def mesh_config(name: str = PROVIDER) -> str:
 
 
 def mesh_docs(pods: dict[str, Pod], vips: dict[str, str]) -> list[dict[str, Any]]:
-    amb = {"meshline.io/dataplane-mode": "ambient"}
+    # Istio's own labels (aliases of Meshline's): the YAML is an Istio ambient user's.
+    amb = {"istio.io/dataplane-mode": "ambient"}
 
     def netns(p: Pod) -> dict[str, str]:
         return {"meshline.io/netns": p.netns_path}
 
     return [
-        _ns("alpha", amb), _ns("beta", dict(amb, **{"meshline.io/use-waypoint": "wp"})), _ns("authz"),
+        _ns("alpha", amb), _ns("beta", dict(amb, **{"istio.io/use-waypoint": "wp"})), _ns("authz"),
         _pod(pods["a"], "alpha", "a", {"app": "a"}, netns(pods["a"])),
         _pod(pods["b"], "beta", "b", {"app": "b"}, netns(pods["b"])),
-        _pod(pods["wp"], "beta", "wp", {"app": "wp", "meshline.io/dataplane-mode": "none"}, {}),
+        _pod(pods["wp"], "beta", "wp", {"app": "wp", "istio.io/dataplane-mode": "none"}, {}),
         _pod(pods["z"], "authz", "z", {"app": "ext-authz"}, {}),
         _svc("b", "beta", vips["b"], [("http", 80, 8080)], {"app": "b"}),
         _svc("wp", "beta", vips["wp"], [("tunnel", 15008, 15008)], {"app": "wp"}),
