@@ -21,7 +21,7 @@ from controlplane.model.mesh import Mesh
 from controlplane.model.store import assemble
 from controlplane.sources.yamlload import parse_documents
 from controlplane.translate.gateway import gateway_credentials
-from controlplane.translate.plan import LISTENER, ROUTE, build_all
+from controlplane.translate.plan import CLUSTER, ENDPOINT, LISTENER, ROUTE, build_all
 from controlplane.translate.proxy import plan_proxy
 from controlplane.translate.secrets import TRUSTS_NOTHING_CA
 from controlplane.xds.server import proxy_meta_from_node
@@ -183,8 +183,10 @@ def test_gateway_virtual_hosts_are_vs_hosts_within_server_hosts() -> None:
     assert routes["https.8443.https.public.edge"] == ["*.example.com", "*.example.com:*"]
     listeners = build_all(plan_proxy(mesh, meta).specs())[LISTENER]
     assert sorted(listeners) == ["0.0.0.0_8080", "0.0.0.0_8443"]
-    # A proxy naming a Gateway that does not exist gets nothing (and no error).
-    assert plan_proxy(mesh, ProxyMeta("x", mode="gateway", namespace="edge", gateway="edge/none")).specs() == []
+    # A proxy naming a Gateway that does not exist gets no listener or route (and no error),
+    # only the mesh's clusters, as in Istio.
+    plan = plan_proxy(mesh, ProxyMeta("x", mode="gateway", namespace="edge", gateway="edge/none"))
+    assert plan.own == () and {s.type_url for s in plan.shared} <= {CLUSTER, ENDPOINT}
 
 
 def test_credentials_only_for_the_selected_pod_with_its_identity() -> None:
@@ -314,3 +316,31 @@ def test_export_to_limits_which_gateway_proxies_apply_a_virtual_service() -> Non
     meta = ProxyMeta("gw", mode="gateway", namespace="edge", workload="gw-1", gateway="edge/public")
     assert "internal.example.com" in routes_of(load(MESH)[0], meta)["http.8080"]
     assert "internal.example.com" not in routes_of(load(private)[0], meta)["http.8080"]
+
+
+def test_endpoint_only_changes_patch_a_gateways_clusters() -> None:
+    """Gateway proxies share their clusters per namespace (the layer that reads endpoints), so
+    an endpoint-only change re-plans just those hosts and keeps the listeners and routes."""
+    from controlplane.cache.snapshot import SnapshotBuilder
+    from controlplane.model.mesh import EndpointDelta
+    from controlplane.translate.proxy import plan_own, plan_shared, plan_shared_hosts, shared_key
+
+    eps = """
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-1, namespace: shop, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+ports: [{name: http, port: 8080, protocol: TCP}]
+endpoints: [{addresses: [%s], conditions: {ready: true}}]
+"""
+    before, _ = load(MESH + eps % "10.1.5.1")
+    after, _ = load(MESH + eps % "10.1.5.2")
+    meta = ProxyMeta("gw", mode="gateway", namespace="edge", workload="gw-1", gateway="edge/public")
+    b = SnapshotBuilder(plan_shared, plan_own, lambda m: shared_key(before, m), plan_shared_hosts)
+    (first,) = b.rebuild(before, [meta]).values()
+    (second,) = b.rebuild(after, [meta], EndpointDelta(before, frozenset({"web.shop.svc.cluster.local"}))).values()
+    assert b.incremental_rebuilds == 1
+    assert second.types[LISTENER] is first.types[LISTENER] and second.types[ROUTE] is first.types[ROUTE]
+    cla = second.types[ENDPOINT].items["outbound|8080||web.shop.svc.cluster.local"]
+    assert b"10.1.5.2" in cla.body and b"10.1.5.1" not in cla.body

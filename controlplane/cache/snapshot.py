@@ -239,8 +239,8 @@ class SnapshotBuilder:
     @staticmethod
     def _patchable(pk: ProxyKey) -> bool:
         # Sidecars' own layers (inbound, secrets) and node proxies' (per-pod listeners, identity
-        # clusters, internal listeners) never read endpoints.
-        return pk[4] in ("sidecar", "node")
+        # clusters, internal listeners) and gateways' (listeners, routes) never read endpoints.
+        return pk[4] in ("sidecar", "node", "gateway")
 
     def _patch(self, delta: EndpointDelta, mesh: Mesh, meta: ProxyMeta,
                prev: dict[TypeUrl, TypeResources]) -> dict[TypeUrl, TypeResources] | None:

@@ -17,7 +17,8 @@ A gateway proxy (`meshline bootstrap --mode gateway --gateway NS/NAME`) serves t
   `tcp_proxy` toward the destination of the bound VirtualServices' tcp routes for that port;
 - TCP servers: `tcp_proxy` to the destination of the bound VirtualServices' tcp routes;
 - clusters and endpoints of every mesh service, as a sidecar of the gateway's namespace sees
-  them (DestinationRules, ISTIO_MUTUAL to sidecar-injected endpoints).
+  them (DestinationRules, ISTIO_MUTUAL to sidecar-injected endpoints): `plan_gateway_clusters`,
+  the layer gateway proxies of one namespace share and endpoint-only changes patch.
 
 Certificates are not translation: `gateway_credentials` lists the Secrets the runtime's
 identity planner adds for an authenticated gateway proxy: the real ones only for a proxy
@@ -44,6 +45,7 @@ from controlplane.model.ir import (
     Destination,
     Gateway,
     GatewayServer,
+    Hostname,
     ProxyMeta,
     ServerTLS,
     SourceRef,
@@ -102,7 +104,8 @@ class ServerChain:
 
 
 def plan_gateway(mesh: Mesh, meta: ProxyMeta) -> list[ResourceSpec]:
-    """A gateway proxy's resources (without certificates), sorted by (type, name)."""
+    """A gateway proxy's own resources (listeners, routes; no certificates, no clusters: those
+    are `plan_gateway_clusters`, the shared layer), sorted by (type, name)."""
     gw = gateway_of(mesh, meta)
     if gw is None:
         return []
@@ -115,8 +118,6 @@ def plan_gateway(mesh: Mesh, meta: ProxyMeta) -> list[ResourceSpec]:
         for s in specs:
             out.setdefault((s.type_url, s.name), s)
 
-    for host in sorted(mesh.services):
-        add(_cluster_specs(mesh, mesh.services[host], meta.namespace))
     by_addr: dict[tuple[str, int], list[tuple[int, GatewayServer]]] = {}
     for i, srv in enumerate(gw.servers):
         by_addr.setdefault((srv.bind or "0.0.0.0", srv.port), []).append((i, srv))
@@ -139,6 +140,18 @@ def plan_gateway(mesh: Mesh, meta: ProxyMeta) -> list[ResourceSpec]:
         name = f"{addr}_{port}"
         add([ResourceSpec(LISTENER, name, build_gateway_listener, (name, addr, port, tuple(chains)),
                           tuple(dict.fromkeys(refs)))])
+    return sorted(out.values(), key=lambda s: (s.type_url, s.name))
+
+
+def plan_gateway_clusters(mesh: Mesh, namespace: str, hosts: Iterable[str] | None = None) -> list[ResourceSpec]:
+    """The clusters and endpoints of every mesh service (or of just `hosts`: an endpoint-only
+    change patches those) for gateway proxies of `namespace`: as a sidecar there sees them
+    (DestinationRules, ISTIO_MUTUAL to sidecar-injected endpoints). Shared by those proxies;
+    the only part of a gateway's plan that reads endpoints."""
+    out: dict[tuple[str, str], ResourceSpec] = {}
+    for host in sorted(mesh.services if hosts is None else (h for h in hosts if h in mesh.services)):
+        for s in _cluster_specs(mesh, mesh.services[Hostname(host)], namespace):
+            out.setdefault((s.type_url, s.name), s)
     return sorted(out.values(), key=lambda s: (s.type_url, s.name))
 
 

@@ -26,7 +26,7 @@ from controlplane.model.telemetry import access_logs_for
 from controlplane.translate import nodeproxy
 from controlplane.translate.accesslog import AccessLogSink, resolve
 from controlplane.translate.ambient import plan_waypoint
-from controlplane.translate.gateway import plan_gateway
+from controlplane.translate.gateway import plan_gateway, plan_gateway_clusters
 from controlplane.translate.locality import ClientLocalities, client_locality, failover_priority_keys
 from controlplane.translate.plan import ResourceSpec
 from controlplane.translate.scope import proxy_scope, scope_key
@@ -63,6 +63,8 @@ def plan_shared(mesh: Mesh, meta: ProxyMeta) -> list[ResourceSpec]:
     the same services)."""
     if meta.mode == "node":
         return nodeproxy.plan_node_shared(mesh, meta.node) if meta.node else []
+    if meta.mode == "gateway":
+        return plan_gateway_clusters(mesh, meta.namespace)
     if meta.mode != "sidecar":
         return []
     logs, log_sources = _client_logs(mesh, meta)
@@ -89,6 +91,8 @@ def plan_shared_hosts(mesh: Mesh, meta: ProxyMeta, hosts: frozenset[str]) -> lis
     change patches those), or None when the proxy class is planned in full."""
     if meta.mode == "node":
         return nodeproxy.plan_node_shared_hosts(mesh, meta.node, hosts) if meta.node else []
+    if meta.mode == "gateway":
+        return plan_gateway_clusters(mesh, meta.namespace, hosts)
     if meta.mode != "sidecar":
         return None
     return plan_outbound_hosts(mesh, meta.namespace, meta.capture, [Hostname(h) for h in hosts],
@@ -113,6 +117,8 @@ def shared_key(mesh: Mesh, meta: ProxyMeta, localities: ClientLocalities | None 
     failoverPriority keys between calls (a runtime keeps one)."""
     if meta.mode == "node":
         return ("node", nodeproxy.node_shared_key(mesh, meta.node or ""))
+    if meta.mode == "gateway":  # every service's clusters, as a sidecar of its namespace sees them
+        return ("gateway", meta.namespace)
     locality = (localities or ClientLocalities())(mesh, meta) if meta.mode == "sidecar" else None
     logs = outbound_access_logs(mesh, meta) if meta.mode == "sidecar" else ()
     return (meta.mode, meta.namespace, meta.capture, meta.outbound_address if meta.capture == "bind" else "",
