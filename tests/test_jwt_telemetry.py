@@ -434,3 +434,25 @@ def test_envoy_refuses_a_cel_filter_it_cannot_parse() -> None:
         verdict, rejected = asyncio.run(validator.rejected(resources))
         assert verdict.ok is accepted, verdict.message
         assert accepted or "filter expression" in rejected[0][1]
+
+
+def test_jwks_uri_on_a_static_service_entry_host_is_warned() -> None:
+    entry = """
+    apiVersion: networking.istio.io/v1
+    kind: ServiceEntry
+    metadata: {name: keys, namespace: shop}
+    spec:
+      hosts: [keys.internal]
+      ports: [{number: 80, name: http, protocol: HTTP}]
+      resolution: STATIC
+      endpoints: [{address: 192.0.2.5}]
+    """
+    rule = RA.replace('jwksUri: "http://127.0.0.1:9999/jwks"', 'jwksUri: "http://keys.internal/jwks"')
+    mesh = mesh_of(entry, rule)
+    (issue,) = [i for i in mesh.issues if i.ref.kind == "RequestAuthentication"]
+    assert issue.field == "spec.jwtRules[0].jwksUri" and issue.severity == "warning"
+    assert "found by DNS" in issue.message and "STATIC" in issue.message
+    assert not [i for i in mesh_of(rule).issues if i.ref.kind == "RequestAuthentication"]
+    # Telemetry warnings come once each.
+    mesh = mesh_of(telemetry("shop", "t", "accessLogging: [{providers: [{name: nope}]}]"))
+    assert len([i for i in mesh.issues if i.ref.kind == "Telemetry"]) == 1

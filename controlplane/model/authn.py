@@ -10,10 +10,11 @@ accepted (a request's token must satisfy one of them, or be absent).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from controlplane.model.ir import Labels, SourceRef, labels_match
+from controlplane.model.ir import Hostname, Issue, Labels, SourceRef, labels_match
 
 if TYPE_CHECKING:
     from controlplane.model.mesh import Mesh
@@ -92,3 +93,18 @@ def jwt_rules(ras: tuple[RequestAuthentication, ...]) -> tuple[JwtRule, ...]:
 def issuers(rules: tuple[JwtRule, ...]) -> tuple[str, ...]:
     """The issuers whose tokens a proxy with `rules` validates, sorted, each once."""
     return tuple(sorted({r.issuer for r in rules}))
+
+
+def check_request_authentications(mesh: Mesh) -> Iterator[Issue]:
+    """Cross-object warnings: a jwksUri whose host is a ServiceEntry host Envoy cannot find by
+    DNS (resolution STATIC or NONE): Envoy fetches keys by the URI's DNS name, not through the
+    ServiceEntry's endpoints."""
+    for ra in mesh.request_authentications:
+        for i, rule in enumerate(ra.rules):
+            uri = rule.jwks_uri
+            svc = mesh.services.get(Hostname(uri.host)) if uri is not None else None
+            if uri is None or svc is None or svc.entry is None or svc.entry.resolution not in ("STATIC", "NONE"):
+                continue
+            yield Issue(ra.ref, f"spec.jwtRules[{i}].jwksUri",
+                        f"Envoy fetches the keys from {uri.host} found by DNS; the endpoints of the ServiceEntry for "
+                        f"that host (resolution {svc.entry.resolution}) are not used", "warning")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+from controlplane.model.authn import check_request_authentications
 from controlplane.model.gamma import gamma_issues
 from controlplane.model.gwgateways import gateway_issues
 from controlplane.model.ir import (
@@ -46,8 +47,8 @@ from controlplane.model.policy import (
 from controlplane.model.scope import egress_host_matches, namespace_default, selecting_sidecar
 from controlplane.model.serviceentry import check_service_entries
 from controlplane.model.telemetry import check_telemetries
-from controlplane.model.validate_istio import check_istio_fidelity
 from controlplane.model.validate_gateway import check_gateways
+from controlplane.model.validate_istio import check_istio_fidelity
 from controlplane.model.validate_tls import check_credentials
 
 
@@ -73,7 +74,6 @@ def check_mesh(mesh: Mesh) -> tuple[Issue, ...]:
     issues.extend(check_istio_fidelity(mesh))
     issues.extend(check_custom_policies(mesh.authorization_policies, mesh.mesh_config, mesh.services))
     issues.extend(check_credentials(mesh))
-    issues.extend(check_telemetries(mesh))
     if mesh.gateways or mesh.gateway_virtual_services:
         issues.extend(check_gateways(mesh))
     if mesh.gateway_routes:
@@ -81,6 +81,7 @@ def check_mesh(mesh: Mesh) -> tuple[Issue, ...]:
     if mesh.gateway_status:
         issues.extend(gateway_issues(mesh.gateway_status))
     issues.extend(check_telemetries(mesh))
+    issues.extend(check_request_authentications(mesh))
     if mesh.service_entries:
         kube = {h: s for h, s in mesh.services.items() if s.entry is None}
         issues.extend(check_service_entries(mesh.service_entries, kube, mesh.services))
