@@ -72,9 +72,13 @@ WRITE_VERBS = frozenset(
 # --------------------------------------------------------------------------- loading
 
 
+# libyaml's safe loader where PyYAML has it: the same documents, ~10x faster (~350 files).
+_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
 def load_docs(path: Path) -> list[dict[str, Any]]:
     with path.open() as f:
-        return [d for d in yaml.safe_load_all(f) if d]
+        return [d for d in yaml.load_all(f, Loader=_LOADER) if d]
 
 
 def yaml_files(*dirs: Path) -> list[Path]:
