@@ -264,6 +264,19 @@ spec:
     assert "no server of Gateway edge/public" in found[("lost", "spec.hosts")]
     assert "no TLS Secret edge/shop-cert" in found[("public", "spec.servers[0].tls.credentialName")]
     assert "selects no Pod" in found[("orphan", "spec.selector")]
+    # A second VirtualService for internal.example.com on edge/public is told it is not used.
+    mesh, _ = load(MESH + """
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: zz-late, namespace: edge}
+spec:
+  hosts: [internal.example.com]
+  gateways: [public]
+  http: [{route: [{destination: {host: web.shop.svc.cluster.local}}]}]
+""")
+    (late,) = [i for i in mesh.issues if i.ref.name == "zz-late"]
+    assert "served by VirtualService edge/other-ns" in late.message and late.field == "spec.hosts"
 
 
 def test_servers_sharing_a_port_get_distinct_chains() -> None:

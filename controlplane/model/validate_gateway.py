@@ -6,6 +6,8 @@ Warnings (the object still serves; what is wrong is named):
 - a Gateway whose selector picks no Pod of the mesh (no proxy can be given its credentials);
 - a server `credentialName` with no usable TLS Secret in the namespace of a Pod the Gateway
   selects (its handshakes fail there, with stand-in certificates: never plaintext);
+- two VirtualServices bound to one Gateway claiming the same host of a server (the first by
+  namespace and name serves it);
 - a MUTUAL server whose credential has no CA (`ca.crt`, or a `<name>-cacert` Secret): client
   certificates cannot be verified, so every handshake fails.
 """
@@ -14,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from controlplane.model.gateways import MESH, server_vs_hosts
+from controlplane.model.gateways import MESH, bound_view, server_vs_hosts
 from controlplane.model.ir import Gateway, Issue, VirtualService, Workload, labels_match
 from controlplane.model.mesh import Mesh
 from controlplane.model.validate_tls import credential_ca
@@ -26,7 +28,23 @@ def check_gateways(mesh: Mesh) -> tuple[Issue, ...]:
         issues.extend(_bindings(mesh, vs))
     for gw in mesh.gateways.values():
         issues.extend(_gateway(mesh, gw))
+        issues.extend(_shared_hosts(mesh, gw))
     return tuple(issues)
+
+
+def _shared_hosts(mesh: Mesh, gw: Gateway) -> Iterator[Issue]:
+    """Two VirtualServices bound to one Gateway that claim the same host on a server: the first
+    by namespace and name serves it (translate.gateway), the other is told."""
+    for srv in gw.servers:
+        owner: dict[str, VirtualService] = {}
+        for vs in (v for v in (bound_view(x, gw.key) for x in mesh.gateway_virtual_services) if v is not None):
+            for host in server_vs_hosts(srv, vs):
+                first = owner.setdefault(host, vs)
+                if first is not vs:
+                    yield Issue(vs.ref, "spec.hosts", f"host {host} on Gateway {gw.key} port {srv.port} is served by "
+                                                      f"VirtualService {first.namespace}/{first.name} (the first by "
+                                                      "namespace and name); this one's routes for it are not used",
+                                "warning")
 
 
 def _bindings(mesh: Mesh, vs: VirtualService) -> Iterator[Issue]:
