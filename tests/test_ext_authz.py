@@ -333,3 +333,26 @@ def test_envoy_validates_the_sidecar_config(provider: str) -> None:
                  for s in specs]
     verdict = asyncio.run(EnvoyValidator(binary).check(resources))
     assert verdict.ok is True, verdict
+
+
+def test_ambient_authorizer_outside_the_sidecar_scope_is_reached_through_the_tunnel() -> None:
+    """An authorizer whose pods are ambient accepts mesh traffic only over HBONE: the added
+    `outbound|8000||...` cluster is the hop into the tunnel, so the tunnel's listener and
+    HBONE cluster must come with it (else every check fails, and CUSTOM rules deny)."""
+    extra = """---
+apiVersion: v1
+kind: Namespace
+metadata: {name: authz, labels: {meshline.io/dataplane-mode: ambient}}
+---
+apiVersion: networking.istio.io/v1
+kind: Sidecar
+metadata: {name: default, namespace: foo}
+spec: {egress: [{hosts: ["./*"]}]}
+"""
+    mesh = mesh_with("http-authz", extra=extra)
+    specs = {(s.type_url, s.name) for s in plan_proxy(mesh, SIDECAR).specs()}
+    host = "ext-authz.authz.svc.cluster.local"
+    assert (CLUSTER, f"outbound|8000||{host}") in specs
+    assert (LISTENER, f"tunnel|8000||{host}") in specs, sorted(n for t, n in specs if host in n)
+    assert any(t == CLUSTER and n.startswith(f"hbone|8000||{host}|") for t, n in specs)
+    assert not any("|9000|" in n and host in n for _, n in specs)  # only the provider's port

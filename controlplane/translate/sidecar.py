@@ -416,10 +416,17 @@ def _authorizer_specs(mesh: Mesh, namespace: str, capture: CaptureMode, scope: S
     for host, port in authorizer_targets(mesh.authorization_policies, mesh.mesh_config, mesh.services):
         if (host, port) in scope or (hosts is not None and host not in hosts):
             continue
-        prefix = f"outbound|{port}|"
-        out += [s for s in _cluster_specs(mesh, mesh.services[host], namespace, None, capture, client)
-                if s.name.startswith(prefix)]
+        out += _authorizer_port_specs(mesh, mesh.services[host], port, namespace, capture, client)
     return out
+
+
+def _authorizer_port_specs(mesh: Mesh, svc: Service, port: int, namespace: str, capture: CaptureMode,
+                           client: ClientLocality | None = None) -> list[ResourceSpec]:
+    """`svc`'s cluster specs for `port` only: `outbound|P|...` and, for ambient pods, the
+    tunnel hop it needs (`tunnel|P|...` listener, `hbone|...` cluster and endpoints)."""
+    others = {str(sp.port) for sp in svc.ports if sp.port != port}
+    return [s for s in _cluster_specs(mesh, svc, namespace, None, capture, client)
+            if s.name.split("|")[1] not in others]
 
 
 def authorizer_cluster_specs(mesh: Mesh, namespace: str, host: str, port: int) -> list[ResourceSpec]:
@@ -427,11 +434,7 @@ def authorizer_cluster_specs(mesh: Mesh, namespace: str, host: str, port: int) -
     HBONE hop to ambient pods) through which a waypoint of `namespace` calls the external
     authorizer of CUSTOM policies (`controlplane.translate.ambient`), as a sidecar would."""
     svc = mesh.services.get(Hostname(host))
-    if svc is None:
-        return []
-    others = {str(sp.port) for sp in svc.ports if sp.port != port}
-    return [s for s in _cluster_specs(mesh, svc, namespace, None, "intercept")
-            if s.name.split("|")[1] not in others]  # outbound|P|..., tunnel|P|..., hbone|P|...
+    return [] if svc is None else _authorizer_port_specs(mesh, svc, port, namespace, "intercept")
 
 
 # --------------------------------------------------------------------------- inbound
