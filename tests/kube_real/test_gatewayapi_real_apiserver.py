@@ -128,7 +128,7 @@ def test_gateway_and_gateway_class_status(meshline: RealKube) -> None:
     kube.apply({"apiVersion": ROUTE, "kind": "Gateway", "metadata": {"name": "edge", "namespace": NS},
                 "spec": {"gatewayClassName": "meshline", "listeners": [
                     {"name": "http", "port": 8080, "protocol": "HTTP"},
-                    {"name": "tcp", "port": 9000, "protocol": "TCP"}]}})
+                    {"name": "udp", "port": 5353, "protocol": "UDP"}]}})
     kube.apply({"apiVersion": ROUTE, "kind": "HTTPRoute", "metadata": {"name": "edge-web", "namespace": NS},
                 "spec": {"parentRefs": [{"name": "edge"}],
                          "rules": [{"backendRefs": [{"name": "reviews-v1", "port": 9080}]}]}})
@@ -149,8 +149,8 @@ def test_gateway_and_gateway_class_status(meshline: RealKube) -> None:
     st = eventually(gateway)
     assert {c["type"]: (c["status"], c["reason"]) for c in st["conditions"]} == {
         "Accepted": ("True", "ListenersNotValid"), "Programmed": ("True", "Programmed")}
-    tcp = next(ls for ls in st["listeners"] if ls["name"] == "tcp")
-    assert {c["type"]: c["reason"] for c in tcp["conditions"]}["Accepted"] == "UnsupportedProtocol"
+    udp = next(ls for ls in st["listeners"] if ls["name"] == "udp")
+    assert {c["type"]: c["reason"] for c in udp["conditions"]}["Accepted"] == "UnsupportedProtocol"
     parent = eventually(lambda: next((p for p in ((kube.get(ROUTE, "HTTPRoute", "edge-web", NS) or {}).get("status")
                                                   or {}).get("parents") or []
                                       if p["controllerName"] == "meshline.io/gateway-controller"), None))
