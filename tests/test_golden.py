@@ -125,7 +125,10 @@ def render(specs: list[ResourceSpec]) -> str:
     for type_url in PUSH_ORDER:
         if type_url in resources:
             doc[SHORT_NAMES[type_url]] = [_plain(json_format.MessageToDict(m)) for m in resources[type_url]]
-    return yaml.safe_dump(doc, sort_keys=False, default_flow_style=False, width=120)
+    # libyaml's emitter (PyYAML's wheels ship it): the same text as the pure-Python one for
+    # every golden file (checked on all of them), ~5x faster.
+    dumper = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
+    return yaml.dump(doc, Dumper=dumper, sort_keys=False, default_flow_style=False, width=120)
 
 
 @pytest.mark.parametrize("case_name", CASES)
