@@ -127,8 +127,7 @@ def test_telemetry_converts_and_warns_what_it_does_not_configure() -> None:
     only(issues, "spec.accessLogging[0].providers[0].name", "is required")
     value, issues = tel("targetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, name: wp}]\n"
                         "accessLogging: [{providers: [{name: envoy}]}]")
-    assert value is not None
-    only(issues, "spec.targetRefs", "no waypoint access logs", "warning")
+    assert value is not None and not issues and value.target_refs == (("Gateway", "wp"),)
 
 
 def test_mesh_config_access_log_providers() -> None:
@@ -351,6 +350,29 @@ spec:
 """
 
 
+def _hcm(specs: Any, listener: str) -> Any:
+    from envoy.extensions.filters.network.http_connection_manager.v3 import (
+        http_connection_manager_pb2 as hcm_pb2,
+    )
+
+    (lst,) = [s.make() for s in specs if s.name == listener and s.type_url == LISTENER]
+    h = hcm_pb2.HttpConnectionManager()
+    lst.filter_chains[0].filters[0].typed_config.Unpack(h)
+    return h
+
+
+def _access_logs(specs: Any, listener: str) -> list[str]:
+    """The paths the listener's HTTP access logs write to."""
+    from envoy.extensions.access_loggers.file.v3 import file_pb2
+
+    out = []
+    for log in _hcm(specs, listener).access_log:
+        cfg = file_pb2.FileAccessLog()
+        log.typed_config.Unpack(cfg)
+        out.append(cfg.path)
+    return out
+
+
 def _http_filters(specs: Any, listener: str) -> list[str]:
     (lst,) = [s.make() for s in specs if s.name == listener and s.type_url == LISTENER]
     hcm = lst.filter_chains[0].filters[0].typed_config
@@ -393,6 +415,7 @@ def test_waypoint_validates_jwts_of_request_authentications_attached_to_it() -> 
                                           waypoint="wp"))
     assert _http_filters(specs, "waypoint_80")[0] == JWT_FILTER
     assert any(s.name == "jwks|127.0.0.1|9999" for s in specs)
+    assert not _access_logs(specs, "waypoint_80")
     # The sidecars of the namespace do not apply it.
     specs = plan_inbound(mesh, ProxyMeta("web-1.shop", namespace="shop", workload="web-1"))
     assert JWT_FILTER not in _http_filters(specs, "inbound_10.0.0.1_8080")
@@ -456,3 +479,39 @@ def test_jwks_uri_on_a_static_service_entry_host_is_warned() -> None:
     # Telemetry warnings come once each.
     mesh = mesh_of(telemetry("shop", "t", "accessLogging: [{providers: [{name: nope}]}]"))
     assert len([i for i in mesh.issues if i.ref.kind == "Telemetry"]) == 1
+
+
+WAYPOINT = """
+apiVersion: v1
+kind: Service
+metadata: {name: api, namespace: shop, labels: {meshline.io/use-waypoint: wp}}
+spec: {clusterIP: 10.96.0.2, selector: {app: api}, ports: [{name: http, port: 80, targetPort: 8080}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: wp, namespace: shop}
+spec: {clusterIP: 10.96.0.3, selector: {meshline.io/waypoint: wp}, ports: [{name: tunnel, port: 15008}]}
+"""
+
+
+def test_waypoint_access_logs_from_telemetry_attached_to_it_or_its_services() -> None:
+    wp = ProxyMeta("wp-1.shop", mode="waypoint", namespace="shop", workload="wp-1", waypoint="wp")
+    cfg = "extensionProviders: [{name: file, envoyFileAccessLog: {path: /var/log/wp.log}}]"
+    for target in ("{kind: Gateway, group: gateway.networking.k8s.io, name: wp}", "{kind: Service, name: api}"):
+        mesh = mesh_of(WAYPOINT, telemetry("shop", "wp-logs", f"targetRefs: [{target}]\n"
+                                                              "accessLogging: [{providers: [{name: file}]}]"),
+                       mesh_config=cfg)
+        specs = plan_waypoint(mesh, wp)
+        assert _access_logs(specs, "waypoint_80") == ["/var/log/wp.log"], target
+        (spec,) = [s for s in specs if s.name == "waypoint_80" and s.type_url == LISTENER]
+        assert ("Telemetry", "wp-logs") in {(r.kind, r.name) for r in spec.sources}
+        # The namespace's sidecars do not take it.
+        web = plan_inbound(mesh, ProxyMeta("web-1.shop", namespace="shop", workload="web-1"))
+        assert not _access_logs(web, "inbound_10.0.0.1_8080")
+    # The namespace level applies to the waypoint too; its own level overrides per provider.
+    mesh = mesh_of(WAYPOINT, telemetry("shop", "ns", "accessLogging: [{providers: [{name: envoy}]}]"),
+                   telemetry("shop", "wp-off", "targetRefs: [{kind: Service, name: api}]\n"
+                                               "accessLogging: [{providers: [{name: envoy}], disabled: true}]"))
+    assert not _access_logs(plan_waypoint(mesh, wp), "waypoint_80")
+    assert _access_logs(plan_inbound(mesh, ProxyMeta("web-1.shop", namespace="shop", workload="web-1")),
+                        "inbound_10.0.0.1_8080") == ["/dev/stdout"]

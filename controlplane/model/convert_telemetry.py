@@ -3,8 +3,8 @@
 Istio's public v1 schema (`telemetry.istio.io/v1`, `v1alpha1`, or `telemetry.meshline.io/v1`).
 Meshline translates `accessLogging` (match.mode, providers[].name, disabled, filter.expression)
 for sidecars; `metrics` and `tracing` are accepted with a warning naming them (Meshline
-configures neither), and so are `targetRef`/`targetRefs` (the Telemetry is then a waypoint's,
-and Meshline configures no waypoint access logs). A `filter.expression` is Envoy's CEL
+configures neither). `targetRef`/`targetRefs` make it a waypoint's (the waypoint, kind
+Gateway, or a Service bound to one). A `filter.expression` is Envoy's CEL
 access-log filter (`envoy.access_loggers.filters.cel`): Envoy parses it, so an expression it
 rejects is found by the pre-flight check and the object withheld.
 """
@@ -39,10 +39,6 @@ def convert_telemetry(ctx: Ctx, namespace: str, name: str) -> Telemetry | None:
         ctx.error("spec", f"set at most one of selector, targetRef and targetRefs (got {', '.join(targets)})")
     selector = _selector(ctx, spec)
     refs = _target_refs(ctx, spec, namespace)
-    if refs:
-        ctx.warn("spec.targetRefs" if spec.get("targetRefs") is not None else "spec.targetRef",
-                 "attaches this Telemetry to a waypoint or service: Meshline configures no waypoint access "
-                 "logs, so it has no effect")
     for key, what in (("metrics", "Istio metrics (Envoy's own stats stay on :15090)"), ("tracing", "tracing")):
         if spec.get(key):
             ctx.warn(join("spec", key), f"Meshline configures no {what}: this section is ignored")

@@ -10,8 +10,9 @@ provider, what the levels above said: an entry without providers speaks for the 
 config's `defaultProviders.accessLogging`; `disabled: true` turns its providers off; its
 `filter.expression` (CEL) replaces their filter. What is left on are the proxy's access logs
 (`AccessLog`: provider name and filter), resolved against the mesh config's providers in
-`controlplane.translate.accesslog`. Telemetries with `targetRefs` are waypoints' (warned:
-Meshline configures no waypoint access logs).
+`controlplane.translate.accesslog`. Telemetries with `targetRefs` are waypoints': attached to
+the waypoint (kind Gateway) or to a service bound to it (kind Service), they are the
+waypoint's workload level (`waypoint_access_logs`; a waypoint's traffic counts as SERVER).
 """
 
 from __future__ import annotations
@@ -62,32 +63,38 @@ class AccessLog:
     filter: str | None = None
 
 
-def _levels(mesh: Mesh, namespace: str, labels: Labels) -> list[Telemetry]:
-    """(mesh, namespace, workload) level Telemetries that exist, in that order."""
+def _levels(mesh: Mesh, namespace: str, labels: Labels,
+            attached: frozenset[tuple[str, str]] | None = None) -> list[Telemetry]:
+    """(mesh, namespace, workload) level Telemetries that exist, in that order. `attached`:
+    for a waypoint, the targetRefs that make a Telemetry its workload level."""
     mesh_level = ns_level = workload_level = None
     for t in mesh.telemetries:  # sorted by (namespace, name): the first at each level counts
         if t.target_refs:
+            if (attached is not None and workload_level is None and t.namespace == namespace
+                    and attached & set(t.target_refs)):
+                workload_level = t
             continue
         if t.namespace == mesh.root_namespace and not t.selector and mesh_level is None:
             mesh_level = t
         if t.namespace == namespace:
             if not t.selector and ns_level is None:
                 ns_level = t
-            elif t.selector and workload_level is None and labels_match(t.selector, labels):
+            elif t.selector and attached is None and workload_level is None and labels_match(t.selector, labels):
                 workload_level = t
     if namespace == mesh.root_namespace:
         ns_level = None  # the root namespace's own namespace level is the mesh level
     return [t for t in (mesh_level, ns_level, workload_level) if t is not None]
 
 
-def access_logs_for(mesh: Mesh, namespace: str, labels: Labels, direction: Direction
+def access_logs_for(mesh: Mesh, namespace: str, labels: Labels, direction: Direction,
+                    attached: frozenset[tuple[str, str]] | None = None
                     ) -> tuple[tuple[AccessLog, ...], tuple[SourceRef, ...]]:
     """The access logs a workload's proxy writes for `direction` traffic, sorted by provider,
     and the Telemetries that decided them."""
     state: dict[str, AccessLog | None] = {}
     refs: list[SourceRef] = []
     defaults = mesh.mesh_config.default_access_logging
-    for t in _levels(mesh, namespace, labels):
+    for t in _levels(mesh, namespace, labels, attached):
         used = False
         for entry in t.access_logging:
             if entry.mode != "CLIENT_AND_SERVER" and entry.mode != direction:
@@ -99,6 +106,13 @@ def access_logs_for(mesh: Mesh, namespace: str, labels: Labels, direction: Direc
             refs.append(t.ref)
     logs = tuple(v for _, v in sorted(state.items()) if v is not None)
     return logs, tuple(refs)
+
+
+def waypoint_access_logs(mesh: Mesh, namespace: str, waypoint: str, services: tuple[str, ...]
+                         ) -> tuple[tuple[AccessLog, ...], tuple[SourceRef, ...]]:
+    """What waypoint `waypoint` of `namespace` logs for `services` (names in `namespace`)."""
+    attached = frozenset({("Gateway", waypoint), *(("Service", s) for s in services)})
+    return access_logs_for(mesh, namespace, (), "SERVER", attached)
 
 
 def check_telemetries(mesh: Mesh) -> Iterator[Issue]:

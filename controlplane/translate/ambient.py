@@ -38,6 +38,8 @@ from controlplane.model.ir import (
 )
 from controlplane.model.mesh import Mesh
 from controlplane.model.policy import policies_for_port, waypoint_policies
+from controlplane.model.telemetry import waypoint_access_logs
+from controlplane.translate.accesslog import AccessLogSink, resolve
 from controlplane.translate.extauthz import ExtAuthzTarget, custom_target, http_authz_filters
 from controlplane.translate.hbone import TunnelTarget, build_hbone_inbound, build_internal_cluster
 from controlplane.translate.jwt import build_jwks_cluster, http_jwt_filters, jwks_clusters
@@ -97,9 +99,11 @@ def plan_waypoint(mesh: Mesh, meta: ProxyMeta) -> list[ResourceSpec]:
         jwt = jwt_rules(ras)
         add([ResourceSpec(CLUSTER, jc.name, build_jwks_cluster, (jc,), tuple(r.ref for r in ras))
              for jc in jwks_clusters(jwt)])
-        add([ResourceSpec(LISTENER, inner, build_waypoint_http, (inner, td, authz, jwt, ext),
+        logs, log_refs = waypoint_access_logs(mesh, ns, name, tuple(s.name for s in services))
+        sinks = resolve(logs, mesh.mesh_config)
+        add([ResourceSpec(LISTENER, inner, build_waypoint_http, (inner, td, authz, jwt, ext, sinks),
                           tuple(dict.fromkeys((*(s.ref for s in services), *(a.ref for a in authz),
-                                               *(r.ref for r in ras)))))])
+                                               *(r.ref for r in ras), *log_refs))))])
     add([ResourceSpec(LISTENER, "waypoint_hbone", build_hbone_inbound,
                       ("waypoint_hbone", None, WORKLOAD_SECRET, td, tuple(targets), ()),
                       tuple(s.ref for s in bound))])
@@ -159,13 +163,14 @@ def _per_service_policies(mesh: Mesh, ns: str, waypoint: str, services: list[Ser
 
 
 def build_waypoint_http(name: str, trust_domain: str, authz: tuple[AuthorizationPolicy, ...],
-                        jwt: tuple[JwtRule, ...] = (), ext_authz: ExtAuthzTarget | None = None
-                        ) -> listener_pb2.Listener:
-    """The internal listener of one port: HTTP routing (RDS `name`), JWT validation and L7
-    authorization (CUSTOM policies: `ext_authz`'s authorizer, or they deny without one)."""
+                        jwt: tuple[JwtRule, ...] = (), ext_authz: ExtAuthzTarget | None = None,
+                        logs: tuple[AccessLogSink, ...] = ()) -> listener_pb2.Listener:
+    """The internal listener of one port: HTTP routing (RDS `name`), JWT validation, L7
+    authorization (CUSTOM policies: `ext_authz`'s authorizer, or they deny without one) and
+    the access logs of the Telemetry attached to the waypoint or its services."""
     lst = listener_pb2.Listener(name=name)
     lst.internal_listener.SetInParent()
     filters: list[tuple[str, Any]] = [*http_jwt_filters(jwt)]
     filters += http_authz_filters(authz, trust_domain, ext_authz, issuers(jwt)) if authz else []
-    lst.filter_chains.add(name=name).filters.append(hcm_filter(name, name, None, filters))
+    lst.filter_chains.add(name=name).filters.append(hcm_filter(name, name, None, filters, logs=logs))
     return lst
