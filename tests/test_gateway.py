@@ -357,3 +357,48 @@ endpoints: [{addresses: [%s], conditions: {ready: true}}]
     assert second.types[LISTENER] is first.types[LISTENER] and second.types[ROUTE] is first.types[ROUTE]
     cla = second.types[ENDPOINT].items["outbound|8080||web.shop.svc.cluster.local"]
     assert b"10.1.5.2" in cla.body and b"10.1.5.1" not in cla.body
+
+
+def test_tls_routes_route_passthrough_servers_by_sni() -> None:
+    """Istio's PASSTHROUGH: the bound VirtualServices' `tls` routes, one SNI chain per match
+    (sniHosts within the server's hosts), the bytes forwarded untouched; sidecars ignore tls
+    routes (warned when the VirtualService is bound to mesh)."""
+    mesh, issues = load(MESH + """
+---
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {name: sni, namespace: edge}
+spec:
+  selector: {istio: ingressgateway}
+  servers:
+  - {port: {number: 443, name: tls, protocol: TLS}, hosts: ["*.example.com"], tls: {mode: PASSTHROUGH}}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: sni-routes, namespace: edge}
+spec:
+  hosts: ["*.example.com"]
+  gateways: [sni, mesh]
+  tls:
+  - match: [{sniHosts: [a.example.com, b.other.com], port: 443}]
+    route: [{destination: {host: web.shop.svc.cluster.local, port: {number: 8080}}}]
+  - match: [{sniHosts: [a.example.com, c.example.com]}]
+    route: [{destination: {host: web.shop.svc.cluster.local, port: {number: 8080}}}]
+""")
+    assert "spec.tls" in [i.field for i in issues if i.ref.name == "sni-routes"]  # sidecars ignore it
+    meta = ProxyMeta("gw", mode="gateway", namespace="edge", workload="gw-1", gateway="edge/sni")
+    (lst,) = build_all(plan_proxy(mesh, meta).specs())[LISTENER].values()
+    chains = {c.name: list(c.filter_chain_match.server_names) for c in lst.filter_chains}  # type: ignore[attr-defined]
+    assert chains == {"tls.443.tls.edge.sni-routes.0.0": ["a.example.com"],
+                      "tls.443.tls.edge.sni-routes.1.0": ["c.example.com"]}
+    assert not any(c.transport_socket.name for c in lst.filter_chains)  # type: ignore[attr-defined]
+    _, bad = load("""
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: v, namespace: edge}
+spec:
+  hosts: [a.example.com]
+  gateways: [sni]
+  tls: [{match: [{sniHosts: []}], route: [{destination: {host: x}}]}]
+""")
+    assert any(i.field == "spec.tls[0].match[0].sniHosts" and i.severity == "error" for i in bad), bad

@@ -639,10 +639,9 @@ def object_paths(schema: dict[str, Any], path: str = "") -> Iterator[tuple[str, 
             yield from object_paths(schema["additionalProperties"], f"{path}.x-key")
 
 
-# Objects the converter does not read field by field: Istio's TLS routes (ignored with a
-# warning) and delegates (an error when present).
+# Objects the converter does not read field by field: delegates (an error when present).
 NOT_READ = {
-    "VirtualService": ("spec.tls", "spec.http[0].delegate"),
+    "VirtualService": ("spec.http[0].delegate",),
     "DestinationRule": (),
     "Sidecar": (),
     "PeerAuthentication": (),

@@ -9,7 +9,8 @@ Accepted as `networking.meshline.io/v1` or Istio's `networking.istio.io/v1`, `v1
   MONGO and the rest are served as TCP, with a warning), `.name`; `servers[].hosts`
   (`namespace/host` or `host`: `*`, `*.suffix` or a name; `.` is the Gateway's namespace);
   `servers[].bind` (an IP address the listener binds instead of 0.0.0.0); `servers[].name`.
-- `servers[].tls`: `httpsRedirect`; `mode` SIMPLE, MUTUAL, OPTIONAL_MUTUAL, PASSTHROUGH;
+- `servers[].tls`: `httpsRedirect`; `mode` SIMPLE, MUTUAL, OPTIONAL_MUTUAL, PASSTHROUGH (routed
+  by the bound VirtualServices' `tls` routes, by SNI);
   ISTIO_MUTUAL and AUTO_PASSTHROUGH are refused (east-west multi-cluster gateways are not
   supported); `credentialName` (a Secret of the gateway proxy's namespace, over SDS, only to
   an authenticated proxy of the Gateway), or `serverCertificate`/`privateKey`/
@@ -226,10 +227,6 @@ def _tls(ctx: Ctx, m: Mapping[str, Any], path: str, protocol: str) -> ServerTLS 
                 ctx.warn(join(p, k), "ignored: credentialName is set (its Secret holds the certificates)")
     if terminates and mode in ("MUTUAL", "OPTIONAL_MUTUAL") and not cred and not files["caCertificates"]:
         ctx.error(join(p, "caCertificates"), f"is required for mode {mode} (or credentialName with a CA)")
-    if mode == "PASSTHROUGH" and protocol in TLS_PROTOCOLS:
-        ctx.warn(join(p, "mode"), "PASSTHROUGH connections are matched by SNI on the server's hosts and sent "
-                                  "where the bound VirtualServices' tcp routes say (tls routes with sniHosts are "
-                                  "not supported yet)")
     if mode == "PASSTHROUGH" and (cred or files["serverCertificate"]):
         ctx.warn(p, "certificates are not used in PASSTHROUGH mode (the backend terminates TLS)")
     client_checks = [k for k in ("subjectAltNames", "verifyCertificateSpki", "verifyCertificateHash") if t.get(k)]

@@ -44,6 +44,8 @@ from controlplane.model.ir import (
     Mirror,
     RouteDestination,
     TCPRoute,
+    TLSMatch,
+    TLSRoute,
     VirtualService,
 )
 
@@ -100,8 +102,14 @@ def convert_virtual_service(ctx: Ctx, namespace: str, name: str) -> VirtualServi
         t = tcp_route(ctx, item, index("spec.tcp", i), namespace)
         if t is not None:
             tcp.append(t)
-    if tls_items:
-        ctx.warn("spec.tls", "tls routes are not supported yet; ignored")
+    tls: list[TLSRoute] = []
+    for i, item in enumerate(tls_items):
+        t_route = tls_route(ctx, item, index("spec.tls", i), namespace)
+        if t_route is not None:
+            tls.append(t_route)
+    if tls_items and (MESH in gateways or any(MESH in m.gateways for r in tls for m in r.matches)):
+        ctx.warn("spec.tls", "tls routes are applied by gateways (PASSTHROUGH servers) only; sidecars and "
+                             "waypoints ignore them")
     if all(spec.get(k) is None or spec.get(k) == [] for k in ("http", "tcp", "tls")):
         ctx.error("spec", "at least one http, tcp or tls route is required")
     export_to = get_export_to(ctx, spec, "spec")
@@ -115,6 +123,7 @@ def convert_virtual_service(ctx: Ctx, namespace: str, name: str) -> VirtualServi
         export_to=export_to,
         gateways=gateways,
         host_patterns=patterns,
+        tls=tuple(tls),
     )
 
 
@@ -382,3 +391,58 @@ def tcp_route(ctx: Ctx, value: object, path: str, namespace: str) -> TCPRoute | 
     if ctx.error_count() != errors:
         return None
     return TCPRoute(tuple(matches), route)
+
+
+_TLS_MATCH_FIELDS = ("sniHosts", "port", "gateways")
+_TLS_MATCH_IGNORED = {
+    "destinationSubnets": "destinationSubnets is not supported on tls routes; ignored",
+    "sourceLabels": "sourceLabels is not supported on tls routes (gateways only); ignored",
+    "sourceNamespace": "sourceNamespace is not supported on tls routes (gateways only); ignored",
+}
+
+
+def _tls_match(ctx: Ctx, value: object, path: str, namespace: str) -> TLSMatch | None:
+    m = item_map(ctx, value, path)
+    if m is None:
+        return None
+    check_fields(ctx, m, path, _TLS_MATCH_FIELDS, _TLS_MATCH_IGNORED)
+    gateways = h.check_gateways(ctx, m, path)
+    names: list[str] = []
+    for i, text in enumerate(get_str_list(ctx, m, "sniHosts", path)):
+        host = text.strip().rstrip(".").lower()
+        bare = host[2:] if host.startswith("*.") else host
+        problem = None if host == "*" else host_problem(bare)
+        if problem is not None or "*" in bare:
+            ctx.error(index(join(path, "sniHosts"), i), problem or f"{text!r}: a wildcard is only allowed as the "
+                                                                   "first label")
+            continue
+        names.append(host)
+    if not names:
+        ctx.error(join(path, "sniHosts"), "at least one SNI host is required")
+        return None
+    return TLSMatch(tuple(dict.fromkeys(names)), get_port(ctx, m, "port", path),
+                    tuple(resolve_gateway_name(g, namespace) for g in gateways))
+
+
+def tls_route(ctx: Ctx, value: object, path: str, namespace: str) -> TLSRoute | None:
+    """`tls[]` (Istio TLSRoute): SNI matches (required) and weighted destinations."""
+    m = item_map(ctx, value, path)
+    if m is None:
+        return None
+    errors = ctx.error_count()
+    check_fields(ctx, m, path, _TCP_FIELDS)
+    matches: list[TLSMatch] = []
+    items = get_list(ctx, m, "match", path)
+    if not items:
+        ctx.error(join(path, "match"), "at least one match with sniHosts is required")
+    for i, item in enumerate(items):
+        match = _tls_match(ctx, item, index(join(path, "match"), i), namespace)
+        if match is not None:
+            matches.append(match)
+    routes = get_list(ctx, m, "route", path)
+    if not routes:
+        ctx.error(join(path, "route"), "at least one destination is required")
+    route = route_destinations(ctx, routes, join(path, "route"), namespace, http=False)
+    if ctx.error_count() != errors:
+        return None
+    return TLSRoute(tuple(matches), route)

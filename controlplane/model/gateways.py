@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from controlplane.model.ir import Gateway, GatewayServer, HTTPMatch, L4Match, VirtualService
+from controlplane.model.ir import Gateway, GatewayServer, HTTPMatch, L4Match, TLSMatch, VirtualService
 
 MESH = "mesh"
 
@@ -44,7 +44,7 @@ def bound_view(vs: VirtualService, key: str) -> VirtualService | None:
     routes (and matches) bound there, without their `gateways`; None when nothing is."""
     vs_level = key in vs.gateways
     mentioned = vs_level or any(key in m.gateways for r in vs.http for m in r.matches) or any(
-        key in m.gateways for r in vs.tcp for m in r.matches)
+        key in m.gateways for r in vs.tcp for m in r.matches) or any(key in m.gateways for r in vs.tls for m in r.matches)
     if not mentioned:
         return None
     http = []
@@ -66,11 +66,16 @@ def bound_view(vs: VirtualService, key: str) -> VirtualService | None:
         lm: list[L4Match] = [replace(m, gateways=()) for m in tr.matches if _applies(m.gateways, vs_level, key)]
         if lm:
             tcp.append(replace(tr, matches=tuple(lm)))
-    if not http and not tcp:
+    tls = []
+    for sr in vs.tls:
+        sm: list[TLSMatch] = [replace(m, gateways=()) for m in sr.matches if _applies(m.gateways, vs_level, key)]
+        if sm:
+            tls.append(replace(sr, matches=tuple(sm)))
+    if not http and not tcp and not tls:
         return None
-    if tuple(http) == vs.http and tuple(tcp) == vs.tcp:
+    if tuple(http) == vs.http and tuple(tcp) == vs.tcp and tuple(tls) == vs.tls:
         return vs
-    return replace(vs, http=tuple(http), tcp=tuple(tcp))
+    return replace(vs, http=tuple(http), tcp=tuple(tcp), tls=tuple(tls))
 
 
 def applies_to_gateways(vs: VirtualService) -> frozenset[str]:
@@ -78,6 +83,7 @@ def applies_to_gateways(vs: VirtualService) -> frozenset[str]:
     out = {g for g in vs.gateways if g != MESH}
     out.update(g for r in vs.http for m in r.matches for g in m.gateways if g != MESH)
     out.update(g for r in vs.tcp for m in r.matches for g in m.gateways if g != MESH)
+    out.update(g for r in vs.tls for m in r.matches for g in m.gateways if g != MESH)
     return frozenset(out)
 
 

@@ -404,6 +404,21 @@ class TCPRoute:
 
 
 @dataclass(frozen=True, slots=True)
+class TLSMatch:
+    """`tls[].match[]`: the SNI names (wildcards `*.suffix` allowed) and optionally the port."""
+
+    sni_hosts: tuple[str, ...]
+    port: int | None = None
+    gateways: tuple[str, ...] = ()  # as HTTPMatch.gateways
+
+
+@dataclass(frozen=True, slots=True)
+class TLSRoute:
+    matches: tuple[TLSMatch, ...]
+    route: tuple[RouteDestination, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class VirtualService:
     ref: SourceRef
     namespace: str
@@ -417,6 +432,8 @@ class VirtualService:
     # every host as given (lower-cased, short names resolved), wildcards included: what a
     # gateway server's hosts are intersected with (`hosts` keeps the exact service hosts)
     host_patterns: tuple[str, ...] = ()
+    # `spec.tls` routes: applied by gateways' PASSTHROUGH servers (routing by SNI)
+    tls: tuple[TLSRoute, ...] = ()
 
 
 # --------------------------------------------------------------------------- DestinationRule

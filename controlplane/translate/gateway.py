@@ -13,9 +13,11 @@ A gateway proxy (`meshline bootstrap --mode gateway --gateway NS/NAME`) serves t
   on the server's hosts (none for `*`), with a `DownstreamTlsContext` whose certificate is the
   `credentialName` Secret over SDS (`kubernetes://<name>`, client CA `kubernetes://<name>-cacert`)
   or the files the server names, and its own RDS `https.<port>.<server>.<gateway>.<ns>`;
-- HTTPS/TLS PASSTHROUGH servers: SNI filter chains (a TLS inspector reads the SNI) to
-  `tcp_proxy` toward the destination of the bound VirtualServices' tcp routes for that port;
-- TCP servers: `tcp_proxy` to the destination of the bound VirtualServices' tcp routes;
+- HTTPS/TLS PASSTHROUGH servers: one SNI filter chain (a TLS inspector reads the SNI) per
+  bound VirtualService `tls` route match (`sniHosts` x server hosts), `tcp_proxy` to its
+  destinations, the TLS bytes untouched;
+- TCP servers, and TLS servers that terminate: `tcp_proxy` to the destination of the bound
+  VirtualServices' tcp routes;
 - clusters and endpoints of every mesh service, as a sidecar of the gateway's namespace sees
   them (DestinationRules, ISTIO_MUTUAL to sidecar-injected endpoints): `plan_gateway_clusters`,
   the layer gateway proxies of one namespace share and endpoint-only changes patch.
@@ -40,7 +42,7 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import http_con
 from envoy.extensions.transport_sockets.tls.v3 import common_pb2, secret_pb2, tls_pb2
 from envoy.type.matcher.v3 import string_pb2
 
-from controlplane.model.gateways import gateway_virtual_services, server_vs_hosts
+from controlplane.model.gateways import gateway_virtual_services, intersect_host, server_vs_hosts
 from controlplane.model.ir import (
     Destination,
     Gateway,
@@ -132,10 +134,9 @@ def plan_gateway(mesh: Mesh, meta: ProxyMeta) -> list[ResourceSpec]:
         for i, srv in servers:
             if srv.protocol in HTTP_PROTOCOLS:
                 continue
-            chain, specs = _server_chain(mesh, gw, i, srv, bound, meta.namespace)
+            server_chains, specs = _server_chain(mesh, gw, i, srv, bound, meta.namespace)
             add(specs)
-            if chain is not None:
-                chains.append(chain)
+            chains += server_chains
         refs += [vs.ref for vs in bound]
         name = f"{addr}_{port}"
         add([ResourceSpec(LISTENER, name, build_gateway_listener, (name, addr, port, tuple(chains)),
@@ -168,22 +169,53 @@ def _server_label(gw: Gateway, index: int, srv: GatewayServer) -> str:
 
 
 def _server_chain(mesh: Mesh, gw: Gateway, index: int, srv: GatewayServer, bound: tuple[VirtualService, ...],
-                  namespace: str) -> tuple[ServerChain | None, list[ResourceSpec]]:
+                  namespace: str) -> tuple[list[ServerChain], list[ResourceSpec]]:
     tls = srv.tls
     names = _sni_names(srv)
     label = _server_label(gw, index, srv)
     if srv.protocol == "HTTPS" and tls is not None and tls.mode != "PASSTHROUGH":
         rds = f"https.{srv.port}.{label}.{gw.name}.{gw.namespace}"
         spec = _route_spec(mesh, gw, rds, srv.port, [srv], bound, namespace)
-        return ServerChain(name=rds, server_names=names, tls=tls, rds=rds, alpn=("h2", "http/1.1")), [spec]
-    # TCP, TLS PASSTHROUGH/terminated, HTTPS PASSTHROUGH: the bound tcp routes for this port.
+        return [ServerChain(name=rds, server_names=names, tls=tls, rds=rds, alpn=("h2", "http/1.1"))], [spec]
+    if tls is not None and tls.mode == "PASSTHROUGH":
+        return _passthrough_chains(mesh, srv, label, bound), []
+    # TCP, and TLS terminated here: the bound tcp routes for this port.
     tcp = _tcp_clusters(mesh, srv, bound, namespace)
     if not tcp:
-        return None, []
-    terminate = tls if tls is not None and tls.mode != "PASSTHROUGH" else None
-    sni = names if tls is not None else ()
-    return ServerChain(name=f"{srv.protocol.lower()}.{srv.port}.{label}", server_names=sni, tls=terminate,
-                       tcp=tcp), []
+        return [], []
+    terminate = tls if srv.protocol == "TLS" else None  # a TCP server's tls is ignored (warned)
+    return [ServerChain(name=f"{srv.protocol.lower()}.{srv.port}.{label}", server_names=names if terminate else (),
+                        tls=terminate, tcp=tcp)], []
+
+
+def _passthrough_chains(mesh: Mesh, srv: GatewayServer, label: str, bound: tuple[VirtualService, ...]
+                        ) -> list[ServerChain]:
+    """PASSTHROUGH (Istio): one filter chain per bound `tls` route match, on the SNI names both
+    the match's `sniHosts` and the server's hosts cover (each name once: the first
+    VirtualService by namespace and name keeps it), forwarding the TLS bytes to the route's
+    destinations."""
+    out: list[ServerChain] = []
+    taken: set[str] = set()
+    for vs in bound:
+        if not server_vs_hosts(srv, vs):
+            continue
+        for i, tr in enumerate(vs.tls):
+            dests = weighted_split(tr.route)
+            if not dests:
+                continue
+            tcp = tuple(WeightedCluster(destination_cluster(d.destination, srv.port, mesh.services), d.weight)
+                        for d in dests)
+            for j, m in enumerate(tr.matches):
+                if m.port not in (None, srv.port):
+                    continue
+                sni = sorted({got for _, h in srv.hosts for n in m.sni_hosts
+                              if (got := intersect_host(h, n)) is not None} - taken)
+                if not sni:
+                    continue
+                taken.update(sni)
+                out.append(ServerChain(name=f"tls.{srv.port}.{label}.{vs.namespace}.{vs.name}.{i}.{j}",
+                                       server_names=() if sni == ["*"] else tuple(sni), tcp=tcp))
+    return out
 
 
 def _sni_names(srv: GatewayServer) -> tuple[str, ...]:
