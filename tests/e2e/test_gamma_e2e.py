@@ -1,7 +1,8 @@
 """Gateway API routes attached to a Service (GAMMA) through a real Envoy sidecar driven by
 `meshline serve` (directory mode, delta xDS): an 80/20 split seen in the responses, filters,
 an invalid backend answered 500, the route status in `GET /v1/routes`, the VirtualService
-for the same host overridden (and warned) and back in force once the route is gone.
+for the same host overridden (and warned) and back in force once the route is gone; a
+GRPCRoute routing gRPC calls by method.
 The waypoint half is in tests/e2e/test_ambient_e2e.py."""
 
 from __future__ import annotations
@@ -9,12 +10,15 @@ from __future__ import annotations
 import tempfile
 from collections import Counter
 from collections.abc import Iterator
+from concurrent import futures
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 
 from tests.e2e.conftest import HTTP_PORT, NS, MeshEnv, eventually
+from tests.meshgen import Backend, service_yaml
 
 pytestmark = pytest.mark.e2e
 
@@ -106,3 +110,57 @@ def test_invalid_route_update_keeps_the_last_good_one_and_removal_restores_the_v
     gamma.remove("30-gamma.yaml")
     eventually(lambda: _json(gamma.get("hdr", "/split/x"))["backend"] == "hdr")
     assert _json(gamma.get("hdr"))["headers"].get("x-added") == "yes"
+
+
+GRPC_PORT = 19151
+GRPC_BACKENDS = {"greeter-a": "127.0.0.151", "greeter-b": "127.0.0.152"}
+
+
+def _grpc_server(name: str, ip: str) -> grpc.Server:
+    """A gRPC server answering every unary method of pkg.Greeter with its own name."""
+    def answer(request: bytes, context: grpc.ServicerContext) -> bytes:
+        return name.encode()
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+        "pkg.Greeter", {m: grpc.unary_unary_rpc_method_handler(answer) for m in ("Hello", "Bye")}),))
+    server.add_insecure_port(f"{ip}:{GRPC_PORT}")
+    server.start()
+    return server
+
+
+def test_grpc_route_on_a_service_routes_by_method_through_the_sidecar(gamma: MeshEnv) -> None:
+    servers = [_grpc_server(name, ip) for name, ip in GRPC_BACKENDS.items()]
+    try:
+        docs = [service_yaml("greeter", NS, GRPC_PORT, [Backend(ip, pod=f"greeter-{n}")
+                                                         for n, ip in GRPC_BACKENDS.items()], port_name="grpc")]
+        docs += [service_yaml(n, NS, GRPC_PORT, [Backend(ip)], port_name="grpc") for n, ip in GRPC_BACKENDS.items()]
+        docs.append(f"""apiVersion: gateway.networking.k8s.io/v1
+kind: GRPCRoute
+metadata: {{name: greeter, namespace: {NS}}}
+spec:
+  parentRefs: [{{group: "", kind: Service, name: greeter, port: {GRPC_PORT}}}]
+  rules:
+  - matches: [{{method: {{service: pkg.Greeter, method: Hello}}}}]
+    backendRefs: [{{name: greeter-a, port: {GRPC_PORT}}}]
+  - backendRefs: [{{name: greeter-b, port: {GRPC_PORT}}}]
+""")
+        gamma.write("40-grpc.yaml", "---\n".join(docs))
+        with grpc.insecure_channel(f"127.0.0.1:{GRPC_PORT}",
+                                   options=[("grpc.default_authority", f"greeter.{NS}:{GRPC_PORT}")]) as ch:
+            def call(method: str) -> str:
+                return bytes(ch.unary_unary(f"/pkg.Greeter/{method}")(b"", timeout=2)).decode()
+
+            def ready() -> bool:  # the listener for the new port comes up with the config
+                try:
+                    return call("Hello") == "greeter-a"
+                except grpc.RpcError:
+                    return False
+
+            eventually(ready)
+            assert {call("Hello") for _ in range(10)} == {"greeter-a"}
+            assert {call("Bye") for _ in range(10)} == {"greeter-b"}
+    finally:
+        for s in servers:
+            s.stop(0)
+        gamma.remove("40-grpc.yaml")
