@@ -515,3 +515,10 @@ def test_waypoint_access_logs_from_telemetry_attached_to_it_or_its_services() ->
     assert not _access_logs(plan_waypoint(mesh, wp), "waypoint_80")
     assert _access_logs(plan_inbound(mesh, ProxyMeta("web-1.shop", namespace="shop", workload="web-1")),
                         "inbound_10.0.0.1_8080") == ["/dev/stdout"]
+
+
+def test_jwt_conditions_without_a_request_authentication_are_warned() -> None:
+    mesh = mesh_of(AP)
+    (issue,) = [i for i in mesh.issues if i.ref.kind == "AuthorizationPolicy"]
+    assert issue.field == "spec.rules[0]" and issue.severity == "warning" and "never match" in issue.message
+    assert not [i for i in mesh_of(RA, AP).issues if i.ref.kind == "AuthorizationPolicy"]

@@ -108,3 +108,28 @@ def check_request_authentications(mesh: Mesh) -> Iterator[Issue]:
             yield Issue(ra.ref, f"spec.jwtRules[{i}].jwksUri",
                         f"Envoy fetches the keys from {uri.host} found by DNS; the endpoints of the ServiceEntry for "
                         f"that host (resolution {svc.entry.resolution}) are not used", "warning")
+
+
+def check_jwt_conditions(mesh: Mesh) -> Iterator[Issue]:
+    """Cross-object warnings: an AuthorizationPolicy using request principals or
+    `request.auth.*` where no RequestAuthentication could apply (none in its namespace or
+    the root namespace; for a targetRefs policy, none attached to the same targets): no
+    request there carries a validated token, so those attributes never match."""
+    for ap in mesh.authorization_policies:
+        uses = [f"spec.rules[{i}]" for i, r in enumerate(ap.rules)
+                if any(s.request_principals or s.not_request_principals for s in r.sources)
+                or any(c.key.startswith("request.auth.") for c in r.conditions)]
+        if not uses:
+            continue
+        if ap.target_refs:
+            found = any(ra.namespace == ap.namespace and set(ra.target_refs) & set(ap.target_refs)
+                        for ra in mesh.request_authentications)
+            where = "attached to the same targets"
+        else:
+            found = any(not ra.target_refs and ra.namespace in (ap.namespace, mesh.root_namespace)
+                        for ra in mesh.request_authentications)
+            where = f"in namespace {ap.namespace} or {mesh.root_namespace}"
+        if not found:
+            yield Issue(ap.ref, uses[0], f"uses request principals or request.auth attributes, but no "
+                        f"RequestAuthentication is {where}: no request carries a validated JWT, so they never "
+                        "match (notRequestPrincipals and notValues always do)", "warning")

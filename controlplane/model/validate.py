@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from controlplane.model.authn import check_request_authentications
+from controlplane.model.authn import check_jwt_conditions, check_request_authentications
 from controlplane.model.gamma import gamma_issues
 from controlplane.model.gwgateways import gateway_issues
 from controlplane.model.ir import (
@@ -82,6 +82,7 @@ def check_mesh(mesh: Mesh) -> tuple[Issue, ...]:
         issues.extend(gateway_issues(mesh.gateway_status))
     issues.extend(check_telemetries(mesh))
     issues.extend(check_request_authentications(mesh))
+    issues.extend(check_jwt_conditions(mesh))
     if mesh.service_entries:
         kube = {h: s for h, s in mesh.services.items() if s.entry is None}
         issues.extend(check_service_entries(mesh.service_entries, kube, mesh.services))
