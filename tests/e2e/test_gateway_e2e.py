@@ -465,3 +465,97 @@ def test_egress_gateway_carries_a_service_entry_host(egress: Env) -> None:
         stats = c.get(f"http://127.0.0.1:{gw_admin}/stats?filter=downstream_rq_2xx").text
         assert any(line.endswith(tuple(f": {n}" for n in range(1, 100))) for line in stats.splitlines()
                    if f"{EGRESS}_{EGRESS_PORT}" in line), stats
+
+
+# --------------------------------------------------------------------------- TLS passthrough
+
+TLS_BACKEND, TLS_BACKEND_PORT = "127.0.0.138", 19138
+
+
+def test_tls_passthrough_reaches_the_backend_that_terminates_tls(tmp_path: Path) -> None:
+    """A PASSTHROUGH server routes by SNI with the bound VirtualService's tls route: the
+    backend (a Python TLS server on loopback) terminates TLS, so curl verifies the backend's
+    certificate, not one of the gateway's; an SNI no tls route names is refused."""
+    import http.server
+    import ssl
+    import threading
+
+    e = Env(tmp_path)
+    for f in e.mesh.iterdir():
+        f.unlink()
+    ca = make_ca("passthrough-ca")
+    (tmp_path / "pt-ca.pem").write_text(ca[0].cert)
+    leaf = issue(ca, "db.example.com", client=False)
+    (tmp_path / "db.pem").write_text(leaf.cert + ca[0].cert)
+    (tmp_path / "db-key.pem").write_text(leaf.key)
+
+    class Hello(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = b"hello from the tls backend\n"
+            self.send_response(200)
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            return
+
+    server = http.server.ThreadingHTTPServer((TLS_BACKEND, TLS_BACKEND_PORT), Hello)
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(tmp_path / "db.pem", tmp_path / "db-key.pem")
+    server.socket = ctx.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    port = free_port()
+    e.write("00-pt.yaml", f"""
+apiVersion: v1
+kind: Namespace
+metadata: {{name: edge}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: db, namespace: edge}}
+spec: {{selector: {{app: db}}, ports: [{{name: tls, port: {TLS_BACKEND_PORT}}}]}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: db-1, namespace: edge, labels: {{kubernetes.io/service-name: db}}}}
+addressType: IPv4
+ports: [{{name: tls, port: {TLS_BACKEND_PORT}, protocol: TCP}}]
+endpoints: [{{addresses: [{TLS_BACKEND}], conditions: {{ready: true}}}}]
+---
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {{name: pt, namespace: edge}}
+spec:
+  selector: {{istio: ingressgateway}}
+  servers:
+  - port: {{number: {port}, name: tls, protocol: TLS}}
+    bind: 127.0.0.1
+    hosts: ["*.example.com"]
+    tls: {{mode: PASSTHROUGH}}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: db-sni, namespace: edge}}
+spec:
+  hosts: ["*.example.com"]
+  gateways: [pt]
+  tls:
+  - match: [{{sniHosts: [db.example.com]}}]
+    route: [{{destination: {{host: db.edge.svc.cluster.local, port: {{number: {TLS_BACKEND_PORT}}}}}}}]
+""")
+    try:
+        e.start(backend="unused=127.0.0.139:19139")
+        e.envoy("pt-gateway", "--mode", "gateway", "--gateway", "pt", "--namespace", "edge")
+        wait_port("127.0.0.1", port)
+
+        def ok() -> str | None:
+            code, out = e.curl("db.example.com", port, ca="pt-ca.pem")
+            return out if code == 0 and status_of(out) == 200 else None
+
+        assert "hello from the tls backend" in eventually(ok)
+        code, out = e.curl("other.example.com", port, ca="pt-ca.pem")  # no tls route: no chain, refused
+        assert code != 0, out
+    finally:
+        server.shutdown()
+        e.close()
