@@ -42,7 +42,7 @@ from controlplane.model.telemetry import waypoint_access_logs
 from controlplane.translate.accesslog import AccessLogSink, resolve
 from controlplane.translate.extauthz import ExtAuthzTarget, custom_target, http_authz_filters
 from controlplane.translate.hbone import TunnelTarget, build_hbone_inbound, build_internal_cluster
-from controlplane.translate.jwt import build_jwks_cluster, http_jwt_filters, jwks_clusters
+from controlplane.translate.jwt import HostRules, build_jwks_cluster, http_jwt_filters, jwks_clusters
 from controlplane.translate.listeners import hcm_filter
 from controlplane.translate.names import dedupe_domains, destination_port, service_domains
 from controlplane.translate.nodeproxy import plan_node
@@ -97,11 +97,14 @@ def plan_waypoint(mesh: Mesh, meta: ProxyMeta) -> list[ResourceSpec]:
             add(authorizer_cluster_specs(mesh, ns, ext.host, ext.provider.port))
         ras = waypoint_request_authentications(mesh, ns, name, tuple(s.name for s in services))
         jwt = jwt_rules(ras)
+        # Each service validates the rules attached to it or to the waypoint, not its neighbours'.
+        jwt_hosts = tuple((tuple(hosts), jwt_rules(waypoint_request_authentications(mesh, ns, name, (s.name,))))
+                          for s, hosts in zip(services, domains, strict=True))
         add([ResourceSpec(CLUSTER, jc.name, build_jwks_cluster, (jc,), tuple(r.ref for r in ras))
              for jc in jwks_clusters(jwt)])
         logs, log_refs = waypoint_access_logs(mesh, ns, name, tuple(s.name for s in services))
         sinks = resolve(logs, mesh.mesh_config)
-        add([ResourceSpec(LISTENER, inner, build_waypoint_http, (inner, td, authz, jwt, ext, sinks),
+        add([ResourceSpec(LISTENER, inner, build_waypoint_http, (inner, td, authz, jwt, ext, sinks, jwt_hosts),
                           tuple(dict.fromkeys((*(s.ref for s in services), *(a.ref for a in authz),
                                                *(r.ref for r in ras), *log_refs))))])
     add([ResourceSpec(LISTENER, "waypoint_hbone", build_hbone_inbound,
@@ -164,13 +167,16 @@ def _per_service_policies(mesh: Mesh, ns: str, waypoint: str, services: list[Ser
 
 def build_waypoint_http(name: str, trust_domain: str, authz: tuple[AuthorizationPolicy, ...],
                         jwt: tuple[JwtRule, ...] = (), ext_authz: ExtAuthzTarget | None = None,
-                        logs: tuple[AccessLogSink, ...] = ()) -> listener_pb2.Listener:
+                        logs: tuple[AccessLogSink, ...] = (), jwt_hosts: HostRules = ()
+                        ) -> listener_pb2.Listener:
     """The internal listener of one port: HTTP routing (RDS `name`), JWT validation, L7
     authorization (CUSTOM policies: `ext_authz`'s authorizer, or they deny without one) and
-    the access logs of the Telemetry attached to the waypoint or its services."""
+    the access logs of the Telemetry attached to the waypoint or its services. `jwt`: every
+    rule of the port's services; `jwt_hosts`: each service's Host names and its own rules, so
+    a request is validated only against the rules of the service it is for."""
     lst = listener_pb2.Listener(name=name)
     lst.internal_listener.SetInParent()
-    filters: list[tuple[str, Any]] = [*http_jwt_filters(jwt)]
+    filters: list[tuple[str, Any]] = [*http_jwt_filters(jwt, jwt_hosts)]
     filters += http_authz_filters(authz, trust_domain, ext_authz, issuers(jwt)) if authz else []
     lst.filter_chains.add(name=name).filters.append(hcm_filter(name, name, None, filters, logs=logs))
     return lst

@@ -133,9 +133,48 @@ def jwt_authn_filter(rules: Sequence[JwtRule]) -> jwt_pb2.JwtAuthentication:
     return cfg
 
 
-def http_jwt_filters(rules: Sequence[JwtRule]) -> list[tuple[str, jwt_pb2.JwtAuthentication]]:
-    """(filter name, config) to put first in an HTTP chain: none without rules."""
-    return [(JWT_FILTER, jwt_authn_filter(rules))] if rules else []
+HostRules = tuple[tuple[tuple[str, ...], tuple[JwtRule, ...]], ...]
+"""(the Host names of one service, the jwtRules that apply to it) for each service sharing
+one HTTP listener (a waypoint port)."""
+
+
+def jwt_authn_filter_by_host(by_host: HostRules) -> jwt_pb2.JwtAuthentication:
+    """The JWT filter of a listener several services share: a request is checked against the
+    rules of the service its Host names (`:authority`, any case, with or without the port as
+    the service's names list it), and not at all for a service no rule applies to, as Istio
+    applies a RequestAuthentication to the services it targets only. When every service has
+    the same rules: one catch-all requirement (`jwt_authn_filter`)."""
+    groups = [(hosts, rules) for hosts, rules in by_host]
+    if len({rules for _, rules in groups}) == 1:
+        return jwt_authn_filter(groups[0][1])
+    cfg = jwt_pb2.JwtAuthentication(bypass_cors_preflight=True)
+    index: dict[JwtRule, str] = {}
+    for _, rules in groups:
+        for rule in rules:
+            if rule not in index:
+                index[rule] = f"{PROVIDER_PREFIX}{len(index)}"
+                cfg.providers[index[rule]].CopyFrom(_provider(rule))
+    for hosts, rules in groups:
+        if not rules:
+            continue  # nothing validates tokens for this service: no request principal there
+        for host in hosts:
+            req = cfg.rules.add()
+            req.match.prefix = "/"
+            req.match.headers.add(name=":authority", string_match=string_pb2.StringMatcher(exact=host, ignore_case=True))
+            any_of = req.requires.requires_any.requirements
+            for rule in rules:
+                any_of.add(provider_name=index[rule])
+            any_of.add().allow_missing.SetInParent()
+    return cfg
+
+
+def http_jwt_filters(rules: Sequence[JwtRule], by_host: HostRules = ()
+                     ) -> list[tuple[str, jwt_pb2.JwtAuthentication]]:
+    """(filter name, config) to put first in an HTTP chain: none without rules. `by_host`:
+    the rules of each service of a shared listener (`jwt_authn_filter_by_host`)."""
+    if not rules:
+        return []
+    return [(JWT_FILTER, jwt_authn_filter_by_host(by_host) if by_host else jwt_authn_filter(rules))]
 
 
 # --------------------------------------------------------------------------- RBAC matchers
