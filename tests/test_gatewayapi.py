@@ -236,6 +236,8 @@ def test_filters_timeouts_and_grpc_matches_translate_to_the_route_ir() -> None:
      "spec.rules[0].matches[0].method", "unsupported method"),
     ("  - backendRefs: [{name: reviews-v1, port: 9080}]\n    timeouts: {request: 1s, backendRequest: 2s}\n",
      "spec.rules[0].timeouts.backendRequest", "must not be longer"),
+    ("  - backendRefs: [{name: reviews-v1, port: 9080}]\n  hostnames: [ok.example.com, 'bad host', 10.0.0.1]\n",
+     "spec.hostnames[1]", "not a valid hostname"),
 ])
 def test_invalid_routes_are_errors_naming_the_field(rules: str, field: str, text: str) -> None:
     (raw,) = raws(route("bad", rules))

@@ -127,6 +127,11 @@ def _route(ctx: Ctx, kind: RouteKind, spec: Mapping[str, Any], namespace: str, n
     if not get_list(ctx, spec, "parentRefs", "spec"):
         ctx.warn("spec.parentRefs", "no parentRefs: this route is attached to nothing and has no effect")
     hostnames = get_str_list(ctx, spec, "hostnames", "spec")
+    for i, host in enumerate(hostnames):
+        bare = host[2:] if host.startswith("*.") else host
+        if len(host) > 253 or not _HOSTNAME_RE.fullmatch(bare.lower()) or _IPV4_RE.fullmatch(bare):
+            ctx.error(index("spec.hostnames", i), f"{host!r} is not a valid hostname (a DNS name, optionally "
+                      "prefixed by '*.'; no IP address)")
     if hostnames and any(p.is_service for p in parents):
         ctx.warn("spec.hostnames", "ignored for Service parents: a route attached to a Service applies to "
                  "all of that Service's traffic, whatever its Host (GAMMA)")
@@ -303,6 +308,8 @@ def _http_match(ctx: Ctx, value: object, path: str) -> tuple[HTTPMatch, tuple[in
     return match, _rank(uri, 1 if method else 0, len(headers), len(query))
 
 
+_HOSTNAME_RE = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+_IPV4_RE = re.compile(r"[0-9.]+")
 _GRPC_NAME_RE = r"[A-Za-z_][A-Za-z_0-9]*(\.[A-Za-z_][A-Za-z_0-9]*)*"
 
 
