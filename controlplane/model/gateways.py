@@ -111,12 +111,23 @@ def intersect_host(server_host: str, vs_host: str) -> str | None:
 
 def server_vs_hosts(server: GatewayServer, vs: VirtualService) -> tuple[str, ...]:
     """The host names of `vs` a gateway server serves (server hosts whose namespace part admits
-    `vs`'s namespace, intersected with `vs`'s hosts), sorted, each once."""
+    `vs`'s namespace, intersected with `vs`'s hosts), sorted, each once.
+
+    An exact server host is looked up among `vs`'s exact hosts and checked against its
+    wildcard ones only, so thousands of servers and hosts cost set lookups, not every pair."""
+    admitted = [host for ns, host in server.hosts if ns in ("*", vs.namespace)]
+    if not admitted:
+        return ()
+    vhosts = vs.host_patterns or vs.hosts
+    every = set(vhosts)  # (an exact server host never equals a wildcard name)
+    wild = [vh for vh in vhosts if vh.startswith("*")] if "*" in "".join(vhosts) else []
     out: set[str] = set()
-    for ns, host in server.hosts:
-        if ns not in ("*", vs.namespace):
+    for host in admitted:
+        if not host.startswith("*"):
+            if host in every or any(_wild_match(vh, host) for vh in wild):
+                out.add(host)
             continue
-        for vh in vs.host_patterns or vs.hosts:
+        for vh in vhosts:
             got = intersect_host(host, vh)
             if got is not None:
                 out.add(got)
