@@ -405,7 +405,15 @@ def sample_doc(kind: str, name: str) -> dict[str, Any]:
     raise AssertionError(f"no {kind} {name} in the samples")
 
 
-DELETE = object()
+class _Delete:
+    """The marker `mutate` deletes a field for; a stable repr keeps test ids the same in every
+    process (pytest-xdist workers must collect identical ids)."""
+
+    def __repr__(self) -> str:
+        return "DELETE"
+
+
+DELETE = _Delete()
 _TOKEN = re.compile(r"([^.\[\]]+)|\[(\d+)\]")
 
 
