@@ -21,7 +21,8 @@ request principal `<iss>/<sub>` is the pair (metadata key, its `sub` claim). Ist
 forms (`*`, `prefix*`, `*suffix`, exact) on `iss/sub` are rewritten, per issuer the proxy
 validates, into matches of the `sub` claim (`request_principal`); claims (`request.auth.
 claims[a][b]`, `.audiences` = `aud`, `.presenter` = `azp`) match a string claim or any
-element of a list claim (`claim`). With no issuer (no RequestAuthentication applies) nothing
+element of a list claim (`claim`); `scope` and `permission` are space-separated lists, as in
+Istio (Envoy's `normalize_payload_in_metadata`). With no issuer (no RequestAuthentication applies) nothing
 matches: requests carry no request principal.
 """
 
@@ -46,6 +47,9 @@ PROVIDER_PREFIX = "origins-"
 JWKS_CACHE_S = 600
 JWKS_CONNECT_TIMEOUT_MS = 5_000
 _CLAIM_PARTS = re.compile(r"\[([^\[\]]+)\]")
+SPACE_DELIMITED_CLAIMS = ("scope", "permission")
+"""Claims whose space-separated value is a list in the metadata, as Istio treats them (OAuth's
+`scope`): `request.auth.claims[scope]` then matches one scope of "read write"."""
 
 
 # --------------------------------------------------------------------------- the filter
@@ -98,6 +102,7 @@ def build_jwks_cluster(spec: JwksCluster) -> cluster_pb2.Cluster:
 def _provider(rule: JwtRule) -> jwt_pb2.JwtProvider:
     p = jwt_pb2.JwtProvider(issuer=rule.issuer, forward=rule.forward_original_token,
                             payload_in_metadata=rule.issuer)
+    p.normalize_payload_in_metadata.space_delimited_claims.extend(SPACE_DELIMITED_CLAIMS)
     p.audiences.extend(rule.audiences)
     if rule.jwks is not None:
         p.local_jwks.inline_string = rule.jwks

@@ -129,6 +129,8 @@ def mesh_yaml(port: int, jwks_port: int, keys: Keys) -> str:
               "when": [{"key": "request.auth.claims[groups]", "values": ["admins"]}]},
              {"from": [{"source": {"requestPrincipals": [f"{ES_ISSUER}/bob"]}}],
               "to": [{"operation": {"paths": ["/bob*"]}}]},
+             {"to": [{"operation": {"paths": ["/scope*"]}}],
+              "when": [{"key": "request.auth.claims[scope]", "values": ["write"]}]},
          ]}},
         {"apiVersion": "telemetry.istio.io/v1", "kind": "Telemetry",
          "metadata": {"name": "logs", "namespace": NS},
@@ -247,6 +249,12 @@ def test_claim_based_allow(env: Env) -> None:
     assert env.get("/group", env.keys.token(groups="admins")).status_code == 200
     assert env.get("/group", env.keys.token(groups=["users"])).status_code == 403
     assert env.get("/group").status_code == 403
+
+
+def test_scope_is_a_space_separated_list(env: Env) -> None:
+    assert env.get("/scope", env.keys.token(scope="read write")).status_code == 200
+    assert env.get("/scope", env.keys.token(scope="read")).status_code == 403
+    assert env.get("/scope", env.keys.token(scope="rewrite")).status_code == 403
 
 
 def test_inline_jwks_es256_and_an_exact_request_principal(env: Env) -> None:
