@@ -335,6 +335,7 @@ SAMPLES: dict[str, Any] = {
     "set": {"x-a": "b"}, "add": {"x-a": "b"}, "remove": ["x-b"],
     "redirect.uri": "/elsewhere", "redirect.authority": "a.example.com", "redirect.port": 8443,
     "redirect.derivePort": "FROM_REQUEST_PORT", "redirect.scheme": "https", "redirect.redirectCode": 302,
+    "redirect.prefixRewrite": "/new",
     "directResponse.status": 404, "body.string": "hi", "body.bytes": "aGk=",
     "delegate.name": "d", "delegate.namespace": "default",
     "rewrite.uri": "/r", "rewrite.authority": "a.example.com",
@@ -365,6 +366,7 @@ SAMPLES: dict[str, Any] = {
     "useSourceIp": True, "httpQueryParameterName": "q", "minimumRingSize": 2048, "maglev.tableSize": 5003,
     "maxConnections": 10, "connectTimeout": "1s", "http1MaxPendingRequests": 10, "http2MaxRequests": 100,
     "maxRequestsPerConnection": 5, "maxRetries": 3, "http.idleTimeout": "30s", "maxConcurrentStreams": 64,
+    "http2KeepAlive.interval": "10s", "http2KeepAlive.timeout": "3s",
     "consecutive5xxErrors": 7, "consecutiveGatewayErrors": 3, "consecutiveLocalOriginFailures": 4,
     "splitExternalLocalOriginErrors": True, "interval": "10s", "baseEjectionTime": "30s",
     "maxEjectionPercent": 50, "minHealthPercent": 25, "consecutiveErrors": 5,
@@ -408,6 +410,7 @@ SAMPLES: dict[str, Any] = {
     "serviceAccounts": ["default/a"], "notServiceAccounts": ["default/a"],
     "ipBlocks": ["10.0.0.0/8"], "notIpBlocks": ["10.0.0.0/8"],
     "remoteIpBlocks": ["10.0.0.0/8"], "notRemoteIpBlocks": ["10.0.0.0/8"],
+    "trustDomains": ["example.org"], "notTrustDomains": ["example.org"],
     "operation.hosts": ["a.example.com"], "operation.notHosts": ["a.example.com"],
     "ports": ["9080"], "notPorts": ["9080"], "methods": ["GET"], "notMethods": ["GET"],
     "paths": ["/a"], "notPaths": ["/a"],
@@ -458,6 +461,8 @@ CONTEXT: dict[str, dict[str, list[tuple[str, dict[str, Any]]]]] = {
         "consistentHash.ringHash.": [("consistentHash", {"httpHeaderName": "x-user"})],
         "consistentHash.maglev.": [("consistentHash", {"httpHeaderName": "x-user"})],
         "consecutiveLocalOriginFailures": [("outlierDetection", {"splitExternalLocalOriginErrors": True})],
+        # (Istio requires both; the baseline's values differ from the samples)
+        "http2KeepAlive.": [("http2KeepAlive", {"interval": "30s", "timeout": "20s"})],
         "tls.subjectAltNames": [("tls", {"mode": "SIMPLE"})],
         "tls.sni": [("tls", {"mode": "SIMPLE"})],
         **{f"tls.{k}": [("tls", {"mode": "SIMPLE"})]
@@ -578,6 +583,13 @@ OVERRIDES: dict[tuple[str, str], tuple[dict[str, Any], dict[str, Any]]] = {
     # jwksUri instead of the baseline's inline keys (one of the two is required).
     ("RequestAuthentication", "jwtRules[].jwksUri"): (
         {}, {"jwtRules": [{"issuer": "iss", "jwksUri": "https://keys.example.com/jwks.json"}]}),
+    ("RequestAuthentication", "jwtRules[].jwks_uri"): (
+        {}, {"jwtRules": [{"issuer": "iss", "jwks_uri": "https://keys.example.com/jwks.json"}]}),
+    # a redirect with a prefix match (prefixRewrite replaces the matched prefix)
+    ("VirtualService", "http[].redirect.prefixRewrite"): (
+        {"http": [{"match": [{"uri": {"prefix": "/old"}}], "redirect": {"authority": "a.example.com"}}]},
+        {"http": [{"match": [{"uri": {"prefix": "/old"}}], "redirect": {"authority": "a.example.com",
+                                                                         "prefixRewrite": "/new"}}]}),
     ("RequestAuthentication", "jwtRules[].timeout"): (
         {"jwtRules": [{"issuer": "iss", "jwksUri": "https://keys.example.com/jwks.json"}]},
         {"jwtRules": [{"issuer": "iss", "jwksUri": "https://keys.example.com/jwks.json", "timeout": "2s"}]}),
@@ -625,6 +637,8 @@ NOTES = {
     ("RequestAuthentication", "jwtRules[].jwksUri"): "Fetched by Envoy through a cluster of its own (STATIC for an IP "
                                                      "address, STRICT_DNS for a name; TLS with the system CA bundle for "
                                                      "https). Neither jwksUri nor jwks (OpenID discovery) is refused.",
+    ("RequestAuthentication", "jwtRules[].jwks_uri"): "Another spelling of jwksUri (Istio accepts both); set "
+                                                      "one of them.",
     ("Telemetry", "accessLogging[].providers[].name"): "`envoy` (Istio's default text format on stdout) or a mesh "
                                                        "config envoyFileAccessLog provider (path, text or JSON labels); "
                                                        "other provider types are warned.",

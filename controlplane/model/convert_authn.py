@@ -30,8 +30,12 @@ from controlplane.model.convert_base import (
 from controlplane.model.convert_security import _selector, _spec, _target_refs
 
 RA_SPEC_FIELDS = ("selector", "targetRef", "targetRefs", "jwtRules")
-JWT_RULE_FIELDS = ("issuer", "audiences", "jwksUri", "jwks", "fromHeaders", "fromParams", "fromCookies",
-                   "outputPayloadToHeader", "outputClaimToHeaders", "forwardOriginalToken", "timeout")
+JWT_RULE_FIELDS = ("issuer", "audiences", "jwksUri", "jwks_uri", "jwks", "fromHeaders", "fromParams",
+                   "fromCookies", "outputPayloadToHeader", "outputClaimToHeaders", "forwardOriginalToken", "timeout")
+JWT_RULE_IGNORED = {
+    "spaceDelimitedClaims": "spaceDelimitedClaims is not supported yet; ignored: these claims match "
+                            "authorization rules only as whole strings, not word by word",
+}
 
 
 def convert_request_authentication(ctx: Ctx, namespace: str, name: str) -> RequestAuthentication | None:
@@ -98,11 +102,14 @@ def _jwt_rule(ctx: Ctx, item: object, p: str) -> JwtRule | None:
     if m is None:
         return None
     before = ctx.error_count()
-    check_fields(ctx, m, p, JWT_RULE_FIELDS)
+    check_fields(ctx, m, p, JWT_RULE_FIELDS, JWT_RULE_IGNORED)
     issuer = get_str(ctx, m, "issuer", p, required=True)
-    uri_text = get_str(ctx, m, "jwksUri", p)
+    uri_key = "jwks_uri" if m.get("jwksUri") is None and m.get("jwks_uri") is not None else "jwksUri"
+    if m.get("jwksUri") is not None and m.get("jwks_uri") is not None:
+        ctx.error(join(p, "jwks_uri"), "set jwksUri or jwks_uri (another spelling of it), not both")
+    uri_text = get_str(ctx, m, uri_key, p)
     jwks_text = get_str(ctx, m, "jwks", p)
-    uri = _jwks_uri(ctx, uri_text, join(p, "jwksUri")) if uri_text else None
+    uri = _jwks_uri(ctx, uri_text, join(p, uri_key)) if uri_text else None
     jwks = _jwks(ctx, jwks_text, join(p, "jwks")) if jwks_text else None
     if uri_text and jwks_text:
         ctx.error(join(p, "jwks"), "set jwksUri or jwks, not both")

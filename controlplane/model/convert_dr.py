@@ -210,6 +210,8 @@ def load_balancer(ctx: Ctx, m: Mapping[str, Any], path: str) -> LoadBalancer | N
         {
             "warmupDurationSecs": "warmupDurationSecs is not supported yet; ignored",
             "warmup": "warmup is not supported yet; ignored",
+            "zoneAwareLbSetting": "zoneAwareLbSetting is not supported yet; ignored (Envoy's zone-aware routing "
+                                  "is off; localityLbSetting is supported)",
         },
     )
     simple_text = get_str(ctx, lm, "simple", p)
@@ -417,6 +419,7 @@ def connection_pool(ctx: Ctx, m: Mapping[str, Any], path: str) -> ConnectionPool
             "maxRetries",
             "idleTimeout",
             "maxConcurrentStreams",
+            "http2KeepAlive",
         ),
         {
             "h2UpgradePolicy": "h2UpgradePolicy is not supported yet; ignored",
@@ -436,7 +439,24 @@ def connection_pool(ctx: Ctx, m: Mapping[str, Any], path: str) -> ConnectionPool
         max_retries=count(http, "maxRetries", hp),
         idle_timeout_ms=get_duration(ctx, http, "idleTimeout", hp),
         max_concurrent_streams=count(http, "maxConcurrentStreams", hp),
+        http2_keepalive=_http2_keepalive(ctx, http, hp),
     )
+
+
+def _http2_keepalive(ctx: Ctx, m: Mapping[str, Any], path: str) -> tuple[int, int] | None:
+    """`http2KeepAlive` (Istio: interval and timeout both required): HTTP/2 PING frames on
+    upstream HTTP/2 connections, Envoy's `http2_protocol_options.connection_keepalive`."""
+    p = join(path, "http2KeepAlive")
+    km = child(ctx, m, "http2KeepAlive", path)
+    if km is None:
+        return None
+    check_fields(ctx, km, p, ("interval", "timeout"))
+    values = [get_duration(ctx, km, k, p, min_ms=1) for k in ("interval", "timeout")]
+    for k, v in zip(("interval", "timeout"), values, strict=True):
+        if v is None and km.get(k) is None:
+            ctx.error(join(p, k), "is required when http2KeepAlive is set (as in Istio)")
+    interval, timeout = values
+    return None if interval is None or timeout is None else (interval, timeout)
 
 
 def outlier_detection(ctx: Ctx, m: Mapping[str, Any], path: str) -> OutlierDetection | None:
@@ -458,7 +478,11 @@ def outlier_detection(ctx: Ctx, m: Mapping[str, Any], path: str) -> OutlierDetec
             "maxEjectionPercent",
             "minHealthPercent",
         ),
-        {"consecutiveErrors": "consecutiveErrors is deprecated and ignored; use consecutive5xxErrors"},
+        {
+            "consecutiveErrors": "consecutiveErrors is deprecated and ignored; use consecutive5xxErrors",
+            "outlierDetectionHttpErrorCodes": "outlierDetectionHttpErrorCodes is not supported yet; ignored: "
+                                              "every 5xx response counts toward consecutive5xxErrors",
+        },
     )
     return OutlierDetection(
         consecutive_5xx_errors=get_int(ctx, om, "consecutive5xxErrors", p, lo=0, hi=INT32_MAX),

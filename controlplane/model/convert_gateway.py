@@ -53,10 +53,12 @@ PORT_FIELDS = ("number", "protocol", "name")
 PORT_IGNORED = {"targetPort": "targetPort is not supported on gateways; ignored"}
 TLS_FIELDS = ("httpsRedirect", "mode", "serverCertificate", "privateKey", "caCertificates", "caCrl",
               "credentialName", "subjectAltNames", "verifyCertificateSpki", "verifyCertificateHash",
-              "minProtocolVersion", "maxProtocolVersion", "cipherSuites")
+              "minProtocolVersion", "maxProtocolVersion", "cipherSuites", "insecureSkipVerify")
 TLS_IGNORED = {
     "credentialNames": "several credentials per server are not supported; ignored (use credentialName)",
     "tlsCertificates": "several certificates per server are not supported; ignored (use credentialName)",
+    "caCertCredentialName": "caCertCredentialName is not supported yet; ignored: client certificates are "
+                            "verified with the CA of credentialName's Secret or caCertificates",
 }
 HTTP_PROTOCOLS = ("HTTP", "HTTP2", "GRPC")
 TLS_PROTOCOLS = ("HTTPS", "TLS")
@@ -200,6 +202,9 @@ def _tls(ctx: Ctx, m: Mapping[str, Any], path: str, protocol: str) -> ServerTLS 
     p = join(path, "tls")
     check_fields(ctx, t, p, TLS_FIELDS, TLS_IGNORED)
     redirect = bool(get_bool(ctx, t, "httpsRedirect", p))
+    if get_bool(ctx, t, "insecureSkipVerify", p):
+        ctx.warn(join(p, "insecureSkipVerify"), "insecureSkipVerify is not supported; ignored: client certificates are "
+                 "still verified (a connection Istio would let through is refused)")
     mode_text = (get_str(ctx, t, "mode", p) or "").upper()
     mode: ServerTLSMode = "SIMPLE"
     if mode_text in REFUSED_MODES:

@@ -419,21 +419,41 @@ def redirect(ctx: Ctx, m: Mapping[str, Any], path: str) -> Redirect | None:
         ctx,
         rm,
         p,
-        ("uri", "authority", "port", "scheme", "redirectCode"),
+        ("uri", "authority", "port", "scheme", "redirectCode", "prefixRewrite"),
         {"derivePort": "derivePort is not supported yet; ignored"},
     )
+    uri = get_str(ctx, rm, "uri", p)
+    prefix = get_str(ctx, rm, "prefixRewrite", p)
+    if uri is not None and prefix is not None:
+        ctx.error(join(p, "prefixRewrite"), "set uri or prefixRewrite, not both (as in Istio)")
+        prefix = None
+    if prefix is not None:
+        _prefix_rewrite_matches(ctx, m, join(p, "prefixRewrite"))
     code = get_int(ctx, rm, "redirectCode", p)
     if code is not None and code not in REDIRECT_CODES:
         ctx.error(
             join(p, "redirectCode"), f"must be one of {', '.join(map(str, REDIRECT_CODES))}, got {code}"
         )
     return Redirect(
-        uri=get_str(ctx, rm, "uri", p),
+        uri=uri,
+        prefix_rewrite=prefix,
         authority=get_str(ctx, rm, "authority", p),
         port=get_port(ctx, rm, "port", p),
         scheme=get_str(ctx, rm, "scheme", p),
         redirect_code=code if code in REDIRECT_CODES else 301,
     )
+
+
+def _prefix_rewrite_matches(ctx: Ctx, m: Mapping[str, Any], path: str) -> None:
+    """Istio: a redirect's prefixRewrite needs prefix matches (it replaces the matched
+    prefix); with an exact or regex uri match Envoy replaces the whole path."""
+    matches = m.get("match")
+    for i, item in enumerate(matches if isinstance(matches, list) else ()):
+        uri = item.get("uri") if isinstance(item, Mapping) else None
+        kinds = [k for k in ("exact", "regex") if isinstance(uri, Mapping) and uri.get(k) is not None]
+        if kinds:
+            ctx.warn(path, f"match[{i}] has a uri {kinds[0]} match, not a prefix: the whole path is "
+                           "replaced by this value")
 
 
 def rewrite(ctx: Ctx, m: Mapping[str, Any], path: str) -> Rewrite | None:

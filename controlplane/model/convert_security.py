@@ -80,6 +80,8 @@ SOURCE_FIELDS = (
     "notIpBlocks",
     "remoteIpBlocks",
     "notRemoteIpBlocks",
+    "trustDomains",
+    "notTrustDomains",
 )
 OPERATION_FIELDS = ("hosts", "notHosts", "ports", "notPorts", "methods", "notMethods", "paths", "notPaths")
 CONDITION_KEYS = (
@@ -281,7 +283,22 @@ def _source(ctx: Ctx, m: Mapping[str, Any], path: str, namespace: str) -> AuthzS
         not_ip_blocks=_cidrs(ctx, sm, "notIpBlocks", p),
         remote_ip_blocks=_cidrs(ctx, sm, "remoteIpBlocks", p),
         not_remote_ip_blocks=_cidrs(ctx, sm, "notRemoteIpBlocks", p),
+        trust_domains=_trust_domains(ctx, sm, "trustDomains", p),
+        not_trust_domains=_trust_domains(ctx, sm, "notTrustDomains", p),
     )
+
+
+def _trust_domains(ctx: Ctx, m: Mapping[str, Any], key: str, path: str) -> tuple[str, ...]:
+    """Trust domains (Istio: exact, `abc*` prefix, `*abc` suffix or `*` presence) of the peer
+    certificate's SPIFFE ID `spiffe://<trust domain>/...`."""
+    out: list[str] = []
+    for i, v in enumerate(_patterns(ctx, m, key, path)):
+        if (not v.strip("*") and v != "*") or "/" in v or any(c.isspace() for c in v):
+            ctx.error(index(join(path, key), i), f"{v!r} is not a trust domain (a name such as cluster.local, "
+                                                 "with `*` at its start or end)")
+            continue
+        out.append(v)
+    return tuple(out)
 
 
 def _operation(ctx: Ctx, m: Mapping[str, Any], path: str) -> AuthzOperation | None:

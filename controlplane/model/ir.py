@@ -484,6 +484,7 @@ class ConnectionPool:
     max_retries: int | None = None
     idle_timeout_ms: int | None = None
     max_concurrent_streams: int | None = None
+    http2_keepalive: tuple[int, int] | None = None  # (interval, timeout) ms of HTTP/2 PINGs
 
 
 @dataclass(frozen=True, slots=True)
@@ -651,6 +652,8 @@ class AuthzSource:
     not_ip_blocks: tuple[str, ...] = ()
     remote_ip_blocks: tuple[str, ...] = ()
     not_remote_ip_blocks: tuple[str, ...] = ()
+    trust_domains: tuple[str, ...] = ()  # of the peer certificate's SPIFFE ID, with wildcards
+    not_trust_domains: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,6 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.core.v3 import protocol_pb2
 from envoy.config.endpoint.v3 import endpoint_pb2
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 
@@ -133,6 +134,7 @@ def _protocol_options(c: cluster_pb2.Cluster, protocol: PortProtocol, cp: Connec
         h2o.SetInParent()
         if streams:
             h2o.max_concurrent_streams.value = streams
+        _keepalive(h2o, cp)
     elif sniffed:
         # Speak upstream whatever the client spoke (HTTP/1.1 or h2c).
         down = opts.use_downstream_protocol_config
@@ -140,9 +142,20 @@ def _protocol_options(c: cluster_pb2.Cluster, protocol: PortProtocol, cp: Connec
         down.http2_protocol_options.SetInParent()
         if streams:
             down.http2_protocol_options.max_concurrent_streams.value = streams
+        _keepalive(down.http2_protocol_options, cp)
     else:
         opts.explicit_http_config.http_protocol_options.SetInParent()
     c.typed_extension_protocol_options[HTTP_OPTIONS_KEY].CopyFrom(pack(opts))
+
+
+def _keepalive(h2o: protocol_pb2.Http2ProtocolOptions, cp: ConnectionPool | None) -> None:
+    """DestinationRule `connectionPool.http.http2KeepAlive`: PING frames on the HTTP/2
+    connections to the upstream (HTTP/1.1 connections have no PINGs)."""
+    if cp is None or cp.http2_keepalive is None:
+        return
+    interval, timeout = cp.http2_keepalive
+    h2o.connection_keepalive.interval.CopyFrom(duration_ms(interval))
+    h2o.connection_keepalive.timeout.CopyFrom(duration_ms(timeout))
 
 
 def _outlier_detection(c: cluster_pb2.Cluster, od: OutlierDetection | None) -> None:

@@ -175,6 +175,22 @@ def namespace_id(value: str) -> rbac_pb2.Principal:
     return _authenticated(_identity_regex(_name_regex(value), _NS_PART))
 
 
+def trust_domain_id(value: str, trust_domain: str) -> rbac_pb2.Principal:
+    """A `trustDomains` value (Istio's wildcards) as a match on the trust domain of the peer's
+    SPIFFE ID (`cluster.local` means the mesh's own trust domain, as in principals)."""
+    if value == DEFAULT_TRUST_DOMAIN:
+        value = trust_domain
+    if value.startswith("*") and value != "*":
+        pattern = f"[^/]*{quote(value[1:])}"
+    elif value.endswith("*"):
+        pattern = f"{quote(value[:-1])}[^/]*"
+    else:
+        return _authenticated(string_matcher(f"{value}/", prefix="spiffe://"))
+    m = string_pb2.StringMatcher()
+    m.safe_regex.regex = f"spiffe://{pattern}/.*"
+    return _authenticated(m)
+
+
 def service_account_id(value: str, trust_domain: str) -> rbac_pb2.Principal:
     ns, _, sa = value.partition("/")
     return _authenticated(string_matcher(f"{trust_domain}/ns/{ns}/sa/{sa}", prefix="spiffe://"))
@@ -290,6 +306,8 @@ def _source(src: AuthzSource, td: str, tcp: bool, issuers: Sequence[str] = ()) -
     _principal_field(parts, src.not_ip_blocks, True, _direct_ip)
     _principal_field(parts, src.remote_ip_blocks, False, _remote_ip)
     _principal_field(parts, src.not_remote_ip_blocks, True, _remote_ip)
+    _principal_field(parts, src.trust_domains, False, lambda v: trust_domain_id(v, td))
+    _principal_field(parts, src.not_trust_domains, True, lambda v: trust_domain_id(v, td))
     if not tcp:  # (on TCP they are HTTP-only attributes)
         _principal_field(parts, src.request_principals, False, lambda v: request_principal(v, issuers))
         _principal_field(parts, src.not_request_principals, True, lambda v: request_principal(v, issuers))
