@@ -31,10 +31,12 @@ test: $(STAMP) system-deps kube-build
 	$(BIN)/python -m pytest -q
 
 # The unit layer of the test pyramid (markers applied by tests/conftest.py): no Envoy, netns,
-# API server or end-to-end runs; under a minute on a quiet 2-core machine.
+# API server, meshline serve process or end-to-end runs; one pytest-xdist worker per core,
+# whole files per worker (their session caches stay useful). ~85 s of CPU in all; the goal is
+# under a minute of wall time on a quiet 2-core machine.
 .PHONY: test-fast
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -m unit --ignore=tests/kube_real --ignore=tests/e2e --ignore=tests/conformance
+	$(BIN)/python -m pytest -q -m unit -n auto --dist loadfile --ignore=tests/kube_real --ignore=tests/e2e --ignore=tests/conformance
 
 # A real kube-apiserver + etcd (tests/kube_real, `make run-kube`): built once from the Go
 # module proxy into ~/.cache/meshline/kube/<version>/ (cold: minutes; then instant).
