@@ -209,6 +209,6 @@ def test_bytes_are_the_same_in_every_process() -> None:
     outs = {
         subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True,
                        env={**os.environ, "PYTHONHASHSEED": str(seed)}).stdout.strip()
-        for seed in (1, 2, 3)
+        for seed in (1, 2)  # two processes with fixed seeds, and this one with its own
     }
     assert outs == {_digest_all_cases()}
