@@ -11,7 +11,8 @@ Envoy policy named `ns[<ns>]-policy[<name>]-rule[<i>]`:
 - principals `td/ns/x/sa/y` match the peer certificate's URI SAN `spiffe://td/ns/x/sa/y`
   (`cluster.local` means the mesh's own trust domain); `*` is any authenticated peer, and
   `abc*` / `*abc` are prefix / suffix matches; namespaces and service accounts match the
-  SPIFFE URI's `/ns/<ns>/sa/<sa>` part. Plaintext peers have no principal;
+  SPIFFE URI's `/ns/<ns>/sa/<sa>` part, trust domains its `spiffe://<td>/` part (same
+  wildcards). Plaintext peers have no principal;
 - paths match the URL path without the query (`/a/*` prefix, `*/b` suffix, exact
   otherwise), methods the `:method` header, hosts the `:authority` header
   (case-insensitively, with or without a port), ports the destination port;
@@ -185,7 +186,7 @@ def trust_domain_id(value: str, trust_domain: str) -> rbac_pb2.Principal:
     elif value.endswith("*"):
         pattern = f"{quote(value[:-1])}[^/]*"
     else:
-        return _authenticated(string_matcher(f"{value}/", prefix="spiffe://"))
+        return _authenticated(string_matcher(f"{value}/*", prefix="spiffe://"))
     m = string_pb2.StringMatcher()
     m.safe_regex.regex = f"spiffe://{pattern}/.*"
     return _authenticated(m)

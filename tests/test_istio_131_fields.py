@@ -1,0 +1,204 @@
+"""Istio 1.31 fields Meshline's CRDs lacked until issue 16 (tests/test_istio_api_schema.py's
+KNOWN_MISSING, now empty): the translated ones change Envoy's configuration as Istio does,
+the others are accepted with a warning that names the field. Pure, no I/O."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import re2
+from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.rbac.v3 import rbac_pb2
+from envoy.config.route.v3 import route_pb2
+from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
+from envoy.type.matcher.v3 import string_pb2
+
+from controlplane.model.authn import RequestAuthentication
+from controlplane.model.convert import convert
+from controlplane.model.ir import AuthorizationPolicy, Issue
+from controlplane.model.raw import RawObject
+from controlplane.translate.rbac import rule_policy
+from tests.test_istio_fields import evaluate
+
+_API = {"AuthorizationPolicy": "security.istio.io/v1", "RequestAuthentication": "security.istio.io/v1",
+        "DestinationRule": "networking.istio.io/v1", "VirtualService": "networking.istio.io/v1",
+        "Gateway": "networking.istio.io/v1"}
+
+
+def _convert(kind: str, spec: dict[str, Any]) -> tuple[object, list[Issue]]:
+    body = {"apiVersion": _API[kind], "kind": kind, "metadata": {"name": "t", "namespace": "default"}, "spec": spec}
+    value, issues = convert(RawObject(kind, _API[kind], "default", "t", body))
+    return value, list(issues)
+
+
+def _errors(issues: list[Issue]) -> list[tuple[str, str]]:
+    return [(i.field, i.message) for i in issues if i.severity == "error"]
+
+
+def _warned(issues: list[Issue], field: str) -> list[str]:
+    return [i.message for i in issues if i.severity == "warning" and i.field == field]
+
+
+# --------------------------------------------------------------------------- trustDomains
+
+
+def _matches(m: string_pb2.StringMatcher, value: str) -> bool:
+    kind = m.WhichOneof("match_pattern")
+    if kind == "exact":
+        return value == m.exact
+    if kind == "prefix":
+        return value.startswith(m.prefix)
+    if kind == "suffix":
+        return value.endswith(m.suffix)
+    assert kind == "safe_regex", kind
+    return re2.fullmatch(m.safe_regex.regex, value) is not None
+
+
+def _admits(p: rbac_pb2.Principal, uri_san: str | None) -> bool:
+    """Envoy's evaluation of the principal kinds trustDomains produces, for a peer whose
+    certificate has `uri_san` (None: plaintext)."""
+    kind = p.WhichOneof("identifier")
+    if kind == "and_ids":
+        return all(_admits(x, uri_san) for x in p.and_ids.ids)
+    if kind == "or_ids":
+        return any(_admits(x, uri_san) for x in p.or_ids.ids)
+    if kind == "not_id":
+        return not _admits(p.not_id, uri_san)
+    if kind == "any":
+        return True
+    assert kind == "authenticated", kind
+    return uri_san is not None and _matches(p.authenticated.principal_name, uri_san)
+
+
+def _peer_check(source: dict[str, Any], trust_domain: str = "cluster.local") -> Any:
+    value, issues = _convert("AuthorizationPolicy", {"action": "ALLOW", "rules": [{"from": [{"source": source}]}]})
+    assert not _errors(issues), issues
+    assert isinstance(value, AuthorizationPolicy)
+    policy = rule_policy(value.rules[0], trust_domain, tcp=False)
+
+    def admits(uri: str | None) -> bool:
+        return any(_admits(p, uri) for p in policy.principals)
+    return admits
+
+
+def test_trust_domains_admit_peers_of_those_trust_domains_only() -> None:
+    admits = _peer_check({"trustDomains": ["partner.example", "corp-*", "*.test"], "notTrustDomains": ["corp-old"]})
+    assert admits("spiffe://partner.example/ns/a/sa/b")
+    assert not admits("spiffe://partner.example.evil/ns/a/sa/b")  # a trust domain is a whole name
+    assert not admits("spiffe://other.example/ns/partner.example/sa/b")
+    assert admits("spiffe://corp-east/ns/a/sa/b")
+    assert not admits("spiffe://corp-old/ns/a/sa/b")  # notTrustDomains
+    assert admits("spiffe://lab.test/ns/a/sa/b")
+    assert not admits("spiffe://lab.testing/ns/a/sa/b")
+    assert not admits(None)  # plaintext peers have no trust domain (Istio: requires mTLS)
+
+
+def test_cluster_local_trust_domain_is_the_mesh_one_and_star_is_any_peer() -> None:
+    admits = _peer_check({"trustDomains": ["cluster.local"]}, trust_domain="mesh.example")
+    assert admits("spiffe://mesh.example/ns/a/sa/b")
+    assert not admits("spiffe://cluster.local.example/ns/a/sa/b")
+    any_peer = _peer_check({"trustDomains": ["*"]})
+    assert any_peer("spiffe://whatever/ns/a/sa/b")
+    assert not any_peer(None)
+
+
+def test_a_bad_trust_domain_is_refused_by_name() -> None:
+    _, issues = _convert("AuthorizationPolicy", {"rules": [{"from": [{"source": {"trustDomains": ["a/b"]}}]}]})
+    assert [f for f, _ in _errors(issues)] == ["spec.rules[0].from[0].source.trustDomains[0]"]
+
+
+# --------------------------------------------------------------------------- http2KeepAlive
+
+
+def _cluster(spec: dict[str, Any], name: str) -> cluster_pb2.Cluster:
+    own, cross, out = evaluate("DestinationRule", spec)
+    assert not [i for i in (*own, *cross) if i.severity == "error"], (own, cross)
+    return cluster_pb2.Cluster.FromString(out[f"pp-bind/type.googleapis.com/envoy.config.cluster.v3.Cluster/{name}"])
+
+
+def _h2(c: cluster_pb2.Cluster) -> Any:
+    opts = http_protocol_options_pb2.HttpProtocolOptions()
+    c.typed_extension_protocol_options["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"].Unpack(opts)
+    return opts
+
+
+def test_http2_keepalive_pings_http2_upstreams() -> None:
+    spec = {"host": "reviews.default.svc.cluster.local",
+            "trafficPolicy": {"connectionPool": {"http": {"http2KeepAlive": {"interval": "30s", "timeout": "1.5s"}}}}}
+    h2 = _cluster(spec, "outbound|9443||reviews.default.svc.cluster.local")  # port http2-admin
+    ka = _h2(h2).explicit_http_config.http2_protocol_options.connection_keepalive
+    assert (ka.interval.seconds, ka.timeout.seconds, ka.timeout.nanos) == (30, 1, 500_000_000)
+    # HTTP/1.1 connections have no PING frames: that cluster is unchanged.
+    h1 = _cluster(spec, "outbound|9080||reviews.default.svc.cluster.local")
+    assert h1 == _cluster({"host": "reviews.default.svc.cluster.local"}, "outbound|9080||reviews.default.svc.cluster.local")
+
+
+def test_http2_keepalive_needs_interval_and_timeout() -> None:
+    _, issues = _convert("DestinationRule", {"host": "reviews", "trafficPolicy": {
+        "connectionPool": {"http": {"http2KeepAlive": {"interval": "30s"}}}}})
+    assert _errors(issues) == [("spec.trafficPolicy.connectionPool.http.http2KeepAlive.timeout",
+                                "is required when http2KeepAlive is set (as in Istio)")]
+
+
+# --------------------------------------------------------------------------- redirect.prefixRewrite
+
+
+def _redirect_route(http: dict[str, Any]) -> route_pb2.Route:
+    own, _, out = evaluate("VirtualService", {"hosts": ["reviews"], "http": [http]})
+    assert not [i for i in own if i.severity == "error"], own
+    rc = route_pb2.RouteConfiguration.FromString(out["pp-bind/type.googleapis.com/envoy.config.route.v3."
+                                                     "RouteConfiguration/9080"])
+    vh = next(v for v in rc.virtual_hosts if "reviews" in v.domains)
+    return vh.routes[0]
+
+
+def test_redirect_prefix_rewrite_replaces_the_matched_prefix() -> None:
+    r = _redirect_route({"match": [{"uri": {"prefix": "/old/"}}], "redirect": {"prefixRewrite": "/new/"}})
+    assert (r.match.prefix, r.redirect.prefix_rewrite, r.redirect.path_redirect) == ("/old/", "/new/", "")
+
+
+def test_redirect_prefix_rewrite_with_uri_is_refused_and_with_an_exact_match_warned() -> None:
+    _, issues = _convert("VirtualService", {"hosts": ["reviews"], "http": [
+        {"redirect": {"uri": "/a", "prefixRewrite": "/b"}}]})
+    assert [f for f, _ in _errors(issues)] == ["spec.http[0].redirect.prefixRewrite"]
+    _, issues = _convert("VirtualService", {"hosts": ["reviews"], "http": [
+        {"match": [{"uri": {"exact": "/a"}}], "redirect": {"prefixRewrite": "/b"}}]})
+    assert not _errors(issues)
+    assert _warned(issues, "spec.http[0].redirect.prefixRewrite")
+
+
+# --------------------------------------------------------------------------- jwks_uri
+
+
+def test_jwks_uri_is_istios_other_spelling_of_jwks_uri() -> None:
+    a, issues = _convert("RequestAuthentication", {"jwtRules": [{"issuer": "i", "jwks_uri": "https://k.example/jwks"}]})
+    b, _ = _convert("RequestAuthentication", {"jwtRules": [{"issuer": "i", "jwksUri": "https://k.example/jwks"}]})
+    assert not issues
+    assert isinstance(a, RequestAuthentication) and isinstance(b, RequestAuthentication)
+    assert a.rules == b.rules and a.rules[0].jwks_uri is not None
+    _, issues = _convert("RequestAuthentication", {"jwtRules": [
+        {"issuer": "i", "jwks_uri": "https://k.example/jwks", "jwksUri": "https://k.example/jwks"}]})
+    assert [f for f, _ in _errors(issues)] == ["spec.jwtRules[0].jwks_uri"]
+
+
+# --------------------------------------------------------------------------- warned
+
+
+def test_fields_meshline_does_not_implement_are_warned_by_name() -> None:
+    _, dr = _convert("DestinationRule", {"host": "reviews", "trafficPolicy": {
+        "loadBalancer": {"zoneAwareLbSetting": {"enabled": True, "minClusterSize": 3}},
+        "outlierDetection": {"consecutive5xxErrors": 3, "outlierDetectionHttpErrorCodes": [500, 503]},
+        "retryBudget": {"percent": 20, "budgetInterval": "1s"}}})
+    assert not _errors(dr)
+    for f in ("loadBalancer.zoneAwareLbSetting", "outlierDetection.outlierDetectionHttpErrorCodes", "retryBudget"):
+        assert _warned(dr, f"spec.trafficPolicy.{f}"), (f, dr)
+    _, gw = _convert("Gateway", {"servers": [{"port": {"number": 443, "name": "https", "protocol": "HTTPS"},
+                                              "hosts": ["*"], "tls": {"mode": "MUTUAL", "credentialName": "c",
+                                                                      "caCertCredentialName": "c-ca",
+                                                                      "insecureSkipVerify": True}}]})
+    assert not _errors(gw)
+    for f in ("caCertCredentialName", "insecureSkipVerify"):
+        assert _warned(gw, f"spec.servers[0].tls.{f}"), (f, gw)
+    _, ra = _convert("RequestAuthentication", {"jwtRules": [
+        {"issuer": "i", "jwksUri": "https://k.example/jwks", "spaceDelimitedClaims": ["roles"]}]})
+    assert _warned(ra, "spec.jwtRules[0].spaceDelimitedClaims")
