@@ -20,7 +20,12 @@ A gateway proxy (`meshline bootstrap --mode gateway --gateway NS/NAME`) serves t
   VirtualServices' tcp routes;
 - clusters and endpoints of every mesh service, as a sidecar of the gateway's namespace sees
   them (DestinationRules, ISTIO_MUTUAL to sidecar-injected endpoints): `plan_gateway_clusters`,
-  the layer gateway proxies of one namespace share and endpoint-only changes patch.
+  the layer gateway proxies of one namespace share and endpoint-only changes patch;
+- the AuthorizationPolicies and RequestAuthentications that select the gateway's pod (its
+  namespace's and the root namespace's, by `selector`), as Istio enforces them on a gateway:
+  JWT validation and RBAC on every HTTP chain, RBAC on TCP chains (`GatewayAuthz`), each
+  listener with the policies of its port. CUSTOM policies deny there (no authorizer is
+  wired to gateways: fail closed).
 
 Certificates are not translation: `gateway_credentials` lists the Secrets the runtime's
 identity planner adds for an authenticated gateway proxy: the real ones only for a proxy
@@ -42,8 +47,10 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import http_con
 from envoy.extensions.transport_sockets.tls.v3 import common_pb2, secret_pb2, tls_pb2
 from envoy.type.matcher.v3 import string_pb2
 
+from controlplane.model.authn import JwtRule, issuers, jwt_rules, request_authentications_for
 from controlplane.model.gateways import gateway_virtual_services, intersect_host, server_vs_hosts
 from controlplane.model.ir import (
+    AuthorizationPolicy,
     Destination,
     Gateway,
     GatewayServer,
@@ -54,11 +61,14 @@ from controlplane.model.ir import (
     VirtualService,
 )
 from controlplane.model.mesh import Mesh, visible_to
+from controlplane.model.policy import authorization_policies_for, policies_for_port
 from controlplane.model.validate_tls import credential_ca
+from controlplane.translate.extauthz import http_authz_filters, network_authz_filters
+from controlplane.translate.jwt import build_jwks_cluster, http_jwt_filters, jwks_clusters
 from controlplane.translate.listeners import WeightedCluster, hcm_filter
 from controlplane.translate.listeners import _tcp_proxy as tcp_proxy_filter
 from controlplane.translate.names import destination_cluster, pack, weighted_split
-from controlplane.translate.plan import LISTENER, ROUTE, SECRET, ResourceSpec
+from controlplane.translate.plan import CLUSTER, LISTENER, ROUTE, SECRET, ResourceSpec
 from controlplane.translate.routes import Target, VirtualHostInput, _target, build_route_config
 from controlplane.translate.secrets import (
     Credential,
@@ -105,6 +115,16 @@ class ServerChain:
     alpn: tuple[str, ...] = ()
 
 
+@dataclass(frozen=True, slots=True)
+class GatewayAuthz:
+    """What a gateway listener enforces: the AuthorizationPolicies of its port and the JWT
+    rules of the RequestAuthentications that select the gateway's pod."""
+
+    trust_domain: str
+    policies: tuple[AuthorizationPolicy, ...] = ()
+    jwt: tuple[JwtRule, ...] = ()
+
+
 def plan_gateway(mesh: Mesh, meta: ProxyMeta) -> list[ResourceSpec]:
     """A gateway proxy's own resources (listeners, routes; no certificates, no clusters: those
     are `plan_gateway_clusters`, the shared layer), sorted by (type, name)."""
@@ -120,6 +140,14 @@ def plan_gateway(mesh: Mesh, meta: ProxyMeta) -> list[ResourceSpec]:
         for s in specs:
             out.setdefault((s.type_url, s.name), s)
 
+    # The policies that select the gateway's pod, as for any workload (Istio enforces them).
+    pod = mesh.workload(meta.namespace, meta.workload) if meta.workload else None
+    labels = pod.labels if pod is not None else meta.labels
+    policies = authorization_policies_for(mesh, meta.namespace, labels)
+    ras = request_authentications_for(mesh, meta.namespace, labels)
+    jwt = jwt_rules(ras)
+    add([ResourceSpec(CLUSTER, jc.name, build_jwks_cluster, (jc,), tuple(r.ref for r in ras))
+         for jc in jwks_clusters(jwt)])
     by_addr: dict[tuple[str, int], list[tuple[int, GatewayServer]]] = {}
     for i, srv in enumerate(gw.servers):
         by_addr.setdefault((srv.bind or "0.0.0.0", srv.port), []).append((i, srv))
@@ -138,8 +166,10 @@ def plan_gateway(mesh: Mesh, meta: ProxyMeta) -> list[ResourceSpec]:
             add(specs)
             chains += server_chains
         refs += [vs.ref for vs in bound]
+        authz = GatewayAuthz(mesh.trust_domain, policies_for_port(policies, port), jwt)
+        refs += [ap.ref for ap in authz.policies] + [ra.ref for ra in ras]
         name = f"{addr}_{port}"
-        add([ResourceSpec(LISTENER, name, build_gateway_listener, (name, addr, port, tuple(chains)),
+        add([ResourceSpec(LISTENER, name, build_gateway_listener, (name, addr, port, tuple(chains), authz),
                           tuple(dict.fromkeys(refs)))])
     return sorted(out.values(), key=lambda s: (s.type_url, s.name))
 
@@ -346,9 +376,14 @@ def _downstream_tls(tls: ServerTLS, alpn: tuple[str, ...]) -> tls_pb2.Downstream
     return ctx
 
 
-def build_gateway_listener(name: str, address: str, port: int, chains: tuple[ServerChain, ...]
-                           ) -> listener_pb2.Listener:
-    """One gateway listener: a filter chain per server (SNI-matched when it has TLS)."""
+def build_gateway_listener(name: str, address: str, port: int, chains: tuple[ServerChain, ...],
+                           authz: GatewayAuthz | None = None) -> listener_pb2.Listener:
+    """One gateway listener: a filter chain per server (SNI-matched when it has TLS), each
+    enforcing `authz` (JWT validation and RBAC before routing; RBAC before a tcp_proxy)."""
+    policies = authz.policies if authz is not None else ()
+    jwt = authz.jwt if authz is not None else ()
+    td = authz.trust_domain if authz is not None else ""
+    http_filters = [*http_jwt_filters(jwt), *(http_authz_filters(policies, td, None, issuers(jwt)) if policies else [])]
     lst = listener_pb2.Listener(name=name, traffic_direction=base_pb2.OUTBOUND)
     sa = lst.address.socket_address
     sa.address = address
@@ -364,8 +399,10 @@ def build_gateway_listener(name: str, address: str, port: int, chains: tuple[Ser
             fc.transport_socket.name = "envoy.transport_sockets.tls"
             fc.transport_socket.typed_config.CopyFrom(pack(_downstream_tls(c.tls, c.alpn)))
         if c.rds is not None:
-            fc.filters.append(_gateway_hcm(f"{name}.{c.name}", c.rds, c.tls is not None))
+            fc.filters.append(_gateway_hcm(f"{name}.{c.name}", c.rds, c.tls is not None, http_filters))
         else:
+            for fname, cfg in network_authz_filters(policies, td, f"{name}.{c.name}") if policies else []:
+                fc.filters.add(name=fname).typed_config.CopyFrom(pack(cfg))
             fc.filters.append(tcp_proxy_filter(f"{name}.{c.name}", c.tcp))
     if not chains:  # nothing bound yet: refuse connections until a VirtualService is
         fc = lst.filter_chains.add(name="blackhole")
@@ -373,10 +410,10 @@ def build_gateway_listener(name: str, address: str, port: int, chains: tuple[Ser
     return lst
 
 
-def _gateway_hcm(stat: str, rds: str, secure: bool) -> Any:
+def _gateway_hcm(stat: str, rds: str, secure: bool, filters: Sequence[tuple[str, Any]] = ()) -> Any:
     """An edge HTTP connection manager: the client's address is the remote address, and the
-    x-forwarded-proto it sends is not trusted."""
-    f = hcm_filter(stat, rds, None)
+    x-forwarded-proto it sends is not trusted; `filters` (JWT, RBAC) run before routing."""
+    f = hcm_filter(stat, rds, None, filters)
     h = hcm_pb2.HttpConnectionManager()
     f.typed_config.Unpack(h)
     h.use_remote_address.value = True
