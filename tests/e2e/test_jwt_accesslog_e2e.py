@@ -304,3 +304,18 @@ def test_a_telemetry_envoy_refuses_is_withheld_and_logging_goes_on(env: Env) -> 
         assert "listener_manager.lds.update_rejected: 0" in stats, stats  # Envoy never saw it
     finally:
         bad.unlink()
+
+
+def test_outbound_requests_log_on_the_client_side_only_where_the_mode_says(env: Env) -> None:
+    """Through the sidecar's outbound listener (the service has no endpoints: Envoy answers 503
+    itself): the JSON provider (mode CLIENT_AND_SERVER) logs it; the text provider, which logs
+    failures but SERVER side only, does not."""
+    marker = f"/public/outbound-{time.time_ns()}"
+    r = env.http.get(f"http://{SERVER_OUT}:{env.port}{marker}", headers={"host": f"server.{NS}"})
+    assert r.status_code == 503, r.text
+    (line,) = eventually(lambda: [e for e in env.json_log() if e.get("path") == marker], timeout=30)
+    assert line["code"] == 503 and line["details"] == "no_healthy_upstream"
+    denied = f"/secure/inbound-{time.time_ns()}"
+    assert env.get(denied).status_code == 403  # a SERVER-side failure: the text provider logs it
+    eventually(lambda: denied in env.envoy_stdout(), timeout=30)
+    assert marker not in env.envoy_stdout()
