@@ -17,8 +17,9 @@ from controlplane.model.authn import RequestAuthentication
 from controlplane.model.convert import convert
 from controlplane.model.ir import AuthorizationPolicy, Issue
 from controlplane.model.raw import RawObject
+from controlplane.translate.jwt import _provider
 from controlplane.translate.rbac import rule_policy
-from tests.test_istio_fields import evaluate
+from tests.test_istio_fields import _JWKS, evaluate
 
 _API = {"AuthorizationPolicy": "security.istio.io/v1", "RequestAuthentication": "security.istio.io/v1",
         "DestinationRule": "networking.istio.io/v1", "VirtualService": "networking.istio.io/v1",
@@ -181,6 +182,25 @@ def test_jwks_uri_is_istios_other_spelling_of_jwks_uri() -> None:
     assert [f for f, _ in _errors(issues)] == ["spec.jwtRules[0].jwks_uri"]
 
 
+# --------------------------------------------------------------------------- spaceDelimitedClaims
+
+
+def test_space_delimited_claims_are_split_word_by_word_besides_scope_and_permission() -> None:
+    rule = {"issuer": "iss", "jwks": _JWKS, "spaceDelimitedClaims": ["roles", "scope", "org.groups"]}
+    ra, issues = _convert("RequestAuthentication", {"jwtRules": [rule]})
+    assert not _errors(issues)
+    # a dotted name is a top-level claim of that name for Envoy, not a nested one: said so
+    assert _warned(issues, "spec.jwtRules[0].spaceDelimitedClaims[2]")
+    assert isinstance(ra, RequestAuthentication)
+    provider = _provider(ra.rules[0])
+    assert list(provider.normalize_payload_in_metadata.space_delimited_claims) == [
+        "scope", "permission", "roles", "org.groups"]
+    plain, _ = _convert("RequestAuthentication", {"jwtRules": [{"issuer": "iss", "jwks": _JWKS}]})
+    assert isinstance(plain, RequestAuthentication)
+    assert list(_provider(plain.rules[0]).normalize_payload_in_metadata.space_delimited_claims) == [
+        "scope", "permission"]
+
+
 # --------------------------------------------------------------------------- warned
 
 
@@ -199,6 +219,3 @@ def test_fields_meshline_does_not_implement_are_warned_by_name() -> None:
     assert not _errors(gw)
     for f in ("caCertCredentialName", "insecureSkipVerify"):
         assert _warned(gw, f"spec.servers[0].tls.{f}"), (f, gw)
-    _, ra = _convert("RequestAuthentication", {"jwtRules": [
-        {"issuer": "i", "jwksUri": "https://k.example/jwks", "spaceDelimitedClaims": ["roles"]}]})
-    assert _warned(ra, "spec.jwtRules[0].spaceDelimitedClaims")

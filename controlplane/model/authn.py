@@ -54,6 +54,7 @@ class JwtRule:
     output_claim_to_headers: tuple[tuple[str, str], ...] = ()  # (header, claim)
     forward_original_token: bool = False
     timeout_ms: int | None = None
+    space_delimited_claims: tuple[str, ...] = ()  # besides scope and permission (Istio 1.31)
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,6 +11,8 @@ jwt`); errors name the field: a missing issuer, neither or both of `jwksUri` and
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
+from typing import Any
 from urllib.parse import urlsplit
 
 from controlplane.model.authn import JwksUri, JwtHeader, JwtRule, RequestAuthentication
@@ -31,11 +33,9 @@ from controlplane.model.convert_security import _selector, _spec, _target_refs
 
 RA_SPEC_FIELDS = ("selector", "targetRef", "targetRefs", "jwtRules")
 JWT_RULE_FIELDS = ("issuer", "audiences", "jwksUri", "jwks_uri", "jwks", "fromHeaders", "fromParams",
-                   "fromCookies", "outputPayloadToHeader", "outputClaimToHeaders", "forwardOriginalToken", "timeout")
-JWT_RULE_IGNORED = {
-    "spaceDelimitedClaims": "spaceDelimitedClaims is not supported yet; ignored: these claims match "
-                            "authorization rules only as whole strings, not word by word",
-}
+                   "fromCookies", "outputPayloadToHeader", "outputClaimToHeaders", "forwardOriginalToken", "timeout",
+                   "spaceDelimitedClaims")
+MAX_SPACE_DELIMITED_CLAIMS = 64  # Istio's maxItems
 
 
 def convert_request_authentication(ctx: Ctx, namespace: str, name: str) -> RequestAuthentication | None:
@@ -102,7 +102,7 @@ def _jwt_rule(ctx: Ctx, item: object, p: str) -> JwtRule | None:
     if m is None:
         return None
     before = ctx.error_count()
-    check_fields(ctx, m, p, JWT_RULE_FIELDS, JWT_RULE_IGNORED)
+    check_fields(ctx, m, p, JWT_RULE_FIELDS)
     issuer = get_str(ctx, m, "issuer", p, required=True)
     uri_key = "jwks_uri" if m.get("jwksUri") is None and m.get("jwks_uri") is not None else "jwksUri"
     if m.get("jwksUri") is not None and m.get("jwks_uri") is not None:
@@ -153,8 +153,31 @@ def _jwt_rule(ctx: Ctx, item: object, p: str) -> JwtRule | None:
     if timeout is not None and not uri_text:
         ctx.warn(join(p, "timeout"), "bounds a jwksUri fetch: it has no effect with inline jwks")
     forward = bool(get_bool(ctx, m, "forwardOriginalToken", p))
+    split = _space_delimited_claims(ctx, m, p)
     if ctx.error_count() > before or not issuer:
         return None
     return JwtRule(issuer=issuer, audiences=audiences, jwks_uri=uri, jwks=jwks, from_headers=tuple(headers),
                    from_params=params, from_cookies=cookies, output_payload_to_header=payload_header,
-                   output_claim_to_headers=tuple(claims), forward_original_token=forward, timeout_ms=timeout)
+                   output_claim_to_headers=tuple(claims), forward_original_token=forward, timeout_ms=timeout,
+                   space_delimited_claims=split)
+
+
+def _space_delimited_claims(ctx: Ctx, m: Mapping[str, Any], p: str) -> tuple[str, ...]:
+    """`spaceDelimitedClaims`: claims whose space-separated value authorization rules match word
+    by word, besides scope and permission (always); Envoy's `normalize_payload_in_metadata`,
+    which splits top-level claims only."""
+    kp = join(p, "spaceDelimitedClaims")
+    names = get_str_list(ctx, m, "spaceDelimitedClaims", p)
+    if len(names) > MAX_SPACE_DELIMITED_CLAIMS:
+        ctx.error(kp, f"at most {MAX_SPACE_DELIMITED_CLAIMS} claims (as in Istio), got {len(names)}")
+    out: list[str] = []
+    for i, name in enumerate(names):
+        if not name:
+            ctx.error(index(kp, i), "must not be empty")
+        elif "." in name:
+            ctx.warn(index(kp, i), f"{name!r}: only a top-level claim of exactly this name is split (Envoy does "
+                                   "not split nested claims)")
+            out.append(name)
+        elif name not in out:
+            out.append(name)
+    return tuple(out)

@@ -102,7 +102,8 @@ def build_jwks_cluster(spec: JwksCluster) -> cluster_pb2.Cluster:
 def _provider(rule: JwtRule) -> jwt_pb2.JwtProvider:
     p = jwt_pb2.JwtProvider(issuer=rule.issuer, forward=rule.forward_original_token,
                             payload_in_metadata=rule.issuer)
-    p.normalize_payload_in_metadata.space_delimited_claims.extend(SPACE_DELIMITED_CLAIMS)
+    p.normalize_payload_in_metadata.space_delimited_claims.extend(
+        (*SPACE_DELIMITED_CLAIMS, *(c for c in rule.space_delimited_claims if c not in SPACE_DELIMITED_CLAIMS)))
     p.audiences.extend(rule.audiences)
     if rule.jwks is not None:
         p.local_jwks.inline_string = rule.jwks
