@@ -32,7 +32,8 @@ from controlplane.localrun import free_port, stop, wait_http
 from controlplane.translate.plan import CLUSTER, ENDPOINT
 from tests.xdsharness import XdsFixture, make_cla
 
-pytestmark = pytest.mark.timeout(300)
+# Abuse under load (thousands of streams, RSS samples): end-to-end, not the unit layer.
+pytestmark = [pytest.mark.timeout(300), pytest.mark.e2e]
 
 ROOT = Path(__file__).resolve().parent.parent
 MiB = 1024 * 1024
