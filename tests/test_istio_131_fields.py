@@ -141,6 +141,30 @@ def test_http2_keepalive_needs_interval_and_timeout() -> None:
                                 "is required when http2KeepAlive is set (as in Istio)")]
 
 
+# --------------------------------------------------------------------------- outlierDetectionHttpErrorCodes
+
+
+def test_outlier_detection_http_error_codes_are_the_only_errors() -> None:
+    def od(codes: list[int]) -> dict[str, Any]:
+        return {"host": "reviews.default.svc.cluster.local", "trafficPolicy": {"outlierDetection": {
+            "consecutive5xxErrors": 2, "outlierDetectionHttpErrorCodes": codes}}}
+    name = "outbound|9080||reviews.default.svc.cluster.local"
+    one = _h2(_cluster(od([418]), name)).outlier_detection.error_matcher
+    assert [h.string_match.exact for h in one.http_response_headers_match.headers] == ["418"]
+    assert [h.name for h in one.http_response_headers_match.headers] == [":status"]
+    two = _h2(_cluster(od([500, 503, 500]), name)).outlier_detection.error_matcher
+    assert [[h.string_match.exact for h in r.http_response_headers_match.headers]
+            for r in two.or_match.rules] == [["500"], ["503"]]
+    # the cluster keeps its HTTP/1.1 protocol and consecutive5xxErrors ejects
+    c = _cluster(od([418]), name)
+    assert _h2(c).explicit_http_config.HasField("http_protocol_options") and c.outlier_detection.consecutive_5xx.value == 2
+    _, issues = _convert("DestinationRule", {"host": "reviews", "trafficPolicy": {"outlierDetection": {
+        "outlierDetectionHttpErrorCodes": [503, 99, "x"]}}})
+    assert [f for f, _ in _errors(issues)] == [
+        "spec.trafficPolicy.outlierDetection.outlierDetectionHttpErrorCodes[1]",
+        "spec.trafficPolicy.outlierDetection.outlierDetectionHttpErrorCodes[2]"]
+
+
 # --------------------------------------------------------------------------- redirect.prefixRewrite
 
 
@@ -207,10 +231,10 @@ def test_space_delimited_claims_are_split_word_by_word_besides_scope_and_permiss
 def test_fields_meshline_does_not_implement_are_warned_by_name() -> None:
     _, dr = _convert("DestinationRule", {"host": "reviews", "trafficPolicy": {
         "loadBalancer": {"zoneAwareLbSetting": {"enabled": True, "minClusterSize": 3}},
-        "outlierDetection": {"consecutive5xxErrors": 3, "outlierDetectionHttpErrorCodes": [500, 503]},
+        "outlierDetection": {"consecutive5xxErrors": 3},
         "retryBudget": {"percent": 20, "budgetInterval": "1s"}}})
     assert not _errors(dr)
-    for f in ("loadBalancer.zoneAwareLbSetting", "outlierDetection.outlierDetectionHttpErrorCodes", "retryBudget"):
+    for f in ("loadBalancer.zoneAwareLbSetting", "retryBudget"):
         assert _warned(dr, f"spec.trafficPolicy.{f}"), (f, dr)
     _, gw = _convert("Gateway", {"servers": [{"port": {"number": 443, "name": "https", "protocol": "HTTPS"},
                                               "hosts": ["*"], "tls": {"mode": "MUTUAL", "credentialName": "c",

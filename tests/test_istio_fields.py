@@ -370,6 +370,7 @@ SAMPLES: dict[str, Any] = {
     "consecutive5xxErrors": 7, "consecutiveGatewayErrors": 3, "consecutiveLocalOriginFailures": 4,
     "splitExternalLocalOriginErrors": True, "interval": "10s", "baseEjectionTime": "30s",
     "maxEjectionPercent": 50, "minHealthPercent": 25, "consecutiveErrors": 5,
+    "outlierDetectionHttpErrorCodes": [503, 429],
     "tls.mode": "SIMPLE", "subjectAltNames": ["spiffe://x"], "sni": "a.example.com",
     "clientCertificate": "/etc/certs/client.pem", "privateKey": "/etc/certs/client-key.pem",
     "caCertificates": "/etc/certs/ca.pem", "caCrl": "/etc/certs/crl.pem", "credentialName": "client-credential",

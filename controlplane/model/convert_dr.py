@@ -477,12 +477,9 @@ def outlier_detection(ctx: Ctx, m: Mapping[str, Any], path: str) -> OutlierDetec
             "baseEjectionTime",
             "maxEjectionPercent",
             "minHealthPercent",
+            "outlierDetectionHttpErrorCodes",
         ),
-        {
-            "consecutiveErrors": "consecutiveErrors is deprecated and ignored; use consecutive5xxErrors",
-            "outlierDetectionHttpErrorCodes": "outlierDetectionHttpErrorCodes is not supported yet; ignored: "
-                                              "every 5xx response counts toward consecutive5xxErrors",
-        },
+        {"consecutiveErrors": "consecutiveErrors is deprecated and ignored; use consecutive5xxErrors"},
     )
     return OutlierDetection(
         consecutive_5xx_errors=get_int(ctx, om, "consecutive5xxErrors", p, lo=0, hi=INT32_MAX),
@@ -495,7 +492,22 @@ def outlier_detection(ctx: Ctx, m: Mapping[str, Any], path: str) -> OutlierDetec
         base_ejection_time_ms=get_duration(ctx, om, "baseEjectionTime", p, min_ms=1),
         max_ejection_percent=get_int(ctx, om, "maxEjectionPercent", p, lo=0, hi=100),
         min_health_percent=get_int(ctx, om, "minHealthPercent", p, lo=0, hi=100),
+        http_error_codes=_http_error_codes(ctx, om, p),
     )
+
+
+def _http_error_codes(ctx: Ctx, m: Mapping[str, Any], path: str) -> tuple[int, ...]:
+    """`outlierDetectionHttpErrorCodes` (Istio 1.31): only responses with these statuses count
+    as errors toward consecutive5xxErrors/consecutiveGatewayErrors (Envoy's HTTP protocol
+    option `outlier_detection.error_matcher` on the response's :status)."""
+    p = join(path, "outlierDetectionHttpErrorCodes")
+    out: list[int] = []
+    for i, v in enumerate(get_list(ctx, m, "outlierDetectionHttpErrorCodes", path)):
+        if isinstance(v, bool) or not isinstance(v, int) or not 100 <= v <= 599:
+            ctx.error(index(p, i), f"must be an HTTP status code between 100 and 599, got {v!r}")
+        elif v not in out:
+            out.append(v)
+    return tuple(out)
 
 
 def client_tls(ctx: Ctx, m: Mapping[str, Any], path: str) -> ClientTLS | None:

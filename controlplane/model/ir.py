@@ -497,6 +497,7 @@ class OutlierDetection:
     base_ejection_time_ms: int | None = None
     max_ejection_percent: int | None = None
     min_health_percent: int | None = None
+    http_error_codes: tuple[int, ...] = ()  # only these statuses count as errors (default: 5xx)
 
 
 TLSMode = Literal["DISABLE", "SIMPLE", "MUTUAL", "ISTIO_MUTUAL"]

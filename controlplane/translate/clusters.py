@@ -115,16 +115,19 @@ def _load_balancer(c: cluster_pb2.Cluster, lb: LoadBalancer | None) -> None:
     # build_original_dst_cluster); elsewhere (bind capture, tunnels) round robin as well.
 
 
-def _protocol_options(c: cluster_pb2.Cluster, protocol: PortProtocol, cp: ConnectionPool | None) -> None:
+def _protocol_options(c: cluster_pb2.Cluster, protocol: PortProtocol, cp: ConnectionPool | None,
+                      od: OutlierDetection | None = None) -> None:
     h2 = protocol in (PortProtocol.HTTP2, PortProtocol.GRPC)
     sniffed = protocol is PortProtocol.UNKNOWN
     idle = cp.idle_timeout_ms if cp else None
     per_conn = cp.max_requests_per_connection if cp else None
     streams = cp.max_concurrent_streams if cp else None
-    common = idle is not None or bool(per_conn)
+    codes = od.http_error_codes if od else ()
+    common = idle is not None or bool(per_conn) or bool(codes)
     if not (h2 or sniffed or (common and protocol.is_http)):
         return
     opts = http_protocol_options_pb2.HttpProtocolOptions()
+    _error_codes(opts, codes)
     if idle is not None:
         opts.common_http_protocol_options.idle_timeout.CopyFrom(duration_ms(idle))
     if per_conn:
@@ -146,6 +149,20 @@ def _protocol_options(c: cluster_pb2.Cluster, protocol: PortProtocol, cp: Connec
     else:
         opts.explicit_http_config.http_protocol_options.SetInParent()
     c.typed_extension_protocol_options[HTTP_OPTIONS_KEY].CopyFrom(pack(opts))
+
+
+def _error_codes(opts: http_protocol_options_pb2.HttpProtocolOptions, codes: tuple[int, ...]) -> None:
+    """DestinationRule `outlierDetection.outlierDetectionHttpErrorCodes`: only responses with
+    one of these statuses count as errors for outlier detection (Envoy: a response matching
+    `error_matcher` is an error, any other one is not)."""
+    if not codes:
+        return
+    matcher = opts.outlier_detection.error_matcher
+    # (Envoy's or_match needs two rules or more)
+    for code in codes:
+        one = matcher.or_match.rules.add() if len(codes) > 1 else matcher
+        header = one.http_response_headers_match.headers.add(name=":status")
+        header.string_match.exact = str(code)
 
 
 def _keepalive(h2o: protocol_pb2.Http2ProtocolOptions, cp: ConnectionPool | None) -> None:
@@ -211,7 +228,7 @@ def build_outbound_cluster(
     c.connect_timeout.CopyFrom(duration_ms(timeout))
     _load_balancer(c, policy.load_balancer)
     _circuit_breakers(c, cp)
-    _protocol_options(c, protocol, cp)
+    _protocol_options(c, protocol, cp, policy.outlier_detection)
     _outlier_detection(c, policy.outlier_detection)
     lb = policy.load_balancer
     if cluster_locality_mode(policy) is not None and (lb is None or lb.consistent_hash is None):
@@ -243,7 +260,7 @@ def build_original_dst_cluster(
     )
     c.connect_timeout.CopyFrom(duration_ms(timeout))
     _circuit_breakers(c, cp)
-    _protocol_options(c, protocol, cp)
+    _protocol_options(c, protocol, cp, policy.outlier_detection)
     _outlier_detection(c, policy.outlier_detection)
     apply_upstream_tls(c, tls)
     return c
