@@ -8,8 +8,10 @@ from typing import Any
 
 import re2
 from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.listener.v3 import listener_pb2
 from envoy.config.rbac.v3 import rbac_pb2
 from envoy.config.route.v3 import route_pb2
+from envoy.extensions.transport_sockets.tls.v3 import common_pb2, tls_pb2
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 from envoy.type.matcher.v3 import string_pb2
 
@@ -238,8 +240,30 @@ def test_fields_meshline_does_not_implement_are_warned_by_name() -> None:
         assert _warned(dr, f"spec.trafficPolicy.{f}"), (f, dr)
     _, gw = _convert("Gateway", {"servers": [{"port": {"number": 443, "name": "https", "protocol": "HTTPS"},
                                               "hosts": ["*"], "tls": {"mode": "MUTUAL", "credentialName": "c",
-                                                                      "caCertCredentialName": "c-ca",
-                                                                      "insecureSkipVerify": True}}]})
+                                                                      "caCertCredentialName": "c-ca"}}]})
     assert not _errors(gw)
-    for f in ("caCertCredentialName", "insecureSkipVerify"):
-        assert _warned(gw, f"spec.servers[0].tls.{f}"), (f, gw)
+    assert _warned(gw, "spec.servers[0].tls.caCertCredentialName"), gw
+
+
+# --------------------------------------------------------------------------- Gateway insecureSkipVerify
+
+
+def _gateway_tls(tls: dict[str, Any]) -> tuple[Any, list[Issue]]:
+    spec = {"selector": {"istio": "ingressgateway"}, "servers": [
+        {"port": {"number": 8443, "name": "https", "protocol": "HTTPS"}, "hosts": ["*"], "tls": tls}]}
+    own, _, out = evaluate("Gateway", spec)
+    lst = listener_pb2.Listener.FromString(out["gw-t/type.googleapis.com/envoy.config.listener.v3.Listener/0.0.0.0_8443"])
+    ctx = tls_pb2.DownstreamTlsContext()
+    lst.filter_chains[0].transport_socket.typed_config.Unpack(ctx)
+    return ctx.common_tls_context.combined_validation_context.default_validation_context, list(own)
+
+
+def test_gateway_insecure_skip_verify_lets_unverified_client_certificates_through() -> None:
+    skip, issues = _gateway_tls({"mode": "MUTUAL", "credentialName": "gw-cert", "insecureSkipVerify": True})
+    assert not issues
+    assert skip.trust_chain_verification == common_pb2.CertificateValidationContext.ACCEPT_UNTRUSTED
+    strict, _ = _gateway_tls({"mode": "MUTUAL", "credentialName": "gw-cert"})
+    assert strict.trust_chain_verification == common_pb2.CertificateValidationContext.VERIFY_TRUST_CHAIN
+    # SIMPLE asks for no client certificate: said so, nothing changes
+    _, issues = _gateway_tls({"mode": "SIMPLE", "credentialName": "gw-cert", "insecureSkipVerify": True})
+    assert _warned(issues, "spec.servers[0].tls.insecureSkipVerify")

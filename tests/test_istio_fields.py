@@ -498,7 +498,7 @@ CONTEXT: dict[str, dict[str, list[tuple[str, dict[str, Any]]]]] = {
     },
     "Gateway": {
         **{f"servers[].tls.{k}": [("tls", {"mode": "MUTUAL"})]
-           for k in ("subjectAltNames", "verifyCertificateSpki", "verifyCertificateHash")},
+           for k in ("subjectAltNames", "verifyCertificateSpki", "verifyCertificateHash", "insecureSkipVerify")},
     },
     "RequestAuthentication": {
         "fromHeaders[].": [("fromHeaders[]", {"name": "x-token"})],

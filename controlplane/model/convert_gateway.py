@@ -202,9 +202,7 @@ def _tls(ctx: Ctx, m: Mapping[str, Any], path: str, protocol: str) -> ServerTLS 
     p = join(path, "tls")
     check_fields(ctx, t, p, TLS_FIELDS, TLS_IGNORED)
     redirect = bool(get_bool(ctx, t, "httpsRedirect", p))
-    if get_bool(ctx, t, "insecureSkipVerify", p):
-        ctx.warn(join(p, "insecureSkipVerify"), "insecureSkipVerify is not supported; ignored: client certificates are "
-                 "still verified (a connection Istio would let through is refused)")
+    skip = bool(get_bool(ctx, t, "insecureSkipVerify", p))
     mode_text = (get_str(ctx, t, "mode", p) or "").upper()
     mode: ServerTLSMode = "SIMPLE"
     if mode_text in REFUSED_MODES:
@@ -235,7 +233,7 @@ def _tls(ctx: Ctx, m: Mapping[str, Any], path: str, protocol: str) -> ServerTLS 
     if mode == "PASSTHROUGH" and (cred or files["serverCertificate"]):
         ctx.warn(p, "certificates are not used in PASSTHROUGH mode (the backend terminates TLS)")
     client_checks = [k for k in ("subjectAltNames", "verifyCertificateSpki", "verifyCertificateHash") if t.get(k)]
-    for k in client_checks:
+    for k in [*client_checks, *(["insecureSkipVerify"] if skip else [])]:
         if mode not in ("MUTUAL", "OPTIONAL_MUTUAL"):
             ctx.warn(join(p, k), f"only checks client certificates (MUTUAL, OPTIONAL_MUTUAL); ignored in mode {mode}")
     if protocol not in (*TLS_PROTOCOLS, *HTTP_PROTOCOLS) and (mode_text or redirect):
@@ -261,4 +259,5 @@ def _tls(ctx: Ctx, m: Mapping[str, Any], path: str, protocol: str) -> ServerTLS 
         min_protocol_version=versions["minProtocolVersion"],
         max_protocol_version=versions["maxProtocolVersion"],
         cipher_suites=get_str_list(ctx, t, "cipherSuites", p),
+        insecure_skip_verify=skip and mode in ("MUTUAL", "OPTIONAL_MUTUAL"),
     )

@@ -779,6 +779,7 @@ class ServerTLS:
     min_protocol_version: str | None = None  # TLSV1_0 .. TLSV1_3
     max_protocol_version: str | None = None
     cipher_suites: tuple[str, ...] = ()
+    insecure_skip_verify: bool = False  # a client certificate that fails verification is let through
 
 
 @dataclass(frozen=True, slots=True)

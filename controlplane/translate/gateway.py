@@ -373,6 +373,10 @@ def _downstream_tls(tls: ServerTLS, alpn: tuple[str, ...]) -> tls_pb2.Downstream
                 common_pb2.SubjectAltNameMatcher(san_type=kind, matcher=string_pb2.StringMatcher(exact=san)))
         validation.verify_certificate_spki.extend(tls.verify_certificate_spki)
         validation.verify_certificate_hash.extend(tls.verify_certificate_hash)
+        if tls.insecure_skip_verify:
+            # Istio's insecureSkipVerify (Gateway API AllowInsecureFallback): the client
+            # certificate is verified, and the connection is let through when that fails.
+            validation.trust_chain_verification = common_pb2.CertificateValidationContext.ACCEPT_UNTRUSTED
     return ctx
 
 
