@@ -134,8 +134,9 @@ def resolve(routes: Iterable[GatewayRoute], grants: Iterable[ReferenceGrant],
             used, export = [a for a in attached if a.route.namespace == first_ns], (first_ns,)
             why = (f"consumer routes of namespace {first_ns} already apply to Service "
                    f"{svc_ns}/{attached[0].svc.name} (Meshline applies the consumer routes of one namespace)")
+        applied = {id(a) for a in used}  # (identity: comparing the routes field by field is quadratic)
         for a in attached:
-            accepted = ("Accepted", "") if a in used else ("UnsupportedValue", why)
+            accepted = ("Accepted", "") if id(a) in applied else ("UnsupportedValue", why)
             status[route_key(a.route)].append(_status(a.parent, accepted, a.problems))
         if not used:
             continue
