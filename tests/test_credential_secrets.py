@@ -176,3 +176,15 @@ def test_sidecars_of_another_namespace_without_the_secret_are_warned_about(pki: 
     local = DR.replace("trafficPolicy:", "exportTo: ['.']\n  trafficPolicy:")
     _, issues = mesh_of(local + _secret(pki) + CLIENT_ELSEWHERE)
     assert not [i for i in issues if "credentialName" in i], issues
+
+
+def test_a_rule_hidden_from_a_namespace_sends_its_sidecars_no_secret(pki: Pki) -> None:
+    """A DestinationRule exported only to its own namespace never reaches the clusters of
+    another namespace's sidecars, so the Secret of that name in their namespace (a gateway's
+    key, say) must not be sent to them either (h8 review, issue 16)."""
+    hidden = DR.replace("spec:\n", "spec:\n  exportTo: ['.']\n")
+    mesh, _ = mesh_of(hidden + _secret(pki, ns="elsewhere"))
+    assert _secrets(mesh, "elsewhere") == {}
+    mesh, _ = mesh_of(DR + _secret(pki, ns="elsewhere"))  # exported everywhere: its clusters use it
+    assert _secrets(mesh, "elsewhere")["kubernetes://cred"].tls_certificate.private_key.inline_bytes == (
+        pki.client_key.encode())

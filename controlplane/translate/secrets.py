@@ -30,7 +30,7 @@ from envoy.extensions.transport_sockets.tls.v3 import common_pb2, secret_pb2, tl
 from envoy.type.matcher.v3 import string_pb2
 
 from controlplane.model.ir import ClientTLS
-from controlplane.model.mesh import Mesh
+from controlplane.model.mesh import Mesh, visible_to
 from controlplane.model.validate_tls import credential_ca, credential_paths
 from controlplane.translate.plan import SECRET, ResourceSpec
 
@@ -271,8 +271,11 @@ def plan_proxy_credentials(mesh: Mesh, namespace: str, system_ca: str) -> list[R
     (Istio's rule for credentialName on sidecars) that some DestinationRule names and whose
     material is usable (`controlplane.model.validate_tls`); a name without one (no Secret, a
     deleted or unusable one: reported there) gets the fail-closed stand-ins. A Secret of
-    another namespace is never sent. Only for authenticated proxies, like every secret."""
+    another namespace is never sent. Only for authenticated proxies, like every secret.
+    Only rules exported to `namespace` count: a rule hidden from it never reaches its
+    clusters, so its sidecars need no Secret of that name."""
     names = sorted({tls.credential_name for dr in mesh.destination_rules
+                    if visible_to(dr.export_to, dr.namespace, namespace)
                     for _, tls in credential_paths(dr) if tls.credential_name})
     creds: list[tuple[str, Credential]] = []
     withheld: list[str] = []
