@@ -30,6 +30,7 @@ import (
 	"os"
 	"os/signal"
 	"syscall"
+	"time"
 
 	cluster "github.com/envoyproxy/go-control-plane/envoy/config/cluster/v3"
 	core "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
@@ -163,11 +164,25 @@ func main() {
 	}
 	xds := serverv3.NewServer(ctx, mux, nil)
 
-	// The server options of go-control-plane's own example server.
+	// The same transport limits as Meshline's xDS server (controlplane/xds/server.py,
+	// grpc_options), so neither control plane is measured under stricter ones:
+	//   - keepalive: a PING after 30 s without reads, and the connection is closed when its
+	//     ACK takes longer than 20 s (gRPC core's default keepalive_timeout, which Meshline
+	//     keeps). go-control-plane's example server allows 5 s: on this loaded 2-core machine
+	//     one Python process driving 1,000 connections answered some PINGs later than that
+	//     while the fleet synced, and the peer closed those connections ("Socket closed",
+	//     issue 20's 1,000-delta failure); Meshline would have waited 20 s.
+	//   - 100 concurrent streams per connection (Meshline's max_streams_per_connection),
+	//     4 MiB per request (grpc-go's default, Meshline's max_request_bytes), 256 MiB per
+	//     response.
+	//   - clients may not ping more often than every 5 minutes without data (gRPC core's
+	//     default; the simulated clients do not ping at all).
 	gs := grpc.NewServer(
-		grpc.MaxConcurrentStreams(1000000),
-		grpc.KeepaliveParams(keepalive.ServerParameters{Time: 30e9, Timeout: 5e9}),
-		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 30e9, PermitWithoutStream: true}),
+		grpc.MaxConcurrentStreams(100),
+		grpc.MaxRecvMsgSize(4<<20),
+		grpc.MaxSendMsgSize(256<<20),
+		grpc.KeepaliveParams(keepalive.ServerParameters{Time: 30 * time.Second, Timeout: 20 * time.Second}),
+		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 5 * time.Minute, PermitWithoutStream: true}),
 	)
 	discoverygrpc.RegisterAggregatedDiscoveryServiceServer(gs, xds)
 	lis, err := net.Listen("tcp", *xdsAddr)
