@@ -137,10 +137,12 @@ class LeaderElector:
 
     # ------------------------------------------------------------------ loop
     async def run(self) -> None:
+        attempt: asyncio.Future[bool] | None = None
         try:
             while True:
                 try:
-                    ok = await asyncio.to_thread(self.try_acquire_or_renew)
+                    attempt = asyncio.ensure_future(asyncio.to_thread(self.try_acquire_or_renew))
+                    ok = await asyncio.shield(attempt)
                     if ok:
                         self._last_renew = _now()
                     elif self.is_leader:
@@ -157,6 +159,13 @@ class LeaderElector:
                 jitter = 1.0 + random.uniform(0, 0.2) if not self.is_leader else 1.0
                 await asyncio.sleep(self.cfg.retry_period_s * jitter)
         finally:
+            if attempt is not None and not attempt.done():
+                # Cancelled while an acquire/renew runs in its thread: let it finish first, or
+                # it could take the Lease back right after the release (seen under load: the
+                # next replica then waited for the whole lease).
+                await asyncio.wait([attempt])
+                if not attempt.cancelled() and attempt.exception() is None and attempt.result():
+                    self.is_leader = True  # it holds the Lease now (acquired or renewed): released below
             await asyncio.to_thread(self.release)
 
 

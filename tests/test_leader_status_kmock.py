@@ -5,6 +5,7 @@ over when the leader goes away, and only the leader writes CRD status conditions
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -68,6 +69,36 @@ async def test_exactly_one_leader_and_handover_on_shutdown(kube: KubeEnv) -> Non
     tb.cancel()
     await asyncio.gather(tb, return_exceptions=True)
     assert ("replica-a", True) in changes and ("replica-b", True) in changes
+
+
+async def test_a_renewal_in_flight_at_shutdown_does_not_take_the_lease_back(kube: KubeEnv) -> None:
+    """Stopped while a renewal runs in its thread, the leader releases the Lease after that
+    renewal, not before it (where the renewal would take the Lease back and the next replica
+    would wait for the whole lease). Fault: the renewal is held until the stop has begun."""
+    changes: list[tuple[str, bool]] = []
+    a = elector(kube, "replica-a", changes, 15.0)
+    ta = asyncio.create_task(a.run())
+    await wait_for(lambda: a.is_leader)
+    entered, gate, done = threading.Event(), threading.Event(), threading.Event()
+    renew = a.try_acquire_or_renew
+
+    def held_renewal() -> bool:
+        entered.set()
+        gate.wait(60)
+        try:
+            return renew()
+        finally:
+            done.set()
+
+    a.try_acquire_or_renew = held_renewal  # type: ignore[method-assign]
+    assert await asyncio.to_thread(entered.wait, 60)
+    ta.cancel()
+    await asyncio.sleep(0.3)  # the stop has begun
+    gate.set()
+    await asyncio.gather(ta, return_exceptions=True)
+    assert await asyncio.to_thread(done.wait, 60)
+    lease = k8s.CoordinationV1Api(kube.api).read_namespaced_lease("meshline-leader", NS)
+    assert not lease.spec.holder_identity, f"held by {lease.spec.holder_identity} after the stop"
 
 
 def _store_from_api(env: KubeEnv) -> MeshStore:
