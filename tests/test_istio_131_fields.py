@@ -11,7 +11,7 @@ from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.listener.v3 import listener_pb2
 from envoy.config.rbac.v3 import rbac_pb2
 from envoy.config.route.v3 import route_pb2
-from envoy.extensions.transport_sockets.tls.v3 import common_pb2, tls_pb2
+from envoy.extensions.transport_sockets.tls.v3 import common_pb2, secret_pb2, tls_pb2
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 from envoy.type.matcher.v3 import string_pb2
 
@@ -238,24 +238,24 @@ def test_fields_meshline_does_not_implement_are_warned_by_name() -> None:
     assert not _errors(dr)
     for f in ("loadBalancer.zoneAwareLbSetting", "retryBudget"):
         assert _warned(dr, f"spec.trafficPolicy.{f}"), (f, dr)
-    _, gw = _convert("Gateway", {"servers": [{"port": {"number": 443, "name": "https", "protocol": "HTTPS"},
-                                              "hosts": ["*"], "tls": {"mode": "MUTUAL", "credentialName": "c",
-                                                                      "caCertCredentialName": "c-ca"}}]})
-    assert not _errors(gw)
-    assert _warned(gw, "spec.servers[0].tls.caCertCredentialName"), gw
 
 
 # --------------------------------------------------------------------------- Gateway insecureSkipVerify
 
 
-def _gateway_tls(tls: dict[str, Any]) -> tuple[Any, list[Issue]]:
+def _gateway(tls: dict[str, Any]) -> tuple[Any, list[Issue], dict[str, bytes]]:
     spec = {"selector": {"istio": "ingressgateway"}, "servers": [
         {"port": {"number": 8443, "name": "https", "protocol": "HTTPS"}, "hosts": ["*"], "tls": tls}]}
-    own, _, out = evaluate("Gateway", spec)
+    own, cross, out = evaluate("Gateway", spec)
     lst = listener_pb2.Listener.FromString(out["gw-t/type.googleapis.com/envoy.config.listener.v3.Listener/0.0.0.0_8443"])
     ctx = tls_pb2.DownstreamTlsContext()
     lst.filter_chains[0].transport_socket.typed_config.Unpack(ctx)
-    return ctx.common_tls_context.combined_validation_context.default_validation_context, list(own)
+    return ctx.common_tls_context.combined_validation_context, [*own, *cross], out
+
+
+def _gateway_tls(tls: dict[str, Any]) -> tuple[Any, list[Issue]]:
+    combined, issues, _ = _gateway(tls)
+    return combined.default_validation_context, issues
 
 
 def test_gateway_insecure_skip_verify_lets_unverified_client_certificates_through() -> None:
@@ -267,3 +267,37 @@ def test_gateway_insecure_skip_verify_lets_unverified_client_certificates_throug
     # SIMPLE asks for no client certificate: said so, nothing changes
     _, issues = _gateway_tls({"mode": "SIMPLE", "credentialName": "gw-cert", "insecureSkipVerify": True})
     assert _warned(issues, "spec.servers[0].tls.insecureSkipVerify")
+
+
+# --------------------------------------------------------------------------- Gateway caCertCredentialName
+
+_SECRET = "gw-t/type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret/"
+
+
+def test_gateway_ca_cert_credential_name_verifies_clients_with_that_secrets_ca() -> None:
+    # client-credential (test_istio_fields' SCENARIO) holds a CA; gw-cert the server certificate
+    combined, issues, out = _gateway({"mode": "MUTUAL", "credentialName": "gw-cert",
+                                      "caCertCredentialName": "client-credential"})
+    assert not [i for i in issues if i.severity == "error"], issues
+    assert combined.validation_context_sds_secret_config.name == "kubernetes://client-credential-cacert"
+    secret = secret_pb2.Secret.FromString(out[_SECRET + "kubernetes://client-credential-cacert"])
+    assert secret.validation_context.trusted_ca.inline_bytes.startswith(b"-----BEGIN CERTIFICATE-----")
+    # without it, credentialName's own CA
+    combined, _, _ = _gateway({"mode": "MUTUAL", "credentialName": "gw-cert"})
+    assert combined.validation_context_sds_secret_config.name == "kubernetes://gw-cert-cacert"
+
+
+def test_gateway_ca_cert_credential_name_without_a_ca_fails_closed_and_is_warned() -> None:
+    _, issues, out = _gateway({"mode": "MUTUAL", "credentialName": "gw-cert", "caCertCredentialName": "nothing-here"})
+    assert [i.field for i in issues if i.severity == "warning"] == ["spec.servers[0].tls.caCertCredentialName"]
+    # Meshline's stand-in CA, which no client chains to (not an empty or default bundle)
+    stand_in = secret_pb2.Secret.FromString(out[_SECRET + "kubernetes://nothing-here-cacert"])
+    _, _, real = _gateway({"mode": "MUTUAL", "credentialName": "gw-cert", "caCertCredentialName": "client-credential"})
+    ca = secret_pb2.Secret.FromString(real[_SECRET + "kubernetes://client-credential-cacert"])
+    assert stand_in.validation_context.trusted_ca.inline_bytes.startswith(b"-----BEGIN CERTIFICATE-----")
+    assert stand_in.validation_context.trusted_ca.inline_bytes != ca.validation_context.trusted_ca.inline_bytes
+    _, issues = _convert("Gateway", {"servers": [{"port": {"number": 443, "name": "https", "protocol": "HTTPS"},
+                                                  "hosts": ["*"], "tls": {"mode": "MUTUAL", "credentialName": "c",
+                                                                          "caCertificates": "/ca.pem",
+                                                                          "caCertCredentialName": "c-ca"}}]})
+    assert [f for f, _ in _errors(issues)] == ["spec.servers[0].tls.caCertCredentialName"]

@@ -398,7 +398,7 @@ SAMPLES: dict[str, Any] = {
     "cipherSuites": ["ECDHE-ECDSA-AES128-GCM-SHA256"],
     "verifyCertificateSpki": ["NvqYIYSbgK2vCJpQhObf77vv+bQWtc5ek5RIOwPiC9A="],
     "verifyCertificateHash": ["df6ff72fe9116521268f6474250e3e44ac36da38d74e9761d0ec48a362fc431a"],
-    "servers[].tls.credentialName": "other-cert",
+    "servers[].tls.credentialName": "other-cert", "servers[].tls.caCertCredentialName": "client-credential",
     # AuthorizationPolicy
     "targetRef.kind": "Gateway", "targetRef.name": "waypoint", "targetRef.group": "gateway.networking.k8s.io",
     "targetRefs[].kind": "Gateway", "targetRefs[].name": "waypoint", "targetRefs[].group": "gateway.networking.k8s.io",
@@ -498,7 +498,8 @@ CONTEXT: dict[str, dict[str, list[tuple[str, dict[str, Any]]]]] = {
     },
     "Gateway": {
         **{f"servers[].tls.{k}": [("tls", {"mode": "MUTUAL"})]
-           for k in ("subjectAltNames", "verifyCertificateSpki", "verifyCertificateHash", "insecureSkipVerify")},
+           for k in ("subjectAltNames", "verifyCertificateSpki", "verifyCertificateHash", "insecureSkipVerify",
+                     "caCertCredentialName")},
     },
     "RequestAuthentication": {
         "fromHeaders[].": [("fromHeaders[]", {"name": "x-token"})],

@@ -53,12 +53,10 @@ PORT_FIELDS = ("number", "protocol", "name")
 PORT_IGNORED = {"targetPort": "targetPort is not supported on gateways; ignored"}
 TLS_FIELDS = ("httpsRedirect", "mode", "serverCertificate", "privateKey", "caCertificates", "caCrl",
               "credentialName", "subjectAltNames", "verifyCertificateSpki", "verifyCertificateHash",
-              "minProtocolVersion", "maxProtocolVersion", "cipherSuites", "insecureSkipVerify")
+              "minProtocolVersion", "maxProtocolVersion", "cipherSuites", "insecureSkipVerify", "caCertCredentialName")
 TLS_IGNORED = {
     "credentialNames": "several credentials per server are not supported; ignored (use credentialName)",
     "tlsCertificates": "several certificates per server are not supported; ignored (use credentialName)",
-    "caCertCredentialName": "caCertCredentialName is not supported yet; ignored: client certificates are "
-                            "verified with the CA of credentialName's Secret or caCertificates",
 }
 HTTP_PROTOCOLS = ("HTTP", "HTTP2", "GRPC")
 TLS_PROTOCOLS = ("HTTPS", "TLS")
@@ -221,6 +219,11 @@ def _tls(ctx: Ctx, m: Mapping[str, Any], path: str, protocol: str) -> ServerTLS 
             ctx.error(join(p, k), f"must be an absolute file path on the gateway proxy, got {v!r}")
     if cred is not None and not is_dns_label(cred.replace(".", "-")):
         ctx.error(join(p, "credentialName"), f"{cred!r} is not a Secret name")
+    ca_cred = get_str(ctx, t, "caCertCredentialName", p)
+    if ca_cred is not None and not is_dns_label(ca_cred.replace(".", "-")):
+        ctx.error(join(p, "caCertCredentialName"), f"{ca_cred!r} is not a Secret name")
+    if ca_cred and files["caCertificates"]:
+        ctx.error(join(p, "caCertCredentialName"), "set caCertCredentialName or caCertificates, not both")
     terminates = protocol in TLS_PROTOCOLS and mode != "PASSTHROUGH"
     if terminates and not cred and not (files["serverCertificate"] and files["privateKey"]):
         ctx.error(p, f"mode {mode} needs credentialName, or serverCertificate and privateKey")
@@ -228,12 +231,13 @@ def _tls(ctx: Ctx, m: Mapping[str, Any], path: str, protocol: str) -> ServerTLS 
         for k, v in files.items():
             if v is not None:
                 ctx.warn(join(p, k), "ignored: credentialName is set (its Secret holds the certificates)")
-    if terminates and mode in ("MUTUAL", "OPTIONAL_MUTUAL") and not cred and not files["caCertificates"]:
+    if terminates and mode in ("MUTUAL", "OPTIONAL_MUTUAL") and not cred and not files["caCertificates"] \
+            and not ca_cred:
         ctx.error(join(p, "caCertificates"), f"is required for mode {mode} (or credentialName with a CA)")
     if mode == "PASSTHROUGH" and (cred or files["serverCertificate"]):
         ctx.warn(p, "certificates are not used in PASSTHROUGH mode (the backend terminates TLS)")
     client_checks = [k for k in ("subjectAltNames", "verifyCertificateSpki", "verifyCertificateHash") if t.get(k)]
-    for k in [*client_checks, *(["insecureSkipVerify"] if skip else [])]:
+    for k in [*client_checks, *(["insecureSkipVerify"] if skip else []), *(["caCertCredentialName"] if ca_cred else [])]:
         if mode not in ("MUTUAL", "OPTIONAL_MUTUAL"):
             ctx.warn(join(p, k), f"only checks client certificates (MUTUAL, OPTIONAL_MUTUAL); ignored in mode {mode}")
     if protocol not in (*TLS_PROTOCOLS, *HTTP_PROTOCOLS) and (mode_text or redirect):
@@ -260,4 +264,5 @@ def _tls(ctx: Ctx, m: Mapping[str, Any], path: str, protocol: str) -> ServerTLS 
         max_protocol_version=versions["maxProtocolVersion"],
         cipher_suites=get_str_list(ctx, t, "cipherSuites", p),
         insecure_skip_verify=skip and mode in ("MUTUAL", "OPTIONAL_MUTUAL"),
+        ca_cert_credential_name=ca_cred or None if mode in ("MUTUAL", "OPTIONAL_MUTUAL") else None,
     )

@@ -780,6 +780,7 @@ class ServerTLS:
     max_protocol_version: str | None = None
     cipher_suites: tuple[str, ...] = ()
     insecure_skip_verify: bool = False  # a client certificate that fails verification is let through
+    ca_cert_credential_name: str | None = None  # a Secret whose CA verifies clients (over credentialName's)
 
 
 @dataclass(frozen=True, slots=True)

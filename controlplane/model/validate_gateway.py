@@ -78,6 +78,15 @@ def _gateway(mesh: Mesh, gw: Gateway) -> Iterator[Issue]:
     namespaces = sorted({p.namespace for p in pods})
     for i, srv in enumerate(gw.servers):
         tls = srv.tls
+        if tls is not None and tls.ca_cert_credential_name:
+            for ns in namespaces:
+                ca_name = tls.ca_cert_credential_name
+                ca = credential_ca(mesh, ns, ca_name)
+                if ca is None or ca.problem is not None:
+                    yield Issue(gw.ref, f"spec.servers[{i}].tls.caCertCredentialName",
+                                f"no usable CA in Secret {ns}/{ca_name} (ca.crt or cacert) or {ns}/{ca_name}-cacert "
+                                "(the namespace of the gateway Pods): every client certificate is refused there "
+                                "(fail closed)", "warning")
         if tls is None or not tls.credential_name or tls.mode == "PASSTHROUGH":
             continue
         name = tls.credential_name
@@ -89,6 +98,7 @@ def _gateway(mesh: Mesh, gw: Gateway) -> Iterator[Issue]:
                                           "the gateway Pods): this server's handshakes fail there (fail closed)", "warning")
             elif cred.problem is not None:
                 yield Issue(gw.ref, path, f"Secret {ns}/{name} is unusable: {cred.problem}", "warning")
-            elif tls.mode in ("MUTUAL", "OPTIONAL_MUTUAL") and credential_ca(mesh, ns, name) is None:
+            elif tls.mode in ("MUTUAL", "OPTIONAL_MUTUAL") and credential_ca(mesh, ns, name) is None \
+                    and not tls.ca_cert_credential_name:
                 yield Issue(gw.ref, path, f"mode {tls.mode} needs a CA to verify clients: Secret {ns}/{name} has no "
                                           f"ca.crt and there is no {name}-cacert Secret", "warning")

@@ -357,10 +357,11 @@ def _downstream_tls(tls: ServerTLS, alpn: tuple[str, ...]) -> tls_pb2.Downstream
     params.cipher_suites.extend(tls.cipher_suites)
     if tls.mode in ("MUTUAL", "OPTIONAL_MUTUAL"):
         ctx.require_client_certificate.value = tls.mode == "MUTUAL"
-        if tls.credential_name:
+        ca_name = tls.ca_cert_credential_name or tls.credential_name  # (Istio: the former takes precedence)
+        if ca_name:
             combined = common.combined_validation_context
             combined.validation_context_sds_secret_config.CopyFrom(secret_pb2.SdsSecretConfig(
-                name=credential_ca_sds_name(tls.credential_name), sds_config=ads_config_source()))
+                name=credential_ca_sds_name(ca_name), sds_config=ads_config_source()))
             validation = combined.default_validation_context
         else:
             validation = common.validation_context
@@ -472,6 +473,16 @@ def gateway_credentials(mesh: Mesh, meta: ProxyMeta, namespace: str, service_acc
         if ca is not None and cred is not None:
             out.append(ResourceSpec(SECRET, credential_ca_sds_name(name), credential_ca_secret,
                                     (name, ca.ca_pem, cred.crl_pem, system_ca)))
+        else:
+            out.append(ResourceSpec(SECRET, credential_ca_sds_name(name), withheld_ca_secret, (name,)))
+    # caCertCredentialName: a Secret holding only the CA that verifies clients (ca.crt/cacert, or
+    # its <name>-cacert Secret), for a server whose credentialName (if any) may have none.
+    for name in sorted({s.tls.ca_cert_credential_name for s in gw.servers
+                        if s.tls is not None and s.tls.ca_cert_credential_name} - set(names)):
+        ca = credential_ca(mesh, namespace, name) if authorized else None
+        if ca is not None and ca.problem is None:
+            out.append(ResourceSpec(SECRET, credential_ca_sds_name(name), credential_ca_secret,
+                                    (name, ca.ca_pem, ca.crl_pem, system_ca)))
         else:
             out.append(ResourceSpec(SECRET, credential_ca_sds_name(name), withheld_ca_secret, (name,)))
     return out
