@@ -167,6 +167,26 @@ def test_outlier_detection_http_error_codes_are_the_only_errors() -> None:
         "spec.trafficPolicy.outlierDetection.outlierDetectionHttpErrorCodes[2]"]
 
 
+# --------------------------------------------------------------------------- retryBudget
+
+
+def test_retry_budget_limits_retries_to_a_share_of_requests() -> None:
+    spec = {"host": "reviews.default.svc.cluster.local", "trafficPolicy": {
+        "connectionPool": {"http": {"maxRetries": 7}},
+        "retryBudget": {"percent": 25.5, "minRetryConcurrency": 4},
+        "portLevelSettings": [{"port": {"number": 9443}, "connectionPool": {"http": {"maxRetries": 9}}}]}}
+    for name in ("outbound|9080||reviews.default.svc.cluster.local", "outbound|9443||reviews.default.svc.cluster.local"):
+        t = _cluster(spec, name).circuit_breakers.thresholds[0]
+        # (Istio's PortTrafficPolicy has no retryBudget: the port keeps the rule's)
+        assert (t.retry_budget.budget_percent.value, t.retry_budget.min_retry_concurrency.value) == (25.5, 4), name
+    # unset values are Envoy's defaults, which are Istio's (20%, 3)
+    t = _cluster({"host": "reviews.default.svc.cluster.local", "trafficPolicy": {"retryBudget": {}}},
+                 "outbound|9080||reviews.default.svc.cluster.local").circuit_breakers.thresholds[0]
+    assert t.HasField("retry_budget") and not t.retry_budget.HasField("budget_percent")
+    _, issues = _convert("DestinationRule", {"host": "reviews", "trafficPolicy": {"retryBudget": {"percent": 120}}})
+    assert [f for f, _ in _errors(issues)] == ["spec.trafficPolicy.retryBudget.percent"]
+
+
 # --------------------------------------------------------------------------- redirect.prefixRewrite
 
 
@@ -236,7 +256,7 @@ def test_fields_meshline_does_not_implement_are_warned_by_name() -> None:
         "outlierDetection": {"consecutive5xxErrors": 3},
         "retryBudget": {"percent": 20, "budgetInterval": "1s"}}})
     assert not _errors(dr)
-    for f in ("loadBalancer.zoneAwareLbSetting", "retryBudget"):
+    for f in ("loadBalancer.zoneAwareLbSetting", "retryBudget.budgetInterval"):
         assert _warned(dr, f"spec.trafficPolicy.{f}"), (f, dr)
 
 

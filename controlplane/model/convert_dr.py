@@ -47,17 +47,17 @@ from controlplane.model.ir import (
     LocalityLbSetting,
     OutlierDetection,
     PortTrafficPolicy,
+    RetryBudget,
     Subset,
     TLSMode,
     TrafficPolicy,
 )
 
 _SPEC_FIELDS = ("host", "trafficPolicy", "subsets", "exportTo", "workloadSelector")
-_POLICY_FIELDS = ("loadBalancer", "connectionPool", "outlierDetection", "tls", "portLevelSettings")
+_POLICY_FIELDS = ("loadBalancer", "connectionPool", "outlierDetection", "tls", "portLevelSettings", "retryBudget")
 _POLICY_IGNORED = {
     "tunnel": "tunnel settings are not supported; ignored",
     "proxyProtocol": "proxyProtocol is not supported; ignored",
-    "retryBudget": "retryBudget is not supported yet; ignored",
 }
 _PORT_FIELDS = ("port", "loadBalancer", "connectionPool", "outlierDetection", "tls")
 _LB_SIMPLE: Mapping[str, LbSimple] = {
@@ -194,7 +194,27 @@ def traffic_policy(ctx: Ctx, m: Mapping[str, Any], path: str) -> TrafficPolicy |
         outlier_detection=outlier_detection(ctx, tm, p),
         tls=client_tls(ctx, tm, p),
         port_level=tuple(sorted(port_level, key=lambda s: s.port)),
+        retry_budget=_retry_budget(ctx, tm, p),
     )
+
+
+def _retry_budget(ctx: Ctx, m: Mapping[str, Any], path: str) -> RetryBudget | None:
+    """`retryBudget` -> Envoy's circuit breaker `retry_budget` (which replaces the maxRetries
+    limit, as in Istio). Envoy has no budget interval: `budgetInterval` is warned."""
+    p = join(path, "retryBudget")
+    rm = child(ctx, m, "retryBudget", path)
+    if rm is None:
+        return None
+    check_fields(ctx, rm, p, ("percent", "minRetryConcurrency"), {
+        "budgetInterval": "budgetInterval is not supported (Envoy's retry budget counts only the active and "
+                          "pending requests); ignored"})
+    percent = rm.get("percent")
+    if percent is not None and (isinstance(percent, bool) or not isinstance(percent, int | float)
+                                or not 0 <= percent <= 100):
+        ctx.error(join(p, "percent"), f"must be a number between 0 and 100, got {percent!r}")
+        percent = None
+    return RetryBudget(None if percent is None else float(percent),
+                       get_int(ctx, rm, "minRetryConcurrency", p, lo=0, hi=2**32 - 1))
 
 
 def load_balancer(ctx: Ctx, m: Mapping[str, Any], path: str) -> LoadBalancer | None:

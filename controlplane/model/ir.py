@@ -534,6 +534,16 @@ class TrafficPolicy:
     outlier_detection: OutlierDetection | None = None
     tls: ClientTLS | None = None
     port_level: tuple[PortTrafficPolicy, ...] = ()
+    retry_budget: RetryBudget | None = None  # not per port (Istio's PortTrafficPolicy has none)
+
+
+@dataclass(frozen=True, slots=True)
+class RetryBudget:
+    """DestinationRule `retryBudget`: concurrent retries limited to `percent` of the active and
+    pending requests, at least `min_retry_concurrency` (Istio's defaults: 20%, 3)."""
+
+    percent: float | None = None
+    min_retry_concurrency: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

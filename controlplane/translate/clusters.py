@@ -32,6 +32,7 @@ from controlplane.model.ir import (
     LoadBalancer,
     OutlierDetection,
     PortProtocol,
+    RetryBudget,
     TrafficPolicy,
 )
 from controlplane.translate.locality import LocalityMode, locality_mode
@@ -51,19 +52,22 @@ class ClusterPolicy:
     connection_pool: ConnectionPool | None = None
     outlier_detection: OutlierDetection | None = None
     tls: ClientTLS | None = None
+    retry_budget: RetryBudget | None = None
 
 
 def _layer(base: ClusterPolicy, tp: TrafficPolicy | None, port: int) -> ClusterPolicy:
     if tp is None:
         return base
+    budget = tp.retry_budget or base.retry_budget  # (not per port)
     for pl in tp.port_level:
         if pl.port == port:
-            return ClusterPolicy(pl.load_balancer, pl.connection_pool, pl.outlier_detection, pl.tls)
+            return ClusterPolicy(pl.load_balancer, pl.connection_pool, pl.outlier_detection, pl.tls, budget)
     return ClusterPolicy(
         tp.load_balancer or base.load_balancer,
         tp.connection_pool or base.connection_pool,
         tp.outlier_detection or base.outlier_detection,
         tp.tls or base.tls,
+        budget,
     )
 
 
@@ -80,7 +84,7 @@ def effective_policy(dr: DestinationRule | None, port: int, subset: str | None =
     return policy
 
 
-def _circuit_breakers(c: cluster_pb2.Cluster, cp: ConnectionPool | None) -> None:
+def _circuit_breakers(c: cluster_pb2.Cluster, cp: ConnectionPool | None, budget: RetryBudget | None = None) -> None:
     # Like Istio: Envoy's defaults (1024) are far too low for a mesh, so unset limits are
     # effectively unlimited.
     t = c.circuit_breakers.thresholds.add()
@@ -91,6 +95,12 @@ def _circuit_breakers(c: cluster_pb2.Cluster, cp: ConnectionPool | None) -> None
     t.max_requests.value = MAX_U32 if cp is None or cp.http2_max_requests is None else cp.http2_max_requests
     t.max_retries.value = MAX_U32 if cp is None or cp.max_retries is None else cp.max_retries
     t.track_remaining = True
+    if budget is not None:  # (Envoy then ignores max_retries; unset values: Envoy's = Istio's defaults)
+        t.retry_budget.SetInParent()
+        if budget.percent is not None:
+            t.retry_budget.budget_percent.value = budget.percent
+        if budget.min_retry_concurrency is not None:
+            t.retry_budget.min_retry_concurrency.value = budget.min_retry_concurrency
 
 
 def _load_balancer(c: cluster_pb2.Cluster, lb: LoadBalancer | None) -> None:
@@ -227,7 +237,7 @@ def build_outbound_cluster(
     )
     c.connect_timeout.CopyFrom(duration_ms(timeout))
     _load_balancer(c, policy.load_balancer)
-    _circuit_breakers(c, cp)
+    _circuit_breakers(c, cp, policy.retry_budget)
     _protocol_options(c, protocol, cp, policy.outlier_detection)
     _outlier_detection(c, policy.outlier_detection)
     lb = policy.load_balancer
@@ -259,7 +269,7 @@ def build_original_dst_cluster(
         cp.connect_timeout_ms if cp is not None and cp.connect_timeout_ms else DEFAULT_CONNECT_TIMEOUT_MS
     )
     c.connect_timeout.CopyFrom(duration_ms(timeout))
-    _circuit_breakers(c, cp)
+    _circuit_breakers(c, cp, policy.retry_budget)
     _protocol_options(c, protocol, cp, policy.outlier_detection)
     _outlier_detection(c, policy.outlier_detection)
     apply_upstream_tls(c, tls)
@@ -278,7 +288,7 @@ def apply_connection_policy(c: cluster_pb2.Cluster, policy: ClusterPolicy) -> No
     if cp is not None and cp.connect_timeout_ms:
         c.connect_timeout.CopyFrom(duration_ms(cp.connect_timeout_ms))
     _load_balancer(c, policy.load_balancer)
-    _circuit_breakers(c, cp)
+    _circuit_breakers(c, cp, policy.retry_budget)
     _outlier_detection(c, policy.outlier_detection)
 
 
