@@ -1,6 +1,6 @@
 """Istio 1.31 fields through real Envoys (issue 16): `outlierDetectionHttpErrorCodes` decides
-which responses count toward consecutive5xxErrors, and `trustDomains` admits peers by the
-trust domain of their certificate. Expected results from Istio's reference docs (quoted in
+which responses count toward consecutive5xxErrors, `trustDomains` admits peers by the trust
+domain of their certificate, and a redirect's `prefixRewrite` replaces the matched prefix. Expected results from Istio's reference docs (quoted in
 the YAML files and next to each assertion)."""
 
 from __future__ import annotations
@@ -90,4 +90,17 @@ def test_trust_domains_admit_peers_by_certificate(env: tuple[Mesh, Sidecar, Side
         converge(lambda: status() == 200)
         mesh.kubectl_apply(policy)
         converge(lambda: status() == 403)
+    assert not mesh.errors()
+
+
+def test_redirect_prefix_rewrite_replaces_the_matched_prefix(env: tuple[Mesh, Sidecar, Sidecar]) -> None:
+    mesh, sleep, _ = env
+    host = "helloworld.default.svc.cluster.local"
+    mesh.kubectl_apply(read(HERE, "virtual-service-redirect-prefix-rewrite.yaml"))
+    converge(lambda: mesh.http(sleep, HELLO_PORT, host, "/foo/baz").status_code == 301)
+    # "/foo/baz becomes /bar/baz" (the query string is kept)
+    r = mesh.http(sleep, HELLO_PORT, host, "/foo/baz?q=1")
+    assert r.status_code == 301 and r.headers["location"] == f"http://{host}/bar/baz?q=1", r.headers
+    # other paths are routed as before
+    assert mesh.http(sleep, HELLO_PORT, host, "/hello").status_code == 200
     assert not mesh.errors()
