@@ -118,7 +118,8 @@ def mesh_yaml(port: int, jwks_port: int, keys: Keys) -> str:
          "spec": {"selector": server, "jwtRules": [
              {"issuer": ISSUER, "jwksUri": f"http://{JWKS_IP}:{jwks_port}/jwks.json",
               "outputPayloadToHeader": "x-jwt-payload",
-              "outputClaimToHeaders": [{"header": "x-jwt-sub", "claim": "sub"}]},
+              "outputClaimToHeaders": [{"header": "x-jwt-sub", "claim": "sub"}],
+              "spaceDelimitedClaims": ["roles"]},
              {"issuer": ES_ISSUER, "jwks": json.dumps(keys.ec_jwks())}]}},
         {"apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
          "metadata": {"name": "access", "namespace": NS},
@@ -131,6 +132,8 @@ def mesh_yaml(port: int, jwks_port: int, keys: Keys) -> str:
               "to": [{"operation": {"paths": ["/bob*"]}}]},
              {"to": [{"operation": {"paths": ["/scope*"]}}],
               "when": [{"key": "request.auth.claims[scope]", "values": ["write"]}]},
+             {"to": [{"operation": {"paths": ["/roles*"]}}],
+              "when": [{"key": "request.auth.claims[roles]", "values": ["editor"]}]},
          ]}},
         {"apiVersion": "telemetry.istio.io/v1", "kind": "Telemetry",
          "metadata": {"name": "logs", "namespace": NS},
@@ -255,6 +258,14 @@ def test_scope_is_a_space_separated_list(env: Env) -> None:
     assert env.get("/scope", env.keys.token(scope="read write")).status_code == 200
     assert env.get("/scope", env.keys.token(scope="read")).status_code == 403
     assert env.get("/scope", env.keys.token(scope="rewrite")).status_code == 403
+
+
+def test_space_delimited_claims_are_matched_word_by_word(env: Env) -> None:
+    # Istio 1.31 spaceDelimitedClaims: [roles] (issue 16): "these claims will be split on
+    # whitespace and each individual value will be available for matching"
+    assert env.get("/roles", env.keys.token(roles="viewer editor")).status_code == 200
+    assert env.get("/roles", env.keys.token(roles="viewer")).status_code == 403
+    assert env.get("/roles", env.keys.token(roles="editors")).status_code == 403
 
 
 def test_inline_jwks_es256_and_an_exact_request_principal(env: Env) -> None:
