@@ -15,9 +15,8 @@ from envoy.extensions.transport_sockets.tls.v3 import common_pb2, secret_pb2, tl
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 from envoy.type.matcher.v3 import string_pb2
 
-from controlplane.model.authn import RequestAuthentication
 from controlplane.model.convert import convert
-from controlplane.model.ir import AuthorizationPolicy, Issue
+from controlplane.model.ir import AuthorizationPolicy, Issue, RequestAuthentication
 from controlplane.model.raw import RawObject
 from controlplane.translate.jwt import _provider
 from controlplane.translate.rbac import rule_policy

@@ -16,11 +16,10 @@ from envoy.config.rbac.v3 import rbac_pb2
 from envoy.type.matcher.v3 import string_pb2, value_pb2
 from google.protobuf import json_format
 
-from controlplane.model.authn import RequestAuthentication
-from controlplane.model.ir import Issue, ProxyMeta, labels_of
+from controlplane.model.ir import Issue, ProxyMeta, RequestAuthentication, Telemetry, labels_of
 from controlplane.model.meshconfig import parse_mesh_config
 from controlplane.model.store import assemble
-from controlplane.model.telemetry import Telemetry, access_logs_for
+from controlplane.model.telemetry import access_logs_for
 from controlplane.translate.ambient import plan_waypoint
 from controlplane.translate.jwt import JWT_FILTER, claim, request_principal
 from controlplane.translate.plan import LISTENER

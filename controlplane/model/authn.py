@@ -11,61 +11,16 @@ accepted (a request's token must satisfy one of them, or be absent).
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
-from controlplane.model.ir import Hostname, Issue, Labels, SourceRef, labels_match
-
-if TYPE_CHECKING:
-    from controlplane.model.mesh import Mesh
-
-
-@dataclass(frozen=True, slots=True)
-class JwtHeader:
-    """`fromHeaders[]`: the header carrying the token and the prefix before it."""
-
-    name: str
-    prefix: str = ""
-
-
-@dataclass(frozen=True, slots=True)
-class JwksUri:
-    """A parsed `jwksUri`: Envoy fetches it from `host:port` (TLS for https)."""
-
-    uri: str
-    scheme: str  # http | https
-    host: str
-    port: int
-
-
-@dataclass(frozen=True, slots=True)
-class JwtRule:
-    """One `jwtRules[]` entry. Exactly one of `jwks_uri` and `jwks` (inline JSON) is set.
-    `timeout_ms`: how long a JWKS fetch may take (None: Envoy's default)."""
-
-    issuer: str
-    audiences: tuple[str, ...] = ()
-    jwks_uri: JwksUri | None = None
-    jwks: str | None = None
-    from_headers: tuple[JwtHeader, ...] = ()
-    from_params: tuple[str, ...] = ()
-    from_cookies: tuple[str, ...] = ()
-    output_payload_to_header: str | None = None
-    output_claim_to_headers: tuple[tuple[str, str], ...] = ()  # (header, claim)
-    forward_original_token: bool = False
-    timeout_ms: int | None = None
-    space_delimited_claims: tuple[str, ...] = ()  # besides scope and permission (Istio 1.31)
-
-
-@dataclass(frozen=True, slots=True)
-class RequestAuthentication:
-    ref: SourceRef
-    namespace: str
-    name: str
-    selector: Labels = ()
-    rules: tuple[JwtRule, ...] = ()
-    # (kind, name): a waypoint (Gateway) or a Service of the namespace; enforced by the waypoint
-    target_refs: tuple[tuple[str, str], ...] = ()
+from controlplane.model.ir import (
+    Hostname,
+    Issue,
+    JwtRule,
+    Labels,
+    RequestAuthentication,
+    labels_match,
+)
+from controlplane.model.mesh import Mesh
 
 
 def request_authentications_for(mesh: Mesh, namespace: str, labels: Labels) -> tuple[RequestAuthentication, ...]:

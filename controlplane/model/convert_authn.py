@@ -15,7 +15,6 @@ from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
-from controlplane.model.authn import JwksUri, JwtHeader, JwtRule, RequestAuthentication
 from controlplane.model.convert_base import (
     Ctx,
     check_fields,
@@ -30,6 +29,7 @@ from controlplane.model.convert_base import (
     join,
 )
 from controlplane.model.convert_security import _selector, _spec, _target_refs
+from controlplane.model.ir import JwksUri, JwtHeader, JwtRule, RequestAuthentication
 
 RA_SPEC_FIELDS = ("selector", "targetRef", "targetRefs", "jwtRules")
 JWT_RULE_FIELDS = ("issuer", "audiences", "jwksUri", "jwks_uri", "jwks", "fromHeaders", "fromParams",

@@ -23,7 +23,7 @@ from controlplane.model.convert_base import (
     join,
 )
 from controlplane.model.convert_security import _selector, _spec, _target_refs
-from controlplane.model.telemetry import LOG_MODES, AccessLogging, LogMode, Telemetry
+from controlplane.model.ir import LOG_MODES, AccessLogging, LogMode, Telemetry
 
 TELEMETRY_SPEC_FIELDS = ("selector", "targetRef", "targetRefs", "tracing", "metrics", "accessLogging")
 ACCESS_LOGGING_FIELDS = ("match", "providers", "disabled", "filter")

@@ -821,3 +821,92 @@ class Gateway:
     @property
     def key(self) -> str:
         return f"{self.namespace}/{self.name}"
+
+
+# RequestAuthentication (JWT): selection in controlplane.model.authn
+
+@dataclass(frozen=True, slots=True)
+class JwtHeader:
+    """`fromHeaders[]`: the header carrying the token and the prefix before it."""
+
+    name: str
+    prefix: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class JwksUri:
+    """A parsed `jwksUri`: Envoy fetches it from `host:port` (TLS for https)."""
+
+    uri: str
+    scheme: str  # http | https
+    host: str
+    port: int
+
+
+@dataclass(frozen=True, slots=True)
+class JwtRule:
+    """One `jwtRules[]` entry. Exactly one of `jwks_uri` and `jwks` (inline JSON) is set.
+    `timeout_ms`: how long a JWKS fetch may take (None: Envoy's default)."""
+
+    issuer: str
+    audiences: tuple[str, ...] = ()
+    jwks_uri: JwksUri | None = None
+    jwks: str | None = None
+    from_headers: tuple[JwtHeader, ...] = ()
+    from_params: tuple[str, ...] = ()
+    from_cookies: tuple[str, ...] = ()
+    output_payload_to_header: str | None = None
+    output_claim_to_headers: tuple[tuple[str, str], ...] = ()  # (header, claim)
+    forward_original_token: bool = False
+    timeout_ms: int | None = None
+    space_delimited_claims: tuple[str, ...] = ()  # besides scope and permission (Istio 1.31)
+
+
+@dataclass(frozen=True, slots=True)
+class RequestAuthentication:
+    ref: SourceRef
+    namespace: str
+    name: str
+    selector: Labels = ()
+    rules: tuple[JwtRule, ...] = ()
+    # (kind, name): a waypoint (Gateway) or a Service of the namespace; enforced by the waypoint
+    target_refs: tuple[tuple[str, str], ...] = ()
+
+
+# Telemetry (access logging): precedence in controlplane.model.telemetry
+
+LogMode = Literal["CLIENT", "SERVER", "CLIENT_AND_SERVER"]
+LOG_MODES: tuple[LogMode, ...] = ("CLIENT_AND_SERVER", "CLIENT", "SERVER")
+Direction = Literal["CLIENT", "SERVER"]
+BUILTIN_PROVIDER = "envoy"
+"""Istio's default mesh config defines the `envoy` provider: a file access log to stdout in
+Istio's default text format. Meshline provides it unless the mesh config defines that name."""
+
+
+@dataclass(frozen=True, slots=True)
+class AccessLogging:
+    """One `accessLogging[]` entry. `providers` empty: the mesh config's default providers."""
+
+    mode: LogMode = "CLIENT_AND_SERVER"
+    providers: tuple[str, ...] = ()
+    disabled: bool = False
+    filter: str | None = None  # CEL expression
+
+
+@dataclass(frozen=True, slots=True)
+class Telemetry:
+    ref: SourceRef
+    namespace: str
+    name: str
+    selector: Labels = ()
+    access_logging: tuple[AccessLogging, ...] = ()
+    target_refs: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class AccessLog:
+    """One access log a proxy writes: `provider` (a mesh-config provider name) and the CEL
+    `filter` a request must pass (None: every request)."""
+
+    provider: str
+    filter: str | None = None

@@ -15,7 +15,6 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import TYPE_CHECKING
 
 from controlplane.model.gwapi import GatewayRoute, ObjectStatus, ParentStatus, ReferenceGrant
 from controlplane.model.ir import (
@@ -30,9 +29,11 @@ from controlplane.model.ir import (
     Labels,
     Namespace,
     PeerAuthentication,
+    RequestAuthentication,
     Service,
     ServiceEntry,
     Sidecar,
+    Telemetry,
     TlsCredential,
     VirtualService,
     Workload,
@@ -40,10 +41,6 @@ from controlplane.model.ir import (
     labels_match,
 )
 from controlplane.model.meshconfig import NO_MESH_CONFIG, MeshConfig
-
-if TYPE_CHECKING:
-    from controlplane.model.authn import RequestAuthentication
-    from controlplane.model.telemetry import Telemetry
 
 _EMPTY: Mapping[str, object] = MappingProxyType({})
 
@@ -71,14 +68,6 @@ class Mesh:
     mesh_config: MeshConfig = NO_MESH_CONFIG  # `--mesh-config`: extension providers (CUSTOM authorization)
     # (namespace, name) -> TLS Secret (DestinationRule credentialName); keys never logged
     credentials: Mapping[tuple[str, str], TlsCredential] = field(default_factory=dict)
-    # JWT rules (controlplane.model.authn) and access logging (controlplane.model.telemetry),
-    # each sorted by (namespace, name)
-    request_authentications: tuple[RequestAuthentication, ...] = ()
-    telemetries: tuple[Telemetry, ...] = ()
-    # ServiceEntries (sorted by (namespace, name); their hosts are in `services`, see
-    # controlplane.model.serviceentry) and WorkloadEntries
-    service_entries: tuple[ServiceEntry, ...] = ()
-    workload_entries: tuple[WorkloadEntry, ...] = ()
     # Gateway API routes (GAMMA: their VirtualService values are in `vs_by_host`, not in
     # `virtual_services`; controlplane.model.gamma), ReferenceGrants, and each route's
     # status: (kind, namespace, name) -> the status.parents entries Meshline owns
@@ -92,6 +81,14 @@ class Mesh:
     # their `gateways`; `virtual_services` holds the views bound to `mesh`: model.gateways)
     gateways: Mapping[str, Gateway] = field(default_factory=dict)
     gateway_virtual_services: tuple[VirtualService, ...] = ()
+    # JWT rules (controlplane.model.authn) and access logging (controlplane.model.telemetry),
+    # each sorted by (namespace, name)
+    request_authentications: tuple[RequestAuthentication, ...] = ()
+    telemetries: tuple[Telemetry, ...] = ()
+    # ServiceEntries (sorted by (namespace, name); their hosts are in `services`, see
+    # controlplane.model.serviceentry) and WorkloadEntries
+    service_entries: tuple[ServiceEntry, ...] = ()
+    workload_entries: tuple[WorkloadEntry, ...] = ()
 
     # Derived indexes, computed once in build_mesh().
     vs_by_host: Mapping[Hostname, VirtualService] = field(default_factory=dict)

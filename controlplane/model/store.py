@@ -12,7 +12,6 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
-from controlplane.model.authn import RequestAuthentication
 from controlplane.model.convert import convert
 from controlplane.model.events import Delete, ParseError, Replace, SourceEvent, Upsert
 from controlplane.model.gamma import resolve as resolve_gamma
@@ -32,10 +31,12 @@ from controlplane.model.ir import (
     Namespace,
     PeerAuthentication,
     PodNetns,
+    RequestAuthentication,
     Service,
     ServiceEntry,
     Sidecar,
     SourceRef,
+    Telemetry,
     TlsCredential,
     VirtualService,
     Workload,
@@ -46,7 +47,6 @@ from controlplane.model.mesh import EndpointDelta, Mesh, build_mesh
 from controlplane.model.meshconfig import NO_MESH_CONFIG, MeshConfig
 from controlplane.model.raw import ObjectKey, RawObject
 from controlplane.model.serviceentry import alias_entry_hosts, registry_services
-from controlplane.model.telemetry import Telemetry
 from controlplane.model.validate import check_mesh
 
 IRValue = object
@@ -468,13 +468,13 @@ def mesh_of(
     scs: list[Sidecar] = []
     netns: list[PodNetns] = []
     credentials: dict[tuple[str, str], TlsCredential] = {}
-    ras: list[RequestAuthentication] = []
-    tels: list[Telemetry] = []
     routes: list[GatewayRoute] = []
     api_gateways: list[ApiGateway] = []
     classes: list[GatewayClass] = []
     grants: list[ReferenceGrant] = []
     gateways: dict[str, Gateway] = {}
+    ras: list[RequestAuthentication] = []
+    tels: list[Telemetry] = []
     ses: list[ServiceEntry] = []
     wes: list[WorkloadEntry] = []
     for v in values:
@@ -502,14 +502,6 @@ def mesh_of(
                 netns.append(item)
             elif isinstance(item, TlsCredential):
                 credentials[(item.namespace, item.name)] = item
-            elif isinstance(item, RequestAuthentication):
-                ras.append(item)
-            elif isinstance(item, Telemetry):
-                tels.append(item)
-            elif isinstance(item, ServiceEntry):
-                ses.append(item)
-            elif isinstance(item, WorkloadEntry):
-                wes.append(item)
             elif isinstance(item, GatewayRoute):
                 routes.append(item)
             elif isinstance(item, ReferenceGrant):
@@ -520,6 +512,14 @@ def mesh_of(
                 classes.append(item)
             elif isinstance(item, Gateway):
                 gateways[item.key] = item
+            elif isinstance(item, RequestAuthentication):
+                ras.append(item)
+            elif isinstance(item, Telemetry):
+                tels.append(item)
+            elif isinstance(item, ServiceEntry):
+                ses.append(item)
+            elif isinstance(item, WorkloadEntry):
+                wes.append(item)
     if not netns_annotations:
         for key, pod in list(workloads.items()):
             if pod.netns is not None:
@@ -560,6 +560,12 @@ def mesh_of(
         trust_domain=trust_domain,
         sidecars=tuple(scs),
     )
+    if ses or wes:
+        mesh = replace(mesh, service_entries=tuple(ses),
+                       workload_entries=tuple(sorted(wes, key=lambda w: (w.namespace, w.name))))
+    if ras or tels:
+        mesh = replace(mesh, request_authentications=tuple(sorted(ras, key=lambda r: (r.namespace, r.name))),
+                       telemetries=tuple(sorted(tels, key=lambda t: (t.namespace, t.name))))
     if gateways or gateway_vss:
         mesh = replace(mesh, gateways={k: gateways[k] for k in sorted(gateways)}, gateway_virtual_services=gateway_vss)
     if routes or grants:  # Gateway API routes attached to Services win their hosts (model.gamma)
@@ -575,10 +581,4 @@ def mesh_of(
         mesh = replace(mesh, gateways={**mesh.gateways, **gwr.gateways}, route_status=status,
                        gateway_virtual_services=(*mesh.gateway_virtual_services, *gwr.virtual_services),
                        gateway_status=gwr.object_status)
-    if ses or wes:
-        mesh = replace(mesh, service_entries=tuple(ses),
-                       workload_entries=tuple(sorted(wes, key=lambda w: (w.namespace, w.name))))
-    if ras or tels:
-        mesh = replace(mesh, request_authentications=tuple(sorted(ras, key=lambda r: (r.namespace, r.name))),
-                       telemetries=tuple(sorted(tels, key=lambda t: (t.namespace, t.name))))
     return replace(mesh, credentials=credentials) if credentials else mesh

@@ -18,49 +18,18 @@ waypoint's workload level (`waypoint_access_logs`; a waypoint's traffic counts a
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
 
-from controlplane.model.ir import Issue, Labels, SourceRef, labels_match
-
-if TYPE_CHECKING:
-    from controlplane.model.mesh import Mesh
-
-LogMode = Literal["CLIENT", "SERVER", "CLIENT_AND_SERVER"]
-LOG_MODES: tuple[LogMode, ...] = ("CLIENT_AND_SERVER", "CLIENT", "SERVER")
-Direction = Literal["CLIENT", "SERVER"]
-BUILTIN_PROVIDER = "envoy"
-"""Istio's default mesh config defines the `envoy` provider: a file access log to stdout in
-Istio's default text format. Meshline provides it unless the mesh config defines that name."""
-
-
-@dataclass(frozen=True, slots=True)
-class AccessLogging:
-    """One `accessLogging[]` entry. `providers` empty: the mesh config's default providers."""
-
-    mode: LogMode = "CLIENT_AND_SERVER"
-    providers: tuple[str, ...] = ()
-    disabled: bool = False
-    filter: str | None = None  # CEL expression
-
-
-@dataclass(frozen=True, slots=True)
-class Telemetry:
-    ref: SourceRef
-    namespace: str
-    name: str
-    selector: Labels = ()
-    access_logging: tuple[AccessLogging, ...] = ()
-    target_refs: tuple[tuple[str, str], ...] = ()
-
-
-@dataclass(frozen=True, slots=True)
-class AccessLog:
-    """One access log a proxy writes: `provider` (a mesh-config provider name) and the CEL
-    `filter` a request must pass (None: every request)."""
-
-    provider: str
-    filter: str | None = None
+from controlplane.model.ir import (
+    BUILTIN_PROVIDER,
+    AccessLog,
+    Direction,
+    Issue,
+    Labels,
+    SourceRef,
+    Telemetry,
+    labels_match,
+)
+from controlplane.model.mesh import Mesh
 
 
 def _levels(mesh: Mesh, namespace: str, labels: Labels,

@@ -24,8 +24,8 @@ from envoy.extensions.access_loggers.file.v3 import file_pb2
 from envoy.extensions.access_loggers.filters.cel.v3 import cel_pb2
 from google.protobuf import struct_pb2
 
+from controlplane.model.ir import BUILTIN_PROVIDER, AccessLog
 from controlplane.model.meshconfig import MeshConfig
-from controlplane.model.telemetry import BUILTIN_PROVIDER, AccessLog
 from controlplane.translate.names import pack
 
 FILE_LOGGER = "envoy.access_loggers.file"

@@ -26,11 +26,12 @@ from typing import Any
 from envoy.config.listener.v3 import listener_pb2
 
 from controlplane.model.ambient import services_of_waypoint
-from controlplane.model.authn import JwtRule, issuers, jwt_rules, waypoint_request_authentications
+from controlplane.model.authn import issuers, jwt_rules, waypoint_request_authentications
 from controlplane.model.ir import (
     AuthorizationPolicy,
     AuthzOperation,
     AuthzRule,
+    JwtRule,
     Labels,
     ProxyMeta,
     Service,

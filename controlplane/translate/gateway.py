@@ -47,7 +47,7 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import http_con
 from envoy.extensions.transport_sockets.tls.v3 import common_pb2, secret_pb2, tls_pb2
 from envoy.type.matcher.v3 import string_pb2
 
-from controlplane.model.authn import JwtRule, issuers, jwt_rules, request_authentications_for
+from controlplane.model.authn import issuers, jwt_rules, request_authentications_for
 from controlplane.model.gateways import gateway_virtual_services, intersect_host, server_vs_hosts
 from controlplane.model.ir import (
     AuthorizationPolicy,
@@ -55,6 +55,7 @@ from controlplane.model.ir import (
     Gateway,
     GatewayServer,
     Hostname,
+    JwtRule,
     ProxyMeta,
     ServerTLS,
     SourceRef,

@@ -38,7 +38,7 @@ from envoy.config.rbac.v3 import rbac_pb2
 from envoy.extensions.filters.http.jwt_authn.v3 import config_pb2 as jwt_pb2
 from envoy.type.matcher.v3 import metadata_pb2, string_pb2, value_pb2
 
-from controlplane.model.authn import JwksUri, JwtRule
+from controlplane.model.ir import JwksUri, JwtRule
 from controlplane.translate.names import duration_ms
 from controlplane.translate.security import tls_socket, upstream_simple
 

@@ -41,9 +41,8 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import http_con
 from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
 from google.protobuf.message import Message
 
-from controlplane.model.authn import JwtRule
 from controlplane.model.authn import issuers as jwt_issuers
-from controlplane.model.ir import DEFAULT_TRUST_DOMAIN, AuthorizationPolicy, MtlsMode, PortProtocol
+from controlplane.model.ir import DEFAULT_TRUST_DOMAIN, AuthorizationPolicy, JwtRule, MtlsMode, PortProtocol
 from controlplane.translate.accesslog import AccessLogSink, access_logs
 from controlplane.translate.extauthz import ExtAuthzTarget, http_authz_filters, network_authz_filters
 from controlplane.translate.jwt import http_jwt_filters
