@@ -227,8 +227,9 @@ def _watch_namespaces(kubernetes: bool, kubeconfig: Path | None, watch_namespace
               help="--mode waypoint: the waypoint's name (the Service `meshline.io/use-waypoint` names); "
                    "default: waypoint.")
 @click.option("--gateway", "gateway_name", default=None,
-              help="--mode gateway (required): the Istio Gateway this ingress/egress proxy serves, NAME (in "
-                   "--namespace) or NAMESPACE/NAME. Its credentialName certificates reach the proxy only with an "
+              help="--mode gateway: serve only this Istio Gateway, NAME (in --namespace) or NAMESPACE/NAME. "
+                   "Without it the proxy serves every Gateway (any namespace) whose selector its pod's labels "
+                   "(--workload, else --labels) include, as Istio. Credentials reach the proxy only with an "
                    "identity (--ca-dir/--token-file) whose pod (--workload) carries the Gateway's selector labels.")
 def bootstrap(mode: str, node_id: str, namespace: str, workload: str | None, service_account: str, labels: str,
               capture: str, outbound_address: str, xds_protocol: str, xds_address: str, admin_address: str,
@@ -265,8 +266,9 @@ def bootstrap(mode: str, node_id: str, namespace: str, workload: str | None, ser
         raise click.UsageError("--node-name is for --mode node")
     if waypoint_name and mode != "waypoint":
         raise click.UsageError("--waypoint is for --mode waypoint")
-    if mode == "gateway" and not gateway_name:
-        raise click.UsageError("--mode gateway needs --gateway NAME (the Gateway it serves)")
+    if mode == "gateway" and not gateway_name and not workload and not pairs:
+        raise click.UsageError("--mode gateway needs --workload or --labels (the Gateways whose selector they "
+                               "match are served), or --gateway NAME (the one Gateway it serves)")
     if gateway_name and mode != "gateway":
         raise click.UsageError("--gateway is for --mode gateway")
     if token_out is not None and ca_dir is None:

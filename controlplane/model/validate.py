@@ -18,6 +18,7 @@ from collections.abc import Iterator
 
 from controlplane.model.authn import check_jwt_conditions, check_request_authentications
 from controlplane.model.gamma import gamma_issues
+from controlplane.model.gateway_merge import check_merges
 from controlplane.model.gwgateways import gateway_issues
 from controlplane.model.ir import (
     AuthorizationPolicy,
@@ -76,6 +77,7 @@ def check_mesh(mesh: Mesh) -> tuple[Issue, ...]:
     issues.extend(check_credentials(mesh))
     if mesh.gateways or mesh.gateway_virtual_services:
         issues.extend(check_gateways(mesh))
+        issues.extend(check_merges(mesh))
     if mesh.gateway_routes:
         issues.extend(gamma_issues(mesh.gateway_routes, mesh.route_status, mesh.virtual_services, mesh.vs_by_host))
     if mesh.gateway_status:

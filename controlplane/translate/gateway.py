@@ -1,9 +1,12 @@
 """Ingress/egress gateway translation (Istio `Gateway` + bound VirtualServices). Pure, no I/O.
 
-A gateway proxy (`meshline bootstrap --mode gateway --gateway NS/NAME`) serves the Gateway
-`meta.gateway` (`plan_gateway`):
+A gateway proxy (`meshline bootstrap --mode gateway`) serves every Gateway whose selector its
+pod's labels include, of any namespace, as Istio (`--gateway NS/NAME` narrows it to that one
+Gateway): `controlplane.model.gateway_merge` selects them and merges their servers per port
+(conflicting servers of a later Gateway are dropped and warned). `plan_gateway`:
 
-- the VirtualServices it applies: bound to the Gateway and exported to the proxy's namespace;
+- the VirtualServices it applies: bound to one of those Gateways and exported to the proxy's
+  namespace (each applies to its Gateway's servers only);
 - one listener per server address and port (`<bind or 0.0.0.0>_<port>`);
 - HTTP/HTTP2/GRPC servers: an HTTP connection manager on RDS `http.<port>` (Istio's name),
   whose virtual hosts are the hosts of the VirtualServices bound to the Gateway
@@ -35,7 +38,7 @@ proven to be a workload the Gateway selects, fail-closed stand-ins otherwise.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from envoy.config.core.v3 import base_pb2
@@ -48,6 +51,7 @@ from envoy.extensions.transport_sockets.tls.v3 import common_pb2, secret_pb2, tl
 from envoy.type.matcher.v3 import string_pb2
 
 from controlplane.model.authn import issuers, jwt_rules, request_authentications_for
+from controlplane.model.gateway_merge import Placed, merge_servers, selected_gateways
 from controlplane.model.gateways import gateway_virtual_services, intersect_host, server_vs_hosts
 from controlplane.model.ir import (
     AuthorizationPolicy,
@@ -93,11 +97,9 @@ _TLS_VERSIONS = {
 }
 
 
-def gateway_of(mesh: Mesh, meta: ProxyMeta) -> Gateway | None:
-    """The Gateway a gateway proxy serves (`meta.gateway`, `ns/name`), if it exists."""
-    if meta.mode != "gateway" or not meta.gateway:
-        return None
-    return mesh.gateways.get(meta.gateway)
+def gateways_of(mesh: Mesh, meta: ProxyMeta) -> tuple[Gateway, ...]:
+    """The Gateways a gateway proxy serves (`controlplane.model.gateway_merge.selected_gateways`)."""
+    return selected_gateways(mesh, meta)
 
 
 # --------------------------------------------------------------------------- planning
@@ -129,12 +131,12 @@ class GatewayAuthz:
 def plan_gateway(mesh: Mesh, meta: ProxyMeta) -> list[ResourceSpec]:
     """A gateway proxy's own resources (listeners, routes; no certificates, no clusters: those
     are `plan_gateway_clusters`, the shared layer), sorted by (type, name)."""
-    gw = gateway_of(mesh, meta)
-    if gw is None:
+    gws = gateways_of(mesh, meta)
+    if not gws:
         return []
     # As Istio: only VirtualServices exported to the gateway proxy's namespace (exportTo).
-    bound = tuple(vs for vs in gateway_virtual_services(gw, mesh.gateway_virtual_services)
-                  if visible_to(vs.export_to, vs.namespace, meta.namespace))
+    bound_of = {gw.key: tuple(vs for vs in gateway_virtual_services(gw, mesh.gateway_virtual_services)
+                              if visible_to(vs.export_to, vs.namespace, meta.namespace)) for gw in gws}
     out: dict[tuple[str, str], ResourceSpec] = {}
 
     def add(specs: Iterable[ResourceSpec]) -> None:
@@ -149,24 +151,26 @@ def plan_gateway(mesh: Mesh, meta: ProxyMeta) -> list[ResourceSpec]:
     jwt = jwt_rules(ras)
     add([ResourceSpec(CLUSTER, jc.name, build_jwks_cluster, (jc,), tuple(r.ref for r in ras))
          for jc in jwks_clusters(jwt)])
-    by_addr: dict[tuple[str, int], list[tuple[int, GatewayServer]]] = {}
-    for i, srv in enumerate(gw.servers):
-        by_addr.setdefault((srv.bind or "0.0.0.0", srv.port), []).append((i, srv))
-    for (addr, port), servers in sorted(by_addr.items()):
+    by_addr, _dropped = merge_servers(gws)  # dropped servers: warned by check_merges
+    for (addr, port), placed in sorted(by_addr.items()):
         chains: list[ServerChain] = []
-        refs: list[SourceRef] = [gw.ref]
-        plain_http = [s for _, s in servers if s.protocol in HTTP_PROTOCOLS]
+        refs: list[SourceRef] = [p.gateway.ref for p in placed]
+        plain_http = [p for p in placed if p.server.protocol in HTTP_PROTOCOLS]
         if plain_http:
             rds = f"http.{port}"
-            add([_route_spec(mesh, gw, rds, port, plain_http, bound, meta.namespace)])
+            add([_route_spec(mesh, rds, port, plain_http, bound_of, meta.namespace)])
             chains.append(ServerChain(name=rds, rds=rds))
-        for i, srv in servers:
-            if srv.protocol in HTTP_PROTOCOLS:
+        for p in placed:
+            if p.server.protocol in HTTP_PROTOCOLS:
                 continue
-            server_chains, specs = _server_chain(mesh, gw, i, srv, bound, meta.namespace)
+            server_chains, specs = _server_chain(mesh, p.gateway, p.index, p.server, bound_of[p.gateway.key],
+                                                 meta.namespace)
             add(specs)
-            chains += server_chains
-        refs += [vs.ref for vs in bound]
+            taken = {c.name for c in chains}
+            chains += [c if c.name not in taken else replace(c, name=f"{c.name}.{p.gateway.name}.{p.gateway.namespace}")
+                       for c in server_chains]
+        for p in placed:
+            refs += [vs.ref for vs in bound_of[p.gateway.key]]
         authz = GatewayAuthz(mesh.trust_domain, policies_for_port(policies, port), jwt)
         refs += [ap.ref for ap in authz.policies] + [ra.ref for ra in ras]
         name = f"{addr}_{port}"
@@ -206,7 +210,7 @@ def _server_chain(mesh: Mesh, gw: Gateway, index: int, srv: GatewayServer, bound
     label = _server_label(gw, index, srv)
     if srv.protocol == "HTTPS" and tls is not None and tls.mode != "PASSTHROUGH":
         rds = f"https.{srv.port}.{label}.{gw.name}.{gw.namespace}"
-        spec = _route_spec(mesh, gw, rds, srv.port, [srv], bound, namespace)
+        spec = _route_spec(mesh, rds, srv.port, [Placed(gw, index, srv)], {gw.key: bound}, namespace)
         return [ServerChain(name=rds, server_names=names, tls=tls, rds=rds, alpn=("h2", "http/1.1"))], [spec]
     if tls is not None and tls.mode == "PASSTHROUGH":
         return _passthrough_chains(mesh, srv, label, bound), []
@@ -277,16 +281,20 @@ def _domains(hosts: Sequence[str]) -> tuple[str, ...]:
     return tuple(out)
 
 
-def _route_spec(mesh: Mesh, gw: Gateway, name: str, port: int, servers: Sequence[GatewayServer],
-                bound: tuple[VirtualService, ...], namespace: str) -> ResourceSpec:
-    """The route configuration `name` of `servers` (sharing `port`): a virtual host per bound
-    VirtualService, named after its hosts that the servers serve (each name once: the first
-    VirtualService by namespace and name keeps a name another one also claims)."""
+def _route_spec(mesh: Mesh, name: str, port: int, placed: Sequence[Placed],
+                bound_of: dict[str, tuple[VirtualService, ...]], namespace: str) -> ResourceSpec:
+    """The route configuration `name` of the `placed` servers (sharing `port`, of one or more
+    Gateways): a virtual host per VirtualService bound to a server's Gateway, named after its
+    hosts that the servers of that Gateway serve (each name once: the first Gateway, then the
+    first VirtualService by namespace and name keeps a name another one also claims)."""
     vhosts: list[VirtualHostInput] = []
     redirect: list[str] = []
     taken: set[str] = set()
-    sources: list[SourceRef] = [gw.ref]
-    for vs in bound:
+    used: set[str] = set()
+    gws = list(dict.fromkeys(p.gateway for p in placed))
+    sources: list[SourceRef] = [gw.ref for gw in gws]
+    for gw, vs in [(g, v) for g in gws for v in bound_of[g.key]]:
+        servers = [p.server for p in placed if p.gateway is gw]
         hosts: list[str] = []
         secure = False
         for srv in servers:
@@ -304,13 +312,16 @@ def _route_spec(mesh: Mesh, gw: Gateway, name: str, port: int, servers: Sequence
                 if d not in targets:
                     targets[d] = _target(mesh, d, port, namespace)
         vh_name = f"{vs.namespace}/{vs.name}:{port}"
+        if vh_name in used:  # one VirtualService bound to two of the Gateways
+            vh_name = f"{vh_name}@{gw.namespace}/{gw.name}"
+        used.add(vh_name)
         vhosts.append(VirtualHostInput(name=vh_name, domains=_domains(sorted(hosts)), default=Target(BLACKHOLE),
                                        route_prefix=f"{vs.name}.{vs.namespace}", http=vs.http,
                                        targets=tuple(targets.items())))
         if secure:
             redirect.append(vh_name)
         sources.append(vs.ref)
-    for srv in servers:  # httpsRedirect servers redirect even hosts no VirtualService routes
+    for srv in (p.server for p in placed):  # httpsRedirect servers redirect even hosts no VirtualService routes
         if srv.tls is not None and srv.tls.https_redirect:
             rest = sorted({h for _, h in srv.hosts} - taken)
             if rest:
@@ -432,18 +443,16 @@ def _gateway_hcm(stat: str, rds: str, secure: bool, filters: Sequence[tuple[str,
 # --------------------------------------------------------------------------- credentials
 
 
-def gateway_authorized(mesh: Mesh, meta: ProxyMeta, namespace: str, service_account: str) -> Gateway | None:
-    """The Gateway of `meta` when the proxy's authenticated identity (`namespace`,
-    `service_account`) is that of its pod (`meta.workload` in the mesh) and the pod's labels
-    include the Gateway's selector; None otherwise (it then receives no gateway Secret)."""
-    gw = gateway_of(mesh, meta)
+def gateway_authorized(mesh: Mesh, meta: ProxyMeta, namespace: str, service_account: str) -> tuple[Gateway, ...]:
+    """The Gateways of `meta` whose credentials the proxy may hold: those whose selector the
+    labels of its pod (`meta.workload` in the mesh) include, when the proxy's authenticated
+    identity (`namespace`, `service_account`) is that pod's; none otherwise (it then receives
+    no gateway Secret). A Gateway with no selector selects every pod (as Istio)."""
     pod = mesh.workload(namespace, meta.workload)
-    if gw is None or pod is None or pod.service_account != service_account:
-        return None
+    if pod is None or pod.service_account != service_account:
+        return ()
     have = dict(pod.labels)
-    if any(have.get(k) != v for k, v in gw.selector):
-        return None
-    return gw
+    return tuple(gw for gw in gateways_of(mesh, meta) if all(have.get(k) == v for k, v in gw.selector))
 
 
 def gateway_credentials(mesh: Mesh, meta: ProxyMeta, namespace: str, service_account: str, system_ca: str
@@ -456,14 +465,18 @@ def gateway_credentials(mesh: Mesh, meta: ProxyMeta, namespace: str, service_acc
     CA no client chains to), which also overwrite whatever Envoy held before (Envoy keeps a
     secret whose removal it is told of). A credential without a CA gets the stand-in CA, so a
     MUTUAL server refuses every client rather than trusting a default bundle."""
-    gw = gateway_of(mesh, meta)
-    if gw is None:
+    gws = gateways_of(mesh, meta)
+    if not gws:
         return []
-    authorized = gateway_authorized(mesh, meta, namespace, service_account) is not None
-    names = sorted({s.tls.credential_name for s in gw.servers if s.tls is not None and s.tls.credential_name})
+    allowed = gateway_authorized(mesh, meta, namespace, service_account)
+    servers = [s for gw in gws for s in gw.servers]
+    # a name is real only when a Gateway the pod is proven to be selected by names it
+    real = {s.tls.credential_name for gw in allowed for s in gw.servers if s.tls is not None}
+    real |= {s.tls.ca_cert_credential_name for gw in allowed for s in gw.servers if s.tls is not None}
+    names = sorted({s.tls.credential_name for s in servers if s.tls is not None and s.tls.credential_name})
     out: list[ResourceSpec] = []
     for name in names:
-        cred = mesh.credentials.get((namespace, name)) if authorized else None
+        cred = mesh.credentials.get((namespace, name)) if name in real else None
         usable = cred is not None and cred.problem is None and bool(cred.cert_pem and cred.key_pem)
         ca = credential_ca(mesh, namespace, name) if usable else None
         if cred is not None and usable:
@@ -478,9 +491,9 @@ def gateway_credentials(mesh: Mesh, meta: ProxyMeta, namespace: str, service_acc
             out.append(ResourceSpec(SECRET, credential_ca_sds_name(name), withheld_ca_secret, (name,)))
     # caCertCredentialName: a Secret holding only the CA that verifies clients (ca.crt/cacert, or
     # its <name>-cacert Secret), for a server whose credentialName (if any) may have none.
-    for name in sorted({s.tls.ca_cert_credential_name for s in gw.servers
+    for name in sorted({s.tls.ca_cert_credential_name for s in servers
                         if s.tls is not None and s.tls.ca_cert_credential_name} - set(names)):
-        ca = credential_ca(mesh, namespace, name) if authorized else None
+        ca = credential_ca(mesh, namespace, name) if name in real else None
         if ca is not None and ca.problem is None:
             out.append(ResourceSpec(SECRET, credential_ca_sds_name(name), credential_ca_secret,
                                     (name, ca.ca_pem, ca.crl_pem, system_ca)))

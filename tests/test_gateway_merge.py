@@ -1,0 +1,226 @@
+"""A gateway proxy serves every Gateway whose selector its pod's labels include (issue 18), as
+Istio: servers of several Gateways merge per port (plain HTTP: one route configuration with
+the union of their virtual hosts; TLS: one SNI chain each), a conflicting server of a later
+Gateway is dropped and warned; `--gateway` narrows the proxy to one Gateway; credentials
+only for Gateways that select the authenticated pod. Without Envoy; Envoy accepts the result
+in the golden case tests/golden/gateway-merge (tests/test_envoycheck.py)."""
+
+from __future__ import annotations
+
+import textwrap
+from typing import Any
+
+import pytest
+
+from controlplane.model.convert import convert
+from controlplane.model.ir import Issue, ProxyMeta
+from controlplane.model.mesh import Mesh
+from controlplane.model.store import assemble
+from controlplane.model.validate import check_mesh
+from controlplane.sources.yamlload import parse_documents
+from controlplane.translate.gateway import gateway_credentials
+from controlplane.translate.plan import LISTENER, ROUTE, build_all
+from controlplane.translate.proxy import plan_proxy
+
+pytestmark = pytest.mark.unit
+
+MESH = """
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: shop}
+spec: {clusterIP: 10.96.0.9, selector: {app: web}, ports: [{name: http, port: 8080}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: api, namespace: shop}
+spec: {clusterIP: 10.96.0.10, selector: {app: api}, ports: [{name: http, port: 8080}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: gw-1, namespace: edge, labels: {istio: ingressgateway}}
+spec: {serviceAccountName: gw, containers: [{name: envoy, image: x}]}
+status: {podIP: 10.1.0.1}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: other-1, namespace: edge, labels: {istio: other}}
+spec: {serviceAccountName: gw, containers: [{name: envoy, image: x}]}
+status: {podIP: 10.1.0.2}
+---
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {name: a, namespace: edge}
+spec:
+  selector: {istio: ingressgateway}
+  servers:
+  - port: {number: 8080, name: http, protocol: HTTP}
+    hosts: ["*/web.example.com"]
+  - port: {number: 8443, name: https, protocol: HTTPS}
+    hosts: ["*/web.example.com"]
+    tls: {mode: SIMPLE, credentialName: web-cert}
+---
+# Another namespace, same selector: served by the same proxy.
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {name: b, namespace: shop}
+spec:
+  selector: {istio: ingressgateway}
+  servers:
+  - port: {number: 8080, name: http, protocol: HTTP}
+    hosts: ["*/api.example.com"]
+  - port: {number: 9090, name: http-admin, protocol: HTTP}
+    hosts: ["*/api.example.com"]
+  - port: {number: 8443, name: https-api, protocol: HTTPS}
+    hosts: ["*/api.example.com"]
+    tls: {mode: SIMPLE, credentialName: api-cert}
+  - port: {number: 8443, name: https-web, protocol: HTTPS}
+    hosts: ["*/web.example.com"]
+    tls: {mode: SIMPLE, credentialName: stolen-cert}
+---
+# Same selector, a TCP server on a port the others serve HTTP on: dropped.
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {name: c, namespace: shop}
+spec:
+  selector: {istio: ingressgateway}
+  servers:
+  - port: {number: 8080, name: tcp, protocol: TCP}
+    hosts: ["*"]
+---
+# Another selector: not this proxy's.
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {name: elsewhere, namespace: edge}
+spec:
+  selector: {istio: other}
+  servers:
+  - port: {number: 7070, name: http, protocol: HTTP}
+    hosts: ["*/*"]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: web, namespace: shop}
+spec:
+  hosts: [web.example.com]
+  gateways: [edge/a]
+  http:
+  - route: [{destination: {host: web}}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: api, namespace: shop}
+spec:
+  hosts: [api.example.com]
+  gateways: [shop/b]
+  http:
+  - route: [{destination: {host: api}}]
+"""
+
+
+def load(text: str) -> tuple[Mesh, list[Issue]]:
+    objs, errs = parse_documents(textwrap.dedent(text), "t.yaml")
+    assert not errs
+    values: list[Any] = []
+    issues: list[Issue] = []
+    for o in objs:
+        v, iss = convert(o)
+        issues += iss
+        if v is not None:
+            values.append(v)
+    return assemble(values), issues
+
+
+def built(mesh: Mesh, meta: ProxyMeta) -> dict[Any, dict[str, Any]]:
+    return build_all(plan_proxy(mesh, meta).specs())
+
+
+def domains(rc: Any) -> dict[str, list[str]]:
+    return {vh.name: sorted(vh.domains) for vh in rc.virtual_hosts}
+
+
+GW = ProxyMeta("gw", mode="gateway", namespace="edge", workload="gw-1")
+
+
+def test_two_gateways_on_one_http_port_share_one_route_configuration() -> None:
+    mesh, issues = load(MESH)
+    assert not [i for i in issues if i.severity == "error"], issues
+    out = built(mesh, GW)
+    # Port 8080: Gateway a's web.example.com and Gateway b's api.example.com, one RDS.
+    assert domains(out[ROUTE]["http.8080"]) == {
+        "shop/web:8080": ["web.example.com", "web.example.com:*"],
+        "shop/api:8080": ["api.example.com", "api.example.com:*"]}
+    # Port 9090 only Gateway b has; 7070 is another selector's Gateway.
+    assert domains(out[ROUTE]["http.9090"]) == {"shop/api:9090": ["api.example.com", "api.example.com:*"]}
+    assert sorted(out[LISTENER]) == ["0.0.0.0_8080", "0.0.0.0_8443", "0.0.0.0_9090"]
+    # Gateway c's TCP server on 8080 is dropped: no tcp_proxy chain beside the HTTP one.
+    assert [fc.name for fc in out[LISTENER]["0.0.0.0_8080"].filter_chains] == ["http.8080"]
+
+
+def test_tls_servers_of_two_gateways_on_one_port_keep_their_own_sni_chain() -> None:
+    mesh, _ = load(MESH)
+    lst = built(mesh, GW)[LISTENER]["0.0.0.0_8443"]
+    chains = {fc.name: list(fc.filter_chain_match.server_names) for fc in lst.filter_chains}
+    # a's web.example.com, b's api.example.com; b's second claim on web.example.com is dropped
+    # (Envoy would refuse two chains for one name).
+    assert chains == {"https.8443.https.a.edge": ["web.example.com"],
+                      "https.8443.https-api.b.shop": ["api.example.com"]}
+
+
+def test_dropped_servers_are_warned_naming_the_gateway_and_field() -> None:
+    mesh, _ = load(MESH)
+    warned = {(i.ref.name, i.field): i.message for i in check_mesh(mesh) if "not served by the gateway" in i.message}
+    assert set(warned) == {("b", "spec.servers[3]"), ("c", "spec.servers[0]")}, warned
+    assert "web.example.com" in warned[("b", "spec.servers[3]")] and "edge/a" in warned[("b", "spec.servers[3]")]
+    assert "TCP" in warned[("c", "spec.servers[0]")]
+
+
+def test_gateway_option_narrows_to_one_gateway() -> None:
+    mesh, _ = load(MESH)
+    out = built(mesh, ProxyMeta("gw", mode="gateway", namespace="edge", workload="gw-1", gateway="shop/b"))
+    assert sorted(out[LISTENER]) == ["0.0.0.0_8080", "0.0.0.0_8443", "0.0.0.0_9090"]
+    assert list(domains(out[ROUTE]["http.8080"])) == ["shop/api:8080"]
+    # Alone, b's web.example.com server is not in conflict: it is served.
+    names = {fc.name for fc in out[LISTENER]["0.0.0.0_8443"].filter_chains}
+    assert names == {"https.8443.https-api.b.shop", "https.8443.https-web.b.shop"}
+    # A pod another selector picks serves only that Gateway.
+    other = built(mesh, ProxyMeta("o", mode="gateway", namespace="edge", workload="other-1"))
+    assert sorted(other[LISTENER]) == ["0.0.0.0_7070"]
+
+
+def test_credentials_of_every_selected_gateway_only_to_the_selected_pod() -> None:
+    from tests.e2e.test_gateway_e2e import issue, make_ca
+
+    ca = make_ca("ca")
+    secrets = ""
+    keys = {}
+    for name, host in (("web-cert", "web.example.com"), ("api-cert", "api.example.com")):
+        pem = issue(ca, host, client=False)
+        keys[name] = pem.key.encode()
+        cert, key = (v.replace("\n", "\\n") for v in (pem.cert, pem.key))
+        secrets += (f"---\napiVersion: v1\nkind: Secret\nmetadata: {{name: {name}, namespace: edge}}\n"
+                    f'type: kubernetes.io/tls\nstringData: {{tls.crt: "{cert}", tls.key: "{key}"}}\n')
+    mesh, _ = load(MESH + secrets)
+
+    def material(specs: list[Any]) -> dict[str, bytes]:
+        return {s.name: s.make().tls_certificate.private_key.inline_bytes for s in specs
+                if not s.name.endswith("-cacert")}
+
+    # Gateway a's (namespace edge) and Gateway b's (namespace shop) certificates, both from
+    # the proxy's namespace, reach the pod both select, proven by its identity.
+    got = material(gateway_credentials(mesh, GW, "edge", "gw", "/ca.pem"))
+    assert got["kubernetes://web-cert"] == keys["web-cert"] and got["kubernetes://api-cert"] == keys["api-cert"]
+    # The same pod named by a proxy with another identity: stand-ins only.
+    got = material(gateway_credentials(mesh, GW, "edge", "default", "/ca.pem"))
+    assert set(got) >= {"kubernetes://web-cert", "kubernetes://api-cert"}
+    assert not set(keys.values()) & set(got.values())
+    # Narrowed to Gateway b by a pod b does not select (authenticated as that pod): stand-ins.
+    other = ProxyMeta("o", mode="gateway", namespace="edge", workload="other-1", gateway="shop/b")
+    got = material(gateway_credentials(mesh, other, "edge", "gw", "/ca.pem"))
+    assert got and not set(keys.values()) & set(got.values())
+    # A pod whose only Gateway names no credential gets none.
+    assert gateway_credentials(mesh, ProxyMeta("o", mode="gateway", namespace="edge", workload="other-1"),
+                               "edge", "gw", "/ca.pem") == []
