@@ -8,6 +8,17 @@ A rule in any other namespace applies to clients in that namespace only. A rule 
 selector (and comes before that namespace's rules without one); the caller passes the
 selectors its client matches. `dr_by_host` is the rule (without a workloadSelector) a
 client in the service's own namespace sees (what status pages show).
+
+VirtualService lookup (`Mesh.virtual_service`), as Istio's SidecarScope does it: a proxy in
+namespace C sees only the VirtualServices exported to C, and for one host takes the first of
+them in this order (istio pilot `PushContext.VirtualServicesForGateway` / the sidecar's
+`SelectVirtualServices` append "privateByNamespaceAndGateway" [C's own, not public], then
+"exportedToNamespaceByGateway" [exported to C by name], then "publicByGateway"; "Favor
+same-namespace ... to give the consumer override preference"); within each class Istio goes
+oldest first, Meshline by (namespace, name). So a private (`exportTo: ["."]`) VirtualService
+in namespace aaa changes only what clients in aaa get; every other namespace still gets the
+public one (issues 16/18). `vs_by_host` is the VirtualService a client in the service's own
+namespace sees (else, no Service there, the first public one: what status pages show).
 """
 
 from __future__ import annotations
@@ -92,11 +103,13 @@ class Mesh:
 
     # Derived indexes, computed once in build_mesh().
     vs_by_host: Mapping[Hostname, VirtualService] = field(default_factory=dict)
+    # host -> every mesh VirtualService for it, sorted by (namespace, name) (`virtual_service`)
+    vss_by_host: Mapping[Hostname, tuple[VirtualService, ...]] = field(default_factory=dict)
     dr_by_host: Mapping[Hostname, DestinationRule] = field(default_factory=dict)
     # host -> every DestinationRule for it, sorted by (namespace, name)
     drs_by_host: Mapping[Hostname, tuple[DestinationRule, ...]] = field(default_factory=dict)
     # (sourceLabels selector, VirtualService using it) for every http/tcp match that has one,
-    # of the VirtualServices that win their hosts; sorted, each pair once
+    # of the VirtualServices that win their hosts for some namespace; sorted, each pair once
     source_selectors: tuple[tuple[Labels, VirtualService], ...] = ()
     # (workloadSelector, DestinationRule) of every rule that has one, sorted by (namespace, name)
     dr_selectors: tuple[tuple[Labels, DestinationRule], ...] = ()
@@ -116,6 +129,16 @@ class Mesh:
         if not rules:
             return None
         return _lookup(rules, host, client_namespace, self.root_namespace, self.services, client_selectors)
+
+    def virtual_service(self, host: Hostname, client_namespace: str) -> VirtualService | None:
+        """The VirtualService for `host` that applies to clients in `client_namespace` (the
+        module docstring: exportTo, then the client's own, then exported to it by name, then
+        public). The translators' one way to find a host's VirtualService."""
+        candidates = self.vss_by_host.get(host)
+        if candidates is None:  # a host only `vs_by_host` knows (a Gateway API route's)
+            vs = self.vs_by_host.get(host)
+            return vs if vs is not None and visible_to(vs.export_to, vs.namespace, client_namespace) else None
+        return _vs_lookup(candidates, client_namespace)
 
     def workload(self, namespace: str, name: str | None) -> Workload | None:
         if not name:
@@ -160,10 +183,16 @@ def build_mesh(
     policies) must be sorted by (namespace, name); when several claim one host, the first
     wins (conflicts are reported by validation, not here). Sidecars too must be sorted by
     (namespace, name)."""
-    vs_by_host: dict[Hostname, VirtualService] = {}
+    vss: dict[Hostname, list[VirtualService]] = {}
     for vs in virtual_services:
-        for h in vs.hosts:
-            vs_by_host.setdefault(h, vs)
+        for h in dict.fromkeys(vs.hosts):
+            vss.setdefault(h, []).append(vs)
+    vss_by_host = {h: tuple(v) for h, v in vss.items()}
+    vs_by_host: dict[Hostname, VirtualService] = {}
+    for host, candidates in vss_by_host.items():
+        svc = services.get(host)
+        shown = _vs_lookup(candidates, svc.namespace) if svc is not None else None
+        vs_by_host[host] = shown or next((v for v in candidates if _is_public(v.export_to)), candidates[0])
     drs: dict[Hostname, list[DestinationRule]] = {}
     for dr in destination_rules:
         drs.setdefault(dr.host, []).append(dr)
@@ -179,7 +208,7 @@ def build_mesh(
         elif svc is None and plain:
             dr_by_host[host] = plain[0]
     selectors: dict[tuple[Labels, str, str], tuple[Labels, VirtualService]] = {}
-    for vs in vs_by_host.values():
+    for vs in dict.fromkeys(v for c in vss_by_host.values() for v in c):
         for hr in vs.http:
             for m in hr.matches:
                 if m.source_labels:
@@ -215,6 +244,7 @@ def build_mesh(
         trust_domain=trust_domain,
         sidecars=sidecars,
         vs_by_host=vs_by_host,
+        vss_by_host=vss_by_host,
         dr_by_host=dr_by_host,
         drs_by_host=drs_by_host,
         source_selectors=tuple(selectors[k] for k in sorted(selectors)),
@@ -232,11 +262,31 @@ def visible_to(export_to: Sequence[str], owner_namespace: str, client_namespace:
     """Istio's exportTo (VirtualService, DestinationRule, ...): empty or `*` exports everywhere,
     `.` to the owner's namespace, a namespace name to it, `~` nowhere. The one owner of the
     rule (translate.names re-exports it)."""
-    if not export_to or "*" in export_to:
+    if _is_public(export_to):
         return True
     if "." in export_to and owner_namespace == client_namespace:
         return True
     return client_namespace in export_to
+
+
+def _is_public(export_to: Sequence[str]) -> bool:
+    return not export_to or "*" in export_to
+
+
+def _vs_lookup(candidates: Sequence[VirtualService], client_namespace: str) -> VirtualService | None:
+    """The first visible of `candidates` (sorted by (namespace, name)): the client namespace's
+    own non-public ones, then those exported to it by name, then the public ones (Istio's
+    private / exportedToNamespace / public classes; the module docstring)."""
+    best: tuple[int, VirtualService] | None = None
+    for vs in candidates:
+        if not visible_to(vs.export_to, vs.namespace, client_namespace):
+            continue
+        rank = 2 if _is_public(vs.export_to) else 0 if vs.namespace == client_namespace else 1
+        if rank == 0:
+            return vs
+        if best is None or rank < best[0]:
+            best = (rank, vs)
+    return best[1] if best is not None else None
 
 
 def _lookup(rules: tuple[DestinationRule, ...], host: Hostname, client_namespace: str | None,

@@ -96,10 +96,20 @@ def _vs_key(vs: VirtualService) -> str:
 
 
 def _host_conflicts(mesh: Mesh, vs: VirtualService) -> Iterator[Issue]:
+    """A VirtualService that no client namespace it is exported to gets for a host (another
+    wins in each: Mesh.virtual_service). One that some namespaces override with their own
+    (a private `exportTo: ["."]` one) still applies elsewhere and is not reported."""
     for host in vs.hosts:
-        winner = mesh.vs_by_host.get(host)
-        if (winner is not None and (winner.namespace, winner.name) != (vs.namespace, vs.name)
-                and winner.ref.kind == "VirtualService"):  # a Gateway API route's: model.gamma warns
+        if vs.ref.kind != "VirtualService" or (mesh.vs_by_host.get(host) or vs).ref.kind != "VirtualService":
+            continue  # a Gateway API route's, or one a route took over: model.gamma warns
+        # its own namespace, those it names, and ("" stands for) any other namespace
+        seen = {vs.namespace, *(n for n in vs.export_to if n not in (".", "*", "~")),
+                *([""] if not vs.export_to or "*" in vs.export_to else [])}
+        winners = [mesh.virtual_service(host, n) for n in sorted(seen)]
+        if any(w is vs for w in winners):
+            continue
+        winner = next((w for w in winners if w is not None), None)
+        if winner is not None:
             yield Issue(
                 vs.ref,
                 "spec.hosts",

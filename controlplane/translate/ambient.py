@@ -80,7 +80,7 @@ def plan_waypoint(mesh: Mesh, meta: ProxyMeta) -> list[ResourceSpec]:
             add(tunnel_cluster_specs(mesh, svc, sp, None, None, WORKLOAD_SECRET))
             for subset in dr.subsets if dr is not None else ():
                 add(tunnel_cluster_specs(mesh, svc, sp, subset.name, subset.labels, WORKLOAD_SECRET))
-        for dsvc, dsp, dsubset, labels in _route_backends(mesh, svc):
+        for dsvc, dsp, dsubset, labels in _route_backends(mesh, svc, ns):
             add(tunnel_cluster_specs(mesh, dsvc, dsp, dsubset, labels, WORKLOAD_SECRET))
     targets: list[TunnelTarget] = []
     for port, services in sorted(by_port.items()):
@@ -114,10 +114,12 @@ def plan_waypoint(mesh: Mesh, meta: ProxyMeta) -> list[ResourceSpec]:
     return sorted(out.values(), key=lambda s: (s.type_url, s.name))
 
 
-def _route_backends(mesh: Mesh, svc: Service) -> Iterator[tuple[Service, ServicePort, str | None, Labels | None]]:
+def _route_backends(mesh: Mesh, svc: Service,
+                    namespace: str) -> Iterator[tuple[Service, ServicePort, str | None, Labels | None]]:
     """The other services (and subsets) the routes of `svc` (VirtualService or Gateway API
-    route) send to or mirror to: the waypoint tunnels to their pods too."""
-    vs = mesh.vs_by_host.get(svc.hostname)
+    route, as the waypoint in `namespace` sees it) send to or mirror to: the waypoint tunnels
+    to their pods too."""
+    vs = mesh.virtual_service(svc.hostname, namespace)
     if vs is None:
         return
     dests = [d.destination for hr in vs.http for d in hr.route] + [m.destination for hr in vs.http for m in hr.mirrors]

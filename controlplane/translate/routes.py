@@ -68,7 +68,6 @@ from controlplane.translate.names import (
     outbound_cluster_name,
     pack,
     virtual_host_name,
-    visible_to,
     weighted_split,
 )
 
@@ -129,8 +128,8 @@ def plan_virtual_host(
     dr = mesh.destination_rule(svc.hostname, namespace, source_labels)
     if dr is not None and default.hash is not None:
         sources.append(dr.ref)
-    vs = mesh.vs_by_host.get(svc.hostname)
-    if vs is None or not vs.http or not visible_to(vs.export_to, vs.namespace, namespace):
+    vs = mesh.virtual_service(svc.hostname, namespace)
+    if vs is None or not vs.http:
         return VirtualHostInput(virtual_host_name(svc.hostname, port), domains, default), tuple(sources)
     sources.append(vs.ref)
     dests: dict[Destination, Target] = {}

@@ -34,7 +34,7 @@ from controlplane.model.ir import (
 )
 from controlplane.model.mesh import Mesh
 from controlplane.model.scope import egress_host_matches, proxy_labels, proxy_sidecar
-from controlplane.translate.names import destination_port, visible_to
+from controlplane.translate.names import destination_port
 
 
 class Scope(frozenset[tuple[Hostname, int]]):
@@ -77,7 +77,7 @@ def source_class(mesh: Mesh, proxy: ProxyMeta) -> frozenset[Labels]:
         return frozenset()
     labels = proxy_labels(mesh, proxy)
     found = {sel for sel, vs in mesh.source_selectors
-             if labels_match(sel, labels) and visible_to(vs.export_to, vs.namespace, proxy.namespace)}
+             if labels_match(sel, labels) and any(mesh.virtual_service(h, proxy.namespace) is vs for h in vs.hosts)}
     found |= {sel for sel, dr in mesh.dr_selectors if dr.namespace == proxy.namespace and labels_match(sel, labels)}
     return frozenset(found)
 
@@ -135,8 +135,8 @@ def _candidates(mesh: Mesh, entry: EgressHost, namespace: str) -> Iterable[Servi
 
 
 def _route_destinations(mesh: Mesh, host: Hostname, namespace: str) -> Iterator[Destination]:
-    vs = mesh.vs_by_host.get(host)
-    if vs is None or not visible_to(vs.export_to, vs.namespace, namespace):
+    vs = mesh.virtual_service(host, namespace)
+    if vs is None:
         return
     for hr in vs.http:
         for rd in hr.route:

@@ -89,7 +89,6 @@ from controlplane.translate.names import (
     outbound_cluster_name,
     route_config_name,
     service_domains,
-    visible_to,
     weighted_split,
 )
 from controlplane.translate.plan import CLUSTER, ENDPOINT, LISTENER, ROUTE, ResourceSpec
@@ -230,8 +229,8 @@ def _tcp_destinations(mesh: Mesh, svc: Service, port: int, namespace: str,
                       source_labels: frozenset[Labels]) -> tuple[tuple[Destination, int], ...]:
     """(destination, weight) pairs of the first applicable VirtualService tcp route, else the
     service itself."""
-    vs = mesh.vs_by_host.get(svc.hostname)
-    if vs is not None and visible_to(vs.export_to, vs.namespace, namespace):
+    vs = mesh.virtual_service(svc.hostname, namespace)
+    if vs is not None:
         for tr in vs.tcp:
             applies = not tr.matches or any(_l4_applies(m, svc, port, namespace, source_labels) for m in tr.matches)
             dests = weighted_split(tr.route)
@@ -266,8 +265,8 @@ def tcp_hashes_source_ip(mesh: Mesh, svc: Service, port: int, namespace: str,
     return True
 
 
-def _tcp_sources(mesh: Mesh, svc: Service) -> tuple[SourceRef, ...]:
-    vs = mesh.vs_by_host.get(svc.hostname)
+def _tcp_sources(mesh: Mesh, svc: Service, namespace: str) -> tuple[SourceRef, ...]:
+    vs = mesh.virtual_service(svc.hostname, namespace)
     return (svc.ref,) if vs is None or not vs.tcp else (svc.ref, vs.ref)
 
 
@@ -286,7 +285,7 @@ def _bind_listener(
     tcp = tcp_target(mesh, other[0], port, namespace, source_labels) if other else ()
     hashed = bool(other) and tcp_hashes_source_ip(mesh, other[0], port, namespace, source_labels)
     spec = OutboundListener(f"{address}_{port}", address, port, True, route, tcp, hashed)
-    sources = tuple(s.ref for s in services) + (_tcp_sources(mesh, other[0]) if other else ())
+    sources = tuple(s.ref for s in services) + (_tcp_sources(mesh, other[0], namespace) if other else ())
     return _listener_spec(spec, _refs(sources))
 
 
@@ -311,7 +310,7 @@ def _intercept_listeners(
         ips = entry_listener_addresses(svc) or (ip,)
         for ip in ips:
             spec = OutboundListener(f"{ip}_{port}", ip, port, False, route, tcp, hashed)
-            out.setdefault(spec.name, _listener_spec(spec, _tcp_sources(mesh, svc)))
+            out.setdefault(spec.name, _listener_spec(spec, _tcp_sources(mesh, svc, namespace)))
     return list(out.values())
 
 
