@@ -224,3 +224,67 @@ def test_credentials_of_every_selected_gateway_only_to_the_selected_pod() -> Non
     # A pod whose only Gateway names no credential gets none.
     assert gateway_credentials(mesh, ProxyMeta("o", mode="gateway", namespace="edge", workload="other-1"),
                                "edge", "gw", "/ca.pem") == []
+
+
+TELEMETRY = """
+---
+# Workload level for the gateway pod: CLIENT logs of errors (a gateway's traffic is CLIENT to Istio).
+apiVersion: telemetry.istio.io/v1
+kind: Telemetry
+metadata: {name: gw-logs, namespace: edge}
+spec:
+  selector: {matchLabels: {istio: ingressgateway}}
+  accessLogging:
+  - providers: [{name: envoy}]
+    match: {mode: CLIENT}
+    filter: {expression: "response.code >= 400"}
+---
+# Namespace level: SERVER only, which a gateway does not write.
+apiVersion: telemetry.istio.io/v1
+kind: Telemetry
+metadata: {name: server-only, namespace: edge}
+spec:
+  accessLogging:
+  - providers: [{name: envoy}]
+    match: {mode: SERVER}
+"""
+
+
+def _logs(lst: Any) -> list[tuple[str, str, str]]:
+    """(chain, logger path, CEL filter) of every HCM and tcp_proxy of a built listener."""
+    from envoy.extensions.access_loggers.file.v3 import file_pb2
+    from envoy.extensions.access_loggers.filters.cel.v3 import cel_pb2
+    from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm
+    from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
+
+    out = []
+    for fc in lst.filter_chains:
+        for f in fc.filters:
+            msg: Any = hcm.HttpConnectionManager() if "http_connection_manager" in f.name else tcp_proxy_pb2.TcpProxy()
+            f.typed_config.Unpack(msg)
+            for log in msg.access_log:
+                path, cel = file_pb2.FileAccessLog(), cel_pb2.ExpressionFilter()
+                log.typed_config.Unpack(path)
+                if log.filter.HasField("extension_filter"):
+                    log.filter.extension_filter.typed_config.Unpack(cel)
+                out.append((fc.name, path.path, cel.expression))
+    return out
+
+
+def test_telemetry_access_logs_at_gateways_are_client_mode_by_the_pod_labels() -> None:
+    mesh, issues = load(MESH + TELEMETRY)
+    assert not [i for i in issues if i.severity == "error"], issues
+    listeners = built(mesh, GW)[LISTENER]
+    # Every HTTP chain (plain and TLS-terminating) logs the failed requests to stdout.
+    assert _logs(listeners["0.0.0.0_8443"]) == [("https.8443.https.a.edge", "/dev/stdout", "response.code >= 400"),
+                                                ("https.8443.https-api.b.shop", "/dev/stdout", "response.code >= 400")]
+    assert _logs(listeners["0.0.0.0_8080"]) == [("http.8080", "/dev/stdout", "response.code >= 400")]
+    # TCP chains log per connection (Gateway c alone: its TCP server, nothing bound: blackhole).
+    only_c = built(mesh, ProxyMeta("gw", mode="gateway", namespace="edge", workload="gw-1", gateway="shop/c"))
+    assert _logs(only_c[LISTENER]["0.0.0.0_8080"]) == [("blackhole", "/dev/stdout", "response.code >= 400")]
+    # The other pod: only the namespace level applies, SERVER only: a gateway writes nothing.
+    other = built(mesh, ProxyMeta("o", mode="gateway", namespace="edge", workload="other-1"))
+    assert _logs(other[LISTENER]["0.0.0.0_7070"]) == []
+    # Without Telemetry nothing is logged.
+    plain, _ = load(MESH)
+    assert _logs(built(plain, GW)[LISTENER]["0.0.0.0_8080"]) == []

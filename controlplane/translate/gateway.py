@@ -28,7 +28,11 @@ Gateway): `controlplane.model.gateway_merge` selects them and merges their serve
   namespace's and the root namespace's, by `selector`), as Istio enforces them on a gateway:
   JWT validation and RBAC on every HTTP chain, RBAC on TCP chains (`GatewayAuthz`), each
   listener with the policies of its port. CUSTOM policies deny there (no authorizer is
-  wired to gateways: fail closed).
+  wired to gateways: fail closed);
+- the access logs Telemetry `accessLogging` asks for at the gateway's pod (mesh, namespace and
+  workload level by the pod's labels: `controlplane.model.telemetry.access_logs_for`) with
+  mode CLIENT, as Istio treats a gateway's listeners (its `workloadMode` of the gateway
+  listener class is CLIENT): per request on HTTP chains, per connection on TCP chains.
 
 Certificates are not translation: `gateway_credentials` lists the Secrets the runtime's
 identity planner adds for an authenticated gateway proxy: the real ones only for a proxy
@@ -67,7 +71,9 @@ from controlplane.model.ir import (
 )
 from controlplane.model.mesh import Mesh, visible_to
 from controlplane.model.policy import authorization_policies_for, policies_for_port
+from controlplane.model.telemetry import access_logs_for
 from controlplane.model.validate_tls import credential_ca
+from controlplane.translate.accesslog import AccessLogSink, resolve
 from controlplane.translate.extauthz import http_authz_filters, network_authz_filters
 from controlplane.translate.jwt import build_jwks_cluster, http_jwt_filters, jwks_clusters
 from controlplane.translate.listeners import WeightedCluster, hcm_filter
@@ -149,6 +155,13 @@ def plan_gateway(mesh: Mesh, meta: ProxyMeta) -> list[ResourceSpec]:
     policies = authorization_policies_for(mesh, meta.namespace, labels)
     ras = request_authentications_for(mesh, meta.namespace, labels)
     jwt = jwt_rules(ras)
+    # Telemetry accessLogging: a gateway's traffic is CLIENT to Istio (workloadMode of the
+    # gateway listener class), selected by the pod's labels like a sidecar's.
+    log_refs: tuple[SourceRef, ...] = ()
+    sinks: tuple[AccessLogSink, ...] = ()
+    if mesh.telemetries:
+        logs, log_refs = access_logs_for(mesh, meta.namespace, labels, "CLIENT")
+        sinks = resolve(logs, mesh.mesh_config)
     add([ResourceSpec(CLUSTER, jc.name, build_jwks_cluster, (jc,), tuple(r.ref for r in ras))
          for jc in jwks_clusters(jwt)])
     by_addr, _dropped = merge_servers(gws)  # dropped servers: warned by check_merges
@@ -172,9 +185,9 @@ def plan_gateway(mesh: Mesh, meta: ProxyMeta) -> list[ResourceSpec]:
         for p in placed:
             refs += [vs.ref for vs in bound_of[p.gateway.key]]
         authz = GatewayAuthz(mesh.trust_domain, policies_for_port(policies, port), jwt)
-        refs += [ap.ref for ap in authz.policies] + [ra.ref for ra in ras]
+        refs += [ap.ref for ap in authz.policies] + [ra.ref for ra in ras] + list(log_refs)
         name = f"{addr}_{port}"
-        add([ResourceSpec(LISTENER, name, build_gateway_listener, (name, addr, port, tuple(chains), authz),
+        add([ResourceSpec(LISTENER, name, build_gateway_listener, (name, addr, port, tuple(chains), authz, sinks),
                           tuple(dict.fromkeys(refs)))])
     return sorted(out.values(), key=lambda s: (s.type_url, s.name))
 
@@ -394,9 +407,11 @@ def _downstream_tls(tls: ServerTLS, alpn: tuple[str, ...]) -> tls_pb2.Downstream
 
 
 def build_gateway_listener(name: str, address: str, port: int, chains: tuple[ServerChain, ...],
-                           authz: GatewayAuthz | None = None) -> listener_pb2.Listener:
+                           authz: GatewayAuthz | None = None, logs: tuple[AccessLogSink, ...] = ()
+                           ) -> listener_pb2.Listener:
     """One gateway listener: a filter chain per server (SNI-matched when it has TLS), each
-    enforcing `authz` (JWT validation and RBAC before routing; RBAC before a tcp_proxy)."""
+    enforcing `authz` (JWT validation and RBAC before routing; RBAC before a tcp_proxy) and
+    writing the access logs `logs` (per request on HTTP chains, per connection on TCP ones)."""
     policies = authz.policies if authz is not None else ()
     jwt = authz.jwt if authz is not None else ()
     td = authz.trust_domain if authz is not None else ""
@@ -416,21 +431,22 @@ def build_gateway_listener(name: str, address: str, port: int, chains: tuple[Ser
             fc.transport_socket.name = "envoy.transport_sockets.tls"
             fc.transport_socket.typed_config.CopyFrom(pack(_downstream_tls(c.tls, c.alpn)))
         if c.rds is not None:
-            fc.filters.append(_gateway_hcm(f"{name}.{c.name}", c.rds, c.tls is not None, http_filters))
+            fc.filters.append(_gateway_hcm(f"{name}.{c.name}", c.rds, c.tls is not None, http_filters, logs))
         else:
             for fname, cfg in network_authz_filters(policies, td, f"{name}.{c.name}") if policies else []:
                 fc.filters.add(name=fname).typed_config.CopyFrom(pack(cfg))
-            fc.filters.append(tcp_proxy_filter(f"{name}.{c.name}", c.tcp))
+            fc.filters.append(tcp_proxy_filter(f"{name}.{c.name}", c.tcp, logs=logs))
     if not chains:  # nothing bound yet: refuse connections until a VirtualService is
         fc = lst.filter_chains.add(name="blackhole")
-        fc.filters.append(tcp_proxy_filter(f"{name}.blackhole", [WeightedCluster(BLACKHOLE)]))
+        fc.filters.append(tcp_proxy_filter(f"{name}.blackhole", [WeightedCluster(BLACKHOLE)], logs=logs))
     return lst
 
 
-def _gateway_hcm(stat: str, rds: str, secure: bool, filters: Sequence[tuple[str, Any]] = ()) -> Any:
+def _gateway_hcm(stat: str, rds: str, secure: bool, filters: Sequence[tuple[str, Any]] = (),
+                 logs: Sequence[AccessLogSink] = ()) -> Any:
     """An edge HTTP connection manager: the client's address is the remote address, and the
     x-forwarded-proto it sends is not trusted; `filters` (JWT, RBAC) run before routing."""
-    f = hcm_filter(stat, rds, None, filters)
+    f = hcm_filter(stat, rds, None, filters, logs=logs)
     h = hcm_pb2.HttpConnectionManager()
     f.typed_config.Unpack(h)
     h.use_remote_address.value = True
