@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Literal
 
-from controlplane.model.ir import Labels, Service, Workload
+from controlplane.model.ir import Issue, Labels, Service, Workload, labels_match
 from controlplane.model.mesh import Mesh
 
 DATAPLANE_MODE_LABEL = "meshline.io/dataplane-mode"
@@ -116,3 +116,64 @@ def services_of_waypoint(mesh: Mesh, namespace: str, name: str) -> list[Service]
 def identities(pods: Iterable[Workload]) -> list[tuple[str, str]]:
     """The distinct (namespace, service account) pairs of `pods`, sorted."""
     return sorted({(wl.namespace, wl.service_account) for wl in pods})
+
+
+# --------------------------------------------------------------------------- ServiceEntry hosts
+
+
+def entry_not_for_ambient(svc: Service) -> str | None:
+    """Why ambient pods' node proxies do not route to the ServiceEntry host `svc`, or None
+    when they do (always None for a Kubernetes Service). A node proxy matches connections by
+    destination address, so the entry needs exactly one IP in `addresses` (no CIDR: the
+    endpoint cluster is named by the dialled address); resolution NONE needs no routing (the
+    connection passes through to where it was dialled, as Istio's ztunnel does); and its
+    listener is shared by pods of every namespace, so the entry must be exported to all."""
+    entry = svc.entry
+    if entry is None or entry.resolution == "NONE":
+        return None
+    if len(entry.addresses) != 1 or "/" in entry.addresses[0]:
+        return ("it has no single IP in spec.addresses (no address, a CIDR or several): node proxies match "
+                "connections by destination address")
+    if entry.export_to and "*" not in entry.export_to:
+        return "it is not exported to every namespace (spec.exportTo): node proxies share one listener across namespaces"
+    return None
+
+
+def routed_by_node_proxy(svc: Service) -> bool:
+    """Whether node proxies send connections to `svc`'s address to its endpoints (Kubernetes
+    Services with a VIP; ServiceEntry hosts per `entry_not_for_ambient`, NONE excluded: those
+    pass through)."""
+    return svc.entry is None or (svc.entry.resolution != "NONE" and entry_not_for_ambient(svc) is None)
+
+
+def ambient_entry_issues(mesh: Mesh) -> list[Issue]:
+    """A warning on each ServiceEntry host ambient pods will not use, when the mesh has ambient pods."""
+    if not mesh.service_entries or not any(is_ambient(mesh, wl) for wl in mesh.workloads.values()):
+        return []
+    out: list[Issue] = []
+    for se in mesh.service_entries:
+        for i, host in enumerate(se.hosts):
+            svc = mesh.services.get(host)
+            if svc is None or svc.ref != se.ref:
+                continue
+            why = entry_not_for_ambient(svc)
+            if why is not None:
+                out.append(Issue(se.ref, f"spec.hosts[{i}]", f"ambient pods (node proxies) will not use {host}: {why}; "
+                                 "sidecars do", "warning", se.ref.line))
+    return out
+
+
+def entry_services_selecting(mesh: Mesh, wl: Workload) -> list[Service]:
+    """The registry services of MESH_INTERNAL ServiceEntries of `wl`'s namespace whose
+    workloadSelector picks `wl` (the hosts it defines), by hostname: a tunnel to `wl` may
+    name their address."""
+    out: dict[str, Service] = {}
+    for se in mesh.service_entries:
+        if (se.namespace != wl.namespace or se.workload_selector is None or se.info.mesh_external
+                or not labels_match(se.workload_selector, wl.labels)):
+            continue
+        for host in se.hosts:
+            svc = mesh.services.get(host)
+            if svc is not None and svc.ref == se.ref:
+                out[host] = svc
+    return [out[h] for h in sorted(out)]

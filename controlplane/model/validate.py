@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+from controlplane.model.ambient import ambient_entry_issues
 from controlplane.model.authn import check_jwt_conditions, check_request_authentications
 from controlplane.model.gamma import gamma_issues
 from controlplane.model.gateway_merge import check_merges
@@ -88,6 +89,7 @@ def check_mesh(mesh: Mesh) -> tuple[Issue, ...]:
     if mesh.service_entries:
         kube = {h: s for h, s in mesh.services.items() if s.entry is None}
         issues.extend(check_service_entries(mesh.service_entries, kube, mesh.services))
+        issues.extend(ambient_entry_issues(mesh))
     return tuple(issues)
 
 

@@ -33,7 +33,13 @@ import ipaddress
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from controlplane.model.ambient import accepts_hbone, ambient_pods_on, identities, waypoint_service
+from controlplane.model.ambient import (
+    accepts_hbone,
+    ambient_pods_on,
+    identities,
+    routed_by_node_proxy,
+    waypoint_service,
+)
 from controlplane.model.ir import Hostname, Service, SourceRef, Workload
 from controlplane.model.mesh import Mesh
 from controlplane.model.scope import proxy_sidecar
@@ -66,6 +72,7 @@ from controlplane.translate.nodeproxy_envoy import (
 from controlplane.translate.plan import CLUSTER, ENDPOINT, LISTENER, ResourceSpec
 from controlplane.translate.scope import sidecar_scope
 from controlplane.translate.security import spiffe_uri
+from controlplane.translate.serviceentry import build_dns_cluster
 from controlplane.translate.tunnel import all_hbone, pods_behind, service_vip
 
 SCOPE_LISTENER = "ambient_outbound"
@@ -139,10 +146,16 @@ def _imported(mesh: Mesh, scopes: Iterable[PodScope]) -> dict[Hostname, tuple[in
     """Service host -> its ports imported by any of `scopes` (services with a VIP)."""
     scopes = list(scopes)
     out: dict[Hostname, tuple[int, ...]] = {}
+    entry_vips: set[str] = set()
     for host in sorted(mesh.services):
         svc = mesh.services[host]
-        if service_vip(svc) is None:
+        vip = service_vip(svc)
+        if vip is None or not routed_by_node_proxy(svc):
             continue
+        if svc.entry is not None:  # hosts of one entry share its address: the first by name takes it
+            if vip in entry_vips:
+                continue
+            entry_vips.add(vip)
         ports = sorted({p for sc in scopes for p in sc.ports(svc)})
         if ports:
             out[host] = tuple(ports)
@@ -165,7 +178,13 @@ def _service_specs(mesh: Mesh, svc: Service, ports: tuple[int, ...]) -> list[Res
             continue
         name = service_cluster(vip, sp.port)
         pods = pods_behind(mesh, svc, sp)
-        if all_hbone(mesh, pods):
+        resolution = svc.entry.resolution if svc.entry is not None else "STATIC"
+        if resolution in ("DNS", "DNS_ROUND_ROBIN"):  # the endpoints are names: Envoy resolves them
+            eps = select_endpoints(mesh.endpoints.get(svc.hostname, ()), sp, len(svc.ports) == 1, mesh.workloads)
+            specs.append(ResourceSpec(CLUSTER, name, build_dns_cluster,
+                                      (name, sp.protocol, effective_policy(None, sp.port), None, (eps,),
+                                       resolution == "DNS_ROUND_ROBIN"), refs))
+        elif all_hbone(mesh, pods):
             specs += [ResourceSpec(CLUSTER, name, build_tunnel_service_cluster, (name,), refs),
                       ResourceSpec(ENDPOINT, name, build_tunnel_cla, (name, _tunnel_endpoints(mesh, pods)), refs)]
         else:  # some pods outside the mesh: plaintext to every endpoint, as a sidecar would

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from controlplane.model.ambient import accepts_hbone, runs_sidecar, waypoint_service
+from controlplane.model.ambient import accepts_hbone, entry_services_selecting, runs_sidecar, waypoint_service
 from controlplane.model.ir import Service, ServicePort, SourceRef, Workload
 from controlplane.model.mesh import Mesh
 from controlplane.translate.clusters import effective_policy
@@ -80,6 +80,12 @@ def tunnel_targets(mesh: Mesh, wl: Workload, cluster_of: dict[int, str]) -> tupl
         vip = service_vip(svc)
         for sp in svc.ports:
             tp = target_port(sp, wl)
+            if vip is not None and tp in domains:
+                domains[tp].append(f"{vip}:{sp.port}")
+    for svc in entry_services_selecting(mesh, wl):  # MESH_INTERNAL ServiceEntry hosts picking it
+        vip = service_vip(svc)
+        for sp in svc.ports:
+            tp = sp.target_port if isinstance(sp.target_port, int) else sp.port
             if vip is not None and tp in domains:
                 domains[tp].append(f"{vip}:{sp.port}")
     return tuple(TunnelTarget(tp, tuple(dict.fromkeys(domains[tp])), cluster_of[tp]) for tp in sorted(cluster_of))

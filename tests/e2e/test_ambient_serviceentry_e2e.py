@@ -1,0 +1,103 @@
+"""ServiceEntry hosts for sidecarless (ambient) pods (issue 18), end to end through real
+node-proxy Envoys: the lab of tests/e2e/test_ambient_e2e.py (two netns "nodes", ambient
+pods captured by `meshline iptables --ambient`, `meshline serve` in directory mode) plus
+an "external" HTTP server on the lab's bridge address (outside every pod and node).
+
+Pod a (alpha, on n1) dials a ServiceEntry's address:
+- STATIC (endpoint: the external server) and DNS (endpoint: the name `localhost`, resolved
+  by the node proxy to a server on n1's loopback) resolution, MESH_EXTERNAL: the node proxy
+  forwards the connection to the entry's endpoint, not to the dialled address (owned by
+  nobody);
+- MESH_INTERNAL with a workloadSelector picking ambient pod d (delta, PeerAuthentication
+  STRICT: plaintext is refused there): over HBONE with a's identity, which d's node proxy
+  logs;
+- removed again: the connection is no longer answered.
+
+Needs root, ip, iptables, setpriv, curl; skipped with the reason otherwise.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any
+
+import pytest
+
+from controlplane.localrun import envoy_binary
+from tests.e2e import test_ambient_e2e as amb
+from tests.e2e.test_ambient_e2e import ROOT, Lab, _backend, _skip_reason, spiffe
+from tests.netns_mesh import Topology
+
+pytestmark = pytest.mark.skipif(_skip_reason() is not None, reason=_skip_reason() or "")
+
+EXT_PORT = 19721
+lab = amb.lab  # the ambient lab fixture (its own instance in this module)
+
+
+def _entry(name: str, ns: str, host: str, address: str, resolution: str, location: str,
+           **extra: Any) -> dict[str, Any]:
+    return {"apiVersion": "networking.istio.io/v1", "kind": "ServiceEntry",
+            "metadata": {"name": name, "namespace": ns},
+            "spec": {"hosts": [host], "addresses": [address], "location": location, "resolution": resolution,
+                     "ports": [{"number": 80, "name": "http", "protocol": "HTTP", "targetPort": extra.pop("target", 0)
+                                or EXT_PORT}], **extra}}
+
+
+def _get(lab: Lab, url: str, want: str, timeout: float = 20.0) -> tuple[int, str]:
+    """Poll until `want` answers (config reaches the node proxy asynchronously)."""
+    deadline = time.monotonic() + timeout
+    last: tuple[int, str] = (0, "")
+    while time.monotonic() < deadline:
+        last = lab.curl("a", url, timeout=2.0)
+        if last[0] == 200 and _backend(last[1]) == want:
+            return last
+        time.sleep(0.2)
+    return last
+
+
+def test_ambient_pod_reaches_service_entry_hosts_through_its_node_proxy(lab: Lab) -> None:
+    assert envoy_binary()
+    topo: Topology = lab.topo
+    ext = topo.spawn("ext-backend", [sys.executable, str(ROOT / "samples" / "backend.py"),
+                                     f"ext={topo.host_ip}:{EXT_PORT}"])
+    topo.wait("external backend", lambda: _can_connect(topo.host_ip, EXT_PORT), 10, ext)
+    # The DNS entry's endpoint is the name `localhost`: the node proxy (in n1's netns)
+    # resolves it and finds this server on n1's loopback.
+    local = lab.n1.run([sys.executable, str(ROOT / "samples" / "backend.py"), f"ext-dns=127.0.0.1:{EXT_PORT}"])
+    topo.wait("n1 loopback backend", lambda: lab.n1.can_connect("127.0.0.1", EXT_PORT), 10, local)
+    static_vip, dns_vip, internal_vip = Topology.vip(40), Topology.vip(41), Topology.vip(42)
+    # Nothing owns these addresses: without an entry the connection goes nowhere.
+    status, _ = lab.curl("a", f"http://{static_vip}/", timeout=2.0)
+    assert status != 200
+    lab.write("entries", [
+        _entry("ext-static", "alpha", "ext-static.example", static_vip, "STATIC", "MESH_EXTERNAL",
+               endpoints=[{"address": topo.host_ip}]),
+        _entry("ext-dns", "alpha", "ext-dns.example", dns_vip, "DNS", "MESH_EXTERNAL",
+               endpoints=[{"address": "localhost"}]),
+        _entry("d-internal", "delta", "d.internal", internal_vip, "STATIC", "MESH_INTERNAL",
+               target=8080, workloadSelector={"labels": {"app": "d"}}),
+    ])
+    try:
+        assert _backend(_get(lab, f"http://{static_vip}/", "ext")[1]) == "ext"
+        assert _backend(_get(lab, f"http://{dns_vip}/", "ext-dns")[1]) == "ext-dns"
+        status, body = _get(lab, f"http://{internal_vip}/", "d")
+        assert status == 200 and _backend(body) == "d", (status, body)
+        # d accepts only mTLS: it was reached over HBONE, as a's identity.
+        lab.wait_line("n2", f"CONNECT {internal_vip}:80 ", f"src.identity={spiffe('alpha', 'a')}")
+    finally:
+        (lab.config / "entries.yaml").unlink()
+    deadline = time.monotonic() + 20
+    while lab.curl("a", f"http://{static_vip}/", timeout=2.0)[0] == 200:
+        assert time.monotonic() < deadline, "the entry's address still answers after the entry was removed"
+        time.sleep(0.2)
+
+
+def _can_connect(host: str, port: int) -> bool:
+    import socket
+
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
