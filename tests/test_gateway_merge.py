@@ -288,3 +288,32 @@ def test_telemetry_access_logs_at_gateways_are_client_mode_by_the_pod_labels() -
     # Without Telemetry nothing is logged.
     plain, _ = load(MESH)
     assert _logs(built(plain, GW)[LISTENER]["0.0.0.0_8080"]) == []
+
+
+def test_a_host_two_gateways_route_on_one_http_port_is_served_by_the_first_and_warned() -> None:
+    mesh, _ = load(MESH + """
+---
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {name: a2, namespace: edge}
+spec:
+  selector: {istio: ingressgateway}
+  servers:
+  - port: {number: 8080, name: http, protocol: HTTP}
+    hosts: ["*/api.example.com"]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: api-first, namespace: edge}
+spec:
+  hosts: [api.example.com]
+  gateways: [edge/a2]
+  http:
+  - route: [{destination: {host: web.shop.svc.cluster.local}}]
+""")
+    rc = built(mesh, GW)[ROUTE]["http.8080"]
+    assert domains(rc) == {"edge/api-first:8080": ["api.example.com", "api.example.com:*"],
+                           "shop/web:8080": ["web.example.com", "web.example.com:*"]}
+    warned = [i for i in check_mesh(mesh) if i.ref.name == "api" and "served by VirtualService" in i.message]
+    assert len(warned) == 1 and warned[0].field == "spec.hosts", warned
+    assert "edge/api-first" in warned[0].message and "edge/a2" in warned[0].message and "8080" in warned[0].message

@@ -16,7 +16,9 @@ not see), a Gateway's own servers in their order:
 - a later Gateway's server whose kind (plain HTTP, TLS, TCP) differs from what earlier
   Gateways put on that port, or a second Gateway's TCP server on a port, is dropped.
 A dropped server is not served by that proxy and is warned about (`check_merges`, for the
-Pods of the mesh two or more Gateways select), naming both Gateways and the field.
+Pods of the mesh two or more Gateways select), naming both Gateways and the field. So is a
+VirtualService whose host on a merged plain HTTP port an earlier Gateway's VirtualService
+already serves there (the first keeps the name; Istio would merge their routes).
 """
 
 from __future__ import annotations
@@ -24,8 +26,9 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
-from controlplane.model.ir import Gateway, GatewayServer, Issue, Labels, ProxyMeta, labels_match
-from controlplane.model.mesh import Mesh
+from controlplane.model.gateways import gateway_virtual_services, server_vs_hosts
+from controlplane.model.ir import Gateway, GatewayServer, Issue, Labels, ProxyMeta, SourceRef, labels_match
+from controlplane.model.mesh import Mesh, visible_to
 
 HTTP_PROTOCOLS = frozenset({"HTTP", "HTTP2", "GRPC"})
 
@@ -121,14 +124,27 @@ def check_merges(mesh: Mesh) -> Iterator[Issue]:
     if len(mesh.gateways) < 2:
         return
     told: set[tuple[str, int]] = set()
-    gws = sorted(mesh.gateways.items())
-    combos: set[tuple[str, ...]] = set()
-    for _, pod in sorted(mesh.workloads.items()):
-        chosen = tuple(key for key, gw in gws if gw.selector and labels_match(gw.selector, pod.labels))
+    gws = [(key, gw) for key, gw in sorted(mesh.gateways.items()) if gw.selector]
+    if len(gws) < 2:
+        return
+    combos: set[tuple[tuple[str, ...], str]] = set()
+    # pods of one deployment share their labels: each distinct (namespace, labels) once
+    for ns, labels in {(ns, pod.labels) for (ns, _), pod in mesh.workloads.items()}:
+        chosen = tuple(key for key, gw in gws if labels_match(gw.selector, labels))
         if len(chosen) > 1:
-            combos.add(chosen)
-    for combo in sorted(combos):
-        _, dropped = merge_servers([mesh.gateways[k] for k in combo])
+            combos.add((chosen, ns))
+    shadowed: set[tuple[str, str, str, int]] = set()
+    for combo, ns in sorted(combos):
+        kept, dropped = merge_servers([mesh.gateways[k] for k in combo])
+        for (_, port), placed in sorted(kept.items()):
+            for vs_ref, host, winner, winner_gw in _shadowed_hosts(mesh, placed, ns):
+                if (vs_ref.namespace, vs_ref.name, host, port) in shadowed:
+                    continue
+                shadowed.add((vs_ref.namespace, vs_ref.name, host, port))
+                yield Issue(vs_ref, "spec.hosts", f"host {host} on port {port} of the gateway proxies that Gateway "
+                                                  f"{winner_gw} also selects is served by VirtualService {winner} "
+                                                  "(its Gateway comes first by namespace and name); this one's routes "
+                                                  "for it are not used there", "warning")
         for d in dropped:
             key = (d.placed.gateway.key, d.placed.index)
             if key in told:
@@ -137,3 +153,21 @@ def check_merges(mesh: Mesh) -> Iterator[Issue]:
             yield Issue(d.placed.gateway.ref, f"spec.servers[{d.placed.index}]",
                         f"not served by the gateway proxies Gateway {d.winner.key} also selects: {d.reason} "
                         f"(the first Gateway by namespace and name keeps the port)", "warning")
+
+
+def _shadowed_hosts(mesh: Mesh, placed: Sequence[Placed], namespace: str
+                    ) -> Iterator[tuple[SourceRef, str, str, str]]:
+    """(VirtualService, host, winning VirtualService, its Gateway) for hosts of the plain HTTP
+    servers of one port that another Gateway's VirtualService claimed first (as
+    translate.gateway builds `http.<port>`); shadowing within one Gateway is
+    validate_gateway's."""
+    owner: dict[str, tuple[str, str]] = {}  # host -> (gateway key, "ns/name" of the VS)
+    for gw in dict.fromkeys(p.gateway for p in placed if p.server.protocol in HTTP_PROTOCOLS):
+        servers = [p.server for p in placed if p.gateway is gw and p.server.protocol in HTTP_PROTOCOLS]
+        for vs in gateway_virtual_services(gw, mesh.gateway_virtual_services):
+            if not vs.http or not visible_to(vs.export_to, vs.namespace, namespace):
+                continue
+            for host in dict.fromkeys(h for srv in servers for h in server_vs_hosts(srv, vs)):
+                first = owner.setdefault(host, (gw.key, f"{vs.namespace}/{vs.name}"))
+                if first[0] != gw.key:
+                    yield vs.ref, host, first[1], first[0]
