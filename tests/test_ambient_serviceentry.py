@@ -1,14 +1,18 @@
 """ServiceEntry hosts on node proxies (issue 18), in process: which entries ambient pods'
 node proxies route (one IP address, exported to every namespace; resolution NONE passes
 through), the cluster type per resolution, the MESH_INTERNAL tunnel authority at the
-selected pod, and the warning naming an entry ambient pods will not use. Pure, no I/O."""
+selected pod, a `use-waypoint` label binding an entry to a waypoint that reaches
+its endpoints directly, and the warning naming an entry ambient pods will not use. Pure, no I/O."""
 
 from __future__ import annotations
 
 from envoy.config.cluster.v3 import cluster_pb2
 
+from controlplane.model.ambient import waypoint_service
+from controlplane.model.ir import Hostname, ProxyMeta
 from controlplane.model.mesh import Mesh
 from controlplane.model.validate import check_mesh
+from controlplane.translate.ambient import plan_waypoint
 from controlplane.translate.nodeproxy import plan_node
 from controlplane.translate.plan import CLUSTER, ENDPOINT, LISTENER, build_all
 from tests.test_serviceentry import mesh_of
@@ -106,3 +110,23 @@ def test_mesh_internal_entry_tunnels_to_ambient_pods_and_they_accept_its_address
     assert "spiffe://cluster.local/ns/default/sa/api" in cla and "10.0.0.3:15008" in cla
     routes = str(out["type.googleapis.com/envoy.config.route.v3.RouteConfiguration"]["ambient_hbone_default_api"])
     assert "240.0.0.6:80" in routes
+
+
+def test_use_waypoint_label_binds_an_entry_and_the_waypoint_reaches_its_endpoints_directly() -> None:
+    waypoint = ("apiVersion: v1\nkind: Service\nmetadata: {name: wp, namespace: default}\n"
+                "spec: {clusterIP: 10.96.0.20, selector: {app: wp}, ports: [{name: tunnel, port: 15008}]}\n")
+    bound = STATIC.replace("metadata: {name: static, namespace: default}",
+                           "metadata: {name: static, namespace: default, labels: {istio.io/use-waypoint: wp}}")
+    mesh = mesh_of(NS, CLIENT, waypoint, bound)
+    svc = mesh.services[Hostname("s.example")]
+    assert waypoint_service(mesh, svc) is not None
+    scope = next(s for s in plan_node(mesh, "n1") if s.type_url == LISTENER and s.name == "ambient_outbound")
+    assert [(w.chain, [r.ranges for r in w.routes]) for w in scope.args[2]] == [
+        ("waypoint|wp.default.svc.cluster.local", [("240.0.0.1/32",)])]
+    out = build_all(plan_waypoint(mesh, ProxyMeta(node_id="wp-1", mode="waypoint", namespace="default",
+                                                  workload="wp", waypoint="wp")))
+    cluster = out[CLUSTER]["outbound|80||s.example"]
+    assert cluster.type == cluster_pb2.Cluster.EDS  # type: ignore[attr-defined]
+    cla = out[ENDPOINT]["outbound|80||s.example"]
+    assert [e.endpoint.address.socket_address.address for g in cla.endpoints  # type: ignore[attr-defined]
+            for e in g.lb_endpoints] == ["192.0.2.1"]

@@ -214,7 +214,7 @@ def _convert(ctx: Ctx) -> object | None:
     if raw.kind == "Telemetry":
         return convert_telemetry(ctx, namespace, name)
     if raw.kind == "ServiceEntry":
-        return convert_service_entry(ctx, namespace, name)
+        return convert_service_entry(ctx, namespace, name, labels)
     if raw.kind == "WorkloadEntry":
         return convert_workload_entry(ctx, namespace, name)
     if raw.kind == "Gateway":

@@ -48,7 +48,7 @@ from controlplane.model.convert_base import (
     item_map,
     join,
 )
-from controlplane.model.convert_core import port_protocol
+from controlplane.model.convert_core import USE_WAYPOINT, port_protocol, with_aliases
 from controlplane.model.ir import (
     Hostname,
     Labels,
@@ -203,7 +203,10 @@ def convert_workload_entry(ctx: Ctx, namespace: str, name: str) -> WorkloadEntry
     return convert_workload_entry_body(ctx, spec, "spec", namespace, name, inline=False)
 
 
-def convert_service_entry(ctx: Ctx, namespace: str, name: str) -> ServiceEntry | None:
+_USE_WAYPOINT_ALIAS: Mapping[str, str] = {"istio.io/use-waypoint": USE_WAYPOINT}
+
+
+def convert_service_entry(ctx: Ctx, namespace: str, name: str, labels: Labels = ()) -> ServiceEntry | None:
     check_fields(ctx, ctx.raw.body, "", ("apiVersion", "kind", "metadata", "spec", "status"))
     spec = as_map(ctx, ctx.raw.body.get("spec"), "spec") or {}
     check_fields(ctx, spec, "spec", _SE_FIELDS)
@@ -285,4 +288,7 @@ def convert_service_entry(ctx: Ctx, namespace: str, name: str) -> ServiceEntry |
     export_to = get_export_to(ctx, spec, "spec")
     sans = get_str_list(ctx, spec, "subjectAltNames", "spec")
     info = ServiceEntryInfo(resolution, location != "MESH_INTERNAL", addresses, export_to, sans)
-    return ServiceEntry(ctx.raw.ref, namespace, name, hosts, ports, info, tuple(endpoints), selector)
+    # `istio.io/use-waypoint` (or Meshline's key) binds the entry's hosts to a waypoint, as a Service's.
+    waypoint = tuple((k, v) for k, v in with_aliases(ctx, labels, "metadata.labels", _USE_WAYPOINT_ALIAS)
+                     if k == USE_WAYPOINT)
+    return ServiceEntry(ctx.raw.ref, namespace, name, hosts, ports, info, tuple(endpoints), selector, waypoint)

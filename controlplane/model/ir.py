@@ -232,6 +232,7 @@ class ServiceEntry:
     info: ServiceEntryInfo
     endpoints: tuple[WorkloadEntry, ...] = ()
     workload_selector: Labels | None = None  # None: no workloadSelector
+    labels: Labels = ()  # the metadata labels Meshline reads (`meshline.io/use-waypoint`)
 
 
 # --------------------------------------------------------------------------- VirtualService

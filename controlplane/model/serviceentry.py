@@ -118,7 +118,8 @@ def registry_services(entries: Iterable[ServiceEntry], workloads: Mapping[tuple[
             if sets is None:
                 sets = entry_endpoints(se, workloads.values(), wes, trust_domain)
             ip = se.info.addresses[0] if len(se.info.addresses) == 1 and "/" not in se.info.addresses[0] else None
-            services[host] = Service(se.ref, se.namespace, se.name, host, ip, se.ports, entry=se.info)
+            services[host] = Service(se.ref, se.namespace, se.name, host, ip, se.ports, entry=se.info,
+                                     labels=se.labels)
             host_sets = sets
             if not sets and se.info.resolution in ("DNS", "DNS_ROUND_ROBIN") and se.workload_selector is None:
                 host_sets = (EndpointSet(se.ref, se.namespace, se.name,

@@ -49,8 +49,8 @@ from controlplane.translate.names import dedupe_domains, destination_port, servi
 from controlplane.translate.nodeproxy import plan_node
 from controlplane.translate.plan import CLUSTER, LISTENER, ResourceSpec
 from controlplane.translate.secrets import WORKLOAD_SECRET
-from controlplane.translate.sidecar import authorizer_cluster_specs, route_spec
-from controlplane.translate.tunnel import service_vip, tunnel_cluster_specs
+from controlplane.translate.sidecar import authorizer_cluster_specs, bind_cluster_specs, route_spec
+from controlplane.translate.tunnel import all_hbone, pods_behind, service_vip, tunnel_cluster_specs
 
 __all__ = ["build_waypoint_http", "plan_node", "plan_waypoint"]
 
@@ -76,12 +76,18 @@ def plan_waypoint(mesh: Mesh, meta: ProxyMeta) -> list[ResourceSpec]:
             continue
         for sp in svc.ports:
             by_port.setdefault(sp.port, []).append(svc)
+            if _direct(mesh, svc):
+                add(bind_cluster_specs(mesh, svc, ns))
+                continue
             dr = mesh.dr_by_host.get(svc.hostname)
             add(tunnel_cluster_specs(mesh, svc, sp, None, None, WORKLOAD_SECRET))
             for subset in dr.subsets if dr is not None else ():
                 add(tunnel_cluster_specs(mesh, svc, sp, subset.name, subset.labels, WORKLOAD_SECRET))
         for dsvc, dsp, dsubset, labels in _route_backends(mesh, svc, ns):
-            add(tunnel_cluster_specs(mesh, dsvc, dsp, dsubset, labels, WORKLOAD_SECRET))
+            if _direct(mesh, dsvc):
+                add(bind_cluster_specs(mesh, dsvc, ns))
+            else:
+                add(tunnel_cluster_specs(mesh, dsvc, dsp, dsubset, labels, WORKLOAD_SECRET))
     targets: list[TunnelTarget] = []
     for port, services in sorted(by_port.items()):
         inner = f"waypoint_{port}"
@@ -112,6 +118,13 @@ def plan_waypoint(mesh: Mesh, meta: ProxyMeta) -> list[ResourceSpec]:
                       ("waypoint_hbone", None, WORKLOAD_SECRET, td, tuple(targets), ()),
                       tuple(s.ref for s in bound))])
     return sorted(out.values(), key=lambda s: (s.type_url, s.name))
+
+
+def _direct(mesh: Mesh, svc: Service) -> bool:
+    """A ServiceEntry host whose endpoints do not all take HBONE (external hosts, VMs): the
+    waypoint connects to them as a sidecar without capture would (plain, or the TLS its
+    DestinationRule originates), with the cluster type its resolution asks for."""
+    return svc.entry is not None and not any(all_hbone(mesh, pods_behind(mesh, svc, sp)) for sp in svc.ports)
 
 
 def _route_backends(mesh: Mesh, svc: Service,

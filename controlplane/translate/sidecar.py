@@ -184,6 +184,12 @@ def _cluster_specs(mesh: Mesh, svc: Service, namespace: str, scope: Scope | None
     return out
 
 
+def bind_cluster_specs(mesh: Mesh, svc: Service, namespace: str) -> list[ResourceSpec]:
+    """`svc`'s outbound clusters (every port, every DestinationRule subset) as a proxy without
+    capture originates them: a waypoint reaching a ServiceEntry host's endpoints directly."""
+    return _cluster_specs(mesh, svc, namespace)
+
+
 def route_spec(
     mesh: Mesh, port: int, services: list[Service], namespace: str, capture: CaptureMode, name: str | None = None,
     source_labels: frozenset[Labels] = frozenset(), registry_only: bool = False,

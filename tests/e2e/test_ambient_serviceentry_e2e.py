@@ -101,3 +101,41 @@ def _can_connect(host: str, port: int) -> bool:
             return True
     except OSError:
         return False
+
+
+def _vs(name: str, ns: str, host: str) -> dict[str, Any]:
+    """Requests for /teapot are answered 418 by whoever applies this route (an L7 proxy)."""
+    return {"apiVersion": "networking.istio.io/v1", "kind": "VirtualService", "metadata": {"name": name, "namespace": ns},
+            "spec": {"hosts": [host], "http": [
+                {"match": [{"uri": {"prefix": "/teapot"}}],
+                 "fault": {"abort": {"httpStatus": 418, "percentage": {"value": 100}}},
+                 "route": [{"destination": {"host": host}}]},
+                {"route": [{"destination": {"host": host}}]}]}}
+
+
+def test_service_entry_bound_to_a_waypoint_gets_its_l7_routes_there(lab: Lab) -> None:
+    """Namespace beta uses waypoint wp: an entry there is bound to it (its VirtualService
+    applies: /teapot -> 418), the waypoint reaching the external endpoint directly; one
+    labelled `istio.io/use-waypoint: none` is not (L4 only: /teapot reaches the server)."""
+    topo: Topology = lab.topo
+    if not _can_connect(topo.host_ip, EXT_PORT):
+        ext = topo.spawn("ext-backend", [sys.executable, str(ROOT / "samples" / "backend.py"),
+                                         f"ext={topo.host_ip}:{EXT_PORT}"])
+        topo.wait("external backend", lambda: _can_connect(topo.host_ip, EXT_PORT), 10, ext)
+    bound_vip, bypass_vip = Topology.vip(43), Topology.vip(44)
+    bypass = _entry("bypass", "beta", "bypass.example", bypass_vip, "STATIC", "MESH_EXTERNAL",
+                    endpoints=[{"address": topo.host_ip}])
+    bypass["metadata"]["labels"] = {"istio.io/use-waypoint": "none"}
+    lab.write("wp-entries", [
+        _entry("bound", "beta", "bound.example", bound_vip, "STATIC", "MESH_EXTERNAL",
+               endpoints=[{"address": topo.host_ip}]),
+        bypass, _vs("bound", "beta", "bound.example"), _vs("bypass", "beta", "bypass.example"),
+    ])
+    try:
+        status, body = _get(lab, f"http://{bound_vip}/", "ext")
+        assert status == 200 and _backend(body) == "ext", (status, body)
+        assert lab.curl("a", f"http://{bound_vip}/teapot", timeout=3.0)[0] == 418
+        status, body = _get(lab, f"http://{bypass_vip}/teapot", "ext")
+        assert status == 200 and _backend(body) == "ext", (status, body)
+    finally:
+        (lab.config / "wp-entries.yaml").unlink()
