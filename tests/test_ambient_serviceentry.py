@@ -130,3 +130,12 @@ def test_use_waypoint_label_binds_an_entry_and_the_waypoint_reaches_its_endpoint
     cla = out[ENDPOINT]["outbound|80||s.example"]
     assert [e.endpoint.address.socket_address.address for g in cla.endpoints  # type: ignore[attr-defined]
             for e in g.lb_endpoints] == ["192.0.2.1"]
+
+
+def test_none_entry_bound_to_a_waypoint_is_warned_for_ambient_pods() -> None:
+    waypoint = ("apiVersion: v1\nkind: Service\nmetadata: {name: wp, namespace: default}\n"
+                "spec: {clusterIP: 10.96.0.20, selector: {app: wp}, ports: [{name: tunnel, port: 15008}]}\n")
+    bound = NONE.replace("metadata: {name: none, namespace: default}",
+                         "metadata: {name: none, namespace: default, labels: {istio.io/use-waypoint: wp}}")
+    warned = ambient_warnings(mesh_of(NS, CLIENT, waypoint, bound))
+    assert list(warned) == ["none:spec.hosts[0]"] and "through its waypoint" in warned["none:spec.hosts[0]"]

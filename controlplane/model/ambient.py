@@ -160,6 +160,10 @@ def ambient_entry_issues(mesh: Mesh) -> list[Issue]:
             if why is not None:
                 out.append(Issue(se.ref, f"spec.hosts[{i}]", f"ambient pods (node proxies) will not use {host}: {why}; "
                                  "sidecars do", "warning", se.ref.line))
+            elif se.info.resolution == "NONE" and waypoint_service(mesh, svc) is not None:
+                out.append(Issue(se.ref, f"spec.hosts[{i}]", f"ambient pods (node proxies) will not use {host} through "
+                                 f"its waypoint: with resolution NONE their connections pass through to the dialled "
+                                 "address at L4", "warning", se.ref.line))
     return out
 
 

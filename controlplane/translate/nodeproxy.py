@@ -179,14 +179,14 @@ def _service_specs(mesh: Mesh, svc: Service, ports: tuple[int, ...]) -> list[Res
         name = service_cluster(vip, sp.port)
         pods = pods_behind(mesh, svc, sp)
         resolution = svc.entry.resolution if svc.entry is not None else "STATIC"
-        if resolution in ("DNS", "DNS_ROUND_ROBIN"):  # the endpoints are names: Envoy resolves them
+        if all_hbone(mesh, pods):
+            specs += [ResourceSpec(CLUSTER, name, build_tunnel_service_cluster, (name,), refs),
+                      ResourceSpec(ENDPOINT, name, build_tunnel_cla, (name, _tunnel_endpoints(mesh, pods)), refs)]
+        elif resolution in ("DNS", "DNS_ROUND_ROBIN"):  # the endpoints may be names: Envoy resolves them
             eps = select_endpoints(mesh.endpoints.get(svc.hostname, ()), sp, len(svc.ports) == 1, mesh.workloads)
             specs.append(ResourceSpec(CLUSTER, name, build_dns_cluster,
                                       (name, sp.protocol, effective_policy(None, sp.port), None, (eps,),
                                        resolution == "DNS_ROUND_ROBIN"), refs))
-        elif all_hbone(mesh, pods):
-            specs += [ResourceSpec(CLUSTER, name, build_tunnel_service_cluster, (name,), refs),
-                      ResourceSpec(ENDPOINT, name, build_tunnel_cla, (name, _tunnel_endpoints(mesh, pods)), refs)]
         else:  # some pods outside the mesh: plaintext to every endpoint, as a sidecar would
             eps = select_endpoints(mesh.endpoints.get(svc.hostname, ()), sp, len(svc.ports) == 1, mesh.workloads)
             specs += [ResourceSpec(CLUSTER, name, build_outbound_cluster,
