@@ -14,31 +14,17 @@ from envoy.config.core.v3 import base_pb2
 from google.protobuf import struct_pb2
 
 from controlplane.cli import main
-from controlplane.model.convert import convert
 from controlplane.model.gateways import bound_view, intersect_host
-from controlplane.model.ir import Issue, ProxyMeta
+from controlplane.model.ir import ProxyMeta
 from controlplane.model.mesh import Mesh
-from controlplane.model.store import assemble
-from controlplane.sources.yamlload import parse_documents
 from controlplane.translate.gateway import gateway_credentials
 from controlplane.translate.plan import CLUSTER, ENDPOINT, LISTENER, ROUTE, build_all
 from controlplane.translate.proxy import plan_proxy
 from controlplane.translate.secrets import TRUSTS_NOTHING_CA
 from controlplane.xds.server import proxy_meta_from_node
+from tests.gatewayfixtures import WEB_SERVICE, gateway_pod, load, namespace
 
 pytestmark = pytest.mark.unit
-
-
-def load(text: str) -> tuple[Mesh, list[Issue]]:
-    objs, errs = parse_documents(textwrap.dedent(text), "t.yaml")
-    assert not errs
-    values, issues = [], []
-    for o in objs:
-        v, iss = convert(o)
-        issues += iss
-        if v is not None:
-            values.append(v)
-    return assemble(values), issues
 
 
 def gw_issues(spec: str) -> list[str]:
@@ -89,28 +75,12 @@ def test_gateway_fields_are_checked_by_name() -> None:
         """)
 
 
-MESH = """
-apiVersion: v1
-kind: Namespace
-metadata: {name: shop}
----
-apiVersion: v1
-kind: Service
-metadata: {name: web, namespace: shop}
-spec: {clusterIP: 10.96.0.9, selector: {app: web}, ports: [{name: http, port: 8080}]}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: gw-1, namespace: edge, labels: {istio: ingressgateway}}
-spec: {serviceAccountName: gw, containers: [{name: envoy, image: x}]}
-status: {podIP: 10.1.0.1}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: impostor, namespace: edge, labels: {app: other}}
-spec: {serviceAccountName: gw, containers: [{name: envoy, image: x}]}
-status: {podIP: 10.1.0.2}
----
+MESH = "---\n".join([
+    namespace("shop"),
+    WEB_SERVICE,
+    gateway_pod("gw-1", "10.1.0.1"),
+    gateway_pod("impostor", "10.1.0.2", "app: other"),
+    """\
 apiVersion: networking.istio.io/v1
 kind: Gateway
 metadata: {name: public, namespace: edge}
@@ -143,7 +113,7 @@ spec:
   gateways: [public]
   http:
   - route: [{destination: {host: web.shop.svc.cluster.local}}]
-"""
+"""])
 
 
 def test_binding_matches_and_host_intersection() -> None:

@@ -22,26 +22,15 @@ from controlplane.model.ir import ProxyMeta
 from controlplane.translate.gateway import plan_gateway
 from controlplane.translate.jwt import JWT_FILTER
 from controlplane.translate.plan import CLUSTER, LISTENER
-from tests.test_gateway import load
+from tests.gatewayfixtures import WEB_SERVICE, gateway_pod, load, namespace
 
 pytestmark = pytest.mark.unit
 
-MESH = """
-apiVersion: v1
-kind: Namespace
-metadata: {name: edge}
----
-apiVersion: v1
-kind: Service
-metadata: {name: web, namespace: shop}
-spec: {clusterIP: 10.96.0.9, selector: {app: web}, ports: [{name: http, port: 8080}]}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: gw-1, namespace: edge, labels: {istio: ingressgateway}}
-spec: {serviceAccountName: gw, containers: [{name: envoy, image: x}]}
-status: {podIP: 10.1.9.1}
----
+MESH = "---\n".join([
+    namespace("edge"),
+    WEB_SERVICE,
+    gateway_pod("gw-1", "10.1.9.1"),
+    """\
 apiVersion: networking.istio.io/v1
 kind: Gateway
 metadata: {name: public, namespace: edge}
@@ -61,7 +50,7 @@ spec:
   gateways: [public]
   http: [{route: [{destination: {host: web.shop.svc.cluster.local, port: {number: 8080}}}]}]
   tcp: [{match: [{port: 3306}], route: [{destination: {host: web.shop.svc.cluster.local, port: {number: 8080}}}]}]
-"""
+"""])
 ALLOW_LIST = """
 apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy

@@ -7,50 +7,32 @@ in the golden case tests/golden/gateway-merge (tests/test_envoycheck.py)."""
 
 from __future__ import annotations
 
-import textwrap
 from typing import Any
 
 import pytest
 
-from controlplane.model.convert import convert
-from controlplane.model.ir import Issue, ProxyMeta
+from controlplane.model.ir import ProxyMeta
 from controlplane.model.mesh import Mesh
-from controlplane.model.store import assemble
 from controlplane.model.validate import check_mesh
-from controlplane.sources.yamlload import parse_documents
 from controlplane.translate.gateway import gateway_credentials
 from controlplane.translate.plan import LISTENER, ROUTE, build_all
 from controlplane.translate.proxy import plan_proxy
+from tests.gatewayfixtures import WEB_SERVICE, gateway_pod, load, namespace
 
 pytestmark = pytest.mark.unit
 
-MESH = """
-apiVersion: v1
-kind: Namespace
-metadata: {name: shop}
----
-apiVersion: v1
-kind: Service
-metadata: {name: web, namespace: shop}
-spec: {clusterIP: 10.96.0.9, selector: {app: web}, ports: [{name: http, port: 8080}]}
----
+MESH = "---\n".join([
+    namespace("shop"),
+    WEB_SERVICE,
+    """\
 apiVersion: v1
 kind: Service
 metadata: {name: api, namespace: shop}
 spec: {clusterIP: 10.96.0.10, selector: {app: api}, ports: [{name: http, port: 8080}]}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: gw-1, namespace: edge, labels: {istio: ingressgateway}}
-spec: {serviceAccountName: gw, containers: [{name: envoy, image: x}]}
-status: {podIP: 10.1.0.1}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: other-1, namespace: edge, labels: {istio: other}}
-spec: {serviceAccountName: gw, containers: [{name: envoy, image: x}]}
-status: {podIP: 10.1.0.2}
----
+""",
+    gateway_pod("gw-1", "10.1.0.1"),
+    gateway_pod("other-1", "10.1.0.2", "istio: other"),
+    """\
 apiVersion: networking.istio.io/v1
 kind: Gateway
 metadata: {name: a, namespace: edge}
@@ -118,20 +100,7 @@ spec:
   gateways: [shop/b]
   http:
   - route: [{destination: {host: api}}]
-"""
-
-
-def load(text: str) -> tuple[Mesh, list[Issue]]:
-    objs, errs = parse_documents(textwrap.dedent(text), "t.yaml")
-    assert not errs
-    values: list[Any] = []
-    issues: list[Issue] = []
-    for o in objs:
-        v, iss = convert(o)
-        issues += iss
-        if v is not None:
-            values.append(v)
-    return assemble(values), issues
+"""])
 
 
 def built(mesh: Mesh, meta: ProxyMeta) -> dict[Any, dict[str, Any]]:
