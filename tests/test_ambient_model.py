@@ -16,27 +16,17 @@ from controlplane.model.convert import convert
 from controlplane.model.ir import AuthorizationPolicy, AuthzOperation, AuthzRule, ProxyMeta, SourceRef
 from controlplane.model.mesh import Mesh
 from controlplane.model.policy import policies_for_port
-from controlplane.model.store import assemble
 from controlplane.sources.yamlload import parse_documents
 from controlplane.translate.nodeproxy import plan_node
 from controlplane.translate.plan import LISTENER, ROUTE, SECRET
+from tests.ambientfixtures import API, mesh_of
 
 BASE = """
 apiVersion: v1
 kind: Namespace
 metadata: {name: shop, labels: {meshline.io/dataplane-mode: ambient}}
 ---
-apiVersion: v1
-kind: Service
-metadata: {name: api, namespace: shop}
-spec: {clusterIP: 10.96.0.1, selector: {app: api}, ports: [{name: http, port: 80, targetPort: 8080}]}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: api-1, namespace: shop, labels: {app: api}, annotations: {meshline.io/netns: /run/netns/api-1}}
-spec: {nodeName: n1, serviceAccountName: api, containers: [{name: c}]}
-status: {podIP: 10.0.0.1}
----
+""" + API + """---
 apiVersion: v1
 kind: Pod
 metadata: {name: out-1, namespace: shop, labels: {app: out, meshline.io/dataplane-mode: none},
@@ -50,20 +40,6 @@ metadata: {name: api-2, namespace: shop, labels: {app: api}}
 spec: {nodeName: n2, serviceAccountName: api, containers: [{name: c}]}
 status: {podIP: 10.0.0.3}
 """
-
-
-def mesh_of(*texts: str) -> Mesh:
-    values = []
-    issues = []
-    for text in texts:
-        objects, errors = parse_documents(textwrap.dedent(text), "in.yaml")
-        assert not errors
-        for raw in objects:
-            value, found = convert(raw)
-            assert not [i for i in found if i.severity == "error"], [i.format() for i in found]
-            values.append(value)
-            issues += found
-    return assemble([v for v in values if v is not None], tuple(issues))
 
 
 def test_ambient_membership_and_netns() -> None:

@@ -8,7 +8,6 @@ Pods is reported and, in Meshline, fails closed (its rules deny). Pure planning,
 from __future__ import annotations
 
 import subprocess
-import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -19,14 +18,12 @@ from envoy.extensions.filters.http.rbac.v3 import rbac_pb2 as http_rbac_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm_pb2
 from google.protobuf import json_format
 
-from controlplane.model.convert import convert
 from controlplane.model.ir import ProxyMeta
 from controlplane.model.mesh import Mesh
 from controlplane.model.meshconfig import MeshConfig, parse_mesh_config
-from controlplane.model.store import assemble
-from controlplane.sources.yamlload import parse_documents
 from controlplane.translate.ambient import plan_waypoint
 from controlplane.translate.plan import CLUSTER, ENDPOINT, LISTENER
+from tests.ambientfixtures import API, mesh_of
 
 MESH = """
 apiVersion: v1
@@ -37,17 +34,7 @@ apiVersion: v1
 kind: Namespace
 metadata: {name: authz}
 ---
-apiVersion: v1
-kind: Service
-metadata: {name: api, namespace: shop}
-spec: {clusterIP: 10.96.0.1, selector: {app: api}, ports: [{name: http, port: 80, targetPort: 8080}]}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: api-1, namespace: shop, labels: {app: api}, annotations: {meshline.io/netns: /run/netns/api-1}}
-spec: {nodeName: n1, serviceAccountName: api, containers: [{name: c}]}
-status: {podIP: 10.0.0.1}
----
+""" + API + """---
 apiVersion: v1
 kind: Service
 metadata: {name: wp, namespace: shop}
@@ -114,17 +101,8 @@ AUTHORIZER_CLUSTER = "outbound|8000||ext-authz.authz.svc.cluster.local"
 
 
 def mesh_with(target: str, mesh_config: str | None = MESH_CONFIG) -> Mesh:
-    objects, errors = parse_documents(textwrap.dedent(MESH + CUSTOM.replace("TARGET", target)), "mesh.yaml")
-    assert not errors
-    values = []
-    issues = []
-    for raw in objects:
-        value, found = convert(raw)
-        assert not [i for i in found if i.severity == "error"], found
-        values.append(value)
-        issues += found
     config = parse_mesh_config(mesh_config, "mesh-config.yaml")[0] if mesh_config is not None else MeshConfig()
-    return assemble([v for v in values if v is not None], tuple(issues), mesh_config=config)
+    return mesh_of(MESH + CUSTOM.replace("TARGET", target), mesh_config=config)
 
 
 def waypoint_filters(mesh: Mesh) -> list[tuple[str, Any]]:
