@@ -44,3 +44,17 @@ def mesh_of(*texts: str, mesh_config: MeshConfig | None = None) -> Mesh:
     if mesh_config is None:
         return assemble(kept, tuple(issues))
     return assemble(kept, tuple(issues), mesh_config=mesh_config)
+
+# shop/api bound to the waypoint `wp` (cluster IP 10.96.0.2), and the waypoint's own Service.
+WAYPOINT_API = """\
+apiVersion: v1
+kind: Service
+metadata: {name: api, namespace: shop, labels: {meshline.io/use-waypoint: wp}}
+spec: {clusterIP: 10.96.0.2, selector: {app: api}, ports: [{name: http, port: 80, targetPort: 8080}]}
+"""
+WAYPOINT_SERVICE = """\
+apiVersion: v1
+kind: Service
+metadata: {name: wp, namespace: shop}
+spec: {clusterIP: 10.96.0.3, selector: {meshline.io/waypoint: wp}, ports: [{name: tunnel, port: 15008}]}
+"""

@@ -26,6 +26,7 @@ from controlplane.translate.plan import LISTENER
 from controlplane.translate.proxy import shared_key
 from controlplane.translate.rbac import string_matcher
 from controlplane.translate.sidecar import plan_inbound
+from tests.ambientfixtures import WAYPOINT_API, WAYPOINT_SERVICE
 from tests.test_convert import conv, only
 
 JWKS = json.dumps({"keys": [{"kty": "EC", "crv": "P-256", "x": "f83OJ3D2xF1Bg8vub9tLe1gHMzV76e8Tus9uPHvRVEU",
@@ -396,20 +397,9 @@ def test_sidecar_inbound_validates_jwts_before_authorization() -> None:
 
 
 def test_waypoint_validates_jwts_of_request_authentications_attached_to_it() -> None:
-    waypoint = """
-    apiVersion: v1
-    kind: Service
-    metadata: {name: api, namespace: shop, labels: {meshline.io/use-waypoint: wp}}
-    spec: {clusterIP: 10.96.0.2, selector: {app: api}, ports: [{name: http, port: 80, targetPort: 8080}]}
-    ---
-    apiVersion: v1
-    kind: Service
-    metadata: {name: wp, namespace: shop}
-    spec: {clusterIP: 10.96.0.3, selector: {meshline.io/waypoint: wp}, ports: [{name: tunnel, port: 15008}]}
-    """
     attached = RA.replace("selector: {matchLabels: {app: web}}",
                           "targetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, name: wp}]")
-    mesh = mesh_of(waypoint, attached)
+    mesh = mesh_of(WAYPOINT_API, WAYPOINT_SERVICE, attached)
     specs = plan_waypoint(mesh, ProxyMeta("wp-1.shop", mode="waypoint", namespace="shop", workload="wp-1",
                                           waypoint="wp"))
     assert _http_filters(specs, "waypoint_80")[0] == JWT_FILTER

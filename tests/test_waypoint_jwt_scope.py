@@ -22,26 +22,18 @@ from controlplane.model.ir import ProxyMeta
 from controlplane.translate.ambient import plan_waypoint
 from controlplane.translate.jwt import JWT_FILTER
 from controlplane.translate.plan import LISTENER
+from tests.ambientfixtures import WAYPOINT_API, WAYPOINT_SERVICE
 from tests.test_jwt_telemetry import mesh_of
 
 pytestmark = pytest.mark.unit
 
-SERVICES = """
-apiVersion: v1
-kind: Service
-metadata: {name: api, namespace: shop, labels: {meshline.io/use-waypoint: wp}}
-spec: {clusterIP: 10.96.0.2, selector: {app: api}, ports: [{name: http, port: 80, targetPort: 8080}]}
----
+SERVICES = WAYPOINT_API + """---
 apiVersion: v1
 kind: Service
 metadata: {name: admin, namespace: shop, labels: {meshline.io/use-waypoint: wp}}
 spec: {clusterIP: 10.96.0.4, selector: {app: admin}, ports: [{name: http, port: 80, targetPort: 8080}]}
 ---
-apiVersion: v1
-kind: Service
-metadata: {name: wp, namespace: shop}
-spec: {clusterIP: 10.96.0.3, selector: {meshline.io/waypoint: wp}, ports: [{name: tunnel, port: 15008}]}
-"""
+""" + WAYPOINT_SERVICE
 
 
 def ra(name: str, target: str, issuer: str) -> str:
