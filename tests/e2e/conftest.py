@@ -155,3 +155,31 @@ def mesh(request: pytest.FixtureRequest) -> Iterator[MeshEnv]:
             yield env
         finally:
             env.close()
+
+
+def start_server_sidecar(work: Path, procs: list[subprocess.Popen[bytes]], *, ns: str, app: str, port: int,
+                         outbound: str, xds: int, status: int, admin: int) -> subprocess.Popen[bytes]:
+    """One server workload behind its sidecar: samples/backend.py as `server-app` on app:port,
+    `meshline serve` of work/config with work/mesh-config.yaml (no CA), and the bind-capture
+    Envoy of `server-0` in namespace ns, returned once its admin says ready. The backend and
+    the control plane are appended to procs (the caller stops them)."""
+    procs.append(subprocess.Popen(
+        [sys.executable, str(ROOT / "samples" / "backend.py"), f"server-app={app}:{port}"],
+        stdout=subprocess.PIPE, start_new_session=True))
+    assert procs[-1].stdout is not None and procs[-1].stdout.readline().strip() == b"ready"
+    log = open(work / "meshline.log", "wb")
+    procs.append(subprocess.Popen(
+        [sys.executable, "-m", "controlplane.cli", "serve", "--config-dir", str(work / "config"), "--no-ca",
+         "--mesh-config", str(work / "mesh-config.yaml"), "--xds-address", f"127.0.0.1:{xds}",
+         "--status-address", f"127.0.0.1:{status}"],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT))
+    wait_http(f"http://127.0.0.1:{status}/readyz", proc=procs[-1], timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-m", "controlplane.cli", "bootstrap", "--node-id", f"server-0.{ns}", "--namespace", ns,
+         "--workload", "server-0", "--capture", "bind", "--outbound-address", outbound,
+         "--xds-address", f"127.0.0.1:{xds}", "--admin-address", f"127.0.0.1:{admin}"],
+        capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert out.returncode == 0, out.stderr
+    envoy = start_envoy(out.stdout, work, "server-0", log_level="info")
+    wait_http(f"http://127.0.0.1:{admin}/ready", proc=envoy, timeout=60)
+    return envoy

@@ -7,7 +7,6 @@ and the headers the provider lets through, and answers 200 (allow) or 403 (deny)
 from __future__ import annotations
 
 import subprocess
-import sys
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -18,8 +17,8 @@ import httpx
 import pytest
 import yaml
 
-from controlplane.localrun import free_port, start_envoy, stop, wait_http
-from tests.e2e.conftest import ROOT, eventually
+from controlplane.localrun import free_port, stop
+from tests.e2e.conftest import eventually, start_server_sidecar
 
 pytestmark = pytest.mark.e2e
 NS = "xa"
@@ -119,25 +118,8 @@ class Env:
     def start(self) -> None:
         (self.config / "mesh.yaml").write_text(mesh_yaml(self.port, self.authz_port))
         self.mesh_config.write_text(mesh_config(self.authz_port))
-        self.procs.append(subprocess.Popen(
-            [sys.executable, str(ROOT / "samples" / "backend.py"), f"server-app={SERVER_APP}:{self.port}"],
-            stdout=subprocess.PIPE, start_new_session=True))
-        assert self.procs[-1].stdout is not None and self.procs[-1].stdout.readline().strip() == b"ready"
-        log = open(self.work / "meshline.log", "wb")
-        self.procs.append(subprocess.Popen(
-            [sys.executable, "-m", "controlplane.cli", "serve", "--config-dir", str(self.config), "--no-ca",
-             "--mesh-config", str(self.mesh_config), "--xds-address", f"127.0.0.1:{self.xds}",
-             "--status-address", f"127.0.0.1:{self.status}"],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT))
-        wait_http(f"http://127.0.0.1:{self.status}/readyz", proc=self.procs[-1], timeout=60)
-        out = subprocess.run(
-            [sys.executable, "-m", "controlplane.cli", "bootstrap", "--node-id", f"server-0.{NS}", "--namespace", NS,
-             "--workload", "server-0", "--capture", "bind", "--outbound-address", SERVER_OUT,
-             "--xds-address", f"127.0.0.1:{self.xds}", "--admin-address", f"127.0.0.1:{self.admin}"],
-            capture_output=True, text=True, cwd=ROOT, timeout=60)
-        assert out.returncode == 0, out.stderr
-        self.envoy = start_envoy(out.stdout, self.work, "server-0", log_level="info")
-        wait_http(f"http://127.0.0.1:{self.admin}/ready", proc=self.envoy, timeout=60)
+        self.envoy = start_server_sidecar(self.work, self.procs, ns=NS, app=SERVER_APP, port=self.port,
+                                          outbound=SERVER_OUT, xds=self.xds, status=self.status, admin=self.admin)
         eventually(lambda: self.get("/public").status_code == 200, timeout=60)
 
     def get(self, path: str, **headers: str) -> httpx.Response:

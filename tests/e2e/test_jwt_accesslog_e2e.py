@@ -13,7 +13,6 @@ from __future__ import annotations
 import base64
 import json
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -28,8 +27,8 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
-from controlplane.localrun import free_port, start_envoy, stop, wait_http
-from tests.e2e.conftest import ROOT, eventually
+from controlplane.localrun import free_port, stop
+from tests.e2e.conftest import eventually, start_server_sidecar
 
 pytestmark = pytest.mark.e2e
 NS = "jw"
@@ -167,25 +166,8 @@ class Env:
             "path": str(self.access_log),
             "logFormat": {"labels": {"method": "%REQ(:METHOD)%", "path": "%REQ(X-ENVOY-ORIGINAL-PATH?:PATH)%",
                                      "code": "%RESPONSE_CODE%", "details": "%RESPONSE_CODE_DETAILS%"}}}}]}))
-        self.procs.append(subprocess.Popen(
-            [sys.executable, str(ROOT / "samples" / "backend.py"), f"server-app={SERVER_APP}:{self.port}"],
-            stdout=subprocess.PIPE, start_new_session=True))
-        assert self.procs[-1].stdout is not None and self.procs[-1].stdout.readline().strip() == b"ready"
-        log = open(self.work / "meshline.log", "wb")
-        self.procs.append(subprocess.Popen(
-            [sys.executable, "-m", "controlplane.cli", "serve", "--config-dir", str(self.config), "--no-ca",
-             "--mesh-config", str(self.mesh_config), "--xds-address", f"127.0.0.1:{self.xds}",
-             "--status-address", f"127.0.0.1:{self.status}"],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT))
-        wait_http(f"http://127.0.0.1:{self.status}/readyz", proc=self.procs[-1], timeout=60)
-        out = subprocess.run(
-            [sys.executable, "-m", "controlplane.cli", "bootstrap", "--node-id", f"server-0.{NS}", "--namespace", NS,
-             "--workload", "server-0", "--capture", "bind", "--outbound-address", SERVER_OUT,
-             "--xds-address", f"127.0.0.1:{self.xds}", "--admin-address", f"127.0.0.1:{self.admin}"],
-            capture_output=True, text=True, cwd=ROOT, timeout=60)
-        assert out.returncode == 0, out.stderr
-        self.envoy = start_envoy(out.stdout, self.work, "server-0", log_level="info")
-        wait_http(f"http://127.0.0.1:{self.admin}/ready", proc=self.envoy, timeout=60)
+        self.envoy = start_server_sidecar(self.work, self.procs, ns=NS, app=SERVER_APP, port=self.port,
+                                          outbound=SERVER_OUT, xds=self.xds, status=self.status, admin=self.admin)
         eventually(lambda: self.get("/public").status_code == 200, timeout=60)
 
     def get(self, path: str, token: str | None = None, **headers: str) -> httpx.Response:
