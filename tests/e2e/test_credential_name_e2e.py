@@ -21,13 +21,10 @@ import asyncio
 import base64
 import json
 import re
-import ssl
 import subprocess
 import sys
 import tempfile
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +37,7 @@ from controlplane.localrun import free_port, start_envoy, stop, wait_http
 from controlplane.translate.plan import SECRET
 from controlplane.translate.secrets import TRUSTS_NOTHING_CA
 from tests.e2e.conftest import ROOT, eventually
-from tests.e2e.test_locality_mutual_e2e import Pki
+from tests.e2e.test_locality_mutual_e2e import Pki, TlsServer
 from tests.identityharness import auth, token_for
 from tests.xdsharness import AdsClient
 
@@ -53,57 +50,6 @@ CLUSTER = f"outbound|{PORT}||{HOST}"
 SIDECARS = {"cart-delta": (NS, "delta", "127.0.0.182"), "cart-sotw": (NS, "sotw", "127.0.0.183"),
             "stranger": (OTHER, "delta", "127.0.0.184")}
 CRED, CACERT = "kubernetes://client-cred", "kubernetes://client-cred-cacert"
-
-
-class TlsServer:
-    """HTTPS on TLS_IP:PORT requiring a client certificate of the test CA, one request per
-    connection (so each request shows the certificate Envoy holds now). Counts requests
-    served and handshakes refused, with the reason of each refusal (plaintext HTTP shows as
-    SSL's HTTP_REQUEST)."""
-
-    def __init__(self, pki: Pki) -> None:
-        self.served = 0
-        self.refusals: list[str] = []
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        ctx.verify_mode = ssl.CERT_REQUIRED
-        ctx.load_verify_locations(str(pki.files["ca.pem"]))
-        ctx.load_cert_chain(str(pki.files["server.pem"]), str(pki.files["server-key.pem"]))
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, format: str, *args: object) -> None:
-                return
-
-            def do_GET(self) -> None:
-                peer = self.connection.getpeercert()  # type: ignore[attr-defined]
-                cn = dict(x[0] for x in peer["subject"])["commonName"] if peer else ""
-                outer.served += 1
-                body = f"secure-ok client={cn}\n".encode()
-                self.send_response(200)
-                self.send_header("content-length", str(len(body)))
-                self.send_header("connection", "close")  # every request a new handshake
-                self.end_headers()
-                self.wfile.write(body)
-                self.close_connection = True
-
-        class Server(ThreadingHTTPServer):
-            def get_request(self) -> tuple[Any, Any]:
-                sock, addr = self.socket.accept()
-                try:
-                    return ctx.wrap_socket(sock, server_side=True), addr
-                except (ssl.SSLError, OSError) as exc:
-                    outer.refusals.append(getattr(exc, "reason", None) or type(exc).__name__)
-                    sock.close()
-                    raise
-
-        self.httpd = Server((TLS_IP, PORT), Handler)
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
 
 
 def mesh_yaml() -> str:
@@ -218,7 +164,7 @@ def pki() -> Iterator[Pki]:
 
 @pytest.fixture(scope="module")
 def server(pki: Pki) -> Iterator[TlsServer]:
-    s = TlsServer(pki)
+    s = TlsServer(pki, TLS_IP, PORT, one_request_per_connection=True)
     try:
         yield s
     finally:

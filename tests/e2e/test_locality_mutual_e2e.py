@@ -94,12 +94,16 @@ class Pki:
 
 
 class TlsServer:
-    """HTTPS on TLS_IP:TLS_PORT that requires a client certificate of `ca_file`; counts the
-    requests served and the handshakes it refused."""
+    """HTTPS on ip:port (default TLS_IP:TLS_PORT) that requires a client certificate of the
+    test CA; counts the requests served and keeps the reason of each handshake it refused
+    (plaintext HTTP shows as SSL's HTTP_REQUEST). With `one_request_per_connection` every
+    request takes a new handshake (so each shows the certificate the client holds now).
+    Also used by tests/e2e/test_credential_name_e2e.py."""
 
-    def __init__(self, pki: Pki) -> None:
+    def __init__(self, pki: Pki, ip: str = TLS_IP, port: int = TLS_PORT,
+                 one_request_per_connection: bool = False) -> None:
         self.served = 0
-        self.refused = 0
+        self.refusals: list[str] = []
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         ctx.verify_mode = ssl.CERT_REQUIRED
         ctx.load_verify_locations(str(pki.files["ca.pem"]))
@@ -119,21 +123,29 @@ class TlsServer:
                 body = f"secure-ok client={cn}\n".encode()
                 self.send_response(200)
                 self.send_header("content-length", str(len(body)))
+                if one_request_per_connection:
+                    self.send_header("connection", "close")
                 self.end_headers()
                 self.wfile.write(body)
+                if one_request_per_connection:
+                    self.close_connection = True
 
         class Server(ThreadingHTTPServer):
             def get_request(self) -> tuple[Any, Any]:
                 sock, addr = self.socket.accept()
                 try:
                     return ctx.wrap_socket(sock, server_side=True), addr
-                except (ssl.SSLError, OSError):
-                    outer.refused += 1
+                except (ssl.SSLError, OSError) as exc:
+                    outer.refusals.append(getattr(exc, "reason", None) or type(exc).__name__)
                     sock.close()
                     raise
 
-        self.httpd = Server((TLS_IP, TLS_PORT), Handler)
+        self.httpd = Server((ip, port), Handler)
         threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    @property
+    def refused(self) -> int:
+        return len(self.refusals)
 
     def close(self) -> None:
         self.httpd.shutdown()
