@@ -183,3 +183,30 @@ def start_server_sidecar(work: Path, procs: list[subprocess.Popen[bytes]], *, ns
     envoy = start_envoy(out.stdout, work, "server-0", log_level="info")
     wait_http(f"http://127.0.0.1:{admin}/ready", proc=envoy, timeout=60)
     return envoy
+
+
+def start_client_sidecar(work: Path, procs: list[subprocess.Popen[bytes]], *, node_id: str, outbound: str, xds: int,
+                         status: int, admin: int, labels: str | None = None) -> None:
+    """`meshline serve` of work/config (default CA) and the bind-capture Envoy of workload
+    `client` in `shop` (node node_id, outbound listeners on outbound, optional --labels), once
+    its admin says ready. Both are appended to procs (the caller stops them)."""
+    log = open(work / "meshline.log", "wb")
+    procs.append(subprocess.Popen(
+        [sys.executable, "-m", "controlplane.cli", "serve", "--config-dir", str(work / "config"),
+         "--xds-address", f"127.0.0.1:{xds}", "--status-address", f"127.0.0.1:{status}"],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT))
+    wait_http(f"http://127.0.0.1:{status}/readyz", proc=procs[-1])
+    boot = subprocess.run(
+        [sys.executable, "-m", "controlplane.cli", "bootstrap", "--node-id", node_id, "--namespace", "shop",
+         "--workload", "client", *(["--labels", labels] if labels is not None else []), "--capture", "bind",
+         "--outbound-address", outbound, "--xds-address", f"127.0.0.1:{xds}", "--admin-address", f"127.0.0.1:{admin}"],
+        check=True, capture_output=True, text=True, cwd=ROOT).stdout
+    procs.append(start_envoy(boot, work, "envoy", log_level="info"))
+    wait_http(f"http://127.0.0.1:{admin}/ready", proc=procs[-1])
+
+
+def write_config(config: Path, name: str, text: str) -> None:
+    """Replaces config/name at once (a file watcher never reads it half written)."""
+    tmp = config / f".{name}.tmp"
+    tmp.write_text(text)
+    tmp.rename(config / name)

@@ -15,8 +15,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from controlplane.localrun import free_port, start_envoy, stop, wait_http, wait_port
-from tests.e2e.conftest import eventually
+from controlplane.localrun import free_port, stop, wait_port
+from tests.e2e.conftest import eventually, start_client_sidecar, write_config
 
 pytestmark = pytest.mark.e2e
 
@@ -92,20 +92,8 @@ spec:
         self.procs.append(subprocess.Popen([sys.executable, str(ROOT / "samples" / "backend.py"), *backends],
                                            stdout=subprocess.PIPE, start_new_session=True))
         assert self.procs[-1].stdout is not None and self.procs[-1].stdout.readline().strip() == b"ready"
-        log = open(self.work / "meshline.log", "wb")
-        self.procs.append(subprocess.Popen(
-            [sys.executable, "-m", "controlplane.cli", "serve", "--config-dir", str(self.config),
-             "--xds-address", f"127.0.0.1:{self.xds_port}", "--status-address", f"127.0.0.1:{self.status_port}"],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT))
-        wait_http(f"http://127.0.0.1:{self.status_port}/readyz", proc=self.procs[-1])
-        boot = subprocess.run(
-            [sys.executable, "-m", "controlplane.cli", "bootstrap", "--node-id", "se-client", "--namespace", "shop",
-             "--workload", "client", "--labels", "app=client", "--capture", "bind",
-             "--outbound-address", OUTBOUND, "--xds-address", f"127.0.0.1:{self.xds_port}",
-             "--admin-address", f"127.0.0.1:{self.admin_port}"],
-            check=True, capture_output=True, text=True, cwd=ROOT).stdout
-        self.procs.append(start_envoy(boot, self.work, "envoy", log_level="info"))
-        wait_http(f"http://127.0.0.1:{self.admin_port}/ready", proc=self.procs[-1])
+        start_client_sidecar(self.work, self.procs, node_id="se-client", outbound=OUTBOUND, xds=self.xds_port,
+                             status=self.status_port, admin=self.admin_port, labels="app=client")
         wait_port(OUTBOUND, self.se_port)
         wait_port(OUTBOUND, self.dns_port)
 
@@ -121,9 +109,7 @@ spec:
         return int(self.client.get(f"http://{address}:{port}/__requests").json()["count"])
 
     def write(self, name: str, text: str) -> None:
-        tmp = self.config / f".{name}.tmp"
-        tmp.write_text(text)
-        tmp.rename(self.config / name)
+        write_config(self.config, name, text)
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,6 @@ import http.server
 import json
 import ssl
 import subprocess
-import sys
 import tempfile
 import threading
 from collections.abc import Iterator
@@ -25,8 +24,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from controlplane.localrun import free_port, start_envoy, stop, wait_http, wait_port
-from tests.e2e.conftest import eventually
+from controlplane.localrun import free_port, stop, wait_port
+from tests.e2e.conftest import eventually, start_client_sidecar, write_config
 
 pytestmark = pytest.mark.e2e
 
@@ -132,19 +131,8 @@ spec:
         (self.config / "00-ns.yaml").write_text("apiVersion: v1\nkind: Namespace\nmetadata: {name: shop}\n")
         (self.config / "10-entry.yaml").write_text(self.entry())
         (self.config / "20-rule.yaml").write_text(self.rule(self.ca_file))
-        log = open(self.work / "meshline.log", "wb")
-        self.procs.append(subprocess.Popen(
-            [sys.executable, "-m", "controlplane.cli", "serve", "--config-dir", str(self.config),
-             "--xds-address", f"127.0.0.1:{self.xds_port}", "--status-address", f"127.0.0.1:{self.status_port}"],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT))
-        wait_http(f"http://127.0.0.1:{self.status_port}/readyz", proc=self.procs[-1])
-        boot = subprocess.run(
-            [sys.executable, "-m", "controlplane.cli", "bootstrap", "--node-id", "tls-client", "--namespace", "shop",
-             "--workload", "client", "--capture", "bind", "--outbound-address", OUTBOUND,
-             "--xds-address", f"127.0.0.1:{self.xds_port}", "--admin-address", f"127.0.0.1:{self.admin_port}"],
-            check=True, capture_output=True, text=True, cwd=ROOT).stdout
-        self.procs.append(start_envoy(boot, self.work, "envoy", log_level="info"))
-        wait_http(f"http://127.0.0.1:{self.admin_port}/ready", proc=self.procs[-1])
+        start_client_sidecar(self.work, self.procs, node_id="tls-client", outbound=OUTBOUND, xds=self.xds_port,
+                             status=self.status_port, admin=self.admin_port)
         wait_port(OUTBOUND, self.se_port)
 
     def close(self) -> None:
@@ -159,9 +147,7 @@ spec:
         return self.client.get(f"http://{OUTBOUND}:{self.se_port}/", headers={"host": HOST})
 
     def write(self, name: str, text: str) -> None:
-        tmp = self.config / f".{name}.tmp"
-        tmp.write_text(text)
-        tmp.rename(self.config / name)
+        write_config(self.config, name, text)
 
 
 @pytest.fixture(scope="module")
