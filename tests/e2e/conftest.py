@@ -9,7 +9,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import httpx
 import pytest
@@ -210,3 +210,22 @@ def write_config(config: Path, name: str, text: str) -> None:
     tmp = config / f".{name}.tmp"
     tmp.write_text(text)
     tmp.rename(config / name)
+
+
+class _Startable(Protocol):
+    def start(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+StartableT = TypeVar("StartableT", bound=_Startable)
+
+
+def started(env: StartableT) -> Iterator[StartableT]:
+    """For a fixture: `yield from started(Env(...))` starts env, yields it and closes it
+    afterwards, also when starting fails half way."""
+    try:
+        env.start()
+        yield env
+    finally:
+        env.close()

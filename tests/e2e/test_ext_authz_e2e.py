@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from controlplane.localrun import free_port, stop
-from tests.e2e.conftest import eventually, start_server_sidecar
+from tests.e2e.conftest import eventually, start_server_sidecar, started
 
 pytestmark = pytest.mark.e2e
 NS = "xa"
@@ -136,12 +136,7 @@ class Env:
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
-    e = Env(tmp_path_factory.mktemp("extauthz"))
-    try:
-        e.start()
-        yield e
-    finally:
-        e.close()
+    yield from started(Env(tmp_path_factory.mktemp("extauthz")))
 
 
 def test_matching_requests_ask_the_authorizer(env: Env) -> None:

@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
 from controlplane.localrun import free_port, stop
-from tests.e2e.conftest import eventually, start_server_sidecar
+from tests.e2e.conftest import eventually, start_server_sidecar, started
 
 pytestmark = pytest.mark.e2e
 NS = "jw"
@@ -194,12 +194,7 @@ class Env:
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
-    e = Env(tmp_path_factory.mktemp("jwt"))
-    try:
-        e.start()
-        yield e
-    finally:
-        e.close()
+    yield from started(Env(tmp_path_factory.mktemp("jwt")))
 
 
 def test_a_valid_token_is_accepted_and_its_claims_reach_the_app(env: Env) -> None:

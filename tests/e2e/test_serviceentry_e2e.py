@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from controlplane.localrun import free_port, stop, wait_port
-from tests.e2e.conftest import eventually, start_client_sidecar, write_config
+from tests.e2e.conftest import eventually, start_client_sidecar, started, write_config
 
 pytestmark = pytest.mark.e2e
 
@@ -115,12 +115,7 @@ spec:
 @pytest.fixture(scope="module")
 def env() -> Iterator[Env]:
     with tempfile.TemporaryDirectory(prefix="meshline-se-") as d:
-        e = Env(Path(d))
-        try:
-            e.start()
-            yield e
-        finally:
-            e.close()
+        yield from started(Env(Path(d)))
 
 
 def test_static_external_host_routed_to_its_subset(env: Env) -> None:

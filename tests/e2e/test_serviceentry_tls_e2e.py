@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from controlplane.localrun import free_port, stop, wait_port
-from tests.e2e.conftest import eventually, start_client_sidecar, write_config
+from tests.e2e.conftest import eventually, start_client_sidecar, started, write_config
 
 pytestmark = pytest.mark.e2e
 
@@ -153,12 +153,7 @@ spec:
 @pytest.fixture(scope="module")
 def env() -> Iterator[Env]:
     with tempfile.TemporaryDirectory(prefix="meshline-se-tls-") as d:
-        e = Env(Path(d))
-        try:
-            e.start()
-            yield e
-        finally:
-            e.close()
+        yield from started(Env(Path(d)))
 
 
 def test_the_sidecar_originates_tls_to_the_external_host(env: Env) -> None:
