@@ -338,3 +338,37 @@ def httpbin(versions: Sequence[str] = ("v1",), ns: str = "default") -> tuple[lis
           for i, v in enumerate(versions)]
     wl.append(Workload("sleep", "sleep", "127.0.4.99", {}, ns, "sleep", serves=False))
     return [Service("httpbin", [("http", HTTPBIN_PORT)], ns)], wl
+
+
+@dataclass
+class EchoClients:
+    """`echo` (pods echo-v1 and echo-v2, HTTP on `port`) in `default`, and a `sleep` client
+    with its sidecar in each of the namespaces c1 and c2 (all three namespaces injected)."""
+
+    mesh: Mesh
+    c1: Sidecar
+    c2: Sidecar
+    port: int
+    n: int
+
+    def pods(self, sc: Sidecar) -> set[str]:
+        """The echo pods that answer n requests of this client ("HTTP <code>" for a failure)."""
+        def one() -> str:
+            r = self.mesh.http(sc, self.port, "echo.default.svc.cluster.local", "/")
+            return str(r.json()["backend"]) if r.status_code == 200 else f"HTTP {r.status_code}"
+        return set(sample(self.n, one))
+
+
+def start_echo_clients(mesh: Mesh, port: int, echo_ip: int, client_ip: int,
+                       sidecar_ips: tuple[str, str]) -> tuple[Mesh, Sidecar, Sidecar]:
+    """Starts `mesh` with EchoClients' workloads: the echo pods at 127.0.4.<echo_ip> and the
+    next address, the sleep clients of c1 and c2 at 127.0.4.<client_ip> and the next, their
+    sidecars at sidecar_ips. Returns the mesh and the c1 and c2 sidecars."""
+    services = [Service("echo", [("http", port)])]
+    wls = [Workload(f"echo-{v}", "echo", f"127.0.4.{echo_ip + i}", {"version": v}) for i, v in enumerate(("v1", "v2"))]
+    clients = [Workload(f"sleep-{ns}", "sleep", f"127.0.4.{client_ip + i}", {}, ns, "sleep", serves=False)
+               for i, ns in enumerate(("c1", "c2"))]
+    mesh.start({"00-mesh.yaml": mesh_yaml({"default": INJECTION, "c1": INJECTION, "c2": INJECTION}, services,
+                                          [*wls, *clients])}, backend_specs(services, wls))
+    c1, c2 = mesh.start_sidecars([(clients[0], sidecar_ips[0]), (clients[1], sidecar_ips[1])])
+    return mesh, c1, c2

@@ -10,23 +10,17 @@ client reaches one pod, with round robin both answer."""
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from tests.conformance.conftest import MeshFactory
 from tests.conformance.harness import (
-    INJECTION,
-    Mesh,
-    Service,
+    EchoClients,
     Sidecar,
-    Workload,
-    backend_specs,
     converge,
-    mesh_yaml,
     read,
-    sample,
+    start_echo_clients,
 )
 
 pytestmark = pytest.mark.e2e
@@ -35,33 +29,18 @@ PORT = 8000
 N = 20
 
 
-@dataclass
-class Env:
-    mesh: Mesh
-    c1: Sidecar
-    c2: Sidecar
-
+class Env(EchoClients):
     def pods_seen(self, sc: Sidecar) -> int:
         """How many echo pods answer N requests of this client."""
-        def one() -> str:
-            r = self.mesh.http(sc, PORT, "echo.default.svc.cluster.local", "/")
-            return str(r.json()["backend"]) if r.status_code == 200 else f"HTTP {r.status_code}"
-        seen = sample(N, one)
+        seen = self.pods(sc)
         assert all(k.startswith("echo-") for k in seen), seen
         return len(seen)
 
 
 @pytest.fixture(scope="module")
 def env(make_mesh: MeshFactory) -> Iterator[Env]:
-    services = [Service("echo", [("http", PORT)])]
-    wls = [Workload(f"echo-{v}", "echo", f"127.0.4.{191 + i}", {"version": v}) for i, v in enumerate(("v1", "v2"))]
-    clients = [Workload(f"sleep-{ns}", "sleep", f"127.0.4.{195 + i}", {}, ns, "sleep", serves=False)
-               for i, ns in enumerate(("c1", "c2"))]
-    mesh = make_mesh()
-    mesh.start({"00-mesh.yaml": mesh_yaml({"default": INJECTION, "c1": INJECTION, "c2": INJECTION}, services,
-                                          [*wls, *clients])}, backend_specs(services, wls))
-    c1, c2 = mesh.start_sidecars([(clients[0], "127.0.3.41"), (clients[1], "127.0.3.42")])
-    e = Env(mesh, c1, c2)
+    mesh, c1, c2 = start_echo_clients(make_mesh(), PORT, 191, 195, ("127.0.3.41", "127.0.3.42"))
+    e = Env(mesh, c1, c2, PORT, N)
     converge(lambda: e.pods_seen(c1) == 2 and e.pods_seen(c2) == 2)  # no rule yet: round robin
     yield e
 

@@ -11,23 +11,16 @@ applies to its namespace's clients and to no one else.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from tests.conformance.conftest import MeshFactory
 from tests.conformance.harness import (
-    INJECTION,
-    Mesh,
-    Service,
-    Sidecar,
-    Workload,
-    backend_specs,
+    EchoClients,
     converge,
-    mesh_yaml,
     read,
-    sample,
+    start_echo_clients,
 )
 
 pytestmark = pytest.mark.e2e
@@ -36,31 +29,13 @@ PORT = 8000
 N = 20
 
 
-@dataclass
-class Env:
-    mesh: Mesh
-    c1: Sidecar
-    c2: Sidecar
-
-    def pods(self, sc: Sidecar) -> set[str]:
-        """The echo pods that answer N requests of this client."""
-        def one() -> str:
-            r = self.mesh.http(sc, PORT, "echo.default.svc.cluster.local", "/")
-            return str(r.json()["backend"]) if r.status_code == 200 else f"HTTP {r.status_code}"
-        return set(sample(N, one))
+Env = EchoClients  # .pods(client): the echo pods that answer N requests of this client
 
 
 @pytest.fixture(scope="module")
 def env(make_mesh: MeshFactory) -> Iterator[Env]:
-    services = [Service("echo", [("http", PORT)])]
-    wls = [Workload(f"echo-{v}", "echo", f"127.0.4.{241 + i}", {"version": v}) for i, v in enumerate(("v1", "v2"))]
-    clients = [Workload(f"sleep-{ns}", "sleep", f"127.0.4.{243 + i}", {}, ns, "sleep", serves=False)
-               for i, ns in enumerate(("c1", "c2"))]
-    mesh = make_mesh()
-    mesh.start({"00-mesh.yaml": mesh_yaml({"default": INJECTION, "c1": INJECTION, "c2": INJECTION}, services,
-                                          [*wls, *clients])}, backend_specs(services, wls))
-    c1, c2 = mesh.start_sidecars([(clients[0], "127.0.3.81"), (clients[1], "127.0.3.82")])
-    e = Env(mesh, c1, c2)
+    mesh, c1, c2 = start_echo_clients(make_mesh(), PORT, 241, 243, ("127.0.3.81", "127.0.3.82"))
+    e = Env(mesh, c1, c2, PORT, N)
     both = {"echo-v1", "echo-v2"}
     converge(lambda: e.pods(c1) == both and e.pods(c2) == both)  # no route yet: round robin
     yield e
