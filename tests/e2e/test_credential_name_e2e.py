@@ -36,7 +36,7 @@ from envoy.extensions.transport_sockets.tls.v3 import secret_pb2
 from controlplane.localrun import free_port, start_envoy, stop, wait_http
 from controlplane.translate.plan import SECRET
 from controlplane.translate.secrets import TRUSTS_NOTHING_CA
-from tests.e2e.conftest import ROOT, eventually
+from tests.e2e.conftest import ROOT, eventually, started
 from tests.e2e.test_locality_mutual_e2e import Pki, TlsServer
 from tests.identityharness import auth, token_for
 from tests.xdsharness import AdsClient
@@ -174,12 +174,7 @@ def server(pki: Pki) -> Iterator[TlsServer]:
 @pytest.fixture(scope="module")
 def env(pki: Pki, server: TlsServer) -> Iterator[Env]:
     with tempfile.TemporaryDirectory(prefix="meshline-cred-") as d:
-        e = Env(Path(d), pki)
-        try:
-            e.start()
-            yield e
-        finally:
-            e.close()
+        yield from started(Env(Path(d), pki))
 
 
 MINE = ("cart-delta", "cart-sotw")

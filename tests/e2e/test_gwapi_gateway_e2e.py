@@ -25,6 +25,7 @@ import pytest
 import yaml
 
 from controlplane.localrun import free_port, start_envoy, stop, wait_http
+from tests.e2e.conftest import started
 from tests.e2e.test_gateway_e2e import body_of, eventually, issue, make_ca, secret_yaml, status_of
 from tests.meshgen import Backend, service_yaml
 
@@ -124,12 +125,7 @@ spec:
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
-    e = Env(tmp_path_factory.mktemp("gwapi"))
-    try:
-        e.start()
-        yield e
-    finally:
-        e.close()
+    yield from started(Env(tmp_path_factory.mktemp("gwapi")))
 
 
 def test_https_listener_serves_the_certificate_ref_and_the_attached_route(env: Env) -> None:

@@ -24,7 +24,7 @@ import yaml
 
 import tests.e2e.test_jwt_accesslog_e2e as base
 from controlplane.localrun import free_port
-from tests.e2e.conftest import eventually
+from tests.e2e.conftest import eventually, started
 
 pytestmark = pytest.mark.e2e
 NS, ISSUER, ES_ISSUER = base.NS, base.ISSUER, base.ES_ISSUER
@@ -59,12 +59,9 @@ def mesh_yaml(port: int, jwks_port: int, keys: base.Keys) -> str:
 def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[base.Env]:
     mp = pytest.MonkeyPatch()
     mp.setattr(base, "mesh_yaml", mesh_yaml)
-    e = base.Env(tmp_path_factory.mktemp("jwt-attacks"))
     try:
-        e.start()
-        yield e
+        yield from started(base.Env(tmp_path_factory.mktemp("jwt-attacks")))
     finally:
-        e.close()
         mp.undo()
 
 
