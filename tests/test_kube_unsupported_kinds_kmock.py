@@ -9,14 +9,12 @@ import asyncio
 from collections.abc import Iterator
 from pathlib import Path
 
-import kmock
 import pytest
-from kubernetes import client as k8s
 
 from controlplane.sources.kube_informer import ISTIO_RESOURCES, Resource, discover, plan_resources
-from tests.kube import KubeEnv, kube_emulator
-from tests.kube.emulator import VERBS
-from tests.kube.objects import namespace
+from tests.kube import KubeEnv
+from tests.kube.emulator import create_custom as create
+from tests.kube.emulator import emulator_serving
 from tests.test_kubernetes_source_kmock import eventually, running, settled
 
 EXTRA = (
@@ -27,18 +25,8 @@ EXTRA = (
 
 @pytest.fixture
 def kube(tmp_path: Path) -> Iterator[KubeEnv]:
-    with kube_emulator(tmp_path) as env:
-        for r in EXTRA:
-            env.emulator.resources[f"{r.group}/{r.version}/{r.plural}"] = kmock.ResourceInfo(
-                kind=r.kind, namespaced=True, verbs=VERBS)
-        env.create(namespace("default"))
+    with emulator_serving(tmp_path, EXTRA) as env:
         yield env
-
-
-def create(env: KubeEnv, r: Resource, name: str) -> None:
-    body = {"apiVersion": f"{r.group}/{r.version}", "kind": r.kind,
-            "metadata": {"name": name, "namespace": "default"}, "spec": {}}
-    k8s.CustomObjectsApi(env.api).create_namespaced_custom_object(r.group, r.version, "default", r.plural, body)
 
 
 def test_discovery_finds_served_kinds_and_plans_them(kube: KubeEnv) -> None:

@@ -10,18 +10,15 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
-import kmock
 import pytest
-from kubernetes import client as k8s
 
 from controlplane.model.convert import REPORTED_API_GROUPS, convert, is_mesh_group
 from controlplane.model.raw import RawObject
 from controlplane.sources.kube_informer import MESH_GROUPS, Resource, discover, plan_resources
-from tests.kube import KubeEnv, kube_emulator
-from tests.kube.emulator import VERBS
-from tests.kube.objects import namespace
+from tests.kube import KubeEnv
+from tests.kube.emulator import create_custom as create
+from tests.kube.emulator import emulator_serving
 from tests.test_kubernetes_source_kmock import running, settled
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -90,18 +87,8 @@ SERVED = (
 
 @pytest.fixture
 def kube(tmp_path: Path) -> Iterator[KubeEnv]:
-    with kube_emulator(tmp_path) as env:
-        for r in SERVED:
-            env.emulator.resources[f"{r.group}/{r.version}/{r.plural}"] = kmock.ResourceInfo(
-                kind=r.kind, namespaced=True, verbs=VERBS)
-        env.create(namespace("default"))
+    with emulator_serving(tmp_path, SERVED) as env:
         yield env
-
-
-def create(env: KubeEnv, r: Resource, name: str) -> None:
-    body: dict[str, Any] = {"apiVersion": f"{r.group}/{r.version}", "kind": r.kind,
-                            "metadata": {"name": name, "namespace": "default"}, "spec": {}}
-    k8s.CustomObjectsApi(env.api).create_namespaced_custom_object(r.group, r.version, "default", r.plural, body)
 
 
 def test_kubernetes_mode_discovers_and_reports_x_k8s_kinds(kube: KubeEnv) -> None:

@@ -31,6 +31,7 @@ from kubernetes import client as k8s
 from controlplane.localrun import free_port
 from controlplane.sources.kube_informer import Resource, list_function, resources, to_raw
 from tests.kube.faults import FaultProxy
+from tests.kube.objects import namespace
 
 T = TypeVar("T")
 VERBS = {"get", "list", "watch", "create", "update", "patch", "delete"}
@@ -223,3 +224,22 @@ def kube_emulator(workdir: Path | None = None, *, online: bool = True) -> Iterat
         lt.close()
         if tmp is not None:
             tmp.cleanup()
+
+
+@contextlib.contextmanager
+def emulator_serving(workdir: Path, extra: tuple[Resource, ...]) -> Iterator[KubeEnv]:
+    """kube_emulator whose API also serves these namespaced kinds (as a cluster with their CRDs
+    installed would), with namespace `default` created."""
+    with kube_emulator(workdir) as env:
+        for r in extra:
+            env.emulator.resources[f"{r.group}/{r.version}/{r.plural}"] = kmock.ResourceInfo(
+                kind=r.kind, namespaced=True, verbs=VERBS)
+        env.create(namespace("default"))
+        yield env
+
+
+def create_custom(env: KubeEnv, r: Resource, name: str) -> None:
+    """An object of kind r named name in `default`, with an empty spec."""
+    body: dict[str, Any] = {"apiVersion": f"{r.group}/{r.version}", "kind": r.kind,
+                            "metadata": {"name": name, "namespace": "default"}, "spec": {}}
+    k8s.CustomObjectsApi(env.api).create_namespaced_custom_object(r.group, r.version, "default", r.plural, body)
