@@ -163,10 +163,7 @@ def start_server_sidecar(work: Path, procs: list[subprocess.Popen[bytes]], *, ns
     `meshline serve` of work/config with work/mesh-config.yaml (no CA), and the bind-capture
     Envoy of `server-0` in namespace ns, returned once its admin says ready. The backend and
     the control plane are appended to procs (the caller stops them)."""
-    procs.append(subprocess.Popen(
-        [sys.executable, str(ROOT / "samples" / "backend.py"), f"server-app={app}:{port}"],
-        stdout=subprocess.PIPE, start_new_session=True))
-    assert procs[-1].stdout is not None and procs[-1].stdout.readline().strip() == b"ready"
+    start_backends(procs, f"server-app={app}:{port}")
     log = open(work / "meshline.log", "wb")
     procs.append(subprocess.Popen(
         [sys.executable, "-m", "controlplane.cli", "serve", "--config-dir", str(work / "config"), "--no-ca",
@@ -229,3 +226,10 @@ def started(env: StartableT) -> Iterator[StartableT]:
         yield env
     finally:
         env.close()
+
+
+def start_backends(procs: list[subprocess.Popen[bytes]], *specs: str) -> None:
+    """samples/backend.py serving each NAME=IP:PORT of specs, appended to procs once it says ready."""
+    procs.append(subprocess.Popen([sys.executable, str(ROOT / "samples" / "backend.py"), *specs],
+                                  stdout=subprocess.PIPE, start_new_session=True))
+    assert procs[-1].stdout is not None and procs[-1].stdout.readline().strip() == b"ready"

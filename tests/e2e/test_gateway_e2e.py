@@ -34,6 +34,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from controlplane.localrun import free_port, start_envoy, stop, wait_http, wait_port
+from tests.e2e.conftest import start_backends
 from tests.meshgen import Backend, service_yaml
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -162,10 +163,7 @@ spec:
         (self.mesh / name).write_text(text)
 
     def start(self, backend: str = f"web={BACKEND}:{BACKEND_PORT}") -> None:
-        self.procs.append(subprocess.Popen(
-            [sys.executable, str(ROOT / "samples" / "backend.py"), backend],
-            stdout=subprocess.PIPE, start_new_session=True))
-        assert self.procs[-1].stdout is not None and self.procs[-1].stdout.readline().strip() == b"ready"
+        start_backends(self.procs, backend)
         self.procs.append(subprocess.Popen(
             [sys.executable, "-m", "controlplane.cli", "serve", "--config-dir", str(self.mesh),
              "--ca-dir", str(self.ca_dir), "--xds-address", f"127.0.0.1:{self.xds}",

@@ -25,7 +25,7 @@ import pytest
 import yaml
 
 from controlplane.localrun import free_port, start_envoy, stop, wait_http
-from tests.e2e.conftest import started
+from tests.e2e.conftest import start_backends, started
 from tests.e2e.test_gateway_e2e import body_of, eventually, issue, make_ca, secret_yaml, status_of
 from tests.meshgen import Backend, service_yaml
 
@@ -85,10 +85,7 @@ spec:
         (self.mesh / "mesh.yaml").write_text("---\n".join(docs))
 
     def start(self) -> None:
-        self.procs.append(subprocess.Popen(
-            [sys.executable, str(ROOT / "samples" / "backend.py"), *(f"{n}={ip}:{PORT}" for n, ip in BACKENDS.items())],
-            stdout=subprocess.PIPE, start_new_session=True))
-        assert self.procs[-1].stdout is not None and self.procs[-1].stdout.readline().strip() == b"ready"
+        start_backends(self.procs, *(f"{n}={ip}:{PORT}" for n, ip in BACKENDS.items()))
         self.procs.append(subprocess.Popen(
             [sys.executable, "-m", "controlplane.cli", "serve", "--config-dir", str(self.mesh),
              "--ca-dir", str(self.ca_dir), "--xds-address", f"127.0.0.1:{self.xds}",

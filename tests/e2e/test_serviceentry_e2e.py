@@ -6,7 +6,6 @@ are samples/backend.py on 127.0.6.x; every port is picked free at start."""
 from __future__ import annotations
 
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -16,7 +15,7 @@ import httpx
 import pytest
 
 from controlplane.localrun import free_port, stop, wait_port
-from tests.e2e.conftest import eventually, start_client_sidecar, started, write_config
+from tests.e2e.conftest import eventually, start_backends, start_client_sidecar, started, write_config
 
 pytestmark = pytest.mark.e2e
 
@@ -89,9 +88,7 @@ spec:
         for name, text in self.files().items():
             (self.config / name).write_text(text)
         backends = [f"ext-v1={V1}:{self.app_port}", f"ext-v2={V2}:{self.app_port}", f"local={LOCAL}:{self.local_port}"]
-        self.procs.append(subprocess.Popen([sys.executable, str(ROOT / "samples" / "backend.py"), *backends],
-                                           stdout=subprocess.PIPE, start_new_session=True))
-        assert self.procs[-1].stdout is not None and self.procs[-1].stdout.readline().strip() == b"ready"
+        start_backends(self.procs, *backends)
         start_client_sidecar(self.work, self.procs, node_id="se-client", outbound=OUTBOUND, xds=self.xds_port,
                              status=self.status_port, admin=self.admin_port, labels="app=client")
         wait_port(OUTBOUND, self.se_port)
