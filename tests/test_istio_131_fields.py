@@ -6,20 +6,19 @@ from __future__ import annotations
 
 from typing import Any
 
-import re2
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.listener.v3 import listener_pb2
 from envoy.config.rbac.v3 import rbac_pb2
 from envoy.config.route.v3 import route_pb2
 from envoy.extensions.transport_sockets.tls.v3 import common_pb2, secret_pb2, tls_pb2
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
-from envoy.type.matcher.v3 import string_pb2
 
 from controlplane.model.convert import convert
 from controlplane.model.ir import AuthorizationPolicy, Issue, RequestAuthentication
 from controlplane.model.raw import RawObject
 from controlplane.translate.jwt import _provider
 from controlplane.translate.rbac import rule_policy
+from tests.envoymatch import string_matches
 from tests.test_istio_fields import _JWKS, evaluate
 
 _API = {"AuthorizationPolicy": "security.istio.io/v1", "RequestAuthentication": "security.istio.io/v1",
@@ -44,18 +43,6 @@ def _warned(issues: list[Issue], field: str) -> list[str]:
 # --------------------------------------------------------------------------- trustDomains
 
 
-def _matches(m: string_pb2.StringMatcher, value: str) -> bool:
-    kind = m.WhichOneof("match_pattern")
-    if kind == "exact":
-        return value == m.exact
-    if kind == "prefix":
-        return value.startswith(m.prefix)
-    if kind == "suffix":
-        return value.endswith(m.suffix)
-    assert kind == "safe_regex", kind
-    return re2.fullmatch(m.safe_regex.regex, value) is not None
-
-
 def _admits(p: rbac_pb2.Principal, uri_san: str | None) -> bool:
     """Envoy's evaluation of the principal kinds trustDomains produces, for a peer whose
     certificate has `uri_san` (None: plaintext)."""
@@ -69,7 +56,7 @@ def _admits(p: rbac_pb2.Principal, uri_san: str | None) -> bool:
     if kind == "any":
         return True
     assert kind == "authenticated", kind
-    return uri_san is not None and _matches(p.authenticated.principal_name, uri_san)
+    return uri_san is not None and string_matches(p.authenticated.principal_name, uri_san)
 
 
 def _peer_check(source: dict[str, Any], trust_domain: str = "cluster.local") -> Any:

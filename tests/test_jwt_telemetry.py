@@ -7,13 +7,12 @@ access logs land in sidecar and waypoint configuration. Real Envoy: golden case
 from __future__ import annotations
 
 import json
-import re
 import textwrap
 from typing import Any
 
 import pytest
 from envoy.config.rbac.v3 import rbac_pb2
-from envoy.type.matcher.v3 import string_pb2, value_pb2
+from envoy.type.matcher.v3 import value_pb2
 from google.protobuf import json_format
 
 from controlplane.model.ir import Issue, ProxyMeta, RequestAuthentication, Telemetry, labels_of
@@ -27,6 +26,7 @@ from controlplane.translate.proxy import shared_key
 from controlplane.translate.rbac import string_matcher
 from controlplane.translate.sidecar import plan_inbound
 from tests.ambientfixtures import WAYPOINT_API, WAYPOINT_SERVICE
+from tests.envoymatch import string_matches
 from tests.test_convert import conv, only
 
 JWKS = json.dumps({"keys": [{"kty": "EC", "crv": "P-256", "x": "f83OJ3D2xF1Bg8vub9tLe1gHMzV76e8Tus9uPHvRVEU",
@@ -250,24 +250,11 @@ def _matches_value(m: value_pb2.ValueMatcher, value: Any) -> bool:
     if kind == "present_match":
         return value is not None and not isinstance(value, dict | list)
     if kind == "string_match":
-        return isinstance(value, str) and _matches_string(m.string_match, value)
+        return isinstance(value, str) and string_matches(m.string_match, value)
     if kind == "list_match":
         return isinstance(value, list) and any(_matches_value(m.list_match.one_of, v) for v in value)
     if kind == "or_match":
         return any(_matches_value(v, value) for v in m.or_match.value_matchers)
-    raise AssertionError(kind)
-
-
-def _matches_string(m: string_pb2.StringMatcher, value: str) -> bool:
-    kind = m.WhichOneof("match_pattern")
-    if kind == "exact":
-        return value == m.exact
-    if kind == "prefix":
-        return value.startswith(m.prefix)
-    if kind == "suffix":
-        return value.endswith(m.suffix)
-    if kind == "safe_regex":
-        return re.fullmatch(m.safe_regex.regex, value) is not None
     raise AssertionError(kind)
 
 
