@@ -76,5 +76,8 @@ def test_timeout_cuts_a_slow_call(env: tuple[Mesh, Sidecar]) -> None:
         r, took = elapsed(call)
         assert r.status_code == 504, r.text
         assert r.text == "upstream request timeout"
-        assert took >= 0.5
+        # Envoy arms the 0.5 s timer when it starts the upstream request, and its timers may
+        # fire up to a millisecond early (seen: 0.4998 s end to end); the 504 text above is the
+        # proof that the route timeout cut the call.
+        assert took >= 0.49
     assert not mesh.errors()
