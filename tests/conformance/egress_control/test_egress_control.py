@@ -57,5 +57,5 @@ def test_external_http_service_and_its_timeout(env: tuple[Mesh, Sidecar]) -> Non
     # Doc: "This time a 504 (Gateway Timeout) appears after 3 seconds."
     converge(lambda: call("/delay/5000").status_code == 504)
     r, took = elapsed(lambda: call("/delay/5000"))
-    assert r.status_code == 504 and took >= 3.0, took  # cut by the timeout: the backend would answer 200
+    assert r.status_code == 504 and took >= 2.99, took  # cut by the 3 s timeout (Envoy's timer may fire a millisecond early); the backend would answer 200
     assert not mesh.errors()
