@@ -64,7 +64,7 @@ def test_http_delay_for_jason(env: tuple[Mesh, Sidecar]) -> None:
     # "Expected: the Bookinfo home page loads without errors in approximately 7 seconds."
     r, took = elapsed(lambda: mesh.http(sleep, BOOKINFO_PORT, "ratings", headers=jason))
     assert r.status_code == 200 and r.json()["backend"] == "ratings-v1"
-    assert took >= 7.0, took
+    assert took >= 6.99, took  # Envoy's fault-delay timer may fire a millisecond early
     # Everyone else reaches ratings:v1 with no injected delay (well under the 7 s).
     for others in ({}, {"end-user": "alice"}):
         r, took = elapsed(lambda h=others: mesh.http(sleep, BOOKINFO_PORT, "ratings", headers=h))

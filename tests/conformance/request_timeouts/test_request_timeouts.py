@@ -65,7 +65,7 @@ def test_timeout_cuts_a_slow_call(env: tuple[Mesh, Sidecar]) -> None:
     r, took = elapsed(call)
     assert r.status_code == 200 and r.json() == {
         "backend": "reviews-v2", "upstream": "ratings", "upstream_status": 200}
-    assert took >= 2.0
+    assert took >= 1.99  # the 2 s fault delay; Envoy's timer may fire a millisecond early
 
     mesh.kubectl_apply(read(HERE, "reviews-v2-timeout.yaml"))
     # Doc: "Now add a half second request timeout for calls to the reviews service"; "it
