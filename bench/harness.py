@@ -283,6 +283,7 @@ class Case:
     (overriding `start_server`, `apply_change`, `metrics`)."""
 
     control_plane = "meshline"
+    client_script = BENCH / "simclients.py"  # (the simulated clients' program; a peer may wrap it)
 
     def __init__(self, args: argparse.Namespace, children: Children, services: int, clients: int,
                  mix: str = "mixed", workers: int = 1, changes: int | None = None) -> None:
@@ -427,7 +428,7 @@ class Case:
     # phases -------------------------------------------------------------------------
     async def initial_sync(self) -> None:
         assert self.server is not None
-        args = [sys.executable, str(BENCH / "simclients.py"), "--target", self.xds_address,
+        args = [sys.executable, str(self.client_script), "--target", self.xds_address,
                 "--clients", str(self.N), "--mix", self.mix]
         self.client = await self.children.start("simclients", args, self.tmp / "clients.log",
                                                 stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
@@ -450,11 +451,15 @@ class Case:
         self.res.sync_cpu = cpu1 - cpu0
         counts = [ev["counts"] for ev in feed.full.values()]
         self.res.counts = {k: min(c[k] for c in counts) for k in counts[0]}
-        odd = [ev for ev in feed.full.values() if ev["counts"]["clusters"] != self.S
-               or ev["counts"]["endpoints"] != self.S]
+        odd = [(ev, why) for ev in feed.full.values() if (why := self.unexpected_config(ev["counts"]))]
         if odd:
-            raise BenchError(f"{len(odd)} clients synced with an unexpected config, e.g. {odd[0]} "
-                             f"(expected {self.S} clusters and endpoints)")
+            raise BenchError(f"{len(odd)} clients synced with an unexpected config, e.g. {odd[0][0]} ({odd[0][1]})")
+
+    def unexpected_config(self, counts: dict[str, int]) -> str | None:
+        """Why a synced client's config (resource counts by kind) is not this mesh's; None if it is."""
+        if counts["clusters"] != self.S or counts["endpoints"] != self.S:
+            return f"expected {self.S} clusters and endpoints"
+        return None
 
     async def gc_settled(self, max_wait: float = 15.0) -> None:
         """Wait for the control plane's one-off GC settle pass after the initial sync's full
