@@ -12,7 +12,8 @@ Service, optional port):
   exists and has the port (`BackendNotFound`). Requests for an invalid backend get an
   error for that backend's share of the weight (a route whose every backend is invalid,
   or whose weights are all 0, answers 500, as the Gateway API requires; a share of a
-  split goes to a cluster that does not exist, which Envoy answers 503);
+  split goes to a cluster that does not exist, and the route answers those requests 500
+  too, while the valid backends keep their share);
 - the routes attached to one Service become ONE VirtualService value for its host (the
   IR the VirtualService path uses, so every routing rule is translated in one place),
   with one route per match, ordered by the Gateway API's precedence: Exact path,
@@ -69,7 +70,13 @@ RouteKey = tuple[str, str, str]
 """(kind, namespace, name) of a route: its store key."""
 INVALID_BACKEND_DOMAIN = "invalid-backend.meshline"
 """Hosts `<name>.<namespace>.invalid-backend.meshline` stand for invalid backends in a split:
-no cluster has them, so their share of requests fails."""
+no cluster has them, and the route answers their share of requests with 500
+(translate.routes sets the route's cluster-not-found code)."""
+
+
+def is_invalid_backend(host: str) -> bool:
+    """Whether `host` is the stand-in of an invalid backendRef (`INVALID_BACKEND_DOMAIN`)."""
+    return host.endswith("." + INVALID_BACKEND_DOMAIN)
 
 
 @dataclass(frozen=True, slots=True)
@@ -231,7 +238,7 @@ def _http_route(route: GatewayRoute, rule: RouteRule, j: int, port: int | None,
         return replace(base, direct_response=DirectResponse(500, f"{rule.fails}\n"))
     if rm.redirect is not None:
         return replace(base, redirect=rm.redirect)
-    valid = [d for d in dests if not d.destination.host.endswith(INVALID_BACKEND_DOMAIN)]
+    valid = [d for d in dests if not is_invalid_backend(d.destination.host)]
     if not valid or all(d.weight == 0 for d in dests):
         why = "every backendRef of this rule is invalid" if dests else "this rule has no backendRefs"
         if dests and valid:

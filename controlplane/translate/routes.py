@@ -22,6 +22,9 @@ Decisions worth knowing:
 - when no route of a VirtualService applies, the service gets the default route;
 - a DestinationRule's consistentHash becomes the route's hash policy when every weighted
   destination of the route agrees on it;
+- a destination standing for an invalid Gateway API backendRef (`model.gamma`) has no
+  cluster; its route answers 500 for the requests it gets (`cluster_not_found_response_code`,
+  as Istio does for Gateway API routes), not Envoy's default 503;
 - pseudo-headers and `host` are dropped from header operations (Envoy rejects them;
   validation already reports them, `rewrite.authority` is the way to change the host).
 """
@@ -43,6 +46,7 @@ from envoy.type.matcher.v3 import string_pb2
 from envoy.type.v3 import percent_pb2
 
 from controlplane.model.convert_http import DEFAULT_RETRY, DEFAULT_RETRY_ON
+from controlplane.model.gamma import is_invalid_backend
 from controlplane.model.ir import (
     ConsistentHash,
     CorsPolicy,
@@ -357,6 +361,10 @@ def _forward(r: rc.Route, hr: HTTPRoute, vh: VirtualHostInput) -> bool:
             cw = ra.weighted_clusters.clusters.add(name=targets[d.destination].cluster)
             cw.weight.value = d.weight
             _apply_headers(cw, d.headers)
+    if any(is_invalid_backend(d.destination.host) for d in dests):
+        # Gateway API: requests that would go to an invalid backendRef get 500 (its share of a
+        # split); its stand-in host has no cluster, and Envoy's default for that is 503.
+        ra.cluster_not_found_response_code = rc.RouteAction.INTERNAL_SERVER_ERROR
     if hr.rewrite is not None:
         if hr.rewrite.authority:
             ra.host_rewrite_literal = hr.rewrite.authority
