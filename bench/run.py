@@ -36,6 +36,16 @@ from suite import run_suite
 
 
 # --------------------------------------------------------------------------- main
+def _counts(text: str) -> list[int]:
+    try:
+        counts = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected proxy counts like 100,300, got {text!r}") from None
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive proxy counts like 100,300, got {text!r}")
+    return counts
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Meshline xDS scale benchmark")
     p.add_argument("--only", help="one size S,N (services,clients), e.g. 100,100")
@@ -56,6 +66,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--compare", default="go-control-plane",
                    help="with --suite full: the Go control planes to run on the same simulated proxies "
                         "(comma-separated: go-control-plane, istiod; none: skip the comparison)")
+    p.add_argument("--sweep", type=_counts, default=None,
+                   help="with --suite: the sweep's and the comparison's proxy counts, e.g. 100,300 "
+                        "(default: the suite's, 100,300,1000 for full and peers)")
     p.add_argument("--plot", type=Path, default=None, help="with --suite full: write the convergence plot here")
     p.add_argument("--results", type=Path, default=None, help="with --suite: write the results as JSON here")
     args = p.parse_args(argv)

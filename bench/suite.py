@@ -18,8 +18,11 @@ Full suite (about 6-8 minutes on 2 cores):
           Meshline run's initial sync timeline -> P9
   peers   (issue 20, `--compare`, default go-control-plane) the sweep's sizes again with a Go
           control plane on the same simulated proxies, delta (right after each sweep point)
-          and SotW (Meshline, then the peer, per N) -> G1-G3 and the comparison table/plot
+          and SotW (Meshline, then the peer, per N) -> G1-G3 and the comparison table/plot;
+          `--compare go-control-plane,istiod` adds istiod (bench/peers/istiod.py: a real API
+          server holding the mesh as objects) -> GI1-GI2
 `--suite peers`: the full sizes of the sweep, the floor and the peers only (P1 and G1-G3).
+`--sweep 100,300`: other proxy counts for the sweep and the comparison.
 Quick suite (under a minute): the same scenarios at reduced sizes (the table says which).
 """
 
@@ -39,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 import harness as R
-from peers import compare, gcp
+from peers import compare, gcp, istiod
 from peers import envoy as real_envoy
 
 
@@ -76,6 +79,8 @@ def _ratio(a: float, b: float) -> float:
 
 async def run_suite(args: argparse.Namespace, children: R.Children) -> int:
     plan = QUICK if args.suite == "quick" else FULL
+    if getattr(args, "sweep", None):
+        plan = dataclasses.replace(plan, sweep=tuple(args.sweep))
     t_start = time.monotonic()
     results: dict[str, R.Result] = {}
     envoy: dict[str, real_envoy.PeerResult] = {}
@@ -83,14 +88,16 @@ async def run_suite(args: argparse.Namespace, children: R.Children) -> int:
     floor: dict[str, Any] | None = None
 
     async def case(key: str, S: int, N: int, mix: str, workers: int = 1, changes: int | None = None,
-                   binary: Path | None = None) -> None:
+                   binary: Path | None = None, peer: str = gcp.NAME) -> None:
         K = plan.changes if changes is None else changes
-        cp = "meshline" if binary is None else gcp.NAME
+        cp = "meshline" if binary is None else peer
         print(f"running {key}: {cp}, S={S} x N={N} {mix} clients, workers={workers}, {K} changes...",
               file=sys.stderr, flush=True)
         try:
             if binary is None:
                 results[key] = await R.Case(args, children, S, N, mix=mix, workers=workers, changes=K).run()
+            elif peer == istiod.NAME:
+                results[key] = await istiod.IstiodCase(args, children, S, N, mix=mix, changes=K, binary=binary).run()
             else:
                 results[key] = await gcp.GcpCase(args, children, S, N, mix=mix, changes=K, binary=binary).run()
         except R.BenchError as exc:
@@ -99,23 +106,32 @@ async def run_suite(args: argparse.Namespace, children: R.Children) -> int:
 
     wanted = [p for p in getattr(args, "compare", gcp.NAME).split(",") if p and p != "none"]
     gcp_bin: Path | None = None
+    istiod_bin: Path | None = None
     for name in wanted:
-        if name == gcp.NAME:
-            try:
+        if name not in (gcp.NAME, istiod.NAME):
+            failures.append(f"{name} (skipped): unknown peer (known: {gcp.NAME}, {istiod.NAME})")
+            continue
+        try:  # (istiod: a cold build takes ~35 minutes on 2 cores, then it is cached)
+            if name == gcp.NAME:
                 gcp_bin = await gcp.build()
-            except R.BenchError as exc:  # the peer is skipped, the rest of the suite runs
-                failures.append(f"{name} (skipped): {exc}")
-                print(f"  {name} skipped: {exc}", file=sys.stderr, flush=True)
-        else:
-            failures.append(f"{name} (skipped): {ISTIOD_WHY if name == 'istiod' else 'unknown peer'}")
+            else:
+                istiod_bin = await istiod.build()
+        except R.BenchError as exc:  # the peer is skipped, the rest of the suite runs
+            failures.append(f"{name} (skipped): {exc}")
+            print(f"  {name} skipped: {exc}", file=sys.stderr, flush=True)
     try:
         for n in plan.sweep:
             await case(f"sweep{n}", plan.S, n, "delta")
             if gcp_bin is not None:
                 await case(f"gcp-delta{n}", plan.S, n, "delta", binary=gcp_bin)
-        for n in plan.sweep if gcp_bin is not None else ():
+            if istiod_bin is not None:
+                await case(f"istiod-delta{n}", plan.S, n, "delta", binary=istiod_bin, peer=istiod.NAME)
+        for n in plan.sweep if gcp_bin is not None or istiod_bin is not None else ():
             await case(f"sotw{n}", plan.S, n, "sotw")
-            await case(f"gcp-sotw{n}", plan.S, n, "sotw", binary=gcp_bin)
+            if gcp_bin is not None:
+                await case(f"gcp-sotw{n}", plan.S, n, "sotw", binary=gcp_bin)
+            if istiod_bin is not None:
+                await case(f"istiod-sotw{n}", plan.S, n, "sotw", binary=istiod_bin, peer=istiod.NAME)
         top = results.get(f"sweep{max(plan.sweep)}")
         if top is not None:
             floor = await run_floor(top, plan.changes)
@@ -135,20 +151,26 @@ async def run_suite(args: argparse.Namespace, children: R.Children) -> int:
                 print(f"  {name} + Envoy failed: {exc}", file=sys.stderr, flush=True)
     finally:
         await children.stop_all()
+        await istiod.shutdown()
 
     ordered = list(results.values())
     if ordered:
         print(R.report(ordered, plan.changes))
     goals = evaluate(plan, results, envoy, floor)
     peer_goals = [Goal(*g) for g in compare.goals(compared(results, plan.sweep), plan.sweep, gcp.NAME)]
+    istiod_goals = [Goal(*g) for g in istiod.goals(compared(results, plan.sweep), plan.sweep)]
     print(goal_table(goals, plan, args.suite, time.monotonic() - t_start))
     print(envoy_table(envoy))
     cmp = compared(results, plan.sweep)
-    peer_names = [gcp.NAME] if gcp_bin is not None else []
+    peer_names = [p for p, b in ((gcp.NAME, gcp_bin), (istiod.NAME, istiod_bin)) if b is not None]
     if peer_names:
         print(compare.table(cmp, plan.sweep, peer_names))
+    if gcp_bin is not None:
         print(goal_table(peer_goals, plan, args.suite, time.monotonic() - t_start,
                          head="Goals against go-control-plane (issue 20), same run"))
+    if istiod_bin is not None:
+        print(goal_table(istiod_goals, plan, args.suite, time.monotonic() - t_start,
+                         head="Goals against istiod (issue 20), same run"))
     if failures:
         print("\nScenarios that did not complete:\n  " + "\n  ".join(failures))
     sweep = [(n, results[f"sweep{n}"]) for n in plan.sweep if f"sweep{n}" in results]
@@ -156,10 +178,10 @@ async def run_suite(args: argparse.Namespace, children: R.Children) -> int:
         plot(sweep, plan.S, args.plot)
         print(f"\nconvergence plot written to {args.plot}")
     if args.plot is not None and len(sweep) > 1:
-        if gcp_bin is not None:
+        if peer_names:
             peers_png = args.plot.with_name("peers.png")
             try:
-                compare.plot(compared(results, plan.sweep), plan.sweep, [gcp.NAME], peers_png)
+                compare.plot(compared(results, plan.sweep), plan.sweep, peer_names, peers_png)
                 print(f"comparison plot written to {peers_png}")
             except ImportError as exc:  # (make bench installs matplotlib, the bench extra)
                 print(f"comparison plot not written: {exc}")
@@ -168,7 +190,7 @@ async def run_suite(args: argparse.Namespace, children: R.Children) -> int:
             "suite": args.suite, "plan": dataclasses.asdict(plan),
             "cases": {k: _jsonable(dataclasses.asdict(v)) for k, v in results.items()},
             "envoy": {k: _jsonable(dataclasses.asdict(v)) for k, v in envoy.items()}, "floor": floor,
-            "goals": [dataclasses.asdict(g) for g in goals + peer_goals], "failures": failures,
+            "goals": [dataclasses.asdict(g) for g in goals + peer_goals + istiod_goals], "failures": failures,
             "load": {"uptime": _uptime(), "cpus": os.cpu_count()}}, indent=1))
         print(f"results written to {args.results}")
     return 0
@@ -196,15 +218,13 @@ async def run_floor(ref: R.Result, rounds: int) -> dict[str, Any] | None:
     return d
 
 
-ISTIOD_WHY = "istiod is not built by this harness yet (see docs/benchmarks.md, 'istiod')"
-
-
 def compared(results: dict[str, R.Result], sweep: tuple[int, ...]) -> dict[str, R.Result]:
     """The comparison's cases, keyed for bench/peers/compare.py."""
     out: dict[str, R.Result] = {}
     for n in sweep:
         for k, cp, mix in ((f"sweep{n}", compare.MESHLINE, "delta"), (f"sotw{n}", compare.MESHLINE, "sotw"),
-                           (f"gcp-delta{n}", gcp.NAME, "delta"), (f"gcp-sotw{n}", gcp.NAME, "sotw")):
+                           (f"gcp-delta{n}", gcp.NAME, "delta"), (f"gcp-sotw{n}", gcp.NAME, "sotw"),
+                           (f"istiod-delta{n}", istiod.NAME, "delta"), (f"istiod-sotw{n}", istiod.NAME, "sotw")):
             if k in results:
                 out[compare.key(cp, mix, n)] = results[k]
     return out
