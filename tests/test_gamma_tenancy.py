@@ -21,7 +21,7 @@ spec:
   hosts: [reviews]
   http: [{route: [{destination: {host: reviews-v2}}]}]
 """
-CONSUMER = route("hijack", SPLIT.replace("9080}", "9080, namespace: default}"), namespace="other",
+CONSUMER = route("hijack", SPLIT.replace("port: 9080,", "namespace: default, port: 9080,"), namespace="other",
                  parents="[{group: '', kind: Service, name: reviews, namespace: default}]")
 GRANT = """apiVersion: gateway.networking.k8s.io/v1beta1
 kind: ReferenceGrant
@@ -47,15 +47,22 @@ def clusters_routed(mesh: object, namespace: str) -> set[str]:
     return out
 
 
-def test_a_consumer_route_does_not_take_the_host_from_a_virtual_service() -> None:
-    mesh, _ = build(VS, GRANT, CONSUMER)
-    # The Service's VirtualService still routes every namespace's clients (reviews-v2 only).
+def test_a_consumer_route_applies_to_its_namespace_only_and_the_virtual_service_to_the_others() -> None:
+    mesh, issues = build(VS, GRANT, CONSUMER)
+    # The Service's VirtualService still routes every other namespace's clients (reviews-v2 only).
     assert mesh.vs_by_host[HOST].ref.kind == "VirtualService"  # type: ignore[index]
     assert clusters_routed(mesh, "default") == {"outbound|9080||reviews-v2.default.svc.cluster.local"}
     assert clusters_routed(mesh, "third") == {"outbound|9080||reviews-v2.default.svc.cluster.local"}
-    status, reason = conditions(mesh, "hijack", namespace="other")["Accepted"]
-    assert (status, reason) == ("False", "UnsupportedValue")
+    # The consumer route is `other`'s own: its clients get the split (GEP-1426; Istio ranks a
+    # namespace's own routing first), and the VirtualService is warned for that namespace.
+    assert clusters_routed(mesh, "other") == {"outbound|9080||reviews-v1.default.svc.cluster.local",
+                                              "outbound|9080||reviews-v2.default.svc.cluster.local"}
+    assert conditions(mesh, "hijack", namespace="other")["Accepted"] == ("True", "Accepted")
+    (warned,) = [i for i in issues if i.ref.kind == "VirtualService"]
+    assert warned.field == "spec.hosts[0]" and "HTTPRoute other/hijack for clients in namespace other" in warned.message
+    assert "every" not in warned.message
     # Without the VirtualService the consumer route applies, to its own namespace only.
     mesh, _ = build(GRANT, CONSUMER)
     assert mesh.vs_by_host[HOST].export_to == ("other",)  # type: ignore[index]
+    assert clusters_routed(mesh, "third") == {"outbound|9080||reviews.default.svc.cluster.local"}
     assert conditions(mesh, "hijack", namespace="other")["Accepted"] == ("True", "Accepted")

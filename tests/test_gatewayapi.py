@@ -287,7 +287,7 @@ def test_analyze_reports_route_status_problems(tmp_path: Any) -> None:
     assert any("HTTPRoute/default/r" in line and "BackendNotFound" in line for line in lines), lines
 
 
-def test_consumer_routes_yield_to_producer_routes() -> None:
+def test_consumer_routes_apply_to_their_namespace_and_producer_routes_to_the_others() -> None:
     consumer = route("mine", SPLIT, namespace="other",
                      parents="[{group: '', kind: Service, name: reviews, namespace: default}]")
     mesh, _ = build(consumer)
@@ -295,7 +295,10 @@ def test_consumer_routes_yield_to_producer_routes() -> None:
     assert conditions(mesh, "mine", namespace="other")["Accepted"] == ("True", "Accepted")
     mesh, _ = build(consumer, route("producer", SPLIT))
     assert mesh.vs_by_host[HOST].name == "producer" and mesh.vs_by_host[HOST].export_to == ()
-    assert conditions(mesh, "mine", namespace="other")["Accepted"] == ("False", "UnsupportedValue")
+    # GEP-1426: both apply, each to its clients (issue 18, h23)
+    assert conditions(mesh, "mine", namespace="other")["Accepted"] == ("True", "Accepted")
+    assert mesh.virtual_service(HOST, "other").name == "mine"  # type: ignore[union-attr]
+    assert mesh.virtual_service(HOST, "third").name == "producer"  # type: ignore[union-attr]
 
 
 def test_tcp_route_splits_tcp_traffic_and_needs_a_tcp_port() -> None:

@@ -22,13 +22,21 @@ Service, optional port):
   matches, then
   the oldest route, then namespace/name, then rule and match order;
 - routes in the Service's own namespace (producer routes) apply to every client; routes
-  in another namespace (consumer routes) only to clients in theirs. Meshline keeps one
-  route table per Service: when producer routes exist, consumer routes are not applied
-  (`Accepted=False/UnsupportedValue`), and without producer routes only the consumer
-  routes of one namespace (the first by name) are, and none where a VirtualService routes
-  the host (a consumer route must not take the host from other namespaces' clients);
-- where a VirtualService also names the Service's host, the Gateway API (producer) routes
-  win and the VirtualService gets a warning naming them (`gamma_issues`).
+  in another namespace (consumer routes) only to clients in theirs (GEP-1426). Each
+  namespace with routes for a Service gets its own table: the producer routes become one
+  VirtualService value exported everywhere, each namespace's consumer routes one exported
+  to that namespace only, so clients there get their consumer routes and every other
+  namespace the producer routes (or the plain Service). Sidecars of one namespace share one
+  route configuration; namespaces whose tables are equal share its bytes (the cache);
+- a VirtualService for the same host: both are VirtualService values for the host, and a
+  client takes the one Istio's lookup gives it (`Mesh.virtual_service`: its namespace's
+  own non-public ones, then those exported to it by name, then public ones; Istio
+  compiles Gateway API routes into VirtualServices and selects among them the same way).
+  A consumer route is its namespace's own, so it wins there over any VirtualService that
+  namespace does not own privately; within one visibility class the route comes before
+  the VirtualService (Istio goes by age there, Meshline has no age for VirtualServices).
+  Where a route takes the host from a VirtualService, the VirtualService gets a warning
+  naming the route and the namespaces (`gamma_issues`).
 
 A parentRef of any other kind gets no status from Meshline (it is not Meshline's parent),
 except a `Gateway` of class `meshline` (see `controlplane.model.gateways` when present).
@@ -36,7 +44,7 @@ except a `Gateway` of class `meshline` (see `controlplane.model.gateways` when p
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 
 from controlplane.model.gwapi import (
@@ -65,6 +73,7 @@ from controlplane.model.ir import (
     VirtualService,
     service_fqdn,
 )
+from controlplane.model.mesh import vs_lookup
 
 RouteKey = tuple[str, str, str]
 """(kind, namespace, name) of a route: its store key."""
@@ -100,8 +109,9 @@ def route_key(route: GatewayRoute) -> RouteKey:
 
 
 def resolve(routes: Iterable[GatewayRoute], grants: Iterable[ReferenceGrant],
-            services: Mapping[Hostname, Service], vs_hosts: Collection[Hostname] = frozenset()) -> GammaResult:
-    """`vs_hosts`: the hosts VirtualServices route; consumer routes never take those over."""
+            services: Mapping[Hostname, Service]) -> GammaResult:
+    """Route tables (VirtualService values, one per Service host and route namespace) and the
+    route status. Which table a client gets is `Mesh.virtual_service`'s choice."""
     grants = tuple(grants)
     status: dict[RouteKey, list[ParentStatus]] = {}
     by_host: dict[Hostname, list[_Attached]] = {}
@@ -122,37 +132,23 @@ def resolve(routes: Iterable[GatewayRoute], grants: Iterable[ReferenceGrant],
     for host in sorted(by_host):
         attached = by_host[host]
         svc_ns = attached[0].svc.namespace
-        producers = [a for a in attached if a.route.namespace == svc_ns]
-        export: tuple[str, ...]
-        if producers:
-            used, export = producers, ()
-            why = (f"a route in another namespace than Service {svc_ns}/{attached[0].svc.name}'s (a consumer route) "
-                   "is not applied while the Service has routes in its own namespace (Meshline keeps one route "
-                   "table per Service)")
-        elif host in vs_hosts:
-            # One route table per Service: a consumer route taking the host would drop the
-            # VirtualService for the clients of every other namespace (Istio keeps it for them).
-            used, export = [], ()
-            why = (f"a VirtualService routes Service {svc_ns}/{attached[0].svc.name} for the clients of every "
-                   "namespace it is exported to; a consumer route (in another namespace than the Service's) "
-                   "does not take it over (Meshline keeps one route table per Service)")
-        else:
-            first_ns = min(a.route.namespace for a in attached)
-            used, export = [a for a in attached if a.route.namespace == first_ns], (first_ns,)
-            why = (f"consumer routes of namespace {first_ns} already apply to Service "
-                   f"{svc_ns}/{attached[0].svc.name} (Meshline applies the consumer routes of one namespace)")
-        applied = {id(a) for a in used}  # (identity: comparing the routes field by field is quadratic)
         for a in attached:
-            accepted = ("Accepted", "") if id(a) in applied else ("UnsupportedValue", why)
-            status[route_key(a.route)].append(_status(a.parent, accepted, a.problems))
-        if not used:
-            continue
-        http = [hr for a in used for hr in a.http]
-        http.sort(key=lambda item: item[0])
-        tcp = [t for a in used for t in a.tcp]
-        first = min((a.route for a in used), key=lambda r: (r.created, r.namespace, r.name))
-        vss.append(VirtualService(ref=first.ref, namespace=first.namespace, name=first.name, hosts=(host,),
-                                  http=tuple(hr for _, hr in http), tcp=tuple(tcp), export_to=export))
+            status[route_key(a.route)].append(_status(a.parent, ("Accepted", ""), a.problems))
+        # One route table per namespace that has routes for this Service: the producer routes
+        # (the Service's namespace) for every client, each namespace's consumer routes for its
+        # own clients (`export_to`: Mesh.virtual_service ranks them first for that namespace).
+        by_ns: dict[str, list[_Attached]] = {}
+        for a in attached:
+            by_ns.setdefault(a.route.namespace, []).append(a)
+        for ns in sorted(by_ns):
+            used = by_ns[ns]
+            http = [hr for a in used for hr in a.http]
+            http.sort(key=lambda item: item[0])
+            tcp = [t for a in used for t in a.tcp]
+            first = min((a.route for a in used), key=lambda r: (r.created, r.namespace, r.name))
+            vss.append(VirtualService(ref=first.ref, namespace=first.namespace, name=first.name, hosts=(host,),
+                                      http=tuple(hr for _, hr in http), tcp=tuple(tcp),
+                                      export_to=() if ns == svc_ns else (ns,)))
     return GammaResult(tuple(vss), {k: tuple(v) for k, v in status.items() if v})
 
 
@@ -302,9 +298,10 @@ def backend_destination(route: GatewayRoute, b: BackendRef, grants: tuple[Refere
 
 def gamma_issues(routes: Iterable[GatewayRoute], status: Mapping[RouteKey, tuple[ParentStatus, ...]],
                  virtual_services: Iterable[VirtualService],
-                 vs_by_host: Mapping[Hostname, VirtualService]) -> list[Issue]:
+                 vss_by_host: Mapping[Hostname, tuple[VirtualService, ...]]) -> list[Issue]:
     """Warnings for what the route status says did not work, and for VirtualServices whose
-    host a Gateway API route took over."""
+    host a Gateway API route takes for some namespaces' clients (`vss_by_host`: every
+    candidate of a host, routes' tables included, as `Mesh.vss_by_host`)."""
     out: list[Issue] = []
     for route in sorted(routes, key=route_key):
         for st in status.get(route_key(route), ()):
@@ -316,10 +313,54 @@ def gamma_issues(routes: Iterable[GatewayRoute], status: Mapping[RouteKey, tuple
                                      f"{st.parent.kind} {st.parent.namespace}/{st.parent.name}: {c.message}",
                                      "warning"))
     for vs in virtual_services:
-        for host in vs.hosts:
-            winner = vs_by_host.get(host)
-            if winner is not None and winner.ref.kind in ("HTTPRoute", "GRPCRoute", "TCPRoute"):
-                out.append(Issue(vs.ref, "spec.hosts", f"host {host} is routed by {winner.ref.kind} "
-                                 f"{winner.namespace}/{winner.name} (Gateway API routes attached to a Service take "
-                                 "precedence); this VirtualService is ignored for that host", "warning"))
+        for j, host in enumerate(vs.hosts):
+            lost = shadowed_by_routes(vs, vss_by_host.get(host, ()))
+            if not lost:
+                continue
+            by_route: dict[str, list[str]] = {}
+            for ns, winner in lost:
+                by_route.setdefault(f"{winner.ref.kind} {winner.namespace}/{winner.name}", []).append(ns)
+            applies = [ns for ns in _examined(vs, vss_by_host.get(host, ())) if ns is not None]
+            if len(by_route) == 1 and "" in applies and len(lost) == len(applies):  # lost everywhere
+                where = f"{next(iter(by_route))} for clients in every namespace"
+            else:
+                where = "; ".join(f"{name} for clients in {_namespaces(nss)}" for name, nss in by_route.items())
+            out.append(Issue(vs.ref, f"spec.hosts[{j}]", f"host {host} is routed by {where} (a Gateway API route "
+                             "attached to the Service comes before a VirtualService of the same visibility, and a "
+                             "consumer route before any its namespace does not own): this VirtualService is not "
+                             "applied to those clients", "warning"))
     return out
+
+
+def _namespaces(nss: list[str]) -> str:
+    named = [n for n in nss if n]
+    text = ", ".join(named)
+    if "" in nss:
+        return f"{text} and every other namespace" if named else "every namespace"
+    return f"namespace{'s' if len(named) > 1 else ''} {text}"
+
+
+def shadowed_by_routes(vs: VirtualService, candidates: tuple[VirtualService, ...]
+                       ) -> list[tuple[str, VirtualService]]:
+    """(client namespace, route table) for each namespace where `vs` would apply to `host`
+    among VirtualServices alone but a Gateway API route's table applies instead ("": any
+    namespace not named otherwise). Looks at the namespaces that can differ: `vs`'s own,
+    those it is exported to by name, those of consumer routes, and one standing for the rest."""
+    if vs.ref.kind != "VirtualService" or all(c.ref.kind == "VirtualService" for c in candidates):
+        return []
+    out: list[tuple[str, VirtualService]] = []
+    for ns in _examined(vs, candidates):
+        if ns is not None:
+            winner = vs_lookup(candidates, ns)
+            if winner is not None and winner is not vs and winner.ref.kind != "VirtualService":
+                out.append((ns, winner))
+    return out
+
+
+def _examined(vs: VirtualService, candidates: tuple[VirtualService, ...]) -> list[str | None]:
+    """The namespaces `shadowed_by_routes` looks at, each replaced by None where `vs` would
+    not apply even among VirtualServices alone."""
+    plain = [c for c in candidates if c.ref.kind == "VirtualService"]
+    names = {vs.namespace, *(n for n in vs.export_to if n not in (".", "*", "~")),
+             *(c.namespace for c in candidates if c.ref.kind != "VirtualService"), ""}
+    return [ns if vs_lookup(plain, ns) is vs else None for ns in sorted(names)]

@@ -19,12 +19,15 @@ oldest first, Meshline by (namespace, name). So a private (`exportTo: ["."]`) Vi
 in namespace aaa changes only what clients in aaa get; every other namespace still gets the
 public one (issues 16/18). `vs_by_host` is the VirtualService a client in the service's own
 namespace sees (else, no Service there, the first public one: what status pages show).
+Gateway API routes attached to a Service join as VirtualService values (`with_route_tables`,
+controlplane.model.gamma): the producer routes' table public, each namespace's consumer
+routes' table exported to that namespace, each ahead of the VirtualServices of its class.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 
 from controlplane.model.gwapi import GatewayRoute, ObjectStatus, ParentStatus, ReferenceGrant
@@ -271,6 +274,36 @@ def visible_to(export_to: Sequence[str], owner_namespace: str, client_namespace:
 
 def _is_public(export_to: Sequence[str]) -> bool:
     return not export_to or "*" in export_to
+
+
+def vs_lookup(candidates: Sequence[VirtualService], client_namespace: str) -> VirtualService | None:
+    """The VirtualService of `candidates` (one host's, in precedence order) that applies to
+    clients in `client_namespace` (`Mesh.virtual_service`'s rule, for callers that weigh a
+    subset of the candidates)."""
+    return _vs_lookup(candidates, client_namespace)
+
+
+def with_route_tables(mesh: Mesh, tables: Sequence[VirtualService]) -> Mesh:
+    """`mesh` with the Gateway API route tables `tables` (VirtualService values from
+    controlplane.model.gamma, one host each) joining their hosts' candidates, before the
+    VirtualServices: within one visibility class a route comes first; a consumer route
+    (exported to its own namespace only) ranks as that namespace's own. `vs_by_host` is
+    recomputed for those hosts (what a client in the Service's namespace gets)."""
+    added: dict[Hostname, list[VirtualService]] = {}
+    for vs in tables:
+        for h in vs.hosts:
+            added.setdefault(h, []).append(vs)
+    if not added:
+        return mesh
+    vss_by_host = dict(mesh.vss_by_host)
+    vs_by_host = dict(mesh.vs_by_host)
+    for host, routes in added.items():
+        candidates = (*routes, *mesh.vss_by_host.get(host, ()))
+        vss_by_host[host] = candidates
+        svc = mesh.services.get(host)
+        shown = _vs_lookup(candidates, svc.namespace) if svc is not None else None
+        vs_by_host[host] = shown or next((v for v in candidates if _is_public(v.export_to)), candidates[0])
+    return replace(mesh, vss_by_host=vss_by_host, vs_by_host=vs_by_host)
 
 
 def _vs_lookup(candidates: Sequence[VirtualService], client_namespace: str) -> VirtualService | None:

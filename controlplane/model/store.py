@@ -43,7 +43,7 @@ from controlplane.model.ir import (
     WorkloadEntry,
     service_fqdn,
 )
-from controlplane.model.mesh import EndpointDelta, Mesh, build_mesh
+from controlplane.model.mesh import EndpointDelta, Mesh, build_mesh, with_route_tables
 from controlplane.model.meshconfig import NO_MESH_CONFIG, MeshConfig
 from controlplane.model.raw import ObjectKey, RawObject
 from controlplane.model.serviceentry import alias_entry_hosts, registry_services
@@ -569,13 +569,10 @@ def mesh_of(
     if gateways or gateway_vss:
         mesh = replace(mesh, gateways={k: gateways[k] for k in sorted(gateways)}, gateway_virtual_services=gateway_vss)
     if routes or grants:  # Gateway API routes attached to Services win their hosts (model.gamma)
-        gamma = resolve_gamma(routes, grants, mesh.services, frozenset(mesh.vs_by_host))
-        gamma_vs = {h: vs for vs in gamma.virtual_services for h in vs.hosts}
-        vs_by_host = {**mesh.vs_by_host, **gamma_vs}
-        # a host a route took has no VirtualService candidates left (Mesh.virtual_service)
-        vss_by_host = {h: c for h, c in mesh.vss_by_host.items() if h not in gamma_vs}
-        mesh = replace(mesh, vs_by_host=vs_by_host, vss_by_host=vss_by_host, gateway_routes=tuple(routes), reference_grants=tuple(grants),
-                       route_status=gamma.status)
+        gamma = resolve_gamma(routes, grants, mesh.services)
+        # each route table joins its host's VirtualService candidates (Mesh.virtual_service)
+        mesh = replace(with_route_tables(mesh, gamma.virtual_services), gateway_routes=tuple(routes),
+                       reference_grants=tuple(grants), route_status=gamma.status)
     if api_gateways or classes:  # Gateways of class meshline, for gateway proxies (model.gwgateways)
         gwr = resolve_gateways(api_gateways, classes, routes, grants, mesh.services, mesh.namespaces, mesh.gateways)
         status = dict(mesh.route_status)

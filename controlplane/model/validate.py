@@ -37,7 +37,7 @@ from controlplane.model.ir import (
     labels_match,
     service_fqdn,
 )
-from controlplane.model.mesh import Mesh
+from controlplane.model.mesh import Mesh, vs_lookup
 from controlplane.model.meshconfig import check_custom_policies
 from controlplane.model.policy import (
     authorization_policy_applies,
@@ -80,7 +80,7 @@ def check_mesh(mesh: Mesh) -> tuple[Issue, ...]:
         issues.extend(check_gateways(mesh))
         issues.extend(check_merges(mesh))
     if mesh.gateway_routes:
-        issues.extend(gamma_issues(mesh.gateway_routes, mesh.route_status, mesh.virtual_services, mesh.vs_by_host))
+        issues.extend(gamma_issues(mesh.gateway_routes, mesh.route_status, mesh.virtual_services, mesh.vss_by_host))
     if mesh.gateway_status:
         issues.extend(gateway_issues(mesh.gateway_status))
     issues.extend(check_telemetries(mesh))
@@ -102,12 +102,13 @@ def _host_conflicts(mesh: Mesh, vs: VirtualService) -> Iterator[Issue]:
     wins in each: Mesh.virtual_service). One that some namespaces override with their own
     (a private `exportTo: ["."]` one) still applies elsewhere and is not reported."""
     for host in vs.hosts:
-        if vs.ref.kind != "VirtualService" or (mesh.vs_by_host.get(host) or vs).ref.kind != "VirtualService":
-            continue  # a Gateway API route's, or one a route took over: model.gamma warns
+        if vs.ref.kind != "VirtualService":
+            continue  # a Gateway API route's table; where routes take a host: model.gamma warns
         # its own namespace, those it names, and ("" stands for) any other namespace
         seen = {vs.namespace, *(n for n in vs.export_to if n not in (".", "*", "~")),
                 *([""] if not vs.export_to or "*" in vs.export_to else [])}
-        winners = [mesh.virtual_service(host, n) for n in sorted(seen)]
+        plain = [c for c in mesh.vss_by_host.get(host, ()) if c.ref.kind == "VirtualService"]
+        winners = [vs_lookup(plain, n) for n in sorted(seen)]
         if any(w is vs for w in winners):
             continue
         winner = next((w for w in winners if w is not None), None)
