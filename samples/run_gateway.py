@@ -10,11 +10,8 @@ sidecar demo.
 from __future__ import annotations
 
 import datetime as dt
-import signal
-import subprocess
 import sys
 import tempfile
-import threading
 from pathlib import Path
 
 import yaml
@@ -22,16 +19,10 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from demo import ROOT, bootstrap, control_plane, run_until_stopped
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from controlplane.localrun import start_envoy, wait_http, wait_port
 
-from controlplane.localrun import start_envoy, stop, wait_http, wait_port  # noqa: E402
-
-BACKENDS = [
-    "productpage-v1=127.0.0.41:9080", "details-v1=127.0.0.31:9080", "ratings-v1=127.0.0.21:9080",
-    "reviews-v1=127.0.0.11:9080", "reviews-v2=127.0.0.12:9080", "reviews-v3=127.0.0.13:9080",
-]
 HOST = "bookinfo.example.com"
 
 
@@ -69,26 +60,13 @@ def tls_secret(work: Path) -> Path:
 
 def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="meshline-gateway-demo-"))
-    bindir = Path(sys.executable).parent
-    meshline = str(bindir / "meshline")
-    procs: list[subprocess.Popen[bytes]] = []
-    try:
-        secrets = tls_secret(work)
-        cp_log = open(work / "meshline.log", "wb")
-        procs.append(subprocess.Popen(
-            [meshline, "serve", "--config-dir", str(ROOT / "samples" / "bookinfo"),
-             "--config-dir", str(ROOT / "samples" / "gateway"), "--config-dir", str(secrets),
-             "--ca-dir", str(work / "ca"), "--xds-address", "127.0.0.1:15010", "--status-address", "127.0.0.1:15014"],
-            stdout=cp_log, stderr=subprocess.STDOUT, start_new_session=True))
-        procs.append(subprocess.Popen([sys.executable, str(ROOT / "samples" / "backend.py"), *BACKENDS],
-                                      stdout=subprocess.DEVNULL, start_new_session=True))
-        wait_http("http://127.0.0.1:15014/readyz", proc=procs[0])
-        boot = subprocess.run(
-            [meshline, "bootstrap", "--mode", "gateway", "--gateway", "bookinfo-gateway",
-             "--node-id", "ingressgateway-0.bookinfo", "--namespace", "bookinfo", "--workload", "ingressgateway-0",
-             "--service-account", "ingressgateway", "--labels", "istio=ingressgateway",
-             "--ca-dir", str(work / "ca")],  # a bootstrap token: the gateway may receive its certificate
-            check=True, capture_output=True, text=True).stdout
+    secrets = tls_secret(work)
+    with control_plane(work, [ROOT / "samples" / "bookinfo", ROOT / "samples" / "gateway", secrets]) as procs:
+        boot = bootstrap("--mode", "gateway", "--gateway", "bookinfo-gateway",
+                         "--node-id", "ingressgateway-0.bookinfo", "--namespace", "bookinfo",
+                         "--workload", "ingressgateway-0", "--service-account", "ingressgateway",
+                         "--labels", "istio=ingressgateway",
+                         "--ca-dir", str(work / "ca"))  # a bootstrap token: the gateway may receive its certificate
         envoy = start_envoy(boot, work, "gateway", log_level="warning")
         procs.append(envoy)
         wait_http("http://127.0.0.1:15000/ready", proc=envoy)
@@ -112,20 +90,7 @@ Try:
 
 Edit samples/gateway/gateway.yaml while this runs: changes reach the gateway within a second.
 Press Ctrl-C to stop.""", flush=True)
-        stopped = threading.Event()
-        signal.signal(signal.SIGTERM, lambda *_: stopped.set())
-        while not stopped.is_set():
-            for p in procs:
-                if p.poll() is not None:
-                    print(f"a process exited unexpectedly ({p.args[0]}); see {work}", file=sys.stderr)
-                    return 1
-            stopped.wait(0.5)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        for p in reversed(procs):
-            stop(p)
-    return 0
+        return run_until_stopped(procs, work)
 
 
 if __name__ == "__main__":
