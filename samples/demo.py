@@ -58,7 +58,7 @@ def run_until_stopped(procs: list[subprocess.Popen[bytes]], work: Path) -> int:
         while not stopped.is_set():
             for p in procs:
                 if p.poll() is not None:
-                    print(f"a process exited unexpectedly ({p.args[0]}); see {work}", file=sys.stderr)  # type: ignore[index]
+                    print(f"a process exited unexpectedly ({p.args[0]}); see {work}", file=sys.stderr)
                     return 1
             stopped.wait(0.5)
     except KeyboardInterrupt:
