@@ -31,7 +31,8 @@ from controlplane.model.raw import ObjectKey, RawObject
 
 log = logging.getLogger(__name__)
 
-ROUTE_PLURALS = {"HTTPRoute": "httproutes", "GRPCRoute": "grpcroutes", "TCPRoute": "tcproutes"}
+ROUTE_PLURALS = {"HTTPRoute": "httproutes", "GRPCRoute": "grpcroutes", "TCPRoute": "tcproutes",
+                 "TLSRoute": "tlsroutes"}
 OBJECT_PLURALS = {"Gateway": "gateways", "GatewayClass": "gatewayclasses"}
 OUR_CONTROLLERS = frozenset({MESH_CONTROLLER, GATEWAY_CONTROLLER})
 

@@ -402,11 +402,12 @@ spec: {selector: {istio: ingressgateway}, servers: [{port: {number: 80, name: ht
 def test_served_gateway_api_route_kinds_are_watched_as_translated() -> None:
     found = [Resource("HTTPRoute", "gateway.networking.k8s.io", "v1", "httproutes"),
              Resource("TCPRoute", "gateway.networking.k8s.io", "v1alpha2", "tcproutes"),
-             Resource("TLSRoute", "gateway.networking.k8s.io", "v1alpha2", "tlsroutes")]
+             Resource("TLSRoute", "gateway.networking.k8s.io", "v1alpha2", "tlsroutes"),
+             Resource("UDPRoute", "gateway.networking.k8s.io", "v1alpha2", "udproutes")]
     watched, _, unsupported = plan_resources(found, istio_api=False)
-    assert {r.kind for r in unsupported} == {"TLSRoute"}
-    assert {(r.kind, r.version, r.priority) for r in watched if r.kind in ("HTTPRoute", "TCPRoute")} == {
-        ("HTTPRoute", "v1", 0), ("TCPRoute", "v1alpha2", 0)}
+    assert {r.kind for r in unsupported} == {"UDPRoute"}
+    assert {(r.kind, r.version, r.priority) for r in watched if r.kind in ("HTTPRoute", "TCPRoute", "TLSRoute")} == {
+        ("HTTPRoute", "v1", 0), ("TCPRoute", "v1alpha2", 0), ("TLSRoute", "v1alpha2", 0)}
 
 
 def test_golden_like_yaml_round_trip() -> None:

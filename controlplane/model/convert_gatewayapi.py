@@ -1,6 +1,7 @@
 """Kubernetes Gateway API objects -> IR (`controlplane.model.gwapi`). Pure, no I/O.
 
-Read with the Gateway API's v1 schema (HTTPRoute and GRPCRoute v1, TCPRoute v1alpha2,
+Read with the Gateway API's v1 schema (HTTPRoute and GRPCRoute v1, TCPRoute v1alpha2, TLSRoute
+v1alpha2/v1alpha3/v1 (SNI `hostnames`, one rule of backendRefs; Gateway TLS Passthrough listeners only),
 ReferenceGrant v1beta1; older served versions are accepted too). Every field is translated,
 or named in a warning (or, where the Gateway API forbids ignoring it, an error). What a
 route's fields mean for traffic:
@@ -70,13 +71,14 @@ API_VERSIONS: Mapping[str, tuple[str, ...]] = {
     "HTTPRoute": ("gateway.networking.k8s.io/v1", "gateway.networking.k8s.io/v1beta1"),
     "GRPCRoute": ("gateway.networking.k8s.io/v1", "gateway.networking.k8s.io/v1alpha2"),
     "TCPRoute": ("gateway.networking.k8s.io/v1alpha2",),
+    "TLSRoute": ("gateway.networking.k8s.io/v1alpha2", "gateway.networking.k8s.io/v1alpha3",
+                 "gateway.networking.k8s.io/v1"),
     "ReferenceGrant": ("gateway.networking.k8s.io/v1beta1", "gateway.networking.k8s.io/v1alpha2"),
     "Gateway": ("gateway.networking.k8s.io/v1", "gateway.networking.k8s.io/v1beta1"),
     "GatewayClass": ("gateway.networking.k8s.io/v1", "gateway.networking.k8s.io/v1beta1"),
 }
 """The Gateway API kinds this module converts, and the apiVersions accepted for each."""
 UNSUPPORTED: Mapping[str, str] = {
-    "TLSRoute": "its routes are not applied",
     "UDPRoute": "its routes are not applied",
     "BackendTLSPolicy": "no TLS is originated to its backends (use a DestinationRule's tls)",
     "ListenerSet": "its listeners are not added to any Gateway",
@@ -93,6 +95,7 @@ _METHODS = ("GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE
 _HTTP_FILTERS = ("RequestHeaderModifier", "ResponseHeaderModifier", "RequestRedirect", "URLRewrite",
                  "RequestMirror", "ExtensionRef", "CORS", "ExternalAuth")
 _GRPC_FILTERS = ("RequestHeaderModifier", "ResponseHeaderModifier", "RequestMirror", "ExtensionRef")
+_L4_KINDS = ("TCPRoute", "TLSRoute")  # rules of backendRefs only (a TLSRoute matches on its hostnames: SNI)
 _URI_RANK = {"exact": 3, "regex": 2, "path_prefix": 1}
 
 
@@ -126,6 +129,10 @@ def _route(ctx: Ctx, kind: RouteKind, spec: Mapping[str, Any], namespace: str, n
                     if (p := _parent_ref(ctx, item, index("spec.parentRefs", i), namespace)) is not None)
     if not get_list(ctx, spec, "parentRefs", "spec"):
         ctx.warn("spec.parentRefs", "no parentRefs: this route is attached to nothing and has no effect")
+    if kind == "TLSRoute" and any(p.is_service for p in parents):
+        ctx.warn("spec.parentRefs", "a TLSRoute attached to a Service (mesh routing) is not supported by Meshline; "
+                 "that parentRef is ignored (attach TLSRoutes to a Gateway's TLS listener, mode Passthrough)")
+        parents = tuple(p for p in parents if not p.is_service)
     hostnames = get_str_list(ctx, spec, "hostnames", "spec")
     for i, host in enumerate(hostnames):
         bare = host[2:] if host.startswith("*.") else host
@@ -137,13 +144,13 @@ def _route(ctx: Ctx, kind: RouteKind, spec: Mapping[str, Any], namespace: str, n
                  "all of that Service's traffic, whatever its Host (GAMMA)")
     rules: list[RouteRule] = []
     items = get_list(ctx, spec, "rules", "spec")
-    if kind == "TCPRoute" and not items:
+    if kind in _L4_KINDS and not items:
         ctx.error("spec.rules", "at least one rule is required")
     for i, item in enumerate(items):
         path = index("spec.rules", i)
-        if kind == "TCPRoute" and i > 0:
-            ctx.warn(path, "a TCPRoute rule after the first is never used (a TCP connection has nothing to "
-                     "match on); ignored")
+        if kind in _L4_KINDS and i > 0:
+            ctx.warn(path, f"a {kind} rule after the first is never used (a {kind[:3]} connection has nothing "
+                     "else to match on); ignored")
             continue
         rule = _rule(ctx, kind, item, path, i, namespace)
         if rule is not None:
@@ -186,7 +193,7 @@ def _rule(ctx: Ctx, kind: RouteKind, value: object, path: str, i: int, namespace
     if m is None:
         return None
     errors = ctx.error_count()
-    if kind == "TCPRoute":
+    if kind in _L4_KINDS:
         check_fields(ctx, m, path, ("name", "backendRefs"))
         backends = backend_refs(ctx, m, path, namespace, http=False)
         if not backends and ctx.error_count() == errors:

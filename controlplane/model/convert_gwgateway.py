@@ -1,8 +1,9 @@
 """Gateway API `Gateway` and `GatewayClass` -> IR (`controlplane.model.gwapi`). Pure, no I/O.
 
 Only Gateways of a GatewayClass whose controllerName is `meshline.io/gateway-controller`
-are served (`controlplane.model.gwgateways`): their HTTP and HTTPS (TLS Terminate)
-listeners become servers of the gateway proxy (`meshline bootstrap --mode gateway`).
+are served (`controlplane.model.gwgateways`): their HTTP, HTTPS (TLS Terminate), TLS
+(Passthrough) and TCP listeners become servers of the gateway proxy (`meshline bootstrap
+--mode gateway`).
 Fields Meshline does not implement are named in warnings.
 """
 
@@ -112,6 +113,11 @@ def _listener(ctx: Ctx, value: object, path: str, namespace: str) -> Listener | 
                              get_str(ctx, rm, "namespace", rp) or namespace, rname))
     if protocol == "HTTPS" and tls_mode != "Passthrough" and not refs and ctx.error_count() == errors:
         ctx.error(join(path, "tls.certificateRefs"), "an HTTPS listener that terminates TLS needs a certificateRef")
+    if protocol == "TLS" and tm is None:
+        ctx.error(join(path, "tls"), "a TLS listener needs tls (mode Passthrough, with TLSRoutes)")
+    if tls_mode == "Passthrough" and refs:
+        ctx.warn(join(path, "tls.certificateRefs"), "ignored with mode Passthrough: the backends present their own "
+                 "certificates")
     allowed, kinds = "Same", []
     selector: tuple[tuple[str, str], ...] = ()
     am = child(ctx, m, "allowedRoutes", path)

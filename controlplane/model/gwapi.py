@@ -1,5 +1,5 @@
 """IR of the Kubernetes Gateway API (gateway.networking.k8s.io) objects Meshline reads:
-routes (HTTPRoute, GRPCRoute, TCPRoute), ReferenceGrants and the route status it computes.
+routes (HTTPRoute, GRPCRoute, TCPRoute, TLSRoute), ReferenceGrants and the route status it computes.
 Pure data, no I/O.
 
 A route converts (`controlplane.model.convert_gatewayapi`) to a `GatewayRoute` whose rules
@@ -23,7 +23,7 @@ MESH_CONTROLLER = "meshline.io/mesh-controller"
 GATEWAY_CONTROLLER = "meshline.io/gateway-controller"
 """controllerName of GatewayClasses (and Gateways) Meshline implements."""
 
-RouteKind = Literal["HTTPRoute", "GRPCRoute", "TCPRoute"]
+RouteKind = Literal["HTTPRoute", "GRPCRoute", "TCPRoute", "TLSRoute"]
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,12 +6,23 @@
   its status is `Accepted=True`. Gateways of another class are left alone (no status).
 - A Gateway of Meshline's class becomes the IR `Gateway` `ns/name` whose proxies are the
   pods labelled `gateway.networking.k8s.io/gateway-name: <name>` (as Istio labels a
-  Gateway's deployment). Its HTTP listeners, HTTPS listeners terminating TLS with a
-  Secret of the Gateway's namespace (`certificateRefs`, delivered over SDS) and TCP
-  listeners become servers; TLS/UDP listeners, Passthrough, Secrets of other namespaces
-  are not supported (the listener's status says why, and the listener is not served).
+  Gateway's deployment). Its HTTP listeners, HTTPS listeners terminating TLS, TLS listeners
+  in mode Passthrough and TCP listeners become servers. An HTTPS listener's `certificateRefs`
+  name Secrets of the Gateway's namespace or, when a ReferenceGrant of the Secret's namespace
+  allows Gateways of the Gateway's namespace to refer to it, of another namespace; the first
+  is served over SDS (`ServerTLS.credential_namespace`: the gateway proxy receives it only
+  when its pod is one the Gateway selects: `controlplane.translate.gateway`). A reference
+  that is not a Secret, not permitted (`RefNotPermitted`) or to a Secret without a usable
+  certificate and key (`InvalidCertificateRef`) makes the listener's `ResolvedRefs` False
+  and the listener is not served at all (fail closed). UDP listeners, TLS listeners that
+  terminate and HTTPS Passthrough are not supported (the listener's status says why, and
+  the listener is not served).
 - A TCPRoute attached to a TCP listener forwards its connections (weighted backends; the
   oldest route of a listener wins, a connection having nothing to match on).
+- A TLSRoute attached to a TLS Passthrough listener forwards the connections whose SNI is
+  one of its hostnames (intersected with the listener's) to its weighted backends, the TLS
+  bytes untouched (a TLS inspector reads the SNI; one filter chain per name: the Istio
+  PASSTHROUGH path, `VirtualService.tls`); for a name two TLSRoutes claim, the oldest wins.
 - An HTTPRoute or GRPCRoute whose parentRef names the Gateway (optionally a listener by
   `sectionName` or `port`) attaches to the listeners that allow its namespace
   (`allowedRoutes.namespaces`: Same by default, All, Selector on namespace labels) and its
@@ -30,7 +41,13 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 
-from controlplane.model.gamma import RouteKey, route_key, route_tables
+from controlplane.model.gamma import (
+    INVALID_BACKEND_DOMAIN,
+    RouteKey,
+    backend_destination,
+    route_key,
+    route_tables,
+)
 from controlplane.model.gateways import intersect_host
 from controlplane.model.gwapi import (
     GATEWAY_CONTROLLER,
@@ -46,15 +63,20 @@ from controlplane.model.gwapi import (
     ReferenceGrant,
 )
 from controlplane.model.ir import (
+    Destination,
     Gateway,
     GatewayServer,
     Hostname,
     HTTPRoute,
     Issue,
     Namespace,
+    RouteDestination,
     ServerTLS,
     Service,
     TCPRoute,
+    TlsCredential,
+    TLSMatch,
+    TLSRoute,
     VirtualService,
     labels_match,
 )
@@ -63,6 +85,7 @@ GATEWAY_NAME_LABEL = "gateway.networking.k8s.io/gateway-name"
 ObjectKey = tuple[str, str, str]
 _HTTP_KINDS = ("HTTPRoute", "GRPCRoute")
 _TCP_KINDS = ("TCPRoute",)
+_TLS_KINDS = ("TLSRoute",)
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,8 +103,10 @@ def _key(ref_kind: str, namespace: str, name: str) -> ObjectKey:
 def resolve_gateways(gateways: Iterable[ApiGateway], classes: Iterable[GatewayClass],
                      routes: Iterable[GatewayRoute], grants: Iterable[ReferenceGrant],
                      services: Mapping[Hostname, Service], namespaces: Mapping[str, Namespace],
-                     taken: Iterable[str] = ()) -> GatewayResult:
-    """`taken`: the `ns/name` of Istio Gateways (they keep the name)."""
+                     taken: Iterable[str] = (),
+                     credentials: Mapping[tuple[str, str], TlsCredential] | None = None) -> GatewayResult:
+    """`taken`: the `ns/name` of Istio Gateways (they keep the name); `credentials`: the TLS
+    Secrets by (namespace, name), to check certificateRefs (None: not checked)."""
     grants_t = tuple(grants)
     ours = {c.name: c for c in classes if c.controller == GATEWAY_CONTROLLER}
     object_status: dict[ObjectKey, ObjectStatus] = {}
@@ -107,7 +132,7 @@ def resolve_gateways(gateways: Iterable[ApiGateway], classes: Iterable[GatewayCl
         served[key] = gw
         listeners_ok[key], listener_conds[key] = {}, {}
         for lst in gw.listeners:
-            server, problem = _server(gw, lst, grants_t)
+            server, problem = _server(gw, lst, grants_t, credentials)
             if server is not None:
                 listeners_ok[key][lst.name] = (lst, server)
                 listener_conds[key][lst.name] = [
@@ -126,6 +151,7 @@ def resolve_gateways(gateways: Iterable[ApiGateway], classes: Iterable[GatewayCl
     attached: dict[str, dict[str, int]] = {k: {} for k in served}
     per_host: dict[tuple[str, str], list[tuple[tuple[object, ...], HTTPRoute, GatewayRoute]]] = {}
     per_port: dict[tuple[str, int], list[tuple[TCPRoute, GatewayRoute]]] = {}
+    per_sni: dict[tuple[str, int], list[tuple[TLSRoute, GatewayRoute]]] = {}
     for route in sorted(routes, key=route_key):
         for parent in route.parents:
             if not parent.is_gateway:
@@ -139,6 +165,12 @@ def resolve_gateways(gateways: Iterable[ApiGateway], classes: Iterable[GatewayCl
             if accepted[0] == "Accepted":
                 for lst, names in hosts:
                     attached[gkey][lst.name] = attached[gkey].get(lst.name, 0) + 1
+                    if route.kind == "TLSRoute":  # SNI names -> the first rule's backends
+                        dests = _l4_destinations(route, grants_t, services, problems)
+                        if dests:
+                            per_sni.setdefault((gkey, lst.port), []).append(
+                                (TLSRoute((TLSMatch(tuple(names), lst.port),), dests), route))
+                        continue
                     table, tcp = route_tables(route, lst.port, grants_t, services, problems)
                     for name in names:
                         for k, hr in table:
@@ -167,6 +199,13 @@ def resolve_gateways(gateways: Iterable[ApiGateway], classes: Iterable[GatewayCl
         tr, first_route = min(tcp_items, key=lambda t: (t[1].created, t[1].namespace, t[1].name))
         vss.append(VirtualService(ref=first_route.ref, namespace=gw.namespace, name=f"{gw.name}.tcp.{port}", hosts=(),
                                   tcp=(tr,), gateways=(gkey,), host_patterns=("*",)))
+    for (gkey, port), tls_items in sorted(per_sni.items()):
+        gw = served[gkey]
+        tls_items.sort(key=lambda t: (t[1].created, t[1].namespace, t[1].name))  # the oldest keeps a name
+        sni_names = tuple(dict.fromkeys(n for tr, _ in tls_items for m in tr.matches for n in m.sni_hosts))
+        vss.append(VirtualService(ref=tls_items[0][1].ref, namespace=gw.namespace, name=f"{gw.name}.tls.{port}",
+                                  hosts=(), tls=tuple(tr for tr, _ in tls_items), gateways=(gkey,),
+                                  host_patterns=sni_names))
     out_gateways: dict[str, Gateway] = {}
     for gkey, gw in served.items():
         servers = tuple(server for _, server in listeners_ok[gkey].values())
@@ -183,41 +222,74 @@ def resolve_gateways(gateways: Iterable[ApiGateway], classes: Iterable[GatewayCl
     return GatewayResult(out_gateways, tuple(vss), {k: tuple(v) for k, v in route_status.items()}, object_status)
 
 
+def _l4_destinations(route: GatewayRoute, grants: tuple[ReferenceGrant, ...], services: Mapping[Hostname, Service],
+                     problems: list[tuple[str, str]]) -> tuple[RouteDestination, ...]:
+    """The weighted destinations of a TLSRoute's (first) rule; an invalid backend keeps its
+    share as a destination no cluster serves (its connections fail), and is a problem."""
+    out: list[RouteDestination] = []
+    for b in route.rules[0].backends if route.rules else ():
+        dest, problem = backend_destination(route, b, grants, services)
+        if problem is not None:
+            problems.append(problem)
+        if dest is None:
+            dest = Destination(Hostname(f"{b.name}.{b.namespace}.{INVALID_BACKEND_DOMAIN}"), None, b.port or 80)
+        if b.weight > 0:
+            out.append(RouteDestination(dest, b.weight))
+    return tuple(out)
+
+
 def _kinds(lst: Listener) -> tuple[str, ...]:
     if lst.protocol == "TCP":
         return tuple(k for k in (lst.allowed_kinds or _TCP_KINDS) if k in _TCP_KINDS)
+    if lst.protocol == "TLS":
+        return tuple(k for k in (lst.allowed_kinds or _TLS_KINDS) if k in _TLS_KINDS)
     if lst.protocol not in ("HTTP", "HTTPS"):
         return ()
     return tuple(k for k in (lst.allowed_kinds or _HTTP_KINDS) if k in _HTTP_KINDS)
 
 
-def _server(gw: ApiGateway, lst: Listener, grants: tuple[ReferenceGrant, ...]
+def _server(gw: ApiGateway, lst: Listener, grants: tuple[ReferenceGrant, ...],
+            credentials: Mapping[tuple[str, str], TlsCredential] | None = None
             ) -> tuple[GatewayServer | None, tuple[str, str] | None]:
     host = (("*", lst.hostname or "*"),)
     if lst.protocol == "HTTP":
         return GatewayServer(lst.port, "HTTP", lst.name, host, name=lst.name), None
     if lst.protocol == "TCP":
         return GatewayServer(lst.port, "TCP", lst.name, (("*", "*"),), name=lst.name), None
+    if lst.protocol == "TLS":
+        if lst.tls_mode == "Passthrough":
+            return GatewayServer(lst.port, "TLS", lst.name, host, ServerTLS(mode="PASSTHROUGH"), name=lst.name), None
+        return None, ("UnsupportedProtocol", "a TLS listener that terminates TLS is not supported by Meshline's "
+                                             "gateway (use tls.mode Passthrough with TLSRoutes, or an HTTPS listener)")
     if lst.protocol != "HTTPS":
         return None, ("UnsupportedProtocol", f"protocol {lst.protocol} is not supported by Meshline's gateway "
-                                             "(HTTP, HTTPS and TCP are)")
+                                             "(HTTP, HTTPS, TLS Passthrough and TCP are)")
     if lst.tls_mode == "Passthrough":
-        return None, ("UnsupportedProtocol", "HTTPS with TLS Passthrough is not supported (use a TLS listener "
-                                             "elsewhere)")
-    group, kind, ns, name = lst.certificate_refs[0]
-    if group not in ("", "core") or kind != "Secret":
-        return None, ("InvalidCertificateRef", f"certificateRef {group or 'core'}/{kind} {name} is not a Secret")
-    if ns != gw.namespace:
-        permitted = any(g.namespace == ns and g.permits("gateway.networking.k8s.io", "Gateway", gw.namespace, "",
-                                                          "Secret", name) for g in grants)
-        why = ("Secrets of another namespace are not supported by Meshline's gateway (the proxy receives Secrets of "
-               "its own namespace)" if permitted else
-               f"no ReferenceGrant in {ns} allows Gateways of {gw.namespace} to refer to Secret {name}")
-        return None, ("RefNotPermitted", why)
-    if len(lst.certificate_refs) > 1:
-        pass  # one certificate per listener is served: the first (Envoy picks by SNI within it)
-    return GatewayServer(lst.port, "HTTPS", lst.name, host, ServerTLS(mode="SIMPLE", credential_name=name),
-                         name=lst.name), None
+        return None, ("UnsupportedProtocol", "HTTPS with TLS Passthrough is not supported (use a listener of protocol "
+                                             "TLS, mode Passthrough, with TLSRoutes)")
+    if not lst.certificate_refs:
+        return None, ("InvalidCertificateRef", "an HTTPS listener that terminates TLS needs a certificateRef")
+    for i, (group, kind, ns, name) in enumerate(lst.certificate_refs):
+        where = f"certificateRefs[{i}]"
+        if group not in ("", "core") or kind != "Secret":
+            return None, ("InvalidCertificateRef", f"{where} {group or 'core'}/{kind} {name} is not a Secret")
+        if ns != gw.namespace and not any(
+                g.namespace == ns and g.permits("gateway.networking.k8s.io", "Gateway", gw.namespace, "", "Secret", name)
+                for g in grants):
+            return None, ("RefNotPermitted", f"{where}: no ReferenceGrant in namespace {ns} allows Gateways of "
+                                             f"{gw.namespace} to refer to Secret {name}: the listener is not served")
+        cred = credentials.get((ns, name)) if credentials is not None else None
+        if credentials is not None and (cred is None or not (cred.cert_pem and cred.key_pem)):
+            return None, ("InvalidCertificateRef", f"{where}: Secret {ns}/{name} "
+                          + ("was not found (or holds no TLS keys)" if cred is None else
+                             "has no certificate and key (tls.crt/tls.key)") + ": the listener is not served")
+        if cred is not None and cred.problem is not None:
+            return None, ("InvalidCertificateRef", f"{where}: Secret {ns}/{name} is unusable ({cred.problem}): "
+                                                   "the listener is not served")
+    # one certificate per listener is served: the first (later ones would differ only by SNI)
+    _, _, ns, name = lst.certificate_refs[0]
+    return GatewayServer(lst.port, "HTTPS", lst.name, host,
+                         ServerTLS(mode="SIMPLE", credential_name=name, credential_namespace=ns), name=lst.name), None
 
 
 def _attach(route: GatewayRoute, parent: ParentRef, gw: ApiGateway, ok: Mapping[str, tuple[Listener, GatewayServer]],

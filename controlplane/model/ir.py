@@ -792,6 +792,9 @@ class ServerTLS:
     cipher_suites: tuple[str, ...] = ()
     insecure_skip_verify: bool = False  # a client certificate that fails verification is let through
     ca_cert_credential_name: str | None = None  # a Secret whose CA verifies clients (over credentialName's)
+    # the namespace of `credential_name`'s Secret when it is not the gateway proxy's: a Gateway
+    # API certificateRef (the Gateway's namespace, or another one a ReferenceGrant permits)
+    credential_namespace: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -397,7 +397,7 @@ class MeshStore:
 
 STATUS_OWNED_KINDS = frozenset(
     {"VirtualService", "DestinationRule", "PeerAuthentication", "AuthorizationPolicy", "Sidecar",
-     "HTTPRoute", "GRPCRoute", "TCPRoute", "ServiceEntry", "WorkloadEntry", "RequestAuthentication", "Telemetry",
+     "HTTPRoute", "GRPCRoute", "TCPRoute", "TLSRoute", "ServiceEntry", "WorkloadEntry", "RequestAuthentication", "Telemetry",
      "Gateway", "GatewayClass"}
 )
 _VOLATILE_METADATA = frozenset({"resourceVersion", "managedFields", "generation", "uid", "creationTimestamp"})
@@ -539,8 +539,8 @@ def mesh_of(
     scs.sort(key=lambda s: (s.namespace, s.name))
     if ses:  # ServiceEntry hosts join the registry (controlplane.model.serviceentry)
         ses.sort(key=lambda s: (s.namespace, s.name))
-        se_services, se_endpoints = registry_services(ses, workloads, sorted(wes, key=lambda w: (w.namespace, w.name)),
-                                                      services, trust_domain)
+        se_services, se_endpoints, se_candidates = registry_services(
+            ses, workloads, sorted(wes, key=lambda w: (w.namespace, w.name)), services, trust_domain)
         services.update(se_services)
         for host, sets in se_endpoints.items():
             endpoints[host] = list(sets)
@@ -562,7 +562,8 @@ def mesh_of(
     )
     if ses or wes:
         mesh = replace(mesh, service_entries=tuple(ses),
-                       workload_entries=tuple(sorted(wes, key=lambda w: (w.namespace, w.name))))
+                       workload_entries=tuple(sorted(wes, key=lambda w: (w.namespace, w.name))),
+                       entry_candidates=se_candidates if ses else {})
     if ras or tels:
         mesh = replace(mesh, request_authentications=tuple(sorted(ras, key=lambda r: (r.namespace, r.name))),
                        telemetries=tuple(sorted(tels, key=lambda t: (t.namespace, t.name))))
@@ -574,7 +575,8 @@ def mesh_of(
         mesh = replace(with_route_tables(mesh, gamma.virtual_services), gateway_routes=tuple(routes),
                        reference_grants=tuple(grants), route_status=gamma.status)
     if api_gateways or classes:  # Gateways of class meshline, for gateway proxies (model.gwgateways)
-        gwr = resolve_gateways(api_gateways, classes, routes, grants, mesh.services, mesh.namespaces, mesh.gateways)
+        gwr = resolve_gateways(api_gateways, classes, routes, grants, mesh.services, mesh.namespaces, mesh.gateways,
+                               credentials)
         status = dict(mesh.route_status)
         for k, v in gwr.route_status.items():
             status[k] = (*status.get(k, ()), *v)

@@ -90,7 +90,8 @@ def _gateway(mesh: Mesh, gw: Gateway) -> Iterator[Issue]:
         if tls is None or not tls.credential_name or tls.mode == "PASSTHROUGH":
             continue
         name = tls.credential_name
-        for ns in namespaces:
+        # a Gateway API certificateRef names its Secret's namespace; credentialName: the pods'
+        for ns in [tls.credential_namespace] if tls.credential_namespace else namespaces:
             cred = mesh.credentials.get((ns, name))
             path = f"spec.servers[{i}].tls.credentialName"
             if cred is None or not (cred.cert_pem and cred.key_pem):

@@ -115,7 +115,7 @@ SIG-Network's experimental ones (the list is the model's, `controlplane.model.co
 GROUP_VERSIONS = ("v1", "v1beta1", "v1alpha3", "v1alpha2", "v1alpha1")
 """Versions asked for, most preferred first (a kind is watched in the first that serves it)."""
 GATEWAY_API_KINDS = frozenset((kind, "gateway.networking.k8s.io")
-                              for kind in ("HTTPRoute", "GRPCRoute", "TCPRoute", "ReferenceGrant", "Gateway",
+                              for kind in ("HTTPRoute", "GRPCRoute", "TCPRoute", "TLSRoute", "ReferenceGrant", "Gateway",
                                            "GatewayClass"))
 """Gateway API kinds Meshline translates (controlplane.model.convert_gatewayapi): watched
 when served, in the version discovery found, and counted for Synced."""

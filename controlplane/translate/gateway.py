@@ -21,9 +21,13 @@ Gateway): `controlplane.model.gateway_merge` selects them and merges their serve
   destinations, the TLS bytes untouched;
 - TCP servers, and TLS servers that terminate: `tcp_proxy` to the destination of the bound
   VirtualServices' tcp routes;
-- clusters and endpoints of every mesh service, as a sidecar of the gateway's namespace sees
-  them (DestinationRules, ISTIO_MUTUAL to sidecar-injected endpoints): `plan_gateway_clusters`,
-  the layer gateway proxies of one namespace share and endpoint-only changes patch;
+- clusters and endpoints of the services its bound routes send to or mirror to (http, tcp and
+  tls routes of the VirtualServices bound to its Gateways, Gateway API routes included), on
+  the ports those routes resolve to for its servers' ports, as a sidecar of the gateway's
+  namespace sees them (DestinationRules, ISTIO_MUTUAL to sidecar-injected endpoints):
+  `gateway_scope` (a sidecar `Scope`, the mechanism Sidecar egress uses) and
+  `plan_gateway_clusters`, the layer gateway proxies of one namespace and scope share and
+  endpoint-only changes patch. A gateway proxy receives no cluster of the mesh it cannot route to;
 - the AuthorizationPolicies and RequestAuthentications that select the gateway's pod (its
   namespace's and the root namespace's, by `selector`), as Istio enforces them on a gateway:
   JWT validation and RBAC on every HTTP chain, RBAC on TCP chains (`GatewayAuthz`), each
@@ -78,9 +82,10 @@ from controlplane.translate.extauthz import http_authz_filters, network_authz_fi
 from controlplane.translate.jwt import build_jwks_cluster, http_jwt_filters, jwks_clusters
 from controlplane.translate.listeners import WeightedCluster, hcm_filter
 from controlplane.translate.listeners import _tcp_proxy as tcp_proxy_filter
-from controlplane.translate.names import destination_cluster, pack, weighted_split
+from controlplane.translate.names import destination_cluster, destination_port, pack, weighted_split
 from controlplane.translate.plan import CLUSTER, LISTENER, ROUTE, SECRET, ResourceSpec
 from controlplane.translate.routes import Target, VirtualHostInput, _target, build_route_config
+from controlplane.translate.scope import Scope
 from controlplane.translate.secrets import (
     Credential,
     ads_config_source,
@@ -134,15 +139,45 @@ class GatewayAuthz:
     jwt: tuple[JwtRule, ...] = ()
 
 
+def _bound_of(mesh: Mesh, gws: Iterable[Gateway], namespace: str) -> dict[str, tuple[VirtualService, ...]]:
+    """The VirtualServices bound to each Gateway that a gateway proxy of `namespace` applies:
+    as Istio, only those exported to its namespace (exportTo)."""
+    return {gw.key: tuple(vs for vs in gateway_virtual_services(gw, mesh.gateway_virtual_services)
+                          if visible_to(vs.export_to, vs.namespace, namespace)) for gw in gws}
+
+
+def gateway_scope(mesh: Mesh, meta: ProxyMeta) -> Scope:
+    """The (service host, port) pairs a gateway proxy's routes can reach: every destination and
+    mirror of the http, tcp and tls routes bound to its Gateways, on the port each resolves to
+    for one of the Gateway's server ports (`destination_port`, as the route and listener
+    builders resolve it). Its clusters are those (`plan_gateway_clusters`), not the mesh's."""
+    gws = gateways_of(mesh, meta)
+    pairs: set[tuple[Hostname, int]] = set()
+    for gw in gws:
+        ports = sorted({s.port for s in gw.servers} | {s.target_port for s in gw.servers if s.target_port})
+        for vs in _bound_of(mesh, (gw,), meta.namespace)[gw.key]:
+            dests = [rd.destination for hr in vs.http for rd in hr.route]
+            dests += [m.destination for hr in vs.http for m in hr.mirrors]
+            dests += [rd.destination for tr in vs.tcp for rd in tr.route]
+            dests += [rd.destination for tl in vs.tls for rd in tl.route]
+            for d in dict.fromkeys(dests):
+                svc = mesh.services.get(d.host)
+                if svc is None:
+                    continue
+                for port in ports:
+                    dport = destination_port(d, port, svc)
+                    if any(p.port == dport for p in svc.ports):
+                        pairs.add((d.host, dport))
+    return Scope(pairs)
+
+
 def plan_gateway(mesh: Mesh, meta: ProxyMeta) -> list[ResourceSpec]:
     """A gateway proxy's own resources (listeners, routes; no certificates, no clusters: those
     are `plan_gateway_clusters`, the shared layer), sorted by (type, name)."""
     gws = gateways_of(mesh, meta)
     if not gws:
         return []
-    # As Istio: only VirtualServices exported to the gateway proxy's namespace (exportTo).
-    bound_of = {gw.key: tuple(vs for vs in gateway_virtual_services(gw, mesh.gateway_virtual_services)
-                              if visible_to(vs.export_to, vs.namespace, meta.namespace)) for gw in gws}
+    bound_of = _bound_of(mesh, gws, meta.namespace)
     out: dict[tuple[str, str], ResourceSpec] = {}
 
     def add(specs: Iterable[ResourceSpec]) -> None:
@@ -192,14 +227,20 @@ def plan_gateway(mesh: Mesh, meta: ProxyMeta) -> list[ResourceSpec]:
     return sorted(out.values(), key=lambda s: (s.type_url, s.name))
 
 
-def plan_gateway_clusters(mesh: Mesh, namespace: str, hosts: Iterable[str] | None = None) -> list[ResourceSpec]:
-    """The clusters and endpoints of every mesh service (or of just `hosts`: an endpoint-only
-    change patches those) for gateway proxies of `namespace`: as a sidecar there sees them
-    (DestinationRules, ISTIO_MUTUAL to sidecar-injected endpoints). Shared by those proxies;
-    the only part of a gateway's plan that reads endpoints."""
+def plan_gateway_clusters(mesh: Mesh, namespace: str, hosts: Iterable[str] | None = None,
+                          scope: Scope | None = None) -> list[ResourceSpec]:
+    """The clusters and endpoints of the service ports in `scope` (`gateway_scope`; None: every
+    mesh service) or of just those of `hosts` (an endpoint-only change patches those) for
+    gateway proxies of `namespace`: as a sidecar there sees them (DestinationRules,
+    ISTIO_MUTUAL to sidecar-injected endpoints). Shared by those proxies with one scope; the
+    only part of a gateway's plan that reads endpoints."""
     out: dict[tuple[str, str], ResourceSpec] = {}
-    for host in sorted(mesh.services if hosts is None else (h for h in hosts if h in mesh.services)):
-        for s in _cluster_specs(mesh, mesh.services[Hostname(host)], namespace):
+    candidates: Iterable[str] = mesh.services if scope is None else {h for h, _ in scope}
+    if hosts is not None:
+        wanted = set(hosts)
+        candidates = [h for h in candidates if h in wanted]
+    for host in sorted(h for h in candidates if h in mesh.services):
+        for s in _cluster_specs(mesh, mesh.services[Hostname(host)], namespace, scope):
             out.setdefault((s.type_url, s.name), s)
     return sorted(out.values(), key=lambda s: (s.type_url, s.name))
 
@@ -367,7 +408,7 @@ def _downstream_tls(tls: ServerTLS, alpn: tuple[str, ...]) -> tls_pb2.Downstream
     common.alpn_protocols.extend(alpn)
     if tls.credential_name:
         common.tls_certificate_sds_secret_configs.append(secret_pb2.SdsSecretConfig(
-            name=credential_sds_name(tls.credential_name), sds_config=ads_config_source()))
+            name=server_credential_sds(tls.credential_namespace, tls.credential_name), sds_config=ads_config_source()))
     else:
         cert = common.tls_certificates.add()
         cert.certificate_chain.filename = tls.server_certificate or ""
@@ -384,9 +425,10 @@ def _downstream_tls(tls: ServerTLS, alpn: tuple[str, ...]) -> tls_pb2.Downstream
         ctx.require_client_certificate.value = tls.mode == "MUTUAL"
         ca_name = tls.ca_cert_credential_name or tls.credential_name  # (Istio: the former takes precedence)
         if ca_name:
+            ca_ns = None if tls.ca_cert_credential_name else tls.credential_namespace
             combined = common.combined_validation_context
             combined.validation_context_sds_secret_config.CopyFrom(secret_pb2.SdsSecretConfig(
-                name=credential_ca_sds_name(ca_name), sds_config=ads_config_source()))
+                name=server_ca_sds(ca_ns, ca_name), sds_config=ads_config_source()))
             validation = combined.default_validation_context
         else:
             validation = common.validation_context
@@ -471,10 +513,53 @@ def gateway_authorized(mesh: Mesh, meta: ProxyMeta, namespace: str, service_acco
     return tuple(gw for gw in gateways_of(mesh, meta) if all(have.get(k) == v for k, v in gw.selector))
 
 
+GATEWAY_CREDENTIAL_PREFIX = "kubernetes-gateway://"
+"""SDS names of Gateway API certificateRefs: `kubernetes-gateway://<namespace>/<name>` (the
+Secret's own namespace, which need not be the proxy's), apart from Istio's `kubernetes://<name>`
+(the proxy's namespace), so the two never name one secret."""
+
+
+def server_credential_sds(namespace: str | None, name: str) -> str:
+    """The SDS name of a server's certificate: `credentialName` (namespace None: the gateway
+    proxy's namespace, as Istio) or a Gateway API certificateRef (its Secret's namespace)."""
+    return credential_sds_name(name) if namespace is None else f"{GATEWAY_CREDENTIAL_PREFIX}{namespace}/{name}"
+
+
+def server_ca_sds(namespace: str | None, name: str) -> str:
+    return credential_ca_sds_name(name) if namespace is None else f"{GATEWAY_CREDENTIAL_PREFIX}{namespace}/{name}-cacert"
+
+
+def named_credential_secret(sds_name: str, cred: Credential) -> secret_pb2.Secret:
+    s = credential_secret("", cred)
+    s.name = sds_name
+    return s
+
+
+def named_withheld_credential_secret(sds_name: str) -> secret_pb2.Secret:
+    s = withheld_credential_secret("")
+    s.name = sds_name
+    return s
+
+
+def named_credential_ca_secret(sds_name: str, ca_pem: str, crl_pem: str, system_ca: str) -> secret_pb2.Secret:
+    s = credential_ca_secret("", ca_pem, crl_pem, system_ca)
+    s.name = sds_name
+    return s
+
+
+def named_withheld_ca_secret(sds_name: str) -> secret_pb2.Secret:
+    s = withheld_ca_secret("")
+    s.name = sds_name
+    return s
+
+
 def gateway_credentials(mesh: Mesh, meta: ProxyMeta, namespace: str, service_account: str, system_ca: str
                         ) -> list[ResourceSpec]:
-    """The `credentialName` Secrets of the Gateway's servers, from the gateway proxy's own
-    namespace (Istio's rule), for an authenticated proxy (`namespace`, `service_account`).
+    """The certificate Secrets of the Gateways' servers for an authenticated proxy
+    (`namespace`, `service_account`): an Istio server's `credentialName` from the gateway
+    proxy's own namespace (Istio's rule), a Gateway API listener's certificateRef from the
+    namespace it names (the Gateway's, or another one a ReferenceGrant permits: checked in
+    `controlplane.model.gwgateways`, which serves no listener whose reference is refused).
     Only a proxy `gateway_authorized` admits gets the real material; any other gateway proxy,
     and any name whose Secret is missing or unusable, gets the fail-closed stand-ins
     (`withheld_credential_secret`: a certificate that proves nothing; `withheld_ca_secret`: a
@@ -487,32 +572,37 @@ def gateway_credentials(mesh: Mesh, meta: ProxyMeta, namespace: str, service_acc
     allowed = gateway_authorized(mesh, meta, namespace, service_account)
     servers = [s for gw in gws for s in gw.servers]
     # a name is real only when a Gateway the pod is proven to be selected by names it
-    real = {s.tls.credential_name for gw in allowed for s in gw.servers if s.tls is not None}
-    real |= {s.tls.ca_cert_credential_name for gw in allowed for s in gw.servers if s.tls is not None}
-    names = sorted({s.tls.credential_name for s in servers if s.tls is not None and s.tls.credential_name})
+    real = {(s.tls.credential_namespace, s.tls.credential_name) for gw in allowed for s in gw.servers
+            if s.tls is not None}
+    real |= {(None, s.tls.ca_cert_credential_name) for gw in allowed for s in gw.servers if s.tls is not None}
+    keys = sorted({(s.tls.credential_namespace, s.tls.credential_name) for s in servers
+                   if s.tls is not None and s.tls.credential_name}, key=lambda k: (k[0] or "", k[1]))
     out: list[ResourceSpec] = []
-    for name in names:
-        cred = mesh.credentials.get((namespace, name)) if name in real else None
+    for ns, name in keys:
+        secret_ns = ns if ns is not None else namespace
+        sds, ca_sds = server_credential_sds(ns, name), server_ca_sds(ns, name)
+        cred = mesh.credentials.get((secret_ns, name)) if (ns, name) in real else None
         usable = cred is not None and cred.problem is None and bool(cred.cert_pem and cred.key_pem)
-        ca = credential_ca(mesh, namespace, name) if usable else None
+        ca = credential_ca(mesh, secret_ns, name) if usable else None
         if cred is not None and usable:
-            out.append(ResourceSpec(SECRET, credential_sds_name(name), credential_secret,
-                                    (name, Credential(cred.cert_pem, cred.key_pem))))
+            out.append(ResourceSpec(SECRET, sds, named_credential_secret, (sds, Credential(cred.cert_pem, cred.key_pem))))
         else:
-            out.append(ResourceSpec(SECRET, credential_sds_name(name), withheld_credential_secret, (name,)))
+            out.append(ResourceSpec(SECRET, sds, named_withheld_credential_secret, (sds,)))
         if ca is not None and cred is not None:
-            out.append(ResourceSpec(SECRET, credential_ca_sds_name(name), credential_ca_secret,
-                                    (name, ca.ca_pem, cred.crl_pem, system_ca)))
+            out.append(ResourceSpec(SECRET, ca_sds, named_credential_ca_secret, (ca_sds, ca.ca_pem, cred.crl_pem,
+                                                                                  system_ca)))
         else:
-            out.append(ResourceSpec(SECRET, credential_ca_sds_name(name), withheld_ca_secret, (name,)))
+            out.append(ResourceSpec(SECRET, ca_sds, named_withheld_ca_secret, (ca_sds,)))
     # caCertCredentialName: a Secret holding only the CA that verifies clients (ca.crt/cacert, or
     # its <name>-cacert Secret), for a server whose credentialName (if any) may have none.
+    taken = {name for ns, name in keys if ns is None}
     for name in sorted({s.tls.ca_cert_credential_name for s in servers
-                        if s.tls is not None and s.tls.ca_cert_credential_name} - set(names)):
-        ca = credential_ca(mesh, namespace, name) if name in real else None
+                        if s.tls is not None and s.tls.ca_cert_credential_name} - taken):
+        ca_sds = server_ca_sds(None, name)
+        ca = credential_ca(mesh, namespace, name) if (None, name) in real else None
         if ca is not None and ca.problem is None:
-            out.append(ResourceSpec(SECRET, credential_ca_sds_name(name), credential_ca_secret,
-                                    (name, ca.ca_pem, ca.crl_pem, system_ca)))
+            out.append(ResourceSpec(SECRET, ca_sds, named_credential_ca_secret, (ca_sds, ca.ca_pem, ca.crl_pem,
+                                                                                  system_ca)))
         else:
-            out.append(ResourceSpec(SECRET, credential_ca_sds_name(name), withheld_ca_secret, (name,)))
+            out.append(ResourceSpec(SECRET, ca_sds, named_withheld_ca_secret, (ca_sds,)))
     return out

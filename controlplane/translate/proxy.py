@@ -7,7 +7,9 @@ snapshot builder keeps them:
   bind address and Sidecar scope); a node proxy's service clusters and their endpoints
   (`nodeproxy.plan_node_shared`, per set of imported services); nothing for a waypoint;
 - `own`: the rest (a sidecar's inbound side, a node proxy's per-pod and per-identity
-  resources, a waypoint's or a gateway's everything: `translate.gateway`), kept as it is on endpoint-only changes.
+  resources, a waypoint's everything, a gateway's listeners and routes: `translate.gateway`,
+  whose clusters and endpoints, scoped to what its routes reach, are its shared layer), kept
+  as it is on endpoint-only changes.
 `plan_shared_hosts` re-plans just the shared resources that depend on some hosts' endpoints
 (an endpoint-only change patches those). Certificates are not translation: the runtime's
 identity planner adds them to the own layer from the CA's material.
@@ -26,7 +28,7 @@ from controlplane.model.telemetry import access_logs_for
 from controlplane.translate import nodeproxy
 from controlplane.translate.accesslog import AccessLogSink, resolve
 from controlplane.translate.ambient import plan_waypoint
-from controlplane.translate.gateway import plan_gateway, plan_gateway_clusters
+from controlplane.translate.gateway import gateway_scope, plan_gateway, plan_gateway_clusters
 from controlplane.translate.locality import ClientLocalities, client_locality, failover_priority_keys
 from controlplane.translate.plan import ResourceSpec
 from controlplane.translate.scope import proxy_scope, scope_key
@@ -64,7 +66,7 @@ def plan_shared(mesh: Mesh, meta: ProxyMeta) -> list[ResourceSpec]:
     if meta.mode == "node":
         return nodeproxy.plan_node_shared(mesh, meta.node) if meta.node else []
     if meta.mode == "gateway":
-        return plan_gateway_clusters(mesh, meta.namespace)
+        return plan_gateway_clusters(mesh, meta.namespace, scope=gateway_scope(mesh, meta))
     if meta.mode != "sidecar":
         return []
     logs, log_sources = _client_logs(mesh, meta)
@@ -92,7 +94,7 @@ def plan_shared_hosts(mesh: Mesh, meta: ProxyMeta, hosts: frozenset[str]) -> lis
     if meta.mode == "node":
         return nodeproxy.plan_node_shared_hosts(mesh, meta.node, hosts) if meta.node else []
     if meta.mode == "gateway":
-        return plan_gateway_clusters(mesh, meta.namespace, hosts)
+        return plan_gateway_clusters(mesh, meta.namespace, hosts, gateway_scope(mesh, meta))
     if meta.mode != "sidecar":
         return None
     return plan_outbound_hosts(mesh, meta.namespace, meta.capture, [Hostname(h) for h in hosts],
@@ -117,8 +119,8 @@ def shared_key(mesh: Mesh, meta: ProxyMeta, localities: ClientLocalities | None 
     failoverPriority keys between calls (a runtime keeps one)."""
     if meta.mode == "node":
         return ("node", nodeproxy.node_shared_key(mesh, meta.node or ""))
-    if meta.mode == "gateway":  # every service's clusters, as a sidecar of its namespace sees them
-        return ("gateway", meta.namespace)
+    if meta.mode == "gateway":  # the clusters its routes reach, as a sidecar of its namespace sees them
+        return ("gateway", meta.namespace, gateway_scope(mesh, meta))
     locality = (localities or ClientLocalities())(mesh, meta) if meta.mode == "sidecar" else None
     logs = outbound_access_logs(mesh, meta) if meta.mode == "sidecar" else ()
     return (meta.mode, meta.namespace, meta.capture, meta.outbound_address if meta.capture == "bind" else "",
