@@ -22,6 +22,20 @@ of writes is one change; a ConfigMap update (`..data` swapped) is picked up by e
 whose target changed, and a removed key removes its objects. Quiet is judged per file: a
 file written continuously delays only itself.
 
+A file renamed into place applies at once, without the quiet period: written whole under
+another name and then renamed over its name (`os.replace`: `bench/meshfiles.py`, kubectl-like
+tools, rsync, most editors' "safe write"), it is complete by construction. So is every name
+resolving through a link renamed into place (`ln -sfn`, a ConfigMap's `..data`, git-sync's
+link). The rename is seen by `RenameWatch` (inotify `IN_MOVED_TO`; watchfiles reports a rename
+and a fresh `open(O_CREAT)` alike). A directory renamed in is not complete by construction
+(files may still be written into it): its files wait for their quiet period. Only the quiet
+period protects files written in place.
+
+What is looked at on a change: the names the events point at (and those still in their
+quiet period), one `stat` each, when every event is at a file; the whole tree when an event
+is at a directory or a link to one (a directory appeared, went or was swapped). Only the
+names that apply are read and parsed.
+
 The default of 100 ms was measured (2 CPUs, loaded): the longest pause between the writes
 of one file was 6 ms for `yaml.safe_dump_all` of 200 documents (90 KB, 60-70 ms in all) and
 5 ms for a shell loop appending one document per `cat >>`; a single `write`, `cp`, `cat a b
@@ -39,9 +53,11 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import ctypes
 import logging
 import os
 import stat
+import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -102,14 +118,17 @@ def _file(path: str) -> Visible | None:
                    (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_mode))
 
 
-def _walk(directory: str, roots: Sequence[Path], inside: frozenset[str], out: dict[str, Visible]) -> None:
+def _walk(directory: str, roots: Sequence[Path], inside: frozenset[str], out: dict[str, Visible],
+          entered: dict[str, str]) -> None:
     """Visible YAML files under `directory`; `inside`: the real paths of the directories
-    entered on the way down (a symlink back to one of them is a loop, not entered)."""
+    entered on the way down (a symlink back to one of them is a loop, not entered);
+    `entered`: each directory entered (as named) -> what it resolves to."""
     try:
         with os.scandir(directory) as it:
             entries = sorted(it, key=lambda e: e.name)
     except OSError:  # gone meanwhile, or not readable
         return
+    entered[directory] = os.path.realpath(directory)
     for entry in entries:
         if entry.name.startswith("."):
             continue
@@ -126,26 +145,33 @@ def _walk(directory: str, roots: Sequence[Path], inside: frozenset[str], out: di
                     out[path] = Visible(path, real, refusal=f"{why}: not entered")
                     continue
             if real not in inside:
-                _walk(path, roots, inside | {real}, out)
+                _walk(path, roots, inside | {real}, out, entered)
         elif entry.name.endswith(SUFFIXES):
             found = _file(path)
             if found is not None:
                 out[path] = found
 
 
-def scan(paths: Sequence[Path]) -> dict[str, Visible]:
+def scan_tree(paths: Sequence[Path]) -> tuple[dict[str, Visible], dict[str, str]]:
     """Every visible YAML file under `paths` (directories, or files named on their own), by
-    name. Reads directories and file metadata only."""
+    name, and every directory entered (name -> what it resolves to). Reads directories and
+    file metadata only."""
     roots = [p for p in paths if p.is_dir()]
     out: dict[str, Visible] = {}
+    entered: dict[str, str] = {}
     for p in paths:
         if p.is_dir():
-            _walk(str(p), roots, frozenset({os.path.realpath(p)}), out)
+            _walk(str(p), roots, frozenset({os.path.realpath(p)}), out, entered)
         elif p.suffix in SUFFIXES:
             found = _file(str(p))
             if found is not None:
                 out[str(p)] = found
-    return dict(sorted(out.items()))
+    return dict(sorted(out.items())), entered
+
+
+def scan(paths: Sequence[Path]) -> dict[str, Visible]:
+    """Every visible YAML file under `paths` (see `scan_tree`), by name."""
+    return scan_tree(paths)[0]
 
 
 def yaml_files(paths: Iterable[Path]) -> list[Path]:
@@ -231,6 +257,14 @@ class Debounce:
     def touch(self, name: str, now: float) -> None:
         self._touched[name] = now
 
+    def forget(self, name: str) -> None:
+        """`name` is no longer waiting (it was applied another way)."""
+        self._touched.pop(name, None)
+
+    def pending(self) -> set[str]:
+        """The names waiting for their quiet period to end."""
+        return set(self._touched)
+
     def due(self, now: float) -> list[str]:
         """The names quiet since their last touch, sorted; they are forgotten until touched again."""
         ripe = sorted(n for n, t in self._touched.items() if now >= t + self.quiet - _EPSILON)
@@ -243,6 +277,83 @@ class Debounce:
         return min(self._touched.values()) + self.quiet if self._touched else None
 
 
+class RenameWatch:
+    """Names renamed into the directories the last scan entered (inotify `IN_MOVED_TO`, one
+    watch per directory, not recursive): the signal that a file arrived complete. watchfiles
+    reports a rename and a fresh `open(O_CREAT)` alike ("added"), so it cannot tell them
+    apart; this can. Linux only: elsewhere, or when inotify refuses (no watches left), it
+    reports nothing and a renamed file waits for the quiet period like any other."""
+
+    _IN_MOVED_TO = 0x00000080
+    _IN_IGNORED = 0x00008000
+    _IN_ONLYDIR = 0x01000000
+    _IN_NONBLOCK = os.O_NONBLOCK
+    _IN_CLOEXEC = os.O_CLOEXEC
+    _HEADER = struct.Struct("iIII")  # wd, mask, cookie, len; then the name, NUL-padded
+
+    def __init__(self) -> None:
+        self._libc: ctypes.CDLL | None = None
+        self.fd = -1
+        self._wd: dict[tuple[str, str], int] = {}  # (directory as named, what it resolves to) -> watch
+        self._dir: dict[int, str] = {}  # watch -> directory as named
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            fd = libc.inotify_init1(self._IN_NONBLOCK | self._IN_CLOEXEC)
+        except (OSError, AttributeError):  # not Linux, or no inotify in this libc
+            return
+        if fd < 0:
+            log.info("no inotify for renames (%s): renamed files wait for the quiet period",
+                     os.strerror(ctypes.get_errno()))
+            return
+        libc.inotify_add_watch.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32]
+        libc.inotify_rm_watch.argtypes = [ctypes.c_int, ctypes.c_int]
+        self._libc, self.fd = libc, fd
+
+    def follow(self, directories: dict[str, str]) -> None:
+        """Watch exactly `directories` (as named -> what they resolve to): a directory whose
+        link now resolves elsewhere is watched again."""
+        if self._libc is None:
+            return
+        wanted = set(directories.items())
+        for key in self._wd.keys() - wanted:
+            wd = self._wd.pop(key)
+            if self._dir.get(wd) == key[0] and wd not in self._wd.values():
+                del self._dir[wd]
+                self._libc.inotify_rm_watch(self.fd, wd)  # (fails harmlessly if the directory is gone)
+        for key in sorted(wanted - self._wd.keys()):
+            wd = self._libc.inotify_add_watch(self.fd, os.fsencode(key[0]), self._IN_MOVED_TO | self._IN_ONLYDIR)
+            if wd < 0:
+                log.debug("no rename watch on %s: %s", key[0], os.strerror(ctypes.get_errno()))
+                continue
+            self._wd[key] = wd  # (the same directory under two names shares one watch: the last name wins)
+            self._dir[wd] = key[0]
+
+    def read(self) -> set[str]:
+        """The paths renamed in since the last read (as named under the watched directories)."""
+        out: set[str] = set()
+        while self.fd >= 0:
+            try:
+                data = os.read(self.fd, 65536)
+            except BlockingIOError:
+                break
+            at = 0
+            while at + self._HEADER.size <= len(data):
+                wd, mask, _cookie, size = self._HEADER.unpack_from(data, at)
+                at += self._HEADER.size
+                name = data[at:at + size].split(b"\0", 1)[0]
+                at += size
+                if mask & self._IN_IGNORED:  # the directory is gone
+                    self._dir.pop(wd, None)
+                elif mask & self._IN_MOVED_TO and wd in self._dir and name:
+                    out.add(os.path.join(self._dir[wd], os.fsdecode(name)))
+        return out
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
 class DirectorySource:
     def __init__(self, dirs: list[Path], debounce_ms: int = DEFAULT_DEBOUNCE_MS,
                  limits: Limits = DEFAULT_LIMITS) -> None:
@@ -252,12 +363,18 @@ class DirectorySource:
         self.debounce_ms = debounce_ms
         self.limits = limits
         self._debounce = Debounce(debounce_ms / 1000)
-        self._seen: dict[str, Visible] = {}  # the last scan
+        self._seen: dict[str, Visible] = {}  # the last look
+        self._entered: dict[str, str] = {}  # the directories the last scan entered (name -> real)
+        self._index: list[tuple[str, str]] | None = None  # `_targets` of `_seen`, kept until it changes
         self._held: dict[str, int] = {}  # origins delivered -> how many objects they hold
         self._emptied: dict[str, int] = {}  # origins emptied -> how many objects they held
+        self._echo: dict[str, Visible] = {}  # names applied on a rename -> what they were then
+        self.scans = 0  # whole-tree looks (`scan_tree`) since the start
 
     def initial(self) -> list[SourceEvent]:
-        self._seen = scan(self.dirs)
+        self._seen, self._entered = scan_tree(self.dirs)
+        self._index = None
+        self.scans += 1
         return self._track([load(v, self.dirs, self.limits) for v in self._seen.values()])
 
     def _track(self, events: Iterable[Replace]) -> list[SourceEvent]:
@@ -285,19 +402,25 @@ class DirectorySource:
             out.append(ev)
         return out
 
-    def _targets(self, current: dict[str, Visible]) -> list[tuple[str, str]]:
-        """(path, name), sorted: each name under its own path and what it resolves to, now and
-        at the last look."""
+    @staticmethod
+    def _targets(*looks: dict[str, Visible]) -> list[tuple[str, str]]:
+        """(path, name), sorted: each name of `looks` under its own path and what it resolves to."""
         out = set()
-        for name in current.keys() | self._seen.keys():
-            out.add((os.path.abspath(name), name))
-            out.update((v.real, name) for v in (current.get(name), self._seen.get(name)) if v is not None)
+        for look in looks:
+            for name, v in look.items():
+                out.add((os.path.abspath(name), name))
+                out.add((v.real, name))
         return sorted(out)
 
+    def _seen_targets(self) -> list[tuple[str, str]]:
+        if self._index is None:
+            self._index = self._targets(self._seen)
+        return self._index
+
     @staticmethod
-    def _touched_by(changed: str, targets: list[tuple[str, str]]) -> set[str]:
+    def _touched_by(changed: str, targets: list[tuple[str, str]], under: bool = True) -> set[str]:
         """The names an inotify event at `changed` may have changed: that name, what it
-        resolves to, or anything under either (`targets`, see `_targets`)."""
+        resolves to, or (`under`) anything under either (`targets`, see `_targets`)."""
         here = os.path.abspath(changed)
         out: set[str] = set()
         for mark in {here, os.path.realpath(here)}:
@@ -305,33 +428,137 @@ class DirectorySource:
             while i < len(targets) and targets[i][0] == mark:
                 out.add(targets[i][1])
                 i += 1
-            under = mark.rstrip(os.sep) + os.sep
-            i = bisect.bisect_left(targets, (under, ""))
-            while i < len(targets) and targets[i][0].startswith(under):
+            if not under:
+                continue
+            prefix = mark.rstrip(os.sep) + os.sep
+            i = bisect.bisect_left(targets, (prefix, ""))
+            while i < len(targets) and targets[i][0].startswith(prefix):
                 out.add(targets[i][1])
                 i += 1
         return out
 
-    def tick(self, changed: Iterable[str], now: float) -> list[SourceEvent]:
-        """Take inotify events (paths) seen by `now`, look again, and return the events of the
-        names that have been quiet for the debounce since they last changed."""
-        current = scan(self.dirs)
-        targets = self._targets(current) if changed else []
+    def _names_at(self, changed: set[str]) -> set[str] | None:
+        """The names events at `changed` may have changed, when each is a file (not a
+        directory, not a link to one, and none before): a look at those names is enough.
+        None: some event was at a directory, so the tree must be looked at again whole."""
+        entered = {os.path.abspath(d): d for d in self._entered}
+        on_their_own = {os.path.abspath(p): str(p) for p in self.dirs}
+        targets = self._seen_targets()
+        names: set[str] = set()
         for path in changed:
-            for name in self._touched_by(path, targets):
+            here = os.path.abspath(path)
+            if here in entered or os.path.isdir(here):
+                return None  # a directory (or a link to one) appeared, changed or went
+            prefix = here.rstrip(os.sep) + os.sep
+            i = bisect.bisect_left(targets, (prefix, ""))
+            if i < len(targets) and targets[i][0].startswith(prefix):
+                return None  # names were found under it: it was a directory
+            parent, base = os.path.split(here)
+            if here in on_their_own:
+                if on_their_own[here].endswith(SUFFIXES):
+                    names.add(on_their_own[here])
+            elif parent in entered and not base.startswith(".") and base.endswith(SUFFIXES):
+                names.add(os.path.join(entered[parent], base))
+            names |= self._touched_by(here, targets, under=False)  # links resolving to it
+        return names
+
+    def _look(self, names: set[str]) -> tuple[dict[str, Visible], set[str]] | None:
+        """The last look with `names` looked at again (and `names`), or None when one of them
+        is, or was, a directory (refused or not): that takes a look at the whole tree."""
+        current = dict(self._seen)
+        for name in names:
+            before = self._seen.get(name)
+            if before is not None and before.refusal is not None:
+                return None
+            found = _file(name)
+            if found is None:
+                current.pop(name, None)
+            elif stat.S_ISDIR(found.signature[-1]):
+                return None
+            else:
+                current[name] = found
+        return current, names
+
+    def tick(self, changed: Iterable[str], now: float, moved_in: Iterable[str] = (),
+             full: bool | None = None) -> list[SourceEvent]:
+        """Take inotify events (paths) seen by `now`, look again, and return the events of the
+        names that have been quiet for the debounce since they last changed, and of the names
+        renamed into place (`moved_in`: `RenameWatch`), which apply at once.
+
+        The look: only the names the events point at and those still waiting, when every
+        event is at a file; the whole tree (`scan_tree`) when an event is at a directory or a
+        link to one, or with `full`. Without `full`, a tick with no events at all looks at the
+        whole tree (the caller cannot say what changed); `run` passes False on a tick that
+        only ends a quiet period."""
+        changed, moved = set(changed), set(moved_in)
+        changed |= moved
+        names = None if full or (full is None and not changed) else self._names_at(changed)
+        look = None if names is None else self._look(names | self._debounce.pending())
+        if names is None or look is None:
+            names = None
+            current, entered = scan_tree(self.dirs)
+            self.scans += 1
+            looked: set[str] = current.keys() | self._seen.keys()
+            targets = self._targets(current, self._seen) if changed else []
+        else:
+            current, looked = look
+            entered = self._entered
+            targets = self._seen_targets()
+        pending = self._debounce.pending()
+        touched = set(names or ())
+        for path in changed:
+            touched |= self._touched_by(path, targets)
+        for name in touched:
+            # The watch's own report of a rename already applied (it comes after RenameWatch's)
+            # finds the file as it was applied: not a change.
+            echo = self._echo.pop(name, None)
+            if echo is None or echo != current.get(name):
                 self._debounce.touch(name, now)
-        for name in current.keys() | self._seen.keys():
+        for name in looked:
             if current.get(name) != self._seen.get(name):
                 self._debounce.touch(name, now)
-        self._seen = current
+        arrived = [n for n in self._arrived(moved, current, looked)
+                   if n in pending or current.get(n) != self._seen.get(n)]
+        if names is None or any((current[n].real if n in current else None)
+                                != (self._seen[n].real if n in self._seen else None) for n in looked):
+            self._index = None  # names or what they resolve to changed
+        self._seen, self._entered = current, entered
         out: list[Replace] = []
-        for name in self._debounce.due(now):
+        for name in arrived:
+            self._debounce.forget(name)
+            if name in current:
+                self._echo[name] = current[name]
+        for name in sorted(set(arrived) | set(self._debounce.due(now))):
             found = current.get(name)
             if found is not None:
                 out.append(load(found, self.dirs, self.limits))
             elif name in self._held:
                 out.append(Replace(name, ()))
         return self._track(out)
+
+    @staticmethod
+    def _arrived(moved: set[str], current: dict[str, Visible], looked: Iterable[str]) -> list[str]:
+        """The names that `moved` (paths renamed into place) brought: a file renamed to a name,
+        or a link renamed over another (`ln -sfn`, a ConfigMap's `..data`, git-sync's link)
+        that a name resolves through. A directory renamed in is not among them: files may
+        still be written into it; they wait for their quiet period."""
+        out: list[str] = []
+        for path in moved:
+            try:
+                mode = os.lstat(path).st_mode
+            except OSError:
+                continue
+            if not (stat.S_ISREG(mode) or stat.S_ISLNK(mode)):
+                continue
+            here = os.path.abspath(path)
+            real = os.path.realpath(path)
+            for name in looked:
+                v = current.get(name)
+                if v is None:
+                    continue
+                if os.path.abspath(name) == here or v.real == real or v.real.startswith(real.rstrip(os.sep) + os.sep):
+                    out.append(name)
+        return out
 
     def next_due(self) -> float | None:
         """When `tick` has something due even without a new event."""
@@ -343,31 +570,54 @@ class DirectorySource:
             await sink([*self.initial(), Synced(self.name)])
             log.warning("no config directory exists among %s; nothing to watch", self.dirs)
             await asyncio.Event().wait()
-        queue: asyncio.Queue[set[str]] = asyncio.Queue()
+        # (paths changed, paths renamed into place)
+        queue: asyncio.Queue[tuple[set[str], set[str]]] = asyncio.Queue()
         step = max(1, min(10, self.debounce_ms // 10))
 
         async def pump() -> None:
             async for changes in watchfiles.awatch(*existing, debounce=max(step, self.debounce_ms), step=step,
                                                    recursive=True, rust_timeout=0):
-                queue.put_nowait({path for _change, path in changes})
+                queue.put_nowait(({path for _change, path in changes}, set()))
+
+        renames = RenameWatch()
+
+        def renamed() -> None:
+            moved = renames.read()
+            if moved:
+                queue.put_nowait((set(), moved))
 
         loop = asyncio.get_running_loop()
-        async with asyncio.TaskGroup() as tasks:
-            tasks.create_task(pump())
-            await asyncio.sleep(0)  # the watcher is set up: nothing changed from here on is missed
-            # Scans and reads run in a thread: a large tree must not stall the event loop.
-            await sink([*await asyncio.to_thread(self.initial), Synced(self.name)])
-            while True:
-                due = self.next_due()
-                changed: set[str] = set()
-                try:
-                    changed = await asyncio.wait_for(queue.get(), None if due is None else max(0.0, due - loop.time()))
-                    while not queue.empty():
-                        changed |= queue.get_nowait()
-                except TimeoutError:
-                    pass
-                events = await asyncio.to_thread(self.tick, changed, loop.time())
-                if events:
-                    log.info("config files changed: %s",
-                             ", ".join(e.origin for e in events if isinstance(e, Replace)))
-                    await sink(events)
+        try:
+            if renames.fd >= 0:
+                loop.add_reader(renames.fd, renamed)
+            async with asyncio.TaskGroup() as tasks:
+                tasks.create_task(pump())
+                await asyncio.sleep(0)  # the watcher is set up: nothing changed from here on is missed
+                # Scans and reads run in a thread: a large tree must not stall the event loop.
+                initial = await asyncio.to_thread(self.initial)
+                renames.follow(self._entered)
+                await sink([*initial, Synced(self.name)])
+                while True:
+                    due = self.next_due()
+                    changed: set[str] = set()
+                    moved: set[str] = set()
+                    try:
+                        changed, moved = await asyncio.wait_for(
+                            queue.get(), None if due is None else max(0.0, due - loop.time()))
+                        while not queue.empty():
+                            more, more_moved = queue.get_nowait()
+                            changed |= more
+                            moved |= more_moved
+                    except TimeoutError:
+                        pass
+                    events = await asyncio.to_thread(self.tick, changed, loop.time(), moved,
+                                                     None if changed or moved else False)
+                    renames.follow(self._entered)
+                    if events:
+                        log.info("config files changed: %s",
+                                 ", ".join(e.origin for e in events if isinstance(e, Replace)))
+                        await sink(events)
+        finally:
+            if renames.fd >= 0:
+                loop.remove_reader(renames.fd)
+            renames.close()
