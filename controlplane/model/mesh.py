@@ -103,6 +103,9 @@ class Mesh:
     # controlplane.model.serviceentry) and WorkloadEntries
     service_entries: tuple[ServiceEntry, ...] = ()
     workload_entries: tuple[WorkloadEntry, ...] = ()
+    # host -> every ServiceEntry Service of a host several entries declare, sorted by
+    # (namespace, name): `service` picks one per client namespace (model.serviceentry)
+    entry_candidates: Mapping[Hostname, tuple[Service, ...]] = field(default_factory=dict)
 
     # Derived indexes, computed once in build_mesh().
     vs_by_host: Mapping[Hostname, VirtualService] = field(default_factory=dict)
@@ -131,7 +134,11 @@ class Mesh:
         rules = self.drs_by_host.get(host)
         if not rules:
             return None
-        return _lookup(rules, host, client_namespace, self.root_namespace, self.services, client_selectors)
+        services = self.services
+        if host in self.entry_candidates:  # the entry this namespace gets is the service's namespace
+            svc = self.service(host, client_namespace)
+            services = {host: svc} if svc is not None else {}
+        return _lookup(rules, host, client_namespace, self.root_namespace, services, client_selectors)
 
     def virtual_service(self, host: Hostname, client_namespace: str) -> VirtualService | None:
         """The VirtualService for `host` that applies to clients in `client_namespace` (the
@@ -142,6 +149,28 @@ class Mesh:
             vs = self.vs_by_host.get(host)
             return vs if vs is not None and visible_to(vs.export_to, vs.namespace, client_namespace) else None
         return _vs_lookup(candidates, client_namespace)
+
+    def service(self, host: Hostname, client_namespace: str) -> Service | None:
+        """The Service clients in `client_namespace` reach as `host`: a Kubernetes Service, else
+        the ServiceEntry host Istio's lookup gives them (`entry_lookup`: their namespace's own,
+        exported to them by name, exported everywhere), None when none is visible to them.
+        The translators' one way to resolve a hostname for a client namespace."""
+        candidates = self.entry_candidates.get(host)
+        if candidates is not None:
+            return entry_lookup(candidates, client_namespace)
+        svc = self.services.get(host)
+        if svc is None or svc.entry is None or visible_to(svc.entry.export_to, svc.namespace, client_namespace):
+            return svc
+        return None
+
+    def registry_key(self, svc: Service) -> Hostname:
+        """The key of `svc`'s endpoints in `endpoints` and the host part of its cluster names:
+        its hostname, except for a ServiceEntry host that another entry of the same host holds
+        in `services` (`entry_key`)."""
+        held = self.services.get(svc.hostname)
+        if held is svc or held == svc or svc.entry is None:
+            return svc.hostname
+        return entry_key(svc)
 
     def workload(self, namespace: str, name: str | None) -> Workload | None:
         if not name:
@@ -259,6 +288,30 @@ def build_mesh(
         services_by_selector_head={k: tuple(v) for k, v in by_head.items()},
         sidecars_by_namespace={ns: tuple(v) for ns, v in sorted(sidecars_by_ns.items())},
     )
+
+
+def entry_key(svc: Service) -> Hostname:
+    """The registry key (and cluster host part) of a ServiceEntry host `svc` that is not the
+    one `Mesh.services` holds for its hostname: `<host>~<namespace>/<name>`
+    (controlplane.model.serviceentry)."""
+    return Hostname(f"{svc.hostname}~{svc.namespace}/{svc.name}")
+
+
+def entry_lookup(candidates: Sequence[Service], client_namespace: str) -> Service | None:
+    """The ServiceEntry host of `candidates` (one host's, sorted by (namespace, name)) that
+    clients in `client_namespace` get, in Istio's class order: private to their namespace,
+    exported to it by name, exported everywhere; the first of the best class."""
+    best: tuple[int, Service] | None = None
+    for svc in candidates:
+        export = svc.entry.export_to if svc.entry is not None else ()
+        if not visible_to(export, svc.namespace, client_namespace):
+            continue
+        rank = 2 if _is_public(export) else 0 if svc.namespace == client_namespace else 1
+        if rank == 0:
+            return svc
+        if best is None or rank < best[0]:
+            best = (rank, svc)
+    return best[1] if best is not None else None
 
 
 def visible_to(export_to: Sequence[str], owner_namespace: str, client_namespace: str) -> bool:

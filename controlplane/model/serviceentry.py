@@ -23,10 +23,20 @@ Two-label names: VirtualService and DestinationRule hosts written `a.b` mean the
 Service `a.b.svc.cluster.local` in Meshline; when no such Service exists and an entry declares
 the host `a.b` (`httpbin.org`), they mean that host, as in Istio (`alias_entry_hosts`).
 
-Conflicts: a Kubernetes Service with the same hostname wins (warning on the entry); of two
-entries with one host, one exported to every namespace wins over one that is not (a private
-entry of namespace A must not hide B's entry from B's clients), then the first by
-(namespace, name) (warning on the other).
+Conflicts: a Kubernetes Service with the same hostname wins (warning on the entry; Istio
+does not let an entry squat a Kubernetes Service's name). Of several entries with one host,
+each client namespace gets its own (Istio's `servicesExportedToNamespace` order, then the
+first one kept by `SidecarScope.appendSidecarServices`): the entries private to its own
+namespace, then those exported to it by name, then those exported everywhere; within each
+class the oldest (`metadata.creationTimestamp`) in Istio, the first by (namespace, name) in
+Meshline. `Mesh.service(host, client_namespace)` is that lookup, the one translators use.
+`Mesh.services[host]` holds one entry per host (the first exported everywhere, else the
+first by (namespace, name)); the others that win for some namespace keep their endpoints
+under their own registry key `entry_key` (`<host>~<namespace>/<name>`), which also names
+their clusters (`outbound|<port>||<host>~<namespace>/<name>`), so two namespaces that resolve
+a host to different entries never get different content under one cluster name (a node
+proxy or waypoint serving both holds both). An entry that loses a namespace it is
+exported to gets a warning naming the winner and the namespaces.
 """
 
 from __future__ import annotations
@@ -51,6 +61,7 @@ from controlplane.model.ir import (
     WorkloadEntry,
     labels_match,
 )
+from controlplane.model.mesh import entry_key, entry_lookup, visible_to
 
 TLS_MODE_LABEL = "security.istio.io/tlsMode"
 
@@ -103,31 +114,48 @@ def entry_endpoints(se: ServiceEntry, workloads: Iterable[Workload], workload_en
 
 def registry_services(entries: Iterable[ServiceEntry], workloads: Mapping[tuple[str, str], Workload],
                       workload_entries: Iterable[WorkloadEntry], kube_services: Mapping[Hostname, Service],
-                      trust_domain: str) -> tuple[dict[Hostname, Service], dict[Hostname, tuple[EndpointSet, ...]]]:
-    """(host -> Service, host -> endpoint sets) of the ServiceEntries' hosts (entries sorted
-    by (namespace, name); hosts of Kubernetes Services and of earlier entries are skipped).
-    Entries visible to every namespace come first (`claim_order`)."""
+                      trust_domain: str) -> tuple[dict[Hostname, Service], dict[Hostname, tuple[EndpointSet, ...]],
+                                                  dict[Hostname, tuple[Service, ...]]]:
+    """(host -> Service, registry key -> endpoint sets, host -> candidates) of the entries'
+    hosts (entries sorted by (namespace, name); hosts of Kubernetes Services are skipped).
+    The Service of a host is the first entry by `claim_order` (exported everywhere first);
+    `candidates` lists, for a host several entries declare, each of them in (namespace, name)
+    order (`Mesh.service` picks per client namespace); the endpoint sets of a candidate that
+    is not the host's Service are under its `entry_key`."""
     services: dict[Hostname, Service] = {}
     endpoints: dict[Hostname, tuple[EndpointSet, ...]] = {}
+    by_host: dict[Hostname, list[Service]] = {}
     wes = tuple(workload_entries)
-    for se in claim_order(entries):
+    items = list(entries)
+    rank = {id(se): i for i, se in enumerate(claim_order(items))}
+    for se in items:
         sets: tuple[EndpointSet, ...] | None = None
         for host in se.hosts:
-            if host in kube_services or host in services:
+            if host in kube_services:
                 continue
             if sets is None:
                 sets = entry_endpoints(se, workloads.values(), wes, trust_domain)
             ip = se.info.addresses[0] if len(se.info.addresses) == 1 and "/" not in se.info.addresses[0] else None
-            services[host] = Service(se.ref, se.namespace, se.name, host, ip, se.ports, entry=se.info,
-                                     labels=se.labels)
+            svc = Service(se.ref, se.namespace, se.name, host, ip, se.ports, entry=se.info, labels=se.labels)
+            by_host.setdefault(host, []).append(svc)
             host_sets = sets
             if not sets and se.info.resolution in ("DNS", "DNS_ROUND_ROBIN") and se.workload_selector is None:
                 host_sets = (EndpointSet(se.ref, se.namespace, se.name,
                                          tuple(EndpointPort(sp.name, _port_of(sp, {})) for sp in se.ports),
                                          (Endpoint(str(host), mesh_tls=False),)),)
             if host_sets:
-                endpoints[host] = host_sets
-    return services, endpoints
+                endpoints[entry_key(svc)] = host_sets
+    order = {(se.namespace, se.name): rank[id(se)] for se in items}
+    candidates: dict[Hostname, tuple[Service, ...]] = {}
+    for host, svcs in by_host.items():
+        first = min(svcs, key=lambda v: order[(v.namespace, v.name)])
+        services[host] = first
+        sets = endpoints.pop(entry_key(first), None)
+        if sets:
+            endpoints[host] = sets
+        if len(svcs) > 1:
+            candidates[host] = tuple(svcs)
+    return services, endpoints, candidates
 
 
 def _public(se: ServiceEntry) -> bool:
@@ -135,33 +163,59 @@ def _public(se: ServiceEntry) -> bool:
 
 
 def claim_order(entries: Iterable[ServiceEntry]) -> list[ServiceEntry]:
-    """The order in which entries claim hosts: those visible to every namespace first, then
-    the others, each group in the given order. The registry is one for all namespaces, so an
-    entry exported only to some (`exportTo: ["."]`) must not take a host from the clients
-    another namespace's entry serves: Istio builds each namespace's registry from the
-    services exported to it, where a private entry of namespace A never displaces B's."""
+    """The order in which entries claim the one Service `Mesh.services` holds for a host: those
+    visible to every namespace first, then the others, each group in the given order (what a
+    namespace without entries of its own sees; other namespaces: `entry_lookup`)."""
     items = list(entries)
     return [se for se in items if _public(se)] + [se for se in items if not _public(se)]
 
 
 def check_service_entries(entries: Iterable[ServiceEntry], kube_services: Mapping[Hostname, Service],
-                          registry: Mapping[Hostname, Service]) -> list[Issue]:
-    """Warnings for hosts that another definition holds."""
+                          candidates: Mapping[Hostname, tuple[Service, ...]]) -> list[Issue]:
+    """Warnings for hosts that a Kubernetes Service holds, and for entries that another entry
+    of the same host beats in some namespace the entry is exported to."""
     out: list[Issue] = []
-    for se in claim_order(entries):
+    for se in entries:
         for i, host in enumerate(se.hosts):
             field = f"spec.hosts[{i}]"
             if host in kube_services:
                 out.append(Issue(se.ref, field, f"{host} is a Kubernetes Service's hostname: the Service defines it "
                                                 "and this host is ignored", "warning", se.ref.line))
                 continue
-            owner = registry.get(host)
-            if owner is not None and owner.ref != se.ref:
-                out.append(Issue(se.ref, field, f"{host} is also a host of {owner.ref.display}, which is exported "
-                                                "as widely or more and comes first by namespace and name, and "
-                                                "defines it: this host is ignored",
-                                 "warning", se.ref.line))
+            lost = _lost(se, candidates.get(host, ()))
+            if lost:
+                out.append(Issue(se.ref, field, f"{host} is also a host of {lost}; clients there get that entry "
+                                                "(the one private to their namespace, then one exported to it by "
+                                                "name, then one exported everywhere, first by namespace and name), "
+                                                "not this one", "warning", se.ref.line))
     return out
+
+
+def _lost(se: ServiceEntry, candidates: tuple[Service, ...]) -> str:
+    """Where `se` loses its host to another candidate: "ServiceEntry/ns/name for clients in
+    ..." parts joined by "; " ("" when it loses nowhere it is visible)."""
+    if len(candidates) < 2:
+        return ""
+    names = {se.namespace, *(n for n in se.info.export_to if n not in (".", "*", "~")),
+             *(c.namespace for c in candidates), *(n for c in candidates for n in c.entry.export_to  # type: ignore[union-attr]
+                                                   if n not in (".", "*", "~")), ""}
+    visible = [ns for ns in sorted(names) if visible_to(se.info.export_to, se.namespace, ns)]
+    by_winner: dict[str, list[str]] = {}
+    for ns in visible:
+        winner = entry_lookup(candidates, ns)
+        if winner is not None and winner.ref != se.ref:
+            by_winner.setdefault(winner.ref.display, []).append(ns)
+    parts = []
+    for name, nss in by_winner.items():
+        named = [n for n in nss if n]
+        if "" in nss and len(nss) == len(visible):
+            where = "every namespace"
+        elif "" in nss:
+            where = f"namespaces {', '.join(named)} and every other namespace" if named else "every other namespace"
+        else:
+            where = f"namespace{'s' if len(named) > 1 else ''} {', '.join(named)}"
+        parts.append(f"{name} for clients in {where}")
+    return "; ".join(parts)
 
 
 _K8S_SUFFIX = ".svc.cluster.local"

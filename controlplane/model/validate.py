@@ -88,7 +88,7 @@ def check_mesh(mesh: Mesh) -> tuple[Issue, ...]:
     issues.extend(check_jwt_conditions(mesh))
     if mesh.service_entries:
         kube = {h: s for h, s in mesh.services.items() if s.entry is None}
-        issues.extend(check_service_entries(mesh.service_entries, kube, mesh.services))
+        issues.extend(check_service_entries(mesh.service_entries, kube, mesh.entry_candidates))
         issues.extend(ambient_entry_issues(mesh))
     return tuple(issues)
 

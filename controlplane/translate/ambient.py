@@ -138,7 +138,7 @@ def _route_backends(mesh: Mesh, svc: Service,
     dests = [d.destination for hr in vs.http for d in hr.route] + [m.destination for hr in vs.http for m in hr.mirrors]
     dests += [d.destination for tr in vs.tcp for d in tr.route]
     for dest in dict.fromkeys(dests):
-        dsvc = mesh.services.get(dest.host)
+        dsvc = mesh.service(dest.host, namespace)
         if dsvc is None or service_vip(dsvc) is None:
             continue
         labels: Labels | None = None

@@ -113,11 +113,12 @@ class VirtualHostInput:
 
 def _target(mesh: Mesh, dest: Destination, port: int, namespace: str,
             classes: frozenset[Labels] = frozenset()) -> Target:
-    svc = mesh.services.get(dest.host)
+    svc = mesh.service(dest.host, namespace)  # the Service (or entry) clients in `namespace` get
     dport = destination_port(dest, port, svc)
     dr = mesh.destination_rule(dest.host, namespace, classes)
     lb = effective_policy(dr, dport, dest.subset).load_balancer
-    return Target(outbound_cluster_name(dport, dest.host, dest.subset), lb.consistent_hash if lb else None)
+    key = mesh.registry_key(svc) if svc is not None else dest.host
+    return Target(outbound_cluster_name(dport, key, dest.subset), lb.consistent_hash if lb else None)
 
 
 def plan_virtual_host(

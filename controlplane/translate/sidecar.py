@@ -84,7 +84,6 @@ from controlplane.translate.names import (
     VIRTUAL_INBOUND,
     VIRTUAL_OUTBOUND,
     dedupe_domains,
-    destination_cluster,
     destination_port,
     outbound_cluster_name,
     route_config_name,
@@ -128,7 +127,7 @@ def service_identities(mesh: Mesh, svc: Service, sidecars_only: bool) -> tuple[s
     """The SPIFFE URIs of the service accounts of the Pods behind `svc`'s endpoints (only of
     those running a sidecar, with `sidecars_only`)."""
     uris = set()
-    for eps in mesh.endpoints.get(svc.hostname, ()):
+    for eps in mesh.endpoints.get(mesh.registry_key(svc), ()):
         for ep in eps.endpoints:
             wl = mesh.workload(eps.namespace, ep.pod)
             if wl is not None and (runs_sidecar(wl) or not sidecars_only):
@@ -147,7 +146,8 @@ def _cluster_specs(mesh: Mesh, svc: Service, namespace: str, scope: Scope | None
     if not entry_visible(svc, namespace):
         return []
     dr = _dr(mesh, svc, namespace, source_labels_of(scope))
-    sets = mesh.endpoints.get(svc.hostname, ())
+    key = mesh.registry_key(svc)  # the hostname, or a ServiceEntry's own key (Mesh.service)
+    sets = mesh.endpoints.get(key, ())
     peers = (service_identities(mesh, svc, True), service_identities(mesh, svc, False))
     single = len(svc.ports) == 1
     subsets: list[tuple[str | None, tuple[tuple[str, str], ...] | None]] = [(None, None)]
@@ -164,7 +164,7 @@ def _cluster_specs(mesh: Mesh, svc: Service, namespace: str, scope: Scope | None
                 out += tunnel_cluster_specs(mesh, svc, sp, subset, labels, WORKLOAD_SECRET, via_waypoint=True)
             continue
         for subset, labels in subsets:
-            name = outbound_cluster_name(sp.port, svc.hostname, subset)
+            name = outbound_cluster_name(sp.port, key, subset)
             policy = effective_policy(dr, sp.port, subset)
             lb = policy.load_balancer
             eps, cla_args = locality_endpoints(sets, sp, single, mesh.workloads, labels, lb.locality_lb if lb else None,
@@ -253,8 +253,16 @@ def tcp_target(mesh: Mesh, svc: Service, port: int, namespace: str,
     destinationSubnets (the service's cluster IP) all do."""
     dests = _tcp_destinations(mesh, svc, port, namespace, source_labels)
     if len(dests) == 1 and dests[0][0] == Destination(svc.hostname, None, port):
-        return (WeightedCluster(outbound_cluster_name(port, svc.hostname)),)
-    return tuple(WeightedCluster(destination_cluster(d, port, mesh.services), w) for d, w in dests)
+        return (WeightedCluster(outbound_cluster_name(port, mesh.registry_key(svc))),)
+    return tuple(WeightedCluster(_destination_cluster(mesh, d, port, namespace), w) for d, w in dests)
+
+
+def _destination_cluster(mesh: Mesh, dest: Destination, port: int, namespace: str) -> str:
+    """The cluster a destination names for clients in `namespace` (the Service `Mesh.service`
+    resolves its host to)."""
+    svc = mesh.service(dest.host, namespace)
+    dport = destination_port(dest, port, svc)
+    return outbound_cluster_name(dport, mesh.registry_key(svc) if svc is not None else dest.host, dest.subset)
 
 
 def tcp_hashes_source_ip(mesh: Mesh, svc: Service, port: int, namespace: str,
@@ -263,7 +271,7 @@ def tcp_hashes_source_ip(mesh: Mesh, svc: Service, port: int, namespace: str,
     sends to has a DestinationRule `consistentHash.useSourceIp` for clients in `namespace`
     (Envoy's tcp_proxy takes its hash key from its own `hash_policy`, not the cluster's)."""
     for dest, _ in _tcp_destinations(mesh, svc, port, namespace, source_labels):
-        dport = destination_port(dest, port, mesh.services.get(dest.host))
+        dport = destination_port(dest, port, mesh.service(dest.host, namespace))
         lb = effective_policy(mesh.destination_rule(dest.host, namespace, source_labels), dport,
                               dest.subset).load_balancer
         if lb is None or lb.consistent_hash is None or not lb.consistent_hash.use_source_ip:
@@ -350,11 +358,13 @@ def plan_outbound(
                 scoped.setdefault(port, []).append(svc)
         by_port = scoped
         hosts = {s.hostname for on_port in scoped.values() for s in on_port}
-    if mesh.service_entries:  # ServiceEntry hosts reach only the namespaces they are exported to
-        by_port = {p: kept for p, on in by_port.items() if (kept := [s for s in on if entry_visible(s, namespace)])}
-        hosts = [h for h in hosts if entry_visible(mesh.services[h], namespace)]
+    resolved: Mapping[Hostname, Service] = mesh.services
+    if mesh.service_entries:  # ServiceEntry hosts: the one this namespace gets (Mesh.service), if any
+        resolved = {h: svc for h in hosts if (svc := mesh.service(h, namespace)) is not None}
+        by_port = _by_port(resolved.values(), scope)
+        hosts = list(resolved)
     for host in sorted(hosts):
-        specs += _cluster_specs(mesh, mesh.services[host], namespace, scope, capture, client)
+        specs += _cluster_specs(mesh, resolved[host], namespace, scope, capture, client)
     specs += _authorizer_specs(mesh, namespace, capture, scope, client)
     for port, on_port in sorted(by_port.items()):
         services = sorted(on_port, key=lambda s: s.hostname)
@@ -382,6 +392,16 @@ def plan_outbound(
     return _unique(specs)
 
 
+def _by_port(services: Iterable[Service], scope: Scope | None) -> dict[int, list[Service]]:
+    """port -> the services (sorted by hostname) with that port (in `scope`, when given)."""
+    out: dict[int, list[Service]] = {}
+    for svc in sorted(services, key=lambda s: s.hostname):
+        for sp in svc.ports:
+            if scope is None or (svc.hostname, sp.port) in scope:
+                out.setdefault(sp.port, []).append(svc)
+    return out
+
+
 def _unique(specs: list[ResourceSpec]) -> list[ResourceSpec]:
     """Sorted by (type, name); a resource several services share (a waypoint's tunnel) once."""
     return sorted({(s.type_url, s.name): s for s in reversed(specs)}.values(), key=lambda s: (s.type_url, s.name))
@@ -402,7 +422,7 @@ def plan_outbound_hosts(
     specs: list[ResourceSpec] = []
     wanted = frozenset(hosts)
     for host in sorted(wanted):
-        svc = mesh.services.get(host)
+        svc = mesh.service(host, namespace)
         if svc is not None:
             specs += _cluster_specs(mesh, svc, namespace, scope, capture, client)
     specs += _authorizer_specs(mesh, namespace, capture, scope, client, wanted)
