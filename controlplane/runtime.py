@@ -130,6 +130,9 @@ class Runtime:
     metrics: Metrics = field(default_factory=Metrics)
     identity: IdentityService | None = None
     gc_policy: GcPolicy | None = None  # `serve` sets one; tests leave the collector alone
+    # The debounce's clock (seconds, monotonic); tests inject their event loop's virtual clock
+    # (tests/virtualtime.py). It must agree with the loop the rebuild loop sleeps on.
+    clock: Callable[[], float] = time.monotonic
 
     def __post_init__(self) -> None:
         self.store = MeshStore(trust_domain=self.settings.trust_domain, root_namespace=self.settings.root_namespace,
@@ -234,7 +237,7 @@ class Runtime:
             self.mark_dirty()
 
     def mark_dirty(self, urgent: bool = False) -> None:
-        now = time.monotonic()
+        now = self.clock()
         if self._first_dirty is None:
             self._first_dirty = now
         if self.change_started is None and not urgent:
@@ -484,12 +487,12 @@ class Runtime:
             # Debounce. An endpoint change after a quiet window (no rebuild for `debounce`) is
             # pushed at once: the first change of a burst costs no waiting. Changes that follow within the
             # window are coalesced: pushed once they pause for `debounce`, or after `max_wait`.
-            first = self._first_dirty or time.monotonic()
+            first = self._first_dirty or self.clock()
             # (Only endpoint changes skip the wait: objects that belong together, e.g. a
             # VirtualService and its DestinationRule, arrive a few ms apart and must go together.)
             if first - self._last_rebuild < debounce or not self.store.endpoint_only_pending():
                 while True:
-                    now = time.monotonic()
+                    now = self.clock()
                     first = self._first_dirty or now
                     quiet_until = self._last_change + debounce
                     if now >= quiet_until or now - first >= max_wait:
@@ -500,7 +503,7 @@ class Runtime:
             try:
                 self.rebuilding = True
                 await self.rebuild_checked()
-                self._last_rebuild = time.monotonic()
+                self._last_rebuild = self.clock()
                 self.rebuilds += 1
                 failures = 0
             except Exception:  # a translation bug must not kill the control plane

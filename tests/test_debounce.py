@@ -1,6 +1,7 @@
 """Debounce as users see it: the first change after a quiet period is pushed at once, a
 burst that follows is coalesced into one push after it pauses. Runs the real rebuild loop
-(asyncio, no network)."""
+(asyncio, no network); the debounce tests run on a virtual clock (tests/virtualtime.py), so their
+windows cost no wall time and what they measure does not depend on the machine's speed."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from controlplane.model.raw import RawObject
 from controlplane.runtime import Runtime, Settings
 from controlplane.sources.base import Sink, Synced, Upsert
 from controlplane.sources.yamlload import parse_documents
+from tests import virtualtime
 
 
 def slice_obj(ip: str) -> RawObject:
@@ -39,9 +41,10 @@ class ScriptedSource:
 
 @contextlib.asynccontextmanager
 async def running(settings: Settings) -> AsyncIterator[tuple[Runtime, ScriptedSource]]:
-    """A runtime with a scripted source and its rebuild loop, after its first rebuild."""
+    """A runtime with a scripted source and its rebuild loop, after its first rebuild. Its
+    clock is the event loop's (virtual under tests/virtualtime.py)."""
     src = ScriptedSource()
-    rt = Runtime(settings, [src])
+    rt = Runtime(settings, [src], clock=asyncio.get_running_loop().time)
     tasks = [asyncio.create_task(rt.run_sources()), asyncio.create_task(rt.rebuild_loop())]
     try:
         while src.sink is None or rt.rebuilds == 0:
@@ -53,19 +56,24 @@ async def running(settings: Settings) -> AsyncIterator[tuple[Runtime, ScriptedSo
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
-# Wall-clock bounds here hold at any machine speed: a debounce window is a lower bound (the
-# runtime sleeps at least that long, however slow the machine), and the one upper bound ("the
-# first change is pushed before the window closes") has a 3 s window against a rebuild of one
-# EndpointSlice that takes milliseconds (room for a 10x slowdown and more). Waits for
-# something to happen poll with a generous deadline instead of sleeping a fixed time.
+# Times here are the event loop's. On the virtual clock (tests/virtualtime.py) they count only
+# what the runtime and the test wait for on purpose, never the machine's speed: a debounce
+# window is a lower bound (the runtime sleeps at least that long), and "the first change is
+# pushed before the window closes" means the runtime did not wait for the window (rebuilding
+# takes no virtual time). Waits for something to happen poll with a generous deadline (on the
+# virtual clock it passes at once when nothing happens, so a failure does not hang).
 WINDOW_S = 3.0
 DEADLINE_S = 60.0
 
 
+def now() -> float:
+    return asyncio.get_running_loop().time()
+
+
 async def until(cond: Callable[[], object], what: str, timeout: float = DEADLINE_S) -> None:
-    deadline = time.monotonic() + timeout
+    deadline = now() + timeout
     while not cond():
-        if time.monotonic() > deadline:
+        if now() > deadline:
             raise AssertionError(f"{what}: not within {timeout} s")
         await asyncio.sleep(0.005)
 
@@ -80,21 +88,21 @@ def test_first_change_is_pushed_at_once_and_a_burst_is_coalesced() -> None:
         async with running(Settings(debounce_ms=int(WINDOW_S * 1000), debounce_max_ms=30_000)) as (rt, src):
             await asyncio.sleep(WINDOW_S + 0.2)  # quiet for longer than the window
             base = rt.rebuilds
-            t0 = time.monotonic()
+            t0 = now()
             await src.sink([Upsert("web.yaml", slice_obj("10.0.0.1"))])
             await until(lambda: rt.rebuilds > base, "the first change pushed")
-            first_latency = time.monotonic() - t0
+            first_latency = now() - t0
             after_first = rt.rebuilds
             for i in range(5):  # a burst right after: 5 changes 50 ms apart
-                t_last = time.monotonic()  # (taken before the change: the window starts after it)
+                t_last = now()  # (taken before the change: the window starts after it)
                 await src.sink([Upsert("web.yaml", slice_obj(f"10.0.0.{i + 2}"))])
                 await asyncio.sleep(0.05)
             await until(lambda: rt.rebuilds > after_first, "the burst pushed")
-            burst_quiet = time.monotonic() - t_last
+            burst_quiet = now() - t_last
             await asyncio.sleep(0.5)
             return first_latency, after_first - base, rt.rebuilds - after_first, burst_quiet
 
-    first_latency, first_pushes, burst_pushes, burst_quiet = asyncio.run(scenario())
+    first_latency, first_pushes, burst_pushes, burst_quiet = virtualtime.run(scenario())
     assert first_pushes == 1
     assert first_latency < WINDOW_S  # not held back by the debounce window
     assert burst_pushes == 1  # five changes, one push
@@ -118,10 +126,10 @@ def test_other_changes_wait_for_the_debounce_and_identity_changes_rebuild_in_ful
             await src.sink([Upsert("web.yaml", slice_obj("10.0.0.1"))])
             await until(settled(rt, base), "the first slice pushed")
             base = rt.rebuilds
-            t0 = time.monotonic()
+            t0 = now()
             await src.sink([Upsert("svc.yaml", service_obj(80))])
             await until(lambda: rt.rebuilds > base, "the Service change pushed")
-            waited = time.monotonic() - t0
+            waited = now() - t0
             await until(settled(rt, base), "the Service change settled")
             base, before = rt.rebuilds, rt.builder.incremental_rebuilds
             await src.sink([Upsert("web.yaml", slice_obj("10.0.0.5"))])
@@ -134,7 +142,7 @@ def test_other_changes_wait_for_the_debounce_and_identity_changes_rebuild_in_ful
             await until(settled(rt, base), "the change after the identity change pushed")
             return waited, patched, rt.builder.incremental_rebuilds
 
-    waited, patched_before, patched_after = asyncio.run(scenario())
+    waited, patched_before, patched_after = virtualtime.run(scenario())
     assert waited >= 0.3  # the whole 300 ms window (a lower bound: holds on any machine)
     assert patched_after == patched_before  # the endpoint change after it was not a patch
 
