@@ -65,7 +65,9 @@ def istio_crds() -> dict[str, dict[str, Any]]:
     d = istio_api_dir()
     if d is None or not (d / CRDS_FILE).exists():
         pytest.skip("istio.io/api not in the Go module cache and `go mod download` failed (no go or no network)")
-    docs = [doc for doc in yaml.safe_load_all((d / CRDS_FILE).read_text()) if doc]
+    # libyaml's safe loader where PyYAML has it: the same documents, ~9x less CPU (a 0.9 MB file).
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    docs = [doc for doc in yaml.load_all((d / CRDS_FILE).read_text(), Loader=loader) if doc]
     return {doc["spec"]["names"]["kind"]: doc for doc in docs}
 
 

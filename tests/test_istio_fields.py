@@ -43,6 +43,7 @@ from controlplane.translate.plan import ResourceSpec
 from controlplane.translate.proxy import outbound_access_logs
 from controlplane.translate.scope import proxy_scope
 from controlplane.translate.sidecar import plan_inbound, plan_outbound
+from tests.runonce import once
 
 ROOT = Path(__file__).resolve().parent.parent
 CRDS = ROOT / "manifests" / "crds"
@@ -1070,8 +1071,8 @@ def _kinds_and_labels() -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def outcomes() -> list[Outcome]:
-    return all_outcomes()
+def outcomes(tmp_path_factory: pytest.TempPathFactory) -> list[Outcome]:
+    return once(tmp_path_factory, "istio-field-outcomes", all_outcomes)  # one walk per run, not per worker
 
 
 def test_the_field_list_covers_istios_kinds() -> None:
