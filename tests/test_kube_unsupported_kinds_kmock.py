@@ -19,7 +19,7 @@ from tests.test_kubernetes_source_kmock import eventually, running, settled
 
 EXTRA = (
     Resource("WasmPlugin", "extensions.istio.io", "v1alpha1", "wasmplugins"),
-    Resource("TLSRoute", "gateway.networking.k8s.io", "v1alpha2", "tlsroutes"),
+    Resource("UDPRoute", "gateway.networking.k8s.io", "v1alpha2", "udproutes"),
 )
 
 
@@ -31,12 +31,12 @@ def kube(tmp_path: Path) -> Iterator[KubeEnv]:
 
 def test_discovery_finds_served_kinds_and_plans_them(kube: KubeEnv) -> None:
     found = {(r.kind, r.group, r.version) for r in discover(kube.api)}
-    assert {("WasmPlugin", "extensions.istio.io", "v1alpha1"), ("TLSRoute", "gateway.networking.k8s.io", "v1alpha2"),
+    assert {("WasmPlugin", "extensions.istio.io", "v1alpha1"), ("UDPRoute", "gateway.networking.k8s.io", "v1alpha2"),
             ("VirtualService", "networking.istio.io", "v1")} <= found
     watched, use_istio, unsupported = plan_resources(discover(kube.api), istio_api=None)
     assert use_istio and set(ISTIO_RESOURCES) <= set(watched)  # Istio's kinds: no --istio-api needed
     assert {(r.kind, r.group) for r in unsupported} == {("WasmPlugin", "extensions.istio.io"),
-                                                        ("TLSRoute", "gateway.networking.k8s.io")}
+                                                        ("UDPRoute", "gateway.networking.k8s.io")}
 
 
 def test_nothing_served_keeps_istio_off() -> None:
@@ -54,9 +54,9 @@ def test_objects_of_unsupported_kinds_are_reported(kube: KubeEnv) -> None:
             store = rec.store
             by_object = {(i.ref.display, i.field): i for i in store.mesh().issues}
             tel = by_object.get(("WasmPlugin/default/mesh-default", "kind"))
-            route = by_object.get(("TLSRoute/default/reviews-route", "kind"))
+            route = by_object.get(("UDPRoute/default/reviews-route", "kind"))
             assert tel is not None and tel.severity == "warning" and "not supported" in tel.message, by_object
-            assert route is not None and route.severity == "warning" and "TLSRoute" in route.message
+            assert route is not None and route.severity == "warning" and "UDPRoute" in route.message
             # A new object of such a kind is reported as it appears.
             create(kube, EXTRA[0], "late")
             await eventually(lambda: any(getattr(e, "obj", None) is not None and e.obj.name == "late"

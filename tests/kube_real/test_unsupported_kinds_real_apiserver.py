@@ -1,5 +1,5 @@
 """Unsupported kinds in Kubernetes mode against a real kube-apiserver: with the CRDs of
-Istio's WasmPlugin and the Gateway API's TLSRoute installed, `kubectl apply` of such an
+Istio's WasmPlugin and the Gateway API's UDPRoute installed, `kubectl apply` of such an
 object produces a warning naming it (API discovery finds the kinds; nothing is configured)."""
 
 from __future__ import annotations
@@ -28,10 +28,10 @@ def crd(group: str, kind: str, plural: str) -> dict[str, Any]:
                          "type": "object", "x-kubernetes-preserve-unknown-fields": True}}}]}}
 
 
-def test_kubectl_apply_of_wasmplugin_and_tlsroute_is_reported(real_kube: RealKube) -> None:
+def test_kubectl_apply_of_wasmplugin_and_udproute_is_reported(real_kube: RealKube) -> None:
     real_kube.kubectl_apply(crd("extensions.istio.io", "WasmPlugin", "wasmplugins"),
-                            crd("gateway.networking.k8s.io", "TLSRoute", "tlsroutes"))
-    for name in ("wasmplugins.extensions.istio.io", "tlsroutes.gateway.networking.k8s.io"):
+                            crd("gateway.networking.k8s.io", "UDPRoute", "udproutes"))
+    for name in ("wasmplugins.extensions.istio.io", "udproutes.gateway.networking.k8s.io"):
         real_kube.kubectl("wait", "--for=condition=Established", f"crd/{name}", "--timeout=60s")
     ns = fresh_ns(real_kube, "unsupported")
     real_kube.kubectl_apply(
@@ -45,10 +45,10 @@ def test_kubectl_apply_of_wasmplugin_and_tlsroute_is_reported(real_kube: RealKub
                            and "not supported" in i.message for i in rec.store.mesh().issues)
             await eventually(lambda: warned("WasmPlugin", "mesh"), what="the WasmPlugin warning")
             real_kube.kubectl_apply(
-                {"apiVersion": "gateway.networking.k8s.io/v1", "kind": "TLSRoute",
+                {"apiVersion": "gateway.networking.k8s.io/v1", "kind": "UDPRoute",
                  "metadata": {"name": f"route-{int(time.time())}", "namespace": ns},
                  "spec": {"parentRefs": [{"name": "gw"}]}})
-            await eventually(lambda: any(i.ref.kind == "TLSRoute" and i.ref.namespace == ns
-                                         for i in rec.store.mesh().issues), what="the TLSRoute warning")
+            await eventually(lambda: any(i.ref.kind == "UDPRoute" and i.ref.namespace == ns
+                                         for i in rec.store.mesh().issues), what="the UDPRoute warning")
 
     asyncio.run(scenario())
