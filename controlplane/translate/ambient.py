@@ -21,9 +21,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from dataclasses import replace
-from typing import Any
 
 from envoy.config.listener.v3 import listener_pb2
+from google.protobuf.message import Message
 
 from controlplane.model.ambient import services_of_waypoint
 from controlplane.model.authn import issuers, jwt_rules, waypoint_request_authentications
@@ -192,7 +192,7 @@ def build_waypoint_http(name: str, trust_domain: str, authz: tuple[Authorization
     a request is validated only against the rules of the service it is for."""
     lst = listener_pb2.Listener(name=name)
     lst.internal_listener.SetInParent()
-    filters: list[tuple[str, Any]] = [*http_jwt_filters(jwt, jwt_hosts)]
+    filters: list[tuple[str, Message]] = [*http_jwt_filters(jwt, jwt_hosts)]
     filters += http_authz_filters(authz, trust_domain, ext_authz, issuers(jwt)) if authz else []
     lst.filter_chains.add(name=name).filters.append(hcm_filter(name, name, None, filters, logs=logs))
     return lst

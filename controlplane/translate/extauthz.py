@@ -22,7 +22,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from envoy.config.core.v3 import base_pb2, config_source_pb2
 from envoy.config.rbac.v3 import rbac_pb2
@@ -30,7 +29,8 @@ from envoy.extensions.filters.http.ext_authz.v3 import ext_authz_pb2 as http_ext
 from envoy.extensions.filters.http.rbac.v3 import rbac_pb2 as http_rbac_pb2
 from envoy.extensions.filters.network.ext_authz.v3 import ext_authz_pb2 as network_ext_authz_pb2
 from envoy.extensions.filters.network.rbac.v3 import rbac_pb2 as network_rbac_pb2
-from envoy.type.matcher.v3 import metadata_pb2
+from envoy.type.matcher.v3 import metadata_pb2, string_pb2
+from google.protobuf.message import Message
 
 from controlplane.model.ir import AuthorizationPolicy, Hostname, Service
 from controlplane.model.meshconfig import ExtAuthzProvider, MeshConfig, usable_provider
@@ -111,7 +111,7 @@ def _enabled_when(m: metadata_pb2.MetadataMatcher, rbac_filter: str) -> None:
     m.value.string_match.prefix = SHADOW_POLICY_PREFIX
 
 
-def _patterns(out: Any, headers: Sequence[str]) -> None:
+def _patterns(out: string_pb2.ListStringMatcher, headers: Sequence[str]) -> None:
     for h in headers:
         out.patterns.append(string_matcher(h, ignore_case=True))
 
@@ -166,12 +166,12 @@ def network_ext_authz(target: ExtAuthzTarget, stat_prefix: str) -> network_ext_a
 
 
 def http_authz_filters(policies: Sequence[AuthorizationPolicy], trust_domain: str,
-                       target: ExtAuthzTarget | None = None, issuers: Sequence[str] = ()) -> list[tuple[str, Any]]:
+                       target: ExtAuthzTarget | None = None, issuers: Sequence[str] = ()) -> list[tuple[str, Message]]:
     """(filter name, config) of every authorization filter of an HTTP chain, in order: the
     CUSTOM shadow RBAC and ext_authz filters (with a usable `target`), then AUDIT, DENY, ALLOW.
     `issuers`: of the JWTs the proxy validates (`controlplane.translate.jwt`)."""
     custom, rest = _split(policies, target, tcp=False)
-    out: list[tuple[str, Any]] = []
+    out: list[tuple[str, Message]] = []
     if custom and target is not None and any(ap.rules for ap in custom):
         shadow = http_rbac_pb2.RBAC(shadow_rules_stat_prefix=SHADOW_STAT_PREFIX)
         shadow.shadow_rules.CopyFrom(_shadow_rules(custom, trust_domain, tcp=False, issuers=issuers))
@@ -180,11 +180,11 @@ def http_authz_filters(policies: Sequence[AuthorizationPolicy], trust_domain: st
 
 
 def network_authz_filters(policies: Sequence[AuthorizationPolicy], trust_domain: str, stat_prefix: str,
-                          target: ExtAuthzTarget | None = None) -> list[tuple[str, Any]]:
+                          target: ExtAuthzTarget | None = None) -> list[tuple[str, Message]]:
     """The same for a TCP chain: a gRPC provider's network ext_authz filter, or none (then
     CUSTOM rules deny, as in Istio for an HTTP provider on TCP)."""
     custom, rest = _split(policies, target, tcp=True)
-    out: list[tuple[str, Any]] = []
+    out: list[tuple[str, Message]] = []
     if custom and target is not None and any(ap.rules for ap in custom):
         shadow = network_rbac_pb2.RBAC(stat_prefix=f"{stat_prefix}.custom.", shadow_rules_stat_prefix=SHADOW_STAT_PREFIX)
         shadow.shadow_rules.CopyFrom(_shadow_rules(custom, trust_domain, tcp=True))

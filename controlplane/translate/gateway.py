@@ -47,16 +47,16 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
 
 from envoy.config.core.v3 import base_pb2
-from envoy.config.listener.v3 import listener_pb2
+from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
 from envoy.config.route.v3 import route_components_pb2 as rc
 from envoy.config.route.v3 import route_pb2
 from envoy.extensions.filters.listener.tls_inspector.v3 import tls_inspector_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm_pb2
 from envoy.extensions.transport_sockets.tls.v3 import common_pb2, secret_pb2, tls_pb2
 from envoy.type.matcher.v3 import string_pb2
+from google.protobuf.message import Message
 
 from controlplane.model.authn import issuers, jwt_rules, request_authentications_for
 from controlplane.model.gateway_merge import Placed, merge_servers, selected_gateways
@@ -484,8 +484,8 @@ def build_gateway_listener(name: str, address: str, port: int, chains: tuple[Ser
     return lst
 
 
-def _gateway_hcm(stat: str, rds: str, secure: bool, filters: Sequence[tuple[str, Any]] = (),
-                 logs: Sequence[AccessLogSink] = ()) -> Any:
+def _gateway_hcm(stat: str, rds: str, secure: bool, filters: Sequence[tuple[str, Message]] = (),
+                 logs: Sequence[AccessLogSink] = ()) -> listener_components_pb2.Filter:
     """An edge HTTP connection manager: the client's address is the remote address, and the
     x-forwarded-proto it sends is not trusted; `filters` (JWT, RBAC) run before routing."""
     f = hcm_filter(stat, rds, None, filters, logs=logs)

@@ -26,21 +26,20 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from envoy.config.accesslog.v3 import accesslog_pb2
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.core.v3 import base_pb2, socket_option_pb2
 from envoy.config.endpoint.v3 import endpoint_pb2
 from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
-from envoy.config.route.v3 import route_pb2
+from envoy.config.route.v3 import route_components_pb2, route_pb2
 from envoy.extensions.access_loggers.stream.v3 import stream_pb2
 from envoy.extensions.filters.http.rbac.v3 import rbac_pb2 as http_rbac_pb2
 from envoy.extensions.filters.http.router.v3 import router_pb2
 from envoy.extensions.filters.listener.original_dst.v3 import original_dst_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm_pb2
 from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
-from envoy.extensions.transport_sockets.tls.v3 import common_pb2, tls_pb2
+from envoy.extensions.transport_sockets.tls.v3 import common_pb2, secret_pb2, tls_pb2
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 
 from controlplane.model.ir import AuthorizationPolicy
@@ -68,9 +67,7 @@ ACCESS_LOG_FORMAT = (
 # --------------------------------------------------------------------------- TLS
 
 
-def _sds(name: str) -> Any:
-    from envoy.extensions.transport_sockets.tls.v3 import secret_pb2
-
+def _sds(name: str) -> secret_pb2.SdsSecretConfig:
     return secret_pb2.SdsSecretConfig(name=name, sds_config=ads_config_source())
 
 
@@ -190,7 +187,7 @@ class TunnelTarget:
     cluster: str
 
 
-def _access_log(hcm: Any) -> None:
+def _access_log(hcm: hcm_pb2.HttpConnectionManager) -> None:
     # Envoy's own stdout (not a file path: a proxy under its own uid may not open /dev/stdout).
     out = stream_pb2.StdoutAccessLog()
     out.log_format.text_format_source.inline_string = ACCESS_LOG_FORMAT
@@ -199,7 +196,8 @@ def _access_log(hcm: Any) -> None:
     hcm.access_log_options.flush_log_on_tunnel_successfully_established = True
 
 
-def _per_port_rbac(vh: Any, policies: tuple[AuthorizationPolicy, ...], port: int, trust_domain: str) -> None:
+def _per_port_rbac(vh: route_components_pb2.VirtualHost, policies: tuple[AuthorizationPolicy, ...], port: int,
+                   trust_domain: str) -> None:
     rules = dict(rbac_rules(policies_for_port(policies, port), trust_domain, tcp=True))
     for action, filter_name in _RBAC_NAMES.items():
         per = http_rbac_pb2.RBACPerRoute()

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from envoy.config.core.v3 import base_pb2
 from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
@@ -99,7 +98,7 @@ def hcm_filter(
     stat_prefix: str,
     rds_name: str | None,
     route_config: route_pb2.RouteConfiguration | None,
-    authz: Sequence[tuple[str, Any]] = (),
+    authz: Sequence[tuple[str, Message]] = (),
     *,
     client_cert: bool = False,
     logs: Sequence[AccessLogSink] = (),
@@ -117,7 +116,7 @@ def hcm_filter(
     if rds_name is not None:
         h.rds.config_source.ads.SetInParent()
         h.rds.route_config_name = rds_name
-        filters: tuple[tuple[str, Any], ...] = (
+        filters: tuple[tuple[str, Message], ...] = (
             ("envoy.filters.http.cors", cors_pb2.Cors()),
             ("envoy.filters.http.fault", fault_pb2.HTTPFault()),
         )
@@ -246,7 +245,7 @@ def _inbound_route(ip: InboundPort) -> route_pb2.RouteConfiguration:
     return rcfg
 
 
-def _tcp_filters(stat: str, cluster: str, sec: InboundSecurity) -> list[Any]:
+def _tcp_filters(stat: str, cluster: str, sec: InboundSecurity) -> list[listener_components_pb2.Filter]:
     out = []
     for name, cfg in network_authz_filters(sec.authz, sec.trust_domain, stat, sec.ext_authz):
         f = listener_components_pb2.Filter(name=name)
@@ -255,7 +254,7 @@ def _tcp_filters(stat: str, cluster: str, sec: InboundSecurity) -> list[Any]:
     return [*out, _tcp_proxy(stat, [WeightedCluster(cluster)], logs=sec.access_logs)]
 
 
-def _secure(fc: Any, sec: InboundSecurity, alpn: tuple[str, ...]) -> None:
+def _secure(fc: listener_components_pb2.FilterChain, sec: InboundSecurity, alpn: tuple[str, ...]) -> None:
     """Make `fc` an mTLS chain: it matches TLS connections and terminates mesh mTLS."""
     fc.filter_chain_match.transport_protocol = "tls"
     fc.transport_socket.CopyFrom(tls_socket(downstream_mtls(sec.trust_domain, alpn)))
@@ -272,7 +271,7 @@ def _inbound_chains(lst: listener_pb2.Listener, ip: InboundPort, match_port: boo
     http_filters = [*http_jwt_filters(sec.jwt),
                     *http_authz_filters(sec.authz, sec.trust_domain, sec.ext_authz, jwt_issuers(sec.jwt))]
     sniffed = ip.protocol is PortProtocol.UNKNOWN
-    chains: list[tuple[str, bool, tuple[str, ...], list[Any]]] = []
+    chains: list[tuple[str, bool, tuple[str, ...], list[listener_components_pb2.Filter]]] = []
     for secure in (False, True):
         if (secure and mode == "DISABLE") or (not secure and mode == "STRICT"):
             continue
@@ -296,7 +295,7 @@ def _inbound_chains(lst: listener_pb2.Listener, ip: InboundPort, match_port: boo
         fc.filters.extend(filters)
 
 
-def _match_ports(pred: Any, ports: Sequence[int]) -> None:
+def _match_ports(pred: listener_components_pb2.ListenerFilterChainMatchPredicate, ports: Sequence[int]) -> None:
     """Make listener-filter predicate `pred` match a destination port in `ports`."""
     targets = [pred] if len(ports) == 1 else [pred.or_match.rules.add() for _ in ports]
     for target, port in zip(targets, ports, strict=True):
@@ -324,7 +323,8 @@ def _inspectors(lst: listener_pb2.Listener, tls: tuple[bool, Sequence[int]] | No
         lst.continue_on_listener_filters_timeout = True
 
 
-def _passthrough(fc: Any, cluster: str, sec: InboundSecurity, secure: bool, port: int | None = None) -> None:
+def _passthrough(fc: listener_components_pb2.FilterChain, cluster: str, sec: InboundSecurity, secure: bool,
+                 port: int | None = None) -> None:
     if port is not None:
         fc.filter_chain_match.destination_port.value = port
     if secure:

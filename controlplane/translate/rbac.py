@@ -27,8 +27,8 @@ they count as matching (so the rest of the rule decides).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any, TypeVar
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 from envoy.config.core.v3 import address_pb2
 from envoy.config.rbac.v3 import rbac_pb2
@@ -84,6 +84,7 @@ def string_matcher(value: str, *, prefix: str = "", ignore_case: bool = False) -
 
 
 _R = TypeVar("_R", rbac_pb2.Principal, rbac_pb2.Permission)
+_V = TypeVar("_V", str, int)  # an operation field's values: hosts, methods, paths (str), ports (int)
 
 
 def _is_any(m: rbac_pb2.Principal | rbac_pb2.Permission) -> bool:
@@ -273,7 +274,8 @@ def _sni(value: str) -> rbac_pb2.Permission:
 # --------------------------------------------------------------------------- rules
 
 
-def _principal_field(out: list[rbac_pb2.Principal], values: Sequence[str], negate: bool, make: Any) -> None:
+def _principal_field(out: list[rbac_pb2.Principal], values: Sequence[str], negate: bool,
+                     make: Callable[[str], rbac_pb2.Principal | list[rbac_pb2.Principal]]) -> None:
     if not values:
         return
     ids: list[rbac_pb2.Principal] = []
@@ -284,7 +286,8 @@ def _principal_field(out: list[rbac_pb2.Principal], values: Sequence[str], negat
     out.append(_not_principal(either) if negate else either)
 
 
-def _permission_field(out: list[rbac_pb2.Permission], values: Sequence[Any], negate: bool, make: Any) -> None:
+def _permission_field(out: list[rbac_pb2.Permission], values: Sequence[_V], negate: bool,
+                      make: Callable[[_V], rbac_pb2.Permission | list[rbac_pb2.Permission]]) -> None:
     if not values:
         return
     rules: list[rbac_pb2.Permission] = []

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from envoy.config.core.v3 import base_pb2
 from envoy.config.route.v3 import route_components_pb2 as rc
@@ -44,6 +43,7 @@ from envoy.extensions.retry.host.previous_hosts.v3 import previous_hosts_pb2
 from envoy.extensions.retry.priority.previous_priorities.v3 import previous_priorities_config_pb2
 from envoy.type.matcher.v3 import string_pb2
 from envoy.type.v3 import percent_pb2
+from google.protobuf.internal.containers import RepeatedCompositeFieldContainer, RepeatedScalarFieldContainer
 
 from controlplane.model.convert_http import DEFAULT_RETRY, DEFAULT_RETRY_ON
 from controlplane.model.gamma import is_invalid_backend
@@ -242,7 +242,8 @@ def _is_authority(name: str) -> bool:
     return name.lower() in (":authority", "host")
 
 
-def _header_ops(adds: Any, removes: Any, ops: HeaderOps) -> None:
+def _header_ops(adds: RepeatedCompositeFieldContainer[base_pb2.HeaderValueOption],
+                removes: RepeatedScalarFieldContainer[str], ops: HeaderOps) -> None:
     """Append `ops` to a (headers_to_add, headers_to_remove) pair of repeated fields."""
     for items, action in (
         (ops.set, _APPEND.OVERWRITE_IF_EXISTS_OR_ADD),

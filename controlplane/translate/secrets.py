@@ -23,11 +23,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 from envoy.config.core.v3 import config_source_pb2
 from envoy.extensions.transport_sockets.tls.v3 import common_pb2, secret_pb2, tls_pb2
 from envoy.type.matcher.v3 import string_pb2
+from google.protobuf.internal.containers import RepeatedCompositeFieldContainer
 
 from controlplane.model.ir import ClientTLS
 from controlplane.model.mesh import Mesh, visible_to
@@ -114,7 +114,7 @@ def credential_ca_sds_name(credential: str) -> str:
     return f"{CREDENTIAL_SDS_PREFIX}{credential}-cacert"
 
 
-def _sans(matchers: Any, sans: Sequence[str]) -> None:
+def _sans(matchers: RepeatedCompositeFieldContainer[common_pb2.SubjectAltNameMatcher], sans: Sequence[str]) -> None:
     for san in sans:
         kind = common_pb2.SubjectAltNameMatcher.URI if "://" in san else common_pb2.SubjectAltNameMatcher.DNS
         matchers.append(common_pb2.SubjectAltNameMatcher(san_type=kind, matcher=string_pb2.StringMatcher(exact=san)))
