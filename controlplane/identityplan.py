@@ -4,7 +4,8 @@ re-planned, and whether proxies hold a trust bundle yet. No I/O of its own: the 
 turns it into SDS secrets and tells the runtime when certificates change.
 
 - A sidecar or waypoint with an authenticated identity gets its workload certificate and
-  the trust bundle; an unauthenticated stream gets none.
+  the trust bundle, and the DestinationRule `credentialName` Secrets of its namespace
+  (`credential_layer`); an unauthenticated stream gets none.
 - A gateway proxy with an authenticated identity also gets the `credentialName` Secrets of
   its Gateway's servers (from its namespace), only when its pod (the identity's namespace and
   service account) carries the Gateway's selector labels (`translate.gateway`).
@@ -41,6 +42,21 @@ if TYPE_CHECKING:
     from controlplane.ca.service import IdentityService
 
 
+def credential_layer(mesh: Mesh, meta: ProxyMeta, ident: Identity) -> list[ResourceSpec]:
+    """The `credentialName` Secrets an authenticated proxy receives (its namespace was checked
+    against its credential when the stream was accepted):
+    - a sidecar or a waypoint: those DestinationRules visible to its namespace name, from its
+      own namespace, never another's (Istio's rule for sidecars; a waypoint originates TLS
+      to the ServiceEntry hosts it routes to, as a sidecar does);
+    - a gateway: its servers' Secrets, if its pod is one the Gateway selects;
+    - a node proxy: none (it originates only HBONE)."""
+    if meta.mode in ("sidecar", "waypoint"):
+        return plan_proxy_credentials(mesh, meta.namespace, SYSTEM_CA_FILE)
+    if meta.mode == "gateway":
+        return gateway_credentials(mesh, meta, ident.namespace, ident.service_account, SYSTEM_CA_FILE)
+    return []
+
+
 class IdentityPlanner:
     """Certificates in proxies' own layers. `on_change` is called when certificates or the
     trust bundle may have changed (the runtime then re-plans every own layer);
@@ -68,11 +84,7 @@ class IdentityPlanner:
         material = self.identity.material(ident)
         if material is None:
             return specs
-        # DestinationRule credentialName Secrets of the sidecar's namespace (never to others).
-        creds = plan_proxy_credentials(mesh, meta.namespace, SYSTEM_CA_FILE) if meta.mode == "sidecar" else []
-        if meta.mode == "gateway":  # its servers' credentialName Secrets, if its pod is one the Gateway selects
-            creds = gateway_credentials(mesh, meta, ident.namespace, ident.service_account, SYSTEM_CA_FILE)
-        return [*specs, *plan_secrets(material, self.identity.bundle), *creds]
+        return [*specs, *plan_secrets(material, self.identity.bundle), *credential_layer(mesh, meta, ident)]
 
     def node_secrets(self, mesh: Mesh, meta: ProxyMeta) -> list[ResourceSpec]:
         """A node proxy's certificates: one per identity of the ambient pods on the node its
