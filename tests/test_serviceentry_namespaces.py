@@ -140,3 +140,19 @@ spec: {clusterIP: 10.96.0.5, ports: [{name: http, port: 80}]}
     assert mesh.service(Hostname("web.default.svc.cluster.local"), "team-a").ref.kind == "Service"  # type: ignore[union-attr]
     warned = [i for i in mesh.issues if i.ref.kind == "ServiceEntry"]
     assert len(warned) == 1 and "Kubernetes Service" in warned[0].message
+
+
+def test_node_proxies_route_each_entrys_address_to_its_own_endpoints() -> None:
+    from controlplane.translate.nodeproxy import plan_node
+    from controlplane.translate.plan import build_all
+    from tests.test_ambient_serviceentry import CLIENT, NS
+
+    def with_address(body: str, address: str) -> str:
+        return body + f"addresses: [{address}]\n"
+
+    mesh = mesh_of(NS, CLIENT, se(with_address(entry("203.0.113.1"), "240.0.0.7"), "public", "default"),
+                   se(with_address(entry("203.0.113.2", 'exportTo: ["."]'), "240.0.0.8"), "own", "team-a"))
+    out = build_all(plan_node(mesh, "n1"))
+    assert addresses(out[ENDPOINT]["ambient|240.0.0.7:8443"]) == [("203.0.113.1", 8443)]
+    # node proxies route only entries exported to every namespace (tests/test_ambient_serviceentry.py)
+    assert "ambient|240.0.0.8:8443" not in out[CLUSTER]

@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Literal
 
-from controlplane.model.ir import Issue, Labels, Service, Workload, labels_match
+from controlplane.model.ir import Hostname, Issue, Labels, Service, SourceRef, Workload, labels_match
 from controlplane.model.mesh import Mesh
 
 DATAPLANE_MODE_LABEL = "meshline.io/dataplane-mode"
@@ -153,8 +153,8 @@ def ambient_entry_issues(mesh: Mesh) -> list[Issue]:
     out: list[Issue] = []
     for se in mesh.service_entries:
         for i, host in enumerate(se.hosts):
-            svc = mesh.services.get(host)
-            if svc is None or svc.ref != se.ref:
+            svc = entry_service(mesh, host, se.ref)
+            if svc is None:
                 continue
             why = entry_not_for_ambient(svc)
             if why is not None:
@@ -177,7 +177,15 @@ def entry_services_selecting(mesh: Mesh, wl: Workload) -> list[Service]:
                 or not labels_match(se.workload_selector, wl.labels)):
             continue
         for host in se.hosts:
-            svc = mesh.services.get(host)
-            if svc is not None and svc.ref == se.ref:
+            svc = entry_service(mesh, host, se.ref)
+            if svc is not None:
                 out[host] = svc
     return [out[h] for h in sorted(out)]
+
+
+def entry_service(mesh: Mesh, host: Hostname, ref: SourceRef) -> Service | None:
+    """The registry Service the ServiceEntry `ref` defines for `host` (None: a Kubernetes
+    Service holds the host), also when another entry of the host is the one `mesh.services`
+    holds (`Mesh.entry_candidates`)."""
+    held = mesh.services.get(host)
+    return next((s for s in mesh.entry_candidates.get(host, (held,)) if s is not None and s.ref == ref), None)

@@ -142,13 +142,22 @@ def block_of(ip: str) -> str:
 # --------------------------------------------------------------------------- endpoint-dependent
 
 
-def _imported(mesh: Mesh, scopes: Iterable[PodScope]) -> dict[Hostname, tuple[int, ...]]:
-    """Service host -> its ports imported by any of `scopes` (services with a VIP)."""
+def _registry(mesh: Mesh) -> list[tuple[Hostname, Service]]:
+    """(registry key, Service) of every Service node proxies may route to by address: each
+    host's, and the other ServiceEntries of a host several entries declare (each has its own
+    address and endpoints: `Mesh.registry_key`), sorted by key."""
+    out = [(h, mesh.services[h]) for h in mesh.services]
+    for host, candidates in mesh.entry_candidates.items():
+        out += [(k, s) for s in candidates if (k := mesh.registry_key(s)) != host]
+    return sorted(out, key=lambda kv: kv[0])
+
+
+def _imported(mesh: Mesh, scopes: Iterable[PodScope]) -> dict[Hostname, tuple[Service, tuple[int, ...]]]:
+    """Registry key -> (its Service, its ports imported by any of `scopes`), of services with a VIP."""
     scopes = list(scopes)
-    out: dict[Hostname, tuple[int, ...]] = {}
+    out: dict[Hostname, tuple[Service, tuple[int, ...]]] = {}
     entry_vips: set[str] = set()
-    for host in sorted(mesh.services):
-        svc = mesh.services[host]
+    for host, svc in _registry(mesh):
         vip = service_vip(svc)
         if vip is None or not routed_by_node_proxy(svc):
             continue
@@ -158,7 +167,7 @@ def _imported(mesh: Mesh, scopes: Iterable[PodScope]) -> dict[Hostname, tuple[in
             entry_vips.add(vip)
         ports = sorted({p for sc in scopes for p in sc.ports(svc)})
         if ports:
-            out[host] = tuple(ports)
+            out[host] = (svc, tuple(ports))
     return out
 
 
@@ -183,12 +192,14 @@ def _service_specs(mesh: Mesh, svc: Service, ports: tuple[int, ...]) -> list[Res
             specs += [ResourceSpec(CLUSTER, name, build_tunnel_service_cluster, (name,), refs),
                       ResourceSpec(ENDPOINT, name, build_tunnel_cla, (name, _tunnel_endpoints(mesh, pods)), refs)]
         elif resolution in ("DNS", "DNS_ROUND_ROBIN"):  # the endpoints may be names: Envoy resolves them
-            eps = select_endpoints(mesh.endpoints.get(svc.hostname, ()), sp, len(svc.ports) == 1, mesh.workloads)
+            eps = select_endpoints(mesh.endpoints.get(mesh.registry_key(svc), ()), sp, len(svc.ports) == 1,
+                                   mesh.workloads)
             specs.append(ResourceSpec(CLUSTER, name, build_dns_cluster,
                                       (name, sp.protocol, effective_policy(None, sp.port), None, (eps,),
                                        resolution == "DNS_ROUND_ROBIN"), refs))
         else:  # some pods outside the mesh: plaintext to every endpoint, as a sidecar would
-            eps = select_endpoints(mesh.endpoints.get(svc.hostname, ()), sp, len(svc.ports) == 1, mesh.workloads)
+            eps = select_endpoints(mesh.endpoints.get(mesh.registry_key(svc), ()), sp, len(svc.ports) == 1,
+                                   mesh.workloads)
             specs += [ResourceSpec(CLUSTER, name, build_outbound_cluster,
                                    (name, sp.protocol, effective_policy(None, sp.port), None), refs),
                       ResourceSpec(ENDPOINT, name, build_cla, (name, eps), refs)]
@@ -207,12 +218,11 @@ def _waypoint_specs(mesh: Mesh, wp: Service) -> list[ResourceSpec]:
 def _shared(mesh: Mesh, node: str, hosts: frozenset[str] | None) -> list[ResourceSpec]:
     specs: list[ResourceSpec] = []
     waypoints: dict[Hostname, Service] = {}
-    for host, ports in _imported(mesh, node_scopes(mesh, node).values()).items():
-        svc = mesh.services[host]
+    for svc, ports in _imported(mesh, node_scopes(mesh, node).values()).values():
         wp = waypoint_service(mesh, svc)
         if wp is not None:
             waypoints[wp.hostname] = wp
-        elif hosts is None or host in hosts:
+        elif hosts is None or svc.hostname in hosts:
             specs += _service_specs(mesh, svc, ports)
     for host, wp in sorted(waypoints.items()):
         if hosts is None or host in hosts:
@@ -240,8 +250,7 @@ def _scope_listener_specs(mesh: Mesh, scope: PodScope, blocks: dict[str, dict[st
     full: list[str] = []
     refs: list[SourceRef] = list(scope.sources)
     by_waypoint: dict[Hostname, tuple[Service, list[IpRoute], list[str]]] = {}
-    for host, ports in _imported(mesh, [scope]).items():
-        svc = mesh.services[host]
+    for svc, ports in _imported(mesh, [scope]).values():
         vip = service_vip(svc)
         assert vip is not None
         cidr = f"{vip}/{128 if ':' in vip else 32}"

@@ -44,7 +44,7 @@ def pods_behind(mesh: Mesh, svc: Service, sp: ServicePort, labels: tuple[tuple[s
     """(IP, Pod or None) of the ready endpoints of `svc` on `sp` (of a subset: `labels`)."""
     out: dict[str, Workload | None] = {}
     single = len(svc.ports) == 1
-    for eps in mesh.endpoints.get(svc.hostname, ()):
+    for eps in mesh.endpoints.get(mesh.registry_key(svc), ()):
         if endpoint_set_port(eps, sp, single) is None:
             continue
         for ep in eps.endpoints:
