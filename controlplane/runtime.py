@@ -17,9 +17,9 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Literal
 
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, Counter
 
 from controlplane.ca.identity import Identity
 from controlplane.cache.consistency import ConsistencyChecker, Inconsistency, InconsistentSnapshot
@@ -160,7 +160,7 @@ class Runtime:
         self._last_rebuild: float = float("-inf")
         self._full_rebuild = False
         self.rebuilds = 0
-        self._snapshots: dict[ProxyKey, object] = {}
+        self._snapshots: dict[ProxyKey, Snapshot] = {}
         self._mesh: Mesh | None = None
         self._mesh_generation = -1
         self.pushes_since_start = 0
@@ -174,7 +174,7 @@ class Runtime:
                                  lambda: self._withheld_changed(), preflight_enabled=self.settings.preflight)
         self.after_rebuild: list[Callable[[], None]] = []
         self.leader: bool | None = None  # None: no leader election (directory mode)
-        self._push_counters: dict[str, Any] = {}  # type URL -> its pushes counter child
+        self._push_counters: dict[str, Counter] = {}  # type URL -> its pushes counter child
         self.rebuilding = False  # a rebuild (with its pre-flight) is under way
         self._loop: asyncio.AbstractEventLoop | None = None  # the loop the rebuild loop runs on
         self.metrics.proxies_degraded.set_function(self.degraded_count)
@@ -250,7 +250,7 @@ class Runtime:
         self.metrics.proxies.labels(conn.meta.mode, conn.stream.protocol).inc()
         snap = self._snapshots.get(proxy_key(conn.meta))
         if snap is not None and self._mesh_generation == self.store.generation:
-            conn.update(snap)  # type: ignore[arg-type]
+            conn.update(snap)
         else:
             self.mark_dirty(urgent=True)
 
@@ -370,7 +370,7 @@ class Runtime:
         return self.identities.bundle_synced(bundle)
 
     # ------------------------------------------------------------------ consistency
-    def _check_consistency(self, conns: Sequence[Connection], snaps: dict[ProxyKey, Any], full: bool) -> None:
+    def _check_consistency(self, conns: Sequence[Connection], snaps: dict[ProxyKey, Snapshot], full: bool) -> None:
         """Check each connection's new snapshot before it is pushed (once per snapshot version
         and connection). A missing name is logged with the proxy and counted in
         `meshline_snapshot_inconsistencies_total{type}`, and the snapshot is still pushed:
@@ -537,7 +537,7 @@ class _Built:
     mesh: Mesh
     delta: object | None
     conns: list[Connection]
-    snaps: dict[ProxyKey, Any]
+    snaps: dict[ProxyKey, Snapshot]
     store_generation: int
     started: float
 

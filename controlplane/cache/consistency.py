@@ -27,11 +27,10 @@ from __future__ import annotations
 
 from collections.abc import Container, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
 
 from envoy.config.cluster.v3 import cluster_pb2
 from google.protobuf import any_pb2, descriptor_pool, message_factory
-from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
 
 from controlplane.cache.resources import Resource
@@ -111,7 +110,7 @@ _OWNERS = frozenset(owner for owner, _ in _REFERENCES)
 _may_refer: dict[str, bool] = {}
 
 
-def _can_refer(desc: Any) -> bool:
+def _can_refer(desc: Descriptor) -> bool:
     """Whether a message of type `desc` can hold a reference (a referring field, or an Any,
     somewhere inside it): the walk skips those that cannot (durations, matchers, ...).
     Memoized per type; a type inside its own definition counts as able to (conservative)."""
@@ -121,7 +120,8 @@ def _can_refer(desc: Any) -> bool:
         return found
     _may_refer[name] = True  # while deciding (recursive types)
     result = name == "google.protobuf.Any" or name in _OWNERS or any(
-        f.type == FieldDescriptor.TYPE_MESSAGE and _can_refer(f.message_type) for f in desc.fields)
+        f.type == FieldDescriptor.TYPE_MESSAGE and f.message_type is not None and _can_refer(f.message_type)
+        for f in desc.fields)
     _may_refer[name] = result
     return result
 
@@ -143,7 +143,7 @@ def _walk(msg: Message, out: set[Reference]) -> None:
                 continue
             if field.is_repeated:
                 if mtype.GetOptions().map_entry:
-                    values: Iterable[Any] = value.values()
+                    values: Iterable[Message] = value.values()
                     if mtype.fields_by_name["value"].type != FieldDescriptor.TYPE_MESSAGE:
                         continue
                 else:
