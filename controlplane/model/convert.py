@@ -133,7 +133,6 @@ UNSUPPORTED_KINDS: Mapping[str, str] = {
     "EnvoyFilter": "its patches are not applied to any Envoy",
     "WasmPlugin": "its Wasm extension is not loaded",
     "ProxyConfig": "its proxy settings are not applied",
-    "TLSRoute": "its routes are not applied",
     "UDPRoute": "its routes are not applied",
     "GatewayClass": "no gateway class is provided",
     "BackendTLSPolicy": "no TLS is originated to its backends (use a DestinationRule's tls)",
