@@ -86,6 +86,7 @@ async def run_suite(args: argparse.Namespace, children: R.Children) -> int:
     envoy: dict[str, real_envoy.PeerResult] = {}
     failures: list[str] = []
     floor: dict[str, Any] | None = None
+    floors: dict[int, dict[str, Any]] = {}  # the bare gRPC floor per sweep N, next to the peer rows
 
     async def case(key: str, S: int, N: int, mix: str, workers: int = 1, changes: int | None = None,
                    binary: Path | None = None, peer: str = gcp.NAME) -> None:
@@ -122,6 +123,9 @@ async def run_suite(args: argparse.Namespace, children: R.Children) -> int:
     try:
         for n in plan.sweep:
             await case(f"sweep{n}", plan.S, n, "delta")
+            if (gcp_bin is not None or istiod_bin is not None) and n != max(plan.sweep) and f"sweep{n}" in results:
+                if (at_n := await run_floor(results[f"sweep{n}"], plan.changes)) is not None:
+                    floors[n] = at_n  # (the largest N's floor is run below, once, for P1f/P2f too)
             if gcp_bin is not None:
                 await case(f"gcp-delta{n}", plan.S, n, "delta", binary=gcp_bin)
             if istiod_bin is not None:
@@ -135,6 +139,8 @@ async def run_suite(args: argparse.Namespace, children: R.Children) -> int:
         top = results.get(f"sweep{max(plan.sweep)}")
         if top is not None:
             floor = await run_floor(top, plan.changes)
+            if floor is not None:
+                floors[max(plan.sweep)] = floor
         if args.suite != "peers":
             await case("mixed", plan.S, plan.mixed_n, "mixed")
             await case("large", plan.p4_large, plan.p4_clients, "delta")
@@ -164,7 +170,7 @@ async def run_suite(args: argparse.Namespace, children: R.Children) -> int:
     cmp = compared(results, plan.sweep)
     peer_names = [p for p, b in ((gcp.NAME, gcp_bin), (istiod.NAME, istiod_bin)) if b is not None]
     if peer_names:
-        print(compare.table(cmp, plan.sweep, peer_names))
+        print(compare.table(cmp, plan.sweep, peer_names, floors))
     if gcp_bin is not None:
         print(goal_table(peer_goals, plan, args.suite, time.monotonic() - t_start,
                          head="Goals against go-control-plane (issue 20), same run"))
@@ -190,6 +196,7 @@ async def run_suite(args: argparse.Namespace, children: R.Children) -> int:
             "suite": args.suite, "plan": dataclasses.asdict(plan),
             "cases": {k: _jsonable(dataclasses.asdict(v)) for k, v in results.items()},
             "envoy": {k: _jsonable(dataclasses.asdict(v)) for k, v in envoy.items()}, "floor": floor,
+            "floors": {str(n): f for n, f in floors.items()},
             "goals": [dataclasses.asdict(g) for g in goals + peer_goals + istiod_goals], "failures": failures,
             "load": {"uptime": _uptime(), "cpus": os.cpu_count()}}, indent=1))
         print(f"results written to {args.results}")

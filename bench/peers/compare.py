@@ -10,7 +10,9 @@ beside them in every row.
 from __future__ import annotations
 
 import math
+import statistics
 from pathlib import Path
+from typing import Any
 
 import harness as R
 
@@ -37,8 +39,21 @@ def _ratio(a: float, b: float) -> float:
     return a / b if b else math.nan
 
 
-def table(res: dict[str, R.Result], sweep: tuple[int, ...], peers: list[str]) -> str:
-    """One row per (mix, N, control plane), with the ratio to Meshline for each peer."""
+FLOOR = "gRPC floor (P1f)"
+
+
+def floor_cells(floor: dict[str, Any]) -> tuple[str, str, str]:
+    """p50, p99 of the last reply and the CPU per round of bench/floor.py's bare fan-out."""
+    return (R.fmt_ms(statistics.median(floor["lat"])), R.fmt_ms(R.pct(floor["lat"], 99)),
+            f"{statistics.median(floor['cpu']) * 1000:.0f} ms")
+
+
+def table(res: dict[str, R.Result], sweep: tuple[int, ...], peers: list[str],
+          floors: dict[int, dict[str, Any]] | None = None) -> str:
+    """One row per (mix, N, control plane), with the ratio to Meshline for each peer; with
+    `floors` (bench/floor.py at that N, same run) a context row: the bare gRPC fan-out to the
+    same number of streams (no xDS logic, no file watch, no rebuild; a slow machine shows
+    there as a slower floor, not as a regression)."""
     head = ("mix", "N", "control plane", "sync", "CPU sync", "p50", "p99", "first p50", "CPU/change", "peak RSS",
             "bytes/change", "clients CPU/change", "clients RSS")
     rows: list[tuple[str, ...]] = []
@@ -60,6 +75,10 @@ def table(res: dict[str, R.Result], sweep: tuple[int, ...], peers: list[str]) ->
                     cells[5] += f" (ML {_ratio(cpu_change(ml), cpu_change(r)):.2f}x)"
                     cells[6] += f" (ML {_ratio(peak(ml), peak(r)):.2f}x)"
                 rows.append((mix, str(n), cp, *cells))
+            floor = (floors or {}).get(n)
+            if floor and floor.get("lat"):
+                p50, p99, cpu = floor_cells(floor)
+                rows.append((mix, str(n), FLOOR, "-", "-", p50, p99, "-", cpu, *(["-"] * (len(head) - 9))))
     w = [max(len(x[i]) for x in [head, *rows]) for i in range(len(head))]
     lines = ["\nMeshline vs Go control planes, same simulated proxies, same run (ML Nx = Meshline's value / "
              "the peer's; p50/p99: change -> last ACK; first p50: change -> first ACK, i.e. the trigger path "
@@ -125,8 +144,9 @@ def plot(res: dict[str, R.Result], sweep: tuple[int, ...], peers: list[str], pat
     plt.close(fig)
 
 
-def markdown(res: dict[str, R.Result], sweep: tuple[int, ...], peers: list[str]) -> str:
-    """The comparison as a Markdown table (for docs/benchmarks.md)."""
+def markdown(res: dict[str, R.Result], sweep: tuple[int, ...], peers: list[str],
+             floors: dict[int, dict[str, Any]] | None = None) -> str:
+    """The comparison as a Markdown table (for docs/benchmarks.md), with the floor rows of `table`."""
     lines = ["| proxies | control plane | initial sync (CPU) | change -> last ACK p50 / p99 | change -> first ACK "
              "p50 (trigger path) | CPU per change | peak RSS | bytes per change (all proxies) "
              "| simulated clients: CPU per change, RSS |",
@@ -150,4 +170,9 @@ def markdown(res: dict[str, R.Result], sweep: tuple[int, ...], peers: list[str])
                     f"{cpu_change(r) * 1000:.0f} ms | "
                     f"{peak(r) / 2**20:.0f} MB | {bytes_per_change(r) / 1024:.0f} KB | "
                     f"{R.median(r.client_cpu) * 1000:.0f} ms, {r.client_rss_peak / 2**20:.0f} MB |")
+            floor = (floors or {}).get(n)
+            if floor and floor.get("lat"):
+                p50, p99, cpu = floor_cells(floor)
+                lines.append(f"| {n:,} {mix} | {FLOOR}: bare grpc.aio fan-out, same N | - | {p50} / {p99} | - | "
+                             f"{cpu} | - | {floor['payload']} B per stream | - |")
     return "\n".join(lines)
