@@ -36,12 +36,13 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 import grpc
+from envoy.config.core.v3 import base_pb2
 from envoy.service.discovery.v3 import discovery_pb2
 from google.protobuf import json_format
 
 from controlplane.ca.identity import AuthResult, Identity, bind_identity
 from controlplane.cache.snapshot import Snapshot
-from controlplane.model.ir import CaptureMode, ProxyMeta, ProxyMode, labels_of
+from controlplane.model.ir import CaptureMode, ProxyMeta, ProxyMode, TypeUrl, labels_of
 from controlplane.translate.plan import SECRET, SHORT_NAMES
 from controlplane.translate.secrets import SECRET_NAMES
 from controlplane.xds.clock import Clock, wall_clock
@@ -71,7 +72,11 @@ PER_TYPE_SERVICES = {
 }
 
 
-def proxy_meta_from_node(node: Any) -> ProxyMeta:
+Request = discovery_pb2.DiscoveryRequest | discovery_pb2.DeltaDiscoveryRequest
+"""What Envoy sends on an xDS stream (SotW or delta)."""
+
+
+def proxy_meta_from_node(node: base_pb2.Node) -> ProxyMeta:
     """Read the node's identity and Meshline metadata (set by `meshline bootstrap`)."""
     md: dict[str, Any] = json_format.MessageToDict(node.metadata) if node.HasField("metadata") else {}
     raw_mode = md.get("mode")
@@ -95,7 +100,7 @@ def proxy_meta_from_node(node: Any) -> ProxyMeta:
     )
 
 
-def _gateway_key(value: Any, namespace: str) -> str | None:
+def _gateway_key(value: object, namespace: str) -> str | None:
     """A gateway proxy's Gateway as `ns/name` (`name` alone: the proxy's namespace)."""
     if not value:
         return None
@@ -103,7 +108,7 @@ def _gateway_key(value: Any, namespace: str) -> str | None:
     return text if "/" in text else f"{namespace}/{text}"
 
 
-def _loopback(value: Any) -> str:
+def _loopback(value: object) -> str:
     """The bind-capture outbound address a proxy asks for: a loopback IPv4 address only."""
     try:
         ip = ipaddress.IPv4Address(str(value))
@@ -133,7 +138,7 @@ class Inbox:
     __slots__ = ("_waiter", "items", "woken")
 
     def __init__(self) -> None:
-        self.items: collections.deque[Any] = collections.deque()  # requests, None (end) or _Failed
+        self.items: collections.deque[Request | _Failed | None] = collections.deque()  # requests, None (end) or _Failed
         self.woken = False
         self._waiter: asyncio.Future[None] | None = None
 
@@ -143,7 +148,7 @@ class Inbox:
         if w is not None and not w.done():
             w.set_result(None)
 
-    def put(self, item: Any) -> None:
+    def put(self, item: Request | _Failed | None) -> None:
         self.items.append(item)
         self.wake()
 
@@ -170,7 +175,7 @@ class Connection:
     meta: ProxyMeta
     stream: AdsStream
     inbox: Inbox = field(default_factory=Inbox)
-    node: Any = None
+    node: base_pb2.Node | None = None
     peer: str = ""
     sent_responses: int = 0
     refused_secrets: set[str] = field(default_factory=set)  # secret names already logged as never sent
@@ -306,10 +311,12 @@ class XdsServer:
         def identity(b: bytes) -> bytes:
             return b
 
-        async def sotw_stream(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> None:
+        async def sotw_stream(requests: AsyncIterator[discovery_pb2.DiscoveryRequest],
+                              context: grpc.aio.ServicerContext) -> None:
             await self._serve("sotw", requests, context, secure)
 
-        async def delta_stream(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> None:
+        async def delta_stream(requests: AsyncIterator[discovery_pb2.DeltaDiscoveryRequest],
+                               context: grpc.aio.ServicerContext) -> None:
             await self._serve("delta", requests, context, secure)
 
         def methods(sotw: str, delta: str) -> dict[str, grpc.RpcMethodHandler]:
@@ -332,7 +339,7 @@ class XdsServer:
 
     # ------------------------------------------------------------------ one stream
     async def _serve(
-        self, protocol: StreamProtocol, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext,
+        self, protocol: StreamProtocol, requests: AsyncIterator[Request], context: grpc.aio.ServicerContext,
         secure: bool = False,
     ) -> None:
         """One stream. Its reader task handles Envoy's requests as they arrive (an ACK usually
@@ -440,7 +447,7 @@ class XdsServer:
             if stream.peak_subscription_bytes >= TRIM_AFTER_BYTES:
                 self.heap_trim.schedule()
 
-    def _read_one(self, req: Any, conn: Connection | None, stream: AdsStream, inbox: Inbox, held: int) -> int:
+    def _read_one(self, req: Request, conn: Connection | None, stream: AdsStream, inbox: Inbox, held: int) -> int:
         """A request as the stream's reader receives it: handled at once once the connection is
         set up (and nothing is queued before it), else queued within bounds. Returns the bytes
         queued before set-up."""
@@ -478,7 +485,7 @@ class XdsServer:
         self.streams_per_client[key] = open_now + 1
         return key
 
-    async def _connect(self, protocol: StreamProtocol, first: Any, auth: AuthResult | None, stream: AdsStream,
+    async def _connect(self, protocol: StreamProtocol, first: Request, auth: AuthResult | None, stream: AdsStream,
                        inbox: Inbox, context: grpc.aio.ServicerContext) -> Connection:
         """The connection for a stream's first request (raises StreamEnded or RequestRefused
         when it is refused); the caller registers and attaches it."""
@@ -573,15 +580,15 @@ class XdsServer:
             return None, f"the credential proves node {auth.node or '(none)'}, not {meta.node}"
         return auth.node, ""
 
-    def _handle(self, conn: Connection, req: Any) -> None:
-        if conn.stream.protocol == "sotw":
+    def _handle(self, conn: Connection, req: Request) -> None:
+        if isinstance(req, discovery_pb2.DiscoveryRequest):  # (a SotW stream's; a delta stream's otherwise)
             nack = conn.stream.handle_sotw_request(req)
         else:
             nack = conn.stream.handle_delta_request(req)
         if req.type_url == SECRET:
             self._check_secret_names(conn, req)
         if nack is not None:
-            tname = SHORT_NAMES.get(req.type_url, req.type_url)
+            tname = SHORT_NAMES.get(TypeUrl(req.type_url), req.type_url)
             log.warning("proxy %s rejected %s (nonce %s): %s", conn.meta.node_id, tname, nack.nonce,
                         nack.message.strip(), extra={"proxy": conn.meta.node_id, "type": tname,
                                                      "nonce": nack.nonce, "error": nack.message.strip(),
@@ -592,9 +599,9 @@ class XdsServer:
             self.observer.on_ack(conn)
 
     @staticmethod
-    def _check_secret_names(conn: Connection, req: Any) -> None:
+    def _check_secret_names(conn: Connection, req: Request) -> None:
         """Log (once per name) a secret the proxy subscribes to but is never sent."""
-        names = req.resource_names if conn.stream.protocol == "sotw" else req.resource_names_subscribe
+        names = req.resource_names if isinstance(req, discovery_pb2.DiscoveryRequest) else req.resource_names_subscribe
         # What the proxy's plan holds (a sidecar: also its namespace's credentialName secrets; a
         # node proxy: its node's pods' certificates only), and an identity's own two secrets,
         # which may be issued a moment after its first request.
