@@ -156,3 +156,23 @@ def test_node_proxies_route_each_entrys_address_to_its_own_endpoints() -> None:
     assert addresses(out[ENDPOINT]["ambient|240.0.0.7:8443"]) == [("203.0.113.1", 8443)]
     # node proxies route only entries exported to every namespace (tests/test_ambient_serviceentry.py)
     assert "ambient|240.0.0.8:8443" not in out[CLUSTER]
+
+
+def test_within_a_class_the_oldest_entry_wins_then_namespace_and_name() -> None:
+    def aged(name: str, ns: str, ip: str, created: str | None) -> str:
+        text = se(entry(ip), name, ns)
+        if created is None:
+            return text
+        return text.replace(f"namespace: {ns}}}", f"namespace: {ns}, creationTimestamp: '{created}'}}", 1)
+
+    # Istio's SortServicesByCreationTime: the older public entry keeps the host everywhere,
+    # although its namespace/name sorts later.
+    mesh = mesh_of(PODS, NAMESPACES, aged("a", "team-a", "203.0.113.1", "2026-12-02T10:00:00Z"),
+                   aged("z", "team-c", "203.0.113.2", "2026-12-01T10:00:00Z"))
+    assert endpoints_seen(mesh, "other") == {"outbound|8443||api.shared.example": [("203.0.113.2", 8443)]}
+    assert mesh.services[HOST].name == "z"
+    warned = {i.ref.name: i.message for i in mesh.issues if i.ref.kind == "ServiceEntry"}
+    assert set(warned) == {"a"} and "ServiceEntry/team-c/z for clients in every namespace" in warned["a"]
+    # same age (or none, as from a directory): namespace, then name
+    mesh = mesh_of(PODS, NAMESPACES, aged("a", "team-c", "203.0.113.1", None), aged("z", "team-a", "203.0.113.2", None))
+    assert mesh.services[HOST].name == "z"

@@ -291,4 +291,7 @@ def convert_service_entry(ctx: Ctx, namespace: str, name: str, labels: Labels = 
     # `istio.io/use-waypoint` (or Meshline's key) binds the entry's hosts to a waypoint, as a Service's.
     waypoint = tuple((k, v) for k, v in with_aliases(ctx, labels, "metadata.labels", _USE_WAYPOINT_ALIAS)
                      if k == USE_WAYPOINT)
-    return ServiceEntry(ctx.raw.ref, namespace, name, hosts, ports, info, tuple(endpoints), selector, waypoint)
+    meta = ctx.raw.body.get("metadata")
+    created = meta.get("creationTimestamp") if isinstance(meta, dict) else None
+    return ServiceEntry(ctx.raw.ref, namespace, name, hosts, ports, info, tuple(endpoints), selector, waypoint,
+                        str(created) if created is not None else "")

@@ -233,6 +233,7 @@ class ServiceEntry:
     endpoints: tuple[WorkloadEntry, ...] = ()
     workload_selector: Labels | None = None  # None: no workloadSelector
     labels: Labels = ()  # the metadata labels Meshline reads (`meshline.io/use-waypoint`)
+    created: str = ""  # metadata.creationTimestamp (RFC 3339 sorts as text); "" when absent
 
 
 # --------------------------------------------------------------------------- VirtualService

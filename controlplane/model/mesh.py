@@ -103,8 +103,8 @@ class Mesh:
     # controlplane.model.serviceentry) and WorkloadEntries
     service_entries: tuple[ServiceEntry, ...] = ()
     workload_entries: tuple[WorkloadEntry, ...] = ()
-    # host -> every ServiceEntry Service of a host several entries declare, sorted by
-    # (namespace, name): `service` picks one per client namespace (model.serviceentry)
+    # host -> every ServiceEntry Service of a host several entries declare, oldest first
+    # (serviceentry.age_order): `service` picks one per client namespace (model.serviceentry)
     entry_candidates: Mapping[Hostname, tuple[Service, ...]] = field(default_factory=dict)
 
     # Derived indexes, computed once in build_mesh().
@@ -298,7 +298,7 @@ def entry_key(svc: Service) -> Hostname:
 
 
 def entry_lookup(candidates: Sequence[Service], client_namespace: str) -> Service | None:
-    """The ServiceEntry host of `candidates` (one host's, sorted by (namespace, name)) that
+    """The ServiceEntry host of `candidates` (one host's, oldest first: serviceentry.age_order) that
     clients in `client_namespace` get, in Istio's class order: private to their namespace,
     exported to it by name, exported everywhere; the first of the best class."""
     best: tuple[int, Service] | None = None

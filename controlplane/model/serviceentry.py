@@ -28,15 +28,17 @@ does not let an entry squat a Kubernetes Service's name). Of several entries wit
 each client namespace gets its own (Istio's `servicesExportedToNamespace` order, then the
 first one kept by `SidecarScope.appendSidecarServices`): the entries private to its own
 namespace, then those exported to it by name, then those exported everywhere; within each
-class the oldest (`metadata.creationTimestamp`) in Istio, the first by (namespace, name) in
-Meshline. `Mesh.service(host, client_namespace)` is that lookup, the one translators use.
-`Mesh.services[host]` holds one entry per host (the first exported everywhere, else the
-first by (namespace, name)); the others that win for some namespace keep their endpoints
-under their own registry key `entry_key` (`<host>~<namespace>/<name>`), which also names
-their clusters (`outbound|<port>||<host>~<namespace>/<name>`), so two namespaces that resolve
-a host to different entries never get different content under one cluster name (a node
-proxy or waypoint serving both holds both). An entry that loses a namespace it is
-exported to gets a warning naming the winner and the namespaces.
+class the oldest (`metadata.creationTimestamp`; ties, and objects without one as from a
+directory, by namespace then name), as Istio's `SortServicesByCreationTime` and its
+ServiceEntry controller order them (`age_order`). `Mesh.service(host, client_namespace)` is
+that lookup, the one translators use. `Mesh.services[host]` holds one entry per host (the
+first exported everywhere, else the first in `age_order`); the others that win for some
+namespace keep their endpoints under their own registry key `entry_key`
+(`<host>~<namespace>/<name>`), which also names their clusters
+(`outbound|<port>||<host>~<namespace>/<name>`), so two namespaces that resolve a host to
+different entries never get different content under one cluster name (a node proxy or
+waypoint serving both holds both). An entry that loses a namespace it is exported to gets a
+warning naming the winner and the namespaces.
 """
 
 from __future__ import annotations
@@ -117,16 +119,16 @@ def registry_services(entries: Iterable[ServiceEntry], workloads: Mapping[tuple[
                       trust_domain: str) -> tuple[dict[Hostname, Service], dict[Hostname, tuple[EndpointSet, ...]],
                                                   dict[Hostname, tuple[Service, ...]]]:
     """(host -> Service, registry key -> endpoint sets, host -> candidates) of the entries'
-    hosts (entries sorted by (namespace, name); hosts of Kubernetes Services are skipped).
-    The Service of a host is the first entry by `claim_order` (exported everywhere first);
-    `candidates` lists, for a host several entries declare, each of them in (namespace, name)
-    order (`Mesh.service` picks per client namespace); the endpoint sets of a candidate that
-    is not the host's Service are under its `entry_key`."""
+    hosts (hosts of Kubernetes Services are skipped). The Service of a host is the first entry
+    by `claim_order` (exported everywhere first) of the entries in `age_order`; `candidates`
+    lists, for a host several entries declare, each of them in `age_order` (`Mesh.service`
+    picks per client namespace); the endpoint sets of a candidate that is not the host's
+    Service are under its `entry_key`."""
     services: dict[Hostname, Service] = {}
     endpoints: dict[Hostname, tuple[EndpointSet, ...]] = {}
     by_host: dict[Hostname, list[Service]] = {}
     wes = tuple(workload_entries)
-    items = list(entries)
+    items = sorted(entries, key=age_order)
     rank = {id(se): i for i, se in enumerate(claim_order(items))}
     for se in items:
         sets: tuple[EndpointSet, ...] | None = None
@@ -156,6 +158,13 @@ def registry_services(entries: Iterable[ServiceEntry], workloads: Mapping[tuple[
         if len(svcs) > 1:
             candidates[host] = tuple(svcs)
     return services, endpoints, candidates
+
+
+def age_order(se: ServiceEntry) -> tuple[str, str, str]:
+    """Istio's order of services (`SortServicesByCreationTime`): the oldest first
+    (`creationTimestamp`; absent: first), then, as its ServiceEntry controller breaks ties for
+    one hostname, by namespace and name."""
+    return (se.created, se.namespace, se.name)
 
 
 def _public(se: ServiceEntry) -> bool:
