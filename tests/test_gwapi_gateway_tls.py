@@ -328,3 +328,18 @@ def test_secret_names_of_istio_and_gateway_api_servers_never_collide(mesh: Mesh)
                                       "kubernetes-gateway://edge/public-cert-cacert",
                                       "kubernetes-gateway://certs/partner-cert",
                                       "kubernetes-gateway://certs/partner-cert-cacert"}
+
+
+def test_routes_of_another_kind_claim_no_host_of_a_listener() -> None:
+    """The TCPRoute's table (host `*`) and the TLSRoute's (pg.db.example.com) take no host
+    from the HTTPS listener partner.example.com or the HTTP one: no shared-host warning."""
+    _, issues = with_yaml(tls_route("also-http", "pg.db.example.com") + """---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: pg-http, namespace: shop}
+spec:
+  parentRefs: [{name: public, namespace: edge, sectionName: https}]
+  hostnames: [pg.db.example.com]
+  rules: [{backendRefs: [{name: web, port: 8080}]}]
+""")
+    assert not [i.format() for i in issues if i.field == "spec.hosts"]

@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from controlplane.model.gateways import MESH, bound_view, server_vs_hosts
-from controlplane.model.ir import Gateway, Issue, VirtualService, Workload, labels_match
+from controlplane.model.ir import Gateway, GatewayServer, Issue, VirtualService, Workload, labels_match
 from controlplane.model.mesh import Mesh
 from controlplane.model.validate_tls import credential_ca
 
@@ -38,6 +38,8 @@ def _shared_hosts(mesh: Mesh, gw: Gateway) -> Iterator[Issue]:
     for srv in gw.servers:
         owner: dict[str, VirtualService] = {}
         for vs in (v for v in (bound_view(x, gw.key) for x in mesh.gateway_virtual_services) if v is not None):
+            if not _has_routes_for(srv, vs):
+                continue  # e.g. a VirtualService of tcp routes only takes no host of an HTTPS server
             for host in server_vs_hosts(srv, vs):
                 first = owner.setdefault(host, vs)
                 if first is not vs:
@@ -45,6 +47,16 @@ def _shared_hosts(mesh: Mesh, gw: Gateway) -> Iterator[Issue]:
                                                       f"VirtualService {first.namespace}/{first.name} (the first by "
                                                       "namespace and name); this one's routes for it are not used",
                                 "warning")
+
+
+def _has_routes_for(srv: GatewayServer, vs: VirtualService) -> bool:
+    """Whether `vs` has routes of the kind `srv` applies (translate.gateway): tls routes on a
+    PASSTHROUGH server, http routes on HTTP/HTTP2/GRPC/HTTPS ones, tcp routes on the others."""
+    if srv.tls is not None and srv.tls.mode == "PASSTHROUGH":
+        return bool(vs.tls)
+    if srv.protocol in ("HTTP", "HTTP2", "GRPC", "HTTPS"):
+        return bool(vs.http)
+    return bool(vs.tcp)
 
 
 def _bindings(mesh: Mesh, vs: VirtualService) -> Iterator[Issue]:
