@@ -343,3 +343,25 @@ spec:
   rules: [{backendRefs: [{name: web, port: 8080}]}]
 """)
     assert not [i.format() for i in issues if i.field == "spec.hosts"]
+
+
+def test_tlsroute_status_is_planned_for_write_back() -> None:
+    from controlplane.gwstatus import ROUTE_PLURALS, plan_route_updates
+    from controlplane.model.events import Upsert
+    from controlplane.model.store import MeshStore
+
+    objects = []
+    for path in sorted((CASE_DIR / "in").glob("*.yaml")):
+        found, errors = parse_documents(path.read_text(), path.name)
+        assert not errors
+        objects += found
+    store = MeshStore()
+    store.apply([Upsert("t", r) for r in objects])
+    by_key = {o.key: o for o in objects}
+    key = ("TLSRoute", "shop", "pg")
+    plan_ = plan_route_updates({key: by_key[key]}, store.mesh().route_status, store.issues_by_key(), "T1")
+    (entry,) = plan_[key]
+    assert entry["controllerName"] == "meshline.io/gateway-controller"
+    assert entry["parentRef"] == {"name": "public", "namespace": "edge", "sectionName": "tls"}
+    assert {c["type"]: c["status"] for c in entry["conditions"]} == {"Accepted": "True", "ResolvedRefs": "True"}
+    assert ROUTE_PLURALS["TLSRoute"] == "tlsroutes"  # the status subresource it is written to (RBAC: tlsroutes/status)
