@@ -23,9 +23,9 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _PEERS]
 if str(_BENCH) not in sys.path:
     sys.path.insert(0, str(_BENCH))
 
-import simclients
-from envoy.config.core.v3 import base_pb2
-from google.protobuf import struct_pb2
+import simclients  # noqa: E402
+from envoy.config.core.v3 import base_pb2  # noqa: E402
+from google.protobuf import struct_pb2  # noqa: E402
 
 CLUSTER_ID = "Kubernetes"  # istiod's --clusterID
 ISTIO_VERSION = "1.31.0"  # the proxy version the sidecars claim (the istio module's VERSION is 1.31)
