@@ -176,3 +176,22 @@ def test_within_a_class_the_oldest_entry_wins_then_namespace_and_name() -> None:
     # same age (or none, as from a directory): namespace, then name
     mesh = mesh_of(PODS, NAMESPACES, aged("a", "team-c", "203.0.113.1", None), aged("z", "team-a", "203.0.113.2", None))
     assert mesh.services[HOST].name == "z"
+
+
+def test_a_sidecar_egress_of_its_own_namespace_imports_that_namespaces_entry() -> None:
+    sidecar = """
+apiVersion: networking.istio.io/v1
+kind: Sidecar
+metadata: {name: default, namespace: team-a}
+spec:
+  egress: [{hosts: ["./*"]}]
+"""
+    mesh = mesh_of(PODS, NAMESPACES, sidecar, se(entry("203.0.113.1"), "public", "default"),
+                   se(entry("203.0.113.2", 'exportTo: ["."]'), "own", "team-a"))
+    # team-a's Sidecar imports team-a's services: its own entry of the host (Istio's `./*`)
+    assert endpoints_seen(mesh, "team-a") == {"outbound|8443||api.shared.example~team-a/own": [("203.0.113.2", 8443)]}
+    sidecar_all = sidecar.replace('"./*"', '"*/api.shared.example"')
+    mesh = mesh_of(PODS, NAMESPACES, sidecar_all, se(entry("203.0.113.1"), "public", "default"),
+                   se(entry("203.0.113.2", 'exportTo: ["."]'), "own", "team-a"))
+    assert endpoints_seen(mesh, "team-a") == {"outbound|8443||api.shared.example~team-a/own": [("203.0.113.2", 8443)]}
+    assert endpoints_seen(mesh, "other") == {"outbound|8443||api.shared.example": [("203.0.113.1", 8443)]}

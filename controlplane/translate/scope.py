@@ -99,7 +99,7 @@ def proxy_scope(mesh: Mesh, proxy: ProxyMeta) -> Scope | None:
         return sidecar_scope(mesh, sc, proxy.namespace, classes)
     if not classes:
         return None
-    return Scope(((s.hostname, p.port) for s in mesh.services.values() for p in s.ports), classes)
+    return Scope(((s.hostname, p.port) for s in _registry(mesh, mesh.services.values()) for p in s.ports), classes)
 
 
 def sidecar_scope(mesh: Mesh, sidecar: Sidecar, namespace: str,
@@ -117,7 +117,7 @@ def sidecar_scope(mesh: Mesh, sidecar: Sidecar, namespace: str,
                     allowed.add((svc.hostname, eg.port))
     for host, port in sorted(allowed):
         for dest in _route_destinations(mesh, host, namespace):
-            target = mesh.services.get(dest.host)
+            target = mesh.service(dest.host, namespace)
             if target is not None:
                 dport = destination_port(dest, port, target)
                 if any(p.port == dport for p in target.ports):
@@ -130,8 +130,20 @@ def _candidates(mesh: Mesh, entry: EgressHost, namespace: str) -> Iterable[Servi
     if entry.namespace == "~":
         return ()
     if entry.namespace == "*":
-        return mesh.services.values()
-    return mesh.services_by_namespace.get(namespace if entry.namespace == "." else entry.namespace, ())
+        return _registry(mesh, mesh.services.values())
+    ns = namespace if entry.namespace == "." else entry.namespace
+    return _registry(mesh, mesh.services_by_namespace.get(ns, ()), ns)
+
+
+def _registry(mesh: Mesh, services: Iterable[Service], namespace: str | None = None) -> Iterable[Service]:
+    """`services` plus the ServiceEntries (of `namespace`, when given) of hosts that several
+    entries declare and that `mesh.services` does not hold (each namespace resolves such a
+    host itself: `Mesh.service`)."""
+    if not mesh.entry_candidates:
+        return services
+    others = [c for host, cands in mesh.entry_candidates.items() for c in cands
+              if mesh.registry_key(c) != host and (namespace is None or c.namespace == namespace)]
+    return [*services, *others]
 
 
 def _route_destinations(mesh: Mesh, host: Hostname, namespace: str) -> Iterator[Destination]:
