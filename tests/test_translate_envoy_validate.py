@@ -90,15 +90,16 @@ def static_secrets(boot: bootstrap_pb2.Bootstrap, material: tuple[str, str, str]
 
 def _identity_secrets(boot: bootstrap_pb2.Bootstrap) -> set[str]:
     """The `spiffe://` secret names the (node proxy's) resources refer to, and the
-    `kubernetes://` ones of DestinationRule credentialNames."""
+    `kubernetes://` ones of credentialNames (`kubernetes-gateway://` of Gateway API certificateRefs)."""
     text = json_format.MessageToJson(boot)
-    return {m for m in re.findall(r'"name": "((?:spiffe|kubernetes)://[^"]+)"', text)}
+    return {m for m in re.findall(r'"name": "((?:spiffe|kubernetes|kubernetes-gateway)://[^"]+)"', text)}
 
 
 def _static_sds(configs: list[secret_pb2.SdsSecretConfig]) -> None:
     for cfg in configs:
         # `default`/`ROOTCA`, or (node proxies) an identity's SPIFFE URI.
-        assert cfg.name in (WORKLOAD_SECRET, ROOT_SECRET) or cfg.name.startswith(("spiffe://", "kubernetes://")), cfg.name
+        assert cfg.name in (WORKLOAD_SECRET, ROOT_SECRET) or cfg.name.startswith(
+            ("spiffe://", "kubernetes://", "kubernetes-gateway://")), cfg.name
         assert cfg.sds_config.HasField("ads"), cfg
         cfg.ClearField("sds_config")  # a name alone refers to a static secret
 
