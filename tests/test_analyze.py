@@ -348,17 +348,17 @@ def test_invalid_utf8_exits_1_with_the_line(tmp_path: Path) -> None:
 def test_unsupported_istio_and_gateway_api_kinds_are_named(tmp_path: Path) -> None:
     telemetry = "apiVersion: extensions.istio.io/v1alpha1\nkind: WasmPlugin\nmetadata:\n  name: mesh-default\n" \
                 "  namespace: default\nspec:\n  url: oci://example/plugin:1\n"
-    route = "apiVersion: gateway.networking.k8s.io/v1alpha2\nkind: TLSRoute\nmetadata:\n  name: r\n" \
+    route = "apiVersion: gateway.networking.k8s.io/v1alpha2\nkind: UDPRoute\nmetadata:\n  name: r\n" \
             "  namespace: default\nspec:\n  parentRefs:\n  - name: gw\n"
     deployment = "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: d\n  namespace: default\nspec: {}\n"
     path, _ = write(tmp_path, "kinds.yaml", BASE, telemetry, route, deployment)
     r = analyze(path)
     assert r.code == 0 and r.errors == []
     found = {(m["kind"], m["name"]): m["message"] for m in map(LINE.match, r.lines) if m is not None}
-    assert set(found) == {("WasmPlugin", "mesh-default"), ("TLSRoute", "r")}
+    assert set(found) == {("WasmPlugin", "mesh-default"), ("UDPRoute", "r")}
     assert found[("WasmPlugin", "mesh-default")].startswith(
         "warning: kind: WasmPlugin (extensions.istio.io/v1alpha1) is not supported by Meshline and is ignored: ")
-    assert "TLSRoute (gateway.networking.k8s.io/v1alpha2)" in found[("TLSRoute", "r")]
+    assert "UDPRoute (gateway.networking.k8s.io/v1alpha2)" in found[("UDPRoute", "r")]
 
 
 def test_mesh_wide_policy_in_istio_system_is_not_mesh_wide_and_says_so(tmp_path: Path) -> None:

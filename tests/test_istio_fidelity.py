@@ -351,7 +351,7 @@ def raw(kind: str, api: str, body: dict[str, Any], ns: str = "default", name: st
     ("EnvoyFilter", "networking.istio.io/v1alpha3"),
     ("WorkloadGroup", "networking.istio.io/v1"),
     ("ProxyConfig", "networking.istio.io/v1beta1"),
-    ("TLSRoute", "gateway.networking.k8s.io/v1alpha2"), ("UDPRoute", "gateway.networking.k8s.io/v1alpha2"),
+    ("UDPRoute", "gateway.networking.k8s.io/v1alpha2"),
     ("BackendTLSPolicy", "gateway.networking.k8s.io/v1"), ("Something", "install.istio.io/v1alpha1"),
 ])
 def test_unsupported_mesh_kinds_are_named_in_a_warning(kind: str, api: str) -> None:
