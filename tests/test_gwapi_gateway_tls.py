@@ -365,3 +365,22 @@ def test_tlsroute_status_is_planned_for_write_back() -> None:
     assert entry["parentRef"] == {"name": "public", "namespace": "edge", "sectionName": "tls"}
     assert {c["type"]: c["status"] for c in entry["conditions"]} == {"Accepted": "True", "ResolvedRefs": "True"}
     assert ROUTE_PLURALS["TLSRoute"] == "tlsroutes"  # the status subresource it is written to (RBAC: tlsroutes/status)
+
+
+def test_https_and_tls_passthrough_listeners_share_a_port_by_sni() -> None:
+    gw = """apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: pub2, namespace: edge}
+spec:
+  gatewayClassName: meshline
+  listeners:
+  - {name: https, port: 443, protocol: HTTPS, hostname: www.example.com,
+     tls: {certificateRefs: [{name: public-cert}]}, allowedRoutes: {namespaces: {from: All}}}
+  - {name: tls, port: 443, protocol: TLS, hostname: "*.db.example.com", tls: {mode: Passthrough},
+     allowedRoutes: {namespaces: {from: All}}}
+"""
+    m, _ = with_yaml(gw + "---\n" + tls_route("p2", "pg.db.example.com",
+                                               parents="{name: pub2, namespace: edge, sectionName: tls}"))
+    lst = as_dict(plan(m, replace(PROXY, gateway="edge/pub2"))[(LISTENER, "0.0.0.0_443")])
+    chains = {tuple(c["filterChainMatch"]["serverNames"]): "transportSocket" in c for c in lst["filterChains"]}
+    assert chains == {("www.example.com",): True, ("pg.db.example.com",): False}  # terminated / passed through
