@@ -195,3 +195,37 @@ spec:
                    se(entry("203.0.113.2", 'exportTo: ["."]'), "own", "team-a"))
     assert endpoints_seen(mesh, "team-a") == {"outbound|8443||api.shared.example~team-a/own": [("203.0.113.2", 8443)]}
     assert endpoints_seen(mesh, "other") == {"outbound|8443||api.shared.example": [("203.0.113.1", 8443)]}
+
+
+def test_a_gateway_proxy_routes_to_the_entry_its_namespace_gets() -> None:
+    from controlplane.model.ir import ProxyMeta
+    from controlplane.translate.plan import build_all
+    from controlplane.translate.proxy import plan_proxy
+    from tests.gatewayfixtures import gateway_pod, load, namespace
+
+    gateway = f"""
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {{name: public, namespace: edge}}
+spec:
+  selector: {{istio: ingressgateway}}
+  servers: [{{port: {{number: 8080, name: http, protocol: HTTP}}, hosts: ["*/shop.example.com"]}}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: shop, namespace: edge}}
+spec:
+  hosts: [shop.example.com]
+  gateways: [public]
+  http: [{{route: [{{destination: {{host: {HOST}}}}}]}}]
+"""
+    mesh, _ = load("---\n".join([namespace("edge"), gateway_pod("gw-1", "10.1.0.1"), gateway,
+                                 se(entry("203.0.113.1"), "public", "default"),
+                                 se(entry("203.0.113.2", 'exportTo: ["."]'), "own", "edge")]))
+    meta = ProxyMeta("gw", mode="gateway", namespace="edge", workload="gw-1", gateway="edge/public")
+    got = build_all(plan_proxy(mesh, meta).specs())
+    own = "outbound|8443||api.shared.example~edge/own"
+    targets = {r.route.cluster for cfg in got[ROUTE].values() for vh in cfg.virtual_hosts for r in vh.routes}
+    assert targets == {own}  # the route and the cluster it names agree
+    assert addresses(got[ENDPOINT][own]) == [("203.0.113.2", 8443)]
+    assert "outbound|8443||api.shared.example" not in got[CLUSTER]

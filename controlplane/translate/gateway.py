@@ -87,7 +87,7 @@ from controlplane.translate.gateway_credentials import server_ca_sds, server_cre
 from controlplane.translate.jwt import build_jwks_cluster, http_jwt_filters, jwks_clusters
 from controlplane.translate.listeners import WeightedCluster, hcm_filter
 from controlplane.translate.listeners import _tcp_proxy as tcp_proxy_filter
-from controlplane.translate.names import destination_cluster, destination_port, pack, weighted_split
+from controlplane.translate.names import destination_port, pack, weighted_split
 from controlplane.translate.plan import CLUSTER, LISTENER, ROUTE, ResourceSpec
 from controlplane.translate.routes import Target, VirtualHostInput, _target, build_route_config
 from controlplane.translate.scope import Scope
@@ -157,7 +157,7 @@ def gateway_scope(mesh: Mesh, meta: ProxyMeta) -> Scope:
             dests += [rd.destination for tr in vs.tcp for rd in tr.route]
             dests += [rd.destination for tl in vs.tls for rd in tl.route]
             for d in dict.fromkeys(dests):
-                svc = mesh.services.get(d.host)
+                svc = mesh.service(d.host, meta.namespace)  # the entry this namespace gets
                 if svc is None:
                     continue
                 for port in ports:
@@ -236,7 +236,8 @@ def plan_gateway_clusters(mesh: Mesh, namespace: str, hosts: Iterable[str] | Non
         wanted = set(hosts)
         candidates = [h for h in candidates if h in wanted]
     for host in sorted(h for h in candidates if h in mesh.services):
-        for s in _cluster_specs(mesh, mesh.services[Hostname(host)], namespace, scope):
+        svc = mesh.service(Hostname(host), namespace)  # the entry this namespace gets (routes: _target)
+        for s in _cluster_specs(mesh, svc, namespace, scope) if svc is not None else ():
             out.setdefault((s.type_url, s.name), s)
     return sorted(out.values(), key=lambda s: (s.type_url, s.name))
 
@@ -263,7 +264,7 @@ def _server_chain(mesh: Mesh, gw: Gateway, index: int, srv: GatewayServer, bound
         spec = _route_spec(mesh, rds, srv.port, [Placed(gw, index, srv)], {gw.key: bound}, namespace)
         return [ServerChain(name=rds, server_names=names, tls=tls, rds=rds, alpn=("h2", "http/1.1"))], [spec]
     if tls is not None and tls.mode == "PASSTHROUGH":
-        return _passthrough_chains(mesh, srv, label, bound), []
+        return _passthrough_chains(mesh, srv, label, bound, namespace), []
     # TCP, and TLS terminated here: the bound tcp routes for this port.
     tcp = _tcp_clusters(mesh, srv, bound, namespace)
     if not tcp:
@@ -273,8 +274,8 @@ def _server_chain(mesh: Mesh, gw: Gateway, index: int, srv: GatewayServer, bound
                         tls=terminate, tcp=tcp)], []
 
 
-def _passthrough_chains(mesh: Mesh, srv: GatewayServer, label: str, bound: tuple[VirtualService, ...]
-                        ) -> list[ServerChain]:
+def _passthrough_chains(mesh: Mesh, srv: GatewayServer, label: str, bound: tuple[VirtualService, ...],
+                        namespace: str) -> list[ServerChain]:
     """PASSTHROUGH (Istio): one filter chain per bound `tls` route match, on the SNI names both
     the match's `sniHosts` and the server's hosts cover (each name once: the first
     VirtualService by namespace and name keeps it), forwarding the TLS bytes to the route's
@@ -288,7 +289,7 @@ def _passthrough_chains(mesh: Mesh, srv: GatewayServer, label: str, bound: tuple
             dests = weighted_split(tr.route)
             if not dests:
                 continue
-            tcp = tuple(WeightedCluster(destination_cluster(d.destination, srv.port, mesh.services), d.weight)
+            tcp = tuple(WeightedCluster(_target(mesh, d.destination, srv.port, namespace).cluster, d.weight)
                         for d in dests)
             for j, m in enumerate(tr.matches):
                 if m.port not in (None, srv.port):
@@ -319,7 +320,7 @@ def _tcp_clusters(mesh: Mesh, srv: GatewayServer, bound: tuple[VirtualService, .
                 continue
             dests = weighted_split(tr.route)
             if dests:
-                return tuple(WeightedCluster(destination_cluster(d.destination, srv.port, mesh.services), d.weight)
+                return tuple(WeightedCluster(_target(mesh, d.destination, srv.port, namespace).cluster, d.weight)
                              for d in dests)
     return ()
 
