@@ -98,11 +98,12 @@ def tunnel_cluster_specs(mesh: Mesh, svc: Service, sp: ServicePort, subset: str 
     pods: route -> that cluster -> internal listener -> HBONE cluster -> pods' 15008, with
     the authority `<VIP>:<port>` (or the pod IP:port is unknowable: headless services are
     not tunnelled this way)."""
-    name = outbound_cluster_name(sp.port, svc.hostname, subset)
+    key = mesh.registry_key(svc)  # the hostname, or a ServiceEntry's own key (Mesh.service)
+    name = outbound_cluster_name(sp.port, key, subset)
     vip = service_vip(svc)
     if vip is None:
         return []
-    lst = f"tunnel|{sp.port}|{subset or ''}|{svc.hostname}"
+    lst = f"tunnel|{sp.port}|{subset or ''}|{key}"
     refs: tuple[SourceRef, ...] = (svc.ref,)
     wp = waypoint_service(mesh, svc) if via_waypoint else None
     if wp is not None:
@@ -122,7 +123,7 @@ def tunnel_cluster_specs(mesh: Mesh, svc: Service, sp: ServicePort, subset: str 
         ]
     pods = pods_behind(mesh, svc, sp, labels)
     dr = mesh.dr_by_host.get(svc.hostname)
-    eds = eds_name("hbone", sp.port, svc.hostname, subset)
+    eds = eds_name("hbone", sp.port, key, subset)
     hb = f"{eds}|{cert}"
     return [
         ResourceSpec(CLUSTER, name, build_internal_cluster, (name, lst), refs),
