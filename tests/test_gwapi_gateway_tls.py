@@ -108,15 +108,18 @@ def test_certificate_ref_without_a_reference_grant_fails_closed(mesh: Mesh) -> N
     assert {c.type: c.reason for c in st.conditions}["Accepted"] == "ListenersNotValid"
     specs = plan(mesh)
     assert (LISTENER, "0.0.0.0_8445") not in specs  # nothing listens: not even a TLS handshake
-    names = {s.name for s in gateway_credentials(mesh, PROXY, "edge", "public", "/ca.pem")}
-    assert not any("vault" in n for n in names)  # the refused Secret is never sent
+    vault = [s.make() for s in gateway_credentials(mesh, PROXY, "edge", "public", "/ca.pem") if "vault" in s.name]
+    assert vault and all(v.tls_certificate.certificate_chain.inline_bytes.decode() != mesh.credentials[
+        ("vault", "vault-cert")].cert_pem for v in vault if v.HasField("tls_certificate"))  # stand-ins only
 
 
 def test_removing_the_reference_grant_withdraws_the_listener_and_its_secret() -> None:
     m, issues = with_yaml("", drop=(("ReferenceGrant", "certs", "edge-gateways"),))
     assert listener_conditions(m, "partner")["ResolvedRefs"] == ("False", "RefNotPermitted")
     assert (LISTENER, "0.0.0.0_8444") not in plan(m)
-    assert not any("partner" in s.name for s in gateway_credentials(m, PROXY, "edge", "public", "/ca.pem"))
+    creds = {s.name: s.make() for s in gateway_credentials(m, PROXY, "edge", "public", "/ca.pem")}
+    held = creds["kubernetes-gateway://certs/partner-cert"].tls_certificate.certificate_chain.inline_bytes.decode()
+    assert held != m.credentials[("certs", "partner-cert")].cert_pem  # a stand-in, never the Secret
     assert any(i.field == "spec.listeners[4]" and "RefNotPermitted" in i.message for i in issues)
 
 
@@ -327,7 +330,10 @@ def test_secret_names_of_istio_and_gateway_api_servers_never_collide(mesh: Mesh)
     assert {s.name for s in creds} == {"kubernetes-gateway://edge/public-cert",
                                       "kubernetes-gateway://edge/public-cert-cacert",
                                       "kubernetes-gateway://certs/partner-cert",
-                                      "kubernetes-gateway://certs/partner-cert-cacert"}
+                                      "kubernetes-gateway://certs/partner-cert-cacert",
+                                      # the refused listener's: stand-ins (test above)
+                                      "kubernetes-gateway://vault/vault-cert",
+                                      "kubernetes-gateway://vault/vault-cert-cacert"}
 
 
 def test_routes_of_another_kind_claim_no_host_of_a_listener() -> None:
@@ -384,3 +390,13 @@ spec:
     lst = as_dict(plan(m, replace(PROXY, gateway="edge/pub2"))[(LISTENER, "0.0.0.0_443")])
     chains = {tuple(c["filterChainMatch"]["serverNames"]): "transportSocket" in c for c in lst["filterChains"]}
     assert chains == {("www.example.com",): True, ("pg.db.example.com",): False}  # terminated / passed through
+
+
+def test_a_refused_reference_gets_a_stand_in_so_a_key_held_before_is_overwritten() -> None:
+    m, _ = with_yaml("", drop=(("ReferenceGrant", "certs", "edge-gateways"),))
+    assert m.gateways["edge/public"].withheld_credentials == (("certs", "partner-cert"), ("vault", "vault-cert"))
+    creds = {s.name: s.make() for s in gateway_credentials(m, PROXY, "edge", "public", "/ca.pem")}
+    real = m.credentials[("certs", "partner-cert")].cert_pem
+    got = creds["kubernetes-gateway://certs/partner-cert"].tls_certificate.certificate_chain.inline_bytes.decode()
+    assert got and got != real  # the stand-in, never the Secret
+    assert "kubernetes-gateway://certs/partner-cert-cacert" in creds

@@ -14,7 +14,9 @@
   when its pod is one the Gateway selects: `controlplane.translate.gateway`). A reference
   that is not a Secret, not permitted (`RefNotPermitted`) or to a Secret without a usable
   certificate and key (`InvalidCertificateRef`) makes the listener's `ResolvedRefs` False
-  and the listener is not served at all (fail closed). UDP listeners, TLS listeners that
+  and the listener is not served at all (fail closed); its Secrets are listed in the IR
+  Gateway's `withheld_credentials`, whose SDS names then carry stand-ins (a proxy that held
+  the key before, e.g. in a draining listener, has it overwritten). UDP listeners, TLS listeners that
   terminate and HTTPS Passthrough are not supported (the listener's status says why, and
   the listener is not served).
 - A TCPRoute attached to a TCP listener forwards its connections (weighted backends; the
@@ -118,6 +120,7 @@ def resolve_gateways(gateways: Iterable[ApiGateway], classes: Iterable[GatewayCl
     served: dict[str, ApiGateway] = {}
     listeners_ok: dict[str, dict[str, tuple[Listener, GatewayServer]]] = {}
     listener_conds: dict[str, dict[str, list[Condition]]] = {}
+    refused_refs: dict[str, set[tuple[str, str]]] = {}
     taken_set = set(taken)
     for gw in sorted(gateways, key=lambda g: (g.namespace, g.name)):
         if gw.class_name not in ours:
@@ -142,6 +145,10 @@ def resolve_gateways(gateways: Iterable[ApiGateway], classes: Iterable[GatewayCl
             else:
                 reason, msg = problem or ("UnsupportedProtocol", "not supported")
                 refs = reason in ("InvalidCertificateRef", "RefNotPermitted")
+                if refs:
+                    refused_refs.setdefault(key, set()).update(
+                        (ns, name) for group, kind, ns, name in lst.certificate_refs
+                        if group in ("", "core") and kind == "Secret")
                 listener_conds[key][lst.name] = [
                     Condition("Accepted", "True" if refs else "False", "Accepted" if refs else reason, msg),
                     Condition("Programmed", "False", "Invalid", msg),
@@ -209,7 +216,10 @@ def resolve_gateways(gateways: Iterable[ApiGateway], classes: Iterable[GatewayCl
     out_gateways: dict[str, Gateway] = {}
     for gkey, gw in served.items():
         servers = tuple(server for _, server in listeners_ok[gkey].values())
-        out_gateways[gkey] = Gateway(gw.ref, gw.namespace, gw.name, ((GATEWAY_NAME_LABEL, gw.name),), servers)
+        served_refs = {(s.tls.credential_namespace or gw.namespace, s.tls.credential_name) for s in servers
+                       if s.tls is not None and s.tls.credential_name}
+        out_gateways[gkey] = Gateway(gw.ref, gw.namespace, gw.name, ((GATEWAY_NAME_LABEL, gw.name),), servers,
+                                     tuple(sorted(refused_refs.get(gkey, set()) - served_refs)))
         lstatus = tuple(ListenerStatus(lst.name, _kinds(lst), attached[gkey].get(lst.name, 0),
                                        tuple(listener_conds[gkey][lst.name])) for lst in gw.listeners)
         all_ok = all(lst.name in listeners_ok[gkey] for lst in gw.listeners)

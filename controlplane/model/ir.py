@@ -822,6 +822,9 @@ class Gateway:
     name: str
     selector: Labels = ()
     servers: tuple[GatewayServer, ...] = ()
+    # (namespace, name) of Gateway API certificateRefs whose listener is refused (no grant, no
+    # usable Secret): their SDS names get stand-ins, so a proxy that held the key loses it
+    withheld_credentials: tuple[tuple[str, str], ...] = ()
 
     @property
     def key(self) -> str:

@@ -127,6 +127,12 @@ def gateway_credentials(mesh: Mesh, meta: ProxyMeta, namespace: str, service_acc
                                                                                   system_ca)))
         else:
             out.append(ResourceSpec(SECRET, ca_sds, named_withheld_ca_secret, (ca_sds,)))
+    # Gateway API certificateRefs refused now (grant deleted, Secret gone): stand-ins, so a proxy
+    # that held the key (a draining listener keeps its secret) has it overwritten.
+    for ns, name in sorted({r for gw in gws for r in gw.withheld_credentials} - set(keys)):
+        sds, ca_sds = server_credential_sds(ns, name), server_ca_sds(ns, name)
+        out.append(ResourceSpec(SECRET, sds, named_withheld_credential_secret, (sds,)))
+        out.append(ResourceSpec(SECRET, ca_sds, named_withheld_ca_secret, (ca_sds,)))
     # caCertCredentialName: a Secret holding only the CA that verifies clients (ca.crt/cacert, or
     # its <name>-cacert Secret), for a server whose credentialName (if any) may have none.
     taken = {name for ns, name in keys if ns is None}

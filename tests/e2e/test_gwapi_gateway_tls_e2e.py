@@ -260,6 +260,8 @@ def test_certificate_ref_without_a_reference_grant_serves_nothing_until_one_exis
     (env.mesh / "grant.yaml").unlink()
     eventually(lambda: f"0.0.0.0_{env.refused}" not in active_listeners(env.admin))
     eventually(lambda: env.curl("vault.example.com", env.refused)[0] == 7)
+    # nor is its key kept: the draining listener's secret is overwritten by a stand-in
+    eventually(lambda: subjects(env.admin).get("kubernetes-gateway://vault/vault-cert", "") != "CN=vault.example.com")
     assert env.listener_status("refused")["ResolvedRefs"] == ("False", "RefNotPermitted")
 
 
