@@ -134,7 +134,6 @@ UNSUPPORTED_KINDS: Mapping[str, str] = {
     "WasmPlugin": "its Wasm extension is not loaded",
     "ProxyConfig": "its proxy settings are not applied",
     "UDPRoute": "its routes are not applied",
-    "GatewayClass": "no gateway class is provided",
     "BackendTLSPolicy": "no TLS is originated to its backends (use a DestinationRule's tls)",
 }
 """What is lost when a kind of Istio's or the Gateway API's groups is ignored."""
