@@ -29,7 +29,9 @@ resolving through a link renamed into place (`ln -sfn`, a ConfigMap's `..data`, 
 link). The rename is seen by `RenameWatch` (inotify `IN_MOVED_TO`; watchfiles reports a rename
 and a fresh `open(O_CREAT)` alike). A directory renamed in is not complete by construction
 (files may still be written into it): its files wait for their quiet period. Only the quiet
-period protects files written in place.
+period protects files written in place (a writer that renames a file in and then goes on
+writing into it in place is not protected). Without inotify (not Linux) renamed files wait for
+their quiet period too.
 
 What is looked at on a change: the names the events point at (and those still in their
 quiet period), one `stat` each, when every event is at a file; the whole tree when an event
@@ -40,7 +42,7 @@ The default of 100 ms was measured (2 CPUs, loaded): the longest pause between t
 of one file was 6 ms for `yaml.safe_dump_all` of 200 documents (90 KB, 60-70 ms in all) and
 5 ms for a shell loop appending one document per `cat >>`; a single `write`, `cp`, `cat a b
 > f`, `sed -i`, an editor's save and the kubelet's swap are one event. 100 ms leaves a
-15-fold margin for a busy machine and adds 0.1 s to a change's way to the proxies. A writer
+15-fold margin for a busy machine and adds 0.1 s to an in-place change's way to the proxies. A writer
 that pauses longer mid-file (e.g. one network call per object) should write a temporary
 file and rename it into place.
 
