@@ -4,6 +4,10 @@ it actually is, on this machine, now, as ratios to each goal (<= 1.0 meets it).
 
   file-delivery   a saved YAML file reaches the store (DirectorySource, default debounce);
                   goal 1 s (tests/test_directory_source.py)
+  rename-delivery an EndpointSlice file renamed into place (bench/meshfiles.py's
+                  `rewrite_atomic`) in the bench mesh's directory (1,000 services: 2,001
+                  files) reaches the store without the quiet period and without a tree
+                  scan; goal: under half the quiet period (tests/test_directory_incremental.py)
   first-push      the first endpoint change after a quiet period is rebuilt and pushed
                   without waiting for the debounce window (100 ms); goal: under half the
                   window (tests/test_debounce.py)
@@ -42,15 +46,22 @@ from controlplane.translate.plan import ENDPOINT  # noqa: E402
 from tests.test_debounce import running, slice_obj  # noqa: E402
 from tests.test_xds_abuse import RawStream, Served, Watch, long_names  # noqa: E402
 
+sys.path.insert(0, str(ROOT / "bench"))
+from meshfiles import endpoint_slice_path, endpoint_slice_yaml, rewrite_atomic, write_mesh  # noqa: E402
+
 
 def service(name: str) -> str:
     return (f"apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: default}}\n"
             f"spec:\n  selector: {{app: {name}}}\n  ports: [{{name: http, port: 9080}}]\n")
 
 
-async def file_delivery(rounds: int) -> list[float]:
+async def file_delivery(rounds: int, mesh_services: int = 0) -> list[float]:
+    """Seconds from a file write to its batch at the sink: written in place into an empty
+    directory, or (`mesh_services`) renamed into place in the bench mesh of that size."""
     with tempfile.TemporaryDirectory(prefix="meshline-timing-") as d:
         config = Path(d)
+        if mesh_services:
+            write_mesh(config, mesh_services, 10)
         queue: asyncio.Queue[list[SourceEvent]] = asyncio.Queue()
 
         async def sink(events: list[SourceEvent]) -> None:
@@ -62,7 +73,11 @@ async def file_delivery(rounds: int) -> list[float]:
         for i in range(rounds):
             await asyncio.sleep(0.2)
             t0 = time.monotonic()
-            (config / f"svc-{i}.yaml").write_text(service(f"svc-{i}"))
+            if mesh_services:
+                s = i % mesh_services
+                rewrite_atomic(endpoint_slice_path(config, s), endpoint_slice_yaml(s, [f"10.99.{i % 250}.1"]))
+            else:
+                (config / f"svc-{i}.yaml").write_text(service(f"svc-{i}"))
             await asyncio.wait_for(queue.get(), 60)
             out.append(time.monotonic() - t0)
         task.cancel()
@@ -143,6 +158,11 @@ def main() -> None:
     files = asyncio.run(file_delivery(args.rounds))
     rows.append(row("file-delivery", max(files), 1.0,
                     f"max {max(files) * 1000:.0f} ms, median {statistics.median(files) * 1000:.0f} ms"))
+    renamed = asyncio.run(file_delivery(args.rounds, mesh_services=1000))
+    quiet = DirectorySource([]).debounce_ms / 1000
+    rows.append(row("rename-delivery", max(renamed), quiet / 2,
+                    f"max {max(renamed) * 1000:.0f} ms, median {statistics.median(renamed) * 1000:.0f} ms "
+                    f"(quiet period {quiet * 1000:.0f} ms, 2,001 files)"))
     first, bursts, window = asyncio.run(debounce(args.rounds))
     rows.append(row("first-push", max(first), window / 2,
                     f"max {max(first) * 1000:.1f} ms, median {statistics.median(first) * 1000:.1f} ms "
