@@ -1,6 +1,5 @@
 """ServiceEntry hosts on node proxies (issue 18), in process: which entries ambient pods'
-node proxies route (one IP address, exported to every namespace; resolution NONE passes
-through), the cluster type per resolution, the MESH_INTERNAL tunnel authority at the
+node proxies route (IP addresses, no CIDR; resolution NONE passes through), the cluster type per resolution, the MESH_INTERNAL tunnel authority at the
 selected pod, a `use-waypoint` label binding an entry to a waypoint that reaches
 its endpoints directly, and the warning naming an entry ambient pods will not use. Pure, no I/O."""
 
@@ -43,6 +42,8 @@ RR = entry("rr", "  hosts: [rr.example]\n  addresses: [240.0.0.3]\n  resolution:
 NONE = entry("none", "  hosts: [n.example]\n  addresses: [240.0.0.4]\n  resolution: NONE\n")
 PRIVATE = entry("private", "  hosts: [p.example]\n  addresses: [240.0.0.5]\n  resolution: STATIC\n"
                            "  exportTo: ['.']\n  endpoints: [{address: 192.0.2.5}]\n")
+CIDR = entry("cidr", "  hosts: [c.example]\n  addresses: [240.0.1.0/24]\n  resolution: STATIC\n"
+                     "  endpoints: [{address: 192.0.2.7}]\n")
 NO_ADDRESS = entry("noaddr", "  hosts: [x.example]\n  resolution: DNS\n")
 
 
@@ -83,13 +84,13 @@ def test_static_and_dns_entries_get_clusters_to_their_endpoints() -> None:
 
 
 def test_none_resolution_passes_through_and_unusable_entries_are_warned() -> None:
-    mesh = mesh_of(NS, CLIENT, NONE, PRIVATE, NO_ADDRESS)
+    mesh = mesh_of(NS, CLIENT, NONE, CIDR, NO_ADDRESS)
     out = built(mesh)
     assert not [n for n in out[CLUSTER] if n.startswith("ambient|")]
     assert scope_ranges(mesh) == set()  # the passthrough default takes them
     warned = ambient_warnings(mesh)
-    assert set(warned) == {"private:spec.hosts[0]", "noaddr:spec.hosts[0]"}
-    assert "p.example" in warned["private:spec.hosts[0]"] and "exportTo" in warned["private:spec.hosts[0]"]
+    assert set(warned) == {"cidr:spec.hosts[0]", "noaddr:spec.hosts[0]"}
+    assert "c.example" in warned["cidr:spec.hosts[0]"] and "CIDR 240.0.1.0/24" in warned["cidr:spec.hosts[0]"]
     assert "spec.addresses" in warned["noaddr:spec.hosts[0]"]
 
 

@@ -18,7 +18,7 @@ from collections.abc import Iterable
 from typing import Literal
 
 from controlplane.model.ir import Hostname, Issue, Labels, Service, SourceRef, Workload, labels_match
-from controlplane.model.mesh import Mesh
+from controlplane.model.mesh import Mesh, visible_to
 
 DATAPLANE_MODE_LABEL = "meshline.io/dataplane-mode"
 USE_WAYPOINT_LABEL = "meshline.io/use-waypoint"
@@ -106,11 +106,21 @@ def waypoint_service(mesh: Mesh, svc: Service) -> Service | None:
 
 
 def services_of_waypoint(mesh: Mesh, namespace: str, name: str) -> list[Service]:
-    """The services bound to waypoint `name` of `namespace`, sorted by hostname."""
-    return [
+    """The services bound to waypoint `name` of `namespace`, sorted by hostname: also a
+    ServiceEntry host of `namespace` that another entry of the host holds in `mesh.services`
+    (`Mesh.entry_candidates`: the namespaces resolving the host to it reach it through this
+    waypoint)."""
+    out = [
         svc for svc in mesh.services_by_namespace.get(namespace, ())
         if svc.name != name and waypoint_name(mesh, svc) == name
     ]
+    if mesh.entry_candidates:
+        held = {(s.hostname, s.ref) for s in out}
+        out += [svc for host, cands in mesh.entry_candidates.items() for svc in cands
+                if svc.namespace == namespace and svc is not mesh.services.get(host) and (host, svc.ref) not in held
+                and waypoint_name(mesh, svc) == name]
+        out.sort(key=lambda s: (s.hostname, s.name))
+    return out
 
 
 def identities(pods: Iterable[Workload]) -> list[tuple[str, str]]:
@@ -121,21 +131,33 @@ def identities(pods: Iterable[Workload]) -> list[tuple[str, str]]:
 # --------------------------------------------------------------------------- ServiceEntry hosts
 
 
+def node_addresses(svc: Service) -> tuple[str, ...]:
+    """The destination addresses node proxies match `svc` by: a Kubernetes Service's cluster
+    IP; each IP of a ServiceEntry host's `spec.addresses` (none when one of them is a CIDR)."""
+    if svc.entry is None:
+        ip = svc.cluster_ip
+        return (ip,) if ip and ip.lower() != "none" else ()
+    if any("/" in a for a in svc.entry.addresses):
+        return ()
+    return tuple(dict.fromkeys(svc.entry.addresses))
+
+
 def entry_not_for_ambient(svc: Service) -> str | None:
     """Why ambient pods' node proxies do not route to the ServiceEntry host `svc`, or None
     when they do (always None for a Kubernetes Service). A node proxy matches connections by
-    destination address, so the entry needs exactly one IP in `addresses` (no CIDR: the
-    endpoint cluster is named by the dialled address); resolution NONE needs no routing (the
-    connection passes through to where it was dialled, as Istio's ztunnel does); and its
-    listener is shared by pods of every namespace, so the entry must be exported to all."""
+    destination address, so the entry needs IPs in `addresses` (each gets its own cluster,
+    named by the dialled address; a CIDR cannot name one); resolution NONE needs no routing
+    (the connection passes through to where it was dialled, as Istio's ztunnel does). Which
+    namespaces' pods use it follows its exportTo (`namespace_entries`)."""
     entry = svc.entry
     if entry is None or entry.resolution == "NONE":
         return None
-    if len(entry.addresses) != 1 or "/" in entry.addresses[0]:
-        return ("it has no single IP in spec.addresses (no address, a CIDR or several): node proxies match "
-                "connections by destination address")
-    if entry.export_to and "*" not in entry.export_to:
-        return "it is not exported to every namespace (spec.exportTo): node proxies share one listener across namespaces"
+    if not entry.addresses:
+        return "it has no IP in spec.addresses: node proxies match connections by destination address"
+    cidr = next((a for a in entry.addresses if "/" in a), None)
+    if cidr is not None:
+        return (f"spec.addresses has the CIDR {cidr}: node proxies route by destination address to a cluster "
+                "named after the dialled IP:port (ambient|IP:port), one per address, which a range cannot give")
     return None
 
 
@@ -146,11 +168,74 @@ def routed_by_node_proxy(svc: Service) -> bool:
     return svc.entry is None or (svc.entry.resolution != "NONE" and entry_not_for_ambient(svc) is None)
 
 
+def exported_everywhere(svc: Service) -> bool:
+    """A Kubernetes Service, or a ServiceEntry host exported to every namespace."""
+    return svc.entry is None or not svc.entry.export_to or "*" in svc.entry.export_to
+
+
+def node_registry(mesh: Mesh) -> list[tuple[Hostname, Service]]:
+    """(registry key, Service) of every Service node proxies may route to by address: each
+    host's, and the other ServiceEntries of a host several entries declare (each has its own
+    address and endpoints: `Mesh.registry_key`), sorted by key."""
+    out = [(h, mesh.services[h]) for h in mesh.services]
+    for host, candidates in mesh.entry_candidates.items():
+        out += [(k, s) for s in candidates if (k := mesh.registry_key(s)) != host]
+    return sorted(out, key=lambda kv: kv[0])
+
+
+EntryView = tuple[tuple[Hostname, Hostname | None], ...]
+
+
+def namespace_entries(mesh: Mesh, namespace: str) -> EntryView:
+    """How the ServiceEntry hosts node proxies route for pods of `namespace` differ from the
+    mesh-wide set (every entry exported to every namespace): per host that has an entry not
+    exported everywhere but visible to `namespace`, (host, the registry key of the entry the
+    namespace resolves it to, `Mesh.service`). Empty: the namespace sees the mesh-wide set.
+    The other entries of such a host are not routed for it (as its sidecars would not)."""
+    hosts: set[Hostname] = set()
+    for se in mesh.service_entries:
+        export = se.info.export_to
+        if export and "*" not in export and visible_to(export, se.namespace, namespace):
+            hosts.update(se.hosts)
+    out = []
+    for host in sorted(hosts):
+        held = mesh.services.get(host)
+        if held is None or held.entry is None:  # a Kubernetes Service holds the host
+            continue
+        svc = mesh.service(host, namespace)
+        out.append((host, mesh.registry_key(svc) if svc is not None else None))
+    return tuple(out)
+
+
+def view_services(mesh: Mesh, view: EntryView) -> list[tuple[Hostname, Service]]:
+    """(registry key, Service) of `node_registry` that pods with entry view `view` see."""
+    over = dict(view)
+    keep = {k for k in over.values() if k is not None}
+    return [(k, s) for k, s in node_registry(mesh)
+            if k in keep or (s.hostname not in over and exported_everywhere(s))]
+
+
+def address_owners(mesh: Mesh) -> dict[str, tuple[Hostname, Service]]:
+    """Address -> (registry key, Service) whose `ambient|<address>:<port>` clusters node
+    proxies hold: a node proxy names a cluster by the dialled address, so of the entries
+    routed at one address it keeps one: Kubernetes Services and entries exported to every
+    namespace first, then by registry key (host, then namespace/name)."""
+    out: dict[str, tuple[Hostname, Service]] = {}
+    ranked = sorted(((k, s) for k, s in node_registry(mesh) if routed_by_node_proxy(s)),
+                    key=lambda kv: (not exported_everywhere(kv[1]), kv[0]))
+    for key, svc in ranked:
+        for ip in node_addresses(svc):
+            out.setdefault(ip, (key, svc))
+    return out
+
+
 def ambient_entry_issues(mesh: Mesh) -> list[Issue]:
-    """A warning on each ServiceEntry host ambient pods will not use, when the mesh has ambient pods."""
+    """A warning on each ServiceEntry host ambient pods will not use (or not at one of its
+    addresses), when the mesh has ambient pods."""
     if not mesh.service_entries or not any(is_ambient(mesh, wl) for wl in mesh.workloads.values()):
         return []
     out: list[Issue] = []
+    owners = address_owners(mesh)
     for se in mesh.service_entries:
         for i, host in enumerate(se.hosts):
             svc = entry_service(mesh, host, se.ref)
@@ -164,6 +249,18 @@ def ambient_entry_issues(mesh: Mesh) -> list[Issue]:
                 out.append(Issue(se.ref, f"spec.hosts[{i}]", f"ambient pods (node proxies) will not use {host} through "
                                  f"its waypoint: with resolution NONE their connections pass through to the dialled "
                                  "address at L4", "warning", se.ref.line))
+            if why is not None or se.info.resolution == "NONE":
+                continue
+            for j, ip in enumerate(se.info.addresses):
+                owner = owners.get(ip)
+                if owner is None or owner[1].ref == se.ref:
+                    continue
+                out.append(Issue(se.ref, f"spec.addresses[{j}]", f"ambient pods (node proxies) will not use {host} "
+                                 f"at {ip}: {owner[1].ref.display} ({owner[1].hostname}) has the same address, and "
+                                 f"a node proxy names the cluster by the dialled address (ambient|{ip}:<port>), so "
+                                 "it keeps one entry per address: Kubernetes Services and entries exported to every "
+                                 "namespace first, then by host and namespace/name; sidecars use both",
+                                 "warning", se.ref.line))
     return out
 
 

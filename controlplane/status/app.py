@@ -163,24 +163,40 @@ def create_app(runtime: StatusView, token_file: Path | None = None) -> FastAPI:
 
     @app.get("/v1/services", dependencies=auth)
     def services(namespace: str | None = None) -> list[dict[str, Any]]:
+        """One row per hostname, and one more per other ServiceEntry of a hostname several
+        entries declare (a row of a ServiceEntry host names the namespaces resolving the
+        hostname to it: `Mesh.service`)."""
         mesh = runtime.mesh()
+        spaces = sorted({*mesh.namespaces, *(ns for ns, _ in mesh.workloads),
+                         *(se.namespace for se in mesh.service_entries)})
         out = []
         for host in sorted(mesh.services):
-            svc = mesh.services[host]
-            if namespace is not None and svc.namespace != namespace:
-                continue
-            eps = [ep for es in mesh.endpoints.get(host, ()) for ep in es.endpoints]
-            vs = mesh.vs_by_host.get(host)
-            dr = mesh.dr_by_host.get(host)
-            out.append({
-                "hostname": host, "namespace": svc.namespace, "name": svc.name, "cluster_ip": svc.cluster_ip,
-                "ports": [{"name": p.name, "port": p.port, "target_port": p.target_port,
-                           "protocol": p.protocol.value} for p in svc.ports],
-                "endpoints": {"ready": sum(1 for e in eps if e.ready), "not_ready": sum(1 for e in eps if not e.ready)},
-                "virtual_service": vs.ref.display if vs else None,
-                "destination_rule": dr.ref.display if dr else None,
-                "subsets": [s.name for s in dr.subsets] if dr else [],
-            })
+            held = mesh.services[host]
+            for svc in mesh.entry_candidates.get(host, (held,)):
+                if namespace is not None and svc.namespace != namespace:
+                    continue
+                key = mesh.registry_key(svc)
+                eps = [ep for es in mesh.endpoints.get(key, ()) for ep in es.endpoints]
+                vs = mesh.vs_by_host.get(host)
+                dr = mesh.dr_by_host.get(host)
+                row: dict[str, Any] = {
+                    "hostname": host, "namespace": svc.namespace, "name": svc.name, "cluster_ip": svc.cluster_ip,
+                    "ports": [{"name": p.name, "port": p.port, "target_port": p.target_port,
+                               "protocol": p.protocol.value} for p in svc.ports],
+                    "endpoints": {"ready": sum(1 for e in eps if e.ready),
+                                  "not_ready": sum(1 for e in eps if not e.ready)},
+                    "virtual_service": vs.ref.display if vs else None,
+                    "destination_rule": dr.ref.display if dr else None,
+                    "subsets": [s.name for s in dr.subsets] if dr else [],
+                }
+                if svc.entry is not None:
+                    row["service_entry"] = {
+                        "object": svc.ref.display, "registry_key": key, "addresses": list(svc.entry.addresses),
+                        "export_to": list(svc.entry.export_to), "resolution": svc.entry.resolution,
+                        "resolved_by": [ns for ns in spaces if (got := mesh.service(host, ns)) is not None
+                                        and got.ref == svc.ref],
+                    }
+                out.append(row)
         return out
 
     @app.get("/v1/config/errors", dependencies=auth)

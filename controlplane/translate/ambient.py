@@ -25,7 +25,7 @@ from dataclasses import replace
 from envoy.config.listener.v3 import listener_pb2
 from google.protobuf.message import Message
 
-from controlplane.model.ambient import services_of_waypoint
+from controlplane.model.ambient import node_addresses, services_of_waypoint
 from controlplane.model.authn import issuers, jwt_rules, waypoint_request_authentications
 from controlplane.model.ir import (
     AuthorizationPolicy,
@@ -50,7 +50,7 @@ from controlplane.translate.nodeproxy import plan_node
 from controlplane.translate.plan import CLUSTER, LISTENER, ResourceSpec
 from controlplane.translate.secrets import WORKLOAD_SECRET
 from controlplane.translate.sidecar import authorizer_cluster_specs, bind_cluster_specs, route_spec
-from controlplane.translate.tunnel import all_hbone, pods_behind, service_vip, tunnel_cluster_specs
+from controlplane.translate.tunnel import all_hbone, pods_behind, tunnel_cluster_specs
 
 __all__ = ["build_waypoint_http", "plan_node", "plan_waypoint"]
 
@@ -72,7 +72,7 @@ def plan_waypoint(mesh: Mesh, meta: ProxyMeta) -> list[ResourceSpec]:
 
     by_port: dict[int, list[Service]] = {}
     for svc in bound:
-        if service_vip(svc) is None:
+        if not node_addresses(svc):
             continue
         for sp in svc.ports:
             by_port.setdefault(sp.port, []).append(svc)
@@ -92,7 +92,9 @@ def plan_waypoint(mesh: Mesh, meta: ProxyMeta) -> list[ResourceSpec]:
     for port, services in sorted(by_port.items()):
         inner = f"waypoint_{port}"
         cluster = f"waypoint_inner|{port}"
-        targets.append(TunnelTarget(port, tuple(f"{service_vip(s)}:{port}" for s in services), cluster))
+        # Each address of a service (a ServiceEntry host may have several) is an authority.
+        targets.append(TunnelTarget(port, tuple(f"{ip}:{port}" for s in services for ip in node_addresses(s)),
+                                    cluster))
         add([ResourceSpec(CLUSTER, cluster, build_internal_cluster, (cluster, inner))])
         # Routed as in bind capture: no catch-all to a PassthroughCluster, which a waypoint
         # does not have (an unknown Host gets Envoy's 404, not a 503 for a missing cluster).
@@ -139,7 +141,7 @@ def _route_backends(mesh: Mesh, svc: Service,
     dests += [d.destination for tr in vs.tcp for d in tr.route]
     for dest in dict.fromkeys(dests):
         dsvc = mesh.service(dest.host, namespace)
-        if dsvc is None or service_vip(dsvc) is None:
+        if dsvc is None or not node_addresses(dsvc):
             continue
         labels: Labels | None = None
         if dest.subset is not None:

@@ -34,13 +34,18 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from controlplane.model.ambient import (
+    EntryView,
     accepts_hbone,
+    address_owners,
     ambient_pods_on,
     identities,
+    namespace_entries,
+    node_addresses,
     routed_by_node_proxy,
+    view_services,
     waypoint_service,
 )
-from controlplane.model.ir import Hostname, Service, SourceRef, Workload
+from controlplane.model.ir import Hostname, Service, ServicePort, SourceRef, Workload
 from controlplane.model.mesh import Mesh
 from controlplane.model.scope import proxy_sidecar
 from controlplane.translate.clusters import (
@@ -73,7 +78,7 @@ from controlplane.translate.plan import CLUSTER, ENDPOINT, LISTENER, ResourceSpe
 from controlplane.translate.scope import sidecar_scope
 from controlplane.translate.security import spiffe_uri
 from controlplane.translate.serviceentry import build_dns_cluster
-from controlplane.translate.tunnel import all_hbone, pods_behind, service_vip
+from controlplane.translate.tunnel import all_hbone, pods_behind
 
 SCOPE_LISTENER = "ambient_outbound"
 PODS_LISTENER = "ambient_pods"
@@ -82,11 +87,15 @@ PODS_LISTENER = "ambient_pods"
 @dataclass(frozen=True, slots=True)
 class PodScope:
     """A Sidecar scope as node proxies key it: `tag` names the Sidecar and the pods'
-    namespace ("" = no Sidecar), `pairs` the (service, port)s it imports (None = all)."""
+    namespace ("" = no Sidecar and the mesh-wide ServiceEntry hosts; "@<ns>" = no Sidecar,
+    the hosts namespace <ns> sees), `pairs` the (service, port)s it imports (None = all),
+    `entries` how its ServiceEntry hosts differ from the mesh-wide ones
+    (`controlplane.model.ambient.namespace_entries`)."""
 
     tag: str
     pairs: frozenset[tuple[Hostname, int]] | None
     sources: tuple[SourceRef, ...] = ()
+    entries: EntryView = ()
 
     @property
     def listener(self) -> str:
@@ -102,15 +111,18 @@ class PodScope:
 def pod_scope(mesh: Mesh, wl: Workload, memo: dict[object, PodScope] | None = None) -> PodScope:
     """The scope of `wl`'s outbound traffic: its Sidecar's egress (L4: sourceLabels classes
     of VirtualServices do not apply to a node proxy). `memo` shares the work between pods of
-    one namespace under one Sidecar."""
+    one namespace under one Sidecar. Pods of a namespace that sees other ServiceEntry hosts
+    than the mesh-wide ones (an entry not exported everywhere) get their own scope."""
     sc = proxy_sidecar(mesh, pod_meta(wl))
-    if sc is None:
-        return PodScope("", None)
-    key = (sc.namespace, sc.name, wl.namespace)
+    key = (sc.namespace, sc.name, wl.namespace) if sc is not None else ("", "", wl.namespace)
     found = memo.get(key) if memo is not None else None
     if found is None:
-        found = PodScope(f"{sc.namespace}/{sc.name}@{wl.namespace}",
-                         frozenset(sidecar_scope(mesh, sc, wl.namespace)), (sc.ref,))
+        view = namespace_entries(mesh, wl.namespace)
+        if sc is None:
+            found = PodScope(f"@{wl.namespace}" if view else "", None, (), view)
+        else:
+            found = PodScope(f"{sc.namespace}/{sc.name}@{wl.namespace}",
+                             frozenset(sidecar_scope(mesh, sc, wl.namespace)), (sc.ref,), view)
         if memo is not None:
             memo[key] = found
     return found
@@ -142,33 +154,29 @@ def block_of(ip: str) -> str:
 # --------------------------------------------------------------------------- endpoint-dependent
 
 
-def _registry(mesh: Mesh) -> list[tuple[Hostname, Service]]:
-    """(registry key, Service) of every Service node proxies may route to by address: each
-    host's, and the other ServiceEntries of a host several entries declare (each has its own
-    address and endpoints: `Mesh.registry_key`), sorted by key."""
-    out = [(h, mesh.services[h]) for h in mesh.services]
-    for host, candidates in mesh.entry_candidates.items():
-        out += [(k, s) for s in candidates if (k := mesh.registry_key(s)) != host]
-    return sorted(out, key=lambda kv: kv[0])
+Imported = dict[Hostname, tuple[Service, tuple[int, ...], tuple[str, ...]]]
 
 
-def _imported(mesh: Mesh, scopes: Iterable[PodScope]) -> dict[Hostname, tuple[Service, tuple[int, ...]]]:
-    """Registry key -> (its Service, its ports imported by any of `scopes`), of services with a VIP."""
-    scopes = list(scopes)
-    out: dict[Hostname, tuple[Service, tuple[int, ...]]] = {}
-    entry_vips: set[str] = set()
-    for host, svc in _registry(mesh):
-        vip = service_vip(svc)
-        if vip is None or not routed_by_node_proxy(svc):
-            continue
-        if svc.entry is not None:  # hosts of one entry share its address: the first by name takes it
-            if vip in entry_vips:
+def _imported(mesh: Mesh, scopes: Iterable[PodScope]) -> Imported:
+    """Registry key -> (its Service, its ports imported by any of `scopes`, its addresses),
+    of the services each scope's pods see (their namespace's ServiceEntry hosts) that have
+    an address. An address several of them share names one cluster: its owner's
+    (`address_owners`; the others are warned by `ambient_entry_issues`)."""
+    owners = address_owners(mesh)
+    out: Imported = {}
+    for scope in scopes:
+        for key, svc in view_services(mesh, scope.entries):
+            if not routed_by_node_proxy(svc):
                 continue
-            entry_vips.add(vip)
-        ports = sorted({p for sc in scopes for p in sc.ports(svc)})
-        if ports:
-            out[host] = (svc, tuple(ports))
-    return out
+            addrs = tuple(ip for ip in node_addresses(svc) if owners.get(ip, ("",))[0] == key)
+            ports = scope.ports(svc)
+            if not addrs or not ports:
+                continue
+            had = out.get(key)
+            if had is not None:
+                ports = tuple(sorted({*had[1], *ports}))
+            out[key] = (svc, ports, addrs)
+    return dict(sorted(out.items()))
 
 
 def _tunnel_endpoints(mesh: Mesh, pods: list[tuple[str, Workload | None]]) -> tuple[TunnelEndpoint, ...]:
@@ -177,32 +185,40 @@ def _tunnel_endpoints(mesh: Mesh, pods: list[tuple[str, Workload | None]]) -> tu
     return tuple(TunnelEndpoint(ip, spiffe_uri(td, w.namespace, w.service_account)) for ip, w in pods if w is not None)
 
 
-def _service_specs(mesh: Mesh, svc: Service, ports: tuple[int, ...]) -> list[ResourceSpec]:
-    vip = service_vip(svc)
-    assert vip is not None
+def _service_specs(mesh: Mesh, svc: Service, ports: tuple[int, ...], addrs: tuple[str, ...]
+                   ) -> list[ResourceSpec]:
+    """Per address and imported port, `ambient|<address:port>` and its endpoints (the same
+    for every address of a ServiceEntry host)."""
     refs: tuple[SourceRef, ...] = (svc.ref,)
     specs = []
     for sp in svc.ports:
         if sp.port not in ports:
             continue
-        name = service_cluster(vip, sp.port)
         pods = pods_behind(mesh, svc, sp)
-        resolution = svc.entry.resolution if svc.entry is not None else "STATIC"
-        if all_hbone(mesh, pods):
-            specs += [ResourceSpec(CLUSTER, name, build_tunnel_service_cluster, (name,), refs),
-                      ResourceSpec(ENDPOINT, name, build_tunnel_cla, (name, _tunnel_endpoints(mesh, pods)), refs)]
-        elif resolution in ("DNS", "DNS_ROUND_ROBIN"):  # the endpoints may be names: Envoy resolves them
-            eps = select_endpoints(mesh.endpoints.get(mesh.registry_key(svc), ()), sp, len(svc.ports) == 1,
-                                   mesh.workloads)
-            specs.append(ResourceSpec(CLUSTER, name, build_dns_cluster,
-                                      (name, sp.protocol, effective_policy(None, sp.port), None, (eps,),
-                                       resolution == "DNS_ROUND_ROBIN"), refs))
-        else:  # some pods outside the mesh: plaintext to every endpoint, as a sidecar would
-            eps = select_endpoints(mesh.endpoints.get(mesh.registry_key(svc), ()), sp, len(svc.ports) == 1,
-                                   mesh.workloads)
-            specs += [ResourceSpec(CLUSTER, name, build_outbound_cluster,
-                                   (name, sp.protocol, effective_policy(None, sp.port), None), refs),
-                      ResourceSpec(ENDPOINT, name, build_cla, (name, eps), refs)]
+        for vip in addrs:
+            specs += _port_specs(mesh, svc, sp, service_cluster(vip, sp.port), pods, refs)
+    return specs
+
+
+def _port_specs(mesh: Mesh, svc: Service, sp: ServicePort, name: str, pods: list[tuple[str, Workload | None]],
+                refs: tuple[SourceRef, ...]) -> list[ResourceSpec]:
+    specs: list[ResourceSpec] = []
+    resolution = svc.entry.resolution if svc.entry is not None else "STATIC"
+    if all_hbone(mesh, pods):
+        specs += [ResourceSpec(CLUSTER, name, build_tunnel_service_cluster, (name,), refs),
+                  ResourceSpec(ENDPOINT, name, build_tunnel_cla, (name, _tunnel_endpoints(mesh, pods)), refs)]
+    elif resolution in ("DNS", "DNS_ROUND_ROBIN"):  # the endpoints may be names: Envoy resolves them
+        eps = select_endpoints(mesh.endpoints.get(mesh.registry_key(svc), ()), sp, len(svc.ports) == 1,
+                               mesh.workloads)
+        specs.append(ResourceSpec(CLUSTER, name, build_dns_cluster,
+                                  (name, sp.protocol, effective_policy(None, sp.port), None, (eps,),
+                                   resolution == "DNS_ROUND_ROBIN"), refs))
+    else:  # some pods outside the mesh: plaintext to every endpoint, as a sidecar would
+        eps = select_endpoints(mesh.endpoints.get(mesh.registry_key(svc), ()), sp, len(svc.ports) == 1,
+                               mesh.workloads)
+        specs += [ResourceSpec(CLUSTER, name, build_outbound_cluster,
+                               (name, sp.protocol, effective_policy(None, sp.port), None), refs),
+                  ResourceSpec(ENDPOINT, name, build_cla, (name, eps), refs)]
     return specs
 
 
@@ -218,12 +234,12 @@ def _waypoint_specs(mesh: Mesh, wp: Service) -> list[ResourceSpec]:
 def _shared(mesh: Mesh, node: str, hosts: frozenset[str] | None) -> list[ResourceSpec]:
     specs: list[ResourceSpec] = []
     waypoints: dict[Hostname, Service] = {}
-    for svc, ports in _imported(mesh, node_scopes(mesh, node).values()).values():
+    for svc, ports, addrs in _imported(mesh, node_scopes(mesh, node).values()).values():
         wp = waypoint_service(mesh, svc)
         if wp is not None:
             waypoints[wp.hostname] = wp
         elif hosts is None or svc.hostname in hosts:
-            specs += _service_specs(mesh, svc, ports)
+            specs += _service_specs(mesh, svc, ports, addrs)
     for host, wp in sorted(waypoints.items()):
         if hosts is None or host in hosts:
             specs += _waypoint_specs(mesh, wp)
@@ -250,23 +266,21 @@ def _scope_listener_specs(mesh: Mesh, scope: PodScope, blocks: dict[str, dict[st
     full: list[str] = []
     refs: list[SourceRef] = list(scope.sources)
     by_waypoint: dict[Hostname, tuple[Service, list[IpRoute], list[str]]] = {}
-    for svc, ports in _imported(mesh, [scope]).values():
-        vip = service_vip(svc)
-        assert vip is not None
-        cidr = f"{vip}/{128 if ':' in vip else 32}"
+    for svc, ports, addrs in _imported(mesh, [scope]).values():
+        cidrs = tuple(f"{vip}/{128 if ':' in vip else 32}" for vip in addrs)
         every = len(ports) == len(svc.ports)
         refs.append(svc.ref)
         wp = waypoint_service(mesh, svc)
         if wp is not None:
             _, routes, whole = by_waypoint.setdefault(wp.hostname, (wp, [], []))
             if every:
-                whole.append(cidr)
+                whole.extend(cidrs)
             else:
-                routes.append(IpRoute((cidr,), f"waypoint|{wp.hostname}", ports))
+                routes.append(IpRoute(cidrs, f"waypoint|{wp.hostname}", ports))
         elif every:
-            full.append(cidr)
+            full.extend(cidrs)
         else:
-            services.append(IpRoute((cidr,), "services", ports))
+            services.append(IpRoute(cidrs, "services", ports))
     if full:
         services.insert(0, IpRoute(tuple(full), "services"))
     waypoints = []

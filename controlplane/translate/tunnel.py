@@ -9,7 +9,13 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from controlplane.model.ambient import accepts_hbone, entry_services_selecting, runs_sidecar, waypoint_service
+from controlplane.model.ambient import (
+    accepts_hbone,
+    entry_services_selecting,
+    node_addresses,
+    runs_sidecar,
+    waypoint_service,
+)
 from controlplane.model.ir import Service, ServicePort, SourceRef, Workload
 from controlplane.model.mesh import Mesh
 from controlplane.translate.clusters import effective_policy
@@ -83,11 +89,10 @@ def tunnel_targets(mesh: Mesh, wl: Workload, cluster_of: dict[int, str]) -> tupl
             if vip is not None and tp in domains:
                 domains[tp].append(f"{vip}:{sp.port}")
     for svc in entry_services_selecting(mesh, wl):  # MESH_INTERNAL ServiceEntry hosts picking it
-        vip = service_vip(svc)
         for sp in svc.ports:
             tp = sp.target_port if isinstance(sp.target_port, int) else sp.port
-            if vip is not None and tp in domains:
-                domains[tp].append(f"{vip}:{sp.port}")
+            if tp in domains:  # each of its addresses (node proxies name the one dialled)
+                domains[tp] += [f"{ip}:{sp.port}" for ip in node_addresses(svc)]
     return tuple(TunnelTarget(tp, tuple(dict.fromkeys(domains[tp])), cluster_of[tp]) for tp in sorted(cluster_of))
 
 
@@ -100,7 +105,7 @@ def tunnel_cluster_specs(mesh: Mesh, svc: Service, sp: ServicePort, subset: str 
     not tunnelled this way)."""
     key = mesh.registry_key(svc)  # the hostname, or a ServiceEntry's own key (Mesh.service)
     name = outbound_cluster_name(sp.port, key, subset)
-    vip = service_vip(svc)
+    vip = service_vip(svc) or next(iter(node_addresses(svc)), None)  # a ServiceEntry's first of several
     if vip is None:
         return []
     lst = f"tunnel|{sp.port}|{subset or ''}|{key}"
