@@ -13,6 +13,12 @@ Pod a (alpha, on n1) dials a ServiceEntry's address:
   logs;
 - removed again: the connection is no longer answered.
 
+Per namespace (h26): one host, an entry private to alpha (two addresses) and a public one in
+gamma with another endpoint; a (alpha) and c (gamma) share n1's node proxy, each pod reaches
+the entry its namespace resolves the host to, and the other entry's address passes through
+to the dialled address (owned by nobody: not answered), as Istio's ztunnel does with an
+address it does not know.
+
 Needs root, ip, iptables, setpriv, curl; skipped with the reason otherwise.
 """
 
@@ -139,3 +145,42 @@ def test_service_entry_bound_to_a_waypoint_gets_its_l7_routes_there(lab: Lab) ->
         assert status == 200 and _backend(body) == "ext", (status, body)
     finally:
         (lab.config / "wp-entries.yaml").unlink()
+
+
+def _get_from(lab: Lab, pod: str, url: str, want: str, timeout: float = 20.0) -> tuple[int, str]:
+    deadline = time.monotonic() + timeout
+    last: tuple[int, str] = (0, "")
+    while time.monotonic() < deadline:
+        last = lab.curl(pod, url, timeout=2.0)
+        if last[0] == 200 and _backend(last[1]) == want:
+            return last
+        time.sleep(0.2)
+    return last
+
+
+def test_each_namespace_reaches_the_entry_it_resolves_a_host_to(lab: Lab) -> None:
+    topo: Topology = lab.topo
+    for name, port in (("ext", EXT_PORT), ("ext2", EXT_PORT + 1)):
+        if not _can_connect(topo.host_ip, port):
+            proc = topo.spawn(f"{name}-backend", [sys.executable, str(ROOT / "samples" / "backend.py"),
+                                                  f"{name}={topo.host_ip}:{port}"])
+            topo.wait(f"{name} backend", lambda p=port: _can_connect(topo.host_ip, p), 10, proc)
+    private1, private2, public = Topology.vip(45), Topology.vip(46), Topology.vip(47)
+    alpha = _entry("pay-alpha", "alpha", "pay.example", private1, "STATIC", "MESH_EXTERNAL",
+                   endpoints=[{"address": topo.host_ip}], exportTo=["."])
+    alpha["spec"]["addresses"] = [private1, private2]  # several addresses: each is routed
+    gamma = _entry("pay-public", "gamma", "pay.example", public, "STATIC", "MESH_EXTERNAL",
+                   target=EXT_PORT + 1, endpoints=[{"address": topo.host_ip}])
+    lab.write("ns-entries", [alpha, gamma])
+    try:
+        for addr in (private1, private2):  # alpha's own entry, at each of its addresses
+            status, body = _get_from(lab, "a", f"http://{addr}/", "ext")
+            assert status == 200 and _backend(body) == "ext", (addr, status, body)
+        status, body = _get_from(lab, "c", f"http://{public}/", "ext2")  # gamma: the public entry
+        assert status == 200 and _backend(body) == "ext2", (status, body)
+        # The other namespace's entry is not theirs: the connection passes through to the
+        # dialled address, which nobody owns.
+        assert lab.curl("c", f"http://{private1}/", timeout=2.0)[0] != 200
+        assert lab.curl("a", f"http://{public}/", timeout=2.0)[0] != 200
+    finally:
+        (lab.config / "ns-entries.yaml").unlink()
