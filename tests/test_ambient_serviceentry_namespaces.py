@@ -174,6 +174,9 @@ def test_use_waypoint_on_a_namespace_resolved_entry_binds_it_there() -> None:
     hbone = str(out[LISTENER]["waypoint_hbone"])
     assert "240.0.0.9:80" in hbone and "240.0.0.10:80" in hbone and "240.0.0.8:80" not in hbone
     assert addresses(out[ENDPOINT]["outbound|80||pay.example~team/pay-team"]) == ["192.0.2.9"]
+    vhosts = out[ROUTE]["waypoint_80"].virtual_hosts  # type: ignore[attr-defined]
+    pay = next(vh for vh in vhosts if "pay.example" in vh.domains)
+    assert {"240.0.0.9", "240.0.0.10:80"} <= set(pay.domains)  # a Host naming either address is routed
 
 
 def _raw(text: str) -> list[RawObject]:

@@ -70,6 +70,8 @@ def service_domains(svc: Service, port: int, client_namespace: str) -> tuple[str
         names = [str(svc.hostname)]
     if svc.cluster_ip and svc.cluster_ip.lower() != "none":
         names.append(svc.cluster_ip)
+    elif svc.entry is not None and svc.entry.addresses and not any("/" in a for a in svc.entry.addresses):
+        names += svc.entry.addresses  # a ServiceEntry host with several IPs: each (Istio: one service per address)
     out: list[str] = []
     for n in names:
         out += [n, f"{n}:{port}"]

@@ -17,7 +17,9 @@ Per namespace (h26): one host, an entry private to alpha (two addresses) and a p
 gamma with another endpoint; a (alpha) and c (gamma) share n1's node proxy, each pod reaches
 the entry its namespace resolves the host to, and the other entry's address passes through
 to the dialled address (owned by nobody: not answered), as Istio's ztunnel does with an
-address it does not know.
+address it does not know. An entry private to beta (whose namespace uses waypoint wp), of a
+host that a public entry also declares, is bound to wp for beta's pods: its VirtualService
+applies there, at each of its addresses.
 
 Needs root, ip, iptables, setpriv, curl; skipped with the reason otherwise.
 """
@@ -184,3 +186,29 @@ def test_each_namespace_reaches_the_entry_it_resolves_a_host_to(lab: Lab) -> Non
         assert lab.curl("a", f"http://{public}/", timeout=2.0)[0] != 200
     finally:
         (lab.config / "ns-entries.yaml").unlink()
+
+
+def test_a_namespace_private_entry_is_bound_to_its_namespaces_waypoint(lab: Lab) -> None:
+    topo: Topology = lab.topo
+    for name, port in (("ext", EXT_PORT), ("ext2", EXT_PORT + 1)):
+        if not _can_connect(topo.host_ip, port):
+            proc = topo.spawn(f"{name}-backend", [sys.executable, str(ROOT / "samples" / "backend.py"),
+                                                  f"{name}={topo.host_ip}:{port}"])
+            topo.wait(f"{name} backend", lambda p=port: _can_connect(topo.host_ip, p), 10, proc)
+    beta1, beta2, public = Topology.vip(48), Topology.vip(49), Topology.vip(50)
+    beta = _entry("shop-beta", "beta", "shop.example", beta1, "STATIC", "MESH_EXTERNAL",
+                  endpoints=[{"address": topo.host_ip}], exportTo=["."])
+    beta["spec"]["addresses"] = [beta1, beta2]
+    gamma = _entry("shop-public", "gamma", "shop.example", public, "STATIC", "MESH_EXTERNAL",
+                   target=EXT_PORT + 1, endpoints=[{"address": topo.host_ip}])
+    lab.write("wp-ns-entries", [beta, gamma, _vs("shop", "beta", "shop.example")])
+    try:
+        for addr in (beta1, beta2):
+            status, body = _get_from(lab, "b1", f"http://{addr}/", "ext")
+            assert status == 200 and _backend(body) == "ext", (addr, status, body)
+            # beta's VirtualService, applied by beta's waypoint: it accepted this address.
+            assert lab.curl("b1", f"http://{addr}/teapot", timeout=3.0)[0] == 418, addr
+        status, body = _get_from(lab, "a", f"http://{public}/teapot", "ext2")  # alpha: the public entry, L4
+        assert status == 200 and _backend(body) == "ext2", (status, body)
+    finally:
+        (lab.config / "wp-ns-entries.yaml").unlink()
