@@ -129,6 +129,17 @@ def test_two_entries_of_one_address_keep_one_cluster_and_the_other_is_warned() -
     assert "ServiceEntry/default/pay-public" in text and "240.0.0.8" in text and "ambient|240.0.0.8" in text
 
 
+def test_a_kubernetes_service_keeps_its_vip_from_an_entry_of_the_same_address() -> None:
+    kube = ("apiVersion: v1\nkind: Service\nmetadata: {name: zz, namespace: default}\n"
+            "spec: {clusterIP: 240.0.0.8, selector: {app: zz}, ports: [{name: http, port: 80, targetPort: 8080}]}\n")
+    early = PUBLIC.replace("hosts: [pay.example]", "hosts: [aaa.example]")  # sorts before the Service's host
+    mesh = mesh_of(NAMESPACES, CLIENT, early, kube)
+    cluster = specs(mesh)[(CLUSTER, "ambient|240.0.0.8:80")]
+    assert [(r.kind, r.name) for r in cluster.sources] == [("Service", "zz")]
+    text = warnings(mesh)["pay-public:spec.addresses[0]"]
+    assert "Service/default/zz" in text and "aaa.example" in text
+
+
 def test_several_addresses_get_a_cluster_and_a_range_each() -> None:
     multi = PUBLIC.replace("[240.0.0.8]", "[240.0.0.11, 240.0.0.12]")
     mesh = mesh_of(NAMESPACES, CLIENT, multi)

@@ -218,11 +218,11 @@ def view_services(mesh: Mesh, view: EntryView) -> list[tuple[Hostname, Service]]
 def address_owners(mesh: Mesh) -> dict[str, tuple[Hostname, Service]]:
     """Address -> (registry key, Service) whose `ambient|<address>:<port>` clusters node
     proxies hold: a node proxy names a cluster by the dialled address, so of the entries
-    routed at one address it keeps one: Kubernetes Services and entries exported to every
-    namespace first, then by registry key (host, then namespace/name)."""
+    routed at one address it keeps one: a Kubernetes Service, else an entry exported to every
+    namespace, else the first by registry key (host, then namespace/name)."""
     out: dict[str, tuple[Hostname, Service]] = {}
     ranked = sorted(((k, s) for k, s in node_registry(mesh) if routed_by_node_proxy(s)),
-                    key=lambda kv: (not exported_everywhere(kv[1]), kv[0]))
+                    key=lambda kv: (kv[1].entry is not None, not exported_everywhere(kv[1]), kv[0]))
     for key, svc in ranked:
         for ip in node_addresses(svc):
             out.setdefault(ip, (key, svc))
@@ -258,8 +258,8 @@ def ambient_entry_issues(mesh: Mesh) -> list[Issue]:
                 out.append(Issue(se.ref, f"spec.addresses[{j}]", f"ambient pods (node proxies) will not use {host} "
                                  f"at {ip}: {owner[1].ref.display} ({owner[1].hostname}) has the same address, and "
                                  f"a node proxy names the cluster by the dialled address (ambient|{ip}:<port>), so "
-                                 "it keeps one entry per address: Kubernetes Services and entries exported to every "
-                                 "namespace first, then by host and namespace/name; sidecars use both",
+                                 "it keeps one per address: a Kubernetes Service, else an entry exported to every "
+                                 "namespace, else the first by host and namespace/name; sidecars use both",
                                  "warning", se.ref.line))
     return out
 
