@@ -10,7 +10,9 @@ Per ambient pod P of the node (P's own resources, nobody else's):
   P's inbound side (`controlplane.translate.nodepod.pod_inbound`).
 Per identity running on the node: `ambient_src|<SPIFFE URI>` (its certificate; SDS secret
 named by the URI, sent by the runtime).
-Per Sidecar scope among the node's pods (one, `ambient_outbound`, when no Sidecar applies):
+Per Sidecar scope among the node's pods (one, `ambient_outbound`, when no Sidecar applies
+and no pod's namespace sees a ServiceEntry not exported everywhere; such a namespace's pods
+get `ambient_outbound|@<ns>`, routing the entries that namespace resolves hosts to):
 an internal listener matching every destination the scope imports, and per /24 (IPv6: /120)
 block of mesh pod addresses an `ambient_pods|...|<block>` listener for direct pod-IP calls,
 with one chain per destination identity (so a new replica re-sends one small block listener).
@@ -25,6 +27,9 @@ changes its service's ClusterLoadAssignment and, once its Pod has an IP, one blo
 
 Sidecar scope: a pod reaches the service ports its Sidecar imports (as its sidecar would,
 ports included), and by pod IP only pods of imported services; the rest passes through.
+A ServiceEntry with several IPs gets a /32 and an `ambient|<IP:port>` cluster per address;
+two entries of one address cannot both have that cluster: one is kept
+(`controlplane.model.ambient.address_owners`) and the other warned.
 """
 
 from __future__ import annotations
