@@ -400,3 +400,47 @@ def test_a_refused_reference_gets_a_stand_in_so_a_key_held_before_is_overwritten
     got = creds["kubernetes-gateway://certs/partner-cert"].tls_certificate.certificate_chain.inline_bytes.decode()
     assert got and got != real  # the stand-in, never the Secret
     assert "kubernetes-gateway://certs/partner-cert-cacert" in creds
+
+
+# A pod of another namespace carrying the Gateway's name label (found by an adversarial review):
+# a Gateway API Gateway configures, and gives its Secrets to, gateway proxies of its own
+# namespace only, as Istio applies it to the instances of its Service in its namespace.
+TENANT_POD = """apiVersion: v1
+kind: Pod
+metadata:
+  name: evil-1
+  namespace: tenant
+  labels: {gateway.networking.k8s.io/gateway-name: public}
+spec: {serviceAccountName: evil, containers: [{name: proxy}]}
+status: {podIP: 10.0.9.9}
+"""
+TENANT_GATEWAY = """apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: public, namespace: tenant}
+spec:
+  gatewayClassName: meshline
+  listeners:
+  - {name: grab, port: 9999, protocol: HTTP, allowedRoutes: {namespaces: {from: Same}}}
+"""
+
+
+@pytest.mark.parametrize("named", [True, False], ids=["--gateway edge/public", "by label"])
+def test_a_pod_of_another_namespace_with_the_gateway_name_label_gets_no_key(named: bool) -> None:
+    m, _ = with_yaml(TENANT_POD)
+    evil = ProxyMeta(node_id="evil", mode="gateway", gateway="edge/public" if named else None,
+                     namespace="tenant", workload="evil-1")
+    creds = {s.name: s.make() for s in gateway_credentials(m, evil, "tenant", "evil", "/ca.pem")}
+    keys = {c.key_pem for c in m.credentials.values() if c.key_pem}
+    assert keys and not any(s.tls_certificate.private_key.inline_bytes.decode() in keys  # type: ignore[attr-defined]
+                            for s in creds.values())
+    assert not [n for t, n in plan(m, evil) if t == LISTENER]  # edge's listeners are not its to serve
+    # edge's own gateway pod still gets its real key
+    mine = {s.name: s.make() for s in gateway_credentials(m, PROXY, "edge", "public", "/ca.pem")}
+    assert any(s.tls_certificate.private_key.inline_bytes.decode() in keys for s in mine.values())  # type: ignore[attr-defined]
+
+
+def test_a_gateway_of_the_same_name_in_another_namespace_adds_nothing_to_edges_proxy() -> None:
+    m, _ = with_yaml(TENANT_GATEWAY)
+    by_label = ProxyMeta(node_id="public-gw", mode="gateway", namespace="edge", workload="public-1")
+    listeners = {n for t, n in plan(m, by_label) if t == LISTENER}
+    assert listeners and "0.0.0.0_9999" not in listeners

@@ -47,9 +47,16 @@ def selected_gateways(mesh: Mesh, meta: ProxyMeta) -> tuple[Gateway, ...]:
         return ()
     if meta.gateway:
         gw = mesh.gateways.get(meta.gateway)
-        return () if gw is None else (gw,)
+        return () if gw is None or not _may_serve(gw, meta) else (gw,)
     labels = proxy_labels(mesh, meta)
-    return tuple(gw for _, gw in sorted(mesh.gateways.items()) if labels_match(gw.selector, labels))
+    return tuple(gw for _, gw in sorted(mesh.gateways.items())
+                 if _may_serve(gw, meta) and labels_match(gw.selector, labels))
+
+
+def _may_serve(gw: Gateway, meta: ProxyMeta) -> bool:
+    """A Gateway API Gateway configures gateway proxies of its own namespace only (Istio: the
+    instances of its Service in its namespace); an Istio Gateway, those of any namespace."""
+    return not gw.own_namespace_only or meta.namespace == gw.namespace
 
 
 @dataclass(frozen=True, slots=True)

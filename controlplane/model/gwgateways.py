@@ -5,8 +5,9 @@
 - A GatewayClass whose `controllerName` is `meshline.io/gateway-controller` is Meshline's:
   its status is `Accepted=True`. Gateways of another class are left alone (no status).
 - A Gateway of Meshline's class becomes the IR `Gateway` `ns/name` whose proxies are the
-  pods labelled `gateway.networking.k8s.io/gateway-name: <name>` (as Istio labels a
-  Gateway's deployment). Its HTTP listeners, HTTPS listeners terminating TLS, TLS listeners
+  pods of its own namespace labelled `gateway.networking.k8s.io/gateway-name: <name>` (as
+  Istio labels a Gateway's deployment and applies a Gateway only to the instances of its
+  Service in its namespace: a pod of another namespace with that label gets nothing). Its HTTP listeners, HTTPS listeners terminating TLS, TLS listeners
   in mode Passthrough and TCP listeners become servers. An HTTPS listener's `certificateRefs`
   name Secrets of the Gateway's namespace or, when a ReferenceGrant of the Secret's namespace
   allows Gateways of the Gateway's namespace to refer to it, of another namespace; the first
@@ -219,7 +220,8 @@ def resolve_gateways(gateways: Iterable[ApiGateway], classes: Iterable[GatewayCl
         served_refs = {(s.tls.credential_namespace or gw.namespace, s.tls.credential_name) for s in servers
                        if s.tls is not None and s.tls.credential_name}
         out_gateways[gkey] = Gateway(gw.ref, gw.namespace, gw.name, ((GATEWAY_NAME_LABEL, gw.name),), servers,
-                                     tuple(sorted(refused_refs.get(gkey, set()) - served_refs)))
+                                     tuple(sorted(refused_refs.get(gkey, set()) - served_refs)),
+                                     own_namespace_only=True)
         lstatus = tuple(ListenerStatus(lst.name, _kinds(lst), attached[gkey].get(lst.name, 0),
                                        tuple(listener_conds[gkey][lst.name])) for lst in gw.listeners)
         all_ok = all(lst.name in listeners_ok[gkey] for lst in gw.listeners)

@@ -825,6 +825,10 @@ class Gateway:
     # (namespace, name) of Gateway API certificateRefs whose listener is refused (no grant, no
     # usable Secret): their SDS names get stand-ins, so a proxy that held the key loses it
     withheld_credentials: tuple[tuple[str, str], ...] = ()
+    # A Gateway API Gateway: it configures only gateway proxies of its own namespace (as Istio
+    # applies one to the instances of its Service in its namespace); an Istio Gateway selects
+    # pods of any namespace (its credentialName Secrets are then the proxy's namespace's).
+    own_namespace_only: bool = False
 
     @property
     def key(self) -> str:

@@ -39,12 +39,16 @@ def gateway_authorized(mesh: Mesh, meta: ProxyMeta, namespace: str, service_acco
     """The Gateways of `meta` whose credentials the proxy may hold: those whose selector the
     labels of its pod (`meta.workload` in the mesh) include, when the proxy's authenticated
     identity (`namespace`, `service_account`) is that pod's; none otherwise (it then receives
-    no gateway Secret). A Gateway with no selector selects every pod (as Istio)."""
+    no gateway Secret). A Gateway with no selector selects every pod (as Istio); a Gateway API
+    Gateway only pods of its own namespace."""
     pod = mesh.workload(namespace, meta.workload)
     if pod is None or pod.service_account != service_account:
         return ()
     have = dict(pod.labels)
-    return tuple(gw for gw in selected_gateways(mesh, meta) if all(have.get(k) == v for k, v in gw.selector))
+    # A Gateway API Gateway's Secrets go only to a pod of the Gateway's own namespace, whatever
+    # the pod's labels say (its certificateRefs name Secrets of fixed namespaces).
+    return tuple(gw for gw in selected_gateways(mesh, meta) if all(have.get(k) == v for k, v in gw.selector)
+                 and (not gw.own_namespace_only or namespace == gw.namespace))
 
 
 GATEWAY_CREDENTIAL_PREFIX = "kubernetes-gateway://"
