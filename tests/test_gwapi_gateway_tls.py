@@ -392,6 +392,149 @@ spec:
     assert chains == {("www.example.com",): True, ("pg.db.example.com",): False}  # terminated / passed through
 
 
+# Two TLS Passthrough listeners of one Gateway on one port, told apart by hostname (issue 18,
+# h27; found by an adversarial review). Gateway API listener isolation: a connection goes to the
+# listener whose hostname matches its SNI most specifically, and only that listener's routes see
+# it. A TLSRoute of namespace `other`, allowed only on the catch-all listener `wide`, claims
+# pg.db.example.com, a name of listener `narrow` that only routes of namespace edge may use: it
+# must neither take the name nor make Envoy refuse the listener (two chains matching alike).
+MULTI = """apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: multi, namespace: edge}
+spec:
+  gatewayClassName: meshline
+  listeners:
+  - {name: wide, port: 9500, protocol: TLS, tls: {mode: Passthrough}, allowedRoutes: {namespaces: {from: All}}}
+  - {name: narrow, port: 9500, protocol: TLS, hostname: "*.db.example.com", tls: {mode: Passthrough},
+     allowedRoutes: {namespaces: {from: Same}}}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: thief, namespace: other}
+spec: {clusterIP: 10.96.9.1, selector: {app: thief}, ports: [{name: tls, port: 8443}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: legit, namespace: edge}
+spec: {clusterIP: 10.96.9.2, selector: {app: legit}, ports: [{name: tls, port: 8443}]}
+---
+apiVersion: gateway.networking.k8s.io/v1alpha2
+kind: TLSRoute
+metadata: {name: steal, namespace: other, creationTimestamp: "2020-01-01T00:00:00Z"}
+spec:
+  parentRefs: [{name: multi, namespace: edge, sectionName: wide}]
+  hostnames: [STEAL_HOSTS]
+  rules: [{backendRefs: [{name: thief, port: 8443}]}]
+---
+apiVersion: gateway.networking.k8s.io/v1alpha2
+kind: TLSRoute
+metadata: {name: legit, namespace: edge, creationTimestamp: "2026-01-01T00:00:00Z"}
+spec:
+  parentRefs: [{name: multi, namespace: edge, sectionName: narrow}]
+  hostnames: [pg.db.example.com]
+  rules: [{backendRefs: [{name: legit, port: 8443}]}]
+"""
+MULTI_PROXY = ProxyMeta(node_id="multi-gw", mode="gateway", gateway="edge/multi", namespace="edge", workload="multi-1")
+THIEF = "outbound|8443||thief.other.svc.cluster.local"
+LEGIT = "outbound|8443||legit.edge.svc.cluster.local"
+
+
+def sni_chains(m: Mesh, meta: ProxyMeta, listener: str) -> list[tuple[tuple[str, ...], str]]:
+    lst = as_dict(plan(m, meta)[(LISTENER, listener)])
+    return [(tuple(c.get("filterChainMatch", {}).get("serverNames", ())), c["filters"][-1]["typedConfig"]["cluster"])
+            for c in lst["filterChains"]]
+
+
+def test_the_most_specific_listener_keeps_its_name_and_each_sni_has_one_chain() -> None:
+    m, issues = with_yaml(MULTI.replace("STEAL_HOSTS", "pg.db.example.com"))
+    chains = sni_chains(m, MULTI_PROXY, "0.0.0.0_9500")
+    assert chains == [(("pg.db.example.com",), LEGIT)]  # was: the name twice, both to other's backend
+    # the route that lost its name is still attached (Accepted), and says which name it lost and why
+    (st,) = m.route_status[("TLSRoute", "other", "steal")]
+    acc = st.condition("Accepted")
+    assert acc is not None and acc.status == "True" and "pg.db.example.com on listener wide" in acc.message
+    (legit,) = m.route_status[("TLSRoute", "edge", "legit")]
+    assert "not served" not in legit.condition("Accepted").message  # type: ignore[union-attr]
+    warned = [i for i in issues if i.ref.kind == "TLSRoute"]
+    assert [(i.ref.namespace, i.ref.name, i.field, i.severity) for i in warned] == [
+        ("other", "steal", "spec.hostnames", "warning")]
+    assert "listener narrow's hostname *.db.example.com is more specific" in warned[0].message
+
+
+def test_a_catch_all_route_does_not_get_the_narrower_listeners_other_names() -> None:
+    """The wide listener's route without hostnames takes every SNI but the narrow listener's:
+    a name under *.db.example.com that no route of narrow has is refused (a black-hole chain
+    on the narrow hostname), not sent to the other namespace's backend."""
+    m, issues = with_yaml(MULTI.replace("STEAL_HOSTS", ""))
+    assert sorted(sni_chains(m, MULTI_PROXY, "0.0.0.0_9500")) == [
+        ((), THIEF), (("*.db.example.com",), "BlackHoleCluster"), (("pg.db.example.com",), LEGIT)]
+    assert not [i for i in issues if i.ref.kind == "TLSRoute"]
+
+
+def test_a_name_of_an_older_route_on_the_same_listener_is_reported_to_the_newer_one() -> None:
+    m, issues = with_yaml(tls_route("newer", "pg.db.example.com, mysql.db.example.com", created="2026-03-01T00:00:00Z"))
+    (st,) = m.route_status[("TLSRoute", "shop", "newer")]
+    assert "hostname pg.db.example.com on listener tls (TLSRoute shop/pg, the older route, has it)" in \
+        st.condition("Accepted").message  # type: ignore[union-attr]
+    assert [(i.ref.name, i.field) for i in issues if i.ref.kind == "TLSRoute"] == [("newer", "spec.hostnames")]
+    assert dict(sni_chains(m, PROXY, "0.0.0.0_9443")) == {
+        ("pg.db.example.com",): "outbound|8443||vault.shop.svc.cluster.local",
+        ("mysql.db.example.com",): "outbound|8443||vault.shop.svc.cluster.local"}
+
+
+ISTIO_TWO_PASSTHROUGH = """apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {name: sni, namespace: edge}
+spec:
+  selector: {app: sni-gw}
+  servers:
+  - port: {number: 9600, name: tls-all, protocol: TLS}
+    hosts: ["*"]
+    tls: {mode: PASSTHROUGH}
+  - port: {number: 9600, name: tls-db, protocol: TLS}
+    hosts: ["*.db.example.com"]
+    tls: {mode: PASSTHROUGH}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: pg, namespace: edge}
+spec:
+  hosts: [pg.db.example.com]
+  gateways: [sni]
+  tls:
+  - match: [{sniHosts: [pg.db.example.com]}]
+    route: [{destination: {host: legit.edge.svc.cluster.local, port: {number: 8443}}}]
+"""
+
+
+def test_an_istio_gateway_with_two_passthrough_servers_of_one_port_has_one_chain_per_name() -> None:
+    """Both servers' hosts cover the VirtualService's SNI name: one chain (was one per server:
+    a listener Envoy refuses)."""
+    m, _ = with_yaml(MULTI.replace("STEAL_HOSTS", "x.example.com") + "---\n" + ISTIO_TWO_PASSTHROUGH)
+    meta = replace(MULTI_PROXY, gateway="edge/sni", node_id="sni-gw", workload="sni-1")
+    assert sni_chains(m, meta, "0.0.0.0_9600") == [(("pg.db.example.com",), LEGIT)]
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("steal", ["pg.db.example.com", "", "'*.example.com'"])
+def test_envoy_accepts_the_multi_listener_gateway(steal: str) -> None:
+    """`envoy --mode validate` (the bundled Envoy, controlplane.envoycheck) accepts every resource
+    of the gateway proxy of edge/multi: its listener on 9500 and the clusters it names."""
+    import asyncio
+
+    from controlplane.cache.resources import Resource
+    from controlplane.envoycheck import EnvoyValidator
+    from controlplane.localrun import envoy_binary
+
+    m, _ = with_yaml(MULTI.replace("STEAL_HOSTS", steal))
+    resources = [Resource(s.type_url, s.name, s.make().SerializeToString(deterministic=True))
+                 for s in plan_proxy(m, MULTI_PROXY).specs() if s.type_url in (LISTENER, CLUSTER, ROUTE)]
+    assert (LISTENER, "0.0.0.0_9500") in {(r.type_url, r.name) for r in resources}
+    verdict, rejected = asyncio.run(EnvoyValidator(envoy_binary()).rejected(resources))
+    assert verdict.ok is True, verdict.message
+    assert rejected == []
+
+
 def test_a_refused_reference_gets_a_stand_in_so_a_key_held_before_is_overwritten() -> None:
     m, _ = with_yaml("", drop=(("ReferenceGrant", "certs", "edge-gateways"),))
     assert m.gateways["edge/public"].withheld_credentials == (("certs", "partner-cert"), ("vault", "vault-cert"))

@@ -25,7 +25,12 @@
 - A TLSRoute attached to a TLS Passthrough listener forwards the connections whose SNI is
   one of its hostnames (intersected with the listener's) to its weighted backends, the TLS
   bytes untouched (a TLS inspector reads the SNI; one filter chain per name: the Istio
-  PASSTHROUGH path, `VirtualService.tls`); for a name two TLSRoutes claim, the oldest wins.
+  PASSTHROUGH path, `VirtualService.tls`, one VirtualService per listener whose matches name
+  it: `TLSMatch.listener`). For a name two TLSRoutes of a listener claim, the oldest wins;
+  a name within the hostname of a more specific TLS or HTTPS listener of the same port is
+  that listener's (Gateway API listener isolation: the listener whose hostname matches the
+  SNI most specifically gets the connection, and only its routes see it). A route told a
+  name it attached for is not its: its `Accepted` message says which and why, and a warning.
 - An HTTPRoute or GRPCRoute whose parentRef names the Gateway (optionally a listener by
   `sectionName` or `port`) attaches to the listeners that allow its namespace
   (`allowedRoutes.namespaces`: Same by default, All, Selector on namespace labels) and its
@@ -86,6 +91,8 @@ from controlplane.model.ir import (
 
 GATEWAY_NAME_LABEL = "gateway.networking.k8s.io/gateway-name"
 ObjectKey = tuple[str, str, str]
+# the Accepted message of a route's parent that lost some hostnames goes on with this (a warning)
+NOT_SERVED = "not served"
 _HTTP_KINDS = ("HTTPRoute", "GRPCRoute")
 _TCP_KINDS = ("TCPRoute",)
 _TLS_KINDS = ("TLSRoute",)
@@ -159,7 +166,8 @@ def resolve_gateways(gateways: Iterable[ApiGateway], classes: Iterable[GatewayCl
     attached: dict[str, dict[str, int]] = {k: {} for k in served}
     per_host: dict[tuple[str, str], list[tuple[tuple[object, ...], HTTPRoute, GatewayRoute]]] = {}
     per_port: dict[tuple[str, int], list[tuple[TCPRoute, GatewayRoute]]] = {}
-    per_sni: dict[tuple[str, int], list[tuple[TLSRoute, GatewayRoute]]] = {}
+    per_sni: dict[tuple[str, str], list[tuple[TLSRoute, GatewayRoute, ParentRef]]] = {}  # by listener
+    status_at: dict[tuple[RouteKey, ParentRef], int] = {}
     for route in sorted(routes, key=route_key):
         for parent in route.parents:
             if not parent.is_gateway:
@@ -176,8 +184,9 @@ def resolve_gateways(gateways: Iterable[ApiGateway], classes: Iterable[GatewayCl
                     if route.kind == "TLSRoute":  # SNI names -> the first rule's backends
                         dests = _l4_destinations(route, grants_t, services, problems)
                         if dests:
-                            per_sni.setdefault((gkey, lst.port), []).append(
-                                (TLSRoute((TLSMatch(tuple(names), lst.port),), dests), route))
+                            per_sni.setdefault((gkey, lst.name), []).append(
+                                (TLSRoute((TLSMatch(tuple(names), lst.port, listener=lst.name),), dests), route,
+                                 parent))
                         continue
                     table, tcp = route_tables(route, lst.port, grants_t, services, problems)
                     for name in names:
@@ -185,8 +194,9 @@ def resolve_gateways(gateways: Iterable[ApiGateway], classes: Iterable[GatewayCl
                             per_host.setdefault((gkey, name), []).append((k, hr, route))
                     for tr in tcp[:1]:  # a TCP connection has nothing to match on: the first route wins
                         per_port.setdefault((gkey, lst.port), []).append((tr, route))
-            route_status.setdefault(route_key(route), []).append(
-                _route_status(parent, accepted, list(dict.fromkeys(problems))))
+            statuses = route_status.setdefault(route_key(route), [])
+            status_at.setdefault((route_key(route), parent), len(statuses))
+            statuses.append(_route_status(parent, accepted, list(dict.fromkeys(problems))))
     # One VirtualService per (gateway, hostname), bound to the gateway.
     vss: list[VirtualService] = []
     for (gkey, host), items in sorted(per_host.items()):
@@ -207,13 +217,25 @@ def resolve_gateways(gateways: Iterable[ApiGateway], classes: Iterable[GatewayCl
         tr, first_route = min(tcp_items, key=lambda t: (t[1].created, t[1].namespace, t[1].name))
         vss.append(VirtualService(ref=first_route.ref, namespace=gw.namespace, name=f"{gw.name}.tcp.{port}", hosts=(),
                                   tcp=(tr,), gateways=(gkey,), host_patterns=("*",)))
-    for (gkey, port), tls_items in sorted(per_sni.items()):
+    lost: dict[tuple[RouteKey, ParentRef], list[str]] = {}
+    for (gkey, lname), tls_items in sorted(per_sni.items()):
         gw = served[gkey]
-        tls_items.sort(key=lambda t: (t[1].created, t[1].namespace, t[1].name))  # the oldest keeps a name
-        sni_names = tuple(dict.fromkeys(n for tr, _ in tls_items for m in tr.matches for n in m.sni_hosts))
-        vss.append(VirtualService(ref=tls_items[0][1].ref, namespace=gw.namespace, name=f"{gw.name}.tls.{port}",
-                                  hosts=(), tls=tuple(tr for tr, _ in tls_items), gateways=(gkey,),
+        lst = listeners_ok[gkey][lname][0]
+        kept = _sni_owners(lst, [other for other, _ in listeners_ok[gkey].values()], tls_items, lost)
+        if not kept:
+            continue
+        sni_names = tuple(dict.fromkeys(n for tr, _ in kept for m in tr.matches for n in m.sni_hosts))
+        shared = sum(1 for g, n in per_sni if g == gkey and listeners_ok[g][n][0].port == lst.port) > 1
+        vss.append(VirtualService(ref=kept[0][1].ref, namespace=gw.namespace,
+                                  name=f"{gw.name}.tls.{lst.port}" + (f".{lname}" if shared else ""),
+                                  hosts=(), tls=tuple(tr for tr, _ in kept), gateways=(gkey,),
                                   host_patterns=sni_names))
+    for (rkey, parent), why in lost.items():  # the names a route attached for but does not get: said
+        statuses = route_status[rkey]
+        i = status_at[(rkey, parent)]
+        statuses[i] = replace(statuses[i], conditions=tuple(
+            replace(c, message=f"{c.message}; {NOT_SERVED}: {'; '.join(dict.fromkeys(why))}")
+            if c.type == "Accepted" else c for c in statuses[i].conditions))
     out_gateways: dict[str, Gateway] = {}
     for gkey, gw in served.items():
         servers = tuple(server for _, server in listeners_ok[gkey].values())
@@ -232,6 +254,52 @@ def resolve_gateways(gateways: Iterable[ApiGateway], classes: Iterable[GatewayCl
             Condition("Programmed", "True", "Programmed", "configuration sent to the gateway proxies over xDS")),
             lstatus, gw.generation, gw.ref)
     return GatewayResult(out_gateways, tuple(vss), {k: tuple(v) for k, v in route_status.items()}, object_status)
+
+
+def _specificity(host: str) -> tuple[int, int]:
+    """How specific a listener hostname is: `*` < `*.suffix` (longer: more) < an exact name."""
+    if host == "*":
+        return (0, 0)
+    return (1, len(host)) if host.startswith("*.") else (2, len(host))
+
+
+def _sni_owners(lst: Listener, listeners: Iterable[Listener],
+                items: list[tuple[TLSRoute, GatewayRoute, ParentRef]],
+                lost: dict[tuple[RouteKey, ParentRef], list[str]]) -> list[tuple[TLSRoute, GatewayRoute]]:
+    """The TLSRoutes attached to TLS Passthrough listener `lst`, each with the SNI names it keeps
+    there: a name within the hostname of a more specific TLS or HTTPS listener of the same port
+    is that listener's (Gateway API listener isolation: a connection goes to the listener with
+    the most specific matching hostname, and only its routes see it); a name two routes claim
+    is the oldest's (creation time, then namespace/name). The names a route loses go to `lost`."""
+    mine = _specificity(lst.hostname or "*")
+    rivals = sorted((o for o in listeners if o.name != lst.name and o.port == lst.port
+                     and o.protocol in ("TLS", "HTTPS") and _specificity(o.hostname or "*") > mine),
+                    key=lambda o: _specificity(o.hostname or "*"), reverse=True)
+    owner: dict[str, GatewayRoute] = {}
+    out: list[tuple[TLSRoute, GatewayRoute]] = []
+    for tr, route, parent in sorted(items, key=lambda t: (t[1].created, t[1].namespace, t[1].name)):
+        matches: list[TLSMatch] = []
+        for m in tr.matches:
+            keep: list[str] = []
+            for n in m.sni_hosts:
+                better = next((o for o in rivals if intersect_host(o.hostname or "*", n) == n), None)
+                if better is not None:
+                    lost.setdefault((route_key(route), parent), []).append(
+                        f"hostname {n} on listener {lst.name} (listener {better.name}'s hostname {better.hostname} "
+                        "is more specific: connections for it go to that listener and its routes only)")
+                    continue
+                first = owner.setdefault(n, route)
+                if first is not route:
+                    lost.setdefault((route_key(route), parent), []).append(
+                        f"hostname {n} on listener {lst.name} ({first.kind} {first.namespace}/{first.name}, "
+                        "the older route, has it)")
+                elif n not in keep:
+                    keep.append(n)
+            if keep:
+                matches.append(replace(m, sni_hosts=tuple(keep)))
+        if matches:
+            out.append((replace(tr, matches=tuple(matches)), route))
+    return out
 
 
 def _l4_destinations(route: GatewayRoute, grants: tuple[ReferenceGrant, ...], services: Mapping[Hostname, Service],
@@ -361,9 +429,18 @@ def _route_status(parent: ParentRef, accepted: tuple[str, str], problems: list[t
     return ParentStatus(parent, GATEWAY_CONTROLLER, tuple(conds))
 
 
-def gateway_issues(object_status: Mapping[ObjectKey, ObjectStatus]) -> list[Issue]:
-    """Warnings for the Gateways (and listeners) Meshline does not fully serve."""
+def gateway_issues(object_status: Mapping[ObjectKey, ObjectStatus], routes: Iterable[GatewayRoute] = (),
+                   route_status: Mapping[RouteKey, tuple[ParentStatus, ...]] | None = None) -> list[Issue]:
+    """Warnings for the Gateways (and listeners) Meshline does not fully serve, and for the
+    hostnames of routes accepted by a Gateway that another route or listener gets."""
     out: list[Issue] = []
+    for route in sorted(routes, key=route_key) if route_status else ():
+        for ps in route_status.get(route_key(route), ()) if route_status else ():
+            acc = ps.condition("Accepted")
+            marker = f"; {NOT_SERVED}: "
+            if ps.controller == GATEWAY_CONTROLLER and acc is not None and acc.status == "True" and marker in acc.message:
+                out.append(Issue(route.ref, "spec.hostnames", f"for parent {ps.parent.kind} {ps.parent.namespace}/"
+                                 f"{ps.parent.name}, {NOT_SERVED}: {acc.message.split(marker, 1)[1]}", "warning"))
     for key in sorted(object_status):
         st = object_status[key]
         if st.ref is None:

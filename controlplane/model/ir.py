@@ -412,6 +412,9 @@ class TLSMatch:
     sni_hosts: tuple[str, ...]
     port: int | None = None
     gateways: tuple[str, ...] = ()  # as HTTPMatch.gateways
+    # Gateway API: the name of the Gateway server (listener) the TLSRoute attached to; only
+    # that server applies the match (empty, as from an Istio VirtualService: every server)
+    listener: str = ""
 
 
 @dataclass(frozen=True, slots=True)

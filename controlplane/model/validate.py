@@ -82,7 +82,7 @@ def check_mesh(mesh: Mesh) -> tuple[Issue, ...]:
     if mesh.gateway_routes:
         issues.extend(gamma_issues(mesh.gateway_routes, mesh.route_status, mesh.virtual_services, mesh.vss_by_host))
     if mesh.gateway_status:
-        issues.extend(gateway_issues(mesh.gateway_status))
+        issues.extend(gateway_issues(mesh.gateway_status, mesh.gateway_routes, mesh.route_status))
     issues.extend(check_telemetries(mesh))
     issues.extend(check_request_authentications(mesh))
     issues.extend(check_jwt_conditions(mesh))

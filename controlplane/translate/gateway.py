@@ -17,8 +17,12 @@ Gateway): `controlplane.model.gateway_merge` selects them and merges their serve
   `credentialName` Secret over SDS (`kubernetes://<name>`, client CA `kubernetes://<name>-cacert`)
   or the files the server names, and its own RDS `https.<port>.<server>.<gateway>.<ns>`;
 - HTTPS/TLS PASSTHROUGH servers: one SNI filter chain (a TLS inspector reads the SNI) per
-  bound VirtualService `tls` route match (`sniHosts` x server hosts), `tcp_proxy` to its
-  destinations, the TLS bytes untouched;
+  bound VirtualService `tls` route match (`sniHosts` x server hosts; a Gateway API match only
+  on the server of its listener), `tcp_proxy` to its destinations, the TLS bytes untouched;
+- each SNI name in one filter chain of a listener (Envoy refuses two that match alike): the
+  server whose host covers it most specifically keeps it; a PASSTHROUGH server's host that a
+  less specific server's chain would also match, and that none of its routes covers, gets a
+  chain that refuses the connection (Gateway API listener isolation);
 - TCP servers, and TLS servers that terminate: `tcp_proxy` to the destination of the bound
   VirtualServices' tcp routes;
 - clusters and endpoints of the services its bound routes send to or mirror to (http, tcp and
@@ -198,12 +202,14 @@ def plan_gateway(mesh: Mesh, meta: ProxyMeta) -> list[ResourceSpec]:
     by_addr, _dropped = merge_servers(gws)  # dropped servers: warned by check_merges
     for (addr, port), placed in sorted(by_addr.items()):
         chains: list[ServerChain] = []
+        owners: list[GatewayServer | None] = []  # the server of each chain (None: plain HTTP)
         refs: list[SourceRef] = [p.gateway.ref for p in placed]
         plain_http = [p for p in placed if p.server.protocol in HTTP_PROTOCOLS]
         if plain_http:
             rds = f"http.{port}"
             add([_route_spec(mesh, rds, port, plain_http, bound_of, meta.namespace)])
             chains.append(ServerChain(name=rds, rds=rds))
+            owners.append(None)
         for p in placed:
             if p.server.protocol in HTTP_PROTOCOLS:
                 continue
@@ -213,6 +219,8 @@ def plan_gateway(mesh: Mesh, meta: ProxyMeta) -> list[ResourceSpec]:
             taken = {c.name for c in chains}
             chains += [c if c.name not in taken else replace(c, name=f"{c.name}.{p.gateway.name}.{p.gateway.namespace}")
                        for c in server_chains]
+            owners += [p.server] * len(server_chains)
+        chains = _one_chain_per_name(chains, owners, [p.server for p in placed])
         for p in placed:
             refs += [vs.ref for vs in bound_of[p.gateway.key]]
         authz = GatewayAuthz(mesh.trust_domain, policies_for_port(policies, port), jwt)
@@ -292,8 +300,8 @@ def _passthrough_chains(mesh: Mesh, srv: GatewayServer, label: str, bound: tuple
             tcp = tuple(WeightedCluster(_target(mesh, d.destination, srv.port, namespace).cluster, d.weight)
                         for d in dests)
             for j, m in enumerate(tr.matches):
-                if m.port not in (None, srv.port):
-                    continue
+                if m.port not in (None, srv.port) or (m.listener and m.listener != srv.name):
+                    continue  # another port's, or (Gateway API) another listener's
                 sni = sorted({got for _, h in srv.hosts for n in m.sni_hosts
                               if (got := intersect_host(h, n)) is not None} - taken)
                 if not sni:
@@ -301,6 +309,57 @@ def _passthrough_chains(mesh: Mesh, srv: GatewayServer, label: str, bound: tuple
                 taken.update(sni)
                 out.append(ServerChain(name=f"tls.{srv.port}.{label}.{vs.namespace}.{vs.name}.{i}.{j}",
                                        server_names=() if sni == ["*"] else tuple(sni), tcp=tcp))
+    return out
+
+
+def _host_specificity(host: str) -> tuple[int, int]:
+    """`*` < `*.suffix` (a longer suffix: more) < an exact name."""
+    if host == "*":
+        return (0, 0)
+    return (1, len(host)) if host.startswith("*.") else (2, len(host))
+
+
+def _claim(srv: GatewayServer | None, name: str) -> tuple[int, int]:
+    """How specifically `srv` covers SNI `name` (`*`: no SNI): its most specific host that does."""
+    if srv is None:
+        return (-1, 0)
+    got = [_host_specificity(h) for _, h in srv.hosts if intersect_host(h, name) == name or h == name]
+    return max(got, default=(-1, 0))
+
+
+def _one_chain_per_name(chains: list[ServerChain], owners: list[GatewayServer | None],
+                        servers: list[GatewayServer]) -> list[ServerChain]:
+    """The filter chains of one listener with each SNI name in one chain only (Envoy refuses a
+    listener two of whose chains match alike): the chain of the server whose host covers the name
+    most specifically keeps it, the first on a tie (a server's own chains are unique already:
+    the first VirtualService keeps a name). As the Gateway API's listener isolation: a connection
+    whose SNI lies within a PASSTHROUGH server's (more specific) host is that server's, refused
+    when none of its routes takes the name, rather than left to a less specific server's chain."""
+    best: dict[str, tuple[tuple[int, int], int]] = {}  # name -> (its best claim, that chain's index)
+    for i, (c, srv) in enumerate(zip(chains, owners, strict=True)):
+        for n in c.server_names or ("*",):
+            claim = _claim(srv, n)
+            if n not in best or claim > best[n][0]:
+                best[n] = (claim, i)
+    out: list[ServerChain] = []
+    for i, c in enumerate(chains):
+        if not c.server_names:
+            if best["*"][1] == i:
+                out.append(c)
+            continue
+        names = tuple(n for n in c.server_names if best[n][1] == i)
+        if names:
+            out.append(c if names == c.server_names else replace(c, server_names=names))
+    names_now = {n for c in out for n in (c.server_names or ("*",))}
+    for srv in servers:
+        if srv.tls is None or srv.tls.mode != "PASSTHROUGH":
+            continue
+        for _, h in srv.hosts:
+            wider = [n for n in names_now if n != h and intersect_host(n, h) == h]
+            if h != "*" and h not in names_now and wider:
+                names_now.add(h)
+                out.append(ServerChain(name=f"isolated.{srv.port}.{srv.name or 'server'}.{h}", server_names=(h,),
+                                       tcp=(WeightedCluster(BLACKHOLE),)))
     return out
 
 
