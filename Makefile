@@ -31,13 +31,16 @@ test: $(STAMP) system-deps kube-build
 	$(BIN)/python -m pytest -q
 
 # The unit layer of the test pyramid (markers applied by tests/conftest.py): no Envoy, netns,
-# API server, meshline serve process or end-to-end runs. Four pytest-xdist workers on two
-# cores, work-stealing: many unit tests wait (debounce windows, rotations), so two extra
-# workers fill the idle time (measured on a quiet 2-core machine: -n auto/loadfile 74 s,
-# -n 4/worksteal 62 s, -n 6 74 s; ~115 s of CPU). The goal is under a minute.
+# API server, meshline serve process or end-to-end runs. Three pytest-xdist workers on two
+# cores, work-stealing: some unit tests wait (kmock watches, certificate rotation, directory
+# quiet periods), so one extra worker fills the idle time; each worker costs ~8 s of CPU to
+# start (it imports and collects everything), which a fourth does not pay back. Measured
+# back to back on 2 shared cores under light load (issue 19): -n 3 65 s wall / 90 s CPU,
+# -n 4 69 s / 123 s CPU (no quiet machine for a re-measurement; earlier, quiet, -n 4: 62 s).
+# The goal, under a minute, is not met yet.
 .PHONY: test-fast
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -m unit -n 4 --dist worksteal --ignore=tests/kube_real --ignore=tests/e2e --ignore=tests/conformance
+	$(BIN)/python -m pytest -q -m unit -n 3 --dist worksteal --ignore=tests/kube_real --ignore=tests/e2e --ignore=tests/conformance
 
 # A real kube-apiserver + etcd (tests/kube_real, `make run-kube`): built once from the Go
 # module proxy into ~/.cache/meshline/kube/<version>/ (cold: minutes; then instant).
