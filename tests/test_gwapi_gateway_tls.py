@@ -535,6 +535,55 @@ def test_envoy_accepts_the_multi_listener_gateway(steal: str) -> None:
     assert rejected == []
 
 
+HTTP_MULTI = """apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: multi, namespace: edge}
+spec:
+  gatewayClassName: meshline
+  listeners:
+  - {name: wide, port: 9700, protocol: HTTP, allowedRoutes: {namespaces: {from: All}}}
+  - {name: narrow, port: 9700, protocol: HTTP, hostname: "*.db.example.com", allowedRoutes: {namespaces: {from: Same}}}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: thief, namespace: other}
+spec: {clusterIP: 10.96.9.1, selector: {app: thief}, ports: [{name: http, port: 8080}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: legit, namespace: edge}
+spec: {clusterIP: 10.96.9.2, selector: {app: legit}, ports: [{name: http, port: 8080}]}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: steal, namespace: other, creationTimestamp: "2020-01-01T00:00:00Z"}
+spec:
+  parentRefs: [{name: multi, namespace: edge, sectionName: wide}]
+  hostnames: [pg.db.example.com, www.example.com]
+  rules: [{backendRefs: [{name: thief, port: 8080}]}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: legit, namespace: edge, creationTimestamp: "2026-01-01T00:00:00Z"}
+spec:
+  parentRefs: [{name: multi, namespace: edge, sectionName: narrow}]
+  hostnames: [pg.db.example.com]
+  rules: [{backendRefs: [{name: legit, port: 8080}]}]
+"""
+
+
+def test_an_http_listener_keeps_its_names_from_a_route_of_the_catch_all_listener() -> None:
+    """The same isolation for HTTP listeners of one port (one route table: by Host): the
+    other namespace's route keeps www.example.com, and pg.db.example.com is edge's route's."""
+    m, issues = with_yaml(HTTP_MULTI)
+    rc = as_dict(plan(m, MULTI_PROXY)[(ROUTE, "http.9700")])
+    clusters = {d: {r["route"]["cluster"] for r in vh["routes"]} for vh in rc["virtualHosts"] for d in vh["domains"]}
+    assert clusters["pg.db.example.com"] == {"outbound|8080||legit.edge.svc.cluster.local"}
+    assert clusters["www.example.com"] == {"outbound|8080||thief.other.svc.cluster.local"}
+    assert [(i.ref.name, i.field) for i in issues if i.ref.kind == "HTTPRoute" and i.ref.name in ("steal", "legit")
+            ] == [("steal", "spec.hostnames")]
+
+
 def test_a_refused_reference_gets_a_stand_in_so_a_key_held_before_is_overwritten() -> None:
     m, _ = with_yaml("", drop=(("ReferenceGrant", "certs", "edge-gateways"),))
     assert m.gateways["edge/public"].withheld_credentials == (("certs", "partner-cert"), ("vault", "vault-cert"))

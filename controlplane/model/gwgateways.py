@@ -168,6 +168,7 @@ def resolve_gateways(gateways: Iterable[ApiGateway], classes: Iterable[GatewayCl
     per_port: dict[tuple[str, int], list[tuple[TCPRoute, GatewayRoute]]] = {}
     per_sni: dict[tuple[str, str], list[tuple[TLSRoute, GatewayRoute, ParentRef]]] = {}  # by listener
     status_at: dict[tuple[RouteKey, ParentRef], int] = {}
+    lost: dict[tuple[RouteKey, ParentRef], list[str]] = {}  # the names a route attached for but does not get
     for route in sorted(routes, key=route_key):
         for parent in route.parents:
             if not parent.is_gateway:
@@ -189,7 +190,12 @@ def resolve_gateways(gateways: Iterable[ApiGateway], classes: Iterable[GatewayCl
                                  parent))
                         continue
                     table, tcp = route_tables(route, lst.port, grants_t, services, problems)
+                    served_listeners = [other for other, _ in listeners_ok[gkey].values()]
                     for name in names:
+                        better = _more_specific_listener(lst, served_listeners, name)
+                        if better is not None:  # listener isolation, as for TLSRoutes (_sni_owners)
+                            lost.setdefault((route_key(route), parent), []).append(_isolated(name, lst, better))
+                            continue
                         for k, hr in table:
                             per_host.setdefault((gkey, name), []).append((k, hr, route))
                     for tr in tcp[:1]:  # a TCP connection has nothing to match on: the first route wins
@@ -217,7 +223,6 @@ def resolve_gateways(gateways: Iterable[ApiGateway], classes: Iterable[GatewayCl
         tr, first_route = min(tcp_items, key=lambda t: (t[1].created, t[1].namespace, t[1].name))
         vss.append(VirtualService(ref=first_route.ref, namespace=gw.namespace, name=f"{gw.name}.tcp.{port}", hosts=(),
                                   tcp=(tr,), gateways=(gkey,), host_patterns=("*",)))
-    lost: dict[tuple[RouteKey, ParentRef], list[str]] = {}
     for (gkey, lname), tls_items in sorted(per_sni.items()):
         gw = served[gkey]
         lst = listeners_ok[gkey][lname][0]
@@ -263,6 +268,25 @@ def _specificity(host: str) -> tuple[int, int]:
     return (1, len(host)) if host.startswith("*.") else (2, len(host))
 
 
+def _more_specific_listener(lst: Listener, listeners: Iterable[Listener], name: str) -> Listener | None:
+    """The listener of `lst`'s port that gets a request or connection for `name` instead of
+    `lst` (Gateway API listener isolation): the one whose hostname covers `name` most
+    specifically, when more specifically than `lst`'s. Plain HTTP listeners compete by Host;
+    HTTPS and TLS ones by SNI."""
+    if lst.protocol not in ("HTTP", "HTTPS", "TLS"):
+        return None  # TCP: nothing to tell connections apart by
+    group = ("HTTP",) if lst.protocol == "HTTP" else ("HTTPS", "TLS")
+    mine = _specificity(lst.hostname or "*")
+    rivals = [o for o in listeners if o.name != lst.name and o.port == lst.port and o.protocol in group
+              and _specificity(o.hostname or "*") > mine and intersect_host(o.hostname or "*", name) == name]
+    return max(rivals, key=lambda o: _specificity(o.hostname or "*"), default=None)
+
+
+def _isolated(name: str, lst: Listener, better: Listener) -> str:
+    return (f"hostname {name} on listener {lst.name} (listener {better.name}'s hostname {better.hostname} is more "
+            "specific: requests and connections for it go to that listener and its routes only)")
+
+
 def _sni_owners(lst: Listener, listeners: Iterable[Listener],
                 items: list[tuple[TLSRoute, GatewayRoute, ParentRef]],
                 lost: dict[tuple[RouteKey, ParentRef], list[str]]) -> list[tuple[TLSRoute, GatewayRoute]]:
@@ -271,10 +295,7 @@ def _sni_owners(lst: Listener, listeners: Iterable[Listener],
     is that listener's (Gateway API listener isolation: a connection goes to the listener with
     the most specific matching hostname, and only its routes see it); a name two routes claim
     is the oldest's (creation time, then namespace/name). The names a route loses go to `lost`."""
-    mine = _specificity(lst.hostname or "*")
-    rivals = sorted((o for o in listeners if o.name != lst.name and o.port == lst.port
-                     and o.protocol in ("TLS", "HTTPS") and _specificity(o.hostname or "*") > mine),
-                    key=lambda o: _specificity(o.hostname or "*"), reverse=True)
+    rivals = list(listeners)
     owner: dict[str, GatewayRoute] = {}
     out: list[tuple[TLSRoute, GatewayRoute]] = []
     for tr, route, parent in sorted(items, key=lambda t: (t[1].created, t[1].namespace, t[1].name)):
@@ -282,11 +303,9 @@ def _sni_owners(lst: Listener, listeners: Iterable[Listener],
         for m in tr.matches:
             keep: list[str] = []
             for n in m.sni_hosts:
-                better = next((o for o in rivals if intersect_host(o.hostname or "*", n) == n), None)
+                better = _more_specific_listener(lst, rivals, n)
                 if better is not None:
-                    lost.setdefault((route_key(route), parent), []).append(
-                        f"hostname {n} on listener {lst.name} (listener {better.name}'s hostname {better.hostname} "
-                        "is more specific: connections for it go to that listener and its routes only)")
+                    lost.setdefault((route_key(route), parent), []).append(_isolated(n, lst, better))
                     continue
                 first = owner.setdefault(n, route)
                 if first is not route:
