@@ -34,7 +34,9 @@
 - An HTTPRoute or GRPCRoute whose parentRef names the Gateway (optionally a listener by
   `sectionName` or `port`) attaches to the listeners that allow its namespace
   (`allowedRoutes.namespaces`: Same by default, All, Selector on namespace labels) and its
-  kind, and whose hostname intersects the route's `hostnames` (none: the listener's). The
+  kind, and whose hostname intersects the route's `hostnames` (none: the listener's); a
+  name within a more specific hostname of another listener of the port is not attached
+  there (listener isolation, as for TLSRoutes; said in `Accepted` and warned). The
   rules of every route attached for one hostname become one VirtualService bound to the
   Gateway, ordered by the Gateway API's precedence (`controlplane.model.gamma`), each
   match limited to the listener ports it attached to. Route status: controllerName
