@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-from typing import Any
 
 import grpc
 from cryptography import x509
@@ -62,7 +61,8 @@ class CertificateService:
             ),
         })]
 
-    async def create_certificate(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def create_certificate(self, request: ca_pb2.CreateCertificateRequest, context: grpc.aio.ServicerContext
+                                 ) -> ca_pb2.CreateCertificateResponse:
         auth = await self.identity.authenticator.authenticate(context.invocation_metadata())
         if auth.identity is None:
             code = grpc.StatusCode.UNAVAILABLE if auth.unavailable else grpc.StatusCode.UNAUTHENTICATED

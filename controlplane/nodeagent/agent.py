@@ -36,7 +36,7 @@ import subprocess
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import yaml
@@ -46,6 +46,9 @@ from controlplane.netaddr import is_ip, is_loopback
 from controlplane.nodeagent import registry
 from controlplane.nodeagent.discovery import Found, PodRef, discover
 from controlplane.nodeagent.registry import SERVICE, PodNetns
+
+if TYPE_CHECKING:
+    from controlplane.nodeagent.gen import nodeagent_pb2
 
 log = logging.getLogger(__name__)
 
@@ -282,7 +285,7 @@ class NodeAgent:
                 log.error("cannot release %s: %s", path, exc)
 
     # ------------------------------------------------------------------ reporting
-    def request(self, pods: Sequence[PodNetns]) -> Any:
+    def request(self, pods: Sequence[PodNetns]) -> nodeagent_pb2.ReportRequest:
         from controlplane.nodeagent.gen import nodeagent_pb2
 
         return nodeagent_pb2.ReportRequest(node=self.config.node, pods=[

@@ -50,7 +50,6 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import grpc
 
@@ -148,7 +147,8 @@ def check_netns_path(where: str, path: str, namespace: str, name: str, netns_dir
     return path
 
 
-def parse_report(request: Any, netns_dir: str = DEFAULT_NETNS_DIR) -> tuple[str, tuple[PodNetns, ...]]:
+def parse_report(request: nodeagent_pb2.ReportRequest, netns_dir: str = DEFAULT_NETNS_DIR
+                 ) -> tuple[str, tuple[PodNetns, ...]]:
     """(node, pods sorted by namespace/name, the last entry of a duplicate winning) from a
     `ReportRequest`; raises ReportError naming the offending field."""
     node = str(request.node).strip()
@@ -161,7 +161,7 @@ def parse_report(request: Any, netns_dir: str = DEFAULT_NETNS_DIR) -> tuple[str,
     return node, tuple(pods[k] for k in sorted(pods))
 
 
-def _parse_pod(where: str, p: Any, netns_dir: str) -> PodNetns:
+def _parse_pod(where: str, p: nodeagent_pb2.PodNetns, netns_dir: str) -> PodNetns:
     for field in ("namespace", "name"):
         if not str(getattr(p, field)).strip():
             raise ReportError(f"{where}.{field}: must not be empty")
@@ -281,7 +281,8 @@ class NodeAgentRegistry:
             keys |= self._set_report(node, None)
         return self._settle(keys, gone)
 
-    async def report(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def report(self, request: nodeagent_pb2.ReportRequest, context: grpc.aio.ServicerContext
+                     ) -> nodeagent_pb2.ReportResponse:
         if self._authorize is not None:
             reason = await self._authorize(tuple(context.invocation_metadata() or ()), str(request.node))
             if reason is not None:
