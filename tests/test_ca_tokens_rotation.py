@@ -239,16 +239,16 @@ def test_bootstrap_xds_tls(tmp_path: Path) -> None:
 
 def test_when_the_ca_cannot_issue_the_current_certificate_stays(tmp_path: Path,
                                                                  caplog: pytest.LogCaptureFixture) -> None:
-    import time
-
     from controlplane.ca.service import RETRY_S, IdentityService, IdentitySettings
 
     CertificateAuthority.load_or_create(tmp_path / "ca", root_ttl=dt.timedelta(seconds=2))
-    svc = IdentityService(IdentitySettings(tmp_path / "ca", workload_ttl=dt.timedelta(hours=1)))
+    now = [dt.datetime.now(dt.UTC)]  # the service's (and its CA's) clock, moved by the test
+    svc = IdentityService(IdentitySettings(tmp_path / "ca", workload_ttl=dt.timedelta(hours=1)),
+                          clock=lambda: now[0])
     svc.start()
     first = svc.material(Identity("shop", "cart"))
     assert first is not None
-    time.sleep(2.1)  # the root (and so the certificate, capped by it) has expired
+    now[0] += dt.timedelta(seconds=2.1)  # the root (and so the certificate, capped by it) has expired
     assert svc.material(Identity("shop", "cart")) is first
     assert "cannot issue a certificate for shop/cart" in caplog.text
     assert svc.sweep([Identity("shop", "cart")]) == RETRY_S  # retried later, not in a tight loop

@@ -117,7 +117,7 @@ class IdentityService:
         have_ca = (d / CA_CERT_FILE).exists() or (d / ROOT_CERT_FILE).exists() or (d / CA_KEY_FILE).exists()
         ca = None
         if self.settings.create or have_ca:
-            ca = CertificateAuthority.load_or_create(d, self.settings.trust_domain)
+            ca = CertificateAuthority.load_or_create(d, self.settings.trust_domain, clock=self.clock)
         key = None
         if self.settings.bootstrap_tokens:
             key = tokens.load_or_create_token_key(d)
