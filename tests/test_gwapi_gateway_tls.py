@@ -516,20 +516,24 @@ def test_an_istio_gateway_with_two_passthrough_servers_of_one_port_has_one_chain
 
 
 @pytest.mark.e2e
-@pytest.mark.parametrize("steal", ["pg.db.example.com", "", "'*.example.com'"])
+@pytest.mark.parametrize("steal", ["pg.db.example.com", "", "'*.example.com'", "http"])
 def test_envoy_accepts_the_multi_listener_gateway(steal: str) -> None:
     """`envoy --mode validate` (the bundled Envoy, controlplane.envoycheck) accepts every resource
-    of the gateway proxy of edge/multi: its listener on 9500 and the clusters it names."""
+    of the gateway proxy of edge/multi: its listener on 9500 and the clusters it names (and, for
+    `http`, also the HTTP listeners on 9700 with the catch-all route: the 404 virtual host)."""
     import asyncio
 
     from controlplane.cache.resources import Resource
     from controlplane.envoycheck import EnvoyValidator
     from controlplane.localrun import envoy_binary
 
-    m, _ = with_yaml(MULTI.replace("STEAL_HOSTS", steal))
+    if steal == "http":
+        m, _ = with_yaml(HTTP_MULTI.replace("hostnames: [pg.db.example.com, www.example.com]", "hostnames: []"))
+    else:
+        m, _ = with_yaml(MULTI.replace("STEAL_HOSTS", steal))
     resources = [Resource(s.type_url, s.name, s.make().SerializeToString(deterministic=True))
                  for s in plan_proxy(m, MULTI_PROXY).specs() if s.type_url in (LISTENER, CLUSTER, ROUTE)]
-    assert (LISTENER, "0.0.0.0_9500") in {(r.type_url, r.name) for r in resources}
+    assert (LISTENER, "0.0.0.0_9700" if steal == "http" else "0.0.0.0_9500") in {(r.type_url, r.name) for r in resources}
     verdict, rejected = asyncio.run(EnvoyValidator(envoy_binary()).rejected(resources))
     assert verdict.ok is True, verdict.message
     assert rejected == []
@@ -582,6 +586,21 @@ def test_an_http_listener_keeps_its_names_from_a_route_of_the_catch_all_listener
     assert clusters["www.example.com"] == {"outbound|8080||thief.other.svc.cluster.local"}
     assert [(i.ref.name, i.field) for i in issues if i.ref.kind == "HTTPRoute" and i.ref.name in ("steal", "legit")
             ] == [("steal", "spec.hostnames")]
+
+
+def test_a_catch_all_http_route_gets_no_request_for_the_narrower_listeners_names() -> None:
+    """The other namespace's route without hostnames serves every Host but those within
+    *.db.example.com: pg.db.example.com is edge's route's, any other name there is a 404
+    (a virtual host without routes), not the catch-all route's."""
+    m, issues = with_yaml(HTTP_MULTI.replace("hostnames: [pg.db.example.com, www.example.com]", "hostnames: []"))
+    rc = as_dict(plan(m, MULTI_PROXY)[(ROUTE, "http.9700")])
+    clusters = {d: {r["route"]["cluster"] for r in vh.get("routes", [])} for vh in rc["virtualHosts"]
+                for d in vh["domains"]}
+    assert clusters == {"*": {"outbound|8080||thief.other.svc.cluster.local"},
+                        "pg.db.example.com": {"outbound|8080||legit.edge.svc.cluster.local"},
+                        "pg.db.example.com:*": {"outbound|8080||legit.edge.svc.cluster.local"},
+                        "*.db.example.com": set(), "*.db.example.com:*": set()}
+    assert not [i for i in issues if i.ref.kind == "HTTPRoute" and i.ref.name in ("steal", "legit")]
 
 
 def test_a_refused_reference_gets_a_stand_in_so_a_key_held_before_is_overwritten() -> None:

@@ -192,6 +192,8 @@ def resolve_gateways(gateways: Iterable[ApiGateway], classes: Iterable[GatewayCl
                                  parent))
                         continue
                     table, tcp = route_tables(route, lst.port, grants_t, services, problems)
+                    table = [(k, replace(hr, matches=tuple(replace(m, listener=lst.name) for m in hr.matches)))
+                             for k, hr in table]  # only this listener's server routes by them
                     served_listeners = [other for other, _ in listeners_ok[gkey].values()]
                     for name in names:
                         better = _more_specific_listener(lst, served_listeners, name)

@@ -272,6 +272,9 @@ class HTTPMatch:
     source_namespace: str | None = None
     # `gateways` of the match (overrides the VirtualService's): "mesh" or "ns/name"; empty: inherit
     gateways: tuple[str, ...] = ()
+    # Gateway API: the name of the Gateway server (listener) the route attached to; only that
+    # server's host names route by it (empty, as from an Istio VirtualService: every server's)
+    listener: str = ""
 
 
 @dataclass(frozen=True, slots=True)

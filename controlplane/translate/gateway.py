@@ -404,7 +404,9 @@ def _route_spec(mesh: Mesh, name: str, port: int, placed: Sequence[Placed],
     gws = list(dict.fromkeys(p.gateway for p in placed))
     sources: list[SourceRef] = [gw.ref for gw in gws]
     for gw, vs in [(g, v) for g in gws for v in bound_of[g.key]]:
-        servers = [p.server for p in placed if p.gateway is gw]
+        # a Gateway API route's rules apply to the hosts of the listener it attached to only
+        bound_to = {m.listener for hr in vs.http for m in hr.matches if m.listener}
+        servers = [p.server for p in placed if p.gateway is gw and (not bound_to or p.server.name in bound_to)]
         hosts: list[str] = []
         secure = False
         for srv in servers:
@@ -439,7 +441,22 @@ def _route_spec(mesh: Mesh, name: str, port: int, placed: Sequence[Placed],
                 vh_name = f"redirect.{srv.port}.{'.'.join(rest)}"
                 vhosts.append(VirtualHostInput(name=vh_name, domains=_domains(rest), default=Target(BLACKHOLE)))
                 redirect.append(vh_name)
-    return ResourceSpec(ROUTE, name, build_gateway_routes, (name, port, namespace, tuple(vhosts), tuple(redirect)),
+    # Gateway API listener isolation: a request for a name within a listener's (more specific)
+    # hostname that no route of that listener serves is answered 404, not by another listener's
+    # wider name (a route without hostnames on a catch-all listener)
+    isolated: list[str] = []
+    for gw in gws:
+        if not any(m.listener for vs in bound_of[gw.key] for hr in vs.http for m in hr.matches):
+            continue  # no Gateway API route: Istio's binding (every server's hosts)
+        for srv in (p.server for p in placed if p.gateway is gw):
+            for _, h in srv.hosts:
+                if h != "*" and h not in taken and any(intersect_host(w, h) == h for w in taken):
+                    taken.add(h)
+                    vh_name = f"isolated.{port}.{srv.name or 'server'}.{h}"
+                    vhosts.append(VirtualHostInput(name=vh_name, domains=_domains([h]), default=Target(BLACKHOLE)))
+                    isolated.append(vh_name)
+    return ResourceSpec(ROUTE, name, build_gateway_routes,
+                        (name, port, namespace, tuple(vhosts), tuple(redirect), tuple(isolated)),
                         tuple(dict.fromkeys(sources)))
 
 
@@ -447,14 +464,16 @@ def _route_spec(mesh: Mesh, name: str, port: int, placed: Sequence[Placed],
 
 
 def build_gateway_routes(name: str, port: int, namespace: str, vhosts: tuple[VirtualHostInput, ...],
-                         redirect: tuple[str, ...]) -> route_pb2.RouteConfiguration:
+                         redirect: tuple[str, ...], isolated: tuple[str, ...] = ()) -> route_pb2.RouteConfiguration:
     """A gateway's route configuration: the VirtualServices' routes (`routes.build_route_config`);
     virtual hosts in `redirect` answer plain HTTP with a redirect to https; a request for a
-    host no virtual host serves gets Envoy's 404."""
+    host no virtual host serves, or one of `isolated` (no route), gets Envoy's 404."""
     rcfg = build_route_config(name, port, namespace, vhosts, passthrough=False)
     for vh in rcfg.virtual_hosts:
         if vh.name in redirect:
             vh.require_tls = rc.VirtualHost.ALL
+        if vh.name in isolated:
+            del vh.routes[:]
     return rcfg
 
 
