@@ -335,6 +335,9 @@ class RenameWatch:
         self._dir: dict[int, str] = {}  # watch -> directory as named
         self._only: dict[int, frozenset[str]] = {}  # watch of a link's parent only -> the names reported
         self.overflowed = False  # events were lost since the last `read`
+        self._followed: dict[str, str] | None = None  # what `follow` was last given
+        self._links: list[str] = []
+        self._lost = False  # a watch went away since
         try:
             libc = ctypes.CDLL(None, use_errno=True)
             fd = libc.inotify_init1(self._IN_NONBLOCK | self._IN_CLOEXEC)
@@ -348,12 +351,18 @@ class RenameWatch:
         libc.inotify_rm_watch.argtypes = [ctypes.c_int, ctypes.c_int]
         self._libc, self.fd = libc, fd
 
-    def follow(self, directories: dict[str, str], links: Iterable[str] = ()) -> None:
+    def follow(self, directories: dict[str, str], links: Iterable[str] = ()) -> list[str]:
         """Watch exactly `directories` (as named -> what they resolve to): a directory whose
         link now resolves elsewhere is watched again; and the parent of each of `links` (paths
-        that are symlinks) for events at that link."""
+        that are symlinks) for events at that link. Returns the directories newly watched:
+        what changed in them before their watch was not reported."""
         if self._libc is None:
-            return
+            return []
+        links = sorted(links)
+        if directories is self._followed and links == self._links and not self._lost:
+            return []  # (a tick that looked at names only keeps the same directories)
+        self._followed, self._links, self._lost = directories, links, False
+        added: list[str] = []
         parents: dict[str, set[str]] = {}
         for link in links:
             parent, base = os.path.split(os.path.abspath(link))
@@ -373,9 +382,11 @@ class RenameWatch:
                 continue
             self._wd[key] = wd  # (the same directory under two names shares one watch: the last name wins)
             self._dir[wd] = key[0]
+            added.append(key[0])
         entered = {wd for key, wd in self._wd.items() if key in directories.items()}
         self._only = {wd: frozenset(parents[key[0]]) for key, wd in self._wd.items()
                       if key[0] in parents and wd not in entered}  # (an entered directory: every event counts)
+        return added
 
     def read(self) -> tuple[set[str], set[str]]:
         """(paths changed, paths renamed in) since the last read, as named under the watched
@@ -400,6 +411,7 @@ class RenameWatch:
                     self._only.pop(wd, None)
                     for key in [k for k, w in self._wd.items() if w == wd]:
                         del self._wd[key]
+                        self._lost = True
                 elif wd in self._dir and name:
                     base = os.fsdecode(name)
                     only = self._only.get(wd)
@@ -695,7 +707,9 @@ class DirectorySource:
                         rescan_at = now + every
                     events = await asyncio.to_thread(self.tick, changed, now, moved,
                                                      True if lost else None if changed or moved else False)
-                    renames.follow(self._entered, self.links())
+                    fresh = renames.follow(self._entered, self.links())
+                    if fresh:  # a directory appeared or was swapped since the look: look again, watched now
+                        queue.put_nowait((set(), set(), True))
                     if events:
                         log.info("config files changed: %s",
                                  ", ".join(e.origin for e in events if isinstance(e, Replace)))
