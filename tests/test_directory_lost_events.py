@@ -150,6 +150,26 @@ def test_a_change_past_an_inotify_queue_overflow_applies(tmp_path: Path) -> None
         child.close()
 
 
+def test_the_rename_watch_reports_its_queue_overflow(tmp_path: Path) -> None:
+    """More events than the kernel queues, unread: the watch says events were lost (and what
+    did get through names files of the tree)."""
+    queued = int(Path("/proc/sys/fs/inotify/max_queued_events").read_text())
+    if queued > 200_000:
+        pytest.skip(f"fs.inotify.max_queued_events is {queued}: too many files to write to overflow it")
+    watch = directory.RenameWatch()
+    if watch.fd < 0:
+        pytest.skip("no inotify")
+    try:
+        watch.follow({str(tmp_path): os.path.realpath(tmp_path)})
+        for i in range(queued // 2 + 1000):
+            (tmp_path / f"n{i:06d}.txt").write_text("x")
+        changed, moved = watch.read()
+        assert watch.overflowed
+        assert str(tmp_path / "n000000.txt") in changed and not moved
+    finally:
+        watch.close()
+
+
 # --------------------------------------------------------------------------- deaf watchers
 
 
