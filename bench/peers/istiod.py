@@ -16,7 +16,7 @@ to the API server, timed from the request (Meshline's from its file write; both 
 watch and a debounce: istiod's PILOT_DEBOUNCE_AFTER, 100 ms by default, as Meshline's).
 CPU and RSS are istiod's process only: the API server's and etcd's are not counted.
 istiod runs with its defaults except the ports, a 20 s keepalive timeout and no limit on
-the rate of new xDS streams (see `IstiodCase.start_server`).
+the rate of new xDS streams (see `IstiodCase.start_server`); MESHLINE_ISTIOD_ARGS adds flags.
 """
 
 from __future__ import annotations
@@ -268,7 +268,9 @@ class IstiodCase(R.Case):
                 "--ctrlz_port", str(ports["ctrlz"]),
                 # As Meshline and the go-control-plane peer: a loaded client process may take
                 # more than istiod's default 10 s to answer a keepalive PING.
-                "--keepaliveTimeout", "20s", "--log_target", str(log)]
+                "--keepaliveTimeout", "20s", "--log_target", str(log),
+                # e.g. --log_output_level=grpc:info,ads:debug to see why a stream ended
+                *os.environ.get("MESHLINE_ISTIOD_ARGS", "").split()]
         env = {**os.environ, "POD_NAMESPACE": ISTIO_NAMESPACE, "POD_NAME": "istiod-bench", "REVISION": "default",
                # istiod admits new xDS streams at 15 + 5 x cores per second by default (25/s here)
                # and fails a stream that waited 1 s ("request rate limit exceeded", gRPC
