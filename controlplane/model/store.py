@@ -477,10 +477,19 @@ def mesh_of(
     tels: list[Telemetry] = []
     ses: list[ServiceEntry] = []
     wes: list[WorkloadEntry] = []
+    # The kinds collected as lists, by their exact IR type (no IR class subclasses another).
+    collected: dict[type, list[Any]] = {
+        VirtualService: vss, DestinationRule: drs, PeerAuthentication: pas, AuthorizationPolicy: aps,
+        Sidecar: scs, PodNetns: netns, GatewayRoute: routes, ReferenceGrant: grants, ApiGateway: api_gateways,
+        GatewayClass: classes, RequestAuthentication: ras, Telemetry: tels, ServiceEntry: ses, WorkloadEntry: wes,
+    }
     for v in values:
         items = v if isinstance(v, tuple) else (v,)
         for item in items:
-            if isinstance(item, Namespace):
+            bucket = collected.get(type(item))
+            if bucket is not None:
+                bucket.append(item)
+            elif isinstance(item, Namespace):
                 namespaces[item.name] = item
             elif isinstance(item, Service):
                 services[item.hostname] = item
@@ -488,38 +497,10 @@ def mesh_of(
                 endpoints.setdefault(service_fqdn(item.service, item.namespace), []).append(item)
             elif isinstance(item, Workload):
                 workloads[(item.namespace, item.name)] = item
-            elif isinstance(item, VirtualService):
-                vss.append(item)
-            elif isinstance(item, DestinationRule):
-                drs.append(item)
-            elif isinstance(item, PeerAuthentication):
-                pas.append(item)
-            elif isinstance(item, AuthorizationPolicy):
-                aps.append(item)
-            elif isinstance(item, Sidecar):
-                scs.append(item)
-            elif isinstance(item, PodNetns):
-                netns.append(item)
             elif isinstance(item, TlsCredential):
                 credentials[(item.namespace, item.name)] = item
-            elif isinstance(item, GatewayRoute):
-                routes.append(item)
-            elif isinstance(item, ReferenceGrant):
-                grants.append(item)
-            elif isinstance(item, ApiGateway):
-                api_gateways.append(item)
-            elif isinstance(item, GatewayClass):
-                classes.append(item)
             elif isinstance(item, Gateway):
                 gateways[item.key] = item
-            elif isinstance(item, RequestAuthentication):
-                ras.append(item)
-            elif isinstance(item, Telemetry):
-                tels.append(item)
-            elif isinstance(item, ServiceEntry):
-                ses.append(item)
-            elif isinstance(item, WorkloadEntry):
-                wes.append(item)
     if not netns_annotations:
         for key, pod in list(workloads.items()):
             if pod.netns is not None:
