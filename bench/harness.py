@@ -57,6 +57,24 @@ def die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
+async def run_build_script(name: str, script: Path, timeout: float) -> Path:
+    """Run a peer's build script (it builds on first use, then answers from its cache) and
+    return the path it prints last; BenchError saying why not."""
+    proc = await asyncio.create_subprocess_exec(
+        "bash", str(script), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        preexec_fn=die_with_parent)
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise BenchError(f"{name}: {script.name} did not finish in {timeout:g} s") from None
+    if proc.returncode != 0:
+        tail = "\n".join("    " + ln for ln in err.decode(errors="replace").splitlines()[-15:])
+        raise BenchError(f"{name}: {script.name} failed (exit {proc.returncode}):\n{tail}")
+    return Path(out.decode().strip().splitlines()[-1])
+
+
 @dataclass
 class Child:
     name: str

@@ -35,19 +35,7 @@ NAME = "go-control-plane"
 
 async def build(timeout: float = 1200.0) -> Path:
     """The peer's binary (built on first use, then cached); BenchError saying why not."""
-    proc = await asyncio.create_subprocess_exec(
-        "bash", str(HERE / "build.sh"), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-        preexec_fn=R.die_with_parent)
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(), timeout)
-    except TimeoutError:
-        proc.kill()
-        await proc.wait()
-        raise R.BenchError(f"{NAME}: build.sh did not finish in {timeout:g} s") from None
-    if proc.returncode != 0:
-        tail = "\n".join("    " + ln for ln in err.decode(errors="replace").splitlines()[-15:])
-        raise R.BenchError(f"{NAME}: build.sh failed (exit {proc.returncode}):\n{tail}")
-    return Path(out.decode().strip().splitlines()[-1])
+    return await R.run_build_script(NAME, HERE / "build.sh", timeout)
 
 
 async def fetch_config(target: str, timeout: float = 120.0) -> dict[str, list[bytes]]:

@@ -50,19 +50,7 @@ ISTIO_NAMESPACE = "istio-system"
 
 async def build(timeout: float = 3600.0) -> Path:
     """pilot-discovery's path (built on first use, then cached); BenchError saying why not."""
-    proc = await asyncio.create_subprocess_exec(
-        "bash", str(HERE / "build.sh"), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-        preexec_fn=R.die_with_parent)
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(), timeout)
-    except TimeoutError:
-        proc.kill()
-        await proc.wait()
-        raise R.BenchError(f"{NAME}: build.sh did not finish in {timeout:g} s") from None
-    if proc.returncode != 0:
-        tail = "\n".join("    " + ln for ln in err.decode(errors="replace").splitlines()[-15:])
-        raise R.BenchError(f"{NAME}: build.sh failed (exit {proc.returncode}):\n{tail}")
-    binary = Path(out.decode().strip().splitlines()[-1])
+    binary = await R.run_build_script(NAME, HERE / "build.sh", timeout)
     if not (binary.parent / "crd-all.gen.yaml").is_file():
         raise R.BenchError(f"{NAME}: no crd-all.gen.yaml next to {binary}")
     return binary
