@@ -17,6 +17,9 @@ from envoy.extensions.transport_sockets.tls.v3 import secret_pb2
 from controlplane.localrun import envoy_binary
 from controlplane.translate.secrets import (
     TRUSTS_NOTHING_CA,
+    Credential,
+    credential_ca_secret,
+    credential_secret,
     plan_proxy_credentials,
     withheld_ca_secret,
     withheld_credential_secret,
@@ -99,6 +102,27 @@ def test_stand_ins_are_the_same_bytes_every_time_and_prove_nothing() -> None:
     ca = x509.load_pem_x509_certificate(TRUSTS_NOTHING_CA.encode())
     assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
     assert leaf.issuer != ca.subject
+
+
+def test_each_builder_names_its_secret_as_told_and_builds_the_same_material(pki: Pki) -> None:
+    """A gateway's certificateRef is served as `kubernetes-gateway://<ns>/<name>`: the builders
+    take that SDS name (default: Istio's `kubernetes://<name>[-cacert]`), so nothing is renamed
+    after it was built, and the material is the same under either name (issue 19/20 follow-up)."""
+    cred = Credential(pki.client_pem, pki.client_key)
+    sds = "kubernetes-gateway://edge/cred"
+    pairs = [
+        (credential_secret("cred", cred), credential_secret("cred", cred, sds), "kubernetes://cred", sds),
+        (withheld_credential_secret("cred"), withheld_credential_secret("cred", sds), "kubernetes://cred", sds),
+        (credential_ca_secret("cred", pki.ca_pem, "", SYSTEM_CA),
+         credential_ca_secret("cred", pki.ca_pem, "", SYSTEM_CA, f"{sds}-cacert"), "kubernetes://cred-cacert",
+         f"{sds}-cacert"),
+        (withheld_ca_secret("cred"), withheld_ca_secret("cred", f"{sds}-cacert"), "kubernetes://cred-cacert",
+         f"{sds}-cacert"),
+    ]
+    for default, named, default_name, name in pairs:
+        assert (default.name, named.name) == (default_name, name)
+        named.name = default.name
+        assert named.SerializeToString(deterministic=True) == default.SerializeToString(deterministic=True)
 
 
 def test_envoy_accepts_the_stand_ins(tmp_path: Path) -> None:

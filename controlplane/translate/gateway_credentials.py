@@ -17,8 +17,6 @@ Pure, no I/O (the material comes in the Mesh's credentials).
 
 from __future__ import annotations
 
-from envoy.extensions.transport_sockets.tls.v3 import secret_pb2
-
 from controlplane.model.gateway_merge import selected_gateways
 from controlplane.model.ir import Gateway, ProxyMeta
 from controlplane.model.mesh import Mesh
@@ -67,30 +65,6 @@ def server_ca_sds(namespace: str | None, name: str) -> str:
     return credential_ca_sds_name(name) if namespace is None else f"{GATEWAY_CREDENTIAL_PREFIX}{namespace}/{name}-cacert"
 
 
-def named_credential_secret(sds_name: str, cred: Credential) -> secret_pb2.Secret:
-    s = credential_secret("", cred)
-    s.name = sds_name
-    return s
-
-
-def named_withheld_credential_secret(sds_name: str) -> secret_pb2.Secret:
-    s = withheld_credential_secret("")
-    s.name = sds_name
-    return s
-
-
-def named_credential_ca_secret(sds_name: str, ca_pem: str, crl_pem: str, system_ca: str) -> secret_pb2.Secret:
-    s = credential_ca_secret("", ca_pem, crl_pem, system_ca)
-    s.name = sds_name
-    return s
-
-
-def named_withheld_ca_secret(sds_name: str) -> secret_pb2.Secret:
-    s = withheld_ca_secret("")
-    s.name = sds_name
-    return s
-
-
 def gateway_credentials(mesh: Mesh, meta: ProxyMeta, namespace: str, service_account: str, system_ca: str
                         ) -> list[ResourceSpec]:
     """The certificate Secrets of the Gateways' servers for an authenticated proxy
@@ -123,20 +97,21 @@ def gateway_credentials(mesh: Mesh, meta: ProxyMeta, namespace: str, service_acc
         usable = cred is not None and cred.problem is None and bool(cred.cert_pem and cred.key_pem)
         ca = credential_ca(mesh, secret_ns, name) if usable else None
         if cred is not None and usable:
-            out.append(ResourceSpec(SECRET, sds, named_credential_secret, (sds, Credential(cred.cert_pem, cred.key_pem))))
+            out.append(ResourceSpec(SECRET, sds, credential_secret,
+                                    (name, Credential(cred.cert_pem, cred.key_pem), sds)))
         else:
-            out.append(ResourceSpec(SECRET, sds, named_withheld_credential_secret, (sds,)))
+            out.append(ResourceSpec(SECRET, sds, withheld_credential_secret, (name, sds)))
         if ca is not None and cred is not None:
-            out.append(ResourceSpec(SECRET, ca_sds, named_credential_ca_secret, (ca_sds, ca.ca_pem, cred.crl_pem,
-                                                                                  system_ca)))
+            out.append(ResourceSpec(SECRET, ca_sds, credential_ca_secret,
+                                    (name, ca.ca_pem, cred.crl_pem, system_ca, ca_sds)))
         else:
-            out.append(ResourceSpec(SECRET, ca_sds, named_withheld_ca_secret, (ca_sds,)))
+            out.append(ResourceSpec(SECRET, ca_sds, withheld_ca_secret, (name, ca_sds)))
     # Gateway API certificateRefs refused now (grant deleted, Secret gone): stand-ins, so a proxy
     # that held the key (a draining listener keeps its secret) has it overwritten.
     for ns, name in sorted({r for gw in gws for r in gw.withheld_credentials} - set(keys)):
         sds, ca_sds = server_credential_sds(ns, name), server_ca_sds(ns, name)
-        out.append(ResourceSpec(SECRET, sds, named_withheld_credential_secret, (sds,)))
-        out.append(ResourceSpec(SECRET, ca_sds, named_withheld_ca_secret, (ca_sds,)))
+        out.append(ResourceSpec(SECRET, sds, withheld_credential_secret, (name, sds)))
+        out.append(ResourceSpec(SECRET, ca_sds, withheld_ca_secret, (name, ca_sds)))
     # caCertCredentialName: a Secret holding only the CA that verifies clients (ca.crt/cacert, or
     # its <name>-cacert Secret), for a server whose credentialName (if any) may have none.
     taken = {name for ns, name in keys if ns is None}
@@ -145,8 +120,8 @@ def gateway_credentials(mesh: Mesh, meta: ProxyMeta, namespace: str, service_acc
         ca_sds = server_ca_sds(None, name)
         ca = credential_ca(mesh, namespace, name) if (None, name) in real else None
         if ca is not None and ca.problem is None:
-            out.append(ResourceSpec(SECRET, ca_sds, named_credential_ca_secret, (ca_sds, ca.ca_pem, ca.crl_pem,
-                                                                                  system_ca)))
+            out.append(ResourceSpec(SECRET, ca_sds, credential_ca_secret,
+                                    (name, ca.ca_pem, ca.crl_pem, system_ca, ca_sds)))
         else:
-            out.append(ResourceSpec(SECRET, ca_sds, named_withheld_ca_secret, (ca_sds,)))
+            out.append(ResourceSpec(SECRET, ca_sds, withheld_ca_secret, (name, ca_sds)))
     return out

@@ -167,16 +167,20 @@ class Credential:
     crl_pem: str = ""
 
 
-def credential_secret(name: str, cred: Credential) -> secret_pb2.Secret:
-    s = secret_pb2.Secret(name=credential_sds_name(name))
+def credential_secret(name: str, cred: Credential, sds_name: str | None = None) -> secret_pb2.Secret:
+    """A credential's certificate and key, named `sds_name` (default: `kubernetes://<name>`,
+    `credential_sds_name`; a gateway's certificateRef has a name of its own)."""
+    s = secret_pb2.Secret(name=credential_sds_name(name) if sds_name is None else sds_name)
     s.tls_certificate.certificate_chain.inline_bytes = cred.cert_pem.encode()
     s.tls_certificate.private_key.inline_bytes = cred.key_pem.encode()
     return s
 
 
-def credential_ca_secret(name: str, ca_pem: str, crl_pem: str, system_ca: str) -> secret_pb2.Secret:
-    """The CA half of a credential: its CA bundle, else the system CA bundle (file on the proxy)."""
-    s = secret_pb2.Secret(name=credential_ca_sds_name(name))
+def credential_ca_secret(name: str, ca_pem: str, crl_pem: str, system_ca: str,
+                         sds_name: str | None = None) -> secret_pb2.Secret:
+    """The CA half of a credential: its CA bundle, else the system CA bundle (file on the proxy);
+    named `sds_name` (default: `kubernetes://<name>-cacert`, `credential_ca_sds_name`)."""
+    s = secret_pb2.Secret(name=credential_ca_sds_name(name) if sds_name is None else sds_name)
     if ca_pem:
         s.validation_context.trusted_ca.inline_bytes = ca_pem.encode()
     else:
@@ -227,20 +231,21 @@ def _stand_in_material() -> tuple[str, str]:
     return cert.public_bytes(serialization.Encoding.PEM).decode(), key_pem.decode()
 
 
-def withheld_credential_secret(name: str) -> secret_pb2.Secret:
-    """`kubernetes://<name>` for a credential the proxy may not use (its Secret is missing,
-    deleted or unusable): a certificate that proves nothing, replacing whatever Envoy held.
-    (Envoy ignores the removal of a secret a cluster uses and keeps the old one: a deleted
-    Secret must be overwritten, not removed.)"""
+def withheld_credential_secret(name: str, sds_name: str | None = None) -> secret_pb2.Secret:
+    """`kubernetes://<name>` (or `sds_name`) for a credential the proxy may not use (its Secret
+    is missing, deleted or unusable): a certificate that proves nothing, replacing whatever
+    Envoy held. (Envoy ignores the removal of a secret a cluster uses and keeps the old one: a
+    deleted Secret must be overwritten, not removed.)"""
     cert, key = _stand_in_material()
-    return credential_secret(name, Credential(cert, key))
+    return credential_secret(name, Credential(cert, key), sds_name)
 
 
-def withheld_ca_secret(name: str) -> secret_pb2.Secret:
-    """`kubernetes://<name>-cacert` for a credential the proxy may not use: a trust anchor no
-    server chains to (`TRUSTS_NOTHING_CA`), so every handshake fails before the client sends
-    a certificate. The cluster stays TLS: its connections fail, never in plaintext."""
-    s = secret_pb2.Secret(name=credential_ca_sds_name(name))
+def withheld_ca_secret(name: str, sds_name: str | None = None) -> secret_pb2.Secret:
+    """`kubernetes://<name>-cacert` (or `sds_name`) for a credential the proxy may not use: a
+    trust anchor no server chains to (`TRUSTS_NOTHING_CA`), so every handshake fails before
+    the client sends a certificate. The cluster stays TLS: its connections fail, never in
+    plaintext."""
+    s = secret_pb2.Secret(name=credential_ca_sds_name(name) if sds_name is None else sds_name)
     s.validation_context.trusted_ca.inline_bytes = TRUSTS_NOTHING_CA.encode()
     return s
 
