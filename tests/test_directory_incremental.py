@@ -181,6 +181,57 @@ def test_a_configmap_swap_applies_its_kept_keys_at_once(config: Path) -> None:
     assert isinstance(ev, Replace) and [o.body["spec"]["ports"][0]["port"] for o in ev.objects or ()] == [2222]
 
 
+def test_a_configmap_swap_removes_a_dropped_key_at_once_with_the_kept_ones(config: Path) -> None:
+    """README: a removed ConfigMap key is applied at once. The kubelet renames `..data` over,
+    links the new keys, then unlinks the dropped keys' links: once that link is gone, the
+    dropped key's objects go in the same change as the kept keys' update (before: only after
+    the quiet period, so for that time both the old and the new version of an object moved
+    to another key were served, reported as a duplicate)."""
+    vol = ConfigMapVolume(config)
+    vol.write({"mesh.yaml": service("reviews", 1111), "gone.yaml": service("ratings")})
+    src = DirectorySource([config], debounce_ms=HOUR_MS)
+    assert replaced(src.initial()) == {str(config / "mesh.yaml"): ["reviews"], str(config / "gone.yaml"): ["ratings"]}
+    vol.write({"mesh.yaml": service("reviews", 2222), "new.yaml": service("ratings")})  # ratings moved to a new key
+    events = src.tick([str(config / "..data"), str(config / "gone.yaml"), str(config / "new.yaml")], 5.0,
+                      moved_in=[str(config / "..data")])
+    assert replaced(events) == {str(config / "mesh.yaml"): ["reviews"], str(config / "gone.yaml"): [],
+                                str(config / "new.yaml"): ["ratings"]}
+    assert src.next_due() is None  # nothing left waiting for the (hour-long) quiet period
+
+
+def test_a_dropped_key_whose_link_still_dangles_waits_for_its_quiet_period(config: Path) -> None:
+    """Seen between the swap and the kubelet's unlinking of the dropped key's link, the new keys
+    may not be linked yet either: the dropped key then waits for its quiet period (as a file
+    removed by hand does), so an object moving to a new key is never missing meanwhile."""
+    vol = ConfigMapVolume(config)
+    vol.write({"mesh.yaml": service("reviews"), "gone.yaml": service("ratings")})
+    src = DirectorySource([config], debounce_ms=100)
+    src.initial()
+    stamped = config / "..2099_01_01_00_00_00.1"
+    stamped.mkdir()
+    (stamped / "mesh.yaml").write_text(service("reviews", 2222))
+    (config / "..data_tmp").symlink_to(stamped.name)
+    os.rename(config / "..data_tmp", config / "..data")  # swapped; gone.yaml's link still dangles
+    events = src.tick([str(config / "..data")], 5.0, moved_in=[str(config / "..data")])
+    assert replaced(events) == {str(config / "mesh.yaml"): ["reviews"]}
+    (config / "gone.yaml").unlink()
+    assert src.tick([str(config / "gone.yaml")], 5.01) == []
+    assert replaced(src.tick([], 5.11, full=False)) == {str(config / "gone.yaml"): []}
+
+
+async def test_through_the_watchers_a_dropped_configmap_key_goes_without_the_quiet_period(
+        config: Path, running: Callable[[DirectorySource], asyncio.Queue[list[SourceEvent]]]) -> None:
+    vol = ConfigMapVolume(config)
+    vol.write({"mesh.yaml": service("reviews", 1111), "gone.yaml": service("ratings")})
+    queue = running(DirectorySource([config], debounce_ms=HOUR_MS))
+    await next_batch(queue)
+    vol.write({"mesh.yaml": service("reviews", 2222)})
+    seen: dict[str, list[str]] = {}
+    while str(config / "gone.yaml") not in seen:  # (a deadline of DEADLINE per batch, not an hour)
+        seen.update(replaced(await next_batch(queue)))
+    assert seen == {str(config / "mesh.yaml"): ["reviews"], str(config / "gone.yaml"): []}
+
+
 def test_a_directory_renamed_in_still_waits_for_its_quiet_period(config: Path, tmp_path: Path) -> None:
     """Files may still be written into a directory after it was moved in: not 'complete'."""
     src = DirectorySource([config], debounce_ms=100)

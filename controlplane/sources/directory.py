@@ -26,8 +26,11 @@ A file renamed into place applies at once, without the quiet period: written who
 another name and then renamed over its name (`os.replace`: `bench/meshfiles.py`, kubectl-like
 tools, rsync, most editors' "safe write"), it is complete by construction. So is every name
 resolving through a link renamed into place (`ln -sfn`, a ConfigMap's `..data`, git-sync's
-link). The rename is seen by `RenameWatch` (inotify `IN_MOVED_TO`; watchfiles reports a rename
-and a fresh `open(O_CREAT)` alike). A directory renamed in is not complete by construction
+link). A name such a rename took away goes at once too: one under a directory link renamed
+over, and a ConfigMap key the update dropped once its link is gone (the kubelet unlinks dropped
+keys after linking the new ones, so an object moved to a new key is never missing; a dropped
+key whose link still dangles waits for its quiet period). The rename is seen by `RenameWatch`
+(inotify `IN_MOVED_TO`; watchfiles reports a rename and a fresh `open(O_CREAT)` alike). A directory renamed in is not complete by construction
 (files may still be written into it): its files wait for their quiet period. Only the quiet
 period protects files written in place (a writer that renames a file in and then goes on
 writing into it in place is not protected). Without inotify (not Linux) renamed files wait for
@@ -73,7 +76,7 @@ import os
 import stat
 import struct
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import watchfiles
@@ -122,6 +125,10 @@ class Visible:
     real: str  # what it resolves to
     signature: tuple[int, ...] = ()
     refusal: str | None = None  # a directory symlink out of the config directory
+    # The name's own link target, absolute but not resolved (`key.yaml -> ..data/key.yaml`:
+    # `<dir>/..data/key.yaml`); "" when the name is no link. Kept to tell, once the link is
+    # gone, which link renamed into place it resolved through (`DirectorySource._arrived`).
+    via: str = field(default="", compare=False)
 
 
 def _file(path: str) -> Visible | None:
@@ -129,8 +136,14 @@ def _file(path: str) -> Visible | None:
         st = os.stat(path)  # follows symlinks; a dangling one is no file
     except OSError:
         return None
-    return Visible(path, os.path.realpath(path),
-                   (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_mode))
+    real = os.path.realpath(path)
+    via = ""
+    if real != os.path.abspath(path):  # the name, or a directory above it, is a link
+        try:
+            via = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(path)), os.readlink(path)))
+        except OSError:  # not a link itself (a directory above it is)
+            pass
+    return Visible(path, real, (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_mode), via=via)
 
 
 def _walk(directory: str, roots: Sequence[Path], inside: frozenset[str], out: dict[str, Visible],
@@ -593,7 +606,7 @@ class DirectorySource:
         for name in looked:
             if current.get(name) != self._seen.get(name):
                 self._debounce.touch(name, now)
-        arrived = [n for n in self._arrived(moved, current, looked)
+        arrived = [n for n in self._arrived(moved, current, looked, self._seen)
                    if n in pending or current.get(n) != self._seen.get(n)]
         if names is None or any((current[n].real if n in current else None)
                                 != (self._seen[n].real if n in self._seen else None) for n in looked):
@@ -613,11 +626,18 @@ class DirectorySource:
         return self._track(out)
 
     @staticmethod
-    def _arrived(moved: set[str], current: dict[str, Visible], looked: Iterable[str]) -> list[str]:
+    def _arrived(moved: set[str], current: dict[str, Visible], looked: Iterable[str],
+                 before: dict[str, Visible]) -> list[str]:
         """The names that `moved` (paths renamed into place) brought: a file renamed to a name,
         or a link renamed over another (`ln -sfn`, a ConfigMap's `..data`, git-sync's link)
         that a name resolves through. A directory renamed in is not among them: files may
-        still be written into it; they wait for their quiet period."""
+        still be written into it; they wait for their quiet period.
+
+        Also the names such a link took away (`before`: the last look): one under a directory
+        link renamed over (git-sync), and a ConfigMap's dropped key once its own link (through
+        `..data`) is gone: the kubelet unlinks dropped keys only after linking the new ones, so
+        an object moved to a new key is there by then. A dropped key whose link still dangles
+        waits for its quiet period (the new keys may not be linked yet)."""
         out: list[str] = []
         for path in moved:
             try:
@@ -628,9 +648,17 @@ class DirectorySource:
                 continue
             here = os.path.abspath(path)
             real = os.path.realpath(path)
+            below = here.rstrip(os.sep) + os.sep
             for name in looked:
                 v = current.get(name)
                 if v is None:
+                    was = before.get(name)
+                    if was is None or was.refusal is not None:
+                        continue
+                    at = os.path.abspath(name)
+                    if at == here or at.startswith(below) or (
+                            was.via.startswith(below) and not os.path.lexists(name)):
+                        out.append(name)
                     continue
                 if os.path.abspath(name) == here or v.real == real or v.real.startswith(real.rstrip(os.sep) + os.sep):
                     out.append(name)
