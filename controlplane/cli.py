@@ -4,6 +4,8 @@ wires sources, runtime, xDS and status servers. Does I/O."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import math
 import os
 import sys
 from pathlib import Path
@@ -24,6 +26,12 @@ def _duration_option(_ctx: click.Context, param: click.Parameter, value: Any) ->
         return parse_duration(value)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param=param) from None
+
+
+def _positive_seconds(_ctx: click.Context, param: click.Parameter, value: float | None) -> float | None:
+    if value is not None and not (math.isfinite(value) and value > 0):
+        raise click.BadParameter(f"must be a number of seconds greater than 0, not {value:g}", param=param)
+    return value
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -51,6 +59,12 @@ def main() -> None:
 @click.option("--status-address", default="127.0.0.1:15014", show_default=True)
 @click.option("--webhook-address", default=None)
 @click.option("--debounce-ms", default=100, show_default=True, type=int)
+@click.option("--rescan-interval", "rescan_interval", type=float, default=None, metavar="SECONDS",
+              callback=_positive_seconds,
+              help="With --config-dir: seconds between looks at the whole config tree, the backstop for changes "
+                   "inotify missed without a word (no watches left, a change in a hidden directory while events "
+                   "were lost); a shorter interval finds them sooner and costs a look at every file each time.  "
+                   "[default: 60]")
 @click.option("--status-token-file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="Require `Authorization: Bearer <token>` on the status API (token read from this file).")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
@@ -102,7 +116,8 @@ def serve(ctx: click.Context, config_dirs: tuple[Path, ...], kubernetes: bool, k
           watch_namespaces: str | None, single_namespace: str | None, istio_api: bool | None,
           leader_lease_seconds: float,
           xds_address: str, status_address: str,
-          webhook_address: str | None, debounce_ms: int, status_token_file: Path | None, log_level: str,
+          webhook_address: str | None, debounce_ms: int, rescan_interval: float | None,
+          status_token_file: Path | None, log_level: str,
           log_format: str, ca_enabled: bool, ca_dir: Path | None, trust_domain: str, root_namespace: str,
           mesh_config: Path | None, workload_cert_ttl: Any,
           ca_address: str, ca_dns_names: str, node_agents: bool, workers: int, allow_unauthenticated_xds: bool,
@@ -141,6 +156,8 @@ def serve(ctx: click.Context, config_dirs: tuple[Path, ...], kubernetes: bool, k
                         allow_unauthenticated_xds=allow_unauthenticated_xds,
                         credential_check_s=credential_check_seconds,
                         validator_binary=None if validator_envoy.lower() == "none" else validator_envoy)
+    if rescan_interval is not None:
+        settings = dataclasses.replace(settings, rescan_s=rescan_interval)
     from controlplane.ca import CAError
 
     if workers > 1:

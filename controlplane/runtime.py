@@ -37,6 +37,7 @@ from controlplane.model.store import MeshStore
 from controlplane.nackpolicy import NackPolicy, degradation
 from controlplane.netaddr import host_of, is_loopback
 from controlplane.sources.base import Source, SourceEvent, Synced
+from controlplane.sources.directory import DEFAULT_RESCAN_S
 from controlplane.sources.meshconfig_file import load_mesh_config
 from controlplane.translate.locality import ClientLocalities
 from controlplane.translate.proxy import plan_proxy, plan_shared, plan_shared_hosts, shared_key
@@ -58,6 +59,7 @@ class Settings:
     webhook_address: str | None = None
     debounce_ms: int = 100
     debounce_max_ms: int = 1000
+    rescan_s: float = DEFAULT_RESCAN_S  # the directory source's look at the whole tree (`--rescan-interval`)
     status_token_file: Path | None = None
     kubeconfig: Path | None = None  # else $KUBECONFIG, else the in-cluster service account
     watch_namespaces: tuple[str, ...] | None = None  # None: every namespace

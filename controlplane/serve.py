@@ -215,7 +215,7 @@ def build_runtime(settings: Settings, identity: IdentityService | None = None) -
     sources: list[Source] = []
     metrics = Metrics()
     if settings.config_dirs:
-        sources.append(DirectorySource(list(settings.config_dirs)))
+        sources.append(DirectorySource(list(settings.config_dirs), rescan_s=settings.rescan_s))
     if settings.node_agents:
         from controlplane.nodeagent.registry import NodeAgentRegistry
 

@@ -50,7 +50,7 @@ behind an overflow it reports. A configured path that is itself a link swapped b
 (git-sync `--link`, `ln -sfn`) is seen through a watch of its parent, and the whole tree is
 looked at again. The backstop for what no watch sees (inotify refused or out of watches, a
 change in a hidden directory a name resolves into while watchfiles overflowed) is a look at the
-whole tree every `rescan_s` (default 60 s; measured: 44 ms of CPU for the bench's 2,001-file tree, 0.07 % of a core; see
+whole tree every `rescan_s` (default 60 s, `meshline serve --rescan-interval`; measured: 44 ms of CPU for the bench's 2,001-file tree, 0.07 % of a core; see
 `DirectorySource`); it applies what changed like any event would.
 
 The default of 100 ms was measured (2 CPUs, loaded): the longest pause between the writes
