@@ -14,7 +14,6 @@ import asyncio
 import os
 import textwrap
 import threading
-from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +22,13 @@ import pytest
 from controlplane.sources import directory
 from controlplane.sources.base import Replace, SourceEvent, Synced
 from controlplane.sources.directory import DirectorySource
+from tests import directoryrun
+from tests.directoryrun import Run
 from tests.test_directory_source import ConfigMapVolume
 
 HOUR_MS = 3_600_000
 DEADLINE = 30.0  # seconds a renamed file may take to arrive before a test fails (not the goal)
+running = directoryrun.running  # the shared fixture: `running(src)` runs a source
 
 
 def service(name: str, port: int = 9080) -> str:
@@ -96,27 +98,6 @@ def counted(monkeypatch: pytest.MonkeyPatch) -> Counted:
     return Counted(monkeypatch)
 
 
-@pytest.fixture
-async def running() -> AsyncIterator[Callable[[DirectorySource], asyncio.Queue[list[SourceEvent]]]]:
-    """`running(src)` runs `src` with its batches landing in the returned queue."""
-    tasks: list[asyncio.Task[None]] = []
-
-    def _run(src: DirectorySource) -> asyncio.Queue[list[SourceEvent]]:
-        queue: asyncio.Queue[list[SourceEvent]] = asyncio.Queue()
-
-        async def sink(events: list[SourceEvent]) -> None:
-            await queue.put(list(events))
-
-        tasks.append(asyncio.create_task(src.run(sink)))
-        return queue
-
-    yield _run
-    for task in tasks:
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
-
-
 async def next_batch(queue: asyncio.Queue[list[SourceEvent]]) -> list[SourceEvent]:
     return await asyncio.wait_for(queue.get(), DEADLINE)
 
@@ -125,7 +106,7 @@ async def next_batch(queue: asyncio.Queue[list[SourceEvent]]) -> list[SourceEven
 
 
 async def test_a_renamed_in_file_applies_while_an_in_place_write_is_still_held(
-        config: Path, running: Callable[[DirectorySource], asyncio.Queue[list[SourceEvent]]]) -> None:
+        config: Path, running: Run) -> None:
     (config / "reviews.yaml").write_text(service("reviews", 1111))
     queue = running(DirectorySource([config], debounce_ms=HOUR_MS))
     [initial, synced] = await next_batch(queue)
@@ -220,7 +201,7 @@ def test_a_dropped_key_whose_link_still_dangles_waits_for_its_quiet_period(confi
 
 
 async def test_through_the_watchers_a_dropped_configmap_key_goes_without_the_quiet_period(
-        config: Path, running: Callable[[DirectorySource], asyncio.Queue[list[SourceEvent]]]) -> None:
+        config: Path, running: Run) -> None:
     vol = ConfigMapVolume(config)
     vol.write({"mesh.yaml": service("reviews", 1111), "gone.yaml": service("ratings")})
     queue = running(DirectorySource([config], debounce_ms=HOUR_MS))
@@ -267,7 +248,7 @@ def test_a_half_written_file_is_not_parsed_before_its_quiet_period(config: Path,
 
 async def test_a_file_created_in_place_is_not_taken_for_a_rename(
         config: Path, counted: Counted,
-        running: Callable[[DirectorySource], asyncio.Queue[list[SourceEvent]]]) -> None:
+        running: Run) -> None:
     """Through the real watchers: `open(O_CREAT)` + writes is reported 'added' by watchfiles
     just like a rename; only the rename applies before the (hour-long) quiet period."""
     queue = running(DirectorySource([config], debounce_ms=HOUR_MS))
@@ -342,7 +323,7 @@ def test_one_changed_file_of_1000_is_the_only_one_looked_at_and_read(config: Pat
 
 async def test_through_the_watchers_a_rename_in_a_1000_file_tree_rescans_nothing(
         config: Path, counted: Counted,
-        running: Callable[[DirectorySource], asyncio.Queue[list[SourceEvent]]]) -> None:
+        running: Run) -> None:
     files = tree(config)
     src = DirectorySource([config], debounce_ms=20)
     queue = running(src)

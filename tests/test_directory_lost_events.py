@@ -23,7 +23,7 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,9 +33,12 @@ import watchfiles
 from controlplane.sources import directory
 from controlplane.sources.base import Replace, SourceEvent, Synced
 from controlplane.sources.directory import DirectorySource
+from tests import directoryrun
+from tests.directoryrun import Run
 
 DEADLINE = 60.0  # seconds a change may take to apply before a test fails (not the goal)
 ROOT = Path(__file__).resolve().parent.parent
+running = directoryrun.running  # the shared fixture: `running(src)` runs a source
 
 
 def service(name: str) -> str:
@@ -173,27 +176,6 @@ def test_the_rename_watch_reports_its_queue_overflow(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- deaf watchers
 
 
-@pytest.fixture
-async def running() -> AsyncIterator[Callable[[DirectorySource], asyncio.Queue[list[SourceEvent]]]]:
-    """`running(src)` runs `src` with its batches landing in the returned queue."""
-    tasks: list[asyncio.Task[None]] = []
-
-    def _run(src: DirectorySource) -> asyncio.Queue[list[SourceEvent]]:
-        queue: asyncio.Queue[list[SourceEvent]] = asyncio.Queue()
-
-        async def sink(events: list[SourceEvent]) -> None:
-            await queue.put(list(events))
-
-        tasks.append(asyncio.create_task(src.run(sink)))
-        return queue
-
-    yield _run
-    for task in tasks:
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
-
-
 async def until_applied(queue: asyncio.Queue[list[SourceEvent]], origin: Path, names: list[str]) -> bool:
     """Batches until one replaces `origin` with `names` (True) or the deadline (False)."""
     end = time.monotonic() + DEADLINE
@@ -209,7 +191,7 @@ async def until_applied(queue: asyncio.Queue[list[SourceEvent]], origin: Path, n
 
 async def test_with_deaf_watchers_the_periodic_look_still_finds_a_change(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-        running: Callable[[DirectorySource], asyncio.Queue[list[SourceEvent]]]) -> None:
+        running: Run) -> None:
     """inotify reports nothing (no watches left, not Linux): a file rewritten in place applies
     all the same, found by the periodic look at the whole tree."""
 
@@ -234,7 +216,7 @@ async def test_with_deaf_watchers_the_periodic_look_still_finds_a_change(
 
 
 async def test_a_config_dir_that_is_a_link_swapped_by_rename_applies_the_new_tree(
-        tmp_path: Path, running: Callable[[DirectorySource], asyncio.Queue[list[SourceEvent]]]) -> None:
+        tmp_path: Path, running: Run) -> None:
     """--config-dir /x/current with current -> v1, swapped to v2 by renaming a new link over
     it (git-sync --link, `ln -sfn`): v2's files apply, and a file of v2 rewritten in place
     later applies too (the watches follow the link to the new tree)."""
