@@ -79,6 +79,7 @@ async def server(args: argparse.Namespace) -> dict[str, Any]:
     srv, port = await start_grpc("127.0.0.1:0", [handler])
     child = await asyncio.create_subprocess_exec(
         sys.executable, __file__, "--client", "--target", f"127.0.0.1:{port}", "--clients", str(args.clients),
+        "--reply", str(args.reply),
         stdout=asyncio.subprocess.DEVNULL, preexec_fn=die_with_parent)
     try:
         deadline = time.monotonic() + 120
@@ -100,7 +101,7 @@ async def server(args: argparse.Namespace) -> dict[str, Any]:
             await asyncio.sleep(0.05)  # let the last writes' completions land in this round
             cpu.append(time.process_time() - c0)
             await asyncio.sleep(0.2)
-        return {"clients": args.clients, "payload": args.payload, "cpu": cpu, "lat": lat}
+        return {"clients": args.clients, "payload": args.payload, "reply": args.reply, "cpu": cpu, "lat": lat}
     finally:
         child.kill()
         await child.wait()
@@ -109,7 +110,7 @@ async def server(args: argparse.Namespace) -> dict[str, Any]:
 
 async def clients(args: argparse.Namespace) -> None:
     options = [("grpc.use_local_subchannel_pool", 1), ("grpc.http2.bdp_probe", 0)]
-    reply = b"a" * 80  # about a delta ACK (type URL + nonce)
+    reply = b"a" * args.reply  # 80: about a delta ACK (type URL + nonce); a SotW EDS ACK repeats every name
 
     async def one() -> None:
         channel = grpc.aio.insecure_channel(args.target, options=options)
@@ -125,6 +126,8 @@ def main() -> None:
     p.add_argument("--clients", type=int, default=1000)
     p.add_argument("--rounds", type=int, default=20)
     p.add_argument("--payload", type=int, default=600, help="bytes per message to each stream")
+    p.add_argument("--reply", type=int, default=80,
+                   help="bytes of each stream's reply (80: a delta ACK; a SotW EDS ACK of 1,000 names is ~48,000)")
     p.add_argument("--client", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--target", help=argparse.SUPPRESS)
     args = p.parse_args()

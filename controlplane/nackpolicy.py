@@ -93,6 +93,10 @@ class NackPolicy:
     def forget(self, stream_id: int) -> None:
         self.faults.pop(stream_id, None)
 
+    def has_faults(self, stream_id: int) -> bool:
+        """Whether a fault of this stream is recorded (cheap: checked on every converged ACK)."""
+        return stream_id in self.faults
+
     def cleared(self, stream_id: int, type_url: str) -> None:
         """The proxy holds nothing back of this type any more."""
         f = self.faults.get(stream_id)

@@ -352,10 +352,11 @@ class Runtime:
         if stream.has_pending() or not stream.synced():
             return
         progress.converged = generation
-        held = stream.held_back()
-        for t in stream.requested_types():
-            if t not in held:
-                self.policy.cleared(stream.stream_id, t)
+        if self.policy.has_faults(stream.stream_id):
+            held = stream.held_back()
+            for t in stream.requested_types():
+                if t not in held:
+                    self.policy.cleared(stream.stream_id, t)
         started = self._gen_started.get(generation)
         if started is not None:
             self.metrics.convergence_seconds.observe(max(0.0, time.time() - started))

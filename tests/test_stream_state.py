@@ -119,8 +119,11 @@ def _render(t: TypeUrl, out: Outgoing, protocol: str) -> str:
 
 
 class Driver:
-    def __init__(self, protocol: str) -> None:
+    def __init__(self, protocol: str, as_received: bool = False) -> None:
+        """`as_received`: SotW requests are handed over as bytes, as the gRPC server does
+        (`handle_sotw_bytes`), not parsed (`handle_sotw_request`)."""
         self.protocol = protocol
+        self.as_received = as_received
         self.clock = ManualClock()
         self.control = FakeControl()
         self.stream = AdsStream(protocol, 1, clock=self.clock)  # type: ignore[arg-type]
@@ -144,7 +147,10 @@ class Driver:
                                                  resource_names=list(step.names or ()))
             if step.answer == "nack":
                 req.error_detail.code, req.error_detail.message = 13, step.error
-            self.nack = self.stream.handle_sotw_request(req)
+            if self.as_received:
+                self.nack = self.stream.handle_sotw_bytes(req.SerializeToString()).nack
+            else:
+                self.nack = self.stream.handle_sotw_request(req)
         else:
             initial = {n: self.control.memo.realize(_spec(t, n, v)).version for n, v in step.initial.items()}
             dreq = discovery_pb2.DeltaDiscoveryRequest(
@@ -336,9 +342,79 @@ DELTA: dict[str, list[Step]] = {
 }
 
 
+@pytest.mark.parametrize("as_received", [False, True], ids=["parsed", "as-received"])
 @pytest.mark.parametrize("case", list(SOTW), ids=list(SOTW))
-def test_sotw(case: str) -> None:
-    Driver("sotw").run(SOTW[case])
+def test_sotw(case: str, as_received: bool) -> None:
+    Driver("sotw", as_received).run(SOTW[case])
+
+
+def _eds_ack(names: list[str], nonce: str, error: str | None = None, node: bool = False) -> bytes:
+    req = discovery_pb2.DiscoveryRequest(type_url=ENDPOINT, resource_names=names, response_nonce=nonce,
+                                         version_info="v1")
+    if error is not None:
+        req.error_detail.code, req.error_detail.message = 13, error
+    if node:
+        req.node.id = "sidecar~10.0.0.1~a.ns~ns.svc.cluster.local"
+    return req.SerializeToString()
+
+
+def test_a_sotw_ack_repeating_the_subscription_is_not_parsed_whole() -> None:
+    """Every SotW EDS ACK repeats the whole subscription: the server compares it as bytes and
+    parses the request whole only when the subscription changed."""
+    control = FakeControl()
+    stream = AdsStream("sotw", 1, clock=ManualClock())
+    names = [f"outbound|80||svc-{i}.ns.svc.cluster.local" for i in range(300)]
+    stream.set_target(control.publish({ENDPOINT: {n: make_cla(n) for n in names}}))
+    first = stream.handle_sotw_bytes(_eds_ack(names, "", node=True))
+    assert first.request is not None and len(first.request.resource_names) == 300  # a new subscription
+    out = stream.next_push()
+    assert out is not None and out.count == 300
+    ack = stream.handle_sotw_bytes(_eds_ack(names, out.nonce))
+    assert ack.request is None and ack.nack is None and ack.nonce == out.nonce  # not parsed whole
+    assert stream.sync_state(ENDPOINT) == "SYNCED"
+    stream.set_target(control.publish({ENDPOINT: {n: make_cla(n, 2 if n == names[7] else 1) for n in names}}))
+    out = stream.next_push()
+    assert out is not None and out.count == 1
+    nack = stream.handle_sotw_bytes(_eds_ack(names, out.nonce, error="bad endpoint"))
+    assert nack.request is None and nack.nack is not None and nack.nack.message == "bad endpoint"
+    assert stream.sync_state(ENDPOINT) == "NACKED"
+    # The same names in another order, or fewer names, are parsed and applied.
+    reordered = stream.handle_sotw_bytes(_eds_ack(list(reversed(names)), out.nonce))
+    assert reordered.request is not None
+    fewer = stream.handle_sotw_bytes(_eds_ack(names[:10], out.nonce))
+    assert fewer.request is not None
+    v = stream.view(ENDPOINT)
+    assert v is not None and v.subscribed == frozenset(names[:10])
+
+
+def test_an_empty_error_detail_is_a_nack_on_both_paths() -> None:
+    """`error_detail {}` present but empty is a NACK (presence, not content), parsed or not."""
+    for as_received in (False, True):
+        control = FakeControl()
+        stream = AdsStream("sotw", 1, clock=ManualClock())
+        stream.set_target(control.publish({ENDPOINT: {"a": make_cla("a")}}))
+        stream.handle_sotw_bytes(_eds_ack(["a"], "", node=True))
+        out = stream.next_push()
+        assert out is not None
+        req = discovery_pb2.DiscoveryRequest(type_url=ENDPOINT, resource_names=["a"], response_nonce=out.nonce)
+        req.error_detail.SetInParent()
+        nack = (stream.handle_sotw_bytes(req.SerializeToString()).nack if as_received
+                else stream.handle_sotw_request(req))
+        assert nack is not None, as_received
+
+
+def test_sotw_bytes_that_do_not_parse_are_refused_as_malformed() -> None:
+    from controlplane.xds.stream import RequestRefused
+
+    stream = AdsStream("sotw", 1, clock=ManualClock())
+    for raw in (b"\xff\xff\xff", b"\x22\x05ab", _eds_ack(["a"], "")[:-3]):
+        with pytest.raises(RequestRefused) as caught:
+            stream.handle_sotw_bytes(raw)
+        assert not caught.value.exhausted
+    # A name that is not UTF-8 is refused when the subscription is parsed.
+    bad = discovery_pb2.DiscoveryRequest(type_url=ENDPOINT).SerializeToString() + b"\x1a\x02\xc3\x28"
+    with pytest.raises(RequestRefused):
+        stream.handle_sotw_bytes(bad)
 
 
 @pytest.mark.parametrize("case", list(DELTA), ids=list(DELTA))

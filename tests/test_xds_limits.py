@@ -149,6 +149,35 @@ async def test_malformed_requests_end_the_stream_with_invalid_argument(fx: XdsFi
     await good.close()
 
 
+async def test_a_sotw_request_that_does_not_parse_ends_only_that_stream(fx: XdsFixture) -> None:
+    """SotW requests reach the stream as bytes (an ACK repeating the subscription is not
+    parsed whole): one that is not a DiscoveryRequest ends its stream with INVALID_ARGUMENT,
+    before and after the stream is set up, and the other streams carry on."""
+    fx.control.publish({ENDPOINT: {"a": make_cla("a")}})
+    good = await good_stream(fx)
+    method = "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources"
+    first = discovery_pb2.DiscoveryRequest(type_url=ENDPOINT, resource_names=["a"])
+    first.node.id = "raw-client"
+    for before_setup in (True, False):
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{fx.port}")
+        call = channel.stream_stream(method, request_serializer=lambda b: b,
+                                     response_deserializer=discovery_pb2.DiscoveryResponse.FromString)()
+        if not before_setup:
+            await call.write(first.SerializeToString())
+            resp = await asyncio.wait_for(call.read(), 30)
+            assert resp.type_url == ENDPOINT
+        await call.write(b"\x0a\xff\xff\xff\x0f")  # field 1, a length past the end
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            while True:
+                if await asyncio.wait_for(call.read(), 30) is grpc.aio.EOF:
+                    break
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, before_setup
+        assert "does not parse" in (caught.value.details() or "")
+        await channel.close()
+    await still_served(fx, good, 4)
+    await good.close()
+
+
 async def test_oversized_initial_versions_and_node_metadata_are_refused(fx: XdsFixture) -> None:
     c = fx.client("delta", node_id="bad-initial")
     c.send_delta(ENDPOINT, subscribe=["a"], initial={"a": "v" * 2000})

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from controlplane.cache.resources import Resource, ResourceMemo
 from controlplane.model.ir import CaptureMode, Labels, ProxyMeta, TypeUrl
@@ -102,18 +102,23 @@ class Snapshot:
 
     types: Mapping[TypeUrl, TypeResources]
     generation: int
+    _version: str = field(default="", repr=False)  # (computed on first read: checked per proxy per push)
 
     def get(self, type_url: TypeUrl) -> TypeResources | None:
         return self.types.get(type_url)
 
     @property
     def version(self) -> str:
+        if self._version:
+            return self._version
         h = hashlib.blake2b(digest_size=8)
         for t in PUSH_ORDER:
             tr = self.types.get(t)
             if tr is not None:
                 h.update(tr.version.encode())
-        return h.hexdigest()
+        version = h.hexdigest()
+        object.__setattr__(self, "_version", version)  # (frozen: set once, the same value every time)
+        return version
 
 
 OutboundKey = tuple[str, CaptureMode]

@@ -39,6 +39,7 @@ import grpc
 from envoy.config.core.v3 import base_pb2
 from envoy.service.discovery.v3 import discovery_pb2
 from google.protobuf import json_format
+from google.protobuf.message import DecodeError
 
 from controlplane.ca.identity import AuthResult, Identity, bind_identity
 from controlplane.cache.snapshot import Snapshot
@@ -73,6 +74,9 @@ PER_TYPE_SERVICES = {
 
 
 Request = discovery_pb2.DiscoveryRequest | discovery_pb2.DeltaDiscoveryRequest
+# What a stream's reader receives: a SotW request as its bytes (`AdsStream.handle_sotw_bytes`
+# parses only what it needs), a delta request parsed.
+Received = bytes | discovery_pb2.DeltaDiscoveryRequest
 """What Envoy sends on an xDS stream (SotW or delta)."""
 
 
@@ -311,7 +315,7 @@ class XdsServer:
         def identity(b: bytes) -> bytes:
             return b
 
-        async def sotw_stream(requests: AsyncIterator[discovery_pb2.DiscoveryRequest],
+        async def sotw_stream(requests: AsyncIterator[bytes],
                               context: grpc.aio.ServicerContext) -> None:
             await self._serve("sotw", requests, context, secure)
 
@@ -322,7 +326,7 @@ class XdsServer:
         def methods(sotw: str, delta: str) -> dict[str, grpc.RpcMethodHandler]:
             return {
                 sotw: grpc.stream_stream_rpc_method_handler(
-                    sotw_stream, request_deserializer=discovery_pb2.DiscoveryRequest.FromString,
+                    sotw_stream, request_deserializer=identity,  # (parsed by the stream: handle_sotw_bytes)
                     response_serializer=identity,
                 ),
                 delta: grpc.stream_stream_rpc_method_handler(
@@ -339,7 +343,7 @@ class XdsServer:
 
     # ------------------------------------------------------------------ one stream
     async def _serve(
-        self, protocol: StreamProtocol, requests: AsyncIterator[Request], context: grpc.aio.ServicerContext,
+        self, protocol: StreamProtocol, requests: AsyncIterator[Received], context: grpc.aio.ServicerContext,
         secure: bool = False,
     ) -> None:
         """One stream. Its reader task handles Envoy's requests as they arrive (an ACK usually
@@ -447,11 +451,12 @@ class XdsServer:
             if stream.peak_subscription_bytes >= TRIM_AFTER_BYTES:
                 self.heap_trim.schedule()
 
-    def _read_one(self, req: Request, conn: Connection | None, stream: AdsStream, inbox: Inbox, held: int) -> int:
+    def _read_one(self, got: Received, conn: Connection | None, stream: AdsStream, inbox: Inbox, held: int) -> int:
         """A request as the stream's reader receives it: handled at once once the connection is
         set up (and nothing is queued before it), else queued within bounds. Returns the bytes
         queued before set-up."""
         if conn is None or inbox.items:
+            req = _parsed(got)
             if conn is None:
                 stream.check_request(req)  # (cheap refusals before holding on to it)
                 held += req.ByteSize()
@@ -461,7 +466,7 @@ class XdsServer:
                                          "bytes sent before the stream was set up", exhausted=True)
             inbox.put(req)  # in order, after what the coroutine has not handled yet
         else:
-            self._handle(conn, req)
+            self._handle(conn, got)
             if stream.may_push():
                 inbox.wake()
         return held
@@ -580,22 +585,28 @@ class XdsServer:
             return None, f"the credential proves node {auth.node or '(none)'}, not {meta.node}"
         return auth.node, ""
 
-    def _handle(self, conn: Connection, req: Request) -> None:
-        if isinstance(req, discovery_pb2.DiscoveryRequest):  # (a SotW stream's; a delta stream's otherwise)
-            nack = conn.stream.handle_sotw_request(req)
+    def _handle(self, conn: Connection, got: Request | bytes) -> None:
+        full: Request | None
+        if isinstance(got, bytes):  # a SotW stream's request as received
+            done = conn.stream.handle_sotw_bytes(got)
+            type_url, nonce, nack, full = done.type_url, done.nonce, done.nack, done.request
         else:
-            nack = conn.stream.handle_delta_request(req)
-        if req.type_url == SECRET:
-            self._check_secret_names(conn, req)
+            if isinstance(got, discovery_pb2.DiscoveryRequest):
+                nack = conn.stream.handle_sotw_request(got)
+            else:
+                nack = conn.stream.handle_delta_request(got)
+            type_url, nonce, full = TypeUrl(got.type_url), got.response_nonce, got
+        if type_url == SECRET and full is not None:  # (None: the subscription did not change)
+            self._check_secret_names(conn, full)
         if nack is not None:
-            tname = SHORT_NAMES.get(TypeUrl(req.type_url), req.type_url)
+            tname = SHORT_NAMES.get(type_url, type_url)
             log.warning("proxy %s rejected %s (nonce %s): %s", conn.meta.node_id, tname, nack.nonce,
                         nack.message.strip(), extra={"proxy": conn.meta.node_id, "type": tname,
                                                      "nonce": nack.nonce, "error": nack.message.strip(),
                                                      "objects": [s.display for s in nack.sources]})
             if self.observer is not None:
                 self.observer.on_nack(conn, nack)
-        elif self.observer is not None and req.response_nonce:
+        elif self.observer is not None and nonce:
             self.observer.on_ack(conn)
 
     @staticmethod
@@ -620,6 +631,16 @@ class XdsServer:
                         held, extra={"proxy": conn.meta.node_id})
 
 
+
+
+def _parsed(got: Received) -> Request:
+    """A received request parsed whole (the first requests of a stream, before it is set up)."""
+    if not isinstance(got, bytes):
+        return got
+    try:
+        return discovery_pb2.DiscoveryRequest.FromString(got)
+    except DecodeError:
+        raise RequestRefused("a request that is not a DiscoveryRequest (it does not parse)", exhausted=False) from None
 
 
 def grpc_options(limits: XdsLimits | None = None) -> list[tuple[str, Any]]:

@@ -35,6 +35,7 @@ from types import MappingProxyType
 from typing import Any, Literal
 
 from envoy.service.discovery.v3 import discovery_pb2
+from google.protobuf.message import DecodeError
 
 from controlplane.cache.resources import Resource
 from controlplane.cache.snapshot import Snapshot, TypeResources
@@ -128,7 +129,18 @@ class Layered(MutableMapping[str, Resource]):
 
     def __setitem__(self, name: str, r: Resource) -> None:
         self.over[name] = r
-        self.gone.discard(name)
+        if self.gone:
+            self.gone.discard(name)
+
+    def update(self, other: Any = (), /, **kw: Resource) -> None:
+        """(MutableMapping's update goes through `__setitem__` per name in Python: one
+        changed endpoint per push makes this per-stream, per-change work.)"""
+        if kw or not isinstance(other, dict):
+            super().update(other, **kw)
+            return
+        self.over.update(other)
+        if self.gone:
+            self.gone.difference_update(other)
 
     def __delitem__(self, name: str) -> None:
         if name not in self:
@@ -145,6 +157,9 @@ class Layered(MutableMapping[str, Resource]):
 
     def __len__(self) -> int:
         return len(self.base) - len(self.gone) + sum(1 for n in self.over if n not in self.base)
+
+    def __bool__(self) -> bool:  # (without counting: `gone` holds names of `base` only)
+        return bool(self.over) or len(self.base) > len(self.gone)
 
     def names(self) -> set[str]:
         """The names held, as a set (built at C speed, unlike iterating)."""
@@ -296,7 +311,7 @@ class TypeState:
     last_push: float = 0.0
     last_ack: float = 0.0
     needs_response: bool = False
-    names_key: bytes = b""  # SotW: the subscription of the last request, serialized (see _names_key)
+    names_key: bytes = b""  # SotW: the subscription of the last request, as bytes (see _handle_sotw)
     absent_notified: set[str] = field(default_factory=set)
     # EDS: names to send again even though Envoy holds this version (their cluster changed:
     # Envoy's new cluster warms until it gets its ClusterLoadAssignment, and only then asks
@@ -420,15 +435,48 @@ class NameSets:
         return key
 
 
-def _names_key(req: discovery_pb2.DiscoveryRequest) -> bytes:
-    """A SotW request's subscription (type and resource names) as bytes, built in C: comparing
-    it with the last request's is ~10x cheaper than building the set of a thousand names that
-    every EDS ACK repeats."""
-    probe = discovery_pb2.DiscoveryRequest()
-    probe.CopyFrom(req)
-    for f in ("version_info", "response_nonce", "node", "error_detail"):
-        probe.ClearField(f)
-    return bytes(probe.SerializeToString(deterministic=True))
+def _view_class() -> Any:
+    """The message class that reads a DiscoveryRequest's small fields only: `version_info`,
+    `type_url`, `response_nonce` and `error_detail` are parsed, `node` is kept as bytes, and
+    the subscription (resource names, locators, dynamic parameters) stays as unknown fields
+    (raw bytes: a copy in C, no string objects). Same field numbers, so any DiscoveryRequest
+    parses as it."""
+    from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+    from google.rpc import status_pb2  # noqa: F401  (google/rpc/status.proto in the pool)
+
+    fd = descriptor_pb2.FileDescriptorProto(name="meshline/internal/sotw_request_view.proto",
+                                            package="meshline.internal", syntax="proto3",
+                                            dependency=["google/rpc/status.proto"])
+    msg = fd.message_type.add(name="SotwRequestView")
+    f = descriptor_pb2.FieldDescriptorProto
+    for name, number, kind in (("version_info", 1, f.TYPE_STRING), ("node", 2, f.TYPE_BYTES),
+                               ("type_url", 4, f.TYPE_STRING), ("response_nonce", 5, f.TYPE_STRING)):
+        msg.field.add(name=name, number=number, type=kind, label=f.LABEL_OPTIONAL)
+    msg.field.add(name="error_detail", number=6, type=f.TYPE_MESSAGE, label=f.LABEL_OPTIONAL,
+                  type_name=".google.rpc.Status")
+    pool = descriptor_pool.Default()
+    try:
+        desc = pool.FindMessageTypeByName("meshline.internal.SotwRequestView")
+    except KeyError:
+        pool.Add(fd)
+        desc = pool.FindMessageTypeByName("meshline.internal.SotwRequestView")
+    return message_factory.GetMessageClass(desc)
+
+
+_SotwView = _view_class()
+_NOT_SUBSCRIPTION = ("version_info", "node", "response_nonce", "error_detail")
+
+
+@dataclass(frozen=True, slots=True)
+class SotwHandled:
+    """What `AdsStream.handle_sotw_bytes` did with a request: its type, its response nonce,
+    the NACK it was (or None), and the parsed request when its subscription changed (None
+    when the request repeated the stream's subscription and was never parsed whole)."""
+
+    type_url: TypeUrl
+    nonce: str
+    nack: NackRecord | None
+    request: discovery_pb2.DiscoveryRequest | None
 
 
 class AdsStream:
@@ -492,7 +540,10 @@ class AdsStream:
 
     def has_pending(self) -> bool:
         """Whether a response of any type is still unanswered."""
-        return any(st.pending for st in self.types.values())
+        for st in self.types.values():
+            if st.pending:
+                return True
+        return False
 
     def last_nack(self, type_url: TypeUrl) -> NackRecord | None:
         st = self.types.get(type_url)
@@ -571,11 +622,7 @@ class AdsStream:
     def check_request(self, req: discovery_pb2.DiscoveryRequest | discovery_pb2.DeltaDiscoveryRequest) -> TypeUrl:
         """The request's type, after the checks that need no stream state and cost O(1)
         (type URL, number of names); raises `RequestRefused`."""
-        t = req.type_url
-        if t not in SERVED_TYPES:
-            shown = sanitize(t, 200) or "(empty)"
-            raise RequestRefused(f"type URL {shown} is not served here; served: {', '.join(sorted(SERVED_TYPES))}",
-                                 exhausted=False)
+        t = self._check_type(req.type_url)
         if isinstance(req, discovery_pb2.DeltaDiscoveryRequest):
             count = (len(req.resource_names_subscribe) + len(req.resource_names_unsubscribe)
                      + len(req.initial_resource_versions))
@@ -585,6 +632,14 @@ class AdsStream:
         if count > limit:
             raise RequestRefused(f"a request for {SHORT_NAMES.get(TypeUrl(t), t)} names {count} resources; "
                                  f"at most {limit} per request", exhausted=True)
+        return t
+
+    @staticmethod
+    def _check_type(t: str) -> TypeUrl:
+        if t not in SERVED_TYPES:
+            shown = sanitize(t, 200) or "(empty)"
+            raise RequestRefused(f"type URL {shown} is not served here; served: {', '.join(sorted(SERVED_TYPES))}",
+                                 exhausted=False)
         return TypeUrl(t)
 
     def _check_names(self, names: Iterable[str], what: str = "resource name") -> None:
@@ -609,23 +664,52 @@ class AdsStream:
 
     # ------------------------------------------------------------------ requests
     def handle_sotw_request(self, req: discovery_pb2.DiscoveryRequest) -> NackRecord | None:
-        t = self.check_request(req)
+        return self._handle_sotw(_SotwView.FromString(req.SerializeToString()), req, b"").nack
+
+    def handle_sotw_bytes(self, raw: bytes) -> SotwHandled:
+        """A SotW request as received (the server's path). Every EDS or RDS ACK repeats the
+        stream's whole subscription (a thousand names is ~48 KB): such a request is handled
+        from its few small fields, and the subscription is compared as bytes, not parsed.
+        Only a request that changes the subscription is parsed whole."""
+        try:
+            view = _SotwView.FromString(raw)
+        except DecodeError:
+            raise RequestRefused("a request that is not a DiscoveryRequest (it does not parse)",
+                                 exhausted=False) from None
+        return self._handle_sotw(view, None, raw)
+
+    def _handle_sotw(self, view: Any, req: discovery_pb2.DiscoveryRequest | None, raw: bytes) -> SotwHandled:
+        t = self._check_type(view.type_url)
+        nonce: str = view.response_nonce
+        error = view.error_detail if view.HasField("error_detail") else None
+        for f in _NOT_SUBSCRIPTION:
+            view.ClearField(f)
+        key: bytes = view.SerializeToString()  # type URL + the subscription's bytes as sent
+        known = self.types.get(t)
+        if req is None and (known is None or key != known.names_key):
+            try:
+                req = discovery_pb2.DiscoveryRequest.FromString(raw)  # a new subscription: parsed whole
+            except DecodeError:
+                raise RequestRefused("a request that is not a DiscoveryRequest (it does not parse)",
+                                     exhausted=False) from None
+        if req is not None:
+            self.check_request(req)
         st = self._state(t)
         nack = None
-        if req.response_nonce:
-            pending = st.pending.get(req.response_nonce)
+        if nonce:
+            pending = st.pending.get(nonce)
             if pending is None:
                 pass  # unknown or already answered nonce: only subscription changes matter
-            elif req.HasField("error_detail"):
-                nack = self._on_nack(st, pending, req.error_detail.message, req.error_detail.code)
+            elif error is not None:
+                nack = self._on_nack(st, pending, error.message, error.code)
             else:
                 self._on_ack(st, pending)
         else:
             # First request for this type on this stream (possibly a reconnect).
             st.needs_response = True
-        key = _names_key(req)
         if key == st.names_key:
-            return nack  # the same subscription as the stream's last request (an ACK, mostly)
+            return SotwHandled(t, nonce, nack, req)  # the same subscription as the last request (an ACK, mostly)
+        assert req is not None
         self._check_names(req.resource_names)
         names = frozenset(map(sys.intern, req.resource_names))
         wildcard = (t in WILDCARD_TYPES and not names) or "*" in names
@@ -638,7 +722,7 @@ class AdsStream:
             st.needs_response = True
             st.synced_target = None
             self._count(st, sum(map(len, names)))
-        return nack
+        return SotwHandled(t, nonce, nack, req)
 
     def handle_delta_request(self, req: discovery_pb2.DeltaDiscoveryRequest) -> NackRecord | None:
         t = self.check_request(req)
@@ -725,7 +809,7 @@ class AdsStream:
             older = sorted((n for n in st.pending if int(n) <= int(pending.nonce)), key=int)
         for nonce in older:
             p = st.pending.pop(nonce)
-            if isinstance(p.changes, _SharedItems):
+            if type(p.changes) is _SharedItems:  # (not isinstance: an ABC's check is slow per ACK)
                 st.acked = Layered(p.changes.shared) if p.full or not st.acked else _merged(st.acked, p.changes.shared)
             elif p.full:
                 st.acked = {n: r for n, r in p.changes.items() if r is not None}
@@ -826,11 +910,15 @@ class AdsStream:
                 st.synced_target = None
 
     def synced(self) -> bool:
-        return self.target is not None and all(
-            not st.needs_response and not st.touched and st.synced_target is self.target.get(st.type_url)
-            for t, st in self.types.items()
-            if t in PUSH_ORDER  # requests for types we do not serve never block convergence
-        )
+        target = self.target
+        if target is None:
+            return False
+        types = target.types
+        for t, st in self.types.items():
+            if t in SERVED_TYPES and (  # requests for types we do not serve never block convergence
+                    st.needs_response or st.touched or st.synced_target is not types.get(t)):
+                return False
+        return True
 
     def may_push(self) -> bool:
         """Whether `next_push()` may have something to send: cheap, no side effects, never a
