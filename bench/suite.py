@@ -87,6 +87,7 @@ async def run_suite(args: argparse.Namespace, children: R.Children) -> int:
     failures: list[str] = []
     floor: dict[str, Any] | None = None
     floors: dict[int, dict[str, Any]] = {}  # the bare gRPC floor per sweep N, next to the peer rows
+    sotw_floors: dict[int, dict[str, Any]] = {}  # ...with SotW-sized ACKs, next to the SotW rows
 
     async def case(key: str, S: int, N: int, mix: str, workers: int = 1, changes: int | None = None,
                    binary: Path | None = None, peer: str = gcp.NAME) -> None:
@@ -132,6 +133,10 @@ async def run_suite(args: argparse.Namespace, children: R.Children) -> int:
                 await case(f"istiod-delta{n}", plan.S, n, "delta", binary=istiod_bin, peer=istiod.NAME)
         for n in plan.sweep if gcp_bin is not None or istiod_bin is not None else ():
             await case(f"sotw{n}", plan.S, n, "sotw")
+            if f"sotw{n}" in results:  # the floor with SotW's ACKs, which repeat every name
+                at_n = await run_floor(results[f"sotw{n}"], plan.changes, reply=sotw_ack_bytes(plan.S))
+                if at_n is not None:
+                    sotw_floors[n] = at_n
             if gcp_bin is not None:
                 await case(f"gcp-sotw{n}", plan.S, n, "sotw", binary=gcp_bin)
             if istiod_bin is not None:
@@ -164,13 +169,14 @@ async def run_suite(args: argparse.Namespace, children: R.Children) -> int:
         print(R.report(ordered, plan.changes))
     goals = evaluate(plan, results, envoy, floor)
     peer_goals = [Goal(*g) for g in compare.goals(compared(results, plan.sweep), plan.sweep, gcp.NAME)]
-    istiod_goals = [Goal(*g) for g in istiod.goals(compared(results, plan.sweep), plan.sweep)]
+    istiod_goals = [Goal(*g) for g in istiod.goals(compared(results, plan.sweep), plan.sweep,
+                                                   {"delta": floors, "sotw": sotw_floors})]
     print(goal_table(goals, plan, args.suite, time.monotonic() - t_start))
     print(envoy_table(envoy))
     cmp = compared(results, plan.sweep)
     peer_names = [p for p, b in ((gcp.NAME, gcp_bin), (istiod.NAME, istiod_bin)) if b is not None]
     if peer_names:
-        print(compare.table(cmp, plan.sweep, peer_names, floors))
+        print(compare.table(cmp, plan.sweep, peer_names, floors, sotw_floors))
     if gcp_bin is not None:
         print(goal_table(peer_goals, plan, args.suite, time.monotonic() - t_start,
                          head="Goals against go-control-plane (issue 20), same run"))
@@ -197,20 +203,35 @@ async def run_suite(args: argparse.Namespace, children: R.Children) -> int:
             "cases": {k: _jsonable(dataclasses.asdict(v)) for k, v in results.items()},
             "envoy": {k: _jsonable(dataclasses.asdict(v)) for k, v in envoy.items()}, "floor": floor,
             "floors": {str(n): f for n, f in floors.items()},
+            "floors_sotw": {str(n): f for n, f in sotw_floors.items()},
             "goals": [dataclasses.asdict(g) for g in goals + peer_goals + istiod_goals], "failures": failures,
             "load": {"uptime": _uptime(), "cpus": os.cpu_count()}}, indent=1))
         print(f"results written to {args.results}")
     return 0
 
 
-async def run_floor(ref: R.Result, rounds: int) -> dict[str, Any] | None:
-    """bench/floor.py with the reference case's proxy count and CLA response size."""
+def sotw_ack_bytes(services: int) -> int:
+    """The size of a SotW EDS ACK of the bench mesh: Envoy repeats every subscribed name."""
+    from envoy.service.discovery.v3 import discovery_pb2
+    from meshfiles import PORT, hostname
+
+    from controlplane.translate.names import outbound_cluster_name
+    req = discovery_pb2.DiscoveryRequest(
+        type_url="type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment", version_info="f" * 16,
+        response_nonce="1234", resource_names=[outbound_cluster_name(PORT, hostname(s)) for s in range(services)])
+    return len(req.SerializeToString())
+
+
+async def run_floor(ref: R.Result, rounds: int, reply: int = 80) -> dict[str, Any] | None:
+    """bench/floor.py with the reference case's proxy count and CLA response size; `reply`:
+    the bytes of each stream's answer (80: a delta ACK; SotW: `sotw_ack_bytes`)."""
     payload = max(64, round(ref.client_bytes_per_change.get("EDS", 0) / max(1, ref.clients)))
-    print(f"running floor: bare gRPC fan-out to N={ref.clients} streams, {payload} B each, {rounds} rounds...",
-          file=sys.stderr, flush=True)
+    print(f"running floor: bare gRPC fan-out to N={ref.clients} streams, {payload} B each, {reply} B replies, "
+          f"{rounds} rounds...", file=sys.stderr, flush=True)
     proc = await asyncio.create_subprocess_exec(
         sys.executable, str(R.BENCH / "floor.py"), "--clients", str(ref.clients), "--rounds", str(rounds),
-        "--payload", str(payload), stdout=asyncio.subprocess.PIPE, preexec_fn=R.die_with_parent)
+        "--payload", str(payload), "--reply", str(reply), stdout=asyncio.subprocess.PIPE,
+        preexec_fn=R.die_with_parent)
     try:
         out, _ = await asyncio.wait_for(proc.communicate(), 300)
     except TimeoutError:

@@ -49,11 +49,13 @@ def floor_cells(floor: dict[str, Any]) -> tuple[str, str, str]:
 
 
 def table(res: dict[str, R.Result], sweep: tuple[int, ...], peers: list[str],
-          floors: dict[int, dict[str, Any]] | None = None) -> str:
+          floors: dict[int, dict[str, Any]] | None = None,
+          sotw_floors: dict[int, dict[str, Any]] | None = None) -> str:
     """One row per (mix, N, control plane), with the ratio to Meshline for each peer; with
     `floors` (bench/floor.py at that N, same run) a context row: the bare gRPC fan-out to the
     same number of streams (no xDS logic, no file watch, no rebuild; a slow machine shows
-    there as a slower floor, not as a regression)."""
+    there as a slower floor, not as a regression). `sotw_floors`: the same with SotW-sized
+    ACKs (every name repeated), for the SotW rows."""
     head = ("mix", "N", "control plane", "sync", "CPU sync", "p50", "p99", "first p50", "CPU/change", "peak RSS",
             "bytes/change", "clients CPU/change", "clients RSS")
     rows: list[tuple[str, ...]] = []
@@ -75,7 +77,7 @@ def table(res: dict[str, R.Result], sweep: tuple[int, ...], peers: list[str],
                     cells[5] += f" (ML {_ratio(cpu_change(ml), cpu_change(r)):.2f}x)"
                     cells[6] += f" (ML {_ratio(peak(ml), peak(r)):.2f}x)"
                 rows.append((mix, str(n), cp, *cells))
-            floor = (floors or {}).get(n)
+            floor = ((sotw_floors if mix == "sotw" and sotw_floors else floors) or {}).get(n)
             if floor and floor.get("lat"):
                 p50, p99, cpu = floor_cells(floor)
                 rows.append((mix, str(n), FLOOR, "-", "-", p50, p99, "-", cpu, *(["-"] * (len(head) - 9))))
@@ -145,7 +147,8 @@ def plot(res: dict[str, R.Result], sweep: tuple[int, ...], peers: list[str], pat
 
 
 def markdown(res: dict[str, R.Result], sweep: tuple[int, ...], peers: list[str],
-             floors: dict[int, dict[str, Any]] | None = None) -> str:
+             floors: dict[int, dict[str, Any]] | None = None,
+             sotw_floors: dict[int, dict[str, Any]] | None = None) -> str:
     """The comparison as a Markdown table (for docs/benchmarks.md), with the floor rows of `table`."""
     lines = ["| proxies | control plane | initial sync (CPU) | change -> last ACK p50 / p99 | change -> first ACK "
              "p50 (trigger path) | CPU per change | peak RSS | bytes per change (all proxies) "
@@ -170,9 +173,9 @@ def markdown(res: dict[str, R.Result], sweep: tuple[int, ...], peers: list[str],
                     f"{cpu_change(r) * 1000:.0f} ms | "
                     f"{peak(r) / 2**20:.0f} MB | {bytes_per_change(r) / 1024:.0f} KB | "
                     f"{R.median(r.client_cpu) * 1000:.0f} ms, {r.client_rss_peak / 2**20:.0f} MB |")
-            floor = (floors or {}).get(n)
+            floor = ((sotw_floors if mix == "sotw" and sotw_floors else floors) or {}).get(n)
             if floor and floor.get("lat"):
                 p50, p99, cpu = floor_cells(floor)
                 lines.append(f"| {n:,} {mix} | {FLOOR}: bare grpc.aio fan-out, same N | - | {p50} / {p99} | - | "
-                             f"{cpu} | - | {floor['payload']} B per stream | - |")
+                             f"{cpu} | - | {floor['payload']} B per stream, {floor.get('reply', 80)} B replies | - |")
     return "\n".join(lines)
