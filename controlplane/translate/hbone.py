@@ -242,6 +242,10 @@ def build_hbone_inbound(name: str, netns: str | None, cert_secret: str, trust_do
     h = hcm_pb2.HttpConnectionManager(stat_prefix=name, codec_type=hcm_pb2.HttpConnectionManager.HTTP2)
     h.http2_protocol_options.allow_connect = True
     h.upgrade_configs.add(upgrade_type="CONNECT")
+    # A tunnel is one TCP connection: no stream idle timeout here (Istio's connect_terminate
+    # sets none either). Envoy's default (5 min) reset idle tunnelled connections, such as a
+    # database pool's, long before the source's tcp_proxy idle timeout (1 h) that bounds them.
+    h.stream_idle_timeout.CopyFrom(duration_ms(0))
     _access_log(h)
     if targets is None:
         h.rds.route_config_name = name
