@@ -403,6 +403,32 @@ def test_an_empty_error_detail_is_a_nack_on_both_paths() -> None:
         assert nack is not None, as_received
 
 
+def test_a_sotw_subscription_counts_what_its_request_carries_not_just_the_names() -> None:
+    """The stream keeps a SotW subscription as its bytes: a request padding one name with
+    megabytes of fields Meshline does not know is held to the stream's subscription limit
+    (2 MiB), as a request naming that many characters is."""
+    from controlplane.xds.stream import RequestRefused
+
+    stream = AdsStream("sotw", 1, clock=ManualClock())
+    base = discovery_pb2.DiscoveryRequest(type_url=ENDPOINT, resource_names=["a"])
+    pad = 3 * 1024 * 1024
+    unknown = b"\xfa\x06" + _varint(pad) + b"p" * pad  # field 111, length-delimited
+    with pytest.raises(RequestRefused) as caught:
+        stream.handle_sotw_bytes(base.SerializeToString() + unknown)
+    assert caught.value.exhausted and "at most 2097152" in str(caught.value)
+    small = stream.handle_sotw_bytes(base.SerializeToString() + b"\xfa\x06\x03abc")  # a little is fine
+    assert small.request is not None
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        b, n = n & 0x7F, n >> 7
+        out.append(b | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
 def test_sotw_bytes_that_do_not_parse_are_refused_as_malformed() -> None:
     from controlplane.xds.stream import RequestRefused
 

@@ -716,12 +716,15 @@ class AdsStream:
         if "*" in names:
             names = names - {"*"}
         names = self.name_sets.canonical(names)
+        # What the stream holds for this subscription is its key: the names as sent, and any
+        # other field the request carried with them (unknown ones too), so that is what counts
+        # against the stream's limit, not just the names' characters.
+        self._count(st, max(len(key), sum(map(len, names))))
         st.names_key = self.name_sets.key(names, key)
         if wildcard != st.wildcard or (names is not st.names and names != st.names):
             st.wildcard, st.names = wildcard, names
             st.needs_response = True
             st.synced_target = None
-            self._count(st, sum(map(len, names)))
         return SotwHandled(t, nonce, nack, req)
 
     def handle_delta_request(self, req: discovery_pb2.DeltaDiscoveryRequest) -> NackRecord | None:
