@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Literal
 
+from envoy.config.core.v3 import base_pb2
 from envoy.service.discovery.v3 import discovery_pb2
 from google.protobuf.message import DecodeError
 
@@ -430,7 +431,10 @@ class NameSets:
         found = names.key
         if found is not None and found == key:
             return found
-        if found is None:
+        if found is None and len(key) <= names.nbytes:
+            # (Only a key about the size of the names: one stream's padding (unknown fields,
+            # counted against its own limit) must not stay held for the other streams sharing
+            # the set after its own stream has ended.)
             names.key = key
         return key
 
@@ -649,14 +653,16 @@ class AdsStream:
                 raise RequestRefused(f"a {what} of {len(n)} characters (at most {limit}): {sanitize(n, 80)}",
                                      exhausted=False)
 
-    def _count(self, st: TypeState, nbytes: int) -> None:
-        """Replace `st`'s subscribed characters with `nbytes`; raise when a limit is passed."""
+    def _count(self, st: TypeState, nbytes: int, count: int | None = None) -> None:
+        """Replace `st`'s subscribed characters with `nbytes` (and its names with `count` names,
+        when not yet in `st.names`); raise when a limit is passed."""
         self.subscription_bytes += nbytes - st.name_bytes
         self.peak_subscription_bytes = max(self.peak_subscription_bytes, self.subscription_bytes)
         st.name_bytes = nbytes
         lim = self.limits
-        if len(st.names) > lim.max_names_per_type:
-            raise RequestRefused(f"this stream subscribes to {len(st.names)} {SHORT_NAMES.get(st.type_url, '')} "
+        n = len(st.names) if count is None else count
+        if n > lim.max_names_per_type:
+            raise RequestRefused(f"this stream subscribes to {n} {SHORT_NAMES.get(st.type_url, '')} "
                                  f"resources; at most {lim.max_names_per_type} per type", exhausted=True)
         if self.subscription_bytes > lim.max_subscription_bytes:
             raise RequestRefused(f"this stream subscribes to {self.subscription_bytes} characters of resource "
@@ -682,6 +688,7 @@ class AdsStream:
         t = self._check_type(view.type_url)
         nonce: str = view.response_nonce
         error = view.error_detail if view.HasField("error_detail") else None
+        node: bytes = view.node
         for f in _NOT_SUBSCRIPTION:
             view.ClearField(f)
         key: bytes = view.SerializeToString()  # type URL + the subscription's bytes as sent
@@ -691,6 +698,14 @@ class AdsStream:
                 req = discovery_pb2.DiscoveryRequest.FromString(raw)  # a new subscription: parsed whole
             except DecodeError:
                 raise RequestRefused("a request that is not a DiscoveryRequest (it does not parse)",
+                                     exhausted=False) from None
+        elif req is None and node:
+            # Not parsed whole: the node (kept as bytes; Envoy sends it on the first request
+            # only) must still be one, as the full parse would require.
+            try:
+                base_pb2.Node.FromString(node)
+            except DecodeError:
+                raise RequestRefused("a request whose node (field 2) is not a Node (it does not parse)",
                                      exhausted=False) from None
         if req is not None:
             self.check_request(req)
@@ -719,7 +734,7 @@ class AdsStream:
         # What the stream holds for this subscription is its key: the names as sent, and any
         # other field the request carried with them (unknown ones too), so that is what counts
         # against the stream's limit, not just the names' characters.
-        self._count(st, max(len(key), sum(map(len, names))))
+        self._count(st, max(len(key), sum(map(len, names))), len(names))  # (before st.names is replaced)
         st.names_key = self.name_sets.key(names, key)
         if wildcard != st.wildcard or (names is not st.names and names != st.names):
             st.wildcard, st.names = wildcard, names
