@@ -43,12 +43,13 @@ def test_a_repeated_subscription_with_a_node_that_does_not_parse_is_refused() ->
     stream = AdsStream("sotw", 1, clock=ManualClock())
     first = _eds(["a"])
     stream.handle_sotw_bytes(first)
-    bad = b"\x12\x03\xff\xff\xff" + first  # field 2 (node): three bytes that are no message
-    with pytest.raises(DecodeError):
-        discovery_pb2.DiscoveryRequest.FromString(bad)  # (the full parse refuses it)
-    with pytest.raises(RequestRefused) as caught:
-        stream.handle_sotw_bytes(bad)
-    assert not caught.value.exhausted and "node" in caught.value.message
+    for bad in (b"\x12\x03\xff\xff\xff" + first,  # field 2 (node): three bytes that are no message
+                b"\x12\x02\xff\xff" + first + b"\x12\x00"):  # ...followed by an empty one (merged, not replaced)
+        with pytest.raises(DecodeError):
+            discovery_pb2.DiscoveryRequest.FromString(bad)  # (the full parse refuses it)
+        with pytest.raises(RequestRefused) as caught:
+            stream.handle_sotw_bytes(bad)
+        assert not caught.value.exhausted and "node" in caught.value.message
     ok = discovery_pb2.DiscoveryRequest(type_url=ENDPOINT, resource_names=["a"])
     ok.node.id = "sidecar~10.0.0.1~a.ns~ns.svc.cluster.local"
     again = AdsStream("sotw", 2, clock=ManualClock())

@@ -453,9 +453,12 @@ def _view_class() -> Any:
                                             dependency=["google/rpc/status.proto"])
     msg = fd.message_type.add(name="SotwRequestView")
     f = descriptor_pb2.FieldDescriptorProto
-    for name, number, kind in (("version_info", 1, f.TYPE_STRING), ("node", 2, f.TYPE_BYTES),
-                               ("type_url", 4, f.TYPE_STRING), ("response_nonce", 5, f.TYPE_STRING)):
+    for name, number, kind in (("version_info", 1, f.TYPE_STRING), ("type_url", 4, f.TYPE_STRING),
+                               ("response_nonce", 5, f.TYPE_STRING)):
         msg.field.add(name=name, number=number, type=kind, label=f.LABEL_OPTIONAL)
+    # Every occurrence of `node`, as bytes: a message field that appears twice is merged (the
+    # full parse reads them all), where a singular bytes field would keep only the last.
+    msg.field.add(name="node", number=2, type=f.TYPE_BYTES, label=f.LABEL_REPEATED)
     msg.field.add(name="error_detail", number=6, type=f.TYPE_MESSAGE, label=f.LABEL_OPTIONAL,
                   type_name=".google.rpc.Status")
     pool = descriptor_pool.Default()
@@ -688,7 +691,7 @@ class AdsStream:
         t = self._check_type(view.type_url)
         nonce: str = view.response_nonce
         error = view.error_detail if view.HasField("error_detail") else None
-        node: bytes = view.node
+        node: list[bytes] = list(view.node)
         for f in _NOT_SUBSCRIPTION:
             view.ClearField(f)
         key: bytes = view.SerializeToString()  # type URL + the subscription's bytes as sent
@@ -703,7 +706,7 @@ class AdsStream:
             # Not parsed whole: the node (kept as bytes; Envoy sends it on the first request
             # only) must still be one, as the full parse would require.
             try:
-                base_pb2.Node.FromString(node)
+                base_pb2.Node.FromString(b"".join(node))  # (occurrences concatenated: merged)
             except DecodeError:
                 raise RequestRefused("a request whose node (field 2) is not a Node (it does not parse)",
                                      exhausted=False) from None
