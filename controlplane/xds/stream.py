@@ -441,7 +441,7 @@ class NameSets:
 
 def _view_class() -> Any:
     """The message class that reads a DiscoveryRequest's small fields only: `version_info`,
-    `type_url`, `response_nonce` and `error_detail` are parsed, `node` is kept as bytes, and
+    `type_url`, `response_nonce`, `node` and `error_detail` are parsed, and
     the subscription (resource names, locators, dynamic parameters) stays as unknown fields
     (raw bytes: a copy in C, no string objects). Same field numbers, so any DiscoveryRequest
     parses as it."""
@@ -450,15 +450,17 @@ def _view_class() -> Any:
 
     fd = descriptor_pb2.FileDescriptorProto(name="meshline/internal/sotw_request_view.proto",
                                             package="meshline.internal", syntax="proto3",
-                                            dependency=["google/rpc/status.proto"])
+                                            dependency=["google/rpc/status.proto", base_pb2.DESCRIPTOR.name])
     msg = fd.message_type.add(name="SotwRequestView")
     f = descriptor_pb2.FieldDescriptorProto
     for name, number, kind in (("version_info", 1, f.TYPE_STRING), ("type_url", 4, f.TYPE_STRING),
                                ("response_nonce", 5, f.TYPE_STRING)):
         msg.field.add(name=name, number=number, type=kind, label=f.LABEL_OPTIONAL)
-    # Every occurrence of `node`, as bytes: a message field that appears twice is merged (the
-    # full parse reads them all), where a singular bytes field would keep only the last.
-    msg.field.add(name="node", number=2, type=f.TYPE_BYTES, label=f.LABEL_REPEATED)
+    # `node` parsed as the Node it must be (Envoy sends it on a stream's first request only): as
+    # bytes, a request repeating the subscription with a node that does not parse, or two
+    # occurrences the full parse would merge (the last one valid), was accepted.
+    msg.field.add(name="node", number=2, type=f.TYPE_MESSAGE, label=f.LABEL_OPTIONAL,
+                  type_name=".envoy.config.core.v3.Node")
     msg.field.add(name="error_detail", number=6, type=f.TYPE_MESSAGE, label=f.LABEL_OPTIONAL,
                   type_name=".google.rpc.Status")
     pool = descriptor_pool.Default()
@@ -691,7 +693,6 @@ class AdsStream:
         t = self._check_type(view.type_url)
         nonce: str = view.response_nonce
         error = view.error_detail if view.HasField("error_detail") else None
-        node: list[bytes] = list(view.node)
         for f in _NOT_SUBSCRIPTION:
             view.ClearField(f)
         key: bytes = view.SerializeToString()  # type URL + the subscription's bytes as sent
@@ -701,14 +702,6 @@ class AdsStream:
                 req = discovery_pb2.DiscoveryRequest.FromString(raw)  # a new subscription: parsed whole
             except DecodeError:
                 raise RequestRefused("a request that is not a DiscoveryRequest (it does not parse)",
-                                     exhausted=False) from None
-        elif req is None and node:
-            # Not parsed whole: the node (kept as bytes; Envoy sends it on the first request
-            # only) must still be one, as the full parse would require.
-            try:
-                base_pb2.Node.FromString(b"".join(node))  # (occurrences concatenated: merged)
-            except DecodeError:
-                raise RequestRefused("a request whose node (field 2) is not a Node (it does not parse)",
                                      exhausted=False) from None
         if req is not None:
             self.check_request(req)
