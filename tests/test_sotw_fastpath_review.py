@@ -5,8 +5,10 @@ held on behalf of another."""
 
 from __future__ import annotations
 
+import asyncio
 import gc
 
+import grpc
 import pytest
 from envoy.service.discovery.v3 import discovery_pb2
 from google.protobuf.message import DecodeError
@@ -14,6 +16,8 @@ from google.protobuf.message import DecodeError
 from controlplane.translate.plan import ENDPOINT
 from controlplane.xds.clock import ManualClock
 from controlplane.xds.stream import AdsStream, NameSets, RequestRefused, XdsLimits
+from tests.test_xds_limits import good_stream, still_served
+from tests.xdsharness import XdsFixture, make_cla
 
 
 def _eds(names: list[str], nonce: str = "") -> bytes:
@@ -78,3 +82,31 @@ def test_padding_one_stream_sends_is_not_held_by_another_streams_shared_names() 
     other = AdsStream("sotw", 3, sets, clock=ManualClock())
     other.handle_sotw_bytes(_eds(["a", "b"]))
     assert other.types[ENDPOINT].names_key is victim.types[ENDPOINT].names_key
+
+
+async def test_an_ack_with_a_node_that_does_not_parse_ends_only_that_stream(fx: XdsFixture) -> None:
+    """Over gRPC: a set-up SotW stream whose ACK repeats the subscription (the fast path) but
+    carries a node that is no Node (the full parse merges a bad and an empty occurrence and
+    refuses) ends with INVALID_ARGUMENT; another stream carries on."""
+    fx.control.publish({ENDPOINT: {"a": make_cla("a")}})
+    good = await good_stream(fx)
+    method = "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources"
+    first = discovery_pb2.DiscoveryRequest(type_url=ENDPOINT, resource_names=["a"])
+    first.node.id = "raw-client"
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{fx.port}")
+    call = channel.stream_stream(method, request_serializer=lambda b: b,
+                                 response_deserializer=discovery_pb2.DiscoveryResponse.FromString)()
+    await call.write(first.SerializeToString())
+    resp = await asyncio.wait_for(call.read(), 30)
+    assert not isinstance(resp, type(grpc.aio.EOF)) and resp.type_url == ENDPOINT
+    ack = discovery_pb2.DiscoveryRequest(type_url=ENDPOINT, resource_names=["a"], response_nonce=resp.nonce)
+    await call.write(b"\x12\x02\xff\xff" + ack.SerializeToString() + b"\x12\x00")
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        while True:
+            if await asyncio.wait_for(call.read(), 30) is grpc.aio.EOF:
+                break
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "does not parse" in (caught.value.details() or "")
+    await channel.close()
+    await still_served(fx, good, 4)
+    await good.close()
