@@ -26,18 +26,46 @@ _LISTS = (
     ("Error adding/updating cluster(s)", ", "),
     ("Error adding/updating listener(s)", "\n"),
 )
-_VALIDATION = re.compile(r'Proto constraint validation failed \([^\n]*?\): name: "((?:[^"\\]|\\.)*)"')
+# 'Proto constraint validation failed (...): name: "NAME"' (the "(...)" within one line). Read
+# with str.find and an anchored match, in time linear in the message: the message is the proxy's
+# (untrusted, up to a gRPC message of 4 MiB), and a pattern scanning to the end of the line from
+# each of many starts took hours of the event loop for one NACK.
+_VALIDATION_AT = "Proto constraint validation failed ("
+_VALIDATION_NAME = '): name: "'
+_QUOTED = re.compile(r'((?:[^"\\]|\\.)*)"')
 
 
-def _entries(body: str, sep: str) -> Iterator[str]:
-    """Each entry of a joined list, from its start to the end of the text ("NAME: REASON...")."""
+def _entries(body: str, sep: str) -> Iterator[int]:
+    """Where each entry of a joined list starts ("NAME: REASON...")."""
     start = 0
     while start < len(body):
-        yield body[start:]
+        yield start
         nxt = body.find(sep, start)
         if nxt < 0:
             return
         start = nxt + len(sep)
+
+
+def _validation_names(message: str) -> Iterator[str]:
+    pos, t = 0, -1
+    while True:
+        at = message.find(_VALIDATION_AT, pos)
+        if at < 0:
+            return
+        at += len(_VALIDATION_AT)
+        if t < at:  # (the next '): name: "', looked for again only once passed)
+            t = message.find(_VALIDATION_NAME, at)
+            if t < 0:
+                return
+        eol = message.find("\n", at, t)
+        if eol >= 0:
+            pos = eol  # not on this line: no later start on it has its name either
+            continue
+        m = _QUOTED.match(message, t + len(_VALIDATION_NAME))
+        if m is None:
+            return  # no closing quote in the rest of the message
+        yield m.group(1).replace('\\"', '"').replace("\\\\", "\\")
+        pos = m.end()
 
 
 def named_in_nack(message: str, candidates: Collection[str]) -> set[str]:
@@ -46,22 +74,23 @@ def named_in_nack(message: str, candidates: Collection[str]) -> set[str]:
     found: set[str] = set()
     if not message or not candidates:
         return found
-    odd: list[str] | None = None  # candidates whose name itself holds ": " (rare)
+    odd: list[str] | None = None  # candidates whose name itself holds ": " (rare), with ": "
+    longest = max(map(len, candidates))
     for prefix, sep in _LISTS:
         at = message.find(prefix)
         if at < 0:
             continue
         body = message[at + len(prefix):].lstrip(" :")
-        for entry in _entries(body, sep):
-            colon = entry.find(": ")
-            if colon > 0 and entry[:colon] in candidates:
-                found.add(entry[:colon])
+        for start in _entries(body, sep):
+            # (A name longer than every candidate's is none of them: look no further for its end.)
+            colon = body.find(": ", start, start + longest + 2)
+            if colon > start and body[start:colon] in candidates:
+                found.add(body[start:colon])
                 continue
             if odd is None:
-                odd = [n for n in candidates if ": " in n]
-            found.update(n for n in odd if entry.startswith(n + ": "))
-    for m in _VALIDATION.finditer(message):
-        name = m.group(1).replace('\\"', '"').replace("\\\\", "\\")
+                odd = [n + ": " for n in candidates if ": " in n]
+            found.update(n[:-2] for n in odd if body.startswith(n, start))
+    for name in _validation_names(message):
         if name in candidates:
             found.add(name)
     return found
