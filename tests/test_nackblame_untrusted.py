@@ -32,3 +32,36 @@ def test_names_are_still_read_from_envoys_formats() -> None:
            "Proto constraint validation failed (no name here)\n"
            'Proto constraint validation failed (y): name: "c\\"2"')
     assert named_in_nack(two, {"c1", 'c"2', "c3"}) == {"c1", 'c"2'}
+
+
+def test_a_nack_message_longer_than_envoys_own_is_not_read_and_blames_everything_changed() -> None:
+    """The stream reads a NACK's message for names only up to a length Envoy's own messages for
+    that response stay within (a base plus an allowance per changed resource); a longer one is
+    not read at all (its cost is bounded by the response the server sent, not by the client's
+    text) and blames every resource the response changed."""
+    from envoy.service.discovery.v3 import discovery_pb2
+
+    from controlplane.translate.plan import CLUSTER
+    from controlplane.xds.clock import ManualClock
+    from controlplane.xds.stream import NACK_READ_BASE, NACK_READ_PER_RESOURCE, AdsStream
+    from tests.xdsharness import FakeControl, make_cluster
+
+    def quarantined_after(message: str) -> set[str]:
+        control = FakeControl()
+        stream = AdsStream("sotw", 1, clock=ManualClock())
+        stream.set_target(control.publish({CLUSTER: {n: make_cluster(n) for n in ("a", "b")}}))
+        stream.handle_sotw_request(discovery_pb2.DiscoveryRequest(type_url=CLUSTER))
+        out = stream.next_push()
+        assert out is not None
+        nack = discovery_pb2.DiscoveryRequest(type_url=CLUSTER, response_nonce=out.nonce)
+        nack.error_detail.code, nack.error_detail.message = 13, message
+        stream.handle_sotw_request(nack)
+        v = stream.view(CLUSTER)
+        assert v is not None
+        return set(v.quarantine)
+
+    named = "Error adding/updating cluster(s) a: bad"
+    assert quarantined_after(named) == {"a"}
+    limit = NACK_READ_BASE + NACK_READ_PER_RESOURCE * 2
+    assert quarantined_after(named + " " * (limit - len(named))) == {"a"}  # at the limit: read
+    assert quarantined_after(named + " " * (limit + 1 - len(named))) == {"a", "b"}  # past it: not read

@@ -51,6 +51,10 @@ REMOVE_ORDER: tuple[TypeUrl, ...] = (ROUTE, LISTENER, CLUSTER, ENDPOINT, SECRET)
 NAMED_TYPES = frozenset({ENDPOINT, ROUTE, SECRET})
 SERVED_TYPES: frozenset[str] = frozenset(PUSH_ORDER)
 MiB = 1024 * 1024
+# How much of a NACK's message is read for the names it rejects (see `_on_nack`): a base plus
+# an allowance per resource the rejected response changed.
+NACK_READ_BASE = 64 * 1024
+NACK_READ_PER_RESOURCE = 4 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -847,7 +851,11 @@ class AdsStream:
         # ...and of that, what Envoy's message names ("Error adding/updating cluster(s) NAME: ...").
         # Envoy applies the valid resources of a rejected response and keeps its previous
         # copy of each rejected one; when the message names none, everything changed is blamed.
-        named = named_in_nack(message, changed)
+        # The message is the proxy's (untrusted, up to a 4 MiB request): it is read for names only
+        # up to a length Envoy's own messages for this response stay within (its format names each
+        # rejected resource with a reason); a longer one blames everything changed, unread.
+        named = (named_in_nack(message, changed)
+                 if len(message) <= NACK_READ_BASE + NACK_READ_PER_RESOURCE * len(changed) else ())
         blamed = {n: changed[n] for n in named} if named else changed
         for n, r in blamed.items():
             st.quarantine[n] = r.version
