@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import textwrap
 import threading
 from pathlib import Path
 from typing import Any
@@ -29,20 +28,8 @@ from tests.test_directory_source import ConfigMapVolume
 HOUR_MS = 3_600_000
 DEADLINE = 30.0  # seconds a renamed file may take to arrive before a test fails (not the goal)
 running = directoryrun.running  # the shared fixture: `running(src)` runs a source
+service, replaced = directoryrun.service, directoryrun.replaced
 
-
-def service(name: str, port: int = 9080) -> str:
-    return textwrap.dedent(f"""\
-        apiVersion: v1
-        kind: Service
-        metadata:
-          name: {name}
-          namespace: default
-        spec:
-          ports:
-          - name: http
-            port: {port}
-        """)
 
 
 def rename_in(path: Path, text: str) -> None:
@@ -52,10 +39,6 @@ def rename_in(path: Path, text: str) -> None:
     tmp.write_text(text)
     os.replace(tmp, path)
 
-
-def replaced(events: list[SourceEvent]) -> dict[str, list[str]]:
-    """origin -> the names of the objects it holds now, per Replace event."""
-    return {e.origin: sorted(o.name for o in e.objects or ()) for e in events if isinstance(e, Replace)}
 
 
 class Counted:

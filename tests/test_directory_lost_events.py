@@ -21,7 +21,6 @@ import selectors
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 from collections.abc import AsyncGenerator, Callable
 from pathlib import Path
@@ -31,7 +30,7 @@ import pytest
 import watchfiles
 
 from controlplane.sources import directory
-from controlplane.sources.base import Replace, SourceEvent, Synced
+from controlplane.sources.base import SourceEvent, Synced
 from controlplane.sources.directory import DirectorySource
 from tests import directoryrun
 from tests.directoryrun import Run
@@ -39,24 +38,9 @@ from tests.directoryrun import Run
 DEADLINE = 60.0  # seconds a change may take to apply before a test fails (not the goal)
 ROOT = Path(__file__).resolve().parent.parent
 running = directoryrun.running  # the shared fixture: `running(src)` runs a source
+service, replaced = directoryrun.service, directoryrun.replaced
 
 
-def service(name: str) -> str:
-    return textwrap.dedent(f"""\
-        apiVersion: v1
-        kind: Service
-        metadata:
-          name: {name}
-          namespace: default
-        spec:
-          ports:
-          - name: http
-            port: 80
-        """)
-
-
-def replaced(events: list[SourceEvent]) -> dict[str, list[str]]:
-    return {e.origin: sorted(o.name for o in e.objects or ()) for e in events if isinstance(e, Replace)}
 
 
 # --------------------------------------------------------------------------- a queue overflow
